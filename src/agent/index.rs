@@ -1,0 +1,153 @@
+//! The agent's persistent state in DIR/.pending-uploads: the activity cursor and the URI
+//! index (`platform-pending:<ws>/<file>` → `workspace:<absolute path>`). Both are written
+//! atomically (temp file, fsync, rename).
+
+use std::{
+    collections::BTreeMap,
+    io::{self, Write},
+    path::{Path, PathBuf},
+};
+
+use serde_json::Value;
+
+pub const STATE_DIR: &str = ".pending-uploads";
+
+pub fn state_dir(dir: &Path) -> PathBuf {
+    dir.join(STATE_DIR)
+}
+
+/// Writes `bytes` to `path` atomically.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+pub fn load_cursor(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(state_dir(dir).join("cursor"))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+pub fn save_cursor(dir: &Path, cursor: Option<&str>) -> io::Result<()> {
+    let path = state_dir(dir).join("cursor");
+    match cursor {
+        Some(c) => write_atomic(&path, c.as_bytes()),
+        None => match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+    }
+}
+
+/// `platform-pending:` URI → `workspace:` URI.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct UriIndex {
+    pub map: BTreeMap<String, String>,
+}
+
+impl UriIndex {
+    pub fn load(dir: &Path) -> UriIndex {
+        let path = state_dir(dir).join("index.json");
+        let map = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        UriIndex { map }
+    }
+
+    pub fn save(&self, dir: &Path) -> io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(&self.map).map_err(io::Error::other)?;
+        write_atomic(&state_dir(dir).join("index.json"), &bytes)
+    }
+
+    pub fn insert(&mut self, platform_uri: String, path: &Path) {
+        self.map
+            .insert(platform_uri, format!("workspace:{}", path.display()));
+    }
+
+    /// Rewrites `uri` fields of chat message parts (`parts`, `params.parts`,
+    /// `params.message.parts`; a part's own `uri` or its `file.uri`) that this index knows;
+    /// unknown URIs stay as they are. Returns how many were rewritten.
+    pub fn rewrite(&self, message: &mut Value) -> usize {
+        let mut n = 0;
+        for pointer in ["/parts", "/params/parts", "/params/message/parts"] {
+            if let Some(Value::Array(parts)) = message.pointer_mut(pointer) {
+                for part in parts {
+                    for uri_pointer in ["/uri", "/file/uri"] {
+                        if let Some(uri) = part.pointer_mut(uri_pointer) {
+                            if let Some(local) = uri.as_str().and_then(|u| self.map.get(u)) {
+                                *uri = Value::String(local.clone());
+                                n += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn rewrite_known_uris_in_every_part_location() {
+        let mut index = UriIndex::default();
+        index.insert(
+            "platform-pending:w/1".into(),
+            Path::new("/data/in/aa-a.txt"),
+        );
+        let mut msg = json!({
+            "parts": [{"kind": "file", "uri": "platform-pending:w/1"}, {"kind": "text", "text": "hi"}],
+            "params": {
+                "parts": [{"file": {"uri": "platform-pending:w/1"}}],
+                "message": {"parts": [{"uri": "platform-pending:w/2"}, {"uri": "https://example/x"}]}
+            }
+        });
+        assert_eq!(index.rewrite(&mut msg), 2);
+        assert_eq!(msg["parts"][0]["uri"], "workspace:/data/in/aa-a.txt");
+        assert_eq!(
+            msg["params"]["parts"][0]["file"]["uri"],
+            "workspace:/data/in/aa-a.txt"
+        );
+        assert_eq!(
+            msg["params"]["message"]["parts"][0]["uri"], "platform-pending:w/2",
+            "unknown: untouched"
+        );
+        assert_eq!(
+            msg["params"]["message"]["parts"][1]["uri"],
+            "https://example/x"
+        );
+        assert_eq!(index.rewrite(&mut json!({"parts": "not an array"})), 0);
+    }
+
+    #[test]
+    fn index_and_cursor_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(state_dir(dir.path())).unwrap();
+        let mut index = UriIndex::default();
+        index.insert("platform-pending:a/b".into(), Path::new("/x/y"));
+        index.save(dir.path()).unwrap();
+        assert_eq!(UriIndex::load(dir.path()), index);
+        assert_eq!(load_cursor(dir.path()), None);
+        save_cursor(dir.path(), Some("abc")).unwrap();
+        assert_eq!(load_cursor(dir.path()).as_deref(), Some("abc"));
+        save_cursor(dir.path(), None).unwrap();
+        assert_eq!(load_cursor(dir.path()), None);
+        let leftovers: Vec<_> = std::fs::read_dir(state_dir(dir.path()))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.contains("tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+}

@@ -1,0 +1,153 @@
+//! Bearer authentication (SPEC §3): the admin token, and hashed per-workspace tokens.
+
+use axum::http::{header, HeaderMap};
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+use crate::{config::Secret, db, http::error::ApiError};
+
+/// A new workspace token (returned once), with what is stored of it.
+pub struct NewToken {
+    pub token: String,
+    pub hash: [u8; 32],
+    pub prefix: String,
+}
+
+/// 32 random bytes, base64url without padding: 43 characters.
+pub fn new_token() -> NewToken {
+    let mut raw = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut raw);
+    let token = URL_SAFE_NO_PAD.encode(raw);
+    NewToken {
+        hash: hash_token(&token),
+        prefix: token[..8].to_string(),
+        token,
+    }
+}
+
+/// A random shared secret for push delivery (same shape as a token).
+pub fn new_secret() -> String {
+    new_token().token
+}
+
+pub fn hash_token(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+#[derive(Clone)]
+pub struct Auth {
+    admin_token: Option<Secret>,
+    pool: PgPool,
+}
+
+/// Who is calling a workspace route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    Admin,
+    Workspace { token_id: Uuid },
+}
+
+impl Auth {
+    pub fn new(admin_token: Option<Secret>, pool: PgPool) -> Self {
+        // An empty ADMIN_TOKEN is as unset: fail closed.
+        let admin_token = admin_token.filter(|s| !s.0.is_empty());
+        Auth { admin_token, pool }
+    }
+
+    pub fn is_admin(&self, token: &str) -> bool {
+        match &self.admin_token {
+            Some(admin) => bool::from(admin.0.as_bytes().ct_eq(token.as_bytes())),
+            None => false,
+        }
+    }
+
+    /// Admin-only routes.
+    pub fn admin(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let token = bearer(headers).ok_or(ApiError::MissingToken)?;
+        if self.is_admin(token) {
+            Ok(())
+        } else {
+            Err(ApiError::InvalidToken)
+        }
+    }
+
+    /// `/workspaces/:id/...` routes: the admin, or a live token of that very workspace.
+    pub async fn workspace(
+        &self,
+        headers: &HeaderMap,
+        raw_id: &str,
+    ) -> Result<(Uuid, Caller), ApiError> {
+        let token = bearer(headers).ok_or(ApiError::MissingToken)?;
+        let id = parse_workspace_id(raw_id)?;
+        if self.is_admin(token) {
+            return Ok((id, Caller::Admin));
+        }
+        let caller = self.token_for(token, id).await?;
+        Ok((id, caller))
+    }
+
+    /// Checks that `token` is a live token of `workspace_id`.
+    pub async fn token_for(&self, token: &str, workspace_id: Uuid) -> Result<Caller, ApiError> {
+        let found = db::tokens::find_live(&self.pool, &hash_token(token))
+            .await
+            .map_err(|_| ApiError::DatastoreUnavailable)?;
+        match found {
+            Some(t) if t.workspace_id == workspace_id => {
+                if t.stale {
+                    if let Err(e) = db::tokens::touch(&self.pool, t.id).await {
+                        tracing::warn!(error = %e, "could not stamp token last_used_at");
+                    }
+                }
+                Ok(Caller::Workspace { token_id: t.id })
+            }
+            _ => Err(ApiError::InvalidToken),
+        }
+    }
+}
+
+pub fn parse_workspace_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::InvalidWorkspaceId)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_shape() {
+        let t = new_token();
+        assert_eq!(t.token.len(), 43);
+        assert!(t
+            .token
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        assert_eq!(t.prefix, &t.token[..8]);
+        assert_eq!(t.hash, hash_token(&t.token));
+        assert_ne!(new_token().token, t.token);
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, "bearer  abc ".parse().unwrap());
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, "Bearer ".parse().unwrap());
+        assert_eq!(bearer(&h), None);
+        h.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
+        assert_eq!(bearer(&h), None);
+    }
+}

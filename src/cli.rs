@@ -1,0 +1,265 @@
+//! Command line: every flag also reads the environment variable of the same name.
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{DbArgs, ServeArgs, StorageArgs, SweepArgs};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pending-uploads",
+    version,
+    about = "Stages chat file uploads for agent workspaces behind NAT"
+)]
+pub struct Cli {
+    /// Log format: text or json.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", global = true)]
+    pub log_format: String,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP service (the default).
+    Serve(Box<ServeArgs>),
+    /// Apply database migrations and exit.
+    Migrate {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Copy bytea-only rows to S3, verify each copy, and point the rows at it (resumable).
+    Backfill {
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(flatten)]
+        storage: StorageArgs,
+        /// Rows copied at once.
+        #[arg(long, env = "BACKFILL_CONCURRENCY", default_value_t = 4)]
+        concurrency: usize,
+        /// Rows fetched per batch.
+        #[arg(long, env = "BACKFILL_BATCH_SIZE", default_value_t = 200)]
+        batch_size: i64,
+        /// Attempts after the first, per row.
+        #[arg(long, env = "BACKFILL_RETRIES", default_value_t = 3)]
+        retries: u32,
+        /// Only count what would be copied.
+        #[arg(long)]
+        dry_run: bool,
+        /// Hide the progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Release the bytea copies of rows that have an S3 copy; refuses while any row's bytes
+    /// live only in Postgres.
+    Contract {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Rows updated per statement.
+        #[arg(long, default_value_t = 500)]
+        batch_size: i64,
+    },
+    /// Print the OpenAPI document (what /openapi.json serves).
+    Openapi,
+    /// The workspace side: receive staged files into a folder, ack them.
+    Agent(AgentArgs),
+    /// Run one sweep pass and exit.
+    Sweep {
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(flatten)]
+        storage: StorageArgs,
+        #[command(flatten)]
+        sweep: SweepArgs,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    /// The platform's base URL.
+    #[arg(long, env = "PENDING_UPLOADS_PLATFORM_URL")]
+    pub platform_url: String,
+    /// This workspace's id.
+    #[arg(long, env = "PENDING_UPLOADS_WORKSPACE_ID")]
+    pub workspace_id: uuid::Uuid,
+    /// File holding the workspace token (or set PENDING_UPLOADS_TOKEN).
+    #[arg(long, env = "PENDING_UPLOADS_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// Folder the files are written to.
+    #[arg(long, env = "PENDING_UPLOADS_DIR")]
+    pub dir: std::path::PathBuf,
+    /// One pass, then exit (cron, tests).
+    #[arg(long)]
+    pub once: bool,
+    /// Downloads at once.
+    #[arg(long, env = "PENDING_UPLOADS_CONCURRENCY", default_value_t = 4)]
+    pub concurrency: usize,
+    /// Time between passes.
+    #[arg(long, env = "PENDING_UPLOADS_POLL_INTERVAL", default_value = "5s")]
+    pub poll_interval: crate::config::HumanDuration,
+    /// Download rate cap in bytes per second (0 = none).
+    #[arg(long, env = "PENDING_UPLOADS_MAX_RATE", default_value_t = 0)]
+    pub max_rate: u64,
+    /// Retries per request or download within a pass.
+    #[arg(long, env = "PENDING_UPLOADS_RETRIES", default_value_t = 5)]
+    pub retries: u32,
+}
+
+async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    let token = match std::env::var("PENDING_UPLOADS_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+    {
+        Some(t) => t,
+        None => {
+            let path = args
+                .token_file
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("give --token-file or set PENDING_UPLOADS_TOKEN"))?;
+            std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?
+                .trim()
+                .to_string()
+        }
+    };
+    let agent = crate::agent::Agent::new(crate::agent::AgentConfig {
+        platform_url: args.platform_url,
+        workspace_id: args.workspace_id,
+        token,
+        dir: args.dir,
+        concurrency: args.concurrency,
+        max_rate: Some(args.max_rate).filter(|r| *r > 0),
+        retries: args.retries,
+    })?;
+    if args.once {
+        let report = agent.run_once().await?;
+        println!("{}", serde_json::to_string(&report)?);
+        if report.failed > 0 {
+            anyhow::bail!(
+                "{} files could not be staged; the next pass retries them",
+                report.failed
+            );
+        }
+        return Ok(());
+    }
+    tokio::select! {
+        _ = agent.run_forever(args.poll_interval.0) => Ok(()),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}
+
+/// Every environment variable the binary reads through its flags, plus those read by the
+/// libraries it configures (the AWS credentials chain, the log filter).
+pub fn env_vars() -> std::collections::BTreeSet<String> {
+    fn walk(cmd: &clap::Command, out: &mut std::collections::BTreeSet<String>) {
+        for arg in cmd.get_arguments() {
+            if let Some(env) = arg.get_env() {
+                out.insert(env.to_string_lossy().into_owned());
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, out);
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    walk(&<Cli as clap::CommandFactory>::command(), &mut out);
+    for extra in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "RUST_LOG",
+    ] {
+        out.insert(extra.to_string());
+    }
+    out
+}
+
+pub fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        None => {
+            // `pending-uploads` alone is `serve`, with its settings from the environment.
+            match Cli::parse_from(["pending-uploads", "serve"]).command {
+                Some(Command::Serve(args)) => crate::app::serve(*args).await,
+                _ => anyhow::bail!("could not read serve settings"),
+            }
+        }
+        Some(Command::Serve(args)) => crate::app::serve(*args).await,
+        Some(Command::Migrate { db }) => {
+            crate::app::connect_and_migrate(&db).await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Some(Command::Backfill {
+            db,
+            storage,
+            concurrency,
+            batch_size,
+            retries,
+            dry_run,
+            no_progress,
+        }) => {
+            let pool = crate::app::connect_and_migrate(&db).await?;
+            let storage = crate::app::storage(&storage, &pool).await?;
+            let opts = crate::backfill::BackfillOptions {
+                concurrency,
+                batch_size: batch_size.max(1),
+                retries,
+                dry_run,
+                progress: !no_progress,
+            };
+            let report =
+                crate::backfill::backfill(&pool, &storage, &std::env::temp_dir(), &opts).await?;
+            println!("{}", serde_json::to_string(&report)?);
+            if report.failed > 0 {
+                anyhow::bail!(
+                    "{} rows failed to copy; run backfill again to retry them",
+                    report.failed
+                );
+            }
+            Ok(())
+        }
+        Some(Command::Agent(args)) => run_agent(args).await,
+        Some(Command::Openapi) => {
+            print!("{}", crate::http::openapi::document());
+            Ok(())
+        }
+        Some(Command::Contract { db, batch_size }) => {
+            let pool = crate::app::connect_and_migrate(&db).await?;
+            let report = crate::backfill::contract(&pool, batch_size.max(1)).await?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Some(Command::Sweep { db, storage, sweep }) => {
+            let pool = crate::app::connect_and_migrate(&db).await?;
+            let storage = crate::app::storage(&storage, &pool).await?;
+            let stats = crate::app::sweeper(&sweep, &pool, &storage)
+                .run_once()
+                .await?;
+            tracing::info!(rows = stats.rows, bytes = stats.bytes, "sweep pass done");
+            println!(
+                "{}",
+                serde_json::json!({
+                    "swept_rows": stats.rows,
+                    "swept_bytes": stats.bytes,
+                    "objects_deleted": stats.objects_deleted,
+                    "object_errors": stats.object_errors,
+                    "orphans_deleted": stats.orphans_deleted,
+                })
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! Runtime configuration: every setting is an environment variable with a flag of the same
+//! meaning (12-factor). Secrets are never printed: `Debug` redacts them.
+
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use clap::{Args, ValueEnum};
+
+/// Hard ceilings from SPEC §9; configuration may only lower them.
+pub const MAX_FILE_BYTES: u64 = 26_214_400;
+pub const MAX_REQUEST_BYTES: u64 = 50 * 1024 * 1024;
+pub const MAX_FILES_PER_REQUEST: usize = 64;
+pub const MAX_FILENAME_CHARS: usize = 100;
+
+/// Where new bytes are written (SPEC §6). Reads always follow the row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendMode {
+    Bytea,
+    Dual,
+    S3,
+}
+
+impl BackendMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendMode::Bytea => "bytea",
+            BackendMode::Dual => "dual",
+            BackendMode::S3 => "s3",
+        }
+    }
+}
+
+/// A duration written `90s`, `5m`, `1h`, `2d`, `250ms`, or a bare number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?}: expected e.g. 90s, 5m, 1h or 30"))?;
+        let d = match unit {
+            "" | "s" => Duration::from_secs(n),
+            "ms" => Duration::from_millis(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            "d" => Duration::from_secs(n * 86_400),
+            _ => {
+                return Err(format!(
+                    "invalid duration unit in {s:?}: use ms, s, m, h or d"
+                ))
+            }
+        };
+        Ok(HumanDuration(d))
+    }
+}
+
+/// A secret string: readable by the code, never by a log line.
+#[derive(Clone, Default)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DbArgs {
+    /// PostgreSQL connection string.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Secret,
+    /// Maximum connections in the pool.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 20)]
+    pub database_max_connections: u32,
+}
+
+/// When the S3 client computes request checksums. Some S3-compatible servers reject the
+/// SDK's default CRC32 trailers: `when_required` turns them off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum S3Checksum {
+    WhenSupported,
+    WhenRequired,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StorageArgs {
+    /// Where new bytes are written: bytea (default), dual or s3.
+    #[arg(long, env = "PENDING_UPLOADS_BACKEND", value_enum, default_value_t = BackendMode::Bytea)]
+    pub pending_uploads_backend: BackendMode,
+    /// Bucket for S3-backed bytes; needed by dual and s3, and to read rows that have a key.
+    #[arg(long, env = "PENDING_UPLOADS_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// Key prefix inside the bucket.
+    #[arg(
+        long,
+        env = "PENDING_UPLOADS_S3_PREFIX",
+        default_value = "pending-uploads/"
+    )]
+    pub s3_prefix: String,
+    /// Path-style addressing (MinIO, LocalStack).
+    #[arg(long, env = "PENDING_UPLOADS_S3_FORCE_PATH_STYLE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub s3_force_path_style: bool,
+    /// Request checksum calculation: when_supported (SDK default) or when_required.
+    #[arg(long, env = "PENDING_UPLOADS_S3_CHECKSUM", value_enum, default_value_t = S3Checksum::WhenSupported)]
+    pub s3_checksum: S3Checksum,
+    /// S3 endpoint (standard AWS variable); unset means AWS itself.
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    pub aws_endpoint_url: Option<String>,
+    /// Region (standard AWS variable); defaults to us-east-1 when the chain has none.
+    #[arg(long, env = "AWS_REGION")]
+    pub aws_region: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Largest accepted file, in bytes (at most 26214400).
+    #[arg(long, env = "MAX_FILE_BYTES", default_value_t = MAX_FILE_BYTES)]
+    pub max_file_bytes: u64,
+    /// Largest accepted request body, in bytes (at most 52428800).
+    #[arg(long, env = "MAX_REQUEST_BYTES", default_value_t = MAX_REQUEST_BYTES)]
+    pub max_request_bytes: u64,
+    /// Most files in one upload request (at most 64).
+    #[arg(long, env = "MAX_FILES_PER_REQUEST", default_value_t = MAX_FILES_PER_REQUEST)]
+    pub max_files_per_request: usize,
+    /// Longest stored filename, in characters (at most 100).
+    #[arg(long, env = "MAX_FILENAME_CHARS", default_value_t = MAX_FILENAME_CHARS)]
+    pub max_filename_chars: usize,
+    /// Unacked bytes a workspace may have staged before uploads get 429.
+    #[arg(long, env = "MAX_PENDING_BYTES_PER_WORKSPACE", default_value_t = 1 << 30)]
+    pub max_pending_bytes_per_workspace: u64,
+}
+
+impl LimitArgs {
+    pub fn validate(&self) -> Result<(), String> {
+        let checks = [
+            ("MAX_FILE_BYTES", self.max_file_bytes, 1, MAX_FILE_BYTES),
+            (
+                "MAX_REQUEST_BYTES",
+                self.max_request_bytes,
+                1,
+                MAX_REQUEST_BYTES,
+            ),
+            (
+                "MAX_FILES_PER_REQUEST",
+                self.max_files_per_request as u64,
+                1,
+                MAX_FILES_PER_REQUEST as u64,
+            ),
+            (
+                "MAX_FILENAME_CHARS",
+                self.max_filename_chars as u64,
+                20,
+                MAX_FILENAME_CHARS as u64,
+            ),
+        ];
+        for (name, value, min, max) in checks {
+            if value < min || value > max {
+                return Err(format!("{name}={value} is out of range {min}..={max}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SweepArgs {
+    /// How long acked rows are kept (canvas previews), e.g. 1h; 0 sweeps them at once.
+    #[arg(long, env = "ACK_RETENTION", default_value = "1h")]
+    pub ack_retention: HumanDuration,
+    /// Rows deleted per sweep statement.
+    #[arg(long, env = "SWEEP_BATCH_SIZE", default_value_t = 500)]
+    pub sweep_batch_size: i64,
+    /// Objects with no row are deleted by the sweep once older than this.
+    #[arg(long, env = "ORPHAN_GRACE", default_value = "1h")]
+    pub orphan_grace: HumanDuration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
+    pub sweep: SweepArgs,
+    /// Address to listen on.
+    #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:8080")]
+    pub bind_addr: SocketAddr,
+    /// The platform/canvas credential; unset means no admin access at all.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Secret>,
+    /// How often the sweeper runs.
+    #[arg(long, env = "SWEEP_INTERVAL", default_value = "5m")]
+    pub sweep_interval: HumanDuration,
+    /// Browser origins allowed by CORS, comma-separated.
+    #[arg(long, env = "CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub cors_allowed_origins: Vec<String>,
+    /// Folder for spooling uploads (unnamed temp files; defaults to the system temp dir).
+    #[arg(long, env = "SPOOL_DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// Upload requests handled at once; more get 503 with Retry-After.
+    #[arg(long, env = "MAX_CONCURRENT_UPLOADS", default_value_t = 64)]
+    pub max_concurrent_uploads: usize,
+    /// An upload whose body sends nothing for this long is cut off with 408 (slow clients).
+    #[arg(long, env = "BODY_IDLE_TIMEOUT", default_value = "30s")]
+    pub body_idle_timeout: HumanDuration,
+    /// A response the client stops reading for this long is cut off (slow readers cannot
+    /// hold a connection, a storage stream and a drain slot forever).
+    #[arg(long, env = "RESPONSE_IDLE_TIMEOUT", default_value = "60s")]
+    pub response_idle_timeout: HumanDuration,
+    /// Timeout for the push-mode proxy to a workspace.
+    #[arg(long, env = "PUSH_TIMEOUT", default_value = "120s")]
+    pub push_timeout: HumanDuration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        let cases = [
+            ("90s", 90),
+            ("5m", 300),
+            ("1h", 3600),
+            ("0", 0),
+            ("30", 30),
+            ("2d", 172_800),
+        ];
+        for (s, secs) in cases {
+            assert_eq!(
+                s.parse::<HumanDuration>().unwrap().0,
+                Duration::from_secs(secs),
+                "{s}"
+            );
+        }
+        assert_eq!(
+            "250ms".parse::<HumanDuration>().unwrap().0,
+            Duration::from_millis(250)
+        );
+        for bad in ["", "m", "5x", "-1", "1.5h"] {
+            assert!(bad.parse::<HumanDuration>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        assert_eq!(format!("{:?}", Secret("hunter2".into())), "<redacted>");
+    }
+}

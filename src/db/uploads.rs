@@ -1,0 +1,278 @@
+use bytes::{BufMut, BytesMut};
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+use crate::{
+    spool::Spool,
+    storage::{Location, Placement},
+};
+
+/// A row as the fetch, ack and sweep paths need it (never its bytes).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UploadRow {
+    pub file_id: Uuid,
+    pub workspace_id: Uuid,
+    pub size_bytes: i64,
+    pub filename: String,
+    pub mimetype: String,
+    pub content_sha256: Option<Vec<u8>>,
+    pub s3_key: Option<String>,
+    pub has_content: bool,
+    pub created_at: DateTime<Utc>,
+    pub fetched_at: Option<DateTime<Utc>>,
+    pub acked_at: Option<DateTime<Utc>>,
+    pub expires_at: DateTime<Utc>,
+    /// Insertion order; with created_at, the key lists are ordered and paged by.
+    pub seq: i64,
+}
+
+impl UploadRow {
+    pub fn location(&self) -> Location {
+        Location {
+            file_id: self.file_id,
+            workspace_id: self.workspace_id,
+            size: self.size_bytes as u64,
+            inline: self.has_content,
+            s3_key: self.s3_key.clone(),
+        }
+    }
+}
+
+const COLUMNS: &str = "file_id, workspace_id, size_bytes, filename, mimetype, content_sha256, s3_key, \
+                       content IS NOT NULL AS has_content, created_at, fetched_at, acked_at, expires_at, seq";
+
+pub struct NewUpload<'a> {
+    pub file_id: Uuid,
+    pub workspace_id: Uuid,
+    pub filename: &'a str,
+    pub mimetype: &'a str,
+    pub spool: &'a Spool,
+    pub placement: &'a Placement,
+}
+
+/// Inserts one row. Inline bytes stream from the spool into `content` with a binary COPY:
+/// the service never holds more than one read chunk of the file in memory.
+pub async fn insert(conn: &mut PgConnection, row: &NewUpload<'_>) -> sqlx::Result<()> {
+    let mut copy = conn
+        .copy_in_raw(
+            "COPY pending_uploads (file_id, workspace_id, size_bytes, filename, mimetype, \
+             content_sha256, s3_key, content) FROM STDIN (FORMAT binary)",
+        )
+        .await?;
+    let mut head = BytesMut::with_capacity(256);
+    head.put_slice(b"PGCOPY\n\xff\r\n\0");
+    head.put_i32(0); // flags
+    head.put_i32(0); // header extension length
+    head.put_i16(8); // fields in the tuple
+    put_field(&mut head, row.file_id.as_bytes());
+    put_field(&mut head, row.workspace_id.as_bytes());
+    put_field(&mut head, &(row.spool.size as i64).to_be_bytes());
+    put_field(&mut head, row.filename.as_bytes());
+    put_field(&mut head, row.mimetype.as_bytes());
+    put_field(&mut head, &row.spool.sha256);
+    match &row.placement.s3_key {
+        Some(key) => put_field(&mut head, key.as_bytes()),
+        None => head.put_i32(-1), // NULL
+    }
+    if row.placement.inline {
+        head.put_i32(row.spool.size as i32); // content length, then the bytes themselves
+        copy.send(head.freeze()).await?;
+        let mut chunks = std::pin::pin!(row.spool.chunks());
+        while let Some(chunk) = chunks.try_next().await? {
+            copy.send(chunk).await?;
+        }
+    } else {
+        head.put_i32(-1);
+        copy.send(head.freeze()).await?;
+    }
+    copy.send(&(-1i16).to_be_bytes()[..]).await?;
+    copy.finish().await?;
+    Ok(())
+}
+
+fn put_field(buf: &mut BytesMut, value: &[u8]) {
+    buf.put_i32(value.len() as i32);
+    buf.put_slice(value);
+}
+
+/// Unacked, unexpired bytes of the workspace's committed uploads (the quota). A transaction's
+/// own inserts are not in it: they count when it commits.
+pub async fn pending_bytes(db: impl PgExecutor<'_>, workspace_id: Uuid) -> sqlx::Result<i64> {
+    // The trigger-kept total (committed rows), less what has expired but is not swept yet.
+    sqlx::query_scalar(
+        "SELECT GREATEST(0,
+             COALESCE((SELECT unacked_bytes FROM pending_upload_totals WHERE workspace_id = $1), 0)
+           - COALESCE((SELECT sum(size_bytes) FROM pending_uploads
+                       WHERE workspace_id = $1 AND acked_at IS NULL AND expires_at <= now()), 0)
+         )::bigint",
+    )
+    .bind(workspace_id)
+    .fetch_one(db)
+    .await
+}
+
+/// A live (unexpired) row of this workspace; another workspace's row is as missing.
+pub async fn get_live(
+    db: impl PgExecutor<'_>,
+    workspace_id: Uuid,
+    file_id: Uuid,
+) -> sqlx::Result<Option<UploadRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM pending_uploads
+         WHERE file_id = $1 AND workspace_id = $2 AND expires_at > now()"
+    ))
+    .bind(file_id)
+    .bind(workspace_id)
+    .fetch_optional(db)
+    .await
+}
+
+/// A row whatever its state (the backfill's "is it still there?").
+pub async fn get_any(db: impl PgExecutor<'_>, file_id: Uuid) -> sqlx::Result<Option<UploadRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM pending_uploads WHERE file_id = $1"
+    ))
+    .bind(file_id)
+    .fetch_optional(db)
+    .await
+}
+
+/// One page of the workspace's unacked, unexpired uploads, oldest first: the first `limit`
+/// rows after `after` (a row's `(created_at, seq)`), or from the start.
+pub async fn list_pending_page(
+    db: impl PgExecutor<'_>,
+    workspace_id: Uuid,
+    after: Option<(DateTime<Utc>, i64)>,
+    limit: i64,
+) -> sqlx::Result<Vec<UploadRow>> {
+    let (after_created, after_seq) = after.unzip();
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM pending_uploads
+         WHERE workspace_id = $1 AND acked_at IS NULL AND expires_at > now()
+           AND ($2::timestamptz IS NULL OR (created_at, seq) > ($2, $3))
+         ORDER BY created_at, seq
+         LIMIT $4"
+    ))
+    .bind(workspace_id)
+    .bind(after_created)
+    .bind(after_seq)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+pub async fn mark_fetched(db: impl PgExecutor<'_>, file_id: Uuid) -> sqlx::Result<()> {
+    sqlx::query("UPDATE pending_uploads SET fetched_at = now() WHERE file_id = $1")
+        .bind(file_id)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// Stamps acked_at (keeping the first stamp); false when the row is gone by now.
+pub async fn mark_acked(
+    db: impl PgExecutor<'_>,
+    workspace_id: Uuid,
+    file_id: Uuid,
+) -> sqlx::Result<bool> {
+    let r = sqlx::query(
+        "UPDATE pending_uploads SET acked_at = COALESCE(acked_at, now())
+         WHERE file_id = $1 AND workspace_id = $2",
+    )
+    .bind(file_id)
+    .bind(workspace_id)
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// One sweep batch: deletes up to `limit` rows that are expired, or acked longer ago than
+/// `ack_retention_secs`. SKIP LOCKED lets replicas sweep at once without waiting on or
+/// double-deleting each other's rows.
+pub async fn sweep_batch(
+    db: impl PgExecutor<'_>,
+    ack_retention_secs: f64,
+    limit: i64,
+) -> sqlx::Result<Vec<UploadRow>> {
+    sqlx::query_as(&format!(
+        "DELETE FROM pending_uploads WHERE file_id IN (
+             SELECT file_id FROM pending_uploads
+             WHERE expires_at <= now()
+                OR (acked_at IS NOT NULL AND acked_at <= now() - make_interval(secs => $1))
+             LIMIT $2 FOR UPDATE SKIP LOCKED)
+         RETURNING {COLUMNS}"
+    ))
+    .bind(ack_retention_secs)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// Rows whose bytes live only in Postgres, after `after` in file_id order (the backfill).
+pub async fn bytea_only_after(
+    db: impl PgExecutor<'_>,
+    after: Uuid,
+    limit: i64,
+) -> sqlx::Result<Vec<UploadRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM pending_uploads
+         WHERE s3_key IS NULL AND content IS NOT NULL AND file_id > $1
+         ORDER BY file_id LIMIT $2"
+    ))
+    .bind(after)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// Rows and bytes that exist only in Postgres.
+pub async fn bytea_only_totals(db: impl PgExecutor<'_>) -> sqlx::Result<(i64, i64)> {
+    sqlx::query_as(
+        "SELECT count(*), COALESCE(sum(size_bytes), 0)::bigint FROM pending_uploads
+         WHERE s3_key IS NULL AND content IS NOT NULL",
+    )
+    .fetch_one(db)
+    .await
+}
+
+/// Points a row at its verified S3 copy; false when the row is gone or already has a key.
+pub async fn set_s3_key(
+    db: impl PgExecutor<'_>,
+    file_id: Uuid,
+    key: &str,
+    sha256: &[u8],
+) -> sqlx::Result<bool> {
+    let r = sqlx::query(
+        "UPDATE pending_uploads SET s3_key = $2, content_sha256 = COALESCE(content_sha256, $3)
+         WHERE file_id = $1 AND s3_key IS NULL",
+    )
+    .bind(file_id)
+    .bind(key)
+    .bind(sha256)
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// The contract step: releases up to `limit` bytea copies of rows that have an S3 copy.
+pub async fn release_bytea_batch(db: impl PgExecutor<'_>, limit: i64) -> sqlx::Result<u64> {
+    let r = sqlx::query(
+        "UPDATE pending_uploads SET content = NULL WHERE file_id IN (
+             SELECT file_id FROM pending_uploads WHERE content IS NOT NULL AND s3_key IS NOT NULL
+             LIMIT $1 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(limit)
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// Which of these keys some row still points at.
+pub async fn existing_keys(db: impl PgExecutor<'_>, keys: &[String]) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar("SELECT s3_key FROM pending_uploads WHERE s3_key = ANY($1)")
+        .bind(keys)
+        .fetch_all(db)
+        .await
+}

@@ -1,0 +1,431 @@
+//! The workspace side of staged files: list, content (GET/HEAD, ranges), ack.
+
+use axum::{
+    body::{Body, Bytes},
+    extract::{Path, State},
+    http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::{error::ApiError, AppState};
+use futures::TryStreamExt;
+
+use crate::{
+    db::{self, uploads::UploadRow},
+    metrics::metrics,
+    storage::ByteRange,
+};
+
+/// The URI a staged file is known by: `platform-pending:<workspace_id>/<file_id>`.
+pub fn platform_uri(workspace_id: Uuid, file_id: Uuid) -> String {
+    format!("platform-pending:{workspace_id}/{file_id}")
+}
+
+fn upload_json(row: &UploadRow) -> Value {
+    json!({
+        "file_id": row.file_id,
+        "name": row.filename,
+        "mimeType": row.mimetype,
+        "size": row.size_bytes,
+        "uri": platform_uri(row.workspace_id, row.file_id),
+        "created_at": row.created_at,
+        "expires_at": row.expires_at,
+        "fetched_at": row.fetched_at,
+    })
+}
+
+#[utoipa::path(
+    get,
+    path = "/workspaces/{id}/pending-uploads",
+    tag = "pending",
+    summary = "Unacked, unexpired uploads, oldest first",
+    params(("id" = uuid::Uuid, Path, description = "workspace UUID")),
+    responses(
+        (status = 200, description = "OK", body = Vec<crate::http::openapi::PendingUpload>),
+        (status = 400, description = "invalid workspace ID", body = crate::http::openapi::ErrorBody),
+        (status = 401, description = "missing or invalid bearer", body = crate::http::openapi::ErrorBody),
+        (status = 503, description = "datastore unavailable", body = crate::http::openapi::ErrorBody),
+    )
+)]
+pub async fn list(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (workspace_id, _) = st.auth.workspace(&headers, &id).await?;
+    // The first page before the answer starts, so a database failure is still a clean 503.
+    let first = db::uploads::list_pending_page(&st.pool, workspace_id, None, LIST_PAGE).await?;
+    if first.len() < LIST_PAGE as usize {
+        // The common case, one page: a plain answer with its Content-Length.
+        return Ok(Json(first.iter().map(upload_json).collect::<Vec<Value>>()).into_response());
+    }
+    let pool = st.pool.clone();
+    let pages = futures::stream::try_unfold(Some((first, true)), move |state| {
+        let pool = pool.clone();
+        async move {
+            let Some((rows, first)) = state else {
+                return Ok(None);
+            };
+            let mut chunk = json_items(&rows, first);
+            let next = match rows.last() {
+                Some(last) if rows.len() == LIST_PAGE as usize => {
+                    let after = (last.created_at, last.seq);
+                    Some((next_page(&pool, workspace_id, after).await?, false))
+                }
+                _ => {
+                    chunk.push(']');
+                    None
+                }
+            };
+            Ok::<_, sqlx::Error>(Some((Bytes::from(chunk), next)))
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(pages),
+    )
+        .into_response())
+}
+
+/// One page of the list as JSON array items; the first page opens the array.
+fn json_items(rows: &[UploadRow], first: bool) -> String {
+    let mut out = String::from(if first { "[" } else { "" });
+    for (i, row) in rows.iter().enumerate() {
+        if !(first && i == 0) {
+            out.push(',');
+        }
+        out.push_str(&upload_json(row).to_string());
+    }
+    out
+}
+
+/// A later page of the list; by now the 200 is sent, so a failure can only cut it short.
+async fn next_page(
+    pool: &sqlx::PgPool,
+    workspace_id: Uuid,
+    after: (chrono::DateTime<chrono::Utc>, i64),
+) -> sqlx::Result<Vec<UploadRow>> {
+    db::uploads::list_pending_page(pool, workspace_id, Some(after), LIST_PAGE)
+        .await
+        .inspect_err(|e| tracing::warn!(%workspace_id, error = %e, "pending list cut short"))
+}
+
+/// Rows per page of the list. The answer is streamed a page at a time, so its memory does not
+/// grow with the number of pending uploads (small files can make that hundreds of thousands).
+const LIST_PAGE: i64 = 1000;
+
+/// Authenticates and finds the caller's live row; a foreign row is as missing.
+async fn find(
+    st: &AppState,
+    headers: &HeaderMap,
+    id: &str,
+    file_id: &str,
+) -> Result<UploadRow, ApiError> {
+    let (workspace_id, _) = st.auth.workspace(headers, id).await?;
+    let file_id = Uuid::parse_str(file_id).map_err(|_| ApiError::InvalidFileId)?;
+    db::uploads::get_live(&st.pool, workspace_id, file_id)
+        .await?
+        .ok_or(ApiError::UploadNotFound)
+}
+
+#[utoipa::path(
+    head,
+    path = "/workspaces/{id}/pending-uploads/{file_id}/content",
+    tag = "pending",
+    summary = "Headers of a file",
+    params(("id" = uuid::Uuid, Path, description = "workspace UUID"), ("file_id" = uuid::Uuid, Path, description = "file UUID"), ("Range" = Option<String>, Header, description = "bytes=a-b")),
+    responses(
+        (status = 200, description = "headers only"),
+        (status = 206, description = "headers of one range"),
+        (status = 400, description = "invalid workspace ID or file_id"),
+        (status = 404, description = "pending upload not found or expired"),
+        (status = 416, description = "range not satisfiable"),
+        (status = 401, description = "missing or invalid bearer"),
+        (status = 503, description = "datastore unavailable"),
+    )
+)]
+pub async fn content_head(
+    State(st): State<AppState>,
+    Path((id, file_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let row = find(&st, &headers, &id, &file_id).await?;
+    let (status, range) = requested_range(&headers, row.size_bytes as u64)?;
+    Ok(respond(&row, status, range, Body::empty()))
+}
+
+#[utoipa::path(
+    get,
+    path = "/workspaces/{id}/pending-uploads/{file_id}/content",
+    tag = "pending",
+    summary = "Stream a file (Range supported)",
+    params(("id" = uuid::Uuid, Path, description = "workspace UUID"), ("file_id" = uuid::Uuid, Path, description = "file UUID"), ("Range" = Option<String>, Header, description = "bytes=a-b")),
+    responses(
+        (status = 200, description = "the bytes", body = Vec<u8>, content_type = "application/octet-stream"),
+        (status = 206, description = "one range of the bytes", body = Vec<u8>, content_type = "application/octet-stream"),
+        (status = 400, description = "invalid workspace ID or file_id", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "pending upload not found or expired", body = crate::http::openapi::ErrorBody),
+        (status = 416, description = "range not satisfiable", body = crate::http::openapi::ErrorBody),
+        (status = 401, description = "missing or invalid bearer", body = crate::http::openapi::ErrorBody),
+        (status = 503, description = "datastore unavailable", body = crate::http::openapi::ErrorBody),
+    )
+)]
+pub async fn content(
+    State(st): State<AppState>,
+    Path((id, file_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let row = find(&st, &headers, &id, &file_id).await?;
+    let (status, range) = requested_range(&headers, row.size_bytes as u64)?;
+    let loc = row.location();
+    let backend = st.storage.reader_name(&loc);
+    let m = metrics();
+    let stream = match st.storage.get(&loc, range).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            m.files_fetched.with_label_values(&[backend, "error"]).inc();
+            return Err(e.into());
+        }
+    };
+    m.files_fetched.with_label_values(&[backend, "ok"]).inc();
+    let served = m.bytes_served.with_label_values(&[backend]);
+    let stream = stream.inspect_ok(move |chunk| served.inc_by(chunk.len() as u64));
+    db::uploads::mark_fetched(&st.pool, row.file_id).await?;
+    tracing::info!(
+        event = "fetched", workspace_id = %row.workspace_id, file_id = %row.file_id,
+        size = row.size_bytes, name = %row.filename, backend,
+        range_start = range.start, range_end = range.end, "upload served"
+    );
+    Ok(respond(&row, status, range, Body::from_stream(stream)))
+}
+
+/// 200 with the whole file, or 206 with one satisfiable range. A malformed or multi-range
+/// header is ignored (RFC 9110 allows serving the whole representation).
+fn requested_range(headers: &HeaderMap, size: u64) -> Result<(StatusCode, ByteRange), ApiError> {
+    let full = (StatusCode::OK, ByteRange::full(size));
+    let Some(raw) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return Ok(full);
+    };
+    match parse_range(raw, size) {
+        RangeAnswer::Full => Ok(full),
+        RangeAnswer::Partial(r) => Ok((StatusCode::PARTIAL_CONTENT, r)),
+        RangeAnswer::Unsatisfiable => Err(ApiError::RangeNotSatisfiable { size }),
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum RangeAnswer {
+    Full,
+    Partial(ByteRange),
+    Unsatisfiable,
+}
+
+pub fn parse_range(raw: &str, size: u64) -> RangeAnswer {
+    let Some(spec) = raw.trim().strip_prefix("bytes=") else {
+        return RangeAnswer::Full;
+    };
+    if spec.contains(',') {
+        return RangeAnswer::Full;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return RangeAnswer::Full;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let num = |s: &str| {
+        s.parse::<u64>()
+            .ok()
+            .filter(|_| s.bytes().all(|c| c.is_ascii_digit()))
+    };
+    match (a.is_empty(), b.is_empty()) {
+        // bytes=-N: the last N bytes
+        (true, false) => match num(b) {
+            Some(0) => RangeAnswer::Unsatisfiable,
+            Some(n) => RangeAnswer::Partial(ByteRange {
+                start: size.saturating_sub(n),
+                end: size - 1,
+            }),
+            None => RangeAnswer::Full,
+        },
+        // bytes=A-
+        (false, true) => match num(a) {
+            Some(start) if start < size => RangeAnswer::Partial(ByteRange {
+                start,
+                end: size - 1,
+            }),
+            Some(_) => RangeAnswer::Unsatisfiable,
+            None => RangeAnswer::Full,
+        },
+        // bytes=A-B
+        (false, false) => match (num(a), num(b)) {
+            (Some(start), Some(end)) if start > end => RangeAnswer::Full,
+            (Some(start), Some(_)) if start >= size => RangeAnswer::Unsatisfiable,
+            (Some(start), Some(end)) => RangeAnswer::Partial(ByteRange {
+                start,
+                end: end.min(size - 1),
+            }),
+            _ => RangeAnswer::Full,
+        },
+        (true, true) => RangeAnswer::Full,
+    }
+}
+
+/// RFC 5987 attr-char: everything else is percent-encoded in `filename*`.
+const ATTR_CHAR: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'!')
+    .remove(b'#')
+    .remove(b'$')
+    .remove(b'&')
+    .remove(b'+')
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'^')
+    .remove(b'_')
+    .remove(b'`')
+    .remove(b'|')
+    .remove(b'~');
+
+/// `attachment; filename="<escaped>"; filename*=UTF-8''<percent-encoded>`, control
+/// characters dropped, `"` and `\` escaped, non-ASCII left to the `filename*` form.
+pub fn content_disposition(name: &str) -> String {
+    let clean: String = name.chars().filter(|c| !c.is_control()).collect();
+    let mut quoted = String::with_capacity(clean.len());
+    for c in clean.chars() {
+        match c {
+            '"' | '\\' => {
+                quoted.push('\\');
+                quoted.push(c);
+            }
+            c if c.is_ascii() => quoted.push(c),
+            _ => quoted.push('_'),
+        }
+    }
+    let encoded = utf8_percent_encode(&clean, ATTR_CHAR);
+    format!("attachment; filename=\"{quoted}\"; filename*=UTF-8''{encoded}")
+}
+
+fn respond(row: &UploadRow, status: StatusCode, range: ByteRange, body: Body) -> Response {
+    let size = row.size_bytes as u64;
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    let content_type = HeaderValue::from_str(&row.mimetype)
+        .ok()
+        .filter(|_| !row.mimetype.is_empty())
+        .unwrap_or(HeaderValue::from_static("application/octet-stream"));
+    h.insert(header::CONTENT_TYPE, content_type);
+    h.insert(
+        header::CONTENT_LENGTH,
+        HeaderValue::from(range.byte_count()),
+    );
+    if let Ok(v) = HeaderValue::from_str(&content_disposition(&row.filename)) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    let tag = match &row.content_sha256 {
+        Some(d) => hex::encode(d),
+        None => row.file_id.simple().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{tag}\"")) {
+        h.insert(header::ETAG, v);
+    }
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(
+        HeaderName::from_static("x-content-type-options"),
+        HeaderValue::from_static("nosniff"),
+    );
+    if status == StatusCode::PARTIAL_CONTENT {
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{size}", range.start, range.end))
+        {
+            h.insert(header::CONTENT_RANGE, v);
+        }
+    }
+    resp
+}
+
+#[utoipa::path(
+    post,
+    path = "/workspaces/{id}/pending-uploads/{file_id}/ack",
+    tag = "pending",
+    summary = "Ack a file (idempotent)",
+    params(("id" = uuid::Uuid, Path, description = "workspace UUID"), ("file_id" = uuid::Uuid, Path, description = "file UUID")),
+    responses(
+        (status = 200, description = "OK", body = crate::http::openapi::Acked),
+        (status = 400, description = "invalid workspace ID or file_id", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "pending upload not found or expired", body = crate::http::openapi::ErrorBody),
+        (status = 401, description = "missing or invalid bearer", body = crate::http::openapi::ErrorBody),
+        (status = 503, description = "datastore unavailable", body = crate::http::openapi::ErrorBody),
+    )
+)]
+pub async fn ack(
+    State(st): State<AppState>,
+    Path((id, file_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let row = find(&st, &headers, &id, &file_id).await?;
+    let acked = &metrics().files_acked;
+    if row.acked_at.is_some() {
+        acked.with_label_values(&["repeat"]).inc();
+        return Ok(Json(json!({"acked": true})));
+    }
+    if !db::uploads::mark_acked(&st.pool, row.workspace_id, row.file_id).await? {
+        // The row was live a moment ago and is gone now: the sweeper took it first.
+        tracing::info!(event = "acked", workspace_id = %row.workspace_id, file_id = %row.file_id, raced = true, "ack raced the sweeper");
+        acked.with_label_values(&["raced"]).inc();
+        return Ok(Json(json!({"acked": true, "raced": true})));
+    }
+    tracing::info!(
+        event = "acked", workspace_id = %row.workspace_id, file_id = %row.file_id,
+        size = row.size_bytes, name = %row.filename, "upload acked"
+    );
+    acked.with_label_values(&["acked"]).inc();
+    Ok(Json(json!({"acked": true})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(start: u64, end: u64) -> RangeAnswer {
+        RangeAnswer::Partial(ByteRange { start, end })
+    }
+
+    #[test]
+    fn ranges() {
+        let cases = [
+            ("bytes=0-0", r(0, 0)),
+            ("bytes=0-9", r(0, 9)),
+            ("bytes=5-", r(5, 9)),
+            ("bytes=-3", r(7, 9)),
+            ("bytes=-30", r(0, 9)),
+            ("bytes=2-100", r(2, 9)),
+            ("bytes=9-9", r(9, 9)),
+            ("bytes=10-", RangeAnswer::Unsatisfiable),
+            ("bytes=10-12", RangeAnswer::Unsatisfiable),
+            ("bytes=-0", RangeAnswer::Unsatisfiable),
+            ("bytes=5-2", RangeAnswer::Full),
+            ("bytes=0-1,3-4", RangeAnswer::Full),
+            ("items=0-1", RangeAnswer::Full),
+            ("bytes=a-b", RangeAnswer::Full),
+            ("bytes=-", RangeAnswer::Full),
+            ("bytes=+1-2", RangeAnswer::Full),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(parse_range(raw, 10), want, "{raw}");
+        }
+    }
+
+    #[test]
+    fn dispositions() {
+        assert_eq!(
+            content_disposition("report.pdf"),
+            "attachment; filename=\"report.pdf\"; filename*=UTF-8''report.pdf"
+        );
+        assert_eq!(
+            content_disposition("a\"b\\c\r\nd é.txt"),
+            "attachment; filename=\"a\\\"b\\\\cd _.txt\"; filename*=UTF-8''a%22b%5Ccd%20%C3%A9.txt"
+        );
+    }
+}

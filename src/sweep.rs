@@ -1,0 +1,157 @@
+//! The sweeper (SPEC §7): deletes acked rows past retention and every row past its TTL, in
+//! bounded batches, then their objects; and reconciles objects that no row points at.
+//! Every replica runs it; SKIP LOCKED keeps them from colliding, and deleting an object that
+//! is already gone succeeds, so two sweepers never error on each other.
+
+use std::time::Duration;
+
+use futures::{stream, StreamExt};
+use sqlx::PgPool;
+
+use crate::storage::Storage;
+
+/// Object deletions in flight per sweeper.
+const DELETE_CONCURRENCY: usize = 16;
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SweepStats {
+    pub rows: u64,
+    pub bytes: u64,
+    pub objects_deleted: u64,
+    pub object_errors: u64,
+    pub orphans_deleted: u64,
+}
+
+#[derive(Clone)]
+pub struct Sweeper {
+    pub pool: PgPool,
+    pub storage: Storage,
+    pub ack_retention: Duration,
+    pub batch_size: i64,
+    pub orphan_grace: Duration,
+}
+
+impl Sweeper {
+    /// One pass: row batches until nothing is left to sweep, then orphan reconciliation.
+    pub async fn run_once(&self) -> Result<SweepStats, sqlx::Error> {
+        let mut stats = SweepStats::default();
+        loop {
+            // Rows go first, objects after: no row ever points at a deleted object. An object
+            // whose delete fails is left to the reconciliation.
+            let batch = crate::db::uploads::sweep_batch(
+                &self.pool,
+                self.ack_retention.as_secs_f64(),
+                self.batch_size,
+            )
+            .await?;
+            let full_batch = batch.len() as i64 >= self.batch_size;
+            let results: Vec<_> = stream::iter(batch)
+                .map(|row| {
+                    let storage = self.storage.clone();
+                    async move {
+                        let deleted = storage.delete(&row.location()).await;
+                        (row, deleted)
+                    }
+                })
+                .buffer_unordered(DELETE_CONCURRENCY)
+                .collect()
+                .await;
+            for (row, deleted) in results {
+                let reason = if row.acked_at.is_some() {
+                    "acked"
+                } else {
+                    "expired"
+                };
+                let loc = row.location();
+                match (&row.s3_key, deleted) {
+                    (Some(_), Ok(())) => stats.objects_deleted += 1,
+                    (Some(key), Err(e)) => {
+                        stats.object_errors += 1;
+                        tracing::warn!(file_id = %row.file_id, key, error = %e, "object delete failed; left to reconciliation");
+                    }
+                    (None, _) => {}
+                }
+                tracing::info!(
+                    event = "swept", workspace_id = %row.workspace_id, file_id = %row.file_id,
+                    size = row.size_bytes, name = %row.filename,
+                    backend = self.storage.reader_name(&loc), reason, "upload swept"
+                );
+                crate::metrics::metrics()
+                    .files_swept
+                    .with_label_values(&[self.storage.reader_name(&loc), reason])
+                    .inc();
+                stats.rows += 1;
+                stats.bytes += row.size_bytes as u64;
+            }
+            if !full_batch {
+                break;
+            }
+        }
+        match self.reconcile().await {
+            Ok(n) => {
+                stats.orphans_deleted = n;
+                crate::metrics::metrics().orphans_deleted.inc_by(n);
+            }
+            Err(e) => tracing::warn!(error = %e, "orphan reconciliation failed"),
+        }
+        Ok(stats)
+    }
+
+    /// Deletes objects under our prefix that no row points at and that are older than the
+    /// grace period (younger ones may belong to an upload whose row is not committed yet).
+    pub async fn reconcile(&self) -> Result<u64, crate::storage::StorageError> {
+        let Some(s3) = self.storage.s3() else {
+            return Ok(0);
+        };
+        let cutoff =
+            chrono::Utc::now() - chrono::Duration::from_std(self.orphan_grace).unwrap_or_default();
+        let old: Vec<String> = s3
+            .list()
+            .await?
+            .into_iter()
+            .filter(|o| o.last_modified.is_some_and(|t| t <= cutoff))
+            .map(|o| o.key)
+            .collect();
+        let mut deleted = 0;
+        for chunk in old.chunks(500) {
+            let live = crate::db::uploads::existing_keys(&self.pool, chunk).await?;
+            for key in chunk.iter().filter(|k| !live.contains(k)) {
+                s3.delete_key(key).await?;
+                tracing::info!(
+                    event = "orphan_deleted",
+                    key,
+                    "object without a row removed"
+                );
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Runs at start-up and every `interval` until the task is dropped.
+    pub async fn run_forever(self, interval: Duration) {
+        let mut ticker = tokio::time::interval(interval.max(Duration::from_secs(1)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let result = self.run_once().await;
+            let outcome = if result.is_ok() { "ok" } else { "error" };
+            crate::metrics::metrics()
+                .sweep_runs
+                .with_label_values(&[outcome])
+                .inc();
+            match result {
+                Ok(s) if s.rows > 0 || s.orphans_deleted > 0 => tracing::info!(
+                    rows = s.rows,
+                    bytes = s.bytes,
+                    objects = s.objects_deleted,
+                    object_errors = s.object_errors,
+                    orphans = s.orphans_deleted,
+                    "sweep pass done"
+                ),
+                Ok(_) => tracing::debug!("sweep pass: nothing to do"),
+                Err(e) => tracing::warn!(error = %e, "sweep pass failed"),
+            }
+        }
+    }
+}

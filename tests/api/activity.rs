@@ -1,0 +1,221 @@
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::common::*;
+
+async fn feed(app: &TestApp, ws: Uuid, token: &str, query: &str) -> Vec<Value> {
+    let resp = app
+        .get(&format!("/workspaces/{ws}/activity?{query}"), token)
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.json::<Vec<Value>>().await.unwrap()
+}
+
+/// Pages through the whole feed after `cursor`, `limit` rows at a time.
+async fn page_all(
+    app: &TestApp,
+    ws: Uuid,
+    token: &str,
+    mut cursor: String,
+    limit: usize,
+) -> Vec<Value> {
+    let mut all = Vec::new();
+    loop {
+        let page = feed(app, ws, token, &format!("since_id={cursor}&limit={limit}")).await;
+        if page.is_empty() {
+            return all;
+        }
+        assert!(page.len() <= limit);
+        cursor = page.last().unwrap()["id"].as_str().unwrap().to_string();
+        all.extend(page);
+    }
+}
+
+#[tokio::test]
+async fn upload_rows_are_in_the_feed_with_all_columns() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    let out = app
+        .upload_ok(ws, &token, &[("a.txt", "text/plain", b"a".to_vec())])
+        .await;
+    let rows = feed(
+        &app,
+        ws,
+        &token,
+        "type=a2a_receive&method=chat_upload_receive",
+    )
+    .await;
+    assert_eq!(rows.len(), 1);
+    let row = &rows[0];
+    let mut keys: Vec<&str> = row
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "activity_type",
+            "created_at",
+            "error_detail",
+            "id",
+            "method",
+            "request_body",
+            "response_body",
+            "source_id",
+            "status",
+            "summary",
+            "target_id",
+            "workspace_id"
+        ]
+    );
+    assert_eq!(row["request_body"]["uri"], out[0]["uri"]);
+    assert_eq!(row["summary"], "chat_upload_receive: a.txt");
+    assert_eq!(feed(&app, ws, &token, "type=other").await.len(), 0);
+    assert_eq!(feed(&app, ws, &token, "method=other").await.len(), 0);
+}
+
+#[tokio::test]
+async fn paging_never_skips_or_repeats_rows_that_share_a_timestamp() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    // 300 rows in one transaction: all share now(); ids are random, so neither created_at
+    // nor id orders them.
+    let mut tx = app.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO activity_logs (workspace_id, activity_type, summary) VALUES ($1, 'seed', 'seed')")
+        .bind(ws)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for i in 0..300 {
+        sqlx::query("INSERT INTO activity_logs (workspace_id, activity_type, summary) VALUES ($1, 'bulk', $2)")
+            .bind(ws)
+            .bind(format!("row {i:03}"))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    let stamps: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT created_at) FROM activity_logs WHERE workspace_id = $1",
+    )
+    .bind(ws)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(stamps, 1, "all rows share one created_at");
+    let first = feed(&app, ws, &token, "type=seed").await;
+    let seed: Uuid = first[0]["id"].as_str().unwrap().parse().unwrap();
+    for limit in [1, 7, 100, 500] {
+        let all = page_all(&app, ws, &token, seed.to_string(), limit).await;
+        let summaries: Vec<String> = all
+            .iter()
+            .map(|r| r["summary"].as_str().unwrap().to_string())
+            .collect();
+        let want: Vec<String> = (0..300).map(|i| format!("row {i:03}")).collect();
+        assert_eq!(
+            summaries, want,
+            "limit {limit}: every row once, oldest first"
+        );
+    }
+}
+
+#[tokio::test]
+async fn without_a_cursor_the_newest_rows_newest_first() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    for i in 0..5 {
+        app.upload_ok(
+            ws,
+            &token,
+            &[(&format!("{i}.txt"), "text/plain", b"x".to_vec())],
+        )
+        .await;
+    }
+    sqlx::query("INSERT INTO activity_logs (workspace_id, activity_type, summary, created_at) VALUES ($1, 'old', 'old', now() - interval '2 hours')")
+        .bind(ws)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let rows = feed(&app, ws, &token, "limit=2").await;
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["summary"], "chat_upload_receive: 4.txt");
+    assert_eq!(rows[1]["summary"], "chat_upload_receive: 3.txt");
+    assert_eq!(feed(&app, ws, &token, "").await.len(), 6);
+    assert_eq!(
+        feed(&app, ws, &token, "since_secs=3600").await.len(),
+        5,
+        "the window excludes the old row"
+    );
+    assert_eq!(
+        feed(&app, ws, &token, "limit=100000").await.len(),
+        6,
+        "limit is clamped, not refused"
+    );
+    let resp = app
+        .get(&format!("/workspaces/{ws}/activity?limit=abc"), &token)
+        .await;
+    assert_json(
+        resp,
+        StatusCode::BAD_REQUEST,
+        json!({"error": "limit must be an integer"}),
+    )
+    .await;
+    // other workspaces' rows never appear
+    let (other, other_token) = app.poll_workspace().await;
+    assert_eq!(feed(&app, other, &other_token, "").await.len(), 0);
+}
+
+#[tokio::test]
+async fn an_unknown_or_foreign_cursor_is_410() {
+    let app = TestApp::start().await;
+    let (a, a_token) = app.poll_workspace().await;
+    let (b, b_token) = app.poll_workspace().await;
+    app.upload_ok(a, &a_token, &[("a.txt", "text/plain", b"a".to_vec())])
+        .await;
+    let a_row = feed(&app, a, &a_token, "").await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let gone =
+        json!({"error": "since_id cursor not found in this workspace; omit since_id to reset"});
+    for (ws, token, cursor) in [
+        (a, &a_token, Uuid::new_v4().to_string()),
+        (b, &b_token, a_row.clone()),
+    ] {
+        let resp = app
+            .get(
+                &format!("/workspaces/{ws}/activity?since_id={cursor}"),
+                token,
+            )
+            .await;
+        assert_json(resp, StatusCode::GONE, gone.clone()).await;
+    }
+    let resp = app
+        .get(&format!("/workspaces/{a}/activity?type=a%00b"), &a_token)
+        .await;
+    assert_json(
+        resp,
+        StatusCode::BAD_REQUEST,
+        json!({"error": "type must not contain NUL characters"}),
+    )
+    .await;
+    let resp = app
+        .get(&format!("/workspaces/{a}/activity?since_id=xyz"), &a_token)
+        .await;
+    assert_json(
+        resp,
+        StatusCode::BAD_REQUEST,
+        json!({"error": "invalid since_id"}),
+    )
+    .await;
+    assert_eq!(
+        feed(&app, a, &a_token, &format!("since_id={a_row}"))
+            .await
+            .len(),
+        0
+    );
+}

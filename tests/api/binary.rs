@@ -1,0 +1,286 @@
+//! The binary itself, as a child process: subcommands, environment configuration, logs,
+//! start-up errors, and SIGTERM.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+fn command(db_url: &str) -> Command {
+    bin_command(db_url)
+}
+
+#[tokio::test]
+async fn migrate_applies_the_schema_once() {
+    let db = empty_db().await;
+    for _ in 0..2 {
+        run_ok(command(&db).arg("migrate"));
+    }
+    let pool = sqlx::PgPool::connect(&db).await.unwrap();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public' AND table_name <> '_sqlx_migrations' ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        tables,
+        [
+            "activity_logs",
+            "pending_upload_total_deltas",
+            "pending_upload_totals",
+            "pending_uploads",
+            "workspace_auth_tokens",
+            "workspaces"
+        ]
+    );
+    let checks: Vec<String> = sqlx::query_scalar(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'pending_uploads'::regclass AND contype = 'c' ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(
+        checks
+            .iter()
+            .any(|c| c.contains("size_bytes > 0") && c.contains("26214400")),
+        "{checks:?}"
+    );
+    assert!(
+        checks.iter().any(|c| c.contains("length(filename)")),
+        "{checks:?}"
+    );
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT indexdef FROM pg_indexes WHERE tablename = 'pending_uploads' ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let joined = indexes.join("\n");
+    assert!(
+        joined.contains("(workspace_id, created_at) WHERE (acked_at IS NULL)"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("(expires_at) WHERE (acked_at IS NULL)"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("(acked_at) WHERE (acked_at IS NOT NULL)"),
+        "{joined}"
+    );
+}
+
+#[tokio::test]
+async fn start_up_refuses_bad_configuration_clearly() {
+    let db = fresh_db().await;
+    let cases: [(&str, &str, &str); 4] = [
+        (
+            "PENDING_UPLOADS_BACKEND",
+            "s3",
+            "PENDING_UPLOADS_BACKEND=s3 needs PENDING_UPLOADS_S3_BUCKET",
+        ),
+        (
+            "PENDING_UPLOADS_BACKEND",
+            "floppy",
+            "invalid value 'floppy'",
+        ),
+        (
+            "MAX_FILE_BYTES",
+            "30000000",
+            "MAX_FILE_BYTES=30000000 is out of range",
+        ),
+        ("SWEEP_INTERVAL", "5 parsecs", "invalid duration"),
+    ];
+    for (var, value, message) in cases {
+        let out = command(&db)
+            .arg("serve")
+            .env("BIND_ADDR", format!("127.0.0.1:{}", free_port()))
+            .env(var, value)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{var}={value} must not start");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(message), "{var}={value}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn serve_configured_by_environment_then_sweep_subcommand_then_sigterm() {
+    let db = fresh_db().await;
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut cmd = command(&db);
+    cmd.env("MAX_FILES_PER_REQUEST", "3")
+        .env("SWEEP_INTERVAL", "1h");
+    let mut child = spawn_service(cmd, port).await;
+    let client = reqwest::Client::new();
+    let ready = client.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    let limits: Value = client
+        .get(format!("{base}/uploads/limits"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        limits["max_files_per_request"], 3,
+        "configured from the environment"
+    );
+
+    // the poll flow, as the README walk-through does it
+    let (ws, token) = register_poll(&base).await;
+    let form = reqwest::multipart::Form::new().part(
+        "files",
+        reqwest::multipart::Part::bytes(b"hello".to_vec())
+            .file_name("hi there.txt")
+            .mime_str("text/plain")
+            .unwrap(),
+    );
+    let up: Value = client
+        .post(format!("{base}/workspaces/{ws}/chat/uploads"))
+        .bearer_auth(ADMIN)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let fid = file_id(&up["files"][0]);
+    let got = client
+        .get(format!(
+            "{base}/workspaces/{ws}/pending-uploads/{fid}/content"
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(&got[..], b"hello");
+    let ack = client
+        .post(format!("{base}/workspaces/{ws}/pending-uploads/{fid}/ack"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ack.status(), StatusCode::OK);
+
+    // a rejected upload: a `failed` transition
+    let empty = reqwest::multipart::Form::new().part(
+        "files",
+        reqwest::multipart::Part::bytes(Vec::new()).file_name("empty.txt"),
+    );
+    let resp = client
+        .post(format!("{base}/workspaces/{ws}/chat/uploads"))
+        .bearer_auth(ADMIN)
+        .multipart(empty)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+
+    // metrics moved exactly as the traffic above
+    let text = scrape_metrics(&base).await;
+    let metric = |series: &str| -> f64 {
+        metric_value(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    assert_eq!(
+        metric(r#"pending_uploads_files_staged_total{backend="bytea",outcome="ok"}"#),
+        1.0
+    );
+    assert_eq!(
+        metric(r#"pending_uploads_files_staged_total{backend="bytea",outcome="rejected"}"#),
+        1.0
+    );
+    assert_eq!(
+        metric(r#"pending_uploads_bytes_staged_total{backend="bytea"}"#),
+        5.0
+    );
+    assert_eq!(
+        metric(r#"pending_uploads_files_fetched_total{backend="bytea",outcome="ok"}"#),
+        1.0
+    );
+    assert_eq!(metric("pending_uploads_uploads_in_progress"), 0.0);
+    assert_eq!(
+        metric(r#"pending_uploads_bytes_served_total{backend="bytea"}"#),
+        5.0
+    );
+    assert_eq!(
+        metric(r#"pending_uploads_files_acked_total{outcome="acked"}"#),
+        1.0
+    );
+    assert_eq!(metric("pending_uploads_upload_size_bytes_count"), 1.0);
+    assert_eq!(
+        metric(
+            r#"pending_uploads_http_request_duration_seconds_count{method="POST",route="/workspaces/{id}/chat/uploads",status="200"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            r#"pending_uploads_storage_operation_duration_seconds_count{backend="bytea",operation="get"}"#
+        ),
+        1.0
+    );
+
+    // one sweep pass from the CLI, zero retention
+    let out = run_ok(command(&db).arg("sweep").env("ACK_RETENTION", "0"));
+    let printed = stdout_json(&out);
+    assert_eq!(
+        printed,
+        json!({"swept_rows": 1, "swept_bytes": 5, "objects_deleted": 0, "object_errors": 0, "orphans_deleted": 0})
+    );
+    let swept = log_lines(&out.stderr);
+    let line = swept
+        .iter()
+        .find(|l| l["event"] == "swept")
+        .expect("a swept log line");
+    assert_eq!(line["file_id"], fid.to_string());
+    assert_eq!(line["workspace_id"], ws.to_string());
+    assert_eq!(line["size"], 5);
+    assert_eq!(line["name"], "hi_there.txt");
+    assert_eq!(line["backend"], "bytea");
+
+    // SIGTERM: exits cleanly
+    let started = Instant::now();
+    let out = child.terminate().await;
+    assert!(out.status.success(), "clean exit on SIGTERM");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let lines = log_lines(&out.stderr);
+    for event in ["staged", "fetched", "acked"] {
+        let line = lines
+            .iter()
+            .find(|l| l["event"] == event)
+            .unwrap_or_else(|| panic!("no {event} line"));
+        assert_eq!(line["file_id"], fid.to_string(), "{event}");
+        assert_eq!(line["workspace_id"], ws.to_string(), "{event}");
+    }
+    let failed = lines
+        .iter()
+        .find(|l| l["event"] == "failed")
+        .expect("a failed line");
+    assert_eq!(failed["workspace_id"], ws.to_string());
+    assert_eq!(failed["status"], 400);
+    let staged = lines.iter().find(|l| l["event"] == "staged").unwrap();
+    assert_eq!(
+        (
+            staged["size"].clone(),
+            staged["name"].clone(),
+            staged["backend"].clone()
+        ),
+        (json!(5), json!("hi_there.txt"), json!("bytea"))
+    );
+    let all = String::from_utf8_lossy(&out.stderr);
+    assert!(!all.contains(ADMIN), "the admin token is never logged");
+    assert!(!all.contains(&token), "workspace tokens are never logged");
+}

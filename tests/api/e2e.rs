@@ -1,0 +1,469 @@
+//! End to end, all real processes over loopback: the service binary, the agent binary,
+//! PostgreSQL, and (for the s3 backend) the S3 server. The canvas uploads; the agent stages,
+//! verifies and acks; a sweep leaves nothing behind.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use pending_uploads::{
+    config::{BackendMode, S3Checksum, StorageArgs},
+    storage::S3Backend,
+};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::common::*;
+
+struct Env {
+    db: String,
+    port: u16,
+    backend: &'static str,
+    prefix: String,
+    spool: tempfile::TempDir,
+}
+
+impl Env {
+    async fn new(backend: &'static str) -> Env {
+        Env {
+            db: fresh_db().await,
+            port: free_port(),
+            backend,
+            prefix: test_prefix(),
+            spool: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The binary with this environment's database, backend and S3 settings.
+    fn command(&self) -> Command {
+        let mut cmd = bin_command(&self.db);
+        cmd.env("PENDING_UPLOADS_BACKEND", self.backend)
+            .env("SPOOL_DIR", self.spool.path());
+        if self.backend != "bytea" {
+            let (endpoint, bucket) = s3_endpoint();
+            cmd.env("PENDING_UPLOADS_S3_BUCKET", bucket)
+                .env("PENDING_UPLOADS_S3_PREFIX", &self.prefix)
+                .env("AWS_ENDPOINT_URL", endpoint)
+                .env("AWS_REGION", "us-east-1");
+            if let Ok(c) = std::env::var("TEST_S3_CHECKSUM") {
+                cmd.env("PENDING_UPLOADS_S3_CHECKSUM", c);
+            }
+        }
+        cmd
+    }
+
+    async fn service(&self) -> Running {
+        spawn_service(self.command(), self.port).await
+    }
+
+    fn agent(&self, ws: Uuid, token_file: &Path, dir: &Path, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.env_clear()
+            .env("LOG_FORMAT", "json")
+            .args([
+                "agent",
+                "--platform-url",
+                &self.base(),
+                "--workspace-id",
+                &ws.to_string(),
+            ])
+            .arg("--token-file")
+            .arg(token_file)
+            .arg("--dir")
+            .arg(dir)
+            .args(extra);
+        cmd
+    }
+
+    /// `agent --once`: its output, and its JSON report.
+    fn agent_once(&self, ws: Uuid, token_file: &Path, dir: &Path) -> (std::process::Output, Value) {
+        let out = run_ok(&mut self.agent(ws, token_file, dir, &["--once"]));
+        let report = stdout_json(&out);
+        (out, report)
+    }
+
+    async fn objects(&self) -> Vec<String> {
+        let (endpoint, bucket) = s3_endpoint();
+        let args = StorageArgs {
+            pending_uploads_backend: BackendMode::S3,
+            s3_bucket: Some(bucket),
+            s3_prefix: self.prefix.clone(),
+            s3_force_path_style: true,
+            s3_checksum: S3Checksum::WhenSupported,
+            aws_endpoint_url: Some(endpoint),
+            aws_region: Some("us-east-1".into()),
+        };
+        let s3 = S3Backend::from_args(&args).await.unwrap();
+        s3.list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect()
+    }
+}
+
+/// A laptop: a home folder holding the inbox (not created: the agent makes it) and the token
+/// file of a freshly registered poll workspace. Keep the TempDir alive for the test.
+async fn laptop(env: &Env) -> (tempfile::TempDir, PathBuf, Uuid, PathBuf) {
+    let home = tempfile::tempdir().unwrap();
+    let (ws, token) = register_poll(&env.base()).await;
+    let token_file = home.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let inbox = home.path().join("inbox");
+    (home, inbox, ws, token_file)
+}
+
+/// Uploads as the canvas does (admin bearer); returns (file_id, sanitized name, bytes).
+async fn canvas_upload(
+    base: &str,
+    ws: Uuid,
+    files: &[(&str, Vec<u8>)],
+) -> Vec<(Uuid, String, Vec<u8>)> {
+    let mut form = reqwest::multipart::Form::new();
+    for (name, data) in files {
+        form = form.part(
+            "files",
+            reqwest::multipart::Part::bytes(data.clone()).file_name(name.to_string()),
+        );
+    }
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/workspaces/{ws}/chat/uploads"))
+        .bearer_auth(ADMIN)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let v: Value = resp.json().await.unwrap();
+    v["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(files)
+        .map(|(f, (_, data))| {
+            (
+                file_id(f),
+                f["name"].as_str().unwrap().to_string(),
+                data.clone(),
+            )
+        })
+        .collect()
+}
+
+fn staged_path(dir: &Path, fid: Uuid, name: &str) -> PathBuf {
+    dir.join(format!("{}-{name}", fid.simple()))
+}
+
+/// Regular files in DIR (the agent's state folder excluded).
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != ".pending-uploads")
+        .collect();
+    names.sort();
+    names
+}
+
+fn partials(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir.join(".pending-uploads/partial"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect()
+}
+
+async fn unacked(db: &str) -> i64 {
+    let pool = sqlx::PgPool::connect(db).await.unwrap();
+    let n = sqlx::query_scalar("SELECT count(*) FROM pending_uploads WHERE acked_at IS NULL")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    n
+}
+
+#[tokio::test]
+async fn the_agent_receives_everything_and_a_sweep_leaves_nothing() {
+    for backend in ["bytea", "s3"] {
+        let env = Env::new(backend).await;
+        let _service = env.service().await;
+        let (_home, dir, ws, token_file) = laptop(&env).await;
+        let sent = canvas_upload(
+            &env.base(),
+            ws,
+            &[
+                ("one byte", vec![7]),
+                ("notes (1).txt", bytes(1000, 1)),
+                ("photo.jpg", bytes(1024 * 1024 + 3, 2)),
+                ("../../escape.bin", bytes(5 * 1024 * 1024, 3)),
+            ],
+        )
+        .await;
+
+        let (_, report) = env.agent_once(ws, &token_file, &dir);
+        assert_eq!(
+            report,
+            json!({"staged": 4, "already_present": 0, "gone": 0, "failed": 0}),
+            "{backend}"
+        );
+
+        let index: Value = serde_json::from_slice(
+            &std::fs::read(dir.join(".pending-uploads/index.json")).unwrap(),
+        )
+        .unwrap();
+        let dir = std::fs::canonicalize(&dir).unwrap();
+        for (fid, name, data) in &sent {
+            let path = staged_path(&dir, *fid, name);
+            assert!(
+                std::fs::read(&path).unwrap() == *data,
+                "{backend}: {name} byte-identical"
+            );
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+            assert_eq!(
+                index[format!("platform-pending:{ws}/{fid}")],
+                format!("workspace:{}", path.display())
+            );
+        }
+        assert_eq!(files_in(&dir).len(), 4, "{backend}: nothing else in DIR");
+        assert!(partials(&dir).is_empty());
+        assert_eq!(unacked(&env.db).await, 0, "{backend}: every row acked");
+
+        // a second pass has nothing to do
+        let (_, report) = env.agent_once(ws, &token_file, &dir);
+        assert_eq!(report["staged"], 0);
+
+        // sweep with zero retention: no row, no object, no spool file
+        let swept = stdout_json(&run_ok(
+            env.command().arg("sweep").env("ACK_RETENTION", "0"),
+        ));
+        assert_eq!(swept["swept_rows"], 4);
+        let pool = sqlx::PgPool::connect(&env.db).await.unwrap();
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM pending_uploads")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(rows, 0);
+        if backend == "s3" {
+            assert_eq!(swept["objects_deleted"], 4);
+            assert_eq!(env.objects().await, Vec::<String>::new(), "bucket empty");
+        }
+        assert_eq!(
+            std::fs::read_dir(env.spool.path()).unwrap().count(),
+            0,
+            "spool folder empty"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_agent_killed_mid_download_resumes_with_range_and_writes_one_correct_file() {
+    let env = Env::new("bytea").await;
+    let _service = env.service().await;
+    let (_home, dir, ws, token_file) = laptop(&env).await;
+    let data = bytes(8 * 1024 * 1024, 9);
+    let sent = canvas_upload(&env.base(), ws, &[("big.bin", data.clone())]).await;
+    let (fid, name, _) = &sent[0];
+
+    // throttled to 2 MB/s, so the 8 MiB download takes ~4 s; kill it part-way
+    let mut agent = Running(Some(
+        env.agent(ws, &token_file, &dir, &["--once", "--max-rate", "2000000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    for _ in 0..400 {
+        if let Some(p) = std::fs::read_dir(dir.join(".pending-uploads/partial"))
+            .ok()
+            .and_then(|mut d| d.next())
+        {
+            if std::fs::metadata(p.unwrap().path())
+                .map(|m| m.len())
+                .unwrap_or(0)
+                > 1024 * 1024
+            {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    agent.kill();
+    let partial = partials(&dir);
+    assert_eq!(partial.len(), 1);
+    let at_kill = std::fs::metadata(&partial[0]).unwrap().len();
+    assert!(
+        at_kill > 1024 * 1024 && at_kill < data.len() as u64,
+        "killed half-way: {at_kill}"
+    );
+    assert!(
+        files_in(&dir).is_empty(),
+        "no half file under the final name"
+    );
+    assert_eq!(unacked(&env.db).await, 1);
+
+    let (out, _) = env.agent_once(ws, &token_file, &dir);
+    let resumed = log_lines(&out.stderr)
+        .into_iter()
+        .find(|l| l["message"] == "resuming download")
+        .expect("the restarted agent resumed with Range");
+    assert!(resumed["offset"].as_u64().unwrap() >= at_kill);
+    let dir = std::fs::canonicalize(&dir).unwrap();
+    assert_eq!(
+        files_in(&dir),
+        vec![format!("{}-{name}", fid.simple())],
+        "one file, no duplicate"
+    );
+    assert!(std::fs::read(staged_path(&dir, *fid, name)).unwrap() == data);
+    assert!(partials(&dir).is_empty());
+    assert_eq!(unacked(&env.db).await, 0);
+}
+
+#[tokio::test]
+async fn the_service_restarting_while_the_agent_polls_loses_nothing() {
+    let env = Env::new("bytea").await;
+    let mut service = env.service().await;
+    let (_home, dir, ws, token_file) = laptop(&env).await;
+    let mut agent = Running(Some(
+        env.agent(ws, &token_file, &dir, &["--poll-interval", "200ms"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    let wait_for = |n: usize, dir: PathBuf| async move {
+        for _ in 0..300 {
+            if dir.exists() && files_in(&dir).len() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("agent did not stage {n} files");
+    };
+    let mut sent = canvas_upload(
+        &env.base(),
+        ws,
+        &[("a1", bytes(100, 1)), ("a2", bytes(200, 2))],
+    )
+    .await;
+    wait_for(2, dir.clone()).await;
+
+    let out = service.terminate().await;
+    assert!(out.status.success());
+    tokio::time::sleep(Duration::from_millis(700)).await; // the agent polls a dead service meanwhile
+    let _service = env.service().await;
+    sent.extend(
+        canvas_upload(
+            &env.base(),
+            ws,
+            &[
+                ("b1", bytes(300, 3)),
+                ("b2", bytes(400, 4)),
+                ("b3", bytes(500, 5)),
+            ],
+        )
+        .await,
+    );
+    wait_for(5, dir.clone()).await;
+    for _ in 0..300 {
+        if unacked(&env.db).await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(unacked(&env.db).await, 0);
+    agent.kill();
+    let dir = std::fs::canonicalize(&dir).unwrap();
+    for (fid, name, data) in &sent {
+        assert!(
+            std::fs::read(staged_path(&dir, *fid, name)).unwrap() == *data,
+            "{name}"
+        );
+    }
+    assert_eq!(files_in(&dir).len(), 5);
+}
+
+#[tokio::test]
+async fn a_file_that_expires_before_fetch_is_skipped_cleanly() {
+    let env = Env::new("bytea").await;
+    let _service = env.service().await;
+    let (_home, dir, ws, token_file) = laptop(&env).await;
+    let sent = canvas_upload(
+        &env.base(),
+        ws,
+        &[
+            ("late.txt", b"too late".to_vec()),
+            ("ok.txt", b"in time".to_vec()),
+        ],
+    )
+    .await;
+    let pool = sqlx::PgPool::connect(&env.db).await.unwrap();
+    sqlx::query(
+        "UPDATE pending_uploads SET expires_at = now() - interval '1 second' WHERE file_id = $1",
+    )
+    .bind(sent[0].0)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (_, report) = env.agent_once(ws, &token_file, &dir);
+    assert_eq!(
+        report,
+        json!({"staged": 1, "already_present": 0, "gone": 1, "failed": 0})
+    );
+    let dir = std::fs::canonicalize(&dir).unwrap();
+    assert_eq!(
+        files_in(&dir),
+        vec![format!("{}-ok.txt", sent[1].0.simple())]
+    );
+    assert!(partials(&dir).is_empty());
+}
+
+#[tokio::test]
+async fn a_lost_or_unknown_cursor_resets_and_nothing_is_missed() {
+    let env = Env::new("bytea").await;
+    let _service = env.service().await;
+    let (_home, dir, ws, token_file) = laptop(&env).await;
+    let first = canvas_upload(&env.base(), ws, &[("one.txt", b"first".to_vec())]).await;
+    env.agent_once(ws, &token_file, &dir);
+    let cursor = std::fs::read_to_string(dir.join(".pending-uploads/cursor")).unwrap();
+    assert!(
+        cursor.parse::<Uuid>().is_ok(),
+        "the cursor persists: {cursor}"
+    );
+
+    // a cursor the platform does not know (pruned feed, another platform): 410, then reset
+    std::fs::write(
+        dir.join(".pending-uploads/cursor"),
+        Uuid::new_v4().to_string(),
+    )
+    .unwrap();
+    let second = canvas_upload(&env.base(), ws, &[("two.txt", b"second".to_vec())]).await;
+    let (out, report) = env.agent_once(ws, &token_file, &dir);
+    assert_eq!(report["staged"], 1);
+    assert!(log_lines(&out.stderr)
+        .iter()
+        .any(|l| l["message"].as_str().unwrap_or("").contains("resetting")));
+
+    // no cursor at all: the pending list alone recovers what is unacked
+    std::fs::remove_file(dir.join(".pending-uploads/cursor")).unwrap();
+    let third = canvas_upload(&env.base(), ws, &[("three.txt", b"third".to_vec())]).await;
+    let (_, report) = env.agent_once(ws, &token_file, &dir);
+    assert_eq!(report["staged"], 1);
+    let dir = std::fs::canonicalize(&dir).unwrap();
+    for (fid, name, data) in first.iter().chain(&second).chain(&third) {
+        assert!(std::fs::read(staged_path(&dir, *fid, name)).unwrap() == *data);
+    }
+    assert_eq!(files_in(&dir).len(), 3);
+    assert_eq!(unacked(&env.db).await, 0);
+}

@@ -1,0 +1,512 @@
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::common::*;
+
+fn content_path(ws: Uuid, fid: Uuid) -> String {
+    format!("/workspaces/{ws}/pending-uploads/{fid}/content")
+}
+
+async fn fetched_at(app: &TestApp, fid: Uuid) -> Option<chrono::DateTime<chrono::Utc>> {
+    sqlx::query_scalar("SELECT fetched_at FROM pending_uploads WHERE file_id = $1")
+        .bind(fid)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn content_streams_bytes_with_the_specified_headers() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    let data = bytes(3 * 1024 * 1024 + 123, 7); // spans several 1 MiB read chunks
+    let out = app
+        .upload_ok(
+            ws,
+            &token,
+            &[("My Report (final).pdf", "application/pdf", data.clone())],
+        )
+        .await;
+    let fid = file_id(&out[0]);
+    let etag = format!("\"{}\"", hex::encode(Sha256::digest(&data)));
+
+    let head = app
+        .client
+        .head(app.at(&content_path(ws, fid)))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(
+        head.headers()["content-length"],
+        data.len().to_string().as_str()
+    );
+    assert_eq!(head.headers()["etag"], etag.as_str());
+    assert!(
+        fetched_at(&app, fid).await.is_none(),
+        "HEAD serves no bytes, stamps nothing"
+    );
+
+    let resp = app.get(&content_path(ws, fid), &token).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let h = resp.headers().clone();
+    assert_eq!(h["content-type"], "application/pdf");
+    assert_eq!(h["content-length"], data.len().to_string().as_str());
+    assert_eq!(
+        h["content-disposition"],
+        "attachment; filename=\"My_Report__final_.pdf\"; filename*=UTF-8''My_Report__final_.pdf"
+    );
+    assert_eq!(h["etag"], etag.as_str());
+    assert_eq!(h["accept-ranges"], "bytes");
+    let body = resp.bytes().await.unwrap();
+    assert!(body == data, "byte-identical");
+    assert!(
+        fetched_at(&app, fid).await.is_some(),
+        "serving stamps fetched_at"
+    );
+    let list: Value = app
+        .get(&format!("/workspaces/{ws}/pending-uploads"), &token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(list[0]["fetched_at"].is_string());
+}
+
+#[tokio::test]
+async fn a_file_without_mimetype_is_served_as_octet_stream() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    let form = reqwest::multipart::Form::new().part(
+        "files",
+        reqwest::multipart::Part::bytes(b"raw".to_vec()).file_name("x"),
+    );
+    let resp = app
+        .client
+        .post(app.at(&format!("/workspaces/{ws}/chat/uploads")))
+        .bearer_auth(&token)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["files"][0]["mimeType"], "");
+    let resp = app
+        .get(&content_path(ws, file_id(&v["files"][0])), &token)
+        .await;
+    assert_eq!(resp.headers()["content-type"], "application/octet-stream");
+}
+
+#[tokio::test]
+async fn ranges() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    let data = bytes(2 * 1024 * 1024 + 10, 3);
+    let n = data.len();
+    let fid = file_id(
+        &app.upload_ok(
+            ws,
+            &token,
+            &[("r.bin", "application/octet-stream", data.clone())],
+        )
+        .await[0],
+    );
+    let path = content_path(ws, fid);
+    let cases: Vec<(String, usize, usize)> = vec![
+        ("bytes=0-0".into(), 0, 0),
+        ("bytes=10-19".into(), 10, 19),
+        ("bytes=-5".into(), n - 5, n - 1),
+        (format!("bytes={}-", n - 100), n - 100, n - 1),
+        // across the 1 MiB read-chunk boundary
+        ("bytes=1048570-1048590".into(), 1_048_570, 1_048_590),
+        (format!("bytes=5-{}", n * 2), 5, n - 1),
+    ];
+    for (range, start, end) in cases {
+        let resp = app
+            .client
+            .get(app.at(&path))
+            .bearer_auth(&token)
+            .header("Range", &range)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT, "{range}");
+        assert_eq!(
+            resp.headers()["content-range"],
+            format!("bytes {start}-{end}/{n}").as_str(),
+            "{range}"
+        );
+        assert_eq!(
+            resp.headers()["content-length"],
+            (end - start + 1).to_string().as_str()
+        );
+        let body = resp.bytes().await.unwrap();
+        assert!(body == data[start..=end], "{range}: bytes");
+    }
+    for range in [
+        format!("bytes={n}-"),
+        format!("bytes={}-{}", n + 1, n + 5),
+        "bytes=-0".into(),
+    ] {
+        let resp = app
+            .client
+            .get(app.at(&path))
+            .bearer_auth(&token)
+            .header("Range", &range)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.headers()["content-range"],
+            format!("bytes */{n}").as_str()
+        );
+        assert_json(
+            resp,
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            json!({"error": "requested range not satisfiable"}),
+        )
+        .await;
+    }
+    // multi-range and malformed ranges are ignored: the whole file
+    for range in ["bytes=0-1,5-6", "bytes=x-y", "lines=1-2"] {
+        let resp = app
+            .client
+            .get(app.at(&path))
+            .bearer_auth(&token)
+            .header("Range", range)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{range}");
+        assert_eq!(resp.bytes().await.unwrap().len(), n);
+    }
+    // HEAD honours Range too
+    let resp = app
+        .client
+        .head(app.at(&path))
+        .bearer_auth(&token)
+        .header("Range", "bytes=1-2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(resp.headers()["content-length"], "2");
+}
+
+#[tokio::test]
+async fn missing_expired_and_foreign_files_are_the_same_404() {
+    let app = TestApp::start().await;
+    let (a, a_token) = app.poll_workspace().await;
+    let (b, b_token) = app.poll_workspace().await;
+    let a_file = file_id(
+        &app.upload_ok(
+            a,
+            &a_token,
+            &[("a.txt", "text/plain", b"secret of a".to_vec())],
+        )
+        .await[0],
+    );
+    let expired = file_id(
+        &app.upload_ok(a, &a_token, &[("old.txt", "text/plain", b"old".to_vec())])
+            .await[0],
+    );
+    sqlx::query(
+        "UPDATE pending_uploads SET expires_at = now() - interval '1 second' WHERE file_id = $1",
+    )
+    .bind(expired)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let not_found = json!({"error": "pending upload not found or expired"});
+    for (ws, token, fid) in [
+        (a, a_token.as_str(), Uuid::new_v4()), // missing
+        (a, a_token.as_str(), expired),        // expired
+        (b, b_token.as_str(), a_file),         // B asking for A's file under its own id
+        (b, ADMIN, a_file),                    // even the admin, under the wrong workspace
+    ] {
+        assert_json(
+            app.get(&content_path(ws, fid), token).await,
+            StatusCode::NOT_FOUND,
+            not_found.clone(),
+        )
+        .await;
+        let head = app
+            .client
+            .head(app.at(&content_path(ws, fid)))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(head.status(), StatusCode::NOT_FOUND);
+        assert_json(
+            app.post(
+                &format!("/workspaces/{ws}/pending-uploads/{fid}/ack"),
+                token,
+            )
+            .await,
+            StatusCode::NOT_FOUND,
+            not_found.clone(),
+        )
+        .await;
+    }
+    // B's token on A's path: not B's workspace
+    assert_json(
+        app.get(&content_path(a, a_file), &b_token).await,
+        StatusCode::UNAUTHORIZED,
+        json!({"error": "invalid workspace auth token"}),
+    )
+    .await;
+    assert_json(
+        app.get(
+            &format!("/workspaces/{a}/pending-uploads/nope/content"),
+            &a_token,
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        json!({"error": "invalid file_id"}),
+    )
+    .await;
+    assert_json(
+        app.get(
+            &format!("/workspaces/nope/pending-uploads/{a_file}/content"),
+            ADMIN,
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        json!({"error": "invalid workspace ID"}),
+    )
+    .await;
+    assert_json(
+        app.post(
+            &format!("/workspaces/{a}/pending-uploads/nope/ack"),
+            &a_token,
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        json!({"error": "invalid file_id"}),
+    )
+    .await;
+    // A's bytes were never touched by any of that
+    assert!(fetched_at(&app, a_file).await.is_none());
+    let b_list: Value = app
+        .get(&format!("/workspaces/{b}/pending-uploads"), &b_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(b_list, json!([]));
+}
+
+#[tokio::test]
+async fn list_ack_and_reading_after_ack() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    let out = app
+        .upload_ok(
+            ws,
+            &token,
+            &[
+                ("1.txt", "text/plain", b"one".to_vec()),
+                ("2.txt", "text/plain", b"two".to_vec()),
+            ],
+        )
+        .await;
+    let list: Value = app
+        .get(&format!("/workspaces/{ws}/pending-uploads"), &token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    let mut keys: Vec<&str> = list[0]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "created_at",
+            "expires_at",
+            "fetched_at",
+            "file_id",
+            "mimeType",
+            "name",
+            "size",
+            "uri"
+        ]
+    );
+    assert_eq!(list[0]["uri"], out[0]["uri"]);
+    assert_eq!(list[0]["fetched_at"], Value::Null);
+
+    let fid = file_id(&out[0]);
+    let ack = format!("/workspaces/{ws}/pending-uploads/{fid}/ack");
+    assert_json(
+        app.post(&ack, &token).await,
+        StatusCode::OK,
+        json!({"acked": true}),
+    )
+    .await;
+    let first: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT acked_at FROM pending_uploads WHERE file_id = $1")
+            .bind(fid)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_json(
+        app.post(&ack, &token).await,
+        StatusCode::OK,
+        json!({"acked": true}),
+    )
+    .await;
+    let second: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT acked_at FROM pending_uploads WHERE file_id = $1")
+            .bind(fid)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(first, second, "idempotent: the first stamp stays");
+    let list: Value = app
+        .get(&format!("/workspaces/{ws}/pending-uploads"), &token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        1,
+        "acked rows leave the list"
+    );
+    // an acked row stays readable until swept (canvas previews)
+    let resp = app.get(&content_path(ws, fid), &token).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(&resp.bytes().await.unwrap()[..], b"one");
+}
+
+async fn pending_names(app: &TestApp, ws: Uuid, token: &str) -> Vec<String> {
+    let resp = app
+        .get(&format!("/workspaces/{ws}/pending-uploads"), token)
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let v: Value = resp.json().await.unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The list is streamed a page (1000 rows) at a time: every row once, in order, across page
+/// boundaries that fall inside a run of equal created_at.
+#[tokio::test]
+async fn a_long_list_streams_every_row_once_in_order() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    assert!(pending_names(&app, ws, &token).await.is_empty());
+    // one statement: one created_at for all; every 7th acked, every 11th expired
+    sqlx::query(
+        "INSERT INTO pending_uploads (workspace_id, content, size_bytes, filename, acked_at, expires_at)
+         SELECT $1, '\\x01', 1, lpad(g::text, 5, '0'),
+                CASE WHEN g % 7 = 0 THEN now() END,
+                CASE WHEN g % 11 = 0 THEN now() - interval '1 second' ELSE now() + interval '1 hour' END
+         FROM generate_series(1, 2600) g ORDER BY g",
+    )
+    .bind(ws)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let expected: Vec<String> = (1..=2600)
+        .filter(|g| g % 7 != 0 && g % 11 != 0)
+        .map(|g| format!("{g:05}"))
+        .collect();
+    assert!(expected.len() > 2000);
+    assert_eq!(pending_names(&app, ws, &token).await, expected);
+    // exactly one full page, then none
+    sqlx::query("DELETE FROM pending_uploads WHERE workspace_id = $1 AND filename > $2")
+        .bind(ws)
+        .bind(&expected[999])
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(pending_names(&app, ws, &token).await, expected[..1000]);
+}
+
+#[tokio::test]
+async fn ack_that_loses_the_race_with_the_sweeper_is_raced() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    let fid = file_id(
+        &app.upload_ok(ws, &token, &[("r.txt", "text/plain", b"race".to_vec())])
+            .await[0],
+    );
+    // The "sweeper" deletes the row but has not committed yet: the ack sees the row, then
+    // blocks on its lock, then finds it gone.
+    let mut sweeper_tx = app.pool.begin().await.unwrap();
+    sqlx::query("DELETE FROM pending_uploads WHERE file_id = $1")
+        .bind(fid)
+        .execute(&mut *sweeper_tx)
+        .await
+        .unwrap();
+    let ack = {
+        let req = app
+            .client
+            .post(app.at(&format!("/workspaces/{ws}/pending-uploads/{fid}/ack")))
+            .bearer_auth(&token);
+        tokio::spawn(async move { req.send().await.unwrap() })
+    };
+    let mut waiting = false;
+    for _ in 0..1000 {
+        waiting = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE pending_uploads SET acked_at%')",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        if waiting {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        waiting,
+        "the ack reached its UPDATE and waits on the sweeper's lock"
+    );
+    sweeper_tx.commit().await.unwrap();
+    assert_json(
+        ack.await.unwrap(),
+        StatusCode::OK,
+        json!({"acked": true, "raced": true}),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn twenty_megabytes_round_trip() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    let data = bytes(20 * 1024 * 1024, 11);
+    let fid = file_id(
+        &app.upload_ok(
+            ws,
+            &token,
+            &[("big.bin", "application/octet-stream", data.clone())],
+        )
+        .await[0],
+    );
+    let got = app
+        .get(&content_path(ws, fid), &token)
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(Sha256::digest(&got), Sha256::digest(&data));
+}

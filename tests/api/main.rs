@@ -1,0 +1,16 @@
+//! Integration tests over real HTTP against a real PostgreSQL. See common.rs for the harness.
+
+mod activity;
+mod binary;
+mod common;
+mod cors;
+mod deploy;
+mod e2e;
+mod fetch;
+mod graceful;
+mod openapi;
+mod push;
+mod registry;
+mod s3;
+mod sweep;
+mod uploads;

@@ -1,0 +1,50 @@
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn the_served_document_is_the_committed_one_and_covers_every_route() {
+    let app = TestApp::start().await;
+    let resp = app
+        .client
+        .get(app.at("/openapi.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let served = resp.text().await.unwrap();
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/openapi.json"))
+            .unwrap();
+    assert!(
+        served == committed,
+        "deploy/openapi.json is stale: run `cargo run -q -- openapi > deploy/openapi.json`"
+    );
+    let doc: Value = serde_json::from_str(&served).unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, method) in [
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+        ("/metrics", "get"),
+        ("/uploads/limits", "get"),
+        ("/registry/register", "post"),
+        ("/workspaces", "post"),
+        ("/workspaces/{id}", "get"),
+        ("/workspaces/{id}", "delete"),
+        ("/workspaces/{id}/tokens", "post"),
+        ("/workspaces/{id}/tokens/{token_id}", "delete"),
+        ("/workspaces/{id}/chat/uploads", "post"),
+        ("/workspaces/{id}/activity", "get"),
+        ("/workspaces/{id}/pending-uploads", "get"),
+        ("/workspaces/{id}/pending-uploads/{file_id}/content", "get"),
+        ("/workspaces/{id}/pending-uploads/{file_id}/content", "head"),
+        ("/workspaces/{id}/pending-uploads/{file_id}/ack", "post"),
+    ] {
+        assert!(
+            paths[path][method].is_object(),
+            "{method} {path} is documented"
+        );
+    }
+}

@@ -1,0 +1,130 @@
+use std::sync::{Arc, Mutex};
+
+use axum::{body::Bytes, extract::State, http::HeaderMap, routing::post, Router};
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::common::*;
+
+/// What the workspace received: Authorization, Content-Type, body.
+type Received = (Option<String>, Option<String>, Vec<u8>);
+
+#[derive(Default, Clone)]
+struct Seen {
+    requests: Arc<Mutex<Vec<Received>>>,
+}
+
+/// A real HTTP server standing in for a push-mode workspace.
+async fn fake_workspace() -> (String, Seen) {
+    let seen = Seen::default();
+    let app = Router::new()
+        .route(
+            "/internal/chat/uploads/ingest",
+            post(
+                |State(seen): State<Seen>, headers: HeaderMap, body: Bytes| async move {
+                    let h = |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_string());
+                    seen.requests.lock().unwrap().push((
+                        h("authorization"),
+                        h("content-type"),
+                        body.to_vec(),
+                    ));
+                    (
+                        StatusCode::CREATED,
+                        [("content-type", "application/json")],
+                        r#"{"files":[{"uri":"workspace:/x"}]}"#,
+                    )
+                },
+            ),
+        )
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn push_uploads_stream_through_unchanged_and_relay_the_answer() {
+    let app = TestApp::start().await;
+    let (ws_url, seen) = fake_workspace().await;
+    let resp = app
+        .client
+        .post(app.at("/workspaces"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "pushy", "url": format!("{ws_url}/")}))
+        .send()
+        .await
+        .unwrap();
+    let created: serde_json::Value = resp.json().await.unwrap();
+    let ws: uuid::Uuid = created["id"].as_str().unwrap().parse().unwrap();
+    let secret = created["platform_inbound_secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let body = b"--b0\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.txt\"\r\n\r\nhello push\r\n--b0--\r\n".to_vec();
+    let resp = app
+        .client
+        .post(app.at(&format!("/workspaces/{ws}/chat/uploads")))
+        .bearer_auth(ADMIN)
+        .header("Content-Type", "multipart/form-data; boundary=b0")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::CREATED,
+        "the workspace's status is relayed"
+    );
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    assert_eq!(
+        resp.text().await.unwrap(),
+        r#"{"files":[{"uri":"workspace:/x"}]}"#
+    );
+    let reqs = seen.requests.lock().unwrap().clone();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(
+        reqs[0].0.as_deref(),
+        Some(format!("Bearer {secret}").as_str())
+    );
+    assert_eq!(
+        reqs[0].1.as_deref(),
+        Some("multipart/form-data; boundary=b0")
+    );
+    assert_eq!(reqs[0].2, body, "body forwarded byte for byte");
+    assert_eq!(
+        app.count("pending_uploads").await,
+        0,
+        "push mode stages nothing"
+    );
+}
+
+#[tokio::test]
+async fn push_without_url_and_unreachable_workspace() {
+    let app = TestApp::start().await;
+    // push mode, url not registered yet
+    let (ws, token) = app.workspace("push", None).await;
+    let f = [("a.txt", "text/plain", b"a".to_vec())];
+    assert_json(
+        app.upload(ws, &token, &f).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({"error": "workspace url not registered yet"}),
+    )
+    .await;
+    // a URL where nothing listens
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let (ws, token) = app
+        .workspace("push", Some(&format!("http://{closed}")))
+        .await;
+    assert_json(
+        app.upload(ws, &token, &f).await,
+        StatusCode::BAD_GATEWAY,
+        json!({"error": "workspace unreachable"}),
+    )
+    .await;
+    assert_eq!(app.count("pending_uploads").await, 0);
+}

@@ -1,0 +1,586 @@
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::common::*;
+
+async fn register(app: &TestApp, body: Value, bearer: Option<&str>) -> reqwest::Response {
+    let mut req = app.client.post(app.at("/registry/register")).json(&body);
+    if let Some(b) = bearer {
+        req = req.bearer_auth(b);
+    }
+    req.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn first_registration_issues_a_token_and_reregistration_needs_it() {
+    let app = TestApp::start().await;
+    let id = Uuid::new_v4();
+    let resp = register(
+        &app,
+        json!({"id": id, "agent_card": {"name": "laptop"}}),
+        None,
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["status"], "registered");
+    assert_eq!(v["id"], json!(id));
+    assert_eq!(v["delivery_mode"], "poll", "no url: poll");
+    let token = v["auth_token"].as_str().unwrap().to_string();
+    assert_eq!(token.len(), 43);
+    // stored hashed, never in clear
+    let stored: Vec<u8> =
+        sqlx::query_scalar("SELECT token_hash FROM workspace_auth_tokens WHERE workspace_id = $1")
+            .bind(id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored.len(), 32);
+    assert_ne!(stored, token.as_bytes());
+
+    assert_json(
+        register(&app, json!({"id": id}), None).await,
+        StatusCode::UNAUTHORIZED,
+        json!({"error": "missing workspace auth token"}),
+    )
+    .await;
+    assert_json(
+        register(&app, json!({"id": id}), Some("not-the-token")).await,
+        StatusCode::UNAUTHORIZED,
+        json!({"error": "invalid workspace auth token"}),
+    )
+    .await;
+    // another workspace's live token is just as wrong
+    let (_, other_token) = app.poll_workspace().await;
+    assert_eq!(
+        register(&app, json!({"id": id}), Some(&other_token))
+            .await
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+
+    let resp = register(
+        &app,
+        json!({"id": id, "url": "http://127.0.0.1:9"}),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(
+        v,
+        json!({"status": "registered", "id": id, "delivery_mode": "poll"}),
+        "mode kept, no new token"
+    );
+    let resp = register(
+        &app,
+        json!({"id": id, "delivery_mode": "push"}),
+        Some(ADMIN),
+    )
+    .await;
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["delivery_mode"], "push");
+    assert!(v.get("auth_token").is_none());
+    let ws: Value = app
+        .get(&format!("/workspaces/{id}"), &token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ws["url"], "http://127.0.0.1:9");
+    assert_eq!(ws["name"], "laptop");
+}
+
+#[tokio::test]
+async fn registration_defaults_and_validation() {
+    let app = TestApp::start().await;
+    let id = Uuid::new_v4();
+    let v: Value = register(&app, json!({"id": id, "url": "http://127.0.0.1:9"}), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["delivery_mode"], "push", "url given: push");
+    assert!(v["platform_inbound_secret"].as_str().unwrap().len() >= 43);
+
+    assert_json(
+        register(
+            &app,
+            json!({"id": Uuid::new_v4(), "delivery_mode": "carrier-pigeon"}),
+            None,
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        json!({"error": "delivery_mode must be 'push' or 'poll'"}),
+    )
+    .await;
+    let resp = register(&app, json!({"id": "nope"}), None).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    // Postgres text cannot hold NUL: a clear 400, not a 500
+    assert_json(
+        register(
+            &app,
+            json!({"id": Uuid::new_v4(), "agent_card": {"name": "a\u{0}b"}}),
+            None,
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        json!({"error": "strings must not contain NUL characters"}),
+    )
+    .await;
+    assert_eq!(
+        app.count("workspaces").await,
+        1,
+        "invalid registrations store nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_removed_workspace_cannot_be_reclaimed_by_registering_it() {
+    let app = TestApp::start().await;
+    let (id, _) = app.poll_workspace().await;
+    let resp = app
+        .client
+        .delete(app.at(&format!("/workspaces/{id}")))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_json(resp, StatusCode::OK, json!({"status": "removed", "id": id})).await;
+    assert_json(
+        register(&app, json!({"id": id}), None).await,
+        StatusCode::CONFLICT,
+        json!({"error": "workspace has been removed"}),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn create_workspace_is_admin_only() {
+    let app = TestApp::start().await;
+    let (_, ws_token) = app.poll_workspace().await;
+    let body = json!({"name": "x"});
+    let resp = app
+        .client
+        .post(app.at("/workspaces"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_json(
+        resp,
+        StatusCode::UNAUTHORIZED,
+        json!({"error": "missing workspace auth token"}),
+    )
+    .await;
+    for bad in ["wrong", ws_token.as_str()] {
+        let resp = app
+            .client
+            .post(app.at("/workspaces"))
+            .bearer_auth(bad)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_json(
+            resp,
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "invalid workspace auth token"}),
+        )
+        .await;
+    }
+    let id = Uuid::new_v4();
+    let resp = app
+        .client
+        .post(app.at("/workspaces"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"id": id, "name": "pushy", "url": "http://127.0.0.1:9"}))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["id"], json!(id));
+    assert_eq!(v["delivery_mode"], "push");
+    assert_eq!(v["status"], "registered");
+    assert_eq!(v["auth_token"].as_str().unwrap().len(), 43);
+    let resp = app
+        .client
+        .post(app.at("/workspaces"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"id": id, "name": "again"}))
+        .send()
+        .await
+        .unwrap();
+    assert_json(
+        resp,
+        StatusCode::CONFLICT,
+        json!({"error": "workspace already exists"}),
+    )
+    .await;
+    let resp = app
+        .client
+        .post(app.at("/workspaces"))
+        .bearer_auth(ADMIN)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_json(
+        resp,
+        StatusCode::BAD_REQUEST,
+        json!({"error": "name is required"}),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn without_admin_token_there_is_no_admin_access() {
+    let app = TestApp::start_with(&["--admin-token", ""]).await;
+    for bearer in ["", "x", ADMIN] {
+        let resp = app
+            .client
+            .post(app.at("/workspaces"))
+            .bearer_auth(bearer)
+            .json(&json!({"name": "x"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "bearer {bearer:?}");
+    }
+    let resp = app
+        .get(&format!("/workspaces/{}", Uuid::new_v4()), ADMIN)
+        .await;
+    assert_json(
+        resp,
+        StatusCode::UNAUTHORIZED,
+        json!({"error": "invalid workspace auth token"}),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn auth_matrix_on_a_workspace_route() {
+    let app = TestApp::start().await;
+    let (a, a_token) = app.poll_workspace().await;
+    let (_, b_token) = app.poll_workspace().await;
+    let path = format!("/workspaces/{a}");
+
+    let resp = app.client.get(app.at(&path)).send().await.unwrap();
+    assert_json(
+        resp,
+        StatusCode::UNAUTHORIZED,
+        json!({"error": "missing workspace auth token"}),
+    )
+    .await;
+    let resp = app
+        .client
+        .get(app.at(&path))
+        .header("Authorization", "Basic abc")
+        .send()
+        .await
+        .unwrap();
+    assert_json(
+        resp,
+        StatusCode::UNAUTHORIZED,
+        json!({"error": "missing workspace auth token"}),
+    )
+    .await;
+    for bad in ["garbage", b_token.as_str()] {
+        assert_json(
+            app.get(&path, bad).await,
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "invalid workspace auth token"}),
+        )
+        .await;
+    }
+    for good in [a_token.as_str(), ADMIN] {
+        let resp = app.get(&path, good).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let v: Value = resp.json().await.unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["created_at", "delivery_mode", "id", "name", "status", "url"]
+        );
+        assert_eq!(v["status"], "online");
+    }
+    assert_json(
+        app.get("/workspaces/not-a-uuid", ADMIN).await,
+        StatusCode::BAD_REQUEST,
+        json!({"error": "invalid workspace ID"}),
+    )
+    .await;
+    assert_json(
+        app.get(&format!("/workspaces/{}", Uuid::new_v4()), ADMIN)
+            .await,
+        StatusCode::NOT_FOUND,
+        json!({"error": "workspace not found"}),
+    )
+    .await;
+    let used: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+        "SELECT last_used_at FROM workspace_auth_tokens WHERE workspace_id = $1",
+    )
+    .bind(a)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(used.is_some(), "last_used_at stamped");
+
+    // Stamped at most once a minute: a fresh stamp stays, an old one moves.
+    let stamp_then_use = |age: &'static str| {
+        let app = &app;
+        let path = &path;
+        let token = a_token.clone();
+        async move {
+            sqlx::query(&format!(
+                "UPDATE workspace_auth_tokens SET last_used_at = now() - interval '{age}' WHERE workspace_id = $1"
+            ))
+            .bind(a)
+            .execute(&app.pool)
+            .await
+            .unwrap();
+            assert_eq!(app.get(path, &token).await.status(), StatusCode::OK);
+            sqlx::query_scalar::<_, f64>(
+                "SELECT extract(epoch FROM now() - last_used_at)::float8 FROM workspace_auth_tokens WHERE workspace_id = $1",
+            )
+            .bind(a)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap()
+        }
+    };
+    let age = stamp_then_use("10 seconds").await;
+    assert!(
+        age >= 10.0,
+        "a 10 s old stamp is left alone (now {age} s old)"
+    );
+    let age = stamp_then_use("2 minutes").await;
+    assert!(age < 10.0, "a 2 min old stamp is renewed (now {age} s old)");
+}
+
+#[tokio::test]
+async fn removing_a_workspace_revokes_its_tokens_but_keeps_its_uploads() {
+    let app = TestApp::start().await;
+    let (id, token) = app.poll_workspace().await;
+    app.upload_ok(id, &token, &[("a.txt", "text/plain", b"hello".to_vec())])
+        .await;
+    let del = |bearer: String| {
+        let req = app
+            .client
+            .delete(app.at(&format!("/workspaces/{id}")))
+            .bearer_auth(bearer);
+        async move { req.send().await.unwrap() }
+    };
+    assert_eq!(
+        del(token.clone()).await.status(),
+        StatusCode::UNAUTHORIZED,
+        "a workspace cannot delete itself"
+    );
+    assert_eq!(del(ADMIN.into()).await.status(), StatusCode::OK);
+    assert_json(
+        app.get(&format!("/workspaces/{id}"), &token).await,
+        StatusCode::UNAUTHORIZED,
+        json!({"error": "invalid workspace auth token"}),
+    )
+    .await;
+    let v: Value = app
+        .get(&format!("/workspaces/{id}"), ADMIN)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["status"], "removed");
+    assert_eq!(
+        app.count("pending_uploads").await,
+        1,
+        "rows stay until their TTL"
+    );
+    // uploads to a removed workspace: not found
+    assert_json(
+        app.upload(id, ADMIN, &[("b.txt", "text/plain", b"x".to_vec())])
+            .await,
+        StatusCode::NOT_FOUND,
+        json!({"error": "workspace not found"}),
+    )
+    .await;
+    let resp = app
+        .client
+        .delete(app.at(&format!("/workspaces/{}", Uuid::new_v4())))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_json(
+        resp,
+        StatusCode::NOT_FOUND,
+        json!({"error": "workspace not found"}),
+    )
+    .await;
+    let resp = app
+        .client
+        .delete(app.at("/workspaces/xyz"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_json(
+        resp,
+        StatusCode::BAD_REQUEST,
+        json!({"error": "invalid workspace ID"}),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn token_rotation() {
+    let app = TestApp::start().await;
+    let (id, old) = app.poll_workspace().await;
+    let (other, other_token) = app.poll_workspace().await;
+    let resp = app.post(&format!("/workspaces/{id}/tokens"), &old).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let v: Value = resp.json().await.unwrap();
+    let new = v["auth_token"].as_str().unwrap().to_string();
+    assert_eq!(v["prefix"], &new[..8]);
+    let new_id = v["id"].as_str().unwrap().to_string();
+    let old_id: Uuid = sqlx::query_scalar(
+        "SELECT id FROM workspace_auth_tokens WHERE workspace_id = $1 AND prefix = $2",
+    )
+    .bind(id)
+    .bind(&old[..8])
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+
+    // a workspace cannot revoke another's token, nor name a token that is not its own
+    let resp = app
+        .client
+        .delete(app.at(&format!("/workspaces/{other}/tokens/{old_id}")))
+        .bearer_auth(&other_token)
+        .send()
+        .await
+        .unwrap();
+    assert_json(
+        resp,
+        StatusCode::NOT_FOUND,
+        json!({"error": "token not found"}),
+    )
+    .await;
+    let resp = app
+        .client
+        .delete(app.at(&format!("/workspaces/{id}/tokens/{old_id}")))
+        .bearer_auth(&other_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let resp = app
+        .client
+        .delete(app.at(&format!("/workspaces/{id}/tokens/bad")))
+        .bearer_auth(&new)
+        .send()
+        .await
+        .unwrap();
+    assert_json(
+        resp,
+        StatusCode::BAD_REQUEST,
+        json!({"error": "invalid token ID"}),
+    )
+    .await;
+
+    let resp = app
+        .client
+        .delete(app.at(&format!("/workspaces/{id}/tokens/{old_id}")))
+        .bearer_auth(&new)
+        .send()
+        .await
+        .unwrap();
+    assert_json(resp, StatusCode::OK, json!({"revoked": true})).await;
+    assert_eq!(
+        app.get(&format!("/workspaces/{id}"), &old).await.status(),
+        StatusCode::UNAUTHORIZED,
+        "revoked"
+    );
+    assert_eq!(
+        app.get(&format!("/workspaces/{id}"), &new).await.status(),
+        StatusCode::OK,
+        "others stay valid"
+    );
+    // revoking again is harmless
+    let resp = app
+        .client
+        .delete(app.at(&format!("/workspaces/{id}/tokens/{old_id}")))
+        .bearer_auth(&new)
+        .send()
+        .await
+        .unwrap();
+    assert_json(resp, StatusCode::OK, json!({"revoked": true})).await;
+    assert_ne!(new_id, old_id.to_string());
+}
+
+#[tokio::test]
+async fn an_unreachable_datastore_during_auth_is_503() {
+    let app = TestApp::start().await;
+    let (id, token) = app.poll_workspace().await;
+    let db_name = app.db_url.rsplit('/').next().unwrap().to_string();
+    // Cut the service off its database: no new connections, existing ones terminated.
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&server_url())
+        .await
+        .unwrap();
+    sqlx::query(&format!("ALTER DATABASE {db_name} ALLOW_CONNECTIONS false"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&db_name)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let resp = app
+        .get(&format!("/workspaces/{id}/pending-uploads"), &token)
+        .await;
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap()),
+        Some("5"),
+        "{}",
+        resp.status()
+    );
+    assert_json(
+        resp,
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({"error": "platform datastore unavailable — retry shortly", "code": "platform_unavailable"}),
+    )
+    .await;
+    let resp = app.client.get(app.at("/readyz")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        app.client
+            .get(app.at("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    sqlx::query(&format!("ALTER DATABASE {db_name} ALLOW_CONNECTIONS true"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    // and it recovers on its own
+    let mut ok = false;
+    for _ in 0..50 {
+        if app
+            .get(&format!("/workspaces/{id}/pending-uploads"), &token)
+            .await
+            .status()
+            == StatusCode::OK
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ok, "service recovers when the database is back");
+}

@@ -1,0 +1,155 @@
+use std::time::Duration;
+
+use pending_uploads::sweep::Sweeper;
+use reqwest::StatusCode;
+use uuid::Uuid;
+
+use crate::common::*;
+
+async fn insert_rows(app: &TestApp, ws: Uuid, n: i64, expires: &str, acked: &str) {
+    sqlx::query(&format!(
+        "INSERT INTO pending_uploads (workspace_id, content, size_bytes, filename, expires_at, acked_at)
+         SELECT $1, '\\x01', 1, 'f' || g, {expires}, {acked} FROM generate_series(1, $2) g"
+    ))
+    .bind(ws)
+    .bind(n)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+}
+
+fn with_retention(s: &Sweeper, retention: Duration, batch: i64) -> Sweeper {
+    Sweeper {
+        ack_retention: retention,
+        batch_size: batch,
+        ..s.clone()
+    }
+}
+
+#[tokio::test]
+async fn sweeps_expired_and_old_acked_rows_only() {
+    let app = TestApp::start().await;
+    let ws = Uuid::new_v4();
+    insert_rows(&app, ws, 3, "now() - interval '1 second'", "NULL").await; // expired, unacked
+    insert_rows(&app, ws, 2, "now() - interval '1 second'", "now()").await; // expired, acked
+    insert_rows(
+        &app,
+        ws,
+        4,
+        "now() + interval '1 hour'",
+        "now() - interval '2 hours'",
+    )
+    .await; // acked long ago
+    insert_rows(
+        &app,
+        ws,
+        5,
+        "now() + interval '1 hour'",
+        "now() - interval '1 minute'",
+    )
+    .await; // acked recently
+    insert_rows(&app, ws, 6, "now() + interval '1 hour'", "NULL").await; // live
+    let stats = with_retention(&app.sweeper, Duration::from_secs(3600), 500)
+        .run_once()
+        .await
+        .unwrap();
+    assert_eq!(stats.rows, 9);
+    assert_eq!(stats.bytes, 9);
+    assert_eq!(app.count("pending_uploads").await, 11);
+    // ACK_RETENTION=0: every acked row goes
+    let stats = with_retention(&app.sweeper, Duration::ZERO, 500)
+        .run_once()
+        .await
+        .unwrap();
+    assert_eq!(stats.rows, 5);
+    assert_eq!(app.count("pending_uploads").await, 6);
+    assert_eq!(
+        with_retention(&app.sweeper, Duration::ZERO, 500)
+            .run_once()
+            .await
+            .unwrap()
+            .rows,
+        0
+    );
+}
+
+#[tokio::test]
+async fn sweeping_works_in_bounded_batches() {
+    let app = TestApp::start().await;
+    insert_rows(
+        &app,
+        Uuid::new_v4(),
+        1234,
+        "now() - interval '1 second'",
+        "NULL",
+    )
+    .await;
+    let stats = with_retention(&app.sweeper, Duration::from_secs(3600), 100)
+        .run_once()
+        .await
+        .unwrap();
+    assert_eq!(stats.rows, 1234);
+    assert_eq!(app.count("pending_uploads").await, 0);
+}
+
+#[tokio::test]
+async fn two_replicas_sweeping_at_once_neither_collide_nor_double_count() {
+    let app = TestApp::start().await;
+    // 20 workspaces, their rows interleaved: each batch settles the totals of several
+    // workspaces, so the two sweepers contend for the same total rows.
+    sqlx::query(
+        "INSERT INTO pending_uploads (workspace_id, content, size_bytes, filename, expires_at)
+         SELECT md5((g % 20)::text)::uuid, '\\x01', 1 + g % 7, 'f' || g, now() - interval '1 second'
+         FROM generate_series(1, 3000) g",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let a = with_retention(&app.sweeper, Duration::from_secs(3600), 50);
+    let b = a.clone();
+    let (ra, rb) = tokio::join!(a.run_once(), b.run_once());
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(
+        ra.rows + rb.rows,
+        3000,
+        "every row swept exactly once: {} + {}",
+        ra.rows,
+        rb.rows
+    );
+    assert_eq!(app.count("pending_uploads").await, 0);
+    assert_totals_exact(&app.pool).await;
+}
+
+#[tokio::test]
+async fn a_swept_upload_is_gone_for_the_workspace() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    let fid = file_id(
+        &app.upload_ok(ws, &token, &[("a.txt", "text/plain", b"bye".to_vec())])
+            .await[0],
+    );
+    assert_eq!(
+        app.post(
+            &format!("/workspaces/{ws}/pending-uploads/{fid}/ack"),
+            &token
+        )
+        .await
+        .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        with_retention(&app.sweeper, Duration::ZERO, 10)
+            .run_once()
+            .await
+            .unwrap()
+            .rows,
+        1
+    );
+    let resp = app
+        .get(
+            &format!("/workspaces/{ws}/pending-uploads/{fid}/content"),
+            &token,
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+}
