@@ -158,12 +158,7 @@ async fn without_a_cursor_the_newest_rows_newest_first() {
     let resp = app
         .get(&format!("/workspaces/{ws}/activity?limit=abc"), &token)
         .await;
-    assert_json(
-        resp,
-        StatusCode::BAD_REQUEST,
-        json!({"error": "limit must be an integer"}),
-    )
-    .await;
+    assert_error(resp, StatusCode::BAD_REQUEST, "limit must be an integer").await;
     // other workspaces' rows never appear
     let (other, other_token) = app.poll_workspace().await;
     assert_eq!(feed(&app, other, &other_token, "").await.len(), 0);
@@ -197,21 +192,16 @@ async fn an_unknown_or_foreign_cursor_is_410() {
     let resp = app
         .get(&format!("/workspaces/{a}/activity?type=a%00b"), &a_token)
         .await;
-    assert_json(
+    assert_error(
         resp,
         StatusCode::BAD_REQUEST,
-        json!({"error": "type must not contain NUL characters"}),
+        "type must not contain NUL characters",
     )
     .await;
     let resp = app
         .get(&format!("/workspaces/{a}/activity?since_id=xyz"), &a_token)
         .await;
-    assert_json(
-        resp,
-        StatusCode::BAD_REQUEST,
-        json!({"error": "invalid since_id"}),
-    )
-    .await;
+    assert_error(resp, StatusCode::BAD_REQUEST, "invalid since_id").await;
     assert_eq!(
         feed(&app, a, &a_token, &format!("since_id={a_row}"))
             .await

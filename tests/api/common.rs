@@ -306,6 +306,27 @@ impl TestApp {
             .unwrap()
     }
 
+    pub async fn delete(&self, path: &str, token: &str) -> reqwest::Response {
+        self.client
+            .delete(self.at(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `GET /uploads/limits` (public).
+    pub async fn limits(&self) -> Value {
+        let resp = self
+            .client
+            .get(self.at("/uploads/limits"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.json().await.unwrap()
+    }
+
     pub async fn count(&self, table: &str) -> i64 {
         sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
             .fetch_one(&self.pool)
@@ -347,6 +368,11 @@ pub async fn assert_json(resp: reqwest::Response, status: StatusCode, body: Valu
     assert_eq!(got_status, status, "body: {text}");
     let got: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
     assert_eq!(got, body);
+}
+
+/// Asserts status and a body that is exactly `{"error": error}`.
+pub async fn assert_error(resp: reqwest::Response, status: StatusCode, error: &str) {
+    assert_json(resp, status, json!({ "error": error })).await;
 }
 
 /// Deterministic test bytes.

@@ -165,10 +165,10 @@ async fn ranges() {
             resp.headers()["content-range"],
             format!("bytes */{n}").as_str()
         );
-        assert_json(
+        assert_error(
             resp,
             StatusCode::RANGE_NOT_SATISFIABLE,
-            json!({"error": "requested range not satisfiable"}),
+            "requested range not satisfiable",
         )
         .await;
     }
@@ -254,43 +254,45 @@ async fn missing_expired_and_foreign_files_are_the_same_404() {
         )
         .await;
     }
-    // B's token on A's path: not B's workspace
-    assert_json(
-        app.get(&content_path(a, a_file), &b_token).await,
-        StatusCode::UNAUTHORIZED,
-        json!({"error": "invalid workspace auth token"}),
-    )
-    .await;
-    assert_json(
-        app.get(
-            &format!("/workspaces/{a}/pending-uploads/nope/content"),
-            &a_token,
-        )
-        .await,
-        StatusCode::BAD_REQUEST,
-        json!({"error": "invalid file_id"}),
-    )
-    .await;
-    assert_json(
-        app.get(
-            &format!("/workspaces/nope/pending-uploads/{a_file}/content"),
+    // B's token on A's path, then bad UUIDs: the status and text SPEC gives each
+    let cases = [
+        (
+            false,
+            content_path(a, a_file),
+            b_token.as_str(),
+            StatusCode::UNAUTHORIZED,
+            "invalid workspace auth token",
+        ),
+        (
+            false,
+            format!("/workspaces/{a}/pending-uploads/nope/content"),
+            a_token.as_str(),
+            StatusCode::BAD_REQUEST,
+            "invalid file_id",
+        ),
+        (
+            false,
+            format!("/workspaces/nope/pending-uploads/{a_file}/content"),
             ADMIN,
-        )
-        .await,
-        StatusCode::BAD_REQUEST,
-        json!({"error": "invalid workspace ID"}),
-    )
-    .await;
-    assert_json(
-        app.post(
-            &format!("/workspaces/{a}/pending-uploads/nope/ack"),
-            &a_token,
-        )
-        .await,
-        StatusCode::BAD_REQUEST,
-        json!({"error": "invalid file_id"}),
-    )
-    .await;
+            StatusCode::BAD_REQUEST,
+            "invalid workspace ID",
+        ),
+        (
+            true,
+            format!("/workspaces/{a}/pending-uploads/nope/ack"),
+            a_token.as_str(),
+            StatusCode::BAD_REQUEST,
+            "invalid file_id",
+        ),
+    ];
+    for (is_post, path, bearer, status, error) in cases {
+        let resp = if is_post {
+            app.post(&path, bearer).await
+        } else {
+            app.get(&path, bearer).await
+        };
+        assert_json(resp, status, json!({ "error": error })).await;
+    }
     // A's bytes were never touched by any of that
     assert!(fetched_at(&app, a_file).await.is_none());
     let b_list: Value = app

@@ -106,10 +106,10 @@ async fn push_without_url_and_unreachable_workspace() {
     // push mode, url not registered yet
     let (ws, token) = app.workspace("push", None).await;
     let f = [("a.txt", "text/plain", b"a".to_vec())];
-    assert_json(
+    assert_error(
         app.upload(ws, &token, &f).await,
         StatusCode::SERVICE_UNAVAILABLE,
-        json!({"error": "workspace url not registered yet"}),
+        "workspace url not registered yet",
     )
     .await;
     // a URL where nothing listens
@@ -120,11 +120,56 @@ async fn push_without_url_and_unreachable_workspace() {
     let (ws, token) = app
         .workspace("push", Some(&format!("http://{closed}")))
         .await;
-    assert_json(
+    assert_error(
         app.upload(ws, &token, &f).await,
         StatusCode::BAD_GATEWAY,
-        json!({"error": "workspace unreachable"}),
+        "workspace unreachable",
     )
     .await;
     assert_eq!(app.count("pending_uploads").await, 0);
+}
+
+#[tokio::test]
+async fn a_workspace_with_neither_mode_nor_url_is_422_and_an_empty_mode_with_url_is_push() {
+    let app = TestApp::start().await;
+    // The platform's own workspaces table has no CHECK on delivery_mode, and rows from
+    // before delivery modes existed carry ''. Recreate that here.
+    sqlx::query("ALTER TABLE workspaces DROP CONSTRAINT workspaces_delivery_mode_check")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let (ws, token) = app.workspace("push", None).await;
+    sqlx::query("UPDATE workspaces SET delivery_mode = '' WHERE id = $1")
+        .bind(ws)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let f = [("a.txt", "text/plain", b"a".to_vec())];
+    let resp = app.upload(ws, &token, &f).await;
+    assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["error"],
+        "workspace has no callback URL — chat upload requires push-mode + public URL"
+    );
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains(&ws.to_string())),
+        "{body}"
+    );
+    app.assert_nothing_staged().await;
+
+    // '' with a URL is the legacy push workspace: streamed through.
+    let (ws_url, seen) = fake_workspace().await;
+    sqlx::query("UPDATE workspaces SET url = $2 WHERE id = $1")
+        .bind(ws)
+        .bind(&ws_url)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let resp = app.upload(ws, &token, &f).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(seen.requests.lock().unwrap().len(), 1);
+    app.assert_nothing_staged().await;
 }

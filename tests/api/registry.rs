@@ -39,16 +39,16 @@ async fn first_registration_issues_a_token_and_reregistration_needs_it() {
     assert_eq!(stored.len(), 32);
     assert_ne!(stored, token.as_bytes());
 
-    assert_json(
+    assert_error(
         register(&app, json!({"id": id}), None).await,
         StatusCode::UNAUTHORIZED,
-        json!({"error": "missing workspace auth token"}),
+        "missing workspace auth token",
     )
     .await;
-    assert_json(
+    assert_error(
         register(&app, json!({"id": id}), Some("not-the-token")).await,
         StatusCode::UNAUTHORIZED,
-        json!({"error": "invalid workspace auth token"}),
+        "invalid workspace auth token",
     )
     .await;
     // another workspace's live token is just as wrong
@@ -104,7 +104,7 @@ async fn registration_defaults_and_validation() {
     assert_eq!(v["delivery_mode"], "push", "url given: push");
     assert!(v["platform_inbound_secret"].as_str().unwrap().len() >= 43);
 
-    assert_json(
+    assert_error(
         register(
             &app,
             json!({"id": Uuid::new_v4(), "delivery_mode": "carrier-pigeon"}),
@@ -112,13 +112,13 @@ async fn registration_defaults_and_validation() {
         )
         .await,
         StatusCode::BAD_REQUEST,
-        json!({"error": "delivery_mode must be 'push' or 'poll'"}),
+        "delivery_mode must be 'push' or 'poll'",
     )
     .await;
     let resp = register(&app, json!({"id": "nope"}), None).await;
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     // Postgres text cannot hold NUL: a clear 400, not a 500
-    assert_json(
+    assert_error(
         register(
             &app,
             json!({"id": Uuid::new_v4(), "agent_card": {"name": "a\u{0}b"}}),
@@ -126,7 +126,7 @@ async fn registration_defaults_and_validation() {
         )
         .await,
         StatusCode::BAD_REQUEST,
-        json!({"error": "strings must not contain NUL characters"}),
+        "strings must not contain NUL characters",
     )
     .await;
     assert_eq!(
@@ -140,18 +140,12 @@ async fn registration_defaults_and_validation() {
 async fn a_removed_workspace_cannot_be_reclaimed_by_registering_it() {
     let app = TestApp::start().await;
     let (id, _) = app.poll_workspace().await;
-    let resp = app
-        .client
-        .delete(app.at(&format!("/workspaces/{id}")))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.delete(&format!("/workspaces/{id}"), ADMIN).await;
     assert_json(resp, StatusCode::OK, json!({"status": "removed", "id": id})).await;
-    assert_json(
+    assert_error(
         register(&app, json!({"id": id}), None).await,
         StatusCode::CONFLICT,
-        json!({"error": "workspace has been removed"}),
+        "workspace has been removed",
     )
     .await;
 }
@@ -168,10 +162,10 @@ async fn create_workspace_is_admin_only() {
         .send()
         .await
         .unwrap();
-    assert_json(
+    assert_error(
         resp,
         StatusCode::UNAUTHORIZED,
-        json!({"error": "missing workspace auth token"}),
+        "missing workspace auth token",
     )
     .await;
     for bad in ["wrong", ws_token.as_str()] {
@@ -183,10 +177,10 @@ async fn create_workspace_is_admin_only() {
             .send()
             .await
             .unwrap();
-        assert_json(
+        assert_error(
             resp,
             StatusCode::UNAUTHORIZED,
-            json!({"error": "invalid workspace auth token"}),
+            "invalid workspace auth token",
         )
         .await;
     }
@@ -212,12 +206,7 @@ async fn create_workspace_is_admin_only() {
         .send()
         .await
         .unwrap();
-    assert_json(
-        resp,
-        StatusCode::CONFLICT,
-        json!({"error": "workspace already exists"}),
-    )
-    .await;
+    assert_error(resp, StatusCode::CONFLICT, "workspace already exists").await;
     let resp = app
         .client
         .post(app.at("/workspaces"))
@@ -226,12 +215,7 @@ async fn create_workspace_is_admin_only() {
         .send()
         .await
         .unwrap();
-    assert_json(
-        resp,
-        StatusCode::BAD_REQUEST,
-        json!({"error": "name is required"}),
-    )
-    .await;
+    assert_error(resp, StatusCode::BAD_REQUEST, "name is required").await;
 }
 
 #[tokio::test]
@@ -251,10 +235,10 @@ async fn without_admin_token_there_is_no_admin_access() {
     let resp = app
         .get(&format!("/workspaces/{}", Uuid::new_v4()), ADMIN)
         .await;
-    assert_json(
+    assert_error(
         resp,
         StatusCode::UNAUTHORIZED,
-        json!({"error": "invalid workspace auth token"}),
+        "invalid workspace auth token",
     )
     .await;
 }
@@ -267,10 +251,10 @@ async fn auth_matrix_on_a_workspace_route() {
     let path = format!("/workspaces/{a}");
 
     let resp = app.client.get(app.at(&path)).send().await.unwrap();
-    assert_json(
+    assert_error(
         resp,
         StatusCode::UNAUTHORIZED,
-        json!({"error": "missing workspace auth token"}),
+        "missing workspace auth token",
     )
     .await;
     let resp = app
@@ -280,17 +264,17 @@ async fn auth_matrix_on_a_workspace_route() {
         .send()
         .await
         .unwrap();
-    assert_json(
+    assert_error(
         resp,
         StatusCode::UNAUTHORIZED,
-        json!({"error": "missing workspace auth token"}),
+        "missing workspace auth token",
     )
     .await;
     for bad in ["garbage", b_token.as_str()] {
-        assert_json(
+        assert_error(
             app.get(&path, bad).await,
             StatusCode::UNAUTHORIZED,
-            json!({"error": "invalid workspace auth token"}),
+            "invalid workspace auth token",
         )
         .await;
     }
@@ -305,17 +289,17 @@ async fn auth_matrix_on_a_workspace_route() {
         );
         assert_eq!(v["status"], "online");
     }
-    assert_json(
+    assert_error(
         app.get("/workspaces/not-a-uuid", ADMIN).await,
         StatusCode::BAD_REQUEST,
-        json!({"error": "invalid workspace ID"}),
+        "invalid workspace ID",
     )
     .await;
-    assert_json(
+    assert_error(
         app.get(&format!("/workspaces/{}", Uuid::new_v4()), ADMIN)
             .await,
         StatusCode::NOT_FOUND,
-        json!({"error": "workspace not found"}),
+        "workspace not found",
     )
     .await;
     let used: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
@@ -378,10 +362,10 @@ async fn removing_a_workspace_revokes_its_tokens_but_keeps_its_uploads() {
         "a workspace cannot delete itself"
     );
     assert_eq!(del(ADMIN.into()).await.status(), StatusCode::OK);
-    assert_json(
+    assert_error(
         app.get(&format!("/workspaces/{id}"), &token).await,
         StatusCode::UNAUTHORIZED,
-        json!({"error": "invalid workspace auth token"}),
+        "invalid workspace auth token",
     )
     .await;
     let v: Value = app
@@ -397,39 +381,19 @@ async fn removing_a_workspace_revokes_its_tokens_but_keeps_its_uploads() {
         "rows stay until their TTL"
     );
     // uploads to a removed workspace: not found
-    assert_json(
+    assert_error(
         app.upload(id, ADMIN, &[("b.txt", "text/plain", b"x".to_vec())])
             .await,
         StatusCode::NOT_FOUND,
-        json!({"error": "workspace not found"}),
+        "workspace not found",
     )
     .await;
     let resp = app
-        .client
-        .delete(app.at(&format!("/workspaces/{}", Uuid::new_v4())))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap();
-    assert_json(
-        resp,
-        StatusCode::NOT_FOUND,
-        json!({"error": "workspace not found"}),
-    )
-    .await;
-    let resp = app
-        .client
-        .delete(app.at("/workspaces/xyz"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap();
-    assert_json(
-        resp,
-        StatusCode::BAD_REQUEST,
-        json!({"error": "invalid workspace ID"}),
-    )
-    .await;
+        .delete(&format!("/workspaces/{}", Uuid::new_v4()), ADMIN)
+        .await;
+    assert_error(resp, StatusCode::NOT_FOUND, "workspace not found").await;
+    let resp = app.delete("/workspaces/xyz", ADMIN).await;
+    assert_error(resp, StatusCode::BAD_REQUEST, "invalid workspace ID").await;
 }
 
 #[tokio::test]
@@ -454,47 +418,24 @@ async fn token_rotation() {
 
     // a workspace cannot revoke another's token, nor name a token that is not its own
     let resp = app
-        .client
-        .delete(app.at(&format!("/workspaces/{other}/tokens/{old_id}")))
-        .bearer_auth(&other_token)
-        .send()
-        .await
-        .unwrap();
-    assert_json(
-        resp,
-        StatusCode::NOT_FOUND,
-        json!({"error": "token not found"}),
-    )
-    .await;
+        .delete(
+            &format!("/workspaces/{other}/tokens/{old_id}"),
+            &other_token,
+        )
+        .await;
+    assert_error(resp, StatusCode::NOT_FOUND, "token not found").await;
     let resp = app
-        .client
-        .delete(app.at(&format!("/workspaces/{id}/tokens/{old_id}")))
-        .bearer_auth(&other_token)
-        .send()
-        .await
-        .unwrap();
+        .delete(&format!("/workspaces/{id}/tokens/{old_id}"), &other_token)
+        .await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     let resp = app
-        .client
-        .delete(app.at(&format!("/workspaces/{id}/tokens/bad")))
-        .bearer_auth(&new)
-        .send()
-        .await
-        .unwrap();
-    assert_json(
-        resp,
-        StatusCode::BAD_REQUEST,
-        json!({"error": "invalid token ID"}),
-    )
-    .await;
+        .delete(&format!("/workspaces/{id}/tokens/bad"), &new)
+        .await;
+    assert_error(resp, StatusCode::BAD_REQUEST, "invalid token ID").await;
 
     let resp = app
-        .client
-        .delete(app.at(&format!("/workspaces/{id}/tokens/{old_id}")))
-        .bearer_auth(&new)
-        .send()
-        .await
-        .unwrap();
+        .delete(&format!("/workspaces/{id}/tokens/{old_id}"), &new)
+        .await;
     assert_json(resp, StatusCode::OK, json!({"revoked": true})).await;
     assert_eq!(
         app.get(&format!("/workspaces/{id}"), &old).await.status(),
@@ -508,12 +449,8 @@ async fn token_rotation() {
     );
     // revoking again is harmless
     let resp = app
-        .client
-        .delete(app.at(&format!("/workspaces/{id}/tokens/{old_id}")))
-        .bearer_auth(&new)
-        .send()
-        .await
-        .unwrap();
+        .delete(&format!("/workspaces/{id}/tokens/{old_id}"), &new)
+        .await;
     assert_json(resp, StatusCode::OK, json!({"revoked": true})).await;
     assert_ne!(new_id, old_id.to_string());
 }

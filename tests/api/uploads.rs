@@ -40,7 +40,7 @@ async fn post_raw(
     ws: Uuid,
     token: &str,
     content_type: &str,
-    body: Vec<u8>,
+    body: impl Into<reqwest::Body>,
 ) -> reqwest::Response {
     app.client
         .post(app.at(&format!("/workspaces/{ws}/chat/uploads")))
@@ -142,16 +142,11 @@ async fn workspace_id_and_existence_checks_come_first() {
         .send()
         .await
         .unwrap();
-    assert_json(
-        resp,
-        StatusCode::BAD_REQUEST,
-        json!({"error": "invalid workspace ID"}),
-    )
-    .await;
-    assert_json(
+    assert_error(resp, StatusCode::BAD_REQUEST, "invalid workspace ID").await;
+    assert_error(
         app.upload(Uuid::new_v4(), ADMIN, &f).await,
         StatusCode::NOT_FOUND,
-        json!({"error": "workspace not found"}),
+        "workspace not found",
     )
     .await;
     let (ws, _) = app.poll_workspace().await;
@@ -161,10 +156,10 @@ async fn workspace_id_and_existence_checks_come_first() {
         .send()
         .await
         .unwrap();
-    assert_json(
+    assert_error(
         resp,
         StatusCode::UNAUTHORIZED,
-        json!({"error": "missing workspace auth token"}),
+        "missing workspace auth token",
     )
     .await;
     assert_eq!(
@@ -179,14 +174,14 @@ async fn malformed_and_missing_parts() {
     let app = TestApp::start().await;
     let (ws, token) = app.poll_workspace().await;
     let (ct, body) = raw_multipart(&[("other", None, None, b"value")]);
-    assert_json(
+    assert_error(
         post_raw(&app, ws, &token, &ct, body).await,
         StatusCode::BAD_REQUEST,
-        json!({"error": "no files field in request"}),
+        "no files field in request",
     )
     .await;
     let (ct, _) = raw_multipart(&[]);
-    assert_json(
+    assert_error(
         post_raw(
             &app,
             ws,
@@ -196,29 +191,29 @@ async fn malformed_and_missing_parts() {
         )
         .await,
         StatusCode::BAD_REQUEST,
-        json!({"error": "malformed multipart body"}),
+        "malformed multipart body",
     )
     .await;
-    assert_json(
+    assert_error(
         post_raw(&app, ws, &token, "application/json", b"{}".to_vec()).await,
         StatusCode::BAD_REQUEST,
-        json!({"error": "malformed multipart body"}),
+        "malformed multipart body",
     )
     .await;
-    assert_json(
+    assert_error(
         post_raw(&app, ws, &token, "multipart/form-data", b"x".to_vec()).await,
         StatusCode::BAD_REQUEST,
-        json!({"error": "malformed multipart body"}),
+        "malformed multipart body",
     )
     .await;
     // a truncated body: the closing boundary never comes
     let (ct, body) =
         raw_multipart(&[("files", Some("a.txt"), Some("text/plain"), b"complete file")]);
     let cut = body[..body.len() - 30].to_vec();
-    assert_json(
+    assert_error(
         post_raw(&app, ws, &token, &ct, cut).await,
         StatusCode::BAD_REQUEST,
-        json!({"error": "malformed multipart body"}),
+        "malformed multipart body",
     )
     .await;
     app.assert_nothing_staged().await;
@@ -231,10 +226,10 @@ async fn too_many_files() {
     let files: Vec<(&str, &str, Vec<u8>)> = (0..65)
         .map(|i| ("f.txt", "text/plain", vec![i as u8 + 1]))
         .collect();
-    assert_json(
+    assert_error(
         app.upload(ws, &token, &files).await,
         StatusCode::BAD_REQUEST,
-        json!({"error": "too many files (limit 64)"}),
+        "too many files (limit 64)",
     )
     .await;
     app.assert_nothing_staged().await;
@@ -242,10 +237,10 @@ async fn too_many_files() {
 
     let app = TestApp::start_with(&["--max-files-per-request", "2"]).await;
     let (ws, token) = app.poll_workspace().await;
-    assert_json(
+    assert_error(
         app.upload(ws, &token, &files[..3]).await,
         StatusCode::BAD_REQUEST,
-        json!({"error": "too many files (limit 2)"}),
+        "too many files (limit 2)",
     )
     .await;
     app.assert_nothing_staged().await;
@@ -306,15 +301,7 @@ async fn per_file_cap_is_configurable_downward() {
     )
     .await;
     app.assert_nothing_staged().await;
-    let limits: Value = app
-        .client
-        .get(app.at("/uploads/limits"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let limits = app.limits().await;
     assert_eq!(limits["per_file_bytes"], 1000);
 }
 
@@ -341,26 +328,17 @@ async fn per_request_cap_with_and_without_content_length() {
     ]);
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
         body.chunks(1000).map(|c| Ok(c.to_vec())).collect();
-    let resp = app
-        .client
-        .post(app.at(&format!("/workspaces/{ws}/chat/uploads")))
-        .bearer_auth(&token)
-        .header("Content-Type", ct)
-        .body(reqwest::Body::wrap_stream(stream::iter(chunks)))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_raw(
+        &app,
+        ws,
+        &token,
+        &ct,
+        reqwest::Body::wrap_stream(stream::iter(chunks)),
+    )
+    .await;
     assert_json(resp, StatusCode::PAYLOAD_TOO_LARGE, want).await;
     app.assert_nothing_staged().await;
-    let limits: Value = app
-        .client
-        .get(app.at("/uploads/limits"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let limits = app.limits().await;
     assert_eq!(limits["per_request_bytes"], 10000);
 }
 
@@ -706,12 +684,7 @@ async fn a_storage_failure_mid_transaction_rolls_everything_back() {
             ],
         )
         .await;
-    assert_json(
-        resp,
-        StatusCode::INTERNAL_SERVER_ERROR,
-        json!({"error": "internal error"}),
-    )
-    .await;
+    assert_error(resp, StatusCode::INTERNAL_SERVER_ERROR, "internal error").await;
     app.assert_nothing_staged().await;
 }
 
