@@ -49,6 +49,7 @@ pub fn sweeper(args: &SweepArgs, pool: &PgPool, storage: &Storage) -> Sweeper {
         ack_retention: args.ack_retention.0,
         batch_size: args.sweep_batch_size.max(1),
         orphan_grace: args.orphan_grace.0,
+        orphan_page_size: crate::sweep::ORPHAN_PAGE_SIZE,
     }
 }
 

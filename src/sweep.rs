@@ -29,7 +29,12 @@ pub struct Sweeper {
     pub ack_retention: Duration,
     pub batch_size: i64,
     pub orphan_grace: Duration,
+    /// Objects per listing page of the orphan reconciliation.
+    pub orphan_page_size: i32,
 }
+
+/// S3's own maximum per ListObjectsV2 page.
+pub const ORPHAN_PAGE_SIZE: i32 = 1000;
 
 impl Sweeper {
     /// One pass: row batches until nothing is left to sweep, then orphan reconciliation.
@@ -105,17 +110,21 @@ impl Sweeper {
         };
         let cutoff =
             chrono::Utc::now() - chrono::Duration::from_std(self.orphan_grace).unwrap_or_default();
-        let old: Vec<String> = s3
-            .list()
-            .await?
-            .into_iter()
-            .filter(|o| o.last_modified.is_some_and(|t| t <= cutoff))
-            .map(|o| o.key)
-            .collect();
         let mut deleted = 0;
-        for chunk in old.chunks(500) {
-            let live = crate::db::uploads::existing_keys(&self.pool, chunk).await?;
-            for key in chunk.iter().filter(|k| !live.contains(k)) {
+        let mut continuation = None;
+        loop {
+            let (objects, next) = s3.list_page(continuation, self.orphan_page_size).await?;
+            let old: Vec<String> = objects
+                .into_iter()
+                .filter(|o| o.last_modified.is_some_and(|t| t <= cutoff))
+                .map(|o| o.key)
+                .collect();
+            let live = if old.is_empty() {
+                Vec::new()
+            } else {
+                crate::db::uploads::existing_keys(&self.pool, &old).await?
+            };
+            for key in old.iter().filter(|k| !live.contains(k)) {
                 s3.delete_key(key).await?;
                 tracing::info!(
                     event = "orphan_deleted",
@@ -123,6 +132,10 @@ impl Sweeper {
                     "object without a row removed"
                 );
                 deleted += 1;
+            }
+            match next {
+                Some(token) => continuation = Some(token),
+                None => break,
             }
         }
         Ok(deleted)

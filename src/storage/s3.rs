@@ -87,31 +87,54 @@ impl S3Backend {
         &self.prefix
     }
 
-    /// Every object under our prefix, page by page.
-    pub async fn list(&self) -> Result<Vec<ListedObject>, StorageError> {
-        let mut out = Vec::new();
-        let mut pages = self
+    /// One page (up to `max_keys`, at most 1,000) of the objects under our prefix, and the token of the next
+    /// page, if any. Callers walk the listing a page at a time, so memory stays bounded
+    /// however many objects the bucket holds.
+    pub async fn list_page(
+        &self,
+        continuation: Option<String>,
+        max_keys: i32,
+    ) -> Result<(Vec<ListedObject>, Option<String>), StorageError> {
+        let page = self
             .client
             .list_objects_v2()
             .bucket(&self.bucket)
             .prefix(&self.prefix)
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(unavailable)?;
-            for obj in page.contents() {
-                if let Some(key) = obj.key() {
-                    let last_modified = obj
-                        .last_modified()
-                        .and_then(|t| DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos()));
-                    out.push(ListedObject {
-                        key: key.to_string(),
-                        last_modified,
-                    });
-                }
+            .max_keys(max_keys)
+            .set_continuation_token(continuation)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        let objects = page
+            .contents()
+            .iter()
+            .filter_map(|obj| {
+                let key = obj.key()?.to_string();
+                let last_modified = obj
+                    .last_modified()
+                    .and_then(|t| DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos()));
+                Some(ListedObject { key, last_modified })
+            })
+            .collect();
+        let next = match page.is_truncated() {
+            Some(true) => page.next_continuation_token().map(str::to_string),
+            _ => None,
+        };
+        Ok((objects, next))
+    }
+
+    /// Every object under our prefix (for tests and small buckets; the sweep pages instead).
+    pub async fn list(&self) -> Result<Vec<ListedObject>, StorageError> {
+        let mut out = Vec::new();
+        let mut continuation = None;
+        loop {
+            let (objects, next) = self.list_page(continuation, 1000).await?;
+            out.extend(objects);
+            match next {
+                Some(token) => continuation = Some(token),
+                None => return Ok(out),
             }
         }
-        Ok(out)
     }
 
     pub async fn delete_key(&self, key: &str) -> Result<(), StorageError> {

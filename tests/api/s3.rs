@@ -307,14 +307,35 @@ async fn sweeper_reconciles_orphans_and_two_sweepers_do_not_collide() {
     assert_eq!(ra.objects_deleted + rb.objects_deleted, 30);
     assert_eq!(ra.object_errors + rb.object_errors, 0);
     assert_eq!(app.object_keys().await, vec![orphan.clone()]);
-    // past the grace period it goes
+    // past the grace period orphans go, page after page of the listing, and objects that
+    // rows point at stay
+    let live = app
+        .upload_ok(ws, &token, &parts[..3])
+        .await
+        .iter()
+        .map(|e| s3.key_for(ws, file_id(e)))
+        .collect::<BTreeSet<_>>();
+    let mut orphans = vec![orphan];
+    for _ in 0..4 {
+        let key = s3.key_for(ws, Uuid::new_v4());
+        let mut w = pending_uploads::spool::SpoolWriter::create(spool_dir.path()).unwrap();
+        w.write(b"orphaned").await.unwrap();
+        s3.put_key(&key, &w.finish().await.unwrap()).await.unwrap();
+        orphans.push(key);
+    }
     let eager = Sweeper {
         orphan_grace: Duration::ZERO,
+        orphan_page_size: 2,
         ..zero_retention(&app)
     };
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(eager.run_once().await.unwrap().orphans_deleted, 1);
-    assert_eq!(app.object_keys().await, Vec::<String>::new());
+    assert_eq!(
+        eager.run_once().await.unwrap().orphans_deleted,
+        orphans.len() as u64
+    );
+    let left: BTreeSet<String> = app.object_keys().await.into_iter().collect();
+    assert_eq!(left, live, "only the orphans went");
+    sweep_all_and_assert_bucket_empty(&app).await;
 }
 
 fn cli(db: &str, prefix: &str, args: &[&str]) -> Command {
