@@ -65,9 +65,11 @@ impl Auth {
         Auth { admin_token, pool }
     }
 
+    /// Compares digests, so the time taken tells nothing about the admin token's bytes or
+    /// its length.
     pub fn is_admin(&self, token: &str) -> bool {
         match &self.admin_token {
-            Some(admin) => bool::from(admin.0.as_bytes().ct_eq(token.as_bytes())),
+            Some(admin) => bool::from(hash_token(&admin.0).ct_eq(&hash_token(token))),
             None => false,
         }
     }
@@ -135,6 +137,28 @@ mod tests {
         assert_eq!(t.prefix, &t.token[..8]);
         assert_eq!(t.hash, hash_token(&t.token));
         assert_ne!(new_token().token, t.token);
+    }
+
+    #[tokio::test]
+    async fn admin_token_matches_exactly_and_fails_closed() {
+        // A lazy pool never connects: is_admin needs no database.
+        let pool = || PgPool::connect_lazy("postgres://unused@127.0.0.1:1/x").unwrap();
+        let auth = Auth::new(Some(Secret("s3cret-admin".into())), pool());
+        assert!(auth.is_admin("s3cret-admin"));
+        for wrong in [
+            "",
+            "s3cret",
+            "s3cret-admin2",
+            "S3CRET-ADMIN",
+            " s3cret-admin",
+        ] {
+            assert!(!auth.is_admin(wrong), "{wrong:?}");
+        }
+        for unset in [None, Some(Secret(String::new()))] {
+            let auth = Auth::new(unset, pool());
+            assert!(!auth.is_admin(""));
+            assert!(!auth.is_admin("anything"));
+        }
     }
 
     #[test]
