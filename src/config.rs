@@ -42,12 +42,17 @@ impl FromStr for HumanDuration {
         let n: u64 = num
             .parse()
             .map_err(|_| format!("invalid duration {s:?}: expected e.g. 90s, 5m, 1h or 30"))?;
+        let secs = |per: u64| {
+            n.checked_mul(per)
+                .map(Duration::from_secs)
+                .ok_or_else(|| format!("duration {s:?} is too large"))
+        };
         let d = match unit {
-            "" | "s" => Duration::from_secs(n),
+            "" | "s" => secs(1)?,
             "ms" => Duration::from_millis(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            "d" => Duration::from_secs(n * 86_400),
+            "m" => secs(60)?,
+            "h" => secs(3600)?,
+            "d" => secs(86_400)?,
             _ => {
                 return Err(format!(
                     "invalid duration unit in {s:?}: use ms, s, m, h or d"
@@ -251,7 +256,7 @@ mod tests {
             "250ms".parse::<HumanDuration>().unwrap().0,
             Duration::from_millis(250)
         );
-        for bad in ["", "m", "5x", "-1", "1.5h"] {
+        for bad in ["", "m", "5x", "-1", "1.5h", "18446744073709551615d"] {
             assert!(bad.parse::<HumanDuration>().is_err(), "{bad}");
         }
     }
