@@ -13,7 +13,7 @@ if [ -z "${DATABASE_URL:-}" ]; then
   mkdir -p "$DEV"
   [ -f "$DEV/pg-port" ] || free_port >"$DEV/pg-port"
   PORT=$(cat "$DEV/pg-port")
-  if ! pg_isready -q -h 127.0.0.1 -p "$PORT" 2>/dev/null; then
+  if ! "$(pg_bindir)/pg_isready" -q -h 127.0.0.1 -p "$PORT" 2>/dev/null; then
     echo "starting local PostgreSQL on 127.0.0.1:$PORT (data in .dev/pg)" >&2
     pg_start "$DEV/pg" "$PORT"
   fi
