@@ -40,6 +40,10 @@ struct Args {
     /// throughput: requests in flight.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// throughput: workspaces the files are spread over, round-robin (uploads to one
+    /// workspace serialize their commits on its lock; different workspaces do not).
+    #[arg(long, default_value_t = 1)]
+    workspaces: usize,
     #[arg(long, default_value = "bytea,s3", value_delimiter = ',')]
     backends: Vec<String>,
     /// cargo bench passes --bench; without it (cargo test) nothing is measured.
@@ -201,17 +205,20 @@ struct Cell {
     rss: f64,
 }
 
-/// Uploads `files` files of `size` bytes with `concurrency` in flight; returns file ids.
+/// Uploads `files` files of `size` bytes with `concurrency` in flight, file `i` to workspace
+/// `i % wss.len()`; returns (workspace index, file id) pairs.
 async fn upload_all(
     http: &reqwest::Client,
     base: &str,
-    ws: &str,
+    wss: &[(String, String)],
     payload: &Bytes,
     files: usize,
     concurrency: usize,
-) -> Vec<String> {
+) -> Vec<(usize, String)> {
     concurrently(files, concurrency, |i| {
         let (http, payload) = (http.clone(), payload.clone());
+        let w = i % wss.len();
+        let ws = &wss[w].0;
         let url = format!("{base}/workspaces/{ws}/chat/uploads");
         async move {
             let part = reqwest::multipart::Part::stream_with_length(
@@ -230,13 +237,14 @@ async fn upload_all(
                 .unwrap();
             assert!(resp.status().is_success(), "upload: {}", resp.status());
             let v: Value = resp.json().await.unwrap();
-            v["files"][0]["uri"]
+            let id = v["files"][0]["uri"]
                 .as_str()
                 .unwrap()
                 .rsplit('/')
                 .next()
                 .unwrap()
-                .to_string()
+                .to_string();
+            (w, id)
         }
     })
     .await
@@ -245,14 +253,15 @@ async fn upload_all(
 async fn download_all(
     http: &reqwest::Client,
     base: &str,
-    ws: &str,
-    token: &str,
-    ids: Vec<String>,
+    wss: &[(String, String)],
+    ids: Vec<(usize, String)>,
     concurrency: usize,
 ) -> usize {
     let lens = concurrently(ids.len(), concurrency, |i| {
         let http = http.clone();
-        let url = format!("{base}/workspaces/{ws}/pending-uploads/{}/content", ids[i]);
+        let (w, id) = &ids[i];
+        let (ws, token) = &wss[*w];
+        let url = format!("{base}/workspaces/{ws}/pending-uploads/{id}/content");
         let token = token.to_string();
         async move {
             let mut resp = http.get(url).bearer_auth(token).send().await.unwrap();
@@ -280,18 +289,22 @@ async fn cell(
     http: &reqwest::Client,
     t: &Target,
     (size, files, concurrency): (usize, usize, usize),
+    workspaces: usize,
 ) -> Cell {
     let (backend, db, prefix) = (t.backend.as_str(), t.db.as_str(), t.prefix.as_str());
     let payload = Bytes::from((0..size).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
     let total = size * files;
-    let (ws, token) = workspace(http, &svc.base).await;
+    let mut wss = Vec::new();
+    for _ in 0..workspaces.max(1) {
+        wss.push(workspace(http, &svc.base).await);
+    }
     svc.reset_peak();
     let started = Instant::now();
-    let ids = upload_all(http, &svc.base, &ws, &payload, files, concurrency).await;
+    let ids = upload_all(http, &svc.base, &wss, &payload, files, concurrency).await;
     let up = mb_per_s(total, started.elapsed());
     let started = Instant::now();
     assert_eq!(
-        download_all(http, &svc.base, &ws, &token, ids, concurrency).await,
+        download_all(http, &svc.base, &wss, ids, concurrency).await,
         total
     );
     let down = mb_per_s(total, started.elapsed());
@@ -344,7 +357,12 @@ fn print_cells(title: &str, cells: &[Cell]) {
     }
 }
 
-async fn run_cells(server: &str, backends: &[String], grid: &[(usize, usize, usize)]) -> Vec<Cell> {
+async fn run_cells(
+    server: &str,
+    backends: &[String],
+    grid: &[(usize, usize, usize)],
+    workspaces: usize,
+) -> Vec<Cell> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()
@@ -358,7 +376,7 @@ async fn run_cells(server: &str, backends: &[String], grid: &[(usize, usize, usi
         };
         let svc = start_service(&t.db, backend, &t.prefix).await;
         for &dims in grid {
-            let c = cell(&svc, &http, &t, dims).await;
+            let c = cell(&svc, &http, &t, dims, workspaces).await;
             eprintln!(
                 "{backend} {} x{} c{}: up {:.1} MB/s, down {:.1} MB/s",
                 human(c.size),
@@ -647,9 +665,13 @@ async fn main() {
             &server,
             &backends,
             &[(args.size, args.files, args.concurrency)],
+            args.workspaces,
         )
         .await;
-        print_cells("Throughput", &cells);
+        print_cells(
+            &format!("Throughput ({} workspace(s))", args.workspaces.max(1)),
+            &cells,
+        );
     }
     if all || args.suite == "matrix" {
         let mut grid = Vec::new();
@@ -658,7 +680,7 @@ async fn main() {
                 grid.push((size, files, conc));
             }
         }
-        let cells = run_cells(&server, &backends, &grid).await;
+        let cells = run_cells(&server, &backends, &grid, 1).await;
         print_cells("Throughput matrix", &cells);
     }
     if all || args.suite == "latency" {

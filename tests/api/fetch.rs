@@ -512,3 +512,41 @@ async fn twenty_megabytes_round_trip() {
         .unwrap();
     assert_eq!(Sha256::digest(&got), Sha256::digest(&data));
 }
+
+#[tokio::test]
+async fn sizes_around_the_insert_copy_boundary_round_trip() {
+    // Up to INSERT_MAX_BYTES a row goes in with INSERT, above it with COPY: both byte-exact.
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    let edge = pending_uploads::db::uploads::INSERT_MAX_BYTES as usize;
+    let sizes = [1, edge - 1, edge, edge + 1, 3 * edge + 7];
+    let files: Vec<(String, Vec<u8>)> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (format!("f{n}.bin"), bytes(n, i as u8 + 40)))
+        .collect();
+    let parts: Vec<(&str, &str, Vec<u8>)> = files
+        .iter()
+        .map(|(n, b)| (n.as_str(), "application/octet-stream", b.clone()))
+        .collect();
+    let out = app.upload_ok(ws, &token, &parts).await;
+    for (entry, (_, data)) in out.iter().zip(&files) {
+        let fid = file_id(entry);
+        let (stored, digest): (Vec<u8>, Vec<u8>) = sqlx::query_as(
+            "SELECT content, content_sha256 FROM pending_uploads WHERE file_id = $1",
+        )
+        .bind(fid)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        assert!(stored == *data, "{} bytes stored exactly", data.len());
+        assert_eq!(digest, Sha256::digest(data).to_vec());
+        let resp = app.get(&content_path(ws, fid), &token).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(
+            resp.bytes().await.unwrap() == data[..],
+            "{} bytes served",
+            data.len()
+        );
+    }
+}
