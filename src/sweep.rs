@@ -33,8 +33,7 @@ pub struct Sweeper {
     pub orphan_page_size: i32,
 }
 
-/// S3's own maximum per ListObjectsV2 page.
-pub const ORPHAN_PAGE_SIZE: i32 = 1000;
+pub const ORPHAN_PAGE_SIZE: i32 = crate::storage::s3::LIST_PAGE_MAX;
 
 impl Sweeper {
     /// One pass: row batches until nothing is left to sweep, then orphan reconciliation.

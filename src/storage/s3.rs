@@ -21,6 +21,9 @@ use crate::{
     spool::Spool,
 };
 
+/// S3's own maximum number of keys per ListObjectsV2 page.
+pub const LIST_PAGE_MAX: i32 = 1000;
+
 pub struct S3Backend {
     client: Client,
     bucket: String,
@@ -87,9 +90,9 @@ impl S3Backend {
         &self.prefix
     }
 
-    /// One page (up to `max_keys`, at most 1,000) of the objects under our prefix, and the token of the next
-    /// page, if any. Callers walk the listing a page at a time, so memory stays bounded
-    /// however many objects the bucket holds.
+    /// One page (up to `max_keys`, at most [`LIST_PAGE_MAX`]) of the objects under our
+    /// prefix, and the token of the next page, if any. Callers walk the listing a page at a
+    /// time, so memory stays bounded however many objects the bucket holds.
     pub async fn list_page(
         &self,
         continuation: Option<String>,
@@ -128,7 +131,7 @@ impl S3Backend {
         let mut out = Vec::new();
         let mut continuation = None;
         loop {
-            let (objects, next) = self.list_page(continuation, 1000).await?;
+            let (objects, next) = self.list_page(continuation, LIST_PAGE_MAX).await?;
             out.extend(objects);
             match next {
                 Some(token) => continuation = Some(token),
