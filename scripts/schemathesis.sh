@@ -30,7 +30,7 @@ for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$port/readyz" >/dev/null &&
 curl -fs -X POST "http://127.0.0.1:$port/workspaces" -H "Authorization: Bearer $admin" \
   -H 'Content-Type: application/json' -d '{"id":"00000000-0000-4000-8000-000000000001","name":"fuzz","delivery_mode":"poll"}' >/dev/null
 
-"$venv/bin/schemathesis" run "http://127.0.0.1:$port/openapi.json" \
+"$venv/bin/schemathesis" --config-file scripts/schemathesis.toml run "http://127.0.0.1:$port/openapi.json" \
   --url "http://127.0.0.1:$port" \
   -H "Authorization: Bearer $admin" \
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \

@@ -69,6 +69,18 @@ fn non_empty(s: &Option<String>) -> Option<&str> {
     s.as_deref().map(str::trim).filter(|s| !s.is_empty())
 }
 
+/// A push callback URL must be one the proxy can call: absolute http(s) with a host. Caught
+/// here, a typo is a 400 at registration instead of a 502 on every later upload.
+fn validate_url(url: Option<&str>) -> Result<Option<&str>, ApiError> {
+    let Some(raw) = url else { return Ok(None) };
+    match reqwest::Url::parse(raw) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => Ok(Some(raw)),
+        _ => Err(ApiError::BadRequest(
+            "url must be an absolute http:// or https:// URL".into(),
+        )),
+    }
+}
+
 /// A workspace that exists and is not removed.
 pub async fn live_workspace(
     db: impl sqlx::PgExecutor<'_>,
@@ -114,7 +126,7 @@ fn registered(ws: &db::workspaces::Workspace, token: Option<auth::NewToken>) -> 
     request_body = crate::http::openapi::RegisterRequest,
     responses(
         (status = 200, description = "OK", body = crate::http::openapi::Registered),
-        (status = 400, description = "invalid body or delivery_mode", body = crate::http::openapi::ErrorBody),
+        (status = 400, description = "invalid body, delivery_mode or url", body = crate::http::openapi::ErrorBody),
         (status = 401, description = "re-registration without its bearer", body = crate::http::openapi::ErrorBody),
         (status = 409, description = "workspace was removed", body = crate::http::openapi::ErrorBody),
         (status = 503, description = "datastore unavailable", body = crate::http::openapi::ErrorBody),
@@ -127,7 +139,7 @@ pub async fn register(
 ) -> Result<Json<Value>, ApiError> {
     let req: RegisterReq = parse_json(&body)?;
     let mode = validate_mode(req.delivery_mode.as_deref())?;
-    let url = non_empty(&req.url);
+    let url = validate_url(non_empty(&req.url))?;
     let name = req.agent_card.as_ref().and_then(|c| c.name.as_deref());
 
     let mut tx = st.pool.begin().await?;
@@ -182,7 +194,7 @@ pub async fn register(
     request_body = crate::http::openapi::CreateWorkspaceRequest,
     responses(
         (status = 200, description = "OK", body = crate::http::openapi::Registered),
-        (status = 400, description = "invalid body", body = crate::http::openapi::ErrorBody),
+        (status = 400, description = "invalid body, delivery_mode or url", body = crate::http::openapi::ErrorBody),
         (status = 401, description = "not the admin", body = crate::http::openapi::ErrorBody),
         (status = 409, description = "workspace already exists", body = crate::http::openapi::ErrorBody),
         (status = 503, description = "datastore unavailable", body = crate::http::openapi::ErrorBody),
@@ -198,7 +210,7 @@ pub async fn create(
     let name =
         non_empty(&req.name).ok_or_else(|| ApiError::BadRequest("name is required".into()))?;
     let mode = validate_mode(req.delivery_mode.as_deref())?;
-    let url = non_empty(&req.url);
+    let url = validate_url(non_empty(&req.url))?;
     let id = req.id.unwrap_or_else(Uuid::new_v4);
     let secret = auth::new_secret();
     let mut tx = st.pool.begin().await?;

@@ -117,6 +117,35 @@ async fn registration_defaults_and_validation() {
     .await;
     let resp = register(&app, json!({"id": "nope"}), None).await;
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    // a push URL the proxy could never call is refused up front, on both routes
+    for bad in [
+        "\u{a0}\u{fe}+",
+        "127.0.0.1:9",
+        "ftp://host/x",
+        "http://",
+        "/relative",
+    ] {
+        assert_error(
+            register(&app, json!({"id": Uuid::new_v4(), "url": bad}), None).await,
+            StatusCode::BAD_REQUEST,
+            "url must be an absolute http:// or https:// URL",
+        )
+        .await;
+        let resp = app
+            .client
+            .post(app.at("/workspaces"))
+            .bearer_auth(ADMIN)
+            .json(&json!({"name": "x", "url": bad}))
+            .send()
+            .await
+            .unwrap();
+        assert_error(
+            resp,
+            StatusCode::BAD_REQUEST,
+            "url must be an absolute http:// or https:// URL",
+        )
+        .await;
+    }
     // Postgres text cannot hold NUL: a clear 400, not a 500
     assert_error(
         register(
