@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use futures::{stream, StreamExt};
+use futures::{stream, StreamExt, TryStreamExt};
 use sqlx::PgPool;
 
 use crate::storage::Storage;
@@ -110,19 +110,17 @@ impl Sweeper {
         let cutoff =
             chrono::Utc::now() - chrono::Duration::from_std(self.orphan_grace).unwrap_or_default();
         let mut deleted = 0;
-        let mut continuation = None;
-        loop {
-            let (objects, next) = s3.list_page(continuation, self.orphan_page_size).await?;
+        let mut pages = std::pin::pin!(s3.list_pages(self.orphan_page_size));
+        while let Some(objects) = pages.try_next().await? {
             let old: Vec<String> = objects
                 .into_iter()
                 .filter(|o| o.last_modified.is_some_and(|t| t <= cutoff))
                 .map(|o| o.key)
                 .collect();
-            let live = if old.is_empty() {
-                Vec::new()
-            } else {
-                crate::db::uploads::existing_keys(&self.pool, &old).await?
-            };
+            if old.is_empty() {
+                continue;
+            }
+            let live = crate::db::uploads::existing_keys(&self.pool, &old).await?;
             for key in old.iter().filter(|k| !live.contains(k)) {
                 s3.delete_key(key).await?;
                 tracing::info!(
@@ -131,10 +129,6 @@ impl Sweeper {
                     "object without a row removed"
                 );
                 deleted += 1;
-            }
-            match next {
-                Some(token) => continuation = Some(token),
-                None => break,
             }
         }
         Ok(deleted)

@@ -43,6 +43,10 @@ impl UploadRow {
 const COLUMNS: &str = "file_id, workspace_id, size_bytes, filename, mimetype, content_sha256, s3_key, \
                        content IS NOT NULL AS has_content, created_at, fetched_at, acked_at, expires_at, seq";
 
+/// The columns a new row is written with, in the order both [`insert`] paths send them.
+const WRITE_COLUMNS: &str =
+    "file_id, workspace_id, size_bytes, filename, mimetype, content_sha256, s3_key, content";
+
 pub struct NewUpload<'a> {
     pub file_id: Uuid,
     pub workspace_id: Uuid,
@@ -66,10 +70,9 @@ pub async fn insert(conn: &mut PgConnection, row: &NewUpload<'_>) -> sqlx::Resul
         return insert_small(conn, row).await;
     }
     let mut copy = conn
-        .copy_in_raw(
-            "COPY pending_uploads (file_id, workspace_id, size_bytes, filename, mimetype, \
-             content_sha256, s3_key, content) FROM STDIN (FORMAT binary)",
-        )
+        .copy_in_raw(&format!(
+            "COPY pending_uploads ({WRITE_COLUMNS}) FROM STDIN (FORMAT binary)"
+        ))
         .await?;
     let mut head = BytesMut::with_capacity(256);
     head.put_slice(b"PGCOPY\n\xff\r\n\0");
@@ -104,20 +107,14 @@ pub async fn insert(conn: &mut PgConnection, row: &NewUpload<'_>) -> sqlx::Resul
 
 /// The INSERT path of [`insert`]: no bytes (they are in S3), or at most one read chunk.
 async fn insert_small(conn: &mut PgConnection, row: &NewUpload<'_>) -> sqlx::Result<()> {
-    let content = if row.placement.inline {
-        let mut buf = Vec::with_capacity(row.spool.size as usize);
-        let mut chunks = std::pin::pin!(row.spool.chunks());
-        while let Some(chunk) = chunks.try_next().await? {
-            buf.extend_from_slice(&chunk);
-        }
-        Some(buf)
+    let content: Option<Vec<u8>> = if row.placement.inline {
+        Some(row.spool.chunks().map_ok(Vec::from).try_concat().await?)
     } else {
         None
     };
-    sqlx::query(
-        "INSERT INTO pending_uploads (file_id, workspace_id, size_bytes, filename, mimetype, \
-         content_sha256, s3_key, content) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
+    sqlx::query(&format!(
+        "INSERT INTO pending_uploads ({WRITE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+    ))
     .bind(row.file_id)
     .bind(row.workspace_id)
     .bind(row.spool.size as i64)

@@ -69,10 +69,13 @@ fn non_empty(s: &Option<String>) -> Option<&str> {
     s.as_deref().map(str::trim).filter(|s| !s.is_empty())
 }
 
-/// A push callback URL must be one the proxy can call: absolute http(s) with a host. Caught
-/// here, a typo is a 400 at registration instead of a 502 on every later upload.
-fn validate_url(url: Option<&str>) -> Result<Option<&str>, ApiError> {
-    let Some(raw) = url else { return Ok(None) };
+/// The push callback URL, if one is given. It must be one the proxy can call (absolute
+/// http(s) with a host): caught here, a typo is a 400 at registration instead of a 502 on
+/// every later upload.
+fn callback_url(url: &Option<String>) -> Result<Option<&str>, ApiError> {
+    let Some(raw) = non_empty(url) else {
+        return Ok(None);
+    };
     match reqwest::Url::parse(raw) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => Ok(Some(raw)),
         _ => Err(ApiError::BadRequest(
@@ -139,7 +142,7 @@ pub async fn register(
 ) -> Result<Json<Value>, ApiError> {
     let req: RegisterReq = parse_json(&body)?;
     let mode = validate_mode(req.delivery_mode.as_deref())?;
-    let url = validate_url(non_empty(&req.url))?;
+    let url = callback_url(&req.url)?;
     let name = req.agent_card.as_ref().and_then(|c| c.name.as_deref());
 
     let mut tx = st.pool.begin().await?;
@@ -210,7 +213,7 @@ pub async fn create(
     let name =
         non_empty(&req.name).ok_or_else(|| ApiError::BadRequest("name is required".into()))?;
     let mode = validate_mode(req.delivery_mode.as_deref())?;
-    let url = validate_url(non_empty(&req.url))?;
+    let url = callback_url(&req.url)?;
     let id = req.id.unwrap_or_else(Uuid::new_v4);
     let secret = auth::new_secret();
     let mut tx = st.pool.begin().await?;

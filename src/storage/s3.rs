@@ -12,7 +12,7 @@ use aws_sdk_s3::{
 };
 use aws_smithy_types::timeout::TimeoutConfig;
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
+use futures::{Stream, StreamExt, TryStreamExt};
 use uuid::Uuid;
 
 use super::{ByteRange, ByteStream as OurStream, Location, StorageBackend, StorageError};
@@ -90,54 +90,32 @@ impl S3Backend {
         &self.prefix
     }
 
-    /// One page (up to `max_keys`, at most [`LIST_PAGE_MAX`]) of the objects under our
-    /// prefix, and the token of the next page, if any. Callers walk the listing a page at a
-    /// time, so memory stays bounded however many objects the bucket holds.
-    pub async fn list_page(
+    /// The objects under our prefix, one listing page (at most `page_size` keys) at a time,
+    /// so memory stays bounded however many objects the bucket holds.
+    pub fn list_pages(
         &self,
-        continuation: Option<String>,
-        max_keys: i32,
-    ) -> Result<(Vec<ListedObject>, Option<String>), StorageError> {
-        let page = self
+        page_size: i32,
+    ) -> impl Stream<Item = Result<Vec<ListedObject>, StorageError>> + Send + '_ {
+        let pages = self
             .client
             .list_objects_v2()
             .bucket(&self.bucket)
             .prefix(&self.prefix)
-            .max_keys(max_keys)
-            .set_continuation_token(continuation)
-            .send()
-            .await
-            .map_err(unavailable)?;
-        let objects = page
-            .contents()
-            .iter()
-            .filter_map(|obj| {
-                let key = obj.key()?.to_string();
-                let last_modified = obj
-                    .last_modified()
-                    .and_then(|t| DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos()));
-                Some(ListedObject { key, last_modified })
-            })
-            .collect();
-        let next = match page.is_truncated() {
-            Some(true) => page.next_continuation_token().map(str::to_string),
-            _ => None,
-        };
-        Ok((objects, next))
+            .into_paginator()
+            .page_size(page_size)
+            .send();
+        futures::stream::unfold(pages, |mut pages| async move {
+            let page = pages.next().await?;
+            Some((
+                page.map(|p| listed(p.contents())).map_err(unavailable),
+                pages,
+            ))
+        })
     }
 
-    /// Every object under our prefix (for tests and small buckets; the sweep pages instead).
+    /// Every object under our prefix (tests and small buckets; the sweep pages instead).
     pub async fn list(&self) -> Result<Vec<ListedObject>, StorageError> {
-        let mut out = Vec::new();
-        let mut continuation = None;
-        loop {
-            let (objects, next) = self.list_page(continuation, LIST_PAGE_MAX).await?;
-            out.extend(objects);
-            match next {
-                Some(token) => continuation = Some(token),
-                None => return Ok(out),
-            }
-        }
+        self.list_pages(LIST_PAGE_MAX).try_concat().await
     }
 
     pub async fn delete_key(&self, key: &str) -> Result<(), StorageError> {
@@ -188,6 +166,20 @@ impl S3Backend {
             })?;
         Ok(resp.body)
     }
+}
+
+/// One listing page as the reconciliation sees it: keys and their last-modified times.
+fn listed(objects: &[aws_sdk_s3::types::Object]) -> Vec<ListedObject> {
+    objects
+        .iter()
+        .filter_map(|obj| {
+            let key = obj.key()?.to_string();
+            let last_modified = obj
+                .last_modified()
+                .and_then(|t| DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos()));
+            Some(ListedObject { key, last_modified })
+        })
+        .collect()
 }
 
 /// An S3 body as a stream of chunks: the first chunk goes out before the last is read.

@@ -10,7 +10,7 @@ use pending_uploads::{
     http,
     sweep::Sweeper,
 };
-use reqwest::{multipart, StatusCode};
+use reqwest::{multipart, Method, StatusCode};
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::OnceCell;
@@ -288,31 +288,26 @@ impl TestApp {
         body["files"].as_array().unwrap().clone()
     }
 
-    pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {
+    /// One request with the bearer, as a client sends it.
+    pub async fn send(&self, method: Method, path: &str, token: &str) -> reqwest::Response {
         self.client
-            .get(self.at(path))
+            .request(method, self.at(path))
             .bearer_auth(token)
             .send()
             .await
             .unwrap()
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {
+        self.send(Method::GET, path, token).await
     }
 
     pub async fn post(&self, path: &str, token: &str) -> reqwest::Response {
-        self.client
-            .post(self.at(path))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
+        self.send(Method::POST, path, token).await
     }
 
     pub async fn delete(&self, path: &str, token: &str) -> reqwest::Response {
-        self.client
-            .delete(self.at(path))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
+        self.send(Method::DELETE, path, token).await
     }
 
     /// `GET /uploads/limits` (public).
@@ -373,6 +368,14 @@ pub async fn assert_json(resp: reqwest::Response, status: StatusCode, body: Valu
 /// Asserts status and a body that is exactly `{"error": error}`.
 pub async fn assert_error(resp: reqwest::Response, status: StatusCode, error: &str) {
     assert_json(resp, status, json!({ "error": error })).await;
+}
+
+/// Named byte buffers as `upload` parts, all `application/octet-stream`.
+pub fn octet_parts(files: &[(String, Vec<u8>)]) -> Vec<(&str, &str, Vec<u8>)> {
+    files
+        .iter()
+        .map(|(n, b)| (n.as_str(), "application/octet-stream", b.clone()))
+        .collect()
 }
 
 /// Deterministic test bytes.

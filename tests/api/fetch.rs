@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -34,13 +34,7 @@ async fn content_streams_bytes_with_the_specified_headers() {
     let fid = file_id(&out[0]);
     let etag = format!("\"{}\"", hex::encode(Sha256::digest(&data)));
 
-    let head = app
-        .client
-        .head(app.at(&content_path(ws, fid)))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let head = app.send(Method::HEAD, &content_path(ws, fid), &token).await;
     assert_eq!(head.status(), StatusCode::OK);
     assert_eq!(
         head.headers()["content-length"],
@@ -63,6 +57,8 @@ async fn content_streams_bytes_with_the_specified_headers() {
     );
     assert_eq!(h["etag"], etag.as_str());
     assert_eq!(h["accept-ranges"], "bytes");
+    // the stored mimetype is the client's word: never let a browser sniff past it
+    assert_eq!(h["x-content-type-options"], "nosniff");
     let body = resp.bytes().await.unwrap();
     assert!(body == data, "byte-identical");
     assert!(
@@ -235,13 +231,7 @@ async fn missing_expired_and_foreign_files_are_the_same_404() {
             not_found.clone(),
         )
         .await;
-        let head = app
-            .client
-            .head(app.at(&content_path(ws, fid)))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap();
+        let head = app.send(Method::HEAD, &content_path(ws, fid), token).await;
         assert_eq!(head.status(), StatusCode::NOT_FOUND);
         assert_json(
             app.post(
@@ -525,10 +515,7 @@ async fn sizes_around_the_insert_copy_boundary_round_trip() {
         .enumerate()
         .map(|(i, &n)| (format!("f{n}.bin"), bytes(n, i as u8 + 40)))
         .collect();
-    let parts: Vec<(&str, &str, Vec<u8>)> = files
-        .iter()
-        .map(|(n, b)| (n.as_str(), "application/octet-stream", b.clone()))
-        .collect();
+    let parts: Vec<(&str, &str, Vec<u8>)> = octet_parts(&files);
     let out = app.upload_ok(ws, &token, &parts).await;
     for (entry, (_, data)) in out.iter().zip(&files) {
         let fid = file_id(entry);

@@ -48,3 +48,16 @@ async fn the_served_document_is_the_committed_one_and_covers_every_route() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_route_outside_the_document_is_a_json_404() {
+    let app = TestApp::start().await;
+    for path in ["/nope", "/workspaces/x/y/z", "/uploads"] {
+        assert_error(
+            app.get(path, ADMIN).await,
+            StatusCode::NOT_FOUND,
+            "not found",
+        )
+        .await;
+    }
+}

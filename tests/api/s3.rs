@@ -265,6 +265,17 @@ async fn a_failed_upload_removes_the_objects_it_wrote() {
     );
 }
 
+/// Writes an object under the workspace's prefix that no row points at (what a crashed
+/// upload or a killed backfill leaves); returns its key.
+async fn put_orphan(s3: &pending_uploads::storage::S3Backend, ws: Uuid) -> String {
+    let key = s3.key_for(ws, Uuid::new_v4());
+    let spool_dir = tempfile::tempdir().unwrap();
+    let mut w = pending_uploads::spool::SpoolWriter::create(spool_dir.path()).unwrap();
+    w.write(b"orphaned").await.unwrap();
+    s3.put_key(&key, &w.finish().await.unwrap()).await.unwrap();
+    key
+}
+
 #[tokio::test]
 async fn sweeper_reconciles_orphans_and_two_sweepers_do_not_collide() {
     let prefix = test_prefix();
@@ -273,20 +284,11 @@ async fn sweeper_reconciles_orphans_and_two_sweepers_do_not_collide() {
     let files: Vec<(String, Vec<u8>)> = (0..30)
         .map(|i| (format!("{i}.bin"), bytes(1000 + i, i as u8)))
         .collect();
-    let parts: Vec<(&str, &str, Vec<u8>)> = files
-        .iter()
-        .map(|(n, b)| (n.as_str(), "application/octet-stream", b.clone()))
-        .collect();
+    let parts: Vec<(&str, &str, Vec<u8>)> = octet_parts(&files);
     app.upload_ok(ws, &token, &parts).await;
     // an orphan: an object no row points at (a crashed upload, a killed backfill)
     let s3 = app.storage.s3().unwrap();
-    let orphan = s3.key_for(ws, Uuid::new_v4());
-    let spool_dir = tempfile::tempdir().unwrap();
-    let mut w = pending_uploads::spool::SpoolWriter::create(spool_dir.path()).unwrap();
-    w.write(b"orphaned").await.unwrap();
-    s3.put_key(&orphan, &w.finish().await.unwrap())
-        .await
-        .unwrap();
+    let orphan = put_orphan(s3, ws).await;
     assert_eq!(app.object_keys().await.len(), 31);
 
     // within the grace period the orphan stays (it may be an upload about to commit)
@@ -317,11 +319,7 @@ async fn sweeper_reconciles_orphans_and_two_sweepers_do_not_collide() {
         .collect::<BTreeSet<_>>();
     let mut orphans = vec![orphan];
     for _ in 0..4 {
-        let key = s3.key_for(ws, Uuid::new_v4());
-        let mut w = pending_uploads::spool::SpoolWriter::create(spool_dir.path()).unwrap();
-        w.write(b"orphaned").await.unwrap();
-        s3.put_key(&key, &w.finish().await.unwrap()).await.unwrap();
-        orphans.push(key);
+        orphans.push(put_orphan(s3, ws).await);
     }
     let eager = Sweeper {
         orphan_grace: Duration::ZERO,
@@ -380,10 +378,7 @@ async fn backfill_killed_half_way_resumes_and_contract_gates_on_it() {
                 )
             })
             .collect();
-        let parts_ref: Vec<(&str, &str, Vec<u8>)> = parts
-            .iter()
-            .map(|(n, b)| (n.as_str(), "application/octet-stream", b.clone()))
-            .collect();
+        let parts_ref: Vec<(&str, &str, Vec<u8>)> = octet_parts(&parts);
         let out = app.upload_ok(ws, &token, &parts_ref).await;
         sent.extend(out.iter().zip(parts).map(|(e, (_, b))| (file_id(e), b)));
     }
