@@ -13,8 +13,12 @@ use tokio::net::TcpListener;
 use crate::{
     auth::Auth,
     config::{DbArgs, ServeArgs, StorageArgs, SweepArgs},
-    db,
-    http::{self, AppState},
+    db::{self, Db},
+    http::{self, body::Pace, AppState, Deadlines, ServeOptions},
+    longpoll::Hub,
+    push_target::PushPolicy,
+    slots::UploadSlots,
+    staging::{Quota, Stager},
     storage::{ByteaBackend, S3Backend, Storage},
     sweep::Sweeper,
 };
@@ -25,28 +29,43 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 const GAUGE_REFRESH: Duration = Duration::from_secs(15);
 
 pub async fn connect_and_migrate(db_args: &DbArgs) -> anyhow::Result<PgPool> {
-    let pool = db::connect(db_args)
+    let pool = db::connect(db_args, db_args.dependency_timeout.0)
         .await
         .context("connecting to DATABASE_URL")?;
     db::migrate(&pool).await.context("applying migrations")?;
     Ok(pool)
 }
 
-pub async fn storage(args: &StorageArgs, pool: &PgPool) -> anyhow::Result<Storage> {
-    let s3 = S3Backend::from_args(args).await;
+/// The database handle of a subcommand: connected, migrated, bounded by DEPENDENCY_TIMEOUT.
+pub async fn connect_db(db_args: &DbArgs) -> anyhow::Result<Db> {
+    let pool = connect_and_migrate(db_args).await?;
+    Ok(Db::new(pool, db_args.dependency_timeout.0))
+}
+
+pub async fn storage(args: &StorageArgs, db: &Db) -> anyhow::Result<Storage> {
+    let s3 = S3Backend::from_args(args, db.timeout()).await;
+    if let Some(s3) = &s3 {
+        if !s3.prefix_is_private() {
+            tracing::warn!(
+                prefix = %s3.prefix(),
+                "PENDING_UPLOADS_S3_PREFIX is empty or does not end in '/': the orphan reconciliation will not run (it could reach other applications' objects)"
+            );
+        }
+    }
     Storage::new(
         args.pending_uploads_backend,
-        ByteaBackend::new(pool.clone()),
+        ByteaBackend::new(db.clone()),
         s3,
     )
     .map_err(anyhow::Error::msg)
 }
 
-pub fn sweeper(args: &SweepArgs, pool: &PgPool, storage: &Storage) -> Sweeper {
+pub fn sweeper(args: &SweepArgs, db: &Db, storage: &Storage) -> Sweeper {
     Sweeper {
-        pool: pool.clone(),
+        db: db.clone(),
         storage: storage.clone(),
         ack_retention: args.ack_retention.0,
+        activity_retention: args.activity_retention.0,
         batch_size: args.sweep_batch_size.max(1),
         orphan_grace: args.orphan_grace.0,
         orphan_page_size: crate::sweep::ORPHAN_PAGE_SIZE,
@@ -64,31 +83,49 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
     args.limits.validate().map_err(anyhow::Error::msg)?;
     // Register every metric now rather than inside the first request that touches one.
     crate::metrics::metrics();
-    let pool = connect_and_migrate(&args.db).await?;
-    let storage = storage(&args.storage, &pool).await?;
+    let db = connect_db(&args.db).await?;
+    let storage = storage(&args.storage, &db).await?;
     let spool_dir = args.spool_dir.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&spool_dir)
         .with_context(|| format!("creating SPOOL_DIR {}", spool_dir.display()))?;
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(args.push_timeout.0)
-        .build()
-        .context("building the push HTTP client")?;
+    let push = http::push::Pusher::new(
+        PushPolicy::new(args.push_allowed_networks.clone()),
+        args.push_timeout.0,
+    )
+    .context("building the push HTTP client")?;
+    let d = &args.deadlines;
     let state = AppState {
-        auth: Auth::new(args.admin_token.clone(), pool.clone()),
-        pool: pool.clone(),
+        auth: Auth::new(args.admin_token.clone(), db.clone()),
+        stager: Stager {
+            db: db.clone(),
+            storage: storage.clone(),
+            quota: Quota {
+                max_bytes: args.limits.max_pending_bytes_per_workspace,
+                max_files: args.limits.max_pending_files_per_workspace,
+            },
+        },
+        db: db.clone(),
         storage: storage.clone(),
         limits: args.limits.clone(),
         spool_dir,
-        http,
+        push,
         accepting: Arc::new(AtomicBool::new(true)),
-        upload_slots: Arc::new(tokio::sync::Semaphore::new(
-            args.max_concurrent_uploads.max(1),
-        )),
-        body_idle_timeout: args.body_idle_timeout.0,
+        upload_slots: UploadSlots::new(
+            args.max_concurrent_uploads,
+            args.max_concurrent_uploads_per_workspace,
+        ),
+        deadlines: Deadlines {
+            request_body: d.request_body_timeout.0,
+            upload: Pace {
+                idle: d.body_idle_timeout.0,
+                min_rate: d.body_min_rate,
+                grace: d.body_rate_grace.0,
+            },
+        },
+        hub: Hub::default(),
     };
     let router = http::router(state.clone(), &args.cors_allowed_origins);
-    let sweeper = sweeper(&args.sweep, &pool, &storage);
+    let sweeper = sweeper(&args.sweep, &db, &storage);
     Ok(Service {
         router,
         state,
@@ -96,7 +133,18 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
     })
 }
 
+/// Connection settings of `http::serve` from the configuration.
+pub fn serve_options(args: &ServeArgs, drain_deadline: Duration) -> ServeOptions {
+    ServeOptions {
+        drain_deadline,
+        response_idle: args.deadlines.response_idle_timeout.0,
+        header_read: args.deadlines.header_read_timeout.0,
+        max_connections: args.max_connections,
+    }
+}
+
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    raise_fd_limit();
     let service = build(&args).await?;
     let listener = TcpListener::bind(args.bind_addr)
         .await
@@ -106,23 +154,43 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         admin = args.admin_token.is_some(), "pending-uploads listening"
     );
     let sweep = tokio::spawn(service.sweeper.clone().run_forever(args.sweep_interval.0));
-    let gauges = tokio::spawn(refresh_gauges_forever(service.state.pool.clone()));
+    let pool = service.state.db.pool().clone();
+    let gauges = tokio::spawn(refresh_gauges_forever(pool.clone()));
+    let listen = tokio::spawn(service.state.hub.clone().listen_forever(pool.clone()));
     let accepting = service.state.accepting.clone();
     let shutdown = async move {
         shutdown_signal().await;
         accepting.store(false, std::sync::atomic::Ordering::SeqCst);
         tracing::info!("shutdown requested: draining");
     };
-    let timeouts = http::ServeTimeouts {
-        drain_deadline: DRAIN_DEADLINE,
-        response_idle: args.response_idle_timeout.0,
-    };
-    http::serve(listener, service.router, shutdown, timeouts).await?;
+    http::serve(
+        listener,
+        service.router,
+        shutdown,
+        serve_options(&args, DRAIN_DEADLINE),
+    )
+    .await?;
     sweep.abort();
     gauges.abort();
-    service.state.pool.close().await;
+    listen.abort();
+    pool.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Long polls hold a socket each: lift the soft descriptor limit to the hard one.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 /// Keeps the backlog gauges fresh for /metrics.

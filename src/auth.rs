@@ -4,11 +4,27 @@ use axum::http::{header, HeaderMap};
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use sqlx::PgPool;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
-use crate::{config::Secret, db, http::error::ApiError};
+use crate::{
+    config::Secret,
+    db::{self, Db, DbError},
+};
+
+/// Why a caller is refused (SPEC §3). The HTTP layer maps each to its status and text.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing workspace auth token")]
+    Missing,
+    #[error("invalid workspace auth token")]
+    Invalid,
+    #[error("invalid workspace ID")]
+    BadWorkspaceId,
+    /// The token lookup itself failed (database away: 503).
+    #[error("token lookup failed: {0}")]
+    Lookup(#[from] DbError),
+}
 
 /// A new workspace token (returned once), with what is stored of it.
 pub struct NewToken {
@@ -48,7 +64,7 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 #[derive(Clone)]
 pub struct Auth {
     admin_token: Option<Secret>,
-    pool: PgPool,
+    db: Db,
 }
 
 /// Who is calling a workspace route.
@@ -59,10 +75,10 @@ pub enum Caller {
 }
 
 impl Auth {
-    pub fn new(admin_token: Option<Secret>, pool: PgPool) -> Self {
+    pub fn new(admin_token: Option<Secret>, db: Db) -> Self {
         // An empty ADMIN_TOKEN is as unset: fail closed.
         let admin_token = admin_token.filter(|s| !s.0.is_empty());
-        Auth { admin_token, pool }
+        Auth { admin_token, db }
     }
 
     /// Compares digests, so the time taken tells nothing about the admin token's bytes or
@@ -75,12 +91,12 @@ impl Auth {
     }
 
     /// Admin-only routes.
-    pub fn admin(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let token = bearer(headers).ok_or(ApiError::MissingToken)?;
+    pub fn admin(&self, headers: &HeaderMap) -> Result<(), AuthError> {
+        let token = bearer(headers).ok_or(AuthError::Missing)?;
         if self.is_admin(token) {
             Ok(())
         } else {
-            Err(ApiError::InvalidToken)
+            Err(AuthError::Invalid)
         }
     }
 
@@ -89,8 +105,8 @@ impl Auth {
         &self,
         headers: &HeaderMap,
         raw_id: &str,
-    ) -> Result<(Uuid, Caller), ApiError> {
-        let token = bearer(headers).ok_or(ApiError::MissingToken)?;
+    ) -> Result<(Uuid, Caller), AuthError> {
+        let token = bearer(headers).ok_or(AuthError::Missing)?;
         let id = parse_workspace_id(raw_id)?;
         if self.is_admin(token) {
             return Ok((id, Caller::Admin));
@@ -100,26 +116,21 @@ impl Auth {
     }
 
     /// Checks that `token` is a live token of `workspace_id`.
-    pub async fn token_for(&self, token: &str, workspace_id: Uuid) -> Result<Caller, ApiError> {
-        let found = db::tokens::find_live(&self.pool, &hash_token(token))
-            .await
-            .map_err(|_| ApiError::DatastoreUnavailable)?;
+    pub async fn token_for(&self, token: &str, workspace_id: Uuid) -> Result<Caller, AuthError> {
+        let hash = hash_token(token);
+        let found = self
+            .db
+            .run(move |c| Box::pin(async move { db::tokens::find_live(c, &hash).await }))
+            .await?;
         match found {
-            Some(t) if t.workspace_id == workspace_id => {
-                if t.stale {
-                    if let Err(e) = db::tokens::touch(&self.pool, t.id).await {
-                        tracing::warn!(error = %e, "could not stamp token last_used_at");
-                    }
-                }
-                Ok(Caller::Workspace { token_id: t.id })
-            }
-            _ => Err(ApiError::InvalidToken),
+            Some(t) if t.workspace_id == workspace_id => Ok(Caller::Workspace { token_id: t.id }),
+            _ => Err(AuthError::Invalid),
         }
     }
 }
 
-pub fn parse_workspace_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::InvalidWorkspaceId)
+pub fn parse_workspace_id(raw: &str) -> Result<Uuid, AuthError> {
+    Uuid::parse_str(raw).map_err(|_| AuthError::BadWorkspaceId)
 }
 
 #[cfg(test)]
@@ -142,7 +153,10 @@ mod tests {
     #[tokio::test]
     async fn admin_token_matches_exactly_and_fails_closed() {
         // A lazy pool never connects: is_admin needs no database.
-        let pool = || PgPool::connect_lazy("postgres://unused@127.0.0.1:1/x").unwrap();
+        let pool = || {
+            let pool = sqlx::PgPool::connect_lazy("postgres://unused@127.0.0.1:1/x").unwrap();
+            Db::new(pool, std::time::Duration::from_secs(1))
+        };
         let auth = Auth::new(Some(Secret("s3cret-admin".into())), pool());
         assert!(auth.is_admin("s3cret-admin"));
         for wrong in [

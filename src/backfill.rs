@@ -7,13 +7,12 @@ use std::{path::Path, time::Instant};
 use futures::{stream, StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
-    db::{self, uploads::UploadRow},
+    db::{self, uploads::UploadRow, Db, DbError},
     spool::SpoolWriter,
-    storage::{ByteRange, Location, S3Backend, Storage, StorageBackend},
+    storage::{ByteRange, Location, S3Backend, Storage},
 };
 
 #[derive(Debug, Clone)]
@@ -44,7 +43,7 @@ pub enum CopyError {
     #[error("{0}")]
     Storage(#[from] crate::storage::StorageError),
     #[error("database: {0}")]
-    Db(#[from] sqlx::Error),
+    Db(#[from] DbError),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
     #[error("bytea content does not match its recorded sha256")]
@@ -59,7 +58,7 @@ enum Copied {
 }
 
 pub async fn backfill(
-    pool: &PgPool,
+    db: &Db,
     storage: &Storage,
     spool_dir: &Path,
     opts: &BackfillOptions,
@@ -68,7 +67,9 @@ pub async fn backfill(
         .s3()
         .ok_or_else(|| anyhow::anyhow!("backfill needs PENDING_UPLOADS_S3_BUCKET"))?;
     let started = Instant::now();
-    let (rows_total, bytes_total) = db::uploads::bytea_only_totals(pool).await?;
+    let (rows_total, bytes_total) = db
+        .run(|c| Box::pin(db::uploads::bytea_only_totals(c)))
+        .await?;
     let mut report = BackfillReport {
         dry_run: opts.dry_run,
         rows_total,
@@ -100,13 +101,16 @@ pub async fn backfill(
     let backfilled = &crate::metrics::metrics().backfill_rows;
     let mut cursor = Uuid::nil();
     loop {
-        let batch = db::uploads::bytea_only_after(pool, cursor, opts.batch_size).await?;
+        let limit = opts.batch_size;
+        let batch = db
+            .run(move |c| Box::pin(db::uploads::bytea_only_after(c, cursor, limit)))
+            .await?;
         let Some(last) = batch.last() else { break };
         cursor = last.file_id;
         let results: Vec<(UploadRow, Result<Copied, CopyError>)> = stream::iter(batch)
             .map(|row| async move {
                 let result =
-                    copy_with_retries(pool, storage, s3, spool_dir, &row, opts.retries).await;
+                    copy_with_retries(db, storage, s3, spool_dir, &row, opts.retries).await;
                 (row, result)
             })
             .buffer_unordered(opts.concurrency.max(1))
@@ -149,7 +153,7 @@ pub async fn backfill(
 }
 
 async fn copy_with_retries(
-    pool: &PgPool,
+    db: &Db,
     storage: &Storage,
     s3: &S3Backend,
     spool_dir: &Path,
@@ -158,7 +162,7 @@ async fn copy_with_retries(
 ) -> Result<Copied, CopyError> {
     let mut attempt = 0;
     loop {
-        match copy_one(pool, storage, s3, spool_dir, row).await {
+        match copy_one(db, storage, s3, spool_dir, row).await {
             Err(CopyError::SourceCorrupt) => return Err(CopyError::SourceCorrupt),
             Err(e) if attempt < retries => {
                 attempt += 1;
@@ -172,7 +176,7 @@ async fn copy_with_retries(
 
 /// Copies one row: bytea → spool (digest) → S3 → read back and verify → point the row at it.
 async fn copy_one(
-    pool: &PgPool,
+    db: &Db,
     storage: &Storage,
     s3: &S3Backend,
     spool_dir: &Path,
@@ -184,11 +188,16 @@ async fn copy_one(
         ..row.location()
     };
     let mut writer = SpoolWriter::create(spool_dir)?;
-    let mut chunks = match storage.get(&source, ByteRange::full(size)).await {
+    let file_id = row.file_id;
+    let gone = || async move {
+        let row = db
+            .run(move |c| Box::pin(db::uploads::get_any(c, file_id)))
+            .await?;
+        Ok::<_, CopyError>(row.is_none())
+    };
+    let mut chunks = match storage.open(&source, ByteRange::full(size)).await {
         Ok(chunks) => chunks,
-        Err(_) if db::uploads::get_any(pool, row.file_id).await?.is_none() => {
-            return Ok(Copied::Skipped)
-        }
+        Err(_) if gone().await? => return Ok(Copied::Skipped),
         Err(e) => return Err(e.into()),
     };
     loop {
@@ -196,9 +205,7 @@ async fn copy_one(
             Ok(Some(chunk)) => writer.write(&chunk).await?,
             Ok(None) => break,
             // swept while we read it
-            Err(_) if db::uploads::get_any(pool, row.file_id).await?.is_none() => {
-                return Ok(Copied::Skipped)
-            }
+            Err(_) if gone().await? => return Ok(Copied::Skipped),
             Err(e) => return Err(e.into()),
         }
     }
@@ -214,7 +221,13 @@ async fn copy_one(
     let key = s3.key_for(row.workspace_id, row.file_id);
     s3.put_key(&key, &spool).await?;
     verify(s3, &key, size, &spool.sha256).await?;
-    if db::uploads::set_s3_key(pool, row.file_id, &key, &spool.sha256).await? {
+    let (k, digest) = (key.clone(), spool.sha256);
+    let pointed = db
+        .run(move |c| {
+            Box::pin(async move { db::uploads::set_s3_key(c, file_id, &k, &digest).await })
+        })
+        .await?;
+    if pointed {
         tracing::info!(
             event = "backfilled", workspace_id = %row.workspace_id, file_id = %row.file_id,
             size, name = %row.filename, backend = "s3", "row copied to S3"
@@ -222,7 +235,10 @@ async fn copy_one(
         return Ok(Copied::Migrated(size));
     }
     // The row is gone, or someone else pointed it at a key meanwhile.
-    match db::uploads::get_any(pool, row.file_id).await? {
+    let now = db
+        .run(move |c| Box::pin(db::uploads::get_any(c, file_id)))
+        .await?;
+    match now {
         Some(now) if now.s3_key.as_deref() == Some(key.as_str()) => {}
         _ => s3.delete_key(&key).await?,
     }
@@ -232,14 +248,7 @@ async fn copy_one(
 /// Reads the object back and checks its size and sha256.
 async fn verify(s3: &S3Backend, key: &str, size: u64, sha256: &[u8; 32]) -> Result<(), CopyError> {
     use sha2::{Digest, Sha256};
-    let loc = Location {
-        file_id: Uuid::nil(),
-        workspace_id: Uuid::nil(),
-        size,
-        inline: false,
-        s3_key: Some(key.to_string()),
-    };
-    let mut body = s3.get(&loc, ByteRange::full(size)).await?;
+    let mut body = s3.open_key(key, ByteRange::full(size)).await?;
     let mut hasher = Sha256::new();
     let mut seen = 0u64;
     while let Some(chunk) = body.try_next().await? {
@@ -270,18 +279,22 @@ pub enum ContractError {
     )]
     Refused { rows: i64, bytes: i64 },
     #[error("database: {0}")]
-    Db(#[from] sqlx::Error),
+    Db(#[from] DbError),
 }
 
 /// Releases the bytea copies of rows that have a verified S3 copy, in batches.
-pub async fn contract(pool: &PgPool, batch_size: i64) -> Result<ContractReport, ContractError> {
-    let (rows, bytes) = db::uploads::bytea_only_totals(pool).await?;
+pub async fn contract(db: &Db, batch_size: i64) -> Result<ContractReport, ContractError> {
+    let (rows, bytes) = db
+        .run(|c| Box::pin(db::uploads::bytea_only_totals(c)))
+        .await?;
     if rows > 0 {
         return Err(ContractError::Refused { rows, bytes });
     }
     let mut released = 0;
     loop {
-        let n = db::uploads::release_bytea_batch(pool, batch_size).await?;
+        let n = db
+            .run(move |c| Box::pin(db::uploads::release_bytea_batch(c, batch_size)))
+            .await?;
         released += n;
         if n == 0 {
             break;

@@ -211,8 +211,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             dry_run,
             no_progress,
         }) => {
-            let pool = crate::app::connect_and_migrate(&db).await?;
-            let storage = crate::app::storage(&storage, &pool).await?;
+            let db = crate::app::connect_db(&db).await?;
+            let storage = crate::app::storage(&storage, &db).await?;
             let opts = crate::backfill::BackfillOptions {
                 concurrency,
                 batch_size: batch_size.max(1),
@@ -221,7 +221,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 progress: !no_progress,
             };
             let report =
-                crate::backfill::backfill(&pool, &storage, &std::env::temp_dir(), &opts).await?;
+                crate::backfill::backfill(&db, &storage, &std::env::temp_dir(), &opts).await?;
             println!("{}", serde_json::to_string(&report)?);
             if report.failed > 0 {
                 anyhow::bail!(
@@ -233,19 +233,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Command::Agent(args)) => run_agent(args).await,
         Some(Command::Openapi) => {
-            print!("{}", crate::http::openapi::document());
+            print!("{}", crate::http::document());
             Ok(())
         }
         Some(Command::Contract { db, batch_size }) => {
-            let pool = crate::app::connect_and_migrate(&db).await?;
-            let report = crate::backfill::contract(&pool, batch_size.max(1)).await?;
+            let db = crate::app::connect_db(&db).await?;
+            let report = crate::backfill::contract(&db, batch_size.max(1)).await?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
         Some(Command::Sweep { db, storage, sweep }) => {
-            let pool = crate::app::connect_and_migrate(&db).await?;
-            let storage = crate::app::storage(&storage, &pool).await?;
-            let stats = crate::app::sweeper(&sweep, &pool, &storage)
+            let db = crate::app::connect_db(&db).await?;
+            let storage = crate::app::storage(&storage, &db).await?;
+            let stats = crate::app::sweeper(&sweep, &db, &storage)
                 .run_once()
                 .await?;
             tracing::info!(rows = stats.rows, bytes = stats.bytes, "sweep pass done");
@@ -257,6 +257,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     "objects_deleted": stats.objects_deleted,
                     "object_errors": stats.object_errors,
                     "orphans_deleted": stats.orphans_deleted,
+                    "activity_rows_deleted": stats.activity_rows,
                 })
             );
             Ok(())

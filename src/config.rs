@@ -5,9 +5,10 @@ use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use clap::{Args, ValueEnum};
 
-/// Hard ceilings from SPEC §9; configuration may only lower them.
-pub const MAX_FILE_BYTES: u64 = 26_214_400;
-pub const MAX_REQUEST_BYTES: u64 = 50 * 1024 * 1024;
+/// Hard ceilings from SPEC §9 (the canvas's 100 MB, and the table's CHECK); configuration may
+/// only lower them.
+pub const MAX_FILE_BYTES: u64 = 104_857_600;
+pub const MAX_REQUEST_BYTES: u64 = 104_857_600;
 pub const MAX_FILES_PER_REQUEST: usize = 64;
 pub const MAX_FILENAME_CHARS: usize = 100;
 
@@ -88,6 +89,9 @@ pub struct DbArgs {
     /// Maximum connections in the pool.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 20)]
     pub database_max_connections: u32,
+    /// Longest wait on a stalled dependency (database, S3) before a request gets 503.
+    #[arg(long, env = "DEPENDENCY_TIMEOUT", default_value = "10s")]
+    pub dependency_timeout: HumanDuration,
 }
 
 /// When the S3 client computes request checksums. Some S3-compatible servers reject the
@@ -129,10 +133,10 @@ pub struct StorageArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct LimitArgs {
-    /// Largest accepted file, in bytes (at most 26214400).
+    /// Largest accepted file, in bytes (at most 104857600).
     #[arg(long, env = "MAX_FILE_BYTES", default_value_t = MAX_FILE_BYTES)]
     pub max_file_bytes: u64,
-    /// Largest accepted request body, in bytes (at most 52428800).
+    /// Largest accepted request body, in bytes (at most 104857600).
     #[arg(long, env = "MAX_REQUEST_BYTES", default_value_t = MAX_REQUEST_BYTES)]
     pub max_request_bytes: u64,
     /// Most files in one upload request (at most 64).
@@ -144,6 +148,13 @@ pub struct LimitArgs {
     /// Unacked bytes a workspace may have staged before uploads get 429.
     #[arg(long, env = "MAX_PENDING_BYTES_PER_WORKSPACE", default_value_t = 1 << 30)]
     pub max_pending_bytes_per_workspace: u64,
+    /// Unacked files a workspace may have staged before uploads get 429.
+    #[arg(
+        long,
+        env = "MAX_PENDING_FILES_PER_WORKSPACE",
+        default_value_t = 10_000
+    )]
+    pub max_pending_files_per_workspace: u64,
 }
 
 impl LimitArgs {
@@ -189,6 +200,9 @@ pub struct SweepArgs {
     /// Objects with no row are deleted by the sweep once older than this.
     #[arg(long, env = "ORPHAN_GRACE", default_value = "1h")]
     pub orphan_grace: HumanDuration,
+    /// This service's own chat_upload_receive activity rows are deleted once older than this.
+    #[arg(long, env = "ACTIVITY_RETENTION", default_value = "7d")]
+    pub activity_retention: HumanDuration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -216,19 +230,53 @@ pub struct ServeArgs {
     /// Folder for spooling uploads (unnamed temp files; defaults to the system temp dir).
     #[arg(long, env = "SPOOL_DIR")]
     pub spool_dir: Option<PathBuf>,
-    /// Upload requests handled at once; more get 503 with Retry-After.
+    /// Upload requests handled at once by this replica; more get 503 with Retry-After.
     #[arg(long, env = "MAX_CONCURRENT_UPLOADS", default_value_t = 64)]
     pub max_concurrent_uploads: usize,
-    /// An upload whose body sends nothing for this long is cut off with 408 (slow clients).
+    /// Upload requests one workspace may have in progress on this replica; more get 429.
+    #[arg(
+        long,
+        env = "MAX_CONCURRENT_UPLOADS_PER_WORKSPACE",
+        default_value_t = 4
+    )]
+    pub max_concurrent_uploads_per_workspace: usize,
+    /// Open client connections per replica; further connections wait in the listen backlog.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 16_384)]
+    pub max_connections: usize,
+    #[command(flatten)]
+    pub deadlines: DeadlineArgs,
+    /// Timeout for the push-mode proxy to a workspace (the canvas allows ~100 KB/s for 100 MB).
+    #[arg(long, env = "PUSH_TIMEOUT", default_value = "1200s")]
+    pub push_timeout: HumanDuration,
+    /// Networks a push URL may reach although they are internal (comma-separated CIDRs, e.g.
+    /// 127.0.0.0/8 for a receiver on this host). Empty: none.
+    #[arg(long, env = "PUSH_ALLOWED_NETWORKS", default_value = "")]
+    pub push_allowed_networks: crate::push_target::AllowedNetworks,
+}
+
+/// How long a client may take (SPEC §10, slow clients).
+#[derive(Debug, Clone, Args)]
+pub struct DeadlineArgs {
+    /// A request head (line and headers) must arrive within this.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s")]
+    pub header_read_timeout: HumanDuration,
+    /// A non-upload request body (JSON) must arrive whole within this.
+    #[arg(long, env = "REQUEST_BODY_TIMEOUT", default_value = "10s")]
+    pub request_body_timeout: HumanDuration,
+    /// An upload body that sends nothing for this long is cut off with 408.
     #[arg(long, env = "BODY_IDLE_TIMEOUT", default_value = "30s")]
     pub body_idle_timeout: HumanDuration,
+    /// After BODY_RATE_GRACE, an upload body must average at least this many bytes per
+    /// second since it began, or it is cut off with 408 (a trickle cannot hold a slot).
+    #[arg(long, env = "BODY_MIN_RATE", default_value_t = 8192)]
+    pub body_min_rate: u64,
+    /// How long an upload body may run before BODY_MIN_RATE applies.
+    #[arg(long, env = "BODY_RATE_GRACE", default_value = "10s")]
+    pub body_rate_grace: HumanDuration,
     /// A response the client stops reading for this long is cut off (slow readers cannot
     /// hold a connection, a storage stream and a drain slot forever).
     #[arg(long, env = "RESPONSE_IDLE_TIMEOUT", default_value = "60s")]
     pub response_idle_timeout: HumanDuration,
-    /// Timeout for the push-mode proxy to a workspace.
-    #[arg(long, env = "PUSH_TIMEOUT", default_value = "120s")]
-    pub push_timeout: HumanDuration,
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! pending-uploads: stages chat file uploads for agent workspaces behind NAT.
 
 pub mod agent;
+pub mod api;
 pub mod app;
 pub mod auth;
 pub mod backfill;
@@ -8,8 +9,14 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod http;
+pub mod logfmt;
+pub mod longpoll;
 pub mod metrics;
+pub mod multipart;
+pub mod push_target;
 pub mod sanitize;
+pub mod slots;
 pub mod spool;
+pub mod staging;
 pub mod storage;
 pub mod sweep;

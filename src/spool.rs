@@ -56,7 +56,8 @@ impl SpoolWriter {
     }
 }
 
-/// A fully received file: its bytes on disk, its size and digest.
+/// A fully received file: its bytes on disk, its size and digest. Clones share the file.
+#[derive(Clone)]
 pub struct Spool {
     file: Arc<File>,
     pub size: u64,

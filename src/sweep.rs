@@ -6,9 +6,11 @@
 use std::time::Duration;
 
 use futures::{stream, StreamExt, TryStreamExt};
-use sqlx::PgPool;
 
-use crate::storage::Storage;
+use crate::{
+    db::{self, Db, DbError},
+    storage::Storage,
+};
 
 /// Object deletions in flight per sweeper.
 const DELETE_CONCURRENCY: usize = 16;
@@ -20,13 +22,16 @@ pub struct SweepStats {
     pub objects_deleted: u64,
     pub object_errors: u64,
     pub orphans_deleted: u64,
+    /// This service's upload activity rows past ACTIVITY_RETENTION.
+    pub activity_rows: u64,
 }
 
 #[derive(Clone)]
 pub struct Sweeper {
-    pub pool: PgPool,
+    pub db: Db,
     pub storage: Storage,
     pub ack_retention: Duration,
+    pub activity_retention: Duration,
     pub batch_size: i64,
     pub orphan_grace: Duration,
     /// Objects per listing page of the orphan reconciliation.
@@ -36,18 +41,18 @@ pub struct Sweeper {
 pub const ORPHAN_PAGE_SIZE: i32 = crate::storage::s3::LIST_PAGE_MAX;
 
 impl Sweeper {
-    /// One pass: row batches until nothing is left to sweep, then orphan reconciliation.
-    pub async fn run_once(&self) -> Result<SweepStats, sqlx::Error> {
+    /// One pass: row batches until nothing is left to sweep, then old activity rows, then
+    /// orphan reconciliation.
+    pub async fn run_once(&self) -> Result<SweepStats, DbError> {
         let mut stats = SweepStats::default();
         loop {
             // Rows go first, objects after: no row ever points at a deleted object. An object
             // whose delete fails is left to the reconciliation.
-            let batch = crate::db::uploads::sweep_batch(
-                &self.pool,
-                self.ack_retention.as_secs_f64(),
-                self.batch_size,
-            )
-            .await?;
+            let (retention, limit) = (self.ack_retention.as_secs_f64(), self.batch_size);
+            let batch = self
+                .db
+                .run(move |c| Box::pin(db::uploads::sweep_batch(c, retention, limit)))
+                .await?;
             let full_batch = batch.len() as i64 >= self.batch_size;
             let results: Vec<_> = stream::iter(batch)
                 .map(|row| {
@@ -91,6 +96,7 @@ impl Sweeper {
                 break;
             }
         }
+        stats.activity_rows = self.sweep_activity().await?;
         match self.reconcile().await {
             Ok(n) => {
                 stats.orphans_deleted = n;
@@ -101,12 +107,41 @@ impl Sweeper {
         Ok(stats)
     }
 
+    /// Deletes this service's own upload activity rows past ACTIVITY_RETENTION, in batches
+    /// (SPEC §10: a workspace that never polls cannot grow the table without bound).
+    async fn sweep_activity(&self) -> Result<u64, DbError> {
+        let (retention, limit) = (self.activity_retention.as_secs_f64(), self.batch_size);
+        let mut total = 0;
+        loop {
+            let n = self
+                .db
+                .run(move |c| Box::pin(db::activity::sweep_upload_rows(c, retention, limit)))
+                .await?;
+            total += n;
+            if (n as i64) < limit {
+                break;
+            }
+        }
+        if total > 0 {
+            tracing::info!(
+                event = "activity_swept",
+                rows = total,
+                "old upload activity rows removed"
+            );
+        }
+        Ok(total)
+    }
+
     /// Deletes objects under our prefix that no row points at and that are older than the
     /// grace period (younger ones may belong to an upload whose row is not committed yet).
+    /// Only under a prefix of our own (SPEC §10, bucket safety).
     pub async fn reconcile(&self) -> Result<u64, crate::storage::StorageError> {
         let Some(s3) = self.storage.s3() else {
             return Ok(0);
         };
+        if !s3.prefix_is_private() {
+            return Ok(0);
+        }
         let cutoff =
             chrono::Utc::now() - chrono::Duration::from_std(self.orphan_grace).unwrap_or_default();
         let mut deleted = 0;
@@ -120,7 +155,11 @@ impl Sweeper {
             if old.is_empty() {
                 continue;
             }
-            let live = crate::db::uploads::existing_keys(&self.pool, &old).await?;
+            let keys = old.clone();
+            let live = self
+                .db
+                .run(move |c| Box::pin(async move { db::uploads::existing_keys(c, &keys).await }))
+                .await?;
             for key in old.iter().filter(|k| !live.contains(k)) {
                 s3.delete_key(key).await?;
                 tracing::info!(

@@ -1,24 +1,11 @@
-use chrono::{DateTime, Utc};
-use serde::Serialize;
 use serde_json::Value;
 use sqlx::{PgConnection, PgExecutor, QueryBuilder};
 use uuid::Uuid;
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct ActivityRow {
-    pub id: Uuid,
-    pub workspace_id: Uuid,
-    pub activity_type: String,
-    pub source_id: Option<Uuid>,
-    pub target_id: Option<Uuid>,
-    pub method: Option<String>,
-    pub summary: Option<String>,
-    pub request_body: Option<Value>,
-    pub response_body: Option<Value>,
-    pub status: String,
-    pub error_detail: Option<String>,
-    pub created_at: DateTime<Utc>,
-}
+pub use crate::api::ActivityRow;
+
+/// The channel an upload's commit notifies (payload: the workspace id); long polls listen.
+pub const CHANNEL: &str = "pending_uploads_activity";
 
 pub struct NewActivity<'a> {
     pub workspace_id: Uuid,
@@ -48,11 +35,13 @@ pub async fn insert(conn: &mut PgConnection, a: &NewActivity<'_>) -> sqlx::Resul
 pub struct Filter<'a> {
     pub activity_type: Option<&'a str>,
     pub method: Option<&'a str>,
+    /// Only rows created within this many seconds.
+    pub since_secs: Option<i64>,
     pub limit: i64,
 }
 
 const COLUMNS: &str = "id, workspace_id, activity_type, source_id, target_id, method, summary, \
-                       request_body, response_body, status, error_detail, created_at";
+                       request_body, response_body, status, error_detail, created_at, seq";
 
 fn push_filter<'a>(q: &mut QueryBuilder<'a, sqlx::Postgres>, workspace_id: Uuid, f: &Filter<'a>) {
     q.push(" WHERE workspace_id = ").push_bind(workspace_id);
@@ -61,6 +50,11 @@ fn push_filter<'a>(q: &mut QueryBuilder<'a, sqlx::Postgres>, workspace_id: Uuid,
     }
     if let Some(m) = f.method {
         q.push(" AND method = ").push_bind(m);
+    }
+    if let Some(secs) = f.since_secs {
+        q.push(" AND created_at >= now() - make_interval(secs => ")
+            .push_bind(secs as f64)
+            .push(")");
     }
 }
 
@@ -95,17 +89,42 @@ pub async fn after(
 pub async fn newest(
     db: impl PgExecutor<'_>,
     workspace_id: Uuid,
-    since_secs: Option<i64>,
     f: &Filter<'_>,
 ) -> sqlx::Result<Vec<ActivityRow>> {
     let mut q = QueryBuilder::new(format!("SELECT {COLUMNS} FROM activity_logs"));
     push_filter(&mut q, workspace_id, f);
-    if let Some(secs) = since_secs {
-        q.push(" AND created_at >= now() - make_interval(secs => ")
-            .push_bind(secs as f64)
-            .push(")");
-    }
     q.push(" ORDER BY created_at DESC, seq DESC LIMIT ")
         .push_bind(f.limit);
     q.build_query_as().fetch_all(db).await
+}
+
+/// Tells every replica's listener that the workspace has new rows (delivered at commit).
+pub async fn notify(conn: &mut PgConnection, workspace_id: Uuid) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANNEL)
+        .bind(workspace_id.to_string())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Deletes up to `limit` of this service's own upload activity rows older than
+/// `retention_secs` (SPEC §10); returns how many went.
+pub async fn sweep_upload_rows(
+    db: impl PgExecutor<'_>,
+    retention_secs: f64,
+    limit: i64,
+) -> sqlx::Result<u64> {
+    let r = sqlx::query(
+        "DELETE FROM activity_logs WHERE id IN (
+             SELECT id FROM activity_logs
+             WHERE method = 'chat_upload_receive'
+               AND created_at < now() - make_interval(secs => $1)
+             LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(retention_secs)
+    .bind(limit)
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected())
 }

@@ -1,4 +1,13 @@
-//! Queries on our tables, one file per table.
+//! Queries on our tables, one file per table; and [`Db`], the one way request paths reach the
+//! database: every use is bounded in time and cannot be cancelled half way.
+//!
+//! Why the care: a sqlx query future dropped mid-flight (a client that disconnects, a
+//! timeout) leaves its connection out of step with the server — half a COPY, a transaction
+//! still open — and the pool hands that connection to the next request, which then reads
+//! another query's answer (seen: valid tokens answered 401, "there is already a transaction
+//! in progress"). So [`Db::run`] executes its work in a task of its own, which a departing
+//! client cannot cancel, and a connection whose work is cut by the deadline is closed, never
+//! returned to the pool.
 
 pub mod activity;
 pub mod tokens;
@@ -7,23 +16,183 @@ pub mod workspaces;
 
 use std::time::Duration;
 
-use sqlx::{postgres::PgPoolOptions, PgConnection, PgPool};
+use futures::future::BoxFuture;
+use sqlx::{
+    pool::PoolConnection,
+    postgres::{PgConnectOptions, PgPoolOptions},
+    PgConnection, PgPool, Postgres,
+};
 use uuid::Uuid;
 
 use crate::config::DbArgs;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-pub async fn connect(args: &DbArgs) -> Result<PgPool, sqlx::Error> {
+/// Pooled connections idle longer than this are pinged before use (a restarted server is
+/// noticed there instead of failing a request); busier ones skip the round trip.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
+pub async fn connect(args: &DbArgs, dependency_timeout: Duration) -> Result<PgPool, sqlx::Error> {
+    let options: PgConnectOptions = args
+        .database_url
+        .0
+        .parse::<PgConnectOptions>()?
+        // A transaction left open by a dead client process is ended by the server.
+        .options([("idle_in_transaction_session_timeout", "60s")]);
     PgPoolOptions::new()
         .max_connections(args.database_max_connections)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(&args.database_url.0)
+        .acquire_timeout(dependency_timeout)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IF_IDLE_FOR {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+        .connect_with(options)
         .await
 }
 
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
+}
+
+/// Why a database call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+    #[error("database task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl DbError {
+    /// The database is away, restarting or overloaded — nothing the request did: callers
+    /// answer 503 and the client retries.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            DbError::Timeout(_) => true,
+            DbError::Task(_) => false,
+            DbError::Sql(e) => sql_unavailable(e),
+        }
+    }
+}
+
+fn sql_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| transient_sqlstate(&c)),
+        _ => false,
+    }
+}
+
+/// SQLSTATEs that mean "not now" rather than "never": connection exceptions (08), server
+/// shutting down or restarting (57P01-57P03), cancelled by a timeout (57014), out of disk,
+/// memory or connections (53), system errors (58), serialization failures and deadlocks.
+fn transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("58")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "57014" | "40001" | "40P01" | "25P03"
+        )
+}
+
+/// The request paths' handle on the database (see the module comment).
+#[derive(Clone)]
+pub struct Db {
+    pool: PgPool,
+    timeout: Duration,
+}
+
+impl Db {
+    pub fn new(pool: PgPool, timeout: Duration) -> Db {
+        Db { pool, timeout }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Runs `work` on one pooled connection, in its own task, within the deadline. The
+    /// caller may go away: the work still completes (or times out) and its connection goes
+    /// back to the pool in step, or is closed.
+    pub async fn run<T, F>(&self, work: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, sqlx::Result<T>> + Send + 'static,
+    {
+        self.run_within(self.timeout, work).await
+    }
+
+    /// [`Db::run`] with its own deadline (work whose size scales with its input).
+    pub async fn run_within<T, F>(&self, deadline: Duration, work: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, sqlx::Result<T>> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        let task = tokio::spawn(async move {
+            let mut conn = Guarded::new(pool.acquire().await?);
+            let result = tokio::time::timeout(deadline, work(conn.conn())).await;
+            match result {
+                Ok(out) => {
+                    // Finished in step (an SQL error still leaves the protocol in step).
+                    conn.release();
+                    Ok(out?)
+                }
+                Err(_) => Err(DbError::Timeout(deadline)),
+            }
+        });
+        task.await?
+    }
+}
+
+/// A pooled connection that is closed, not returned to the pool, unless released: dropped
+/// half way through a query it would be out of step.
+struct Guarded {
+    conn: PoolConnection<Postgres>,
+    in_step: bool,
+}
+
+impl Guarded {
+    fn new(conn: PoolConnection<Postgres>) -> Self {
+        Guarded {
+            conn,
+            in_step: false,
+        }
+    }
+
+    fn conn(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+
+    /// The work finished: the connection may serve the next request.
+    fn release(mut self) {
+        self.in_step = true;
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if !self.in_step {
+            self.conn.close_on_drop();
+        }
+    }
 }
 
 /// Serializes writers of one workspace's uploads and activity rows until the transaction
@@ -35,4 +204,27 @@ pub async fn lock_workspace(conn: &mut PgConnection, workspace_id: Uuid) -> sqlx
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// Is the database reachable? (Readiness.)
+pub async fn ping(conn: &mut PgConnection) -> sqlx::Result<()> {
+    sqlx::query("SELECT 1").execute(conn).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_states() {
+        for code in [
+            "08006", "57P01", "57P03", "53100", "53300", "40P01", "57014",
+        ] {
+            assert!(transient_sqlstate(code), "{code}");
+        }
+        for code in ["23505", "22P02", "42P01", "23514"] {
+            assert!(!transient_sqlstate(code), "{code}");
+        }
+    }
 }

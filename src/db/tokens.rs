@@ -4,8 +4,6 @@ use uuid::Uuid;
 pub struct TokenRow {
     pub id: Uuid,
     pub workspace_id: Uuid,
-    /// last_used_at is unset or older than a minute: due for [`touch`].
-    pub stale: bool,
 }
 
 pub async fn insert(
@@ -24,39 +22,30 @@ pub async fn insert(
     .await
 }
 
-/// A live token: not revoked, and its workspace not removed.
+/// A live token (not revoked, its workspace not removed), in one round trip that also
+/// stamps last_used_at when the stamp is over a minute old (auth stays read-mostly; the
+/// UPDATE's own WHERE settles concurrent stamps).
 pub async fn find_live(
     db: impl PgExecutor<'_>,
     token_hash: &[u8],
 ) -> sqlx::Result<Option<TokenRow>> {
-    let row: Option<(Uuid, Uuid, bool)> = sqlx::query_as(
-        "SELECT t.id, t.workspace_id,
-                t.last_used_at IS NULL OR t.last_used_at < now() - interval '60 seconds'
-         FROM workspace_auth_tokens t
-         JOIN workspaces w ON w.id = t.workspace_id
-         WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND w.status <> 'removed'",
+    let row: Option<(Uuid, Uuid)> = sqlx::query_as(
+        "WITH live AS (
+             SELECT t.id, t.workspace_id,
+                    t.last_used_at IS NULL OR t.last_used_at < now() - interval '60 seconds' AS stale
+             FROM workspace_auth_tokens t
+             JOIN workspaces w ON w.id = t.workspace_id
+             WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND w.status <> 'removed'),
+         touched AS (
+             UPDATE workspace_auth_tokens SET last_used_at = now()
+             WHERE id IN (SELECT id FROM live WHERE stale)
+               AND (last_used_at IS NULL OR last_used_at < now() - interval '60 seconds'))
+         SELECT id, workspace_id FROM live",
     )
     .bind(token_hash)
     .fetch_optional(db)
     .await?;
-    Ok(row.map(|(id, workspace_id, stale)| TokenRow {
-        id,
-        workspace_id,
-        stale,
-    }))
-}
-
-/// Stamps last_used_at, at most once a minute per token to keep auth read-mostly (callers
-/// skip it when [`find_live`] says the stamp is fresh; the WHERE settles concurrent stamps).
-pub async fn touch(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE workspace_auth_tokens SET last_used_at = now()
-         WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < now() - interval '60 seconds')",
-    )
-    .bind(id)
-    .execute(db)
-    .await?;
-    Ok(())
+    Ok(row.map(|(id, workspace_id)| TokenRow { id, workspace_id }))
 }
 
 pub async fn has_live(conn: &mut PgConnection, workspace_id: Uuid) -> sqlx::Result<bool> {

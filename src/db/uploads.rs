@@ -1,13 +1,12 @@
+use std::time::Duration;
+
 use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
-use crate::{
-    spool::Spool,
-    storage::{Location, Placement},
-};
+use crate::{spool::Spool, storage::Location};
 
 /// A row as the fetch, ack and sweep paths need it (never its bytes).
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -53,7 +52,7 @@ pub struct NewUpload<'a> {
     pub filename: &'a str,
     pub mimetype: &'a str,
     pub spool: &'a Spool,
-    pub placement: &'a Placement,
+    pub location: &'a Location,
 }
 
 /// Rows whose inline bytes fit in one spool read chunk go in with a plain INSERT. For small
@@ -64,9 +63,14 @@ pub const INSERT_MAX_BYTES: u64 = crate::spool::READ_CHUNK as u64;
 
 /// Inserts one row. Inline bytes larger than [`INSERT_MAX_BYTES`] stream from the spool into
 /// `content` with a binary COPY: the service never holds more than one read chunk of the
-/// file in memory.
-pub async fn insert(conn: &mut PgConnection, row: &NewUpload<'_>) -> sqlx::Result<()> {
-    if !row.placement.inline || row.spool.size <= INSERT_MAX_BYTES {
+/// file in memory. Each chunk must be taken by the server within `step`: a stalled server
+/// fails the insert (as an I/O error: the connection is then closed, not reused).
+pub async fn insert(
+    conn: &mut PgConnection,
+    row: &NewUpload<'_>,
+    step: Duration,
+) -> sqlx::Result<()> {
+    if !row.location.inline || row.spool.size <= INSERT_MAX_BYTES {
         return insert_small(conn, row).await;
     }
     let mut copy = conn
@@ -85,29 +89,40 @@ pub async fn insert(conn: &mut PgConnection, row: &NewUpload<'_>) -> sqlx::Resul
     put_field(&mut head, row.filename.as_bytes());
     put_field(&mut head, row.mimetype.as_bytes());
     put_field(&mut head, &row.spool.sha256);
-    match &row.placement.s3_key {
+    match &row.location.s3_key {
         Some(key) => put_field(&mut head, key.as_bytes()),
         None => head.put_i32(-1), // NULL
     }
-    if row.placement.inline {
+    if row.location.inline {
         head.put_i32(row.spool.size as i32); // content length, then the bytes themselves
         copy.send(head.freeze()).await?;
         let mut chunks = std::pin::pin!(row.spool.chunks());
         while let Some(chunk) = chunks.try_next().await? {
-            copy.send(chunk).await?;
+            tokio::time::timeout(step, copy.send(chunk))
+                .await
+                .map_err(|_| stalled(step))??;
         }
     } else {
         head.put_i32(-1);
         copy.send(head.freeze()).await?;
     }
     copy.send(&(-1i16).to_be_bytes()[..]).await?;
-    copy.finish().await?;
+    tokio::time::timeout(step, copy.finish())
+        .await
+        .map_err(|_| stalled(step))??;
     Ok(())
+}
+
+fn stalled(step: Duration) -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("database took no data for {step:?}"),
+    ))
 }
 
 /// The INSERT path of [`insert`]: no bytes (they are in S3), or at most one read chunk.
 async fn insert_small(conn: &mut PgConnection, row: &NewUpload<'_>) -> sqlx::Result<()> {
-    let content: Option<Vec<u8>> = if row.placement.inline {
+    let content: Option<Vec<u8>> = if row.location.inline {
         Some(row.spool.chunks().map_ok(Vec::from).try_concat().await?)
     } else {
         None
@@ -121,7 +136,7 @@ async fn insert_small(conn: &mut PgConnection, row: &NewUpload<'_>) -> sqlx::Res
     .bind(row.filename)
     .bind(row.mimetype)
     .bind(&row.spool.sha256[..])
-    .bind(row.placement.s3_key.as_deref())
+    .bind(row.location.s3_key.as_deref())
     .bind(content)
     .execute(conn)
     .await?;
@@ -133,16 +148,27 @@ fn put_field(buf: &mut BytesMut, value: &[u8]) {
     buf.put_slice(value);
 }
 
-/// Unacked, unexpired bytes of the workspace's committed uploads (the quota). A transaction's
-/// own inserts are not in it: they count when it commits.
-pub async fn pending_bytes(db: impl PgExecutor<'_>, workspace_id: Uuid) -> sqlx::Result<i64> {
-    // The trigger-kept total (committed rows), less what has expired but is not swept yet.
-    sqlx::query_scalar(
-        "SELECT GREATEST(0,
-             COALESCE((SELECT unacked_bytes FROM pending_upload_totals WHERE workspace_id = $1), 0)
-           - COALESCE((SELECT sum(size_bytes) FROM pending_uploads
-                       WHERE workspace_id = $1 AND acked_at IS NULL AND expires_at <= now()), 0)
-         )::bigint",
+/// Unacked, unexpired bytes and files of a workspace's committed uploads (the quotas).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct PendingTotals {
+    pub bytes: i64,
+    pub files: i64,
+}
+
+/// The workspace's [`PendingTotals`]. A transaction's own inserts are not in them: they count
+/// when it commits.
+pub async fn pending_totals(
+    db: impl PgExecutor<'_>,
+    workspace_id: Uuid,
+) -> sqlx::Result<PendingTotals> {
+    // The trigger-kept totals (committed rows), less what has expired but is not swept yet.
+    sqlx::query_as(
+        "SELECT GREATEST(0, COALESCE(t.unacked_bytes, 0) - COALESCE(x.bytes, 0))::bigint AS bytes,
+                GREATEST(0, COALESCE(t.unacked_files, 0) - COALESCE(x.files, 0))::bigint AS files
+         FROM (SELECT 1) one
+         LEFT JOIN pending_upload_totals t ON t.workspace_id = $1
+         LEFT JOIN (SELECT sum(size_bytes) AS bytes, count(*) AS files FROM pending_uploads
+                    WHERE workspace_id = $1 AND acked_at IS NULL AND expires_at <= now()) x ON true",
     )
     .bind(workspace_id)
     .fetch_one(db)
@@ -199,29 +225,79 @@ pub async fn list_pending_page(
     .await
 }
 
+/// One slice of a row's inline bytes (`offset` 0-based); `None` when the row or its bytes are
+/// gone.
+pub async fn read_slice(
+    db: impl PgExecutor<'_>,
+    file_id: Uuid,
+    offset: u64,
+    len: u64,
+) -> sqlx::Result<Option<Vec<u8>>> {
+    // substring() positions are 1-based.
+    let chunk: Option<Option<Vec<u8>>> = sqlx::query_scalar(
+        "SELECT substring(content FROM $2::int FOR $3::int) FROM pending_uploads WHERE file_id = $1",
+    )
+    .bind(file_id)
+    .bind(offset as i64 + 1)
+    .bind(len as i64)
+    .fetch_optional(db)
+    .await?;
+    Ok(chunk.flatten())
+}
+
+/// Stamps fetched_at once a body has been handed over (best effort, SPEC §4 Fetch).
 pub async fn mark_fetched(db: impl PgExecutor<'_>, file_id: Uuid) -> sqlx::Result<()> {
-    sqlx::query("UPDATE pending_uploads SET fetched_at = now() WHERE file_id = $1")
-        .bind(file_id)
-        .execute(db)
-        .await?;
+    sqlx::query(
+        "UPDATE pending_uploads SET fetched_at = now() WHERE file_id = $1 AND expires_at > now()",
+    )
+    .bind(file_id)
+    .execute(db)
+    .await?;
     Ok(())
 }
 
-/// Stamps acked_at (keeping the first stamp); false when the row is gone by now.
-pub async fn mark_acked(
+/// What an ack found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// No live row of this workspace.
+    Missing,
+    /// Acked before.
+    Repeat,
+    /// Live when looked up, swept before the stamp.
+    Raced,
+    Acked {
+        size: i64,
+        name: String,
+    },
+}
+
+/// Stamps acked_at on the workspace's live row, keeping an earlier stamp, in one round trip.
+pub async fn ack(
     db: impl PgExecutor<'_>,
     workspace_id: Uuid,
     file_id: Uuid,
-) -> sqlx::Result<bool> {
-    let r = sqlx::query(
-        "UPDATE pending_uploads SET acked_at = COALESCE(acked_at, now())
-         WHERE file_id = $1 AND workspace_id = $2",
+) -> sqlx::Result<AckOutcome> {
+    let row: Option<(bool, bool, i64, String)> = sqlx::query_as(
+        "WITH target AS (
+             SELECT file_id, acked_at, size_bytes, filename FROM pending_uploads
+             WHERE file_id = $1 AND workspace_id = $2 AND expires_at > now()),
+         stamped AS (
+             UPDATE pending_uploads p SET acked_at = now()
+             FROM target t WHERE p.file_id = t.file_id AND p.acked_at IS NULL
+             RETURNING p.file_id)
+         SELECT t.acked_at IS NOT NULL, EXISTS (SELECT 1 FROM stamped), t.size_bytes, t.filename
+         FROM target t",
     )
     .bind(file_id)
     .bind(workspace_id)
-    .execute(db)
+    .fetch_optional(db)
     .await?;
-    Ok(r.rows_affected() == 1)
+    Ok(match row {
+        None => AckOutcome::Missing,
+        Some((true, _, _, _)) => AckOutcome::Repeat,
+        Some((false, true, size, name)) => AckOutcome::Acked { size, name },
+        Some((false, false, _, _)) => AckOutcome::Raced,
+    })
 }
 
 /// One sweep batch: deletes up to `limit` rows that are expired, or acked longer ago than

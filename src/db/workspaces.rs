@@ -1,18 +1,39 @@
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+use crate::api::{self, DeliveryMode, WorkspaceStatus};
+
+/// A workspace row. Mode and status stay text here: rows written by the platform may hold
+/// values this binary never writes (`''`, `offline`, ...), and must still be served.
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Workspace {
     pub id: Uuid,
     pub name: String,
     pub delivery_mode: String,
     pub url: Option<String>,
-    #[serde(skip)]
     pub platform_inbound_secret: Option<String>,
     pub status: String,
     pub created_at: DateTime<Utc>,
+}
+
+impl Workspace {
+    pub fn is_removed(&self) -> bool {
+        self.status == "removed"
+    }
+}
+
+impl From<Workspace> for api::Workspace {
+    fn from(w: Workspace) -> Self {
+        api::Workspace {
+            id: w.id,
+            name: w.name,
+            delivery_mode: w.delivery_mode,
+            url: w.url,
+            status: w.status,
+            created_at: w.created_at,
+        }
+    }
 }
 
 const COLUMNS: &str = "id, name, delivery_mode, url, platform_inbound_secret, status, created_at";
@@ -36,7 +57,7 @@ pub async fn get_for_update(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<O
 pub struct NewWorkspace<'a> {
     pub id: Uuid,
     pub name: &'a str,
-    pub delivery_mode: &'a str,
+    pub delivery_mode: DeliveryMode,
     pub url: Option<&'a str>,
     pub platform_inbound_secret: &'a str,
 }
@@ -57,31 +78,36 @@ pub async fn insert(conn: &mut PgConnection, ws: &NewWorkspace<'_>) -> sqlx::Res
     Ok(r.rows_affected() == 1)
 }
 
-/// Re-registration: updates only what was sent.
+/// Re-registration: updates only what was sent; a row without an inbound secret (written by
+/// the platform, which mints them lazily) gets `secret`.
 pub async fn update(
     conn: &mut PgConnection,
     id: Uuid,
     name: Option<&str>,
-    delivery_mode: Option<&str>,
+    delivery_mode: Option<DeliveryMode>,
     url: Option<&str>,
+    secret: &str,
 ) -> sqlx::Result<Workspace> {
     sqlx::query_as(&format!(
         "UPDATE workspaces SET name = COALESCE($2, name), delivery_mode = COALESCE($3, delivery_mode),
-                url = COALESCE($4, url)
+                url = COALESCE($4, url),
+                platform_inbound_secret = COALESCE(NULLIF(platform_inbound_secret, ''), $5)
          WHERE id = $1 RETURNING {COLUMNS}"
     ))
     .bind(id)
     .bind(name)
     .bind(delivery_mode)
     .bind(url)
+    .bind(secret)
     .fetch_one(conn)
     .await
 }
 
 /// Marks the workspace removed and revokes its tokens; false when it does not exist.
 pub async fn remove(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<bool> {
-    let r = sqlx::query("UPDATE workspaces SET status = 'removed' WHERE id = $1")
+    let r = sqlx::query("UPDATE workspaces SET status = $2 WHERE id = $1")
         .bind(id)
+        .bind(WorkspaceStatus::Removed)
         .execute(&mut *conn)
         .await?;
     if r.rows_affected() == 0 {

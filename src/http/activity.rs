@@ -1,37 +1,88 @@
-//! `GET /workspaces/:id/activity`: the feed a workspace's poll loop reads.
+//! `GET /workspaces/:id/activity`: the feed a workspace's poll loop reads, optionally held
+//! open until something new commits (`wait=`, see `longpoll`).
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use axum::{
-    extract::{Path, Query, State},
-    http::HeaderMap,
+    extract::{Query, State},
     Json,
 };
+use serde_json::Value;
 use uuid::Uuid;
 
-use super::{error::ApiError, AppState};
-use crate::db::{self, activity::ActivityRow};
+use super::{error::ApiError, extract::WorkspaceCaller, AppState};
+use crate::{
+    api::{self, attachment_kind, ActivityRow, Attachment},
+    db::{self, activity::Filter},
+};
 
 const DEFAULT_LIMIT: i64 = 100;
 const MAX_LIMIT: i64 = 500;
 const MAX_WINDOW_SECS: i64 = 30 * 86_400;
+const MAX_WAIT_SECS: u64 = 60;
 
-fn int_param(q: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
-    match q.get(name).map(|v| v.trim()).filter(|v| !v.is_empty()) {
-        None => Ok(None),
-        Some(v) => v
-            .parse::<i64>()
-            .map(Some)
-            .map_err(|_| ApiError::BadRequest(format!("{name} must be an integer"))),
-    }
+/// The feed's query, parsed and checked (every field bounded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedQuery {
+    pub activity_type: Option<String>,
+    pub method: Option<String>,
+    pub since_id: Option<Uuid>,
+    pub since_secs: Option<i64>,
+    pub limit: i64,
+    pub peer_info: bool,
+    /// How long to hold the request open when nothing is newer than `since_id`.
+    pub wait: Option<Duration>,
 }
 
-fn str_param<'a>(q: &'a HashMap<String, String>, name: &str) -> Result<Option<&'a str>, ApiError> {
-    match q.get(name).map(|v| v.as_str()).filter(|v| !v.is_empty()) {
-        Some(v) if v.contains('\0') => Err(ApiError::BadRequest(format!(
-            "{name} must not contain NUL characters"
-        ))),
-        v => Ok(v),
+fn bad(msg: &str) -> ApiError {
+    ApiError::BadRequest(msg.to_string())
+}
+
+impl FeedQuery {
+    pub fn parse(q: &HashMap<String, String>) -> Result<FeedQuery, ApiError> {
+        let get = |name: &str| q.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
+        let text = |name: &str| match get(name) {
+            Some(v) if v.contains('\0') => {
+                Err(bad(&format!("{name} must not contain NUL characters")))
+            }
+            v => Ok(v.map(str::to_string)),
+        };
+        let limit = match get("limit") {
+            None => DEFAULT_LIMIT,
+            Some(v) => v
+                .parse::<i64>()
+                .map_err(|_| bad("limit must be an integer"))?,
+        }
+        .clamp(1, MAX_LIMIT);
+        let since_secs = match get("since_secs") {
+            None => None,
+            Some(v) => match v.parse::<i64>() {
+                Ok(n) if n > 0 => Some(n.min(MAX_WINDOW_SECS)),
+                _ => return Err(bad("since_secs must be a positive integer")),
+            },
+        };
+        let since_id = match get("since_id") {
+            None => None,
+            Some(v) => Some(Uuid::parse_str(v).map_err(|_| bad("invalid since_id"))?),
+        };
+        let wait = match get("wait") {
+            None => None,
+            Some(v) => match v.parse::<u64>() {
+                Ok(n) if (1..=MAX_WAIT_SECS).contains(&n) => Some(Duration::from_secs(n)),
+                _ => return Err(bad("wait must be an integer from 1 to 60")),
+            },
+        };
+        let peer_info =
+            get("include").is_some_and(|v| v.split(',').any(|i| i.trim() == "peer_info"));
+        Ok(FeedQuery {
+            activity_type: text("type")?,
+            method: text("method")?,
+            since_id,
+            since_secs,
+            limit,
+            peer_info,
+            wait,
+        })
     }
 }
 
@@ -40,41 +91,190 @@ fn str_param<'a>(q: &'a HashMap<String, String>, name: &str) -> Result<Option<&'
     path = "/workspaces/{id}/activity",
     tag = "activity",
     summary = "The activity feed a workspace polls",
-    params(("id" = uuid::Uuid, Path, description = "workspace UUID"), ("type" = Option<String>, Query, description = "activity_type filter"), ("method" = Option<String>, Query, description = "method filter"), ("since_id" = Option<String>, Query, description = "cursor: rows after this one"), ("since_secs" = Option<i64>, Query, description = "window without a cursor (max 30 days)"), ("limit" = Option<i64>, Query, description = "default 100, max 500")),
+    params(
+        ("id" = uuid::Uuid, Path, description = "workspace UUID"),
+        ("type" = Option<String>, Query, description = "activity_type filter"),
+        ("method" = Option<String>, Query, description = "method filter"),
+        ("since_id" = Option<String>, Query, description = "cursor: rows after this one, oldest first"),
+        ("since_secs" = Option<i64>, Query, description = "window (positive; max 30 days)"),
+        ("limit" = Option<i64>, Query, description = "default 100, max 500"),
+        ("include" = Option<String>, Query, description = "`peer_info` adds `attachments`"),
+        ("wait" = Option<u64>, Query, description = "with since_id: hold the request up to this many seconds (1-60) until a row commits"),
+    ),
     responses(
-        (status = 200, description = "rows: after since_id oldest first, else newest first", body = Vec<crate::http::openapi::ActivityRow>),
-        (status = 400, description = "invalid parameter", body = crate::http::openapi::ErrorBody),
-        (status = 410, description = "since_id cursor not found", body = crate::http::openapi::ErrorBody),
-        (status = 401, description = "missing or invalid bearer", body = crate::http::openapi::ErrorBody),
-        (status = 503, description = "datastore unavailable", body = crate::http::openapi::ErrorBody),
+        (status = 200, description = "rows: after since_id oldest first, else newest first", body = Vec<ActivityRow>),
+        (status = 400, description = "invalid parameter", body = api::ErrorBody),
+        (status = 401, description = "missing or invalid bearer", body = api::ErrorBody),
+        (status = 410, description = "since_id cursor not found", body = api::ErrorBody),
+        (status = 503, description = "datastore unavailable", body = api::ErrorBody),
     )
 )]
 pub async fn list(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    who: WorkspaceCaller,
     Query(q): Query<HashMap<String, String>>,
-    headers: HeaderMap,
 ) -> Result<Json<Vec<ActivityRow>>, ApiError> {
-    let (workspace_id, _) = st.auth.workspace(&headers, &id).await?;
-    let limit = int_param(&q, "limit")?
-        .unwrap_or(DEFAULT_LIMIT)
-        .clamp(1, MAX_LIMIT);
-    let since_secs = int_param(&q, "since_secs")?.map(|s| s.clamp(1, MAX_WINDOW_SECS));
-    let filter = db::activity::Filter {
-        activity_type: str_param(&q, "type")?,
-        method: str_param(&q, "method")?,
-        limit,
+    let query = FeedQuery::parse(&q)?;
+    let workspace_id = who.workspace_id;
+    let (Some(cursor), Some(wait)) = (query.since_id, query.wait) else {
+        return Ok(Json(project(
+            fetch(&st, workspace_id, &query).await?,
+            &query,
+        )));
     };
-    let rows = match str_param(&q, "since_id")? {
-        Some(raw) => {
-            let cursor = Uuid::parse_str(raw)
-                .map_err(|_| ApiError::BadRequest("invalid since_id".into()))?;
-            let seq = db::activity::cursor_seq(&st.pool, workspace_id, cursor)
-                .await?
-                .ok_or(ApiError::CursorGone)?;
-            db::activity::after(&st.pool, workspace_id, seq, &filter).await?
+    // Long poll: subscribe first, so a row committing between the query and the wait still
+    // wakes us; a waiting request holds no database connection.
+    let subscription = st.hub.subscribe(workspace_id);
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let woken = subscription.notify().notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let rows = fetch(&st, workspace_id, &query).await?;
+        if !rows.is_empty() || tokio::time::Instant::now() >= deadline {
+            return Ok(Json(project(rows, &query)));
         }
-        None => db::activity::newest(&st.pool, workspace_id, since_secs, &filter).await?,
+        tokio::select! {
+            _ = &mut woken => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::debug!(%workspace_id, %cursor, "long poll ended with nothing new");
+            }
+        }
+    }
+}
+
+/// One read of the feed: after the cursor (oldest first), or the newest rows.
+async fn fetch(
+    st: &AppState,
+    workspace_id: Uuid,
+    q: &FeedQuery,
+) -> Result<Vec<ActivityRow>, ApiError> {
+    let q = q.clone();
+    let rows = st
+        .db
+        .run(move |c| {
+            Box::pin(async move {
+                let filter = Filter {
+                    activity_type: q.activity_type.as_deref(),
+                    method: q.method.as_deref(),
+                    since_secs: q.since_secs,
+                    limit: q.limit,
+                };
+                match q.since_id {
+                    Some(cursor) => {
+                        match db::activity::cursor_seq(&mut *c, workspace_id, cursor).await? {
+                            Some(seq) => db::activity::after(&mut *c, workspace_id, seq, &filter)
+                                .await
+                                .map(Some),
+                            None => Ok(None),
+                        }
+                    }
+                    None => db::activity::newest(&mut *c, workspace_id, &filter)
+                        .await
+                        .map(Some),
+                }
+            })
+        })
+        .await?;
+    rows.ok_or(ApiError::CursorGone)
+}
+
+/// `include=peer_info`: each row gets `attachments` when it refers to a file (the platform's
+/// projection of a flat upload manifest, which the runtimes read).
+fn project(mut rows: Vec<ActivityRow>, q: &FeedQuery) -> Vec<ActivityRow> {
+    if q.peer_info {
+        for row in &mut rows {
+            row.attachments = row
+                .request_body
+                .as_ref()
+                .and_then(attachment_of)
+                .map(|a| vec![a]);
+        }
+    }
+    rows
+}
+
+fn attachment_of(body: &Value) -> Option<Attachment> {
+    let text = |k: &str| {
+        body.get(k)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
     };
-    Ok(Json(rows))
+    if text("uri").is_none() && text("file_id").is_none() {
+        return None;
+    }
+    let mime_type = text("mimeType").or_else(|| text("mime_type"));
+    Some(Attachment {
+        kind: attachment_kind(mime_type.unwrap_or("")).to_string(),
+        uri: text("uri").map(str::to_string),
+        name: text("name").map(str::to_string),
+        mime_type: mime_type.map(str::to_string),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn q(pairs: &[(&str, &str)]) -> Result<FeedQuery, ApiError> {
+        FeedQuery::parse(
+            &pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn query_rules() {
+        let d = q(&[]).unwrap();
+        assert_eq!(
+            (d.limit, d.since_secs, d.wait, d.peer_info),
+            (100, None, None, false)
+        );
+        assert_eq!(q(&[("limit", "9999")]).unwrap().limit, 500);
+        assert_eq!(q(&[("limit", "-4")]).unwrap().limit, 1);
+        assert_eq!(
+            q(&[("since_secs", "99999999999")]).unwrap().since_secs,
+            Some(MAX_WINDOW_SECS)
+        );
+        for (k, v) in [
+            ("since_secs", "0"),
+            ("since_secs", "-1"),
+            ("since_secs", "x"),
+            ("limit", "ten"),
+            ("since_id", "nope"),
+            ("wait", "0"),
+            ("wait", "61"),
+            ("type", "a\0b"),
+        ] {
+            assert!(q(&[(k, v)]).is_err(), "{k}={v}");
+        }
+        assert!(q(&[("include", "x,peer_info")]).unwrap().peer_info);
+        assert_eq!(
+            q(&[("wait", "60")]).unwrap().wait,
+            Some(Duration::from_secs(60))
+        );
+    }
+
+    #[test]
+    fn attachments_follow_the_platform_projection() {
+        let body = json!({"file_id": "f", "uri": "platform-pending:w/f", "name": "a.png", "mimeType": "image/png", "size": 1});
+        assert_eq!(
+            attachment_of(&body),
+            Some(Attachment {
+                kind: "image".into(),
+                uri: Some("platform-pending:w/f".into()),
+                name: Some("a.png".into()),
+                mime_type: Some("image/png".into()),
+            })
+        );
+        let plain = json!({"uri": "u", "name": "n", "mimeType": ""});
+        let a = attachment_of(&plain).unwrap();
+        assert_eq!((a.kind.as_str(), a.mime_type), ("file", None));
+        assert_eq!(attachment_of(&json!({"text": "hi"})), None);
+        assert_eq!(attachment_kind("video/mp4"), "video");
+        assert_eq!(attachment_kind("audio/ogg"), "audio");
+    }
 }

@@ -1,13 +1,16 @@
-//! The one place where failures become SPEC status codes and error bodies.
+//! The one place where failures become SPEC status codes, error bodies and headers. Lower
+//! layers have their own error types (`AuthError`, `DbError`, `StorageError`,
+//! `StagingError`); the `From` impls below are the whole mapping.
 
 use axum::{
     http::{header, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     Json,
 };
-use serde_json::{json, Value};
 
-use crate::storage::StorageError;
+use crate::{
+    api::ErrorBody, auth::AuthError, db::DbError, staging::StagingError, storage::StorageError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -35,6 +38,8 @@ pub enum ApiError {
     WorkspaceRemoved,
     #[error("{0}")]
     BadRequest(String),
+    #[error("workspace URL not allowed")]
+    UrlNotAllowed,
     #[error("no files field in request")]
     NoFiles,
     #[error("too many files (limit {0})")]
@@ -51,13 +56,21 @@ pub enum ApiError {
     },
     #[error("request body exceeds per-request cap")]
     RequestTooLarge { max: u64 },
+    #[error("JSON body exceeds {max} bytes")]
+    JsonTooLarge { max: u64 },
     #[error("request body stalled: no data received within the idle timeout")]
     BodyStalled,
+    #[error("request body too slow: below the minimum upload rate")]
+    BodyTooSlow,
     #[error("too many uploads in progress — retry shortly")]
     UploadCapacity,
+    #[error("too many uploads in progress for this workspace — retry shortly")]
+    WorkspaceBusy,
     #[error("workspace pending-upload quota exceeded")]
     QuotaExceeded { pending_bytes: i64, max: u64 },
-    #[error("since_id cursor not found in this workspace; omit since_id to reset")]
+    #[error("workspace pending-upload quota exceeded")]
+    FileQuotaExceeded { pending_files: i64, max: u64 },
+    #[error("since_id cursor not found (row may have been pruned or belongs to a different workspace); omit since_id to reset")]
     CursorGone,
     #[error("requested range not satisfiable")]
     RangeNotSatisfiable { size: u64 },
@@ -71,11 +84,20 @@ pub enum ApiError {
     DatastoreUnavailable,
     #[error("storage backend unavailable — retry shortly")]
     StorageUnavailable,
+    #[error("upload spool unavailable — retry shortly")]
+    SpoolUnavailable,
+    /// A framework-level rejection (bad path encoding, 405, 415, ...), with its own status.
+    #[error("{message}")]
+    Rejected { status: StatusCode, message: String },
     #[error("internal error")]
-    Internal(String),
+    Internal(#[source] anyhow::Error),
 }
 
 impl ApiError {
+    pub fn internal(e: impl Into<anyhow::Error>) -> ApiError {
+        ApiError::Internal(e.into())
+    }
+
     pub fn status(&self) -> StatusCode {
         use ApiError::*;
         match self {
@@ -84,48 +106,79 @@ impl ApiError {
             | InvalidFileId
             | InvalidTokenId
             | BadRequest(_)
+            | UrlNotAllowed
             | NoFiles
             | TooManyFiles(_)
             | MalformedMultipart
             | EmptyFile { .. } => StatusCode::BAD_REQUEST,
             WorkspaceNotFound | UploadNotFound | TokenNotFound | NotFound => StatusCode::NOT_FOUND,
             WorkspaceExists | WorkspaceRemoved => StatusCode::CONFLICT,
-            FileTooLarge { .. } | RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            FileTooLarge { .. } | RequestTooLarge { .. } | JsonTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            QuotaExceeded { .. } | FileQuotaExceeded { .. } | WorkspaceBusy => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             CursorGone => StatusCode::GONE,
             RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             NoCallbackUrl { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            BodyStalled => StatusCode::REQUEST_TIMEOUT,
-            UrlNotRegistered | DatastoreUnavailable | StorageUnavailable | UploadCapacity => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            BodyStalled | BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
+            UrlNotRegistered | DatastoreUnavailable | StorageUnavailable | SpoolUnavailable
+            | UploadCapacity => StatusCode::SERVICE_UNAVAILABLE,
             WorkspaceUnreachable => StatusCode::BAD_GATEWAY,
+            Rejected { status, .. } => *status,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
-    fn body(&self) -> Value {
-        let error = self.to_string();
+    pub fn body(&self) -> ErrorBody {
+        let mut body = ErrorBody {
+            error: self.to_string(),
+            ..ErrorBody::default()
+        };
         match self {
-            ApiError::EmptyFile { filename } => json!({"error": error, "filename": filename}),
+            ApiError::EmptyFile { filename } => body.filename = Some(filename.clone()),
             ApiError::FileTooLarge {
                 filename,
                 size,
                 max,
             } => {
-                json!({"error": error, "filename": filename, "size": size, "max": max})
+                body.filename = Some(filename.clone());
+                body.size = Some(*size);
+                body.max = Some(*max);
             }
-            ApiError::RequestTooLarge { max } => json!({"error": error, "max": max}),
+            ApiError::RequestTooLarge { max } | ApiError::JsonTooLarge { max } => {
+                body.max = Some(*max)
+            }
             ApiError::QuotaExceeded { pending_bytes, max } => {
-                json!({"error": error, "pending_bytes": pending_bytes, "max": max})
+                body.pending_bytes = Some(*pending_bytes);
+                body.max = Some(*max);
             }
-            ApiError::NoCallbackUrl { detail } => json!({"error": error, "detail": detail}),
-            ApiError::DatastoreUnavailable => {
-                json!({"error": error, "code": "platform_unavailable"})
+            ApiError::FileQuotaExceeded { pending_files, max } => {
+                body.pending_files = Some(*pending_files);
+                body.max_files = Some(*max);
             }
-            ApiError::StorageUnavailable => json!({"error": error, "code": "storage_unavailable"}),
-            ApiError::UploadCapacity => json!({"error": error, "code": "upload_capacity"}),
-            _ => json!({ "error": error }),
+            ApiError::NoCallbackUrl { detail } => body.detail = Some(detail.clone()),
+            ApiError::DatastoreUnavailable => body.code = Some("platform_unavailable".into()),
+            ApiError::StorageUnavailable => body.code = Some("storage_unavailable".into()),
+            ApiError::SpoolUnavailable => body.code = Some("spool_unavailable".into()),
+            ApiError::UploadCapacity => body.code = Some("upload_capacity".into()),
+            ApiError::WorkspaceBusy => body.code = Some("workspace_busy".into()),
+            _ => {}
+        }
+        body
+    }
+
+    /// Seconds a client should wait before retrying, where retrying is the remedy.
+    fn retry_after(&self) -> Option<&'static str> {
+        match self {
+            ApiError::QuotaExceeded { .. } | ApiError::FileQuotaExceeded { .. } => Some("60"),
+            ApiError::DatastoreUnavailable
+            | ApiError::StorageUnavailable
+            | ApiError::SpoolUnavailable
+            | ApiError::UrlNotRegistered => Some("5"),
+            ApiError::UploadCapacity | ApiError::WorkspaceBusy => Some("2"),
+            _ => None,
         }
     }
 }
@@ -134,41 +187,53 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         if status.is_server_error() {
-            tracing::error!(error = ?self, status = status.as_u16(), "request failed");
+            tracing::error!(error = %crate::logfmt::Clip(&format!("{:#}", anyhow_chain(&self))), status = status.as_u16(), "request failed");
         }
         let mut resp = (status, Json(self.body())).into_response();
         let headers = resp.headers_mut();
-        match &self {
-            ApiError::QuotaExceeded { .. } => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+        if let Some(secs) = self.retry_after() {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static(secs));
+        }
+        if let ApiError::RangeNotSatisfiable { size } = &self {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                headers.insert(header::CONTENT_RANGE, v);
             }
-            ApiError::DatastoreUnavailable | ApiError::StorageUnavailable => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-            }
-            ApiError::UploadCapacity => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
-            }
-            ApiError::RangeNotSatisfiable { size } => {
-                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
-                    headers.insert(header::CONTENT_RANGE, v);
-                }
-            }
-            _ => {}
         }
         resp
     }
 }
 
-/// Database errors: an unreachable datastore is 503, anything else a 500.
-impl From<sqlx::Error> for ApiError {
-    fn from(e: sqlx::Error) -> Self {
+/// The error with its sources, for the log line.
+fn anyhow_chain(e: &ApiError) -> String {
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
         match e {
-            sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::WorkerCrashed => ApiError::DatastoreUnavailable,
-            other => ApiError::Internal(other.to_string()),
+            AuthError::Missing => ApiError::MissingToken,
+            AuthError::Invalid => ApiError::InvalidToken,
+            AuthError::BadWorkspaceId => ApiError::InvalidWorkspaceId,
+            AuthError::Lookup(db) => db.into(),
+        }
+    }
+}
+
+/// An unreachable or restarting database is 503; anything else is our bug: 500.
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        if e.is_unavailable() {
+            tracing::warn!(error = %e, "database unavailable");
+            ApiError::DatastoreUnavailable
+        } else {
+            ApiError::internal(e)
         }
     }
 }
@@ -177,9 +242,48 @@ impl From<StorageError> for ApiError {
     fn from(e: StorageError) -> Self {
         match e {
             StorageError::Db(db) => db.into(),
-            StorageError::Unavailable(_) => ApiError::StorageUnavailable,
-            StorageError::Io(e) => ApiError::Internal(e.to_string()),
+            StorageError::Unavailable(_) => {
+                tracing::warn!(error = %e, "storage unavailable");
+                ApiError::StorageUnavailable
+            }
             StorageError::Missing => ApiError::UploadNotFound,
+            StorageError::Io(_) => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<StagingError> for ApiError {
+    fn from(e: StagingError) -> Self {
+        match e {
+            StagingError::NoFiles => ApiError::NoFiles,
+            StagingError::TooManyFiles(n) => ApiError::TooManyFiles(n),
+            StagingError::Malformed(_) => ApiError::MalformedMultipart,
+            StagingError::EmptyFile { filename } => ApiError::EmptyFile { filename },
+            StagingError::FileTooLarge {
+                filename,
+                size,
+                max,
+            } => ApiError::FileTooLarge {
+                filename,
+                size,
+                max,
+            },
+            StagingError::QuotaBytes { pending, max } => ApiError::QuotaExceeded {
+                pending_bytes: pending,
+                max,
+            },
+            StagingError::QuotaFiles { pending, max } => ApiError::FileQuotaExceeded {
+                pending_files: pending,
+                max,
+            },
+            StagingError::Spool(io) => {
+                tracing::warn!(error = %io, "spool unavailable");
+                ApiError::SpoolUnavailable
+            }
+            StagingError::Storage(s) => s.into(),
+            StagingError::Db(db) => db.into(),
+            StagingError::ClientGone(_) => ApiError::MalformedMultipart,
+            StagingError::Task(e) => ApiError::internal(e),
         }
     }
 }

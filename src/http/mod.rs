@@ -1,10 +1,14 @@
-//! The HTTP surface: one file per resource, the router, and the server loop.
+//! The HTTP surface: one file per resource, the route list (which is also the OpenAPI
+//! document), the middleware every response passes, and the server loop.
 
 pub mod activity;
+pub mod body;
 pub mod error;
+pub mod extract;
 pub mod openapi;
 pub mod ops;
 pub mod pending;
+pub mod push;
 pub mod registry;
 pub mod uploads;
 
@@ -13,14 +17,14 @@ use std::{
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, LazyLock,
     },
     time::Duration,
 };
 
 use axum::{
-    http::{header, HeaderName, HeaderValue, Method},
-    routing::{delete, get, post},
+    http::{header, HeaderName, HeaderValue, Method, StatusCode},
+    response::{IntoResponse, Response},
     Router,
 };
 use hyper_util::{
@@ -28,27 +32,39 @@ use hyper_util::{
     server::graceful::GracefulShutdown,
     service::TowerToHyperService,
 };
-use sqlx::PgPool;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_io_timeout::TimeoutStream;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
-use crate::{auth::Auth, config::LimitArgs, storage::Storage};
+use crate::{
+    auth::Auth, config::LimitArgs, db::Db, longpoll::Hub, slots::UploadSlots, staging::Stager,
+    storage::Storage,
+};
 
 #[derive(Clone)]
 pub struct AppState {
-    pub pool: PgPool,
+    pub db: Db,
     pub auth: Auth,
     pub storage: Storage,
+    pub stager: Stager,
     pub limits: LimitArgs,
     pub spool_dir: PathBuf,
-    pub http: reqwest::Client,
+    pub push: push::Pusher,
     /// False once shutdown starts: /readyz answers 503 so load balancers drain us first.
     pub accepting: Arc<AtomicBool>,
-    /// One permit per upload in progress (MAX_CONCURRENT_UPLOADS).
-    pub upload_slots: Arc<tokio::sync::Semaphore>,
-    /// An upload body idle this long is cut off (BODY_IDLE_TIMEOUT).
-    pub body_idle_timeout: Duration,
+    pub upload_slots: UploadSlots,
+    pub deadlines: Deadlines,
+    pub hub: Hub,
+}
+
+/// How long clients may take (SPEC §10).
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    /// A JSON body must arrive whole within this.
+    pub request_body: Duration,
+    /// How an upload body must keep coming.
+    pub upload: body::Pace,
 }
 
 impl AppState {
@@ -57,36 +73,37 @@ impl AppState {
     }
 }
 
+/// Every route, once: the router and the OpenAPI document are both derived from this list.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::base())
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::metrics))
+        .routes(routes!(ops::limits))
+        .routes(routes!(registry::register))
+        .routes(routes!(registry::create))
+        .routes(routes!(registry::get_workspace, registry::delete_workspace))
+        .routes(routes!(registry::mint_token))
+        .routes(routes!(registry::revoke_token))
+        .routes(routes!(uploads::chat_upload))
+        .routes(routes!(activity::list))
+        .routes(routes!(pending::list))
+        .routes(routes!(pending::content, pending::content_head))
+        .routes(routes!(pending::ack))
+}
+
+/// The OpenAPI document as served at /openapi.json and committed as deploy/openapi.json.
+pub fn document() -> String {
+    static DOC: LazyLock<String> = LazyLock::new(|| openapi::render(routes().into_openapi()));
+    DOC.clone()
+}
+
 pub fn router(state: AppState, cors_origins: &[String]) -> Router {
-    let router = Router::new()
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
-        .route("/openapi.json", get(openapi::serve))
-        .route("/uploads/limits", get(ops::limits))
-        .route("/registry/register", post(registry::register))
-        .route("/workspaces", post(registry::create))
-        .route(
-            "/workspaces/{id}",
-            get(registry::get_workspace).delete(registry::delete_workspace),
-        )
-        .route("/workspaces/{id}/tokens", post(registry::mint_token))
-        .route(
-            "/workspaces/{id}/tokens/{token_id}",
-            delete(registry::revoke_token),
-        )
-        .route("/workspaces/{id}/chat/uploads", post(uploads::chat_upload))
-        .route("/workspaces/{id}/activity", get(activity::list))
-        .route("/workspaces/{id}/pending-uploads", get(pending::list))
-        .route(
-            "/workspaces/{id}/pending-uploads/{file_id}/content",
-            get(pending::content).head(pending::content_head),
-        )
-        .route(
-            "/workspaces/{id}/pending-uploads/{file_id}/ack",
-            post(pending::ack),
-        )
+    let (router, _) = routes().split_for_parts();
+    let router = router
+        .route("/openapi.json", axum::routing::get(openapi::serve))
         .fallback(ops::not_found)
+        .layer(axum::middleware::map_response(json_rejections))
         .layer(axum::middleware::from_fn(record_latency))
         .with_state(state);
     match cors_layer(cors_origins) {
@@ -95,26 +112,77 @@ pub fn router(state: AppState, cors_origins: &[String]) -> Router {
     }
 }
 
+/// Marks a response whose body is not ours to rewrite (a push workspace's own answer).
+#[derive(Debug, Clone, Copy)]
+pub struct Relayed;
+
+/// Framework-level rejections (bad path encoding, 405, 413, 415, ...) answer JSON
+/// `{"error": ...}` like every other error (SPEC §10).
+async fn json_rejections(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error())
+        || is_json
+        || resp.extensions().get::<Relayed>().is_some()
+    {
+        return resp;
+    }
+    let message = status
+        .canonical_reason()
+        .unwrap_or("request refused")
+        .to_ascii_lowercase();
+    let mut out = error::ApiError::Rejected { status, message }.into_response();
+    // Keep what the client needs to act on (405's Allow, for one).
+    for name in [header::ALLOW, header::RETRY_AFTER] {
+        if let Some(v) = resp.headers().get(&name) {
+            out.headers_mut().insert(name, v.clone());
+        }
+    }
+    out
+}
+
+/// HTTP methods that get their own metric label; anything else is `other` (SPEC §10: label
+/// values come only from known sets).
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
+}
+
 /// Request latency by route template (never the raw path: ids would explode the labels).
 async fn record_latency(
     matched: Option<axum::extract::MatchedPath>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
-) -> axum::response::Response {
+) -> Response {
     let route = matched
         .as_ref()
         .map(|m| m.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().as_str().to_owned();
+    let method = method_label(req.method());
     let started = std::time::Instant::now();
     let resp = next.run(req).await;
     crate::metrics::metrics()
         .http_request_duration
-        .with_label_values(&[&route, &method, resp.status().as_str()])
+        .with_label_values(&[&route, method, resp.status().as_str()])
         .observe(started.elapsed().as_secs_f64());
     resp
 }
 
+/// CORS for the browser canvas (SPEC §4 Operations): listed origins are echoed (never `*`),
+/// with credentials, since the canvas sends `credentials: "include"`. An unlisted origin is
+/// not refused — workspace runtimes send `Origin` on every call — it just gets no CORS
+/// headers.
 fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
     let origins: Vec<HeaderValue> = origins
         .iter()
@@ -125,9 +193,11 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
     if origins.is_empty() {
         return None;
     }
+    let h = HeaderName::from_static;
     Some(
         CorsLayer::new()
             .allow_origin(AllowOrigin::list(origins))
+            .allow_credentials(true)
             .allow_methods([
                 Method::GET,
                 Method::HEAD,
@@ -135,26 +205,44 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
                 Method::DELETE,
                 Method::OPTIONS,
             ])
-            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::RANGE])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::RANGE,
+                header::IF_NONE_MATCH,
+                header::IF_RANGE,
+                h("x-molecule-org-slug"),
+                h("x-molecule-org-id"),
+                h("x-workspace-id"),
+                h("x-confirm-name"),
+            ])
             .expose_headers([
                 header::CONTENT_DISPOSITION,
                 header::CONTENT_LENGTH,
                 header::CONTENT_RANGE,
                 header::ETAG,
-                HeaderName::from_static("retry-after"),
+                h("repr-digest"),
+                header::RETRY_AFTER,
             ])
             .max_age(Duration::from_secs(600)),
     )
 }
 
-/// Connection-level timeouts of [`serve`].
+/// Connection-level settings of [`serve`].
 #[derive(Debug, Clone, Copy)]
-pub struct ServeTimeouts {
+pub struct ServeOptions {
     /// After shutdown starts, in-flight requests get this long to finish.
     pub drain_deadline: Duration,
     /// A write to a client that has stopped reading fails after this long.
     pub response_idle: Duration,
+    /// A request head must arrive within this.
+    pub header_read: Duration,
+    /// Open connections at most; more wait in the listen backlog.
+    pub max_connections: usize,
 }
+
+/// Largest request head hyper buffers (request line and headers); beyond: 431.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// Serves HTTP/1.1 with Title-Case header names (SPEC §4: client scripts grep them
 /// case-sensitively), until `shutdown` resolves; then drains in-flight requests for at most
@@ -163,16 +251,25 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()>,
-    timeouts: ServeTimeouts,
+    opts: ServeOptions,
 ) -> std::io::Result<()> {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .title_case_headers(true)
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+        .header_read_timeout(opts.header_read)
+        .max_buf_size(MAX_HEAD_BYTES.max(8192));
     let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(opts.max_connections.max(1)));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -187,11 +284,12 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         // The write timeout is idle time: it restarts whenever the client takes more bytes.
         let mut io = TimeoutStream::new(stream);
-        io.set_write_timeout(Some(timeouts.response_idle));
+        io.set_write_timeout(Some(opts.response_idle));
         let service = TowerToHyperService::new(app.clone());
         let conn = builder.serve_connection(TokioIo::new(Box::pin(io)), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
+            let _permit = permit;
             match conn.await {
                 Err(e) if is_timeout(&e) => {
                     tracing::info!(event = "response_cut", %peer, "client stopped reading: response cut off");
@@ -203,7 +301,7 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!(in_flight = graceful.count(), "draining connections");
-    if tokio::time::timeout(timeouts.drain_deadline, graceful.shutdown())
+    if tokio::time::timeout(opts.drain_deadline, graceful.shutdown())
         .await
         .is_err()
     {
@@ -221,4 +319,9 @@ fn is_timeout(e: &hyper::Error) -> bool {
         source = err.source();
     }
     false
+}
+
+/// A 200 JSON answer of `T` with its Content-Length (the common success shape).
+pub fn ok_json<T: serde::Serialize>(value: T) -> Response {
+    (StatusCode::OK, axum::Json(value)).into_response()
 }

@@ -7,35 +7,30 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
+use base64::{engine::general_purpose::STANDARD, Engine};
+use futures::{StreamExt, TryStreamExt};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::{error::ApiError, AppState};
-use futures::TryStreamExt;
-
+use super::{error::ApiError, extract::WorkspaceCaller, AppState};
 use crate::{
-    db::{self, uploads::UploadRow},
+    api::{self, platform_uri, Acked, PendingUpload},
+    db::{self, uploads::UploadRow, Db},
     metrics::metrics,
     storage::ByteRange,
 };
 
-/// The URI a staged file is known by: `platform-pending:<workspace_id>/<file_id>`.
-pub fn platform_uri(workspace_id: Uuid, file_id: Uuid) -> String {
-    format!("platform-pending:{workspace_id}/{file_id}")
-}
-
-fn upload_json(row: &UploadRow) -> Value {
-    json!({
-        "file_id": row.file_id,
-        "name": row.filename,
-        "mimeType": row.mimetype,
-        "size": row.size_bytes,
-        "uri": platform_uri(row.workspace_id, row.file_id),
-        "created_at": row.created_at,
-        "expires_at": row.expires_at,
-        "fetched_at": row.fetched_at,
-    })
+fn pending_upload(row: &UploadRow) -> PendingUpload {
+    PendingUpload {
+        file_id: row.file_id,
+        name: row.filename.clone(),
+        mime_type: row.mimetype.clone(),
+        size: row.size_bytes,
+        uri: platform_uri(row.workspace_id, row.file_id),
+        created_at: row.created_at,
+        expires_at: row.expires_at,
+        fetched_at: row.fetched_at,
+    }
 }
 
 #[utoipa::path(
@@ -45,27 +40,23 @@ fn upload_json(row: &UploadRow) -> Value {
     summary = "Unacked, unexpired uploads, oldest first",
     params(("id" = uuid::Uuid, Path, description = "workspace UUID")),
     responses(
-        (status = 200, description = "OK", body = Vec<crate::http::openapi::PendingUpload>),
-        (status = 400, description = "invalid workspace ID", body = crate::http::openapi::ErrorBody),
-        (status = 401, description = "missing or invalid bearer", body = crate::http::openapi::ErrorBody),
-        (status = 503, description = "datastore unavailable", body = crate::http::openapi::ErrorBody),
+        (status = 200, description = "OK", body = Vec<PendingUpload>),
+        (status = 400, description = "invalid workspace ID", body = api::ErrorBody),
+        (status = 401, description = "missing or invalid bearer", body = api::ErrorBody),
+        (status = 503, description = "datastore unavailable", body = api::ErrorBody),
     )
 )]
-pub async fn list(
-    State(st): State<AppState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let (workspace_id, _) = st.auth.workspace(&headers, &id).await?;
+pub async fn list(State(st): State<AppState>, who: WorkspaceCaller) -> Result<Response, ApiError> {
+    let workspace_id = who.workspace_id;
     // The first page before the answer starts, so a database failure is still a clean 503.
-    let first = db::uploads::list_pending_page(&st.pool, workspace_id, None, LIST_PAGE).await?;
+    let first = page(&st.db, workspace_id, None).await?;
     if first.len() < LIST_PAGE as usize {
         // The common case, one page: a plain answer with its Content-Length.
-        return Ok(Json(first.iter().map(upload_json).collect::<Vec<Value>>()).into_response());
+        return Ok(Json(first.iter().map(pending_upload).collect::<Vec<_>>()).into_response());
     }
-    let pool = st.pool.clone();
+    let db = st.db.clone();
     let pages = futures::stream::try_unfold(Some((first, true)), move |state| {
-        let pool = pool.clone();
+        let db = db.clone();
         async move {
             let Some((rows, first)) = state else {
                 return Ok(None);
@@ -74,14 +65,17 @@ pub async fn list(
             let next = match rows.last() {
                 Some(last) if rows.len() == LIST_PAGE as usize => {
                     let after = (last.created_at, last.seq);
-                    Some((next_page(&pool, workspace_id, after).await?, false))
+                    let rows = page(&db, workspace_id, Some(after)).await.inspect_err(
+                        |e| tracing::warn!(%workspace_id, error = %e, "pending list cut short"),
+                    )?;
+                    Some((rows, false))
                 }
                 _ => {
                     chunk.push(']');
                     None
                 }
             };
-            Ok::<_, sqlx::Error>(Some((Bytes::from(chunk), next)))
+            Ok::<_, db::DbError>(Some((Bytes::from(chunk), next)))
         }
     });
     Ok((
@@ -98,36 +92,37 @@ fn json_items(rows: &[UploadRow], first: bool) -> String {
         if !(first && i == 0) {
             out.push(',');
         }
-        out.push_str(&upload_json(row).to_string());
+        out.push_str(&serde_json::to_string(&pending_upload(row)).unwrap_or_default());
     }
     out
 }
 
-/// A later page of the list; by now the 200 is sent, so a failure can only cut it short.
-async fn next_page(
-    pool: &sqlx::PgPool,
+/// One page of the workspace's pending rows after `after` (a row's `(created_at, seq)`).
+async fn page(
+    db: &Db,
     workspace_id: Uuid,
-    after: (chrono::DateTime<chrono::Utc>, i64),
-) -> sqlx::Result<Vec<UploadRow>> {
-    db::uploads::list_pending_page(pool, workspace_id, Some(after), LIST_PAGE)
-        .await
-        .inspect_err(|e| tracing::warn!(%workspace_id, error = %e, "pending list cut short"))
+    after: Option<(chrono::DateTime<chrono::Utc>, i64)>,
+) -> Result<Vec<UploadRow>, db::DbError> {
+    db.run(move |c| {
+        Box::pin(db::uploads::list_pending_page(
+            c,
+            workspace_id,
+            after,
+            LIST_PAGE,
+        ))
+    })
+    .await
 }
 
 /// Rows per page of the list. The answer is streamed a page at a time, so its memory does not
 /// grow with the number of pending uploads (small files can make that hundreds of thousands).
 const LIST_PAGE: i64 = 1000;
 
-/// Authenticates and finds the caller's live row; a foreign row is as missing.
-async fn find(
-    st: &AppState,
-    headers: &HeaderMap,
-    id: &str,
-    file_id: &str,
-) -> Result<UploadRow, ApiError> {
-    let (workspace_id, _) = st.auth.workspace(headers, id).await?;
+/// Finds the caller's live row; a foreign row is as missing.
+async fn find(st: &AppState, workspace_id: Uuid, file_id: &str) -> Result<UploadRow, ApiError> {
     let file_id = Uuid::parse_str(file_id).map_err(|_| ApiError::InvalidFileId)?;
-    db::uploads::get_live(&st.pool, workspace_id, file_id)
+    st.db
+        .run(move |c| Box::pin(db::uploads::get_live(c, workspace_id, file_id)))
         .await?
         .ok_or(ApiError::UploadNotFound)
 }
@@ -142,18 +137,19 @@ async fn find(
         (status = 200, description = "headers only"),
         (status = 206, description = "headers of one range"),
         (status = 400, description = "invalid workspace ID or file_id"),
+        (status = 401, description = "missing or invalid bearer"),
         (status = 404, description = "pending upload not found or expired"),
         (status = 416, description = "range not satisfiable"),
-        (status = 401, description = "missing or invalid bearer"),
         (status = 503, description = "datastore unavailable"),
     )
 )]
 pub async fn content_head(
     State(st): State<AppState>,
-    Path((id, file_id)): Path<(String, String)>,
+    who: WorkspaceCaller,
+    Path((_, file_id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let row = find(&st, &headers, &id, &file_id).await?;
+    let row = find(&st, who.workspace_id, &file_id).await?;
     let (status, range) = requested_range(&headers, row.size_bytes as u64)?;
     Ok(respond(&row, status, range, Body::empty()))
 }
@@ -167,24 +163,25 @@ pub async fn content_head(
     responses(
         (status = 200, description = "the bytes", body = Vec<u8>, content_type = "application/octet-stream"),
         (status = 206, description = "one range of the bytes", body = Vec<u8>, content_type = "application/octet-stream"),
-        (status = 400, description = "invalid workspace ID or file_id", body = crate::http::openapi::ErrorBody),
-        (status = 404, description = "pending upload not found or expired", body = crate::http::openapi::ErrorBody),
-        (status = 416, description = "range not satisfiable", body = crate::http::openapi::ErrorBody),
-        (status = 401, description = "missing or invalid bearer", body = crate::http::openapi::ErrorBody),
-        (status = 503, description = "datastore unavailable", body = crate::http::openapi::ErrorBody),
+        (status = 400, description = "invalid workspace ID or file_id", body = api::ErrorBody),
+        (status = 401, description = "missing or invalid bearer", body = api::ErrorBody),
+        (status = 404, description = "pending upload not found or expired", body = api::ErrorBody),
+        (status = 416, description = "range not satisfiable", body = api::ErrorBody),
+        (status = 503, description = "datastore or storage unavailable", body = api::ErrorBody),
     )
 )]
 pub async fn content(
     State(st): State<AppState>,
-    Path((id, file_id)): Path<(String, String)>,
+    who: WorkspaceCaller,
+    Path((_, file_id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let row = find(&st, &headers, &id, &file_id).await?;
+    let row = find(&st, who.workspace_id, &file_id).await?;
     let (status, range) = requested_range(&headers, row.size_bytes as u64)?;
     let loc = row.location();
     let backend = st.storage.reader_name(&loc);
     let m = metrics();
-    let stream = match st.storage.get(&loc, range).await {
+    let stream = match st.storage.open(&loc, range).await {
         Ok(stream) => stream,
         Err(e) => {
             m.files_fetched.with_label_values(&[backend, "error"]).inc();
@@ -194,13 +191,86 @@ pub async fn content(
     m.files_fetched.with_label_values(&[backend, "ok"]).inc();
     let served = m.bytes_served.with_label_values(&[backend]);
     let stream = stream.inspect_ok(move |chunk| served.inc_by(chunk.len() as u64));
-    db::uploads::mark_fetched(&st.pool, row.file_id).await?;
-    tracing::info!(
-        event = "fetched", workspace_id = %row.workspace_id, file_id = %row.file_id,
-        size = row.size_bytes, name = %row.filename, backend,
-        range_start = range.start, range_end = range.end, "upload served"
-    );
-    Ok(respond(&row, status, range, Body::from_stream(stream)))
+    let handed_over = HandedOver {
+        db: st.db.clone(),
+        row: row.clone(),
+        range,
+        backend,
+    };
+    let body = Body::from_stream(CountedBody {
+        inner: stream.boxed(),
+        sent: 0,
+        done: Some(handed_over),
+    });
+    Ok(respond(&row, status, range, body))
+}
+
+/// What to do once a download's last byte has been handed to the connection: stamp
+/// fetched_at (best effort, SPEC §4 Fetch) and log the transition.
+struct HandedOver {
+    db: Db,
+    row: UploadRow,
+    range: ByteRange,
+    backend: &'static str,
+}
+
+impl HandedOver {
+    fn run(self) {
+        let HandedOver {
+            db,
+            row,
+            range,
+            backend,
+        } = self;
+        tokio::spawn(async move {
+            let file_id = row.file_id;
+            if let Err(e) = db
+                .run(move |c| Box::pin(db::uploads::mark_fetched(c, file_id)))
+                .await
+            {
+                tracing::warn!(%file_id, error = %e, "could not stamp fetched_at");
+            }
+            tracing::info!(
+                event = "fetched", workspace_id = %row.workspace_id, %file_id,
+                size = row.size_bytes, name = %row.filename, backend,
+                range_start = range.start, range_end = range.end, "upload served"
+            );
+        });
+    }
+}
+
+/// A download body that runs [`HandedOver`] when hyper drops it after the whole range went
+/// out (hyper stops polling a body once its Content-Length is written, so the end of the
+/// stream is never observed; its drop is).
+struct CountedBody {
+    inner: futures::stream::BoxStream<'static, std::io::Result<Bytes>>,
+    sent: u64,
+    done: Option<HandedOver>,
+}
+
+impl futures::Stream for CountedBody {
+    type Item = std::io::Result<Bytes>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let next = self.inner.poll_next_unpin(cx);
+        if let std::task::Poll::Ready(Some(Ok(chunk))) = &next {
+            self.sent += chunk.len() as u64;
+        }
+        next
+    }
+}
+
+impl Drop for CountedBody {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            if self.sent == done.range.byte_count() {
+                done.run();
+            }
+        }
+    }
 }
 
 /// 200 with the whole file, or 206 with one satisfiable range. A malformed or multi-range
@@ -235,10 +305,11 @@ pub fn parse_range(raw: &str, size: u64) -> RangeAnswer {
         return RangeAnswer::Full;
     };
     let (a, b) = (a.trim(), b.trim());
+    // Digits only; a position past 64 bits is past any end, so it saturates (then clamps or
+    // is unsatisfiable like any other position past the end).
     let num = |s: &str| {
-        s.parse::<u64>()
-            .ok()
-            .filter(|_| s.bytes().all(|c| c.is_ascii_digit()))
+        (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()))
+            .then(|| s.parse::<u64>().unwrap_or(u64::MAX))
     };
     match (a.is_empty(), b.is_empty()) {
         // bytes=-N: the last N bytes
@@ -312,9 +383,12 @@ fn respond(row: &UploadRow, status: StatusCode, range: ByteRange, body: Body) ->
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     let h = resp.headers_mut();
+    // Rows written by others may hold anything: only a sane type becomes the header.
     let content_type = HeaderValue::from_str(&row.mimetype)
         .ok()
-        .filter(|_| !row.mimetype.is_empty())
+        .filter(|_| {
+            !row.mimetype.is_empty() && row.mimetype.len() <= crate::staging::MAX_MIMETYPE_CHARS
+        })
         .unwrap_or(HeaderValue::from_static("application/octet-stream"));
     h.insert(header::CONTENT_TYPE, content_type);
     h.insert(
@@ -324,12 +398,20 @@ fn respond(row: &UploadRow, status: StatusCode, range: ByteRange, body: Body) ->
     if let Ok(v) = HeaderValue::from_str(&content_disposition(&row.filename)) {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
-    let tag = match &row.content_sha256 {
-        Some(d) => hex::encode(d),
-        None => row.file_id.simple().to_string(),
+    // A strong ETag (and RFC 9530 Repr-Digest) from the content's sha256 when the row has
+    // one; rows written by the platform or an older binary have none: a weak tag then.
+    let (etag, digest) = match &row.content_sha256 {
+        Some(d) => (
+            format!("\"{}\"", hex::encode(d)),
+            Some(format!("sha-256=:{}:", STANDARD.encode(d))),
+        ),
+        None => (format!("W/\"{}\"", row.file_id.hyphenated()), None),
     };
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{tag}\"")) {
+    if let Ok(v) = HeaderValue::from_str(&etag) {
         h.insert(header::ETAG, v);
+    }
+    if let Some(v) = digest.and_then(|d| HeaderValue::from_str(&d).ok()) {
+        h.insert(HeaderName::from_static("repr-digest"), v);
     }
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(
@@ -352,36 +434,46 @@ fn respond(row: &UploadRow, status: StatusCode, range: ByteRange, body: Body) ->
     summary = "Ack a file (idempotent)",
     params(("id" = uuid::Uuid, Path, description = "workspace UUID"), ("file_id" = uuid::Uuid, Path, description = "file UUID")),
     responses(
-        (status = 200, description = "OK", body = crate::http::openapi::Acked),
-        (status = 400, description = "invalid workspace ID or file_id", body = crate::http::openapi::ErrorBody),
-        (status = 404, description = "pending upload not found or expired", body = crate::http::openapi::ErrorBody),
-        (status = 401, description = "missing or invalid bearer", body = crate::http::openapi::ErrorBody),
-        (status = 503, description = "datastore unavailable", body = crate::http::openapi::ErrorBody),
+        (status = 200, description = "OK", body = Acked),
+        (status = 400, description = "invalid workspace ID or file_id", body = api::ErrorBody),
+        (status = 401, description = "missing or invalid bearer", body = api::ErrorBody),
+        (status = 404, description = "pending upload not found or expired", body = api::ErrorBody),
+        (status = 503, description = "datastore unavailable", body = api::ErrorBody),
     )
 )]
 pub async fn ack(
     State(st): State<AppState>,
-    Path((id, file_id)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
-    let row = find(&st, &headers, &id, &file_id).await?;
+    who: WorkspaceCaller,
+    Path((_, file_id)): Path<(String, String)>,
+) -> Result<Json<Acked>, ApiError> {
+    let workspace_id = who.workspace_id;
+    let file_id = Uuid::parse_str(&file_id).map_err(|_| ApiError::InvalidFileId)?;
+    let outcome = st
+        .db
+        .run(move |c| Box::pin(db::uploads::ack(c, workspace_id, file_id)))
+        .await?;
     let acked = &metrics().files_acked;
-    if row.acked_at.is_some() {
-        acked.with_label_values(&["repeat"]).inc();
-        return Ok(Json(json!({"acked": true})));
-    }
-    if !db::uploads::mark_acked(&st.pool, row.workspace_id, row.file_id).await? {
-        // The row was live a moment ago and is gone now: the sweeper took it first.
-        tracing::info!(event = "acked", workspace_id = %row.workspace_id, file_id = %row.file_id, raced = true, "ack raced the sweeper");
-        acked.with_label_values(&["raced"]).inc();
-        return Ok(Json(json!({"acked": true, "raced": true})));
-    }
-    tracing::info!(
-        event = "acked", workspace_id = %row.workspace_id, file_id = %row.file_id,
-        size = row.size_bytes, name = %row.filename, "upload acked"
-    );
-    acked.with_label_values(&["acked"]).inc();
-    Ok(Json(json!({"acked": true})))
+    let raced = match outcome {
+        db::uploads::AckOutcome::Missing => return Err(ApiError::UploadNotFound),
+        db::uploads::AckOutcome::Repeat => {
+            acked.with_label_values(&["repeat"]).inc();
+            None
+        }
+        db::uploads::AckOutcome::Raced => {
+            // The row was live a moment ago and is gone now: the sweeper took it first.
+            tracing::info!(event = "acked", %workspace_id, %file_id, raced = true, "ack raced the sweeper");
+            acked.with_label_values(&["raced"]).inc();
+            Some(true)
+        }
+        db::uploads::AckOutcome::Acked { size, ref name } => {
+            tracing::info!(
+                event = "acked", %workspace_id, %file_id, size, name = %name, "upload acked"
+            );
+            acked.with_label_values(&["acked"]).inc();
+            None
+        }
+    };
+    Ok(Json(Acked { acked: true, raced }))
 }
 
 #[cfg(test)]
@@ -411,6 +503,14 @@ mod tests {
             ("bytes=a-b", RangeAnswer::Full),
             ("bytes=-", RangeAnswer::Full),
             ("bytes=+1-2", RangeAnswer::Full),
+            // positions past 64 bits clamp like any position past the end
+            ("bytes=5-123456789012345678901", r(5, 9)),
+            ("bytes=123456789012345678901-", RangeAnswer::Unsatisfiable),
+            (
+                "bytes=123456789012345678901-123456789012345678902",
+                RangeAnswer::Unsatisfiable,
+            ),
+            ("bytes=-123456789012345678901", r(0, 9)),
         ];
         for (raw, want) in cases {
             assert_eq!(parse_range(raw, 10), want, "{raw}");

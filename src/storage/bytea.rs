@@ -1,84 +1,84 @@
-//! Inline Postgres storage: the bytes live in `pending_uploads.content`. Writes stream into
-//! the row through `COPY ... FROM STDIN (FORMAT binary)` (see `db::uploads::insert`); reads
-//! fetch bounded slices with `substring()`, which touches only the TOAST chunks it needs
-//! because the column is stored uncompressed (STORAGE EXTERNAL).
+//! Inline Postgres storage: the bytes live in `pending_uploads.content`. They are written
+//! with the row (see `db::uploads::insert`); reads fetch bounded slices, which touch only the
+//! TOAST chunks they need because the column is stored uncompressed (STORAGE EXTERNAL).
+//! Each slice is its own short database call: a download holds no connection between
+//! slices, however slowly its client reads.
 
 use std::io;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use sqlx::PgPool;
+use uuid::Uuid;
 
-use super::{ByteRange, ByteStream, Location, StorageBackend, StorageError};
-use crate::spool::Spool;
+use super::{ByteRange, ByteStream, Location, StorageError};
+use crate::db::{self, Db};
 
-/// Bytes per `substring()` read: bounds memory per download.
+/// Bytes per slice: bounds memory per download.
 pub const READ_CHUNK: u64 = 1024 * 1024;
 
 pub struct ByteaBackend {
-    pool: PgPool,
+    db: Db,
 }
 
 impl ByteaBackend {
-    pub fn new(pool: PgPool) -> Self {
-        ByteaBackend { pool }
-    }
-}
-
-#[async_trait]
-impl StorageBackend for ByteaBackend {
-    fn name(&self) -> &'static str {
-        "bytea"
+    pub fn new(db: Db) -> Self {
+        ByteaBackend { db }
     }
 
-    /// The bytes travel inside the row: `db::uploads::insert` streams them from the spool.
-    async fn put(&self, _loc: &Location, _spool: &Spool) -> Result<Option<String>, StorageError> {
-        Ok(None)
+    /// One slice, exactly `len` bytes long, or `None` when the row or its bytes are gone.
+    async fn slice(
+        &self,
+        file_id: Uuid,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Bytes>, StorageError> {
+        let chunk = self
+            .db
+            .run(move |c| Box::pin(db::uploads::read_slice(c, file_id, offset, len)))
+            .await?;
+        Ok(chunk.filter(|c| c.len() as u64 == len).map(Bytes::from))
     }
 
-    /// The bytes go with the row.
-    async fn delete(&self, _loc: &Location) -> Result<(), StorageError> {
-        Ok(())
-    }
-
-    async fn get(&self, loc: &Location, range: ByteRange) -> Result<ByteStream, StorageError> {
-        let pool = self.pool.clone();
+    /// Streams `range` of a row's inline bytes. The first slice is read before this returns:
+    /// a row swept since it was looked up is `Missing` here (a 404), not a short 200.
+    pub async fn open(&self, loc: &Location, range: ByteRange) -> Result<ByteStream, StorageError> {
+        let first_len = READ_CHUNK.min(range.byte_count());
+        let first = self
+            .slice(loc.file_id, range.start, first_len)
+            .await?
+            .ok_or(StorageError::Missing)?;
+        let this = ByteaBackend {
+            db: self.db.clone(),
+        };
         let file_id = loc.file_id;
-        let stream = futures::stream::try_unfold(range.start, move |offset| {
-            let pool = pool.clone();
+        let rest = futures::stream::try_unfold(range.start + first_len, move |offset| {
+            let this = ByteaBackend {
+                db: this.db.clone(),
+            };
             async move {
                 if offset > range.end {
                     return Ok(None);
                 }
                 let len = READ_CHUNK.min(range.end - offset + 1);
-                // substring() positions are 1-based.
-                let chunk: Option<Vec<u8>> = sqlx::query_scalar(
-                    "SELECT substring(content FROM $2 FOR $3) FROM pending_uploads WHERE file_id = $1",
-                )
-                .bind(file_id)
-                .bind(offset as i32 + 1)
-                .bind(len as i32)
-                .fetch_optional(&pool)
-                .await
-                .map_err(io::Error::other)?
-                .flatten();
-                match chunk {
-                    Some(c) if c.len() as u64 == len => Ok(Some((Bytes::from(c), offset + len))),
-                    // The row was swept (or its bytes released) mid-stream: end with an error
-                    // so the client sees a truncated transfer, never wrong bytes.
-                    _ => Err(io::Error::new(
+                match this.slice(file_id, offset, len).await {
+                    Ok(Some(chunk)) => Ok(Some((chunk, offset + len))),
+                    // Swept (or released) mid-stream: end with an error so the client sees a
+                    // truncated transfer, never wrong bytes.
+                    Ok(None) => Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "stored bytes vanished during read",
                     )),
+                    Err(e) => Err(io::Error::other(e)),
                 }
             }
         });
-        Ok(stream.boxed())
+        Ok(futures::stream::once(async { Ok(first) })
+            .chain(rest)
+            .boxed())
     }
 
-    async fn check(&self) -> Result<(), StorageError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+    pub async fn check(&self) -> Result<(), StorageError> {
+        self.db.run(|c| Box::pin(db::ping(c))).await?;
         Ok(())
     }
 }

@@ -1,19 +1,18 @@
-//! The storage seam. A `StorageBackend` keeps the bytes of staged files; `Storage` is the
-//! policy on top: the `PENDING_UPLOADS_BACKEND` flag picks which backends *write* new bytes,
-//! while reads and deletes always follow what the row records, so flipping the flag forward
-//! or back never strands a row.
+//! The storage seam. A row records where its bytes live ([`Location`]); [`Storage`] is the
+//! only code that acts on that: the `PENDING_UPLOADS_BACKEND` flag picks where *new* bytes
+//! are written, while reads and deletes always follow the row, so flipping the flag forward
+//! or back never strands a row. Every call is bounded by the dependency timeout.
 
 pub mod bytea;
 pub mod s3;
 
-use std::{io, sync::Arc};
+use std::{io, sync::Arc, time::Duration};
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use futures::stream::BoxStream;
+use futures::{stream::BoxStream, StreamExt};
 use uuid::Uuid;
 
-use crate::{config::BackendMode, metrics, spool::Spool};
+use crate::{config::BackendMode, db::DbError, metrics, spool::Spool};
 
 pub use bytea::ByteaBackend;
 pub use s3::S3Backend;
@@ -23,7 +22,7 @@ pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("database: {0}")]
-    Db(#[from] sqlx::Error),
+    Db(#[from] DbError),
     #[error("storage unavailable: {0}")]
     Unavailable(String),
     #[error("io: {0}")]
@@ -32,8 +31,8 @@ pub enum StorageError {
     Missing,
 }
 
-/// Where one row's bytes live, as recorded in the row.
-#[derive(Debug, Clone)]
+/// Where one row's bytes live, as the row records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Location {
     pub file_id: Uuid,
     pub workspace_id: Uuid,
@@ -62,28 +61,6 @@ impl ByteRange {
     pub fn byte_count(&self) -> u64 {
         self.end - self.start + 1
     }
-}
-
-#[async_trait]
-pub trait StorageBackend: Send + Sync {
-    /// The backend's name in logs and metrics.
-    fn name(&self) -> &'static str;
-    /// Stores a spooled file before its row is inserted. Returns the object key the row must
-    /// record, or `None` when the bytes travel inside the row itself.
-    async fn put(&self, loc: &Location, spool: &Spool) -> Result<Option<String>, StorageError>;
-    /// Streams `range` of a stored file, in bounded chunks.
-    async fn get(&self, loc: &Location, range: ByteRange) -> Result<ByteStream, StorageError>;
-    /// Removes what `put` stored outside the row (idempotent).
-    async fn delete(&self, loc: &Location) -> Result<(), StorageError>;
-    /// Is the backend reachable?
-    async fn check(&self) -> Result<(), StorageError>;
-}
-
-/// What a new row records about where `Storage::put` sent its bytes.
-#[derive(Debug, Clone, Default)]
-pub struct Placement {
-    pub inline: bool,
-    pub s3_key: Option<String>,
 }
 
 #[derive(Clone)]
@@ -125,39 +102,38 @@ impl Storage {
             .ok_or_else(|| StorageError::Unavailable("no S3 bucket configured".into()))
     }
 
-    /// Writes a spooled file wherever the mode sends new bytes (S3 first in dual mode).
+    /// Writes a spooled file wherever the mode sends new bytes, before its row exists (S3
+    /// first in dual mode); returns what the row must record. Inline bytes are written with
+    /// the row itself (`db::uploads::insert` streams them from the spool).
     pub async fn put(
         &self,
         workspace_id: Uuid,
         file_id: Uuid,
         spool: &Spool,
-    ) -> Result<Placement, StorageError> {
-        let loc = Location {
-            file_id,
-            workspace_id,
-            size: spool.size,
-            inline: false,
-            s3_key: None,
-        };
+    ) -> Result<Location, StorageError> {
         let s3_key = match self.mode {
             BackendMode::Bytea => None,
             BackendMode::Dual | BackendMode::S3 => {
                 let s3 = self.s3_or_err()?;
-                metrics::storage_op("s3", "put", s3.put(&loc, spool)).await?
+                let key = s3.key_for(workspace_id, file_id);
+                metrics::storage_op("s3", "put", s3.put_key(&key, spool)).await?;
+                Some(key)
             }
         };
-        let inline = match self.mode {
-            BackendMode::Bytea | BackendMode::Dual => self.bytea.put(&loc, spool).await?.is_none(),
-            BackendMode::S3 => false,
-        };
-        Ok(Placement { inline, s3_key })
+        Ok(Location {
+            file_id,
+            workspace_id,
+            size: spool.size,
+            inline: self.mode != BackendMode::S3,
+            s3_key,
+        })
     }
 
     /// Undoes `put` for rows whose transaction did not commit. Best effort: what is left is
     /// found by the sweep's orphan reconciliation.
-    pub async fn discard(&self, placements: &[Placement]) {
+    pub async fn discard(&self, locations: &[Location]) {
         let Some(s3) = self.s3() else { return };
-        for key in placements.iter().filter_map(|p| p.s3_key.as_deref()) {
+        for key in locations.iter().filter_map(|p| p.s3_key.as_deref()) {
             match s3.delete_key(key).await {
                 Ok(()) => tracing::info!(
                     event = "discarded",
@@ -171,15 +147,17 @@ impl Storage {
         }
     }
 
-    /// Opens a stored file; the row decides where from. A row with both copies falls back to
-    /// its bytea copy when S3 fails.
-    pub async fn get(&self, loc: &Location, range: ByteRange) -> Result<ByteStream, StorageError> {
+    /// Opens a stored file; the row decides where from. The first chunk is read before this
+    /// returns, so a row whose bytes vanished is `Missing` (a 404), never a short 200. A row
+    /// with both copies falls back to its bytea copy when S3 fails.
+    pub async fn open(&self, loc: &Location, range: ByteRange) -> Result<ByteStream, StorageError> {
         if loc.s3_key.is_none() {
-            return metrics::storage_op("bytea", "get", self.bytea.get(loc, range)).await;
+            return metrics::storage_op("bytea", "get", self.bytea.open(loc, range)).await;
         }
-        match metrics::storage_op("s3", "get", self.s3_or_err()?.get(loc, range)).await {
+        let from_s3 = async { self.s3_or_err()?.open(loc, range).await };
+        match metrics::storage_op("s3", "get", from_s3).await {
             Ok(stream) => Ok(stream),
-            Err(e) if loc.inline => {
+            Err(e) if loc.inline && !matches!(e, StorageError::Missing) => {
                 metrics::metrics()
                     .storage_fallbacks
                     .with_label_values(&["get"])
@@ -188,7 +166,7 @@ impl Storage {
                     event = "fallback", file_id = %loc.file_id, workspace_id = %loc.workspace_id,
                     error = %e, "S3 read failed; serving the bytea copy"
                 );
-                metrics::storage_op("bytea", "get", self.bytea.get(loc, range)).await
+                metrics::storage_op("bytea", "get", self.bytea.open(loc, range)).await
             }
             Err(e) => Err(e),
         }
@@ -196,10 +174,10 @@ impl Storage {
 
     /// Removes a swept row's object (its bytea copy went with the row).
     pub async fn delete(&self, loc: &Location) -> Result<(), StorageError> {
-        if loc.s3_key.is_none() {
+        let Some(key) = loc.s3_key.as_deref() else {
             return Ok(());
-        }
-        metrics::storage_op("s3", "delete", self.s3_or_err()?.delete(loc)).await
+        };
+        metrics::storage_op("s3", "delete", self.s3_or_err()?.delete_key(key)).await
     }
 
     /// The backend a read of this row goes to first, for logs and metrics.
@@ -219,4 +197,25 @@ impl Storage {
         }
         Ok(())
     }
+}
+
+/// A stream of chunks, each of which must arrive within `idle` of the one before: a storage
+/// server that freezes mid-transfer cuts the download (the client sees a short body against
+/// Content-Length) instead of holding it forever.
+pub fn with_idle_timeout(stream: ByteStream, idle: Duration) -> ByteStream {
+    futures::stream::unfold(Some(stream), move |state| async move {
+        let mut stream = state?;
+        match tokio::time::timeout(idle, stream.next()).await {
+            Ok(Some(item)) => Some((item, Some(stream))),
+            Ok(None) => None,
+            Err(_) => Some((
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("storage sent nothing for {idle:?}"),
+                )),
+                None,
+            )),
+        }
+    })
+    .boxed()
 }

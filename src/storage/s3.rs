@@ -1,21 +1,27 @@
 //! S3 / MinIO / LocalStack storage: one object per file, keyed
 //! `<prefix><workspace_id>/<file_id>` (file ids are random v4 UUIDs: unguessable).
 
-use std::{io, time::Duration};
+use std::{
+    io,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
-use async_trait::async_trait;
 use aws_sdk_s3::{
     config::{RequestChecksumCalculation, ResponseChecksumValidation},
     error::{DisplayErrorContext, SdkError},
-    primitives::{ByteStream, Length},
+    primitives::ByteStream,
     Client,
 };
-use aws_smithy_types::timeout::TimeoutConfig;
+use aws_smithy_types::{body::SdkBody, timeout::TimeoutConfig};
 use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt, TryStreamExt};
 use uuid::Uuid;
 
-use super::{ByteRange, ByteStream as OurStream, Location, StorageBackend, StorageError};
+use super::{with_idle_timeout, ByteRange, ByteStream as OurStream, Location, StorageError};
 use crate::{
     config::{S3Checksum, StorageArgs},
     spool::Spool,
@@ -28,6 +34,8 @@ pub struct S3Backend {
     client: Client,
     bucket: String,
     prefix: String,
+    /// How long an operation may make no progress (DEPENDENCY_TIMEOUT).
+    stall: Duration,
 }
 
 /// An object under our prefix, as the orphan reconciliation sees it.
@@ -45,7 +53,7 @@ fn unavailable<E: std::error::Error + Send + Sync + 'static, R: std::fmt::Debug>
 impl S3Backend {
     /// Builds the client from the standard AWS chain plus our settings; `None` when no bucket
     /// is configured.
-    pub async fn from_args(args: &StorageArgs) -> Option<S3Backend> {
+    pub async fn from_args(args: &StorageArgs, stall: Duration) -> Option<S3Backend> {
         let bucket = args.s3_bucket.clone().filter(|b| !b.is_empty())?;
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
         if let Some(endpoint) = &args.aws_endpoint_url {
@@ -57,10 +65,14 @@ impl S3Backend {
         let shared = loader.load().await;
         let mut conf = aws_sdk_s3::config::Builder::from(&shared)
             .force_path_style(args.s3_force_path_style)
+            // A frozen server must not hold a request longer than the dependency timeout:
+            // every wait is bounded. PUTs, whose length scales with the file, lift the
+            // attempt bound and are watched for progress instead (`put_key`).
             .timeout_config(
                 TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(3))
-                    .operation_attempt_timeout(Duration::from_secs(60))
+                    .connect_timeout(stall.min(Duration::from_secs(3)))
+                    .read_timeout(stall)
+                    .operation_attempt_timeout(stall)
                     .build(),
             );
         if shared.region().is_none() {
@@ -75,7 +87,15 @@ impl S3Backend {
             client: Client::from_conf(conf.build()),
             bucket,
             prefix: args.s3_prefix.clone(),
+            stall,
         })
+    }
+
+    /// The orphan reconciliation lists and deletes under the prefix only when the prefix is
+    /// a folder of its own: non-empty and ending in `/` (SPEC §10, bucket safety). With `""`
+    /// or `pu` it would reach other applications' objects (`pu` also matches `public/…`).
+    pub fn prefix_is_private(&self) -> bool {
+        self.prefix.len() > 1 && self.prefix.ends_with('/')
     }
 
     pub fn key_for(&self, workspace_id: Uuid, file_id: Uuid) -> String {
@@ -129,29 +149,62 @@ impl S3Backend {
         Ok(())
     }
 
+    /// Writes the spool to `key`. The body is read from the spool afresh on every retry
+    /// (positional reads), and a watchdog cancels the PUT when the server stops taking bytes
+    /// for the dependency timeout: a frozen server costs a request that long, not forever.
     pub async fn put_key(&self, key: &str, spool: &Spool) -> Result<(), StorageError> {
-        // The spool is an unnamed file; its /proc path lets the SDK reopen it with a fresh
-        // offset on every retry, streaming 256 KiB at a time with a known length.
-        let body = ByteStream::read_from()
-            .path(spool.proc_path())
-            .buffer_size(256 * 1024)
-            .length(Length::Exact(spool.size))
-            .build()
-            .await
-            .map_err(|e| StorageError::Io(io::Error::other(e)))?;
-        self.client
+        let started = Instant::now();
+        let progress = Arc::new(AtomicU64::new(0));
+        let body = {
+            let spool = spool.clone();
+            let progress = progress.clone();
+            SdkBody::retryable(move || {
+                let progress = progress.clone();
+                let frames = spool.chunks().map(move |chunk| {
+                    progress.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+                    chunk.map(http_body::Frame::data)
+                });
+                SdkBody::from_body_1_x(http_body_util::StreamBody::new(frames))
+            })
+        };
+        let put = self
+            .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
             .content_length(spool.size as i64)
-            .body(body)
-            .send()
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+            .body(ByteStream::new(body))
+            .customize()
+            .config_override(
+                aws_sdk_s3::config::Config::builder().timeout_config(
+                    TimeoutConfig::builder()
+                        .disable_operation_attempt_timeout()
+                        .build(),
+                ),
+            )
+            .send();
+        let watchdog = async {
+            loop {
+                tokio::time::sleep(self.stall / 4).await;
+                let last = Duration::from_millis(progress.load(Ordering::Relaxed));
+                if started.elapsed().saturating_sub(last) > self.stall {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            sent = put => {
+                sent.map_err(unavailable)?;
+                Ok(())
+            }
+            () = watchdog => Err(StorageError::Unavailable(format!(
+                "S3 took no bytes of {key} for {:?}",
+                self.stall
+            ))),
+        }
     }
 
-    async fn open(&self, key: &str, range: ByteRange) -> Result<ByteStream, StorageError> {
+    async fn get_range(&self, key: &str, range: ByteRange) -> Result<ByteStream, StorageError> {
         let resp = self
             .client
             .get_object()
@@ -192,31 +245,22 @@ pub fn body_stream(body: ByteStream) -> OurStream {
     .boxed()
 }
 
-#[async_trait]
-impl StorageBackend for S3Backend {
-    fn name(&self) -> &'static str {
-        "s3"
-    }
-
-    async fn put(&self, loc: &Location, spool: &Spool) -> Result<Option<String>, StorageError> {
-        let key = self.key_for(loc.workspace_id, loc.file_id);
-        self.put_key(&key, spool).await?;
-        Ok(Some(key))
-    }
-
-    async fn get(&self, loc: &Location, range: ByteRange) -> Result<OurStream, StorageError> {
+impl S3Backend {
+    /// Streams `range` of a row's object; each chunk must come within the dependency timeout.
+    pub async fn open(&self, loc: &Location, range: ByteRange) -> Result<OurStream, StorageError> {
         let key = loc.s3_key.as_deref().ok_or(StorageError::Missing)?;
-        Ok(body_stream(self.open(key, range).await?))
+        self.open_key(key, range).await
     }
 
-    async fn delete(&self, loc: &Location) -> Result<(), StorageError> {
-        match loc.s3_key.as_deref() {
-            Some(key) => self.delete_key(key).await,
-            None => Ok(()),
-        }
+    /// Streams `range` of the object at `key`.
+    pub async fn open_key(&self, key: &str, range: ByteRange) -> Result<OurStream, StorageError> {
+        Ok(with_idle_timeout(
+            body_stream(self.get_range(key, range).await?),
+            self.stall,
+        ))
     }
 
-    async fn check(&self) -> Result<(), StorageError> {
+    pub async fn check(&self) -> Result<(), StorageError> {
         self.client
             .head_bucket()
             .bucket(&self.bucket)

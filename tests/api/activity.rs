@@ -65,6 +65,7 @@ async fn upload_rows_are_in_the_feed_with_all_columns() {
             "method",
             "request_body",
             "response_body",
+            "seq",
             "source_id",
             "status",
             "summary",
@@ -175,8 +176,7 @@ async fn an_unknown_or_foreign_cursor_is_410() {
         .as_str()
         .unwrap()
         .to_string();
-    let gone =
-        json!({"error": "since_id cursor not found in this workspace; omit since_id to reset"});
+    let gone = json!({"error": "since_id cursor not found (row may have been pruned or belongs to a different workspace); omit since_id to reset"});
     for (ws, token, cursor) in [
         (a, &a_token, Uuid::new_v4().to_string()),
         (b, &b_token, a_row.clone()),

@@ -48,7 +48,7 @@ async fn migrate_applies_the_schema_once() {
     assert!(
         checks
             .iter()
-            .any(|c| c.contains("size_bytes > 0") && c.contains("26214400")),
+            .any(|c| c.contains("size_bytes > 0") && c.contains("104857600")),
         "{checks:?}"
     );
     assert!(
@@ -62,18 +62,28 @@ async fn migrate_applies_the_schema_once() {
     .await
     .unwrap();
     let joined = indexes.join("\n");
-    assert!(
-        joined.contains("(workspace_id, created_at) WHERE (acked_at IS NULL)"),
-        "{joined}"
-    );
-    assert!(
-        joined.contains("(expires_at) WHERE (acked_at IS NULL)"),
-        "{joined}"
-    );
-    assert!(
-        joined.contains("(acked_at) WHERE (acked_at IS NOT NULL)"),
-        "{joined}"
-    );
+    // the platform's names (SPEC §2)
+    for (name, def) in [
+        (
+            "idx_pending_uploads_workspace_unacked",
+            "(workspace_id, created_at) WHERE (acked_at IS NULL)",
+        ),
+        (
+            "idx_pending_uploads_expires",
+            "(expires_at) WHERE (acked_at IS NULL)",
+        ),
+        (
+            "idx_pending_uploads_acked",
+            "(acked_at) WHERE (acked_at IS NOT NULL)",
+        ),
+    ] {
+        assert!(
+            indexes
+                .iter()
+                .any(|i| i.contains(&format!("INDEX {name} ")) && i.contains(def)),
+            "{name}: {joined}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -92,8 +102,8 @@ async fn start_up_refuses_bad_configuration_clearly() {
         ),
         (
             "MAX_FILE_BYTES",
-            "30000000",
-            "MAX_FILE_BYTES=30000000 is out of range",
+            "104857601",
+            "MAX_FILE_BYTES=104857601 is out of range",
         ),
         ("SWEEP_INTERVAL", "5 parsecs", "invalid duration"),
     ];
@@ -238,7 +248,7 @@ async fn serve_configured_by_environment_then_sweep_subcommand_then_sigterm() {
     let printed = stdout_json(&out);
     assert_eq!(
         printed,
-        json!({"swept_rows": 1, "swept_bytes": 5, "objects_deleted": 0, "object_errors": 0, "orphans_deleted": 0})
+        json!({"swept_rows": 1, "swept_bytes": 5, "objects_deleted": 0, "object_errors": 0, "orphans_deleted": 0, "activity_rows_deleted": 0})
     );
     let swept = log_lines(&out.stderr);
     let line = swept

@@ -188,6 +188,14 @@ impl TestApp {
         if !extra.contains(&"--admin-token") {
             argv.extend(["--admin-token".to_string(), ADMIN.to_string()]);
         }
+        // The push tests' fake workspaces listen on loopback, which SPEC refuses as a push
+        // target unless allowed (attack tests run the binary without this).
+        if !extra.contains(&"--push-allowed-networks") {
+            argv.extend([
+                "--push-allowed-networks".to_string(),
+                "127.0.0.0/8".to_string(),
+            ]);
+        }
         argv.extend(extra.iter().map(|s| s.to_string()));
         let Some(Command::Serve(args)) =
             Cli::try_parse_from(argv).expect("valid test flags").command
@@ -198,19 +206,16 @@ impl TestApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let router = service.router.clone();
-        let timeouts = http::ServeTimeouts {
-            drain_deadline: Duration::from_secs(1),
-            response_idle: args.response_idle_timeout.0,
-        };
+        let opts = app::serve_options(&args, Duration::from_secs(1));
         let server = tokio::spawn(async move {
-            http::serve(listener, router, std::future::pending(), timeouts)
+            http::serve(listener, router, std::future::pending(), opts)
                 .await
                 .unwrap();
         });
         TestApp {
             url,
             db_url,
-            pool: service.state.pool.clone(),
+            pool: service.state.db.pool().clone(),
             client: reqwest::Client::new(),
             sweeper: service.sweeper,
             storage: service.state.storage.clone(),

@@ -101,7 +101,9 @@ impl Env {
             aws_endpoint_url: Some(endpoint),
             aws_region: Some("us-east-1".into()),
         };
-        let s3 = S3Backend::from_args(&args).await.unwrap();
+        let s3 = S3Backend::from_args(&args, std::time::Duration::from_secs(10))
+            .await
+            .unwrap();
         s3.list()
             .await
             .unwrap()

@@ -61,10 +61,16 @@ async fn content_streams_bytes_with_the_specified_headers() {
     assert_eq!(h["x-content-type-options"], "nosniff");
     let body = resp.bytes().await.unwrap();
     assert!(body == data, "byte-identical");
-    assert!(
-        fetched_at(&app, fid).await.is_some(),
-        "serving stamps fetched_at"
-    );
+    // stamped once the body has been handed over: a moment after the client has it all
+    let mut stamped = false;
+    for _ in 0..200 {
+        stamped = fetched_at(&app, fid).await.is_some();
+        if stamped {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(stamped, "serving stamps fetched_at");
     let list: Value = app
         .get(&format!("/workspaces/{ws}/pending-uploads"), &token)
         .await
@@ -458,7 +464,7 @@ async fn ack_that_loses_the_race_with_the_sweeper_is_raced() {
     let mut waiting = false;
     for _ in 0..1000 {
         waiting = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE pending_uploads SET acked_at%')",
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%UPDATE pending_uploads p SET acked_at%')",
         )
         .fetch_one(&app.pool)
         .await

@@ -68,10 +68,12 @@ async fn first_registration_issues_a_token_and_reregistration_needs_it() {
     .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let v: Value = resp.json().await.unwrap();
+    let secret = v["platform_inbound_secret"].as_str().unwrap().to_string();
+    assert_eq!(secret.len(), 43);
     assert_eq!(
         v,
-        json!({"status": "registered", "id": id, "delivery_mode": "poll"}),
-        "mode kept, no new token"
+        json!({"status": "registered", "id": id, "delivery_mode": "poll", "platform_inbound_secret": secret}),
+        "mode kept, no new token, the inbound secret on every registration"
     );
     let resp = register(
         &app,
@@ -128,7 +130,7 @@ async fn registration_defaults_and_validation() {
         assert_error(
             register(&app, json!({"id": Uuid::new_v4(), "url": bad}), None).await,
             StatusCode::BAD_REQUEST,
-            "url must be an absolute http:// or https:// URL",
+            "workspace URL not allowed",
         )
         .await;
         let resp = app
@@ -139,12 +141,7 @@ async fn registration_defaults_and_validation() {
             .send()
             .await
             .unwrap();
-        assert_error(
-            resp,
-            StatusCode::BAD_REQUEST,
-            "url must be an absolute http:// or https:// URL",
-        )
-        .await;
+        assert_error(resp, StatusCode::BAD_REQUEST, "workspace URL not allowed").await;
     }
     // Postgres text cannot hold NUL: a clear 400, not a 500
     assert_error(

@@ -10,7 +10,7 @@ use std::{
 
 use futures::TryStreamExt;
 use pending_uploads::{
-    storage::{ByteRange, Location, StorageBackend},
+    storage::{ByteRange, Location},
     sweep::Sweeper,
 };
 use reqwest::StatusCode;
@@ -508,7 +508,7 @@ async fn backfill_killed_half_way_resumes_and_contract_gates_on_it() {
             s3_key: Some(key),
         };
         let object: Vec<bytes::Bytes> = s3
-            .get(&loc, ByteRange::full(loc.size))
+            .open(&loc, ByteRange::full(loc.size))
             .await
             .unwrap()
             .try_collect()

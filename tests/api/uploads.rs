@@ -247,8 +247,26 @@ async fn too_many_files() {
 }
 
 #[tokio::test]
-async fn per_file_cap_default_is_26214400_and_one_oversize_file_stores_nothing() {
+async fn per_file_cap_default_is_the_canvas_100_mb() {
     let app = TestApp::start().await;
+    let limits = app.limits().await;
+    assert_eq!(limits["per_file_bytes"], 104_857_600);
+    assert_eq!(limits["per_request_bytes"], 104_857_600);
+    // a 60 MB file passes the canvas's check, and ours
+    let (ws, token) = app.poll_workspace().await;
+    let out = app
+        .upload_ok(
+            ws,
+            &token,
+            &[("video.mp4", "video/mp4", bytes(60_000_000, 9))],
+        )
+        .await;
+    assert_eq!(out[0]["size"], 60_000_000);
+}
+
+#[tokio::test]
+async fn one_oversize_file_stores_nothing() {
+    let app = TestApp::start_with(&["--max-file-bytes", "26214400"]).await;
     let (ws, token) = app.poll_workspace().await;
     let max = 26_214_400usize;
     let resp = app
@@ -477,9 +495,10 @@ async fn the_quota_total_follows_every_writer() {
     let quota = |ws: Uuid| {
         let pool = app.pool.clone();
         async move {
-            pending_uploads::db::uploads::pending_bytes(&pool, ws)
+            pending_uploads::db::uploads::pending_totals(&pool, ws)
                 .await
                 .unwrap()
+                .bytes
         }
     };
     let exec = |sql: &'static str, id: Uuid| {
@@ -710,7 +729,7 @@ async fn raw_response_headers_are_title_case() {
     let body = raw.split("\r\n\r\n").nth(1).unwrap();
     assert_eq!(
         body,
-        r#"{"max_filename_chars":100,"max_files_per_request":64,"max_pending_bytes_per_workspace":1073741824,"per_file_bytes":26214400,"per_request_bytes":52428800}"#,
+        r#"{"per_file_bytes":104857600,"per_request_bytes":104857600,"max_files_per_request":64,"max_attachments_per_message":64,"max_filename_chars":100,"max_pending_bytes_per_workspace":1073741824,"max_pending_files_per_workspace":10000}"#,
         "compact JSON"
     );
 }

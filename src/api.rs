@@ -1,0 +1,275 @@
+//! The wire types of the HTTP API (SPEC §4): what handlers answer, what clients (our own
+//! agent included) parse, and what the OpenAPI document describes — one definition each, so
+//! the three cannot disagree. Field names are the contract's, camelCase where it says so.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// Every error: `error` is the text; some carry more fields.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+    /// `platform_unavailable`, `storage_unavailable`, `spool_unavailable`, `upload_capacity`,
+    /// `workspace_busy`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filename: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending_bytes: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending_files: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_files: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AgentCard {
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RegisterRequest {
+    pub id: Uuid,
+    /// `push` or `poll`.
+    pub delivery_mode: Option<String>,
+    pub url: Option<String>,
+    pub agent_card: Option<AgentCard>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateWorkspaceRequest {
+    pub id: Option<Uuid>,
+    pub name: Option<String>,
+    /// `push` or `poll`.
+    pub delivery_mode: Option<String>,
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Registered {
+    /// Always `registered`.
+    pub status: String,
+    pub id: Uuid,
+    /// `push` or `poll`.
+    pub delivery_mode: String,
+    /// Only when a token is issued (first registration, creation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_token: Option<String>,
+    /// The bearer this service sends to the workspace's push endpoint.
+    pub platform_inbound_secret: Option<String>,
+}
+
+/// How a workspace receives uploads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
+#[serde(rename_all = "lowercase")]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+pub enum DeliveryMode {
+    Push,
+    Poll,
+}
+
+impl DeliveryMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryMode::Push => "push",
+            DeliveryMode::Poll => "poll",
+        }
+    }
+
+    /// `push` / `poll`; anything else is refused with SPEC's text.
+    pub fn parse(s: &str) -> Option<DeliveryMode> {
+        match s {
+            "push" => Some(DeliveryMode::Push),
+            "poll" => Some(DeliveryMode::Poll),
+            _ => None,
+        }
+    }
+}
+
+/// A workspace's lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
+#[serde(rename_all = "lowercase")]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+pub enum WorkspaceStatus {
+    Online,
+    Removed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Workspace {
+    pub id: Uuid,
+    pub name: String,
+    /// `push` or `poll`; rows written by the platform may hold other values.
+    pub delivery_mode: String,
+    pub url: Option<String>,
+    /// `online` or `removed`.
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Removed {
+    /// Always `removed`.
+    pub status: String,
+    pub id: Uuid,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenMinted {
+    pub id: Uuid,
+    pub auth_token: String,
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Revoked {
+    pub revoked: bool,
+}
+
+/// One staged file as the upload answers it, and as its activity row records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StagedFile {
+    /// `platform-pending:<workspace_id>/<file_id>`.
+    pub uri: String,
+    pub name: String,
+    #[serde(rename = "mimeType")]
+    #[schema(rename = "mimeType")]
+    pub mime_type: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UploadResult {
+    pub files: Vec<StagedFile>,
+}
+
+/// One upload request: one or more parts named `files`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UploadForm {
+    #[schema(value_type = Vec<String>, format = Binary)]
+    pub files: Vec<Vec<u8>>,
+}
+
+/// The activity row's `request_body` for a staged file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UploadReceived {
+    pub file_id: Uuid,
+    #[serde(flatten)]
+    pub file: StagedFile,
+}
+
+/// A file an activity row refers to (`include=peer_info`), as the runtimes read it; empty
+/// fields are left out, as the platform does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Attachment {
+    /// `image`, `audio`, `video` (from the mimetype's prefix) or `file`.
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mime_type: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct ActivityRow {
+    pub id: Uuid,
+    pub workspace_id: Uuid,
+    pub activity_type: String,
+    pub source_id: Option<Uuid>,
+    pub target_id: Option<Uuid>,
+    pub method: Option<String>,
+    pub summary: Option<String>,
+    pub request_body: Option<Value>,
+    pub response_body: Option<Value>,
+    pub status: String,
+    pub error_detail: Option<String>,
+    pub created_at: DateTime<Utc>,
+    /// The paging key: strictly increasing in commit order within a workspace.
+    pub seq: i64,
+    /// With `include=peer_info`, when non-empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[sqlx(skip)]
+    pub attachments: Option<Vec<Attachment>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PendingUpload {
+    pub file_id: Uuid,
+    pub name: String,
+    #[serde(rename = "mimeType")]
+    #[schema(rename = "mimeType")]
+    pub mime_type: String,
+    pub size: i64,
+    pub uri: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub fetched_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Acked {
+    pub acked: bool,
+    /// Present (true) when the sweeper removed the row first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raced: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Limits {
+    pub per_file_bytes: u64,
+    pub per_request_bytes: u64,
+    pub max_files_per_request: u64,
+    /// The platform's name for `max_files_per_request`.
+    pub max_attachments_per_message: u64,
+    pub max_filename_chars: u64,
+    pub max_pending_bytes_per_workspace: u64,
+    pub max_pending_files_per_workspace: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Readiness {
+    /// `ok`, `unavailable` or `shutting down`.
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+}
+
+/// The URI a staged file is known by: `platform-pending:<workspace_id>/<file_id>`.
+pub fn platform_uri(workspace_id: Uuid, file_id: Uuid) -> String {
+    format!("platform-pending:{workspace_id}/{file_id}")
+}
+
+/// The attachment kind the runtimes expect for a mimetype (the platform's projection: a
+/// case-sensitive prefix match).
+pub fn attachment_kind(mime_type: &str) -> &'static str {
+    if mime_type.starts_with("image/") {
+        "image"
+    } else if mime_type.starts_with("audio/") {
+        "audio"
+    } else if mime_type.starts_with("video/") {
+        "video"
+    } else {
+        "file"
+    }
+}

@@ -1,0 +1,198 @@
+//! Request bodies under deadlines and caps (SPEC §10, slow clients and bounded parsing):
+//! the upload body as a guarded stream, and small JSON bodies read whole.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use axum::body::{Body, Bytes};
+use futures::{Stream, StreamExt};
+use http_body_util::BodyExt;
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+
+use super::error::ApiError;
+
+/// How an upload body must keep coming.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    /// Longest silence between chunks.
+    pub idle: Duration,
+    /// Average bytes per second required once `grace` has passed.
+    pub min_rate: u64,
+    pub grace: Duration,
+}
+
+/// Why we cut a body off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    OverCap,
+    Stalled,
+    TooSlow,
+}
+
+impl Cut {
+    pub fn answer(self, max_request_bytes: u64) -> ApiError {
+        match self {
+            Cut::OverCap => ApiError::RequestTooLarge {
+                max: max_request_bytes,
+            },
+            Cut::Stalled => ApiError::BodyStalled,
+            Cut::TooSlow => ApiError::BodyTooSlow,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("request body cut off: {0:?}")]
+pub struct CutError(pub Cut);
+
+/// The upload body as a stream that fails once more than `max` bytes have arrived, when
+/// nothing arrives for `pace.idle`, or when it averages under `pace.min_rate` after the
+/// grace period: a client trickling bytes cannot hold an upload slot.
+pub struct UploadBody {
+    inner: axum::body::BodyDataStream,
+    seen: u64,
+    max: u64,
+    pace: Pace,
+    started: Instant,
+    idle_timer: Pin<Box<tokio::time::Sleep>>,
+    rate_timer: Pin<Box<tokio::time::Sleep>>,
+    cut: Arc<Mutex<Option<Cut>>>,
+}
+
+/// Shared view of an [`UploadBody`]'s cut, readable after the body has been moved away.
+#[derive(Clone)]
+pub struct CutFlag(Arc<Mutex<Option<Cut>>>);
+
+impl CutFlag {
+    pub fn get(&self) -> Option<Cut> {
+        self.0.lock().ok().and_then(|c| *c)
+    }
+}
+
+impl UploadBody {
+    pub fn new(body: Body, max: u64, pace: Pace) -> Self {
+        let started = Instant::now();
+        UploadBody {
+            inner: body.into_data_stream(),
+            seen: 0,
+            max,
+            pace,
+            started,
+            idle_timer: Box::pin(tokio::time::sleep(pace.idle)),
+            rate_timer: Box::pin(tokio::time::sleep(pace.grace)),
+            cut: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    pub fn cut_flag(&self) -> CutFlag {
+        CutFlag(self.cut.clone())
+    }
+
+    /// When the bytes seen so far stop meeting the minimum average rate (never before the
+    /// grace period ends).
+    fn rate_due_at(&self) -> Option<Instant> {
+        if self.pace.min_rate == 0 {
+            return None;
+        }
+        let covered = Duration::from_secs_f64(self.seen as f64 / self.pace.min_rate as f64);
+        Some(self.started + covered.max(self.pace.grace))
+    }
+
+    /// Pending until the rate check fails (then the cut).
+    fn poll_rate(&mut self, cx: &mut Context<'_>) -> Poll<Cut> {
+        loop {
+            let Some(due) = self.rate_due_at() else {
+                return Poll::Pending;
+            };
+            if due <= Instant::now() {
+                return Poll::Ready(Cut::TooSlow);
+            }
+            if self.rate_timer.deadline() != due {
+                self.rate_timer.as_mut().reset(due);
+            }
+            if self.rate_timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn fail(&mut self, why: Cut) -> Poll<Option<<Self as Stream>::Item>> {
+        if let Ok(mut cut) = self.cut.lock() {
+            *cut = Some(why);
+        }
+        Poll::Ready(Some(Err(Box::new(CutError(why)))))
+    }
+}
+
+impl Stream for UploadBody {
+    type Item = Result<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.cut.lock().map(|c| c.is_some()).unwrap_or(true) {
+            return Poll::Ready(None);
+        }
+        match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                self.seen += chunk.len() as u64;
+                if self.seen > self.max {
+                    return self.fail(Cut::OverCap);
+                }
+                let idle_at = Instant::now() + self.pace.idle;
+                self.idle_timer.as_mut().reset(idle_at);
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if self.idle_timer.as_mut().poll(cx).is_ready() {
+                    return self.fail(Cut::Stalled);
+                }
+                match self.poll_rate(cx) {
+                    Poll::Ready(cut) => self.fail(cut),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+/// Largest JSON request body (SPEC §10).
+pub const MAX_JSON_BYTES: usize = 64 * 1024;
+
+/// Reads a small request body whole: at most [`MAX_JSON_BYTES`] (413 beyond) and within
+/// `deadline` (408 after), then parses it as JSON (400).
+pub async fn read_json<T: DeserializeOwned>(body: Body, deadline: Duration) -> Result<T, ApiError> {
+    let limited = http_body_util::Limited::new(body, MAX_JSON_BYTES);
+    let bytes = match tokio::time::timeout(deadline, limited.collect()).await {
+        Err(_) => return Err(ApiError::BodyStalled),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(ApiError::JsonTooLarge {
+                max: MAX_JSON_BYTES as u64,
+            })
+        }
+        Ok(Err(_)) => {
+            return Err(ApiError::BadRequest(
+                "could not read the request body".into(),
+            ))
+        }
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    parse_json(&bytes)
+}
+
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    // Postgres text cannot hold NUL; JSON can only carry one escaped.
+    if body.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000")) {
+        return Err(ApiError::BadRequest(
+            "strings must not contain NUL characters".into(),
+        ));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}

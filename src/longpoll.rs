@@ -1,0 +1,143 @@
+//! Long poll of the activity feed (SPEC §4 Activity, `wait=`): one `LISTEN` connection per
+//! replica fans commit notifications out to waiting requests, so a waiting request holds no
+//! database connection, and an upload reaches a waiting poller on any replica as soon as it
+//! commits.
+//!
+//! A waiter subscribes *before* it queries, so a row that commits between its query and its
+//! wait still wakes it. When the listener loses its connection, notifications sent meanwhile
+//! are lost: every waiter is woken to query again.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, Weak},
+    time::Duration,
+};
+
+use sqlx::{postgres::PgListener, PgPool};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::db::activity::CHANNEL;
+
+#[derive(Clone, Default)]
+pub struct Hub {
+    /// One wake-up per workspace with waiters; entries die with their last waiter.
+    waiters: Arc<Mutex<HashMap<Uuid, Weak<Notify>>>>,
+}
+
+/// A waiter's handle: holds its workspace's entry alive.
+pub struct Subscription {
+    notify: Arc<Notify>,
+}
+
+impl Subscription {
+    pub fn notify(&self) -> &Notify {
+        &self.notify
+    }
+}
+
+impl Hub {
+    pub fn subscribe(&self, workspace_id: Uuid) -> Subscription {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(notify) = waiters.get(&workspace_id).and_then(Weak::upgrade) {
+            return Subscription { notify };
+        }
+        // Amortised clean-up of entries whose waiters are gone (no wake-up came for them).
+        if waiters.len() >= 1024 && waiters.len().is_power_of_two() {
+            waiters.retain(|_, w| w.strong_count() > 0);
+        }
+        let notify = Arc::new(Notify::new());
+        waiters.insert(workspace_id, Arc::downgrade(&notify));
+        Subscription { notify }
+    }
+
+    /// Wakes the workspace's waiters; drops entries nobody holds any more.
+    pub fn wake(&self, workspace_id: Uuid) {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        match waiters.get(&workspace_id).map(Weak::upgrade) {
+            Some(Some(notify)) => notify.notify_waiters(),
+            Some(None) => {
+                waiters.remove(&workspace_id);
+            }
+            None => {}
+        }
+    }
+
+    /// Wakes every waiter (after notifications may have been lost).
+    pub fn wake_all(&self) {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        waiters.retain(|_, w| match w.upgrade() {
+            Some(notify) => {
+                notify.notify_waiters();
+                true
+            }
+            None => false,
+        });
+    }
+
+    /// Workspaces with waiters (a gauge and tests).
+    pub fn workspaces_waiting(&self) -> usize {
+        let waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        waiters.values().filter(|w| w.strong_count() > 0).count()
+    }
+
+    /// Listens until the task is dropped, reconnecting with a pause after failures.
+    pub async fn listen_forever(self, pool: PgPool) {
+        loop {
+            if let Err(e) = self.listen(&pool).await {
+                tracing::warn!(error = %e, "activity listener lost its connection; reconnecting");
+            }
+            self.wake_all();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn listen(&self, pool: &PgPool) -> sqlx::Result<()> {
+        let mut listener = PgListener::connect_with(pool).await?;
+        listener.listen(CHANNEL).await?;
+        // Rows may have committed while nobody listened.
+        self.wake_all();
+        loop {
+            match listener.try_recv().await? {
+                Some(n) => match n.payload().parse::<Uuid>() {
+                    Ok(ws) => self.wake(ws),
+                    Err(_) => self.wake_all(),
+                },
+                // The connection dropped and was re-established: anything may be missed.
+                None => self.wake_all(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn wakes_only_the_workspace_and_forgets_idle_entries() {
+        let hub = Hub::default();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let sa = hub.subscribe(a);
+        let sb = hub.subscribe(b);
+        {
+            let wa = sa.notify().notified();
+            let wb = sb.notify().notified();
+            tokio::pin!(wa, wb);
+            wa.as_mut().enable();
+            wb.as_mut().enable();
+            hub.wake(a);
+            tokio::time::timeout(Duration::from_secs(1), wa)
+                .await
+                .unwrap();
+            assert!(tokio::time::timeout(Duration::from_millis(50), wb)
+                .await
+                .is_err());
+        }
+        assert_eq!(hub.workspaces_waiting(), 2);
+        drop(sa);
+        drop(sb);
+        hub.wake_all();
+        assert!(hub.waiters.lock().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,297 @@
+//! Which push targets the service may call (SPEC §4 Registry and Upload step 2): the shape of
+//! a push URL, and the addresses it may reach. The address rule is applied twice: to a URL's
+//! literal or resolved host at registration, and to every address the push client resolves
+//! when it connects, so a name that later re-resolves to an internal host (DNS rebinding), or
+//! a row written by someone else, still cannot reach one.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    str::FromStr,
+    sync::Arc,
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use reqwest::Url;
+
+/// Why a push URL or address is refused (for logs; clients see one text).
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("workspace URL not allowed: {reason}")]
+pub struct Refused {
+    pub reason: &'static str,
+}
+
+fn refused(reason: &'static str) -> Refused {
+    Refused { reason }
+}
+
+/// `PUSH_ALLOWED_NETWORKS`: comma-separated CIDRs (a bare address is a /32 or /128); empty
+/// allows none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AllowedNetworks(pub Vec<IpNet>);
+
+impl FromStr for AllowedNetworks {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut nets = Vec::new();
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let net = item
+                .parse::<IpNet>()
+                .or_else(|_| item.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    format!("invalid network {item:?}: expected a CIDR such as 127.0.0.0/8")
+                })?;
+            nets.push(net);
+        }
+        Ok(AllowedNetworks(nets))
+    }
+}
+
+/// The push policy: the URL rules plus the networks an operator opened up.
+#[derive(Debug, Clone, Default)]
+pub struct PushPolicy {
+    allowed: AllowedNetworks,
+}
+
+/// Bounds the name lookup done at registration (the connect-time check does not depend on it).
+const REGISTRATION_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl PushPolicy {
+    pub fn new(allowed: AllowedNetworks) -> Self {
+        PushPolicy { allowed }
+    }
+
+    /// May the push client connect to `ip`?
+    pub fn address_allowed(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.allowed.0.iter().any(|net| net.contains(&ip)) || !is_internal(ip)
+    }
+
+    /// The URL's shape, and its host when that is an address (or `localhost`): the checks
+    /// that need no name lookup. Returns the parsed URL.
+    pub fn check_url(&self, raw: &str) -> Result<Url, Refused> {
+        let url = Url::parse(raw.trim()).map_err(|_| refused("not an absolute URL"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(refused("scheme is not http or https"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(refused("userinfo"));
+        }
+        if url.query().is_some() {
+            return Err(refused("query"));
+        }
+        if url.fragment().is_some() {
+            return Err(refused("fragment"));
+        }
+        let literal = match url.host() {
+            None => return Err(refused("no host")),
+            Some(url::Host::Ipv4(v4)) => Some(IpAddr::V4(v4)),
+            Some(url::Host::Ipv6(v6)) => Some(IpAddr::V6(v6)),
+            // RFC 6761: these names are loopback whatever a resolver says.
+            Some(url::Host::Domain(d)) if is_localhost_name(d) => {
+                Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
+            }
+            Some(url::Host::Domain(_)) => None,
+        };
+        if literal.is_some_and(|ip| !self.address_allowed(ip)) {
+            return Err(refused("internal address"));
+        }
+        Ok(url)
+    }
+
+    /// The registration check: the URL rules, and every address its name resolves to now.
+    /// A name that does not resolve yet is accepted: the connect-time check still applies.
+    pub async fn check_registration(&self, raw: &str) -> Result<Url, Refused> {
+        let url = self.check_url(raw)?;
+        if let Some(url::Host::Domain(name)) = url.host() {
+            let port = url.port_or_known_default().unwrap_or(80);
+            let lookup = tokio::net::lookup_host((name, port));
+            if let Ok(Ok(addrs)) = tokio::time::timeout(REGISTRATION_LOOKUP_TIMEOUT, lookup).await {
+                for addr in addrs {
+                    if !self.address_allowed(addr.ip()) {
+                        return Err(refused("name resolves to an internal address"));
+                    }
+                }
+            }
+        }
+        Ok(url)
+    }
+
+    /// The resolver the push client connects through: every resolved address must be allowed.
+    pub fn resolver(self) -> Arc<Resolver> {
+        Arc::new(Resolver { policy: self })
+    }
+}
+
+fn is_localhost_name(name: &str) -> bool {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost")
+}
+
+/// Addresses a push must not reach unless an operator allows them: loopback, link-local
+/// (cloud metadata lives at 169.254.169.254), private, unique-local, unspecified, multicast,
+/// broadcast and reserved, shared (carrier-grade NAT) space, and IPv6 forms that embed such
+/// an IPv4 address.
+pub fn is_internal(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => is_internal_v4(v4),
+        IpAddr::V6(v6) => is_internal_v6(v6),
+    }
+}
+
+fn is_internal_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, ..] = ip.octets();
+    ip.is_unspecified()
+        || a == 0 // "this network"
+        || ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || (a == 100 && (64..128).contains(&b)) // shared address space, RFC 6598
+        || ip.is_multicast()
+        || a >= 240 // reserved, and 255.255.255.255 broadcast
+}
+
+fn is_internal_v6(ip: Ipv6Addr) -> bool {
+    let seg = ip.segments();
+    let embedded_v4 = |hi: u16, lo: u16| Ipv4Addr::from(((hi as u32) << 16) | lo as u32);
+    ip.is_unspecified()
+        || ip.is_loopback()
+        || (seg[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
+        || (seg[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
+        || (seg[0] & 0xffc0) == 0xfec0 // site-local fec0::/10 (deprecated)
+        || ip.is_multicast()
+        // IPv4-compatible ::a.b.c.d (deprecated) and NAT64 64:ff9b::a.b.c.d
+        || (seg[..6] == [0; 6] && is_internal_v4(embedded_v4(seg[6], seg[7])))
+        || (seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] && is_internal_v4(embedded_v4(seg[6], seg[7])))
+        // 6to4 2002:a.b.c.d::/48
+        || (seg[0] == 0x2002 && is_internal_v4(embedded_v4(seg[1], seg[2])))
+}
+
+/// A DNS resolver for the push client that refuses names resolving to internal addresses.
+pub struct Resolver {
+    policy: PushPolicy,
+}
+
+impl reqwest::dns::Resolve for Resolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = self.policy.clone();
+        let name = name.as_str().to_string();
+        Box::pin(async move {
+            if is_localhost_name(&name) && !policy.address_allowed(IpAddr::V4(Ipv4Addr::LOCALHOST))
+            {
+                return Err(Box::new(refused("internal address")) as _);
+            }
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            if addrs.iter().any(|a| !policy.address_allowed(a.ip())) {
+                return Err(Box::new(refused("name resolves to an internal address")) as _);
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// Whether a push client error came from this policy (anywhere in its source chain).
+pub fn is_refusal(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.downcast_ref::<Refused>().is_some() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(allowed: &str) -> PushPolicy {
+        PushPolicy::new(allowed.parse().unwrap())
+    }
+
+    #[test]
+    fn refused_url_forms() {
+        let p = policy("");
+        for bad in [
+            "http://127.0.0.1:9/",
+            "http://localhost:8000",
+            "http://LOCALHOST./",
+            "http://api.localhost/",
+            "http://127.1/",
+            "http://2130706433/",
+            "http://0x7f000001/",
+            "http://0/",
+            "http://[::1]/",
+            "http://[::ffff:169.254.169.254]/",
+            "http://[::ffff:a9fe:a9fe]/",
+            "http://169.254.169.254/latest",
+            "http://[fd00::1]/",
+            "http://[fe80::1]/",
+            "http://[64:ff9b::a00:1]/",
+            "http://[2002:7f00:1::]/",
+            "http://10.0.0.1/",
+            "http://172.16.5.4/",
+            "http://192.168.1.1/",
+            "http://100.64.0.1/",
+            "http://224.0.0.1/",
+            "http://255.255.255.255/",
+            "http://user:pw@example.com/",
+            "http://user@example.com/",
+            "http://example.com/x?y=",
+            "http://example.com/x?",
+            "http://example.com/#frag",
+            "ftp://example.com/",
+            "example.com",
+            "/relative",
+            "http://",
+        ] {
+            assert!(p.check_url(bad).is_err(), "{bad}");
+        }
+        for good in [
+            "http://example.com",
+            "https://93.184.216.34:8443/base/",
+            "http://[2606:4700::1]/",
+        ] {
+            assert!(p.check_url(good).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn allowed_networks_open_exactly_themselves() {
+        let p = policy("127.0.0.0/8, fd00::/8");
+        assert!(p.check_url("http://127.0.0.1:9/").is_ok());
+        assert!(p.check_url("http://localhost:9/").is_ok());
+        assert!(p.check_url("http://[::ffff:127.0.0.1]/").is_ok());
+        assert!(p.check_url("http://[fd00::5]/").is_ok());
+        assert!(p.check_url("http://169.254.169.254/").is_err());
+        assert!(p.check_url("http://10.1.1.1/").is_err());
+        assert!(
+            p.check_url("http://127.0.0.1/?q").is_err(),
+            "shape rules still apply"
+        );
+        assert_eq!(
+            "".parse::<AllowedNetworks>().unwrap(),
+            AllowedNetworks::default()
+        );
+        assert_eq!("10.0.0.1".parse::<AllowedNetworks>().unwrap().0.len(), 1);
+        assert!("10.0.0.0/33".parse::<AllowedNetworks>().is_err());
+        assert!("nope".parse::<AllowedNetworks>().is_err());
+    }
+
+    #[tokio::test]
+    async fn the_resolver_refuses_names_of_internal_addresses() {
+        use reqwest::dns::Resolve;
+        let r = policy("").resolver();
+        let err = r.resolve("localhost".parse().unwrap()).await.err().unwrap();
+        assert!(is_refusal(&*err));
+        let open = policy("127.0.0.0/8, ::1/128").resolver();
+        let addrs: Vec<_> = open
+            .resolve("localhost".parse().unwrap())
+            .await
+            .unwrap()
+            .collect();
+        assert!(!addrs.is_empty());
+    }
+}

@@ -1,0 +1,113 @@
+//! Upload slots (SPEC §10, slow clients): a replica handles at most `MAX_CONCURRENT_UPLOADS`
+//! uploads at once, and one workspace holds at most `MAX_CONCURRENT_UPLOADS_PER_WORKSPACE` of
+//! them, so a flood against one workspace cannot starve the others. A slot is held from the
+//! first body byte to the answer and released by drop, whatever ends the request.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use uuid::Uuid;
+
+use crate::metrics::metrics;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Every slot of the replica is taken.
+    Replica,
+    /// The workspace holds all of its slots.
+    Workspace,
+}
+
+#[derive(Clone)]
+pub struct UploadSlots {
+    replica: Arc<Semaphore>,
+    /// Slots held per workspace; an entry exists only while a slot is held, so the map is
+    /// never larger than the replica's slot count.
+    held: Arc<Mutex<HashMap<Uuid, usize>>>,
+    per_workspace: usize,
+}
+
+impl UploadSlots {
+    pub fn new(per_replica: usize, per_workspace: usize) -> Self {
+        UploadSlots {
+            replica: Arc::new(Semaphore::new(per_replica.max(1))),
+            held: Arc::new(Mutex::new(HashMap::new())),
+            per_workspace: per_workspace.max(1),
+        }
+    }
+
+    pub fn acquire(&self, workspace_id: Uuid) -> Result<UploadSlot, Refused> {
+        {
+            let mut held = self.held.lock().map_err(|_| Refused::Replica)?;
+            let n = held.entry(workspace_id).or_insert(0);
+            if *n >= self.per_workspace {
+                return Err(Refused::Workspace);
+            }
+            *n += 1;
+        }
+        let Ok(permit) = self.replica.clone().try_acquire_owned() else {
+            release(&self.held, workspace_id);
+            return Err(Refused::Replica);
+        };
+        metrics().uploads_in_progress.inc();
+        Ok(UploadSlot {
+            _permit: permit,
+            workspace_id,
+            held: self.held.clone(),
+        })
+    }
+}
+
+fn release(held: &Mutex<HashMap<Uuid, usize>>, workspace_id: Uuid) {
+    if let Ok(mut held) = held.lock() {
+        if let Some(n) = held.get_mut(&workspace_id) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&workspace_id);
+            }
+        }
+    }
+}
+
+/// One held slot; counted in `uploads_in_progress` while held.
+pub struct UploadSlot {
+    _permit: OwnedSemaphorePermit,
+    workspace_id: Uuid,
+    held: Arc<Mutex<HashMap<Uuid, usize>>>,
+}
+
+impl Drop for UploadSlot {
+    fn drop(&mut self) {
+        metrics().uploads_in_progress.dec();
+        release(&self.held, self.workspace_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_workspace_and_per_replica_bounds() {
+        let slots = UploadSlots::new(3, 2);
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let a1 = slots.acquire(a).unwrap();
+        let _a2 = slots.acquire(a).unwrap();
+        assert_eq!(slots.acquire(a).err(), Some(Refused::Workspace));
+        let _b1 = slots.acquire(b).unwrap();
+        assert_eq!(slots.acquire(b).err(), Some(Refused::Replica));
+        drop(a1);
+        let _b2 = slots.acquire(b).unwrap();
+        assert_eq!(slots.held.lock().unwrap().len(), 2);
+        drop(_b2);
+        drop(_b1);
+        assert_eq!(
+            slots.held.lock().unwrap().get(&b),
+            None,
+            "no entry once released"
+        );
+    }
+}

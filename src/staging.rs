@@ -1,0 +1,427 @@
+//! Staging an upload for a poll workspace (SPEC §4 Upload, steps 3-5), in two phases:
+//!
+//! 1. [`receive`]: the multipart body is parsed as a stream and each `files` part spooled to
+//!    an unnamed temp file while its size and sha256 are computed; every cap is enforced as
+//!    bytes arrive. Nothing touches the database meanwhile, so a slow client holds no
+//!    connection and no lock.
+//! 2. [`Stager::commit`]: runs in a task of its own, so a client that disconnects cannot cut
+//!    it half way. Objects are written first (S3 modes), then one short transaction writes
+//!    every row and activity row under the workspace lock (quota checked there); if anything
+//!    fails, the objects it wrote are removed. All or nothing.
+
+use std::{io, path::Path, sync::Arc, time::Duration};
+
+use futures::Stream;
+use uuid::Uuid;
+
+use crate::{
+    api::{platform_uri, StagedFile, UploadReceived},
+    db::{self, activity::NewActivity, uploads::NewUpload, Db, DbError},
+    logfmt::Clip,
+    metrics::metrics,
+    multipart::{BoxError, Multipart, MultipartError},
+    sanitize::sanitize,
+    spool::{Spool, SpoolWriter},
+    storage::{Location, Storage, StorageError},
+};
+
+/// Why an upload was not staged.
+#[derive(Debug, thiserror::Error)]
+pub enum StagingError {
+    #[error("no files field in request")]
+    NoFiles,
+    #[error("too many files (limit {0})")]
+    TooManyFiles(usize),
+    #[error("malformed multipart body: {0}")]
+    Malformed(&'static str),
+    #[error("file is empty")]
+    EmptyFile { filename: String },
+    #[error("file exceeds per-file cap")]
+    FileTooLarge {
+        filename: String,
+        size: u64,
+        max: u64,
+    },
+    #[error("pending bytes quota exceeded ({pending} of {max})")]
+    QuotaBytes { pending: i64, max: u64 },
+    #[error("pending files quota exceeded ({pending} of {max})")]
+    QuotaFiles { pending: i64, max: u64 },
+    #[error("spool: {0}")]
+    Spool(#[source] io::Error),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The request body failed under us: the client went away, or our own cap or deadline
+    /// cut it (the HTTP layer knows which).
+    #[error("request body failed: {0}")]
+    ClientGone(#[source] BoxError),
+    #[error("staging task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl From<MultipartError> for StagingError {
+    fn from(e: MultipartError) -> Self {
+        match e {
+            MultipartError::Malformed(why) => StagingError::Malformed(why),
+            MultipartError::Body(e) => StagingError::ClientGone(e),
+        }
+    }
+}
+
+/// Caps of one upload request (SPEC §9, §10).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    pub max_files: usize,
+    pub max_file_bytes: u64,
+    pub max_filename_chars: usize,
+}
+
+/// Non-file form fields are read and thrown away, at most this many bytes per request.
+pub const MAX_FORM_FIELD_BYTES: usize = 1024 * 1024;
+
+/// Longest mimetype kept; a longer one is stored as application/octet-stream.
+pub const MAX_MIMETYPE_CHARS: usize = 255;
+
+/// One file part, fully received.
+pub struct Received {
+    /// The filename as sent (for error answers and clipped logs).
+    pub original: String,
+    pub name: String,
+    pub mimetype: String,
+    pub spool: Spool,
+}
+
+/// Phase 1: parses the body, spooling every `files` part. On error the body may still have
+/// unread bytes: see [`drain`].
+pub async fn receive<S, E>(
+    multipart: &mut Multipart<S>,
+    limits: &RequestLimits,
+    spool_dir: &Path,
+) -> Result<Vec<Received>, StagingError>
+where
+    S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    E: Into<BoxError>,
+{
+    let mut files = Vec::new();
+    let mut field_bytes = 0usize;
+    while let Some(head) = multipart.next_part().await? {
+        let filename = head.filename.clone().filter(|f| !f.is_empty());
+        let Some(original) = filename.filter(|_| head.name.as_deref() == Some("files")) else {
+            // A plain form field (a `files` part without a filename is one too): drained,
+            // not kept, and bounded.
+            field_bytes += head.header_bytes;
+            while let Some(chunk) = multipart.next_chunk().await? {
+                field_bytes += chunk.len();
+                if field_bytes > MAX_FORM_FIELD_BYTES {
+                    return Err(StagingError::Malformed("form fields too large"));
+                }
+            }
+            if field_bytes > MAX_FORM_FIELD_BYTES {
+                return Err(StagingError::Malformed("form fields too large"));
+            }
+            continue;
+        };
+        if files.len() == limits.max_files {
+            return Err(StagingError::TooManyFiles(limits.max_files));
+        }
+        let mimetype = reduce_mimetype(head.content_type.as_deref());
+        let spool = spool_part(multipart, spool_dir, &original, limits.max_file_bytes).await?;
+        files.push(Received {
+            name: sanitize(&original, limits.max_filename_chars),
+            original,
+            mimetype,
+            spool,
+        });
+    }
+    if files.is_empty() {
+        return Err(StagingError::NoFiles);
+    }
+    Ok(files)
+}
+
+/// Copies one file part into its spool, enforcing the per-file cap; an empty part is refused.
+async fn spool_part<S, E>(
+    multipart: &mut Multipart<S>,
+    spool_dir: &Path,
+    original: &str,
+    max_file_bytes: u64,
+) -> Result<Spool, StagingError>
+where
+    S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    E: Into<BoxError>,
+{
+    let mut writer = SpoolWriter::create(spool_dir).map_err(StagingError::Spool)?;
+    let result = async {
+        while let Some(chunk) = multipart.next_chunk().await? {
+            let seen = writer.size() + chunk.len() as u64;
+            if seen > max_file_bytes {
+                return Err(StagingError::FileTooLarge {
+                    filename: original.to_string(),
+                    size: seen,
+                    max: max_file_bytes,
+                });
+            }
+            writer.write(&chunk).await.map_err(StagingError::Spool)?;
+        }
+        if writer.size() == 0 {
+            return Err(StagingError::EmptyFile {
+                filename: original.to_string(),
+            });
+        }
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => writer.finish().await.map_err(StagingError::Spool),
+        Err(e) => {
+            // Closed before we answer: a refused upload leaves no open temp file behind.
+            writer.discard().await;
+            Err(e)
+        }
+    }
+}
+
+/// Reads what the client is still sending (bounded by the request cap and the body's
+/// deadlines) so it sees our answer instead of a reset connection.
+pub async fn drain<S, E>(multipart: &mut Multipart<S>)
+where
+    S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    E: Into<BoxError>,
+{
+    multipart.drain().await;
+}
+
+/// A part's Content-Type reduced to `type/subtype`; anything odd (control characters,
+/// spaces, no slash, longer than 255) becomes application/octet-stream, a missing one "".
+pub fn reduce_mimetype(value: Option<&str>) -> String {
+    const FALLBACK: &str = "application/octet-stream";
+    let Some(raw) = value else {
+        return String::new();
+    };
+    let essence = raw.split(';').next().unwrap_or("").trim();
+    let valid = match essence.split_once('/') {
+        Some((t, s)) => {
+            !t.is_empty()
+                && !s.is_empty()
+                && !s.contains('/')
+                && essence.len() <= MAX_MIMETYPE_CHARS
+                && essence.chars().all(|c| c.is_ascii_graphic())
+        }
+        None => false,
+    };
+    if valid {
+        essence.to_string()
+    } else {
+        FALLBACK.into()
+    }
+}
+
+/// The per-workspace quotas (SPEC §9, §10).
+#[derive(Debug, Clone, Copy)]
+pub struct Quota {
+    pub max_bytes: u64,
+    pub max_files: u64,
+}
+
+/// Phase 2 (see the module comment).
+#[derive(Clone)]
+pub struct Stager {
+    pub db: Db,
+    pub storage: Storage,
+    pub quota: Quota,
+}
+
+/// The bytes per second a committing COPY is assumed to manage at worst, on top of the
+/// dependency timeout: the transaction's deadline grows with what it writes.
+const WORST_COPY_RATE: u64 = 8 * 1024 * 1024;
+
+impl Stager {
+    /// Commits the received files, in a task the caller's cancellation cannot stop.
+    pub async fn commit(
+        &self,
+        workspace_id: Uuid,
+        files: Vec<Received>,
+    ) -> Result<Vec<UploadReceived>, StagingError> {
+        let stager = self.clone();
+        tokio::spawn(async move { stager.commit_now(workspace_id, files).await }).await?
+    }
+
+    async fn commit_now(
+        &self,
+        workspace_id: Uuid,
+        files: Vec<Received>,
+    ) -> Result<Vec<UploadReceived>, StagingError> {
+        // Objects before the transaction: no connection waits on S3.
+        let mut placed: Vec<Location> = Vec::with_capacity(files.len());
+        for f in &files {
+            let file_id = Uuid::new_v4();
+            match self.storage.put(workspace_id, file_id, &f.spool).await {
+                Ok(p) => placed.push(p),
+                Err(e) => {
+                    self.discard(&placed).await;
+                    return Err(e.into());
+                }
+            }
+        }
+        let bytes: u64 = files.iter().map(|f| f.spool.size).sum();
+        let deadline = self.db.timeout() + Duration::from_secs(bytes / WORST_COPY_RATE);
+        let quota = self.quota;
+        let rows = placed.clone();
+        let step = self.db.timeout();
+        let files = Arc::new(files);
+        let in_tx = files.clone();
+        let result = self
+            .db
+            .run_within(deadline, move |c| {
+                Box::pin(
+                    async move { write_rows(c, workspace_id, &in_tx, &rows, quota, step).await },
+                )
+            })
+            .await;
+        match result {
+            Ok(Ok(staged)) => {
+                record_staged(workspace_id, self.storage.mode().as_str(), &files, &staged);
+                Ok(staged)
+            }
+            Ok(Err(quota)) => {
+                self.discard(&placed).await;
+                Err(quota)
+            }
+            Err(e) => {
+                self.discard(&placed).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn discard(&self, placed: &[Location]) {
+        self.storage.discard(placed).await;
+    }
+}
+
+/// The transaction of [`Stager::commit`]: rows first (without the workspace lock, so
+/// concurrent uploads to one workspace copy in parallel), then under the lock the quota check
+/// and the activity rows (so `seq` follows commit order), then commit.
+async fn write_rows(
+    conn: &mut sqlx::PgConnection,
+    workspace_id: Uuid,
+    files: &[Received],
+    placed: &[Location],
+    quota: Quota,
+    step: Duration,
+) -> sqlx::Result<Result<Vec<UploadReceived>, StagingError>> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let mut staged = Vec::with_capacity(files.len());
+    for (f, location) in files.iter().zip(placed) {
+        let file_id = &location.file_id;
+        db::uploads::insert(
+            &mut tx,
+            &NewUpload {
+                file_id: *file_id,
+                workspace_id,
+                filename: &f.name,
+                mimetype: &f.mimetype,
+                spool: &f.spool,
+                location,
+            },
+            step,
+        )
+        .await?;
+        staged.push(UploadReceived {
+            file_id: *file_id,
+            file: StagedFile {
+                uri: platform_uri(workspace_id, *file_id),
+                name: f.name.clone(),
+                mime_type: f.mimetype.clone(),
+                size: f.spool.size,
+            },
+        });
+    }
+    db::lock_workspace(&mut tx, workspace_id).await?;
+    let pending = db::uploads::pending_totals(&mut *tx, workspace_id).await?;
+    let incoming_bytes: u64 = files.iter().map(|f| f.spool.size).sum();
+    let refusal = if pending.bytes as u64 + incoming_bytes > quota.max_bytes {
+        Some(StagingError::QuotaBytes {
+            pending: pending.bytes,
+            max: quota.max_bytes,
+        })
+    } else if pending.files as u64 + files.len() as u64 > quota.max_files {
+        Some(StagingError::QuotaFiles {
+            pending: pending.files,
+            max: quota.max_files,
+        })
+    } else {
+        None
+    };
+    if let Some(refusal) = refusal {
+        tx.rollback().await?;
+        return Ok(Err(refusal));
+    }
+    for entry in &staged {
+        db::activity::insert(
+            &mut tx,
+            &NewActivity {
+                workspace_id,
+                activity_type: "a2a_receive",
+                target_id: Some(workspace_id),
+                method: "chat_upload_receive",
+                summary: format!("chat_upload_receive: {}", entry.file.name),
+                request_body: serde_json::to_value(entry)
+                    .map_err(|e| sqlx::Error::Encode(e.into()))?,
+            },
+        )
+        .await?;
+    }
+    db::activity::notify(&mut tx, workspace_id).await?;
+    tx.commit().await?;
+    Ok(Ok(staged))
+}
+
+/// Logs and counts a committed upload, one line per file (SPEC §8).
+fn record_staged(workspace_id: Uuid, backend: &str, files: &[Received], staged: &[UploadReceived]) {
+    let m = metrics();
+    for (f, s) in files.iter().zip(staged) {
+        m.files_staged.with_label_values(&[backend, "ok"]).inc();
+        m.bytes_staged
+            .with_label_values(&[backend])
+            .inc_by(f.spool.size);
+        m.upload_size.observe(f.spool.size as f64);
+        tracing::info!(
+            event = "staged", %workspace_id, file_id = %s.file_id, size = f.spool.size,
+            name = %f.name, original = %Clip(&f.original), mimetype = %f.mimetype, backend,
+            "upload staged"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mimetypes() {
+        let cases = [
+            ("text/plain", "text/plain"),
+            ("text/plain; charset=utf-8", "text/plain"),
+            ("Application/PDF", "Application/PDF"),
+            ("image/svg+xml", "image/svg+xml"),
+            ("textplain", "application/octet-stream"),
+            ("text/ plain", "application/octet-stream"),
+            ("text/pl ain", "application/octet-stream"),
+            ("text/plain/x", "application/octet-stream"),
+            ("/plain", "application/octet-stream"),
+            ("text/", "application/octet-stream"),
+            ("text/pl\tain", "application/octet-stream"),
+            ("text/pl\u{e9}in", "application/octet-stream"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(reduce_mimetype(Some(input)), want, "{input:?}");
+        }
+        assert_eq!(reduce_mimetype(None), "");
+        let long = format!("application/{}", "x".repeat(MAX_MIMETYPE_CHARS));
+        assert_eq!(reduce_mimetype(Some(&long)), "application/octet-stream");
+        let edge = format!("a/{}", "x".repeat(MAX_MIMETYPE_CHARS - 2));
+        assert_eq!(reduce_mimetype(Some(&edge)), edge);
+    }
+}
