@@ -2,6 +2,7 @@
 
 mod activity;
 mod binary;
+mod browser;
 mod common;
 mod cors;
 mod deploy;
