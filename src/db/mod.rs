@@ -55,8 +55,13 @@ pub async fn connect(args: &DbArgs, dependency_timeout: Duration) -> Result<PgPo
         .await
 }
 
+/// Applies our migrations. Migrations the database has and this binary does not know (a
+/// newer release's) are no reason to refuse to start: every step is additive, so rolling
+/// back, or a rolling deploy, runs an older binary against a schema that has moved on.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    MIGRATOR.run(pool).await
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.set_ignore_missing(true);
+    migrator.run(pool).await
 }
 
 /// Why a database call failed.

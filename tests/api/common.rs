@@ -500,6 +500,12 @@ pub fn closed_endpoint() -> String {
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_pending-uploads");
 
+/// The binary child-process tests run: this build's, or `TEST_SERVICE_BIN` (to show a test
+/// fails against an older release).
+pub fn service_bin() -> String {
+    std::env::var("TEST_SERVICE_BIN").unwrap_or_else(|_| BIN.to_string())
+}
+
 /// A child process that is killed if the test ends (or fails) before stopping it.
 pub struct Running(pub Option<std::process::Child>);
 
@@ -551,7 +557,7 @@ pub fn free_port() -> u16 {
 
 /// The binary with a clean environment: only what a test passes reaches it.
 pub fn bin_command(db_url: &str) -> std::process::Command {
-    let mut cmd = std::process::Command::new(BIN);
+    let mut cmd = std::process::Command::new(service_bin());
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATABASE_URL", db_url)

@@ -1,6 +1,7 @@
 //! Integration tests over real HTTP against a real PostgreSQL. See common.rs for the harness.
 
 mod activity;
+mod attacks;
 mod binary;
 mod browser;
 mod common;

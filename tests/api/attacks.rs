@@ -1,0 +1,897 @@
+//! Attacks from the open internet (SPEC §10, issue 9), each reproduced over real HTTP against
+//! the real binary as a child process, with `PUSH_ALLOWED_NETWORKS` empty unless a test
+//! opens exactly the one address it needs.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{routing::any, Router};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use uuid::Uuid;
+
+use crate::common::*;
+
+/// The service as a child process on its own database, configured by `env`.
+struct Svc {
+    base: String,
+    addr: String,
+    db: String,
+    pool: sqlx::PgPool,
+    running: Running,
+}
+
+impl Svc {
+    async fn start(env: &[(&str, &str)]) -> Svc {
+        // An older binary (TEST_SERVICE_BIN) migrates an empty database itself.
+        let db = if std::env::var("TEST_SERVICE_BIN").is_ok() {
+            empty_db().await
+        } else {
+            fresh_db().await
+        };
+        Self::start_on(db, env, None).await
+    }
+
+    /// `wrap`: a command to run the binary under (e.g. `unshare`), with its arguments.
+    async fn start_on(db: String, env: &[(&str, &str)], wrap: Option<Vec<String>>) -> Svc {
+        let port = free_port();
+        let mut cmd = match wrap {
+            Some(w) => {
+                let mut c = std::process::Command::new(&w[0]);
+                c.args(&w[1..]);
+                c.env_clear()
+                    .env("PATH", std::env::var("PATH").unwrap_or_default())
+                    .env("DATABASE_URL", &db)
+                    .env("LOG_FORMAT", "json");
+                c
+            }
+            None => bin_command(&db),
+        };
+        cmd.arg("serve");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let running = spawn_service(cmd, port).await;
+        let pool = sqlx::PgPool::connect(&db).await.unwrap();
+        Svc {
+            base: format!("http://127.0.0.1:{port}"),
+            addr: format!("127.0.0.1:{port}"),
+            db,
+            pool,
+            running,
+        }
+    }
+
+    fn at(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    async fn count(&self, table: &str) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    fn pid(&self) -> u32 {
+        self.running.0.as_ref().unwrap().id()
+    }
+
+    /// Peak resident memory of the process so far, in KiB.
+    fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+/// A loopback HTTP server that counts what reaches it and answers with `respond`.
+async fn server_on(ip: &str, respond: Router) -> (SocketAddr, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    let app = respond.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                next.run(req).await
+            }
+        },
+    ));
+    let listener = tokio::net::TcpListener::bind(format!("{ip}:0"))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, hits)
+}
+
+fn one_file(boundary: &str, name: &str, data: &[u8]) -> Vec<u8> {
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\nContent-Type: text/plain\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(data);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    body
+}
+
+async fn upload_raw(svc: &Svc, ws: Uuid, token: &str, body: Vec<u8>) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(svc.at(&format!("/workspaces/{ws}/chat/uploads")))
+        .bearer_auth(token)
+        .header("Content-Type", "multipart/form-data; boundary=XB")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn admin_create(svc: &Svc, body: Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(svc.at("/workspaces"))
+        .bearer_auth(ADMIN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_push_redirect_to_an_internal_address_is_not_followed() {
+    // The metadata server lives on 127.0.0.1; the attacker's server on 127.0.0.2, the one
+    // address the operator allowed for pushes.
+    let (meta, meta_hits) = server_on(
+        "127.0.0.1",
+        Router::new().fallback(any(|| async { "AKIA-SECRET-ROLE-CREDENTIALS" })),
+    )
+    .await;
+    let target = format!("http://{meta}/latest/meta-data/iam/security-credentials/role");
+    let (attacker, attacker_hits) = server_on(
+        "127.0.0.2",
+        Router::new().fallback(any(move || {
+            let target = target.clone();
+            async move { (StatusCode::SEE_OTHER, [("location", target)], "") }
+        })),
+    )
+    .await;
+    let svc = Svc::start(&[("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32")]).await;
+    let resp = admin_create(
+        &svc,
+        json!({"name": "evil", "url": format!("http://{attacker}")}),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let ws: Value = resp.json().await.unwrap();
+    let (ws, token) = (
+        ws["id"].as_str().unwrap().parse().unwrap(),
+        ws["auth_token"].as_str().unwrap().to_string(),
+    );
+    let resp = upload_raw(&svc, ws, &token, one_file("XB", "a.txt", b"hi")).await;
+    let status = resp.status();
+    let body = resp.text().await.unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (
+            StatusCode::BAD_GATEWAY,
+            r#"{"error":"workspace unreachable"}"#
+        )
+    );
+    assert_eq!(
+        attacker_hits.load(Ordering::SeqCst),
+        1,
+        "the push reached the attacker"
+    );
+    assert_eq!(
+        meta_hits.load(Ordering::SeqCst),
+        0,
+        "the redirect was not followed"
+    );
+}
+
+#[tokio::test]
+async fn push_urls_to_internal_addresses_are_refused_in_every_form() {
+    let svc = Svc::start(&[]).await;
+    let refused = [
+        "http://127.0.0.1:9/",
+        "http://localhost:8080",
+        "http://127.1/",
+        "http://2130706433/",
+        "http://[::1]/",
+        "http://[::ffff:169.254.169.254]/",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[fd00::1]/",
+        "http://10.0.0.5/",
+        "http://172.16.0.1/",
+        "http://192.168.1.10/",
+        "http://0.0.0.0/",
+        "http://user:pass@example.com/",
+        "http://example.com/hook?x=1",
+        "http://169.254.169.254/x?y=",
+        "http://example.com/#frag",
+        "ftp://example.com/",
+    ];
+    let client = reqwest::Client::new();
+    for url in refused {
+        let resp = client
+            .post(svc.at("/registry/register"))
+            .json(&json!({"id": Uuid::new_v4(), "url": url}))
+            .send()
+            .await
+            .unwrap();
+        assert_json(
+            resp,
+            StatusCode::BAD_REQUEST,
+            json!({"error": "workspace URL not allowed"}),
+        )
+        .await;
+        let resp = admin_create(&svc, json!({"name": "x", "url": url})).await;
+        assert_json(
+            resp,
+            StatusCode::BAD_REQUEST,
+            json!({"error": "workspace URL not allowed"}),
+        )
+        .await;
+    }
+    assert_eq!(svc.count("workspaces").await, 0, "nothing registered");
+    // A public address is fine.
+    let resp = admin_create(
+        &svc,
+        json!({"name": "ok", "url": "http://93.184.216.34:8443/base"}),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_url_written_by_someone_else_is_checked_again_before_connecting() {
+    // Rows may be written by the platform or an older binary: the proxy checks the URL itself.
+    let (receiver, hits) =
+        server_on("127.0.0.1", Router::new().fallback(any(|| async { "ok" }))).await;
+    let svc = Svc::start(&[]).await;
+    for url in [
+        format!("http://{receiver}"),
+        "http://169.254.169.254/x?y=".to_string(),
+    ] {
+        let ws = Uuid::new_v4();
+        sqlx::query(
+            "INSERT INTO workspaces (id, name, delivery_mode, url) VALUES ($1, 'old', 'push', $2)",
+        )
+        .bind(ws)
+        .bind(&url)
+        .execute(&svc.pool)
+        .await
+        .unwrap();
+        let resp = upload_raw(&svc, ws, ADMIN, one_file("XB", "a.txt", b"hi")).await;
+        assert_json(
+            resp,
+            StatusCode::BAD_REQUEST,
+            json!({"error": "workspace URL not allowed"}),
+        )
+        .await;
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+}
+
+/// The binary under `unshare --mount` with its own /etc/hosts: the name `rebind.test`
+/// resolves to whatever the test writes into that file (in place, so the bind mount sees it).
+#[tokio::test]
+async fn a_name_that_rebinds_to_loopback_is_refused_at_connect_time() {
+    let (receiver, hits) =
+        server_on("127.0.0.1", Router::new().fallback(any(|| async { "ok" }))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    let write_hosts = |ip: &str| {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .create(true)
+            .open(&hosts)
+            .unwrap();
+        writeln!(f, "127.0.0.1 localhost\n{ip} rebind.test").unwrap();
+    };
+    write_hosts("93.184.216.34");
+    let script = format!(
+        "mount --bind {} /etc/hosts && exec {} \"$@\"",
+        hosts.display(),
+        service_bin()
+    );
+    let wrap = vec![
+        "unshare".to_string(),
+        "--mount".to_string(),
+        "sh".to_string(),
+        "-c".to_string(),
+        script,
+        "sh".to_string(),
+    ];
+    let svc = Svc::start_on(fresh_db().await, &[], Some(wrap)).await;
+    let url = format!("http://rebind.test:{}", receiver.port());
+    // At registration the name resolves to a public address: accepted.
+    let resp = admin_create(&svc, json!({"name": "r", "url": url})).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let ws: Uuid = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Then it rebinds to loopback; a registration now is refused up front...
+    write_hosts("127.0.0.1");
+    let resp = admin_create(&svc, json!({"name": "r2", "url": url})).await;
+    assert_json(
+        resp,
+        StatusCode::BAD_REQUEST,
+        json!({"error": "workspace URL not allowed"}),
+    )
+    .await;
+    // ...and the registered workspace's push is refused when the proxy resolves it.
+    let resp = upload_raw(&svc, ws, ADMIN, one_file("XB", "a.txt", b"hi")).await;
+    assert_json(
+        resp,
+        StatusCode::BAD_REQUEST,
+        json!({"error": "workspace URL not allowed"}),
+    )
+    .await;
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "nothing reached the loopback receiver"
+    );
+}
+
+#[tokio::test]
+async fn a_workspace_whose_tokens_are_revoked_cannot_be_taken_over() {
+    let svc = Svc::start(&[]).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let client = reqwest::Client::new();
+    // a pending file the attacker would like to read
+    let resp = upload_raw(&svc, ws, ADMIN, one_file("XB", "secret.txt", b"private")).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let token_id: Uuid =
+        sqlx::query_scalar("SELECT id FROM workspace_auth_tokens WHERE workspace_id = $1")
+            .bind(ws)
+            .fetch_one(&svc.pool)
+            .await
+            .unwrap();
+    let resp = client
+        .delete(svc.at(&format!("/workspaces/{ws}/tokens/{token_id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_json(resp, StatusCode::OK, json!({"revoked": true})).await;
+
+    // The takeover: knowing the id is no longer enough.
+    let takeover = json!({"id": ws, "delivery_mode": "push", "url": "http://93.184.216.34/"});
+    let resp = client
+        .post(svc.at("/registry/register"))
+        .json(&takeover)
+        .send()
+        .await
+        .unwrap();
+    assert_json(
+        resp,
+        StatusCode::UNAUTHORIZED,
+        json!({"error": "missing workspace auth token"}),
+    )
+    .await;
+    for bearer in ["made-up", token.as_str()] {
+        let resp = client
+            .post(svc.at("/registry/register"))
+            .bearer_auth(bearer)
+            .json(&takeover)
+            .send()
+            .await
+            .unwrap();
+        assert_json(
+            resp,
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "invalid workspace auth token"}),
+        )
+        .await;
+    }
+    let (mode, tokens): (String, i64) = sqlx::query_as(
+        "SELECT delivery_mode, (SELECT count(*) FROM workspace_auth_tokens t WHERE t.workspace_id = w.id AND revoked_at IS NULL)
+         FROM workspaces w WHERE id = $1",
+    )
+    .bind(ws)
+    .fetch_one(&svc.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (mode.as_str(), tokens),
+        ("poll", 0),
+        "unchanged, no token issued"
+    );
+    // The admin (the platform) can still re-register it and mint a token.
+    let resp = client
+        .post(svc.at("/registry/register"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"id": ws, "delivery_mode": "poll"}))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["status"], "registered");
+    assert!(
+        v.get("auth_token").is_none(),
+        "re-registration issues no token"
+    );
+    assert!(v["platform_inbound_secret"].is_string());
+    let resp = client
+        .post(svc.at(&format!("/workspaces/{ws}/tokens")))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+/// Sends `head` then `body` at `bytes_per_sec`, one byte at a time; returns the answer.
+async fn trickle(
+    addr: &str,
+    head: String,
+    body: Vec<u8>,
+    interval: Duration,
+) -> (String, Duration) {
+    let started = Instant::now();
+    let mut sock = TcpStream::connect(addr).await.unwrap();
+    sock.write_all(head.as_bytes()).await.unwrap();
+    for b in body {
+        if sock.write_all(&[b]).await.is_err() {
+            break;
+        }
+        // Stop as soon as the server answers.
+        let mut peek = [0u8; 1];
+        match tokio::time::timeout(interval, sock.peek(&mut peek)).await {
+            Ok(Ok(n)) if n > 0 => break,
+            Ok(_) => break,
+            Err(_) => {}
+        }
+    }
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), sock.read_to_end(&mut raw)).await;
+    (String::from_utf8_lossy(&raw).to_string(), started.elapsed())
+}
+
+#[tokio::test]
+async fn trickling_and_stalled_bodies_are_cut_and_free_their_slots() {
+    let svc = Svc::start(&[
+        ("BODY_RATE_GRACE", "2s"),
+        ("BODY_MIN_RATE", "1024"),
+        ("REQUEST_BODY_TIMEOUT", "2s"),
+        ("MAX_CONCURRENT_UPLOADS", "64"),
+    ])
+    .await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let body = one_file("XB", "slow.bin", &vec![b'x'; 4096]);
+    let head = format!(
+        "POST /workspaces/{ws}/chat/uploads HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: multipart/form-data; boundary=XB\r\nContent-Length: {}\r\n\r\n",
+        svc.addr,
+        body.len()
+    );
+    // 1 byte every 100 ms (10 B/s) is far under the 1 KiB/s floor: cut after the grace.
+    let (answer, took) = trickle(&svc.addr, head, body, Duration::from_millis(100)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("below the minimum upload rate"), "{answer}");
+    assert!(
+        took < Duration::from_secs(8),
+        "cut after the grace, took {took:?}"
+    );
+    assert_eq!(svc.count("pending_uploads").await, 0);
+
+    // A JSON body that stalls half way is cut by the request body deadline.
+    let partial = r#"{"id":"#;
+    let head = format!(
+        "POST /registry/register HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{partial}",
+        svc.addr
+    );
+    let started = Instant::now();
+    let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
+    sock.write_all(head.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), sock.read_to_end(&mut raw))
+        .await
+        .expect("the server answered and closed")
+        .unwrap();
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(raw.starts_with("HTTP/1.1 408"), "{raw}");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    // A request head that never finishes is cut too (HEADER_READ_TIMEOUT, default 10 s).
+    let started = Instant::now();
+    let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
+    sock.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), sock.read_to_end(&mut raw))
+        .await
+        .expect("the head was cut off")
+        .ok();
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn one_workspace_cannot_hold_every_upload_slot() {
+    let svc = Svc::start(&[("MAX_CONCURRENT_UPLOADS_PER_WORKSPACE", "4")]).await;
+    let (flooded, flood_token) = register_poll(&svc.base).await;
+    let (other, other_token) = register_poll(&svc.base).await;
+    // Four uploads to one workspace hold its four slots (headers and part of a body sent).
+    let body = one_file("XB", "held.bin", &vec![b'y'; 100_000]);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
+        let head = format!(
+            "POST /workspaces/{flooded}/chat/uploads HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {flood_token}\r\n\
+             Content-Type: multipart/form-data; boundary=XB\r\nContent-Length: {}\r\n\r\n",
+            svc.addr,
+            body.len()
+        );
+        sock.write_all(head.as_bytes()).await.unwrap();
+        sock.write_all(&body[..1000]).await.unwrap();
+        held.push(sock);
+    }
+    wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 4.0).await;
+    let resp = upload_raw(
+        &svc,
+        flooded,
+        &flood_token,
+        one_file("XB", "fifth.txt", b"5"),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(resp.headers()["retry-after"], "2");
+    assert_json(
+        resp,
+        StatusCode::TOO_MANY_REQUESTS,
+        json!({"error": "too many uploads in progress for this workspace — retry shortly", "code": "workspace_busy"}),
+    )
+    .await;
+    // Another workspace is unaffected.
+    let resp = upload_raw(&svc, other, &other_token, one_file("XB", "fine.txt", b"ok")).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    drop(held);
+    wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 0.0).await;
+    let resp = upload_raw(
+        &svc,
+        flooded,
+        &flood_token,
+        one_file("XB", "later.txt", b"6"),
+    )
+    .await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "slots come back when their clients go"
+    );
+}
+
+#[tokio::test]
+async fn huge_part_headers_and_preambles_are_refused_without_buffering_them() {
+    let svc = Svc::start(&[]).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let before = svc.peak_rss_kib();
+    let forty_mib = 40 * 1024 * 1024;
+    // A part header line of 40 MiB.
+    let mut body =
+        b"--XB\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.txt\"\r\nX-Pad: "
+            .to_vec();
+    body.extend(std::iter::repeat_n(b'h', forty_mib));
+    body.extend_from_slice(b"\r\n\r\ndata\r\n--XB--\r\n");
+    let resp = upload_raw(&svc, ws, &token, body).await;
+    assert_json(
+        resp,
+        StatusCode::BAD_REQUEST,
+        json!({"error": "malformed multipart body"}),
+    )
+    .await;
+    // A preamble of 40 MiB.
+    let mut body = vec![b'p'; forty_mib];
+    body.extend(one_file("XB", "a.txt", b"data"));
+    let resp = upload_raw(&svc, ws, &token, body).await;
+    assert_json(
+        resp,
+        StatusCode::BAD_REQUEST,
+        json!({"error": "malformed multipart body"}),
+    )
+    .await;
+    // Non-file fields are drained, not kept, and bounded (1 MiB in all).
+    let mut body = b"--XB\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\n".to_vec();
+    body.extend(vec![b'n'; 2 * 1024 * 1024]);
+    body.extend_from_slice(b"\r\n");
+    body.extend(one_file("XB", "a.txt", b"data"));
+    let resp = upload_raw(&svc, ws, &token, body).await;
+    assert_json(
+        resp,
+        StatusCode::BAD_REQUEST,
+        json!({"error": "malformed multipart body"}),
+    )
+    .await;
+    let grown = svc.peak_rss_kib().saturating_sub(before);
+    assert!(
+        grown < 16 * 1024,
+        "peak RSS grew {grown} KiB: a header was buffered"
+    );
+    assert_eq!(svc.count("pending_uploads").await, 0);
+    // A long mimetype is neutralized, not stored and served back.
+    let long_type = format!("text/{}", "x".repeat(300));
+    let body = format!(
+        "--XB\r\nContent-Disposition: form-data; name=\"files\"; filename=\"t.txt\"\r\nContent-Type: {long_type}\r\n\r\nhello\r\n--XB--\r\n"
+    );
+    let resp = upload_raw(&svc, ws, &token, body.into_bytes()).await;
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["files"][0]["mimeType"], "application/octet-stream");
+}
+
+#[tokio::test]
+async fn hostile_methods_and_filenames_cannot_bloat_metrics_or_logs() {
+    let svc = Svc::start(&[]).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let client = reqwest::Client::new();
+    for i in 0..150 {
+        let method = Method::from_bytes(format!("MADEUP{i}").as_bytes()).unwrap();
+        let _ = client
+            .request(method, svc.at("/healthz"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let text = scrape_metrics(&svc.base).await;
+    assert!(!text.contains("MADEUP"), "a made-up method became a label");
+    assert!(text.contains(r#"method="other""#));
+    let series = text
+        .lines()
+        .filter(|l| l.starts_with("pending_uploads_http_request_duration_seconds_count"))
+        .count();
+    assert!(series < 20, "{series} latency series");
+    // A 7,000-character filename (under the 8 KiB part-header bound) is logged clipped.
+    let long_name = format!("{}.txt", "n".repeat(7000));
+    let resp = upload_raw(&svc, ws, &token, one_file("XB", &long_name, b"x")).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut svc = svc;
+    let out = svc.running.terminate().await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let longest = stderr.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 2000, "a {longest}-byte log line");
+    assert!(
+        stderr.contains("…(+"),
+        "the original name was clipped, not dropped"
+    );
+}
+
+#[tokio::test]
+async fn ten_thousand_and_one_files_hit_the_file_quota() {
+    // Quiet: 10,000 "staged" lines would fill the stderr pipe nobody reads until the end.
+    let svc = Svc::start(&[("RUST_LOG", "warn")]).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let batch = |n: usize| {
+        let mut body = Vec::new();
+        for i in 0..n {
+            body.extend(
+                format!("--XB\r\nContent-Disposition: form-data; name=\"files\"; filename=\"f{i}\"\r\n\r\nz\r\n").as_bytes(),
+            );
+        }
+        body.extend_from_slice(b"--XB--\r\n");
+        body
+    };
+    for _ in 0..156 {
+        let resp = upload_raw(&svc, ws, &token, batch(64)).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    let resp = upload_raw(&svc, ws, &token, batch(16)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(svc.count("pending_uploads").await, 10_000);
+    let resp = upload_raw(&svc, ws, &token, batch(1)).await;
+    assert_eq!(resp.headers()["retry-after"], "60");
+    assert_json(
+        resp,
+        StatusCode::TOO_MANY_REQUESTS,
+        json!({"error": "workspace pending-upload quota exceeded", "pending_files": 10000, "max_files": 10000}),
+    )
+    .await;
+    assert_eq!(svc.count("pending_uploads").await, 10_000, "stores nothing");
+    // Acking frees quota.
+    let fid: Uuid = sqlx::query_scalar("SELECT file_id FROM pending_uploads LIMIT 1")
+        .fetch_one(&svc.pool)
+        .await
+        .unwrap();
+    let resp = reqwest::Client::new()
+        .post(svc.at(&format!("/workspaces/{ws}/pending-uploads/{fid}/ack")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        upload_raw(&svc, ws, &token, batch(1)).await.status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn old_upload_activity_rows_are_swept_and_their_cursor_is_gone() {
+    let svc = Svc::start(&[]).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let resp = upload_raw(&svc, ws, &token, one_file("XB", "a.txt", b"a")).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let client = reqwest::Client::new();
+    let rows: Vec<Value> = client
+        .get(svc.at(&format!("/workspaces/{ws}/activity?type=a2a_receive")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let cursor = rows[0]["id"].as_str().unwrap().to_string();
+    // Someone else's activity row, just as old, is not ours to remove.
+    sqlx::query("INSERT INTO activity_logs (workspace_id, activity_type, method) VALUES ($1, 'a2a_send', 'message/send')")
+        .bind(ws)
+        .execute(&svc.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE activity_logs SET created_at = now() - interval '8 days'")
+        .execute(&svc.pool)
+        .await
+        .unwrap();
+    let out = run_ok(bin_command(&svc.db).arg("sweep"));
+    assert_eq!(stdout_json(&out)["activity_rows_deleted"], 1);
+    let methods: Vec<String> = sqlx::query_scalar("SELECT method FROM activity_logs")
+        .fetch_all(&svc.pool)
+        .await
+        .unwrap();
+    assert_eq!(methods, ["message/send"]);
+    let resp = client
+        .get(svc.at(&format!("/workspaces/{ws}/activity?since_id={cursor}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::GONE);
+}
+
+#[tokio::test]
+async fn out_of_range_positions_and_framework_rejections() {
+    let svc = Svc::start(&[]).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let resp = upload_raw(&svc, ws, &token, one_file("XB", "r.txt", b"0123456789")).await;
+    let v: Value = resp.json().await.unwrap();
+    let fid = v["files"][0]["uri"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let client = reqwest::Client::new();
+    let get = |range: &str| {
+        client
+            .get(svc.at(&format!("/workspaces/{ws}/pending-uploads/{fid}/content")))
+            .bearer_auth(&token)
+            .header("Range", range)
+            .send()
+    };
+    let resp = get("bytes=5-123456789012345678901").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(resp.headers()["content-range"], "bytes 5-9/10");
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), b"56789");
+    let resp = get("bytes=123456789012345678901-").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(resp.headers()["content-range"], "bytes */10");
+
+    // Rejections from the framework answer JSON like every other error.
+    let resp = client
+        .get(svc.at("/workspaces/%FF%FE/activity"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let resp = client.put(svc.at("/healthz")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert!(resp.headers().contains_key("allow"));
+    assert_json(
+        resp,
+        StatusCode::METHOD_NOT_ALLOWED,
+        json!({"error": "method not allowed"}),
+    )
+    .await;
+    let big = format!(
+        r#"{{"id":"{}","agent_card":{{"name":"{}"}}}}"#,
+        Uuid::new_v4(),
+        "x".repeat(2_000_000)
+    );
+    let resp = client
+        .post(svc.at("/registry/register"))
+        .header("Content-Type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_json(
+        resp,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        json!({"error": "JSON body exceeds 65536 bytes", "max": 65536}),
+    )
+    .await;
+    assert_eq!(svc.count("workspaces").await, 1);
+}
+
+#[tokio::test]
+async fn orphan_reconciliation_never_reaches_outside_a_private_prefix() {
+    let (endpoint, bucket) = s3_endpoint();
+    let db = fresh_db().await;
+    // Another application's object in the shared bucket, old enough to look orphaned.
+    let foreign = format!("other-app-{}/keep.bin", Uuid::new_v4().simple());
+    let aws = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::new()
+            .behavior_version_latest()
+            .endpoint_url(&endpoint)
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .force_path_style(true)
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                std::env::var("AWS_ACCESS_KEY_ID").unwrap(),
+                std::env::var("AWS_SECRET_ACCESS_KEY").unwrap(),
+                None,
+                None,
+                "test",
+            ))
+            .build(),
+    );
+    aws.put_object()
+        .bucket(&bucket)
+        .key(&foreign)
+        .body(b"not yours".to_vec().into())
+        .send()
+        .await
+        .unwrap();
+    for prefix in ["", "other-app"] {
+        let out = run_ok(
+            bin_command(&db)
+                .arg("sweep")
+                .env("PENDING_UPLOADS_S3_BUCKET", &bucket)
+                .env("PENDING_UPLOADS_S3_PREFIX", prefix)
+                .env("AWS_ENDPOINT_URL", &endpoint)
+                .env("AWS_REGION", "us-east-1")
+                .env("ORPHAN_GRACE", "0"),
+        );
+        assert_eq!(stdout_json(&out)["orphans_deleted"], 0, "prefix {prefix:?}");
+        let logged = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            logged.contains("orphan reconciliation will not run"),
+            "{logged}"
+        );
+    }
+    let still = aws.head_object().bucket(&bucket).key(&foreign).send().await;
+    assert!(still.is_ok(), "the other application's object survived");
+    aws.delete_object()
+        .bucket(&bucket)
+        .key(&foreign)
+        .send()
+        .await
+        .unwrap();
+}
