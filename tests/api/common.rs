@@ -7,6 +7,7 @@ use clap::Parser;
 use pending_uploads::{
     app,
     cli::{Cli, Command},
+    config::ServeArgs,
     http,
     sweep::Sweeper,
 };
@@ -136,6 +137,45 @@ pub async fn fresh_db() -> String {
     db_url(&name)
 }
 
+/// The `serve` configuration of a test app: its database and spool directory, the admin
+/// token, loopback allowed as a push target (unless `extra` says otherwise), then `extra`.
+pub fn serve_args(db_url: &str, spool_dir: &std::path::Path, extra: &[&str]) -> ServeArgs {
+    let mut argv: Vec<String> = [
+        "pending-uploads",
+        "serve",
+        "--database-url",
+        db_url,
+        "--database-max-connections",
+        "8",
+        "--bind-addr",
+        "127.0.0.1:0",
+        "--spool-dir",
+        spool_dir.to_str().unwrap(),
+        "--ack-retention",
+        "1h",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if !extra.contains(&"--admin-token") {
+        argv.extend(["--admin-token".to_string(), ADMIN.to_string()]);
+    }
+    // The push tests' fake workspaces listen on loopback, which SPEC refuses as a push
+    // target unless allowed (attack tests run the binary without this).
+    if !extra.contains(&"--push-allowed-networks") {
+        argv.extend([
+            "--push-allowed-networks".to_string(),
+            "127.0.0.0/8".to_string(),
+        ]);
+    }
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    let Some(Command::Serve(args)) = Cli::try_parse_from(argv).expect("valid test flags").command
+    else {
+        panic!("not serve")
+    };
+    *args
+}
+
 pub struct TestApp {
     pub url: String,
     pub db_url: String,
@@ -168,40 +208,7 @@ impl TestApp {
     pub async fn start_on(db_url: String, extra: &[&str]) -> TestApp {
         let spool = tempfile::tempdir().unwrap();
         let spool_dir = spool.path().to_path_buf();
-        let mut argv: Vec<String> = [
-            "pending-uploads",
-            "serve",
-            "--database-url",
-            &db_url,
-            "--database-max-connections",
-            "8",
-            "--bind-addr",
-            "127.0.0.1:0",
-            "--spool-dir",
-            spool_dir.to_str().unwrap(),
-            "--ack-retention",
-            "1h",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        if !extra.contains(&"--admin-token") {
-            argv.extend(["--admin-token".to_string(), ADMIN.to_string()]);
-        }
-        // The push tests' fake workspaces listen on loopback, which SPEC refuses as a push
-        // target unless allowed (attack tests run the binary without this).
-        if !extra.contains(&"--push-allowed-networks") {
-            argv.extend([
-                "--push-allowed-networks".to_string(),
-                "127.0.0.0/8".to_string(),
-            ]);
-        }
-        argv.extend(extra.iter().map(|s| s.to_string()));
-        let Some(Command::Serve(args)) =
-            Cli::try_parse_from(argv).expect("valid test flags").command
-        else {
-            panic!("not serve")
-        };
+        let args = serve_args(&db_url, &spool_dir, extra);
         let service = app::build(&args).await.expect("service builds");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());

@@ -9,6 +9,7 @@ mod cors;
 mod deploy;
 mod e2e;
 mod fetch;
+mod fuzz;
 mod graceful;
 mod openapi;
 mod push;
