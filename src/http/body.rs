@@ -187,12 +187,46 @@ pub async fn read_json<T: DeserializeOwned>(body: Body, deadline: Duration) -> R
 }
 
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    // Postgres text cannot hold NUL; JSON can only carry one escaped.
-    if body.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000")) {
+    let bad = |e: serde_json::Error| ApiError::BadRequest(format!("invalid JSON body: {e}"));
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(bad)?;
+    // Postgres text cannot hold NUL; JSON can carry one, escaped.
+    if has_nul(&value) {
         return Err(ApiError::BadRequest(
             "strings must not contain NUL characters".into(),
         ));
     }
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    serde_json::from_value(value).map_err(bad)
+}
+
+fn has_nul(v: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nul_characters_are_refused_wherever_they_are_but_only_real_ones() {
+        #[derive(serde::Deserialize)]
+        struct Any {}
+        for body in [
+            r#"{"a":"x\u0000"}"#,
+            r#"{"a":["\u0000"]}"#,
+            r#"{"\u0000":1}"#,
+        ] {
+            assert!(
+                matches!(parse_json::<Any>(body.as_bytes()), Err(ApiError::BadRequest(m)) if m.contains("NUL")),
+                "{body}"
+            );
+        }
+        // an escaped backslash followed by the text u0000 is no NUL
+        assert!(parse_json::<Any>(br#"{"a":"my \\u0000 notes"}"#).is_ok());
+    }
 }

@@ -295,7 +295,13 @@ pub enum RangeAnswer {
 }
 
 pub fn parse_range(raw: &str, size: u64) -> RangeAnswer {
-    let Some(spec) = raw.trim().strip_prefix("bytes=") else {
+    let raw = raw.trim();
+    // The unit name is case-insensitive (RFC 9110 §14.1).
+    let Some(spec) = raw
+        .get(..6)
+        .filter(|unit| unit.eq_ignore_ascii_case("bytes="))
+        .map(|_| &raw[6..])
+    else {
         return RangeAnswer::Full;
     };
     if spec.contains(',') {
@@ -305,26 +311,29 @@ pub fn parse_range(raw: &str, size: u64) -> RangeAnswer {
         return RangeAnswer::Full;
     };
     let (a, b) = (a.trim(), b.trim());
-    // Digits only; a position past 64 bits is past any end, so it saturates (then clamps or
-    // is unsatisfiable like any other position past the end).
+    // Digits only. A position past 64 bits is past any end, so it saturates (then clamps or
+    // is unsatisfiable like any other position past the end); 128 bits keep `first > last`
+    // exact for any position a client could mean.
     let num = |s: &str| {
         (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()))
-            .then(|| s.parse::<u64>().unwrap_or(u64::MAX))
+            .then(|| s.parse::<u128>().unwrap_or(u128::MAX))
     };
+    let size128 = size as u128;
+    let clamp = |n: u128| n.min(size128.saturating_sub(1)) as u64;
     match (a.is_empty(), b.is_empty()) {
         // bytes=-N: the last N bytes
         (true, false) => match num(b) {
             Some(0) => RangeAnswer::Unsatisfiable,
             Some(n) => RangeAnswer::Partial(ByteRange {
-                start: size.saturating_sub(n),
+                start: size128.saturating_sub(n) as u64,
                 end: size - 1,
             }),
             None => RangeAnswer::Full,
         },
         // bytes=A-
         (false, true) => match num(a) {
-            Some(start) if start < size => RangeAnswer::Partial(ByteRange {
-                start,
+            Some(start) if start < size128 => RangeAnswer::Partial(ByteRange {
+                start: start as u64,
                 end: size - 1,
             }),
             Some(_) => RangeAnswer::Unsatisfiable,
@@ -333,10 +342,10 @@ pub fn parse_range(raw: &str, size: u64) -> RangeAnswer {
         // bytes=A-B
         (false, false) => match (num(a), num(b)) {
             (Some(start), Some(end)) if start > end => RangeAnswer::Full,
-            (Some(start), Some(_)) if start >= size => RangeAnswer::Unsatisfiable,
+            (Some(start), Some(_)) if start >= size128 => RangeAnswer::Unsatisfiable,
             (Some(start), Some(end)) => RangeAnswer::Partial(ByteRange {
-                start,
-                end: end.min(size - 1),
+                start: start as u64,
+                end: clamp(end),
             }),
             _ => RangeAnswer::Full,
         },
@@ -511,6 +520,12 @@ mod tests {
                 RangeAnswer::Unsatisfiable,
             ),
             ("bytes=-123456789012345678901", r(0, 9)),
+            ("Bytes=0-1", r(0, 1)),
+            ("BYTES=2-", r(2, 9)),
+            (
+                "bytes=18446744073709551616-18446744073709551615",
+                RangeAnswer::Full,
+            ),
         ];
         for (raw, want) in cases {
             assert_eq!(parse_range(raw, 10), want, "{raw}");

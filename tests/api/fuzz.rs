@@ -1732,7 +1732,12 @@ fn range_model(raw: Option<&[u8]>, size: u64) -> RangeExp {
         return RangeExp::Full;
     }
     let s = std::str::from_utf8(raw).unwrap().trim();
-    let Some(spec) = s.strip_prefix("bytes=") else {
+    // The unit name is case-insensitive (RFC 9110 §14.1).
+    let Some(spec) = s
+        .get(..6)
+        .filter(|unit| unit.eq_ignore_ascii_case("bytes="))
+        .map(|_| &s[6..])
+    else {
         return RangeExp::Full;
     };
     if spec.contains(',') {
@@ -2998,12 +3003,21 @@ impl RegistryTarget {
         if body.len() > 64 * 1024 {
             return RegExp::Status(413, Some("JSON body exceeds 65536 bytes"));
         }
-        if body.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000")) {
-            return RegExp::Status(400, Some("strings must not contain NUL characters"));
-        }
         let Ok(value) = serde_json::from_slice::<Value>(body) else {
             return RegExp::BadJson;
         };
+        // A NUL in any decoded string or key (an escaped backslash before `u0000` is none).
+        fn has_nul(v: &Value) -> bool {
+            match v {
+                Value::String(s) => s.contains('\0'),
+                Value::Array(items) => items.iter().any(has_nul),
+                Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+                _ => false,
+            }
+        }
+        if has_nul(&value) {
+            return RegExp::Status(400, Some("strings must not contain NUL characters"));
+        }
         if raw {
             // Raw bytes may repeat a key, which serde refuses for a struct but not for a Value.
             return RegExp::Unknown;
