@@ -6,16 +6,16 @@ use std::{fs::File, io, os::unix::fs::FileExt, path::Path, sync::Arc};
 
 use bytes::Bytes;
 use futures::Stream;
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
+
+use crate::digest::Digester;
 
 /// Chunk size for reading a spool back (into Postgres or S3).
 pub const READ_CHUNK: usize = 256 * 1024;
 
 pub struct SpoolWriter {
     file: tokio::fs::File,
-    hasher: Sha256,
-    size: u64,
+    digest: Digester,
 }
 
 impl SpoolWriter {
@@ -23,19 +23,17 @@ impl SpoolWriter {
         let file = tempfile::tempfile_in(dir)?;
         Ok(Self {
             file: tokio::fs::File::from_std(file),
-            hasher: Sha256::new(),
-            size: 0,
+            digest: Digester::default(),
         })
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.digest.len()
     }
 
     pub async fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
         self.file.write_all(chunk).await?;
-        self.hasher.update(chunk);
-        self.size += chunk.len() as u64;
+        self.digest.update(chunk);
         Ok(())
     }
 
@@ -50,8 +48,8 @@ impl SpoolWriter {
         let file = self.file.into_std().await;
         Ok(Spool {
             file: Arc::new(file),
-            size: self.size,
-            sha256: self.hasher.finalize().into(),
+            size: self.digest.len(),
+            sha256: self.digest.finish(),
         })
     }
 }
@@ -100,6 +98,7 @@ impl Spool {
 mod tests {
     use super::*;
     use futures::TryStreamExt;
+    use sha2::{Digest, Sha256};
 
     #[tokio::test]
     async fn roundtrip_and_digest() {

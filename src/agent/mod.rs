@@ -1,30 +1,37 @@
-//! The workspace side (`pending-uploads agent`): polls the activity feed (and reconciles with
-//! the pending list), downloads each staged file with bounded concurrency — resuming an
-//! interrupted download with `Range` — verifies size and sha256 (the ETag), writes it to
-//! `DIR/<32 hex>-<name>` (0600, create-exclusive, never a half file under the final name),
-//! acks, and records the `platform-pending:` → `workspace:` URI mapping.
+//! The workspace side (`pending-uploads agent`): follows the activity feed (long polls where
+//! the service offers them) and reconciles with the pending list, downloads each staged file
+//! with bounded concurrency — resuming an interrupted download with `Range` — verifies it
+//! against what the service offers (`Repr-Digest`, else a strong ETag, else the size: rows
+//! written by the platform carry no digest), writes it to `DIR/<32 hex>-<name>` (0600,
+//! create-exclusive, never a half file under the final name), acks, and records the
+//! `platform-pending:` → `workspace:` URI mapping.
 
 pub mod index;
 
 use std::{
     collections::BTreeMap,
-    fs::OpenOptions,
-    io::{self, Read, Seek, Write},
-    os::unix::fs::OpenOptionsExt,
+    io,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
+use base64::{engine::general_purpose::STANDARD, Engine};
 use futures::StreamExt;
-use rand::Rng;
-use reqwest::StatusCode;
-use serde::Serialize;
-use serde_json::Value;
-use sha2::{Digest, Sha256};
-use tokio::sync::Mutex;
+use reqwest::{header::HeaderMap, StatusCode};
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::{
+    fs::{self, OpenOptions},
+    io::{AsyncSeekExt, AsyncWriteExt},
+    sync::Mutex,
+};
 use uuid::Uuid;
 
-use crate::sanitize::sanitize;
+use crate::{
+    api::{ActivityRow, PendingUpload, UploadReceived},
+    digest,
+    retry::{backoff, retry},
+    sanitize::sanitize,
+};
 use index::{load_cursor, save_cursor, state_dir, UriIndex};
 
 #[derive(Debug, Clone)]
@@ -49,6 +56,28 @@ struct Candidate {
     size: u64,
 }
 
+impl From<UploadReceived> for Candidate {
+    fn from(r: UploadReceived) -> Self {
+        Candidate {
+            file_id: r.file_id,
+            name: r.file.name,
+            uri: r.file.uri,
+            size: r.file.size,
+        }
+    }
+}
+
+impl From<PendingUpload> for Candidate {
+    fn from(p: PendingUpload) -> Self {
+        Candidate {
+            file_id: p.file_id,
+            name: p.name,
+            uri: p.uri,
+            size: p.size.max(0) as u64,
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
 pub struct PassReport {
     pub staged: u64,
@@ -65,6 +94,12 @@ pub enum AgentError {
     /// Retrying will not help: auth refused, a conflicting local file, a local I/O error.
     #[error("{0}")]
     Fatal(String),
+}
+
+impl AgentError {
+    fn is_transient(&self) -> bool {
+        matches!(self, AgentError::Retry(_))
+    }
 }
 
 impl From<io::Error> for AgentError {
@@ -85,15 +120,54 @@ enum Staged {
     Gone,
 }
 
+/// What a download is checked against: the strongest proof the service offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Expected {
+    Sha256([u8; 32]),
+    /// A row without a digest (written by the platform or an older release): size only.
+    Size,
+}
+
+/// `Repr-Digest: sha-256=:<base64>:` (RFC 9530), else a strong ETag holding the hex sha256.
+fn expected_from(headers: &HeaderMap) -> Expected {
+    let digest = headers
+        .get("repr-digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.split(',')
+                .find_map(|item| item.trim().strip_prefix("sha-256=:")?.strip_suffix(':').map(str::to_string))
+        })
+        .and_then(|b64| STANDARD.decode(b64).ok())
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok());
+    let strong_etag = || {
+        let tag = headers.get(reqwest::header::ETAG)?.to_str().ok()?;
+        let hex_digest = tag.strip_prefix('"')?.strip_suffix('"')?;
+        <[u8; 32]>::try_from(hex::decode(hex_digest).ok()?).ok()
+    };
+    match digest.or_else(strong_etag) {
+        Some(d) => Expected::Sha256(d),
+        None => Expected::Size,
+    }
+}
+
+/// Does the file at `path` match?
+async fn verify(path: &Path, size: u64, expected: &Expected) -> io::Result<bool> {
+    let (got, len) = digest::of_file(path).await?;
+    Ok(len == size
+        && match expected {
+            Expected::Sha256(want) => got == *want,
+            Expected::Size => true,
+        })
+}
+
+/// How long a long poll waits for a new row; the agent falls back to plain polling when the
+/// service answers an empty long poll much sooner (it does not know `wait`).
+const LONG_POLL: Duration = Duration::from_secs(25);
+
 pub struct Agent {
     cfg: AgentConfig,
     http: reqwest::Client,
     index: Mutex<UriIndex>,
-}
-
-fn backoff(attempt: u32) -> Duration {
-    let base = 200u64.saturating_mul(1 << attempt.min(8)).min(30_000);
-    Duration::from_millis(base + rand::thread_rng().gen_range(0..=base / 2))
 }
 
 impl Agent {
@@ -102,7 +176,7 @@ impl Agent {
         let dir = std::fs::canonicalize(&cfg.dir)?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(60))
+            .read_timeout(LONG_POLL + Duration::from_secs(35))
             .build()
             .map_err(io::Error::other)?;
         Ok(Agent {
@@ -121,111 +195,90 @@ impl Agent {
         )
     }
 
-    async fn get_json(&self, path: &str) -> Result<(StatusCode, Value), AgentError> {
+    /// A JSON GET: `None` for a 410 (the caller decides), an error for anything unexpected.
+    async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>, AgentError> {
         let resp = self
             .http
             .get(self.url(path))
             .bearer_auth(&self.cfg.token)
             .send()
             .await?;
-        let status = resp.status();
-        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Err(AgentError::Fatal(format!(
-                "platform refused the token ({status})"
-            )));
+        match resp.status() {
+            s if s.is_success() => Ok(Some(resp.json().await?)),
+            StatusCode::GONE => Ok(None),
+            s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => Err(AgentError::Fatal(format!(
+                "platform refused the token ({s})"
+            ))),
+            s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
+                Err(AgentError::Retry(format!("platform answered {s}")))
+            }
+            s => Err(AgentError::Fatal(format!("{path}: unexpected {s}"))),
         }
-        if status.is_server_error() {
-            return Err(AgentError::Retry(format!("platform answered {status}")));
-        }
-        let body = if status.is_success() {
-            resp.json().await?
-        } else {
-            Value::Null
-        };
-        Ok((status, body))
     }
 
-    async fn with_retries<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T, AgentError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, AgentError>>,
-    {
-        let mut attempt = 0;
-        loop {
-            match f().await {
-                Err(AgentError::Retry(e)) if attempt < self.cfg.retries => {
-                    attempt += 1;
-                    let wait = backoff(attempt);
-                    tracing::warn!(what, attempt, error = %e, wait_ms = wait.as_millis() as u64, "retrying");
-                    tokio::time::sleep(wait).await;
-                }
-                other => return other,
-            }
-        }
+    async fn get_json_retrying<T: DeserializeOwned>(&self, what: &str, path: &str) -> Result<Option<T>, AgentError> {
+        retry(what, self.cfg.retries, AgentError::is_transient, || self.get_json(path)).await
     }
 
     /// New files from the activity feed (advancing the persisted cursor), plus everything the
-    /// pending list still holds (recovers whatever a lost cursor missed).
-    async fn discover(&self) -> Result<Vec<Candidate>, AgentError> {
+    /// pending list still holds (recovers whatever a lost cursor missed). With `wait`, the
+    /// first feed request is a long poll.
+    async fn discover(&self, mut wait: Option<Duration>) -> Result<Vec<Candidate>, AgentError> {
         let mut found: BTreeMap<Uuid, Candidate> = BTreeMap::new();
         let filter = "type=a2a_receive&method=chat_upload_receive&limit=500";
         let mut cursor = load_cursor(&self.cfg.dir);
         loop {
-            let path = match &cursor {
-                Some(c) => format!("/activity?{filter}&since_id={c}"),
-                None => format!("/activity?{filter}&since_secs=86400"),
+            let path = match (&cursor, wait.take()) {
+                (Some(c), Some(w)) => format!("/activity?{filter}&since_id={c}&wait={}", w.as_secs()),
+                (Some(c), None) => format!("/activity?{filter}&since_id={c}"),
+                (None, _) => format!("/activity?{filter}&since_secs=86400"),
             };
-            let (status, rows) = self
-                .with_retries("activity", || self.get_json(&path))
-                .await?;
-            if status == StatusCode::GONE {
+            let Some(rows) = self.get_json_retrying::<Vec<ActivityRow>>("activity", &path).await? else {
                 tracing::warn!(cursor = ?cursor, "activity cursor no longer known: resetting to a recent window");
                 save_cursor(&self.cfg.dir, None)?;
                 cursor = None;
                 continue;
-            }
-            let rows = rows.as_array().cloned().unwrap_or_default();
+            };
             for row in &rows {
-                if let Some(c) = candidate(&row["request_body"]) {
-                    found.insert(c.file_id, c);
+                let body = row.request_body.clone().unwrap_or_default();
+                if let Ok(received) = serde_json::from_value::<UploadReceived>(body) {
+                    found.insert(received.file_id, received.into());
                 }
             }
             // with a cursor the rows come oldest first; without, newest first
-            let newest = if cursor.is_some() {
-                rows.last()
-            } else {
-                rows.first()
-            };
-            let Some(next) = newest.and_then(|r| r["id"].as_str()) else {
+            let newest = if cursor.is_some() { rows.last() } else { rows.first() };
+            let Some(next) = newest.map(|r| r.id.to_string()) else {
                 break;
             };
             // from here on page forward (oldest first) after the newest row seen
-            cursor = Some(next.to_string());
-            save_cursor(&self.cfg.dir, cursor.as_deref())?;
+            save_cursor(&self.cfg.dir, Some(&next))?;
+            cursor = Some(next);
         }
-        let (_, pending) = self
-            .with_retries("pending list", || self.get_json("/pending-uploads"))
-            .await?;
-        for item in pending.as_array().cloned().unwrap_or_default() {
-            if let Some(c) = candidate(&item) {
-                found.insert(c.file_id, c);
-            }
+        let pending = self
+            .get_json_retrying::<Vec<PendingUpload>>("pending list", "/pending-uploads")
+            .await?
+            .unwrap_or_default();
+        for item in pending {
+            found.insert(item.file_id, item.into());
         }
         Ok(found.into_values().collect())
     }
 
     /// One pass: discover, stage everything with bounded concurrency, ack.
     pub async fn run_once(&self) -> Result<PassReport, AgentError> {
-        let candidates = self.discover().await?;
-        let outcomes: Vec<(Candidate, Result<Staged, AgentError>)> =
-            futures::stream::iter(candidates)
-                .map(|c| async move {
-                    let r = self.with_retries("download", || self.stage(&c)).await;
-                    (c, r)
-                })
-                .buffer_unordered(self.cfg.concurrency.max(1))
-                .collect()
-                .await;
+        self.pass(None).await
+    }
+
+    async fn pass(&self, wait: Option<Duration>) -> Result<PassReport, AgentError> {
+        let candidates = self.discover(wait).await?;
+        let outcomes: Vec<(Candidate, Result<Staged, AgentError>)> = futures::stream::iter(candidates)
+            .map(|c| async move {
+                let r = retry("download", self.cfg.retries, AgentError::is_transient, || self.stage(&c)).await;
+                (c, r)
+            })
+            .buffer_unordered(self.cfg.concurrency.max(1))
+            .collect()
+            .await;
         let mut report = PassReport::default();
         for (c, outcome) in outcomes {
             match outcome {
@@ -241,11 +294,16 @@ impl Agent {
         Ok(report)
     }
 
-    /// Passes forever, `interval` apart; backs off (with jitter) while the platform is down.
+    /// Passes forever. Between passes it long-polls the feed, so a new upload is fetched as
+    /// soon as it commits; against a service without long polls it sleeps `interval`. Backs
+    /// off (with jitter) while the platform is down.
     pub async fn run_forever(&self, interval: Duration) {
         let mut failures = 0;
+        let mut long_polls = true;
         loop {
-            let wait = match self.run_once().await {
+            let started = Instant::now();
+            let wait = long_polls.then_some(LONG_POLL);
+            let pause = match self.pass(wait).await {
                 Ok(r) => {
                     failures = 0;
                     if r != PassReport::default() {
@@ -256,8 +314,17 @@ impl Agent {
                             failed = r.failed,
                             "agent pass"
                         );
+                        Duration::ZERO
+                    } else if long_polls && started.elapsed() < LONG_POLL / 2 {
+                        // An empty answer long before the wait ended: no long polls here.
+                        long_polls = false;
+                        tracing::info!("the service answers without waiting: polling every interval");
+                        interval
+                    } else if long_polls {
+                        Duration::ZERO
+                    } else {
+                        interval
                     }
-                    interval
                 }
                 Err(e) => {
                     failures += 1;
@@ -266,7 +333,7 @@ impl Agent {
                     wait
                 }
             };
-            tokio::time::sleep(wait).await;
+            tokio::time::sleep(pause).await;
         }
     }
 
@@ -282,35 +349,72 @@ impl Agent {
             .join(format!("{}.part", c.file_id.simple()))
     }
 
+    fn content_url(&self, c: &Candidate) -> String {
+        self.url(&format!("/pending-uploads/{}/content", c.file_id))
+    }
+
     async fn stage(&self, c: &Candidate) -> Result<Staged, AgentError> {
         let final_path = self.final_path(c);
-        let content = format!("/pending-uploads/{}/content", c.file_id);
-        if std::fs::symlink_metadata(&final_path).is_ok() {
-            // Written by an earlier run that stopped before its ack: verify, then ack.
-            let head = self
-                .http
-                .head(self.url(&content))
-                .bearer_auth(&self.cfg.token)
-                .send()
-                .await?;
-            if head.status() == StatusCode::NOT_FOUND {
-                self.record(c, &final_path).await?;
-                return Ok(Staged::Gone);
-            }
-            let etag = etag(head.headers()).ok_or_else(|| AgentError::Retry("no ETag".into()))?;
-            let digest = file_sha256(&final_path)?;
-            if digest != etag {
-                return Err(AgentError::Fatal(format!(
-                    "{} exists with other content",
-                    final_path.display()
-                )));
-            }
-            self.ack(c).await?;
-            self.record(c, &final_path).await?;
-            return Ok(Staged::AlreadyPresent);
+        if fs::symlink_metadata(&final_path).await.is_ok() {
+            return self.confirm_present(c, &final_path).await;
         }
-
         let partial_path = self.partial_path(c);
+        let Some(expected) = self.download(c, &partial_path).await? else {
+            return Ok(Staged::Gone);
+        };
+        if !verify(&partial_path, c.size, &expected).await? {
+            fs::remove_file(&partial_path).await?;
+            return Err(AgentError::Retry(format!(
+                "downloaded bytes do not match (expected {} bytes, {expected:?})",
+                c.size
+            )));
+        }
+        // Publish under the final name: a hard link fails if anything (file or symlink) is
+        // there already, so it is create-exclusive and never shows a half-written file.
+        match fs::hard_link(&partial_path, &final_path).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                fs::remove_file(&partial_path).await?;
+                return Err(AgentError::Retry("final file appeared meanwhile".into()));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        fs::remove_file(&partial_path).await?;
+        tracing::info!(event = "agent_staged", file_id = %c.file_id, path = %final_path.display(), "file received");
+        self.ack(c).await?;
+        self.record(c, &final_path).await?;
+        Ok(Staged::New)
+    }
+
+    /// A file written by an earlier run that stopped before its ack: verify, then ack.
+    async fn confirm_present(&self, c: &Candidate, path: &Path) -> Result<Staged, AgentError> {
+        let head = self
+            .http
+            .head(self.content_url(c))
+            .bearer_auth(&self.cfg.token)
+            .send()
+            .await?;
+        if head.status() == StatusCode::NOT_FOUND {
+            self.record(c, path).await?;
+            return Ok(Staged::Gone);
+        }
+        if !head.status().is_success() {
+            return Err(AgentError::Retry(format!("content HEAD: {}", head.status())));
+        }
+        if !verify(path, c.size, &expected_from(head.headers())).await? {
+            return Err(AgentError::Fatal(format!(
+                "{} exists with other content",
+                path.display()
+            )));
+        }
+        self.ack(c).await?;
+        self.record(c, path).await?;
+        Ok(Staged::AlreadyPresent)
+    }
+
+    /// Downloads into the partial file, resuming what an earlier attempt left there; returns
+    /// what the bytes must match, or `None` when the upload is gone (expired or swept).
+    async fn download(&self, c: &Candidate, partial_path: &Path) -> Result<Option<Expected>, AgentError> {
         let mut partial = OpenOptions::new()
             .read(true)
             .write(true)
@@ -319,34 +423,29 @@ impl Agent {
             .mode(0o600)
             // never write through a symlink planted at the partial path
             .custom_flags(libc::O_NOFOLLOW)
-            .open(&partial_path)?;
-        let have = partial.metadata()?.len();
-        let mut req = self
-            .http
-            .get(self.url(&content))
-            .bearer_auth(&self.cfg.token);
+            .open(partial_path)
+            .await?;
+        let have = partial.metadata().await?.len();
+        let mut req = self.http.get(self.content_url(c)).bearer_auth(&self.cfg.token);
         if have > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
         }
         let resp = req.send().await?;
-        let status = resp.status();
-        match status {
+        match resp.status() {
             StatusCode::NOT_FOUND => {
                 drop(partial);
-                let _ = std::fs::remove_file(&partial_path);
+                let _ = fs::remove_file(partial_path).await;
                 tracing::info!(file_id = %c.file_id, "upload expired or swept before fetch: skipped");
-                return Ok(Staged::Gone);
+                return Ok(None);
             }
             StatusCode::RANGE_NOT_SATISFIABLE => {
-                partial.set_len(0)?;
-                return Err(AgentError::Retry(
-                    "partial file longer than the upload: restarting".into(),
-                ));
+                partial.set_len(0).await?;
+                return Err(AgentError::Retry("partial file longer than the upload: restarting".into()));
             }
             s if s.is_server_error() => return Err(AgentError::Retry(format!("content: {s}"))),
             StatusCode::OK => {
-                partial.set_len(0)?;
-                partial.seek(io::SeekFrom::Start(0))?;
+                partial.set_len(0).await?;
+                partial.seek(io::SeekFrom::Start(0)).await?;
             }
             StatusCode::PARTIAL_CONTENT => {
                 let starts_at = resp
@@ -357,23 +456,21 @@ impl Agent {
                     .and_then(|v| v.split('-').next())
                     .and_then(|v| v.parse::<u64>().ok());
                 if starts_at != Some(have) {
-                    partial.set_len(0)?;
-                    return Err(AgentError::Retry(
-                        "unexpected Content-Range: restarting".into(),
-                    ));
+                    partial.set_len(0).await?;
+                    return Err(AgentError::Retry("unexpected Content-Range: restarting".into()));
                 }
-                partial.seek(io::SeekFrom::End(0))?;
+                partial.seek(io::SeekFrom::End(0)).await?;
                 tracing::info!(file_id = %c.file_id, offset = have, "resuming download");
             }
             s => return Err(AgentError::Fatal(format!("content: unexpected {s}"))),
         }
-        let etag = etag(resp.headers()).ok_or_else(|| AgentError::Retry("no ETag".into()))?;
+        let expected = expected_from(resp.headers());
         let mut body = resp.bytes_stream();
         let started = Instant::now();
         let mut received = 0u64;
         while let Some(chunk) = body.next().await {
             let chunk = chunk?;
-            partial.write_all(&chunk)?;
+            partial.write_all(&chunk).await?;
             received += chunk.len() as u64;
             if let Some(rate) = self.cfg.max_rate.filter(|r| *r > 0) {
                 let due = Duration::from_secs_f64(received as f64 / rate as f64);
@@ -382,37 +479,8 @@ impl Agent {
                 }
             }
         }
-        partial.sync_all()?;
-        let got = partial.metadata()?.len();
-        drop(partial);
-        if got != c.size {
-            std::fs::remove_file(&partial_path)?;
-            return Err(AgentError::Retry(format!(
-                "received {got} bytes, expected {}",
-                c.size
-            )));
-        }
-        if file_sha256(&partial_path)? != etag {
-            std::fs::remove_file(&partial_path)?;
-            return Err(AgentError::Retry(
-                "downloaded bytes do not match the ETag digest".into(),
-            ));
-        }
-        // Publish under the final name: a hard link fails if anything (file or symlink) is
-        // there already, so it is create-exclusive and never shows a half-written file.
-        match std::fs::hard_link(&partial_path, &final_path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                std::fs::remove_file(&partial_path)?;
-                return Err(AgentError::Retry("final file appeared meanwhile".into()));
-            }
-            Err(e) => return Err(e.into()),
-        }
-        std::fs::remove_file(&partial_path)?;
-        tracing::info!(event = "agent_staged", file_id = %c.file_id, path = %final_path.display(), "file received");
-        self.ack(c).await?;
-        self.record(c, &final_path).await?;
-        Ok(Staged::New)
+        partial.sync_all().await?;
+        Ok(Some(expected))
     }
 
     async fn ack(&self, c: &Candidate) -> Result<(), AgentError> {
@@ -442,29 +510,25 @@ impl Agent {
     }
 }
 
-fn candidate(v: &Value) -> Option<Candidate> {
-    Some(Candidate {
-        file_id: v["file_id"].as_str()?.parse().ok()?,
-        name: v["name"].as_str()?.to_string(),
-        uri: v["uri"].as_str()?.to_string(),
-        size: v["size"].as_u64()?,
-    })
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
 
-fn etag(headers: &reqwest::header::HeaderMap) -> Option<String> {
-    let v = headers.get(reqwest::header::ETAG)?.to_str().ok()?;
-    Some(v.trim_matches('"').to_string())
-}
-
-fn file_sha256(path: &Path) -> io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(hex::encode(hasher.finalize()));
-        }
-        hasher.update(&buf[..n]);
+    #[test]
+    fn what_a_download_is_checked_against() {
+        let digest = [7u8; 32];
+        let mut h = HeaderMap::new();
+        assert_eq!(expected_from(&h), Expected::Size);
+        h.insert("etag", HeaderValue::from_static("W/\"0b9c1f5e-0000-4000-8000-000000000000\""));
+        assert_eq!(expected_from(&h), Expected::Size, "a weak tag proves nothing");
+        h.insert("etag", HeaderValue::from_str(&format!("\"{}\"", hex::encode(digest))).unwrap());
+        assert_eq!(expected_from(&h), Expected::Sha256(digest));
+        let other = [9u8; 32];
+        h.insert(
+            "repr-digest",
+            HeaderValue::from_str(&format!("sha-512=:AAAA:, sha-256=:{}:", STANDARD.encode(other))).unwrap(),
+        );
+        assert_eq!(expected_from(&h), Expected::Sha256(other), "Repr-Digest wins");
     }
 }

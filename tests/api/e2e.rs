@@ -469,3 +469,62 @@ async fn a_lost_or_unknown_cursor_resets_and_nothing_is_missed() {
     assert_eq!(files_in(&dir).len(), 3);
     assert_eq!(unacked(&env.db).await, 0);
 }
+
+/// Rows written the way the platform (or our previous release) writes them: no digest. The
+/// service answers a weak ETag and no Repr-Digest; the agent checks the size and delivers.
+#[tokio::test]
+async fn the_agent_delivers_rows_the_platform_wrote_without_a_digest() {
+    let env = Env::new("bytea").await;
+    let _service = env.service().await;
+    let (_home, dir, ws, token_file) = laptop(&env).await;
+    let pool = sqlx::PgPool::connect(&env.db).await.unwrap();
+    let mut sent = Vec::new();
+    for (i, name) in ["alpha.txt", "beta.bin"].iter().enumerate() {
+        let data = bytes(1000 + i * 4096, i as u8);
+        let fid = Uuid::new_v4();
+        let uri = format!("platform-pending:{ws}/{fid}");
+        // As the platform's uploadPollMode does: the row, then its activity row.
+        sqlx::query(
+            "INSERT INTO pending_uploads (file_id, workspace_id, content, size_bytes, filename, mimetype)
+             VALUES ($1, $2, $3, $4, $5, 'text/plain')",
+        )
+        .bind(fid)
+        .bind(ws)
+        .bind(&data)
+        .bind(data.len() as i64)
+        .bind(name)
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO activity_logs (workspace_id, activity_type, target_id, method, summary, request_body, status)
+             VALUES ($1, 'a2a_receive', $1, 'chat_upload_receive', $2, $3, 'ok')",
+        )
+        .bind(ws)
+        .bind(format!("chat_upload_receive: {name}"))
+        .bind(json!({"file_id": fid.to_string(), "name": name, "mimeType": "text/plain", "size": data.len(), "uri": uri}))
+        .execute(&pool)
+        .await
+        .unwrap();
+        sent.push((fid, name.to_string(), data));
+    }
+    let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
+    let head = reqwest::Client::new()
+        .head(format!("{}/workspaces/{ws}/pending-uploads/{}/content", env.base(), sent[0].0))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.headers()["etag"], format!("W/\"{}\"", sent[0].0).as_str());
+    assert!(head.headers().get("repr-digest").is_none());
+
+    let (_, report) = env.agent_once(ws, &token_file, &dir);
+    assert_eq!(report, json!({"staged": 2, "already_present": 0, "gone": 0, "failed": 0}));
+    for (fid, name, data) in &sent {
+        assert_eq!(&std::fs::read(staged_path(&dir, *fid, name)).unwrap(), data);
+    }
+    assert_eq!(unacked(&env.db).await, 0, "acked");
+    // A second pass finds nothing to do: no re-download loop.
+    let (_, report) = env.agent_once(ws, &token_file, &dir);
+    assert_eq!(report, json!({"staged": 0, "already_present": 0, "gone": 0, "failed": 0}));
+}

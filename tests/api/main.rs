@@ -5,6 +5,7 @@ mod attacks;
 mod binary;
 mod browser;
 mod common;
+mod compat;
 mod cors;
 mod deploy;
 mod e2e;

@@ -1,0 +1,75 @@
+//! One retry policy for the whole binary: exponential backoff with jitter, so many clients
+//! retrying at once (agents after an outage, backfill workers) do not retry in lockstep.
+
+use std::{future::Future, time::Duration};
+
+use rand::Rng;
+
+/// The pause before retry number `attempt` (1-based): 200 ms doubling to at most 30 s, plus
+/// up to half again at random.
+pub fn backoff(attempt: u32) -> Duration {
+    let base = 200u64.saturating_mul(1 << attempt.clamp(1, 8)).min(30_000) / 2;
+    Duration::from_millis(base + rand::thread_rng().gen_range(0..=base / 2))
+}
+
+/// Runs `op` until it succeeds, fails with an error `transient` rejects, or has been retried
+/// `retries` times; `what` names it in the log.
+pub async fn retry<T, E, F, Fut>(
+    what: &str,
+    retries: u32,
+    transient: impl Fn(&E) -> bool,
+    mut op: F,
+) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut attempt = 0;
+    loop {
+        match op().await {
+            Err(e) if attempt < retries && transient(&e) => {
+                attempt += 1;
+                let wait = backoff(attempt);
+                tracing::warn!(what, attempt, error = %e, wait_ms = wait.as_millis() as u64, "retrying");
+                tokio::time::sleep(wait).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for attempt in 1..20 {
+            let d = backoff(attempt).as_millis() as u64;
+            let base = (200u64 << attempt.clamp(1, 8)).min(30_000) / 2;
+            assert!((base..=base + base / 2).contains(&d), "{attempt}: {d}");
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_transient_errors_only() {
+        let calls = AtomicU32::new(0);
+        let r: Result<(), String> = retry("t", 2, |e: &String| e == "again", || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err("again".to_string())
+        })
+        .await;
+        assert!(r.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        calls.store(0, Ordering::SeqCst);
+        let r: Result<(), String> = retry("t", 2, |e: &String| e == "again", || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err("fatal".to_string())
+        })
+        .await;
+        assert!(r.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+}
