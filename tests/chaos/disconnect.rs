@@ -16,7 +16,7 @@ use tokio::{
 use uuid::Uuid;
 
 use crate::{
-    harness::{settled_spool_leaks, Pg, Scratch, Service, ServiceConfig},
+    harness::{bounded, settled_spool_leaks, Pg, Scratch, Service, ServiceConfig},
     load::{payload, sha256, Accepted, Api, Outcome, Recorder, Retry, Summary, Worker},
     verify,
 };
@@ -170,6 +170,10 @@ async fn victim(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chaos_1_client_disconnects() {
+    bounded("client_disconnect", Duration::from_secs(120), client_disconnects()).await;
+}
+
+async fn client_disconnects() {
     let scratch = Scratch::new("disconnect");
     let pg = Pg::start(&scratch);
     let spool = scratch.sub("spool");
@@ -203,6 +207,7 @@ async fn chaos_1_client_disconnects() {
             token,
             seed: w as u64,
             sizes: 1..300_000,
+            files: 1..=2,
             retry: Retry::Never,
             ack_every: 3,
             page: 50,
@@ -341,20 +346,20 @@ async fn chaos_1_client_disconnects() {
         bugs.len()
     );
 
-    verify::assert_none("normal clients during the disconnects", &normal_failures);
-    verify::assert_none("accepted uploads that do not download intact", &lost);
-    verify::assert_none("victim uploads", &victim_problems);
-    verify::assert_none("half states", &half);
-    verify::assert_none("service log: bugs", &bugs);
-    assert_eq!(idle_tx, 0, "sessions left idle in transaction");
-    assert_eq!(
-        (spool_files, spool_fds),
-        (0, 0),
-        "spool files left (entries, open descriptors)"
+    let mut checks = verify::Checks::default();
+    checks.none("normal clients during the disconnects", &normal_failures);
+    checks.none("accepted uploads that do not download intact", &lost);
+    checks.none("victim uploads", &victim_problems);
+    checks.none("half states", &half);
+    checks.none("service log: bugs", &bugs);
+    checks.that(idle_tx == 0, format!("{idle_tx} sessions left idle in transaction"));
+    checks.that(
+        (spool_files, spool_fds) == (0, 0),
+        format!("spool files left: {spool_files} entries, {spool_fds} open descriptors"),
     );
-    assert!(
+    checks.that(
         accepted.len() >= 20,
-        "the normal load barely ran: {} uploads",
-        accepted.len()
+        format!("the normal load barely ran: {} uploads", accepted.len()),
     );
+    checks.finish("client_disconnect");
 }

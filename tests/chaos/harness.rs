@@ -54,9 +54,10 @@ pub fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// A scenario's scratch folder; traversable by the `postgres` user.
+/// A scenario's scratch folder; traversable by the `postgres` user. Removed at the end
+/// unless `CHAOS_KEEP` is set (then its path is printed, logs included).
 pub struct Scratch {
-    dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
 }
 
 impl Scratch {
@@ -66,17 +67,27 @@ impl Scratch {
             .tempdir()
             .unwrap();
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        Scratch { dir }
+        Scratch { dir: Some(dir) }
     }
 
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        self.dir.as_ref().unwrap().path()
     }
 
     pub fn sub(&self, name: &str) -> PathBuf {
-        let p = self.dir.path().join(name);
+        let p = self.path().join(name);
         fs::create_dir_all(&p).unwrap();
         p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::env::var_os("CHAOS_KEEP").is_some() {
+            if let Some(dir) = self.dir.take() {
+                println!("CHAOS_KEEP: scratch kept at {}", dir.keep().display());
+            }
+        }
     }
 }
 
@@ -109,14 +120,43 @@ fn as_pg(program: &Path) -> Command {
     }
 }
 
-fn run(cmd: &mut Command, what: &str) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Runs a command to its end (at most 60 s), failing the test with its output unless it
+/// succeeded; returns its stdout. Output goes to unnamed files, not pipes: a server it starts
+/// (pg_ctl) keeps its inherited descriptors open, and a pipe would never reach EOF.
+fn run(cmd: &mut Command, what: &str) -> String {
+    use std::io::{Read, Seek};
+    let mut out = tempfile::tempfile().unwrap();
+    let mut err = tempfile::tempfile().unwrap();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(err.try_clone().unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let read = |f: &mut fs::File| {
+        let mut text = String::new();
+        f.rewind().unwrap();
+        let _ = f.read_to_string(&mut text);
+        text
+    };
+    let (stdout, stderr) = (read(&mut out), read(&mut err));
+    match status {
+        Some(s) if s.success() => stdout,
+        Some(s) => panic!("{what} failed ({s}):\n{stdout}\n{stderr}"),
+        None => panic!("{what} did not finish within 60 s:\n{stdout}\n{stderr}"),
+    }
 }
 
 /// A throwaway PostgreSQL cluster of the scenario.
@@ -192,16 +232,19 @@ impl Pg {
     /// `pg_ctl restart -m fast`: every session is cut, the server is back when this returns.
     pub fn restart_fast(&self) {
         run(
-            self.ctl().args([
-                "restart",
-                "-m",
-                "fast",
-                "-w",
-                "-t",
-                "30",
-                "-o",
-                &self.options(),
-            ]),
+            self.ctl()
+                .arg("-l")
+                .arg(self.dir.join("server.log"))
+                .args([
+                    "restart",
+                    "-m",
+                    "fast",
+                    "-w",
+                    "-t",
+                    "30",
+                    "-o",
+                    &self.options(),
+                ]),
             "pg_ctl restart",
         );
     }
@@ -456,22 +499,12 @@ impl ServiceConfig {
 
     /// One `sweep` pass with ORPHAN_GRACE=0 (every object without a row goes); its JSON report.
     pub fn sweep(&self) -> Value {
-        let out = self
-            .command("sweep")
-            .env("ORPHAN_GRACE", "0")
-            .output()
-            .expect("run sweep");
-        assert!(
-            out.status.success(),
-            "sweep failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let stdout = run(
+            self.command("sweep").env("ORPHAN_GRACE", "0"),
+            "pending-uploads sweep",
         );
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-            panic!(
-                "sweep printed no JSON: {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
+        serde_json::from_str(&stdout)
+            .unwrap_or_else(|_| panic!("sweep printed no JSON report: {stdout}"))
     }
 }
 
@@ -748,5 +781,13 @@ pub async fn settled_spool_leaks(dir: &Path, pid: Option<u32>, within: Duration)
             return leaks;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs a scenario with a deadline: a hang fails the test (and drops, so stops, every
+/// process the scenario started) instead of holding the suite.
+pub async fn bounded(name: &str, limit: Duration, scenario: impl std::future::Future<Output = ()>) {
+    if tokio::time::timeout(limit, scenario).await.is_err() {
+        panic!("scenario {name} did not finish within {limit:?}: something hangs");
     }
 }

@@ -16,7 +16,6 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::harness::ADMIN;
 
 /// What one request came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,6 +167,25 @@ impl Recorder {
 
     pub fn during_fault(&self, s: &Sample) -> bool {
         self.faults.lock().unwrap().iter().any(|w| w.overlaps(s))
+    }
+
+    /// Did the request start before a fault began (so it was in flight when it hit)?
+    pub fn in_flight_at_fault_start(&self, s: &Sample, slack: Duration) -> bool {
+        self.faults
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|w| s.start <= w.start + slack && s.end() >= w.start)
+    }
+
+    /// The slowest request of each operation, in ms.
+    pub fn max_latency_by_op(&self) -> BTreeMap<&'static str, u128> {
+        let mut out = BTreeMap::new();
+        for s in self.samples.lock().unwrap().iter() {
+            let e = out.entry(s.op).or_insert(0);
+            *e = (*e).max(s.elapsed.as_millis());
+        }
+        out
     }
 }
 
@@ -391,9 +409,13 @@ impl Api {
         let (mut outcome, body) = http_outcome(resp).await;
         let mut detail = text(&body);
         if status == StatusCode::OK {
+            detail = format!("{} ({} bytes)", a.name, a.size);
             match &body {
                 Err(e) if e.is_timeout() => outcome = Outcome::Timeout,
-                Err(_) => outcome = Outcome::Cut,
+                Err(e) => {
+                    detail = format!("{}: body cut: {e:?}", a.name);
+                    outcome = Outcome::Cut;
+                }
                 Ok(bytes) if bytes.len() != a.size || sha256(bytes) != a.sha256 => {
                     detail = format!(
                         "{} bytes, expected {} ({}): digest mismatch",
@@ -482,15 +504,6 @@ impl Api {
     }
 }
 
-/// Registers `n` workspaces through the admin-free registry.
-pub async fn workspaces(api: &Api, n: usize) -> Vec<(Uuid, String)> {
-    let mut out = Vec::new();
-    for _ in 0..n {
-        out.push(api.register().await);
-    }
-    out
-}
-
 /// How a worker treats a failed request.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Retry {
@@ -516,6 +529,8 @@ pub struct Worker {
     pub seed: u64,
     /// File sizes are drawn from this range.
     pub sizes: std::ops::Range<usize>,
+    /// Files per upload request are drawn from this range.
+    pub files: std::ops::RangeInclusive<usize>,
     pub retry: Retry,
     /// Ack every n-th verified download (0: never).
     pub ack_every: usize,
@@ -588,12 +603,12 @@ impl Worker {
         let mut round = 0u64;
         while !stop.load(Ordering::Relaxed) {
             round += 1;
-            let n = if rng.gen_bool(0.3) { 2 } else { 1 };
+            let n = rng.gen_range(self.files.clone());
             let files: Vec<(String, Vec<u8>)> = (0..n)
                 .map(|i| {
                     let len = rng.gen_range(self.sizes.clone());
                     (
-                        format!("w{}-r{round}-f{i}.bin", self.seed),
+                        format!("w{}-r{round}-f{i}of{n}.bin", self.seed),
                         payload(&mut rng, len),
                     )
                 })
@@ -631,7 +646,45 @@ impl Worker {
     }
 }
 
-/// The admin bearer, for checks that look across workspaces.
-pub fn admin() -> &'static str {
-    ADMIN
+/// Normal clients, one per workspace, running until stopped.
+pub struct Fleet {
+    stop: Arc<AtomicBool>,
+    handles: Vec<tokio::task::JoinHandle<FeedLog>>,
+}
+
+impl Fleet {
+    /// Registers `n` workspaces on `api` and starts `make(i, ws, token)` on each.
+    pub async fn start<F>(api: &Api, n: usize, make: F) -> Fleet
+    where
+        F: Fn(usize, Uuid, String) -> Worker,
+    {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut handles = Vec::new();
+        for i in 0..n {
+            let (ws, token) = api.register().await;
+            let worker = make(i, ws, token);
+            handles.push(tokio::spawn(worker.run(stop.clone(), None)));
+        }
+        Fleet { stop, handles }
+    }
+
+    /// Stops every worker after its current request; what each saw of its feed.
+    pub async fn stop(self) -> Vec<FeedLog> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut logs = Vec::new();
+        for h in self.handles {
+            logs.push(h.await.expect("a worker panicked"));
+        }
+        logs
+    }
+}
+
+/// Polls `/readyz` every 200 ms (recorded as `readyz` in the api's recorder) until stopped.
+pub fn probe_readyz(api: Api, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            api.readyz().await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
 }

@@ -4,6 +4,8 @@
 //! `CHAOS <scenario>: ...` summary line with its true counts, then asserts.
 
 mod disconnect;
+mod pg_restart;
+mod s3_fault;
 mod harness;
 mod load;
 mod verify;

@@ -122,6 +122,17 @@ where
         .collect()
 }
 
+/// What a connection reset in place of an answer is, while a dependency is down.
+///
+/// KNOWN DEFECT D1 (found by this suite; see tests/chaos/README.md): an upload refused
+/// before its body is read (database unavailable at the token, workspace or quota lookup)
+/// is answered 503 without `Connection: close`, and the server then closes the connection
+/// with the rest of the body unread. A client still sending gets EPIPE/ECONNRESET instead of
+/// the 503, and a keep-alive client's next request on that connection fails. This check
+/// stays, so it fails until the service drains (or lingers) before closing.
+pub const RESET_NOT_503: &str =
+    "connection reset instead of a 503 with Retry-After (known defect D1: early upload refusal closes the connection unannounced)";
+
 /// A 503 as SPEC §10 wants it during a fault: Retry-After and one of the expected codes.
 pub fn clean_503(o: &Outcome, codes: &[&str]) -> Result<(), String> {
     match o {
@@ -142,19 +153,39 @@ pub fn clean_503(o: &Outcome, codes: &[&str]) -> Result<(), String> {
     }
 }
 
-/// Fails the test with up to 15 of `problems` (and their count) unless there are none.
-pub fn assert_none(what: &str, problems: &[String]) {
-    if problems.is_empty() {
-        return;
+/// A scenario's failed checks, collected so that one failure does not hide the others; the
+/// test fails at `finish` with all of them.
+#[derive(Default)]
+pub struct Checks {
+    failed: Vec<String>,
+}
+
+impl Checks {
+    /// Fails the check `what` with up to 15 of `problems` (and their count) unless empty.
+    pub fn none(&mut self, what: &str, problems: &[String]) {
+        if problems.is_empty() {
+            return;
+        }
+        let shown: Vec<&str> = problems.iter().take(15).map(|s| s.as_str()).collect();
+        self.failed.push(format!(
+            "{what}: {} problem(s):\n    {}",
+            problems.len(),
+            shown.join("\n    ")
+        ));
     }
-    let shown: Vec<&String> = problems.iter().take(15).collect();
-    panic!(
-        "{what}: {} problem(s):\n  {}",
-        problems.len(),
-        shown
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>()
-            .join("\n  ")
-    );
+
+    pub fn that(&mut self, ok: bool, what: impl Into<String>) {
+        if !ok {
+            self.failed.push(what.into());
+        }
+    }
+
+    pub fn finish(self, scenario: &str) {
+        assert!(
+            self.failed.is_empty(),
+            "CHAOS {scenario}: {} check(s) failed:\n  {}",
+            self.failed.len(),
+            self.failed.join("\n  ")
+        );
+    }
 }
