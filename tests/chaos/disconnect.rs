@@ -170,7 +170,12 @@ async fn victim(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chaos_1_client_disconnects() {
-    bounded("client_disconnect", Duration::from_secs(120), client_disconnects()).await;
+    bounded(
+        "client_disconnect",
+        Duration::from_secs(120),
+        client_disconnects(),
+    )
+    .await;
 }
 
 async fn client_disconnects() {
@@ -190,7 +195,10 @@ async fn client_disconnects() {
     for v in 0..VICTIMS {
         let (ws, token) = api.register().await;
         let mut rng = StdRng::seed_from_u64(1000 + v as u64);
-        let file = (format!("download-{v}.bin"), payload(&mut rng, DOWNLOAD_SIZE));
+        let file = (
+            format!("download-{v}.bin"),
+            payload(&mut rng, DOWNLOAD_SIZE),
+        );
         let (o, acc) = api.upload(ws, &token, &[file]).await;
         assert!(o.is_ok(), "set-up upload: {o:?}");
         victims.push((ws, token, acc[0].clone()));
@@ -292,6 +300,7 @@ async fn client_disconnects() {
     .fetch_all(&pool)
     .await
     .unwrap();
+    let verifier = api.verifier();
     let mut victim_problems = Vec::new();
     let mut committed: HashMap<String, usize> = HashMap::new();
     for (ws, file_id, name, _) in &rows {
@@ -309,7 +318,7 @@ async fn client_disconnects() {
                     size: s.size,
                     sha256: s.sha256,
                 };
-                let o = api.download_as("verify", &a).await;
+                let o = verifier.download_as("verify", &a).await;
                 if !o.is_ok() {
                     victim_problems.push(format!(
                         "committed victim upload {file_id} ({name}): {}",
@@ -352,7 +361,10 @@ async fn client_disconnects() {
     checks.none("victim uploads", &victim_problems);
     checks.none("half states", &half);
     checks.none("service log: bugs", &bugs);
-    checks.that(idle_tx == 0, format!("{idle_tx} sessions left idle in transaction"));
+    checks.that(
+        idle_tx == 0,
+        format!("{idle_tx} sessions left idle in transaction"),
+    );
     checks.that(
         (spool_files, spool_fds) == (0, 0),
         format!("spool files left: {spool_files} entries, {spool_fds} open descriptors"),

@@ -217,10 +217,14 @@ impl Pg {
 
     fn ctl_start(&self) {
         run(
-            self.ctl()
-                .arg("-l")
-                .arg(self.dir.join("server.log"))
-                .args(["-w", "-t", "30", "-o", &self.options(), "start"]),
+            self.ctl().arg("-l").arg(self.dir.join("server.log")).args([
+                "-w",
+                "-t",
+                "30",
+                "-o",
+                &self.options(),
+                "start",
+            ]),
             "pg_ctl start",
         );
     }
@@ -232,21 +236,30 @@ impl Pg {
     /// `pg_ctl restart -m fast`: every session is cut, the server is back when this returns.
     pub fn restart_fast(&self) {
         run(
-            self.ctl()
-                .arg("-l")
-                .arg(self.dir.join("server.log"))
-                .args([
-                    "restart",
-                    "-m",
-                    "fast",
-                    "-w",
-                    "-t",
-                    "30",
-                    "-o",
-                    &self.options(),
-                ]),
+            self.ctl().arg("-l").arg(self.dir.join("server.log")).args([
+                "restart",
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "30",
+                "-o",
+                &self.options(),
+            ]),
             "pg_ctl restart",
         );
+    }
+
+    /// `pg_ctl stop -m fast`: the server is down until `start_again`.
+    pub fn stop_fast(&self) {
+        run(
+            self.ctl().args(["stop", "-m", "fast", "-w", "-t", "30"]),
+            "pg_ctl stop",
+        );
+    }
+
+    pub fn start_again(&self) {
+        self.ctl_start();
     }
 
     pub async fn pool(&self) -> PgPool {
@@ -555,7 +568,11 @@ impl Service {
             .unwrap();
         let deadline = Instant::now() + within;
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!(
                     "service exited ({status}) before it was ready:\n{}",
                     tail(&self.log, 30)
@@ -785,8 +802,20 @@ pub async fn settled_spool_leaks(dir: &Path, pid: Option<u32>, within: Duration)
 }
 
 /// Runs a scenario with a deadline: a hang fails the test (and drops, so stops, every
-/// process the scenario started) instead of holding the suite.
+/// process the scenario started) instead of holding the suite. Prints the scenario's wall
+/// time (set-up and checks included) however it ends.
 pub async fn bounded(name: &str, limit: Duration, scenario: impl std::future::Future<Output = ()>) {
+    struct Timer<'a>(&'a str, Instant);
+    impl Drop for Timer<'_> {
+        fn drop(&mut self) {
+            println!(
+                "CHAOS-TIME {}: {:.1}s",
+                self.0,
+                self.1.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let _timer = Timer(name, Instant::now());
     if tokio::time::timeout(limit, scenario).await.is_err() {
         panic!("scenario {name} did not finish within {limit:?}: something hangs");
     }

@@ -16,7 +16,6 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-
 /// What one request came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -110,16 +109,30 @@ pub struct Recorder {
     faults: Mutex<Vec<Window>>,
     open_fault: Mutex<Option<Duration>>,
     pub accepted: Mutex<Vec<Accepted>>,
+    /// Requests retried after a failure, and retries that failed too.
+    pub retried: std::sync::atomic::AtomicUsize,
+    pub retry_failed: Mutex<Vec<String>>,
 }
 
 impl Recorder {
     pub fn new() -> Arc<Recorder> {
+        Self::starting_at(Instant::now())
+    }
+
+    /// A second recorder on the same clock (its samples and windows compare with ours).
+    pub fn sibling(&self) -> Arc<Recorder> {
+        Self::starting_at(self.t0)
+    }
+
+    fn starting_at(t0: Instant) -> Arc<Recorder> {
         Arc::new(Recorder {
-            t0: Instant::now(),
+            t0,
             samples: Mutex::new(Vec::new()),
             faults: Mutex::new(Vec::new()),
             open_fault: Mutex::new(None),
             accepted: Mutex::new(Vec::new()),
+            retried: Default::default(),
+            retry_failed: Mutex::new(Vec::new()),
         })
     }
 
@@ -146,7 +159,12 @@ impl Recorder {
     /// Ends the fault window opened by `fault_begin`, `grace` from now (the time the service
     /// is given to notice the recovery).
     pub fn fault_end(&self, grace: Duration) {
-        let start = self.open_fault.lock().unwrap().take().expect("a fault began");
+        let start = self
+            .open_fault
+            .lock()
+            .unwrap()
+            .take()
+            .expect("a fault began");
         self.faults.lock().unwrap().push(Window {
             start,
             end: self.now() + grace,
@@ -308,6 +326,16 @@ impl Api {
         }
     }
 
+    /// The same client recording into a recorder of its own: the checks after a scenario
+    /// do not count as its load.
+    pub fn verifier(&self) -> Api {
+        Api {
+            base: self.base.clone(),
+            http: self.http.clone(),
+            rec: self.rec.sibling(),
+        }
+    }
+
     /// A new poll workspace, as a laptop registers (not recorded: set-up, not load).
     pub async fn register(&self) -> (Uuid, String) {
         let ws = Uuid::new_v4();
@@ -326,6 +354,17 @@ impl Api {
     /// One upload of `files` (name, bytes); on 200 each file is recorded as accepted.
     pub async fn upload(
         &self,
+        ws: Uuid,
+        token: &str,
+        files: &[(String, Vec<u8>)],
+    ) -> (Outcome, Vec<Accepted>) {
+        self.upload_as("upload", ws, token, files).await
+    }
+
+    /// `upload`, recorded under operation `op`.
+    pub async fn upload_as(
+        &self,
+        op: &'static str,
         ws: Uuid,
         token: &str,
         files: &[(String, Vec<u8>)],
@@ -350,7 +389,7 @@ impl Api {
             Ok(r) => r,
             Err(e) => {
                 self.rec
-                    .record("upload", started, transport(&e), format!("{e:?}"));
+                    .record(op, started, transport(&e), format!("{e:?}"));
                 return (transport(&e), Vec::new());
             }
         };
@@ -377,8 +416,7 @@ impl Api {
                 .unwrap()
                 .extend(accepted.iter().cloned());
         }
-        self.rec
-            .record("upload", started, outcome.clone(), text(&body));
+        self.rec.record(op, started, outcome.clone(), text(&body));
         (outcome, accepted)
     }
 
@@ -401,7 +439,8 @@ impl Api {
         let resp = match resp {
             Ok(r) => r,
             Err(e) => {
-                self.rec.record(op, started, transport(&e), format!("{e:?}"));
+                self.rec
+                    .record(op, started, transport(&e), format!("{e:?}"));
                 return transport(&e);
             }
         };
@@ -515,7 +554,12 @@ pub enum Retry {
 fn retryable(o: &Outcome) -> bool {
     matches!(
         o,
-        Outcome::Transport | Outcome::Http { status: 502 | 503, .. }
+        Outcome::Transport
+            | Outcome::Cut
+            | Outcome::Http {
+                status: 502 | 503,
+                ..
+            }
     )
 }
 
@@ -557,18 +601,38 @@ impl Worker {
     {
         let (o, t) = f().await;
         if self.retry == Retry::Once && retryable(&o) {
+            self.api.rec.retried.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(200)).await;
-            return f().await.1;
+            let (again, t) = f().await;
+            if !again.is_ok() {
+                self.api.rec.retry_failed.lock().unwrap().push(format!(
+                    "ws {}: {} then, retried, {}",
+                    self.ws,
+                    o.key(),
+                    again.key()
+                ));
+            }
+            return t;
         }
         t
     }
 
-    /// Pages the feed from the cursor to its end.
+    /// Pages the feed from the cursor to its end. Without a cursor yet, the feed answers its
+    /// newest rows (newest first): the first read takes them all (at most 500, far more than a
+    /// scenario writes to one workspace) and pages forward from the newest.
     pub async fn catch_up(&self, log: &mut FeedLog) {
         loop {
-            let rows = self
-                .with_retry(|| self.api.activity(self.ws, &self.token, log.cursor, self.page))
+            let limit = if log.cursor.is_none() { 500 } else { self.page };
+            let mut rows = self
+                .with_retry(|| self.api.activity(self.ws, &self.token, log.cursor, limit))
                 .await;
+            if log.cursor.is_none() {
+                assert!(
+                    rows.len() < 500,
+                    "a workspace with 500 feed rows: page it from a cursor"
+                );
+                rows.reverse();
+            }
             if rows.is_empty() {
                 return;
             }
@@ -584,7 +648,7 @@ impl Worker {
                 .last()
                 .and_then(|r| r["id"].as_str())
                 .and_then(|s| s.parse().ok());
-            if rows.len() < self.page {
+            if rows.len() < limit {
                 return;
             }
         }
@@ -624,10 +688,8 @@ impl Worker {
                 .then(|| mine[rng.gen_range(0..mine.len())].clone())
                 .filter(|a| !log.acked.contains(&a.file_id))
             {
-                let outcome = self
-                    .with_retry(|| async { (self.api.download(&a).await, ()) })
+                self.with_retry(|| async { (self.api.download(&a).await, ()) })
                     .await;
-                let _ = outcome;
                 verified += 1;
                 if self.ack_every > 0 && verified % self.ack_every == 0 {
                     let o = self

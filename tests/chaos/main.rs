@@ -4,8 +4,11 @@
 //! `CHAOS <scenario>: ...` summary line with its true counts, then asserts.
 
 mod disconnect;
-mod pg_restart;
-mod s3_fault;
 mod harness;
+mod kill;
 mod load;
+mod pg_restart;
+mod replicas;
+mod s3_fault;
+mod spool_full;
 mod verify;

@@ -1,13 +1,17 @@
-//! Scenario 2: PostgreSQL restarted (`pg_ctl restart -m fast`) under load. While it is away:
-//! only successes or clean 503s with Retry-After; afterwards the service recovers by itself
-//! within RECOVERY, and nothing is lost, half-written or orphaned.
+//! Scenario 2: PostgreSQL restarted (`pg_ctl restart -m fast`) under load, then stopped for a
+//! while (multi-MB uploads arrive meanwhile) and started again. While it is away: only
+//! successes or clean 503s with Retry-After; afterwards the service recovers by itself within
+//! RECOVERY, and nothing is lost, half-written or orphaned.
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
+use rand::{rngs::StdRng, SeedableRng};
 use uuid::Uuid;
 
 use crate::{
-    harness::{bounded, settled_spool_leaks, Pg, S3s, Scratch, Service, ServiceConfig, DEP_TIMEOUT},
+    harness::{
+        bounded, settled_spool_leaks, Pg, S3s, Scratch, Service, ServiceConfig, DEP_TIMEOUT,
+    },
     load::{probe_readyz, Api, Fleet, Outcome, Recorder, Retry, Summary, Worker},
     verify,
 };
@@ -15,6 +19,8 @@ use crate::{
 /// How long after the restart the service may still answer 503 (no manual step).
 const RECOVERY: Duration = Duration::from_secs(4);
 const WORKERS: usize = 6;
+/// 8 MiB uploads sent while the database is stopped.
+const BIG_WHILE_DOWN: usize = 3;
 
 async fn run(mode: &'static str) {
     let name = format!("pg_restart_{mode}");
@@ -32,7 +38,7 @@ async fn run(mode: &'static str) {
     let service = Service::start(config.clone(), scratch.path().join("service.log")).await;
     let rec = Recorder::new();
     let api = Api::new(&service.base(), &rec);
-    let probes = Recorder::new();
+    let probes = rec.sibling();
     let stop_probe = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let prober = probe_readyz(Api::new(&service.base(), &probes), stop_probe.clone());
 
@@ -63,7 +69,38 @@ async fn run(mode: &'static str) {
     let back_at = rec.now();
     rec.fault_end(RECOVERY);
     probes.fault_end(RECOVERY);
-    tokio::time::sleep(RECOVERY + Duration::from_secs(3)).await;
+    tokio::time::sleep(RECOVERY).await;
+
+    // Then down for a while (stop, start): the load goes on, and multi-MB uploads arrive
+    // while it is down. Each must be told 503 + Retry-After, not have its connection reset.
+    let (ws, token) = api.register().await;
+    rec.fault_begin();
+    probes.fault_begin();
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.stop_fast();
+        pg
+    })
+    .await
+    .unwrap();
+    let down_from = rec.now();
+    let mut rng = StdRng::seed_from_u64(290);
+    for i in 0..BIG_WHILE_DOWN {
+        let data = crate::load::payload(&mut rng, 8 << 20);
+        api.upload_as("upload_big", ws, &token, &[(format!("down-{i}.bin"), data)])
+            .await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let down_until = rec.now();
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.start_again();
+        pg
+    })
+    .await
+    .unwrap();
+    let back_again_at = rec.now();
+    rec.fault_end(RECOVERY);
+    probes.fault_end(RECOVERY);
+    tokio::time::sleep(RECOVERY + Duration::from_millis(500)).await;
     let feeds = fleet.stop().await;
     stop_probe.store(true, std::sync::atomic::Ordering::Relaxed);
     prober.await.unwrap();
@@ -104,19 +141,34 @@ async fn run(mode: &'static str) {
         if s.elapsed > Duration::from_secs(2) {
             return Err("/readyz took more than 2 s".into());
         }
+        // Entirely inside the stop (after a moment to notice): must be 503.
+        let surely_down =
+            s.start >= down_from + Duration::from_millis(100) && s.end() <= down_until;
         match s.outcome.status() {
-            Some(200) => Ok(()),
+            Some(200) if !surely_down => Ok(()),
             Some(503) if probes.during_fault(s) => Ok(()),
-            _ => Err(format!("/readyz answered {}", s.outcome.key())),
+            _ => Err(format!(
+                "/readyz answered {} (database down: {surely_down})",
+                s.outcome.key()
+            )),
         }
     });
     // Recovery: the last failed request ended this long after the database was back.
-    let recovered_after = samples
+    let recovered_after = |from: Duration, to: Duration| {
+        samples
+            .iter()
+            .filter(|s| !s.outcome.is_ok() && s.start < to)
+            .map(|s| s.end().saturating_sub(from))
+            .max()
+            .unwrap_or_default()
+    };
+    let recovered_restart = recovered_after(back_at, back_at + RECOVERY);
+    let recovered_stop = recovered_after(back_again_at, back_again_at + RECOVERY);
+    let big_while_down: Vec<String> = samples
         .iter()
-        .filter(|s| !s.outcome.is_ok())
-        .map(|s| s.end().saturating_sub(back_at))
-        .max()
-        .unwrap_or_default();
+        .filter(|s| s.op == "upload_big")
+        .map(|s| s.outcome.key())
+        .collect();
 
     let pool = pg.pool().await;
     let accepted = rec.accepted();
@@ -144,9 +196,13 @@ async fn run(mode: &'static str) {
     );
     let probe_summary = Summary::of(&probes);
     println!(
-        "CHAOS-DETAIL {name}: restart_took_ms={} recovered_after_ms={} readyz={:?} uploads_accepted={} acked={} sweep={} bug_log_lines={}",
+        "CHAOS-DETAIL {name}: restart_at={:.2}s restart_took_ms={} down={:.2}-{:.2}s recovered_after_restart_ms={} recovered_after_stop_start_ms={} uploads_8mib_while_down={big_while_down:?} readyz={:?} uploads_accepted={} acked={} sweep={} bug_log_lines={}",
+        restart_started.as_secs_f64(),
         restart_took.as_millis(),
-        recovered_after.as_millis(),
+        down_from.as_secs_f64(),
+        down_until.as_secs_f64(),
+        recovered_restart.as_millis(),
+        recovered_stop.as_millis(),
         probe_summary.statuses,
         accepted.len(),
         feeds.iter().map(|f| f.acked.len()).sum::<usize>(),
@@ -163,7 +219,10 @@ async fn run(mode: &'static str) {
     checks.none("half states", &half);
     checks.none("objects without a row after sweep", &orphaned);
     checks.none("service log: bugs", &bugs);
-    checks.that(idle_tx == 0, format!("{idle_tx} sessions left idle in transaction"));
+    checks.that(
+        idle_tx == 0,
+        format!("{idle_tx} sessions left idle in transaction"),
+    );
     checks.that(
         (spool_files, spool_fds) == (0, 0),
         format!("spool files left: {spool_files} entries, {spool_fds} open descriptors"),
@@ -177,7 +236,7 @@ async fn run(mode: &'static str) {
     checks.that(
         samples
             .iter()
-            .any(|s| s.op == "upload" && s.outcome.is_ok() && s.start > back_at + RECOVERY),
+            .any(|s| s.op == "upload" && s.outcome.is_ok() && s.start > back_again_at + RECOVERY),
         "no upload succeeded after the recovery window",
     );
     checks.finish(&name);

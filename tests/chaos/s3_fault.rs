@@ -13,15 +13,21 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use uuid::Uuid;
 
 use crate::{
-    harness::{bounded, settled_spool_leaks, Pg, S3s, Scratch, Service, ServiceConfig, DEP_TIMEOUT},
-    load::{payload, probe_readyz, Accepted, Api, Fleet, Outcome, Recorder, Retry, Summary, Worker},
+    harness::{
+        bounded, settled_spool_leaks, Pg, S3s, Scratch, Service, ServiceConfig, DEP_TIMEOUT,
+    },
+    load::{
+        payload, probe_readyz, Accepted, Api, Fleet, Outcome, Recorder, Retry, Summary, Worker,
+    },
     verify,
 };
 
 /// What a request may take beyond DEPENDENCY_TIMEOUT (the PUT watchdog checks every quarter
 /// of it; two shared cores add scheduling noise).
 const MARGIN: Duration = Duration::from_millis(1500);
-const FREEZE: Duration = Duration::from_secs(5);
+/// Longer than the SDK's three attempts of DEPENDENCY_TIMEOUT each (see D2 in README.md), so
+/// the run shows where a stalled read actually ends.
+const FREEZE: Duration = Duration::from_secs(8);
 const KILLED: Duration = Duration::from_secs(3);
 /// How long after S3 is back the service may still answer 503.
 const RECOVERY: Duration = Duration::from_secs(3);
@@ -56,24 +62,21 @@ async fn run(mode: &'static str) {
     for i in 0..8 {
         let len = rng.gen_range(1000..300_000);
         let (o, acc) = api
-            .upload(ws, &token, &[(format!("stored-{i}.bin"), payload(&mut rng, len))])
+            .upload(
+                ws,
+                &token,
+                &[(format!("stored-{i}.bin"), payload(&mut rng, len))],
+            )
             .await;
         assert!(o.is_ok(), "set-up upload: {o:?}");
         stored.extend(acc);
     }
 
-    let probes = Recorder::new();
+    let probes = rec.sibling();
     let stop = Arc::new(AtomicBool::new(false));
     let prober = probe_readyz(Api::new(&service.base(), &probes), stop.clone());
     let readers: Vec<_> = (0..READERS)
-        .map(|i| {
-            tokio::spawn(reader(
-                api.clone(),
-                stored.clone(),
-                stop.clone(),
-                i as u64,
-            ))
-        })
+        .map(|i| tokio::spawn(reader(api.clone(), stored.clone(), stop.clone(), i as u64)))
         .collect();
     let fleet = Fleet::start(&api, WORKERS, |i, ws, token| Worker {
         api: api.clone(),
@@ -101,7 +104,7 @@ async fn run(mode: &'static str) {
     s3.thaw();
     rec.fault_end(RECOVERY);
     probes.fault_end(RECOVERY);
-    tokio::time::sleep(RECOVERY + Duration::from_secs(1)).await;
+    tokio::time::sleep(RECOVERY).await;
 
     // Killed, then started again.
     rec.fault_begin();
@@ -113,7 +116,7 @@ async fn run(mode: &'static str) {
     s3.restart().await;
     rec.fault_end(RECOVERY);
     probes.fault_end(RECOVERY);
-    tokio::time::sleep(RECOVERY + Duration::from_secs(2)).await;
+    tokio::time::sleep(RECOVERY + Duration::from_millis(500)).await;
 
     let _feeds = fleet.stop().await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -199,6 +202,13 @@ async fn run(mode: &'static str) {
     let (spool_files, spool_fds) =
         settled_spool_leaks(&spool, service.pid(), Duration::from_secs(5)).await;
     let bugs = service.bug_lines();
+    let log = service.log_lines();
+    let events = |m: &str| log.iter().filter(|l| l["message"] == m).count();
+    let (fallbacks, discarded, discard_failed) = (
+        events("S3 read failed; serving the bytea copy"),
+        events("object of a failed upload removed"),
+        events("could not remove object of a failed upload"),
+    );
 
     let summary = Summary::of(&rec);
     println!(
@@ -211,7 +221,7 @@ async fn run(mode: &'static str) {
         )
     );
     println!(
-        "CHAOS-DETAIL {name}: frozen={:.2}-{:.2}s killed={:.2}-{:.2}s max_ms_by_op={:?} uploads_503={uploads_refused} reads_during_fault={reads_in_fault} readyz={:?} readyz_max_ms={} uploads_accepted={} sweep={sweep} bug_log_lines={}",
+        "CHAOS-DETAIL {name}: frozen={:.2}-{:.2}s killed={:.2}-{:.2}s max_ms_by_op={:?} uploads_503={uploads_refused} reads_during_fault={reads_in_fault} readyz={:?} readyz_max_ms={} uploads_accepted={} log_fallbacks={fallbacks} log_discarded={discarded} log_discard_failed={discard_failed} sweep={sweep} bug_log_lines={}",
         frozen_at.as_secs_f64(),
         thawing_at.as_secs_f64(),
         killed_at.as_secs_f64(),
@@ -232,7 +242,10 @@ async fn run(mode: &'static str) {
     checks.none("half states", &half);
     checks.none("objects without a row after sweep", &orphaned);
     checks.none("service log: bugs", &bugs);
-    checks.that(idle_tx == 0, format!("{idle_tx} sessions left idle in transaction"));
+    checks.that(
+        idle_tx == 0,
+        format!("{idle_tx} sessions left idle in transaction"),
+    );
     checks.that(
         (spool_files, spool_fds) == (0, 0),
         format!("spool files left: {spool_files} entries, {spool_fds} open descriptors"),

@@ -12,21 +12,26 @@ use crate::{
 
 /// Accepted uploads that do not download byte-identical now (each one is described).
 pub async fn lost_uploads(api: &Api, accepted: &[Accepted], skip: &HashSet<Uuid>) -> Vec<String> {
-    let mut lost = Vec::new();
-    for a in accepted.iter().filter(|a| !skip.contains(&a.file_id)) {
-        let outcome = api.download_as("verify", a).await;
-        if !outcome.is_ok() {
-            lost.push(format!(
-                "{} ({}, {} bytes, ws {}): {}",
-                a.file_id,
-                a.name,
-                a.size,
-                a.ws,
-                outcome.key()
-            ));
-        }
-    }
-    lost
+    use futures::StreamExt;
+    let api = &api.verifier();
+    futures::stream::iter(accepted.iter().filter(|a| !skip.contains(&a.file_id)))
+        .map(|a| async move {
+            let outcome = api.download_as("verify", a).await;
+            (!outcome.is_ok()).then(|| {
+                format!(
+                    "{} ({}, {} bytes, ws {}): {}",
+                    a.file_id,
+                    a.name,
+                    a.size,
+                    a.ws,
+                    outcome.key()
+                )
+            })
+        })
+        .buffer_unordered(8)
+        .filter_map(|lost| async move { lost })
+        .collect()
+        .await
 }
 
 /// Upload rows without their activity row, and upload activity rows without their row
@@ -146,7 +151,9 @@ pub fn clean_503(o: &Outcome, codes: &[&str]) -> Result<(), String> {
             }
             match code.as_deref() {
                 Some(c) if codes.contains(&c) => Ok(()),
-                other => Err(format!("503 with code {other:?}, expected one of {codes:?}")),
+                other => Err(format!(
+                    "503 with code {other:?}, expected one of {codes:?}"
+                )),
             }
         }
         other => Err(format!("unexpected {}", other.key())),
