@@ -74,6 +74,7 @@ async fn run(mode: &'static str) {
     // Then down for a while (stop, start): the load goes on, and multi-MB uploads arrive
     // while it is down. Each must be told 503 + Retry-After, not have its connection reset.
     let (ws, token) = api.register().await;
+    let stop_begins = rec.now();
     rec.fault_begin();
     probes.fault_begin();
     let pg = tokio::task::spawn_blocking(move || {
@@ -153,17 +154,18 @@ async fn run(mode: &'static str) {
             )),
         }
     });
-    // Recovery: the last failed request ended this long after the database was back.
-    let recovered_after = |from: Duration, to: Duration| {
+    // Recovery: the last failed request (before the next fault) ended this long after the
+    // database was back.
+    let recovered_after = |from: Duration, until: Duration| {
         samples
             .iter()
-            .filter(|s| !s.outcome.is_ok() && s.start < to)
+            .filter(|s| !s.outcome.is_ok() && s.end() < until)
             .map(|s| s.end().saturating_sub(from))
             .max()
             .unwrap_or_default()
     };
-    let recovered_restart = recovered_after(back_at, back_at + RECOVERY);
-    let recovered_stop = recovered_after(back_again_at, back_again_at + RECOVERY);
+    let recovered_restart = recovered_after(back_at, stop_begins);
+    let recovered_stop = recovered_after(back_again_at, Duration::MAX);
     let big_while_down: Vec<String> = samples
         .iter()
         .filter(|s| s.op == "upload_big")
