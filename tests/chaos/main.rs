@@ -1,0 +1,14 @@
+//! Chaos suite (issue 13, item 3): the real binary, its own PostgreSQL 15 cluster, s3s-fs and
+//! HAProxy, under concurrent client load while faults are injected. Run with
+//! `scripts/chaos.sh` (one scenario at a time: `--test-threads=1`). Every scenario prints one
+//! `CHAOS <scenario>: ...` summary line with its true counts, then asserts.
+
+mod disconnect;
+mod harness;
+mod kill;
+mod load;
+mod pg_restart;
+mod replicas;
+mod s3_fault;
+mod spool_full;
+mod verify;
