@@ -21,7 +21,7 @@ db_url="${TEST_DATABASE_URL%/*}/$db"
 port=$(free_port)
 admin=schemathesis-admin-token
 DATABASE_URL=$db_url BIND_ADDR=127.0.0.1:$port ADMIN_TOKEN=$admin RUST_LOG=warn \
-  target/debug/pending-uploads serve >/tmp/schemathesis-service-$$.log 2>&1 &
+  "${CARGO_TARGET_DIR:-target}/debug/pending-uploads" serve >/tmp/schemathesis-service-$$.log 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; psql -q "$TEST_DATABASE_URL" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"; rm -f /tmp/schemathesis-service-$$.log' EXIT
 for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done

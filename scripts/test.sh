@@ -5,7 +5,11 @@
 # - S3: TEST_S3_ENDPOINT + TEST_S3_BUCKET if set, otherwise LocalStack on a free loopback
 #   port (localstack/start.sh); then the S3 suite runs a second time against s3s-fs, which
 #   verifies SigV4 signatures (two independent S3 implementations, one suite);
-# - schemathesis (pinned, from PyPI) fuzzes the service against its OpenAPI document.
+# - schemathesis (pinned, from PyPI) fuzzes the service against its OpenAPI document;
+# - Chromium (Debian's package, installed when missing) runs the browser test of the canvas's
+#   requests;
+# - the chaos suite (scripts/chaos.sh: HAProxy from Debian, s3s-fs) injects faults into real
+#   processes.
 # Everything started here is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,19 +42,23 @@ if [ -z "${TEST_S3_ENDPOINT:-}" ]; then
   export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1
 fi
 
+scripts/ensure-chromium.sh
+
+# s3s-fs, built once: the second S3 pass and the chaos suite run against it.
+S3S_BIN=$CACHE/s3s-fs-$S3S_FS_VERSION/bin/s3s-fs
+if [ ! -x "$S3S_BIN" ]; then
+  echo "building s3s-fs $S3S_FS_VERSION (about 4 minutes, once)"
+  cargo install "s3s-fs@$S3S_FS_VERSION" --locked --features binary --root "$CACHE/s3s-fs-$S3S_FS_VERSION" -q
+fi
+
 cargo fmt --all -- --check
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --all-targets --test chaos --locked -- -D warnings
 cargo test --all-targets --locked "$@"
 
 # The HTTP surface against its own OpenAPI document.
 scripts/schemathesis.sh
 
 # The S3 suite again, against s3s-fs.
-S3S_BIN=$CACHE/s3s-fs-$S3S_FS_VERSION/bin/s3s-fs
-if [ ! -x "$S3S_BIN" ]; then
-  echo "building s3s-fs $S3S_FS_VERSION (about 4 minutes, once)"
-  cargo install "s3s-fs@$S3S_FS_VERSION" --locked --features binary --root "$CACHE/s3s-fs-$S3S_FS_VERSION" -q
-fi
 S3S_DIR=$(mktemp -d /tmp/pending-uploads-test-s3s.XXXXXX)
 S3S_PORT=$(free_port)
 mkdir -p "$S3S_DIR/data/pending-uploads-test"
@@ -65,3 +73,7 @@ echo "s3s-fs on 127.0.0.1:$S3S_PORT: running the S3 suite again"
 TEST_S3_ENDPOINT="http://127.0.0.1:$S3S_PORT" TEST_S3_BUCKET=pending-uploads-test \
   AWS_ACCESS_KEY_ID=s3s-test AWS_SECRET_ACCESS_KEY=s3s-test-secret AWS_REGION=us-east-1 \
   cargo test --test api --locked s3::
+
+# Faults against real processes: client disconnects, PostgreSQL restarts, S3 frozen and
+# killed, the service SIGKILLed, a replica killed behind HAProxy, the spool disk full.
+scripts/chaos.sh

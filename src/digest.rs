@@ -71,8 +71,13 @@ mod tests {
     async fn all_three_ways_agree() {
         let data: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
         let want: [u8; 32] = Sha256::digest(&data).into();
-        let chunks = data.chunks(4096).map(|c| Ok::<_, std::io::Error>(c.to_vec()));
-        assert_eq!(of_stream(futures::stream::iter(chunks)).await.unwrap(), (want, data.len() as u64));
+        let chunks = data
+            .chunks(4096)
+            .map(|c| Ok::<_, std::io::Error>(c.to_vec()));
+        assert_eq!(
+            of_stream(futures::stream::iter(chunks)).await.unwrap(),
+            (want, data.len() as u64)
+        );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, &data).unwrap();

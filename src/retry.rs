@@ -56,18 +56,28 @@ mod tests {
     #[tokio::test]
     async fn retries_transient_errors_only() {
         let calls = AtomicU32::new(0);
-        let r: Result<(), String> = retry("t", 2, |e: &String| e == "again", || async {
-            calls.fetch_add(1, Ordering::SeqCst);
-            Err("again".to_string())
-        })
+        let r: Result<(), String> = retry(
+            "t",
+            2,
+            |e: &String| e == "again",
+            || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err("again".to_string())
+            },
+        )
         .await;
         assert!(r.is_err());
         assert_eq!(calls.load(Ordering::SeqCst), 3);
         calls.store(0, Ordering::SeqCst);
-        let r: Result<(), String> = retry("t", 2, |e: &String| e == "again", || async {
-            calls.fetch_add(1, Ordering::SeqCst);
-            Err("fatal".to_string())
-        })
+        let r: Result<(), String> = retry(
+            "t",
+            2,
+            |e: &String| e == "again",
+            || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err("fatal".to_string())
+            },
+        )
         .await;
         assert!(r.is_err());
         assert_eq!(calls.load(Ordering::SeqCst), 1);

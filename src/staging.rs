@@ -295,8 +295,15 @@ impl Stager {
         }
     }
 
+    /// Removes the objects of a commit that failed, in the background: the answer does not
+    /// wait on S3 a second time (it may be the very dependency that failed), and what a
+    /// failed delete leaves the sweep's orphan reconciliation removes.
     async fn discard(&self, placed: &[Location]) {
-        self.storage.discard(placed).await;
+        if placed.iter().all(|l| l.s3_key.is_none()) {
+            return;
+        }
+        let (storage, placed) = (self.storage.clone(), placed.to_vec());
+        tokio::spawn(async move { storage.discard(&placed).await });
     }
 }
 

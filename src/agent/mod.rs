@@ -134,8 +134,12 @@ fn expected_from(headers: &HeaderMap) -> Expected {
         .get("repr-digest")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
-            v.split(',')
-                .find_map(|item| item.trim().strip_prefix("sha-256=:")?.strip_suffix(':').map(str::to_string))
+            v.split(',').find_map(|item| {
+                item.trim()
+                    .strip_prefix("sha-256=:")?
+                    .strip_suffix(':')
+                    .map(str::to_string)
+            })
         })
         .and_then(|b64| STANDARD.decode(b64).ok())
         .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok());
@@ -206,9 +210,9 @@ impl Agent {
         match resp.status() {
             s if s.is_success() => Ok(Some(resp.json().await?)),
             StatusCode::GONE => Ok(None),
-            s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => Err(AgentError::Fatal(format!(
-                "platform refused the token ({s})"
-            ))),
+            s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => Err(AgentError::Fatal(
+                format!("platform refused the token ({s})"),
+            )),
             s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
                 Err(AgentError::Retry(format!("platform answered {s}")))
             }
@@ -216,8 +220,15 @@ impl Agent {
         }
     }
 
-    async fn get_json_retrying<T: DeserializeOwned>(&self, what: &str, path: &str) -> Result<Option<T>, AgentError> {
-        retry(what, self.cfg.retries, AgentError::is_transient, || self.get_json(path)).await
+    async fn get_json_retrying<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        path: &str,
+    ) -> Result<Option<T>, AgentError> {
+        retry(what, self.cfg.retries, AgentError::is_transient, || {
+            self.get_json(path)
+        })
+        .await
     }
 
     /// New files from the activity feed (advancing the persisted cursor), plus everything the
@@ -229,11 +240,16 @@ impl Agent {
         let mut cursor = load_cursor(&self.cfg.dir);
         loop {
             let path = match (&cursor, wait.take()) {
-                (Some(c), Some(w)) => format!("/activity?{filter}&since_id={c}&wait={}", w.as_secs()),
+                (Some(c), Some(w)) => {
+                    format!("/activity?{filter}&since_id={c}&wait={}", w.as_secs())
+                }
                 (Some(c), None) => format!("/activity?{filter}&since_id={c}"),
                 (None, _) => format!("/activity?{filter}&since_secs=86400"),
             };
-            let Some(rows) = self.get_json_retrying::<Vec<ActivityRow>>("activity", &path).await? else {
+            let Some(rows) = self
+                .get_json_retrying::<Vec<ActivityRow>>("activity", &path)
+                .await?
+            else {
                 tracing::warn!(cursor = ?cursor, "activity cursor no longer known: resetting to a recent window");
                 save_cursor(&self.cfg.dir, None)?;
                 cursor = None;
@@ -246,7 +262,11 @@ impl Agent {
                 }
             }
             // with a cursor the rows come oldest first; without, newest first
-            let newest = if cursor.is_some() { rows.last() } else { rows.first() };
+            let newest = if cursor.is_some() {
+                rows.last()
+            } else {
+                rows.first()
+            };
             let Some(next) = newest.map(|r| r.id.to_string()) else {
                 break;
             };
@@ -271,14 +291,21 @@ impl Agent {
 
     async fn pass(&self, wait: Option<Duration>) -> Result<PassReport, AgentError> {
         let candidates = self.discover(wait).await?;
-        let outcomes: Vec<(Candidate, Result<Staged, AgentError>)> = futures::stream::iter(candidates)
-            .map(|c| async move {
-                let r = retry("download", self.cfg.retries, AgentError::is_transient, || self.stage(&c)).await;
-                (c, r)
-            })
-            .buffer_unordered(self.cfg.concurrency.max(1))
-            .collect()
-            .await;
+        let outcomes: Vec<(Candidate, Result<Staged, AgentError>)> =
+            futures::stream::iter(candidates)
+                .map(|c| async move {
+                    let r = retry(
+                        "download",
+                        self.cfg.retries,
+                        AgentError::is_transient,
+                        || self.stage(&c),
+                    )
+                    .await;
+                    (c, r)
+                })
+                .buffer_unordered(self.cfg.concurrency.max(1))
+                .collect()
+                .await;
         let mut report = PassReport::default();
         for (c, outcome) in outcomes {
             match outcome {
@@ -318,7 +345,9 @@ impl Agent {
                     } else if long_polls && started.elapsed() < LONG_POLL / 2 {
                         // An empty answer long before the wait ended: no long polls here.
                         long_polls = false;
-                        tracing::info!("the service answers without waiting: polling every interval");
+                        tracing::info!(
+                            "the service answers without waiting: polling every interval"
+                        );
                         interval
                     } else if long_polls {
                         Duration::ZERO
@@ -399,7 +428,10 @@ impl Agent {
             return Ok(Staged::Gone);
         }
         if !head.status().is_success() {
-            return Err(AgentError::Retry(format!("content HEAD: {}", head.status())));
+            return Err(AgentError::Retry(format!(
+                "content HEAD: {}",
+                head.status()
+            )));
         }
         if !verify(path, c.size, &expected_from(head.headers())).await? {
             return Err(AgentError::Fatal(format!(
@@ -414,7 +446,11 @@ impl Agent {
 
     /// Downloads into the partial file, resuming what an earlier attempt left there; returns
     /// what the bytes must match, or `None` when the upload is gone (expired or swept).
-    async fn download(&self, c: &Candidate, partial_path: &Path) -> Result<Option<Expected>, AgentError> {
+    async fn download(
+        &self,
+        c: &Candidate,
+        partial_path: &Path,
+    ) -> Result<Option<Expected>, AgentError> {
         let mut partial = OpenOptions::new()
             .read(true)
             .write(true)
@@ -426,7 +462,10 @@ impl Agent {
             .open(partial_path)
             .await?;
         let have = partial.metadata().await?.len();
-        let mut req = self.http.get(self.content_url(c)).bearer_auth(&self.cfg.token);
+        let mut req = self
+            .http
+            .get(self.content_url(c))
+            .bearer_auth(&self.cfg.token);
         if have > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
         }
@@ -440,7 +479,9 @@ impl Agent {
             }
             StatusCode::RANGE_NOT_SATISFIABLE => {
                 partial.set_len(0).await?;
-                return Err(AgentError::Retry("partial file longer than the upload: restarting".into()));
+                return Err(AgentError::Retry(
+                    "partial file longer than the upload: restarting".into(),
+                ));
             }
             s if s.is_server_error() => return Err(AgentError::Retry(format!("content: {s}"))),
             StatusCode::OK => {
@@ -457,7 +498,9 @@ impl Agent {
                     .and_then(|v| v.parse::<u64>().ok());
                 if starts_at != Some(have) {
                     partial.set_len(0).await?;
-                    return Err(AgentError::Retry("unexpected Content-Range: restarting".into()));
+                    return Err(AgentError::Retry(
+                        "unexpected Content-Range: restarting".into(),
+                    ));
                 }
                 partial.seek(io::SeekFrom::End(0)).await?;
                 tracing::info!(file_id = %c.file_id, offset = have, "resuming download");
@@ -520,15 +563,33 @@ mod tests {
         let digest = [7u8; 32];
         let mut h = HeaderMap::new();
         assert_eq!(expected_from(&h), Expected::Size);
-        h.insert("etag", HeaderValue::from_static("W/\"0b9c1f5e-0000-4000-8000-000000000000\""));
-        assert_eq!(expected_from(&h), Expected::Size, "a weak tag proves nothing");
-        h.insert("etag", HeaderValue::from_str(&format!("\"{}\"", hex::encode(digest))).unwrap());
+        h.insert(
+            "etag",
+            HeaderValue::from_static("W/\"0b9c1f5e-0000-4000-8000-000000000000\""),
+        );
+        assert_eq!(
+            expected_from(&h),
+            Expected::Size,
+            "a weak tag proves nothing"
+        );
+        h.insert(
+            "etag",
+            HeaderValue::from_str(&format!("\"{}\"", hex::encode(digest))).unwrap(),
+        );
         assert_eq!(expected_from(&h), Expected::Sha256(digest));
         let other = [9u8; 32];
         h.insert(
             "repr-digest",
-            HeaderValue::from_str(&format!("sha-512=:AAAA:, sha-256=:{}:", STANDARD.encode(other))).unwrap(),
+            HeaderValue::from_str(&format!(
+                "sha-512=:AAAA:, sha-256=:{}:",
+                STANDARD.encode(other)
+            ))
+            .unwrap(),
         );
-        assert_eq!(expected_from(&h), Expected::Sha256(other), "Repr-Digest wins");
+        assert_eq!(
+            expected_from(&h),
+            Expected::Sha256(other),
+            "Repr-Digest wins"
+        );
     }
 }

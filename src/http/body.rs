@@ -230,3 +230,124 @@ mod tests {
         assert!(parse_json::<Any>(br#"{"a":"my \\u0000 notes"}"#).is_ok());
     }
 }
+
+/// The rest of a request body that its handler did not read, handed back when the handler
+/// drops it.
+type Leftover = Arc<Mutex<Option<Body>>>;
+
+/// A request body that returns itself to a [`Leftover`] slot when dropped unfinished.
+struct Reclaim {
+    inner: Option<Body>,
+    slot: Leftover,
+    ended: bool,
+}
+
+impl http_body::Body for Reclaim {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = Pin::new(inner).poll_frame(cx);
+        if matches!(frame, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.ended = true;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner
+            .as_ref()
+            .map(|b| b.size_hint())
+            .unwrap_or_else(|| http_body::SizeHint::with_exact(0))
+    }
+}
+
+impl Drop for Reclaim {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        if let Some(body) = self
+            .inner
+            .take()
+            .filter(|b| !http_body::Body::is_end_stream(b))
+        {
+            if let Ok(mut slot) = self.slot.lock() {
+                *slot = Some(body);
+            }
+        }
+    }
+}
+
+/// Marks an answer whose request body must not be drained (the client was cut off for being
+/// slow: reading on would wait on it again).
+#[derive(Debug, Clone, Copy)]
+pub struct NoDrain;
+
+/// How much of an unread request body is read before answering, and for how long.
+const DRAIN_MAX_BYTES: u64 = 128 * 1024 * 1024;
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Middleware: a request refused before its body was read (auth, a datastore outage, a quota)
+/// has the rest of the body read, bounded, before the answer goes out, so the client, still
+/// sending, reads our answer instead of a broken pipe, and the connection stays usable.
+/// Beyond the bound, the answer says `Connection: close`.
+pub async fn drain_unread(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let slot: Leftover = Arc::new(Mutex::new(None));
+    let req = req.map(|body| {
+        Body::new(Reclaim {
+            inner: Some(body),
+            slot: slot.clone(),
+            ended: false,
+        })
+    });
+    let mut resp = next.run(req).await;
+    let leftover = slot.lock().ok().and_then(|mut s| s.take());
+    let Some(body) = leftover else {
+        return resp;
+    };
+    let drained = resp.extensions().get::<NoDrain>().is_none() && drain(body).await;
+    if !drained {
+        resp.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    resp
+}
+
+/// Reads and discards `body`; false when it was longer or slower than the drain allows.
+async fn drain(body: Body) -> bool {
+    let mut stream = body.into_data_stream();
+    let mut seen = 0u64;
+    let read = async {
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(c) => {
+                    seen += c.len() as u64;
+                    if seen > DRAIN_MAX_BYTES {
+                        return false;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+        true
+    };
+    tokio::time::timeout(DRAIN_DEADLINE, read)
+        .await
+        .unwrap_or(false)
+}

@@ -190,6 +190,9 @@ impl IntoResponse for ApiError {
             tracing::error!(error = %crate::logfmt::Clip(&format!("{:#}", anyhow_chain(&self))), status = status.as_u16(), "request failed");
         }
         let mut resp = (status, Json(self.body())).into_response();
+        if matches!(self, ApiError::BodyStalled | ApiError::BodyTooSlow) {
+            resp.extensions_mut().insert(super::body::NoDrain);
+        }
         let headers = resp.headers_mut();
         if let Some(secs) = self.retry_after() {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static(secs));

@@ -105,6 +105,7 @@ pub fn router(state: AppState, cors_origins: &[String]) -> Router {
         .fallback(ops::not_found)
         .layer(axum::middleware::map_response(json_rejections))
         .layer(axum::middleware::from_fn(record_latency))
+        .layer(axum::middleware::from_fn(body::drain_unread))
         .with_state(state);
     match cors_layer(cors_origins) {
         Some(cors) => router.layer(cors),

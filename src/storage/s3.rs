@@ -68,11 +68,14 @@ impl S3Backend {
             // A frozen server must not hold a request longer than the dependency timeout:
             // every wait is bounded. PUTs, whose length scales with the file, lift the
             // attempt bound and are watched for progress instead (`put_key`).
+            // The operation timeout covers every attempt: the SDK retries a timed-out attempt,
+            // which alone would stretch a frozen server's cost to attempts × timeout.
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(stall.min(Duration::from_secs(3)))
                     .read_timeout(stall)
                     .operation_attempt_timeout(stall)
+                    .operation_timeout(stall)
                     .build(),
             );
         if shared.region().is_none() {
@@ -150,18 +153,28 @@ impl S3Backend {
     }
 
     /// Writes the spool to `key`. The body is read from the spool afresh on every retry
-    /// (positional reads), and a watchdog cancels the PUT when the server stops taking bytes
-    /// for the dependency timeout: a frozen server costs a request that long, not forever.
+    /// (positional reads), and a watchdog cancels the PUT when the server takes no byte it
+    /// had not taken before for the dependency timeout: a frozen server costs a request that
+    /// long, not forever, and a retry re-sending old bytes is no progress.
     pub async fn put_key(&self, key: &str, spool: &Spool) -> Result<(), StorageError> {
         let started = Instant::now();
-        let progress = Arc::new(AtomicU64::new(0));
+        // (furthest byte sent in any attempt, when that was first reached in ms)
+        let progress = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
         let body = {
             let spool = spool.clone();
             let progress = progress.clone();
             SdkBody::retryable(move || {
                 let progress = progress.clone();
+                let mut offset = 0u64;
                 let frames = spool.chunks().map(move |chunk| {
-                    progress.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+                    if let Ok(c) = &chunk {
+                        offset += c.len() as u64;
+                        if progress.0.fetch_max(offset, Ordering::Relaxed) < offset {
+                            progress
+                                .1
+                                .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+                        }
+                    }
                     chunk.map(http_body::Frame::data)
                 });
                 SdkBody::from_body_1_x(http_body_util::StreamBody::new(frames))
@@ -178,7 +191,10 @@ impl S3Backend {
             .config_override(
                 aws_sdk_s3::config::Config::builder().timeout_config(
                     TimeoutConfig::builder()
+                        .connect_timeout(self.stall.min(Duration::from_secs(3)))
+                        .read_timeout(self.stall)
                         .disable_operation_attempt_timeout()
+                        .disable_operation_timeout()
                         .build(),
                 ),
             )
@@ -186,7 +202,7 @@ impl S3Backend {
         let watchdog = async {
             loop {
                 tokio::time::sleep(self.stall / 4).await;
-                let last = Duration::from_millis(progress.load(Ordering::Relaxed));
+                let last = Duration::from_millis(progress.1.load(Ordering::Relaxed));
                 if started.elapsed().saturating_sub(last) > self.stall {
                     return;
                 }

@@ -48,11 +48,25 @@ async fn the_runtime_poll_fetch_and_ack_loop() {
     .await
     .unwrap();
     assert_eq!(rows.len(), 3);
-    let names: Vec<&str> = rows.iter().map(|r| r["request_body"]["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["clip.mp4", "notes.txt", "photo.png"], "newest first");
-    let seqs: Vec<i64> = rows.iter().map(|r| r["seq"].as_i64().expect("seq is an integer")).collect();
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r["request_body"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["clip.mp4", "notes.txt", "photo.png"],
+        "newest first"
+    );
+    let seqs: Vec<i64> = rows
+        .iter()
+        .map(|r| r["seq"].as_i64().expect("seq is an integer"))
+        .collect();
     assert!(seqs.windows(2).all(|w| w[0] > w[1]));
-    for (row, (kind, mime)) in rows.iter().zip([("video", "video/mp4"), ("file", "text/plain"), ("image", "image/png")]) {
+    for (row, (kind, mime)) in rows.iter().zip([
+        ("video", "video/mp4"),
+        ("file", "text/plain"),
+        ("image", "image/png"),
+    ]) {
         assert_eq!(row["method"], "chat_upload_receive");
         let body = &row["request_body"];
         assert_eq!(
@@ -61,13 +75,17 @@ async fn the_runtime_poll_fetch_and_ack_loop() {
         );
     }
     // Without include=peer_info there is no attachments key.
-    let plain: Vec<Value> = runtime_get(&app, &format!("/workspaces/{ws}/activity?type=a2a_receive"), &token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let plain: Vec<Value> = runtime_get(
+        &app,
+        &format!("/workspaces/{ws}/activity?type=a2a_receive"),
+        &token,
+    )
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
     assert!(plain.iter().all(|r| r.get("attachments").is_none()));
     // With the cursor (the newest row it saw, once reversed: the last delivered), oldest
     // first and nothing repeated.
@@ -83,15 +101,22 @@ async fn the_runtime_poll_fetch_and_ack_loop() {
     .json()
     .await
     .unwrap();
-    let names: Vec<&str> = after.iter().map(|r| r["request_body"]["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = after
+        .iter()
+        .map(|r| r["request_body"]["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["notes.txt", "clip.mp4"]);
 
     // `_fetch_and_stage_with_client`: GET content, read Content-Type, POST ack (no body).
     let fid = file_id(&out[1]);
-    let resp = runtime_get(&app, &format!("/workspaces/{ws}/pending-uploads/{fid}/content"), &token)
-        .send()
-        .await
-        .unwrap();
+    let resp = runtime_get(
+        &app,
+        &format!("/workspaces/{ws}/pending-uploads/{fid}/content"),
+        &token,
+    )
+    .send()
+    .await
+    .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["content-type"], "text/plain");
     assert_eq!(resp.bytes().await.unwrap().to_vec(), bytes(20, 2));
@@ -107,10 +132,17 @@ async fn the_runtime_poll_fetch_and_ack_loop() {
         assert_json(resp, StatusCode::OK, json!({"acked": true})).await;
     }
     // a missing file is 404 ("already gone"), which the runtime skips
-    let resp = runtime_get(&app, &format!("/workspaces/{ws}/pending-uploads/{}/content", Uuid::new_v4()), &token)
-        .send()
-        .await
-        .unwrap();
+    let resp = runtime_get(
+        &app,
+        &format!(
+            "/workspaces/{ws}/pending-uploads/{}/content",
+            Uuid::new_v4()
+        ),
+        &token,
+    )
+    .send()
+    .await
+    .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 }
 
@@ -154,7 +186,9 @@ async fn the_mcp_plugin_startup_probe_and_registration() {
     // the plugin's poll: limit=100, include=peer_info, since_secs=30 without a cursor
     let resp = runtime_get(
         &app,
-        &format!("/workspaces/{ws}/activity?type=a2a_receive&limit=100&include=peer_info&since_secs=30"),
+        &format!(
+            "/workspaces/{ws}/activity?type=a2a_receive&limit=100&include=peer_info&since_secs=30"
+        ),
         &token,
     )
     .send()
@@ -177,18 +211,30 @@ async fn the_platform_e2e_script_greps_what_it_expects() {
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
     let text = reg(a).await.unwrap().text().await.unwrap();
     assert!(text.contains(r#""status":"registered""#), "{text}");
-    let tok_a = serde_json::from_str::<Value>(&text).unwrap()["auth_token"].as_str().unwrap().to_string();
-    let tok_b = reg(b).await.unwrap().json::<Value>().await.unwrap()["auth_token"].as_str().unwrap().to_string();
+    let tok_a = serde_json::from_str::<Value>(&text).unwrap()["auth_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tok_b = reg(b).await.unwrap().json::<Value>().await.unwrap()["auth_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let out = app
         .upload_ok(
             a,
             &tok_a,
-            &[("alpha.txt", "text/plain", b"alpha\n".to_vec()), ("beta.txt", "text/plain", b"beta\n".to_vec())],
+            &[
+                ("alpha.txt", "text/plain", b"alpha\n".to_vec()),
+                ("beta.txt", "text/plain", b"beta\n".to_vec()),
+            ],
         )
         .await;
     let (f1, f2) = (file_id(&out[0]), file_id(&out[1]));
     let feed = app
-        .get(&format!("/workspaces/{a}/activity?type=a2a_receive&limit=20"), &tok_a)
+        .get(
+            &format!("/workspaces/{a}/activity?type=a2a_receive&limit=20"),
+            &tok_a,
+        )
         .await
         .text()
         .await
@@ -197,7 +243,10 @@ async fn the_platform_e2e_script_greps_what_it_expects() {
         assert!(feed.contains(&needle));
     }
     assert!(feed.contains(r#""method":"chat_upload_receive""#));
-    assert!(feed.contains(r#""mimeType":"text/plain""#), "request_body compact: {feed}");
+    assert!(
+        feed.contains(r#""mimeType":"text/plain""#),
+        "request_body compact: {feed}"
+    );
     assert_eq!(feed.matches(r#""method":"chat_upload_receive""#).count(), 2);
     // curl -s -D - : raw header lines
     let addr = app.url.trim_start_matches("http://").to_string();
@@ -225,14 +274,34 @@ async fn the_platform_e2e_script_greps_what_it_expects() {
             .unwrap();
         assert!(text.contains(r#""acked":true"#));
     }
-    let resp = app.get(&format!("/workspaces/{a}/pending-uploads/{f1}/content"), &tok_a).await;
+    let resp = app
+        .get(
+            &format!("/workspaces/{a}/pending-uploads/{f1}/content"),
+            &tok_a,
+        )
+        .await;
     assert_eq!(resp.bytes().await.unwrap().as_ref(), b"alpha\n");
     // B's bearer and URL, A's file: 404; B's bearer on A's URL: 401; not a UUID: 400
-    let resp = app.get(&format!("/workspaces/{b}/pending-uploads/{f2}/content"), &tok_b).await;
+    let resp = app
+        .get(
+            &format!("/workspaces/{b}/pending-uploads/{f2}/content"),
+            &tok_b,
+        )
+        .await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
-    let resp = app.get(&format!("/workspaces/{a}/pending-uploads/{f2}/content"), &tok_b).await;
+    let resp = app
+        .get(
+            &format!("/workspaces/{a}/pending-uploads/{f2}/content"),
+            &tok_b,
+        )
+        .await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    let resp = app.get(&format!("/workspaces/{a}/pending-uploads/not-a-uuid/content"), &tok_a).await;
+    let resp = app
+        .get(
+            &format!("/workspaces/{a}/pending-uploads/not-a-uuid/content"),
+            &tok_a,
+        )
+        .await;
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     // test_poll_mode_e2e.sh: an unknown delivery mode is a 400 that names it
     let resp = app
@@ -297,10 +366,17 @@ async fn a_database_the_platform_migrated_ends_up_without_duplicates() {
     .unwrap();
     let mut seen = std::collections::HashMap::new();
     for (name, def) in &defs {
-        assert!(seen.insert(def.clone(), name.clone()).is_none(), "duplicate index {def}: {defs:?}");
+        assert!(
+            seen.insert(def.clone(), name.clone()).is_none(),
+            "duplicate index {def}: {defs:?}"
+        );
     }
     let names: Vec<&str> = defs.iter().map(|(n, _)| n.as_str()).collect();
-    for platform_name in ["idx_pending_uploads_workspace_unacked", "idx_pending_uploads_expires", "idx_pending_uploads_acked"] {
+    for platform_name in [
+        "idx_pending_uploads_workspace_unacked",
+        "idx_pending_uploads_expires",
+        "idx_pending_uploads_acked",
+    ] {
         assert!(names.contains(&platform_name), "{names:?}");
     }
     let size_checks: i64 = sqlx::query_scalar(
@@ -311,9 +387,11 @@ async fn a_database_the_platform_migrated_ends_up_without_duplicates() {
     .unwrap();
     assert_eq!(size_checks, 1);
     // The platform's row is still there and counted.
-    let totals: (i64, i64) = sqlx::query_as("SELECT sum(unacked_bytes)::bigint, sum(unacked_files)::bigint FROM pending_upload_totals")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let totals: (i64, i64) = sqlx::query_as(
+        "SELECT sum(unacked_bytes)::bigint, sum(unacked_files)::bigint FROM pending_upload_totals",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     assert_eq!(totals, (1, 1));
 }

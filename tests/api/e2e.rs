@@ -508,23 +508,39 @@ async fn the_agent_delivers_rows_the_platform_wrote_without_a_digest() {
         .unwrap();
         sent.push((fid, name.to_string(), data));
     }
-    let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
     let head = reqwest::Client::new()
-        .head(format!("{}/workspaces/{ws}/pending-uploads/{}/content", env.base(), sent[0].0))
+        .head(format!(
+            "{}/workspaces/{ws}/pending-uploads/{}/content",
+            env.base(),
+            sent[0].0
+        ))
         .bearer_auth(&token)
         .send()
         .await
         .unwrap();
-    assert_eq!(head.headers()["etag"], format!("W/\"{}\"", sent[0].0).as_str());
+    assert_eq!(
+        head.headers()["etag"],
+        format!("W/\"{}\"", sent[0].0).as_str()
+    );
     assert!(head.headers().get("repr-digest").is_none());
 
     let (_, report) = env.agent_once(ws, &token_file, &dir);
-    assert_eq!(report, json!({"staged": 2, "already_present": 0, "gone": 0, "failed": 0}));
+    assert_eq!(
+        report,
+        json!({"staged": 2, "already_present": 0, "gone": 0, "failed": 0})
+    );
     for (fid, name, data) in &sent {
         assert_eq!(&std::fs::read(staged_path(&dir, *fid, name)).unwrap(), data);
     }
     assert_eq!(unacked(&env.db).await, 0, "acked");
     // A second pass finds nothing to do: no re-download loop.
     let (_, report) = env.agent_once(ws, &token_file, &dir);
-    assert_eq!(report, json!({"staged": 0, "already_present": 0, "gone": 0, "failed": 0}));
+    assert_eq!(
+        report,
+        json!({"staged": 0, "already_present": 0, "gone": 0, "failed": 0})
+    );
 }
