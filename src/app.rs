@@ -155,7 +155,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     let sweep = tokio::spawn(service.sweeper.clone().run_forever(args.sweep_interval.0));
     let pool = service.state.db.pool().clone();
-    let gauges = tokio::spawn(refresh_gauges_forever(pool.clone()));
+    let gauges = tokio::spawn(refresh_gauges_forever(service.state.db.clone()));
     let listen = tokio::spawn(service.state.hub.clone().listen_forever(pool.clone()));
     let accepting = service.state.accepting.clone();
     let shutdown = async move {
@@ -194,12 +194,13 @@ fn raise_fd_limit() {
 }
 
 /// Keeps the backlog gauges fresh for /metrics.
-async fn refresh_gauges_forever(pool: PgPool) {
+async fn refresh_gauges_forever(db: Db) {
     let mut ticker = tokio::time::interval(GAUGE_REFRESH);
     loop {
         ticker.tick().await;
-        if let Err(e) = crate::metrics::refresh_gauges(&pool).await {
-            tracing::debug!(error = %e, "could not refresh backlog gauges");
+        match db.run(|c| Box::pin(db::uploads::backlog(c))).await {
+            Ok(backlog) => crate::metrics::set_backlog(&backlog),
+            Err(e) => tracing::debug!(error = %e, "could not refresh backlog gauges"),
         }
     }
 }

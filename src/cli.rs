@@ -238,7 +238,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Command::Contract { db, batch_size }) => {
             let db = crate::app::connect_db(&db).await?;
-            let report = crate::backfill::contract(&db, batch_size.max(1)).await?;
+            let report = crate::contract::contract(&db, batch_size.max(1)).await?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }

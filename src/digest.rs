@@ -52,7 +52,7 @@ where
 pub async fn of_file(path: &Path) -> std::io::Result<([u8; 32], u64)> {
     let mut file = tokio::fs::File::open(path).await?;
     let mut d = Digester::default();
-    let mut buf = vec![0u8; 256 * 1024];
+    let mut buf = vec![0u8; crate::spool::READ_CHUNK];
     loop {
         let n = file.read(&mut buf).await?;
         if n == 0 {

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod backfill;
 pub mod cli;
 pub mod config;
+pub mod contract;
 pub mod db;
 pub mod digest;
 pub mod http;

@@ -136,16 +136,13 @@ impl Sweeper {
     /// grace period (younger ones may belong to an upload whose row is not committed yet).
     /// Only under a prefix of our own (SPEC §10, bucket safety).
     pub async fn reconcile(&self) -> Result<u64, crate::storage::StorageError> {
-        let Some(s3) = self.storage.s3() else {
+        let Some(pages) = self.storage.orphan_candidates(self.orphan_page_size) else {
             return Ok(0);
         };
-        if !s3.prefix_is_private() {
-            return Ok(0);
-        }
         let cutoff =
             chrono::Utc::now() - chrono::Duration::from_std(self.orphan_grace).unwrap_or_default();
         let mut deleted = 0;
-        let mut pages = std::pin::pin!(s3.list_pages(self.orphan_page_size));
+        let mut pages = std::pin::pin!(pages);
         while let Some(objects) = pages.try_next().await? {
             let old: Vec<String> = objects
                 .into_iter()
@@ -161,7 +158,7 @@ impl Sweeper {
                 .run(move |c| Box::pin(async move { db::uploads::existing_keys(c, &keys).await }))
                 .await?;
             for key in old.iter().filter(|k| !live.contains(k)) {
-                s3.delete_key(key).await?;
+                self.storage.delete_object(key).await?;
                 tracing::info!(
                     event = "orphan_deleted",
                     key,

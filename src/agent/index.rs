@@ -4,9 +4,11 @@
 
 use std::{
     collections::BTreeMap,
-    io::{self, Write},
+    io,
     path::{Path, PathBuf},
 };
+
+use tokio::io::AsyncWriteExt;
 
 use serde_json::Value;
 
@@ -17,14 +19,14 @@ pub fn state_dir(dir: &Path) -> PathBuf {
 }
 
 /// Writes `bytes` to `path` atomically.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub async fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+        let mut f = tokio::fs::File::create(&tmp).await?;
+        f.write_all(bytes).await?;
+        f.sync_all().await?;
     }
-    std::fs::rename(&tmp, path)
+    tokio::fs::rename(&tmp, path).await
 }
 
 pub fn load_cursor(dir: &Path) -> Option<String> {
@@ -34,11 +36,11 @@ pub fn load_cursor(dir: &Path) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-pub fn save_cursor(dir: &Path, cursor: Option<&str>) -> io::Result<()> {
+pub async fn save_cursor(dir: &Path, cursor: Option<&str>) -> io::Result<()> {
     let path = state_dir(dir).join("cursor");
     match cursor {
-        Some(c) => write_atomic(&path, c.as_bytes()),
-        None => match std::fs::remove_file(&path) {
+        Some(c) => write_atomic(&path, c.as_bytes()).await,
+        None => match tokio::fs::remove_file(&path).await {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         },
@@ -61,9 +63,9 @@ impl UriIndex {
         UriIndex { map }
     }
 
-    pub fn save(&self, dir: &Path) -> io::Result<()> {
+    pub async fn save(&self, dir: &Path) -> io::Result<()> {
         let bytes = serde_json::to_vec_pretty(&self.map).map_err(io::Error::other)?;
-        write_atomic(&state_dir(dir).join("index.json"), &bytes)
+        write_atomic(&state_dir(dir).join("index.json"), &bytes).await
     }
 
     pub fn insert(&mut self, platform_uri: String, path: &Path) {
@@ -130,18 +132,18 @@ mod tests {
         assert_eq!(index.rewrite(&mut json!({"parts": "not an array"})), 0);
     }
 
-    #[test]
-    fn index_and_cursor_persist() {
+    #[tokio::test]
+    async fn index_and_cursor_persist() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(state_dir(dir.path())).unwrap();
         let mut index = UriIndex::default();
         index.insert("platform-pending:a/b".into(), Path::new("/x/y"));
-        index.save(dir.path()).unwrap();
+        index.save(dir.path()).await.unwrap();
         assert_eq!(UriIndex::load(dir.path()), index);
         assert_eq!(load_cursor(dir.path()), None);
-        save_cursor(dir.path(), Some("abc")).unwrap();
+        save_cursor(dir.path(), Some("abc")).await.unwrap();
         assert_eq!(load_cursor(dir.path()).as_deref(), Some("abc"));
-        save_cursor(dir.path(), None).unwrap();
+        save_cursor(dir.path(), None).await.unwrap();
         assert_eq!(load_cursor(dir.path()), None);
         let leftovers: Vec<_> = std::fs::read_dir(state_dir(dir.path()))
             .unwrap()

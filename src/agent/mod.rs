@@ -251,7 +251,7 @@ impl Agent {
                 .await?
             else {
                 tracing::warn!(cursor = ?cursor, "activity cursor no longer known: resetting to a recent window");
-                save_cursor(&self.cfg.dir, None)?;
+                save_cursor(&self.cfg.dir, None).await?;
                 cursor = None;
                 continue;
             };
@@ -271,7 +271,7 @@ impl Agent {
                 break;
             };
             // from here on page forward (oldest first) after the newest row seen
-            save_cursor(&self.cfg.dir, Some(&next))?;
+            save_cursor(&self.cfg.dir, Some(&next)).await?;
             cursor = Some(next);
         }
         let pending = self
@@ -543,7 +543,7 @@ impl Agent {
     async fn record(&self, c: &Candidate, path: &Path) -> Result<(), AgentError> {
         let mut index = self.index.lock().await;
         index.insert(c.uri.clone(), path);
-        index.save(&self.cfg.dir)?;
+        index.save(&self.cfg.dir).await?;
         Ok(())
     }
 

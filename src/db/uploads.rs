@@ -388,3 +388,32 @@ pub async fn existing_keys(db: impl PgExecutor<'_>, keys: &[String]) -> sqlx::Re
         .fetch_all(db)
         .await
 }
+
+/// Rows and bytes by state, and the age of the oldest unacked row (the backlog gauges).
+#[derive(Debug, Clone, Default)]
+pub struct Backlog {
+    /// (state, rows, bytes) for `unfetched`, `fetched`, `acked`.
+    pub states: Vec<(String, i64, i64)>,
+    pub oldest_unacked_secs: Option<f64>,
+}
+
+pub async fn backlog(conn: &mut PgConnection) -> sqlx::Result<Backlog> {
+    let states = sqlx::query_as(
+        "SELECT CASE WHEN acked_at IS NOT NULL THEN 'acked'
+                     WHEN fetched_at IS NOT NULL THEN 'fetched' ELSE 'unfetched' END,
+                count(*), COALESCE(sum(size_bytes), 0)::bigint
+         FROM pending_uploads WHERE expires_at > now() GROUP BY 1",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let oldest_unacked_secs = sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM pending_uploads
+         WHERE acked_at IS NULL AND expires_at > now()",
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(Backlog {
+        states,
+        oldest_unacked_secs,
+    })
+}

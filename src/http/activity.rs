@@ -125,6 +125,7 @@ pub async fn list(
     // Long poll: subscribe first, so a row committing between the query and the wait still
     // wakes us; a waiting request holds no database connection.
     let subscription = st.hub.subscribe(workspace_id);
+    let _waiting = WaitingGauge::enter();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let woken = subscription.notify().notified();
@@ -140,6 +141,22 @@ pub async fn list(
                 tracing::debug!(%workspace_id, %cursor, "long poll ended with nothing new");
             }
         }
+    }
+}
+
+/// Counts a long poll in `long_polls_waiting` while it is held.
+struct WaitingGauge;
+
+impl WaitingGauge {
+    fn enter() -> WaitingGauge {
+        crate::metrics::metrics().long_polls_waiting.inc();
+        WaitingGauge
+    }
+}
+
+impl Drop for WaitingGauge {
+    fn drop(&mut self) {
+        crate::metrics::metrics().long_polls_waiting.dec();
     }
 }
 

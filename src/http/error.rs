@@ -250,7 +250,9 @@ impl From<StorageError> for ApiError {
                 ApiError::StorageUnavailable
             }
             StorageError::Missing => ApiError::UploadNotFound,
-            StorageError::Io(_) => ApiError::internal(e),
+            StorageError::Io(_)
+            | StorageError::SourceCorrupt(_)
+            | StorageError::CopyMismatch(_) => ApiError::internal(e),
         }
     }
 }

@@ -6,16 +6,21 @@
 pub mod bytea;
 pub mod s3;
 
-use std::{io, sync::Arc, time::Duration};
+use std::{io, path::Path, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use futures::{stream::BoxStream, StreamExt};
+use futures::{stream::BoxStream, Stream, StreamExt, TryStreamExt};
 use uuid::Uuid;
 
-use crate::{config::BackendMode, db::DbError, metrics, spool::Spool};
+use crate::{
+    config::BackendMode,
+    db::DbError,
+    digest, metrics,
+    spool::{Spool, SpoolWriter},
+};
 
 pub use bytea::ByteaBackend;
-pub use s3::S3Backend;
+pub use s3::{ListedObject, S3Backend};
 
 pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
 
@@ -29,6 +34,12 @@ pub enum StorageError {
     Io(#[from] io::Error),
     #[error("stored bytes missing")]
     Missing,
+    /// The bytes do not match what the row records (size or sha256).
+    #[error("stored bytes do not match the row: {0}")]
+    SourceCorrupt(String),
+    /// A copy read back does not match what was written.
+    #[error("copy does not verify: {0}")]
+    CopyMismatch(String),
 }
 
 /// Where one row's bytes live, as the row records it.
@@ -178,6 +189,64 @@ impl Storage {
             return Ok(());
         };
         metrics::storage_op("s3", "delete", self.s3_or_err()?.delete_key(key)).await
+    }
+
+    /// Deletes one object by key (idempotent).
+    pub async fn delete_object(&self, key: &str) -> Result<(), StorageError> {
+        metrics::storage_op("s3", "delete", self.s3_or_err()?.delete_key(key)).await
+    }
+
+    /// The objects the orphan reconciliation may judge, a listing page at a time: `None`
+    /// without a bucket, and without a prefix of our own (SPEC §10: a shared prefix would
+    /// reach other applications' objects).
+    pub fn orphan_candidates(
+        &self,
+        page_size: i32,
+    ) -> Option<impl Stream<Item = Result<Vec<ListedObject>, StorageError>> + Send + '_> {
+        let s3 = self.s3().filter(|s3| s3.prefix_is_private())?;
+        Some(s3.list_pages(page_size))
+    }
+
+    /// The backfill's step (SPEC §6): copies a row's inline bytes to its S3 object through a
+    /// spool (size and sha256 checked against the row: `expected`, when it records one), then
+    /// reads the object back and checks it again. Returns the key and the digest; the caller
+    /// points the row at it. A copy that does not verify is deleted.
+    pub async fn copy_to_s3(
+        &self,
+        loc: &Location,
+        expected: Option<&[u8]>,
+        spool_dir: &Path,
+    ) -> Result<(String, [u8; 32]), StorageError> {
+        let s3 = self.s3_or_err()?;
+        let inline = Location {
+            s3_key: None,
+            ..loc.clone()
+        };
+        let mut writer = SpoolWriter::create(spool_dir)?;
+        let mut chunks = self.open(&inline, ByteRange::full(loc.size)).await?;
+        while let Some(chunk) = chunks.try_next().await? {
+            writer.write(&chunk).await?;
+        }
+        let spool = writer.finish().await?;
+        if spool.size != loc.size || expected.is_some_and(|d| d != spool.sha256) {
+            return Err(StorageError::SourceCorrupt(format!(
+                "{} bytes, sha256 {}",
+                spool.size,
+                hex::encode(spool.sha256)
+            )));
+        }
+        let key = s3.key_for(loc.workspace_id, loc.file_id);
+        metrics::storage_op("s3", "put", s3.put_key(&key, &spool)).await?;
+        let (digest, len) =
+            digest::of_stream(s3.open_key(&key, ByteRange::full(loc.size)).await?).await?;
+        if len != loc.size || digest != spool.sha256 {
+            let _ = s3.delete_key(&key).await;
+            return Err(StorageError::CopyMismatch(format!(
+                "{key}: {len} bytes, sha256 {}",
+                hex::encode(digest)
+            )));
+        }
+        Ok((key, spool.sha256))
     }
 
     /// The backend a read of this row goes to first, for logs and metrics.

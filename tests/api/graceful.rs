@@ -52,6 +52,8 @@ async fn uploads_beyond_the_concurrency_cap_get_503_with_retry_after() {
     // an answer waiting; start a new holder then (bounded).
     let mut refused = None;
     for _ in 0..100 {
+        // Let the holder reach its slot (auth and workspace lookups come first).
+        tokio::time::sleep(Duration::from_millis(150)).await;
         let resp = app
             .upload(ws, &token, &[("b.txt", "text/plain", b"b".to_vec())])
             .await;
