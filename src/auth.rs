@@ -74,6 +74,25 @@ pub enum Caller {
     Workspace { token_id: Uuid },
 }
 
+/// What a bearer claims before the database has a say: the admin (checked here, it needs no
+/// lookup), or a workspace token that the route's own query verifies (`db::tokens::CALLER`),
+/// so the check costs no round trip of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential {
+    Admin,
+    Token { hash: [u8; 32] },
+}
+
+impl Credential {
+    /// The token hash a query checks, `None` for the admin.
+    pub fn token_hash(&self) -> Option<[u8; 32]> {
+        match self {
+            Credential::Admin => None,
+            Credential::Token { hash } => Some(*hash),
+        }
+    }
+}
+
 impl Auth {
     pub fn new(admin_token: Option<Secret>, db: Db) -> Self {
         // An empty ADMIN_TOKEN is as unset: fail closed.
@@ -98,6 +117,25 @@ impl Auth {
         } else {
             Err(AuthError::Invalid)
         }
+    }
+
+    /// The bearer of a `/workspaces/:id/...` request and the id it claims, unverified for a
+    /// workspace token.
+    pub fn claim(
+        &self,
+        headers: &HeaderMap,
+        raw_id: &str,
+    ) -> Result<(Uuid, Credential), AuthError> {
+        let token = bearer(headers).ok_or(AuthError::Missing)?;
+        let id = parse_workspace_id(raw_id)?;
+        let credential = if self.is_admin(token) {
+            Credential::Admin
+        } else {
+            Credential::Token {
+                hash: hash_token(token),
+            }
+        };
+        Ok((id, credential))
     }
 
     /// `/workspaces/:id/...` routes: the admin, or a live token of that very workspace.

@@ -69,6 +69,12 @@ impl Spool {
         format!("/proc/self/fd/{}", self.file.as_raw_fd()).into()
     }
 
+    /// The whole file (callers bound its size: small rows only).
+    pub async fn read_all(&self) -> io::Result<Vec<u8>> {
+        use futures::TryStreamExt;
+        self.chunks().map_ok(Vec::from).try_concat().await
+    }
+
     /// The bytes from the start, in chunks. Each call is an independent reader (positional
     /// reads), so a retried S3 PUT can simply read again.
     pub fn chunks(&self) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {

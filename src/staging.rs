@@ -14,9 +14,14 @@ use std::{io, path::Path, sync::Arc, time::Duration};
 use futures::Stream;
 use uuid::Uuid;
 
+pub use crate::db::uploads::Quota;
 use crate::{
     api::{platform_uri, StagedFile, UploadReceived},
-    db::{self, activity::NewActivity, uploads::NewUpload, Db, DbError},
+    db::{
+        self,
+        uploads::{NewUpload, INSERT_MAX_BYTES},
+        Db, DbError,
+    },
     logfmt::Clip,
     metrics::metrics,
     multipart::{BoxError, Multipart, MultipartError},
@@ -217,13 +222,6 @@ pub fn reduce_mimetype(value: Option<&str>) -> String {
     }
 }
 
-/// The per-workspace quotas (SPEC §9, §10).
-#[derive(Debug, Clone, Copy)]
-pub struct Quota {
-    pub max_bytes: u64,
-    pub max_files: u64,
-}
-
 /// Phase 2 (see the module comment).
 #[derive(Clone)]
 pub struct Stager {
@@ -307,9 +305,13 @@ impl Stager {
     }
 }
 
-/// The transaction of [`Stager::commit`]: rows first (without the workspace lock, so
-/// concurrent uploads to one workspace copy in parallel), then under the lock the quota check
-/// and the activity rows (so `seq` follows commit order), then commit.
+/// Uploads whose inline bytes stay under this in all go in as one statement, its own
+/// transaction (`db::uploads::stage`): one round trip. Their bytes travel as parameters, so
+/// this also bounds what such a commit holds in memory.
+const ONE_STATEMENT_MAX_BYTES: u64 = 1024 * 1024;
+
+/// The database half of [`Stager::commit`]: every row and activity row, admitted under the
+/// workspace's quotas, or nothing.
 async fn write_rows(
     conn: &mut sqlx::PgConnection,
     workspace_id: Uuid,
@@ -318,70 +320,79 @@ async fn write_rows(
     quota: Quota,
     step: Duration,
 ) -> sqlx::Result<Result<Vec<UploadReceived>, StagingError>> {
-    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    let mut staged = Vec::with_capacity(files.len());
-    for (f, location) in files.iter().zip(placed) {
-        let file_id = &location.file_id;
-        db::uploads::insert(
-            &mut tx,
-            &NewUpload {
-                file_id: *file_id,
-                workspace_id,
-                filename: &f.name,
-                mimetype: &f.mimetype,
-                spool: &f.spool,
-                location,
-            },
-            step,
-        )
-        .await?;
-        staged.push(UploadReceived {
-            file_id: *file_id,
-            file: StagedFile {
-                uri: platform_uri(workspace_id, *file_id),
-                name: f.name.clone(),
-                mime_type: f.mimetype.clone(),
-                size: f.spool.size,
-            },
-        });
-    }
-    db::lock_workspace(&mut tx, workspace_id).await?;
-    let pending = db::uploads::pending_totals(&mut *tx, workspace_id).await?;
-    let incoming_bytes: u64 = files.iter().map(|f| f.spool.size).sum();
-    let refusal = if pending.bytes as u64 + incoming_bytes > quota.max_bytes {
-        Some(StagingError::QuotaBytes {
-            pending: pending.bytes,
-            max: quota.max_bytes,
+    let rows: Vec<NewUpload> = files
+        .iter()
+        .zip(placed)
+        .map(|(f, location)| NewUpload {
+            file_id: location.file_id,
+            workspace_id,
+            filename: &f.name,
+            mimetype: &f.mimetype,
+            spool: &f.spool,
+            location,
         })
-    } else if pending.files as u64 + files.len() as u64 > quota.max_files {
-        Some(StagingError::QuotaFiles {
-            pending: pending.files,
-            max: quota.max_files,
-        })
+        .collect();
+    let inline_bytes: u64 = rows
+        .iter()
+        .filter(|r| r.location.inline)
+        .map(|r| r.spool.size)
+        .sum();
+    let one_statement = inline_bytes <= ONE_STATEMENT_MAX_BYTES
+        && rows
+            .iter()
+            .all(|r| !r.location.inline || r.spool.size <= INSERT_MAX_BYTES);
+    let admission = if one_statement {
+        let mut contents = Vec::with_capacity(rows.len());
+        for r in &rows {
+            contents.push(match r.location.inline {
+                true => Some(r.spool.read_all().await?),
+                false => None,
+            });
+        }
+        db::uploads::stage(conn, workspace_id, quota, &rows, contents).await?
     } else {
-        None
+        // Rows first, without the workspace lock: they stay invisible until commit, so
+        // concurrent large uploads to one workspace copy in parallel. Then admission (the
+        // lock) and the activity rows.
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        for row in &rows {
+            db::uploads::insert(&mut tx, row, step).await?;
+        }
+        let admission = db::uploads::admit(&mut tx, workspace_id, quota, &rows).await?;
+        if admission.refused.is_some() {
+            tx.rollback().await?;
+        } else {
+            db::uploads::log_staged(&mut tx, workspace_id, &rows).await?;
+            tx.commit().await?;
+        }
+        admission
+    };
+    let refusal = match admission.refused.as_deref() {
+        None => None,
+        Some("files") => Some(StagingError::QuotaFiles {
+            pending: admission.pending_files,
+            max: quota.max_files,
+        }),
+        Some(_) => Some(StagingError::QuotaBytes {
+            pending: admission.pending_bytes,
+            max: quota.max_bytes,
+        }),
     };
     if let Some(refusal) = refusal {
-        tx.rollback().await?;
         return Ok(Err(refusal));
     }
-    for entry in &staged {
-        db::activity::insert(
-            &mut tx,
-            &NewActivity {
-                workspace_id,
-                activity_type: "a2a_receive",
-                target_id: Some(workspace_id),
-                method: "chat_upload_receive",
-                summary: format!("chat_upload_receive: {}", entry.file.name),
-                request_body: serde_json::to_value(entry)
-                    .map_err(|e| sqlx::Error::Encode(e.into()))?,
+    let staged = rows
+        .iter()
+        .map(|r| UploadReceived {
+            file_id: r.file_id,
+            file: StagedFile {
+                uri: platform_uri(workspace_id, r.file_id),
+                name: r.filename.to_string(),
+                mime_type: r.mimetype.to_string(),
+                size: r.spool.size,
             },
-        )
-        .await?;
-    }
-    db::activity::notify(&mut tx, workspace_id).await?;
-    tx.commit().await?;
+        })
+        .collect();
     Ok(Ok(staged))
 }
 

@@ -1,36 +1,12 @@
-use serde_json::Value;
-use sqlx::{PgConnection, PgExecutor, QueryBuilder};
+use sqlx::{PgConnection, PgExecutor, Row};
 use uuid::Uuid;
+
+use super::tokens::{checked_rows, Checked, CALLER};
 
 pub use crate::api::ActivityRow;
 
 /// The channel an upload's commit notifies (payload: the workspace id); long polls listen.
 pub const CHANNEL: &str = "pending_uploads_activity";
-
-pub struct NewActivity<'a> {
-    pub workspace_id: Uuid,
-    pub activity_type: &'a str,
-    pub target_id: Option<Uuid>,
-    pub method: &'a str,
-    pub summary: String,
-    pub request_body: Value,
-}
-
-/// Callers hold the workspace lock (`db::lock_workspace`) so `seq` follows commit order.
-pub async fn insert(conn: &mut PgConnection, a: &NewActivity<'_>) -> sqlx::Result<Uuid> {
-    sqlx::query_scalar(
-        "INSERT INTO activity_logs (workspace_id, activity_type, target_id, method, summary, request_body, status)
-         VALUES ($1, $2, $3, $4, $5, $6, 'ok') RETURNING id",
-    )
-    .bind(a.workspace_id)
-    .bind(a.activity_type)
-    .bind(a.target_id)
-    .bind(a.method)
-    .bind(&a.summary)
-    .bind(&a.request_body)
-    .fetch_one(conn)
-    .await
-}
 
 pub struct Filter<'a> {
     pub activity_type: Option<&'a str>,
@@ -43,69 +19,58 @@ pub struct Filter<'a> {
 const COLUMNS: &str = "id, workspace_id, activity_type, source_id, target_id, method, summary, \
                        request_body, response_body, status, error_detail, created_at, seq";
 
-fn push_filter<'a>(q: &mut QueryBuilder<'a, sqlx::Postgres>, workspace_id: Uuid, f: &Filter<'a>) {
-    q.push(" WHERE workspace_id = ").push_bind(workspace_id);
-    if let Some(t) = f.activity_type {
-        q.push(" AND activity_type = ").push_bind(t);
-    }
-    if let Some(m) = f.method {
-        q.push(" AND method = ").push_bind(m);
-    }
-    if let Some(secs) = f.since_secs {
-        q.push(" AND created_at >= now() - make_interval(secs => ")
-            .push_bind(secs as f64)
-            .push(")");
-    }
-}
+/// The optional filters, as `$4`-`$6` of the feed queries.
+const FILTERS: &str = "($4::text IS NULL OR activity_type = $4)
+               AND ($5::text IS NULL OR method = $5)
+               AND ($6::float8 IS NULL OR created_at >= now() - make_interval(secs => $6))";
 
-/// The cursor row's `seq`, if the row belongs to this workspace.
-pub async fn cursor_seq(
-    db: impl PgExecutor<'_>,
+/// One read of a workspace's feed, the caller check and the cursor lookup included (one
+/// round trip): with a cursor the rows after it, oldest first; without, the newest rows,
+/// newest first. `Allowed(None)`: the cursor is not a row of this workspace (any more).
+pub async fn feed(
+    conn: &mut PgConnection,
     workspace_id: Uuid,
-    id: Uuid,
-) -> sqlx::Result<Option<i64>> {
-    sqlx::query_scalar("SELECT seq FROM activity_logs WHERE id = $1 AND workspace_id = $2")
-        .bind(id)
-        .bind(workspace_id)
-        .fetch_optional(db)
-        .await
-}
-
-/// Rows after the cursor, oldest first.
-pub async fn after(
-    db: impl PgExecutor<'_>,
-    workspace_id: Uuid,
-    after_seq: i64,
+    token_hash: Option<[u8; 32]>,
+    cursor: Option<Uuid>,
     f: &Filter<'_>,
-) -> sqlx::Result<Vec<ActivityRow>> {
-    let mut q = QueryBuilder::new(format!("SELECT {COLUMNS} FROM activity_logs"));
-    push_filter(&mut q, workspace_id, f);
-    q.push(" AND seq > ").push_bind(after_seq);
-    q.push(" ORDER BY seq ASC LIMIT ").push_bind(f.limit);
-    q.build_query_as().fetch_all(db).await
-}
-
-/// The newest rows within the window, newest first.
-pub async fn newest(
-    db: impl PgExecutor<'_>,
-    workspace_id: Uuid,
-    f: &Filter<'_>,
-) -> sqlx::Result<Vec<ActivityRow>> {
-    let mut q = QueryBuilder::new(format!("SELECT {COLUMNS} FROM activity_logs"));
-    push_filter(&mut q, workspace_id, f);
-    q.push(" ORDER BY created_at DESC, seq DESC LIMIT ")
-        .push_bind(f.limit);
-    q.build_query_as().fetch_all(db).await
-}
-
-/// Tells every replica's listener that the workspace has new rows (delivered at commit).
-pub async fn notify(conn: &mut PgConnection, workspace_id: Uuid) -> sqlx::Result<()> {
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(CHANNEL)
-        .bind(workspace_id.to_string())
-        .execute(conn)
-        .await?;
-    Ok(())
+) -> sqlx::Result<Checked<Option<Vec<ActivityRow>>>> {
+    let rows_sql = match cursor {
+        Some(_) => format!(
+            "SELECT {COLUMNS} FROM activity_logs
+             WHERE caller.ok AND workspace_id = $1 AND seq > (SELECT seq FROM cur) AND {FILTERS}
+             ORDER BY seq ASC LIMIT $7"
+        ),
+        None => format!(
+            "SELECT {COLUMNS} FROM activity_logs
+             WHERE caller.ok AND workspace_id = $1 AND {FILTERS}
+             ORDER BY created_at DESC, seq DESC LIMIT $7"
+        ),
+    };
+    let rows = sqlx::query(&format!(
+        "{CALLER},
+         cur AS (SELECT a.seq FROM activity_logs a, caller
+                 WHERE caller.ok AND a.id = $3 AND a.workspace_id = $1)
+         SELECT caller.ok AS caller_ok, EXISTS (SELECT 1 FROM cur) AS cursor_found, r.*
+         FROM caller LEFT JOIN LATERAL ({rows_sql}) r ON true"
+    ))
+    .bind(workspace_id)
+    .bind(token_hash.as_ref().map(|h| &h[..]))
+    .bind(cursor)
+    .bind(f.activity_type)
+    .bind(f.method)
+    .bind(f.since_secs.map(|s| s as f64))
+    .bind(f.limit)
+    .fetch_all(conn)
+    .await?;
+    let found = match rows.first() {
+        Some(r) => r.try_get::<bool, _>("cursor_found")?,
+        None => false,
+    };
+    Ok(match checked_rows::<ActivityRow>(&rows, "id")? {
+        Checked::Refused => Checked::Refused,
+        Checked::Allowed(_) if cursor.is_some() && !found => Checked::Allowed(None),
+        Checked::Allowed(rows) => Checked::Allowed(Some(rows)),
+    })
 }
 
 /// Deletes up to `limit` of this service's own upload activity rows older than

@@ -200,15 +200,14 @@ impl Drop for Guarded {
     }
 }
 
-/// Serializes writers of one workspace's uploads and activity rows until the transaction
-/// ends: the quota check cannot be raced, and activity `seq` order equals commit order.
-pub async fn lock_workspace(conn: &mut PgConnection, workspace_id: Uuid) -> sqlx::Result<()> {
+pub use tokens::Checked;
+
+/// The advisory lock key of a workspace: writers of one workspace's uploads and activity rows
+/// serialize on it until their transaction ends (`pending_uploads_admit`), so the quota check
+/// cannot be raced and activity `seq` order equals commit order.
+pub fn workspace_lock_key(workspace_id: Uuid) -> i64 {
     let (hi, lo) = workspace_id.as_u64_pair();
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind((hi ^ lo) as i64)
-        .execute(conn)
-        .await?;
-    Ok(())
+    (hi ^ lo) as i64
 }
 
 /// Is the database reachable? (Readiness.)

@@ -3,9 +3,10 @@ use std::time::Duration;
 use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::{PgConnection, PgExecutor, Row};
 use uuid::Uuid;
 
+use super::tokens::{checked_rows, Checked, CALLER};
 use crate::{spool::Spool, storage::Location};
 
 /// A row as the fetch, ack and sweep paths need it (never its bytes).
@@ -42,6 +43,11 @@ impl UploadRow {
 const COLUMNS: &str = "file_id, workspace_id, size_bytes, filename, mimetype, content_sha256, s3_key, \
                        content IS NOT NULL AS has_content, created_at, fetched_at, acked_at, expires_at, seq";
 
+/// [`COLUMNS`] of a table aliased `p`.
+const P_COLUMNS: &str = "p.file_id, p.workspace_id, p.size_bytes, p.filename, p.mimetype, p.content_sha256, \
+                         p.s3_key, p.content IS NOT NULL AS has_content, p.created_at, p.fetched_at, \
+                         p.acked_at, p.expires_at, p.seq";
+
 /// The columns a new row is written with, in the order both [`insert`] paths send them.
 const WRITE_COLUMNS: &str =
     "file_id, workspace_id, size_bytes, filename, mimetype, content_sha256, s3_key, content";
@@ -60,6 +66,110 @@ pub struct NewUpload<'a> {
 /// mean of 0.55 ms per COPY against 0.16 ms per INSERT of the same rows. The INSERT holds
 /// at most one chunk in memory, as the COPY does.
 pub const INSERT_MAX_BYTES: u64 = crate::spool::READ_CHUNK as u64;
+
+/// The quota verdict of an upload's commit (`pending_uploads_admit`).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Admission {
+    /// `bytes` or `files` when refused; nothing was written then.
+    pub refused: Option<String>,
+    pub pending_bytes: i64,
+    pub pending_files: i64,
+}
+
+/// The per-workspace quotas an upload is admitted under.
+#[derive(Debug, Clone, Copy)]
+pub struct Quota {
+    pub max_bytes: u64,
+    pub max_files: u64,
+}
+
+/// Column arrays of an upload's rows, in input order.
+struct Columns {
+    ids: Vec<Uuid>,
+    names: Vec<String>,
+    mimes: Vec<String>,
+    sizes: Vec<i64>,
+}
+
+fn columns(rows: &[NewUpload<'_>]) -> Columns {
+    Columns {
+        ids: rows.iter().map(|r| r.file_id).collect(),
+        names: rows.iter().map(|r| r.filename.to_string()).collect(),
+        mimes: rows.iter().map(|r| r.mimetype.to_string()).collect(),
+        sizes: rows.iter().map(|r| r.spool.size as i64).collect(),
+    }
+}
+
+/// A whole upload of small rows in one statement, its own transaction
+/// (`pending_uploads_stage`): admission, rows, activity rows, notification. `contents` holds
+/// each row's inline bytes (at most [`INSERT_MAX_BYTES`] each), `None` for S3-only rows.
+pub async fn stage(
+    conn: &mut PgConnection,
+    workspace_id: Uuid,
+    quota: Quota,
+    rows: &[NewUpload<'_>],
+    contents: Vec<Option<Vec<u8>>>,
+) -> sqlx::Result<Admission> {
+    let c = columns(rows);
+    let digests: Vec<Vec<u8>> = rows.iter().map(|r| r.spool.sha256.to_vec()).collect();
+    let keys: Vec<Option<String>> = rows.iter().map(|r| r.location.s3_key.clone()).collect();
+    sqlx::query_as(
+        "SELECT refused, pending_bytes, pending_files
+         FROM pending_uploads_stage($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(workspace_id)
+    .bind(super::workspace_lock_key(workspace_id))
+    .bind(quota.max_bytes as i64)
+    .bind(quota.max_files as i64)
+    .bind(c.ids)
+    .bind(c.names)
+    .bind(c.mimes)
+    .bind(c.sizes)
+    .bind(digests)
+    .bind(keys)
+    .bind(contents)
+    .fetch_one(conn)
+    .await
+}
+
+/// Takes the workspace lock and checks the quotas for the rows this transaction inserted.
+pub async fn admit(
+    conn: &mut PgConnection,
+    workspace_id: Uuid,
+    quota: Quota,
+    rows: &[NewUpload<'_>],
+) -> sqlx::Result<Admission> {
+    let bytes: i64 = rows.iter().map(|r| r.spool.size as i64).sum();
+    sqlx::query_as(
+        "SELECT refused, pending_bytes, pending_files FROM pending_uploads_admit($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(workspace_id)
+    .bind(super::workspace_lock_key(workspace_id))
+    .bind(rows.len() as i64)
+    .bind(bytes)
+    .bind(quota.max_bytes as i64)
+    .bind(quota.max_files as i64)
+    .fetch_one(conn)
+    .await
+}
+
+/// The activity rows of the admitted rows, and the notification (`pending_uploads_log`).
+pub async fn log_staged(
+    conn: &mut PgConnection,
+    workspace_id: Uuid,
+    rows: &[NewUpload<'_>],
+) -> sqlx::Result<()> {
+    let c = columns(rows);
+    sqlx::query("SELECT pending_uploads_log($1, $2, $3, $4, $5)")
+        .bind(workspace_id)
+        .bind(c.ids)
+        .bind(c.names)
+        .bind(c.mimes)
+        .bind(c.sizes)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
 
 /// Inserts one row. Inline bytes larger than [`INSERT_MAX_BYTES`] stream from the spool into
 /// `content` with a binary COPY: the service never holds more than one read chunk of the
@@ -175,20 +285,39 @@ pub async fn pending_totals(
     .await
 }
 
-/// A live (unexpired) row of this workspace; another workspace's row is as missing.
-pub async fn get_live(
-    db: impl PgExecutor<'_>,
+/// The caller's live row and, when `head` is given and the bytes are inline, the first `head`
+/// bytes of its content: a whole download of a small file in this one round trip.
+pub async fn get_live_for(
+    conn: &mut PgConnection,
     workspace_id: Uuid,
+    token_hash: Option<[u8; 32]>,
     file_id: Uuid,
-) -> sqlx::Result<Option<UploadRow>> {
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM pending_uploads
-         WHERE file_id = $1 AND workspace_id = $2 AND expires_at > now()"
+    head: Option<u64>,
+) -> sqlx::Result<Checked<Option<(UploadRow, Option<Vec<u8>>)>>> {
+    let rows = sqlx::query(&format!(
+        "{CALLER}
+         SELECT caller.ok AS caller_ok, {P_COLUMNS},
+                CASE WHEN $4::int IS NOT NULL AND p.s3_key IS NULL
+                     THEN substring(p.content FROM 1 FOR $4::int) END AS head
+         FROM caller
+         LEFT JOIN pending_uploads p ON caller.ok AND p.file_id = $3 AND p.workspace_id = $1
+                                        AND p.expires_at > now()"
     ))
-    .bind(file_id)
     .bind(workspace_id)
-    .fetch_optional(db)
-    .await
+    .bind(token_hash.as_ref().map(|h| &h[..]))
+    .bind(file_id)
+    .bind(head.map(|h| h as i32))
+    .fetch_all(conn)
+    .await?;
+    Ok(match checked_rows::<UploadRow>(&rows, "file_id")? {
+        Checked::Refused => Checked::Refused,
+        Checked::Allowed(found) => {
+            let head = rows
+                .first()
+                .and_then(|r| r.try_get::<Option<Vec<u8>>, _>("head").ok().flatten());
+            Checked::Allowed(found.into_iter().next().map(|row| (row, head)))
+        }
+    })
 }
 
 /// A row whatever its state (the backfill's "is it still there?").
@@ -204,25 +333,31 @@ pub async fn get_any(db: impl PgExecutor<'_>, file_id: Uuid) -> sqlx::Result<Opt
 /// One page of the workspace's unacked, unexpired uploads, oldest first: the first `limit`
 /// rows after `after` (a row's `(created_at, seq)`), or from the start.
 pub async fn list_pending_page(
-    db: impl PgExecutor<'_>,
+    conn: &mut PgConnection,
     workspace_id: Uuid,
+    token_hash: Option<[u8; 32]>,
     after: Option<(DateTime<Utc>, i64)>,
     limit: i64,
-) -> sqlx::Result<Vec<UploadRow>> {
+) -> sqlx::Result<Checked<Vec<UploadRow>>> {
     let (after_created, after_seq) = after.unzip();
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM pending_uploads
-         WHERE workspace_id = $1 AND acked_at IS NULL AND expires_at > now()
-           AND ($2::timestamptz IS NULL OR (created_at, seq) > ($2, $3))
-         ORDER BY created_at, seq
-         LIMIT $4"
+    let rows = sqlx::query(&format!(
+        "{CALLER}
+         SELECT caller.ok AS caller_ok, page.* FROM caller
+         LEFT JOIN LATERAL (
+             SELECT {COLUMNS} FROM pending_uploads
+             WHERE caller.ok AND workspace_id = $1 AND acked_at IS NULL AND expires_at > now()
+               AND ($3::timestamptz IS NULL OR (created_at, seq) > ($3, $4))
+             ORDER BY created_at, seq
+             LIMIT $5) page ON true"
     ))
     .bind(workspace_id)
+    .bind(token_hash.as_ref().map(|h| &h[..]))
     .bind(after_created)
     .bind(after_seq)
     .bind(limit)
-    .fetch_all(db)
-    .await
+    .fetch_all(conn)
+    .await?;
+    checked_rows(&rows, "file_id")
 }
 
 /// One slice of a row's inline bytes (`offset` 0-based); `None` when the row or its bytes are
@@ -271,32 +406,39 @@ pub enum AckOutcome {
     },
 }
 
-/// Stamps acked_at on the workspace's live row, keeping an earlier stamp, in one round trip.
+/// Stamps acked_at on the workspace's live row, keeping an earlier stamp, in one round trip
+/// (the caller check included).
 pub async fn ack(
-    db: impl PgExecutor<'_>,
+    conn: &mut PgConnection,
     workspace_id: Uuid,
+    token_hash: Option<[u8; 32]>,
     file_id: Uuid,
-) -> sqlx::Result<AckOutcome> {
-    let row: Option<(bool, bool, i64, String)> = sqlx::query_as(
-        "WITH target AS (
-             SELECT file_id, acked_at, size_bytes, filename FROM pending_uploads
-             WHERE file_id = $1 AND workspace_id = $2 AND expires_at > now()),
+) -> sqlx::Result<Checked<AckOutcome>> {
+    let row: (bool, Option<bool>, Option<bool>, Option<i64>, Option<String>) = sqlx::query_as(&format!(
+        "{CALLER},
+         target AS (
+             SELECT file_id, acked_at, size_bytes, filename FROM pending_uploads, caller
+             WHERE caller.ok AND file_id = $3 AND workspace_id = $1 AND expires_at > now()),
          stamped AS (
              UPDATE pending_uploads p SET acked_at = now()
              FROM target t WHERE p.file_id = t.file_id AND p.acked_at IS NULL
              RETURNING p.file_id)
-         SELECT t.acked_at IS NOT NULL, EXISTS (SELECT 1 FROM stamped), t.size_bytes, t.filename
-         FROM target t",
-    )
-    .bind(file_id)
+         SELECT caller.ok, t.acked_at IS NOT NULL, EXISTS (SELECT 1 FROM stamped), t.size_bytes, t.filename
+         FROM caller LEFT JOIN target t ON true"
+    ))
     .bind(workspace_id)
-    .fetch_optional(db)
+    .bind(token_hash.as_ref().map(|h| &h[..]))
+    .bind(file_id)
+    .fetch_one(conn)
     .await?;
     Ok(match row {
-        None => AckOutcome::Missing,
-        Some((true, _, _, _)) => AckOutcome::Repeat,
-        Some((false, true, size, name)) => AckOutcome::Acked { size, name },
-        Some((false, false, _, _)) => AckOutcome::Raced,
+        (false, ..) => Checked::Refused,
+        (true, None, ..) | (true, _, _, None, _) => Checked::Allowed(AckOutcome::Missing),
+        (true, Some(true), ..) => Checked::Allowed(AckOutcome::Repeat),
+        (true, Some(false), Some(true), Some(size), Some(name)) => {
+            Checked::Allowed(AckOutcome::Acked { size, name })
+        }
+        (true, Some(false), ..) => Checked::Allowed(AckOutcome::Raced),
     })
 }
 

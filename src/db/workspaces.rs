@@ -2,6 +2,10 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
+use super::{
+    tokens::{checked_rows, Checked, CALLER},
+    uploads::PendingTotals,
+};
 use crate::api::{self, DeliveryMode, WorkspaceStatus};
 
 /// A workspace row. Mode and status stay text here: rows written by the platform may hold
@@ -43,6 +47,45 @@ pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<Works
         .bind(id)
         .fetch_optional(db)
         .await
+}
+
+/// Everything an upload needs to know before it reads a byte, in one round trip: whether the
+/// caller may upload to this workspace, the workspace, and its pending totals (the quotas).
+pub async fn for_upload(
+    conn: &mut PgConnection,
+    id: Uuid,
+    token_hash: Option<[u8; 32]>,
+) -> sqlx::Result<Checked<Option<(Workspace, PendingTotals)>>> {
+    #[derive(sqlx::FromRow)]
+    struct Found {
+        #[sqlx(flatten)]
+        ws: Workspace,
+        #[sqlx(flatten)]
+        totals: PendingTotals,
+    }
+    let rows = sqlx::query(&format!(
+        "{CALLER}
+         SELECT caller.ok AS caller_ok, w.id, w.name, w.delivery_mode, w.url,
+                w.platform_inbound_secret, w.status, w.created_at,
+                GREATEST(0, COALESCE(t.unacked_bytes, 0) - COALESCE(x.b, 0))::bigint AS bytes,
+                GREATEST(0, COALESCE(t.unacked_files, 0) - COALESCE(x.f, 0))::bigint AS files
+         FROM caller
+         LEFT JOIN workspaces w ON caller.ok AND w.id = $1
+         LEFT JOIN pending_upload_totals t ON caller.ok AND t.workspace_id = $1
+         LEFT JOIN LATERAL (
+             SELECT sum(size_bytes) AS b, count(*) AS f FROM pending_uploads
+             WHERE caller.ok AND workspace_id = $1 AND acked_at IS NULL AND expires_at <= now()) x ON true"
+    ))
+    .bind(id)
+    .bind(token_hash.as_ref().map(|h| &h[..]))
+    .fetch_all(conn)
+    .await?;
+    Ok(match checked_rows::<Found>(&rows, "id")? {
+        Checked::Refused => Checked::Refused,
+        Checked::Allowed(found) => {
+            Checked::Allowed(found.into_iter().next().map(|f| (f.ws, f.totals)))
+        }
+    })
 }
 
 pub async fn get_for_update(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Workspace>> {

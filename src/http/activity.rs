@@ -10,10 +10,11 @@ use axum::{
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{error::ApiError, extract::WorkspaceCaller, AppState};
+use super::{error::ApiError, extract::WorkspaceClaim, AppState};
 use crate::{
     api::{self, attachment_kind, ActivityRow, Attachment},
-    db::{self, activity::Filter},
+    auth::Credential,
+    db::{self, activity::Filter, Checked},
 };
 
 const DEFAULT_LIMIT: i64 = 100;
@@ -111,16 +112,14 @@ impl FeedQuery {
 )]
 pub async fn list(
     State(st): State<AppState>,
-    who: WorkspaceCaller,
+    who: WorkspaceClaim,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Vec<ActivityRow>>, ApiError> {
     let query = FeedQuery::parse(&q)?;
-    let workspace_id = who.workspace_id;
+    let (workspace_id, credential) = (who.workspace_id, who.credential);
     let (Some(cursor), Some(wait)) = (query.since_id, query.wait) else {
-        return Ok(Json(project(
-            fetch(&st, workspace_id, &query).await?,
-            &query,
-        )));
+        let rows = fetch(&st, workspace_id, credential, &query).await?;
+        return Ok(Json(project(rows, &query)));
     };
     // Long poll: subscribe first, so a row committing between the query and the wait still
     // wakes us; a waiting request holds no database connection.
@@ -131,7 +130,7 @@ pub async fn list(
         let woken = subscription.notify().notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        let rows = fetch(&st, workspace_id, &query).await?;
+        let rows = fetch(&st, workspace_id, credential, &query).await?;
         if !rows.is_empty() || tokio::time::Instant::now() >= deadline {
             return Ok(Json(project(rows, &query)));
         }
@@ -160,13 +159,16 @@ impl Drop for WaitingGauge {
     }
 }
 
-/// One read of the feed: after the cursor (oldest first), or the newest rows.
+/// One read of the feed (one round trip, the caller check included): after the cursor
+/// (oldest first), or the newest rows.
 async fn fetch(
     st: &AppState,
     workspace_id: Uuid,
+    credential: Credential,
     q: &FeedQuery,
 ) -> Result<Vec<ActivityRow>, ApiError> {
     let q = q.clone();
+    let hash = credential.token_hash();
     let rows = st
         .db
         .run(move |c| {
@@ -177,23 +179,15 @@ async fn fetch(
                     since_secs: q.since_secs,
                     limit: q.limit,
                 };
-                match q.since_id {
-                    Some(cursor) => {
-                        match db::activity::cursor_seq(&mut *c, workspace_id, cursor).await? {
-                            Some(seq) => db::activity::after(&mut *c, workspace_id, seq, &filter)
-                                .await
-                                .map(Some),
-                            None => Ok(None),
-                        }
-                    }
-                    None => db::activity::newest(&mut *c, workspace_id, &filter)
-                        .await
-                        .map(Some),
-                }
+                db::activity::feed(c, workspace_id, hash, q.since_id, &filter).await
             })
         })
         .await?;
-    rows.ok_or(ApiError::CursorGone)
+    match rows {
+        Checked::Refused => Err(ApiError::InvalidToken),
+        Checked::Allowed(None) => Err(ApiError::CursorGone),
+        Checked::Allowed(Some(rows)) => Ok(rows),
+    }
 }
 
 /// `include=peer_info`: each row gets `attachments` when it refers to a file (the platform's

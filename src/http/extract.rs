@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
 use super::{body, error::ApiError, AppState};
-use crate::auth::Caller;
+use crate::auth::{Caller, Credential};
 
 /// A caller allowed on `/workspaces/:id/...`: the admin, or a live token of that workspace.
 /// Rejections: 401 (no or wrong bearer), 400 (`:id` not a UUID), 503 (datastore away).
@@ -22,18 +22,46 @@ impl FromRequestParts<AppState> for WorkspaceCaller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
-        let params = RawPathParams::from_request_parts(parts, st)
-            .await
-            .map_err(|_| ApiError::InvalidWorkspaceId)?;
-        let raw_id = params
-            .iter()
-            .find(|(name, _)| *name == "id")
-            .map(|(_, v)| v.to_string())
-            .unwrap_or_default();
+        let raw_id = raw_workspace_id(parts, st).await?;
         let (workspace_id, caller) = st.auth.workspace(&parts.headers, &raw_id).await?;
         Ok(WorkspaceCaller {
             workspace_id,
             caller,
+        })
+    }
+}
+
+/// The `:id` path parameter as sent.
+async fn raw_workspace_id(parts: &mut Parts, st: &AppState) -> Result<String, ApiError> {
+    let params = RawPathParams::from_request_parts(parts, st)
+        .await
+        .map_err(|_| ApiError::InvalidWorkspaceId)?;
+    Ok(params
+        .iter()
+        .find(|(name, _)| *name == "id")
+        .map(|(_, v)| v.to_string())
+        .unwrap_or_default())
+}
+
+/// The hot routes' caller: a bearer and the workspace it claims, parsed but not yet looked
+/// up — the route's own query checks a workspace token (`db::tokens::CALLER`) and answers
+/// [`db::Checked::Refused`] when it is not a live token of this workspace.
+/// Rejections: 401 (no bearer), 400 (`:id` not a UUID).
+#[derive(Debug, Clone, Copy)]
+pub struct WorkspaceClaim {
+    pub workspace_id: Uuid,
+    pub credential: Credential,
+}
+
+impl FromRequestParts<AppState> for WorkspaceClaim {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
+        let raw_id = raw_workspace_id(parts, st).await?;
+        let (workspace_id, credential) = st.auth.claim(&parts.headers, &raw_id)?;
+        Ok(WorkspaceClaim {
+            workspace_id,
+            credential,
         })
     }
 }

@@ -12,12 +12,13 @@ use futures::{StreamExt, TryStreamExt};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use uuid::Uuid;
 
-use super::{error::ApiError, extract::WorkspaceCaller, AppState};
+use super::{error::ApiError, extract::WorkspaceClaim, AppState};
 use crate::{
     api::{self, platform_uri, Acked, PendingUpload},
-    db::{self, uploads::UploadRow, Db},
+    auth::Credential,
+    db::{self, uploads::UploadRow, Checked, Db},
     metrics::metrics,
-    storage::ByteRange,
+    storage::{bytea::READ_CHUNK, ByteRange},
 };
 
 fn pending_upload(row: &UploadRow) -> PendingUpload {
@@ -46,10 +47,13 @@ fn pending_upload(row: &UploadRow) -> PendingUpload {
         (status = 503, description = "datastore unavailable", body = api::ErrorBody),
     )
 )]
-pub async fn list(State(st): State<AppState>, who: WorkspaceCaller) -> Result<Response, ApiError> {
-    let workspace_id = who.workspace_id;
+pub async fn list(State(st): State<AppState>, who: WorkspaceClaim) -> Result<Response, ApiError> {
+    let (workspace_id, credential) = (who.workspace_id, who.credential);
     // The first page before the answer starts, so a database failure is still a clean 503.
-    let first = page(&st.db, workspace_id, None).await?;
+    let first = match page(&st.db, workspace_id, credential, None).await? {
+        Checked::Refused => return Err(ApiError::InvalidToken),
+        Checked::Allowed(rows) => rows,
+    };
     if first.len() < LIST_PAGE as usize {
         // The common case, one page: a plain answer with its Content-Length.
         return Ok(Json(first.iter().map(pending_upload).collect::<Vec<_>>()).into_response());
@@ -65,9 +69,16 @@ pub async fn list(State(st): State<AppState>, who: WorkspaceCaller) -> Result<Re
             let next = match rows.last() {
                 Some(last) if rows.len() == LIST_PAGE as usize => {
                     let after = (last.created_at, last.seq);
-                    let rows = page(&db, workspace_id, Some(after)).await.inspect_err(
-                        |e| tracing::warn!(%workspace_id, error = %e, "pending list cut short"),
-                    )?;
+                    let rows = page(&db, workspace_id, credential, Some(after))
+                        .await
+                        .inspect_err(
+                            |e| tracing::warn!(%workspace_id, error = %e, "pending list cut short"),
+                        )?;
+                    // The caller was allowed a moment ago; a token revoked since ends the list.
+                    let rows = match rows {
+                        Checked::Allowed(rows) => rows,
+                        Checked::Refused => Vec::new(),
+                    };
                     Some((rows, false))
                 }
                 _ => {
@@ -101,12 +112,15 @@ fn json_items(rows: &[UploadRow], first: bool) -> String {
 async fn page(
     db: &Db,
     workspace_id: Uuid,
+    credential: Credential,
     after: Option<(chrono::DateTime<chrono::Utc>, i64)>,
-) -> Result<Vec<UploadRow>, db::DbError> {
+) -> Result<Checked<Vec<UploadRow>>, db::DbError> {
+    let hash = credential.token_hash();
     db.run(move |c| {
         Box::pin(db::uploads::list_pending_page(
             c,
             workspace_id,
+            hash,
             after,
             LIST_PAGE,
         ))
@@ -118,13 +132,34 @@ async fn page(
 /// grow with the number of pending uploads (small files can make that hundreds of thousands).
 const LIST_PAGE: i64 = 1000;
 
-/// Finds the caller's live row; a foreign row is as missing.
-async fn find(st: &AppState, workspace_id: Uuid, file_id: &str) -> Result<UploadRow, ApiError> {
+/// Finds the caller's live row (a foreign row is as missing), with the first `head` bytes of
+/// its inline content when asked: the caller check, the row and a small file's bytes in one
+/// round trip.
+async fn find(
+    st: &AppState,
+    who: WorkspaceClaim,
+    file_id: &str,
+    head: Option<u64>,
+) -> Result<(UploadRow, Option<Bytes>), ApiError> {
     let file_id = Uuid::parse_str(file_id).map_err(|_| ApiError::InvalidFileId)?;
-    st.db
-        .run(move |c| Box::pin(db::uploads::get_live(c, workspace_id, file_id)))
-        .await?
-        .ok_or(ApiError::UploadNotFound)
+    let (workspace_id, hash) = (who.workspace_id, who.credential.token_hash());
+    let found = st
+        .db
+        .run(move |c| {
+            Box::pin(db::uploads::get_live_for(
+                c,
+                workspace_id,
+                hash,
+                file_id,
+                head,
+            ))
+        })
+        .await?;
+    match found {
+        Checked::Refused => Err(ApiError::InvalidToken),
+        Checked::Allowed(None) => Err(ApiError::UploadNotFound),
+        Checked::Allowed(Some((row, head))) => Ok((row, head.map(Bytes::from))),
+    }
 }
 
 #[utoipa::path(
@@ -145,11 +180,11 @@ async fn find(st: &AppState, workspace_id: Uuid, file_id: &str) -> Result<Upload
 )]
 pub async fn content_head(
     State(st): State<AppState>,
-    who: WorkspaceCaller,
+    who: WorkspaceClaim,
     Path((_, file_id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let row = find(&st, who.workspace_id, &file_id).await?;
+    let (row, _) = find(&st, who, &file_id, None).await?;
     let (status, range) = requested_range(&headers, row.size_bytes as u64)?;
     Ok(respond(&row, status, range, Body::empty()))
 }
@@ -172,16 +207,18 @@ pub async fn content_head(
 )]
 pub async fn content(
     State(st): State<AppState>,
-    who: WorkspaceCaller,
+    who: WorkspaceClaim,
     Path((_, file_id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let row = find(&st, who.workspace_id, &file_id).await?;
+    // Without a Range the first slice comes with the row (a small file: whole).
+    let head = (!headers.contains_key(header::RANGE)).then_some(READ_CHUNK);
+    let (row, head) = find(&st, who, &file_id, head).await?;
     let (status, range) = requested_range(&headers, row.size_bytes as u64)?;
     let loc = row.location();
     let backend = st.storage.reader_name(&loc);
     let m = metrics();
-    let stream = match st.storage.open(&loc, range).await {
+    let stream = match st.storage.open_from(&loc, range, head).await {
         Ok(stream) => stream,
         Err(e) => {
             m.files_fetched.with_label_values(&[backend, "error"]).inc();
@@ -452,15 +489,18 @@ fn respond(row: &UploadRow, status: StatusCode, range: ByteRange, body: Body) ->
 )]
 pub async fn ack(
     State(st): State<AppState>,
-    who: WorkspaceCaller,
+    who: WorkspaceClaim,
     Path((_, file_id)): Path<(String, String)>,
 ) -> Result<Json<Acked>, ApiError> {
-    let workspace_id = who.workspace_id;
+    let (workspace_id, hash) = (who.workspace_id, who.credential.token_hash());
     let file_id = Uuid::parse_str(&file_id).map_err(|_| ApiError::InvalidFileId)?;
     let outcome = st
         .db
-        .run(move |c| Box::pin(db::uploads::ack(c, workspace_id, file_id)))
+        .run(move |c| Box::pin(db::uploads::ack(c, workspace_id, hash, file_id)))
         .await?;
+    let Checked::Allowed(outcome) = outcome else {
+        return Err(ApiError::InvalidToken);
+    };
     let acked = &metrics().files_acked;
     let raced = match outcome {
         db::uploads::AckOutcome::Missing => return Err(ApiError::UploadNotFound),

@@ -10,11 +10,11 @@ use axum::{
 };
 
 use super::{
-    body::UploadBody, error::ApiError, extract::WorkspaceCaller, registry::live_workspace, AppState,
+    body::UploadBody, error::ApiError, extract::WorkspaceClaim, registry::live_workspace, AppState,
 };
 use crate::{
     api::{self, UploadResult},
-    db::{self, workspaces::Workspace},
+    db::{self, uploads::PendingTotals, workspaces::Workspace, Checked},
     logfmt::Clip,
     metrics::metrics,
     multipart::{self, Multipart},
@@ -69,16 +69,21 @@ pub fn delivery<'a>(mode: Option<&str>, url: Option<&'a str>) -> Delivery<'a> {
 )]
 pub async fn chat_upload(
     State(st): State<AppState>,
-    who: WorkspaceCaller,
+    who: WorkspaceClaim,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let workspace_id = who.workspace_id;
-    let ws = st
+    // The caller check, the workspace and its pending totals: one round trip.
+    let (workspace_id, hash) = (who.workspace_id, who.credential.token_hash());
+    let found = st
         .db
-        .run(move |c| Box::pin(db::workspaces::get(c, workspace_id)))
+        .run(move |c| Box::pin(db::workspaces::for_upload(c, workspace_id, hash)))
         .await?;
-    let ws = live_workspace(ws)?;
+    let (ws, pending) = match found {
+        Checked::Refused => return Err(ApiError::InvalidToken),
+        Checked::Allowed(None) => return Err(ApiError::WorkspaceNotFound),
+        Checked::Allowed(Some((ws, pending))) => (live_workspace(Some(ws))?, pending),
+    };
     let content_length = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -98,7 +103,7 @@ pub async fn chat_upload(
         })?;
     let body = UploadBody::new(body, max_request_bytes, st.deadlines.upload);
     match delivery(Some(&ws.delivery_mode), ws.url.as_deref()) {
-        Delivery::Poll => stage(&st, &ws, &headers, body).await,
+        Delivery::Poll => stage(&st, &ws, pending, &headers, body).await,
         Delivery::Push { url } => {
             let secret = ws.platform_inbound_secret.as_deref();
             st.push
@@ -119,6 +124,7 @@ pub async fn chat_upload(
 async fn stage(
     st: &AppState,
     ws: &Workspace,
+    pending: PendingTotals,
     headers: &HeaderMap,
     body: UploadBody,
 ) -> Result<Response, ApiError> {
@@ -133,11 +139,6 @@ async fn stage(
     };
     // Cheap early refusal before reading any body; the binding check is in the transaction.
     let quota = st.stager.quota;
-    let workspace_id = ws.id;
-    let pending = st
-        .db
-        .run(move |c| Box::pin(db::uploads::pending_totals(c, workspace_id)))
-        .await?;
     if pending.bytes as u64 >= quota.max_bytes {
         return Err(rejected(ApiError::QuotaExceeded {
             pending_bytes: pending.bytes,

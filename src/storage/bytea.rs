@@ -47,6 +47,12 @@ impl ByteaBackend {
             .slice(loc.file_id, range.start, first_len)
             .await?
             .ok_or(StorageError::Missing)?;
+        Ok(self.continue_from(loc, range, first))
+    }
+
+    /// The stream of `range` whose first slice the caller already read (with the row).
+    pub fn continue_from(&self, loc: &Location, range: ByteRange, first: Bytes) -> ByteStream {
+        let first_len = first.len() as u64;
         let this = ByteaBackend {
             db: self.db.clone(),
         };
@@ -72,9 +78,9 @@ impl ByteaBackend {
                 }
             }
         });
-        Ok(futures::stream::once(async { Ok(first) })
+        futures::stream::once(async { Ok(first) })
             .chain(rest)
-            .boxed())
+            .boxed()
     }
 
     pub async fn check(&self) -> Result<(), StorageError> {

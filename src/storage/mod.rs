@@ -183,6 +183,26 @@ impl Storage {
         }
     }
 
+    /// [`Storage::open`], for a read whose first slice of inline bytes came with the row
+    /// (`head`, read from offset 0): a small file costs no further round trip.
+    pub async fn open_from(
+        &self,
+        loc: &Location,
+        range: ByteRange,
+        head: Option<Bytes>,
+    ) -> Result<ByteStream, StorageError> {
+        match head {
+            Some(first) if loc.s3_key.is_none() && range.start == 0 && !first.is_empty() => {
+                let first = first.slice(..(range.byte_count().min(first.len() as u64) as usize));
+                // Counted as the bytea read it is; its time was spent in the row's query.
+                let open =
+                    async { Ok::<_, StorageError>(self.bytea.continue_from(loc, range, first)) };
+                metrics::storage_op("bytea", "get", open).await
+            }
+            _ => self.open(loc, range).await,
+        }
+    }
+
     /// Removes a swept row's object (its bytea copy went with the row).
     pub async fn delete(&self, loc: &Location) -> Result<(), StorageError> {
         let Some(key) = loc.s3_key.as_deref() else {
