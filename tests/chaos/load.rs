@@ -241,6 +241,14 @@ impl Summary {
         }
     }
 
+    /// Prints the summary line (`line`) of `rec`'s requests so far.
+    pub fn print(rec: &Recorder, scenario: &str, lost: usize, orphaned: usize, leaked: usize) {
+        println!(
+            "{}",
+            Summary::of(rec).line(scenario, lost, orphaned, leaked)
+        );
+    }
+
     /// `CHAOS <scenario>: sent=N during_fault=M statuses={200:a,503:b} lost=0 orphaned=0 leaked=0 max_latency_ms=X`
     pub fn line(&self, scenario: &str, lost: usize, orphaned: usize, leaked: usize) -> String {
         let statuses: Vec<String> = self
