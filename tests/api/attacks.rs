@@ -689,15 +689,14 @@ async fn old_upload_activity_rows_are_swept_and_their_cursor_is_gone() {
     let resp = upload_file(&svc, ws, &token, "a.txt", b"a").await;
     assert_eq!(resp.status(), StatusCode::OK);
     let client = reqwest::Client::new();
-    let rows: Vec<Value> = client
-        .get(svc.at(&format!("/workspaces/{ws}/activity?type=a2a_receive")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let activity = |query: String| {
+        client
+            .get(svc.at(&format!("/workspaces/{ws}/activity?{query}")))
+            .bearer_auth(&token)
+            .send()
+    };
+    let resp = activity("type=a2a_receive".into()).await.unwrap();
+    let rows: Vec<Value> = resp.json().await.unwrap();
     let cursor = rows[0]["id"].as_str().unwrap().to_string();
     // Someone else's activity row, just as old, is not ours to remove.
     sqlx::query("INSERT INTO activity_logs (workspace_id, activity_type, method) VALUES ($1, 'a2a_send', 'message/send')")
@@ -716,12 +715,7 @@ async fn old_upload_activity_rows_are_swept_and_their_cursor_is_gone() {
         .await
         .unwrap();
     assert_eq!(methods, ["message/send"]);
-    let resp = client
-        .get(svc.at(&format!("/workspaces/{ws}/activity?since_id={cursor}")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let resp = activity(format!("since_id={cursor}")).await.unwrap();
     assert_eq!(resp.status(), StatusCode::GONE);
 }
 
