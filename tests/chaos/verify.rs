@@ -190,7 +190,8 @@ pub fn readyz_violations(
     })
 }
 
-/// What became of a scenario's accepted uploads, as the scenarios with one database check it.
+/// What became of a scenario's accepted uploads: the problem lists of the checks every
+/// scenario runs (empty where a scenario does not look, e.g. orphans without S3).
 #[derive(Default)]
 pub struct Findings {
     /// Accepted uploads that do not download intact.
@@ -204,7 +205,8 @@ pub struct Findings {
 }
 
 impl Findings {
-    /// Every accepted upload downloaded and compared, then the half states (none skipped).
+    /// Every accepted upload downloaded and compared, then the half states (no file skipped:
+    /// a scenario whose files are swept on purpose fills the lists itself).
     pub async fn of_uploads(api: &Api, pool: &PgPool, accepted: &[Accepted]) -> Findings {
         Findings {
             lost: lost_uploads(api, accepted, &HashSet::new()).await,
@@ -231,6 +233,7 @@ impl Findings {
         self.half.len() + self.orphaned.len()
     }
 
+    /// The four checks, in this order.
     pub fn check(&self, checks: &mut Checks) {
         checks.none("accepted uploads that do not download intact", &self.lost);
         checks.none("rows whose object is missing", &self.missing);
@@ -265,6 +268,7 @@ impl Leaks {
         self.spool_files + self.spool_fds + self.idle_tx as usize
     }
 
+    /// The two checks: no session idle in transaction, nothing in the spool.
     pub fn check(&self, checks: &mut Checks) {
         let Leaks {
             idle_tx,
