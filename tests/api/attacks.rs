@@ -140,6 +140,40 @@ async fn upload_raw(svc: &Svc, ws: Uuid, token: &str, body: Vec<u8>) -> reqwest:
         .unwrap()
 }
 
+/// Uploads one text file, as `upload_raw` sends it.
+async fn upload_file(
+    svc: &Svc,
+    ws: Uuid,
+    token: &str,
+    name: &str,
+    data: &[u8],
+) -> reqwest::Response {
+    upload_raw(svc, ws, token, one_file("XB", name, data)).await
+}
+
+/// The head of an upload request written on a raw socket, announcing a `len`-byte body.
+fn upload_head(svc: &Svc, ws: Uuid, token: &str, len: usize) -> String {
+    format!(
+        "POST /workspaces/{ws}/chat/uploads HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: multipart/form-data; boundary=XB\r\nContent-Length: {len}\r\n\r\n",
+        svc.addr
+    )
+}
+
+/// `POST /registry/register` with `body`, with `bearer` when given.
+async fn register(
+    client: &reqwest::Client,
+    svc: &Svc,
+    bearer: Option<&str>,
+    body: &Value,
+) -> reqwest::Response {
+    let mut req = client.post(svc.at("/registry/register"));
+    if let Some(bearer) = bearer {
+        req = req.bearer_auth(bearer);
+    }
+    req.json(body).send().await.unwrap()
+}
+
 async fn admin_create(svc: &Svc, body: Value) -> reqwest::Response {
     reqwest::Client::new()
         .post(svc.at("/workspaces"))
@@ -180,7 +214,7 @@ async fn a_push_redirect_to_an_internal_address_is_not_followed() {
         ws["id"].as_str().unwrap().parse().unwrap(),
         ws["auth_token"].as_str().unwrap().to_string(),
     );
-    let resp = upload_raw(&svc, ws, &token, one_file("XB", "a.txt", b"hi")).await;
+    let resp = upload_file(&svc, ws, &token, "a.txt", b"hi").await;
     let status = resp.status();
     let body = resp.text().await.unwrap();
     assert_eq!(
@@ -226,25 +260,11 @@ async fn push_urls_to_internal_addresses_are_refused_in_every_form() {
     ];
     let client = reqwest::Client::new();
     for url in refused {
-        let resp = client
-            .post(svc.at("/registry/register"))
-            .json(&json!({"id": Uuid::new_v4(), "url": url}))
-            .send()
-            .await
-            .unwrap();
-        assert_json(
-            resp,
-            StatusCode::BAD_REQUEST,
-            json!({"error": "workspace URL not allowed"}),
-        )
-        .await;
+        let body = json!({"id": Uuid::new_v4(), "url": url});
+        let resp = register(&client, &svc, None, &body).await;
+        assert_error(resp, StatusCode::BAD_REQUEST, "workspace URL not allowed").await;
         let resp = admin_create(&svc, json!({"name": "x", "url": url})).await;
-        assert_json(
-            resp,
-            StatusCode::BAD_REQUEST,
-            json!({"error": "workspace URL not allowed"}),
-        )
-        .await;
+        assert_error(resp, StatusCode::BAD_REQUEST, "workspace URL not allowed").await;
     }
     assert_eq!(svc.count("workspaces").await, 0, "nothing registered");
     // A public address is fine.
@@ -275,13 +295,8 @@ async fn a_url_written_by_someone_else_is_checked_again_before_connecting() {
         .execute(&svc.pool)
         .await
         .unwrap();
-        let resp = upload_raw(&svc, ws, ADMIN, one_file("XB", "a.txt", b"hi")).await;
-        assert_json(
-            resp,
-            StatusCode::BAD_REQUEST,
-            json!({"error": "workspace URL not allowed"}),
-        )
-        .await;
+        let resp = upload_file(&svc, ws, ADMIN, "a.txt", b"hi").await;
+        assert_error(resp, StatusCode::BAD_REQUEST, "workspace URL not allowed").await;
     }
     assert_eq!(hits.load(Ordering::SeqCst), 0);
 }
@@ -331,20 +346,10 @@ async fn a_name_that_rebinds_to_loopback_is_refused_at_connect_time() {
     // Then it rebinds to loopback; a registration now is refused up front...
     write_hosts("127.0.0.1");
     let resp = admin_create(&svc, json!({"name": "r2", "url": url})).await;
-    assert_json(
-        resp,
-        StatusCode::BAD_REQUEST,
-        json!({"error": "workspace URL not allowed"}),
-    )
-    .await;
+    assert_error(resp, StatusCode::BAD_REQUEST, "workspace URL not allowed").await;
     // ...and the registered workspace's push is refused when the proxy resolves it.
-    let resp = upload_raw(&svc, ws, ADMIN, one_file("XB", "a.txt", b"hi")).await;
-    assert_json(
-        resp,
-        StatusCode::BAD_REQUEST,
-        json!({"error": "workspace URL not allowed"}),
-    )
-    .await;
+    let resp = upload_file(&svc, ws, ADMIN, "a.txt", b"hi").await;
+    assert_error(resp, StatusCode::BAD_REQUEST, "workspace URL not allowed").await;
     assert_eq!(
         hits.load(Ordering::SeqCst),
         0,
@@ -358,7 +363,7 @@ async fn a_workspace_whose_tokens_are_revoked_cannot_be_taken_over() {
     let (ws, token) = register_poll(&svc.base).await;
     let client = reqwest::Client::new();
     // a pending file the attacker would like to read
-    let resp = upload_raw(&svc, ws, ADMIN, one_file("XB", "secret.txt", b"private")).await;
+    let resp = upload_file(&svc, ws, ADMIN, "secret.txt", b"private").await;
     assert_eq!(resp.status(), StatusCode::OK);
     let token_id: Uuid =
         sqlx::query_scalar("SELECT id FROM workspace_auth_tokens WHERE workspace_id = $1")
@@ -376,30 +381,19 @@ async fn a_workspace_whose_tokens_are_revoked_cannot_be_taken_over() {
 
     // The takeover: knowing the id is no longer enough.
     let takeover = json!({"id": ws, "delivery_mode": "push", "url": "http://93.184.216.34/"});
-    let resp = client
-        .post(svc.at("/registry/register"))
-        .json(&takeover)
-        .send()
-        .await
-        .unwrap();
-    assert_json(
+    let resp = register(&client, &svc, None, &takeover).await;
+    assert_error(
         resp,
         StatusCode::UNAUTHORIZED,
-        json!({"error": "missing workspace auth token"}),
+        "missing workspace auth token",
     )
     .await;
     for bearer in ["made-up", token.as_str()] {
-        let resp = client
-            .post(svc.at("/registry/register"))
-            .bearer_auth(bearer)
-            .json(&takeover)
-            .send()
-            .await
-            .unwrap();
-        assert_json(
+        let resp = register(&client, &svc, Some(bearer), &takeover).await;
+        assert_error(
             resp,
             StatusCode::UNAUTHORIZED,
-            json!({"error": "invalid workspace auth token"}),
+            "invalid workspace auth token",
         )
         .await;
     }
@@ -417,13 +411,8 @@ async fn a_workspace_whose_tokens_are_revoked_cannot_be_taken_over() {
         "unchanged, no token issued"
     );
     // The admin (the platform) can still re-register it and mint a token.
-    let resp = client
-        .post(svc.at("/registry/register"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"id": ws, "delivery_mode": "poll"}))
-        .send()
-        .await
-        .unwrap();
+    let body = json!({"id": ws, "delivery_mode": "poll"});
+    let resp = register(&client, &svc, Some(ADMIN), &body).await;
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["status"], "registered");
     assert!(
@@ -478,12 +467,7 @@ async fn trickling_and_stalled_bodies_are_cut_and_free_their_slots() {
     .await;
     let (ws, token) = register_poll(&svc.base).await;
     let body = one_file("XB", "slow.bin", &vec![b'x'; 4096]);
-    let head = format!(
-        "POST /workspaces/{ws}/chat/uploads HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\n\
-         Content-Type: multipart/form-data; boundary=XB\r\nContent-Length: {}\r\n\r\n",
-        svc.addr,
-        body.len()
-    );
+    let head = upload_head(&svc, ws, &token, body.len());
     // 1 byte every 100 ms (10 B/s) is far under the 1 KiB/s floor: cut after the grace.
     let (answer, took) = trickle(&svc.addr, head, body, Duration::from_millis(100)).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
@@ -543,24 +527,13 @@ async fn one_workspace_cannot_hold_every_upload_slot() {
     let mut held = Vec::new();
     for _ in 0..4 {
         let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
-        let head = format!(
-            "POST /workspaces/{flooded}/chat/uploads HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {flood_token}\r\n\
-             Content-Type: multipart/form-data; boundary=XB\r\nContent-Length: {}\r\n\r\n",
-            svc.addr,
-            body.len()
-        );
+        let head = upload_head(&svc, flooded, &flood_token, body.len());
         sock.write_all(head.as_bytes()).await.unwrap();
         sock.write_all(&body[..1000]).await.unwrap();
         held.push(sock);
     }
     wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 4.0).await;
-    let resp = upload_raw(
-        &svc,
-        flooded,
-        &flood_token,
-        one_file("XB", "fifth.txt", b"5"),
-    )
-    .await;
+    let resp = upload_file(&svc, flooded, &flood_token, "fifth.txt", b"5").await;
     assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(resp.headers()["retry-after"], "2");
     assert_json(
@@ -570,17 +543,11 @@ async fn one_workspace_cannot_hold_every_upload_slot() {
     )
     .await;
     // Another workspace is unaffected.
-    let resp = upload_raw(&svc, other, &other_token, one_file("XB", "fine.txt", b"ok")).await;
+    let resp = upload_file(&svc, other, &other_token, "fine.txt", b"ok").await;
     assert_eq!(resp.status(), StatusCode::OK);
     drop(held);
     wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 0.0).await;
-    let resp = upload_raw(
-        &svc,
-        flooded,
-        &flood_token,
-        one_file("XB", "later.txt", b"6"),
-    )
-    .await;
+    let resp = upload_file(&svc, flooded, &flood_token, "later.txt", b"6").await;
     assert_eq!(
         resp.status(),
         StatusCode::OK,
@@ -601,34 +568,19 @@ async fn huge_part_headers_and_preambles_are_refused_without_buffering_them() {
     body.extend(std::iter::repeat_n(b'h', forty_mib));
     body.extend_from_slice(b"\r\n\r\ndata\r\n--XB--\r\n");
     let resp = upload_raw(&svc, ws, &token, body).await;
-    assert_json(
-        resp,
-        StatusCode::BAD_REQUEST,
-        json!({"error": "malformed multipart body"}),
-    )
-    .await;
+    assert_error(resp, StatusCode::BAD_REQUEST, "malformed multipart body").await;
     // A preamble of 40 MiB.
     let mut body = vec![b'p'; forty_mib];
     body.extend(one_file("XB", "a.txt", b"data"));
     let resp = upload_raw(&svc, ws, &token, body).await;
-    assert_json(
-        resp,
-        StatusCode::BAD_REQUEST,
-        json!({"error": "malformed multipart body"}),
-    )
-    .await;
+    assert_error(resp, StatusCode::BAD_REQUEST, "malformed multipart body").await;
     // Non-file fields are drained, not kept, and bounded (1 MiB in all).
     let mut body = b"--XB\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\n".to_vec();
     body.extend(vec![b'n'; 2 * 1024 * 1024]);
     body.extend_from_slice(b"\r\n");
     body.extend(one_file("XB", "a.txt", b"data"));
     let resp = upload_raw(&svc, ws, &token, body).await;
-    assert_json(
-        resp,
-        StatusCode::BAD_REQUEST,
-        json!({"error": "malformed multipart body"}),
-    )
-    .await;
+    assert_error(resp, StatusCode::BAD_REQUEST, "malformed multipart body").await;
     let grown = svc.peak_rss_kib().saturating_sub(before);
     assert!(
         grown < 16 * 1024,
@@ -668,7 +620,7 @@ async fn hostile_methods_and_filenames_cannot_bloat_metrics_or_logs() {
     assert!(series < 20, "{series} latency series");
     // A 7,000-character filename (under the 8 KiB part-header bound) is logged clipped.
     let long_name = format!("{}.txt", "n".repeat(7000));
-    let resp = upload_raw(&svc, ws, &token, one_file("XB", &long_name, b"x")).await;
+    let resp = upload_file(&svc, ws, &token, &long_name, b"x").await;
     assert_eq!(resp.status(), StatusCode::OK);
     let mut svc = svc;
     let out = svc.running.terminate().await;
@@ -734,18 +686,17 @@ async fn ten_thousand_and_one_files_hit_the_file_quota() {
 async fn old_upload_activity_rows_are_swept_and_their_cursor_is_gone() {
     let svc = Svc::start(&[]).await;
     let (ws, token) = register_poll(&svc.base).await;
-    let resp = upload_raw(&svc, ws, &token, one_file("XB", "a.txt", b"a")).await;
+    let resp = upload_file(&svc, ws, &token, "a.txt", b"a").await;
     assert_eq!(resp.status(), StatusCode::OK);
     let client = reqwest::Client::new();
-    let rows: Vec<Value> = client
-        .get(svc.at(&format!("/workspaces/{ws}/activity?type=a2a_receive")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let activity = |query: String| {
+        client
+            .get(svc.at(&format!("/workspaces/{ws}/activity?{query}")))
+            .bearer_auth(&token)
+            .send()
+    };
+    let resp = activity("type=a2a_receive".into()).await.unwrap();
+    let rows: Vec<Value> = resp.json().await.unwrap();
     let cursor = rows[0]["id"].as_str().unwrap().to_string();
     // Someone else's activity row, just as old, is not ours to remove.
     sqlx::query("INSERT INTO activity_logs (workspace_id, activity_type, method) VALUES ($1, 'a2a_send', 'message/send')")
@@ -764,12 +715,7 @@ async fn old_upload_activity_rows_are_swept_and_their_cursor_is_gone() {
         .await
         .unwrap();
     assert_eq!(methods, ["message/send"]);
-    let resp = client
-        .get(svc.at(&format!("/workspaces/{ws}/activity?since_id={cursor}")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let resp = activity(format!("since_id={cursor}")).await.unwrap();
     assert_eq!(resp.status(), StatusCode::GONE);
 }
 
@@ -777,15 +723,9 @@ async fn old_upload_activity_rows_are_swept_and_their_cursor_is_gone() {
 async fn out_of_range_positions_and_framework_rejections() {
     let svc = Svc::start(&[]).await;
     let (ws, token) = register_poll(&svc.base).await;
-    let resp = upload_raw(&svc, ws, &token, one_file("XB", "r.txt", b"0123456789")).await;
+    let resp = upload_file(&svc, ws, &token, "r.txt", b"0123456789").await;
     let v: Value = resp.json().await.unwrap();
-    let fid = v["files"][0]["uri"]
-        .as_str()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let fid = file_id(&v["files"][0]);
     let client = reqwest::Client::new();
     let get = |range: &str| {
         client
@@ -814,12 +754,7 @@ async fn out_of_range_positions_and_framework_rejections() {
     let resp = client.put(svc.at("/healthz")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
     assert!(resp.headers().contains_key("allow"));
-    assert_json(
-        resp,
-        StatusCode::METHOD_NOT_ALLOWED,
-        json!({"error": "method not allowed"}),
-    )
-    .await;
+    assert_error(resp, StatusCode::METHOD_NOT_ALLOWED, "method not allowed").await;
     let big = format!(
         r#"{{"id":"{}","agent_card":{{"name":"{}"}}}}"#,
         Uuid::new_v4(),

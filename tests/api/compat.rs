@@ -3,20 +3,46 @@
 //! loop, fetch and ack; the MCP plugin's startup probe and registration; the platform's e2e
 //! script, which greps raw headers and compact JSON; and a database the platform migrated.
 
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
 use crate::common::*;
 
-/// The runtime's and plugin's headers: the bearer and `Origin: <PLATFORM_URL>` on every call
-/// (platform_auth.py `auth_headers`); an Origin is never a reason to refuse.
-fn runtime_get(app: &TestApp, path: &str, token: &str) -> reqwest::RequestBuilder {
+/// A request as the runtime and the plugin send it: the bearer and `Origin: <PLATFORM_URL>` on
+/// every call (platform_auth.py `auth_headers`); an Origin is never a reason to refuse.
+async fn runtime_send(app: &TestApp, method: Method, path: &str, token: &str) -> reqwest::Response {
     app.client
-        .get(app.at(path))
+        .request(method, app.at(path))
         .bearer_auth(token)
         .header("Origin", app.url.clone())
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn runtime_get(app: &TestApp, path: &str, token: &str) -> reqwest::Response {
+    runtime_send(app, Method::GET, path, token).await
+}
+
+/// The activity rows a runtime `GET` of `path` answers.
+async fn runtime_rows(app: &TestApp, path: &str, token: &str) -> Vec<Value> {
+    runtime_get(app, path, token).await.json().await.unwrap()
+}
+
+/// `GET /workspaces/<ws>/pending-uploads/<file>/content` as the e2e script's curl sends it.
+async fn content(
+    app: &TestApp,
+    ws: Uuid,
+    file: impl std::fmt::Display,
+    token: &str,
+) -> reqwest::Response {
+    app.get(
+        &format!("/workspaces/{ws}/pending-uploads/{file}/content"),
+        token,
+    )
+    .await
 }
 
 #[tokio::test]
@@ -36,17 +62,12 @@ async fn the_runtime_poll_fetch_and_ack_loop() {
         .await;
     // inbox.py `_poll_once` without a cursor: since_secs=600, include=peer_info, newest first
     // (it reverses the rows itself).
-    let rows: Vec<Value> = runtime_get(
+    let rows = runtime_rows(
         &app,
         &format!("/workspaces/{ws}/activity?type=a2a_receive&include=peer_info&since_secs=600"),
         &token,
     )
-    .send()
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    .await;
     assert_eq!(rows.len(), 3);
     let names: Vec<&str> = rows
         .iter()
@@ -75,32 +96,22 @@ async fn the_runtime_poll_fetch_and_ack_loop() {
         );
     }
     // Without include=peer_info there is no attachments key.
-    let plain: Vec<Value> = runtime_get(
+    let plain = runtime_rows(
         &app,
         &format!("/workspaces/{ws}/activity?type=a2a_receive"),
         &token,
     )
-    .send()
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    .await;
     assert!(plain.iter().all(|r| r.get("attachments").is_none()));
     // With the cursor (the newest row it saw, once reversed: the last delivered), oldest
     // first and nothing repeated.
     let oldest = rows.last().unwrap()["id"].as_str().unwrap();
-    let after: Vec<Value> = runtime_get(
+    let after = runtime_rows(
         &app,
         &format!("/workspaces/{ws}/activity?type=a2a_receive&include=peer_info&since_id={oldest}"),
         &token,
     )
-    .send()
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    .await;
     let names: Vec<&str> = after
         .iter()
         .map(|r| r["request_body"]["name"].as_str().unwrap())
@@ -114,21 +125,18 @@ async fn the_runtime_poll_fetch_and_ack_loop() {
         &format!("/workspaces/{ws}/pending-uploads/{fid}/content"),
         &token,
     )
-    .send()
-    .await
-    .unwrap();
+    .await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["content-type"], "text/plain");
     assert_eq!(resp.bytes().await.unwrap().to_vec(), bytes(20, 2));
     for _ in 0..2 {
-        let resp = app
-            .client
-            .post(app.at(&format!("/workspaces/{ws}/pending-uploads/{fid}/ack")))
-            .bearer_auth(&token)
-            .header("Origin", app.url.clone())
-            .send()
-            .await
-            .unwrap();
+        let resp = runtime_send(
+            &app,
+            Method::POST,
+            &format!("/workspaces/{ws}/pending-uploads/{fid}/ack"),
+            &token,
+        )
+        .await;
         assert_json(resp, StatusCode::OK, json!({"acked": true})).await;
     }
     // a missing file is 404 ("already gone"), which the runtime skips
@@ -140,9 +148,7 @@ async fn the_runtime_poll_fetch_and_ack_loop() {
         ),
         &token,
     )
-    .send()
-    .await
-    .unwrap();
+    .await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 }
 
@@ -179,7 +185,7 @@ async fn the_mcp_plugin_startup_probe_and_registration() {
     let probe = format!(
         "/workspaces/{ws}/activity?type=a2a_receive&since_id=00000000-0000-0000-0000-000000000000&limit=1"
     );
-    let resp = runtime_get(&app, &probe, &token).send().await.unwrap();
+    let resp = runtime_get(&app, &probe, &token).await;
     assert_eq!(resp.status(), StatusCode::GONE);
     let text = resp.text().await.unwrap();
     assert!(text.contains("since_id"), "{text}");
@@ -191,9 +197,7 @@ async fn the_mcp_plugin_startup_probe_and_registration() {
         ),
         &token,
     )
-    .send()
-    .await
-    .unwrap();
+    .await;
     assert_json(resp, StatusCode::OK, json!([])).await;
 }
 
@@ -274,34 +278,14 @@ async fn the_platform_e2e_script_greps_what_it_expects() {
             .unwrap();
         assert!(text.contains(r#""acked":true"#));
     }
-    let resp = app
-        .get(
-            &format!("/workspaces/{a}/pending-uploads/{f1}/content"),
-            &tok_a,
-        )
-        .await;
+    let resp = content(&app, a, f1, &tok_a).await;
     assert_eq!(resp.bytes().await.unwrap().as_ref(), b"alpha\n");
     // B's bearer and URL, A's file: 404; B's bearer on A's URL: 401; not a UUID: 400
-    let resp = app
-        .get(
-            &format!("/workspaces/{b}/pending-uploads/{f2}/content"),
-            &tok_b,
-        )
-        .await;
+    let resp = content(&app, b, f2, &tok_b).await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
-    let resp = app
-        .get(
-            &format!("/workspaces/{a}/pending-uploads/{f2}/content"),
-            &tok_b,
-        )
-        .await;
+    let resp = content(&app, a, f2, &tok_b).await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    let resp = app
-        .get(
-            &format!("/workspaces/{a}/pending-uploads/not-a-uuid/content"),
-            &tok_a,
-        )
-        .await;
+    let resp = content(&app, a, "not-a-uuid", &tok_a).await;
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     // test_poll_mode_e2e.sh: an unknown delivery mode is a 400 that names it
     let resp = app

@@ -16,7 +16,7 @@ use tokio::{
 use uuid::Uuid;
 
 use crate::{
-    harness::{bounded, settled_spool_leaks, Pg, Scratch, Service, ServiceConfig},
+    harness::{bounded, Pg, Scratch, Service, ServiceConfig},
     load::{payload, sha256, Accepted, Api, Outcome, Recorder, Retry, Summary, Worker},
     verify,
 };
@@ -329,29 +329,26 @@ async fn client_disconnects() {
         }
     }
     let half = verify::half_states(&pool, &HashSet::new()).await;
-    let idle_tx = verify::idle_in_transaction(&pool).await;
-    let (spool_files, spool_fds) =
-        settled_spool_leaks(&spool, service.pid(), Duration::from_secs(5)).await;
+    let leaks = verify::Leaks::settled(&pool, &spool, &service).await;
     let bugs = service.bug_lines();
 
-    let summary = Summary::of(&rec);
-    let leaked = spool_files + spool_fds + idle_tx as usize;
-    println!(
-        "{}",
-        summary.line(
-            "client_disconnect",
-            lost.len() + victim_problems.len(),
-            half.len(),
-            leaked
-        )
+    Summary::print(
+        &rec,
+        "client_disconnect",
+        lost.len() + victim_problems.len(),
+        half.len(),
+        leaks.count(),
     );
     println!(
-        "CHAOS-DETAIL client_disconnect: victims={total_victims} (plan {:?}) victim_uploads_sent_whole={} committed={} {committed:?} normal_uploads_accepted={} acked={} spool_files={spool_files} spool_fds={spool_fds} idle_in_tx={idle_tx} bug_log_lines={}",
+        "CHAOS-DETAIL client_disconnect: victims={total_victims} (plan {:?}) victim_uploads_sent_whole={} committed={} {committed:?} normal_uploads_accepted={} acked={} spool_files={} spool_fds={} idle_in_tx={} bug_log_lines={}",
         PLAN,
         sent.len(),
         rows.len(),
         accepted.len(),
         acked.len(),
+        leaks.spool_files,
+        leaks.spool_fds,
+        leaks.idle_tx,
         bugs.len()
     );
 
@@ -361,14 +358,7 @@ async fn client_disconnects() {
     checks.none("victim uploads", &victim_problems);
     checks.none("half states", &half);
     checks.none("service log: bugs", &bugs);
-    checks.that(
-        idle_tx == 0,
-        format!("{idle_tx} sessions left idle in transaction"),
-    );
-    checks.that(
-        (spool_files, spool_fds) == (0, 0),
-        format!("spool files left: {spool_files} entries, {spool_fds} open descriptors"),
-    );
+    leaks.check(&mut checks);
     checks.that(
         accepted.len() >= 20,
         format!("the normal load barely ran: {} uploads", accepted.len()),

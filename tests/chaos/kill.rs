@@ -2,12 +2,10 @@
 //! again. No half state: each request's rows are all there or none; objects the dead process
 //! wrote without a row are removed by a sweep with ORPHAN_GRACE=0.
 
-use std::{collections::HashMap, collections::HashSet, time::Duration};
-
-use uuid::Uuid;
+use std::{collections::HashMap, time::Duration};
 
 use crate::{
-    harness::{bounded, settled_spool_leaks, Pg, S3s, Scratch, Service, ServiceConfig},
+    harness::{bounded, Pg, S3s, Scratch, Service, ServiceConfig},
     load::{Api, Fleet, Outcome, Recorder, Retry, Summary, Worker},
     verify,
 };
@@ -55,13 +53,7 @@ async fn run() {
 
     // ---- checks
     let samples = rec.samples();
-    let bad = verify::violations(&samples, |s| {
-        if s.outcome.is_ok() {
-            return Ok(());
-        }
-        if !rec.during_fault(s) {
-            return Err(format!("{} outside the kill windows", s.outcome.key()));
-        }
+    let bad = verify::fault_violations(&rec, &samples, "the kill windows", |s| {
         match &s.outcome {
             // A killed process answers nothing: its connections are reset or refused.
             Outcome::Transport => Ok(()),
@@ -94,30 +86,23 @@ async fn run() {
         .map(|(req, (got, want))| format!("request {req}: {got} of {want} files committed"))
         .collect();
     let accepted = rec.accepted();
-    let lost = verify::lost_uploads(&api, &accepted, &HashSet::new()).await;
-    let half = verify::half_states(&pool, &HashSet::<Uuid>::new()).await;
+    let mut found = verify::Findings::of_uploads(&api, &pool, &accepted).await;
     let keys_before_sweep = s3.keys().await.len();
     let rows_with_keys: i64 =
         sqlx::query_scalar("SELECT count(*) FROM pending_uploads WHERE s3_key IS NOT NULL")
             .fetch_one(&pool)
             .await
             .unwrap();
-    let sweep = config.sweep();
-    let (orphaned, missing) = verify::orphans(&pool, &s3).await;
-    let idle_tx = verify::idle_in_transaction(&pool).await;
-    let (spool_files, spool_fds) =
-        settled_spool_leaks(&spool, service.pid(), Duration::from_secs(5)).await;
+    let sweep = found.sweep(&config, &pool, &s3).await;
+    let leaks = verify::Leaks::settled(&pool, &spool, &service).await;
     let bugs = service.bug_lines();
 
-    let summary = Summary::of(&rec);
-    println!(
-        "{}",
-        summary.line(
-            name,
-            lost.len() + missing.len(),
-            half.len() + orphaned.len() + partial.len(),
-            spool_files + spool_fds + idle_tx as usize
-        )
+    Summary::print(
+        &rec,
+        name,
+        found.lost_count(),
+        found.orphaned_count() + partial.len(),
+        leaks.count(),
     );
     println!(
         "CHAOS-DETAIL {name}: kills={KILLS} restart_ms={restart_took:?} requests_with_rows={} uploads_accepted={} objects_before_sweep={keys_before_sweep} rows_with_keys={rows_with_keys} sweep={sweep} bug_log_lines={}",
@@ -129,19 +114,9 @@ async fn run() {
     let mut checks = verify::Checks::default();
     checks.none("statuses around the kills", &bad);
     checks.none("requests committed in part", &partial);
-    checks.none("accepted uploads that do not download intact", &lost);
-    checks.none("rows whose object is missing", &missing);
-    checks.none("half states", &half);
-    checks.none("objects without a row after sweep", &orphaned);
+    found.check(&mut checks);
     checks.none("service log: bugs", &bugs);
-    checks.that(
-        idle_tx == 0,
-        format!("{idle_tx} sessions left idle in transaction"),
-    );
-    checks.that(
-        (spool_files, spool_fds) == (0, 0),
-        format!("spool files left: {spool_files} entries, {spool_fds} open descriptors"),
-    );
+    leaks.check(&mut checks);
     checks.that(
         samples
             .iter()

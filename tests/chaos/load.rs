@@ -241,6 +241,14 @@ impl Summary {
         }
     }
 
+    /// Prints the summary line (`line`) of `rec`'s requests so far.
+    pub fn print(rec: &Recorder, scenario: &str, lost: usize, orphaned: usize, leaked: usize) {
+        println!(
+            "{}",
+            Summary::of(rec).line(scenario, lost, orphaned, leaked)
+        );
+    }
+
     /// `CHAOS <scenario>: sent=N during_fault=M statuses={200:a,503:b} lost=0 orphaned=0 leaked=0 max_latency_ms=X`
     pub fn line(&self, scenario: &str, lost: usize, orphaned: usize, leaked: usize) -> String {
         let statuses: Vec<String> = self
@@ -387,11 +395,7 @@ impl Api {
             .await;
         let resp = match resp {
             Ok(r) => r,
-            Err(e) => {
-                self.rec
-                    .record(op, started, transport(&e), format!("{e:?}"));
-                return (transport(&e), Vec::new());
-            }
+            Err(e) => return (self.no_answer(op, started, &e), Vec::new()),
         };
         let (outcome, body) = http_outcome(resp).await;
         let mut accepted = Vec::new();
@@ -429,20 +433,13 @@ impl Api {
         let started = Instant::now();
         let resp = self
             .http
-            .get(format!(
-                "{}/workspaces/{}/pending-uploads/{}/content",
-                self.base, a.ws, a.file_id
-            ))
+            .get(self.file_url(a, "content"))
             .bearer_auth(&a.token)
             .send()
             .await;
         let resp = match resp {
             Ok(r) => r,
-            Err(e) => {
-                self.rec
-                    .record(op, started, transport(&e), format!("{e:?}"));
-                return transport(&e);
-            }
+            Err(e) => return self.no_answer(op, started, &e),
         };
         let status = resp.status();
         let (mut outcome, body) = http_outcome(resp).await;
@@ -489,11 +486,7 @@ impl Api {
         let started = Instant::now();
         let resp = match self.http.get(url).bearer_auth(token).send().await {
             Ok(r) => r,
-            Err(e) => {
-                self.rec
-                    .record("activity", started, transport(&e), format!("{e:?}"));
-                return (transport(&e), Vec::new());
-            }
+            Err(e) => return (self.no_answer("activity", started, &e), Vec::new()),
         };
         let (outcome, body) = http_outcome(resp).await;
         let rows = if outcome.is_ok() {
@@ -510,35 +503,48 @@ impl Api {
         let started = Instant::now();
         let resp = self
             .http
-            .post(format!(
-                "{}/workspaces/{}/pending-uploads/{}/ack",
-                self.base, a.ws, a.file_id
-            ))
+            .post(self.file_url(a, "ack"))
             .bearer_auth(&a.token)
             .send()
             .await;
-        let (outcome, detail) = match resp {
-            Ok(r) => {
-                let (o, body) = http_outcome(r).await;
-                (o, text(&body))
-            }
-            Err(e) => (transport(&e), format!("{e:?}")),
-        };
-        self.rec.record("ack", started, outcome.clone(), detail);
-        outcome
+        self.record_answer("ack", started, resp).await
     }
 
     /// `/readyz`, recorded as op `readyz`.
     pub async fn readyz(&self) -> Outcome {
         let started = Instant::now();
-        let (outcome, detail) = match self.http.get(format!("{}/readyz", self.base)).send().await {
-            Ok(r) => {
-                let (o, body) = http_outcome(r).await;
-                (o, text(&body))
-            }
-            Err(e) => (transport(&e), format!("{e:?}")),
+        let resp = self.http.get(format!("{}/readyz", self.base)).send().await;
+        self.record_answer("readyz", started, resp).await
+    }
+
+    /// `<base>/workspaces/<ws>/pending-uploads/<file_id>/<action>` of an accepted file.
+    fn file_url(&self, a: &Accepted, action: &str) -> String {
+        format!(
+            "{}/workspaces/{}/pending-uploads/{}/{action}",
+            self.base, a.ws, a.file_id
+        )
+    }
+
+    /// Records a request `op` that got no HTTP answer; its outcome.
+    fn no_answer(&self, op: &'static str, started: Instant, e: &reqwest::Error) -> Outcome {
+        self.rec.record(op, started, transport(e), format!("{e:?}"));
+        transport(e)
+    }
+
+    /// Reads the answer to a request `op` (its body is only a failure's detail), records it;
+    /// its outcome.
+    async fn record_answer(
+        &self,
+        op: &'static str,
+        started: Instant,
+        resp: reqwest::Result<reqwest::Response>,
+    ) -> Outcome {
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => return self.no_answer(op, started, &e),
         };
-        self.rec.record("readyz", started, outcome.clone(), detail);
+        let (outcome, body) = http_outcome(resp).await;
+        self.rec.record(op, started, outcome.clone(), text(&body));
         outcome
     }
 }

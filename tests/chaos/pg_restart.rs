@@ -3,15 +3,12 @@
 //! successes or clean 503s with Retry-After; afterwards the service recovers by itself within
 //! RECOVERY, and nothing is lost, half-written or orphaned.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use rand::{rngs::StdRng, SeedableRng};
-use uuid::Uuid;
 
 use crate::{
-    harness::{
-        bounded, settled_spool_leaks, Pg, S3s, Scratch, Service, ServiceConfig, DEP_TIMEOUT,
-    },
+    harness::{bounded, Pg, S3s, Scratch, Service, ServiceConfig, DEP_TIMEOUT},
     load::{probe_readyz, Api, Fleet, Outcome, Recorder, Retry, Summary, Worker},
     verify,
 };
@@ -112,48 +109,26 @@ async fn run(mode: &'static str) {
         "bytea" => &["platform_unavailable"],
         _ => &["platform_unavailable", "storage_unavailable"],
     };
-    let bad = verify::violations(&samples, |s| {
-        if s.outcome.is_ok() {
-            return Ok(());
-        }
-        if !rec.during_fault(s) {
-            return Err(format!(
-                "{} outside the fault window (restart + {RECOVERY:?})",
-                s.outcome.key()
-            ));
-        }
-        match &s.outcome {
-            // A download already streaming when the database went away is cut, never padded.
-            Outcome::Cut if s.op == "download" => Ok(()),
-            Outcome::Transport => Err(verify::RESET_NOT_503.into()),
-            o => verify::clean_503(o, codes),
-        }
+    let windows = format!("the fault window (restart + {RECOVERY:?})");
+    let bad = verify::fault_violations(&rec, &samples, &windows, |s| match &s.outcome {
+        // A download already streaming when the database went away is cut, never padded.
+        Outcome::Cut if s.op == "download" => Ok(()),
+        Outcome::Transport => Err(verify::RESET_NOT_503.into()),
+        o => verify::clean_503(o, codes),
     });
     // Requests must not wait on the dead database longer than DEPENDENCY_TIMEOUT (+ margin).
-    let slow = verify::violations(&samples, |s| {
-        if s.elapsed > DEP_TIMEOUT + Duration::from_millis(1500) {
-            Err("slower than DEPENDENCY_TIMEOUT + 1.5 s".into())
-        } else {
-            Ok(())
-        }
-    });
-    let probe_samples = probes.samples();
-    let bad_probes = verify::violations(&probe_samples, |s| {
-        if s.elapsed > Duration::from_secs(2) {
-            return Err("/readyz took more than 2 s".into());
-        }
-        // Entirely inside the stop (after a moment to notice): must be 503.
-        let surely_down =
-            s.start >= down_from + Duration::from_millis(100) && s.end() <= down_until;
-        match s.outcome.status() {
-            Some(200) if !surely_down => Ok(()),
-            Some(503) if probes.during_fault(s) => Ok(()),
-            _ => Err(format!(
-                "/readyz answered {} (database down: {surely_down})",
-                s.outcome.key()
-            )),
-        }
-    });
+    let slow = verify::slower_than(
+        &samples,
+        DEP_TIMEOUT + Duration::from_millis(1500),
+        "slower than DEPENDENCY_TIMEOUT + 1.5 s",
+    );
+    // Entirely inside the stop (after a moment to notice): must be 503.
+    let bad_probes = verify::readyz_violations(
+        &probes,
+        &probes.samples(),
+        &[(down_from, down_until)],
+        "database",
+    );
     // Recovery: the last failed request (before the next fault) ended this long after the
     // database was back.
     let recovered_after = |from: Duration, until: Duration| {
@@ -174,27 +149,20 @@ async fn run(mode: &'static str) {
 
     let pool = pg.pool().await;
     let accepted = rec.accepted();
-    let lost = verify::lost_uploads(&api, &accepted, &HashSet::new()).await;
-    let half = verify::half_states(&pool, &HashSet::<Uuid>::new()).await;
-    let (mut orphaned, mut missing, mut sweep) = (Vec::new(), Vec::new(), None);
+    let mut found = verify::Findings::of_uploads(&api, &pool, &accepted).await;
+    let mut sweep = None;
     if let Some(s3) = &s3 {
-        sweep = Some(config.sweep());
-        (orphaned, missing) = verify::orphans(&pool, s3).await;
+        sweep = Some(found.sweep(&config, &pool, s3).await);
     }
-    let idle_tx = verify::idle_in_transaction(&pool).await;
-    let (spool_files, spool_fds) =
-        settled_spool_leaks(&spool, service.pid(), Duration::from_secs(5)).await;
+    let leaks = verify::Leaks::settled(&pool, &spool, &service).await;
     let bugs = service.bug_lines();
 
-    let summary = Summary::of(&rec);
-    println!(
-        "{}",
-        summary.line(
-            &name,
-            lost.len() + missing.len(),
-            half.len() + orphaned.len(),
-            spool_files + spool_fds + idle_tx as usize
-        )
+    Summary::print(
+        &rec,
+        &name,
+        found.lost_count(),
+        found.orphaned_count(),
+        leaks.count(),
     );
     let probe_summary = Summary::of(&probes);
     println!(
@@ -216,19 +184,9 @@ async fn run(mode: &'static str) {
     checks.none("statuses during/after the restart", &bad);
     checks.none("requests slower than the dependency timeout", &slow);
     checks.none("/readyz", &bad_probes);
-    checks.none("accepted uploads that do not download intact", &lost);
-    checks.none("rows whose object is missing", &missing);
-    checks.none("half states", &half);
-    checks.none("objects without a row after sweep", &orphaned);
+    found.check(&mut checks);
     checks.none("service log: bugs", &bugs);
-    checks.that(
-        idle_tx == 0,
-        format!("{idle_tx} sessions left idle in transaction"),
-    );
-    checks.that(
-        (spool_files, spool_fds) == (0, 0),
-        format!("spool files left: {spool_files} entries, {spool_fds} open descriptors"),
-    );
+    leaks.check(&mut checks);
     checks.that(
         samples
             .iter()

@@ -108,34 +108,28 @@ async fn run() {
     let samples = rec.samples();
     // Failures may only come from the kill (requests the dead replica held): transport
     // errors or the balancer's 502; each is retried once, and the retry must succeed.
-    let bad = verify::violations(&samples, |s| {
-        if s.outcome.is_ok() {
-            return Ok(());
-        }
-        if !rec.during_fault(s) {
-            return Err(format!("{} outside the kill window", s.outcome.key()));
-        }
-        match &s.outcome {
-            Outcome::Transport | Outcome::Http { status: 502, .. } => Ok(()),
-            Outcome::Cut if s.op == "download" => Ok(()),
-            o => verify::clean_503(o, &["platform_unavailable", "storage_unavailable"]),
-        }
+    let bad = verify::fault_violations(&rec, &samples, "the kill window", |s| match &s.outcome {
+        Outcome::Transport | Outcome::Http { status: 502, .. } => Ok(()),
+        Outcome::Cut if s.op == "download" => Ok(()),
+        o => verify::clean_503(o, &["platform_unavailable", "storage_unavailable"]),
     });
     let retried = rec.retried.load(std::sync::atomic::Ordering::Relaxed);
     let retry_failed = rec.retry_failed.lock().unwrap().clone();
 
     let pool = pg.pool().await;
     let acked: HashSet<Uuid> = feeds_final.iter().flat_map(|f| f.acked.clone()).collect();
-    let lost = verify::lost_uploads(&api, &accepted, &acked).await;
+    let mut found = verify::Findings {
+        lost: verify::lost_uploads(&api, &accepted, &acked).await,
+        ..Default::default()
+    };
     let still_there: i64 =
         sqlx::query_scalar("SELECT count(*) FROM pending_uploads WHERE file_id = ANY($1)")
             .bind(acked.iter().copied().collect::<Vec<_>>())
             .fetch_one(&pool)
             .await
             .unwrap();
-    let half = verify::half_states(&pool, &acked).await;
-    let sweep = configs[0].sweep();
-    let (orphaned, missing) = verify::orphans(&pool, &s3).await;
+    found.half = verify::half_states(&pool, &acked).await;
+    let sweep = found.sweep(&configs[0], &pool, &s3).await;
     let idle_tx = verify::idle_in_transaction(&pool).await;
     let mut spool_left = 0;
     for (r, s) in replicas.iter().enumerate() {
@@ -188,15 +182,12 @@ async fn run() {
     }
     let bugs: Vec<String> = replicas.iter().flat_map(|s| s.bug_lines()).collect();
 
-    let summary = Summary::of(&rec);
-    println!(
-        "{}",
-        summary.line(
-            name,
-            lost.len() + missing.len() + missing_from_feed.len(),
-            half.len() + orphaned.len() + duplicates.len(),
-            spool_left + idle_tx as usize
-        )
+    Summary::print(
+        &rec,
+        name,
+        found.lost_count() + missing_from_feed.len(),
+        found.orphaned_count() + duplicates.len(),
+        spool_left + idle_tx as usize,
     );
     println!(
         "CHAOS-DETAIL {name}: replicas={REPLICAS} killed=1 retried={retried} retry_failed={} uploads_accepted={} acked={} acked_rows_left={still_there} paged_rows={} sweep_passes_with_work={passes} sweep_runs_ok_survivors={sweep_runs_ok:?} final_sweep={sweep} bug_log_lines={}",
@@ -212,10 +203,7 @@ async fn run() {
     checks.none("requests that failed again when retried", &retry_failed);
     checks.none("files paged more than once", &duplicates);
     checks.none("accepted files never paged", &missing_from_feed);
-    checks.none("accepted uploads that do not download intact", &lost);
-    checks.none("rows whose object is missing", &missing);
-    checks.none("half states", &half);
-    checks.none("objects without a row after sweep", &orphaned);
+    found.check(&mut checks);
     checks.none("sweeper errors in the replicas' logs", &sweep_errors);
     checks.none("sweeper errors in /metrics", &metrics_errors);
     checks.none("service logs: bugs", &bugs);

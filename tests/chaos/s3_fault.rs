@@ -4,18 +4,14 @@
 //! and nothing is orphaned afterwards.
 
 use std::{
-    collections::HashSet,
     sync::{atomic::AtomicBool, Arc},
     time::Duration,
 };
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use uuid::Uuid;
 
 use crate::{
-    harness::{
-        bounded, settled_spool_leaks, Pg, S3s, Scratch, Service, ServiceConfig, DEP_TIMEOUT,
-    },
+    harness::{bounded, Pg, S3s, Scratch, Service, ServiceConfig, DEP_TIMEOUT},
     load::{
         payload, probe_readyz, Accepted, Api, Fleet, Outcome, Recorder, Retry, Summary, Worker,
     },
@@ -127,13 +123,7 @@ async fn run(mode: &'static str) {
 
     // ---- checks
     let samples = rec.samples();
-    let bad = verify::violations(&samples, |s| {
-        if s.outcome.is_ok() {
-            return Ok(());
-        }
-        if !rec.during_fault(s) {
-            return Err(format!("{} outside the fault windows", s.outcome.key()));
-        }
+    let bad = verify::fault_violations(&rec, &samples, "the fault windows", |s| {
         let is_read = s.op == "download" || s.op == "read";
         // A download already streaming when its source fails is cut, never padded (SPEC
         // §10), also in dual mode.
@@ -153,32 +143,14 @@ async fn run(mode: &'static str) {
             o => verify::clean_503(o, &["storage_unavailable"]),
         }
     });
-    let slow = verify::violations(&samples, |s| {
-        if s.elapsed > DEP_TIMEOUT + MARGIN {
-            Err(format!("slower than DEPENDENCY_TIMEOUT + {MARGIN:?}"))
-        } else {
-            Ok(())
-        }
-    });
+    let slow = verify::slower_than(
+        &samples,
+        DEP_TIMEOUT + MARGIN,
+        &format!("slower than DEPENDENCY_TIMEOUT + {MARGIN:?}"),
+    );
     let probe_samples = probes.samples();
     let down = [(frozen_at, thawing_at), (killed_at, restarting_at)];
-    let bad_probes = verify::violations(&probe_samples, |s| {
-        if s.elapsed > Duration::from_secs(2) {
-            return Err("/readyz took more than 2 s".into());
-        }
-        // Entirely inside a window where S3 was down (after a moment to notice): must be 503.
-        let surely_down = down
-            .iter()
-            .any(|(a, b)| s.start >= *a + Duration::from_millis(100) && s.end() <= *b);
-        match s.outcome.status() {
-            Some(503) if surely_down || probes.during_fault(s) => Ok(()),
-            Some(200) if !surely_down => Ok(()),
-            _ => Err(format!(
-                "/readyz answered {} (S3 down: {surely_down})",
-                s.outcome.key()
-            )),
-        }
-    });
+    let bad_probes = verify::readyz_violations(&probes, &probe_samples, &down, "S3");
     let readyz_503 = probe_samples
         .iter()
         .filter(|s| s.outcome.status() == Some(503))
@@ -194,13 +166,9 @@ async fn run(mode: &'static str) {
 
     let pool = pg.pool().await;
     let accepted = rec.accepted();
-    let lost = verify::lost_uploads(&api, &accepted, &HashSet::new()).await;
-    let half = verify::half_states(&pool, &HashSet::<Uuid>::new()).await;
-    let sweep = config.sweep();
-    let (orphaned, missing) = verify::orphans(&pool, &s3).await;
-    let idle_tx = verify::idle_in_transaction(&pool).await;
-    let (spool_files, spool_fds) =
-        settled_spool_leaks(&spool, service.pid(), Duration::from_secs(5)).await;
+    let mut found = verify::Findings::of_uploads(&api, &pool, &accepted).await;
+    let sweep = found.sweep(&config, &pool, &s3).await;
+    let leaks = verify::Leaks::settled(&pool, &spool, &service).await;
     let bugs = service.bug_lines();
     let log = service.log_lines();
     let events = |m: &str| log.iter().filter(|l| l["message"] == m).count();
@@ -210,15 +178,12 @@ async fn run(mode: &'static str) {
         events("could not remove object of a failed upload"),
     );
 
-    let summary = Summary::of(&rec);
-    println!(
-        "{}",
-        summary.line(
-            &name,
-            lost.len() + missing.len(),
-            half.len() + orphaned.len(),
-            spool_files + spool_fds + idle_tx as usize
-        )
+    Summary::print(
+        &rec,
+        &name,
+        found.lost_count(),
+        found.orphaned_count(),
+        leaks.count(),
     );
     println!(
         "CHAOS-DETAIL {name}: frozen={:.2}-{:.2}s killed={:.2}-{:.2}s max_ms_by_op={:?} uploads_503={uploads_refused} reads_during_fault={reads_in_fault} readyz={:?} readyz_max_ms={} uploads_accepted={} log_fallbacks={fallbacks} log_discarded={discarded} log_discard_failed={discard_failed} sweep={sweep} bug_log_lines={}",
@@ -237,19 +202,9 @@ async fn run(mode: &'static str) {
     checks.none("statuses during/after the S3 faults", &bad);
     checks.none("requests slower than DEPENDENCY_TIMEOUT + margin", &slow);
     checks.none("/readyz", &bad_probes);
-    checks.none("accepted uploads that do not download intact", &lost);
-    checks.none("rows whose object is missing", &missing);
-    checks.none("half states", &half);
-    checks.none("objects without a row after sweep", &orphaned);
+    found.check(&mut checks);
     checks.none("service log: bugs", &bugs);
-    checks.that(
-        idle_tx == 0,
-        format!("{idle_tx} sessions left idle in transaction"),
-    );
-    checks.that(
-        (spool_files, spool_fds) == (0, 0),
-        format!("spool files left: {spool_files} entries, {spool_fds} open descriptors"),
-    );
+    leaks.check(&mut checks);
     checks.that(
         uploads_refused > 0,
         "no upload was refused while S3 was down: the fault did not bite",

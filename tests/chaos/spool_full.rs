@@ -208,13 +208,7 @@ async fn run() {
         .iter()
         .filter(|s| verify::clean_503(&s.outcome, &["spool_unavailable"]).is_ok())
         .count();
-    let bad = verify::violations(&samples, |s| {
-        if s.outcome.is_ok() {
-            return Ok(());
-        }
-        if !rec.during_fault(s) {
-            return Err(format!("{} outside the disk-full window", s.outcome.key()));
-        }
+    let bad = verify::fault_violations(&rec, &samples, "the disk-full window", |s| {
         verify::clean_503(&s.outcome, &["spool_unavailable"])
     });
     let pool = pg.pool().await;
@@ -237,16 +231,20 @@ async fn run() {
         )
         .await;
     let accepted = rec.accepted();
-    let lost = verify::lost_uploads(&api, &accepted, &Default::default()).await;
-    let half = verify::half_states(&pool, &Default::default()).await;
-    let idle_tx = verify::idle_in_transaction(&pool).await;
+    let found = verify::Findings::of_uploads(&api, &pool, &accepted).await;
+    let leaks = verify::Leaks {
+        idle_tx: verify::idle_in_transaction(&pool).await,
+        spool_files,
+        spool_fds,
+    };
     let bugs = service.bug_lines();
 
-    let summary = Summary::of(&rec);
-    let leaked = spool_files + spool_fds + idle_tx as usize + usize::from(used > 0);
-    println!(
-        "{}",
-        summary.line(name, lost.len(), half.len() + big_rows as usize, leaked)
+    Summary::print(
+        &rec,
+        name,
+        found.lost_count(),
+        found.orphaned_count() + big_rows as usize,
+        leaks.count() + usize::from(used > 0),
     );
     println!(
         "CHAOS-DETAIL {name}: spool={} big_uploads_refused_503={big_refused} big_rows={big_rows} spool_bytes_used_after={used} upload_after={} uploads_accepted={} bug_log_lines={}",
@@ -258,8 +256,7 @@ async fn run() {
 
     let mut checks = verify::Checks::default();
     checks.none("statuses while the spool was full", &bad);
-    checks.none("accepted uploads that do not download intact", &lost);
-    checks.none("half states", &half);
+    found.check(&mut checks);
     checks.none("service log: bugs", &bugs);
     checks.that(
         big_rows == 0,
@@ -272,14 +269,7 @@ async fn run() {
             big.len()
         ),
     );
-    checks.that(
-        idle_tx == 0,
-        format!("{idle_tx} sessions left idle in transaction"),
-    );
-    checks.that(
-        (spool_files, spool_fds) == (0, 0),
-        format!("spool files left: {spool_files} entries, {spool_fds} open descriptors"),
-    );
+    leaks.check(&mut checks);
     checks.that(
         used == 0,
         format!("{used} bytes still used on the spool filesystem"),

@@ -1,13 +1,14 @@
 //! The checks every scenario runs once its load has stopped.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, path::Path, time::Duration};
 
+use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
-    harness::{S3s, PREFIX},
-    load::{Accepted, Api, Outcome},
+    harness::{settled_spool_leaks, S3s, Service, ServiceConfig, PREFIX},
+    load::{Accepted, Api, Outcome, Recorder, Sample},
 };
 
 /// Accepted uploads that do not download byte-identical now (each one is described).
@@ -106,9 +107,9 @@ pub async fn idle_in_transaction(pool: &PgPool) -> i64 {
 }
 
 /// A failure list for a scenario: the samples that break `rule`, described.
-pub fn violations<F>(samples: &[crate::load::Sample], mut rule: F) -> Vec<String>
+pub fn violations<F>(samples: &[Sample], mut rule: F) -> Vec<String>
 where
-    F: FnMut(&crate::load::Sample) -> Result<(), String>,
+    F: FnMut(&Sample) -> Result<(), String>,
 {
     samples
         .iter()
@@ -125,6 +126,164 @@ where
             })
         })
         .collect()
+}
+
+/// The failed samples: outside every fault window of `rec` (`<outcome> outside <windows>`),
+/// or inside one and breaking `rule` (which sees only those).
+pub fn fault_violations<F>(
+    rec: &Recorder,
+    samples: &[Sample],
+    windows: &str,
+    mut rule: F,
+) -> Vec<String>
+where
+    F: FnMut(&Sample) -> Result<(), String>,
+{
+    violations(samples, |s| {
+        if s.outcome.is_ok() {
+            return Ok(());
+        }
+        if !rec.during_fault(s) {
+            return Err(format!("{} outside {windows}", s.outcome.key()));
+        }
+        rule(s)
+    })
+}
+
+/// The samples that took longer than `limit`, each described as `why`.
+pub fn slower_than(samples: &[Sample], limit: Duration, why: &str) -> Vec<String> {
+    violations(samples, |s| {
+        if s.elapsed > limit {
+            Err(why.to_string())
+        } else {
+            Ok(())
+        }
+    })
+}
+
+/// `/readyz` probes (`samples` of the `probes` recorder) that took more than 2 s or answered
+/// wrong: 503 is right inside the probes' fault windows, 200 unless `dependency` was surely
+/// down (the probe entirely inside one of the `down` windows, from 100 ms after its start),
+/// anything else is wrong.
+pub fn readyz_violations(
+    probes: &Recorder,
+    samples: &[Sample],
+    down: &[(Duration, Duration)],
+    dependency: &str,
+) -> Vec<String> {
+    violations(samples, |s| {
+        if s.elapsed > Duration::from_secs(2) {
+            return Err("/readyz took more than 2 s".into());
+        }
+        // Entirely inside a window where it was down (after a moment to notice): must be 503.
+        let surely_down = down
+            .iter()
+            .any(|(a, b)| s.start >= *a + Duration::from_millis(100) && s.end() <= *b);
+        match s.outcome.status() {
+            Some(503) if surely_down || probes.during_fault(s) => Ok(()),
+            Some(200) if !surely_down => Ok(()),
+            _ => Err(format!(
+                "/readyz answered {} ({dependency} down: {surely_down})",
+                s.outcome.key()
+            )),
+        }
+    })
+}
+
+/// What became of a scenario's accepted uploads: the problem lists of the checks every
+/// scenario runs (empty where a scenario does not look, e.g. orphans without S3).
+#[derive(Default)]
+pub struct Findings {
+    /// Accepted uploads that do not download intact.
+    pub lost: Vec<String>,
+    /// Rows whose object is missing (after `sweep`).
+    pub missing: Vec<String>,
+    /// Half states (see `half_states`).
+    pub half: Vec<String>,
+    /// Objects without a row (after `sweep`).
+    pub orphaned: Vec<String>,
+}
+
+impl Findings {
+    /// Every accepted upload downloaded and compared, then the half states (no file skipped:
+    /// a scenario whose files are swept on purpose fills the lists itself).
+    pub async fn of_uploads(api: &Api, pool: &PgPool, accepted: &[Accepted]) -> Findings {
+        Findings {
+            lost: lost_uploads(api, accepted, &HashSet::new()).await,
+            half: half_states(pool, &HashSet::new()).await,
+            ..Findings::default()
+        }
+    }
+
+    /// One `sweep` with ORPHAN_GRACE=0, then the objects and rows without each other; returns
+    /// the sweep's report.
+    pub async fn sweep(&mut self, config: &ServiceConfig, pool: &PgPool, s3: &S3s) -> Value {
+        let report = config.sweep();
+        (self.orphaned, self.missing) = orphans(pool, s3).await;
+        report
+    }
+
+    /// The summary line's `lost`: uploads lost, rows whose object is missing.
+    pub fn lost_count(&self) -> usize {
+        self.lost.len() + self.missing.len()
+    }
+
+    /// The summary line's `orphaned`: half states, objects without a row.
+    pub fn orphaned_count(&self) -> usize {
+        self.half.len() + self.orphaned.len()
+    }
+
+    /// The four checks, in this order.
+    pub fn check(&self, checks: &mut Checks) {
+        checks.none("accepted uploads that do not download intact", &self.lost);
+        checks.none("rows whose object is missing", &self.missing);
+        checks.none("half states", &self.half);
+        checks.none("objects without a row after sweep", &self.orphaned);
+    }
+}
+
+/// What a service left behind: sessions idle in transaction, entries and open descriptors in
+/// its spool folder.
+pub struct Leaks {
+    pub idle_tx: i64,
+    pub spool_files: usize,
+    pub spool_fds: usize,
+}
+
+impl Leaks {
+    /// Sessions idle in transaction now, then the spool once it settled (5 s at most).
+    pub async fn settled(pool: &PgPool, spool: &Path, service: &Service) -> Leaks {
+        let idle_tx = idle_in_transaction(pool).await;
+        let (spool_files, spool_fds) =
+            settled_spool_leaks(spool, service.pid(), Duration::from_secs(5)).await;
+        Leaks {
+            idle_tx,
+            spool_files,
+            spool_fds,
+        }
+    }
+
+    /// The summary line's `leaked`.
+    pub fn count(&self) -> usize {
+        self.spool_files + self.spool_fds + self.idle_tx as usize
+    }
+
+    /// The two checks: no session idle in transaction, nothing in the spool.
+    pub fn check(&self, checks: &mut Checks) {
+        let Leaks {
+            idle_tx,
+            spool_files,
+            spool_fds,
+        } = self;
+        checks.that(
+            *idle_tx == 0,
+            format!("{idle_tx} sessions left idle in transaction"),
+        );
+        checks.that(
+            (*spool_files, *spool_fds) == (0, 0),
+            format!("spool files left: {spool_files} entries, {spool_fds} open descriptors"),
+        );
+    }
 }
 
 /// What a connection reset in place of an answer is, while a dependency is down.
