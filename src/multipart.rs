@@ -123,24 +123,44 @@ where
     }
 
     /// Reads more of the body into the buffer; false at its end.
-    async fn fill(&mut self) -> Result<bool, MultipartError> {
+    /// The next non-empty chunk of the body, `None` at its end.
+    async fn next_raw(&mut self) -> Result<Option<Bytes>, MultipartError> {
         if self.eof {
-            return Ok(false);
+            return Ok(None);
         }
         loop {
             match self.stream.next().await {
                 Some(Ok(chunk)) if chunk.is_empty() => continue,
-                Some(Ok(chunk)) => {
-                    self.buf.extend_from_slice(&chunk);
-                    return Ok(true);
-                }
+                Some(Ok(chunk)) => return Ok(Some(chunk)),
                 Some(Err(e)) => return Err(MultipartError::Body(e.into())),
                 None => {
                     self.eof = true;
-                    return Ok(false);
+                    return Ok(None);
                 }
             }
         }
+    }
+
+    /// Reads more of the body into the buffer; false at its end.
+    async fn fill(&mut self) -> Result<bool, MultipartError> {
+        match self.next_raw().await? {
+            Some(chunk) => {
+                self.buf.extend_from_slice(&chunk);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// How many bytes at the end of `data` could be the start of a delimiter (and so cannot
+    /// be handed on as data yet). Almost always 0 for file data: only a tail from a `\r`
+    /// that matches the delimiter's beginning counts.
+    fn partial_delimiter(&self, data: &[u8]) -> usize {
+        let window = data.len().min(self.delimiter.len() - 1);
+        let tail = &data[data.len() - window..];
+        (0..window)
+            .find(|&i| self.delimiter.starts_with(&tail[i..]))
+            .map_or(0, |i| window - i)
     }
 
     /// The next part's head, skipping whatever is left of the current part's data; `None`
@@ -264,14 +284,24 @@ where
                 }
                 return Ok(None);
             }
-            // Everything but a possible delimiter prefix at the end is data.
-            let ready = self.buf.len().saturating_sub(self.delimiter.len() - 1);
+            // Everything but a possible delimiter start at the end is data.
+            let ready = self.buf.len() - self.partial_delimiter(&self.buf);
             if ready > 0 {
                 return Ok(Some(self.buf.split_to(ready).freeze()));
             }
-            if !self.fill().await? {
+            let Some(chunk) = self.next_raw().await? else {
                 return Err(MultipartError::Malformed("truncated part data"));
+            };
+            // The bulk of a file: a chunk with no delimiter in it, nothing carried over, is
+            // handed on as it is — no copy. Anything else goes through the buffer.
+            if self.buf.is_empty() && self.finder.find(&chunk).is_none() {
+                let keep = self.partial_delimiter(&chunk);
+                if keep < chunk.len() {
+                    self.buf.extend_from_slice(&chunk[chunk.len() - keep..]);
+                    return Ok(Some(chunk.slice(..chunk.len() - keep)));
+                }
             }
+            self.buf.extend_from_slice(&chunk);
         }
     }
 }

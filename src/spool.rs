@@ -6,7 +6,6 @@ use std::{fs::File, io, os::unix::fs::FileExt, path::Path, sync::Arc};
 
 use bytes::Bytes;
 use futures::Stream;
-use tokio::io::AsyncWriteExt;
 
 use crate::digest::Digester;
 
@@ -14,15 +13,14 @@ use crate::digest::Digester;
 pub const READ_CHUNK: usize = 256 * 1024;
 
 pub struct SpoolWriter {
-    file: tokio::fs::File,
+    file: Arc<File>,
     digest: Digester,
 }
 
 impl SpoolWriter {
     pub fn create(dir: &Path) -> io::Result<Self> {
-        let file = tempfile::tempfile_in(dir)?;
         Ok(Self {
-            file: tokio::fs::File::from_std(file),
+            file: Arc::new(tempfile::tempfile_in(dir)?),
             digest: Digester::default(),
         })
     }
@@ -31,23 +29,31 @@ impl SpoolWriter {
         self.digest.len()
     }
 
-    pub async fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
-        self.file.write_all(chunk).await?;
-        self.digest.update(chunk);
-        Ok(())
+    /// Appends a chunk. The write and the digest update run together on a blocking thread:
+    /// one hop per chunk, no copy of the chunk, and the hashing off the request threads.
+    pub async fn write(&mut self, chunk: Bytes) -> io::Result<()> {
+        let file = self.file.clone();
+        let offset = self.digest.len();
+        let mut digest = std::mem::take(&mut self.digest);
+        let (digest, written) = tokio::task::spawn_blocking(move || {
+            let written = file.write_all_at(&chunk, offset);
+            if written.is_ok() {
+                digest.update(&chunk);
+            }
+            (digest, written)
+        })
+        .await
+        .map_err(io::Error::other)?;
+        self.digest = digest;
+        written
     }
 
-    /// Closes the file now. tokio writes in the background, so a plain drop could leave the
-    /// descriptor open until an in-flight write finishes; flushing waits for it.
-    pub async fn discard(mut self) {
-        let _ = self.file.flush().await;
-    }
+    /// Closes the file now (the kernel frees an unnamed file with its last descriptor).
+    pub async fn discard(self) {}
 
-    pub async fn finish(mut self) -> io::Result<Spool> {
-        self.file.flush().await?;
-        let file = self.file.into_std().await;
+    pub async fn finish(self) -> io::Result<Spool> {
         Ok(Spool {
-            file: Arc::new(file),
+            file: self.file,
             size: self.digest.len(),
             sha256: self.digest.finish(),
         })
@@ -63,12 +69,6 @@ pub struct Spool {
 }
 
 impl Spool {
-    /// A path that opens this unnamed file afresh (Linux /proc), for readers that need one.
-    pub fn proc_path(&self) -> std::path::PathBuf {
-        use std::os::fd::AsRawFd;
-        format!("/proc/self/fd/{}", self.file.as_raw_fd()).into()
-    }
-
     /// The whole file (callers bound its size: small rows only).
     pub async fn read_all(&self) -> io::Result<Vec<u8>> {
         use futures::TryStreamExt;
@@ -112,7 +112,7 @@ mod tests {
         let mut w = SpoolWriter::create(dir.path()).unwrap();
         let data: Vec<u8> = (0..READ_CHUNK * 2 + 17).map(|i| (i % 251) as u8).collect();
         for part in data.chunks(1000) {
-            w.write(part).await.unwrap();
+            w.write(Bytes::copy_from_slice(part)).await.unwrap();
         }
         let spool = w.finish().await.unwrap();
         assert_eq!(spool.size, data.len() as u64);

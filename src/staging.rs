@@ -167,7 +167,7 @@ where
                     max: max_file_bytes,
                 });
             }
-            writer.write(&chunk).await.map_err(StagingError::Spool)?;
+            writer.write(chunk).await.map_err(StagingError::Spool)?;
         }
         if writer.size() == 0 {
             return Err(StagingError::EmptyFile {

@@ -242,8 +242,10 @@ pub struct ServeOptions {
     pub max_connections: usize,
 }
 
-/// Largest request head hyper buffers (request line and headers); beyond: 431.
-const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Largest read buffer of a connection (hyper grows it only while reads fill it): a request
+/// head must fit (beyond: 431), and an upload body arrives in chunks up to this size — small
+/// chunks cost a parser and spool round per chunk.
+const READ_BUFFER_MAX: usize = 512 * 1024;
 
 /// Serves HTTP/1.1 with Title-Case header names (SPEC §4: client scripts grep them
 /// case-sensitively), until `shutdown` resolves; then drains in-flight requests for at most
@@ -259,7 +261,7 @@ pub async fn serve(
         .title_case_headers(true)
         .timer(TokioTimer::new())
         .header_read_timeout(opts.header_read)
-        .max_buf_size(MAX_HEAD_BYTES.max(8192));
+        .max_buf_size(READ_BUFFER_MAX);
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(opts.max_connections.max(1)));
     let mut shutdown = std::pin::pin!(shutdown);

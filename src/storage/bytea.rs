@@ -16,6 +16,9 @@ use crate::db::{self, Db};
 /// Bytes per slice: bounds memory per download.
 pub const READ_CHUNK: u64 = 1024 * 1024;
 
+/// Slices of one download being fetched at once: one ahead of the one being sent.
+const PREFETCH: usize = 2;
+
 pub struct ByteaBackend {
     db: Db,
 }
@@ -50,34 +53,31 @@ impl ByteaBackend {
         Ok(self.continue_from(loc, range, first))
     }
 
-    /// The stream of `range` whose first slice the caller already read (with the row).
+    /// The stream of `range` whose first slice the caller already read (with the row). The
+    /// next slice is fetched while the current one is being sent ([`PREFETCH`] in flight), so
+    /// a download does not wait a round trip per slice.
     pub fn continue_from(&self, loc: &Location, range: ByteRange, first: Bytes) -> ByteStream {
-        let first_len = first.len() as u64;
-        let this = ByteaBackend {
-            db: self.db.clone(),
-        };
-        let file_id = loc.file_id;
-        let rest = futures::stream::try_unfold(range.start + first_len, move |offset| {
-            let this = ByteaBackend {
-                db: this.db.clone(),
-            };
-            async move {
-                if offset > range.end {
-                    return Ok(None);
-                }
+        let start = range.start + first.len() as u64;
+        let offsets = (start..=range.end).step_by(READ_CHUNK as usize);
+        let (db, file_id) = (self.db.clone(), loc.file_id);
+        let rest = futures::stream::iter(offsets)
+            .map(move |offset| {
+                let this = ByteaBackend { db: db.clone() };
                 let len = READ_CHUNK.min(range.end - offset + 1);
-                match this.slice(file_id, offset, len).await {
-                    Ok(Some(chunk)) => Ok(Some((chunk, offset + len))),
-                    // Swept (or released) mid-stream: end with an error so the client sees a
-                    // truncated transfer, never wrong bytes.
-                    Ok(None) => Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "stored bytes vanished during read",
-                    )),
-                    Err(e) => Err(io::Error::other(e)),
+                async move {
+                    match this.slice(file_id, offset, len).await {
+                        Ok(Some(chunk)) => Ok(chunk),
+                        // Swept (or released) mid-stream: end with an error so the client sees
+                        // a truncated transfer, never wrong bytes.
+                        Ok(None) => Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "stored bytes vanished during read",
+                        )),
+                        Err(e) => Err(io::Error::other(e)),
+                    }
                 }
-            }
-        });
+            })
+            .buffered(PREFETCH);
         futures::stream::once(async { Ok(first) })
             .chain(rest)
             .boxed()

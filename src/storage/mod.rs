@@ -245,7 +245,7 @@ impl Storage {
         let mut writer = SpoolWriter::create(spool_dir)?;
         let mut chunks = self.open(&inline, ByteRange::full(loc.size)).await?;
         while let Some(chunk) = chunks.try_next().await? {
-            writer.write(&chunk).await?;
+            writer.write(chunk).await?;
         }
         let spool = writer.finish().await?;
         if spool.size != loc.size || expected.is_some_and(|d| d != spool.sha256) {

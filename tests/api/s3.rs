@@ -280,7 +280,9 @@ async fn put_orphan(s3: &pending_uploads::storage::S3Backend, ws: Uuid) -> Strin
     let key = s3.key_for(ws, Uuid::new_v4());
     let spool_dir = tempfile::tempdir().unwrap();
     let mut w = pending_uploads::spool::SpoolWriter::create(spool_dir.path()).unwrap();
-    w.write(b"orphaned").await.unwrap();
+    w.write(bytes::Bytes::from_static(b"orphaned"))
+        .await
+        .unwrap();
     s3.put_key(&key, &w.finish().await.unwrap()).await.unwrap();
     key
 }
