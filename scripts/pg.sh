@@ -25,7 +25,9 @@ as_pg() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
-# pg_start DIR PORT: init (once) and start a cluster whose files live in DIR.
+# pg_start DIR PORT: init (once) and start a cluster whose files live in DIR. Extra server
+# options may be given in PG_EXTRA_OPTS (e.g. "-c shared_preload_libraries=pg_stat_statements");
+# they come last, so they override the defaults here.
 pg_start() {
   local dir=$1 port=$2 bin
   bin=$(pg_bindir) || return 1
@@ -40,7 +42,7 @@ pg_start() {
       || { cat "$dir/initdb.log" >&2; return 1; }
   fi
   as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
-    -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
+    -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 ${PG_EXTRA_OPTS:-}" \
     start >/dev/null || { cat "$dir/server.log" >&2; return 1; }
 }
 

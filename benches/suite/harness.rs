@@ -1,0 +1,503 @@
+//! What every suite shares: the environment the bench was given, the service as a child
+//! process (its peak RSS, its settings), throwaway databases, workspaces, uploads and
+//! downloads through the service, and the small statistics helpers.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures::{stream, StreamExt};
+use serde_json::{json, Value};
+use sqlx::{Connection, PgConnection};
+use uuid::Uuid;
+
+pub const ADMIN: &str = "bench-admin-token";
+
+/// Settings the bench gives every service it starts unless the caller's environment sets
+/// them: quotas out of the way of long runs, per-workspace upload slots above every
+/// concurrency the suites use (uploads at concurrency 8 and 16 go to one workspace), no sweep
+/// during a measurement.
+pub const SERVICE_DEFAULTS: &[(&str, &str)] = &[
+    ("MAX_PENDING_BYTES_PER_WORKSPACE", "1099511627776"),
+    ("MAX_PENDING_FILES_PER_WORKSPACE", "100000000"),
+    ("MAX_CONCURRENT_UPLOADS", "256"),
+    ("MAX_CONCURRENT_UPLOADS_PER_WORKSPACE", "64"),
+    ("SWEEP_INTERVAL", "1h"),
+    ("RUST_LOG", "warn"),
+    ("LOG_FORMAT", "text"),
+];
+
+/// The backends and tools scripts/bench.sh prepared (or the caller pointed at).
+pub struct Env {
+    /// A PostgreSQL server URL where databases may be created (BENCH_DATABASE_URL).
+    pub server: String,
+    /// S3 endpoint and bucket (BENCH_S3_ENDPOINT, BENCH_S3_BUCKET), if any.
+    pub s3: Option<(String, String)>,
+    /// The service binary under test, and an optional reference binary ("today's").
+    pub bin: String,
+    pub reference_bin: Option<String>,
+    /// Service logs, spool files, scratch.
+    pub work_dir: PathBuf,
+    /// Direct clients: the bench virtualenv's python (psycopg, boto3), psql, the AWS CLI.
+    pub python: Option<String>,
+    pub psql: Option<String>,
+    pub aws_cli: Option<String>,
+    pub hey: Option<String>,
+}
+
+impl Env {
+    pub fn from_environment(reference_bin: Option<String>) -> Env {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let work_dir = var("BENCH_WORK_DIR").map(PathBuf::from).unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("pending-uploads-bench-{}", std::process::id()))
+        });
+        std::fs::create_dir_all(work_dir.join("spool")).expect("create the bench work dir");
+        Env {
+            server: var("BENCH_DATABASE_URL")
+                .expect("set BENCH_DATABASE_URL (scripts/bench.sh does)"),
+            s3: var("BENCH_S3_ENDPOINT").map(|e| {
+                (
+                    e,
+                    var("BENCH_S3_BUCKET").expect("BENCH_S3_BUCKET goes with BENCH_S3_ENDPOINT"),
+                )
+            }),
+            bin: env!("CARGO_BIN_EXE_pending-uploads").to_string(),
+            reference_bin,
+            work_dir,
+            python: var("BENCH_PYTHON"),
+            psql: var("BENCH_PSQL").or_else(|| which("psql")),
+            aws_cli: var("BENCH_AWS_CLI"),
+            hey: var("BENCH_HEY").or_else(|| which("hey")),
+        }
+    }
+}
+
+pub fn which(name: &str) -> Option<String> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+            .map(|p| p.display().to_string())
+    })
+}
+
+/// A service process; killed when dropped.
+pub struct Service {
+    child: Child,
+    pub base: String,
+    pub log: PathBuf,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a service is started with.
+pub struct Spec<'a> {
+    pub bin: &'a str,
+    pub db: &'a str,
+    pub backend: &'a str,
+    pub prefix: &'a str,
+    pub extra: &'a [(&'a str, &'a str)],
+}
+
+impl Service {
+    pub async fn start(env: &Env, spec: Spec<'_>) -> Service {
+        let port = free_port();
+        let log = env.work_dir.join(format!("service-{port}.log"));
+        let mut cmd = base_command(env, spec.bin, spec.db, spec.backend, spec.prefix);
+        cmd.env("BIND_ADDR", format!("127.0.0.1:{port}"))
+            .env("ADMIN_TOKEN", ADMIN)
+            .env("SPOOL_DIR", env.work_dir.join("spool"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("create the service log"));
+        for (k, v) in spec.extra {
+            cmd.env(k, v);
+        }
+        let mut svc = Service {
+            child: cmd.spawn().expect("start the service"),
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+        };
+        let client = reqwest::Client::new();
+        for _ in 0..600 {
+            if client
+                .get(format!("{}/readyz", svc.base))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                return svc;
+            }
+            if let Ok(Some(status)) = svc.child.try_wait() {
+                panic!(
+                    "the service exited ({status}) before it was ready; log:\n{}",
+                    std::fs::read_to_string(&svc.log).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("service did not become ready; log in {}", svc.log.display());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn status_mib(&self, field: &str) -> f64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(f64::NAN)
+    }
+
+    /// Peak resident set size since the last reset (VmHWM), in MiB.
+    pub fn peak_rss_mib(&self) -> f64 {
+        self.status_mib("VmHWM:")
+    }
+
+    /// Resident set size now (VmRSS), in MiB.
+    pub fn rss_mib(&self) -> f64 {
+        self.status_mib("VmRSS:")
+    }
+
+    /// Resets VmHWM to the current RSS (Linux `clear_refs` 5).
+    pub fn reset_peak(&self) {
+        let _ = std::fs::write(format!("/proc/{}/clear_refs", self.pid()), "5");
+    }
+}
+
+/// The binary with the database, backend and S3 settings, and the bench's defaults where the
+/// caller's environment does not set them (a subcommand or a server).
+pub fn base_command(env: &Env, bin: &str, db: &str, backend: &str, prefix: &str) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.env("DATABASE_URL", db)
+        .env("PENDING_UPLOADS_BACKEND", backend)
+        .env("PENDING_UPLOADS_S3_PREFIX", prefix)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for (k, v) in SERVICE_DEFAULTS {
+        if std::env::var_os(k).is_none() {
+            cmd.env(k, v);
+        }
+    }
+    if let Some((endpoint, bucket)) = &env.s3 {
+        cmd.env("PENDING_UPLOADS_S3_BUCKET", bucket)
+            .env("AWS_ENDPOINT_URL", endpoint);
+    }
+    cmd
+}
+
+/// The settings a service runs with in this bench, for the report's header.
+pub fn service_settings() -> String {
+    SERVICE_DEFAULTS
+        .iter()
+        .map(|(k, v)| {
+            let v = std::env::var(k).unwrap_or_else(|_| v.to_string());
+            format!("{k}={v}")
+        })
+        .chain(
+            ["DATABASE_MAX_CONNECTIONS", "PENDING_UPLOADS_S3_CHECKSUM"]
+                .iter()
+                .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}"))),
+        )
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Expires every row of `db` and runs one sweep (rows and their objects go), so cells do not
+/// pile data up.
+pub async fn sweep_all(env: &Env, bin: &str, db: &str, backend: &str, prefix: &str) {
+    let mut c = PgConnection::connect(db).await.unwrap();
+    sqlx::query("UPDATE pending_uploads SET expires_at = now() - interval '1 second'")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    c.close().await.unwrap();
+    let mut sweep = tokio::process::Command::from(base_command(env, bin, db, backend, prefix));
+    let out = sweep.arg("sweep").output().await.unwrap();
+    assert!(out.status.success(), "sweep failed");
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub async fn fresh_db(server: &str) -> String {
+    let name = format!("bench_{}", Uuid::new_v4().simple());
+    let mut conn = PgConnection::connect(server)
+        .await
+        .expect("connect BENCH_DATABASE_URL");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let (prefix, _) = server.rsplit_once('/').unwrap();
+    format!("{prefix}/{name}")
+}
+
+pub fn db_name(db: &str) -> &str {
+    db.rsplit('/').next().unwrap()
+}
+
+pub async fn drop_db(server: &str, db: &str) {
+    let mut conn = PgConnection::connect(server).await.unwrap();
+    let _ = sqlx::query(&format!(
+        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+        db_name(db)
+    ))
+    .execute(&mut conn)
+    .await;
+}
+
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .tcp_nodelay(true)
+        .build()
+        .unwrap()
+}
+
+/// A poll workspace: its id and its own token (downloads, acks and polls use it; uploads use
+/// the admin token, as the canvas does).
+#[derive(Clone)]
+pub struct Ws {
+    pub id: String,
+    pub token: String,
+}
+
+pub async fn workspace(http: &reqwest::Client, base: &str) -> Ws {
+    let ws: Value = http
+        .post(format!("{base}/workspaces"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "bench", "delivery_mode": "poll"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    Ws {
+        id: ws["id"].as_str().unwrap().to_string(),
+        token: ws["auth_token"].as_str().unwrap().to_string(),
+    }
+}
+
+pub async fn workspaces(http: &reqwest::Client, base: &str, n: usize) -> Vec<Ws> {
+    concurrently(n, 8, |_| workspace(http, base)).await
+}
+
+/// The bench's payload: byte i is i % 251 (the direct clients send the same).
+pub fn payload(size: usize) -> Bytes {
+    Bytes::from((0..size).map(|i| (i % 251) as u8).collect::<Vec<u8>>())
+}
+
+/// One multipart upload of one file, as the canvas sends it; returns the file id.
+pub async fn upload(
+    http: &reqwest::Client,
+    base: &str,
+    ws: &str,
+    payload: &Bytes,
+    name: &str,
+) -> String {
+    let part = reqwest::multipart::Part::stream_with_length(
+        reqwest::Body::from(payload.clone()),
+        payload.len() as u64,
+    )
+    .file_name(name.to_string())
+    .mime_str("application/octet-stream")
+    .unwrap();
+    let resp = http
+        .post(format!("{base}/workspaces/{ws}/chat/uploads"))
+        .bearer_auth(ADMIN)
+        .multipart(reqwest::multipart::Form::new().part("files", part))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    assert!(status.is_success(), "upload: {status} {body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    file_id(&v["files"][0])
+}
+
+/// The file id of an upload answer's entry (`platform-pending:<ws>/<file>`).
+pub fn file_id(entry: &Value) -> String {
+    entry["uri"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// GET content, read fully; returns the bytes read.
+pub async fn download(http: &reqwest::Client, base: &str, ws: &Ws, id: &str) -> usize {
+    let mut resp = http
+        .get(format!(
+            "{base}/workspaces/{}/pending-uploads/{id}/content",
+            ws.id
+        ))
+        .bearer_auth(&ws.token)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "download: {}", resp.status());
+    let mut n = 0;
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        n += chunk.len();
+    }
+    n
+}
+
+pub async fn ack(http: &reqwest::Client, base: &str, ws: &Ws, id: &str) {
+    let resp = http
+        .post(format!(
+            "{base}/workspaces/{}/pending-uploads/{id}/ack",
+            ws.id
+        ))
+        .bearer_auth(&ws.token)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "ack: {}", resp.status());
+}
+
+/// Uploads `files` copies of `payload` with `concurrency` in flight, file `i` to workspace
+/// `i % wss.len()`; returns (workspace index, file id) pairs.
+pub async fn upload_all(
+    http: &reqwest::Client,
+    base: &str,
+    wss: &[Ws],
+    payload: &Bytes,
+    files: usize,
+    concurrency: usize,
+) -> Vec<(usize, String)> {
+    concurrently(files, concurrency, |i| {
+        let w = i % wss.len();
+        let ws = &wss[w].id;
+        async move {
+            (
+                w,
+                upload(http, base, ws, payload, &format!("f{i}.bin")).await,
+            )
+        }
+    })
+    .await
+}
+
+/// Downloads every file with `concurrency` in flight; returns the bytes read.
+pub async fn download_all(
+    http: &reqwest::Client,
+    base: &str,
+    wss: &[Ws],
+    ids: &[(usize, String)],
+    concurrency: usize,
+) -> usize {
+    concurrently(ids.len(), concurrency, |i| {
+        let (w, id) = &ids[i];
+        download(http, base, &wss[*w], id)
+    })
+    .await
+    .iter()
+    .sum()
+}
+
+/// Runs `f(0)`, …, `f(n - 1)` with `concurrency` in flight; results in completion order.
+pub async fn concurrently<T, F, Fut>(n: usize, concurrency: usize, f: F) -> Vec<T>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    stream::iter(0..n)
+        .map(f)
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await
+}
+
+/// Times `f`; returns its output and the seconds it took.
+pub async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, f64) {
+    let started = Instant::now();
+    let out = f.await;
+    (out, started.elapsed().as_secs_f64())
+}
+
+pub fn mb_per_s(bytes: usize, secs: f64) -> f64 {
+    bytes as f64 / 1e6 / secs
+}
+
+pub fn human(size: usize) -> String {
+    match size {
+        s if s >= 1 << 20 && s % (1 << 20) == 0 => format!("{} MiB", s >> 20),
+        s if s >= 1 << 10 && s % (1 << 10) == 0 => format!("{} KiB", s >> 10),
+        s if s >= 1_000_000 && s % 1_000_000 == 0 => format!("{} MB", s / 1_000_000),
+        s => format!("{s} B"),
+    }
+}
+
+/// `1024`, `1KiB`, `20MiB`, `1GiB` (also KB/MB = 1000-based).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(digits);
+    let n: usize = n.parse().map_err(|_| format!("bad size {s:?}"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "kb" => 1000,
+        "mb" => 1_000_000,
+        _ => return Err(format!("bad size unit in {s:?}")),
+    };
+    Ok(n * mult)
+}
+
+/// The value at quantile `p` of sorted milliseconds (nearest rank).
+pub fn quantile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+pub fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    quantile(&xs, 0.5)
+}
+
+/// Raises this process's open-file limit to its hard limit (the long-poll suite holds 10,000
+/// sockets; services started afterwards inherit it).
+#[allow(clippy::unnecessary_cast)] // rlim_t is not u64 everywhere
+pub fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+    lim.rlim_cur as u64
+}

@@ -1,0 +1,217 @@
+//! `latency`: p50/p99 of the workspace's hot requests at ~1,000 req/s offered, with `hey`
+//! (`-c W -q R/W`: W workers, each throttled to R/W requests per second, per
+//! shared/ENVIRONMENT.md) sharing the machine with the service and PostgreSQL. Each route is
+//! warmed up first; hey's per-request CSV gives the percentiles and the achieved rate.
+
+use serde_json::Value;
+
+use crate::harness::{drop_db, fresh_db, http_client, Env, Service, Spec, Ws, ADMIN};
+
+pub struct Opts {
+    pub seconds: u64,
+    pub warmup: u64,
+    pub rate: u64,
+    pub workers: u64,
+}
+
+struct Route {
+    name: &'static str,
+    method: &'static str,
+    url: String,
+    token: String,
+}
+
+struct Figures {
+    requests: usize,
+    failed: usize,
+    rate: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+}
+
+pub async fn run(env: &Env, o: &Opts) {
+    let Some(hey) = env.hey.clone() else {
+        println!("\nLatency: skipped, `hey` is not installed (scripts/bench.sh installs it with apt-get).");
+        return;
+    };
+    let db = fresh_db(&env.server).await;
+    let svc = Service::start(
+        env,
+        Spec {
+            bin: &env.bin,
+            db: &db,
+            backend: "bytea",
+            prefix: "unused/",
+            extra: &[],
+        },
+    )
+    .await;
+    let http = http_client();
+    let base = svc.base.clone();
+    let ws = crate::harness::workspace(&http, &base).await;
+    let listed = crate::harness::workspace(&http, &base).await;
+    // 256 files of 1 KiB in `ws` (the activity feed, the content and the ack), 64 pending in
+    // `listed` (the list)
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.extend(upload_batch(&http, &base, &ws, 64).await);
+    }
+    upload_batch(&http, &base, &listed, 64).await;
+    let feed: Vec<Value> = http
+        .get(format!(
+            "{base}/workspaces/{}/activity?type=a2a_receive&limit=5",
+            ws.id
+        ))
+        .bearer_auth(&ws.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // newest first: the fifth newest row, so each poll answers the 4 rows after it
+    let cursor = feed.last().unwrap()["id"].as_str().unwrap().to_string();
+    let file = &ids[ids.len() / 2];
+    let routes = [
+        Route {
+            name: "GET activity (type=a2a_receive, since_id = 5th newest row, limit 100; 4 rows)",
+            method: "GET",
+            url: format!(
+                "{base}/workspaces/{}/activity?type=a2a_receive&since_id={cursor}&limit=100",
+                ws.id
+            ),
+            token: ws.token.clone(),
+        },
+        Route {
+            name: "GET pending-uploads (64 pending)",
+            method: "GET",
+            url: format!("{base}/workspaces/{}/pending-uploads", listed.id),
+            token: listed.token.clone(),
+        },
+        Route {
+            name: "GET content (1 KiB, bytea)",
+            method: "GET",
+            url: format!("{base}/workspaces/{}/pending-uploads/{file}/content", ws.id),
+            token: ws.token.clone(),
+        },
+        Route {
+            name: "POST ack (the same 1 KiB file, repeated)",
+            method: "POST",
+            url: format!("{base}/workspaces/{}/pending-uploads/{file}/ack", ws.id),
+            token: ws.token.clone(),
+        },
+    ];
+    let mut results = Vec::new();
+    for r in &routes {
+        hey_run(&hey, r, o.warmup, o).await;
+        let f = hey_run(&hey, r, o.seconds, o).await;
+        eprintln!(
+            "latency {}: p50 {:.2} ms, p99 {:.2} ms, {:.0} req/s",
+            r.name, f.p50, f.p99, f.rate
+        );
+        results.push((r.name, f));
+    }
+    drop(svc);
+    drop_db(&env.server, &db).await;
+    println!(
+        "\nLatency at {} req/s offered (hey -z {}s -c {} -q {}, after a {} s warm-up per route; bytea; service, PostgreSQL and hey on this machine):\n",
+        o.rate,
+        o.seconds,
+        o.workers,
+        o.rate / o.workers,
+        o.warmup
+    );
+    println!(
+        "| request | requests | non-2xx | achieved req/s | p50 ms | p90 ms | p99 ms | max ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (name, f) in results {
+        println!(
+            "| {name} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} |",
+            f.requests, f.failed, f.rate, f.p50, f.p90, f.p99, f.max
+        );
+    }
+    println!("\nhey's workers wait for their own previous response, so a stall also lowers the achieved rate: compare it with the offered rate.");
+}
+
+async fn upload_batch(http: &reqwest::Client, base: &str, ws: &Ws, n: usize) -> Vec<String> {
+    let mut form = reqwest::multipart::Form::new();
+    for i in 0..n {
+        form = form.part(
+            "files",
+            reqwest::multipart::Part::bytes(vec![b'x'; 1024]).file_name(format!("l{i}.txt")),
+        );
+    }
+    let v: Value = http
+        .post(format!("{base}/workspaces/{}/chat/uploads", ws.id))
+        .bearer_auth(ADMIN)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(crate::harness::file_id)
+        .collect()
+}
+
+async fn hey_run(hey: &str, r: &Route, seconds: u64, o: &Opts) -> Figures {
+    let out = tokio::process::Command::new(hey)
+        .args(["-z", &format!("{seconds}s")])
+        .args(["-c", &o.workers.to_string()])
+        .args(["-q", &(o.rate / o.workers).max(1).to_string()])
+        .args(["-m", r.method])
+        .args(["-H", &format!("Authorization: Bearer {}", r.token)])
+        .args(["-o", "csv"])
+        .arg(&r.url)
+        .output()
+        .await
+        .expect("run hey");
+    assert!(
+        out.status.success(),
+        "hey failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_csv(&String::from_utf8_lossy(&out.stdout), seconds as f64)
+}
+
+/// hey's CSV: response-time (s), …, status-code, offset (s).
+fn parse_csv(text: &str, seconds: f64) -> Figures {
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or("").split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name);
+    let (rt, status) = (
+        col("response-time").expect("hey csv: response-time"),
+        col("status-code").expect("hey csv: status-code"),
+    );
+    let mut ms = Vec::new();
+    let mut failed = 0;
+    for l in lines {
+        let f: Vec<&str> = l.split(',').collect();
+        let Some(t) = f.get(rt).and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
+        if !f.get(status).is_some_and(|s| s.starts_with('2')) {
+            failed += 1;
+        }
+        ms.push(t * 1000.0);
+    }
+    ms.sort_by(f64::total_cmp);
+    let q = |p| crate::harness::quantile(&ms, p);
+    Figures {
+        requests: ms.len(),
+        failed,
+        rate: ms.len() as f64 / seconds,
+        p50: q(0.5),
+        p90: q(0.9),
+        p99: q(0.99),
+        max: ms.last().copied().unwrap_or(f64::NAN),
+    }
+}

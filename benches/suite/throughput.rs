@@ -1,0 +1,303 @@
+//! `throughput`: upload and download MB/s through the service (multipart POST as the canvas
+//! sends it; GET content read fully) next to the direct ceiling measured in the same run,
+//! interleaved (service upload, direct upload, service download, direct download), per
+//! backend × size × concurrency, with the service's peak RSS per direction.
+
+use crate::{
+    direct::{self, Chosen, Dir, Target},
+    harness::{
+        download_all, drop_db, fresh_db, human, mb_per_s, median, payload, sweep_all, timed,
+        upload_all, workspaces, Env, Service, Spec,
+    },
+};
+
+/// How the direct clients are picked.
+#[derive(Clone, Debug)]
+pub enum DirectMode {
+    /// Calibrate every candidate on the calibration cells, then use the fastest.
+    Auto,
+    /// Run every candidate in every cell and report the best (slower; the strictest ceiling).
+    All,
+    /// These clients only (names as in the calibration table, or direct.py's client names).
+    Named(Vec<String>),
+}
+
+pub struct Opts {
+    pub backends: Vec<String>,
+    pub sizes: Vec<usize>,
+    pub concurrency: Vec<usize>,
+    /// Bytes a cell aims to move per direction (files = this / size, at least one per lane,
+    /// rounded up to a multiple of the concurrency).
+    pub cell_bytes: usize,
+    /// A fixed number of files per cell instead (smoke tests).
+    pub files: Option<usize>,
+    pub rounds: usize,
+    pub workspaces: usize,
+    pub direct: DirectMode,
+    pub calibrate: Vec<(usize, usize)>,
+    pub calibrate_rounds: usize,
+}
+
+impl Opts {
+    pub fn files_for(&self, size: usize, conc: usize) -> usize {
+        if let Some(n) = self.files {
+            return n.max(1);
+        }
+        let n = self.cell_bytes.div_ceil(size).max(conc);
+        n.div_ceil(conc) * conc
+    }
+}
+
+struct Row {
+    backend: String,
+    size: usize,
+    conc: usize,
+    files: usize,
+    up: f64,
+    up_direct: (f64, &'static str),
+    down: f64,
+    down_direct: (f64, &'static str),
+    rss_up: f64,
+    rss_down: f64,
+}
+
+pub async fn run(env: &Env, o: &Opts) {
+    let mut rows = Vec::new();
+    let mut used = Vec::new();
+    for backend in &o.backends {
+        let db = fresh_db(&env.server).await;
+        let prefix = format!("bench-{}/", uuid::Uuid::new_v4().simple());
+        let svc = Service::start(
+            env,
+            Spec {
+                bin: &env.bin,
+                db: &db,
+                backend,
+                prefix: &prefix,
+                extra: &[],
+            },
+        )
+        .await;
+        let target = Target {
+            backend: backend.clone(),
+            db: db.clone(),
+            key_prefix: format!("{prefix}direct/"),
+        };
+        let chosen = match &o.direct {
+            DirectMode::Auto => {
+                let (chosen, trials) =
+                    direct::calibrate(env, &target, &o.calibrate, o.calibrate_rounds, |s, c| {
+                        o.files_for(s, c)
+                    })
+                    .await;
+                direct::print_calibration(
+                    backend,
+                    &o.calibrate,
+                    o.calibrate_rounds,
+                    &trials,
+                    &chosen,
+                );
+                chosen
+            }
+            DirectMode::All => Chosen {
+                up: direct::candidates(env, backend, Dir::Up),
+                down: direct::candidates(env, backend, Dir::Down),
+            },
+            DirectMode::Named(names) => Chosen {
+                up: direct::by_name(env, backend, Dir::Up, names),
+                down: direct::by_name(env, backend, Dir::Down, names),
+            },
+        };
+        assert!(
+            !chosen.up.is_empty() && !chosen.down.is_empty(),
+            "no direct client for {backend} matches --direct"
+        );
+        used.push((backend.clone(), chosen_names(&chosen)));
+        for &size in &o.sizes {
+            let data = payload(size);
+            for &conc in &o.concurrency {
+                let files = o.files_for(size, conc);
+                let wss = workspaces(&http(), &svc.base, o.workspaces.max(1)).await;
+                let mut m = Measured::default();
+                for _ in 0..o.rounds.max(1) {
+                    m.round(env, &svc, &target, &chosen, &wss, &data, files, conc)
+                        .await;
+                    sweep_all(env, &env.bin, &db, backend, &prefix).await;
+                    target.cleanup(env, files).await;
+                }
+                let row = m.row(backend, size, conc, files);
+                eprintln!(
+                    "throughput {backend} {} c{conc} x{files}: up {:.1} / {:.1} MB/s, down {:.1} / {:.1} MB/s, RSS {:.0} / {:.0} MiB",
+                    human(size),
+                    row.up,
+                    row.up_direct.0,
+                    row.down,
+                    row.down_direct.0,
+                    row.rss_up,
+                    row.rss_down
+                );
+                rows.push(row);
+            }
+        }
+        drop(svc);
+        drop_db(&env.server, &db).await;
+    }
+    print(o, &rows, &used);
+}
+
+fn http() -> reqwest::Client {
+    crate::harness::http_client()
+}
+
+fn chosen_names(c: &Chosen) -> String {
+    let names = |v: &[direct::Client]| v.iter().map(|c| c.name).collect::<Vec<_>>().join(" / ");
+    format!("upload {}; download {}", names(&c.up), names(&c.down))
+}
+
+/// One cell's rounds: every figure of every round, medians taken at the end.
+#[derive(Default)]
+struct Measured {
+    up: Vec<f64>,
+    down: Vec<f64>,
+    up_direct: Vec<(f64, &'static str)>,
+    down_direct: Vec<(f64, &'static str)>,
+    rss_up: Vec<f64>,
+    rss_down: Vec<f64>,
+}
+
+impl Measured {
+    #[allow(clippy::too_many_arguments)]
+    async fn round(
+        &mut self,
+        env: &Env,
+        svc: &Service,
+        target: &Target,
+        chosen: &Chosen,
+        wss: &[crate::harness::Ws],
+        data: &bytes::Bytes,
+        files: usize,
+        conc: usize,
+    ) {
+        let http = http();
+        let total = data.len() * files;
+        svc.reset_peak();
+        let (ids, secs) = timed(upload_all(&http, &svc.base, wss, data, files, conc)).await;
+        self.up.push(mb_per_s(total, secs));
+        self.rss_up.push(svc.peak_rss_mib());
+
+        let mut best = (0.0, "none");
+        let mut written = false;
+        for c in &chosen.up {
+            target.reset().await;
+            let rate = direct::run(env, c, target, Dir::Up, data, files, conc).await;
+            written = rate.is_ok();
+            best = better(best, c.name, rate);
+        }
+        if !written {
+            target.fill(env, data, files, conc).await;
+        }
+        self.up_direct.push(best);
+
+        svc.reset_peak();
+        let (read, secs) = timed(download_all(&http, &svc.base, wss, &ids, conc)).await;
+        assert_eq!(read, total, "service download read fewer bytes");
+        self.down.push(mb_per_s(total, secs));
+        self.rss_down.push(svc.peak_rss_mib());
+
+        let mut best = (0.0, "none");
+        for c in &chosen.down {
+            best = better(
+                best,
+                c.name,
+                direct::run(env, c, target, Dir::Down, data, files, conc).await,
+            );
+        }
+        self.down_direct.push(best);
+    }
+
+    fn row(self, backend: &str, size: usize, conc: usize, files: usize) -> Row {
+        let med_named = |v: Vec<(f64, &'static str)>| {
+            let m = median(v.iter().map(|x| x.0).collect());
+            let name = v
+                .iter()
+                .min_by(|a, b| (a.0 - m).abs().total_cmp(&(b.0 - m).abs()))
+                .map(|x| x.1)
+                .unwrap_or("none");
+            (m, name)
+        };
+        Row {
+            backend: backend.into(),
+            size,
+            conc,
+            files,
+            up: median(self.up),
+            up_direct: med_named(self.up_direct),
+            down: median(self.down),
+            down_direct: med_named(self.down_direct),
+            rss_up: median(self.rss_up),
+            rss_down: median(self.rss_down),
+        }
+    }
+}
+
+fn better(
+    best: (f64, &'static str),
+    name: &'static str,
+    rate: Result<f64, String>,
+) -> (f64, &'static str) {
+    match rate {
+        Ok(r) if r > best.0 => (r, name),
+        Ok(_) => best,
+        Err(e) => {
+            eprintln!("  direct {name} failed: {e}");
+            best
+        }
+    }
+}
+
+fn print(o: &Opts, rows: &[Row], used: &[(String, String)]) {
+    let per_cell = !matches!(o.direct, DirectMode::Auto | DirectMode::Named(_))
+        || used.iter().any(|(_, n)| n.contains(" / "));
+    println!(
+        "\nThroughput, service vs direct (same bytes, same concurrency, same run; {}; uploads to {} workspace(s); peak RSS = service VmHWM reset per direction{}):\n",
+        if o.rounds > 1 {
+            format!("median of {} interleaved rounds", o.rounds)
+        } else {
+            "service and direct interleaved".to_string()
+        },
+        o.workspaces.max(1),
+        if per_cell { "; direct = the best client in each cell" } else { "" }
+    );
+    println!("| backend | size | conc | files | upload MB/s service | upload MB/s direct | upload ratio | download MB/s service | download MB/s direct | download ratio | peak RSS MiB up / down |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let name = |n: &str| {
+            if per_cell {
+                format!(" ({n})")
+            } else {
+                String::new()
+            }
+        };
+        println!(
+            "| {} | {} | {} | {} | {:.1} | {:.1}{} | {:.2} | {:.1} | {:.1}{} | {:.2} | {:.0} / {:.0} |",
+            r.backend,
+            human(r.size),
+            r.conc,
+            r.files,
+            r.up,
+            r.up_direct.0,
+            name(r.up_direct.1),
+            r.up / r.up_direct.0,
+            r.down,
+            r.down_direct.0,
+            name(r.down_direct.1),
+            r.down / r.down_direct.0,
+            r.rss_up,
+            r.rss_down
+        );
+    }
+    println!();
+    for (backend, names) in used {
+        println!("Direct clients, {backend}: {names}.");
+    }
+}
