@@ -10,7 +10,7 @@ use futures::Stream;
 use crate::digest::Digester;
 
 /// Chunk size for reading a spool back (into Postgres or S3).
-pub const READ_CHUNK: usize = 256 * 1024;
+pub const READ_CHUNK: usize = 128 * 1024;
 
 pub struct SpoolWriter {
     file: Arc<File>,

@@ -1,6 +1,8 @@
 //! `memory`: the service's peak RSS (VmHWM, reset before each phase) with N files of one size
 //! in flight at once, uploads then downloads, per backend: 16 × 20 MiB, 4 × 20 MiB and
 //! 4 × 100 MB by default, side by side, so growth with file size shows at equal concurrency.
+//! Each cell gets a service of its own: the allocator keeps what an earlier cell freed, so a
+//! shared service would report the largest cell so far.
 
 use crate::harness::{
     download_all, drop_db, fresh_db, http_client, human, mb_per_s, payload, sweep_all, timed,
@@ -12,22 +14,23 @@ pub async fn run(env: &Env, backends: &[String], cells: &[(usize, usize)]) {
     for backend in backends {
         let db = fresh_db(&env.server).await;
         let prefix = format!("bench-{}/", uuid::Uuid::new_v4().simple());
-        let svc = Service::start(
-            env,
-            Spec {
-                bin: &env.bin,
-                db: &db,
-                backend,
-                prefix: &prefix,
-                extra: &[],
-            },
-        )
-        .await;
         let http = http_client();
-        let ws = [workspace(&http, &svc.base).await];
-        let idle = svc.rss_mib();
+        let mut idle = 0.0f64;
         let mut figures = Vec::new();
         for &(files, size) in cells {
+            let svc = Service::start(
+                env,
+                Spec {
+                    bin: &env.bin,
+                    db: &db,
+                    backend,
+                    prefix: &prefix,
+                    extra: &[],
+                },
+            )
+            .await;
+            let ws = [workspace(&http, &svc.base).await];
+            idle = idle.max(svc.rss_mib());
             let data = payload(size);
             svc.reset_peak();
             let (ids, up_secs) =
@@ -44,10 +47,10 @@ pub async fn run(env: &Env, backends: &[String], cells: &[(usize, usize)]) {
                 mb_per_s(files * size, down_secs)
             );
             figures.push((up, down));
+            drop(svc);
             sweep_all(env, &env.bin, &db, backend, &prefix).await;
         }
         rows.push((backend.clone(), idle, figures));
-        drop(svc);
         drop_db(&env.server, &db).await;
     }
     println!("\nService peak RSS MiB (VmHWM) with N files in flight at once, uploads then downloads (all N start together, one workspace):\n");

@@ -14,7 +14,7 @@ use super::{ByteRange, ByteStream, Location, StorageError};
 use crate::db::{self, Db};
 
 /// Bytes per slice: bounds memory per download.
-pub const READ_CHUNK: u64 = 1024 * 1024;
+pub const READ_CHUNK: u64 = 256 * 1024;
 
 /// Slices of one download being fetched at once: one ahead of the one being sent.
 const PREFETCH: usize = 2;
