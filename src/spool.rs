@@ -5,12 +5,15 @@
 use std::{fs::File, io, os::unix::fs::FileExt, path::Path, sync::Arc};
 
 use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 
 use crate::digest::Digester;
 
 /// Chunk size for reading a spool back (into Postgres or S3).
 pub const READ_CHUNK: usize = 128 * 1024;
+
+/// Chunks of one read-back in flight: the one being sent and the next.
+const READ_AHEAD: usize = 2;
 
 pub struct SpoolWriter {
     file: Arc<File>,
@@ -76,27 +79,28 @@ impl Spool {
     }
 
     /// The bytes from the start, in chunks. Each call is an independent reader (positional
-    /// reads), so a retried S3 PUT can simply read again.
+    /// reads), so a retried S3 PUT can simply read again. The next chunk is read while the
+    /// current one is being sent ([`READ_AHEAD`] in flight): a COPY or a PUT does not wait a
+    /// disk read and a thread hop between its chunks.
     pub fn chunks(&self) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
         let file = self.file.clone();
         let size = self.size;
-        futures::stream::try_unfold(0u64, move |offset| {
-            let file = file.clone();
-            async move {
-                if offset >= size {
-                    return Ok(None);
-                }
+        futures::stream::iter((0..size).step_by(READ_CHUNK))
+            .map(move |offset| {
+                let file = file.clone();
                 let len = READ_CHUNK.min((size - offset) as usize);
-                let buf = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; len];
-                    file.read_exact_at(&mut buf, offset)?;
-                    Ok::<_, io::Error>(buf)
-                })
-                .await
-                .map_err(io::Error::other)??;
-                Ok(Some((Bytes::from(buf), offset + len as u64)))
-            }
-        })
+                async move {
+                    let buf = tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; len];
+                        file.read_exact_at(&mut buf, offset)?;
+                        Ok::<_, io::Error>(buf)
+                    })
+                    .await
+                    .map_err(io::Error::other)??;
+                    Ok(Bytes::from(buf))
+                }
+            })
+            .buffered(READ_AHEAD)
     }
 }
 
