@@ -206,7 +206,7 @@ pub async fn insert(
     if row.location.inline {
         head.put_i32(row.spool.size as i32); // content length, then the bytes themselves
         copy.send(head.freeze()).await?;
-        let mut chunks = std::pin::pin!(row.spool.chunks());
+        let mut chunks = std::pin::pin!(row.spool.chunks_ahead());
         while let Some(chunk) = chunks.try_next().await? {
             tokio::time::timeout(step, copy.send(chunk))
                 .await
