@@ -288,14 +288,13 @@ impl Leaks {
 
 /// What a connection reset in place of an answer is, while a dependency is down.
 ///
-/// KNOWN DEFECT D1 (found by this suite; see tests/chaos/README.md): an upload refused
+/// Defect D1 (found by this suite, fixed; see tests/chaos/README.md): an upload refused
 /// before its body is read (database unavailable at the token, workspace or quota lookup)
-/// is answered 503 without `Connection: close`, and the server then closes the connection
-/// with the rest of the body unread. A client still sending gets EPIPE/ECONNRESET instead of
-/// the 503, and a keep-alive client's next request on that connection fails. This check
-/// stays, so it fails until the service drains (or lingers) before closing.
+/// was answered 503 without `Connection: close`, and the server then closed the connection
+/// with the rest of the body unread: a client still sending got EPIPE/ECONNRESET instead of
+/// the 503. The check stays so that it cannot come back.
 pub const RESET_NOT_503: &str =
-    "connection reset instead of a 503 with Retry-After (known defect D1: early upload refusal closes the connection unannounced)";
+    "connection reset instead of a 503 with Retry-After (defect D1: early upload refusal closes the connection unannounced)";
 
 /// A 503 as SPEC §10 wants it during a fault: Retry-After and one of the expected codes.
 pub fn clean_503(o: &Outcome, codes: &[&str]) -> Result<(), String> {
