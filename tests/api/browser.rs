@@ -5,8 +5,8 @@
 //! request code as the canvas does (notes/compat-brief.md §1: `credentials: "include"`,
 //! `Authorization: Bearer <admin token>`, `X-Molecule-Org-Slug`, FormData upload, preview read
 //! as a blob), writes what it saw as JSON into `<pre id="result">` and posts it back to the
-//! page server, where the test takes it. Chromium is required: the test fails, never skips, without it
-//! (scripts/ensure-chromium.sh installs it).
+//! page server, where the test takes it. Chromium is required: the test fails, never skips,
+//! without it (scripts/ensure-chromium.sh installs it).
 
 use std::{
     path::Path,
@@ -196,8 +196,8 @@ main()
 </body></html>
 "#;
 
-/// Serves `page` at `/` of a loopback listener (the page's origin).
-/// and takes the page's result at `POST /result`.
+/// Serves `page` at `/` of a loopback listener (the page's origin), and takes the page's
+/// result at `POST /result`.
 fn serve_page(
     listener: tokio::net::TcpListener,
     page: String,
