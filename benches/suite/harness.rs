@@ -348,18 +348,30 @@ pub fn file_id(entry: &Value) -> String {
         .to_string()
 }
 
-/// GET content, read fully; returns the bytes read.
-pub async fn download(http: &reqwest::Client, base: &str, ws: &Ws, id: &str) -> usize {
-    let mut resp = http
-        .get(format!(
-            "{base}/workspaces/{}/pending-uploads/{id}/content",
-            ws.id
-        ))
+/// `GET {base}/workspaces/{ws}/{path}` with the workspace's token; a non-2xx panics.
+pub async fn ws_get(http: &reqwest::Client, base: &str, ws: &Ws, path: &str) -> reqwest::Response {
+    let resp = http
+        .get(format!("{base}/workspaces/{}/{path}", ws.id))
         .bearer_auth(&ws.token)
         .send()
         .await
         .unwrap();
-    assert!(resp.status().is_success(), "download: {}", resp.status());
+    assert!(resp.status().is_success(), "GET {path}: {}", resp.status());
+    resp
+}
+
+/// The rows of `GET …/activity?{query}` (newest first unless `since_id` is given).
+pub async fn activity(http: &reqwest::Client, base: &str, ws: &Ws, query: &str) -> Vec<Value> {
+    ws_get(http, base, ws, &format!("activity?{query}"))
+        .await
+        .json()
+        .await
+        .unwrap()
+}
+
+/// GET content, read fully; returns the bytes read.
+pub async fn download(http: &reqwest::Client, base: &str, ws: &Ws, id: &str) -> usize {
+    let mut resp = ws_get(http, base, ws, &format!("pending-uploads/{id}/content")).await;
     let mut n = 0;
     while let Some(chunk) = resp.chunk().await.unwrap() {
         n += chunk.len();

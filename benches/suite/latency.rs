@@ -59,18 +59,7 @@ pub async fn run(env: &Env, o: &Opts) {
         ids.extend(upload_batch(&http, &base, &ws, 64).await);
     }
     upload_batch(&http, &base, &listed, 64).await;
-    let feed: Vec<Value> = http
-        .get(format!(
-            "{base}/workspaces/{}/activity?type=a2a_receive&limit=5",
-            ws.id
-        ))
-        .bearer_auth(&ws.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let feed = crate::harness::activity(&http, &base, &ws, "type=a2a_receive&limit=5").await;
     // newest first: the fifth newest row, so each poll answers the 4 rows after it
     let cursor = feed.last().unwrap()["id"].as_str().unwrap().to_string();
     let file = &ids[ids.len() / 2];

@@ -94,15 +94,7 @@ async fn seeded(http: &reqwest::Client, base: &str, n: usize) -> Vec<(Ws, String
         let data = &data;
         async move {
             upload(http, base, &ws.id, data, "seed.txt").await;
-            let rows: Vec<Value> = http
-                .get(format!("{base}/workspaces/{}/activity?limit=1", ws.id))
-                .bearer_auth(&ws.token)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let rows = crate::harness::activity(http, base, &ws, "limit=1").await;
             let cursor = rows[0]["id"].as_str().unwrap().to_string();
             (ws, cursor)
         }

@@ -6,12 +6,11 @@
 //! inside COMMIT. The top statements of each kind are listed.
 
 use bytes::Bytes;
-use serde_json::Value;
 use sqlx::{Connection, PgConnection, Row};
 
 use crate::harness::{
-    ack, db_name, download, drop_db, fresh_db, http_client, payload, upload, workspace, Env,
-    Service, Spec, Ws,
+    ack, activity, db_name, download, drop_db, fresh_db, http_client, payload, upload, workspace,
+    ws_get, Env, Service, Spec, Ws,
 };
 use crate::wire::{Counts, Proxy};
 
@@ -288,33 +287,17 @@ async fn seq_uploads(
 }
 
 async fn poll(http: &reqwest::Client, base: &str, ws: &Ws, since: &str) {
-    let r = http
-        .get(format!(
-            "{base}/workspaces/{}/activity?type=a2a_receive&since_id={since}&limit=100",
-            ws.id
-        ))
-        .bearer_auth(&ws.token)
-        .send()
+    let query = format!("type=a2a_receive&since_id={since}&limit=100");
+    ws_get(http, base, ws, &format!("activity?{query}"))
+        .await
+        .bytes()
         .await
         .unwrap();
-    assert!(r.status().is_success(), "activity: {}", r.status());
-    r.bytes().await.unwrap();
 }
 
 /// The id of the activity row that staged `file_id`.
 async fn activity_id_of(http: &reqwest::Client, base: &str, ws: &Ws, file_id: &str) -> String {
-    let rows: Vec<Value> = http
-        .get(format!(
-            "{base}/workspaces/{}/activity?type=a2a_receive&limit=500",
-            ws.id
-        ))
-        .bearer_auth(&ws.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rows = activity(http, base, ws, "type=a2a_receive&limit=500").await;
     rows.iter()
         .find(|r| r["request_body"]["file_id"].as_str() == Some(file_id))
         .or(rows.first())

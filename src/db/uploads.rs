@@ -233,7 +233,7 @@ fn stalled(step: Duration) -> sqlx::Error {
 /// The INSERT path of [`insert`]: no bytes (they are in S3), or at most one read chunk.
 async fn insert_small(conn: &mut PgConnection, row: &NewUpload<'_>) -> sqlx::Result<()> {
     let content: Option<Vec<u8>> = if row.location.inline {
-        Some(row.spool.chunks().map_ok(Vec::from).try_concat().await?)
+        Some(row.spool.read_all().await?)
     } else {
         None
     };
