@@ -484,6 +484,35 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
 }
 
 /// The value at quantile `p` of sorted milliseconds (nearest rank).
+/// The head of an HTTP/1.1 answer read so far.
+pub struct Head {
+    /// Bytes of the head, blank line included.
+    pub len: usize,
+    pub status: u16,
+    pub body_len: usize,
+    /// `Connection: close`: the connection ends with this answer.
+    pub close: bool,
+}
+
+/// Parses an answer's head once `buf` holds all of it (the bench's raw clients).
+pub fn response_head(buf: &[u8]) -> Option<Head> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    let field = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    Some(Head {
+        len: end + 4,
+        status: head.split_whitespace().nth(1)?.parse().ok()?,
+        body_len: field("content-length:")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        close: field("connection:") == Some("close"),
+    })
+}
+
 pub fn quantile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;

@@ -1,7 +1,11 @@
-//! `latency`: p50/p99 of the workspace's hot requests at ~1,000 req/s offered, with `hey`
-//! (`-c W -q R/W`: W workers, each throttled to R/W requests per second, per
-//! shared/ENVIRONMENT.md) sharing the machine with the service and PostgreSQL. Each route is
-//! warmed up first; hey's per-request CSV gives the percentiles and the achieved rate.
+//! `latency`: p50/p99 of the workspace's hot requests at ~1,000 req/s offered, sharing the
+//! machine with the service and PostgreSQL, from two generators:
+//! - this bench's own open-loop generator ([`crate::paced`]): evenly spaced requests, latency
+//!   counted from when each was due;
+//! - `hey` (`-c W -q R/W`: W workers, each throttled to R/W requests per second, per
+//!   shared/ENVIRONMENT.md), whose workers fire together and each wait for their own answer.
+//!
+//! Each route is warmed up first; hey's per-request CSV gives its percentiles.
 
 use serde_json::Value;
 
@@ -29,13 +33,11 @@ struct Figures {
     p90: f64,
     p99: f64,
     max: f64,
+    /// vCPU steal during the run, % (the paced runs measure it).
+    steal: Option<f64>,
 }
 
 pub async fn run(env: &Env, o: &Opts) {
-    let Some(hey) = env.hey.clone() else {
-        println!("\nLatency: skipped, `hey` is not installed (scripts/bench.sh installs it with apt-get).");
-        return;
-    };
     let db = fresh_db(&env.server).await;
     let svc = Service::start(
         env,
@@ -64,6 +66,13 @@ pub async fn run(env: &Env, o: &Opts) {
     let cursor = feed.last().unwrap()["id"].as_str().unwrap().to_string();
     let file = &ids[ids.len() / 2];
     let routes = [
+        // no database: what the machine itself gives (scheduling, vCPU steal, loopback)
+        Route {
+            name: "GET /healthz (no database: this machine's floor)",
+            method: "GET",
+            url: format!("{base}/healthz"),
+            token: ws.token.clone(),
+        },
         Route {
             name: "GET activity (type=a2a_receive, since_id = 5th newest row, limit 100; 4 rows)",
             method: "GET",
@@ -92,37 +101,72 @@ pub async fn run(env: &Env, o: &Opts) {
             token: ws.token.clone(),
         },
     ];
-    let mut results = Vec::new();
+    let addr = base.trim_start_matches("http://").to_string();
+    let mut paced = Vec::new();
+    let mut hey = Vec::new();
     for r in &routes {
-        hey_run(&hey, r, o.warmup, o).await;
-        let f = hey_run(&hey, r, o.seconds, o).await;
-        eprintln!(
-            "latency {}: p50 {:.2} ms, p99 {:.2} ms, {:.0} req/s",
-            r.name, f.p50, f.p99, f.rate
+        let request = format!(
+            "{} {} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Length: 0\r\n\r\n",
+            r.method,
+            r.url.trim_start_matches(&base),
+            r.token
         );
-        results.push((r.name, f));
+        crate::paced::run(&addr, &request, o.rate, o.warmup as f64).await;
+        let out = crate::paced::run(&addr, &request, o.rate, o.seconds as f64).await;
+        let mut f = figures(out.ms, out.failed, out.seconds);
+        f.steal = Some(out.steal_pct);
+        eprintln!(
+            "latency (paced) {}: {} sent, p50 {:.2} ms, p99 {:.2} ms, {:.0} req/s, {} connections, steal {:.1} %",
+            r.name, out.sent, f.p50, f.p99, f.rate, out.connections, out.steal_pct
+        );
+        paced.push((r.name, f));
+        if let Some(bin) = &env.hey {
+            hey_run(bin, r, o.warmup, o).await;
+            let f = hey_run(bin, r, o.seconds, o).await;
+            eprintln!(
+                "latency (hey) {}: p50 {:.2} ms, p99 {:.2} ms, {:.0} req/s",
+                r.name, f.p50, f.p99, f.rate
+            );
+            hey.push((r.name, f));
+        }
     }
     drop(svc);
     drop_db(&env.server, &db).await;
     println!(
-        "\nLatency at {} req/s offered (hey -z {}s -c {} -q {}, after a {} s warm-up per route; bytea; service, PostgreSQL and hey on this machine):\n",
+        "\nLatency at {} req/s offered, open loop and evenly paced (this bench's generator, `benches/suite/paced.rs`: request i due at i/rate, latency counted from when it was due; {} s per route after a {} s warm-up; bytea; service, PostgreSQL and generator on this machine):\n",
+        o.rate, o.seconds, o.warmup
+    );
+    print_table(paced);
+    if hey.is_empty() {
+        println!(
+            "\nhey: skipped, it is not installed (scripts/bench.sh installs it with apt-get)."
+        );
+        return;
+    }
+    println!(
+        "\nThe same at {} req/s from hey (-z {}s -c {} -q {}, after a {} s warm-up per route):\n",
         o.rate,
         o.seconds,
         o.workers,
         o.rate / o.workers,
         o.warmup
     );
+    print_table(hey);
+    println!("\nhey's workers fire together, so its load arrives in bursts of {}, and each waits for its own previous answer, so a stall also lowers the achieved rate: compare it with the offered rate.", o.workers);
+}
+
+fn print_table(rows: Vec<(&str, Figures)>) {
     println!(
-        "| request | requests | non-2xx | achieved req/s | p50 ms | p90 ms | p99 ms | max ms |"
+        "| request | requests | failed | achieved req/s | p50 ms | p90 ms | p99 ms | max ms | vCPU steal % |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
-    for (name, f) in results {
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (name, f) in rows {
+        let steal = f.steal.map_or("–".into(), |s| format!("{s:.1}"));
         println!(
-            "| {name} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} |",
+            "| {name} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {steal} |",
             f.requests, f.failed, f.rate, f.p50, f.p90, f.p99, f.max
         );
     }
-    println!("\nhey's workers wait for their own previous response, so a stall also lowers the achieved rate: compare it with the offered rate.");
 }
 
 async fn upload_batch(http: &reqwest::Client, base: &str, ws: &Ws, n: usize) -> Vec<String> {
@@ -193,6 +237,11 @@ fn parse_csv(text: &str, seconds: f64) -> Figures {
         ms.push(t * 1000.0);
     }
     ms.sort_by(f64::total_cmp);
+    figures(ms, failed, seconds)
+}
+
+/// Percentiles of sorted latencies (ms) over a run of `seconds`.
+fn figures(ms: Vec<f64>, failed: usize, seconds: f64) -> Figures {
     let q = |p| crate::harness::quantile(&ms, p);
     Figures {
         requests: ms.len(),
@@ -202,5 +251,6 @@ fn parse_csv(text: &str, seconds: f64) -> Figures {
         p90: q(0.9),
         p99: q(0.99),
         max: ms.last().copied().unwrap_or(f64::NAN),
+        steal: None,
     }
 }

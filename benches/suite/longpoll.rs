@@ -25,8 +25,8 @@ use tokio::{
 };
 
 use crate::harness::{
-    concurrently, db_name, drop_db, fresh_db, http_client, payload, quantile, upload, workspaces,
-    Env, Service, Spec, Ws,
+    concurrently, db_name, drop_db, fresh_db, http_client, payload, quantile, response_head,
+    upload, workspaces, Env, Service, Spec, Ws,
 };
 
 pub struct Opts {
@@ -289,7 +289,7 @@ async fn raw_poller(
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
-                if complete(&buf) {
+                if response_head(&buf).is_some_and(|h| buf.len() >= h.len + h.body_len) {
                     break;
                 }
             }
@@ -304,19 +304,6 @@ async fn raw_poller(
 }
 
 /// Whether `buf` holds a whole response (headers and Content-Length bytes of body).
-fn complete(buf: &[u8]) -> bool {
-    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return false;
-    };
-    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-    let len = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .unwrap_or(0);
-    buf.len() >= end + 4 + len
-}
-
 async fn idle(env: &Env, svc: &Service, db: &str, o: &Opts) {
     let http = http_client();
     let n = o.idle_pollers;
