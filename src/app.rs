@@ -14,7 +14,7 @@ use crate::{
     auth::Auth,
     config::{DbArgs, ServeArgs, StorageArgs, SweepArgs},
     db::{self, Db},
-    http::{self, body::Pace, AppState, Deadlines, ServeOptions},
+    http::{self, body::Pace, AppState, Deadlines, ServeOptions, Shared},
     longpoll::Hub,
     push_target::PushPolicy,
     slots::UploadSlots,
@@ -94,7 +94,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
     )
     .context("building the push HTTP client")?;
     let d = &args.deadlines;
-    let state = AppState {
+    let state = AppState::new(Shared {
         auth: Auth::new(args.admin_token.clone(), db.clone()),
         stager: Stager {
             db: db.clone(),
@@ -123,7 +123,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
             },
         },
         hub: Hub::default(),
-    };
+    });
     let router = http::router(state.clone(), &args.cors_allowed_origins);
     let sweeper = sweeper(&args.sweep, &db, &storage);
     Ok(Service {

@@ -1,7 +1,6 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    limit_malloc_arenas();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -23,16 +22,23 @@ fn main() -> std::process::ExitCode {
     })
 }
 
-/// glibc gives every thread that allocates under contention an arena of its own (up to 8 per
-/// core), and spool writes run on many blocking threads: measured with 16 × 20 MiB uploads in
-/// flight, peak RSS was 53 MiB with the default, 39 MiB with two arenas. An operator's
-/// `MALLOC_ARENA_MAX` wins.
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-        }
-    }
-}
+/// jemalloc, not glibc's malloc. A connection's 8 KiB read and write buffers (hyper) sit mostly
+/// unwritten while a long poll waits; glibc writes a header into every chunk and its free
+/// lists into freed ones, jemalloc keeps its bookkeeping apart, so untouched pages stay out of
+/// RSS. Measured with 10,000 waiting long polls: 173 MiB with glibc, 115 MiB with jemalloc.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings, unless `MALLOC_CONF` overrides them: freed pages go back to the kernel
+/// after a second (from a background thread, not from requests), and two arenas, since spool
+/// writes run on many blocking threads and each arena keeps its own free pages.
+#[export_name = "malloc_conf"]
+static MALLOC_CONF: ConfString =
+    ConfString(c"background_thread:true,narenas:2,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
+
+/// A C string jemalloc reads at start-up (`const char *malloc_conf`).
+#[repr(transparent)]
+struct ConfString(*const std::ffi::c_char);
+
+// SAFETY: it points at a static, immutable C string.
+unsafe impl Sync for ConfString {}

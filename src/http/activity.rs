@@ -116,9 +116,12 @@ pub async fn list(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Vec<ActivityRow>>, ApiError> {
     let query = FeedQuery::parse(&q)?;
+    drop(q);
     let (workspace_id, credential) = (who.workspace_id, who.credential);
+    // The read is boxed, so the state a long poll holds while it waits (up to a minute, times
+    // 10,000 pollers) is only the wait's, not the query's.
     let (Some(cursor), Some(wait)) = (query.since_id, query.wait) else {
-        let rows = fetch(&st, workspace_id, credential, &query).await?;
+        let rows = Box::pin(fetch(&st, workspace_id, credential, &query)).await?;
         return Ok(Json(project(rows, &query)));
     };
     // Long poll: subscribe first, so a row committing between the query and the wait still
@@ -130,7 +133,7 @@ pub async fn list(
         let woken = subscription.notify().notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        let rows = fetch(&st, workspace_id, credential, &query).await?;
+        let rows = Box::pin(fetch(&st, workspace_id, credential, &query)).await?;
         if !rows.is_empty() || tokio::time::Instant::now() >= deadline {
             return Ok(Json(project(rows, &query)));
         }

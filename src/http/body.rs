@@ -233,7 +233,7 @@ mod tests {
 
 /// The rest of a request body that its handler did not read, handed back when the handler
 /// drops it.
-type Leftover = Arc<Mutex<Option<Body>>>;
+pub type Leftover = Arc<Mutex<Option<Body>>>;
 
 /// A request body that returns itself to a [`Leftover`] slot when dropped unfinished.
 struct Reclaim {
@@ -298,14 +298,14 @@ pub struct NoDrain;
 const DRAIN_MAX_BYTES: u64 = 128 * 1024 * 1024;
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Middleware: a request refused before its body was read (auth, a datastore outage, a quota)
-/// has the rest of the body read, bounded, before the answer goes out, so the client, still
-/// sending, reads our answer instead of a broken pipe, and the connection stays usable.
-/// Beyond the bound, the answer says `Connection: close`.
-pub async fn drain_unread(
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
+/// A request refused before its body was read (auth, a datastore outage, a quota) has the
+/// rest of the body read, bounded, before the answer goes out, so the client, still sending,
+/// reads our answer instead of a broken pipe, and the connection stays usable. Beyond the
+/// bound, the answer says `Connection: close`.
+///
+/// `watch_unread` wraps the request's body so that whatever the handler leaves unread lands in
+/// the returned slot; [`drain_unread`] then reads it before the answer goes out.
+pub fn watch_unread(req: axum::extract::Request) -> (axum::extract::Request, Leftover) {
     let slot: Leftover = Arc::new(Mutex::new(None));
     let req = req.map(|body| {
         Body::new(Reclaim {
@@ -314,12 +314,20 @@ pub async fn drain_unread(
             ended: false,
         })
     });
-    let mut resp = next.run(req).await;
+    (req, slot)
+}
+
+/// See [`watch_unread`].
+pub async fn drain_unread(
+    mut resp: axum::response::Response,
+    slot: Leftover,
+) -> axum::response::Response {
     let leftover = slot.lock().ok().and_then(|mut s| s.take());
     let Some(body) = leftover else {
         return resp;
     };
-    let drained = resp.extensions().get::<NoDrain>().is_none() && drain(body).await;
+    // boxed: the drain's state (a timer, a stream) is only allocated for requests that need it
+    let drained = resp.extensions().get::<NoDrain>().is_none() && Box::pin(drain(body)).await;
     if !drained {
         resp.headers_mut().insert(
             axum::http::header::CONNECTION,

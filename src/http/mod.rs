@@ -13,6 +13,7 @@ pub mod registry;
 pub mod uploads;
 
 use std::{
+    borrow::Cow,
     future::Future,
     path::PathBuf,
     sync::{
@@ -42,8 +43,26 @@ use crate::{
     storage::Storage,
 };
 
+/// What every handler shares, behind one `Arc`: a request's futures hold a pointer, not a
+/// copy of every setting (a long poll holds its state for up to a minute, 10,000 times over).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> AppState {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub struct Shared {
     pub db: Db,
     pub auth: Auth,
     pub storage: Storage,
@@ -103,9 +122,7 @@ pub fn router(state: AppState, cors_origins: &[String]) -> Router {
     let router = router
         .route("/openapi.json", axum::routing::get(openapi::serve))
         .fallback(ops::not_found)
-        .layer(axum::middleware::map_response(json_rejections))
-        .layer(axum::middleware::from_fn(record_latency))
-        .layer(axum::middleware::from_fn(body::drain_unread))
+        .layer(axum::middleware::from_fn(every_request))
         .with_state(state);
     match cors_layer(cors_origins) {
         Some(cors) => router.layer(cors),
@@ -117,9 +134,39 @@ pub fn router(state: AppState, cors_origins: &[String]) -> Router {
 #[derive(Debug, Clone, Copy)]
 pub struct Relayed;
 
+/// The one middleware (one layer: a long poll holds its state for up to a minute, so each
+/// layer's per-request future and service clone count 10,000 times): framework rejections
+/// become JSON, the latency is recorded, and an unread request body is drained.
+///
+/// A plain function returning the future, so the future holds only what it needs after the
+/// call (an `async fn` would keep its `req` and `next` arguments for its whole life, beside
+/// the copy the inner call holds).
+fn every_request(
+    matched: Option<axum::extract::MatchedPath>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> impl Future<Output = Response> + Send {
+    // the route template, never the raw path: ids would explode the labels
+    let route = matched.map_or(Cow::Borrowed("unmatched"), |m| {
+        Cow::Owned(m.as_str().into())
+    });
+    let method = method_label(req.method());
+    let (req, unread) = body::watch_unread(req);
+    let inner = next.run(req);
+    async move {
+        let started = std::time::Instant::now();
+        let resp = json_rejections(inner.await);
+        crate::metrics::metrics()
+            .http_request_duration
+            .with_label_values(&[&route, method, resp.status().as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        body::drain_unread(resp, unread).await
+    }
+}
+
 /// Framework-level rejections (bad path encoding, 405, 413, 415, ...) answer JSON
 /// `{"error": ...}` like every other error (SPEC §10).
-async fn json_rejections(resp: Response) -> Response {
+fn json_rejections(resp: Response) -> Response {
     let status = resp.status();
     let is_json = resp
         .headers()
@@ -158,26 +205,6 @@ fn method_label(method: &Method) -> &'static str {
         Method::PATCH => "PATCH",
         _ => "other",
     }
-}
-
-/// Request latency by route template (never the raw path: ids would explode the labels).
-async fn record_latency(
-    matched: Option<axum::extract::MatchedPath>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let route = matched
-        .as_ref()
-        .map(|m| m.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".into());
-    let method = method_label(req.method());
-    let started = std::time::Instant::now();
-    let resp = next.run(req).await;
-    crate::metrics::metrics()
-        .http_request_duration
-        .with_label_values(&[&route, method, resp.status().as_str()])
-        .observe(started.elapsed().as_secs_f64());
-    resp
 }
 
 /// CORS for the browser canvas (SPEC §4 Operations): listed origins are echoed (never `*`),
