@@ -13,7 +13,6 @@ pub mod registry;
 pub mod uploads;
 
 use std::{
-    borrow::Cow,
     future::Future,
     path::PathBuf,
     sync::{
@@ -146,19 +145,17 @@ fn every_request(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> impl Future<Output = Response> + Send {
-    // the route template, never the raw path: ids would explode the labels
-    let route = matched.map_or(Cow::Borrowed("unmatched"), |m| {
-        Cow::Owned(m.as_str().into())
-    });
     let method = method_label(req.method());
     let (req, unread) = body::watch_unread(req);
     let inner = next.run(req);
     async move {
         let started = std::time::Instant::now();
         let resp = json_rejections(inner.await);
+        // the route template, never the raw path: ids would explode the labels
+        let route = matched.as_ref().map_or("unmatched", |m| m.as_str());
         crate::metrics::metrics()
             .http_request_duration
-            .with_label_values(&[&route, method, resp.status().as_str()])
+            .with_label_values(&[route, method, resp.status().as_str()])
             .observe(started.elapsed().as_secs_f64());
         body::drain_unread(resp, unread).await
     }
