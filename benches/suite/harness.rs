@@ -483,7 +483,6 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
     Ok(n * mult)
 }
 
-/// The value at quantile `p` of sorted milliseconds (nearest rank).
 /// The head of an HTTP/1.1 answer read so far.
 pub struct Head {
     /// Bytes of the head, blank line included.
@@ -495,7 +494,7 @@ pub struct Head {
 }
 
 /// Parses an answer's head once `buf` holds all of it (the bench's raw clients).
-pub fn response_head(buf: &[u8]) -> Option<Head> {
+fn response_head(buf: &[u8]) -> Option<Head> {
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
     let field = |name: &str| {
@@ -513,6 +512,12 @@ pub fn response_head(buf: &[u8]) -> Option<Head> {
     })
 }
 
+/// The head of the answer in `buf` once `buf` holds all of it, body included (Content-Length).
+pub fn whole_response(buf: &[u8]) -> Option<Head> {
+    response_head(buf).filter(|h| buf.len() >= h.len + h.body_len)
+}
+
+/// The value at quantile `p` of sorted milliseconds (nearest rank).
 pub fn quantile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;

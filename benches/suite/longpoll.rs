@@ -25,8 +25,8 @@ use tokio::{
 };
 
 use crate::harness::{
-    concurrently, db_name, drop_db, fresh_db, http_client, payload, quantile, response_head,
-    upload, workspaces, Env, Service, Spec, Ws,
+    concurrently, db_name, drop_db, fresh_db, http_client, payload, quantile, upload,
+    whole_response, workspaces, Env, Service, Spec, Ws,
 };
 
 pub struct Opts {
@@ -289,7 +289,7 @@ async fn raw_poller(
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
-                if response_head(&buf).is_some_and(|h| buf.len() >= h.len + h.body_len) {
+                if whole_response(&buf).is_some() {
                     break;
                 }
             }
@@ -303,7 +303,6 @@ async fn raw_poller(
     let _ = tx.send((ws, Instant::now(), status));
 }
 
-/// Whether `buf` holds a whole response (headers and Content-Length bytes of body).
 async fn idle(env: &Env, svc: &Service, db: &str, o: &Opts) {
     let http = http_client();
     let n = o.idle_pollers;

@@ -74,7 +74,9 @@ pub async fn run(addr: &str, request: &str, rate: u64, seconds: f64) -> Outcome 
     ms.sort_by(f64::total_cmp);
     let connections = *shared.opened.lock().unwrap();
     let steal_pct = match (cpu_before, cpu_times()) {
-        (Some((s0, t0)), Some((s1, t1))) if t1 > t0 => (s1 - s0) as f64 * 100.0 / (t1 - t0) as f64,
+        (Some((steal0, all0)), Some((steal1, all1))) if all1 > all0 => {
+            (steal1 - steal0) as f64 * 100.0 / (all1 - all0) as f64
+        }
         _ => f64::NAN,
     };
     Outcome {
@@ -154,10 +156,8 @@ async fn exchange(conn: &mut TcpStream, request: &[u8]) -> Option<(bool, bool)> 
             return None;
         }
         buf.extend_from_slice(&chunk[..n]);
-        if let Some(head) = crate::harness::response_head(&buf) {
-            if buf.len() >= head.len + head.body_len {
-                return Some((head.status / 100 == 2, !head.close));
-            }
+        if let Some(head) = crate::harness::whole_response(&buf) {
+            return Some((head.status / 100 == 2, !head.close));
         }
     }
 }

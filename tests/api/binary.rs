@@ -303,3 +303,31 @@ async fn serve_configured_by_environment_then_sweep_subcommand_then_sigterm() {
     assert!(!all.contains(ADMIN), "the admin token is never logged");
     assert!(!all.contains(&token), "workspace tokens are never logged");
 }
+
+/// The memory figures in README (10,000 waiting long polls, 16 × 20 MiB in flight) depend on
+/// jemalloc being the allocator with the service's own `malloc_conf`; an operator's
+/// `MALLOC_CONF` is read on top of it.
+#[test]
+fn the_allocator_is_jemalloc_with_the_service_settings() {
+    let stats = |conf: &str| {
+        let out = Command::new(BIN)
+            .arg("--help")
+            .env("MALLOC_CONF", conf)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let defaults = stats("stats_print:true");
+    for setting in [
+        "opt.background_thread: true",
+        "opt.narenas: 2",
+        "opt.dirty_decay_ms: 1000",
+        "opt.muzzy_decay_ms: 0",
+        "opt.oversize_threshold: 524288",
+    ] {
+        assert!(defaults.contains(setting), "{setting} missing:\n{defaults}");
+    }
+    let overridden = stats("stats_print:true,narenas:3");
+    assert!(overridden.contains("opt.narenas: 3"), "{overridden}");
+}
