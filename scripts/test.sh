@@ -15,6 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/pg.sh
 CACHE=${PENDING_UPLOADS_CACHE:-$HOME/.cache/pending-uploads}
+# A cold run writes about 2 GB under target/; a full disk shows up as a linker SIGBUS.
+echo "disk free here: $(df -Ph . | awk 'NR==2 {print $4}')"
 S3S_FS_VERSION=0.14.1
 
 cleanup() {
