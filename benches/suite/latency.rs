@@ -35,6 +35,8 @@ struct Figures {
     max: f64,
     /// vCPU steal during the run, % (the paced runs measure it).
     steal: Option<f64>,
+    /// The machine's CPU busy during the run, % (the paced runs measure it).
+    busy: Option<f64>,
 }
 
 pub async fn run(env: &Env, o: &Opts) {
@@ -115,9 +117,10 @@ pub async fn run(env: &Env, o: &Opts) {
         let out = crate::paced::run(&addr, &request, o.rate, o.seconds as f64).await;
         let mut f = figures(out.ms, out.failed, out.seconds);
         f.steal = Some(out.steal_pct);
+        f.busy = Some(out.busy_pct);
         eprintln!(
-            "latency (paced) {}: {} sent, p50 {:.2} ms, p99 {:.2} ms, {:.0} req/s, {} connections, steal {:.1} %",
-            r.name, out.sent, f.p50, f.p99, f.rate, out.connections, out.steal_pct
+            "latency (paced) {}: {} sent, p50 {:.2} ms, p99 {:.2} ms, {:.0} req/s, {} connections, CPU busy {:.0} %, steal {:.1} %",
+            r.name, out.sent, f.p50, f.p99, f.rate, out.connections, out.busy_pct, out.steal_pct
         );
         paced.push((r.name, f));
         if let Some(bin) = &env.hey {
@@ -157,13 +160,14 @@ pub async fn run(env: &Env, o: &Opts) {
 
 fn print_table(rows: Vec<(&str, Figures)>) {
     println!(
-        "| request | requests | failed | achieved req/s | p50 ms | p90 ms | p99 ms | max ms | vCPU steal % |"
+        "| request | requests | failed | achieved req/s | p50 ms | p90 ms | p99 ms | max ms | CPU busy % | vCPU steal % |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (name, f) in rows {
         let steal = f.steal.map_or("–".into(), |s| format!("{s:.1}"));
+        let busy = f.busy.map_or("–".into(), |s| format!("{s:.0}"));
         println!(
-            "| {name} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {steal} |",
+            "| {name} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {busy} | {steal} |",
             f.requests, f.failed, f.rate, f.p50, f.p90, f.p99, f.max
         );
     }
@@ -252,5 +256,6 @@ fn figures(ms: Vec<f64>, failed: usize, seconds: f64) -> Figures {
         p99: q(0.99),
         max: ms.last().copied().unwrap_or(f64::NAN),
         steal: None,
+        busy: None,
     }
 }

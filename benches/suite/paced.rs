@@ -31,6 +31,9 @@ pub struct Outcome {
     /// Share of the machine's CPU time taken by the hypervisor during the run (/proc/stat
     /// `steal`), in %: a vCPU that is not running stalls every request on it.
     pub steal_pct: f64,
+    /// Share of the machine's CPU time spent working (service, PostgreSQL and this generator
+    /// together), in %: near 100 any hiccup queues every request behind it.
+    pub busy_pct: f64,
 }
 
 /// Offers `rate` requests per second of `request` (a whole HTTP/1.1 request) to `addr` for
@@ -73,11 +76,12 @@ pub async fn run(addr: &str, request: &str, rate: u64, seconds: f64) -> Outcome 
     let t0 = pacer.join().expect("the pacing thread");
     ms.sort_by(f64::total_cmp);
     let connections = *shared.opened.lock().unwrap();
-    let steal_pct = match (cpu_before, cpu_times()) {
-        (Some((steal0, all0)), Some((steal1, all1))) if all1 > all0 => {
-            (steal1 - steal0) as f64 * 100.0 / (all1 - all0) as f64
+    let (steal_pct, busy_pct) = match (cpu_before, cpu_times()) {
+        (Some(before), Some(after)) if after.all > before.all => {
+            let pct = |a: u64, b: u64| (a - b) as f64 * 100.0 / (after.all - before.all) as f64;
+            (pct(after.steal, before.steal), pct(after.busy, before.busy))
         }
-        _ => f64::NAN,
+        _ => (f64::NAN, f64::NAN),
     };
     Outcome {
         ms,
@@ -86,11 +90,19 @@ pub async fn run(addr: &str, request: &str, rate: u64, seconds: f64) -> Outcome 
         seconds: t0.elapsed().as_secs_f64(),
         connections,
         steal_pct,
+        busy_pct,
     }
 }
 
-/// (steal, total) ticks of all CPUs so far.
-fn cpu_times() -> Option<(u64, u64)> {
+/// Ticks of all CPUs so far (/proc/stat).
+struct CpuTicks {
+    /// user, nice, system, irq, softirq
+    busy: u64,
+    steal: u64,
+    all: u64,
+}
+
+fn cpu_times() -> Option<CpuTicks> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let ticks: Vec<u64> = stat
         .lines()
@@ -99,7 +111,13 @@ fn cpu_times() -> Option<(u64, u64)> {
         .skip(1)
         .filter_map(|v| v.parse().ok())
         .collect();
-    Some((*ticks.get(7)?, ticks.iter().take(8).sum()))
+    // user nice system idle iowait irq softirq steal
+    let busy = ticks.get(..3)?.iter().sum::<u64>() + ticks.get(5..7)?.iter().sum::<u64>();
+    Some(CpuTicks {
+        busy,
+        steal: *ticks.get(7)?,
+        all: ticks.iter().take(8).sum(),
+    })
 }
 
 struct Shared {
