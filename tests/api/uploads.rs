@@ -604,6 +604,78 @@ async fn the_quota_total_follows_every_writer() {
     assert_eq!(app.count("pending_upload_total_deltas").await, 0);
 }
 
+/// An insert by a transaction that holds the workspace lock and says so
+/// (`pending_uploads.totals_now`, what `pending_uploads_stage` sets) counts into its total at
+/// once; any other insert parks a delta that is folded in at commit (so a long COPY before the
+/// lock does not hold the total row). Both end at the same total.
+#[tokio::test]
+async fn inserts_under_the_workspace_lock_count_at_once() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    let unacked = "SELECT COALESCE((SELECT unacked_bytes FROM pending_upload_totals WHERE workspace_id = $1), 0)";
+    let insert = "INSERT INTO pending_uploads (workspace_id, content, size_bytes, filename) VALUES ($1, '\\x00', 5, 'x')";
+    let deltas = "SELECT count(*) FROM pending_upload_total_deltas";
+    for (totals_now, at_once) in [(false, 0i64), (true, 5)] {
+        let mut tx = app.pool.begin().await.unwrap();
+        if totals_now {
+            sqlx::query("SELECT set_config('pending_uploads.totals_now', 'on', true)")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+        }
+        let before: i64 = sqlx::query_scalar(unacked)
+            .bind(ws)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::query(insert)
+            .bind(ws)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let inside: i64 = sqlx::query_scalar(unacked)
+            .bind(ws)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        let parked: i64 = sqlx::query_scalar(deltas)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(inside - before, at_once, "totals_now {totals_now}");
+        assert_eq!(parked, 1 - at_once / 5, "totals_now {totals_now}");
+        tx.commit().await.unwrap();
+        let after: i64 = sqlx::query_scalar(unacked)
+            .bind(ws)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        assert_eq!(after - before, 5, "totals_now {totals_now}");
+        assert_totals_exact(&app.pool).await;
+    }
+    assert_eq!(app.count("pending_upload_total_deltas").await, 0);
+    // The small-upload path sets it: with deltas refused outright, a 1 KiB upload still
+    // commits, and counts.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_deltas() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'no deltas here'; END $$;
+         CREATE TRIGGER refuse_deltas BEFORE INSERT ON pending_upload_total_deltas
+         FOR EACH ROW EXECUTE FUNCTION refuse_deltas();",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    app.upload_ok(ws, &token, &[("s.bin", "text/plain", bytes(1024, 7))])
+        .await;
+    let total: i64 = sqlx::query_scalar(unacked)
+        .bind(ws)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(total, 10 + 1024);
+    assert_totals_exact(&app.pool).await;
+}
+
 #[tokio::test]
 async fn concurrent_uploads_cannot_overrun_the_quota() {
     let app = TestApp::start_with(&["--max-pending-bytes-per-workspace", "1000"]).await;
