@@ -1,19 +1,17 @@
--- Fewer statements inside the server per small upload (issue 12): PostgreSQL's CPU per upload
--- was mostly setting up the dozen statements nested in `pending_uploads_stage`, not running
--- them. Two changes, both invisible to every other writer:
+-- Fewer statements inside the server per small upload (issue 12): much of PostgreSQL's CPU per
+-- upload went on setting up the statements nested in `pending_uploads_stage`, not running
+-- them. Three of them (park a delta, fold it in at commit, delete it) become one upsert.
 --
--- 1. The insert trigger counts the rows into their total at once when the inserting
---    transaction says it holds the workspace lock (`pending_uploads.totals_now`, set
---    transaction-locally), instead of parking a delta for a deferred trigger to fold in at
---    commit and then delete: one upsert for three statements and a dead row. Deferral exists
---    so that a large upload's COPY, which runs before the lock, does not hold the total row
---    for the whole copy; a small upload inserts under the lock and holds it anyway. Writers
---    that do not set it (the large path, the previous binary, the platform) are unchanged.
--- 2. `pending_uploads_stage` does its admission and activity rows inline instead of calling
---    `pending_uploads_admit` and `pending_uploads_log` (kept, for the large path): a nested
---    call is a statement of its own.
+-- The insert trigger counts the rows into their total at once when the inserting transaction
+-- says it holds the workspace lock (`pending_uploads.totals_now`, set transaction-locally).
+-- Deferral exists so that a large upload's COPY, which runs before the lock, does not hold the
+-- total row for the whole copy; `pending_uploads_stage` inserts after its admission has taken
+-- the lock, and sets the flag. Writers that do not set it (the large path, the previous
+-- binary, the platform) are unchanged.
 --
 -- Same signatures and results: the previous binary calls the new `pending_uploads_stage` too.
+-- (Also tried: admission and activity rows written inline instead of calling
+-- `pending_uploads_admit` and `pending_uploads_log`: no faster in pgbench, and a second copy.)
 
 CREATE OR REPLACE FUNCTION pending_totals_insert() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -39,43 +37,20 @@ CREATE OR REPLACE FUNCTION pending_uploads_stage(
     contents bytea[],
     OUT refused text, OUT pending_bytes bigint, OUT pending_files bigint)
 LANGUAGE plpgsql AS $$
-DECLARE
-    n bigint := cardinality(file_ids);
-    bytes bigint := (SELECT COALESCE(sum(s), 0) FROM unnest(sizes) s);
 BEGIN
-    -- As pending_uploads_admit: the workspace lock (until the transaction ends), then the
-    -- trigger-kept totals less what has expired but is not swept yet. Two statements: the
-    -- read must take its snapshot after the lock is granted, or it would miss an upload that
-    -- committed while this one waited.
-    PERFORM pg_advisory_xact_lock(lock_key);
-    SELECT GREATEST(0, COALESCE(t.unacked_bytes, 0) - COALESCE(x.b, 0))::bigint,
-           GREATEST(0, COALESCE(t.unacked_files, 0) - COALESCE(x.f, 0))::bigint
-      INTO pending_bytes, pending_files
-      FROM (SELECT 1) one
-      LEFT JOIN pending_upload_totals t ON t.workspace_id = ws
-      LEFT JOIN (SELECT sum(size_bytes) AS b, count(*) AS f FROM pending_uploads
-                 WHERE workspace_id = ws AND acked_at IS NULL AND expires_at <= now()) x ON true;
-    refused := CASE
-        WHEN pending_bytes + bytes > max_bytes THEN 'bytes'
-        WHEN pending_files + n > max_files THEN 'files'
-    END;
+    SELECT a.refused, a.pending_bytes, a.pending_files INTO refused, pending_bytes, pending_files
+      FROM pending_uploads_admit(ws, lock_key, cardinality(file_ids),
+                                 (SELECT COALESCE(sum(s), 0) FROM unnest(sizes) s)::bigint,
+                                 max_bytes, max_files) a;
     IF refused IS NOT NULL THEN
         RETURN;
     END IF;
+    -- Under the workspace lock now: count the rows at once (pending_totals_insert).
     PERFORM set_config('pending_uploads.totals_now', 'on', true);
     INSERT INTO pending_uploads (file_id, workspace_id, size_bytes, filename, mimetype, content_sha256, s3_key, content)
     SELECT f.id, ws, f.size, f.name, f.mime, f.digest, f.key, f.content
     FROM unnest(file_ids, sizes, names, mimes, digests, keys, contents)
          WITH ORDINALITY AS f(id, size, name, mime, digest, key, content, i)
     ORDER BY f.i;
-    -- As pending_uploads_log: one activity row per file in input order, then the
-    -- notification the long polls wait for (delivered at commit).
-    INSERT INTO activity_logs (workspace_id, activity_type, target_id, method, summary, request_body, status)
-    SELECT ws, 'a2a_receive', ws, 'chat_upload_receive', 'chat_upload_receive: ' || f.name,
-           jsonb_build_object('file_id', f.id, 'name', f.name, 'mimeType', f.mime, 'size', f.size,
-                              'uri', 'platform-pending:' || ws || '/' || f.id),
-           'ok'
-    FROM unnest(file_ids, names, mimes, sizes) WITH ORDINALITY AS f(id, name, mime, size, i)
-    ORDER BY f.i;
-    PERFORM pg_notify('pending_uploads_activity', ws::text);
+    PERFORM pending_uploads_log(ws, file_ids, names, mimes, sizes);
 END $$;

@@ -487,20 +487,20 @@ async fn pending_quota_is_429_with_retry_after_and_frees_on_ack() {
 }
 
 /// The quota reads a trigger-kept total; it must follow every writer and every transition.
+/// The workspace's unacked bytes as the quota check sees them (committed rows).
+async fn pending_bytes(pool: &sqlx::PgPool, ws: Uuid) -> i64 {
+    pending_uploads::db::uploads::pending_totals(pool, ws)
+        .await
+        .unwrap()
+        .bytes
+}
+
 #[tokio::test]
 async fn the_quota_total_follows_every_writer() {
     let app = TestApp::start().await;
     let (a, a_token) = app.poll_workspace().await;
     let (b, b_token) = app.poll_workspace().await;
-    let quota = |ws: Uuid| {
-        let pool = app.pool.clone();
-        async move {
-            pending_uploads::db::uploads::pending_totals(&pool, ws)
-                .await
-                .unwrap()
-                .bytes
-        }
-    };
+    let quota = |ws: Uuid| pending_bytes(&app.pool, ws);
     let exec = |sql: &'static str, id: Uuid| {
         let pool = app.pool.clone();
         async move {
@@ -612,10 +612,9 @@ async fn the_quota_total_follows_every_writer() {
 async fn inserts_under_the_workspace_lock_count_at_once() {
     let app = TestApp::start().await;
     let (ws, token) = app.poll_workspace().await;
-    let unacked = "SELECT COALESCE((SELECT unacked_bytes FROM pending_upload_totals WHERE workspace_id = $1), 0)";
-    let insert = "INSERT INTO pending_uploads (workspace_id, content, size_bytes, filename) VALUES ($1, '\\x00', 5, 'x')";
-    let deltas = "SELECT count(*) FROM pending_upload_total_deltas";
+    let committed = |ws: Uuid| pending_bytes(&app.pool, ws);
     for (totals_now, at_once) in [(false, 0i64), (true, 5)] {
+        let before = committed(ws).await;
         let mut tx = app.pool.begin().await.unwrap();
         if totals_now {
             sqlx::query("SELECT set_config('pending_uploads.totals_now', 'on', true)")
@@ -623,34 +622,24 @@ async fn inserts_under_the_workspace_lock_count_at_once() {
                 .await
                 .unwrap();
         }
-        let before: i64 = sqlx::query_scalar(unacked)
-            .bind(ws)
-            .fetch_one(&mut *tx)
-            .await
-            .unwrap();
-        sqlx::query(insert)
+        sqlx::query("INSERT INTO pending_uploads (workspace_id, content, size_bytes, filename) VALUES ($1, '\\x00', 5, 'x')")
             .bind(ws)
             .execute(&mut *tx)
             .await
             .unwrap();
-        let inside: i64 = sqlx::query_scalar(unacked)
-            .bind(ws)
-            .fetch_one(&mut *tx)
+        // what this transaction sees before it commits: its total, and the deltas parked
+        let inside = pending_uploads::db::uploads::pending_totals(&mut *tx, ws)
             .await
-            .unwrap();
-        let parked: i64 = sqlx::query_scalar(deltas)
+            .unwrap()
+            .bytes;
+        let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM pending_upload_total_deltas")
             .fetch_one(&mut *tx)
             .await
             .unwrap();
         assert_eq!(inside - before, at_once, "totals_now {totals_now}");
         assert_eq!(parked, 1 - at_once / 5, "totals_now {totals_now}");
         tx.commit().await.unwrap();
-        let after: i64 = sqlx::query_scalar(unacked)
-            .bind(ws)
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
-        assert_eq!(after - before, 5, "totals_now {totals_now}");
+        assert_eq!(committed(ws).await - before, 5, "totals_now {totals_now}");
         assert_totals_exact(&app.pool).await;
     }
     assert_eq!(app.count("pending_upload_total_deltas").await, 0);
@@ -667,12 +656,7 @@ async fn inserts_under_the_workspace_lock_count_at_once() {
     .unwrap();
     app.upload_ok(ws, &token, &[("s.bin", "text/plain", bytes(1024, 7))])
         .await;
-    let total: i64 = sqlx::query_scalar(unacked)
-        .bind(ws)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-    assert_eq!(total, 10 + 1024);
+    assert_eq!(committed(ws).await, 10 + 1024);
     assert_totals_exact(&app.pool).await;
 }
 
