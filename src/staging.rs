@@ -1,8 +1,8 @@
 //! Staging an upload for a poll workspace (SPEC §4 Upload, steps 3-5), in two phases:
 //!
 //! 1. [`receive`]: the multipart body is parsed as a stream and each `files` part spooled to
-//!    an unnamed temp file while its size and sha256 are computed; every cap is enforced as
-//!    bytes arrive. Nothing touches the database meanwhile, so a slow client holds no
+//!    an unnamed temp file (small ones to memory, see `spool`) while its size and sha256 are
+//!    computed; every cap is enforced as bytes arrive. Nothing touches the database meanwhile, so a slow client holds no
 //!    connection and no lock.
 //! 2. [`Stager::commit`]: runs in a task of its own, so a client that disconnects cannot cut
 //!    it half way. Objects are written first (S3 modes), then one short transaction writes
@@ -26,7 +26,7 @@ use crate::{
     metrics::metrics,
     multipart::{BoxError, Multipart, MultipartError},
     sanitize::sanitize,
-    spool::{Spool, SpoolWriter},
+    spool::{Spool, SpoolWriter, MEMORY_PER_REQUEST},
     storage::{Location, Storage, StorageError},
 };
 
@@ -108,8 +108,9 @@ where
     S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
     E: Into<BoxError>,
 {
-    let mut files = Vec::new();
+    let mut files: Vec<Received> = Vec::new();
     let mut field_bytes = 0usize;
+    let mut memory_left = MEMORY_PER_REQUEST;
     while let Some(head) = multipart.next_part().await? {
         let filename = head.filename.clone().filter(|f| !f.is_empty());
         let Some(original) = filename.filter(|_| head.name.as_deref() == Some("files")) else {
@@ -131,7 +132,9 @@ where
             return Err(StagingError::TooManyFiles(limits.max_files));
         }
         let mimetype = reduce_mimetype(head.content_type.as_deref());
-        let spool = spool_part(multipart, spool_dir, &original, limits.max_file_bytes).await?;
+        let writer = SpoolWriter::create(spool_dir, memory_left);
+        let spool = spool_part(multipart, writer, &original, limits.max_file_bytes).await?;
+        memory_left -= spool.memory_bytes();
         files.push(Received {
             name: sanitize(&original, limits.max_filename_chars),
             original,
@@ -148,7 +151,7 @@ where
 /// Copies one file part into its spool, enforcing the per-file cap; an empty part is refused.
 async fn spool_part<S, E>(
     multipart: &mut Multipart<S>,
-    spool_dir: &Path,
+    mut writer: SpoolWriter,
     original: &str,
     max_file_bytes: u64,
 ) -> Result<Spool, StagingError>
@@ -156,7 +159,6 @@ where
     S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
     E: Into<BoxError>,
 {
-    let mut writer = SpoolWriter::create(spool_dir).map_err(StagingError::Spool)?;
     let result = async {
         while let Some(chunk) = multipart.next_chunk().await? {
             let seen = writer.size() + chunk.len() as u64;

@@ -16,7 +16,7 @@ use crate::{
     config::BackendMode,
     db::DbError,
     digest, metrics,
-    spool::{Spool, SpoolWriter},
+    spool::{Spool, SpoolWriter, MEMORY_PER_REQUEST},
 };
 
 pub use bytea::ByteaBackend;
@@ -242,7 +242,7 @@ impl Storage {
             s3_key: None,
             ..loc.clone()
         };
-        let mut writer = SpoolWriter::create(spool_dir)?;
+        let mut writer = SpoolWriter::create(spool_dir, MEMORY_PER_REQUEST);
         let mut chunks = self.open(&inline, ByteRange::full(loc.size)).await?;
         while let Some(chunk) = chunks.try_next().await? {
             writer.write(chunk).await?;

@@ -279,7 +279,10 @@ async fn a_failed_upload_removes_the_objects_it_wrote() {
 async fn put_orphan(s3: &pending_uploads::storage::S3Backend, ws: Uuid) -> String {
     let key = s3.key_for(ws, Uuid::new_v4());
     let spool_dir = tempfile::tempdir().unwrap();
-    let mut w = pending_uploads::spool::SpoolWriter::create(spool_dir.path()).unwrap();
+    let mut w = pending_uploads::spool::SpoolWriter::create(
+        spool_dir.path(),
+        pending_uploads::spool::MEMORY_PER_REQUEST,
+    );
     w.write(bytes::Bytes::from_static(b"orphaned"))
         .await
         .unwrap();

@@ -789,3 +789,48 @@ async fn raw_response_headers_are_title_case() {
         "compact JSON"
     );
 }
+
+/// Small files are spooled in memory, 64 KiB a request, so they stage while the spool folder
+/// is gone; a request whose files outgrow that needs the folder and gets a clean 503 that
+/// leaves nothing behind, also when its first files fit in memory.
+#[tokio::test]
+async fn small_files_stage_without_the_spool_folder_and_larger_ones_get_503() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    std::fs::remove_dir(&app.spool_dir).unwrap();
+    let spool_unavailable = || json!({"error": "upload spool unavailable — retry shortly", "code": "spool_unavailable"});
+    for files in [
+        vec![("big.bin", bytes(64 * 1024 + 1, 1))],
+        vec![
+            ("a.bin", bytes(40 * 1024, 2)),
+            ("b.bin", bytes(40 * 1024, 3)),
+        ],
+    ] {
+        let parts: Vec<_> = files
+            .iter()
+            .map(|(n, b)| (*n, "application/octet-stream", b.clone()))
+            .collect();
+        let resp = app.upload(ws, &token, &parts).await;
+        assert!(resp.headers().contains_key("retry-after"));
+        assert_json(resp, StatusCode::SERVICE_UNAVAILABLE, spool_unavailable()).await;
+        app.assert_nothing_staged().await;
+    }
+    let small = [
+        ("a.txt", "text/plain", bytes(40 * 1024, 4)),
+        ("b.txt", "text/plain", bytes(24 * 1024, 5)),
+    ];
+    let staged = app.upload_ok(ws, &token, &small).await;
+    for (entry, (_, _, sent)) in staged.iter().zip(&small) {
+        let got = app
+            .get(
+                &format!(
+                    "/workspaces/{ws}/pending-uploads/{}/content",
+                    file_id(entry)
+                ),
+                &token,
+            )
+            .await;
+        assert_eq!(got.status(), StatusCode::OK);
+        assert_eq!(got.bytes().await.unwrap(), sent.as_slice());
+    }
+}
