@@ -272,13 +272,16 @@ pub async fn pending_totals(
     workspace_id: Uuid,
 ) -> sqlx::Result<PendingTotals> {
     // The trigger-kept totals (committed rows), less what has expired but is not swept yet.
+    // ORDER BY expires_at: see 20261202200000_expired_through_expiry_index.sql.
     sqlx::query_as(
         "SELECT GREATEST(0, COALESCE(t.unacked_bytes, 0) - COALESCE(x.bytes, 0))::bigint AS bytes,
                 GREATEST(0, COALESCE(t.unacked_files, 0) - COALESCE(x.files, 0))::bigint AS files
          FROM (SELECT 1) one
          LEFT JOIN pending_upload_totals t ON t.workspace_id = $1
-         LEFT JOIN (SELECT sum(size_bytes) AS bytes, count(*) AS files FROM pending_uploads
-                    WHERE workspace_id = $1 AND acked_at IS NULL AND expires_at <= now()) x ON true",
+         LEFT JOIN (SELECT sum(size_bytes) AS bytes, count(*) AS files FROM (
+                        SELECT size_bytes FROM pending_uploads
+                        WHERE workspace_id = $1 AND acked_at IS NULL AND expires_at <= now()
+                        ORDER BY expires_at) expired) x ON true",
     )
     .bind(workspace_id)
     .fetch_one(db)

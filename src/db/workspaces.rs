@@ -73,8 +73,11 @@ pub async fn for_upload(
          LEFT JOIN workspaces w ON caller.ok AND w.id = $1
          LEFT JOIN pending_upload_totals t ON caller.ok AND t.workspace_id = $1
          LEFT JOIN LATERAL (
-             SELECT sum(size_bytes) AS b, count(*) AS f FROM pending_uploads
-             WHERE caller.ok AND workspace_id = $1 AND acked_at IS NULL AND expires_at <= now()) x ON true"
+             SELECT sum(size_bytes) AS b, count(*) AS f FROM (
+                 SELECT size_bytes FROM pending_uploads
+                 WHERE caller.ok AND workspace_id = $1 AND acked_at IS NULL AND expires_at <= now()
+                 -- see 20261202200000_expired_through_expiry_index.sql
+                 ORDER BY expires_at) expired) x ON true"
     ))
     .bind(id)
     .bind(token_hash.as_ref().map(|h| &h[..]))

@@ -660,6 +660,72 @@ async fn inserts_under_the_workspace_lock_count_at_once() {
     assert_totals_exact(&app.pool).await;
 }
 
+/// The quota check looks up a workspace's expired-but-unswept rows through the
+/// (workspace_id, expires_at) index, also before the table has statistics: through the
+/// (workspace_id, created_at) one it read every pending row of the workspace, twice per upload.
+#[tokio::test]
+async fn the_quota_check_reads_only_expired_rows() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    // no statistics for the planner: as in a new deployment
+    sqlx::raw_sql("ALTER TABLE pending_uploads SET (autovacuum_enabled = false)")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let held = 5000;
+    sqlx::query(
+        "INSERT INTO pending_uploads (workspace_id, content, size_bytes, filename)
+         SELECT $1, '\\x00', 1, 'held' FROM generate_series(1, $2)",
+    )
+    .bind(ws)
+    .bind(held)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let index_use = |name: &'static str| {
+        let pool = app.pool.clone();
+        async move {
+            sqlx::query_as::<_, (i64, i64)>(
+                "SELECT idx_scan, idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = $1",
+            )
+            .bind(name)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    const BY_EXPIRY: &str = "pending_uploads_workspace_expiry_unacked_idx";
+    const BY_CREATED: &str = "idx_pending_uploads_workspace_unacked";
+    let (expiry_scans, _) = index_use(BY_EXPIRY).await;
+    let (_, created_read) = index_use(BY_CREATED).await;
+    let uploads = 10;
+    for i in 0..uploads {
+        app.upload_ok(ws, &token, &[("s.bin", "text/plain", bytes(10, i as u8))])
+            .await;
+    }
+    // Each upload's two quota reads (caller query, admission) probe the expiry index once
+    // each; wait for the service's sessions to report them (PostgreSQL flushes a session's
+    // counters within a second or so of it going idle).
+    let mut waited = 0;
+    while index_use(BY_EXPIRY).await.0 < expiry_scans + 2 * uploads {
+        assert!(
+            waited < 200,
+            "the quota reads did not use {BY_EXPIRY}: {:?} scans, {:?} via {BY_CREATED}",
+            index_use(BY_EXPIRY).await,
+            index_use(BY_CREATED).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += 1;
+    }
+    let (_, created_read_after) = index_use(BY_CREATED).await;
+    assert!(
+        created_read_after - created_read < held,
+        "{} rows read through {BY_CREATED}",
+        created_read_after - created_read
+    );
+    assert_eq!(pending_bytes(&app.pool, ws).await, held + uploads * 10);
+}
+
 #[tokio::test]
 async fn concurrent_uploads_cannot_overrun_the_quota() {
     let app = TestApp::start_with(&["--max-pending-bytes-per-workspace", "1000"]).await;
