@@ -688,3 +688,27 @@ pub async fn register_poll(base: &str) -> (Uuid, String) {
         .unwrap();
     (ws, v["auth_token"].as_str().expect("a token").to_string())
 }
+
+/// (scans, rows read) of one index, as PostgreSQL's statistics report them.
+pub async fn index_use(pool: &PgPool, index: &str) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT idx_scan, idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = $1",
+    )
+    .bind(index)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Waits until `index` has been scanned at least `scans` times in all: the service's sessions
+/// report their counters when they go idle, or up to 10 s later when they reported less than
+/// a second before (PostgreSQL 15). False after 30 s.
+pub async fn wait_for_index_scans(pool: &PgPool, index: &str, scans: i64) -> bool {
+    for _ in 0..300 {
+        if index_use(pool, index).await.0 >= scans {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}

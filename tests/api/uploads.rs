@@ -682,47 +682,24 @@ async fn the_quota_check_reads_only_expired_rows() {
     .execute(&app.pool)
     .await
     .unwrap();
-    let index_use = |name: &'static str| {
-        let pool = app.pool.clone();
-        async move {
-            sqlx::query_as::<_, (i64, i64)>(
-                "SELECT idx_scan, idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = $1",
-            )
-            .bind(name)
-            .fetch_one(&pool)
-            .await
-            .unwrap()
-        }
-    };
     const BY_EXPIRY: &str = "pending_uploads_workspace_expiry_unacked_idx";
     const BY_CREATED: &str = "idx_pending_uploads_workspace_unacked";
-    let (expiry_scans, _) = index_use(BY_EXPIRY).await;
-    let (_, created_read) = index_use(BY_CREATED).await;
+    let (expiry_scans, _) = index_use(&app.pool, BY_EXPIRY).await;
+    let (_, created_read) = index_use(&app.pool, BY_CREATED).await;
     let uploads = 10;
     for i in 0..uploads {
         app.upload_ok(ws, &token, &[("s.bin", "text/plain", bytes(10, i as u8))])
             .await;
     }
-    // Each upload's two quota reads (caller query, admission) probe the expiry index once
-    // each; wait for the service's sessions to report them (PostgreSQL flushes a session's
-    // counters within a second or so of it going idle).
-    let mut waited = 0;
-    while index_use(BY_EXPIRY).await.0 < expiry_scans + 2 * uploads {
-        assert!(
-            waited < 200,
-            "the quota reads did not use {BY_EXPIRY}: {:?} scans, {:?} via {BY_CREATED}",
-            index_use(BY_EXPIRY).await,
-            index_use(BY_CREATED).await
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        waited += 1;
-    }
-    let (_, created_read_after) = index_use(BY_CREATED).await;
+    // each upload's two quota reads (caller query, admission) probe the expiry index once
     assert!(
-        created_read_after - created_read < held,
-        "{} rows read through {BY_CREATED}",
-        created_read_after - created_read
+        wait_for_index_scans(&app.pool, BY_EXPIRY, expiry_scans + 2 * uploads).await,
+        "the quota reads did not use {BY_EXPIRY}: {:?} scans, {:?} via {BY_CREATED}",
+        index_use(&app.pool, BY_EXPIRY).await,
+        index_use(&app.pool, BY_CREATED).await
     );
+    let read = index_use(&app.pool, BY_CREATED).await.1 - created_read;
+    assert!(read < held, "{read} rows read through {BY_CREATED}");
     assert_eq!(pending_bytes(&app.pool, ws).await, held + uploads * 10);
 }
 
