@@ -108,6 +108,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
         storage: storage.clone(),
         limits: args.limits.clone(),
         spool_dir,
+        spool_memory_per_request: args.spool_memory_per_request as usize,
         push,
         accepting: Arc::new(AtomicBool::new(true)),
         upload_slots: UploadSlots::new(

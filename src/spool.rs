@@ -23,8 +23,9 @@ use crate::digest::Digester;
 /// Chunk size for reading a spool back (into Postgres or S3).
 pub const READ_CHUNK: usize = 128 * 1024;
 
-/// Bytes of small files one request may keep in memory instead of on disk. Hashing this much
-/// on a request thread takes a few dozen microseconds.
+/// Bytes of small files one request may keep in memory instead of on disk, by default
+/// (`SPOOL_MEMORY_PER_REQUEST`). Hashing this much on a request thread takes a few dozen
+/// microseconds.
 pub const MEMORY_PER_REQUEST: usize = 64 * 1024;
 
 pub struct SpoolWriter {
@@ -134,9 +135,6 @@ impl Spool {
     /// The whole file (callers bound its size: small rows only).
     pub async fn read_all(&self) -> io::Result<Vec<u8>> {
         use futures::TryStreamExt;
-        if let Backing::Memory(bytes) = &self.backing {
-            return Ok(bytes.to_vec());
-        }
         self.chunks().map_ok(Vec::from).try_concat().await
     }
 

@@ -26,7 +26,7 @@ use crate::{
     metrics::metrics,
     multipart::{BoxError, Multipart, MultipartError},
     sanitize::sanitize,
-    spool::{Spool, SpoolWriter, MEMORY_PER_REQUEST},
+    spool::{Spool, SpoolWriter},
     storage::{Location, Storage, StorageError},
 };
 
@@ -80,6 +80,8 @@ pub struct RequestLimits {
     pub max_files: usize,
     pub max_file_bytes: u64,
     pub max_filename_chars: usize,
+    /// File bytes kept in memory rather than spooled to disk (see `spool`).
+    pub spool_memory: usize,
 }
 
 /// Non-file form fields are read and thrown away, at most this many bytes per request.
@@ -110,7 +112,7 @@ where
 {
     let mut files: Vec<Received> = Vec::new();
     let mut field_bytes = 0usize;
-    let mut memory_left = MEMORY_PER_REQUEST;
+    let mut memory_left = limits.spool_memory;
     while let Some(head) = multipart.next_part().await? {
         let filename = head.filename.clone().filter(|f| !f.is_empty());
         let Some(original) = filename.filter(|_| head.name.as_deref() == Some("files")) else {

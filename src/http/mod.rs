@@ -68,6 +68,7 @@ pub struct Shared {
     pub stager: Stager,
     pub limits: LimitArgs,
     pub spool_dir: PathBuf,
+    pub spool_memory_per_request: usize,
     pub push: push::Pusher,
     /// False once shutdown starts: /readyz answers 503 so load balancers drain us first.
     pub accepting: Arc<AtomicBool>,

@@ -161,6 +161,7 @@ async fn stage(
         max_files: st.limits.max_files_per_request,
         max_file_bytes: st.limits.max_file_bytes,
         max_filename_chars: st.limits.max_filename_chars,
+        spool_memory: st.spool_memory_per_request,
     };
     let cut = body.cut_flag();
     let mut parts = Multipart::new(body, &boundary, multipart::Limits::default());

@@ -1048,6 +1048,7 @@ async fn library_outcome(
         max_files: MAX_FILES,
         max_file_bytes: max_file as u64,
         max_filename_chars: MAX_NAME_CHARS,
+        spool_memory: pending_uploads::spool::MEMORY_PER_REQUEST,
     };
     let mut parts = Multipart::new(
         futures::stream::iter(items),

@@ -833,6 +833,36 @@ async fn raw_response_headers_are_title_case() {
     );
 }
 
+/// SPOOL_MEMORY_PER_REQUEST=0 spools every file to disk: with the folder gone even 1 KiB gets
+/// the 503; above its cap (one spool read chunk) the setting is refused at start.
+#[tokio::test]
+async fn spool_memory_per_request_is_a_setting() {
+    let app = TestApp::start_with(&["--spool-memory-per-request", "0"]).await;
+    let (ws, token) = app.poll_workspace().await;
+    std::fs::remove_dir(&app.spool_dir).unwrap();
+    let resp = app
+        .upload(ws, &token, &[("a.txt", "text/plain", bytes(1024, 1))])
+        .await;
+    assert_json(
+        resp,
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({"error": "upload spool unavailable — retry shortly", "code": "spool_unavailable"}),
+    )
+    .await;
+    app.assert_nothing_staged().await;
+    let too_big = <pending_uploads::cli::Cli as clap::Parser>::try_parse_from([
+        "pending-uploads",
+        "serve",
+        "--spool-memory-per-request",
+        "131073",
+    ]);
+    let err = too_big.expect_err("131073 is refused").to_string();
+    assert!(
+        err.contains("131073") && err.contains("0..=131072"),
+        "{err}"
+    );
+}
+
 /// Small files are spooled in memory, 64 KiB a request, so they stage while the spool folder
 /// is gone; a request whose files outgrow that needs the folder and gets a clean 503 that
 /// leaves nothing behind, also when its first files fit in memory.
