@@ -18,6 +18,7 @@ use crate::{
     longpoll::Hub,
     push_target::PushPolicy,
     slots::UploadSlots,
+    spool::SpoolMemory,
     staging::{Quota, Stager},
     storage::{ByteaBackend, S3Backend, Storage},
     sweep::Sweeper,
@@ -108,7 +109,10 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
         storage: storage.clone(),
         limits: args.limits.clone(),
         spool_dir,
-        spool_memory_per_request: args.spool_memory_per_request as usize,
+        spool_memory: SpoolMemory::new(
+            args.spool_memory_per_request as usize,
+            args.spool_memory_total as usize,
+        ),
         push,
         accepting: Arc::new(AtomicBool::new(true)),
         upload_slots: UploadSlots::new(

@@ -230,11 +230,17 @@ pub struct ServeArgs {
     /// Folder for spooling uploads (unnamed temp files; defaults to the system temp dir).
     #[arg(long, env = "SPOOL_DIR")]
     pub spool_dir: Option<PathBuf>,
-    /// Bytes of small files one upload request keeps in memory instead of in SPOOL_DIR (at
-    /// most 131072, one spool read chunk; 0 spools every file to disk).
+    /// Upload requests whose body is at most this many bytes keep their files in memory
+    /// instead of in SPOOL_DIR; a body without Content-Length keeps this much, then spills
+    /// (at most 16777216; 0 spools every file to disk).
     #[arg(long, env = "SPOOL_MEMORY_PER_REQUEST", default_value_t = crate::spool::MEMORY_PER_REQUEST as u64,
-          value_parser = clap::value_parser!(u64).range(0..=crate::spool::READ_CHUNK as u64))]
+          value_parser = clap::value_parser!(u64).range(0..=crate::spool::MEMORY_PER_REQUEST_MAX as u64))]
     pub spool_memory_per_request: u64,
+    /// File bytes all upload requests of this replica keep in memory at once; a request that
+    /// finds too little of it left spools to SPOOL_DIR (at most 1073741824).
+    #[arg(long, env = "SPOOL_MEMORY_TOTAL", default_value_t = crate::spool::MEMORY_TOTAL as u64,
+          value_parser = clap::value_parser!(u64).range(0..=1 << 30))]
+    pub spool_memory_total: u64,
     /// Upload requests handled at once by this replica; more get 503 with Retry-After.
     #[arg(long, env = "MAX_CONCURRENT_UPLOADS", default_value_t = 64)]
     pub max_concurrent_uploads: usize,

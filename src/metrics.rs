@@ -32,6 +32,7 @@ pub struct Metrics {
     pub oldest_unacked_age: Gauge,
     pub uploads_in_progress: IntGauge,
     pub long_polls_waiting: IntGauge,
+    pub spool_memory_reserved: IntGauge,
 }
 
 const NS: &str = "pending_uploads";
@@ -186,6 +187,13 @@ impl Metrics {
                 IntGauge::with_opts(opts(
                     "long_polls_waiting",
                     "Activity requests held open by wait=",
+                ))
+                .expect("valid metric"),
+            ),
+            spool_memory_reserved: r.add(
+                IntGauge::with_opts(opts(
+                    "spool_memory_reserved_bytes",
+                    "Bytes of SPOOL_MEMORY_TOTAL reserved by upload requests and the files they hold in memory",
                 ))
                 .expect("valid metric"),
             ),

@@ -2,10 +2,12 @@
 //! while its size and sha256 are computed. The kernel removes the file when the last handle
 //! closes, so no path ever exists to leak — not on an error, not on a panic, not on SIGKILL.
 //!
-//! A small file never reaches the disk: its first bytes are kept in memory, within a budget
-//! the caller gives per request, and only a file that outgrows the budget gets a temp file.
-//! A 1 KiB upload so skips the file's creation and two blocking-thread hops (a write and a
-//! read back), and still works while the spool folder is full.
+//! A small upload never reaches the disk: its files are kept in memory, within a
+//! [`MemoryBudget`] the request reserves from the replica's total ([`SpoolMemory`]), and only
+//! a file that outgrows the budget gets a temp file. Such a file then skips the file's
+//! creation and two blocking-thread hops per chunk (a write and a read back), goes into
+//! Postgres as one INSERT parameter instead of a COPY (which costs Postgres about twice the
+//! CPU for the same row), and still stages while the spool folder is full.
 
 use std::{
     fs::File,
@@ -17,34 +19,122 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::digest::Digester;
+use crate::{digest::Digester, metrics::metrics};
 
 /// Chunk size for reading a spool back (into Postgres or S3).
 pub const READ_CHUNK: usize = 128 * 1024;
 
-/// Bytes of small files one request may keep in memory instead of on disk, by default
-/// (`SPOOL_MEMORY_PER_REQUEST`). Hashing this much on a request thread takes a few dozen
-/// microseconds.
-pub const MEMORY_PER_REQUEST: usize = 64 * 1024;
+/// Upload bodies up to this size keep their files in memory, by default
+/// (`SPOOL_MEMORY_PER_REQUEST`): 1 MiB files with their multipart framing.
+pub const MEMORY_PER_REQUEST: usize = 2 * 1024 * 1024;
+
+/// The most `SPOOL_MEMORY_PER_REQUEST` may be.
+pub const MEMORY_PER_REQUEST_MAX: usize = 16 * 1024 * 1024;
+
+/// File bytes all upload requests of a replica may keep in memory at once, by default
+/// (`SPOOL_MEMORY_TOTAL`).
+pub const MEMORY_TOTAL: usize = 16 * 1024 * 1024;
+
+/// The replica's spool memory: what each request may reserve, out of what total.
+#[derive(Clone)]
+pub struct SpoolMemory {
+    per_request: usize,
+    total: Arc<Semaphore>,
+}
+
+impl SpoolMemory {
+    pub fn new(per_request: usize, total: usize) -> Self {
+        SpoolMemory {
+            per_request: per_request.min(MEMORY_PER_REQUEST_MAX),
+            total: Arc::new(Semaphore::new(total.min(Semaphore::MAX_PERMITS))),
+        }
+    }
+
+    /// The memory an upload request may spool into. A body of known length (`Content-Length`)
+    /// reserves exactly that when it is at most the per-request size, and nothing when it is
+    /// larger (its files go to disk from their first byte); a body of unknown length reserves
+    /// the per-request size and spills what outgrows it. Never waits: with the total taken, a
+    /// request spools to disk.
+    pub fn reserve(&self, body_len: Option<u64>) -> MemoryBudget {
+        let want = match body_len {
+            Some(len) if len <= self.per_request as u64 => len as usize,
+            Some(_) => return MemoryBudget::default(),
+            None => self.per_request,
+        };
+        if want == 0 {
+            return MemoryBudget::default();
+        }
+        match self.total.clone().try_acquire_many_owned(want as u32) {
+            Ok(permit) => {
+                metrics().spool_memory_reserved.add(want as i64);
+                MemoryBudget {
+                    left: want,
+                    reservation: Some(Arc::new(Reservation(permit))),
+                }
+            }
+            Err(_) => MemoryBudget::default(),
+        }
+    }
+
+    /// Bytes of the total not reserved by a request now.
+    pub fn available(&self) -> usize {
+        self.total.available_permits()
+    }
+}
+
+/// A request's share of the replica's spool memory, counted in `spool_memory_reserved_bytes`.
+struct Reservation(OwnedSemaphorePermit);
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        metrics()
+            .spool_memory_reserved
+            .sub(self.0.num_permits() as i64);
+    }
+}
+
+/// Memory one request may still spool into. Its reservation returns to the replica's total
+/// when the budget and every file spooled into it are gone.
+#[derive(Clone, Default)]
+pub struct MemoryBudget {
+    left: usize,
+    reservation: Option<Arc<Reservation>>,
+}
+
+impl MemoryBudget {
+    /// A budget of `bytes`, not counted against any total (a single copy, e.g. the backfill).
+    pub fn unreserved(bytes: usize) -> Self {
+        MemoryBudget {
+            left: bytes,
+            reservation: None,
+        }
+    }
+
+    /// Takes what a finished file holds in memory out of what is left.
+    pub fn spend(&mut self, spool: &Spool) {
+        self.left -= spool.memory_bytes();
+    }
+}
 
 pub struct SpoolWriter {
     dir: PathBuf,
-    /// The bytes so far while they fit in `memory_max`; empty once spilled to `file`.
+    /// The bytes so far while they fit in the budget; empty once spilled to `file`.
     memory: BytesMut,
-    memory_max: usize,
+    budget: MemoryBudget,
     file: Option<Arc<File>>,
     digest: Digester,
 }
 
 impl SpoolWriter {
-    /// A spool for one file that keeps up to `memory_max` bytes in memory; a larger file goes
-    /// to an unnamed temp file in `dir`, created when the bytes outgrow memory.
-    pub fn create(dir: &Path, memory_max: usize) -> Self {
+    /// A spool for one file that keeps its bytes in memory while they fit in `budget`; a
+    /// larger file goes to an unnamed temp file in `dir`, created when the bytes outgrow it.
+    pub fn create(dir: &Path, budget: MemoryBudget) -> Self {
         Self {
             dir: dir.to_path_buf(),
             memory: BytesMut::new(),
-            memory_max: memory_max.min(READ_CHUNK),
+            budget,
             file: None,
             digest: Digester::default(),
         }
@@ -56,21 +146,30 @@ impl SpoolWriter {
 
     /// Appends a chunk.
     pub async fn write(&mut self, chunk: Bytes) -> io::Result<()> {
-        if self.file.is_none() && self.memory.len() + chunk.len() <= self.memory_max {
+        if self.file.is_none() && self.memory.len() + chunk.len() <= self.budget.left {
+            if self.memory.capacity() == 0 {
+                // The whole budget at once: a budget from Content-Length is what the body
+                // holds, and only the pages written count (no regrowth, no copies).
+                self.memory.reserve(self.budget.left);
+            }
             self.digest.update(&chunk);
             self.memory.extend_from_slice(&chunk);
             return Ok(());
         }
-        let file = match &self.file {
-            Some(file) => file.clone(),
+        let (file, held) = match &self.file {
+            Some(file) => (file.clone(), None),
             None => self.spill()?,
         };
-        // The write and the digest update run together on a blocking thread: one hop per
+        // The writes and the digest update run together on a blocking thread: one hop per
         // chunk, no copy of the chunk, and the hashing off the request threads.
         let offset = self.digest.len();
         let mut digest = std::mem::take(&mut self.digest);
         let (digest, written) = tokio::task::spawn_blocking(move || {
-            let written = file.write_all_at(&chunk, offset);
+            let written = match held {
+                Some(held) => file.write_all_at(&held, 0),
+                None => Ok(()),
+            }
+            .and_then(|()| file.write_all_at(&chunk, offset));
             if written.is_ok() {
                 digest.update(&chunk);
             }
@@ -82,14 +181,14 @@ impl SpoolWriter {
         written
     }
 
-    /// Moves what is in memory to a new temp file, which takes every later byte. The bytes
-    /// are few (at most `memory_max`), so this one write stays on the request thread.
-    fn spill(&mut self) -> io::Result<Arc<File>> {
+    /// A new temp file, which takes every later byte, and what memory held so far (written
+    /// to it first). The budget goes back: this file no longer holds memory.
+    fn spill(&mut self) -> io::Result<(Arc<File>, Option<Bytes>)> {
         let file = Arc::new(tempfile::tempfile_in(&self.dir)?);
-        file.write_all_at(&self.memory, 0)?;
-        self.memory = BytesMut::new();
         self.file = Some(file.clone());
-        Ok(file)
+        self.budget = MemoryBudget::default();
+        let held = std::mem::take(&mut self.memory).freeze();
+        Ok((file, (!held.is_empty()).then_some(held)))
     }
 
     /// Closes the file now (the kernel frees an unnamed file with its last descriptor).
@@ -98,7 +197,15 @@ impl SpoolWriter {
     pub async fn finish(self) -> io::Result<Spool> {
         let backing = match self.file {
             Some(file) => Backing::File(file),
-            None => Backing::Memory(self.memory.freeze()),
+            None => Backing::Memory {
+                // A file much smaller than the capacity reserved for it keeps only its size:
+                // the next file of the request reserves what is left again.
+                bytes: match self.memory.capacity() > 2 * self.memory.len() {
+                    true => Bytes::copy_from_slice(&self.memory),
+                    false => self.memory.freeze(),
+                },
+                _reservation: self.budget.reservation,
+            },
         };
         Ok(Spool {
             backing,
@@ -110,7 +217,11 @@ impl SpoolWriter {
 
 #[derive(Clone)]
 enum Backing {
-    Memory(Bytes),
+    Memory {
+        bytes: Bytes,
+        /// Held while the bytes are: the request's share of the replica's spool memory.
+        _reservation: Option<Arc<Reservation>>,
+    },
     File(Arc<File>),
 }
 
@@ -127,15 +238,27 @@ impl Spool {
     /// Bytes of this file held in memory (0 when it is on disk).
     pub fn memory_bytes(&self) -> usize {
         match &self.backing {
-            Backing::Memory(bytes) => bytes.len(),
+            Backing::Memory { bytes, .. } => bytes.len(),
             Backing::File(_) => 0,
         }
     }
 
-    /// The whole file (callers bound its size: small rows only).
-    pub async fn read_all(&self) -> io::Result<Vec<u8>> {
+    /// The bytes, when the file is held in memory.
+    pub fn in_memory(&self) -> Option<&Bytes> {
+        match &self.backing {
+            Backing::Memory { bytes, .. } => Some(bytes),
+            Backing::File(_) => None,
+        }
+    }
+
+    /// The whole file (callers bound its size: files in memory, or small ones on disk).
+    pub async fn read_all(&self) -> io::Result<Bytes> {
         use futures::TryStreamExt;
-        self.chunks().map_ok(Vec::from).try_concat().await
+        if let Some(bytes) = self.in_memory() {
+            return Ok(bytes.clone());
+        }
+        let whole: Vec<u8> = self.chunks().map_ok(Vec::from).try_concat().await?;
+        Ok(Bytes::from(whole))
     }
 
     /// The bytes from the start, in chunks. Each call is an independent reader (positional
@@ -156,16 +279,17 @@ impl Spool {
         &self,
         in_flight: usize,
     ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        let size = self.size;
         let file = match &self.backing {
-            // Never more than one chunk (`memory_max` is at most READ_CHUNK).
-            Backing::Memory(bytes) => {
+            Backing::Memory { bytes, .. } => {
                 let bytes = bytes.clone();
-                return futures::stream::iter((!bytes.is_empty()).then_some(Ok(bytes)))
-                    .left_stream();
+                let slices = (0..bytes.len()).step_by(READ_CHUNK).map(move |offset| {
+                    Ok(bytes.slice(offset..bytes.len().min(offset + READ_CHUNK)))
+                });
+                return futures::stream::iter(slices).left_stream();
             }
             Backing::File(file) => file.clone(),
         };
-        let size = self.size;
         futures::stream::iter((0..size).step_by(READ_CHUNK))
             .map(move |offset| {
                 let file = file.clone();
@@ -192,12 +316,14 @@ mod tests {
     use futures::TryStreamExt;
     use sha2::{Digest, Sha256};
 
+    const BUDGET: usize = 64 * 1024;
+
     fn data(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i % 251) as u8).collect()
     }
 
-    async fn spooled(dir: &Path, memory_max: usize, data: &[u8]) -> io::Result<Spool> {
-        let mut w = SpoolWriter::create(dir, memory_max);
+    async fn spooled(dir: &Path, budget: MemoryBudget, data: &[u8]) -> io::Result<Spool> {
+        let mut w = SpoolWriter::create(dir, budget);
         for part in data.chunks(1000) {
             w.write(Bytes::copy_from_slice(part)).await?;
         }
@@ -223,37 +349,76 @@ mod tests {
     async fn on_disk_roundtrip_and_digest() {
         let dir = tempfile::tempdir().unwrap();
         let data = data(READ_CHUNK * 2 + 17);
-        let spool = spooled(dir.path(), MEMORY_PER_REQUEST, &data)
+        let spool = spooled(dir.path(), MemoryBudget::unreserved(BUDGET), &data)
             .await
             .unwrap();
         assert_eq!(spool.memory_bytes(), 0);
+        assert!(spool.in_memory().is_none());
         assert_reads_back(&spool, &data, 3).await;
         // nothing is ever visible in the spool folder
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[tokio::test]
-    async fn small_files_stay_in_memory_and_need_no_folder() {
+    async fn files_within_the_budget_stay_in_memory_and_need_no_folder() {
         let missing = Path::new("/nonexistent/pending-uploads-spool");
-        let data = data(MEMORY_PER_REQUEST);
-        let spool = spooled(missing, MEMORY_PER_REQUEST, &data).await.unwrap();
+        let data = data(READ_CHUNK * 3 + 5);
+        let budget = MemoryBudget::unreserved(data.len());
+        let spool = spooled(missing, budget.clone(), &data).await.unwrap();
         assert_eq!(spool.memory_bytes(), data.len());
-        assert_reads_back(&spool, &data, 1).await;
-        // one byte more than memory may hold needs the folder
+        assert_eq!(spool.in_memory().unwrap(), &data[..]);
+        assert_reads_back(&spool, &data, 4).await;
+        // one byte more than the budget needs the folder
         let over = [data.as_slice(), b"x"].concat();
-        assert!(spooled(missing, MEMORY_PER_REQUEST, &over).await.is_err());
+        assert!(spooled(missing, budget, &over).await.is_err());
     }
 
     #[tokio::test]
     async fn spills_to_disk_with_what_memory_held() {
         let dir = tempfile::tempdir().unwrap();
         let data = data(10_500);
-        let spool = spooled(dir.path(), 4096, &data).await.unwrap();
+        let spool = spooled(dir.path(), MemoryBudget::unreserved(4096), &data)
+            .await
+            .unwrap();
         assert_eq!(spool.memory_bytes(), 0);
         assert_reads_back(&spool, &data, 1).await;
-        let no_budget = spooled(dir.path(), 0, &data).await.unwrap();
+        let no_budget = spooled(dir.path(), MemoryBudget::default(), &data)
+            .await
+            .unwrap();
         assert_eq!(no_budget.memory_bytes(), 0);
         assert_reads_back(&no_budget, &data, 1).await;
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn requests_reserve_from_the_total_until_their_files_are_gone() {
+        let memory = SpoolMemory::new(100_000, 150_000);
+        let dir = tempfile::tempdir().unwrap();
+        // a known length within the per-request size reserves exactly that
+        let mut first = memory.reserve(Some(90_000));
+        assert_eq!((first.left, memory.available()), (90_000, 60_000));
+        // a longer body reserves nothing; an unknown length the per-request size, if free
+        assert_eq!(memory.reserve(Some(100_001)).left, 0);
+        assert_eq!(memory.reserve(None).left, 0, "only 60,000 free");
+        assert_eq!(memory.reserve(Some(0)).left, 0);
+        let spool = spooled(dir.path(), first.clone(), &data(50_000))
+            .await
+            .unwrap();
+        first.spend(&spool);
+        assert_eq!(first.left, 40_000);
+        // the reservation returns with the budget and the last file held in it
+        drop(first);
+        assert_eq!(memory.available(), 60_000);
+        let copy = spool.clone();
+        drop(spool);
+        assert_eq!(memory.available(), 60_000);
+        drop(copy);
+        assert_eq!(memory.available(), 150_000);
+        let unknown = memory.reserve(None);
+        assert_eq!((unknown.left, memory.available()), (100_000, 50_000));
+        // a file that spills gives its share back at once
+        let spilled = spooled(dir.path(), unknown, &data(100_001)).await.unwrap();
+        assert_eq!(spilled.memory_bytes(), 0);
+        assert_eq!(memory.available(), 150_000);
     }
 }

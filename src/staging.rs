@@ -17,16 +17,12 @@ use uuid::Uuid;
 pub use crate::db::uploads::Quota;
 use crate::{
     api::{platform_uri, StagedFile, UploadReceived},
-    db::{
-        self,
-        uploads::{NewUpload, INSERT_MAX_BYTES},
-        Db, DbError,
-    },
+    db::{self, uploads::NewUpload, Db, DbError},
     logfmt::Clip,
     metrics::metrics,
     multipart::{BoxError, Multipart, MultipartError},
     sanitize::sanitize,
-    spool::{Spool, SpoolWriter},
+    spool::{MemoryBudget, Spool, SpoolWriter},
     storage::{Location, Storage, StorageError},
 };
 
@@ -80,8 +76,6 @@ pub struct RequestLimits {
     pub max_files: usize,
     pub max_file_bytes: u64,
     pub max_filename_chars: usize,
-    /// File bytes kept in memory rather than spooled to disk (see `spool`).
-    pub spool_memory: usize,
 }
 
 /// Non-file form fields are read and thrown away, at most this many bytes per request.
@@ -105,6 +99,7 @@ pub async fn receive<S, E>(
     multipart: &mut Multipart<S>,
     limits: &RequestLimits,
     spool_dir: &Path,
+    mut memory: MemoryBudget,
 ) -> Result<Vec<Received>, StagingError>
 where
     S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
@@ -112,7 +107,6 @@ where
 {
     let mut files: Vec<Received> = Vec::new();
     let mut field_bytes = 0usize;
-    let mut memory_left = limits.spool_memory;
     while let Some(head) = multipart.next_part().await? {
         let filename = head.filename.clone().filter(|f| !f.is_empty());
         let Some(original) = filename.filter(|_| head.name.as_deref() == Some("files")) else {
@@ -134,9 +128,9 @@ where
             return Err(StagingError::TooManyFiles(limits.max_files));
         }
         let mimetype = reduce_mimetype(head.content_type.as_deref());
-        let writer = SpoolWriter::create(spool_dir, memory_left);
+        let writer = SpoolWriter::create(spool_dir, memory.clone());
         let spool = spool_part(multipart, writer, &original, limits.max_file_bytes).await?;
-        memory_left -= spool.memory_bytes();
+        memory.spend(&spool);
         files.push(Received {
             name: sanitize(&original, limits.max_filename_chars),
             original,
@@ -309,10 +303,14 @@ impl Stager {
     }
 }
 
-/// Uploads whose inline bytes stay under this in all go in as one statement, its own
-/// transaction (`db::uploads::stage`): one round trip. Their bytes travel as parameters, so
-/// this also bounds what such a commit holds in memory.
-const ONE_STATEMENT_MAX_BYTES: u64 = 1024 * 1024;
+/// Uploads whose rows all go in with INSERTs ([`NewUpload::inserts`]) go in as one
+/// statement, its own transaction (`db::uploads::stage`): one round trip. Their bytes travel
+/// as parameters: those in memory already, and at most this many read back from disk.
+const ONE_STATEMENT_READ_BACK_MAX: u64 = 1024 * 1024;
+
+/// A connection that sent more than this in one statement gives back its buffer's growth
+/// (sqlx keeps a connection's write buffer at its largest otherwise: up to a whole file).
+const KEEP_BUFFER_MAX: u64 = 256 * 1024;
 
 /// The database half of [`Stager::commit`]: every row and activity row, admitted under the
 /// workspace's quotas, or nothing.
@@ -336,15 +334,13 @@ async fn write_rows(
             location,
         })
         .collect();
-    let inline_bytes: u64 = rows
+    let read_back: u64 = rows
         .iter()
-        .filter(|r| r.location.inline)
+        .filter(|r| r.location.inline && r.spool.in_memory().is_none())
         .map(|r| r.spool.size)
         .sum();
-    let one_statement = inline_bytes <= ONE_STATEMENT_MAX_BYTES
-        && rows
-            .iter()
-            .all(|r| !r.location.inline || r.spool.size <= INSERT_MAX_BYTES);
+    let one_statement =
+        read_back <= ONE_STATEMENT_READ_BACK_MAX && rows.iter().all(NewUpload::inserts);
     let admission = if one_statement {
         let mut contents = Vec::with_capacity(rows.len());
         for r in &rows {
@@ -353,7 +349,7 @@ async fn write_rows(
                 false => None,
             });
         }
-        db::uploads::stage(conn, workspace_id, quota, &rows, contents).await?
+        db::uploads::stage(conn, workspace_id, quota, &rows, &contents).await?
     } else {
         // Rows first, without the workspace lock: they stay invisible until commit, so
         // concurrent large uploads to one workspace copy in parallel. Then admission (the
@@ -371,6 +367,14 @@ async fn write_rows(
         }
         admission
     };
+    let sent_as_parameters: u64 = rows
+        .iter()
+        .filter(|r| r.location.inline && r.inserts())
+        .map(|r| r.spool.size)
+        .sum();
+    if sent_as_parameters > KEEP_BUFFER_MAX {
+        sqlx::Connection::shrink_buffers(&mut *conn);
+    }
     let refusal = match admission.refused.as_deref() {
         None => None,
         Some("files") => Some(StagingError::QuotaFiles {

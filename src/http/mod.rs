@@ -38,8 +38,8 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
-    auth::Auth, config::LimitArgs, db::Db, longpoll::Hub, slots::UploadSlots, staging::Stager,
-    storage::Storage,
+    auth::Auth, config::LimitArgs, db::Db, longpoll::Hub, slots::UploadSlots, spool::SpoolMemory,
+    staging::Stager, storage::Storage,
 };
 
 /// What every handler shares, behind one `Arc`: a request's futures hold a pointer, not a
@@ -68,7 +68,7 @@ pub struct Shared {
     pub stager: Stager,
     pub limits: LimitArgs,
     pub spool_dir: PathBuf,
-    pub spool_memory_per_request: usize,
+    pub spool_memory: SpoolMemory,
     pub push: push::Pusher,
     /// False once shutdown starts: /readyz answers 503 so load balancers drain us first.
     pub accepting: Arc<AtomicBool>,

@@ -161,11 +161,14 @@ async fn stage(
         max_files: st.limits.max_files_per_request,
         max_file_bytes: st.limits.max_file_bytes,
         max_filename_chars: st.limits.max_filename_chars,
-        spool_memory: st.spool_memory_per_request,
     };
+    let body_len = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let memory = st.spool_memory.reserve(body_len);
     let cut = body.cut_flag();
     let mut parts = Multipart::new(body, &boundary, multipart::Limits::default());
-    let files = match staging::receive(&mut parts, &limits, &st.spool_dir).await {
+    let files = match staging::receive(&mut parts, &limits, &st.spool_dir, memory).await {
         Ok(files) => files,
         Err(e) => {
             if cut.get().is_none() {

@@ -16,7 +16,7 @@ use crate::{
     config::BackendMode,
     db::DbError,
     digest, metrics,
-    spool::{Spool, SpoolWriter, MEMORY_PER_REQUEST},
+    spool::{MemoryBudget, Spool, SpoolWriter, READ_CHUNK},
 };
 
 pub use bytea::ByteaBackend;
@@ -242,7 +242,8 @@ impl Storage {
             s3_key: None,
             ..loc.clone()
         };
-        let mut writer = SpoolWriter::create(spool_dir, MEMORY_PER_REQUEST);
+        // One row at a time: a row up to one read chunk skips the temp file.
+        let mut writer = SpoolWriter::create(spool_dir, MemoryBudget::unreserved(READ_CHUNK));
         let mut chunks = self.open(&inline, ByteRange::full(loc.size)).await?;
         while let Some(chunk) = chunks.try_next().await? {
             writer.write(chunk).await?;

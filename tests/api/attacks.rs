@@ -555,6 +555,60 @@ async fn one_workspace_cannot_hold_every_upload_slot() {
     );
 }
 
+/// SPOOL_MEMORY_TOTAL bounds the file bytes all upload requests of a replica keep in memory
+/// together. While one request holds its share (its body half sent), another whose body does
+/// not fit in what is left goes to disk (here a missing folder: a clean 503), a small one still
+/// fits, and the share comes back when the first request is done.
+#[tokio::test]
+async fn spool_memory_total_is_shared_by_the_requests_in_flight() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("spool");
+    let svc = Svc::start(&[
+        ("SPOOL_DIR", dir.to_str().unwrap()),
+        ("SPOOL_MEMORY_PER_REQUEST", "65536"),
+        ("SPOOL_MEMORY_TOTAL", "100000"),
+    ])
+    .await;
+    std::fs::remove_dir(&dir).unwrap();
+    let (ws, token) = register_poll(&svc.base).await;
+    let reserved = "pending_uploads_spool_memory_reserved_bytes";
+    let held_body = one_file("XB", "held.bin", &[b'h'; 60_000]);
+    let head = upload_head(&svc, ws, &token, held_body.len())
+        .replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
+    let mut held = TcpStream::connect(&svc.addr).await.unwrap();
+    held.write_all(head.as_bytes()).await.unwrap();
+    held.write_all(&held_body[..1000]).await.unwrap();
+    wait_for_metric(&svc.base, reserved, held_body.len() as f64).await;
+
+    let resp = upload_file(&svc, ws, &token, "b.bin", &[b'b'; 50_000]).await;
+    assert_eq!(resp.headers()["retry-after"], "5");
+    assert_json(
+        resp,
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({"error": "upload spool unavailable — retry shortly", "code": "spool_unavailable"}),
+    )
+    .await;
+    let resp = upload_file(&svc, ws, &token, "c.txt", b"small").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    held.write_all(&held_body[1000..]).await.unwrap();
+    let mut raw = Vec::new();
+    held.read_to_end(&mut raw).await.unwrap();
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(raw.starts_with("HTTP/1.1 200 OK\r\n"), "{raw}");
+    wait_for_metric(&svc.base, reserved, 0.0).await;
+    let resp = upload_file(&svc, ws, &token, "b.bin", &[b'b'; 50_000]).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT filename FROM pending_uploads WHERE workspace_id = $1 ORDER BY seq",
+    )
+    .bind(ws)
+    .fetch_all(&svc.pool)
+    .await
+    .unwrap();
+    assert_eq!(names, ["c.txt", "held.bin", "b.bin"]);
+}
+
 #[tokio::test]
 async fn huge_part_headers_and_preambles_are_refused_without_buffering_them() {
     let svc = Svc::start(&[]).await;

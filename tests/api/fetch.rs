@@ -509,10 +509,18 @@ async fn twenty_megabytes_round_trip() {
     assert_eq!(Sha256::digest(&got), Sha256::digest(&data));
 }
 
+/// Rows spooled on disk go in with an INSERT up to INSERT_MAX_BYTES and with a COPY above it;
+/// rows held in memory (the default for this request's size) always with an INSERT, one
+/// statement for the whole upload. Every path byte-exact.
 #[tokio::test]
 async fn sizes_around_the_insert_copy_boundary_round_trip() {
-    // Up to INSERT_MAX_BYTES a row goes in with INSERT, above it with COPY: both byte-exact.
-    let app = TestApp::start().await;
+    for spool_memory in ["0", "16777216"] {
+        let app = TestApp::start_with(&["--spool-memory-per-request", spool_memory]).await;
+        sizes_round_trip(&app).await;
+    }
+}
+
+async fn sizes_round_trip(app: &TestApp) {
     let (ws, token) = app.poll_workspace().await;
     let edge = pending_uploads::db::uploads::INSERT_MAX_BYTES as usize;
     let sizes = [1, edge - 1, edge, edge + 1, 3 * edge + 7];

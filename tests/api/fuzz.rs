@@ -1048,14 +1048,15 @@ async fn library_outcome(
         max_files: MAX_FILES,
         max_file_bytes: max_file as u64,
         max_filename_chars: MAX_NAME_CHARS,
-        spool_memory: pending_uploads::spool::MEMORY_PER_REQUEST,
     };
+    // Small enough that generated files take both paths: memory, and spilled to disk.
+    let memory = pending_uploads::spool::MemoryBudget::unreserved(64 * 1024);
     let mut parts = Multipart::new(
         futures::stream::iter(items),
         &boundary,
         multipart::Limits::default(),
     );
-    match staging::receive(&mut parts, &limits, scratch).await {
+    match staging::receive(&mut parts, &limits, scratch, memory).await {
         Ok(received) => {
             let mut files = Vec::new();
             for r in received {

@@ -281,7 +281,7 @@ async fn put_orphan(s3: &pending_uploads::storage::S3Backend, ws: Uuid) -> Strin
     let spool_dir = tempfile::tempdir().unwrap();
     let mut w = pending_uploads::spool::SpoolWriter::create(
         spool_dir.path(),
-        pending_uploads::spool::MEMORY_PER_REQUEST,
+        pending_uploads::spool::MemoryBudget::unreserved(1024),
     );
     w.write(bytes::Bytes::from_static(b"orphaned"))
         .await

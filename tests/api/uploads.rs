@@ -754,7 +754,8 @@ async fn a_client_that_disconnects_mid_upload_leaves_nothing() {
             Some("text/plain"),
             b"first file, complete",
         ),
-        ("files", Some("b.bin"), None, &bytes(2_000_000, 9)),
+        // a body over SPOOL_MEMORY_PER_REQUEST: its files go to disk
+        ("files", Some("b.bin"), None, &bytes(3_000_000, 9)),
     ]);
     let addr = app.url.trim_start_matches("http://").to_string();
     let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -834,7 +835,7 @@ async fn raw_response_headers_are_title_case() {
 }
 
 /// SPOOL_MEMORY_PER_REQUEST=0 spools every file to disk: with the folder gone even 1 KiB gets
-/// the 503; above its cap (one spool read chunk) the setting is refused at start.
+/// the 503; above its cap the setting is refused at start.
 #[tokio::test]
 async fn spool_memory_per_request_is_a_setting() {
     let app = TestApp::start_with(&["--spool-memory-per-request", "0"]).await;
@@ -843,41 +844,42 @@ async fn spool_memory_per_request_is_a_setting() {
     let resp = app
         .upload(ws, &token, &[("a.txt", "text/plain", bytes(1024, 1))])
         .await;
-    assert_json(
-        resp,
-        StatusCode::SERVICE_UNAVAILABLE,
-        json!({"error": "upload spool unavailable — retry shortly", "code": "spool_unavailable"}),
-    )
-    .await;
+    assert_json(resp, StatusCode::SERVICE_UNAVAILABLE, spool_unavailable()).await;
     app.assert_nothing_staged().await;
     let too_big = <pending_uploads::cli::Cli as clap::Parser>::try_parse_from([
         "pending-uploads",
         "serve",
         "--spool-memory-per-request",
-        "131073",
+        "16777217",
     ]);
-    let err = too_big.expect_err("131073 is refused").to_string();
+    let err = too_big.expect_err("16777217 is refused").to_string();
     assert!(
-        err.contains("131073") && err.contains("0..=131072"),
+        err.contains("16777217") && err.contains("0..=16777216"),
         "{err}"
     );
 }
 
-/// Small files are spooled in memory, 64 KiB a request, so they stage while the spool folder
-/// is gone; a request whose files outgrow that needs the folder and gets a clean 503 that
-/// leaves nothing behind, also when its first files fit in memory.
+fn spool_unavailable() -> Value {
+    json!({"error": "upload spool unavailable — retry shortly", "code": "spool_unavailable"})
+}
+
+/// A request whose body (Content-Length) is at most SPOOL_MEMORY_PER_REQUEST keeps its files
+/// in memory, so it stages while the spool folder is gone; a longer body goes to disk and gets
+/// a clean 503 that leaves nothing behind. A body without Content-Length keeps that much in
+/// memory and spills what outgrows it.
 #[tokio::test]
-async fn small_files_stage_without_the_spool_folder_and_larger_ones_get_503() {
-    let app = TestApp::start().await;
+async fn small_bodies_stage_without_the_spool_folder_and_larger_ones_get_503() {
+    let app = TestApp::start_with(&["--spool-memory-per-request", "65536"]).await;
     let (ws, token) = app.poll_workspace().await;
     std::fs::remove_dir(&app.spool_dir).unwrap();
-    let spool_unavailable = || json!({"error": "upload spool unavailable — retry shortly", "code": "spool_unavailable"});
     for files in [
         vec![("big.bin", bytes(64 * 1024 + 1, 1))],
         vec![
             ("a.bin", bytes(40 * 1024, 2)),
             ("b.bin", bytes(40 * 1024, 3)),
         ],
+        // the files alone fit, the body with its framing does not
+        vec![("edge.bin", bytes(64 * 1024 - 10, 4))],
     ] {
         let parts: Vec<_> = files
             .iter()
@@ -888,12 +890,33 @@ async fn small_files_stage_without_the_spool_folder_and_larger_ones_get_503() {
         assert_json(resp, StatusCode::SERVICE_UNAVAILABLE, spool_unavailable()).await;
         app.assert_nothing_staged().await;
     }
+    let chunked = |parts: &[RawPart]| {
+        let (ct, body) = raw_multipart(parts);
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+            body.chunks(4096).map(|c| Ok(c.to_vec())).collect();
+        (ct, reqwest::Body::wrap_stream(stream::iter(chunks)))
+    };
+    // chunked: the first file fits in memory, the second outgrows what is left
+    let (ct, body) = chunked(&[
+        ("files", Some("a.bin"), None, &bytes(40 * 1024, 5)),
+        ("files", Some("b.bin"), None, &bytes(40 * 1024, 6)),
+    ]);
+    let resp = post_raw(&app, ws, &token, &ct, body).await;
+    assert_json(resp, StatusCode::SERVICE_UNAVAILABLE, spool_unavailable()).await;
+    app.assert_nothing_staged().await;
     let small = [
-        ("a.txt", "text/plain", bytes(40 * 1024, 4)),
-        ("b.txt", "text/plain", bytes(24 * 1024, 5)),
+        ("a.txt", "text/plain", bytes(30 * 1024, 7)),
+        ("b.txt", "text/plain", bytes(20 * 1024, 8)),
     ];
-    let staged = app.upload_ok(ws, &token, &small).await;
-    for (entry, (_, _, sent)) in staged.iter().zip(&small) {
+    let mut staged = app.upload_ok(ws, &token, &small).await;
+    let chunked_small = bytes(60 * 1024, 9);
+    let (ct, body) = chunked(&[("files", Some("c.bin"), None, &chunked_small)]);
+    let resp = post_raw(&app, ws, &token, &ct, body).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = resp.json().await.unwrap();
+    staged.extend(body["files"].as_array().unwrap().iter().cloned());
+    let sent = [&small[0].2, &small[1].2, &chunked_small];
+    for (entry, sent) in staged.iter().zip(sent) {
         let got = app
             .get(
                 &format!(
