@@ -3,7 +3,7 @@
 //! stdout (progress on stderr):
 //!
 //! - `throughput`: upload/download MB/s through the service next to the direct ceiling (the
-//!   fastest client at hand per backend and direction, calibrated in the same run), interleaved,
+//!   fastest client at hand per backend, direction and size, calibrated in the same run), interleaved,
 //!   at 1 MiB / 20 MiB / 100 MB × concurrency 1 / 8, with the service's peak RSS;
 //! - `roundtrips`: database statements per request (pg_stat_statements);
 //! - `small`: 1 KiB uploads/s (one workspace, 8 workspaces) and downloads/s at concurrency 8;
@@ -82,8 +82,9 @@ struct Args {
     /// candidate in every cell, the best reported), or client names (comma-separated).
     #[arg(long, default_value = "auto")]
     direct: String,
-    /// throughput: calibration cells, SIZE:CONCURRENCY, comma-separated.
-    #[arg(long, default_value = "20MiB:8", value_delimiter = ',')]
+    /// throughput: calibration cells, SIZE:CONCURRENCY, comma-separated (each cell's fastest
+    /// client becomes a ceiling; every one runs in every cell, the best reported).
+    #[arg(long, default_value = "1MiB:8,20MiB:8", value_delimiter = ',')]
     calibrate: Vec<String>,
     /// throughput: calibration rounds (each candidate's best counts).
     #[arg(long, default_value_t = 2)]
