@@ -17,7 +17,7 @@ use crate::{
     http::{self, body::Pace, AppState, Deadlines, ServeOptions, Shared},
     longpoll::Hub,
     push_target::PushPolicy,
-    slots::UploadSlots,
+    slots::Slots,
     spool::SpoolMemory,
     staging::{Quota, Stager},
     storage::{ByteaBackend, S3Backend, Storage},
@@ -115,9 +115,15 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
         ),
         push,
         accepting: Arc::new(AtomicBool::new(true)),
-        upload_slots: UploadSlots::new(
+        upload_slots: Slots::new(
             args.max_concurrent_uploads,
             args.max_concurrent_uploads_per_workspace,
+            &crate::metrics::metrics().uploads_in_progress,
+        ),
+        download_slots: Slots::new(
+            args.max_concurrent_downloads,
+            args.max_concurrent_downloads_per_workspace,
+            &crate::metrics::metrics().downloads_in_progress,
         ),
         deadlines: Deadlines {
             request_body: d.request_body_timeout.0,

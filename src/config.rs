@@ -251,6 +251,17 @@ pub struct ServeArgs {
         default_value_t = 4
     )]
     pub max_concurrent_uploads_per_workspace: usize,
+    /// Downloads (content GETs) streaming at once from this replica; more get 503 with
+    /// Retry-After. Each holds up to ~300 KiB while its client reads.
+    #[arg(long, env = "MAX_CONCURRENT_DOWNLOADS", default_value_t = 256)]
+    pub max_concurrent_downloads: usize,
+    /// Downloads one workspace may have streaming from this replica; more get 429.
+    #[arg(
+        long,
+        env = "MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE",
+        default_value_t = 16
+    )]
+    pub max_concurrent_downloads_per_workspace: usize,
     /// Open client connections per replica; further connections wait in the listen backlog.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 16_384)]
     pub max_connections: usize,

@@ -31,6 +31,7 @@ pub struct Metrics {
     pub pending_bytes: IntGaugeVec,
     pub oldest_unacked_age: Gauge,
     pub uploads_in_progress: IntGauge,
+    pub downloads_in_progress: IntGauge,
     pub long_polls_waiting: IntGauge,
     pub spool_memory_reserved: IntGauge,
 }
@@ -180,6 +181,13 @@ impl Metrics {
                 IntGauge::with_opts(opts(
                     "uploads_in_progress",
                     "Upload requests holding one of the MAX_CONCURRENT_UPLOADS slots",
+                ))
+                .expect("valid metric"),
+            ),
+            downloads_in_progress: r.add(
+                IntGauge::with_opts(opts(
+                    "downloads_in_progress",
+                    "Downloads holding one of the MAX_CONCURRENT_DOWNLOADS slots",
                 ))
                 .expect("valid metric"),
             ),

@@ -1,7 +1,11 @@
-//! Upload slots (SPEC §10, slow clients): a replica handles at most `MAX_CONCURRENT_UPLOADS`
-//! uploads at once, and one workspace holds at most `MAX_CONCURRENT_UPLOADS_PER_WORKSPACE` of
-//! them, so a flood against one workspace cannot starve the others. A slot is held from the
-//! first body byte to the answer and released by drop, whatever ends the request.
+//! Request slots (SPEC §10, slow clients). Uploads: a replica handles at most
+//! `MAX_CONCURRENT_UPLOADS` at once, and one workspace holds at most
+//! `MAX_CONCURRENT_UPLOADS_PER_WORKSPACE` of them, so a flood against one workspace cannot
+//! starve the others; a slot is held from the first body byte to the answer. Downloads:
+//! `MAX_CONCURRENT_DOWNLOADS` and `MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE` the same way, a
+//! slot held while the body streams: a client that stops reading keeps a slice in memory,
+//! so without a bound thousands of such clients would hold gigabytes. Slots are released by
+//! drop, whatever ends the request.
 
 use std::{
     collections::HashMap,
@@ -11,7 +15,7 @@ use std::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
-use crate::metrics::metrics;
+use prometheus::IntGauge;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
@@ -22,24 +26,27 @@ pub enum Refused {
 }
 
 #[derive(Clone)]
-pub struct UploadSlots {
+pub struct Slots {
     replica: Arc<Semaphore>,
     /// Slots held per workspace; an entry exists only while a slot is held, so the map is
     /// never larger than the replica's slot count.
     held: Arc<Mutex<HashMap<Uuid, usize>>>,
     per_workspace: usize,
+    /// Counts the slots held (`uploads_in_progress`, `downloads_in_progress`).
+    gauge: &'static IntGauge,
 }
 
-impl UploadSlots {
-    pub fn new(per_replica: usize, per_workspace: usize) -> Self {
-        UploadSlots {
+impl Slots {
+    pub fn new(per_replica: usize, per_workspace: usize, gauge: &'static IntGauge) -> Self {
+        Slots {
             replica: Arc::new(Semaphore::new(per_replica.max(1))),
             held: Arc::new(Mutex::new(HashMap::new())),
             per_workspace: per_workspace.max(1),
+            gauge,
         }
     }
 
-    pub fn acquire(&self, workspace_id: Uuid) -> Result<UploadSlot, Refused> {
+    pub fn acquire(&self, workspace_id: Uuid) -> Result<Slot, Refused> {
         {
             let mut held = self.held.lock().map_err(|_| Refused::Replica)?;
             let n = held.entry(workspace_id).or_insert(0);
@@ -52,11 +59,12 @@ impl UploadSlots {
             release(&self.held, workspace_id);
             return Err(Refused::Replica);
         };
-        metrics().uploads_in_progress.inc();
-        Ok(UploadSlot {
+        self.gauge.inc();
+        Ok(Slot {
             _permit: permit,
             workspace_id,
             held: self.held.clone(),
+            gauge: self.gauge,
         })
     }
 }
@@ -72,16 +80,17 @@ fn release(held: &Mutex<HashMap<Uuid, usize>>, workspace_id: Uuid) {
     }
 }
 
-/// One held slot; counted in `uploads_in_progress` while held.
-pub struct UploadSlot {
+/// One held slot; counted in its gauge while held.
+pub struct Slot {
     _permit: OwnedSemaphorePermit,
     workspace_id: Uuid,
     held: Arc<Mutex<HashMap<Uuid, usize>>>,
+    gauge: &'static IntGauge,
 }
 
-impl Drop for UploadSlot {
+impl Drop for Slot {
     fn drop(&mut self) {
-        metrics().uploads_in_progress.dec();
+        self.gauge.dec();
         release(&self.held, self.workspace_id);
     }
 }
@@ -92,7 +101,7 @@ mod tests {
 
     #[test]
     fn per_workspace_and_per_replica_bounds() {
-        let slots = UploadSlots::new(3, 2);
+        let slots = Slots::new(3, 2, &crate::metrics::metrics().uploads_in_progress);
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         let a1 = slots.acquire(a).unwrap();
         let _a2 = slots.acquire(a).unwrap();

@@ -66,6 +66,10 @@ pub enum ApiError {
     UploadCapacity,
     #[error("too many uploads in progress for this workspace — retry shortly")]
     WorkspaceBusy,
+    #[error("too many downloads in progress — retry shortly")]
+    DownloadCapacity,
+    #[error("too many downloads in progress for this workspace — retry shortly")]
+    WorkspaceDownloadsBusy,
     #[error("workspace pending-upload quota exceeded")]
     QuotaExceeded { pending_bytes: i64, max: u64 },
     #[error("workspace pending-upload quota exceeded")]
@@ -116,15 +120,16 @@ impl ApiError {
             FileTooLarge { .. } | RequestTooLarge { .. } | JsonTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
-            QuotaExceeded { .. } | FileQuotaExceeded { .. } | WorkspaceBusy => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            QuotaExceeded { .. }
+            | FileQuotaExceeded { .. }
+            | WorkspaceBusy
+            | WorkspaceDownloadsBusy => StatusCode::TOO_MANY_REQUESTS,
             CursorGone => StatusCode::GONE,
             RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             NoCallbackUrl { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             BodyStalled | BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
             UrlNotRegistered | DatastoreUnavailable | StorageUnavailable | SpoolUnavailable
-            | UploadCapacity => StatusCode::SERVICE_UNAVAILABLE,
+            | UploadCapacity | DownloadCapacity => StatusCode::SERVICE_UNAVAILABLE,
             WorkspaceUnreachable => StatusCode::BAD_GATEWAY,
             Rejected { status, .. } => *status,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -163,7 +168,10 @@ impl ApiError {
             ApiError::StorageUnavailable => body.code = Some("storage_unavailable".into()),
             ApiError::SpoolUnavailable => body.code = Some("spool_unavailable".into()),
             ApiError::UploadCapacity => body.code = Some("upload_capacity".into()),
-            ApiError::WorkspaceBusy => body.code = Some("workspace_busy".into()),
+            ApiError::WorkspaceBusy | ApiError::WorkspaceDownloadsBusy => {
+                body.code = Some("workspace_busy".into())
+            }
+            ApiError::DownloadCapacity => body.code = Some("download_capacity".into()),
             _ => {}
         }
         body
@@ -177,7 +185,10 @@ impl ApiError {
             | ApiError::StorageUnavailable
             | ApiError::SpoolUnavailable
             | ApiError::UrlNotRegistered => Some("5"),
-            ApiError::UploadCapacity | ApiError::WorkspaceBusy => Some("2"),
+            ApiError::UploadCapacity
+            | ApiError::WorkspaceBusy
+            | ApiError::DownloadCapacity
+            | ApiError::WorkspaceDownloadsBusy => Some("2"),
             _ => None,
         }
     }

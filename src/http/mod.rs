@@ -38,7 +38,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
-    auth::Auth, config::LimitArgs, db::Db, longpoll::Hub, slots::UploadSlots, spool::SpoolMemory,
+    auth::Auth, config::LimitArgs, db::Db, longpoll::Hub, slots::Slots, spool::SpoolMemory,
     staging::Stager, storage::Storage,
 };
 
@@ -72,7 +72,8 @@ pub struct Shared {
     pub push: push::Pusher,
     /// False once shutdown starts: /readyz answers 503 so load balancers drain us first.
     pub accepting: Arc<AtomicBool>,
-    pub upload_slots: UploadSlots,
+    pub upload_slots: Slots,
+    pub download_slots: Slots,
     pub deadlines: Deadlines,
     pub hub: Hub,
 }

@@ -18,6 +18,7 @@ use crate::{
     auth::Credential,
     db::{self, uploads::UploadRow, Checked, Db},
     metrics::metrics,
+    slots::{self, Slot},
     storage::{bytea::READ_CHUNK, ByteRange},
 };
 
@@ -202,7 +203,8 @@ pub async fn content_head(
         (status = 401, description = "missing or invalid bearer", body = api::ErrorBody),
         (status = 404, description = "pending upload not found or expired", body = api::ErrorBody),
         (status = 416, description = "range not satisfiable", body = api::ErrorBody),
-        (status = 503, description = "datastore or storage unavailable", body = api::ErrorBody),
+        (status = 429, description = "the workspace has MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE downloads streaming (Retry-After)", body = api::ErrorBody),
+        (status = 503, description = "datastore or storage unavailable, or MAX_CONCURRENT_DOWNLOADS downloads streaming (Retry-After)", body = api::ErrorBody),
     )
 )]
 pub async fn content(
@@ -215,6 +217,15 @@ pub async fn content(
     let head = (!headers.contains_key(header::RANGE)).then_some(READ_CHUNK);
     let (row, head) = find(&st, who, &file_id, head).await?;
     let (status, range) = requested_range(&headers, row.size_bytes as u64)?;
+    // Held until the body is dropped: a client that stops reading keeps its slot (and the
+    // slice in flight), not more.
+    let slot = st
+        .download_slots
+        .acquire(row.workspace_id)
+        .map_err(|refused| match refused {
+            slots::Refused::Replica => ApiError::DownloadCapacity,
+            slots::Refused::Workspace => ApiError::WorkspaceDownloadsBusy,
+        })?;
     let loc = row.location();
     let backend = st.storage.reader_name(&loc);
     let m = metrics();
@@ -238,6 +249,7 @@ pub async fn content(
         inner: stream.boxed(),
         sent: 0,
         done: Some(handed_over),
+        _slot: slot,
     });
     Ok(respond(&row, status, range, body))
 }
@@ -283,6 +295,7 @@ struct CountedBody {
     inner: futures::stream::BoxStream<'static, std::io::Result<Bytes>>,
     sent: u64,
     done: Option<HandedOver>,
+    _slot: Slot,
 }
 
 impl futures::Stream for CountedBody {

@@ -609,6 +609,105 @@ async fn spool_memory_total_is_shared_by_the_requests_in_flight() {
     assert_eq!(names, ["c.txt", "held.bin", "b.bin"]);
 }
 
+/// A GET of a file's content on a raw socket with a 4 KiB receive buffer that never reads: the
+/// service fills the socket and its body stream waits, holding a download slot.
+async fn stalled_download(svc: &Svc, ws: Uuid, token: &str, file: Uuid) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut sock = sock.connect(svc.addr.parse().unwrap()).await.unwrap();
+    let head = format!(
+        "GET /workspaces/{ws}/pending-uploads/{file}/content HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\n\r\n",
+        svc.addr
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    sock
+}
+
+/// A download holds a slot while its body streams, so clients that stop reading (each keeps
+/// a slice in memory) are bounded: one workspace gets at most
+/// MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE (then 429), the replica MAX_CONCURRENT_DOWNLOADS
+/// (then 503), HEAD needs no slot, and the slots come back when the clients go.
+#[tokio::test]
+async fn stalled_downloads_are_bounded_per_workspace_and_per_replica() {
+    let svc = Svc::start(&[
+        ("MAX_CONCURRENT_DOWNLOADS", "3"),
+        ("MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE", "2"),
+    ])
+    .await;
+    let big = bytes(16 << 20, 7);
+    let mut files = Vec::new();
+    for _ in 0..2 {
+        let (ws, token) = register_poll(&svc.base).await;
+        let resp = upload_file(&svc, ws, &token, "big.bin", &big).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body: Value = resp.json().await.unwrap();
+        files.push((ws, token, file_id(&body["files"][0])));
+    }
+    let [(a, a_token, a_file), (b, b_token, b_file)] = files.try_into().unwrap();
+    let in_progress = "pending_uploads_downloads_in_progress";
+    let content =
+        |ws: Uuid, file: Uuid| svc.at(&format!("/workspaces/{ws}/pending-uploads/{file}/content"));
+    let client = reqwest::Client::new();
+    let mut held = vec![
+        stalled_download(&svc, a, &a_token, a_file).await,
+        stalled_download(&svc, a, &a_token, a_file).await,
+    ];
+    wait_for_metric(&svc.base, in_progress, 2.0).await;
+    let resp = client
+        .get(content(a, a_file))
+        .bearer_auth(&a_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["retry-after"], "2");
+    assert_json(
+        resp,
+        StatusCode::TOO_MANY_REQUESTS,
+        json!({"error": "too many downloads in progress for this workspace — retry shortly", "code": "workspace_busy"}),
+    )
+    .await;
+    held.push(stalled_download(&svc, b, &b_token, b_file).await);
+    wait_for_metric(&svc.base, in_progress, 3.0).await;
+    let resp = client
+        .get(content(b, b_file))
+        .bearer_auth(&b_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["retry-after"], "2");
+    assert_json(
+        resp,
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({"error": "too many downloads in progress — retry shortly", "code": "download_capacity"}),
+    )
+    .await;
+    let resp = client
+        .head(content(b, b_file))
+        .bearer_auth(&b_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "HEAD streams nothing and needs no slot"
+    );
+    drop(held);
+    wait_for_metric(&svc.base, in_progress, 0.0).await;
+    let resp = client
+        .get(content(a, a_file))
+        .bearer_auth(&a_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.bytes().await.unwrap() == big,
+        "the whole file once slots are back"
+    );
+    wait_for_metric(&svc.base, in_progress, 0.0).await;
+}
+
 #[tokio::test]
 async fn huge_part_headers_and_preambles_are_refused_without_buffering_them() {
     let svc = Svc::start(&[]).await;
