@@ -483,7 +483,11 @@ impl Agent {
                     "partial file longer than the upload: restarting".into(),
                 ));
             }
-            s if s.is_server_error() => return Err(AgentError::Retry(format!("content: {s}"))),
+            // 429: the workspace has its downloads' worth streaming (a higher --concurrency
+            // than the service allows, or another reader of the same workspace).
+            s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
+                return Err(AgentError::Retry(format!("content: {s}")))
+            }
             StatusCode::OK => {
                 partial.set_len(0).await?;
                 partial.seek(io::SeekFrom::Start(0)).await?;

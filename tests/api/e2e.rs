@@ -396,6 +396,34 @@ async fn the_service_restarting_while_the_agent_polls_loses_nothing() {
     assert_eq!(files_in(&dir).len(), 5);
 }
 
+/// An agent asking for more downloads at once than the service lets one workspace stream gets
+/// 429 for the rest, retries them and still stages every file (before, a 429 was fatal).
+#[tokio::test]
+async fn an_agent_over_the_download_slots_retries_and_stages_everything() {
+    let env = Env::new("bytea").await;
+    let mut cmd = env.command();
+    cmd.env("MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE", "1");
+    let _service = spawn_service(cmd, env.port).await;
+    let (_home, dir, ws, token_file) = laptop(&env).await;
+    let files: Vec<(String, Vec<u8>)> = (0..4)
+        .map(|i| (format!("f{i}.bin"), bytes(3 << 20, i as u8)))
+        .collect();
+    let named: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
+    let sent = canvas_upload(&env.base(), ws, &named).await;
+    let out = run_ok(&mut env.agent(ws, &token_file, &dir, &["--once", "--concurrency", "4"]));
+    assert_eq!(
+        stdout_json(&out),
+        json!({"staged": 4, "already_present": 0, "gone": 0, "failed": 0})
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("429"),
+        "the service refused some downloads, which the agent retried"
+    );
+    for (fid, name, data) in &sent {
+        assert!(std::fs::read(staged_path(&dir, *fid, name)).unwrap() == *data);
+    }
+}
+
 #[tokio::test]
 async fn a_file_that_expires_before_fetch_is_skipped_cleanly() {
     let env = Env::new("bytea").await;
