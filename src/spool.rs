@@ -79,7 +79,8 @@ impl SpoolMemory {
     }
 
     /// Bytes of the total not reserved by a request now.
-    pub fn available(&self) -> usize {
+    #[cfg(test)]
+    fn available(&self) -> usize {
         self.total.available_permits()
     }
 }
@@ -237,10 +238,7 @@ pub struct Spool {
 impl Spool {
     /// Bytes of this file held in memory (0 when it is on disk).
     pub fn memory_bytes(&self) -> usize {
-        match &self.backing {
-            Backing::Memory { bytes, .. } => bytes.len(),
-            Backing::File(_) => 0,
-        }
+        self.in_memory().map_or(0, Bytes::len)
     }
 
     /// The bytes, when the file is held in memory.

@@ -2,8 +2,8 @@
 //!
 //! 1. [`receive`]: the multipart body is parsed as a stream and each `files` part spooled to
 //!    an unnamed temp file (small ones to memory, see `spool`) while its size and sha256 are
-//!    computed; every cap is enforced as bytes arrive. Nothing touches the database meanwhile, so a slow client holds no
-//!    connection and no lock.
+//!    computed; every cap is enforced as bytes arrive. Nothing touches the database
+//!    meanwhile, so a slow client holds no connection and no lock.
 //! 2. [`Stager::commit`]: runs in a task of its own, so a client that disconnects cannot cut
 //!    it half way. Objects are written first (S3 modes), then one short transaction writes
 //!    every row and activity row under the workspace lock (quota checked there); if anything
@@ -105,7 +105,7 @@ where
     S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
     E: Into<BoxError>,
 {
-    let mut files: Vec<Received> = Vec::new();
+    let mut files = Vec::new();
     let mut field_bytes = 0usize;
     while let Some(head) = multipart.next_part().await? {
         let filename = head.filename.clone().filter(|f| !f.is_empty());

@@ -187,8 +187,8 @@ pub async fn log_staged(
 
 /// Inserts one row. Inline bytes on disk and larger than [`INSERT_MAX_BYTES`] stream from the
 /// spool into `content` with a binary COPY: the service never holds more than one read chunk
-/// of such a file in memory. Each chunk must be taken by the server within `step`: a stalled server
-/// fails the insert (as an I/O error: the connection is then closed, not reused).
+/// of such a file in memory. Each chunk must be taken by the server within `step`: a stalled
+/// server fails the insert (as an I/O error: the connection is then closed, not reused).
 pub async fn insert(
     conn: &mut PgConnection,
     row: &NewUpload<'_>,

@@ -217,8 +217,9 @@ pub async fn content(
     let head = (!headers.contains_key(header::RANGE)).then_some(READ_CHUNK);
     let (row, head) = find(&st, who, &file_id, head).await?;
     let (status, range) = requested_range(&headers, row.size_bytes as u64)?;
-    // Held until the body is dropped: a client that stops reading keeps its slot (and the
-    // slice in flight), not more.
+    // Taken after the caller check (a stranger cannot take a workspace's slots) and held
+    // until the body is dropped: a client that stops reading keeps its slot and the slice
+    // in flight, not more.
     let slot = st
         .download_slots
         .acquire(row.workspace_id)

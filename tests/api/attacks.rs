@@ -581,11 +581,11 @@ async fn spool_memory_total_is_shared_by_the_requests_in_flight() {
     wait_for_metric(&svc.base, reserved, held_body.len() as f64).await;
 
     let resp = upload_file(&svc, ws, &token, "b.bin", &[b'b'; 50_000]).await;
-    assert_eq!(resp.headers()["retry-after"], "5");
-    assert_json(
+    assert_retry_later(
         resp,
         StatusCode::SERVICE_UNAVAILABLE,
-        json!({"error": "upload spool unavailable — retry shortly", "code": "spool_unavailable"}),
+        "5",
+        spool_unavailable(),
     )
     .await;
     let resp = upload_file(&svc, ws, &token, "c.txt", b"small").await;
@@ -648,36 +648,26 @@ async fn stalled_downloads_are_bounded_per_workspace_and_per_replica() {
     let content =
         |ws: Uuid, file: Uuid| svc.at(&format!("/workspaces/{ws}/pending-uploads/{file}/content"));
     let client = reqwest::Client::new();
+    let get =
+        |ws: Uuid, token: &str, file: Uuid| client.get(content(ws, file)).bearer_auth(token).send();
     let mut held = vec![
         stalled_download(&svc, a, &a_token, a_file).await,
         stalled_download(&svc, a, &a_token, a_file).await,
     ];
     wait_for_metric(&svc.base, in_progress, 2.0).await;
-    let resp = client
-        .get(content(a, a_file))
-        .bearer_auth(&a_token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.headers()["retry-after"], "2");
-    assert_json(
-        resp,
+    assert_retry_later(
+        get(a, &a_token, a_file).await.unwrap(),
         StatusCode::TOO_MANY_REQUESTS,
+        "2",
         json!({"error": "too many downloads in progress for this workspace — retry shortly", "code": "workspace_busy"}),
     )
     .await;
     held.push(stalled_download(&svc, b, &b_token, b_file).await);
     wait_for_metric(&svc.base, in_progress, 3.0).await;
-    let resp = client
-        .get(content(b, b_file))
-        .bearer_auth(&b_token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.headers()["retry-after"], "2");
-    assert_json(
-        resp,
+    assert_retry_later(
+        get(b, &b_token, b_file).await.unwrap(),
         StatusCode::SERVICE_UNAVAILABLE,
+        "2",
         json!({"error": "too many downloads in progress — retry shortly", "code": "download_capacity"}),
     )
     .await;
@@ -694,12 +684,7 @@ async fn stalled_downloads_are_bounded_per_workspace_and_per_replica() {
     );
     drop(held);
     wait_for_metric(&svc.base, in_progress, 0.0).await;
-    let resp = client
-        .get(content(a, a_file))
-        .bearer_auth(&a_token)
-        .send()
-        .await
-        .unwrap();
+    let resp = get(a, &a_token, a_file).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(
         resp.bytes().await.unwrap() == big,

@@ -377,6 +377,22 @@ pub async fn assert_json(resp: reqwest::Response, status: StatusCode, body: Valu
     assert_eq!(got, body);
 }
 
+/// SPEC §10's 503 when an upload cannot be spooled.
+pub fn spool_unavailable() -> Value {
+    json!({"error": "upload spool unavailable — retry shortly", "code": "spool_unavailable"})
+}
+
+/// A refusal to retry later: status, `Retry-After` and the exact JSON body.
+pub async fn assert_retry_later(
+    resp: reqwest::Response,
+    status: StatusCode,
+    retry_after: &str,
+    body: Value,
+) {
+    assert_eq!(resp.headers()["retry-after"], retry_after);
+    assert_json(resp, status, body).await;
+}
+
 /// Asserts status and a body that is exactly `{"error": error}`.
 pub async fn assert_error(resp: reqwest::Response, status: StatusCode, error: &str) {
     assert_json(resp, status, json!({ "error": error })).await;

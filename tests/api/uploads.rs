@@ -844,7 +844,13 @@ async fn spool_memory_per_request_is_a_setting() {
     let resp = app
         .upload(ws, &token, &[("a.txt", "text/plain", bytes(1024, 1))])
         .await;
-    assert_json(resp, StatusCode::SERVICE_UNAVAILABLE, spool_unavailable()).await;
+    assert_retry_later(
+        resp,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "5",
+        spool_unavailable(),
+    )
+    .await;
     app.assert_nothing_staged().await;
     let too_big = <pending_uploads::cli::Cli as clap::Parser>::try_parse_from([
         "pending-uploads",
@@ -857,10 +863,6 @@ async fn spool_memory_per_request_is_a_setting() {
         err.contains("16777217") && err.contains("0..=16777216"),
         "{err}"
     );
-}
-
-fn spool_unavailable() -> Value {
-    json!({"error": "upload spool unavailable — retry shortly", "code": "spool_unavailable"})
 }
 
 /// A request whose body (Content-Length) is at most SPOOL_MEMORY_PER_REQUEST keeps its files
@@ -886,8 +888,13 @@ async fn small_bodies_stage_without_the_spool_folder_and_larger_ones_get_503() {
             .map(|(n, b)| (*n, "application/octet-stream", b.clone()))
             .collect();
         let resp = app.upload(ws, &token, &parts).await;
-        assert!(resp.headers().contains_key("retry-after"));
-        assert_json(resp, StatusCode::SERVICE_UNAVAILABLE, spool_unavailable()).await;
+        assert_retry_later(
+            resp,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "5",
+            spool_unavailable(),
+        )
+        .await;
         app.assert_nothing_staged().await;
     }
     let chunked = |parts: &[RawPart]| {
@@ -902,7 +909,13 @@ async fn small_bodies_stage_without_the_spool_folder_and_larger_ones_get_503() {
         ("files", Some("b.bin"), None, &bytes(40 * 1024, 6)),
     ]);
     let resp = post_raw(&app, ws, &token, &ct, body).await;
-    assert_json(resp, StatusCode::SERVICE_UNAVAILABLE, spool_unavailable()).await;
+    assert_retry_later(
+        resp,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "5",
+        spool_unavailable(),
+    )
+    .await;
     app.assert_nothing_staged().await;
     let small = [
         ("a.txt", "text/plain", bytes(30 * 1024, 7)),
