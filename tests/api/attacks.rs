@@ -581,13 +581,7 @@ async fn spool_memory_total_is_shared_by_the_requests_in_flight() {
     wait_for_metric(&svc.base, reserved, held_body.len() as f64).await;
 
     let resp = upload_file(&svc, ws, &token, "b.bin", &[b'b'; 50_000]).await;
-    assert_retry_later(
-        resp,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "5",
-        spool_unavailable(),
-    )
-    .await;
+    assert_spool_unavailable(resp).await;
     let resp = upload_file(&svc, ws, &token, "c.txt", b"small").await;
     assert_eq!(resp.status(), StatusCode::OK);
 

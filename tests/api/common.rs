@@ -378,8 +378,14 @@ pub async fn assert_json(resp: reqwest::Response, status: StatusCode, body: Valu
 }
 
 /// SPEC §10's 503 when an upload cannot be spooled.
-pub fn spool_unavailable() -> Value {
-    json!({"error": "upload spool unavailable — retry shortly", "code": "spool_unavailable"})
+pub async fn assert_spool_unavailable(resp: reqwest::Response) {
+    assert_retry_later(
+        resp,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "5",
+        json!({"error": "upload spool unavailable — retry shortly", "code": "spool_unavailable"}),
+    )
+    .await;
 }
 
 /// A refusal to retry later: status, `Retry-After` and the exact JSON body.

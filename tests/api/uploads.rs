@@ -844,13 +844,7 @@ async fn spool_memory_per_request_is_a_setting() {
     let resp = app
         .upload(ws, &token, &[("a.txt", "text/plain", bytes(1024, 1))])
         .await;
-    assert_retry_later(
-        resp,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "5",
-        spool_unavailable(),
-    )
-    .await;
+    assert_spool_unavailable(resp).await;
     app.assert_nothing_staged().await;
     let too_big = <pending_uploads::cli::Cli as clap::Parser>::try_parse_from([
         "pending-uploads",
@@ -888,13 +882,7 @@ async fn small_bodies_stage_without_the_spool_folder_and_larger_ones_get_503() {
             .map(|(n, b)| (*n, "application/octet-stream", b.clone()))
             .collect();
         let resp = app.upload(ws, &token, &parts).await;
-        assert_retry_later(
-            resp,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "5",
-            spool_unavailable(),
-        )
-        .await;
+        assert_spool_unavailable(resp).await;
         app.assert_nothing_staged().await;
     }
     let chunked = |parts: &[RawPart]| {
@@ -909,13 +897,7 @@ async fn small_bodies_stage_without_the_spool_folder_and_larger_ones_get_503() {
         ("files", Some("b.bin"), None, &bytes(40 * 1024, 6)),
     ]);
     let resp = post_raw(&app, ws, &token, &ct, body).await;
-    assert_retry_later(
-        resp,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "5",
-        spool_unavailable(),
-    )
-    .await;
+    assert_spool_unavailable(resp).await;
     app.assert_nothing_staged().await;
     let small = [
         ("a.txt", "text/plain", bytes(30 * 1024, 7)),
