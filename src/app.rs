@@ -14,7 +14,7 @@ use crate::{
     auth::Auth,
     config::{DbArgs, ServeArgs, StorageArgs, SweepArgs},
     db::{self, Db},
-    http::{self, body::Pace, AppState, Deadlines, ServeOptions, Shared},
+    http::{self, body::Pace, conn::ResponsePace, AppState, Deadlines, ServeOptions, Shared},
     longpoll::Hub,
     push_target::PushPolicy,
     slots::Slots,
@@ -148,7 +148,11 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
 pub fn serve_options(args: &ServeArgs, drain_deadline: Duration) -> ServeOptions {
     ServeOptions {
         drain_deadline,
-        response_idle: args.deadlines.response_idle_timeout.0,
+        response: ResponsePace {
+            idle: args.deadlines.response_idle_timeout.0,
+            min_rate: args.deadlines.response_min_rate,
+            window: args.deadlines.response_rate_window.0,
+        },
         header_read: args.deadlines.header_read_timeout.0,
         max_connections: args.max_connections,
     }

@@ -299,6 +299,15 @@ pub struct DeadlineArgs {
     /// hold a connection, a storage stream and a drain slot forever).
     #[arg(long, env = "RESPONSE_IDLE_TIMEOUT", default_value = "60s")]
     pub response_idle_timeout: HumanDuration,
+    /// While a response waits on its client (the socket takes no more), the client must take
+    /// at least this many bytes per second of that waiting, judged every RESPONSE_RATE_WINDOW
+    /// of it, or the response is cut off (a reader trickling a few bytes a minute cannot hold
+    /// a download slot); 0 turns it off.
+    #[arg(long, env = "RESPONSE_MIN_RATE", default_value_t = 8192)]
+    pub response_min_rate: u64,
+    /// How much waiting on a client makes up one window of RESPONSE_MIN_RATE.
+    #[arg(long, env = "RESPONSE_RATE_WINDOW", default_value = "10s")]
+    pub response_rate_window: HumanDuration,
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ pub struct Metrics {
     pub storage_errors: IntCounterVec,
     pub storage_fallbacks: IntCounterVec,
     pub backfill_rows: IntCounterVec,
+    pub responses_cut: IntCounterVec,
     pub http_request_duration: HistogramVec,
     pub storage_operation_duration: HistogramVec,
     pub upload_size: Histogram,
@@ -146,6 +147,11 @@ impl Metrics {
                 "backfill_rows_total",
                 "Rows handled by backfill, by outcome",
                 &["outcome"],
+            ),
+            responses_cut: r.counter(
+                "responses_cut_total",
+                "Responses cut off because the client stopped reading (idle) or read below RESPONSE_MIN_RATE (too_slow)",
+                &["reason"],
             ),
             http_request_duration: r.histogram(
                 "http_request_duration_seconds",

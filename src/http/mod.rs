@@ -3,6 +3,7 @@
 
 pub mod activity;
 pub mod body;
+pub mod conn;
 pub mod error;
 pub mod extract;
 pub mod openapi;
@@ -33,7 +34,6 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use tokio::{net::TcpListener, sync::Semaphore};
-use tokio_io_timeout::TimeoutStream;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -260,8 +260,8 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
 pub struct ServeOptions {
     /// After shutdown starts, in-flight requests get this long to finish.
     pub drain_deadline: Duration,
-    /// A write to a client that has stopped reading fails after this long.
-    pub response_idle: Duration,
+    /// How a client must take its responses.
+    pub response: conn::ResponsePace,
     /// A request head must arrive within this.
     pub header_read: Duration,
     /// Open connections at most; more wait in the listen backlog.
@@ -311,20 +311,23 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        // The write timeout is idle time: it restarts whenever the client takes more bytes.
-        let mut io = TimeoutStream::new(stream);
-        io.set_write_timeout(Some(opts.response_idle));
+        let io = conn::ClientStream::new(stream, opts.response);
         let service = TowerToHyperService::new(app.clone());
-        let conn = builder.serve_connection(TokioIo::new(Box::pin(io)), service);
+        let conn = builder.serve_connection(TokioIo::new(io), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _permit = permit;
-            match conn.await {
-                Err(e) if is_timeout(&e) => {
-                    tracing::info!(event = "response_cut", %peer, "client stopped reading: response cut off");
+            if let Err(e) = conn.await {
+                match conn::ResponseCut::of(&e) {
+                    Some(cut) => {
+                        crate::metrics::metrics()
+                            .responses_cut
+                            .with_label_values(&[cut.reason()])
+                            .inc();
+                        tracing::info!(event = "response_cut", reason = cut.reason(), %peer, "{cut}: response cut off");
+                    }
+                    None => tracing::debug!(%peer, error = %e, "connection ended with error"),
                 }
-                Err(e) => tracing::debug!(%peer, error = %e, "connection ended with error"),
-                Ok(()) => {}
             }
         });
     }
@@ -337,17 +340,6 @@ pub async fn serve(
         tracing::warn!("drain deadline passed; closing remaining connections");
     }
     Ok(())
-}
-
-fn is_timeout(e: &hyper::Error) -> bool {
-    let mut source = std::error::Error::source(e);
-    while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return io.kind() == std::io::ErrorKind::TimedOut;
-        }
-        source = err.source();
-    }
-    false
 }
 
 /// A 200 JSON answer of `T` with its Content-Length (the common success shape).

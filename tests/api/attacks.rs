@@ -623,9 +623,11 @@ async fn stalled_download(svc: &Svc, ws: Uuid, token: &str, file: Uuid) -> TcpSt
 /// (then 503), HEAD needs no slot, and the slots come back when the clients go.
 #[tokio::test]
 async fn stalled_downloads_are_bounded_per_workspace_and_per_replica() {
+    // Held by the slots alone: the rate rule would cut these readers on its own.
     let svc = Svc::start(&[
         ("MAX_CONCURRENT_DOWNLOADS", "3"),
         ("MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE", "2"),
+        ("RESPONSE_MIN_RATE", "0"),
     ])
     .await;
     let big = bytes(16 << 20, 7);
@@ -685,6 +687,172 @@ async fn stalled_downloads_are_bounded_per_workspace_and_per_replica() {
         "the whole file once slots are back"
     );
     wait_for_metric(&svc.base, in_progress, 0.0).await;
+}
+
+/// One workspace with one uploaded file of `len` bytes.
+async fn one_staged_file(svc: &Svc, len: usize) -> (Uuid, String, Uuid, Vec<u8>) {
+    let (ws, token) = register_poll(&svc.base).await;
+    let data = bytes(len, 5);
+    let resp = upload_file(svc, ws, &token, "big.bin", &data).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = resp.json().await.unwrap();
+    (ws, token, file_id(&body["files"][0]), data)
+}
+
+/// A reader that takes a few bytes at a time keeps resetting an idle timer, so it used to
+/// hold its download slot (and the slice in flight) for as long as it liked. Now, while a
+/// response waits on its client, the client must take RESPONSE_MIN_RATE per second of that
+/// waiting: the trickle is cut after a window and its slot comes back, while a reader that
+/// keeps up gets the whole file through the same tiny receive buffer.
+#[tokio::test]
+async fn a_download_read_in_a_trickle_is_cut_and_a_steady_reader_is_not() {
+    let svc = Svc::start(&[
+        ("MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE", "1"),
+        ("RESPONSE_MIN_RATE", "65536"),
+        ("RESPONSE_RATE_WINDOW", "1s"),
+        ("RESPONSE_IDLE_TIMEOUT", "60s"),
+    ])
+    .await;
+    let (ws, token, file, _) = one_staged_file(&svc, 8 << 20).await;
+    let in_progress = "pending_uploads_downloads_in_progress";
+
+    // 1 KiB every 100 ms: never idle, far under 64 KiB/s.
+    let mut trickle = stalled_download(&svc, ws, &token, file).await;
+    let reader = tokio::spawn(async move {
+        let mut buf = [0u8; 1024];
+        let mut taken = 0;
+        loop {
+            match trickle.read(&mut buf).await {
+                Ok(0) | Err(_) => return taken,
+                Ok(n) => taken += n,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    wait_for_metric(&svc.base, in_progress, 1.0).await;
+    wait_for_metric(
+        &svc.base,
+        "pending_uploads_responses_cut_total{reason=\"too_slow\"}",
+        1.0,
+    )
+    .await;
+    wait_for_metric(&svc.base, in_progress, 0.0).await;
+    assert!(
+        !reader.is_finished(),
+        "the slot came back while the trickle still reads"
+    );
+    reader.abort();
+
+    // Through the same 4 KiB receive buffer, a read every 20 ms keeps up (~200 KiB/s), for
+    // seconds of waiting: what the kernel's send buffer hides still counts.
+    let resp = upload_file(&svc, ws, &token, "one.bin", &bytes(1 << 20, 9)).await;
+    let body: Value = resp.json().await.unwrap();
+    let (file, data) = (file_id(&body["files"][0]), bytes(1 << 20, 9));
+    let mut steady = stalled_download(&svc, ws, &token, file).await;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 32 * 1024];
+    let body_at = loop {
+        let n = steady.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "the steady reader was cut off after {} bytes",
+            got.len()
+        );
+        got.extend_from_slice(&buf[..n]);
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&got[..body_at])
+    );
+    while got.len() - body_at < data.len() {
+        let n = steady.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "the steady reader was cut off after {} bytes",
+            got.len() - body_at
+        );
+        got.extend_from_slice(&buf[..n]);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        got[body_at..] == data[..],
+        "the steady reader got the file whole"
+    );
+    let metrics = scrape_metrics(&svc.base).await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "pending_uploads_responses_cut_total{reason=\"too_slow\"}"
+        ),
+        Some(1.0),
+        "only the trickle was cut"
+    );
+
+    // Waiting on the service is not waiting on the client: a long poll outlasts the window.
+    let client = reqwest::Client::new();
+    let feed = client.get(svc.at(&format!("/workspaces/{ws}/activity")));
+    let feed: Vec<Value> = feed
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let newest = feed[0]["id"].as_str().unwrap();
+    let started = Instant::now();
+    let resp = client
+        .get(svc.at(&format!(
+            "/workspaces/{ws}/activity?since_id={newest}&wait=2"
+        )))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.bytes().await.unwrap();
+    assert!(started.elapsed() >= Duration::from_secs(2), "it waited");
+}
+
+/// A download whose client takes nothing at all is cut after RESPONSE_IDLE_TIMEOUT (also with
+/// the rate rule off), and its slot comes back.
+#[tokio::test]
+async fn a_download_never_read_is_cut_after_the_idle_timeout() {
+    let svc = Svc::start(&[
+        ("MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE", "1"),
+        ("RESPONSE_MIN_RATE", "0"),
+        ("RESPONSE_IDLE_TIMEOUT", "1s"),
+    ])
+    .await;
+    let (ws, token, file, data) = one_staged_file(&svc, 8 << 20).await;
+    let in_progress = "pending_uploads_downloads_in_progress";
+    let started = Instant::now();
+    let held = stalled_download(&svc, ws, &token, file).await;
+    wait_for_metric(&svc.base, in_progress, 1.0).await;
+    wait_for_metric(
+        &svc.base,
+        "pending_uploads_responses_cut_total{reason=\"idle\"}",
+        1.0,
+    )
+    .await;
+    wait_for_metric(&svc.base, in_progress, 0.0).await;
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    drop(held);
+    let resp = reqwest::Client::new()
+        .get(svc.at(&format!("/workspaces/{ws}/pending-uploads/{file}/content")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.bytes().await.unwrap() == data,
+        "the file whole after the cut"
+    );
 }
 
 #[tokio::test]

@@ -1,0 +1,308 @@
+//! A client connection's socket, with the response side under deadlines (SPEC §10, slow
+//! clients): a client that stops reading is cut after `idle`, and one that keeps a response
+//! waiting must take at least `min_rate` bytes per second of that waiting, counted in windows
+//! of `window`. A trickle of a few bytes a minute resets an idle timer forever; this does not.
+//!
+//! Only time spent waiting on the client counts: a write the socket refused (its send buffer
+//! is full) until the socket takes bytes again. Time the service spends producing bytes
+//! (reading storage, waiting for a long poll) never does, so a slow backend does not make a
+//! fast client look slow.
+
+use std::{
+    future::Future,
+    io::{self, IoSlice},
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    time::{Instant, Sleep},
+};
+
+/// How a client must take a response.
+#[derive(Debug, Clone, Copy)]
+pub struct ResponsePace {
+    /// Longest wait for the client to take any byte.
+    pub idle: Duration,
+    /// Bytes per second of waiting the client must take; 0 turns the rate rule off.
+    pub min_rate: u64,
+    /// How much waiting makes up one window of the rate rule.
+    pub window: Duration,
+}
+
+/// Why a response was cut off: the `io::Error` a write fails with carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ResponseCut {
+    #[error("client stopped reading the response")]
+    Idle,
+    #[error("client read the response below the minimum rate")]
+    TooSlow,
+}
+
+impl ResponseCut {
+    /// The metric label and log field.
+    pub fn reason(self) -> &'static str {
+        match self {
+            ResponseCut::Idle => "idle",
+            ResponseCut::TooSlow => "too_slow",
+        }
+    }
+
+    /// The cut behind a connection's error, if that is why it ended.
+    pub fn of(e: &(dyn std::error::Error + 'static)) -> Option<ResponseCut> {
+        let mut source = Some(e);
+        while let Some(err) = source {
+            if let Some(io) = err.downcast_ref::<io::Error>() {
+                return io
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<ResponseCut>().copied());
+            }
+            source = err.source();
+        }
+        None
+    }
+}
+
+/// The current window of the rate rule.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    /// Waiting counted in it so far (not counting the wait under way, if any).
+    waited: Duration,
+    /// The client's acknowledged bytes when it began.
+    acked: u64,
+}
+
+/// A write the socket refuses, under way.
+#[derive(Debug, Clone, Copy)]
+struct Wait {
+    /// Up to when its time is counted in `Window::waited`.
+    counted_to: Instant,
+    /// The client's acknowledged bytes when last looked at, and when they last moved.
+    acked: u64,
+    moved_at: Instant,
+}
+
+/// A server-side client socket whose writes fail with a [`ResponseCut`] (as
+/// `ErrorKind::TimedOut`) when the client takes a response too slowly.
+///
+/// What the client took is what its TCP stack acknowledged (`TCP_INFO`), not what we
+/// wrote: the kernel's send buffer (up to megabytes) hides a reader's progress from the
+/// writer, whom it wakes only once a good part of the buffer has drained.
+pub struct ClientStream {
+    inner: TcpStream,
+    pace: ResponsePace,
+    /// Bytes written, what `acked` falls back to where `TCP_INFO` has no count.
+    written: u64,
+    window: Option<Window>,
+    /// While the last write has been refused.
+    waiting: Option<Wait>,
+    /// A cut decided while a write went through, reported at the next write.
+    cut: Option<ResponseCut>,
+    timer: Pin<Box<Sleep>>,
+    timer_at: Option<Instant>,
+}
+
+impl ClientStream {
+    pub fn new(inner: TcpStream, pace: ResponsePace) -> ClientStream {
+        ClientStream {
+            inner,
+            pace,
+            written: 0,
+            window: None,
+            waiting: None,
+            cut: None,
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            timer_at: None,
+        }
+    }
+
+    /// Bytes of responses the client has acknowledged.
+    fn acked(&self) -> u64 {
+        tcp_bytes_acked(&self.inner).unwrap_or(self.written)
+    }
+
+    /// Judges the window if its waiting is used up: a new one starts when the client took
+    /// enough, else the response is cut.
+    fn close_window_if_due(&mut self, acked: u64) -> Result<(), ResponseCut> {
+        let Some(window) = self.window else {
+            return Ok(());
+        };
+        if self.pace.min_rate == 0 || window.waited < self.pace.window {
+            return Ok(());
+        }
+        let needs = (self.pace.min_rate as f64 * self.pace.window.as_secs_f64()) as u64;
+        if acked.saturating_sub(window.acked) < needs {
+            return Err(ResponseCut::TooSlow);
+        }
+        self.window = Some(Window {
+            waited: Duration::ZERO,
+            acked,
+        });
+        Ok(())
+    }
+
+    /// A write went through: the wait under way, if any, ends.
+    fn wrote(&mut self, n: usize) {
+        self.written += n as u64;
+        let (Some(wait), Some(window)) = (self.waiting.take(), self.window.as_mut()) else {
+            return;
+        };
+        window.waited += wait.counted_to.elapsed();
+        if window.waited >= self.pace.window {
+            let acked = self.acked();
+            if let Err(cut) = self.close_window_if_due(acked) {
+                self.cut = Some(cut);
+            }
+        }
+    }
+
+    /// The socket refused a write: arms the timer for the next deadline of this wait and
+    /// fails once one passes with the client not having taken enough.
+    fn wait(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.waiting.is_none() {
+            let (now, acked) = (Instant::now(), self.acked());
+            self.waiting = Some(Wait {
+                counted_to: now,
+                acked,
+                moved_at: now,
+            });
+            self.window.get_or_insert(Window {
+                waited: Duration::ZERO,
+                acked,
+            });
+        }
+        loop {
+            let (Some(wait), Some(window)) = (self.waiting, self.window) else {
+                return Poll::Pending;
+            };
+            let idle_at = wait.moved_at + self.pace.idle;
+            let deadline = if self.pace.min_rate == 0 {
+                idle_at
+            } else {
+                let left = self.pace.window.saturating_sub(window.waited);
+                idle_at.min(wait.counted_to + left)
+            };
+            if self.timer_at != Some(deadline) {
+                self.timer.as_mut().reset(deadline);
+                self.timer_at = Some(deadline);
+            }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let (now, acked) = (Instant::now(), self.acked());
+            let moved_at = if acked > wait.acked {
+                now
+            } else {
+                wait.moved_at
+            };
+            if now >= moved_at + self.pace.idle {
+                return Poll::Ready(Err(cut_error(ResponseCut::Idle)));
+            }
+            self.waiting = Some(Wait {
+                counted_to: now,
+                acked,
+                moved_at,
+            });
+            self.window = Some(Window {
+                waited: window.waited + (now - wait.counted_to),
+                ..window
+            });
+            if let Err(cut) = self.close_window_if_due(acked) {
+                return Poll::Ready(Err(cut_error(cut)));
+            }
+        }
+    }
+
+    fn write_with(
+        &mut self,
+        cx: &mut Context<'_>,
+        write: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        if let Some(cut) = self.cut {
+            return Poll::Ready(Err(cut_error(cut)));
+        }
+        match write(Pin::new(&mut self.inner), cx) {
+            Poll::Ready(Ok(n)) => {
+                self.wrote(n);
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => self.wait(cx),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+/// What the peer has acknowledged of everything sent on `socket` (Linux ≥ 4.1).
+#[cfg(target_os = "linux")]
+fn tcp_bytes_acked(socket: &TcpStream) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, a plain C struct for which
+    // all zeroes is a valid value, and reports in `len` how many it wrote.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        );
+        let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
+        (rc == 0 && len as usize >= needed).then_some(info.tcpi_bytes_acked)
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn tcp_bytes_acked(_: &TcpStream) -> Option<u64> {
+    None
+}
+
+fn cut_error(cut: ResponseCut) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, cut)
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut()
+            .write_with(cx, |io, cx| io.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut()
+            .write_with(cx, |io, cx| io.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
