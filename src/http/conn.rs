@@ -101,8 +101,9 @@ pub struct ClientStream {
     waiting: Option<Wait>,
     /// A cut decided while a write went through, reported at the next write.
     cut: Option<ResponseCut>,
-    timer: Pin<Box<Sleep>>,
-    timer_at: Option<Instant>,
+    /// The next deadline of a wait, made at the first one (most connections never wait:
+    /// 10,000 long polls should not carry 10,000 timers).
+    timer: Option<(Pin<Box<Sleep>>, Instant)>,
 }
 
 impl ClientStream {
@@ -114,8 +115,7 @@ impl ClientStream {
             window: None,
             waiting: None,
             cut: None,
-            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            timer_at: None,
+            timer: None,
         }
     }
 
@@ -159,25 +159,29 @@ impl ClientStream {
         }
     }
 
+    /// The wait under way and its window, both begun now if there is none.
+    fn current_wait(&mut self) -> (Wait, Window) {
+        let wait = self.waiting.unwrap_or_else(|| {
+            let now = Instant::now();
+            Wait {
+                counted_to: now,
+                acked: self.acked(),
+                moved_at: now,
+            }
+        });
+        self.waiting = Some(wait);
+        let window = *self.window.get_or_insert(Window {
+            waited: Duration::ZERO,
+            acked: wait.acked,
+        });
+        (wait, window)
+    }
+
     /// The socket refused a write: arms the timer for the next deadline of this wait and
     /// fails once one passes with the client not having taken enough.
     fn wait(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.waiting.is_none() {
-            let (now, acked) = (Instant::now(), self.acked());
-            self.waiting = Some(Wait {
-                counted_to: now,
-                acked,
-                moved_at: now,
-            });
-            self.window.get_or_insert(Window {
-                waited: Duration::ZERO,
-                acked,
-            });
-        }
         loop {
-            let (Some(wait), Some(window)) = (self.waiting, self.window) else {
-                return Poll::Pending;
-            };
+            let (wait, window) = self.current_wait();
             let idle_at = wait.moved_at + self.pace.idle;
             let deadline = if self.pace.min_rate == 0 {
                 idle_at
@@ -185,11 +189,14 @@ impl ClientStream {
                 let left = self.pace.window.saturating_sub(window.waited);
                 idle_at.min(wait.counted_to + left)
             };
-            if self.timer_at != Some(deadline) {
-                self.timer.as_mut().reset(deadline);
-                self.timer_at = Some(deadline);
+            let (timer, at) = self
+                .timer
+                .get_or_insert_with(|| (Box::pin(tokio::time::sleep_until(deadline)), deadline));
+            if *at != deadline {
+                timer.as_mut().reset(deadline);
+                *at = deadline;
             }
-            if self.timer.as_mut().poll(cx).is_pending() {
+            if timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
             let (now, acked) = (Instant::now(), self.acked());
