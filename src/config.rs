@@ -305,7 +305,8 @@ pub struct DeadlineArgs {
     /// a download slot); 0 turns it off.
     #[arg(long, env = "RESPONSE_MIN_RATE", default_value_t = 8192)]
     pub response_min_rate: u64,
-    /// How much waiting on a client makes up one window of RESPONSE_MIN_RATE.
+    /// How much waiting on a client makes up one window of RESPONSE_MIN_RATE (0 turns the
+    /// rate rule off).
     #[arg(long, env = "RESPONSE_RATE_WINDOW", default_value = "10s")]
     pub response_rate_window: HumanDuration,
 }

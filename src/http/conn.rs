@@ -29,8 +29,14 @@ pub struct ResponsePace {
     pub idle: Duration,
     /// Bytes per second of waiting the client must take; 0 turns the rate rule off.
     pub min_rate: u64,
-    /// How much waiting makes up one window of the rate rule.
+    /// How much waiting makes up one window of the rate rule; zero also turns it off.
     pub window: Duration,
+}
+
+impl ResponsePace {
+    fn rate_rule(&self) -> bool {
+        self.min_rate > 0 && !self.window.is_zero()
+    }
 }
 
 /// Why a response was cut off: the `io::Error` a write fails with carries it.
@@ -130,7 +136,7 @@ impl ClientStream {
         let Some(window) = self.window else {
             return Ok(());
         };
-        if self.pace.min_rate == 0 || window.waited < self.pace.window {
+        if !self.pace.rate_rule() || window.waited < self.pace.window {
             return Ok(());
         }
         let needs = (self.pace.min_rate as f64 * self.pace.window.as_secs_f64()) as u64;
@@ -183,7 +189,7 @@ impl ClientStream {
         loop {
             let (wait, window) = self.current_wait();
             let idle_at = wait.moved_at + self.pace.idle;
-            let deadline = if self.pace.min_rate == 0 {
+            let deadline = if !self.pace.rate_rule() {
                 idle_at
             } else {
                 let left = self.pace.window.saturating_sub(window.waited);
@@ -311,5 +317,100 @@ impl AsyncWrite for ClientStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+
+    use tokio::{io::AsyncWriteExt, net::TcpListener};
+
+    use super::*;
+
+    /// Runs `test` on a runtime of its own thread, failing if it takes over 20 s (a poll that
+    /// never returns would otherwise hang the test run); also returns the CPU time the
+    /// thread spent.
+    fn within_20s<T: Send + 'static>(
+        test: impl Future<Output = T> + Send + 'static,
+    ) -> (T, Duration) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let out = rt.block_on(test);
+            let _ = tx.send((out, thread_cpu()));
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("the write neither failed nor returned within 20 s")
+    }
+
+    fn thread_cpu() -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec into `ts`.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        assert_eq!(rc, 0);
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    /// Writes to a client that never reads until a write fails: why it failed.
+    async fn cut_of_a_client_that_never_reads(pace: ResponsePace) -> ResponseCut {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut stream = ClientStream::new(server, pace);
+        let chunk = vec![7u8; 1 << 20];
+        let error = loop {
+            if let Err(e) = stream.write_all(&chunk).await {
+                break e;
+            }
+        };
+        drop(client);
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        ResponseCut::of(&error).expect("a ResponseCut")
+    }
+
+    #[test]
+    fn a_client_that_never_reads_is_cut_by_the_rule_that_comes_first() {
+        let ms = Duration::from_millis;
+        let idle_only = ResponsePace {
+            idle: ms(300),
+            min_rate: 0,
+            window: ms(100),
+        };
+        assert_eq!(
+            within_20s(cut_of_a_client_that_never_reads(idle_only)).0,
+            ResponseCut::Idle
+        );
+        let rate_first = ResponsePace {
+            idle: Duration::from_secs(60),
+            min_rate: 1 << 20,
+            window: ms(200),
+        };
+        assert_eq!(
+            within_20s(cut_of_a_client_that_never_reads(rate_first)).0,
+            ResponseCut::TooSlow
+        );
+        // A zero window turns the rate rule off: the wait must sleep until the idle deadline,
+        // not wake at every timer tick for a window deadline that is always now (that took
+        // ~90 ms of CPU here in those 2 s, the sleep ~1.5 ms).
+        let zero_window = ResponsePace {
+            idle: Duration::from_secs(2),
+            min_rate: 8192,
+            window: Duration::ZERO,
+        };
+        let (cut, cpu) = within_20s(cut_of_a_client_that_never_reads(zero_window));
+        assert_eq!(cut, ResponseCut::Idle);
+        assert!(
+            cpu < Duration::from_millis(30),
+            "{cpu:?} of CPU in a 2 s wait"
+        );
     }
 }
