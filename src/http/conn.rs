@@ -1,7 +1,8 @@
 //! A client connection's socket, with the response side under deadlines (SPEC §10, slow
 //! clients): a client that stops reading is cut after `idle`, and one that keeps a response
 //! waiting must take at least `min_rate` bytes per second of that waiting, counted in windows
-//! of `window`. A trickle of a few bytes a minute resets an idle timer forever; this does not.
+//! of `window`. An idle timer alone lets a reader that takes a little every so often hold a
+//! response (and its download slot) for as long as it likes; this does not.
 //!
 //! Only time spent waiting on the client counts: a write the socket refused (its send buffer
 //! is full) until the socket takes bytes again. Time the service spends producing bytes
@@ -25,7 +26,8 @@ use tokio::{
 /// How a client must take a response.
 #[derive(Debug, Clone, Copy)]
 pub struct ResponsePace {
-    /// Longest wait for the client to take any byte.
+    /// Longest wait for the client to take any byte (judged at deadlines, so a cut comes
+    /// one to two of these after the last byte taken).
     pub idle: Duration,
     /// Bytes per second of waiting the client must take; 0 turns the rate rule off.
     pub min_rate: u64,
