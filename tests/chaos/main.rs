@@ -10,5 +10,6 @@ mod load;
 mod pg_restart;
 mod replicas;
 mod s3_fault;
+mod slow_readers;
 mod spool_full;
 mod verify;
