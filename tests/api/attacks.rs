@@ -699,11 +699,12 @@ async fn one_staged_file(svc: &Svc, len: usize) -> (Uuid, String, Uuid, Vec<u8>)
     (ws, token, file_id(&body["files"][0]), data)
 }
 
-/// A reader that takes a few bytes at a time keeps resetting an idle timer, so it used to
-/// hold its download slot (and the slice in flight) for as long as it liked. Now, while a
-/// response waits on its client, the client must take RESPONSE_MIN_RATE per second of that
-/// waiting: the trickle is cut after a window and its slot comes back, while a reader that
-/// keeps up gets the whole file through the same tiny receive buffer.
+/// A slow reader used to keep its download slot (and the slice in flight) until the idle
+/// timeout, 60 s, whatever it read. Now, while a response waits on its client, the client
+/// must take RESPONSE_MIN_RATE per second of that waiting: the trickle is cut after a window
+/// and its slot comes back, while a reader that keeps up gets the whole file through the
+/// same tiny receive buffer (what the kernel's send buffer hides from our writes still
+/// counts: the client's TCP acknowledgements).
 #[tokio::test]
 async fn a_download_read_in_a_trickle_is_cut_and_a_steady_reader_is_not() {
     let svc = Svc::start(&[
@@ -743,9 +744,10 @@ async fn a_download_read_in_a_trickle_is_cut_and_a_steady_reader_is_not() {
     );
     reader.abort();
 
-    // Through the same 4 KiB receive buffer, a read every 20 ms keeps up (~200 KiB/s), for
-    // seconds of waiting: what the kernel's send buffer hides still counts.
+    // Through the same 4 KiB receive buffer, a read every 20 ms keeps up (~200 KiB/s) over
+    // seconds of waiting.
     let resp = upload_file(&svc, ws, &token, "one.bin", &bytes(1 << 20, 9)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
     let body: Value = resp.json().await.unwrap();
     let (file, data) = (file_id(&body["files"][0]), bytes(1 << 20, 9));
     let mut steady = stalled_download(&svc, ws, &token, file).await;
