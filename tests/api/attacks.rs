@@ -617,6 +617,22 @@ async fn stalled_download(svc: &Svc, ws: Uuid, token: &str, file: Uuid) -> TcpSt
     sock
 }
 
+/// Uploads one file of `len` bytes to `ws`: its file_id and bytes.
+async fn stage_file(svc: &Svc, ws: Uuid, token: &str, len: usize) -> (Uuid, Vec<u8>) {
+    let data = bytes(len, 5);
+    let resp = upload_file(svc, ws, token, "big.bin", &data).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = resp.json().await.unwrap();
+    (file_id(&body["files"][0]), data)
+}
+
+/// A new workspace with one uploaded file of `len` bytes.
+async fn one_staged_file(svc: &Svc, len: usize) -> (Uuid, String, Uuid, Vec<u8>) {
+    let (ws, token) = register_poll(&svc.base).await;
+    let (file, data) = stage_file(svc, ws, &token, len).await;
+    (ws, token, file, data)
+}
+
 /// A download holds a slot while its body streams, so clients that stop reading (each keeps
 /// a slice in memory) are bounded: one workspace gets at most
 /// MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE (then 429), the replica MAX_CONCURRENT_DOWNLOADS
@@ -630,16 +646,8 @@ async fn stalled_downloads_are_bounded_per_workspace_and_per_replica() {
         ("RESPONSE_MIN_RATE", "0"),
     ])
     .await;
-    let big = bytes(16 << 20, 7);
-    let mut files = Vec::new();
-    for _ in 0..2 {
-        let (ws, token) = register_poll(&svc.base).await;
-        let resp = upload_file(&svc, ws, &token, "big.bin", &big).await;
-        assert_eq!(resp.status(), StatusCode::OK);
-        let body: Value = resp.json().await.unwrap();
-        files.push((ws, token, file_id(&body["files"][0])));
-    }
-    let [(a, a_token, a_file), (b, b_token, b_file)] = files.try_into().unwrap();
+    let (a, a_token, a_file, big) = one_staged_file(&svc, 16 << 20).await;
+    let (b, b_token, b_file, _) = one_staged_file(&svc, 16 << 20).await;
     let in_progress = "pending_uploads_downloads_in_progress";
     let content =
         |ws: Uuid, file: Uuid| svc.at(&format!("/workspaces/{ws}/pending-uploads/{file}/content"));
@@ -689,16 +697,6 @@ async fn stalled_downloads_are_bounded_per_workspace_and_per_replica() {
     wait_for_metric(&svc.base, in_progress, 0.0).await;
 }
 
-/// One workspace with one uploaded file of `len` bytes.
-async fn one_staged_file(svc: &Svc, len: usize) -> (Uuid, String, Uuid, Vec<u8>) {
-    let (ws, token) = register_poll(&svc.base).await;
-    let data = bytes(len, 5);
-    let resp = upload_file(svc, ws, &token, "big.bin", &data).await;
-    assert_eq!(resp.status(), StatusCode::OK);
-    let body: Value = resp.json().await.unwrap();
-    (ws, token, file_id(&body["files"][0]), data)
-}
-
 /// A slow reader used to keep its download slot (and the slice in flight) until the idle
 /// timeout, 60 s, whatever it read. Now, while a response waits on its client, the client
 /// must take RESPONSE_MIN_RATE per second of that waiting: the trickle is cut after a window
@@ -746,10 +744,7 @@ async fn a_download_read_in_a_trickle_is_cut_and_a_steady_reader_is_not() {
 
     // Through the same 4 KiB receive buffer, a read every 20 ms keeps up (~200 KiB/s) over
     // seconds of waiting.
-    let resp = upload_file(&svc, ws, &token, "one.bin", &bytes(1 << 20, 9)).await;
-    assert_eq!(resp.status(), StatusCode::OK);
-    let body: Value = resp.json().await.unwrap();
-    let (file, data) = (file_id(&body["files"][0]), bytes(1 << 20, 9));
+    let (file, data) = stage_file(&svc, ws, &token, 1 << 20).await;
     let mut steady = stalled_download(&svc, ws, &token, file).await;
     let mut got = Vec::new();
     let mut buf = vec![0u8; 32 * 1024];

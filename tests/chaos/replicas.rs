@@ -156,20 +156,12 @@ async fn run() {
     let mut metrics_errors = Vec::new();
     let mut sweep_runs_ok = Vec::new();
     for (r, s) in replicas.iter().enumerate().filter(|(r, _)| *r != 1) {
-        let text = reqwest::get(format!("{}/metrics", s.base()))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let value = |outcome: &str| {
-            let series = format!("pending_uploads_sweep_runs_total{{outcome=\"{outcome}\"}}");
-            text.lines()
-                .find_map(|l| l.strip_prefix(series.as_str()))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        let (ok, errors) = (value("ok"), value("error"));
+        let ok = s
+            .metric("pending_uploads_sweep_runs_total{outcome=\"ok\"}")
+            .await;
+        let errors = s
+            .metric("pending_uploads_sweep_runs_total{outcome=\"error\"}")
+            .await;
         sweep_runs_ok.push(ok);
         if errors > 0.0 {
             metrics_errors.push(format!("replica {r}: {errors} failed sweep passes"));

@@ -32,18 +32,6 @@ const DOWNLOAD_SIZE: usize = 8 * 1024 * 1024;
 const CLIENT_PATIENCE: Duration = Duration::from_secs(4);
 const ATTACK: Duration = Duration::from_secs(12);
 
-async fn metric(base: &str, series: &str) -> f64 {
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
-}
-
 /// One slow download: reads 256 bytes every 100 ms (2.5 KB/s) or nothing, through a 4 KiB
 /// receive buffer, until CLIENT_PATIENCE has passed or the connection ends.
 async fn slow_download(addr: &str, path: &str, token: &str, trickle: bool) {
@@ -146,7 +134,11 @@ async fn slow_readers() {
     let sampling = Instant::now();
     while sampling.elapsed() < ATTACK {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        held_samples.push(metric(&base, "pending_uploads_downloads_in_progress").await);
+        held_samples.push(
+            service
+                .metric("pending_uploads_downloads_in_progress")
+                .await,
+        );
     }
     for t in tasks {
         t.await.unwrap();
@@ -161,17 +153,15 @@ async fn slow_readers() {
 
     // ---- checks
     let opened = opened.load(Ordering::Relaxed);
-    let too_slow = metric(
-        &base,
-        "pending_uploads_responses_cut_total{reason=\"too_slow\"}",
-    )
-    .await as usize;
-    let idle = metric(
-        &base,
-        "pending_uploads_responses_cut_total{reason=\"idle\"}",
-    )
-    .await as usize;
-    let held_after = metric(&base, "pending_uploads_downloads_in_progress").await;
+    let too_slow = service
+        .metric("pending_uploads_responses_cut_total{reason=\"too_slow\"}")
+        .await as usize;
+    let idle = service
+        .metric("pending_uploads_responses_cut_total{reason=\"idle\"}")
+        .await as usize;
+    let held_after = service
+        .metric("pending_uploads_downloads_in_progress")
+        .await;
     let samples = rec.samples();
     let normal_failures = verify::violations(&samples, |s| {
         if s.op == "slow_reader" || s.outcome.is_ok() {
