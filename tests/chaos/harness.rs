@@ -771,19 +771,6 @@ impl Haproxy {
     pub fn base(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
-
-    /// One series of its `/metrics` (name with labels, as exposed), 0 when absent.
-    pub async fn metric(&self, series: &str) -> f64 {
-        let text = reqwest::get(format!("{}/metrics", self.base()))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or(0.0)
-    }
 }
 
 impl Drop for Haproxy {
