@@ -114,7 +114,8 @@ fn columns(rows: &[NewUpload<'_>]) -> Columns {
 }
 
 /// A whole upload of small rows in one statement, its own transaction
-/// (`pending_uploads_stage`): admission, rows, activity rows, notification. `contents` holds
+/// (`pending_uploads_stage`): rows, then under the workspace lock admission, totals, activity
+/// rows, notification (a refused upload's rows are deleted again). `contents` holds
 /// each row's inline bytes (rows that [`NewUpload::inserts`]), `None` for S3-only rows.
 pub async fn stage(
     conn: &mut PgConnection,

@@ -622,22 +622,27 @@ pub async fn spawn_service(cmd: std::process::Command, port: u16) -> Running {
     panic!("service did not become ready on port {port}");
 }
 
-/// The trigger-kept per-workspace totals equal the sum of every unacked row, expired or not
-/// (no drift, whoever wrote the rows).
+/// The trigger-kept per-workspace totals (bytes and files) equal the sums over every unacked
+/// row, expired or not (no drift, whoever wrote the rows).
 pub async fn assert_totals_exact(pool: &sqlx::PgPool) {
-    let drift: Vec<(Uuid, i64, i64)> = sqlx::query_as(
+    let drift: Vec<(Uuid, i64, i64, i64, i64)> = sqlx::query_as(
         "SELECT COALESCE(t.workspace_id, r.workspace_id),
-                COALESCE(t.unacked_bytes, 0), COALESCE(r.bytes, 0)::bigint
+                COALESCE(t.unacked_bytes, 0), COALESCE(r.bytes, 0)::bigint,
+                COALESCE(t.unacked_files, 0), COALESCE(r.files, 0)
          FROM pending_upload_totals t
-         FULL JOIN (SELECT workspace_id, sum(size_bytes) AS bytes FROM pending_uploads
-                    WHERE acked_at IS NULL GROUP BY workspace_id) r
+         FULL JOIN (SELECT workspace_id, sum(size_bytes) AS bytes, count(*) AS files
+                    FROM pending_uploads WHERE acked_at IS NULL GROUP BY workspace_id) r
            ON r.workspace_id = t.workspace_id
-         WHERE COALESCE(t.unacked_bytes, 0) <> COALESCE(r.bytes, 0)",
+         WHERE COALESCE(t.unacked_bytes, 0) <> COALESCE(r.bytes, 0)
+            OR COALESCE(t.unacked_files, 0) <> COALESCE(r.files, 0)",
     )
     .fetch_all(pool)
     .await
     .unwrap();
-    assert!(drift.is_empty(), "(workspace, total, rows): {drift:?}");
+    assert!(
+        drift.is_empty(),
+        "(workspace, total bytes, rows' bytes, total files, rows): {drift:?}"
+    );
 }
 
 /// A child service's `/metrics` text.

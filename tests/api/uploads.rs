@@ -459,6 +459,7 @@ async fn pending_quota_is_429_with_retry_after_and_frees_on_ack() {
     .await;
     assert_eq!(app.count("pending_uploads").await, 1);
     assert_eq!(app.count("activity_logs").await, 1);
+    assert_totals_exact(&app.pool).await;
     // another workspace is not affected
     let (ws2, token2) = app.poll_workspace().await;
     app.upload_ok(
@@ -604,42 +605,45 @@ async fn the_quota_total_follows_every_writer() {
     assert_eq!(app.count("pending_upload_total_deltas").await, 0);
 }
 
-/// An insert by a transaction that holds the workspace lock and says so
-/// (`pending_uploads.totals_now`, what `pending_uploads_stage` sets) counts into its total at
-/// once; any other insert parks a delta that is folded in at commit (so a long COPY before the
-/// lock does not hold the total row). Both end at the same total.
+/// An insert or a delete by a transaction that says its caller counts the rows itself, under
+/// the workspace lock (`pending_uploads.totals_now = 'caller'`, what `pending_uploads_stage`
+/// sets), leaves the totals alone; any other insert parks a delta that is folded in at commit
+/// (so a long COPY before the lock does not hold the total row).
 #[tokio::test]
-async fn inserts_under_the_workspace_lock_count_at_once() {
+async fn writers_that_count_their_own_rows_leave_the_totals_alone() {
     let app = TestApp::start().await;
     let (ws, token) = app.poll_workspace().await;
     let committed = |ws: Uuid| pending_bytes(&app.pool, ws);
-    for (totals_now, at_once) in [(false, 0i64), (true, 5)] {
+    for caller in [false, true] {
         let before = committed(ws).await;
         let mut tx = app.pool.begin().await.unwrap();
-        if totals_now {
-            sqlx::query("SELECT set_config('pending_uploads.totals_now', 'on', true)")
+        if caller {
+            sqlx::query("SELECT set_config('pending_uploads.totals_now', 'caller', true)")
                 .execute(&mut *tx)
                 .await
                 .unwrap();
         }
-        sqlx::query("INSERT INTO pending_uploads (workspace_id, content, size_bytes, filename) VALUES ($1, '\\x00', 5, 'x')")
+        let id: Uuid = sqlx::query_scalar("INSERT INTO pending_uploads (workspace_id, content, size_bytes, filename) VALUES ($1, '\\x00', 5, 'x') RETURNING file_id")
             .bind(ws)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await
             .unwrap();
-        // what this transaction sees before it commits: its total, and the deltas parked
-        let inside = pending_uploads::db::uploads::pending_totals(&mut *tx, ws)
-            .await
-            .unwrap()
-            .bytes;
         let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM pending_upload_total_deltas")
             .fetch_one(&mut *tx)
             .await
             .unwrap();
-        assert_eq!(inside - before, at_once, "totals_now {totals_now}");
-        assert_eq!(parked, 1 - at_once / 5, "totals_now {totals_now}");
+        assert_eq!(parked, i64::from(!caller), "caller {caller}");
+        if caller {
+            // a refused upload's rows go again, uncounted
+            sqlx::query("DELETE FROM pending_uploads WHERE file_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+        }
         tx.commit().await.unwrap();
-        assert_eq!(committed(ws).await - before, 5, "totals_now {totals_now}");
+        let added = if caller { 0 } else { 5 };
+        assert_eq!(committed(ws).await - before, added, "caller {caller}");
         assert_totals_exact(&app.pool).await;
     }
     assert_eq!(app.count("pending_upload_total_deltas").await, 0);
@@ -656,7 +660,7 @@ async fn inserts_under_the_workspace_lock_count_at_once() {
     .unwrap();
     app.upload_ok(ws, &token, &[("s.bin", "text/plain", bytes(1024, 7))])
         .await;
-    assert_eq!(committed(ws).await, 10 + 1024);
+    assert_eq!(committed(ws).await, 5 + 1024);
     assert_totals_exact(&app.pool).await;
 }
 
