@@ -27,7 +27,8 @@ as_pg() {
 
 # pg_start DIR PORT: init (once) and start a cluster whose files live in DIR. Extra server
 # options may be given in PG_EXTRA_OPTS (e.g. "-c shared_preload_libraries=pg_stat_statements");
-# they come last, so they override the defaults here.
+# they come last, so they override the defaults here. MALLOC_MMAP_THRESHOLD_ and
+# MALLOC_TRIM_THRESHOLD_, when set, replace the malloc thresholds given to the server.
 pg_start() {
   local dir=$1 port=$2 bin
   bin=$(pg_bindir) || return 1
@@ -41,7 +42,10 @@ pg_start() {
     as_pg "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --no-locale --no-sync >"$dir/initdb.log" 2>&1 \
       || { cat "$dir/initdb.log" >&2; return 1; }
   fi
-  as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
+  # glibc malloc thresholds for every backend (README, "PostgreSQL for the bytea backend").
+  as_pg env MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-8388608}" \
+    MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-16777216}" \
+    "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
     -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 ${PG_EXTRA_OPTS:-}" \
     start >/dev/null || { cat "$dir/server.log" >&2; return 1; }
 }
