@@ -173,14 +173,19 @@ async fn slow_readers() {
     let pool = pg.pool().await;
     let acked: HashSet<uuid::Uuid> = feeds.iter().flat_map(|f| f.acked.clone()).collect();
     let accepted = rec.accepted();
-    let lost = verify::lost_uploads(&api, &accepted, &HashSet::new()).await;
-    let half = verify::half_states(&pool, &HashSet::new()).await;
+    let found = verify::Findings::of_uploads(&api, &pool, &accepted).await;
     let leaks = verify::Leaks::settled(&pool, &spool, &service).await;
     let bugs = service.bug_lines();
     let slow_clients = (SLOW_WORKSPACES * PER_WORKSPACE) as f64;
     let mean_held = held_samples.iter().sum::<f64>() / held_samples.len().max(1) as f64;
 
-    Summary::print(&rec, "slow_readers", lost.len(), half.len(), leaks.count());
+    Summary::print(
+        &rec,
+        "slow_readers",
+        found.lost_count(),
+        found.orphaned_count(),
+        leaks.count(),
+    );
     println!(
         "CHAOS-DETAIL slow_readers: slow_downloads_opened={opened} cut_too_slow={too_slow} cut_idle={idle} slots_held_mean={mean_held:.1} of {slow_clients} slow clients (normal downloads included) slots_held_after={held_after} normal_uploads_accepted={} acked={} bug_log_lines={}",
         accepted.len(),
@@ -190,8 +195,7 @@ async fn slow_readers() {
 
     let mut checks = verify::Checks::default();
     checks.none("normal clients during the slow readers", &normal_failures);
-    checks.none("accepted uploads that do not download intact", &lost);
-    checks.none("half states", &half);
+    found.check(&mut checks);
     checks.none("service log: bugs", &bugs);
     leaks.check(&mut checks);
     // Every slow download is cut by the service (a 1 s window of waiting) well before its
