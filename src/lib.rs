@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod api;
 pub mod app;
+pub mod arena;
 pub mod auth;
 pub mod backfill;
 pub mod cli;

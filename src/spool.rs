@@ -150,8 +150,10 @@ impl SpoolWriter {
         if self.file.is_none() && self.memory.len() + chunk.len() <= self.budget.left {
             if self.memory.capacity() == 0 {
                 // The whole budget at once: a budget from Content-Length is what the body
-                // holds, and only the pages written count (no regrowth, no copies).
-                self.memory.reserve(self.budget.left);
+                // holds, and only the pages written count (no regrowth, no copies). From the
+                // spool arena, which keeps a freed buffer's pages for the next upload.
+                let size = self.budget.left;
+                crate::arena::big_block(size, || self.memory.reserve(size));
             }
             self.digest.update(&chunk);
             self.memory.extend_from_slice(&chunk);

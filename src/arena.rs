@@ -1,0 +1,188 @@
+//! A jemalloc arena of the service's own for the spool buffers of small uploads.
+//!
+//! jemalloc serves blocks of 512 KiB and more from its arena for big blocks
+//! (`oversize_threshold`, see `main.rs`), and any arena hands a freed block of its
+//! `oversize_threshold` or more back to the kernel at once, whatever its decay: that keeps
+//! large uploads' peak RSS down. But a small upload's spool (its body in memory, up to
+//! `SPOOL_MEMORY_PER_REQUEST`) is such a block too, so every one came back as fresh pages:
+//! 1 MiB uploads at concurrency 1 took ~1,250 page faults and 5.2–5.8 ms of the service's CPU
+//! each.
+//!
+//! Big spool buffers come from an arena of their own ([`big_block`]) that keeps freed blocks of any size
+//! until its decay (a second, as the ordinary arenas) returns them, so the next small upload
+//! finds its spool's pages mapped. What it can keep is bounded by the spool memory in use at
+//! once (`SPOOL_MEMORY_TOTAL`). sqlx's parameter and write buffers for the same upload were
+//! tried in it too (allocated while the statement's future is polled there): they kept
+//! faulting, and the binding on every poll costs, so they stay where they were.
+
+use std::{
+    ffi::{c_void, CString},
+    sync::OnceLock,
+};
+
+/// Larger than any block this service allocates.
+const KEEP_ALL: usize = 1 << 40;
+
+/// The arena's index, or `None` when jemalloc would not create one (allocations then come
+/// from the usual arenas).
+fn arena() -> Option<u32> {
+    static ARENA: OnceLock<Option<u32>> = OnceLock::new();
+    *ARENA.get_or_init(|| {
+        let mut index: u32 = 0;
+        let mut len = std::mem::size_of::<u32>();
+        // SAFETY: `arenas.create` writes the new arena's index, an unsigned, into `index`.
+        let rc = unsafe {
+            tikv_jemalloc_sys::mallctl(
+                c"arenas.create".as_ptr(),
+                (&mut index as *mut u32).cast::<c_void>(),
+                &mut len,
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+        if rc != 0 {
+            return None;
+        }
+        // Freed blocks at least an arena's `oversize_threshold` are purged at once, whatever
+        // the decay; in this arena no block is: they go back after a second unused.
+        let name = CString::new(format!("arena.{index}.oversize_threshold")).ok()?;
+        let mut keep_all: usize = KEEP_ALL;
+        // SAFETY: `arena.<i>.oversize_threshold` takes a size_t.
+        let rc = unsafe {
+            tikv_jemalloc_sys::mallctl(
+                name.as_ptr(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                (&mut keep_all as *mut usize).cast::<c_void>(),
+                std::mem::size_of::<usize>(),
+            )
+        };
+        (rc == 0).then_some(index)
+    })
+}
+
+/// Binds the calling thread to arena `index` and returns the one it was bound to.
+fn bind(index: u32) -> Option<u32> {
+    let mut old: u32 = 0;
+    let mut len = std::mem::size_of::<u32>();
+    let mut new = index;
+    // SAFETY: `thread.arena` reads and writes an unsigned.
+    let rc = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            c"thread.arena".as_ptr(),
+            (&mut old as *mut u32).cast::<c_void>(),
+            &mut len,
+            (&mut new as *mut u32).cast::<c_void>(),
+            std::mem::size_of::<u32>(),
+        )
+    };
+    (rc == 0).then_some(old)
+}
+
+/// The calling thread bound to the small-upload arena until dropped.
+struct Bound(Option<u32>);
+
+impl Bound {
+    fn new() -> Self {
+        Bound(arena().and_then(bind))
+    }
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        if let Some(previous) = self.0 {
+            bind(previous);
+        }
+    }
+}
+
+/// jemalloc's `oversize_threshold` in `main.rs`: smaller blocks come from the ordinary arenas,
+/// which keep them anyway.
+const OVERSIZE: usize = 512 * 1024;
+
+/// Runs `f`, which allocates a block of `size` bytes, with its allocations served from the
+/// spool arena when the block is big enough to need it (binding a thread to an arena and
+/// back costs about as much as a small upload's whole spool: not done for those).
+pub fn big_block<T>(size: usize, f: impl FnOnce() -> T) -> T {
+    if size < OVERSIZE {
+        return f();
+    }
+    let _bound = Bound::new();
+    f()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The arena a block was allocated from.
+    fn arena_of(ptr: *const u8) -> u32 {
+        let mut index: u32 = u32::MAX;
+        let mut len = std::mem::size_of::<u32>();
+        let mut ptr = ptr.cast::<c_void>();
+        // SAFETY: `arenas.lookup` reads a pointer and writes an unsigned.
+        let rc = unsafe {
+            tikv_jemalloc_sys::mallctl(
+                c"arenas.lookup".as_ptr(),
+                (&mut index as *mut u32).cast::<c_void>(),
+                &mut len,
+                (&mut ptr as *mut *const c_void).cast::<c_void>(),
+                std::mem::size_of::<*const c_void>(),
+            )
+        };
+        assert_eq!(rc, 0);
+        index
+    }
+
+    fn minor_faults() -> i64 {
+        // SAFETY: getrusage fills the struct it is given.
+        unsafe {
+            let mut usage: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_THREAD, &mut usage);
+            usage.ru_minflt
+        }
+    }
+
+    /// A block of `BLOCK` bytes filled and dropped, `ROUNDS` times; the page faults of all but
+    /// the first.
+    fn refaults(alloc: impl Fn() -> Vec<u8>) -> i64 {
+        let fill = |mut v: Vec<u8>| {
+            v.resize(v.capacity(), 1);
+            std::hint::black_box(&v);
+        };
+        fill(alloc());
+        let before = minor_faults();
+        for _ in 0..ROUNDS {
+            fill(alloc());
+        }
+        minor_faults() - before
+    }
+
+    /// Over the oversize threshold of the service (512 KiB) and of this test binary
+    /// (jemalloc's default, 8 MiB).
+    const BLOCK: usize = 16 << 20;
+    const ROUNDS: i64 = 10;
+    const PAGES: i64 = (BLOCK / 4096) as i64;
+
+    #[test]
+    fn big_blocks_come_from_the_arena_only_inside() {
+        let arena = arena().expect("jemalloc creates an arena");
+        let inside: Vec<u8> = big_block(1 << 20, || Vec::with_capacity(1 << 20));
+        let small: Vec<u8> = big_block(1 << 10, || Vec::with_capacity(1 << 10));
+        let outside: Vec<u8> = Vec::with_capacity(1 << 20);
+        assert_eq!(arena_of(inside.as_ptr()), arena);
+        assert_ne!(arena_of(outside.as_ptr()), arena);
+        assert_ne!(arena_of(small.as_ptr()), arena);
+    }
+
+    #[test]
+    fn a_freed_spool_block_is_kept_for_the_next() {
+        let elsewhere = refaults(|| Vec::with_capacity(BLOCK));
+        let kept = refaults(|| big_block(BLOCK, || Vec::with_capacity(BLOCK)));
+        assert!(
+            elsewhere >= ROUNDS * PAGES / 2,
+            "{elsewhere}: big blocks outside the arena are returned at once"
+        );
+        assert!(kept < PAGES, "{kept} page faults refilling a kept block");
+    }
+}
