@@ -1,23 +1,26 @@
-//! A jemalloc arena of the service's own for the spool buffers of small uploads.
+//! A jemalloc arena of the service's own for the big buffers of small uploads.
 //!
 //! jemalloc serves blocks of 512 KiB and more from its arena for big blocks
 //! (`oversize_threshold`, see `main.rs`), and any arena hands a freed block of its
 //! `oversize_threshold` or more back to the kernel at once, whatever its decay: that keeps
-//! large uploads' peak RSS down. But a small upload's spool (its body in memory, up to
-//! `SPOOL_MEMORY_PER_REQUEST`) is such a block too, so every one came back as fresh pages:
-//! 1 MiB uploads at concurrency 1 took ~1,250 page faults and 5.2–5.8 ms of the service's CPU
-//! each.
+//! large uploads' peak RSS down. But a small upload (its body in memory, up to
+//! `SPOOL_MEMORY_PER_REQUEST`, sent as a statement parameter) makes three such blocks per MiB
+//! it carries: its spool, sqlx's parameter buffer and the connection's write buffer. Each came
+//! back as fresh pages: 1 MiB uploads at concurrency 1 took ~1,260 page faults and 5.2–6.0 ms
+//! of the service's CPU each, more than the rest of the upload together.
 //!
-//! Big spool buffers come from an arena of their own ([`big_block`]) that keeps freed blocks of any size
-//! until its decay (a second, as the ordinary arenas) returns them, so the next small upload
-//! finds its spool's pages mapped. What it can keep is bounded by the spool memory in use at
-//! once (`SPOOL_MEMORY_TOTAL`). sqlx's parameter and write buffers for the same upload were
-//! tried in it too (allocated while the statement's future is polled there): they kept
-//! faulting, and the binding on every poll costs, so they stay where they were.
+//! Those blocks come from an arena of their own ([`big_block`], [`big_blocks`]) that keeps freed
+//! blocks of any size until its decay (a second, as the ordinary arenas) returns them, so the
+//! next small upload finds their pages mapped. What it can keep is what small uploads had in
+//! flight at once: bounded by the spool memory (`SPOOL_MEMORY_TOTAL`), the one-statement
+//! read-back limit and the database pool.
 
 use std::{
     ffi::{c_void, CString},
+    future::Future,
+    pin::Pin,
     sync::OnceLock,
+    task::{Context, Poll},
 };
 
 /// Larger than any block this service allocates.
@@ -57,8 +60,30 @@ fn arena() -> Option<u32> {
                 std::mem::size_of::<usize>(),
             )
         };
-        (rc == 0).then_some(index)
+        if rc != 0 {
+            return None;
+        }
+        keep_bound(index);
+        Some(index)
     })
+}
+
+/// jemalloc purges every free page of an arena whose last thread leaves it, and each
+/// [`big_block`] leaves it: a thread that stays bound keeps the pages for the arena's decay.
+fn keep_bound(index: u32) {
+    let (bound, wait) = std::sync::mpsc::channel();
+    let keeper = std::thread::Builder::new()
+        .name("upload-arena".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            let _ = bound.send(bind(index));
+            loop {
+                std::thread::park();
+            }
+        });
+    if keeper.is_ok() {
+        let _ = wait.recv();
+    }
 }
 
 /// Binds the calling thread to arena `index` and returns the one it was bound to.
@@ -101,14 +126,35 @@ impl Drop for Bound {
 const OVERSIZE: usize = 512 * 1024;
 
 /// Runs `f`, which allocates a block of `size` bytes, with its allocations served from the
-/// spool arena when the block is big enough to need it (binding a thread to an arena and
-/// back costs about as much as a small upload's whole spool: not done for those).
+/// small-upload arena when the block is big enough to need it (binding a thread to an arena
+/// and back costs ~15 µs, as much as a 1 KiB upload's whole spool: not done for those).
 pub fn big_block<T>(size: usize, f: impl FnOnce() -> T) -> T {
     if size < OVERSIZE {
         return f();
     }
     let _bound = Bound::new();
     f()
+}
+
+/// Awaits `future`, which allocates blocks of about `size` bytes, with its allocations served
+/// from the small-upload arena when they are big enough to need it (bound again on every poll: other
+/// tasks run on the thread in between).
+pub async fn big_blocks<F: Future>(size: usize, future: F) -> F::Output {
+    if size < OVERSIZE {
+        return future.await;
+    }
+    Polled(Box::pin(future)).await
+}
+
+struct Polled<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for Polled<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let _bound = Bound::new();
+        self.0.as_mut().poll(cx)
+    }
 }
 
 #[cfg(test)]
@@ -134,6 +180,7 @@ mod tests {
         index
     }
 
+    /// Page faults of the calling thread so far.
     fn minor_faults() -> i64 {
         // SAFETY: getrusage fills the struct it is given.
         unsafe {
@@ -176,13 +223,43 @@ mod tests {
     }
 
     #[test]
-    fn a_freed_spool_block_is_kept_for_the_next() {
+    fn a_freed_block_is_kept_for_the_next() {
         let elsewhere = refaults(|| Vec::with_capacity(BLOCK));
+        // Bound and unbound around each allocation, as a spool is; filled and freed outside.
         let kept = refaults(|| big_block(BLOCK, || Vec::with_capacity(BLOCK)));
         assert!(
             elsewhere >= ROUNDS * PAGES / 2,
             "{elsewhere}: big blocks outside the arena are returned at once"
         );
         assert!(kept < PAGES, "{kept} page faults refilling a kept block");
+    }
+
+    #[tokio::test]
+    async fn a_statement_s_blocks_are_kept_across_polls() {
+        // Allocated in one poll, freed in a later one: in between the thread leaves the arena,
+        // and jemalloc purges an arena its last thread leaves.
+        let round = || {
+            big_blocks(BLOCK, async {
+                let mut v: Vec<u8> = Vec::with_capacity(BLOCK);
+                v.resize(BLOCK, 1);
+                tokio::task::yield_now().await;
+                std::hint::black_box(&v);
+            })
+        };
+        round().await;
+        let before = minor_faults();
+        for _ in 0..ROUNDS {
+            round().await;
+        }
+        let faults = minor_faults() - before;
+        assert!(faults < PAGES, "{faults} page faults over {ROUNDS} rounds");
+    }
+
+    #[tokio::test]
+    async fn small_blocks_stay_in_the_ordinary_arenas() {
+        let v = big_blocks(1024, async { Vec::<u8>::with_capacity(OVERSIZE) }).await;
+        assert_ne!(arena_of(v.as_ptr()), arena().expect("an arena"));
+        let v = big_blocks(OVERSIZE, async { Vec::<u8>::with_capacity(OVERSIZE) }).await;
+        assert_eq!(arena_of(v.as_ptr()), arena().expect("an arena"));
     }
 }

@@ -349,7 +349,11 @@ async fn write_rows(
                 false => None,
             });
         }
-        db::uploads::stage(conn, workspace_id, quota, &rows, &contents).await?
+        // The bytes are copied twice on their way (sqlx's parameter buffer, the connection's
+        // write buffer): blocks from the small-upload arena, whose pages stay mapped.
+        let size = contents.iter().flatten().map(bytes::Bytes::len).sum();
+        let stage = db::uploads::stage(conn, workspace_id, quota, &rows, &contents);
+        crate::arena::big_blocks(size, stage).await?
     } else {
         // Rows first, without the workspace lock: they stay invisible until commit, so
         // concurrent large uploads to one workspace copy in parallel. Then admission (the

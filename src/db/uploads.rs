@@ -3,7 +3,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
-use sqlx::{PgConnection, PgExecutor, Row};
+use sqlx::{postgres::PgArguments, Arguments, PgConnection, PgExecutor, Row};
 use uuid::Uuid;
 
 use super::tokens::{checked_rows, Checked, CALLER};
@@ -128,23 +128,40 @@ pub async fn stage(
     let contents: Vec<Option<&[u8]>> = contents.iter().map(|c| c.as_deref()).collect();
     let digests: Vec<Vec<u8>> = rows.iter().map(|r| r.spool.sha256.to_vec()).collect();
     let keys: Vec<Option<String>> = rows.iter().map(|r| r.location.s3_key.clone()).collect();
-    sqlx::query_as(
+    // The parameters' buffer sized for the bytes at once: grown by doubling it would copy them
+    // again at every step.
+    let content_bytes: usize = contents.iter().flatten().map(|c| c.len()).sum();
+    let mut args = PgArguments::default();
+    args.reserve(11, content_bytes + PARAMETERS_SLACK * (rows.len() + 1));
+    add(&mut args, workspace_id)?;
+    add(&mut args, super::workspace_lock_key(workspace_id))?;
+    add(&mut args, quota.max_bytes as i64)?;
+    add(&mut args, quota.max_files as i64)?;
+    add(&mut args, c.ids)?;
+    add(&mut args, c.names)?;
+    add(&mut args, c.mimes)?;
+    add(&mut args, c.sizes)?;
+    add(&mut args, digests)?;
+    add(&mut args, keys)?;
+    add(&mut args, contents)?;
+    sqlx::query_as_with(
         "SELECT refused, pending_bytes, pending_files
          FROM pending_uploads_stage($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        args,
     )
-    .bind(workspace_id)
-    .bind(super::workspace_lock_key(workspace_id))
-    .bind(quota.max_bytes as i64)
-    .bind(quota.max_files as i64)
-    .bind(c.ids)
-    .bind(c.names)
-    .bind(c.mimes)
-    .bind(c.sizes)
-    .bind(digests)
-    .bind(keys)
-    .bind(contents)
     .fetch_one(conn)
     .await
+}
+
+/// Room per row for everything but its bytes: id, name, mimetype, size, digest, key and the
+/// array framing.
+const PARAMETERS_SLACK: usize = 1024;
+
+fn add<'q, T>(args: &mut PgArguments, value: T) -> sqlx::Result<()>
+where
+    T: sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + 'q,
+{
+    args.add(value).map_err(sqlx::Error::Encode)
 }
 
 /// Takes the workspace lock and checks the quotas for the rows this transaction inserted.
