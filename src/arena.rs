@@ -16,7 +16,7 @@
 //! read-back limit and the database pool.
 
 use std::{
-    ffi::{c_void, CString},
+    ffi::{c_void, CStr, CString},
     future::Future,
     pin::Pin,
     sync::OnceLock,
@@ -26,41 +26,43 @@ use std::{
 /// Larger than any block this service allocates.
 const KEEP_ALL: usize = 1 << 40;
 
+/// `mallctl(name)`: reads the control's old value into `old` and writes `new`, each when
+/// given; whether jemalloc accepted it.
+///
+/// # Safety
+/// `R` and `W` must be the types the control reads and writes (jemalloc's manual).
+unsafe fn mallctl<R, W>(name: &CStr, old: Option<&mut R>, new: Option<&mut W>) -> bool {
+    let mut old_len = std::mem::size_of::<R>();
+    let (old_ptr, old_len_ptr) = match old {
+        Some(old) => ((old as *mut R).cast::<c_void>(), &mut old_len as *mut usize),
+        None => (std::ptr::null_mut(), std::ptr::null_mut()),
+    };
+    let (new_ptr, new_len) = match new {
+        Some(new) => ((new as *mut W).cast::<c_void>(), std::mem::size_of::<W>()),
+        None => (std::ptr::null_mut(), 0),
+    };
+    // SAFETY: the pointers come from live references of the sizes given; the caller vouches
+    // for the types.
+    unsafe {
+        tikv_jemalloc_sys::mallctl(name.as_ptr(), old_ptr, old_len_ptr, new_ptr, new_len) == 0
+    }
+}
+
 /// The arena's index, or `None` when jemalloc would not create one (allocations then come
 /// from the usual arenas).
 fn arena() -> Option<u32> {
     static ARENA: OnceLock<Option<u32>> = OnceLock::new();
     *ARENA.get_or_init(|| {
         let mut index: u32 = 0;
-        let mut len = std::mem::size_of::<u32>();
-        // SAFETY: `arenas.create` writes the new arena's index, an unsigned, into `index`.
-        let rc = unsafe {
-            tikv_jemalloc_sys::mallctl(
-                c"arenas.create".as_ptr(),
-                (&mut index as *mut u32).cast::<c_void>(),
-                &mut len,
-                std::ptr::null_mut(),
-                0,
-            )
-        };
-        if rc != 0 {
+        // SAFETY: `arenas.create` reads an unsigned, the new arena's index.
+        if !unsafe { mallctl::<u32, ()>(c"arenas.create", Some(&mut index), None) } {
             return None;
         }
         // Freed blocks at least an arena's `oversize_threshold` are purged at once, whatever
         // the decay; in this arena no block is: they go back after a second unused.
         let name = CString::new(format!("arena.{index}.oversize_threshold")).ok()?;
-        let mut keep_all: usize = KEEP_ALL;
         // SAFETY: `arena.<i>.oversize_threshold` takes a size_t.
-        let rc = unsafe {
-            tikv_jemalloc_sys::mallctl(
-                name.as_ptr(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                (&mut keep_all as *mut usize).cast::<c_void>(),
-                std::mem::size_of::<usize>(),
-            )
-        };
-        if rc != 0 {
+        if !unsafe { mallctl::<(), usize>(&name, None, Some(&mut { KEEP_ALL })) } {
             return None;
         }
         keep_bound(index);
@@ -87,21 +89,10 @@ fn keep_bound(index: u32) {
 }
 
 /// Binds the calling thread to arena `index` and returns the one it was bound to.
-fn bind(index: u32) -> Option<u32> {
+fn bind(mut index: u32) -> Option<u32> {
     let mut old: u32 = 0;
-    let mut len = std::mem::size_of::<u32>();
-    let mut new = index;
     // SAFETY: `thread.arena` reads and writes an unsigned.
-    let rc = unsafe {
-        tikv_jemalloc_sys::mallctl(
-            c"thread.arena".as_ptr(),
-            (&mut old as *mut u32).cast::<c_void>(),
-            &mut len,
-            (&mut new as *mut u32).cast::<c_void>(),
-            std::mem::size_of::<u32>(),
-        )
-    };
-    (rc == 0).then_some(old)
+    unsafe { mallctl(c"thread.arena", Some(&mut old), Some(&mut index)) }.then_some(old)
 }
 
 /// The calling thread bound to the small-upload arena until dropped.
@@ -137,8 +128,8 @@ pub fn big_block<T>(size: usize, f: impl FnOnce() -> T) -> T {
 }
 
 /// Awaits `future`, which allocates blocks of about `size` bytes, with its allocations served
-/// from the small-upload arena when they are big enough to need it (bound again on every poll: other
-/// tasks run on the thread in between).
+/// from the small-upload arena when they are big enough to need it (bound again on every
+/// poll: other tasks run on the thread in between).
 pub async fn big_blocks<F: Future>(size: usize, future: F) -> F::Output {
     if size < OVERSIZE {
         return future.await;
@@ -164,19 +155,9 @@ mod tests {
     /// The arena a block was allocated from.
     fn arena_of(ptr: *const u8) -> u32 {
         let mut index: u32 = u32::MAX;
-        let mut len = std::mem::size_of::<u32>();
         let mut ptr = ptr.cast::<c_void>();
-        // SAFETY: `arenas.lookup` reads a pointer and writes an unsigned.
-        let rc = unsafe {
-            tikv_jemalloc_sys::mallctl(
-                c"arenas.lookup".as_ptr(),
-                (&mut index as *mut u32).cast::<c_void>(),
-                &mut len,
-                (&mut ptr as *mut *const c_void).cast::<c_void>(),
-                std::mem::size_of::<*const c_void>(),
-            )
-        };
-        assert_eq!(rc, 0);
+        // SAFETY: `arenas.lookup` takes a pointer and reads an unsigned.
+        assert!(unsafe { mallctl(c"arenas.lookup", Some(&mut index), Some(&mut ptr)) });
         index
     }
 
