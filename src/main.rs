@@ -39,9 +39,9 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 ///   them a second: with 16 × 20 MiB S3 uploads in flight peak RSS was 56 MiB without it and
 ///   45 MiB with it, for ~5 % of large-transfer throughput (set `oversize_threshold:8388608`,
 ///   jemalloc's default, to trade back).
-///   Small uploads' big buffers (spool, statement parameters, write buffer), which would come
-///   back as fresh pages every time, have an arena of their own that keeps them (`arena.rs`,
-///   which knows this threshold).
+///   Small uploads' big buffers (spool, statement parameters, write buffer) and bytea reads'
+///   buffers, which would come back as fresh pages every time, have an arena of their own
+///   that keeps them (`arena.rs`, which knows this threshold).
 #[export_name = "malloc_conf"]
 static MALLOC_CONF: ConfString = ConfString(
     c"background_thread:true,narenas:2,dirty_decay_ms:1000,muzzy_decay_ms:0,oversize_threshold:524288"

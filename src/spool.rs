@@ -151,7 +151,7 @@ impl SpoolWriter {
             if self.memory.capacity() == 0 {
                 // The whole budget at once: a budget from Content-Length is what the body
                 // holds, and only the pages written count (no regrowth, no copies). From the
-                // small-upload arena, which keeps a freed buffer's pages for the next upload.
+                // upload arena, which keeps a freed buffer's pages for the next upload.
                 let size = self.budget.left;
                 crate::arena::big_block(size, || self.memory.reserve(size));
             }

@@ -350,7 +350,7 @@ async fn write_rows(
             });
         }
         // The bytes are copied twice on their way (sqlx's parameter buffer, the connection's
-        // write buffer): blocks from the small-upload arena, whose pages stay mapped.
+        // write buffer): blocks from the upload arena, whose pages stay mapped.
         let size = contents.iter().flatten().map(bytes::Bytes::len).sum();
         let stage = db::uploads::stage(conn, workspace_id, quota, &rows, &contents);
         crate::arena::big_blocks(size, stage).await?

@@ -147,12 +147,10 @@ async fn find(
     let found = st
         .db
         .run(move |c| {
-            Box::pin(db::uploads::get_live_for(
-                c,
-                workspace_id,
-                hash,
-                file_id,
-                head,
+            let read = db::uploads::get_live_for(c, workspace_id, hash, file_id, head);
+            Box::pin(crate::arena::big_blocks(
+                crate::arena::read_buffer(head.unwrap_or(0)),
+                read,
             ))
         })
         .await?;

@@ -37,7 +37,13 @@ impl ByteaBackend {
     ) -> Result<Option<Bytes>, StorageError> {
         let chunk = self
             .db
-            .run(move |c| Box::pin(db::uploads::read_slice(c, file_id, offset, len)))
+            .run(move |c| {
+                let read = db::uploads::read_slice(c, file_id, offset, len);
+                Box::pin(crate::arena::big_blocks(
+                    crate::arena::read_buffer(len),
+                    read,
+                ))
+            })
             .await?;
         Ok(chunk.filter(|c| c.len() as u64 == len).map(Bytes::from))
     }
