@@ -116,6 +116,39 @@ impl Drop for Bound {
     }
 }
 
+/// The arena's pages in bytes: in use, and freed but kept until its decay returns them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub in_use: u64,
+    pub kept: u64,
+}
+
+/// What the arena holds now, or `None` without one (or when jemalloc will not say).
+pub fn usage() -> Option<Usage> {
+    let index = arena()?;
+    let pages = |stat: &str| -> Option<u64> {
+        let name = CString::new(format!("stats.arenas.{index}.{stat}")).ok()?;
+        let mut n: usize = 0;
+        // SAFETY: `stats.arenas.<i>.pactive` and `.pdirty` read a size_t.
+        unsafe { mallctl::<usize, ()>(&name, Some(&mut n), None) }.then_some(n as u64)
+    };
+    let mut epoch: u64 = 1;
+    let mut page: usize = 0;
+    // SAFETY: `epoch` reads and writes a u64 (writing refreshes the statistics); `arenas.page`
+    // reads a size_t.
+    let read = unsafe {
+        mallctl(c"epoch", Some(&mut { epoch }), Some(&mut epoch))
+            && mallctl::<usize, ()>(c"arenas.page", Some(&mut page), None)
+    };
+    if !read {
+        return None;
+    }
+    Some(Usage {
+        in_use: pages("pactive")? * page as u64,
+        kept: pages("pdirty")? * page as u64,
+    })
+}
+
 /// jemalloc's `oversize_threshold` in `main.rs`: smaller blocks come from the ordinary arenas,
 /// which keep them anyway.
 const OVERSIZE: usize = 512 * 1024;
@@ -212,6 +245,17 @@ mod tests {
         assert_eq!(arena_of(inside.as_ptr()), arena);
         assert_ne!(arena_of(outside.as_ptr()), arena);
         assert_ne!(arena_of(small.as_ptr()), arena);
+    }
+
+    #[test]
+    fn usage_counts_a_block_in_use_then_kept() {
+        let block: Vec<u8> = big_block(BLOCK, || vec![1; BLOCK]);
+        let held = usage().expect("jemalloc reports the arena's pages");
+        assert!(held.in_use >= BLOCK as u64, "{held:?}");
+        drop(block);
+        // Other tests may take the kept pages meanwhile: then they are in use.
+        let after = usage().expect("jemalloc reports the arena's pages");
+        assert!(after.in_use + after.kept >= BLOCK as u64, "{after:?}");
     }
 
     #[test]

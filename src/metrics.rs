@@ -35,6 +35,7 @@ pub struct Metrics {
     pub downloads_in_progress: IntGauge,
     pub long_polls_waiting: IntGauge,
     pub spool_memory_reserved: IntGauge,
+    pub upload_arena: IntGaugeVec,
 }
 
 const NS: &str = "pending_uploads";
@@ -211,6 +212,11 @@ impl Metrics {
                 ))
                 .expect("valid metric"),
             ),
+            upload_arena: r.gauge(
+                "upload_arena_bytes",
+                "Pages of the arena for small uploads' and bytea reads' big buffers: in_use, and kept (freed, returned after a second)",
+                &["state"],
+            ),
             names: r.names,
             registry: r.registry,
         }
@@ -231,6 +237,13 @@ pub fn metrics() -> &'static Metrics {
 
 /// The Prometheus text exposition of every metric.
 pub fn render() -> String {
+    if let Some(usage) = crate::arena::usage() {
+        let arena = &metrics().upload_arena;
+        arena
+            .with_label_values(&["in_use"])
+            .set(usage.in_use as i64);
+        arena.with_label_values(&["kept"]).set(usage.kept as i64);
+    }
     let mut buf = Vec::new();
     if let Err(e) = TextEncoder::new().encode(&metrics().registry.gather(), &mut buf) {
         tracing::warn!(error = %e, "could not encode metrics");

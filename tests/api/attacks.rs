@@ -603,6 +603,47 @@ async fn spool_memory_total_is_shared_by_the_requests_in_flight() {
     assert_eq!(names, ["c.txt", "held.bin", "b.bin"]);
 }
 
+/// The upload arena (small uploads' and bytea reads' big buffers, `arena.rs`) keeps freed
+/// pages only for jemalloc's decay: after a burst of 1 MiB uploads and downloads `/metrics`
+/// shows them kept, and a little after the decay (2 s here, set through `MALLOC_CONF`) none.
+#[tokio::test]
+async fn the_upload_arena_returns_what_a_burst_left_within_its_decay() {
+    let svc = Svc::start(&[("MALLOC_CONF", "dirty_decay_ms:2000")]).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let staged =
+        futures::future::join_all((0..4).map(|_| stage_file(&svc, ws, &token, 1 << 20))).await;
+    let client = reqwest::Client::new();
+    let downloads = staged.iter().map(|(file, data)| {
+        let req = client
+            .get(svc.at(&format!("/workspaces/{ws}/pending-uploads/{file}/content")))
+            .bearer_auth(&token);
+        async move {
+            let body = req.send().await.unwrap().bytes().await.unwrap();
+            assert!(body == data[..], "file {file} came back changed");
+        }
+    });
+    futures::future::join_all(downloads).await;
+    let kept = "pending_uploads_upload_arena_bytes{state=\"kept\"}";
+    let after_burst = metric_value(&scrape_metrics(&svc.base).await, kept).unwrap();
+    assert!(
+        after_burst >= (1 << 20) as f64,
+        "the burst's pages are kept for the next requests: {after_burst}"
+    );
+    let started = Instant::now();
+    loop {
+        let now = metric_value(&scrape_metrics(&svc.base).await, kept).unwrap();
+        if now == 0.0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{now} bytes still kept {:?} after the burst",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A GET of a file's content on a raw socket with a 4 KiB receive buffer that never reads: the
 /// service fills the socket and its body stream waits, holding a download slot.
 async fn stalled_download(svc: &Svc, ws: Uuid, token: &str, file: Uuid) -> TcpStream {
