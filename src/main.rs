@@ -34,11 +34,11 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 ///   requests;
 /// - two arenas: spool writes run on many blocking threads, and each arena keeps its own free
 ///   pages;
-/// - blocks of 512 KiB and more (hyper's read buffer at its largest, during an upload) come
-///   from jemalloc's own arena for big blocks, which returns them at once instead of keeping
-///   them a second: with 16 × 20 MiB S3 uploads in flight peak RSS was 56 MiB without it and
-///   45 MiB with it, for ~5 % of large-transfer throughput (set `oversize_threshold:8388608`,
-///   jemalloc's default, to trade back).
+/// - blocks of 512 KiB and more come from jemalloc's own arena for big blocks, which returns
+///   them at once instead of keeping them a second: with 16 × 20 MiB S3 uploads in flight
+///   peak RSS was 56 MiB without it and 45 MiB with it (hyper's read buffer then grew to
+///   512 KiB; it stops below this threshold now, `http/mod.rs`), for ~5 % of large-transfer
+///   throughput (set `oversize_threshold:8388608`, jemalloc's default, to trade back).
 ///   Small uploads' big buffers (spool, statement parameters, write buffer) and bytea reads'
 ///   buffers, which would come back as fresh pages every time, have an arena of their own
 ///   that keeps them (`arena.rs`, which knows this threshold).
