@@ -228,10 +228,6 @@ pub struct Stager {
     pub quota: Quota,
 }
 
-/// The bytes per second a committing COPY is assumed to manage at worst, on top of the
-/// dependency timeout: the transaction's deadline grows with what it writes.
-const WORST_COPY_RATE: u64 = 8 * 1024 * 1024;
-
 impl Stager {
     /// Commits the received files, in a task the caller's cancellation cannot stop.
     pub async fn commit(
@@ -261,7 +257,7 @@ impl Stager {
             }
         }
         let bytes: u64 = files.iter().map(|f| f.spool.size).sum();
-        let deadline = self.db.timeout() + Duration::from_secs(bytes / WORST_COPY_RATE);
+        let deadline = db::uploads::copy_deadline(self.db.timeout(), bytes);
         let quota = self.quota;
         let rows = placed.clone();
         let step = self.db.timeout();

@@ -255,6 +255,19 @@ pub async fn insert(
     Ok(())
 }
 
+/// The bytes per second a database taking a COPY is assumed to manage at worst. A stalled one
+/// is caught by `step` (no data taken for that long, and the answer after the last byte
+/// within it: SPEC §10); this bounds one that keeps taking data, only slowly. Per
+/// transaction, not per server: eight 100 MB uploads at once, each at an eighth of a busy
+/// server's rate, ran close to the 8 MiB/s this was before (a 503 in the bench).
+const WORST_COPY_RATE: u64 = 1024 * 1024;
+
+/// How long work that writes `bytes` through COPY may take: `step`, plus `bytes` at
+/// [`WORST_COPY_RATE`].
+pub fn copy_deadline(step: Duration, bytes: u64) -> Duration {
+    step + Duration::from_secs(bytes / WORST_COPY_RATE)
+}
+
 fn stalled(step: Duration) -> sqlx::Error {
     sqlx::Error::Io(std::io::Error::new(
         std::io::ErrorKind::TimedOut,

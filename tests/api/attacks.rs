@@ -644,6 +644,82 @@ async fn the_upload_arena_returns_what_a_burst_left_within_its_decay() {
     }
 }
 
+/// A TCP proxy in front of the database of `db_url` that passes what its clients send at
+/// `bytes_per_sec` (answers unthrottled): a database that takes data steadily, but slowly.
+/// The URL through it.
+async fn throttled_database(db_url: &str, bytes_per_sec: f64) -> String {
+    let (scheme_user, rest) = db_url.split_once('@').expect("a user in the database URL");
+    let (authority, path) = rest.split_once('/').expect("a database in the URL");
+    let upstream = tokio::net::lookup_host(authority)
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    // A small receive buffer, so little of what the service sent waits in the proxy's socket
+    // when it thinks the database has it all.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(64).unwrap();
+    let proxy = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(server) = TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                let up = async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+                        if to_server.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_secs_f64(n as f64 / bytes_per_sec)).await;
+                    }
+                    let _ = to_server.shutdown().await;
+                };
+                let down = async move {
+                    let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+                };
+                tokio::join!(up, down);
+            });
+        }
+    });
+    format!("{scheme_user}@{proxy}/{path}")
+}
+
+/// A database that keeps taking a large file's bytes, only slowly, is not a stalled one: the
+/// upload completes. Here 4 MiB/s, so a 40 MiB COPY takes ~10 s against a 3 s
+/// `DEPENDENCY_TIMEOUT`; the transaction's deadline grew with its bytes at an assumed 8 MiB/s
+/// at worst (3 + 5 s: a 503), now 1 MiB/s (3 + 40 s). Eight 100 MB uploads at once met that
+/// 503 in the bench.
+#[tokio::test]
+async fn a_slow_but_moving_database_still_takes_a_large_upload() {
+    let db = fresh_db().await;
+    let slow = throttled_database(&db, 4.0 * 1024.0 * 1024.0).await;
+    let svc = Svc::start_on(slow, &[("DEPENDENCY_TIMEOUT", "3s")], None).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let started = Instant::now();
+    let (file, data) = stage_file(&svc, ws, &token, 40 << 20).await;
+    assert!(
+        started.elapsed() > Duration::from_secs(8),
+        "the database was throttled: {:?}",
+        started.elapsed()
+    );
+    let body = reqwest::Client::new()
+        .get(svc.at(&format!("/workspaces/{ws}/pending-uploads/{file}/content")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(body == data[..], "the file came back changed");
+}
+
 /// A GET of a file's content on a raw socket with a 4 KiB receive buffer that never reads: the
 /// service fills the socket and its body stream waits, holding a download slot.
 async fn stalled_download(svc: &Svc, ws: Uuid, token: &str, file: Uuid) -> TcpStream {
