@@ -612,15 +612,10 @@ async fn the_upload_arena_returns_what_a_burst_left_within_its_decay() {
     let (ws, token) = register_poll(&svc.base).await;
     let staged =
         futures::future::join_all((0..4).map(|_| stage_file(&svc, ws, &token, 1 << 20))).await;
-    let client = reqwest::Client::new();
-    let downloads = staged.iter().map(|(file, data)| {
-        let req = client
-            .get(svc.at(&format!("/workspaces/{ws}/pending-uploads/{file}/content")))
-            .bearer_auth(&token);
-        async move {
-            let body = req.send().await.unwrap().bytes().await.unwrap();
-            assert!(body == data[..], "file {file} came back changed");
-        }
+    let (svc, token) = (&svc, &token);
+    let downloads = staged.iter().map(|(file, data)| async move {
+        let body = download(svc, ws, token, *file).await;
+        assert!(body == data[..], "file {file} came back changed");
     });
     futures::future::join_all(downloads).await;
     let kept = "pending_uploads_upload_arena_bytes{state=\"kept\"}";
@@ -708,15 +703,7 @@ async fn a_slow_but_moving_database_still_takes_a_large_upload() {
         "the database was throttled: {:?}",
         started.elapsed()
     );
-    let body = reqwest::Client::new()
-        .get(svc.at(&format!("/workspaces/{ws}/pending-uploads/{file}/content")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let body = download(&svc, ws, &token, file).await;
     assert!(body == data[..], "the file came back changed");
 }
 
@@ -741,6 +728,19 @@ async fn stage_file(svc: &Svc, ws: Uuid, token: &str, len: usize) -> (Uuid, Vec<
     assert_eq!(resp.status(), StatusCode::OK);
     let body: Value = resp.json().await.unwrap();
     (file_id(&body["files"][0]), data)
+}
+
+/// A file's whole content, as the workspace downloads it.
+async fn download(svc: &Svc, ws: Uuid, token: &str, file: Uuid) -> bytes::Bytes {
+    reqwest::Client::new()
+        .get(svc.at(&format!("/workspaces/{ws}/pending-uploads/{file}/content")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
 }
 
 /// A new workspace with one uploaded file of `len` bytes.
