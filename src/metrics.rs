@@ -259,16 +259,21 @@ pub async fn storage_op<T, E>(
 ) -> Result<T, E> {
     let started = Instant::now();
     let result = fut.await;
+    storage_observed(backend, operation, started, result.is_ok());
+    result
+}
+
+/// Records one storage operation begun at `started` (for calls [`storage_op`] cannot wrap).
+pub fn storage_observed(backend: &str, operation: &str, started: Instant, ok: bool) {
     let m = metrics();
     m.storage_operation_duration
         .with_label_values(&[backend, operation])
         .observe(started.elapsed().as_secs_f64());
-    if result.is_err() {
+    if !ok {
         m.storage_errors
             .with_label_values(&[backend, operation])
             .inc();
     }
-    result
 }
 
 /// Sets the backlog gauges from a reading of the table.

@@ -44,6 +44,13 @@ impl Sweeper {
     /// One pass: row batches until nothing is left to sweep, then old activity rows, then
     /// orphan reconciliation.
     pub async fn run_once(&self) -> Result<SweepStats, DbError> {
+        let mut stats = self.sweep_rows().await?;
+        stats.orphans_deleted = self.reconcile_or_warn().await.unwrap_or(0);
+        Ok(stats)
+    }
+
+    /// Row batches until nothing is left to sweep, then old activity rows.
+    async fn sweep_rows(&self) -> Result<SweepStats, DbError> {
         let mut stats = SweepStats::default();
         loop {
             // Rows go first, objects after: no row ever points at a deleted object. An object
@@ -97,14 +104,22 @@ impl Sweeper {
             }
         }
         stats.activity_rows = self.sweep_activity().await?;
+        Ok(stats)
+    }
+
+    /// The reconciliation's count of deleted orphans, or `None` when it failed (logged; the
+    /// next reconciliation tries again).
+    async fn reconcile_or_warn(&self) -> Option<u64> {
         match self.reconcile().await {
             Ok(n) => {
-                stats.orphans_deleted = n;
                 crate::metrics::metrics().orphans_deleted.inc_by(n);
+                Some(n)
             }
-            Err(e) => tracing::warn!(error = %e, "orphan reconciliation failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "orphan reconciliation failed");
+                None
+            }
         }
-        Ok(stats)
     }
 
     /// Deletes this service's own upload activity rows past ACTIVITY_RETENTION, in batches
@@ -170,13 +185,35 @@ impl Sweeper {
         Ok(deleted)
     }
 
-    /// Runs at start-up and every `interval` until the task is dropped.
+    /// Every how many passes the background sweeper reconciles: listing the whole prefix is
+    /// its costliest work (a LIST per 1,000 objects, on every replica), and an orphan only has
+    /// to go within a quarter of its grace, not within one sweep interval.
+    pub fn reconcile_every(&self, interval: Duration) -> u64 {
+        let passes = (self.orphan_grace / 4).as_secs_f64() / interval.as_secs_f64().max(1.0);
+        (passes.ceil() as u64).max(1)
+    }
+
+    /// Runs at start-up and every `interval` until the task is dropped; reconciles in the
+    /// first pass and then every [`Self::reconcile_every`] passes (after a failed one, in the
+    /// next pass).
     pub async fn run_forever(self, interval: Duration) {
-        let mut ticker = tokio::time::interval(interval.max(Duration::from_secs(1)));
+        let interval = interval.max(Duration::from_secs(1));
+        let reconcile_every = self.reconcile_every(interval);
+        let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut passes_since_reconciled = reconcile_every;
         loop {
             ticker.tick().await;
-            let result = self.run_once().await;
+            let mut result = self.sweep_rows().await;
+            if let Ok(stats) = &mut result {
+                passes_since_reconciled += 1;
+                if passes_since_reconciled >= reconcile_every {
+                    if let Some(n) = self.reconcile_or_warn().await {
+                        stats.orphans_deleted = n;
+                        passes_since_reconciled = 0;
+                    }
+                }
+            }
             let outcome = if result.is_ok() { "ok" } else { "error" };
             crate::metrics::metrics()
                 .sweep_runs

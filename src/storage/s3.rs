@@ -24,6 +24,7 @@ use uuid::Uuid;
 use super::{with_idle_timeout, ByteRange, ByteStream as OurStream, Location, StorageError};
 use crate::{
     config::{S3Checksum, StorageArgs},
+    metrics,
     spool::Spool,
 };
 
@@ -128,7 +129,10 @@ impl S3Backend {
             .page_size(page_size)
             .send();
         futures::stream::unfold(pages, |mut pages| async move {
+            // The paginator's last `next()` sends no request: only pages are counted.
+            let started = Instant::now();
             let page = pages.next().await?;
+            metrics::storage_observed("s3", "list", started, page.is_ok());
             Some((
                 page.map(|p| listed(p.contents())).map_err(unavailable),
                 pages,

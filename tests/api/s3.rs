@@ -568,3 +568,51 @@ async fn backfill_killed_half_way_resumes_and_contract_gates_on_it() {
     }
     sweep_all_and_assert_bucket_empty(&app).await;
 }
+
+/// The background sweeper lists the bucket in its first pass and then once per quarter of
+/// ORPHAN_GRACE, not in every pass: a full listing is the costliest call a pass makes, on
+/// every replica (three replicas listing every second were what timed out in the chaos
+/// suite's replica scenario). With a short grace it still lists in every pass.
+#[tokio::test]
+async fn the_background_sweeper_lists_the_bucket_once_per_quarter_of_the_grace() {
+    let db = fresh_db().await;
+    let (endpoint, bucket) = s3_endpoint();
+    let passes_series = "pending_uploads_sweep_runs_total{outcome=\"ok\"}";
+    let lists_series = "pending_uploads_storage_operation_duration_seconds_count{backend=\"s3\",operation=\"list\"}";
+    for grace in ["1h", "2s"] {
+        let port = free_port();
+        let mut cmd = bin_command(&db);
+        cmd.env("PENDING_UPLOADS_BACKEND", "s3")
+            .env("PENDING_UPLOADS_S3_BUCKET", &bucket)
+            .env("PENDING_UPLOADS_S3_PREFIX", test_prefix())
+            .env("AWS_ENDPOINT_URL", &endpoint)
+            .env("AWS_REGION", "us-east-1")
+            .env("SWEEP_INTERVAL", "1s")
+            .env("ORPHAN_GRACE", grace);
+        let _service = spawn_service(cmd, port).await;
+        let base = format!("http://127.0.0.1:{port}");
+        let mut text = String::new();
+        for _ in 0..100 {
+            text = scrape_metrics(&base).await;
+            if metric_value(&text, passes_series).unwrap_or(0.0) >= 4.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let passes = metric_value(&text, passes_series).unwrap_or(0.0);
+        let lists = metric_value(&text, lists_series).unwrap_or(0.0);
+        assert!(
+            passes >= 4.0,
+            "ORPHAN_GRACE={grace}: {passes} passes in 10 s"
+        );
+        if grace == "1h" {
+            assert_eq!(lists, 1.0, "ORPHAN_GRACE=1h: listings in {passes} passes");
+        } else {
+            // The scrape may fall between a pass's listing and its count.
+            assert!(
+                lists == passes || lists == passes + 1.0,
+                "ORPHAN_GRACE=2s: {lists} listings in {passes} passes"
+            );
+        }
+    }
+}
