@@ -30,6 +30,15 @@ done
 wants() { [[ ",$suites," == *",all,"* || ",$suites," == *",$1,"* ]]; }
 
 cleanup() {
+  local rc=$?
+  # A failed run keeps its logs: the service's answer (a 503, say) says why only there.
+  if [ "$rc" -ne 0 ] && [ -n "${BENCH_WORK_DIR:-}" ]; then
+    local kept
+    kept=$(mktemp -d /tmp/pending-uploads-bench-failed.XXXXXX)
+    cp "$BENCH_WORK_DIR"/service-*.log "$kept"/ 2>/dev/null || true
+    [ -n "${PG_DIR:-}" ] && { cp "$PG_DIR"/server.log "$kept"/postgres.log 2>/dev/null || true; }
+    echo "bench failed (exit $rc): the service and PostgreSQL logs are kept in $kept" >&2
+  fi
   [ -n "${LS_DIR:-}" ] && localstack/stop.sh "$LS_DIR"
   [ -n "${PG_DIR:-}" ] && pg_stop "$PG_DIR"
   rm -rf "${PG_DIR:-}" "${LS_DIR:-}" "${BENCH_WORK_DIR:-}"
