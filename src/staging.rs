@@ -263,12 +263,13 @@ impl Stager {
         let step = self.db.timeout();
         let files = Arc::new(files);
         let in_tx = files.clone();
+        let db = self.db.clone();
         let result = self
             .db
             .run_within(deadline, move |c| {
-                Box::pin(
-                    async move { write_rows(c, workspace_id, &in_tx, &rows, quota, step).await },
-                )
+                Box::pin(async move {
+                    write_rows(c, workspace_id, &in_tx, &rows, quota, step, &db).await
+                })
             })
             .await;
         match result {
@@ -317,6 +318,7 @@ async fn write_rows(
     placed: &[Location],
     quota: Quota,
     step: Duration,
+    db: &Db,
 ) -> sqlx::Result<Result<Vec<UploadReceived>, StagingError>> {
     let rows: Vec<NewUpload> = files
         .iter()
@@ -356,7 +358,7 @@ async fn write_rows(
         // lock) and the activity rows.
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         for row in &rows {
-            db::uploads::insert(&mut tx, row, step).await?;
+            db::uploads::insert(&mut tx, row, step, db).await?;
         }
         let admission = db::uploads::admit(&mut tx, workspace_id, quota, &rows).await?;
         if admission.refused.is_some() {

@@ -188,13 +188,13 @@ impl Sweeper {
     /// Every how many passes the background sweeper reconciles: listing the whole prefix is
     /// its costliest work (a LIST per 1,000 objects, on every replica), and an orphan only has
     /// to go within a quarter of its grace, not within one sweep interval.
-    pub fn reconcile_every(&self, interval: Duration) -> u64 {
+    fn reconcile_every(&self, interval: Duration) -> u64 {
         let passes = (self.orphan_grace / 4).as_secs_f64() / interval.as_secs_f64().max(1.0);
         (passes.ceil() as u64).max(1)
     }
 
     /// Runs at start-up and every `interval` until the task is dropped; reconciles in the
-    /// first pass and then every [`Self::reconcile_every`] passes (after a failed one, in the
+    /// first pass and then every `reconcile_every` passes (after a failed one, in the
     /// next pass).
     pub async fn run_forever(self, interval: Duration) {
         let interval = interval.max(Duration::from_secs(1));

@@ -14,7 +14,13 @@ pub mod tokens;
 pub mod uploads;
 pub mod workspaces;
 
-use std::time::Duration;
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
 use futures::future::BoxFuture;
 use sqlx::{
@@ -118,11 +124,52 @@ fn transient_sqlstate(code: &str) -> bool {
 pub struct Db {
     pool: PgPool,
     timeout: Duration,
+    answered: Arc<LastAnswer>,
+}
+
+/// When the database last finished a piece of work, on any connection: a sign of life for a
+/// request whose own connection is waiting on it.
+struct LastAnswer {
+    since: Instant,
+    /// Milliseconds after `since`.
+    at_ms: AtomicU64,
+}
+
+impl LastAnswer {
+    fn mark(&self) {
+        let now = self.since.elapsed().as_millis() as u64;
+        self.at_ms.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn at(&self) -> Instant {
+        self.since + Duration::from_millis(self.at_ms.load(Ordering::Relaxed))
+    }
 }
 
 impl Db {
     pub fn new(pool: PgPool, timeout: Duration) -> Db {
-        Db { pool, timeout }
+        let answered = LastAnswer {
+            since: Instant::now(),
+            at_ms: AtomicU64::new(0),
+        };
+        Db {
+            pool,
+            timeout,
+            answered: Arc::new(answered),
+        }
+    }
+
+    /// How long the database has answered nothing, on any connection, counted from `from`
+    /// at the earliest.
+    pub fn silent_since(&self, from: Instant) -> Duration {
+        from.max(self.answered.at()).elapsed()
+    }
+
+    /// Asks the database for a sign of life (`SELECT 1` on a pooled connection) within
+    /// `window`; an answer counts for [`Db::silent_since`].
+    pub async fn probe(&self, window: Duration) {
+        let ping = self.run_within(window, |c| Box::pin(ping(c)));
+        let _ = tokio::time::timeout(window, ping).await;
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -150,7 +197,7 @@ impl Db {
         T: Send + 'static,
         F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, sqlx::Result<T>> + Send + 'static,
     {
-        let pool = self.pool.clone();
+        let (pool, answered) = (self.pool.clone(), self.answered.clone());
         let task = tokio::spawn(async move {
             let mut conn = Guarded::new(pool.acquire().await?);
             let result = tokio::time::timeout(deadline, work(conn.conn())).await;
@@ -158,6 +205,9 @@ impl Db {
                 Ok(out) => {
                     // Finished in step (an SQL error still leaves the protocol in step).
                     conn.release();
+                    if out.is_ok() || matches!(out, Err(sqlx::Error::Database(_))) {
+                        answered.mark();
+                    }
                     Ok(out?)
                 }
                 Err(_) => Err(DbError::Timeout(deadline)),
