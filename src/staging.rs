@@ -9,7 +9,7 @@
 //!    every row and activity row under the workspace lock (quota checked there); if anything
 //!    fails, the objects it wrote are removed. All or nothing.
 
-use std::{io, path::Path, sync::Arc, time::Duration};
+use std::{io, path::Path, sync::Arc};
 
 use futures::Stream;
 use uuid::Uuid;
@@ -260,16 +260,15 @@ impl Stager {
         let deadline = db::uploads::copy_deadline(self.db.timeout(), bytes);
         let quota = self.quota;
         let rows = placed.clone();
-        let step = self.db.timeout();
         let files = Arc::new(files);
         let in_tx = files.clone();
         let db = self.db.clone();
         let result = self
             .db
             .run_within(deadline, move |c| {
-                Box::pin(async move {
-                    write_rows(c, workspace_id, &in_tx, &rows, quota, step, &db).await
-                })
+                Box::pin(
+                    async move { write_rows(c, workspace_id, &in_tx, &rows, quota, &db).await },
+                )
             })
             .await;
         match result {
@@ -317,7 +316,6 @@ async fn write_rows(
     files: &[Received],
     placed: &[Location],
     quota: Quota,
-    step: Duration,
     db: &Db,
 ) -> sqlx::Result<Result<Vec<UploadReceived>, StagingError>> {
     let rows: Vec<NewUpload> = files
@@ -358,7 +356,7 @@ async fn write_rows(
         // lock) and the activity rows.
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         for row in &rows {
-            db::uploads::insert(&mut tx, row, step, db).await?;
+            db::uploads::insert(&mut tx, row, db).await?;
         }
         let admission = db::uploads::admit(&mut tx, workspace_id, quota, &rows).await?;
         if admission.refused.is_some() {

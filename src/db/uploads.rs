@@ -210,12 +210,8 @@ pub async fn log_staged(
 /// spool into `content` with a binary COPY: the service never holds more than one read chunk
 /// of such a file in memory. Each chunk must be taken by the server within `step`: a stalled
 /// server fails the insert (as an I/O error: the connection is then closed, not reused).
-pub async fn insert(
-    conn: &mut PgConnection,
-    row: &NewUpload<'_>,
-    step: Duration,
-    db: &Db,
-) -> sqlx::Result<()> {
+pub async fn insert(conn: &mut PgConnection, row: &NewUpload<'_>, db: &Db) -> sqlx::Result<()> {
+    let step = db.timeout();
     if row.inserts() {
         return insert_whole(conn, row).await;
     }
@@ -253,7 +249,7 @@ pub async fn insert(
         copy.send(head.freeze()).await?;
     }
     copy.send(&(-1i16).to_be_bytes()[..]).await?;
-    finish_copy(copy, step, db).await
+    finish_copy(copy, db).await
 }
 
 /// Ends a COPY and waits for the answer. The server stores a row only once its last byte is
@@ -264,11 +260,11 @@ pub async fn insert(
 /// within `step` (SPEC §10), a working one has the transaction's deadline.
 async fn finish_copy(
     copy: sqlx::postgres::PgCopyIn<&mut PgConnection>,
-    step: Duration,
     db: &Db,
 ) -> sqlx::Result<()> {
-    let last_byte = Instant::now();
+    let (last_byte, step) = (Instant::now(), db.timeout());
     let tick = step / 4;
+    // Never ends: it only keeps `silent_since` fresh while the database answers.
     let probing = async {
         loop {
             tokio::time::sleep(tick).await;
