@@ -106,6 +106,18 @@ fn sql_unavailable(e: &sqlx::Error) -> bool {
     }
 }
 
+/// Errors after which a connection may be mid-message: it is closed, never pooled again (sqlx
+/// would ping it on release first, which against a frozen server waits without end).
+fn breaks_connection(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed
+    )
+}
+
 /// SQLSTATEs that mean "not now" rather than "never": connection exceptions (08), server
 /// shutting down or restarting (57P01-57P03), cancelled by a timeout (57014), out of disk,
 /// memory or connections (53), system errors (58), serialization failures and deadlocks.
@@ -203,9 +215,10 @@ impl Db {
             let result = tokio::time::timeout(deadline, work(conn.conn())).await;
             match result {
                 Ok(out) => {
-                    // Finished in step (an SQL error still leaves the protocol in step).
-                    conn.release();
-                    if out.is_ok() || matches!(out, Err(sqlx::Error::Database(_))) {
+                    // Finished in step: an SQL error still leaves the protocol in step, a wait
+                    // the work cut itself (a stalled COPY) or a broken stream does not.
+                    if out.as_ref().err().is_none_or(|e| !breaks_connection(e)) {
+                        conn.release();
                         answered.mark();
                     }
                     Ok(out?)

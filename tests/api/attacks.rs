@@ -769,6 +769,46 @@ async fn a_database_busy_after_a_large_rows_last_byte_still_takes_it() {
     upload_40_mib_through(busy, "2s", hold).await;
 }
 
+/// Work that cuts its own wait on the database (as a stalled COPY does) leaves its connection
+/// mid-message: `Db` closes it instead of pooling it (sqlx would first ping it on release,
+/// which against a frozen server waits without end), and the next work gets a fresh one.
+#[tokio::test]
+async fn a_database_wait_cut_half_way_closes_its_connection() {
+    let url = fresh_db().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    let db = pending_uploads::db::Db::new(pool.clone(), Duration::from_secs(5));
+    let cut = db
+        .run(|c| {
+            Box::pin(async move {
+                let sleep = sqlx::query("SELECT pg_sleep(1)").execute(c);
+                match tokio::time::timeout(Duration::from_millis(100), sleep).await {
+                    Ok(done) => done.map(drop),
+                    Err(_) => Err(sqlx::Error::Io(std::io::ErrorKind::TimedOut.into())),
+                }
+            })
+        })
+        .await;
+    assert!(cut.is_err(), "the wait was cut");
+    let mut size = pool.size();
+    for _ in 0..50 {
+        if size == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        size = pool.size();
+    }
+    assert_eq!(size, 0, "the cut connection went back to the pool");
+    let answer: i32 = db
+        .run(|c| Box::pin(sqlx::query_scalar("SELECT 7").fetch_one(c)))
+        .await
+        .unwrap();
+    assert_eq!(answer, 7);
+}
+
 /// ... but a database that answers nothing at all after the last byte (no connection gets an
 /// answer) still costs the upload no more than `DEPENDENCY_TIMEOUT`: 503, nothing staged.
 #[tokio::test]
