@@ -769,6 +769,31 @@ async fn a_database_busy_after_a_large_rows_last_byte_still_takes_it() {
     upload_40_mib_through(busy, "2s", hold).await;
 }
 
+/// An upload costs the database the disk its row takes, and no more: the trigger that counts
+/// a workspace's pending bytes once kept a copy of each inserted row, whole and before TOAST
+/// (a statement trigger's transition table), which past `work_mem` (4 MB) spilled to a temp
+/// file on the database server and was read back at the statement's end: a 100 MB upload
+/// wrote and read 100 MB more. Here the service's sessions may write at most 1 MiB of temp
+/// files (`temp_file_limit`): before, the 12 MiB upload failed with 503; now it stages.
+#[tokio::test]
+async fn a_large_upload_costs_the_database_no_temp_file() {
+    let db = fresh_db().await;
+    let capped = format!("{db}?options=-c%20temp_file_limit%3D1024");
+    let svc = Svc::start_on(capped, &[], None).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let (file, data) = stage_file(&svc, ws, &token, 12 << 20).await;
+    let body = download(&svc, ws, &token, file).await;
+    assert!(body == data[..], "the file came back changed");
+    let (bytes, files): (i64, i64) = sqlx::query_as(
+        "SELECT unacked_bytes, unacked_files FROM pending_upload_totals WHERE workspace_id = $1",
+    )
+    .bind(ws)
+    .fetch_one(&svc.pool)
+    .await
+    .unwrap();
+    assert_eq!((bytes, files), (12 << 20, 1), "the upload is counted");
+}
+
 /// Work that cuts its own wait on the database (as a stalled COPY does) leaves its connection
 /// mid-message: `Db` closes it instead of pooling it (sqlx would first ping it on release,
 /// which against a frozen server waits without end), and the next work gets a fresh one.

@@ -591,7 +591,8 @@ async fn the_quota_total_follows_every_writer() {
     tx.rollback().await.unwrap();
     assert_eq!(quota(b).await, 57);
     assert_totals_exact(&app.pool).await;
-    // bulk statements over several workspaces settle once per statement
+    // bulk statements over several workspaces (an insert parks a delta per row, the others
+    // settle once per statement)
     for sql in [
         "INSERT INTO pending_uploads (workspace_id, content, size_bytes, filename)
          SELECT md5((g % 5)::text)::uuid, '\\x00', 3, 'bulk' || g FROM generate_series(1, 5000) g",
