@@ -16,7 +16,7 @@ pub mod workspaces;
 
 use std::{
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -145,6 +145,8 @@ struct LastAnswer {
     since: Instant,
     /// Milliseconds after `since`.
     at_ms: AtomicU64,
+    /// A probe ([`Db::probe`]) is out.
+    probing: AtomicBool,
 }
 
 impl LastAnswer {
@@ -158,11 +160,32 @@ impl LastAnswer {
     }
 }
 
+/// The one probe out, while it is: cleared when dropped, also half-way (the wait that started
+/// it ended first).
+struct Probing<'a>(&'a LastAnswer);
+
+impl<'a> Probing<'a> {
+    fn start(answered: &'a LastAnswer) -> Option<Self> {
+        let idle =
+            answered
+                .probing
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire);
+        idle.is_ok().then_some(Probing(answered))
+    }
+}
+
+impl Drop for Probing<'_> {
+    fn drop(&mut self) {
+        self.0.probing.store(false, Ordering::Release);
+    }
+}
+
 impl Db {
     pub fn new(pool: PgPool, timeout: Duration) -> Db {
         let answered = LastAnswer {
             since: Instant::now(),
             at_ms: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
         };
         Db {
             pool,
@@ -178,8 +201,13 @@ impl Db {
     }
 
     /// Asks the database for a sign of life (`SELECT 1` on a pooled connection) within
-    /// `window`; an answer counts for [`Db::silent_since`].
+    /// `window`; an answer counts for [`Db::silent_since`]. One probe at a time: while one is
+    /// out, this returns at once, and every request waiting on the database shares its answer
+    /// instead of taking a pooled connection to ask the same.
     pub async fn probe(&self, window: Duration) {
+        let Some(_probing) = Probing::start(&self.answered) else {
+            return;
+        };
         let ping = self.run_within(window, |c| Box::pin(ping(c)));
         let _ = tokio::time::timeout(window, ping).await;
     }

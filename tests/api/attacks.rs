@@ -794,18 +794,23 @@ async fn a_large_upload_costs_the_database_no_temp_file() {
     assert_eq!((bytes, files), (12 << 20, 1), "the upload is counted");
 }
 
+/// A `Db` over a fresh database whose pool has one connection (5 s timeout), and that pool.
+async fn one_connection_db() -> (pending_uploads::db::Db, sqlx::PgPool) {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&fresh_db().await)
+        .await
+        .unwrap();
+    let db = pending_uploads::db::Db::new(pool.clone(), Duration::from_secs(5));
+    (db, pool)
+}
+
 /// Work that cuts its own wait on the database (as a stalled COPY does) leaves its connection
 /// mid-message: `Db` closes it instead of pooling it (sqlx would first ping it on release,
 /// which against a frozen server waits without end), and the next work gets a fresh one.
 #[tokio::test]
 async fn a_database_wait_cut_half_way_closes_its_connection() {
-    let url = fresh_db().await;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&url)
-        .await
-        .unwrap();
-    let db = pending_uploads::db::Db::new(pool.clone(), Duration::from_secs(5));
+    let (db, pool) = one_connection_db().await;
     let cut = db
         .run(|c| {
             Box::pin(async move {
@@ -832,6 +837,47 @@ async fn a_database_wait_cut_half_way_closes_its_connection() {
         .await
         .unwrap();
     assert_eq!(answer, 7);
+}
+
+/// Requests waiting on a busy database (large COPYs after their last byte) probe it for a
+/// sign of life; one probe is out at a time and the others share its answer, so the waits do
+/// not each take a pooled connection. A probe dropped half-way (its wait ended) lets the next
+/// one go out.
+#[tokio::test]
+async fn waits_on_the_database_share_one_probe() {
+    let (db, pool) = one_connection_db().await;
+    let window = Duration::from_secs(5);
+    let busy = pool.acquire().await.unwrap();
+    // A probe in a task of its own, seen waiting on the held connection.
+    async fn waiting_probe(
+        db: &pending_uploads::db::Db,
+        window: Duration,
+        why: &str,
+    ) -> tokio::task::JoinHandle<()> {
+        let db = db.clone();
+        let probe = tokio::spawn(async move { db.probe(window).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!probe.is_finished(), "{why}");
+        probe
+    }
+    let first = waiting_probe(&db, window, "the first probe waits for the connection").await;
+    let second = tokio::time::timeout(Duration::from_millis(200), db.probe(window)).await;
+    assert!(second.is_ok(), "a second probe shares the first's answer");
+    first.abort();
+    let _ = first.await;
+    let before = Instant::now();
+    let third = waiting_probe(
+        &db,
+        window,
+        "after the first was dropped, the next one goes out",
+    )
+    .await;
+    drop(busy);
+    third.await.unwrap();
+    assert!(
+        db.silent_since(before) + Duration::from_millis(50) < before.elapsed(),
+        "its answer counts as a sign of life"
+    );
 }
 
 /// ... but a database that answers nothing at all after the last byte (no connection gets an
