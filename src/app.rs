@@ -15,7 +15,7 @@ use crate::{
     config::{DbArgs, ServeArgs, StorageArgs, SweepArgs},
     db::{self, Db},
     http::{self, body::Pace, conn::ResponsePace, AppState, Deadlines, ServeOptions, Shared},
-    longpoll::Hub,
+    longpoll::{Announcer, Hub},
     push_target::PushPolicy,
     slots::Slots,
     spool::SpoolMemory,
@@ -104,6 +104,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
                 max_bytes: args.limits.max_pending_bytes_per_workspace,
                 max_files: args.limits.max_pending_files_per_workspace,
             },
+            announcer: Announcer::default(),
         },
         db: db.clone(),
         storage: storage.clone(),
@@ -172,6 +173,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let pool = service.state.db.pool().clone();
     let gauges = tokio::spawn(refresh_gauges_forever(service.state.db.clone()));
     let listen = tokio::spawn(service.state.hub.clone().listen_forever(pool.clone()));
+    let announce = tokio::spawn(
+        service
+            .state
+            .stager
+            .announcer
+            .clone()
+            .run_forever(service.state.db.clone()),
+    );
     let accepting = service.state.accepting.clone();
     let shutdown = async move {
         shutdown_signal().await;
@@ -188,6 +197,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     sweep.abort();
     gauges.abort();
     listen.abort();
+    announce.abort();
+    // Uploads that committed while the connections drained still reach the long polls.
+    service
+        .state
+        .stager
+        .announcer
+        .flush(&service.state.db)
+        .await;
     pool.close().await;
     tracing::info!("stopped");
     Ok(())

@@ -19,6 +19,7 @@ use crate::{
     api::{platform_uri, StagedFile, UploadReceived},
     db::{self, uploads::NewUpload, Db, DbError},
     logfmt::Clip,
+    longpoll::Announcer,
     metrics::metrics,
     multipart::{BoxError, Multipart, MultipartError},
     sanitize::sanitize,
@@ -226,6 +227,8 @@ pub struct Stager {
     pub db: Db,
     pub storage: Storage,
     pub quota: Quota,
+    /// Tells the long polls of every replica, after the commit.
+    pub announcer: Announcer,
 }
 
 impl Stager {
@@ -273,6 +276,7 @@ impl Stager {
             .await;
         match result {
             Ok(Ok(staged)) => {
+                self.announcer.announce(workspace_id);
                 record_staged(workspace_id, self.storage.mode().as_str(), &files, &staged);
                 Ok(staged)
             }

@@ -5,8 +5,23 @@ use super::tokens::{checked_rows, Checked, CALLER};
 
 pub use crate::api::ActivityRow;
 
-/// The channel an upload's commit notifies (payload: the workspace id); long polls listen.
+/// The channel an upload's commit is announced on (payload: the workspace id); long polls
+/// listen.
 pub const CHANNEL: &str = "pending_uploads_activity";
+
+/// A payload that is no workspace id: every listener wakes all its waiters.
+pub const EVERYONE: &str = "*";
+
+/// Announces committed uploads on [`CHANNEL`], one notification per payload, in one
+/// transaction of notifications only (it writes no WAL, so its commit waits on no flush).
+pub async fn announce(db: impl PgExecutor<'_>, payloads: &[String]) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) p")
+        .bind(CHANNEL)
+        .bind(payloads)
+        .execute(db)
+        .await?;
+    Ok(())
+}
 
 pub struct Filter<'a> {
     pub activity_type: Option<&'a str>,

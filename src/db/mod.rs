@@ -39,12 +39,12 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 pub async fn connect(args: &DbArgs, dependency_timeout: Duration) -> Result<PgPool, sqlx::Error> {
-    let options: PgConnectOptions = args
-        .database_url
-        .0
-        .parse::<PgConnectOptions>()?
+    let options: PgConnectOptions = args.database_url.0.parse::<PgConnectOptions>()?.options([
         // A transaction left open by a dead client process is ended by the server.
-        .options([("idle_in_transaction_session_timeout", "60s")]);
+        ("idle_in_transaction_session_timeout", "60s"),
+        // Uploads are announced to long polls after their commits (longpoll::Announcer).
+        ("pending_uploads.notify", "after_commit"),
+    ]);
     PgPoolOptions::new()
         .max_connections(args.database_max_connections)
         .acquire_timeout(dependency_timeout)

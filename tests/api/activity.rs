@@ -209,3 +209,116 @@ async fn an_unknown_or_foreign_cursor_is_410() {
         0
     );
 }
+
+/// A long poll on one replica is answered when an upload commits on another: the uploading
+/// replica announces it after the commit (its transaction sends no notification), and the
+/// waiting replica's listener hears it. Two real binaries on one database.
+#[tokio::test]
+async fn a_long_poll_hears_of_an_upload_committed_on_another_replica() {
+    let db = fresh_db().await;
+    let (port_a, port_b) = (free_port(), free_port());
+    let _a = spawn_service(bin_command(&db), port_a).await;
+    let _b = spawn_service(bin_command(&db), port_b).await;
+    let (a, b) = (
+        format!("http://127.0.0.1:{port_a}"),
+        format!("http://127.0.0.1:{port_b}"),
+    );
+    let (ws, token) = register_poll(&a).await;
+    let client = reqwest::Client::new();
+    let upload = |name: &'static str| {
+        let (client, url, token) = (
+            client.clone(),
+            format!("{b}/workspaces/{ws}/chat/uploads"),
+            token.clone(),
+        );
+        async move {
+            let part = reqwest::multipart::Part::bytes(bytes(64, 1)).file_name(name);
+            let form = reqwest::multipart::Form::new().part("files", part);
+            let resp = client
+                .post(url)
+                .bearer_auth(token)
+                .multipart(form)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+        }
+    };
+    upload("first.bin").await;
+    let rows: Vec<Value> = client
+        .get(format!("{a}/workspaces/{ws}/activity?limit=1"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let cursor = rows[0]["id"].as_str().unwrap().to_string();
+    let waiting = tokio::spawn({
+        let (client, url, token) = (
+            client.clone(),
+            format!("{a}/workspaces/{ws}/activity?since_id={cursor}&wait=30"),
+            token.clone(),
+        );
+        async move {
+            let resp = client.get(url).bearer_auth(token).send().await.unwrap();
+            (
+                std::time::Instant::now(),
+                resp.json::<Vec<Value>>().await.unwrap(),
+            )
+        }
+    });
+    // The poll is waiting (it holds no row to answer with) before the upload starts.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "nothing new yet: the long poll waits"
+    );
+    let uploaded = std::time::Instant::now();
+    upload("second.bin").await;
+    let (answered, rows) = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+        .await
+        .expect("answered within 5 s of the upload, not at the end of its 30 s wait")
+        .unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["summary"], "chat_upload_receive: second.bin");
+    assert!(answered.duration_since(uploaded) < std::time::Duration::from_secs(5));
+}
+
+/// Sessions that do not say they announce after commit (an older binary during a rolling
+/// deploy, hand-written SQL) still notify from the upload's transaction; the service's own
+/// sessions (`pending_uploads.notify = after_commit`) do not.
+#[tokio::test]
+async fn only_sessions_that_announce_after_commit_skip_the_transactions_notification() {
+    use sqlx::{postgres::PgListener, Connection, PgConnection};
+    let app = TestApp::start().await;
+    let (ws, _) = app.poll_workspace().await;
+    let mut listener = PgListener::connect(&app.db_url).await.unwrap();
+    listener.listen("pending_uploads_activity").await.unwrap();
+    let log = "SELECT pending_uploads_log($1, ARRAY[gen_random_uuid()], ARRAY['a.bin'], \
+               ARRAY['application/octet-stream'], ARRAY[1::bigint])";
+    for (setting, notifies) in [(None, true), (Some("after_commit"), false)] {
+        let mut conn = PgConnection::connect(&app.db_url).await.unwrap();
+        if let Some(value) = setting {
+            sqlx::query("SELECT set_config('pending_uploads.notify', $1, false)")
+                .bind(value)
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+        sqlx::query(log).bind(ws).execute(&mut conn).await.unwrap();
+        let heard =
+            tokio::time::timeout(std::time::Duration::from_millis(500), listener.recv()).await;
+        match notifies {
+            true => assert_eq!(
+                heard.expect("a notification").unwrap().payload(),
+                ws.to_string()
+            ),
+            false => assert!(
+                heard.is_err(),
+                "no notification from {setting:?}: {heard:?}"
+            ),
+        }
+    }
+}

@@ -7,6 +7,7 @@ mod disconnect;
 mod harness;
 mod kill;
 mod load;
+mod notify_lock;
 mod pg_restart;
 mod replicas;
 mod s3_fault;

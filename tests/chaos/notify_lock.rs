@@ -1,0 +1,203 @@
+//! Scenario 8: a commit elsewhere on the cluster is stuck while holding PostgreSQL's NOTIFY
+//! lock. PostgreSQL serializes the commits of all transactions that called NOTIFY (one
+//! cluster-wide lock, `PreCommit_Notify`, held until the commit is done, WAL flush and
+//! synchronous replication included). An upload transaction that notified waited behind every
+//! such commit: here it got a 503 after DEPENDENCY_TIMEOUT. Uploads now commit without
+//! notifying and are announced afterwards (longpoll::Announcer): they succeed while the lock
+//! is held, and a long poll waiting on the workspace is answered once it is released.
+//!
+//! The stuck commit: a session with `synchronous_commit = on` that notified and wrote a row,
+//! committing while `synchronous_standby_names` names a standby that never connects. The
+//! service's sessions keep the cluster's `synchronous_commit = off`, so only that one waits.
+
+use std::time::{Duration, Instant};
+
+use rand::{rngs::StdRng, SeedableRng};
+use reqwest::StatusCode;
+use serde_json::Value;
+use sqlx::{Connection, PgConnection};
+use uuid::Uuid;
+
+use crate::{
+    harness::{bounded, Pg, Scratch, Service, ServiceConfig, DEP_TIMEOUT},
+    load::{payload, Api, Recorder},
+};
+
+/// The bigger upload goes through COPY (more than the one-statement path's 1 MiB).
+const BIG: usize = 3 * 1024 * 1024;
+
+async fn stuck_sessions(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn set_standby(pool: &sqlx::PgPool, names: Option<&str>) {
+    let sql = match names {
+        Some(n) => format!("ALTER SYSTEM SET synchronous_standby_names = '{n}'"),
+        None => "ALTER SYSTEM RESET synchronous_standby_names".to_string(),
+    };
+    sqlx::query(&sql).execute(pool).await.unwrap();
+    sqlx::query("SELECT pg_reload_conf()")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// The newest activity row's id of the workspace (the long poll's cursor).
+async fn newest_activity(http: &reqwest::Client, base: &str, ws: Uuid, token: &str) -> String {
+    let rows: Value = http
+        .get(format!("{base}/workspaces/{ws}/activity?limit=1"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    rows[0]["id"].as_str().expect("an activity row").to_string()
+}
+
+async fn run() {
+    let scratch = Scratch::new("notify_lock");
+    let pg = Pg::start(&scratch);
+    let config = ServiceConfig::new(&pg.url(), scratch.sub("spool"));
+    let service = Service::start(config, scratch.path().join("service.log")).await;
+    let base = service.base();
+    let rec = Recorder::new();
+    let api = Api::new(&base, &rec);
+    let http = reqwest::Client::new();
+    let mut rng = StdRng::seed_from_u64(8);
+    let (a, a_token) = api.register().await;
+    let (b, b_token) = api.register().await;
+    let (first, _) = api
+        .upload(a, &a_token, &[("first.bin".into(), payload(&mut rng, 100))])
+        .await;
+    assert!(first.is_ok(), "an upload before the fault: {first:?}");
+    let cursor = newest_activity(&http, &base, a, &a_token).await;
+
+    // A long poll on workspace A, waiting for the next row.
+    let poll = {
+        let (http, url, token) = (
+            http.clone(),
+            format!("{base}/workspaces/{a}/activity?since_id={cursor}&wait=30"),
+            a_token.clone(),
+        );
+        tokio::spawn(async move {
+            let resp = http.get(url).bearer_auth(token).send().await.unwrap();
+            let status = resp.status();
+            (status, resp.json::<Value>().await.unwrap(), Instant::now())
+        })
+    };
+
+    // The stuck commit.
+    let admin = pg.pool().await;
+    sqlx::query("CREATE TABLE chaos_scratch (x int)")
+        .execute(&admin)
+        .await
+        .unwrap();
+    set_standby(&admin, Some("chaos_absent_standby")).await;
+    let mut blocker = PgConnection::connect(&pg.url()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let names: String = sqlx::query_scalar("SHOW synchronous_standby_names")
+            .fetch_one(&mut blocker)
+            .await
+            .unwrap();
+        if names == "chaos_absent_standby" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reload did not reach new sessions"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for sql in [
+        "SET synchronous_commit = on",
+        "BEGIN",
+        "INSERT INTO chaos_scratch VALUES (1)",
+        "NOTIFY chaos_unrelated_channel",
+    ] {
+        sqlx::query(sql).execute(&mut blocker).await.unwrap();
+    }
+    let commit = tokio::spawn(async move {
+        sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stuck_sessions(&admin).await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the blocker's commit is not waiting on SyncRep"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Uploads while the lock is held: a small one (one statement) and a bigger one (COPY).
+    let small_started = Instant::now();
+    let (small, _) = api
+        .upload(
+            b,
+            &b_token,
+            &[("small.bin".into(), payload(&mut rng, 1024))],
+        )
+        .await;
+    let small_took = small_started.elapsed();
+    let big_started = Instant::now();
+    let (big, big_files) = api
+        .upload(a, &a_token, &[("big.bin".into(), payload(&mut rng, BIG))])
+        .await;
+    let big_took = big_started.elapsed();
+    let still_stuck = stuck_sessions(&admin).await;
+    let poll_waiting = !poll.is_finished();
+
+    // Released: the stuck commit finishes and the long poll hears of the upload.
+    let released = Instant::now();
+    set_standby(&admin, None).await;
+    tokio::time::timeout(Duration::from_secs(10), commit)
+        .await
+        .expect("the stuck commit finishes once no standby is required")
+        .unwrap();
+    let (status, rows, answered) = tokio::time::timeout(Duration::from_secs(10), poll)
+        .await
+        .expect("the long poll is answered after the release")
+        .unwrap();
+    let names: Vec<&str> = rows
+        .as_array()
+        .map(|r| r.iter().filter_map(|r| r["summary"].as_str()).collect())
+        .unwrap_or_default();
+    println!(
+        "CHAOS notify_lock: stuck commits {still_stuck}; small upload {small:?} in {:.0} ms, \
+         3 MiB upload {big:?} in {:.0} ms (DEPENDENCY_TIMEOUT {DEP_TIMEOUT:?}); long poll \
+         waiting while stuck: {poll_waiting}; answered {status} {:.0} ms after the release: {names:?}",
+        small_took.as_secs_f64() * 1e3,
+        big_took.as_secs_f64() * 1e3,
+        answered.saturating_duration_since(released).as_secs_f64() * 1e3,
+    );
+    assert_eq!(
+        still_stuck, 1,
+        "the blocker stayed stuck through the uploads"
+    );
+    assert!(
+        small.is_ok(),
+        "a small upload commits beside a stuck NOTIFY commit: {small:?}"
+    );
+    assert!(
+        big.is_ok(),
+        "a COPY upload commits beside a stuck NOTIFY commit: {big:?}"
+    );
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        names,
+        ["chat_upload_receive: big.bin"],
+        "the long poll answers with the upload made while the lock was held"
+    );
+    let fetched = api.verifier().download(&big_files[0]).await;
+    assert!(fetched.is_ok(), "the bytes are whole: {fetched:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_8_commit_stuck_holding_the_notify_lock() {
+    bounded("notify_lock", Duration::from_secs(90), run()).await;
+}
