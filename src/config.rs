@@ -94,8 +94,10 @@ pub struct DbArgs {
     pub dependency_timeout: HumanDuration,
 }
 
-/// When the S3 client computes request checksums. Some S3-compatible servers reject the
-/// SDK's default CRC32 trailers: `when_required` turns them off.
+/// Which optional checksums S3 requests carry. `when-supported`: a PUT carries the file's
+/// SHA-256 (taken as its bytes arrived) for the server to check, and responses are checked
+/// where the server sends a checksum; `when-required`: none, for S3-compatible servers that
+/// reject them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum S3Checksum {
     WhenSupported,
@@ -120,7 +122,7 @@ pub struct StorageArgs {
     /// Path-style addressing (MinIO, LocalStack).
     #[arg(long, env = "PENDING_UPLOADS_S3_FORCE_PATH_STYLE", default_value_t = true, action = clap::ArgAction::Set)]
     pub s3_force_path_style: bool,
-    /// Request checksum calculation: when_supported (SDK default) or when_required.
+    /// Optional S3 checksums: when-supported (a PUT carries the SHA-256) or when-required.
     #[arg(long, env = "PENDING_UPLOADS_S3_CHECKSUM", value_enum, default_value_t = S3Checksum::WhenSupported)]
     pub s3_checksum: S3Checksum,
     /// S3 endpoint (standard AWS variable); unset means AWS itself.

@@ -84,7 +84,7 @@ pub fn candidates(env: &Env, backend: &str, dir: Dir) -> Vec<Client> {
         }
         (_, dir) => {
             out.push(Client {
-                name: "aws-sdk-s3 (service settings)",
+                name: "aws-sdk-s3 (SDK default checksums: CRC32 trailer)",
                 kind: Kind::Sdk { tuned: false },
             });
             out.push(Client {

@@ -17,6 +17,7 @@ use aws_sdk_s3::{
     Client,
 };
 use aws_smithy_types::{body::SdkBody, timeout::TimeoutConfig};
+use base64::{engine::general_purpose::STANDARD, Engine};
 use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt, TryStreamExt};
 use uuid::Uuid;
@@ -37,6 +38,8 @@ pub struct S3Backend {
     prefix: String,
     /// How long an operation may make no progress (DEPENDENCY_TIMEOUT).
     stall: Duration,
+    /// PUTs carry the spool's SHA-256 for the server to check (`S3Checksum::WhenSupported`).
+    send_sha256: bool,
 }
 
 /// An object under our prefix, as the orphan reconciliation sees it.
@@ -92,6 +95,7 @@ impl S3Backend {
             bucket,
             prefix: args.s3_prefix.clone(),
             stall,
+            send_sha256: args.s3_checksum == S3Checksum::WhenSupported,
         })
     }
 
@@ -190,6 +194,11 @@ impl S3Backend {
             .bucket(&self.bucket)
             .key(key)
             .content_length(spool.size as i64)
+            // The digest taken as the bytes arrived: the server checks the object against it
+            // (end to end, spool to bucket), and the SDK, given a checksum, computes none of
+            // its own, so the body goes as a plain PUT rather than aws-chunked with a CRC32
+            // trailer.
+            .set_checksum_sha256(self.send_sha256.then(|| STANDARD.encode(spool.sha256)))
             .body(ByteStream::new(body))
             .customize()
             .config_override(

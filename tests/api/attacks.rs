@@ -1396,21 +1396,7 @@ async fn orphan_reconciliation_never_reaches_outside_a_private_prefix() {
     let db = fresh_db().await;
     // Another application's object in the shared bucket, old enough to look orphaned.
     let foreign = format!("other-app-{}/keep.bin", Uuid::new_v4().simple());
-    let aws = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::new()
-            .behavior_version_latest()
-            .endpoint_url(&endpoint)
-            .region(aws_sdk_s3::config::Region::new("us-east-1"))
-            .force_path_style(true)
-            .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                std::env::var("AWS_ACCESS_KEY_ID").unwrap(),
-                std::env::var("AWS_SECRET_ACCESS_KEY").unwrap(),
-                None,
-                None,
-                "test",
-            ))
-            .build(),
-    );
+    let aws = s3_client(&endpoint);
     aws.put_object()
         .bucket(&bucket)
         .key(&foreign)

@@ -451,6 +451,25 @@ pub fn s3_endpoint() -> (String, String) {
     (endpoint, bucket)
 }
 
+/// A plain S3 client of the test server (the tests' own view of the bucket).
+pub fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::new()
+            .behavior_version_latest()
+            .endpoint_url(endpoint)
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .force_path_style(true)
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                std::env::var("AWS_ACCESS_KEY_ID").unwrap(),
+                std::env::var("AWS_SECRET_ACCESS_KEY").unwrap(),
+                None,
+                None,
+                "test",
+            ))
+            .build(),
+    )
+}
+
 /// `serve` flags for an S3-capable app writing in `mode`, under `prefix`, at `endpoint`.
 pub fn s3_flags(mode: &str, prefix: &str, endpoint: &str) -> Vec<String> {
     let (_, bucket) = s3_endpoint();

@@ -151,6 +151,54 @@ async fn s3_and_dual_modes_end_to_end() {
     }
 }
 
+/// A PUT carries the SHA-256 the service took as the bytes arrived (`x-amz-checksum-sha256`,
+/// no CRC32 trailer), and the server checks the object against it: the object's stored
+/// checksum is that digest. With `--s3-checksum when-required` nothing optional is sent.
+#[tokio::test]
+async fn objects_are_put_with_the_digest_taken_as_the_bytes_arrived() {
+    use base64::{engine::general_purpose::STANDARD, Engine};
+    let (endpoint, bucket) = s3_endpoint();
+    let prefix = test_prefix();
+    let app = TestApp::start_s3(fresh_db().await, "s3", &prefix).await;
+    let (ws, token) = app.poll_workspace().await;
+    let small = bytes(1000, 8);
+    let big = bytes(2 * 1024 * 1024 + 5, 9);
+    let out = app
+        .upload_ok(
+            ws,
+            &token,
+            &[
+                ("small.bin", "application/octet-stream", small.clone()),
+                ("big.bin", "application/octet-stream", big.clone()),
+            ],
+        )
+        .await;
+    let optional = std::env::var("TEST_S3_CHECKSUM").map_or(true, |c| c != "when-required");
+    for (entry, data) in out.iter().zip([small, big]) {
+        let (_, key) = row_placement(&app, file_id(entry)).await;
+        let head = s3_client(&endpoint)
+            .head_object()
+            .bucket(&bucket)
+            .key(key.unwrap())
+            .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
+            .send()
+            .await
+            .unwrap();
+        let digest = STANDARD.encode(Sha256::digest(&data));
+        assert_eq!(
+            head.checksum_sha256(),
+            optional.then_some(digest.as_str()),
+            "{entry}"
+        );
+        assert_eq!(
+            head.checksum_crc32(),
+            None,
+            "no CRC32 of the SDK's own: {entry}"
+        );
+    }
+    sweep_all_and_assert_bucket_empty(&app).await;
+}
+
 #[tokio::test]
 async fn flipping_the_flag_forward_and_back_keeps_every_row_readable() {
     let prefix = test_prefix();
