@@ -284,6 +284,17 @@ impl Stager {
                 self.discard(&placed).await;
                 Err(quota)
             }
+            Err(e) if e.outcome_unknown() => {
+                // Cut without an answer (e.g. its deadline ran out in COMMIT): the rows may
+                // be in. Their objects stay, for the rows or, past ORPHAN_GRACE without them,
+                // for the orphan reconciliation; waiting polls are told in case.
+                tracing::warn!(
+                    %workspace_id, error = %e,
+                    "upload commit outcome unknown: objects left to the orphan reconciliation"
+                );
+                self.announcer.announce(workspace_id);
+                Err(e.into())
+            }
             Err(e) => {
                 self.discard(&placed).await;
                 Err(e.into())

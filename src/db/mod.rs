@@ -82,6 +82,15 @@ pub enum DbError {
 }
 
 impl DbError {
+    /// The call was cut (its deadline, a broken connection, a crashed task) without an answer:
+    /// a transaction may have committed on the server all the same.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            DbError::Timeout(_) | DbError::Task(_) => true,
+            DbError::Sql(e) => breaks_connection(e),
+        }
+    }
+
     /// The database is away, restarting or overloaded — nothing the request did: callers
     /// answer 503 and the client retries.
     pub fn is_unavailable(&self) -> bool {

@@ -1,14 +1,21 @@
+//! Commits that do not come back. A commit waits in PostgreSQL after it is durable locally
+//! when the session has `synchronous_commit = on` and `synchronous_standby_names` names a
+//! standby that never connects (`SyncRep`); these scenarios use that to hold a commit open.
+//!
 //! Scenario 8: a commit elsewhere on the cluster is stuck while holding PostgreSQL's NOTIFY
 //! lock. PostgreSQL serializes the commits of all transactions that called NOTIFY (one
 //! cluster-wide lock, `PreCommit_Notify`, held until the commit is done, WAL flush and
 //! synchronous replication included). An upload transaction that notified waited behind every
 //! such commit: here it got a 503 after DEPENDENCY_TIMEOUT. Uploads now commit without
 //! notifying and are announced afterwards (longpoll::Announcer): they succeed while the lock
-//! is held, and a long poll waiting on the workspace is answered once it is released.
+//! is held, and a long poll waiting on the workspace is answered once it is released. The
+//! service's sessions keep the cluster's `synchronous_commit = off`, so only the blocker
+//! waits.
 //!
-//! The stuck commit: a session with `synchronous_commit = on` that notified and wrote a row,
-//! committing while `synchronous_standby_names` names a standby that never connects. The
-//! service's sessions keep the cluster's `synchronous_commit = off`, so only that one waits.
+//! Scenario 9: the service's own upload commits are stuck (its sessions have
+//! `synchronous_commit = on`), past DEPENDENCY_TIMEOUT: the uploads get 503, yet their rows
+//! are in once the standby requirement goes. Their S3 objects must still be there: the
+//! service deleted them as for a failed commit, which left rows without bytes.
 
 use std::time::{Duration, Instant};
 
@@ -19,8 +26,8 @@ use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
 use crate::{
-    harness::{bounded, Pg, Scratch, Service, ServiceConfig, DEP_TIMEOUT},
-    load::{payload, Api, Recorder},
+    harness::{bounded, Pg, S3s, Scratch, Service, ServiceConfig, DEP_TIMEOUT, PREFIX},
+    load::{payload, sha256, Api, Recorder},
 };
 
 /// The bigger upload goes through COPY (more than the one-statement path's 1 MiB).
@@ -59,7 +66,28 @@ async fn newest_activity(http: &reqwest::Client, base: &str, ws: Uuid, token: &s
     rows[0]["id"].as_str().expect("an activity row").to_string()
 }
 
-async fn run() {
+/// Names a standby that never connects, and waits until new sessions see it.
+async fn require_absent_standby(pg: &Pg, admin: &sqlx::PgPool) {
+    set_standby(admin, Some("chaos_absent_standby")).await;
+    let mut probe = PgConnection::connect(&pg.url()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let names: String = sqlx::query_scalar("SHOW synchronous_standby_names")
+            .fetch_one(&mut probe)
+            .await
+            .unwrap();
+        if names == "chaos_absent_standby" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reload did not reach new sessions"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn notify_lock() {
     let scratch = Scratch::new("notify_lock");
     let pg = Pg::start(&scratch);
     let config = ServiceConfig::new(&pg.url(), scratch.sub("spool"));
@@ -97,23 +125,8 @@ async fn run() {
         .execute(&admin)
         .await
         .unwrap();
-    set_standby(&admin, Some("chaos_absent_standby")).await;
+    require_absent_standby(&pg, &admin).await;
     let mut blocker = PgConnection::connect(&pg.url()).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let names: String = sqlx::query_scalar("SHOW synchronous_standby_names")
-            .fetch_one(&mut blocker)
-            .await
-            .unwrap();
-        if names == "chaos_absent_standby" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the reload did not reach new sessions"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     for sql in [
         "SET synchronous_commit = on",
         "BEGIN",
@@ -197,7 +210,123 @@ async fn run() {
     assert!(fetched.is_ok(), "the bytes are whole: {fetched:?}");
 }
 
+async fn outcome_unknown() {
+    let scratch = Scratch::new("commit_outcome_unknown");
+    let pg = Pg::start(&scratch);
+    let s3 = S3s::start(&scratch).await;
+    let url = format!("{}?options=-c%20synchronous_commit%3Don", pg.url());
+    let config = ServiceConfig::new(&url, scratch.sub("spool")).s3("s3", &s3);
+    let service = Service::start(config, scratch.path().join("service.log")).await;
+    let base = service.base();
+    let rec = Recorder::new();
+    let api = Api::new(&base, &rec);
+    let mut rng = StdRng::seed_from_u64(9);
+    let http = reqwest::Client::new();
+    // One workspace per upload (one upload's stuck commit holds its workspace's lock), each
+    // token used once first: the first use stamps `last_used_at`, a write that would wait too.
+    let mut uploaders = Vec::new();
+    for (name, len) in [("small.bin", 1024), ("big.bin", BIG)] {
+        let (ws, token) = api.register().await;
+        let resp = http
+            .get(format!("{base}/workspaces/{ws}/activity"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        uploaders.push((ws, token, name.to_string(), payload(&mut rng, len)));
+    }
+
+    let admin = pg.pool().await;
+    require_absent_standby(&pg, &admin).await;
+    let mut outcomes = Vec::new();
+    for (ws, token, name, bytes) in &uploaders {
+        let started = Instant::now();
+        let (outcome, _) = api
+            .upload(*ws, token, &[(name.clone(), bytes.clone())])
+            .await;
+        outcomes.push((outcome, started.elapsed()));
+    }
+    let stuck = stuck_sessions(&admin).await;
+    // What the service does after answering (it deleted the objects in the background).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let keys_while_stuck = s3.keys().await.len();
+    set_standby(&admin, None).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stuck_sessions(&admin).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stuck commits finish once no standby is required"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let rows: Vec<(Uuid, String, String)> =
+        sqlx::query_as("SELECT file_id, filename, s3_key FROM pending_uploads ORDER BY filename")
+            .fetch_all(&admin)
+            .await
+            .unwrap();
+    let keys = s3.keys().await;
+    let mut served = Vec::new();
+    for (file_id, name, _) in &rows {
+        let Some((ws, token, _, bytes)) = uploaders.iter().find(|u| &u.2 == name) else {
+            panic!("a row nobody uploaded: {name}");
+        };
+        let resp = http
+            .get(format!(
+                "{base}/workspaces/{ws}/pending-uploads/{file_id}/content"
+            ))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body = resp.bytes().await.unwrap_or_default();
+        served.push((name.clone(), status, sha256(&body) == sha256(bytes)));
+    }
+    println!(
+        "CHAOS commit_outcome_unknown: uploads {:?}; commits stuck {stuck}; objects while stuck \
+         {keys_while_stuck}; rows after the release {}; objects {}; served {served:?}",
+        outcomes
+            .iter()
+            .map(|(o, t)| format!("{} in {:.1} s", o.key(), t.as_secs_f64()))
+            .collect::<Vec<_>>(),
+        rows.len(),
+        keys.len(),
+    );
+    for (outcome, _) in &outcomes {
+        assert_eq!(
+            outcome.status(),
+            Some(503),
+            "a commit cut by its deadline: {outcome:?}"
+        );
+    }
+    assert_eq!(stuck, 2, "both uploads' commits waited on the standby");
+    assert_eq!(rows.len(), 2, "both commits went through once released");
+    for (_, name, key) in &rows {
+        assert!(key.starts_with(PREFIX));
+        assert!(
+            keys.contains(key),
+            "{name}: its row's object is still there: {keys:?}"
+        );
+    }
+    for (name, status, same) in &served {
+        assert_eq!(*status, StatusCode::OK, "{name}");
+        assert!(same, "{name}: the bytes uploaded");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chaos_8_commit_stuck_holding_the_notify_lock() {
-    bounded("notify_lock", Duration::from_secs(90), run()).await;
+    bounded("notify_lock", Duration::from_secs(90), notify_lock()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_9_upload_commit_outcome_unknown_keeps_its_objects() {
+    bounded(
+        "commit_outcome_unknown",
+        Duration::from_secs(90),
+        outcome_unknown(),
+    )
+    .await;
 }
