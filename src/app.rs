@@ -14,6 +14,7 @@ use crate::{
     auth::Auth,
     config::{DbArgs, ServeArgs, StorageArgs, SweepArgs},
     db::{self, Db},
+    fetched::FetchedStamps,
     http::{self, body::Pace, conn::ResponsePace, AppState, Deadlines, ServeOptions, Shared},
     longpoll::{Announcer, Hub},
     push_target::PushPolicy,
@@ -135,6 +136,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
             },
         },
         hub: Hub::default(),
+        fetched: FetchedStamps::default(),
     });
     let router = http::router(state.clone(), &args.cors_allowed_origins);
     let sweeper = sweeper(&args.sweep, &db, &storage);
@@ -173,14 +175,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let pool = service.state.db.pool().clone();
     let gauges = tokio::spawn(refresh_gauges_forever(service.state.db.clone()));
     let listen = tokio::spawn(service.state.hub.clone().listen_forever(pool.clone()));
-    let announce = tokio::spawn(
-        service
-            .state
-            .stager
-            .announcer
-            .clone()
-            .run_forever(service.state.db.clone()),
-    );
+    let batches = Batches::start(&service.state);
     let accepting = service.state.accepting.clone();
     let shutdown = async move {
         shutdown_signal().await;
@@ -197,17 +192,43 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     sweep.abort();
     gauges.abort();
     listen.abort();
-    announce.abort();
-    // Uploads that committed while the connections drained still reach the long polls.
-    service
-        .state
-        .stager
-        .announcer
-        .flush(&service.state.db)
-        .await;
+    // What queued while the connections drained still goes out.
+    batches.stop().await;
     pool.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The tasks that write what requests queue for batching (`crate::batch`): long-poll
+/// announcements and fetched_at stamps. Dropped, they stop; `stop` first writes what is left.
+pub struct Batches {
+    state: AppState,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Batches {
+    pub fn start(state: &AppState) -> Batches {
+        let db = state.db.clone();
+        Batches {
+            state: state.clone(),
+            tasks: vec![
+                tokio::spawn(state.stager.announcer.clone().run_forever(db.clone())),
+                tokio::spawn(state.fetched.clone().run_forever(db)),
+            ],
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.tasks.drain(..).for_each(|t| t.abort());
+        self.state.stager.announcer.flush(&self.state.db).await;
+        self.state.fetched.flush(&self.state.db).await;
+    }
+}
+
+impl Drop for Batches {
+    fn drop(&mut self) {
+        self.tasks.iter().for_each(|t| t.abort());
+    }
 }
 
 /// Long polls hold a socket each: lift the soft descriptor limit to the hard one.

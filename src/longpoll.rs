@@ -14,7 +14,7 @@
 //! when their wait ends).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{Arc, Mutex, Weak},
     time::Duration,
 };
@@ -23,122 +23,71 @@ use sqlx::{postgres::PgListener, PgPool};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::db::{
-    self,
-    activity::{CHANNEL, EVERYONE},
-    Db,
+use crate::{
+    batch::{self, Batch, Batcher},
+    db::{
+        self,
+        activity::{CHANNEL, EVERYONE},
+        Db,
+    },
 };
-
-/// Workspaces an announcement may name; past this many waiting to be sent (the database slow
-/// or down), the next one wakes every waiter instead.
-pub const ANNOUNCE_MAX: usize = 10_000;
 
 /// Pause after an announcement failed, before it is tried again.
 const ANNOUNCE_RETRY: Duration = Duration::from_secs(1);
 
-/// Announcements start at most this often: commits in between go out together (a workspace
-/// once), so a stream of uploads costs the database a bounded number of extra transactions.
-const ANNOUNCE_EVERY: Duration = Duration::from_millis(5);
-
-/// Sends the notifications of committed uploads, each a workspace id, in batches: what commits
-/// while a batch is in flight, or within [`ANNOUNCE_EVERY`] of its start, goes in the next
-/// (one transaction, one pooled connection at a time).
+/// Sends the notifications of committed uploads, each a workspace id, in batches
+/// ([`crate::batch`]: a workspace once per batch, a batch at most every
+/// [`batch::BATCH_EVERY`]; one transaction, one pooled connection at a time). Past
+/// [`batch::BATCH_MAX`] workspaces in one batch, one notification wakes every waiter.
 #[derive(Clone, Default)]
 pub struct Announcer {
-    inner: Arc<Announcements>,
+    queue: Batcher<Uuid>,
 }
 
-#[derive(Default)]
-struct Announcements {
-    pending: Mutex<Pending>,
-    ready: Notify,
-}
-
-#[derive(Default)]
-struct Pending {
-    workspaces: HashSet<Uuid>,
-    everyone: bool,
-}
-
-impl Pending {
-    fn add(&mut self, workspace_id: Uuid) {
-        if self.everyone {
-            return;
-        }
-        if self.workspaces.len() < ANNOUNCE_MAX {
-            self.workspaces.insert(workspace_id);
-        } else {
-            self.everyone = true;
-            self.workspaces = HashSet::new();
-        }
-    }
-
-    /// Takes back a batch that could not be sent.
-    fn merge(&mut self, batch: Pending) {
-        match batch.everyone {
-            true => {
-                self.everyone = true;
-                self.workspaces = HashSet::new();
-            }
-            false => batch.workspaces.into_iter().for_each(|w| self.add(w)),
-        }
-    }
-
-    fn payloads(&self) -> Vec<String> {
-        match self.everyone {
-            true => vec![EVERYONE.to_owned()],
-            false => self.workspaces.iter().map(Uuid::to_string).collect(),
-        }
+/// What a batch is sent as.
+fn payloads(batch: &Batch<Uuid>) -> Vec<String> {
+    match batch.overflowed {
+        true => vec![EVERYONE.to_owned()],
+        false => batch.keys.iter().map(Uuid::to_string).collect(),
     }
 }
 
 impl Announcer {
     /// Queues the announcement of a commit in `workspace_id` (call it after the commit).
     pub fn announce(&self, workspace_id: Uuid) {
-        self.pending().add(workspace_id);
-        self.inner.ready.notify_one();
-    }
-
-    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
-        self.inner.pending.lock().unwrap_or_else(|p| p.into_inner())
+        self.queue.add(workspace_id);
     }
 
     /// Sends what is queued, batch after batch, until the task is dropped.
     pub async fn run_forever(self, db: Db) {
         loop {
-            self.inner.ready.notified().await;
+            let batch = self.queue.next().await;
             let started = tokio::time::Instant::now();
-            if let Err(e) = self.send_pending(&db).await {
+            if let Err(e) = send(&db, &batch).await {
                 tracing::warn!(error = %e, "could not announce uploads; retrying");
+                self.queue.put_back(batch);
                 tokio::time::sleep(ANNOUNCE_RETRY).await;
-                self.inner.ready.notify_one();
             }
-            tokio::time::sleep_until(started + ANNOUNCE_EVERY).await;
+            tokio::time::sleep_until(started + batch::BATCH_EVERY).await;
         }
     }
 
     /// Sends what is queued now, once (at shutdown, after the last upload committed).
     pub async fn flush(&self, db: &Db) {
-        if let Err(e) = self.send_pending(db).await {
+        let batch = self.queue.take();
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = send(db, &batch).await {
             tracing::warn!(error = %e, "could not announce the last uploads");
         }
     }
+}
 
-    /// One batch; on failure it is queued again.
-    async fn send_pending(&self, db: &Db) -> Result<(), db::DbError> {
-        let batch = std::mem::take(&mut *self.pending());
-        let payloads = batch.payloads();
-        if payloads.is_empty() {
-            return Ok(());
-        }
-        let sent = db
-            .run(move |c| Box::pin(async move { db::activity::announce(c, &payloads).await }))
-            .await;
-        if sent.is_err() {
-            self.pending().merge(batch);
-        }
-        sent
-    }
+async fn send(db: &Db, batch: &Batch<Uuid>) -> Result<(), db::DbError> {
+    let payloads = payloads(batch);
+    db.run(move |c| Box::pin(async move { db::activity::announce(c, &payloads).await }))
+        .await
 }
 
 #[derive(Clone, Default)]
@@ -264,36 +213,18 @@ mod tests {
     }
 
     #[test]
-    fn announcements_name_each_workspace_once_and_everyone_past_the_cap() {
-        let mut p = Pending::default();
-        assert!(p.payloads().is_empty());
+    fn an_overflowed_batch_is_announced_to_everyone() {
         let a = Uuid::new_v4();
-        p.add(a);
-        p.add(a);
-        assert_eq!(p.payloads(), [a.to_string()]);
-        for _ in 1..ANNOUNCE_MAX {
-            p.add(Uuid::new_v4());
-        }
-        assert_eq!(p.payloads().len(), ANNOUNCE_MAX);
-        p.add(Uuid::new_v4());
-        assert_eq!(p.payloads(), [EVERYONE]);
-        assert!(
-            p.workspaces.is_empty(),
-            "the names are dropped once everyone is woken"
-        );
-        p.add(Uuid::new_v4());
-        assert_eq!(p.payloads(), [EVERYONE]);
-        // A batch that failed comes back: names merge, everyone stays everyone.
-        let mut again = Pending::default();
-        again.add(a);
-        again.merge(Pending {
-            workspaces: [a, Uuid::new_v4()].into(),
-            everyone: false,
-        });
-        assert_eq!(again.payloads().len(), 2);
-        again.merge(p);
-        assert_eq!(again.payloads(), [EVERYONE]);
-        assert!(again.workspaces.is_empty());
+        let named = Batch {
+            keys: [a].into(),
+            overflowed: false,
+        };
+        assert_eq!(payloads(&named), [a.to_string()]);
+        let overflowed = Batch {
+            keys: [a].into(),
+            overflowed: true,
+        };
+        assert_eq!(payloads(&overflowed), [EVERYONE]);
         assert!(
             EVERYONE.parse::<Uuid>().is_err(),
             "listeners read it as no workspace"

@@ -468,12 +468,15 @@ pub async fn read_slice(
     Ok(chunk.flatten())
 }
 
-/// Stamps fetched_at once a body has been handed over (best effort, SPEC §4 Fetch).
-pub async fn mark_fetched(db: impl PgExecutor<'_>, file_id: Uuid) -> sqlx::Result<()> {
+/// Stamps fetched_at on rows whose bodies have been handed over (best effort, SPEC §4 Fetch).
+/// A deadlock with another replica's batch (two plans locking rows in different orders) costs
+/// that batch's stamps, logged: they are best effort.
+pub async fn mark_fetched(db: impl PgExecutor<'_>, file_ids: &[Uuid]) -> sqlx::Result<()> {
     sqlx::query(
-        "UPDATE pending_uploads SET fetched_at = now() WHERE file_id = $1 AND expires_at > now()",
+        "UPDATE pending_uploads SET fetched_at = now() \
+         WHERE file_id = ANY($1) AND expires_at > now()",
     )
-    .bind(file_id)
+    .bind(file_ids)
     .execute(db)
     .await?;
     Ok(())

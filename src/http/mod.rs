@@ -38,8 +38,8 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
-    auth::Auth, config::LimitArgs, db::Db, longpoll::Hub, slots::Slots, spool::SpoolMemory,
-    staging::Stager, storage::Storage,
+    auth::Auth, config::LimitArgs, db::Db, fetched::FetchedStamps, longpoll::Hub, slots::Slots,
+    spool::SpoolMemory, staging::Stager, storage::Storage,
 };
 
 /// What every handler shares, behind one `Arc`: a request's futures hold a pointer, not a
@@ -76,6 +76,8 @@ pub struct Shared {
     pub download_slots: Slots,
     pub deadlines: Deadlines,
     pub hub: Hub,
+    /// fetched_at stamps of handed-over downloads, written in batches.
+    pub fetched: FetchedStamps,
 }
 
 /// How long clients may take (SPEC §10).

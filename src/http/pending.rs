@@ -17,6 +17,7 @@ use crate::{
     api::{self, platform_uri, Acked, PendingUpload},
     auth::Credential,
     db::{self, uploads::UploadRow, Checked, Db},
+    fetched::FetchedStamps,
     metrics::metrics,
     slots::{self, Slot},
     storage::{bytea::READ_CHUNK, ByteRange},
@@ -239,7 +240,7 @@ pub async fn content(
     let served = m.bytes_served.with_label_values(&[backend]);
     let stream = stream.inspect_ok(move |chunk| served.inc_by(chunk.len() as u64));
     let handed_over = HandedOver {
-        db: st.db.clone(),
+        stamps: st.fetched.clone(),
         row: row.clone(),
         range,
         backend,
@@ -254,9 +255,9 @@ pub async fn content(
 }
 
 /// What to do once a download's last byte has been handed to the connection: stamp
-/// fetched_at (best effort, SPEC §4 Fetch) and log the transition.
+/// fetched_at (best effort, SPEC §4 Fetch; batched, see `fetched`) and log the transition.
 struct HandedOver {
-    db: Db,
+    stamps: FetchedStamps,
     row: UploadRow,
     range: ByteRange,
     backend: &'static str,
@@ -265,25 +266,17 @@ struct HandedOver {
 impl HandedOver {
     fn run(self) {
         let HandedOver {
-            db,
+            stamps,
             row,
             range,
             backend,
         } = self;
-        tokio::spawn(async move {
-            let file_id = row.file_id;
-            if let Err(e) = db
-                .run(move |c| Box::pin(db::uploads::mark_fetched(c, file_id)))
-                .await
-            {
-                tracing::warn!(%file_id, error = %e, "could not stamp fetched_at");
-            }
-            tracing::info!(
-                event = "fetched", workspace_id = %row.workspace_id, %file_id,
-                size = row.size_bytes, name = %row.filename, backend,
-                range_start = range.start, range_end = range.end, "upload served"
-            );
-        });
+        stamps.stamp(row.file_id);
+        tracing::info!(
+            event = "fetched", workspace_id = %row.workspace_id, file_id = %row.file_id,
+            size = row.size_bytes, name = %row.filename, backend,
+            range_start = range.start, range_end = range.end, "upload served"
+        );
     }
 }
 

@@ -186,6 +186,8 @@ pub struct TestApp {
     pub storage: pending_uploads::storage::Storage,
     _spool: tempfile::TempDir,
     server: tokio::task::JoinHandle<()>,
+    /// fetched_at stamps and long-poll announcements, written as `serve` writes them.
+    _batches: app::Batches,
 }
 
 impl Drop for TestApp {
@@ -210,6 +212,7 @@ impl TestApp {
         let spool_dir = spool.path().to_path_buf();
         let args = serve_args(&db_url, &spool_dir, extra);
         let service = app::build(&args).await.expect("service builds");
+        let batches = app::Batches::start(&service.state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let router = service.router.clone();
@@ -229,6 +232,7 @@ impl TestApp {
             spool_dir,
             _spool: spool,
             server,
+            _batches: batches,
         }
     }
 

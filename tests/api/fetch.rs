@@ -551,3 +551,54 @@ async fn sizes_round_trip(app: &TestApp) {
         );
     }
 }
+
+/// Downloads handed over together are stamped together (one UPDATE per batch, see
+/// `fetched`): every file fetched gets its fetched_at, and no other row does.
+#[tokio::test]
+async fn concurrent_downloads_are_all_stamped_and_only_they() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    let mut files = Vec::new();
+    for i in 0..24u8 {
+        let out = app
+            .upload_ok(
+                ws,
+                &token,
+                &[("f.bin", "application/octet-stream", bytes(100, i))],
+            )
+            .await;
+        files.push(file_id(&out[0]));
+    }
+    let (fetched, untouched) = files.split_at(16);
+    let downloads = fetched.iter().map(|&fid| {
+        let (app, token) = (&app, &token);
+        async move {
+            let resp = app.get(&content_path(ws, fid), token).await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            resp.bytes().await.unwrap();
+        }
+    });
+    futures::future::join_all(downloads).await;
+    let mut stamped: Vec<Uuid> = Vec::new();
+    for _ in 0..200 {
+        stamped = sqlx::query_scalar(
+            "SELECT file_id FROM pending_uploads WHERE fetched_at IS NOT NULL ORDER BY file_id",
+        )
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+        if stamped.len() >= fetched.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut want = fetched.to_vec();
+    want.sort();
+    assert_eq!(
+        stamped, want,
+        "every download stamped, once the bodies were handed over"
+    );
+    for fid in untouched {
+        assert!(fetched_at(&app, *fid).await.is_none());
+    }
+}

@@ -1,0 +1,157 @@
+//! Work that many requests ask for and one statement does for all of them (long-poll
+//! announcements, fetched_at stamps): requests queue a key, a background task takes what has
+//! queued as one batch. Keys are bounded: past [`BATCH_MAX`] distinct keys the batch is
+//! marked overflowed and further keys are not kept (its sender decides what that means).
+
+use std::{
+    collections::HashSet,
+    hash::Hash,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use tokio::sync::Notify;
+
+/// Distinct keys a batch holds at most.
+pub const BATCH_MAX: usize = 10_000;
+
+/// A batch starts at most this often: what is queued in between goes out together (a key
+/// once), so a stream of requests costs the database a bounded number of statements.
+pub const BATCH_EVERY: Duration = Duration::from_millis(5);
+
+/// Keys taken together.
+#[derive(Debug)]
+pub struct Batch<K> {
+    pub keys: HashSet<K>,
+    /// More keys were queued than [`BATCH_MAX`]; those past it are not in `keys`.
+    pub overflowed: bool,
+}
+
+impl<K> Default for Batch<K> {
+    fn default() -> Self {
+        Batch {
+            keys: HashSet::new(),
+            overflowed: false,
+        }
+    }
+}
+
+impl<K: Hash + Eq> Batch<K> {
+    fn add(&mut self, key: K) {
+        if self.keys.len() < BATCH_MAX || self.keys.contains(&key) {
+            self.keys.insert(key);
+        } else {
+            self.overflowed = true;
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && !self.overflowed
+    }
+}
+
+/// The queue: cloned into every request that adds to it and the task that takes from it.
+pub struct Batcher<K> {
+    inner: Arc<Queued<K>>,
+}
+
+struct Queued<K> {
+    pending: Mutex<Batch<K>>,
+    ready: Notify,
+}
+
+impl<K> Clone for Batcher<K> {
+    fn clone(&self) -> Self {
+        Batcher {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<K: Hash + Eq> Default for Batcher<K> {
+    fn default() -> Self {
+        Batcher {
+            inner: Arc::new(Queued {
+                pending: Mutex::new(Batch::default()),
+                ready: Notify::new(),
+            }),
+        }
+    }
+}
+
+impl<K: Hash + Eq> Batcher<K> {
+    pub fn add(&self, key: K) {
+        self.pending().add(key);
+        self.inner.ready.notify_one();
+    }
+
+    /// Waits until something is queued, then takes all of it.
+    pub async fn next(&self) -> Batch<K> {
+        loop {
+            self.inner.ready.notified().await;
+            let batch = self.take();
+            if !batch.is_empty() {
+                return batch;
+            }
+        }
+    }
+
+    /// Takes what is queued now (possibly nothing).
+    pub fn take(&self) -> Batch<K> {
+        std::mem::take(&mut *self.pending())
+    }
+
+    /// Queues a batch that could not be done again, ahead of the next [`Batcher::next`].
+    pub fn put_back(&self, batch: Batch<K>) {
+        {
+            let mut pending = self.pending();
+            pending.overflowed |= batch.overflowed;
+            batch.keys.into_iter().for_each(|k| pending.add(k));
+        }
+        self.inner.ready.notify_one();
+    }
+
+    fn pending(&self) -> MutexGuard<'_, Batch<K>> {
+        self.inner.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_batch_holds_each_key_once_up_to_the_cap_then_says_it_overflowed() {
+        let q = Batcher::default();
+        q.add(1);
+        q.add(1);
+        q.add(2);
+        let batch = q.next().await;
+        assert_eq!(batch.keys, HashSet::from([1, 2]));
+        assert!(!batch.overflowed);
+        assert!(q.take().is_empty(), "taken whole");
+
+        for k in 0..BATCH_MAX + 5 {
+            q.add(k);
+        }
+        q.add(0);
+        let batch = q.next().await;
+        assert_eq!(batch.keys.len(), BATCH_MAX);
+        assert!(batch.overflowed);
+
+        // A batch put back merges with what queued since, under the same cap.
+        q.add(BATCH_MAX + 100);
+        q.put_back(Batch {
+            keys: HashSet::from([1, 2]),
+            overflowed: false,
+        });
+        let batch = q.next().await;
+        assert_eq!(batch.keys, HashSet::from([1, 2, BATCH_MAX + 100]));
+        assert!(!batch.overflowed);
+        q.put_back(Batch {
+            keys: HashSet::new(),
+            overflowed: true,
+        });
+        assert!(q.next().await.overflowed);
+    }
+}
