@@ -58,6 +58,8 @@ pub struct Batcher<K> {
 struct Queued<K> {
     pending: Mutex<Batch<K>>,
     ready: Notify,
+    /// When [`Batcher::next`] last handed out a batch (the pacing of [`BATCH_EVERY`]).
+    last_taken: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl<K> Clone for Batcher<K> {
@@ -74,6 +76,7 @@ impl<K: Hash + Eq> Default for Batcher<K> {
             inner: Arc::new(Queued {
                 pending: Mutex::new(Batch::default()),
                 ready: Notify::new(),
+                last_taken: Mutex::new(None),
             }),
         }
     }
@@ -85,12 +88,18 @@ impl<K: Hash + Eq> Batcher<K> {
         self.inner.ready.notify_one();
     }
 
-    /// Waits until something is queued, then takes all of it.
+    /// Waits until something is queued and [`BATCH_EVERY`] has passed since the last batch,
+    /// then takes all of it: what queues meanwhile goes out together.
     pub async fn next(&self) -> Batch<K> {
         loop {
             self.inner.ready.notified().await;
+            let last = *self.last_taken();
+            if let Some(last) = last {
+                tokio::time::sleep_until(last + BATCH_EVERY).await;
+            }
             let batch = self.take();
             if !batch.is_empty() {
+                *self.last_taken() = Some(tokio::time::Instant::now());
                 return batch;
             }
         }
@@ -114,6 +123,13 @@ impl<K: Hash + Eq> Batcher<K> {
     fn pending(&self) -> MutexGuard<'_, Batch<K>> {
         self.inner.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn last_taken(&self) -> MutexGuard<'_, Option<tokio::time::Instant>> {
+        self.inner
+            .last_taken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 #[cfg(test)]
@@ -127,9 +143,16 @@ mod tests {
         q.add(1);
         q.add(2);
         let batch = q.next().await;
+        let first = std::time::Instant::now();
         assert_eq!(batch.keys, HashSet::from([1, 2]));
         assert!(!batch.overflowed);
         assert!(q.take().is_empty(), "taken whole");
+        q.add(3);
+        assert_eq!(q.next().await.keys, HashSet::from([3]));
+        assert!(
+            first.elapsed() >= BATCH_EVERY,
+            "the next batch waits out the pacing"
+        );
 
         for k in 0..BATCH_MAX + 5 {
             q.add(k);

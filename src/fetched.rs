@@ -6,7 +6,7 @@
 use uuid::Uuid;
 
 use crate::{
-    batch::{Batch, Batcher, BATCH_EVERY, BATCH_MAX},
+    batch::{Batch, Batcher, BATCH_MAX},
     db::{self, Db},
 };
 
@@ -24,10 +24,7 @@ impl FetchedStamps {
     /// Writes the stamps, batch after batch, until the task is dropped.
     pub async fn run_forever(self, db: Db) {
         loop {
-            let batch = self.queue.next().await;
-            let started = tokio::time::Instant::now();
-            write(&db, batch).await;
-            tokio::time::sleep_until(started + BATCH_EVERY).await;
+            write(&db, self.queue.next().await).await;
         }
     }
 

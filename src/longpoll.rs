@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::{
-    batch::{self, Batch, Batcher},
+    batch::{Batch, Batcher},
     db::{
         self,
         activity::{CHANNEL, EVERYONE},
@@ -37,8 +37,8 @@ const ANNOUNCE_RETRY: Duration = Duration::from_secs(1);
 
 /// Sends the notifications of committed uploads, each a workspace id, in batches
 /// ([`crate::batch`]: a workspace once per batch, a batch at most every
-/// [`batch::BATCH_EVERY`]; one transaction, one pooled connection at a time). Past
-/// [`batch::BATCH_MAX`] workspaces in one batch, one notification wakes every waiter.
+/// [`crate::batch::BATCH_EVERY`]; one transaction, one pooled connection at a time). Past
+/// [`crate::batch::BATCH_MAX`] workspaces in one batch, one notification wakes every waiter.
 #[derive(Clone, Default)]
 pub struct Announcer {
     queue: Batcher<Uuid>,
@@ -62,13 +62,11 @@ impl Announcer {
     pub async fn run_forever(self, db: Db) {
         loop {
             let batch = self.queue.next().await;
-            let started = tokio::time::Instant::now();
             if let Err(e) = send(&db, &batch).await {
                 tracing::warn!(error = %e, "could not announce uploads; retrying");
                 self.queue.put_back(batch);
                 tokio::time::sleep(ANNOUNCE_RETRY).await;
             }
-            tokio::time::sleep_until(started + batch::BATCH_EVERY).await;
         }
     }
 
