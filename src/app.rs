@@ -105,7 +105,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
                 max_bytes: args.limits.max_pending_bytes_per_workspace,
                 max_files: args.limits.max_pending_files_per_workspace,
             },
-            announcer: Announcer::default(),
+            announcer: Announcer::new(args.batch_max_keys as usize),
         },
         db: db.clone(),
         storage: storage.clone(),
@@ -136,7 +136,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
             },
         },
         hub: Hub::default(),
-        fetched: FetchedStamps::default(),
+        fetched: FetchedStamps::new(args.batch_max_keys as usize),
     });
     let router = http::router(state.clone(), &args.cors_allowed_origins);
     let sweeper = sweeper(&args.sweep, &db, &storage);

@@ -1,7 +1,8 @@
 //! Work that many requests ask for and one statement does for all of them (long-poll
 //! announcements, fetched_at stamps): requests queue a key, a background task takes what has
-//! queued as one batch. Keys are bounded: past [`BATCH_MAX`] distinct keys the batch is
-//! marked overflowed and further keys are not kept (its sender decides what that means).
+//! queued as one batch. Keys are bounded: past the queue's cap (`BATCH_MAX_KEYS`, default
+//! [`BATCH_MAX`]) distinct keys the batch is marked overflowed and further keys are not kept
+//! (its sender decides what that means).
 
 use std::{
     collections::HashSet,
@@ -12,8 +13,12 @@ use std::{
 
 use tokio::sync::Notify;
 
-/// Distinct keys a batch holds at most.
+/// Distinct keys a batch holds at most, by default (`BATCH_MAX_KEYS`): 160 KiB of file or
+/// workspace ids per queue.
 pub const BATCH_MAX: usize = 10_000;
+
+/// The most `BATCH_MAX_KEYS` may be.
+pub const BATCH_MAX_LIMIT: usize = 1_000_000;
 
 /// A batch starts at most this often: what is queued in between goes out together (a key
 /// once), so a stream of requests costs the database a bounded number of statements.
@@ -23,7 +28,7 @@ pub const BATCH_EVERY: Duration = Duration::from_millis(5);
 #[derive(Debug)]
 pub struct Batch<K> {
     pub keys: HashSet<K>,
-    /// More keys were queued than [`BATCH_MAX`]; those past it are not in `keys`.
+    /// More keys were queued than the cap; those past it are not in `keys`.
     pub overflowed: bool,
 }
 
@@ -37,8 +42,8 @@ impl<K> Default for Batch<K> {
 }
 
 impl<K: Hash + Eq> Batch<K> {
-    fn add(&mut self, key: K) {
-        if self.keys.len() < BATCH_MAX || self.keys.contains(&key) {
+    fn add(&mut self, key: K, cap: usize) {
+        if self.keys.len() < cap || self.keys.contains(&key) {
             self.keys.insert(key);
         } else {
             self.overflowed = true;
@@ -56,6 +61,8 @@ pub struct Batcher<K> {
 }
 
 struct Queued<K> {
+    /// Distinct keys a batch holds at most.
+    cap: usize,
     pending: Mutex<Batch<K>>,
     ready: Notify,
     /// When [`Batcher::next`] last handed out a batch (the pacing of [`BATCH_EVERY`]).
@@ -70,21 +77,26 @@ impl<K> Clone for Batcher<K> {
     }
 }
 
-impl<K: Hash + Eq> Default for Batcher<K> {
-    fn default() -> Self {
+impl<K: Hash + Eq> Batcher<K> {
+    /// A queue whose batches hold at most `cap` distinct keys (at least one).
+    pub fn new(cap: usize) -> Self {
         Batcher {
             inner: Arc::new(Queued {
+                cap: cap.max(1),
                 pending: Mutex::new(Batch::default()),
                 ready: Notify::new(),
                 last_taken: Mutex::new(None),
             }),
         }
     }
-}
 
-impl<K: Hash + Eq> Batcher<K> {
+    /// Distinct keys a batch holds at most.
+    pub fn cap(&self) -> usize {
+        self.inner.cap
+    }
+
     pub fn add(&self, key: K) {
-        self.pending().add(key);
+        self.pending().add(key, self.inner.cap);
         self.inner.ready.notify_one();
     }
 
@@ -115,7 +127,10 @@ impl<K: Hash + Eq> Batcher<K> {
         {
             let mut pending = self.pending();
             pending.overflowed |= batch.overflowed;
-            batch.keys.into_iter().for_each(|k| pending.add(k));
+            batch
+                .keys
+                .into_iter()
+                .for_each(|k| pending.add(k, self.inner.cap));
         }
         self.inner.ready.notify_one();
     }
@@ -138,7 +153,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_holds_each_key_once_up_to_the_cap_then_says_it_overflowed() {
-        let q = Batcher::default();
+        let q = Batcher::new(BATCH_MAX);
         q.add(1);
         q.add(1);
         q.add(2);
@@ -176,5 +191,20 @@ mod tests {
             overflowed: true,
         });
         assert!(q.next().await.overflowed);
+    }
+
+    #[tokio::test]
+    async fn the_cap_is_the_queues_own() {
+        let q = Batcher::new(2);
+        assert_eq!(q.cap(), 2);
+        [7, 8, 7, 9].into_iter().for_each(|k| q.add(k));
+        let batch = q.next().await;
+        assert_eq!(batch.keys, HashSet::from([7, 8]));
+        assert!(batch.overflowed);
+        assert_eq!(
+            Batcher::<u8>::new(0).cap(),
+            1,
+            "a queue keeps at least one key"
+        );
     }
 }

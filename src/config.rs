@@ -243,6 +243,13 @@ pub struct ServeArgs {
     #[arg(long, env = "SPOOL_MEMORY_TOTAL", default_value_t = crate::spool::MEMORY_TOTAL as u64,
           value_parser = clap::value_parser!(u64).range(0..=1 << 30))]
     pub spool_memory_total: u64,
+    /// Distinct entries each background batch queue keeps between two batches (workspaces
+    /// to wake, downloads to stamp fetched_at on; a batch goes out at most every 5 ms). Past
+    /// it, one notification wakes every long poll, and the further stamps are dropped
+    /// (logged). At most 1000000.
+    #[arg(long, env = "BATCH_MAX_KEYS", default_value_t = crate::batch::BATCH_MAX as u64,
+          value_parser = clap::value_parser!(u64).range(1..=crate::batch::BATCH_MAX_LIMIT as u64))]
+    pub batch_max_keys: u64,
     /// Upload requests handled at once by this replica; more get 503 with Retry-After.
     #[arg(long, env = "MAX_CONCURRENT_UPLOADS", default_value_t = 64)]
     pub max_concurrent_uploads: usize,

@@ -6,17 +6,24 @@
 use uuid::Uuid;
 
 use crate::{
-    batch::{Batch, Batcher, BATCH_MAX},
+    batch::{Batch, Batcher},
     db::{self, Db},
 };
 
 /// The queue of files whose bodies were handed over.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct FetchedStamps {
     queue: Batcher<Uuid>,
 }
 
 impl FetchedStamps {
+    /// Past `cap` downloads between two batches, the rest go unstamped (logged).
+    pub fn new(cap: usize) -> Self {
+        FetchedStamps {
+            queue: Batcher::new(cap),
+        }
+    }
+
     pub fn stamp(&self, file_id: Uuid) {
         self.queue.add(file_id);
     }
@@ -24,7 +31,7 @@ impl FetchedStamps {
     /// Writes the stamps, batch after batch, until the task is dropped.
     pub async fn run_forever(self, db: Db) {
         loop {
-            write(&db, self.queue.next().await).await;
+            write(&db, self.queue.next().await, self.queue.cap()).await;
         }
     }
 
@@ -32,16 +39,16 @@ impl FetchedStamps {
     pub async fn flush(&self, db: &Db) {
         let batch = self.queue.take();
         if !batch.is_empty() {
-            write(db, batch).await;
+            write(db, batch, self.queue.cap()).await;
         }
     }
 }
 
 /// Best effort, as a single stamp always was: a failed batch is logged, not retried.
-async fn write(db: &Db, batch: Batch<Uuid>) {
+async fn write(db: &Db, batch: Batch<Uuid>, cap: usize) {
     if batch.overflowed {
         tracing::warn!(
-            kept = BATCH_MAX,
+            kept = cap,
             "more downloads between two stamp batches than are kept: the rest go unstamped"
         );
     }

@@ -38,8 +38,9 @@ const ANNOUNCE_RETRY: Duration = Duration::from_secs(1);
 /// Sends the notifications of committed uploads, each a workspace id, in batches
 /// ([`crate::batch`]: a workspace once per batch, a batch at most every
 /// [`crate::batch::BATCH_EVERY`]; one transaction, one pooled connection at a time). Past
-/// [`crate::batch::BATCH_MAX`] workspaces in one batch, one notification wakes every waiter.
-#[derive(Clone, Default)]
+/// the queue's cap (`BATCH_MAX_KEYS`) workspaces in one batch, one notification wakes every
+/// waiter.
+#[derive(Clone)]
 pub struct Announcer {
     queue: Batcher<Uuid>,
 }
@@ -53,6 +54,12 @@ fn payloads(batch: &Batch<Uuid>) -> Vec<String> {
 }
 
 impl Announcer {
+    pub fn new(cap: usize) -> Self {
+        Announcer {
+            queue: Batcher::new(cap),
+        }
+    }
+
     /// Queues the announcement of a commit in `workspace_id` (call it after the commit).
     pub fn announce(&self, workspace_id: Uuid) {
         self.queue.add(workspace_id);

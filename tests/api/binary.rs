@@ -98,7 +98,7 @@ async fn migrate_applies_the_schema_once() {
 #[tokio::test]
 async fn start_up_refuses_bad_configuration_clearly() {
     let db = fresh_db().await;
-    let cases: [(&str, &str, &str); 4] = [
+    let cases: [(&str, &str, &str); 5] = [
         (
             "PENDING_UPLOADS_BACKEND",
             "s3",
@@ -115,6 +115,7 @@ async fn start_up_refuses_bad_configuration_clearly() {
             "MAX_FILE_BYTES=104857601 is out of range",
         ),
         ("SWEEP_INTERVAL", "5 parsecs", "invalid duration"),
+        ("BATCH_MAX_KEYS", "0", "0 is not in 1..=1000000"),
     ];
     for (var, value, message) in cases {
         let out = command(&db)

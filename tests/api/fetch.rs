@@ -602,3 +602,45 @@ async fn concurrent_downloads_are_all_stamped_and_only_they() {
         assert!(fetched_at(&app, *fid).await.is_none());
     }
 }
+
+#[tokio::test]
+async fn past_batch_max_keys_further_stamps_are_dropped() {
+    // One stamp per batch, a batch at most every 5 ms: downloads that all finish within a
+    // few batches cannot all be stamped. Without the cap they all are (the test above).
+    let app = TestApp::start_with(&[
+        "--batch-max-keys",
+        "1",
+        "--max-concurrent-downloads-per-workspace",
+        "64",
+    ])
+    .await;
+    let (ws, token) = app.poll_workspace().await;
+    let parts: Vec<(String, Vec<u8>)> = (0..48u8)
+        .map(|i| (format!("f{i}.bin"), bytes(100, i)))
+        .collect();
+    let out = app.upload_ok(ws, &token, &octet_parts(&parts)).await;
+    let files: Vec<Uuid> = out.iter().map(file_id).collect();
+    let started = std::time::Instant::now();
+    let downloads = files.iter().map(|&fid| {
+        let (app, token) = (&app, &token);
+        async move {
+            let resp = app.get(&content_path(ws, fid), token).await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            resp.bytes().await.unwrap();
+        }
+    });
+    futures::future::join_all(downloads).await;
+    let batches_at_most = started.elapsed().as_millis() as i64 / 5 + 2;
+    // Let the batches that could still come, come.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stamped: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pending_uploads WHERE fetched_at IS NOT NULL")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert!(stamped >= 1, "the first batch is stamped");
+    assert!(
+        stamped <= batches_at_most,
+        "{stamped} of 48 stamped, but at most one per batch and {batches_at_most} batches fit"
+    );
+}
