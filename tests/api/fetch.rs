@@ -552,6 +552,16 @@ async fn sizes_round_trip(app: &TestApp) {
     }
 }
 
+/// Downloads every file at once, each read to its end.
+async fn download_all_at_once(app: &TestApp, ws: Uuid, token: &str, files: &[Uuid]) {
+    let downloads = files.iter().map(|&fid| async move {
+        let resp = app.get(&content_path(ws, fid), token).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.bytes().await.unwrap();
+    });
+    futures::future::join_all(downloads).await;
+}
+
 /// Downloads handed over together are stamped together (one UPDATE per batch, see
 /// `fetched`): every file fetched gets its fetched_at, and no other row does.
 #[tokio::test]
@@ -570,15 +580,7 @@ async fn concurrent_downloads_are_all_stamped_and_only_they() {
         files.push(file_id(&out[0]));
     }
     let (fetched, untouched) = files.split_at(16);
-    let downloads = fetched.iter().map(|&fid| {
-        let (app, token) = (&app, &token);
-        async move {
-            let resp = app.get(&content_path(ws, fid), token).await;
-            assert_eq!(resp.status(), StatusCode::OK);
-            resp.bytes().await.unwrap();
-        }
-    });
-    futures::future::join_all(downloads).await;
+    download_all_at_once(&app, ws, &token, fetched).await;
     let mut stamped: Vec<Uuid> = Vec::new();
     for _ in 0..200 {
         stamped = sqlx::query_scalar(
@@ -621,15 +623,7 @@ async fn past_batch_max_keys_further_stamps_are_dropped() {
     let out = app.upload_ok(ws, &token, &octet_parts(&parts)).await;
     let files: Vec<Uuid> = out.iter().map(file_id).collect();
     let started = std::time::Instant::now();
-    let downloads = files.iter().map(|&fid| {
-        let (app, token) = (&app, &token);
-        async move {
-            let resp = app.get(&content_path(ws, fid), token).await;
-            assert_eq!(resp.status(), StatusCode::OK);
-            resp.bytes().await.unwrap();
-        }
-    });
-    futures::future::join_all(downloads).await;
+    download_all_at_once(&app, ws, &token, &files).await;
     let batches_at_most = started.elapsed().as_millis() as i64 / 5 + 2;
     // Let the batches that could still come, come.
     tokio::time::sleep(Duration::from_millis(300)).await;
