@@ -322,3 +322,37 @@ async fn only_sessions_that_announce_after_commit_skip_the_transactions_notifica
         }
     }
 }
+
+/// The in-process app listens as `serve` does: a waiting poll is answered by the commit, not
+/// by the end of its wait.
+#[tokio::test]
+async fn a_waiting_poll_is_answered_when_an_upload_commits() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    let part = [("a.bin", "application/octet-stream", bytes(64, 1))];
+    app.upload_ok(ws, &token, &part).await;
+    let cursor = feed(&app, ws, &token, "limit=1").await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let started = std::time::Instant::now();
+    let query = format!("since_id={cursor}&wait=20");
+    let waiting = feed(&app, ws, &token, &query);
+    let upload = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        app.upload_ok(
+            ws,
+            &token,
+            &[("b.bin", "application/octet-stream", bytes(64, 2))],
+        )
+        .await;
+    };
+    let (rows, ()) = tokio::join!(waiting, upload);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["request_body"]["name"], "b.bin");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "answered at the commit, not after {:?}",
+        started.elapsed()
+    );
+}

@@ -186,6 +186,8 @@ pub struct TestApp {
     pub storage: pending_uploads::storage::Storage,
     _spool: tempfile::TempDir,
     server: tokio::task::JoinHandle<()>,
+    /// The long polls' LISTEN connection, as `serve` holds it.
+    listen: tokio::task::JoinHandle<()>,
     /// fetched_at stamps and long-poll announcements, written as `serve` writes them.
     _batches: app::Batches,
 }
@@ -193,6 +195,7 @@ pub struct TestApp {
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.server.abort();
+        self.listen.abort();
     }
 }
 
@@ -213,6 +216,8 @@ impl TestApp {
         let args = serve_args(&db_url, &spool_dir, extra);
         let service = app::build(&args).await.expect("service builds");
         let batches = app::Batches::start(&service.state);
+        let pool = service.state.db.pool().clone();
+        let listen = tokio::spawn(service.state.hub.clone().listen_forever(pool.clone()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let router = service.router.clone();
@@ -225,13 +230,14 @@ impl TestApp {
         TestApp {
             url,
             db_url,
-            pool: service.state.db.pool().clone(),
+            pool,
             client: reqwest::Client::new(),
             sweeper: service.sweeper,
             storage: service.state.storage.clone(),
             spool_dir,
             _spool: spool,
             server,
+            listen,
             _batches: batches,
         }
     }
