@@ -424,6 +424,7 @@ pub async fn calibrate(
                     if dir == Dir::Up {
                         t.reset().await;
                     }
+                    crate::harness::settle(&t.db).await;
                     let rate = run(env, &c, t, dir, &payload, files, conc).await;
                     if dir == Dir::Up {
                         written = rate.is_ok();

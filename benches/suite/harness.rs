@@ -231,6 +231,21 @@ pub async fn sweep_all(env: &Env, bin: &str, db: &str, backend: &str, prefix: &s
     assert!(out.status.success(), "sweep failed");
 }
 
+/// Brings the database to the same state before every measured phase, whoever moves the bytes:
+/// what earlier phases deleted (the service's swept rows, hundreds of MiB of TOAST) is
+/// vacuumed now instead of by autovacuum during whichever phase comes next, and dirty pages
+/// are written out now instead of by a checkpoint in the middle of one. The direct table is
+/// dropped and created again before each direct upload; without this the service's uploads
+/// alone went into a table full of dead rows while autovacuum cleaned it.
+pub async fn settle(db: &str) {
+    let mut c = PgConnection::connect(db).await.unwrap();
+    sqlx::query("VACUUM").execute(&mut c).await.unwrap();
+    // CHECKPOINT needs superuser or pg_checkpoint: without either the phases still get the
+    // vacuum.
+    let _ = sqlx::query("CHECKPOINT").execute(&mut c).await;
+    c.close().await.unwrap();
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

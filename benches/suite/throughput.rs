@@ -6,8 +6,8 @@
 use crate::{
     direct::{self, Chosen, Dir, Target},
     harness::{
-        download_all, drop_db, fresh_db, human, mb_per_s, median, payload, sweep_all, timed,
-        upload_all, workspaces, Env, Service, Spec,
+        download_all, drop_db, fresh_db, human, mb_per_s, median, payload, settle, sweep_all,
+        timed, upload_all, workspaces, Env, Service, Spec,
     },
 };
 
@@ -180,6 +180,7 @@ impl Measured {
     ) {
         let http = http();
         let total = data.len() * files;
+        settle(&target.db).await;
         svc.reset_peak();
         let (ids, secs) = timed(upload_all(&http, &svc.base, wss, data, files, conc)).await;
         self.up.push(mb_per_s(total, secs));
@@ -189,6 +190,7 @@ impl Measured {
         let mut written = false;
         for c in &chosen.up {
             target.reset().await;
+            settle(&target.db).await;
             let rate = direct::run(env, c, target, Dir::Up, data, files, conc).await;
             written = rate.is_ok();
             best = better(best, c.name, rate);
@@ -198,6 +200,7 @@ impl Measured {
         }
         self.up_direct.push(best);
 
+        settle(&target.db).await;
         svc.reset_peak();
         let (read, secs) = timed(download_all(&http, &svc.base, wss, &ids, conc)).await;
         assert_eq!(read, total, "service download read fewer bytes");
@@ -206,6 +209,7 @@ impl Measured {
 
         let mut best = (0.0, "none");
         for c in &chosen.down {
+            settle(&target.db).await;
             best = better(
                 best,
                 c.name,
