@@ -59,6 +59,9 @@ struct Row {
     down_direct: (f64, &'static str),
     rss_up: f64,
     rss_down: f64,
+    /// Each round's service / direct ratio (lowest, highest): how far one round strays.
+    up_ratios: (f64, f64),
+    down_ratios: (f64, f64),
 }
 
 pub async fn run(env: &Env, o: &Opts) {
@@ -229,7 +232,17 @@ impl Measured {
                 .unwrap_or("none");
             (m, name)
         };
+        let spread = |service: &[f64], direct: &[(f64, &'static str)]| {
+            let ratios = service.iter().zip(direct).map(|(s, d)| s / d.0);
+            ratios.fold((f64::INFINITY, 0.0f64), |(lo, hi), r| {
+                (lo.min(r), hi.max(r))
+            })
+        };
+        let up_ratios = spread(&self.up, &self.up_direct);
+        let down_ratios = spread(&self.down, &self.down_direct);
         Row {
+            up_ratios,
+            down_ratios,
             backend: backend.into(),
             size,
             conc,
@@ -265,7 +278,10 @@ fn print(o: &Opts, rows: &[Row], used: &[(String, String)]) {
     println!(
         "\nThroughput, service vs direct (same bytes, same concurrency, same run; {}; uploads to {} workspace(s); peak RSS = service VmHWM reset per direction{}):\n",
         if o.rounds > 1 {
-            format!("median of {} interleaved rounds", o.rounds)
+            format!(
+                "median of {} interleaved rounds; ratios with each round's lowest–highest",
+                o.rounds
+            )
         } else {
             "service and direct interleaved".to_string()
         },
@@ -274,6 +290,10 @@ fn print(o: &Opts, rows: &[Row], used: &[(String, String)]) {
     );
     println!("| backend | size | conc | files | upload MB/s service | upload MB/s direct | upload ratio | download MB/s service | download MB/s direct | download ratio | peak RSS MiB up / down |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let ratio = |median: f64, (lo, hi): (f64, f64)| match o.rounds > 1 {
+        true => format!("{median:.2} ({lo:.2}–{hi:.2})"),
+        false => format!("{median:.2}"),
+    };
     for r in rows {
         let name = |n: &str| {
             if per_cell {
@@ -283,7 +303,7 @@ fn print(o: &Opts, rows: &[Row], used: &[(String, String)]) {
             }
         };
         println!(
-            "| {} | {} | {} | {} | {:.1} | {:.1}{} | {:.2} | {:.1} | {:.1}{} | {:.2} | {:.0} / {:.0} |",
+            "| {} | {} | {} | {} | {:.1} | {:.1}{} | {} | {:.1} | {:.1}{} | {} | {:.0} / {:.0} |",
             r.backend,
             human(r.size),
             r.conc,
@@ -291,11 +311,11 @@ fn print(o: &Opts, rows: &[Row], used: &[(String, String)]) {
             r.up,
             r.up_direct.0,
             name(r.up_direct.1),
-            r.up / r.up_direct.0,
+            ratio(r.up / r.up_direct.0, r.up_ratios),
             r.down,
             r.down_direct.0,
             name(r.down_direct.1),
-            r.down / r.down_direct.0,
+            ratio(r.down / r.down_direct.0, r.down_ratios),
             r.rss_up,
             r.rss_down
         );
