@@ -13,8 +13,8 @@ use std::{
 
 use tokio::sync::Notify;
 
-/// Distinct keys a batch holds at most, by default (`BATCH_MAX_KEYS`): 160 KiB of file or
-/// workspace ids per queue.
+/// Distinct keys a batch holds at most, by default (`BATCH_MAX_KEYS`): a hash set of 16-byte
+/// ids, about 280 KiB per queue when full.
 pub const BATCH_MAX: usize = 10_000;
 
 /// The most `BATCH_MAX_KEYS` may be.
