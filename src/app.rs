@@ -219,7 +219,11 @@ impl Batches {
     }
 
     pub async fn stop(mut self) {
-        self.tasks.drain(..).for_each(|t| t.abort());
+        for task in self.tasks.drain(..) {
+            task.abort();
+            // Once it is gone, a batch it was writing is back in its queue (batch::InFlight).
+            let _ = task.await;
+        }
         self.state.stager.announcer.flush(&self.state.db).await;
         self.state.fetched.flush(&self.state.db).await;
     }

@@ -50,7 +50,7 @@ impl<K: Hash + Eq> Batch<K> {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
+    fn is_empty(&self) -> bool {
         self.keys.is_empty() && !self.overflowed
     }
 }
@@ -102,24 +102,28 @@ impl<K: Hash + Eq> Batcher<K> {
 
     /// Waits until something is queued and [`BATCH_EVERY`] has passed since the last batch,
     /// then takes all of it: what queues meanwhile goes out together.
-    pub async fn next(&self) -> Batch<K> {
+    pub async fn next(&self) -> InFlight<K> {
         loop {
             self.inner.ready.notified().await;
             let last = *self.last_taken();
             if let Some(last) = last {
                 tokio::time::sleep_until(last + BATCH_EVERY).await;
             }
-            let batch = self.take();
-            if !batch.is_empty() {
+            if let Some(batch) = self.take() {
                 *self.last_taken() = Some(tokio::time::Instant::now());
-                return batch;
+                return InFlight {
+                    queue: self.clone(),
+                    batch,
+                    done: false,
+                };
             }
         }
     }
 
-    /// Takes what is queued now (possibly nothing).
-    pub fn take(&self) -> Batch<K> {
-        std::mem::take(&mut *self.pending())
+    /// Takes what is queued now; `None` when nothing is.
+    pub fn take(&self) -> Option<Batch<K>> {
+        let batch = std::mem::take(&mut *self.pending());
+        (!batch.is_empty()).then_some(batch)
     }
 
     /// Queues a batch that could not be done again, ahead of the next [`Batcher::next`].
@@ -147,6 +151,37 @@ impl<K: Hash + Eq> Batcher<K> {
     }
 }
 
+/// A batch its writer is writing. Dropped before [`InFlight::done`] (the writer's task
+/// aborted at shutdown, or the write failed), it goes back to its queue: the shutdown's final
+/// flush, or the next batch, still writes it.
+pub struct InFlight<K: Hash + Eq> {
+    queue: Batcher<K>,
+    batch: Batch<K>,
+    done: bool,
+}
+
+impl<K: Hash + Eq> InFlight<K> {
+    /// Written (or given up on): nothing goes back.
+    pub fn done(mut self) {
+        self.done = true;
+    }
+}
+
+impl<K: Hash + Eq> std::ops::Deref for InFlight<K> {
+    type Target = Batch<K>;
+    fn deref(&self) -> &Batch<K> {
+        &self.batch
+    }
+}
+
+impl<K: Hash + Eq> Drop for InFlight<K> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.queue.put_back(std::mem::take(&mut self.batch));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,9 +196,12 @@ mod tests {
         let first = std::time::Instant::now();
         assert_eq!(batch.keys, HashSet::from([1, 2]));
         assert!(!batch.overflowed);
-        assert!(q.take().is_empty(), "taken whole");
+        batch.done();
+        assert!(q.take().is_none(), "taken whole");
         q.add(3);
-        assert_eq!(q.next().await.keys, HashSet::from([3]));
+        let batch = q.next().await;
+        assert_eq!(batch.keys, HashSet::from([3]));
+        batch.done();
         assert!(
             first.elapsed() >= BATCH_EVERY,
             "the next batch waits out the pacing"
@@ -176,6 +214,7 @@ mod tests {
         let batch = q.next().await;
         assert_eq!(batch.keys.len(), BATCH_MAX);
         assert!(batch.overflowed);
+        batch.done();
 
         // A batch put back merges with what queued since, under the same cap.
         q.add(BATCH_MAX + 100);
@@ -186,11 +225,14 @@ mod tests {
         let batch = q.next().await;
         assert_eq!(batch.keys, HashSet::from([1, 2, BATCH_MAX + 100]));
         assert!(!batch.overflowed);
+        batch.done();
         q.put_back(Batch {
             keys: HashSet::new(),
             overflowed: true,
         });
-        assert!(q.next().await.overflowed);
+        let batch = q.next().await;
+        assert!(batch.overflowed);
+        batch.done();
     }
 
     #[tokio::test]
@@ -201,10 +243,33 @@ mod tests {
         let batch = q.next().await;
         assert_eq!(batch.keys, HashSet::from([7, 8]));
         assert!(batch.overflowed);
+        batch.done();
         assert_eq!(
             Batcher::<u8>::new(0).cap(),
             1,
             "a queue keeps at least one key"
         );
+    }
+
+    /// A writer cut half way (its task aborted at shutdown) leaves its batch to the flush.
+    #[tokio::test]
+    async fn a_batch_dropped_before_it_is_done_goes_back_to_its_queue() {
+        let q = Batcher::new(BATCH_MAX);
+        q.add(1);
+        let (taken, writing) = tokio::sync::oneshot::channel();
+        let writer = tokio::spawn({
+            let q = q.clone();
+            async move {
+                let _batch = q.next().await;
+                let _ = taken.send(());
+                std::future::pending::<()>().await
+            }
+        });
+        writing.await.unwrap();
+        assert!(q.take().is_none(), "the writer holds it");
+        writer.abort();
+        assert!(writer.await.unwrap_err().is_cancelled());
+        let back = q.take().map(|b| b.keys);
+        assert_eq!(back, Some(HashSet::from([1])));
     }
 }

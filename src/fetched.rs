@@ -31,28 +31,29 @@ impl FetchedStamps {
     /// Writes the stamps, batch after batch, until the task is dropped.
     pub async fn run_forever(self, db: Db) {
         loop {
-            write(&db, self.queue.next().await, self.queue.cap()).await;
+            let batch = self.queue.next().await;
+            write(&db, &batch, self.queue.cap()).await;
+            batch.done();
         }
     }
 
     /// Writes what is queued now, once (at shutdown, after the last download).
     pub async fn flush(&self, db: &Db) {
-        let batch = self.queue.take();
-        if !batch.is_empty() {
-            write(db, batch, self.queue.cap()).await;
+        if let Some(batch) = self.queue.take() {
+            write(db, &batch, self.queue.cap()).await;
         }
     }
 }
 
 /// Best effort, as a single stamp always was: a failed batch is logged, not retried.
-async fn write(db: &Db, batch: Batch<Uuid>, cap: usize) {
+async fn write(db: &Db, batch: &Batch<Uuid>, cap: usize) {
     if batch.overflowed {
         tracing::warn!(
             kept = cap,
             "more downloads between two stamp batches than are kept: the rest go unstamped"
         );
     }
-    let files: Vec<Uuid> = batch.keys.into_iter().collect();
+    let files: Vec<Uuid> = batch.keys.iter().copied().collect();
     let count = files.len();
     let stamped = db
         .run(move |c| Box::pin(async move { db::uploads::mark_fetched(c, &files).await }))

@@ -69,20 +69,23 @@ impl Announcer {
     pub async fn run_forever(self, db: Db) {
         loop {
             let batch = self.queue.next().await;
-            if let Err(e) = send(&db, &batch).await {
-                tracing::warn!(error = %e, "could not announce uploads; retrying");
-                self.queue.put_back(batch);
-                tokio::time::sleep(ANNOUNCE_RETRY).await;
+            match send(&db, &batch).await {
+                Ok(()) => batch.done(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not announce uploads; retrying");
+                    // Back in the queue, for the next batch.
+                    drop(batch);
+                    tokio::time::sleep(ANNOUNCE_RETRY).await;
+                }
             }
         }
     }
 
     /// Sends what is queued now, once (at shutdown, after the last upload committed).
     pub async fn flush(&self, db: &Db) {
-        let batch = self.queue.take();
-        if batch.is_empty() {
+        let Some(batch) = self.queue.take() else {
             return;
-        }
+        };
         if let Err(e) = send(db, &batch).await {
             tracing::warn!(error = %e, "could not announce the last uploads");
         }
