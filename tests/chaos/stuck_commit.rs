@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use crate::{
     harness::{bounded, Pg, S3s, Scratch, Service, ServiceConfig, DEP_TIMEOUT, PREFIX},
-    load::{payload, sha256, Api, Recorder},
+    load::{payload, sha256, Accepted, Api, Recorder},
 };
 
 /// The bigger upload goes through COPY (more than the one-statement path's 1 MiB).
@@ -53,16 +53,9 @@ async fn set_standby(pool: &sqlx::PgPool, names: Option<&str>) {
 }
 
 /// The newest activity row's id of the workspace (the long poll's cursor).
-async fn newest_activity(http: &reqwest::Client, base: &str, ws: Uuid, token: &str) -> String {
-    let rows: Value = http
-        .get(format!("{base}/workspaces/{ws}/activity?limit=1"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+async fn newest_activity(api: &Api, ws: Uuid, token: &str) -> String {
+    let (outcome, rows) = api.activity(ws, token, None, 1).await;
+    assert!(outcome.is_ok(), "the feed: {outcome:?}");
     rows[0]["id"].as_str().expect("an activity row").to_string()
 }
 
@@ -103,7 +96,7 @@ async fn notify_lock() {
         .upload(a, &a_token, &[("first.bin".into(), payload(&mut rng, 100))])
         .await;
     assert!(first.is_ok(), "an upload before the fault: {first:?}");
-    let cursor = newest_activity(&http, &base, a, &a_token).await;
+    let cursor = newest_activity(&api, a, &a_token).await;
 
     // A long poll on workspace A, waiting for the next row.
     let poll = {
@@ -227,13 +220,8 @@ async fn outcome_unknown() {
     let mut uploaders = Vec::new();
     for (name, len) in [("small.bin", 1024), ("big.bin", BIG)] {
         let (ws, token) = api.register().await;
-        let resp = http
-            .get(format!("{base}/workspaces/{ws}/activity"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
+        let (first_use, _) = api.activity(ws, &token, None, 1).await;
+        assert!(first_use.is_ok(), "{first_use:?}");
         uploaders.push((ws, token, name.to_string(), payload(&mut rng, len)));
     }
 
@@ -272,17 +260,15 @@ async fn outcome_unknown() {
         let Some((ws, token, _, bytes)) = uploaders.iter().find(|u| &u.2 == name) else {
             panic!("a row nobody uploaded: {name}");
         };
-        let resp = http
-            .get(format!(
-                "{base}/workspaces/{ws}/pending-uploads/{file_id}/content"
-            ))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status();
-        let body = resp.bytes().await.unwrap_or_default();
-        served.push((name.clone(), status, sha256(&body) == sha256(bytes)));
+        let row = Accepted {
+            ws: *ws,
+            token: token.clone(),
+            file_id: *file_id,
+            name: name.clone(),
+            size: bytes.len(),
+            sha256: sha256(bytes),
+        };
+        served.push((name.clone(), api.download(&row).await));
     }
     println!(
         "CHAOS commit_outcome_unknown: uploads {:?}; commits stuck {stuck}; objects while stuck \
@@ -310,9 +296,9 @@ async fn outcome_unknown() {
             "{name}: its row's object is still there: {keys:?}"
         );
     }
-    for (name, status, same) in &served {
-        assert_eq!(*status, StatusCode::OK, "{name}");
-        assert!(same, "{name}: the bytes uploaded");
+    for (name, outcome) in &served {
+        // `download` checks the size and SHA-256 of what it read against the upload.
+        assert!(outcome.is_ok(), "{name}: the bytes uploaded: {outcome:?}");
     }
 }
 
