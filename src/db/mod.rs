@@ -110,9 +110,21 @@ fn sql_unavailable(e: &sqlx::Error) -> bool {
         | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_)
         | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|c| transient_sqlstate(&c)),
+        sqlx::Error::Database(db) => {
+            db.code().is_some_and(|c| transient_sqlstate(&c)) || session_refused(db.as_ref())
+        }
         _ => false,
     }
+}
+
+/// A FATAL (or PANIC) error ends the session: the server will not serve this connection, not
+/// that the request asked something wrong. E.g. a new connection to a database that is not
+/// accepting connections (`ALTER DATABASE … ALLOW_CONNECTIONS false`, SQLSTATE 55000), which
+/// was a 500 whenever the pool had to open a connection while the database was closed.
+fn session_refused(db: &dyn sqlx::error::DatabaseError) -> bool {
+    use sqlx::postgres::{PgDatabaseError, PgSeverity};
+    db.try_downcast_ref::<PgDatabaseError>()
+        .is_some_and(|e| matches!(e.severity(), PgSeverity::Fatal | PgSeverity::Panic))
 }
 
 /// Errors after which a connection may be mid-message: it is closed, never pooled again (sqlx
