@@ -214,7 +214,6 @@ async fn outcome_unknown() {
     let rec = Recorder::new();
     let api = Api::new(&base, &rec);
     let mut rng = StdRng::seed_from_u64(9);
-    let http = reqwest::Client::new();
     // One workspace per upload (one upload's stuck commit holds its workspace's lock), each
     // token used once first: the first use stamps `last_used_at`, a write that would wait too.
     let mut uploaders = Vec::new();
