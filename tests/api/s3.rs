@@ -5,6 +5,7 @@
 use std::{
     collections::BTreeSet,
     process::{Command, Stdio},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -16,6 +17,7 @@ use pending_uploads::{
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
 use crate::common::*;
@@ -197,6 +199,80 @@ async fn objects_are_put_with_the_digest_taken_as_the_bytes_arrived() {
         );
     }
     sweep_all_and_assert_bucket_empty(&app).await;
+}
+
+/// A download asks S3 for no checksum. S3 sends none for a ranged GET, and every GET of ours
+/// is one; a server that sends one anyway (LocalStack) had the SDK hash every byte it read
+/// (0.7 ms of CPU per MiB), while the client checks the bytes against `ETag`/`Repr-Digest`.
+#[tokio::test]
+async fn downloads_ask_s3_for_no_checksum() {
+    let (endpoint, _) = s3_endpoint();
+    let (proxy, sent) = recording_proxy(&endpoint).await;
+    let app = TestApp::start_s3_at(fresh_db().await, "s3", &test_prefix(), &proxy).await;
+    let (ws, token) = app.poll_workspace().await;
+    let data = bytes(300_000, 3);
+    let out = app
+        .upload_ok(
+            ws,
+            &token,
+            &[("f.bin", "application/octet-stream", data.clone())],
+        )
+        .await;
+    let resp = fetch(&app, ws, &token, file_id(&out[0])).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.bytes().await.unwrap() == data, "the bytes uploaded");
+    let sent = String::from_utf8_lossy(&sent.lock().unwrap()).to_ascii_lowercase();
+    assert!(
+        sent.contains("\r\nrange: bytes=0-299999\r\n"),
+        "the GET went through the proxy"
+    );
+    assert!(
+        !sent.contains("x-amz-checksum-mode"),
+        "a GET asked for the object's checksum"
+    );
+    sweep_all_and_assert_bucket_empty(&app).await;
+}
+
+/// A TCP proxy in front of `endpoint` that keeps every byte its clients send (the requests,
+/// as they went over the wire); its URL and those bytes.
+async fn recording_proxy(endpoint: &str) -> (String, Arc<Mutex<Vec<u8>>>) {
+    let upstream = endpoint
+        .strip_prefix("http://")
+        .expect("an http:// endpoint")
+        .trim_end_matches('/')
+        .to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let kept = sent.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let (upstream, kept) = (upstream.clone(), kept.clone());
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                let up = async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+                        kept.lock().unwrap().extend_from_slice(&buf[..n]);
+                        if to_server.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to_server.shutdown().await;
+                };
+                let down = async move {
+                    let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+                    let _ = to_client.shutdown().await;
+                };
+                tokio::join!(up, down);
+            });
+        }
+    });
+    (url, sent)
 }
 
 #[tokio::test]
