@@ -1,9 +1,10 @@
 //! Request slots (SPEC §10, slow clients). Uploads: a replica handles at most
 //! `MAX_CONCURRENT_UPLOADS` at once, and one workspace holds at most
 //! `MAX_CONCURRENT_UPLOADS_PER_WORKSPACE` of them, so a flood against one workspace cannot
-//! starve the others; a slot is held from the first body byte to the answer. Downloads:
-//! `MAX_CONCURRENT_DOWNLOADS` and `MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE` the same way, a
-//! slot held while the body streams: a client that stops reading keeps a slice in memory,
+//! starve the others; a slot is held from the first body byte to the end of the commit (its
+//! own task, which a client that goes cannot stop), or of a push workspace's relayed answer.
+//! Downloads: `MAX_CONCURRENT_DOWNLOADS` and `MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE` the same
+//! way, a slot held while the body streams: a client that stops reading keeps a slice in memory,
 //! so without a bound thousands of such clients would hold gigabytes. Slots are released by
 //! drop, whatever ends the request.
 

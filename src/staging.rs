@@ -23,6 +23,7 @@ use crate::{
     metrics::metrics,
     multipart::{BoxError, Multipart, MultipartError},
     sanitize::sanitize,
+    slots::Slot,
     spool::{MemoryBudget, Spool, SpoolWriter},
     storage::{Location, Storage, StorageError},
 };
@@ -232,14 +233,22 @@ pub struct Stager {
 }
 
 impl Stager {
-    /// Commits the received files, in a task the caller's cancellation cannot stop.
+    /// Commits the received files, in a task the caller's cancellation cannot stop. The
+    /// task holds the upload's `slot` to its end: a client that goes after its last byte
+    /// must not free a slot while its commit still holds a connection and its spool.
     pub async fn commit(
         &self,
         workspace_id: Uuid,
         files: Vec<Received>,
+        slot: Slot,
     ) -> Result<Vec<UploadReceived>, StagingError> {
         let stager = self.clone();
-        tokio::spawn(async move { stager.commit_now(workspace_id, files).await }).await?
+        tokio::spawn(async move {
+            let staged = stager.commit_now(workspace_id, files).await;
+            drop(slot);
+            staged
+        })
+        .await?
     }
 
     async fn commit_now(

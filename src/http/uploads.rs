@@ -8,6 +8,7 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
+use futures::StreamExt;
 
 use super::{
     body::UploadBody, error::ApiError, extract::WorkspaceClaim, registry::live_workspace, AppState,
@@ -18,7 +19,7 @@ use crate::{
     logfmt::Clip,
     metrics::metrics,
     multipart::{self, Multipart},
-    slots,
+    slots::{self, Slot},
     staging::{self, RequestLimits},
 };
 
@@ -94,7 +95,9 @@ pub async fn chat_upload(
             max: max_request_bytes,
         });
     }
-    let _slot = st
+    // Held by whatever outlives this handler when the client goes: the staging commit (its
+    // own task) or the relayed answer's body.
+    let slot = st
         .upload_slots
         .acquire(ws.id)
         .map_err(|refused| match refused {
@@ -103,12 +106,14 @@ pub async fn chat_upload(
         })?;
     let body = UploadBody::new(body, max_request_bytes, st.deadlines.upload);
     match delivery(Some(&ws.delivery_mode), ws.url.as_deref()) {
-        Delivery::Poll => stage(&st, &ws, pending, &headers, body).await,
+        Delivery::Poll => stage(&st, &ws, pending, &headers, body, slot).await,
         Delivery::Push { url } => {
             let secret = ws.platform_inbound_secret.as_deref();
-            st.push
+            let answer = st
+                .push
                 .forward(ws.id, url, secret, &headers, body, max_request_bytes)
-                .await
+                .await?;
+            Ok(holding(answer, slot))
         }
         Delivery::UrlNotRegistered => Err(ApiError::UrlNotRegistered),
         Delivery::NoCallbackUrl => Err(ApiError::NoCallbackUrl {
@@ -121,12 +126,24 @@ pub async fn chat_upload(
     }
 }
 
+/// A relayed answer whose body holds the upload's slot until it ends: a push workspace (anyone
+/// can register one) that answers at once and trickles its body holds connections both ways.
+fn holding(answer: Response, slot: Slot) -> Response {
+    answer.map(|body| {
+        Body::from_stream(body.into_data_stream().map(move |chunk| {
+            let _held = &slot;
+            chunk
+        }))
+    })
+}
+
 async fn stage(
     st: &AppState,
     ws: &Workspace,
     pending: PendingTotals,
     headers: &HeaderMap,
     body: UploadBody,
+    slot: Slot,
 ) -> Result<Response, ApiError> {
     let backend = st.storage.mode().as_str();
     let rejected = |e: ApiError| {
@@ -183,7 +200,7 @@ async fn stage(
     };
     drop(parts);
     let count = files.len();
-    let staged = st.stager.commit(ws.id, files).await.map_err(|e| {
+    let staged = st.stager.commit(ws.id, files, slot).await.map_err(|e| {
         metrics()
             .files_staged
             .with_label_values(&[backend, "failed"])

@@ -236,6 +236,55 @@ async fn a_push_redirect_to_an_internal_address_is_not_followed() {
     );
 }
 
+/// A push workspace's answer is relayed with the upload's slot held until its body ends: a
+/// workspace (anyone can register one) that answers at once and then trickles its body would
+/// otherwise hold connections both ways past every slot cap.
+#[tokio::test]
+async fn a_relayed_answer_keeps_its_upload_slot_until_its_body_ends() {
+    let (workspace, _) = server_on(
+        "127.0.0.2",
+        Router::new().fallback(any(|| async {
+            let trickle = futures::stream::unfold(0, |sent| async move {
+                (sent < 20).then_some(())?;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Some((
+                    Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"x")),
+                    sent + 1,
+                ))
+            });
+            (StatusCode::OK, axum::body::Body::from_stream(trickle))
+        })),
+    )
+    .await;
+    let svc = Svc::start(&[
+        ("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32"),
+        ("MAX_CONCURRENT_UPLOADS_PER_WORKSPACE", "1"),
+    ])
+    .await;
+    let resp = admin_create(
+        &svc,
+        json!({"name": "trickles", "url": format!("http://{workspace}")}),
+    )
+    .await;
+    let ws: Value = resp.json().await.unwrap();
+    let (ws, token) = (
+        ws["id"].as_str().unwrap().parse().unwrap(),
+        ws["auth_token"].as_str().unwrap().to_string(),
+    );
+    let relaying = upload_file(&svc, ws, &token, "a.txt", b"a").await;
+    assert_eq!(relaying.status(), StatusCode::OK);
+    let resp = upload_file(&svc, ws, &token, "b.txt", b"b").await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the first upload's answer is still being relayed"
+    );
+    assert_eq!(&relaying.bytes().await.unwrap()[..], &[b'x'; 20][..]);
+    wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 0.0).await;
+    let resp = upload_file(&svc, ws, &token, "c.txt", b"c").await;
+    assert_eq!(resp.status(), StatusCode::OK, "the slot came back");
+}
+
 #[tokio::test]
 async fn push_urls_to_internal_addresses_are_refused_in_every_form() {
     let svc = Svc::start(&[]).await;
@@ -553,6 +602,51 @@ async fn one_workspace_cannot_hold_every_upload_slot() {
         StatusCode::OK,
         "slots come back when their clients go"
     );
+}
+
+/// A client that sends its whole body and goes does not free its slot while its commit goes
+/// on without it (holding a database connection, its spool, the workspace's lock queue):
+/// otherwise "send, close, repeat" takes unbounded commits past every slot cap.
+#[tokio::test]
+async fn a_client_gone_after_its_body_keeps_its_slot_until_the_commit_ends() {
+    let svc = Svc::start(&[("MAX_CONCURRENT_UPLOADS_PER_WORKSPACE", "1")]).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    // The test holds the workspace's lock: the upload's commit waits for it.
+    let mut lock = svc.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(pending_uploads::db::workspace_lock_key(ws))
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let body = one_file("XB", "gone.txt", b"sent whole");
+    let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
+    sock.write_all(upload_head(&svc, ws, &token, body.len()).as_bytes())
+        .await
+        .unwrap();
+    sock.write_all(&body).await.unwrap();
+    wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 1.0).await;
+    drop(sock);
+    // Time for the service to see the client go (it did, before: the slot came back at once).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let resp = tokio::time::timeout(
+        Duration::from_secs(5),
+        upload_file(&svc, ws, &token, "second.txt", b"2"),
+    )
+    .await
+    .expect("the second upload was taken and waits on the lock: the first one's slot was freed");
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    sqlx::query("SELECT pg_advisory_unlock_all()")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 0.0).await;
+    assert_eq!(
+        svc.count("pending_uploads").await,
+        1,
+        "the first commit ended"
+    );
+    let resp = upload_file(&svc, ws, &token, "third.txt", b"3").await;
+    assert_eq!(resp.status(), StatusCode::OK, "the slot came back");
 }
 
 /// SPOOL_MEMORY_TOTAL bounds the file bytes all upload requests of a replica keep in memory
