@@ -17,7 +17,11 @@ use uuid::Uuid;
 pub use crate::db::uploads::Quota;
 use crate::{
     api::{platform_uri, StagedFile, UploadReceived},
-    db::{self, uploads::NewUpload, Db, DbError},
+    db::{
+        self,
+        uploads::{in_step, NewUpload},
+        Db, DbError,
+    },
     logfmt::Clip,
     longpoll::Announcer,
     metrics::metrics,
@@ -268,7 +272,14 @@ impl Stager {
                 }
             }
         }
-        let bytes: u64 = files.iter().map(|f| f.spool.size).sum();
+        // Only bytes the database takes make its work longer (an S3-only row is a few
+        // hundred bytes): S3 mode gets DEPENDENCY_TIMEOUT, whatever the files' size.
+        let bytes: u64 = files
+            .iter()
+            .zip(&placed)
+            .filter(|(_, at)| at.inline)
+            .map(|(f, _)| f.spool.size)
+            .sum();
         let deadline = db::uploads::copy_deadline(self.db.timeout(), bytes);
         let quota = self.quota;
         let rows = placed.clone();
@@ -378,16 +389,21 @@ async fn write_rows(
         // Rows first, without the workspace lock: they stay invisible until commit, so
         // concurrent large uploads to one workspace copy in parallel. Then admission (the
         // lock) and the activity rows.
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        // The deadline grew with the bytes for the COPYs alone: every other statement gets
+        // DEPENDENCY_TIMEOUT of its own (the admission may wait on the workspace lock).
+        let step = db.timeout();
+        let mut tx = in_step(step, "BEGIN", sqlx::Connection::begin(&mut *conn)).await?;
         for row in &rows {
             db::uploads::insert(&mut tx, row, db).await?;
         }
-        let admission = db::uploads::admit(&mut tx, workspace_id, quota, &rows).await?;
+        let admit = db::uploads::admit(&mut tx, workspace_id, quota, &rows);
+        let admission = in_step(step, "the admission", admit).await?;
         if admission.refused.is_some() {
-            tx.rollback().await?;
+            in_step(step, "ROLLBACK", tx.rollback()).await?;
         } else {
-            db::uploads::log_staged(&mut tx, workspace_id, &rows).await?;
-            tx.commit().await?;
+            let log = db::uploads::log_staged(&mut tx, workspace_id, &rows);
+            in_step(step, "the activity rows", log).await?;
+            in_step(step, "COMMIT", tx.commit()).await?;
         }
         admission
     };

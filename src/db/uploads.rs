@@ -213,13 +213,10 @@ pub async fn log_staged(
 pub async fn insert(conn: &mut PgConnection, row: &NewUpload<'_>, db: &Db) -> sqlx::Result<()> {
     let step = db.timeout();
     if row.inserts() {
-        return insert_whole(conn, row).await;
+        return in_step(step, "an INSERT", insert_whole(conn, row)).await;
     }
-    let mut copy = conn
-        .copy_in_raw(&format!(
-            "COPY pending_uploads ({WRITE_COLUMNS}) FROM STDIN (FORMAT binary)"
-        ))
-        .await?;
+    let statement = format!("COPY pending_uploads ({WRITE_COLUMNS}) FROM STDIN (FORMAT binary)");
+    let mut copy = in_step(step, "a COPY", conn.copy_in_raw(&statement)).await?;
     let mut head = BytesMut::with_capacity(256);
     head.put_slice(b"PGCOPY\n\xff\r\n\0");
     head.put_i32(0); // flags
@@ -303,6 +300,19 @@ const WORST_COPY_RATE: u64 = 1024 * 1024;
 /// [`WORST_COPY_RATE`].
 pub fn copy_deadline(step: Duration, bytes: u64) -> Duration {
     step + Duration::from_secs(bytes / WORST_COPY_RATE)
+}
+
+/// A statement of a transaction whose deadline scales with its bytes, bounded by `step` on
+/// its own: only the COPY's data may take longer, never a wait for a frozen server's answer
+/// (SPEC §10). Cut, it is an I/O error: the connection is closed, and the caller answers 503.
+pub async fn in_step<T>(
+    step: Duration,
+    what: &str,
+    work: impl std::future::Future<Output = sqlx::Result<T>>,
+) -> sqlx::Result<T> {
+    tokio::time::timeout(step, work)
+        .await
+        .map_err(|_| timed_out(format!("database did not answer {what} for {step:?}")))?
 }
 
 fn stalled(step: Duration) -> sqlx::Error {

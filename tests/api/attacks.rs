@@ -1001,6 +1001,38 @@ async fn a_database_frozen_after_a_large_rows_last_byte_fails_within_the_depende
     assert_eq!(rows, 0);
 }
 
+/// A large upload's deadline grows with its bytes for their COPY only: a database that then
+/// does not answer the admission (here: the workspace's lock, held by the test) costs it
+/// `DEPENDENCY_TIMEOUT`, not that plus a second per MiB.
+#[tokio::test]
+async fn a_large_upload_waits_on_its_admission_no_longer_than_the_dependency_timeout() {
+    let svc = Svc::start(&[
+        ("DEPENDENCY_TIMEOUT", "2s"),
+        ("SPOOL_MEMORY_PER_REQUEST", "0"),
+    ])
+    .await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let mut lock = svc.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(pending_uploads::db::workspace_lock_key(ws))
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let resp = upload_file(&svc, ws, &token, "big.bin", &bytes(30 << 20, 6)).await;
+    let took = started.elapsed();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "platform_unavailable", "{body}");
+    assert!(took < Duration::from_secs(8), "503 after {took:?}");
+    sqlx::query("SELECT pg_advisory_unlock_all()")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    assert_eq!(svc.count("pending_uploads").await, 0);
+    assert_eq!(svc.count("activity_logs").await, 0);
+}
+
 /// A GET of a file's content on a raw socket with a 4 KiB receive buffer that never reads: the
 /// service fills the socket and its body stream waits, holding a download slot.
 async fn stalled_download(svc: &Svc, ws: Uuid, token: &str, file: Uuid) -> TcpStream {

@@ -201,6 +201,58 @@ async fn objects_are_put_with_the_digest_taken_as_the_bytes_arrived() {
     sweep_all_and_assert_bucket_empty(&app).await;
 }
 
+/// In S3 mode a row carries no bytes, so its statement gets `DEPENDENCY_TIMEOUT` whatever the
+/// file's size: a database that does not answer it (here: the workspace's lock, held by the
+/// test) costs a 30 MiB upload 2 s, not 2 s plus a second per MiB. The statement cut on our
+/// side still runs once the lock is free (its outcome was unknown to us): the row then has its
+/// object, and nothing else is left.
+#[tokio::test]
+async fn an_s3_upload_waits_on_the_database_no_longer_than_the_dependency_timeout() {
+    let (endpoint, _) = s3_endpoint();
+    let prefix = test_prefix();
+    let mut flags = s3_flags("s3", &prefix, &endpoint);
+    flags.extend(["--dependency-timeout".to_string(), "2s".to_string()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let app = TestApp::start_on(fresh_db().await, &flags).await;
+    let (ws, token) = app.poll_workspace().await;
+    let mut lock = app.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(pending_uploads::db::workspace_lock_key(ws))
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let resp = app
+        .upload(
+            ws,
+            &token,
+            &[("big.bin", "application/octet-stream", bytes(30 << 20, 4))],
+        )
+        .await;
+    let took = started.elapsed();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(took < Duration::from_secs(8), "503 after {took:?}");
+    sqlx::query("SELECT pg_advisory_unlock_all()")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    drop(lock);
+    let mut keys: Vec<String> = Vec::new();
+    for _ in 0..100 {
+        keys = sqlx::query_scalar("SELECT s3_key FROM pending_uploads")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(keys.len(), 1, "the statement ran once the lock was free");
+    assert_eq!(app.object_keys().await, keys, "its object was kept for it");
+    sweep_all_and_assert_bucket_empty(&app).await;
+}
+
 /// A download asks S3 for no checksum. S3 sends none for a ranged GET, and every GET of ours
 /// is one; a server that sends one anyway (LocalStack) had the SDK hash every byte it read
 /// (0.7 ms of CPU per MiB), while the client checks the bytes against `ETag`/`Repr-Digest`.
