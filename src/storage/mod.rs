@@ -160,7 +160,9 @@ impl Storage {
 
     /// Opens a stored file; the row decides where from. The first chunk is read before this
     /// returns, so a row whose bytes vanished is `Missing` (a 404), never a short 200. A row
-    /// with both copies falls back to its bytea copy when S3 fails.
+    /// with both copies falls back to its bytea copy when S3 fails, a missing object included
+    /// (SPEC §6). A row swept meanwhile is still `Missing`: the sweep deletes the row before
+    /// its object, so the fallback finds no bytea copy either.
     pub async fn open(&self, loc: &Location, range: ByteRange) -> Result<ByteStream, StorageError> {
         if loc.s3_key.is_none() {
             return metrics::storage_op("bytea", "get", self.bytea.open(loc, range)).await;
@@ -168,7 +170,7 @@ impl Storage {
         let from_s3 = async { self.s3_or_err()?.open(loc, range).await };
         match metrics::storage_op("s3", "get", from_s3).await {
             Ok(stream) => Ok(stream),
-            Err(e) if loc.inline && !matches!(e, StorageError::Missing) => {
+            Err(e) if loc.inline => {
                 metrics::metrics()
                     .storage_fallbacks
                     .with_label_values(&["get"])

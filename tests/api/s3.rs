@@ -11,7 +11,7 @@ use std::{
 
 use futures::TryStreamExt;
 use pending_uploads::{
-    storage::{ByteRange, Location},
+    storage::{ByteRange, Location, StorageError},
     sweep::Sweeper,
 };
 use reqwest::StatusCode;
@@ -430,6 +430,68 @@ async fn s3_down_uploads_503_with_nothing_left_and_dual_reads_fall_back() {
     )
     .await;
     sweep_all_and_assert_bucket_empty(&up_s3).await;
+}
+
+/// SPEC §6: in `dual` a row is read from S3, falling back to its bytea copy if S3 fails, and
+/// an object that is missing is such a failure. A row with neither copy is still a 404.
+#[tokio::test]
+async fn dual_reads_fall_back_when_the_object_is_missing() {
+    let prefix = test_prefix();
+    let app = TestApp::start_s3(fresh_db().await, "dual", &prefix).await;
+    let (ws, token) = app.poll_workspace().await;
+    let out = app
+        .upload_ok(
+            ws,
+            &token,
+            &[
+                ("kept.txt", "text/plain", b"bytea copy".to_vec()),
+                ("gone.txt", "text/plain", b"no copy".to_vec()),
+            ],
+        )
+        .await;
+    let (kept, gone) = (file_id(&out[0]), file_id(&out[1]));
+    let (endpoint, bucket) = s3_endpoint();
+    let s3 = s3_client(&endpoint);
+    for fid in [kept, gone] {
+        let (inline, key) = row_placement(&app, fid).await;
+        assert!(inline, "dual keeps a bytea copy");
+        s3.delete_object()
+            .bucket(&bucket)
+            .key(key.expect("an object key"))
+            .send()
+            .await
+            .unwrap();
+    }
+    sqlx::query("UPDATE pending_uploads SET content = NULL WHERE file_id = $1")
+        .bind(gone)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+
+    let resp = fetch(&app, ws, &token, kept).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(&resp.bytes().await.unwrap()[..], b"bytea copy");
+    assert_json(
+        fetch(&app, ws, &token, gone).await,
+        StatusCode::NOT_FOUND,
+        json!({"error": "pending upload not found or expired"}),
+    )
+    .await;
+    // Its bytea copy vanished after the lookup saw it (a sweep deletes the row, then its
+    // object): the fallback finds nothing either, never a short or empty 200.
+    let (_, key) = row_placement(&app, gone).await;
+    let seen = Location {
+        file_id: gone,
+        workspace_id: ws,
+        size: 7,
+        inline: true,
+        s3_key: key,
+    };
+    assert!(matches!(
+        app.storage.open(&seen, ByteRange::full(seen.size)).await,
+        Err(StorageError::Missing)
+    ));
+    sweep_all_and_assert_bucket_empty(&app).await;
 }
 
 #[tokio::test]
