@@ -497,9 +497,9 @@ pub async fn mark_fetched(db: impl PgExecutor<'_>, file_ids: &[Uuid]) -> sqlx::R
 pub enum AckOutcome {
     /// No live row of this workspace.
     Missing,
-    /// Acked before.
+    /// Acked before, or by a concurrent ack that held the row while this one waited.
     Repeat,
-    /// Live when looked up, swept before the stamp.
+    /// Live when looked up, gone (swept) before the stamp.
     Raced,
     Acked {
         size: i64,
@@ -508,7 +508,8 @@ pub enum AckOutcome {
 }
 
 /// Stamps acked_at on the workspace's live row, keeping an earlier stamp, in one round trip
-/// (the caller check included).
+/// (the caller check included); a second one only when a concurrent transaction changed the
+/// row under the stamp ([`lost_stamp`]).
 pub async fn ack(
     conn: &mut PgConnection,
     workspace_id: Uuid,
@@ -530,7 +531,7 @@ pub async fn ack(
     .bind(workspace_id)
     .bind(token_hash.as_ref().map(|h| &h[..]))
     .bind(file_id)
-    .fetch_one(conn)
+    .fetch_one(&mut *conn)
     .await?;
     Ok(match row {
         (false, ..) => Checked::Refused,
@@ -539,7 +540,25 @@ pub async fn ack(
         (true, Some(false), Some(true), Some(size), Some(name)) => {
             Checked::Allowed(AckOutcome::Acked { size, name })
         }
-        (true, Some(false), ..) => Checked::Allowed(AckOutcome::Raced),
+        (true, Some(false), ..) => Checked::Allowed(lost_stamp(conn, file_id).await?),
+    })
+}
+
+/// Why a stamp did not take on a row the ack's snapshot saw unacked. The UPDATE waited on
+/// the row lock of a concurrent transaction, then re-checked `acked_at IS NULL` against what
+/// that transaction committed (READ COMMITTED): the row is gone (the sweeper took it first:
+/// raced) or carries the other's stamp (a concurrent ack: a repeat, the file lives on). The
+/// statement's snapshot cannot tell which; this statement's own, newer one can.
+async fn lost_stamp(conn: &mut PgConnection, file_id: Uuid) -> sqlx::Result<AckOutcome> {
+    let alive: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pending_uploads WHERE file_id = $1)")
+            .bind(file_id)
+            .fetch_one(conn)
+            .await?;
+    Ok(if alive {
+        AckOutcome::Repeat
+    } else {
+        AckOutcome::Raced
     })
 }
 

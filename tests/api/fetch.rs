@@ -487,6 +487,56 @@ async fn ack_that_loses_the_race_with_the_sweeper_is_raced() {
     .await;
 }
 
+/// Two acks of one file at once: the one that waited on the row lock finds the file acked by
+/// the other, alive. That is a second ack (200 `{"acked":true}`), not a race lost to the
+/// sweeper (`raced` means the row is gone).
+#[tokio::test]
+async fn ack_that_waits_on_a_concurrent_ack_is_a_repeat() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    let fid = file_id(
+        &app.upload_ok(ws, &token, &[("r.txt", "text/plain", b"race".to_vec())])
+            .await[0],
+    );
+    // The other ack has stamped the row but not committed yet.
+    let mut other_tx = app.pool.begin().await.unwrap();
+    sqlx::query("UPDATE pending_uploads SET acked_at = now() WHERE file_id = $1")
+        .bind(fid)
+        .execute(&mut *other_tx)
+        .await
+        .unwrap();
+    let ack = {
+        let req = app
+            .client
+            .post(app.at(&format!("/workspaces/{ws}/pending-uploads/{fid}/ack")))
+            .bearer_auth(&token);
+        tokio::spawn(async move { req.send().await.unwrap() })
+    };
+    let mut waiting = false;
+    for _ in 0..1000 {
+        waiting = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%UPDATE pending_uploads p SET acked_at%')",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        if waiting {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        waiting,
+        "the ack reached its UPDATE and waits on the other's lock"
+    );
+    other_tx.commit().await.unwrap();
+    assert_json(ack.await.unwrap(), StatusCode::OK, json!({"acked": true})).await;
+    // Still alive, acked once, and served.
+    let resp = app.get(&content_path(ws, fid), &token).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(&resp.bytes().await.unwrap()[..], b"race");
+}
+
 #[tokio::test]
 async fn twenty_megabytes_round_trip() {
     let app = TestApp::start().await;
