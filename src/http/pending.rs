@@ -167,7 +167,7 @@ async fn find(
     path = "/workspaces/{id}/pending-uploads/{file_id}/content",
     tag = "pending",
     summary = "Headers of a file",
-    params(("id" = uuid::Uuid, Path, description = "workspace UUID"), ("file_id" = uuid::Uuid, Path, description = "file UUID"), ("Range" = Option<String>, Header, description = "bytes=a-b")),
+    params(("id" = uuid::Uuid, Path, description = "workspace UUID"), ("file_id" = uuid::Uuid, Path, description = "file UUID"), ("Range" = Option<String>, Header, description = "bytes=a-b"), ("If-Range" = Option<String>, Header, description = "the strong ETag of the copy being resumed: the Range is served only while it is current, else the whole file")),
     responses(
         (status = 200, description = "headers only"),
         (status = 206, description = "headers of one range"),
@@ -185,7 +185,7 @@ pub async fn content_head(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (row, _) = find(&st, who, &file_id, None).await?;
-    let (status, range) = requested_range(&headers, row.size_bytes as u64)?;
+    let (status, range) = requested_range(&headers, &row)?;
     Ok(respond(&row, status, range, Body::empty()))
 }
 
@@ -194,7 +194,7 @@ pub async fn content_head(
     path = "/workspaces/{id}/pending-uploads/{file_id}/content",
     tag = "pending",
     summary = "Stream a file (Range supported)",
-    params(("id" = uuid::Uuid, Path, description = "workspace UUID"), ("file_id" = uuid::Uuid, Path, description = "file UUID"), ("Range" = Option<String>, Header, description = "bytes=a-b")),
+    params(("id" = uuid::Uuid, Path, description = "workspace UUID"), ("file_id" = uuid::Uuid, Path, description = "file UUID"), ("Range" = Option<String>, Header, description = "bytes=a-b"), ("If-Range" = Option<String>, Header, description = "the strong ETag of the copy being resumed: the Range is served only while it is current, else the whole file")),
     responses(
         (status = 200, description = "the bytes", body = Vec<u8>, content_type = "application/octet-stream"),
         (status = 206, description = "one range of the bytes", body = Vec<u8>, content_type = "application/octet-stream"),
@@ -215,7 +215,7 @@ pub async fn content(
     // Without a Range the first slice comes with the row (a small file: whole).
     let head = (!headers.contains_key(header::RANGE)).then_some(READ_CHUNK);
     let (row, head) = find(&st, who, &file_id, head).await?;
-    let (status, range) = requested_range(&headers, row.size_bytes as u64)?;
+    let (status, range) = requested_range(&headers, &row)?;
     // Taken after the caller check (a stranger cannot take a workspace's slots) and held
     // until the body is dropped: a client that stops reading keeps its slot and the slice
     // in flight, not more.
@@ -316,16 +316,42 @@ impl Drop for CountedBody {
 }
 
 /// 200 with the whole file, or 206 with one satisfiable range. A malformed or multi-range
-/// header is ignored (RFC 9110 allows serving the whole representation).
-fn requested_range(headers: &HeaderMap, size: u64) -> Result<(StatusCode, ByteRange), ApiError> {
+/// header is ignored (RFC 9110 allows serving the whole representation), and so is a Range
+/// whose If-Range does not name the current representation ([`if_range_holds`]).
+fn requested_range(
+    headers: &HeaderMap,
+    row: &UploadRow,
+) -> Result<(StatusCode, ByteRange), ApiError> {
+    let size = row.size_bytes as u64;
     let full = (StatusCode::OK, ByteRange::full(size));
     let Some(raw) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
         return Ok(full);
     };
+    if !if_range_holds(headers, &etag(row)) {
+        return Ok(full);
+    }
     match parse_range(raw, size) {
         RangeAnswer::Full => Ok(full),
         RangeAnswer::Partial(r) => Ok((StatusCode::PARTIAL_CONTENT, r)),
         RangeAnswer::Unsatisfiable => Err(ApiError::RangeNotSatisfiable { size }),
+    }
+}
+
+/// RFC 9110 §13.1.5: a client resuming a partial copy sends the validator it has in
+/// If-Range, and gets the rest only while that is still the current representation; any
+/// other validator gets the whole file (no second round trip for a stale copy). Only a
+/// strong ETag can match, compared strongly: a weak tag (ours or the client's) never does,
+/// nor an HTTP-date (we send no Last-Modified), nor anything unparseable. If-Range is a
+/// singleton: sent twice, there is no one validator to hold.
+fn if_range_holds(headers: &HeaderMap, etag: &str) -> bool {
+    let mut values = headers.get_all(header::IF_RANGE).iter();
+    match (values.next(), values.next()) {
+        (None, _) => true,
+        (Some(v), None) => {
+            let sent = v.as_bytes().trim_ascii();
+            !etag.starts_with("W/") && sent == etag.as_bytes()
+        }
+        (Some(_), Some(_)) => false,
     }
 }
 
@@ -429,6 +455,15 @@ pub fn content_disposition(name: &str) -> String {
     format!("attachment; filename=\"{quoted}\"; filename*=UTF-8''{encoded}")
 }
 
+/// A strong ETag from the content's sha256 when the row has one; rows written by the
+/// platform or an older binary have none: a weak tag then (SPEC §4 Fetch).
+fn etag(row: &UploadRow) -> String {
+    match &row.content_sha256 {
+        Some(d) => format!("\"{}\"", hex::encode(d)),
+        None => format!("W/\"{}\"", row.file_id.hyphenated()),
+    }
+}
+
 fn respond(row: &UploadRow, status: StatusCode, range: ByteRange, body: Body) -> Response {
     let size = row.size_bytes as u64;
     let mut resp = Response::new(body);
@@ -449,18 +484,14 @@ fn respond(row: &UploadRow, status: StatusCode, range: ByteRange, body: Body) ->
     if let Ok(v) = HeaderValue::from_str(&content_disposition(&row.filename)) {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
-    // A strong ETag (and RFC 9530 Repr-Digest) from the content's sha256 when the row has
-    // one; rows written by the platform or an older binary have none: a weak tag then.
-    let (etag, digest) = match &row.content_sha256 {
-        Some(d) => (
-            format!("\"{}\"", hex::encode(d)),
-            Some(format!("sha-256=:{}:", STANDARD.encode(d))),
-        ),
-        None => (format!("W/\"{}\"", row.file_id.hyphenated()), None),
-    };
-    if let Ok(v) = HeaderValue::from_str(&etag) {
+    if let Ok(v) = HeaderValue::from_str(&etag(row)) {
         h.insert(header::ETAG, v);
     }
+    // RFC 9530, from the same sha256 as the strong ETag.
+    let digest = row
+        .content_sha256
+        .as_ref()
+        .map(|d| format!("sha-256=:{}:", STANDARD.encode(d)));
     if let Some(v) = digest.and_then(|d| HeaderValue::from_str(&d).ok()) {
         h.insert(HeaderName::from_static("repr-digest"), v);
     }
@@ -575,6 +606,35 @@ mod tests {
         for (raw, want) in cases {
             assert_eq!(parse_range(raw, 10), want, "{raw}");
         }
+    }
+
+    #[test]
+    fn if_ranges() {
+        let strong = "\"ab12\"";
+        let holds = |etag: &str, sent: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in sent {
+                h.append(header::IF_RANGE, HeaderValue::from_static(v));
+            }
+            if_range_holds(&h, etag)
+        };
+        assert!(holds(strong, &[]), "no If-Range: the Range stands");
+        assert!(holds(strong, &["\"ab12\""]));
+        assert!(holds(strong, &[" \"ab12\" "]), "optional whitespace");
+        assert!(!holds(strong, &["\"AB12\""]), "opaque tags compare exactly");
+        assert!(!holds(strong, &["W/\"ab12\""]), "a weak tag never matches");
+        assert!(
+            !holds("W/\"ab12\"", &["W/\"ab12\""]),
+            "nor does ours when weak"
+        );
+        assert!(
+            !holds(strong, &["Wed, 21 Oct 2015 07:28:00 GMT"]),
+            "no Last-Modified"
+        );
+        assert!(
+            !holds(strong, &["\"ab12\"", "\"ab12\""]),
+            "a singleton sent twice"
+        );
     }
 
     #[test]

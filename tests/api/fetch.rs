@@ -200,6 +200,107 @@ async fn ranges() {
     assert_eq!(resp.headers()["content-length"], "2");
 }
 
+/// RFC 9110 §13.1.5: a Range sent with If-Range is served only while the If-Range validator
+/// is the current strong ETag (strong comparison); otherwise the whole file, as if no Range
+/// had been sent. A weak tag never matches, nor a date (no Last-Modified is sent). If-Range
+/// without Range changes nothing. HEAD answers the headers GET would.
+#[tokio::test]
+async fn if_range_serves_the_range_only_for_the_current_strong_etag() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    let data = bytes(1000, 9);
+    let out = app
+        .upload_ok(
+            ws,
+            &token,
+            &[
+                ("s.bin", "application/octet-stream", data.clone()),
+                ("w.bin", "application/octet-stream", data.clone()),
+            ],
+        )
+        .await;
+    let (fid, weak_fid) = (file_id(&out[0]), file_id(&out[1]));
+    // as the platform or an older binary writes it: no digest, a weak ETag
+    sqlx::query("UPDATE pending_uploads SET content_sha256 = NULL WHERE file_id = $1")
+        .bind(weak_fid)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let strong = format!("\"{}\"", hex::encode(Sha256::digest(&data)));
+    let weak = format!("W/\"{weak_fid}\"");
+    let other = format!("\"{}\"", hex::encode(Sha256::digest(b"other")));
+    let weakened = format!("W/{strong}");
+    let n = data.len();
+    let (range, past_end) = (Some("bytes=10-19"), Some("bytes=2000-"));
+    let (ok, partial, unsatisfiable) = (
+        StatusCode::OK,
+        StatusCode::PARTIAL_CONTENT,
+        StatusCode::RANGE_NOT_SATISFIABLE,
+    );
+    let tens = Some((10, 19));
+    type Case<'a> = (
+        Uuid,
+        Option<&'a str>,
+        Option<&'a str>,
+        StatusCode,
+        Option<(usize, usize)>,
+    );
+    let cases: Vec<Case> = vec![
+        (fid, range, Some(&strong), partial, tens),
+        (fid, range, Some(&other), ok, None),
+        (fid, range, Some("W/\"abc\""), ok, None),
+        (fid, range, Some(&weakened), ok, None),
+        (fid, range, Some("Wed, 21 Oct 2015 07:28:00 GMT"), ok, None),
+        (fid, range, Some("not a validator"), ok, None),
+        (weak_fid, range, Some(&weak), ok, None),
+        (weak_fid, range, None, partial, tens),
+        (fid, None, Some(&strong), ok, None),
+        (fid, None, Some(&other), ok, None),
+        (fid, past_end, Some(&strong), unsatisfiable, None),
+        (fid, past_end, Some(&other), ok, None),
+    ];
+    for (file, range, if_range, status, part) in cases {
+        let case = format!("{file} Range {range:?} If-Range {if_range:?}");
+        for method in [Method::GET, Method::HEAD] {
+            let mut req = app
+                .client
+                .request(method.clone(), app.at(&content_path(ws, file)))
+                .bearer_auth(&token);
+            if let Some(v) = range {
+                req = req.header("Range", v);
+            }
+            if let Some(v) = if_range {
+                req = req.header("If-Range", v);
+            }
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), status, "{method} {case}");
+            if status == unsatisfiable {
+                continue;
+            }
+            let h = resp.headers().clone();
+            let (start, end) = part.unwrap_or((0, n - 1));
+            let tag = if file == fid { &strong } else { &weak };
+            assert_eq!(h["etag"], tag.as_str(), "{method} {case}");
+            assert_eq!(h["accept-ranges"], "bytes", "{method} {case}");
+            assert_eq!(
+                h["content-length"],
+                (end - start + 1).to_string().as_str(),
+                "{method} {case}"
+            );
+            assert_eq!(
+                h.get("content-range")
+                    .map(|v| v.to_str().unwrap().to_string()),
+                part.map(|(a, b)| format!("bytes {a}-{b}/{n}")),
+                "{method} {case}"
+            );
+            if method == Method::GET {
+                let body = resp.bytes().await.unwrap();
+                assert!(body == data[start..=end], "{method} {case}: bytes");
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn missing_expired_and_foreign_files_are_the_same_404() {
     let app = TestApp::start().await;
