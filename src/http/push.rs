@@ -84,7 +84,7 @@ impl Pusher {
                     workspace_id,
                     &target,
                     &cut,
-                    &e,
+                    e,
                     max_request_bytes,
                 ))
             }
@@ -111,16 +111,24 @@ fn send_failure(
     workspace_id: Uuid,
     target: &str,
     cut: &CutFlag,
-    e: &reqwest::Error,
+    e: reqwest::Error,
     max_request_bytes: u64,
 ) -> ApiError {
     if let Some(cut) = cut.get() {
         return cut.answer(max_request_bytes);
     }
-    if is_refusal(e) {
+    if is_refusal(&e) {
         tracing::warn!(%workspace_id, target = %Clip(target), "push address refused at connect time");
         return ApiError::UrlNotAllowed;
     }
-    tracing::warn!(%workspace_id, target = %Clip(target), error = %e, "push delivery failed");
+    tracing::warn!(%workspace_id, target = %Clip(target), error = %Clip(&causes(e)), "push delivery failed");
     ApiError::WorkspaceUnreachable
+}
+
+/// A push client error for the log: its causes, without the URL. reqwest's own text is the
+/// kind and the whole URL ("error sending request for url (...)"), and the URL is the
+/// client's (up to the 64 KiB registration body), so it goes; `target` carries it clipped
+/// (SPEC §10: at most 256 chars of a client's string per line).
+fn causes(e: reqwest::Error) -> String {
+    format!("{:#}", anyhow::Error::new(e.without_url()))
 }

@@ -1373,6 +1373,39 @@ async fn hostile_methods_and_filenames_cannot_bloat_metrics_or_logs() {
     );
 }
 
+/// Registration is unauthenticated and a URL may fill the 64 KiB JSON body: when its push
+/// fails, the log line must not carry it whole (reqwest's error text quotes the URL).
+#[tokio::test]
+async fn a_huge_push_url_that_fails_is_logged_clipped() {
+    let svc = Svc::start(&[("PUSH_ALLOWED_NETWORKS", "127.0.0.0/8")]).await;
+    // Port 9 (discard): nothing listens, so the connection is refused.
+    let url = format!("http://127.0.0.1:9/{}", "a".repeat(60_000));
+    let ws = Uuid::new_v4();
+    let resp = register(
+        &reqwest::Client::new(),
+        &svc,
+        None,
+        &json!({"id": ws, "url": url}),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let token = resp.json::<Value>().await.unwrap()["auth_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let resp = upload_file(&svc, ws, &token, "a.txt", b"hi").await;
+    assert_error(resp, StatusCode::BAD_GATEWAY, "workspace unreachable").await;
+    let mut svc = svc;
+    let out = svc.running.terminate().await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("push delivery failed"),
+        "the failure was logged"
+    );
+    let longest = stderr.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 2000, "a {longest}-byte log line");
+}
+
 #[tokio::test]
 async fn ten_thousand_and_one_files_hit_the_file_quota() {
     // Quiet: 10,000 "staged" lines would fill the stderr pipe nobody reads until the end.
