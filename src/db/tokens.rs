@@ -6,11 +6,13 @@ use uuid::Uuid;
 /// service has already recognised). It yields `caller(ok)`: the admin, or a live token of
 /// this very workspace; and it stamps last_used_at when the stamp is over a minute old.
 /// Queries continue with `, name AS (...)` CTEs and select `caller.ok AS caller_ok`.
+/// `IS DISTINCT FROM`: a platform row's status may be NULL, which is not removed (`<>` would
+/// be NULL, and refuse a live token).
 pub const CALLER: &str = "WITH live AS (
         SELECT t.id, t.last_used_at IS NULL OR t.last_used_at < now() - interval '60 seconds' AS stale
         FROM workspace_auth_tokens t JOIN workspaces w ON w.id = t.workspace_id
         WHERE $2::bytea IS NOT NULL AND t.token_hash = $2 AND t.workspace_id = $1
-          AND t.revoked_at IS NULL AND w.status <> 'removed'),
+          AND t.revoked_at IS NULL AND w.status IS DISTINCT FROM 'removed'),
     touched AS (
         UPDATE workspace_auth_tokens SET last_used_at = now()
         WHERE id IN (SELECT id FROM live WHERE stale)
@@ -68,9 +70,9 @@ pub async fn insert(
     .await
 }
 
-/// A live token (not revoked, its workspace not removed), in one round trip that also
-/// stamps last_used_at when the stamp is over a minute old (auth stays read-mostly; the
-/// UPDATE's own WHERE settles concurrent stamps).
+/// A live token (not revoked, its workspace not removed: a NULL status is live, as in
+/// [`CALLER`]), in one round trip that also stamps last_used_at when the stamp is over a
+/// minute old (auth stays read-mostly; the UPDATE's own WHERE settles concurrent stamps).
 pub async fn find_live(
     db: impl PgExecutor<'_>,
     token_hash: &[u8],
@@ -81,7 +83,7 @@ pub async fn find_live(
                     t.last_used_at IS NULL OR t.last_used_at < now() - interval '60 seconds' AS stale
              FROM workspace_auth_tokens t
              JOIN workspaces w ON w.id = t.workspace_id
-             WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND w.status <> 'removed'),
+             WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND w.status IS DISTINCT FROM 'removed'),
          touched AS (
              UPDATE workspace_auth_tokens SET last_used_at = now()
              WHERE id IN (SELECT id FROM live WHERE stale)

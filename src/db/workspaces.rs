@@ -9,7 +9,10 @@ use super::{
 use crate::api::{self, DeliveryMode, WorkspaceStatus};
 
 /// A workspace row. Mode and status stay text here: rows written by the platform may hold
-/// values this binary never writes (`''`, `offline`, ...), and must still be served.
+/// values this binary never writes (`''`, `offline`, ...), and must still be served. The
+/// platform's own table (SPEC §2; `CREATE TABLE IF NOT EXISTS` keeps it) has name, mode and
+/// status nullable: they are read as `''` ([`COLUMNS`]), which means the same (a push mode,
+/// SPEC §4 Upload step 2; not removed) and keeps the API's strings strings.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Workspace {
     pub id: Uuid,
@@ -40,7 +43,10 @@ impl From<Workspace> for api::Workspace {
     }
 }
 
-const COLUMNS: &str = "id, name, delivery_mode, url, platform_inbound_secret, status, created_at";
+/// The columns of [`Workspace`], NULLs read as `''` (a platform row may hold them).
+const COLUMNS: &str =
+    "id, COALESCE(name, '') AS name, COALESCE(delivery_mode, '') AS delivery_mode,
+     url, platform_inbound_secret, COALESCE(status, '') AS status, created_at";
 
 pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<Workspace>> {
     sqlx::query_as(&format!("SELECT {COLUMNS} FROM workspaces WHERE id = $1"))
@@ -65,8 +71,9 @@ pub async fn for_upload(
     }
     let rows = sqlx::query(&format!(
         "{CALLER}
-         SELECT caller.ok AS caller_ok, w.id, w.name, w.delivery_mode, w.url,
-                w.platform_inbound_secret, w.status, w.created_at,
+         SELECT caller.ok AS caller_ok, w.id, COALESCE(w.name, '') AS name,
+                COALESCE(w.delivery_mode, '') AS delivery_mode, w.url,
+                w.platform_inbound_secret, COALESCE(w.status, '') AS status, w.created_at,
                 GREATEST(0, COALESCE(t.unacked_bytes, 0) - COALESCE(x.b, 0))::bigint AS bytes,
                 GREATEST(0, COALESCE(t.unacked_files, 0) - COALESCE(x.f, 0))::bigint AS files
          FROM caller

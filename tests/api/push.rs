@@ -173,3 +173,70 @@ async fn a_workspace_with_neither_mode_nor_url_is_422_and_an_empty_mode_with_url
     assert_eq!(seen.requests.lock().unwrap().len(), 1);
     app.assert_nothing_staged().await;
 }
+
+/// The platform's own `workspaces` table (SPEC §2) declares name, delivery_mode and status
+/// without NOT NULL or CHECK, and our `CREATE TABLE IF NOT EXISTS` keeps it: NULLs there mean
+/// what their empty values mean (a NULL mode is push, SPEC §4 Upload step 2; a NULL status is
+/// not removed), and are shown as `""`.
+#[tokio::test]
+async fn null_columns_of_a_platform_workspace_row_mean_what_empty_ones_do() {
+    let app = TestApp::start().await;
+    sqlx::query(
+        "ALTER TABLE workspaces DROP CONSTRAINT workspaces_delivery_mode_check,
+             ALTER name DROP NOT NULL, ALTER delivery_mode DROP NOT NULL,
+             ALTER status DROP NOT NULL",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let (ws_url, seen) = fake_workspace().await;
+    let (ws, token) = app.workspace("push", Some(&ws_url)).await;
+    let set_null = |column: &'static str| {
+        let pool = app.pool.clone();
+        async move {
+            sqlx::query(&format!(
+                "UPDATE workspaces SET {column} = NULL WHERE id = $1"
+            ))
+            .bind(ws)
+            .execute(&pool)
+            .await
+        }
+    };
+    let f = [("a.txt", "text/plain", b"a".to_vec())];
+
+    // A NULL mode with a URL is a push workspace: relayed, not a 500.
+    set_null("delivery_mode").await.unwrap();
+    let resp = app.upload(ws, ADMIN, &f).await;
+    assert_eq!(resp.status(), StatusCode::CREATED, "NULL delivery_mode");
+    assert_eq!(seen.requests.lock().unwrap().len(), 1);
+
+    // A NULL name is served as "".
+    set_null("name").await.unwrap();
+    let resp = app.get(&format!("/workspaces/{ws}"), ADMIN).await;
+    assert_eq!(resp.status(), StatusCode::OK, "NULL name");
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!((&v["name"], &v["delivery_mode"]), (&json!(""), &json!("")));
+
+    // A NULL status is not removed: the workspace's own token still works everywhere.
+    set_null("status").await.unwrap();
+    let resp = app.get(&format!("/workspaces/{ws}"), &token).await;
+    assert_eq!(resp.status(), StatusCode::OK, "NULL status, own token");
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["status"], "");
+    let resp = app.upload(ws, &token, &f).await;
+    assert_eq!(resp.status(), StatusCode::CREATED, "upload with own token");
+    assert_eq!(seen.requests.lock().unwrap().len(), 2);
+    // Re-registration with its own token keeps the (NULL) mode and answers.
+    let resp = app
+        .client
+        .post(app.at("/registry/register"))
+        .bearer_auth(&token)
+        .json(&json!({"id": ws, "url": ws_url}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "re-registration");
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["delivery_mode"], "");
+    app.assert_nothing_staged().await;
+}
