@@ -91,7 +91,10 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
     std::fs::create_dir_all(&spool_dir)
         .with_context(|| format!("creating SPOOL_DIR {}", spool_dir.display()))?;
     let push = http::push::Pusher::new(
-        PushPolicy::new(args.push_allowed_networks.clone()),
+        PushPolicy::new(
+            args.push_allowed_networks.clone(),
+            args.max_concurrent_registration_lookups as usize,
+        ),
         args.push_timeout.0,
     )
     .context("building the push HTTP client")?;

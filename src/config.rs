@@ -283,6 +283,12 @@ pub struct ServeArgs {
     /// 127.0.0.0/8 for a receiver on this host). Empty: none.
     #[arg(long, env = "PUSH_ALLOWED_NETWORKS", default_value = "")]
     pub push_allowed_networks: crate::push_target::AllowedNetworks,
+    /// Name lookups of push URLs that registrations may have in flight on this replica; more
+    /// get 503 with Retry-After. Each holds a thread of the blocking pool (512, shared with
+    /// spool writes) until the resolver answers, so at most half of it.
+    #[arg(long, env = "MAX_CONCURRENT_REGISTRATION_LOOKUPS", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub max_concurrent_registration_lookups: u64,
 }
 
 /// How long a client may take (SPEC §10, slow clients).

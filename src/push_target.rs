@@ -5,7 +5,7 @@
 //! a row written by someone else, still cannot reach one.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs},
     str::FromStr,
     sync::Arc,
     time::Duration,
@@ -13,6 +13,7 @@ use std::{
 
 use ipnet::IpNet;
 use reqwest::Url;
+use tokio::sync::Semaphore;
 
 /// Why a push URL or address is refused (for logs; clients see one text).
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -23,6 +24,16 @@ pub struct Refused {
 
 fn refused(reason: &'static str) -> Refused {
     Refused { reason }
+}
+
+/// Why a registration's push URL was not accepted.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum RegistrationCheck {
+    #[error(transparent)]
+    Refused(#[from] Refused),
+    /// Every lookup place of this replica is taken: try again shortly.
+    #[error("too many push URL lookups in progress")]
+    LookupsBusy,
 }
 
 /// `PUSH_ALLOWED_NETWORKS`: comma-separated CIDRs (a bare address is a /32 or /128); empty
@@ -47,18 +58,29 @@ impl FromStr for AllowedNetworks {
     }
 }
 
-/// The push policy: the URL rules plus the networks an operator opened up.
-#[derive(Debug, Clone, Default)]
+/// The push policy: the URL rules plus the networks an operator opened up, and the bound on
+/// registration lookups.
+#[derive(Debug, Clone)]
 pub struct PushPolicy {
     allowed: AllowedNetworks,
+    /// Places for registration lookups in flight (`MAX_CONCURRENT_REGISTRATION_LOOKUPS`). A
+    /// lookup is a getaddrinfo call on tokio's blocking pool (512 threads, shared with spool
+    /// writes) that nothing can cancel: the timeout below only stops waiting for it, and the
+    /// thread stays until the resolver gives up (10 s and more with an unanswering
+    /// nameserver). Registration needs no credential, so without this bound anyone could
+    /// hold the whole pool with names that never resolve.
+    lookups: Arc<Semaphore>,
 }
 
 /// Bounds the name lookup done at registration (the connect-time check does not depend on it).
 const REGISTRATION_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl PushPolicy {
-    pub fn new(allowed: AllowedNetworks) -> Self {
-        PushPolicy { allowed }
+    pub fn new(allowed: AllowedNetworks, max_lookups: usize) -> Self {
+        PushPolicy {
+            allowed,
+            lookups: Arc::new(Semaphore::new(max_lookups.max(1))),
+        }
     }
 
     /// May the push client connect to `ip`?
@@ -100,21 +122,38 @@ impl PushPolicy {
     }
 
     /// The registration check: the URL rules, and every address its name resolves to now.
-    /// A name that does not resolve yet is accepted: the connect-time check still applies.
-    pub async fn check_registration(&self, raw: &str) -> Result<Url, Refused> {
+    /// A name that does not resolve yet (or not within the timeout) is accepted: the
+    /// connect-time check still applies.
+    pub async fn check_registration(&self, raw: &str) -> Result<Url, RegistrationCheck> {
         let url = self.check_url(raw)?;
         if let Some(url::Host::Domain(name)) = url.host() {
             let port = url.port_or_known_default().unwrap_or(80);
-            let lookup = tokio::net::lookup_host((name, port));
-            if let Ok(Ok(addrs)) = tokio::time::timeout(REGISTRATION_LOOKUP_TIMEOUT, lookup).await {
-                for addr in addrs {
-                    if !self.address_allowed(addr.ip()) {
-                        return Err(refused("name resolves to an internal address"));
-                    }
+            for addr in self.lookup(name, port).await? {
+                if !self.address_allowed(addr.ip()) {
+                    return Err(refused("name resolves to an internal address").into());
                 }
             }
         }
         Ok(url)
+    }
+
+    /// The addresses `name` resolves to, empty when it does not resolve within
+    /// [`REGISTRATION_LOOKUP_TIMEOUT`]; `LookupsBusy` when every lookup place is taken. The
+    /// blocking task owns the place, so it is given back when getaddrinfo returns, not when
+    /// this stops waiting.
+    async fn lookup(&self, name: &str, port: u16) -> Result<Vec<SocketAddr>, RegistrationCheck> {
+        let place = (self.lookups.clone())
+            .try_acquire_owned()
+            .map_err(|_| RegistrationCheck::LookupsBusy)?;
+        let target = (name.to_string(), port);
+        let lookup = tokio::task::spawn_blocking(move || {
+            let _place = place;
+            target.to_socket_addrs().map(Iterator::collect)
+        });
+        match tokio::time::timeout(REGISTRATION_LOOKUP_TIMEOUT, lookup).await {
+            Ok(Ok(Ok(addrs))) => Ok(addrs),
+            _ => Ok(Vec::new()),
+        }
     }
 
     /// The resolver the push client connects through: every resolved address must be allowed.
@@ -208,7 +247,7 @@ mod tests {
     use super::*;
 
     fn policy(allowed: &str) -> PushPolicy {
-        PushPolicy::new(allowed.parse().unwrap())
+        PushPolicy::new(allowed.parse().unwrap(), 4)
     }
 
     #[test]

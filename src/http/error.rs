@@ -70,6 +70,9 @@ pub enum ApiError {
     DownloadCapacity,
     #[error("too many downloads in progress for this workspace — retry shortly")]
     WorkspaceDownloadsBusy,
+    /// Registration's push URL lookups are all in flight on this replica (SPEC is silent).
+    #[error("too many push URL lookups in progress — retry shortly")]
+    LookupCapacity,
     #[error("workspace pending-upload quota exceeded")]
     QuotaExceeded { pending_bytes: i64, max: u64 },
     #[error("workspace pending-upload quota exceeded")]
@@ -129,7 +132,7 @@ impl ApiError {
             NoCallbackUrl { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             BodyStalled | BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
             UrlNotRegistered | DatastoreUnavailable | StorageUnavailable | SpoolUnavailable
-            | UploadCapacity | DownloadCapacity => StatusCode::SERVICE_UNAVAILABLE,
+            | UploadCapacity | DownloadCapacity | LookupCapacity => StatusCode::SERVICE_UNAVAILABLE,
             WorkspaceUnreachable => StatusCode::BAD_GATEWAY,
             Rejected { status, .. } => *status,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -172,6 +175,7 @@ impl ApiError {
                 body.code = Some("workspace_busy".into())
             }
             ApiError::DownloadCapacity => body.code = Some("download_capacity".into()),
+            ApiError::LookupCapacity => body.code = Some("lookup_capacity".into()),
             _ => {}
         }
         body
@@ -184,7 +188,9 @@ impl ApiError {
             ApiError::DatastoreUnavailable
             | ApiError::StorageUnavailable
             | ApiError::SpoolUnavailable
-            | ApiError::UrlNotRegistered => Some("5"),
+            | ApiError::UrlNotRegistered
+            // A place frees when a hanging lookup's resolver gives up: seconds, not less.
+            | ApiError::LookupCapacity => Some("5"),
             ApiError::UploadCapacity
             | ApiError::WorkspaceBusy
             | ApiError::DownloadCapacity

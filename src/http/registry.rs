@@ -24,6 +24,7 @@ use crate::{
         workspaces::{NewWorkspace, Workspace},
     },
     logfmt::Clip,
+    push_target::RegistrationCheck,
 };
 
 fn validate_mode(mode: Option<&str>) -> Result<Option<DeliveryMode>, ApiError> {
@@ -60,10 +61,11 @@ async fn callback_url(st: &AppState, url: &Option<String>) -> Result<Option<Stri
     };
     match st.push.policy().check_registration(&raw).await {
         Ok(_) => Ok(Some(raw)),
-        Err(e) => {
+        Err(RegistrationCheck::Refused(e)) => {
             tracing::info!(url = %Clip(&raw), reason = e.reason, "push URL refused at registration");
             Err(ApiError::UrlNotAllowed)
         }
+        Err(RegistrationCheck::LookupsBusy) => Err(ApiError::LookupCapacity),
     }
 }
 
@@ -137,7 +139,7 @@ enum Registration {
         (status = 408, description = "request body too slow", body = api::ErrorBody),
         (status = 409, description = "workspace was removed", body = api::ErrorBody),
         (status = 413, description = "body over 64 KiB", body = api::ErrorBody),
-        (status = 503, description = "datastore unavailable", body = api::ErrorBody),
+        (status = 503, description = "datastore unavailable, or push URL lookups all in progress", body = api::ErrorBody),
     )
 )]
 pub async fn register(
@@ -224,7 +226,7 @@ pub async fn register(
         (status = 408, description = "request body too slow", body = api::ErrorBody),
         (status = 409, description = "workspace already exists", body = api::ErrorBody),
         (status = 413, description = "body over 64 KiB", body = api::ErrorBody),
-        (status = 503, description = "datastore unavailable", body = api::ErrorBody),
+        (status = 503, description = "datastore unavailable, or push URL lookups all in progress", body = api::ErrorBody),
     )
 )]
 pub async fn create(

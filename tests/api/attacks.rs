@@ -406,6 +406,96 @@ async fn a_name_that_rebinds_to_loopback_is_refused_at_connect_time() {
     );
 }
 
+/// A resolver that never answers: a UDP socket on port 53 of a loopback address of its own
+/// that takes queries and never replies. Returns it with the address.
+async fn silent_nameserver() -> (tokio::net::UdpSocket, std::net::Ipv4Addr) {
+    for _ in 0..20 {
+        let [_, b, c] = Uuid::new_v4().as_bytes()[..3] else {
+            unreachable!()
+        };
+        let ip = std::net::Ipv4Addr::new(127, b, c, 53);
+        if let Ok(socket) = tokio::net::UdpSocket::bind((ip, 53)).await {
+            return (socket, ip);
+        }
+    }
+    panic!("no free loopback address for a nameserver");
+}
+
+/// Registration resolves a push URL's name (SPEC §4 Registry) on tokio's blocking pool, which
+/// spool writes share; a timeout abandons the wait, not the thread. Unauthenticated clients
+/// must not be able to fill that pool with lookups a resolver leaves hanging: beyond
+/// MAX_CONCURRENT_REGISTRATION_LOOKUPS a registration is 503 at once, and a lookup keeps its
+/// place until the resolver really gives up, not until the registration stops waiting.
+#[tokio::test]
+async fn registrations_cannot_fill_the_blocking_pool_with_hanging_lookups() {
+    let (dns, dns_ip) = silent_nameserver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let resolv = dir.path().join("resolv.conf");
+    let nsswitch = dir.path().join("nsswitch.conf");
+    std::fs::write(
+        &resolv,
+        format!("nameserver {dns_ip}\noptions timeout:30 attempts:1\n"),
+    )
+    .unwrap();
+    std::fs::write(&nsswitch, "hosts: files dns\n").unwrap();
+    let script = format!(
+        "mount --bind {} /etc/resolv.conf && mount --bind {} /etc/nsswitch.conf && exec {} \"$@\"",
+        resolv.display(),
+        nsswitch.display(),
+        service_bin()
+    );
+    let wrap = ["unshare", "--mount", "sh", "-c", &script, "sh"]
+        .map(String::from)
+        .to_vec();
+    let env = [("MAX_CONCURRENT_REGISTRATION_LOOKUPS", "2")];
+    let svc = Arc::new(Svc::start_on(fresh_db().await, &env, Some(wrap)).await);
+    let client = reqwest::Client::new();
+    let register_at = |host: &str| {
+        let (svc, client) = (svc.clone(), client.clone());
+        let body = json!({"id": Uuid::new_v4(), "url": format!("http://{host}/")});
+        async move {
+            let started = Instant::now();
+            let resp = register(&client, &svc, None, &body).await;
+            (resp, started.elapsed())
+        }
+    };
+    let first = tokio::spawn(register_at("first-lookup.test"));
+    let second = tokio::spawn(register_at("second-lookup.test"));
+    // Both lookups are in flight once the nameserver has been asked for both names.
+    let mut asked = (false, false);
+    let mut packet = [0u8; 512];
+    while asked != (true, true) {
+        let n = tokio::time::timeout(Duration::from_secs(10), dns.recv(&mut packet))
+            .await
+            .expect("both lookups reach the nameserver")
+            .unwrap();
+        let has = |label: &[u8]| packet[..n].windows(label.len()).any(|w| w == label);
+        asked.0 |= has(b"first-lookup");
+        asked.1 |= has(b"second-lookup");
+    }
+    let (resp, took) = register_at("third-lookup.test").await;
+    assert!(took < Duration::from_secs(1), "the third waited {took:?}");
+    assert_eq!(resp.headers().get("retry-after").unwrap(), "5");
+    assert_json(
+        resp,
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({"error": "too many push URL lookups in progress — retry shortly", "code": "lookup_capacity"}),
+    )
+    .await;
+    // The first two give up waiting (a name that does not resolve yet is accepted)...
+    for task in [first, second] {
+        let (resp, took) = task.await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(took >= Duration::from_millis(1500), "answered in {took:?}");
+    }
+    // ...but their lookups still hang on the resolver, and still count.
+    let (resp, _) = register_at("fourth-lookup.test").await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // A URL with an address needs no lookup, and is not refused.
+    let (resp, _) = register_at("93.184.216.34").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
 #[tokio::test]
 async fn a_workspace_whose_tokens_are_revoked_cannot_be_taken_over() {
     let svc = Svc::start(&[]).await;
