@@ -48,13 +48,13 @@ impl FeedQuery {
             }
             v => Ok(v.map(str::to_string)),
         };
-        let limit = match get("limit") {
-            None => DEFAULT_LIMIT,
-            Some(v) => v
-                .parse::<i64>()
-                .map_err(|_| bad("limit must be an integer"))?,
-        }
-        .clamp(1, MAX_LIMIT);
+        // As the platform's own handler reads it (workspace-server, handlers/activity.go): a
+        // limit that is not a positive integer is the default, one over the maximum is the
+        // maximum. Runtimes written against the platform send what it accepts.
+        let limit = match get("limit").and_then(|v| v.parse::<i64>().ok()) {
+            Some(n) if n > 0 => n.min(MAX_LIMIT),
+            _ => DEFAULT_LIMIT,
+        };
         let since_secs = match get("since_secs") {
             None => None,
             Some(v) => match v.parse::<i64>() {
@@ -98,7 +98,7 @@ impl FeedQuery {
         ("method" = Option<String>, Query, description = "method filter"),
         ("since_id" = Option<String>, Query, description = "cursor: rows after this one, oldest first"),
         ("since_secs" = Option<i64>, Query, description = "window (positive; max 30 days)"),
-        ("limit" = Option<i64>, Query, description = "default 100, max 500"),
+        ("limit" = Option<i64>, Query, description = "default 100 (also for a value that is not a positive integer), max 500"),
         ("include" = Option<String>, Query, description = "`peer_info` adds `attachments`"),
         ("wait" = Option<u64>, Query, description = "with since_id: hold the request up to this many seconds (1-60) until a row commits"),
     ),
@@ -248,7 +248,9 @@ mod tests {
             (100, None, None, false)
         );
         assert_eq!(q(&[("limit", "9999")]).unwrap().limit, 500);
-        assert_eq!(q(&[("limit", "-4")]).unwrap().limit, 1);
+        for odd in ["-4", "0", "ten", "1.5"] {
+            assert_eq!(q(&[("limit", odd)]).unwrap().limit, 100, "limit={odd}");
+        }
         assert_eq!(
             q(&[("since_secs", "99999999999")]).unwrap().since_secs,
             Some(MAX_WINDOW_SECS)
@@ -257,7 +259,6 @@ mod tests {
             ("since_secs", "0"),
             ("since_secs", "-1"),
             ("since_secs", "x"),
-            ("limit", "ten"),
             ("since_id", "nope"),
             ("wait", "0"),
             ("wait", "61"),
