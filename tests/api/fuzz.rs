@@ -2147,10 +2147,10 @@ fn feed_model(q: &HashMap<String, String>) -> FeedExp {
     {
         return FeedExp::BadRequest;
     }
-    let limit = match get("limit").map(str::parse::<i64>) {
-        None => 100,
-        Some(Ok(n)) => n.clamp(1, 500),
-        Some(Err(_)) => return FeedExp::BadRequest,
+    // As the platform reads it: not a positive integer is the default.
+    let limit = match get("limit").and_then(|v| v.parse::<i64>().ok()) {
+        Some(n) if n > 0 => n.min(500),
+        _ => 100,
     };
     let since_secs = match get("since_secs").map(str::parse::<i64>) {
         None => None,
