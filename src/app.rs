@@ -130,6 +130,11 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
             args.max_concurrent_downloads_per_workspace,
             &crate::metrics::metrics().downloads_in_progress,
         ),
+        long_poll_slots: Slots::new(
+            args.max_long_polls as usize,
+            args.max_long_polls_per_workspace as usize,
+            &crate::metrics::metrics().long_polls_waiting,
+        ),
         deadlines: Deadlines {
             request_body: d.request_body_timeout.0,
             upload: Pace {

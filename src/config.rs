@@ -271,6 +271,19 @@ pub struct ServeArgs {
         default_value_t = 16
     )]
     pub max_concurrent_downloads_per_workspace: usize,
+    /// Long polls (`wait=`) one workspace may hold waiting on this replica; more get 429 with
+    /// Retry-After. Each upload wakes all of them into a feed query, so without a bound one
+    /// workspace's pollers could turn its uploads into enough queries to take the pool
+    /// (at most 1024).
+    #[arg(long, env = "MAX_LONG_POLLS_PER_WORKSPACE", default_value_t = 32,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub max_long_polls_per_workspace: u64,
+    /// Long polls waiting at once on this replica; more get 503 with Retry-After. Below
+    /// MAX_CONNECTIONS, so waiting polls cannot take the connections other requests need
+    /// (10,000 waiting polls hold ~115 MiB; at most 1000000).
+    #[arg(long, env = "MAX_LONG_POLLS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_long_polls: u64,
     /// Open client connections per replica; further connections wait in the listen backlog.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 16_384)]
     pub max_connections: usize,

@@ -201,7 +201,7 @@ impl Metrics {
             long_polls_waiting: r.add(
                 IntGauge::with_opts(opts(
                     "long_polls_waiting",
-                    "Activity requests held open by wait=",
+                    "Long polls (wait=) waiting, each holding one of the MAX_LONG_POLLS slots",
                 ))
                 .expect("valid metric"),
             ),

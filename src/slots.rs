@@ -5,7 +5,9 @@
 //! own task, which a client that goes cannot stop), or of a push workspace's relayed answer.
 //! Downloads: `MAX_CONCURRENT_DOWNLOADS` and `MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE` the same
 //! way, a slot held while the body streams: a client that stops reading keeps a slice in memory,
-//! so without a bound thousands of such clients would hold gigabytes. Slots are released by
+//! so without a bound thousands of such clients would hold gigabytes. Long polls:
+//! `MAX_LONG_POLLS` and `MAX_LONG_POLLS_PER_WORKSPACE`, a slot held while the request waits
+//! (every commit wakes the workspace's waiting polls into a query each). Slots are released by
 //! drop, whatever ends the request.
 
 use std::{
@@ -33,7 +35,8 @@ pub struct Slots {
     /// never larger than the replica's slot count.
     held: Arc<Mutex<HashMap<Uuid, usize>>>,
     per_workspace: usize,
-    /// Counts the slots held (`uploads_in_progress`, `downloads_in_progress`).
+    /// Counts the slots held (`uploads_in_progress`, `downloads_in_progress`,
+    /// `long_polls_waiting`).
     gauge: &'static IntGauge,
 }
 

@@ -15,6 +15,7 @@ use crate::{
     api::{self, attachment_kind, ActivityRow, Attachment},
     auth::Credential,
     db::{self, activity::Filter, Checked},
+    slots::{Refused, Slot},
 };
 
 const DEFAULT_LIMIT: i64 = 100;
@@ -107,7 +108,8 @@ impl FeedQuery {
         (status = 400, description = "invalid parameter", body = api::ErrorBody),
         (status = 401, description = "missing or invalid bearer", body = api::ErrorBody),
         (status = 410, description = "since_id cursor not found", body = api::ErrorBody),
-        (status = 503, description = "datastore unavailable", body = api::ErrorBody),
+        (status = 429, description = "the workspace has MAX_LONG_POLLS_PER_WORKSPACE long polls waiting (Retry-After)", body = api::ErrorBody),
+        (status = 503, description = "datastore unavailable, or MAX_LONG_POLLS long polls waiting (Retry-After)", body = api::ErrorBody),
     )
 )]
 pub async fn list(
@@ -127,8 +129,8 @@ pub async fn list(
     // Long poll: subscribe first, so a row committing between the query and the wait still
     // wakes us; a waiting request holds no database connection.
     let subscription = st.hub.subscribe(workspace_id);
-    let _waiting = WaitingGauge::enter();
     let deadline = tokio::time::Instant::now() + wait;
+    let mut slot = None;
     loop {
         let woken = subscription.notify().notified();
         tokio::pin!(woken);
@@ -136,6 +138,11 @@ pub async fn list(
         let rows = Box::pin(fetch(&st, workspace_id, credential, &query)).await?;
         if !rows.is_empty() || tokio::time::Instant::now() >= deadline {
             return Ok(Json(project(rows, &query)));
+        }
+        // Taken once the caller is checked and there is nothing to answer; held to the end
+        // of the request (released by drop, however it ends).
+        if slot.is_none() {
+            slot = Some(wait_slot(&st, workspace_id)?);
         }
         tokio::select! {
             _ = &mut woken => {}
@@ -146,20 +153,17 @@ pub async fn list(
     }
 }
 
-/// Counts a long poll in `long_polls_waiting` while it is held.
-struct WaitingGauge;
-
-impl WaitingGauge {
-    fn enter() -> WaitingGauge {
-        crate::metrics::metrics().long_polls_waiting.inc();
-        WaitingGauge
-    }
-}
-
-impl Drop for WaitingGauge {
-    fn drop(&mut self) {
-        crate::metrics::metrics().long_polls_waiting.dec();
-    }
+/// A place to wait (counted in `long_polls_waiting`): every commit in the workspace wakes
+/// each waiting poll into a feed query, so one workspace's pollers are bounded
+/// (`MAX_LONG_POLLS_PER_WORKSPACE`) or its uploads could take the connection pool from
+/// everyone; the replica's are too (`MAX_LONG_POLLS`), below its connection cap.
+fn wait_slot(st: &AppState, workspace_id: Uuid) -> Result<Slot, ApiError> {
+    st.long_poll_slots
+        .acquire(workspace_id)
+        .map_err(|refused| match refused {
+            Refused::Replica => ApiError::LongPollCapacity,
+            Refused::Workspace => ApiError::WorkspaceLongPollsBusy,
+        })
 }
 
 /// One read of the feed (one round trip, the caller check included): after the cursor

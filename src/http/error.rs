@@ -70,6 +70,11 @@ pub enum ApiError {
     DownloadCapacity,
     #[error("too many downloads in progress for this workspace — retry shortly")]
     WorkspaceDownloadsBusy,
+    #[error("too many long polls waiting for this workspace — retry shortly")]
+    WorkspaceLongPollsBusy,
+    /// Every long poll slot of this replica is taken (SPEC is silent).
+    #[error("too many long polls waiting — retry shortly")]
+    LongPollCapacity,
     /// Registration's push URL lookups are all in flight on this replica (SPEC is silent).
     #[error("too many push URL lookups in progress — retry shortly")]
     LookupCapacity,
@@ -126,13 +131,16 @@ impl ApiError {
             QuotaExceeded { .. }
             | FileQuotaExceeded { .. }
             | WorkspaceBusy
-            | WorkspaceDownloadsBusy => StatusCode::TOO_MANY_REQUESTS,
+            | WorkspaceDownloadsBusy
+            | WorkspaceLongPollsBusy => StatusCode::TOO_MANY_REQUESTS,
             CursorGone => StatusCode::GONE,
             RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             NoCallbackUrl { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             BodyStalled | BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
             UrlNotRegistered | DatastoreUnavailable | StorageUnavailable | SpoolUnavailable
-            | UploadCapacity | DownloadCapacity | LookupCapacity => StatusCode::SERVICE_UNAVAILABLE,
+            | UploadCapacity | DownloadCapacity | LookupCapacity | LongPollCapacity => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             WorkspaceUnreachable => StatusCode::BAD_GATEWAY,
             Rejected { status, .. } => *status,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -171,11 +179,12 @@ impl ApiError {
             ApiError::StorageUnavailable => body.code = Some("storage_unavailable".into()),
             ApiError::SpoolUnavailable => body.code = Some("spool_unavailable".into()),
             ApiError::UploadCapacity => body.code = Some("upload_capacity".into()),
-            ApiError::WorkspaceBusy | ApiError::WorkspaceDownloadsBusy => {
-                body.code = Some("workspace_busy".into())
-            }
+            ApiError::WorkspaceBusy
+            | ApiError::WorkspaceDownloadsBusy
+            | ApiError::WorkspaceLongPollsBusy => body.code = Some("workspace_busy".into()),
             ApiError::DownloadCapacity => body.code = Some("download_capacity".into()),
             ApiError::LookupCapacity => body.code = Some("lookup_capacity".into()),
+            ApiError::LongPollCapacity => body.code = Some("long_poll_capacity".into()),
             _ => {}
         }
         body
@@ -194,7 +203,10 @@ impl ApiError {
             ApiError::UploadCapacity
             | ApiError::WorkspaceBusy
             | ApiError::DownloadCapacity
-            | ApiError::WorkspaceDownloadsBusy => Some("2"),
+            | ApiError::WorkspaceDownloadsBusy
+            // A waiting poll frees its place when a row commits or its wait ends.
+            | ApiError::WorkspaceLongPollsBusy
+            | ApiError::LongPollCapacity => Some("2"),
             _ => None,
         }
     }

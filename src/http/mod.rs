@@ -74,6 +74,8 @@ pub struct Shared {
     pub accepting: Arc<AtomicBool>,
     pub upload_slots: Slots,
     pub download_slots: Slots,
+    /// Long polls waiting (SPEC §10: each upload wakes its workspace's into a query each).
+    pub long_poll_slots: Slots,
     pub deadlines: Deadlines,
     pub hub: Hub,
     /// fetched_at stamps of handed-over downloads, written in batches.

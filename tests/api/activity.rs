@@ -361,3 +361,158 @@ async fn a_waiting_poll_is_answered_when_an_upload_commits() {
         started.elapsed()
     );
 }
+
+/// A child service's workspace with a cursor to long-poll after.
+struct Poller {
+    base: String,
+    ws: Uuid,
+    token: String,
+    cursor: Uuid,
+}
+
+impl Poller {
+    async fn new(base: &str, pool: &sqlx::PgPool) -> Poller {
+        let (ws, token) = register_poll(base).await;
+        let cursor = sqlx::query_scalar(
+            "INSERT INTO activity_logs (workspace_id, activity_type, summary) \
+             VALUES ($1, 'seed', 'seed') RETURNING id",
+        )
+        .bind(ws)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        Poller {
+            base: base.to_string(),
+            ws,
+            token,
+            cursor,
+        }
+    }
+
+    /// A long poll of up to a minute, answered in its own task.
+    fn wait(&self) -> tokio::task::JoinHandle<reqwest::Response> {
+        let url = format!(
+            "{}/workspaces/{}/activity?since_id={}&wait=60",
+            self.base, self.ws, self.cursor
+        );
+        let token = self.token.clone();
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+        })
+    }
+
+    /// A long poll that must be refused at once.
+    async fn refused(&self) -> reqwest::Response {
+        tokio::time::timeout(std::time::Duration::from_secs(5), self.wait())
+            .await
+            .expect("refused at once, not held")
+            .unwrap()
+    }
+
+    async fn upload(&self, name: &'static str) {
+        let part = reqwest::multipart::Part::bytes(bytes(64, 1)).file_name(name);
+        let resp = reqwest::Client::new()
+            .post(format!("{}/workspaces/{}/chat/uploads", self.base, self.ws))
+            .bearer_auth(&self.token)
+            .multipart(reqwest::multipart::Form::new().part("files", part))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+}
+
+const WAITING: &str = "pending_uploads_long_polls_waiting";
+
+/// One workspace holds at most MAX_LONG_POLLS_PER_WORKSPACE waiting long polls: beyond, 429
+/// at once (an upload would otherwise wake any number of them into a query each, and take the
+/// pool from every other workspace). Other workspaces still wait, and a place comes back when
+/// a poll ends, whether answered or dropped. Waiting polls are counted exactly.
+#[tokio::test]
+async fn long_polls_beyond_the_workspace_bound_get_429() {
+    let db = fresh_db().await;
+    let port = free_port();
+    let mut cmd = bin_command(&db);
+    cmd.env("MAX_LONG_POLLS_PER_WORKSPACE", "2");
+    let _service = spawn_service(cmd, port).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let pool = sqlx::PgPool::connect(&db).await.unwrap();
+    let (mut a, b) = (
+        Poller::new(&base, &pool).await,
+        Poller::new(&base, &pool).await,
+    );
+
+    let first = a.wait();
+    let second = a.wait();
+    wait_for_metric(&base, WAITING, 2.0).await;
+    assert_retry_later(
+        a.refused().await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "2",
+        json!({"error": "too many long polls waiting for this workspace — retry shortly", "code": "workspace_busy"}),
+    )
+    .await;
+    let other = b.wait();
+    wait_for_metric(&base, WAITING, 3.0).await;
+
+    // A poll whose client goes frees its place.
+    first.abort();
+    wait_for_metric(&base, WAITING, 2.0).await;
+    let third = a.wait();
+    wait_for_metric(&base, WAITING, 3.0).await;
+    assert!(!second.is_finished() && !third.is_finished() && !other.is_finished());
+
+    // An upload answers the workspace's polls, and frees their places.
+    a.upload("new.bin").await;
+    for poll in [second, third] {
+        let resp = tokio::time::timeout(std::time::Duration::from_secs(5), poll)
+            .await
+            .expect("answered by the upload")
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let rows: Vec<Value> = resp.json().await.unwrap();
+        assert_eq!(rows[0]["summary"], "chat_upload_receive: new.bin");
+        a.cursor = rows[0]["id"].as_str().unwrap().parse().unwrap();
+    }
+    wait_for_metric(&base, WAITING, 1.0).await;
+    let again = a.wait();
+    wait_for_metric(&base, WAITING, 2.0).await;
+    assert!(!again.is_finished() && !other.is_finished());
+}
+
+/// The replica holds at most MAX_LONG_POLLS waiting long polls, whatever the workspaces:
+/// beyond, 503 at once, so waiting polls never take the connections other requests need.
+#[tokio::test]
+async fn long_polls_beyond_the_replica_bound_get_503() {
+    let db = fresh_db().await;
+    let port = free_port();
+    let mut cmd = bin_command(&db);
+    cmd.env("MAX_LONG_POLLS", "2");
+    let _service = spawn_service(cmd, port).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let pool = sqlx::PgPool::connect(&db).await.unwrap();
+    let (a, b, c) = (
+        Poller::new(&base, &pool).await,
+        Poller::new(&base, &pool).await,
+        Poller::new(&base, &pool).await,
+    );
+    let _a = a.wait();
+    let b_waits = b.wait();
+    wait_for_metric(&base, WAITING, 2.0).await;
+    assert_retry_later(
+        c.refused().await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "2",
+        json!({"error": "too many long polls waiting — retry shortly", "code": "long_poll_capacity"}),
+    )
+    .await;
+    b_waits.abort();
+    wait_for_metric(&base, WAITING, 1.0).await;
+    let _c = c.wait();
+    wait_for_metric(&base, WAITING, 2.0).await;
+}
