@@ -184,10 +184,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let gauges = tokio::spawn(refresh_gauges_forever(service.state.db.clone()));
     let listen = tokio::spawn(service.state.hub.clone().listen_forever(pool.clone()));
     let batches = Batches::start(&service.state);
-    let accepting = service.state.accepting.clone();
+    let state = service.state.clone();
     let shutdown = async move {
         shutdown_signal().await;
-        accepting.store(false, std::sync::atomic::Ordering::SeqCst);
+        state.stop_accepting();
         tracing::info!("shutdown requested: draining");
     };
     http::serve(

@@ -165,8 +165,49 @@ async fn verify(path: &Path, size: u64, expected: &Expected) -> io::Result<bool>
 }
 
 /// How long a long poll waits for a new row; the agent falls back to plain polling when the
-/// service answers an empty long poll much sooner (it does not know `wait`).
+/// service answers empty long polls much sooner (it does not know `wait`).
 const LONG_POLL: Duration = Duration::from_secs(25);
+/// Empty answers in a row, each long before its wait ended, that make the agent take the
+/// service for one without long polls. One is not enough: a replica that is shutting down
+/// answers its waiting polls `[]` at once, and the next poll reaches another replica.
+const EARLY_EMPTY_ANSWERS: u32 = 3;
+
+/// Whether the agent long-polls, judged from how its passes went.
+#[derive(Debug, Default)]
+struct LongPolls {
+    early_empty: u32,
+    off: bool,
+}
+
+impl LongPolls {
+    /// The wait of the next pass's long poll, if any.
+    fn wait(&self) -> Option<Duration> {
+        (!self.off).then_some(LONG_POLL)
+    }
+
+    /// A pass found something: the next one long-polls at once.
+    fn found(&mut self) {
+        self.early_empty = 0;
+    }
+
+    /// A pass found nothing after `elapsed`: the pause before the next one.
+    fn found_nothing(&mut self, elapsed: Duration, interval: Duration) -> Duration {
+        if self.off {
+            return interval;
+        }
+        if elapsed >= LONG_POLL / 2 {
+            self.early_empty = 0;
+            return Duration::ZERO;
+        }
+        self.early_empty += 1;
+        if self.early_empty < EARLY_EMPTY_ANSWERS {
+            return Duration::ZERO;
+        }
+        self.off = true;
+        tracing::info!("the service answers without waiting: polling every interval");
+        interval
+    }
+}
 
 pub struct Agent {
     cfg: AgentConfig,
@@ -326,34 +367,25 @@ impl Agent {
     /// off (with jitter) while the platform is down.
     pub async fn run_forever(&self, interval: Duration) {
         let mut failures = 0;
-        let mut long_polls = true;
+        let mut long_polls = LongPolls::default();
         loop {
             let started = Instant::now();
-            let wait = long_polls.then_some(LONG_POLL);
-            let pause = match self.pass(wait).await {
-                Ok(r) => {
+            let pause = match self.pass(long_polls.wait()).await {
+                Ok(r) if r != PassReport::default() => {
                     failures = 0;
-                    if r != PassReport::default() {
-                        tracing::info!(
-                            staged = r.staged,
-                            present = r.already_present,
-                            gone = r.gone,
-                            failed = r.failed,
-                            "agent pass"
-                        );
-                        Duration::ZERO
-                    } else if long_polls && started.elapsed() < LONG_POLL / 2 {
-                        // An empty answer long before the wait ended: no long polls here.
-                        long_polls = false;
-                        tracing::info!(
-                            "the service answers without waiting: polling every interval"
-                        );
-                        interval
-                    } else if long_polls {
-                        Duration::ZERO
-                    } else {
-                        interval
-                    }
+                    long_polls.found();
+                    tracing::info!(
+                        staged = r.staged,
+                        present = r.already_present,
+                        gone = r.gone,
+                        failed = r.failed,
+                        "agent pass"
+                    );
+                    Duration::ZERO
+                }
+                Ok(_) => {
+                    failures = 0;
+                    long_polls.found_nothing(started.elapsed(), interval)
                 }
                 Err(e) => {
                     failures += 1;
@@ -561,6 +593,25 @@ impl Agent {
 mod tests {
     use super::*;
     use reqwest::header::HeaderValue;
+
+    #[test]
+    fn long_polls_stop_only_after_several_early_empty_answers() {
+        let (early, full, interval) =
+            (Duration::from_millis(50), LONG_POLL, Duration::from_secs(5));
+        let mut polls = LongPolls::default();
+        // A replica shutting down answers at once; the next poll waits its whole wait.
+        assert_eq!(polls.found_nothing(early, interval), Duration::ZERO);
+        assert_eq!(polls.found_nothing(full, interval), Duration::ZERO);
+        assert_eq!(polls.found_nothing(early, interval), Duration::ZERO);
+        polls.found();
+        assert_eq!(polls.found_nothing(early, interval), Duration::ZERO);
+        assert_eq!(polls.found_nothing(early, interval), Duration::ZERO);
+        assert_eq!(polls.wait(), Some(LONG_POLL), "two in a row are not enough");
+        // A service that does not know `wait=`: every answer is early.
+        assert_eq!(polls.found_nothing(early, interval), interval);
+        assert_eq!(polls.wait(), None);
+        assert_eq!(polls.found_nothing(early, interval), interval);
+    }
 
     #[test]
     fn what_a_download_is_checked_against() {

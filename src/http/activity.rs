@@ -136,7 +136,8 @@ pub async fn list(
         tokio::pin!(woken);
         woken.as_mut().enable();
         let rows = Box::pin(fetch(&st, workspace_id, credential, &query)).await?;
-        if !rows.is_empty() || tokio::time::Instant::now() >= deadline {
+        // A replica shutting down does not start a wait (see `AppState::stop_accepting`).
+        if !rows.is_empty() || tokio::time::Instant::now() >= deadline || !st.is_accepting() {
             return Ok(Json(project(rows, &query)));
         }
         // Taken once the caller is checked and there is nothing to answer; held to the end
@@ -149,6 +150,12 @@ pub async fn list(
             _ = tokio::time::sleep_until(deadline) => {
                 tracing::debug!(%workspace_id, %cursor, "long poll ended with nothing new");
             }
+        }
+        // Woken by the shutdown: answer as an ended wait does, without one more query per
+        // waiter (thousands at once, while the replica drains). The client's cursor has not
+        // moved, so another replica answers it whatever committed meanwhile.
+        if !st.is_accepting() {
+            return Ok(Json(Vec::new()));
         }
     }
 }

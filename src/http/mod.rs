@@ -70,7 +70,8 @@ pub struct Shared {
     pub spool_dir: PathBuf,
     pub spool_memory: SpoolMemory,
     pub push: push::Pusher,
-    /// False once shutdown starts: /readyz answers 503 so load balancers drain us first.
+    /// False once shutdown starts (`stop_accepting`): /readyz answers 503 so load balancers
+    /// drain us first, and long polls stop waiting.
     pub accepting: Arc<AtomicBool>,
     pub upload_slots: Slots,
     pub download_slots: Slots,
@@ -94,6 +95,16 @@ pub struct Deadlines {
 impl AppState {
     pub fn is_accepting(&self) -> bool {
         self.accepting.load(Ordering::SeqCst)
+    }
+
+    /// Shutdown starts: /readyz answers 503, and every waiting long poll answers now, as a
+    /// wait that ended does, so its client asks another replica (held to the end of its
+    /// wait, up to a minute, it would keep the drain for its whole deadline and then be cut
+    /// without an answer). The flag is set before the wake: a poll that subscribes after the
+    /// wake sees it before it waits.
+    pub fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::SeqCst);
+        self.hub.wake_all();
     }
 }
 

@@ -219,3 +219,58 @@ async fn sigterm_finishes_an_upload_in_flight_then_exits() {
         .unwrap();
     assert_eq!(rows, 1, "the in-flight upload was staged");
 }
+
+/// SIGTERM ends the wait of every waiting long poll: it answers `[]` at once, as a wait that
+/// ended does, so its client asks another replica, and the process exits without waiting out
+/// the drain deadline (30 s, after which the poll used to be cut without an answer).
+#[tokio::test]
+async fn sigterm_answers_waiting_long_polls_at_once_then_exits() {
+    let db = fresh_db().await;
+    let port = free_port();
+    let mut service = spawn_service(bin_command(&db), port).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let (ws, token) = register_poll(&base).await;
+    let pool = sqlx::PgPool::connect(&db).await.unwrap();
+    let cursor: Uuid = sqlx::query_scalar(
+        "INSERT INTO activity_logs (workspace_id, activity_type, summary) \
+         VALUES ($1, 'seed', 'seed') RETURNING id",
+    )
+    .bind(ws)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let poll = tokio::spawn(
+        reqwest::Client::new()
+            .get(format!(
+                "{base}/workspaces/{ws}/activity?since_id={cursor}&wait=60"
+            ))
+            .bearer_auth(token)
+            .send(),
+    );
+    wait_for_metric(&base, "pending_uploads_long_polls_waiting", 1.0).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let pid = service.0.as_ref().unwrap().id().to_string();
+    let signalled = std::time::Instant::now();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let resp = tokio::time::timeout(Duration::from_secs(3), poll)
+        .await
+        .expect("the waiting poll answered within 3 s of SIGTERM")
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.json::<serde_json::Value>().await.unwrap(), json!([]));
+    let out = tokio::time::timeout(Duration::from_secs(10), service.terminate_wait())
+        .await
+        .expect("the process exited within 10 s of SIGTERM, not after the drain deadline");
+    assert!(out.status.success(), "clean exit");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "exited {:?} after SIGTERM",
+        signalled.elapsed()
+    );
+}
