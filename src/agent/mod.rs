@@ -164,51 +164,9 @@ async fn verify(path: &Path, size: u64, expected: &Expected) -> io::Result<bool>
         })
 }
 
-/// How long a long poll waits for a new row; the agent falls back to plain polling when the
-/// service answers empty long polls much sooner (it does not know `wait`).
+/// How long a long poll waits for a new row. An empty answer long before that (a service
+/// without long polls, or a replica shutting down) is followed by the poll interval.
 const LONG_POLL: Duration = Duration::from_secs(25);
-/// Empty answers in a row, each long before its wait ended, that make the agent take the
-/// service for one without long polls. One is not enough: a replica that is shutting down
-/// answers its waiting polls `[]` at once, and the next poll reaches another replica.
-const EARLY_EMPTY_ANSWERS: u32 = 3;
-
-/// Whether the agent long-polls, judged from how its passes went.
-#[derive(Debug, Default)]
-struct LongPolls {
-    early_empty: u32,
-    off: bool,
-}
-
-impl LongPolls {
-    /// The wait of the next pass's long poll, if any.
-    fn wait(&self) -> Option<Duration> {
-        (!self.off).then_some(LONG_POLL)
-    }
-
-    /// A pass found something: the next one long-polls at once.
-    fn found(&mut self) {
-        self.early_empty = 0;
-    }
-
-    /// A pass found nothing after `elapsed`: the pause before the next one.
-    fn found_nothing(&mut self, elapsed: Duration, interval: Duration) -> Duration {
-        if self.off {
-            return interval;
-        }
-        if elapsed >= LONG_POLL / 2 {
-            self.early_empty = 0;
-            return Duration::ZERO;
-        }
-        self.early_empty += 1;
-        if self.early_empty < EARLY_EMPTY_ANSWERS {
-            return Duration::ZERO;
-        }
-        self.off = true;
-        tracing::info!("the service answers without waiting: polling every interval");
-        interval
-    }
-}
-
 pub struct Agent {
     cfg: AgentConfig,
     http: reqwest::Client,
@@ -364,28 +322,29 @@ impl Agent {
 
     /// Passes forever. Between passes it long-polls the feed, so a new upload is fetched as
     /// soon as it commits; against a service without long polls it sleeps `interval`. Backs
-    /// off (with jitter) while the platform is down.
+    /// off (with jitter) while the platform is down, and waits `interval` after a pass in
+    /// which a file failed (a file that fails every time must not spin the loop).
     pub async fn run_forever(&self, interval: Duration) {
         let mut failures = 0;
-        let mut long_polls = LongPolls::default();
         loop {
             let started = Instant::now();
-            let pause = match self.pass(long_polls.wait()).await {
-                Ok(r) if r != PassReport::default() => {
+            // A long poll needs a cursor (SPEC: `wait` with `since_id`): a fresh directory
+            // polls plainly until the feed has a first row. Every pass with a cursor asks to
+            // wait; a service that does not answers at once, and the interval is slept then.
+            let wait = load_cursor(&self.cfg.dir).map(|_| LONG_POLL);
+            let pause = match self.pass(wait).await {
+                Ok(r) => {
                     failures = 0;
-                    long_polls.found();
-                    tracing::info!(
-                        staged = r.staged,
-                        present = r.already_present,
-                        gone = r.gone,
-                        failed = r.failed,
-                        "agent pass"
-                    );
-                    Duration::ZERO
-                }
-                Ok(_) => {
-                    failures = 0;
-                    long_polls.found_nothing(started.elapsed(), interval)
+                    if r != PassReport::default() {
+                        tracing::info!(
+                            staged = r.staged,
+                            present = r.already_present,
+                            gone = r.gone,
+                            failed = r.failed,
+                            "agent pass"
+                        );
+                    }
+                    pause_after(&r, wait.is_some(), started.elapsed(), interval)
                 }
                 Err(e) => {
                     failures += 1;
@@ -589,28 +548,46 @@ impl Agent {
     }
 }
 
+/// The pause before the next pass: none after files were handled (more may be waiting) or
+/// after a long poll that waited (news answered it, or its wait ended); `interval` after a
+/// failed file, and after an empty answer that came at once (no cursor yet, or a service
+/// without long polls).
+fn pause_after(r: &PassReport, waited: bool, took: Duration, interval: Duration) -> Duration {
+    if r.failed > 0 {
+        interval
+    } else if r != &PassReport::default() || (waited && took >= LONG_POLL / 2) {
+        Duration::ZERO
+    } else {
+        interval
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use reqwest::header::HeaderValue;
 
     #[test]
-    fn long_polls_stop_only_after_several_early_empty_answers() {
+    fn the_pause_between_passes() {
         let (early, full, interval) =
             (Duration::from_millis(50), LONG_POLL, Duration::from_secs(5));
-        let mut polls = LongPolls::default();
-        // A replica shutting down answers at once; the next poll waits its whole wait.
-        assert_eq!(polls.found_nothing(early, interval), Duration::ZERO);
-        assert_eq!(polls.found_nothing(full, interval), Duration::ZERO);
-        assert_eq!(polls.found_nothing(early, interval), Duration::ZERO);
-        polls.found();
-        assert_eq!(polls.found_nothing(early, interval), Duration::ZERO);
-        assert_eq!(polls.found_nothing(early, interval), Duration::ZERO);
-        assert_eq!(polls.wait(), Some(LONG_POLL), "two in a row are not enough");
-        // A service that does not know `wait=`: every answer is early.
-        assert_eq!(polls.found_nothing(early, interval), interval);
-        assert_eq!(polls.wait(), None);
-        assert_eq!(polls.found_nothing(early, interval), interval);
+        let nothing = PassReport::default();
+        let staged = PassReport {
+            staged: 1,
+            ..PassReport::default()
+        };
+        let failed = PassReport {
+            failed: 1,
+            ..staged.clone()
+        };
+        // Files handled: straight on; a wait that ended: straight on.
+        assert_eq!(pause_after(&staged, true, early, interval), Duration::ZERO);
+        assert_eq!(pause_after(&nothing, true, full, interval), Duration::ZERO);
+        // No cursor yet, a service without long polls, a replica shutting down, a file
+        // failing every time: the interval, never a spin.
+        assert_eq!(pause_after(&nothing, false, early, interval), interval);
+        assert_eq!(pause_after(&nothing, true, early, interval), interval);
+        assert_eq!(pause_after(&failed, true, full, interval), interval);
     }
 
     #[test]

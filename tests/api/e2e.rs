@@ -572,3 +572,66 @@ async fn the_agent_delivers_rows_the_platform_wrote_without_a_digest() {
         json!({"staged": 0, "already_present": 0, "gone": 0, "failed": 0})
     );
 }
+
+/// An agent started before any upload long-polls once the feed has a first row. Before, its
+/// first pass (no cursor yet, so no `wait`) came back empty at once, and it concluded for good
+/// that the service had no long polls: every later upload waited for its poll interval.
+#[tokio::test]
+async fn an_agent_started_before_any_upload_long_polls_after_the_first() {
+    let env = Env::new("bytea").await;
+    let _service = env.service().await;
+    let (_home, dir, ws, token_file) = laptop(&env).await;
+    let _agent = Running(Some(
+        env.agent(ws, &token_file, &dir, &["--poll-interval", "1s"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    // Its first pass: an empty feed, no cursor, an empty answer at once.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    canvas_upload(&env.base(), ws, &[("first.txt", bytes(10, 1))]).await;
+    for _ in 0..200 {
+        if dir.exists() && files_in(&dir).len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(files_in(&dir).len(), 1, "the first file was staged");
+    // With a cursor now, the agent waits on the feed between uploads.
+    wait_for_metric(&env.base(), "pending_uploads_long_polls_waiting", 1.0).await;
+}
+
+/// A file that fails every pass (here: a different file already under its final name) does
+/// not spin the agent: it waits its poll interval between passes. Before, a pass with a failed
+/// file was followed by the next one at once, as fast as the service answered.
+#[tokio::test]
+async fn a_file_that_keeps_failing_does_not_spin_the_agent() {
+    let env = Env::new("bytea").await;
+    let _service = env.service().await;
+    let (_home, dir, ws, token_file) = laptop(&env).await;
+    let mut agent = Running(Some(
+        env.agent(ws, &token_file, &dir, &["--poll-interval", "1s"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    // Its first pass finds nothing (and, before, gave up long polls); the file and the clash
+    // come within its interval.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = canvas_upload(&env.base(), ws, &[("clash.txt", bytes(10, 2))]).await;
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(staged_path(&dir, sent[0].0, "clash.txt"), b"someone else's").unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let out = agent.terminate().await;
+    let failures = log_lines(&out.stderr)
+        .into_iter()
+        .filter(|l| l["message"] == "could not stage file")
+        .count();
+    assert!(
+        (1..=5).contains(&failures),
+        "{failures} failed attempts in 3 s with a 1 s interval"
+    );
+    assert_eq!(unacked(&env.db).await, 1, "never acked");
+}
