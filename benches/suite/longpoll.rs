@@ -79,7 +79,16 @@ pub async fn run(env: &Env, o: &Opts) {
     .await;
     drop((a, b));
     print_delivery(o, &[one, two]);
-    let svc = Service::start(env, spec(())).await;
+    // MAX_LONG_POLLS (10,000 by default) must hold every idle poller.
+    let max = o.idle_pollers.max(10_000).to_string();
+    let svc = Service::start(
+        env,
+        Spec {
+            extra: &[("MAX_LONG_POLLS", &max)],
+            ..spec(())
+        },
+    )
+    .await;
     idle(env, &svc, &db, o).await;
     drop(svc);
     drop_db(&env.server, &db).await;
