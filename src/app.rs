@@ -69,6 +69,7 @@ pub fn sweeper(args: &SweepArgs, db: &Db, storage: &Storage) -> Sweeper {
         ack_retention: args.ack_retention.0,
         activity_retention: args.activity_retention.0,
         batch_size: args.sweep_batch_size.max(1),
+        batch_bytes: args.sweep_batch_bytes,
         orphan_grace: args.orphan_grace.0,
         orphan_page_size: crate::sweep::ORPHAN_PAGE_SIZE,
     }

@@ -199,6 +199,11 @@ pub struct SweepArgs {
     /// Rows deleted per sweep statement.
     #[arg(long, env = "SWEEP_BATCH_SIZE", default_value_t = 500)]
     pub sweep_batch_size: i64,
+    /// Inline (bytea) bytes deleted per sweep statement, plus one row's: deleting a row
+    /// deletes its bytes in the statement, so this bounds how long one takes.
+    #[arg(long, env = "SWEEP_BATCH_BYTES", default_value_t = 64 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..=(1u64 << 40)))]
+    pub sweep_batch_bytes: u64,
     /// Objects with no row are deleted by the sweep once older than this.
     #[arg(long, env = "ORPHAN_GRACE", default_value = "1h")]
     pub orphan_grace: HumanDuration,

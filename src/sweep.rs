@@ -18,6 +18,8 @@ const DELETE_CONCURRENCY: usize = 16;
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SweepStats {
     pub rows: u64,
+    /// Row batches (DELETE statements) that swept something.
+    pub batches: u64,
     pub bytes: u64,
     pub objects_deleted: u64,
     pub object_errors: u64,
@@ -33,6 +35,8 @@ pub struct Sweeper {
     pub ack_retention: Duration,
     pub activity_retention: Duration,
     pub batch_size: i64,
+    /// Inline bytes one batch may delete (`SWEEP_BATCH_BYTES`), plus one row's.
+    pub batch_bytes: u64,
     pub orphan_grace: Duration,
     /// Objects per listing page of the orphan reconciliation.
     pub orphan_page_size: i32,
@@ -56,11 +60,25 @@ impl Sweeper {
             // Rows go first, objects after: no row ever points at a deleted object. An object
             // whose delete fails is left to the reconciliation.
             let (retention, limit) = (self.ack_retention.as_secs_f64(), self.batch_size);
+            let max_bytes = self.batch_bytes;
+            // A batch deletes at most `batch_bytes` of inline bytes plus one row's.
+            let deadline = db::uploads::copy_deadline(
+                self.db.timeout(),
+                max_bytes.saturating_add(crate::config::MAX_FILE_BYTES),
+            );
             let batch = self
                 .db
-                .run(move |c| Box::pin(db::uploads::sweep_batch(c, retention, limit)))
+                .run_within(deadline, move |c| {
+                    Box::pin(db::uploads::sweep_batch(c, retention, limit, max_bytes))
+                })
                 .await?;
-            let full_batch = batch.len() as i64 >= self.batch_size;
+            let inline: u64 = batch
+                .iter()
+                .filter(|r| r.has_content)
+                .map(|r| r.size_bytes as u64)
+                .sum();
+            let more_left = batch.len() as i64 >= self.batch_size || inline >= max_bytes;
+            stats.batches += u64::from(!batch.is_empty());
             let results: Vec<_> = stream::iter(batch)
                 .map(|row| {
                     let storage = self.storage.clone();
@@ -99,7 +117,7 @@ impl Sweeper {
                 stats.rows += 1;
                 stats.bytes += row.size_bytes as u64;
             }
-            if !full_batch {
+            if !more_left {
                 break;
             }
         }

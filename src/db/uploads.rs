@@ -563,23 +563,35 @@ async fn lost_stamp(conn: &mut PgConnection, file_id: Uuid) -> sqlx::Result<AckO
 }
 
 /// One sweep batch: deletes up to `limit` rows that are expired, or acked longer ago than
-/// `ack_retention_secs`. SKIP LOCKED lets replicas sweep at once without waiting on or
-/// double-deleting each other's rows.
+/// `ack_retention_secs`, and of their inline bytes no more than `max_bytes` plus one row's
+/// (the first row always goes). Deleting a row deletes its TOAST chunks in the statement, so
+/// a batch's cost grows with its bytes: 500 rows of 100 MB in one statement would outlast
+/// any deadline, roll back, and be picked again at every pass. SKIP LOCKED lets replicas
+/// sweep at once without waiting on or double-deleting each other's rows.
 pub async fn sweep_batch(
     db: impl PgExecutor<'_>,
     ack_retention_secs: f64,
     limit: i64,
+    max_bytes: u64,
 ) -> sqlx::Result<Vec<UploadRow>> {
     sqlx::query_as(&format!(
-        "DELETE FROM pending_uploads WHERE file_id IN (
-             SELECT file_id FROM pending_uploads
+        "WITH candidates AS (
+             SELECT file_id, CASE WHEN content IS NULL THEN 0 ELSE size_bytes END AS inline
+             FROM pending_uploads
              WHERE expires_at <= now()
                 OR (acked_at IS NOT NULL AND acked_at <= now() - make_interval(secs => $1))
-             LIMIT $2 FOR UPDATE SKIP LOCKED)
+             LIMIT $2 FOR UPDATE SKIP LOCKED),
+         chosen AS (
+             SELECT file_id FROM (
+                 SELECT file_id, sum(inline) OVER (ORDER BY file_id) - inline AS before
+                 FROM candidates) c
+             WHERE before < $3)
+         DELETE FROM pending_uploads WHERE file_id IN (SELECT file_id FROM chosen)
          RETURNING {COLUMNS}"
     ))
     .bind(ack_retention_secs)
     .bind(limit)
+    .bind(max_bytes.min(i64::MAX as u64) as i64)
     .fetch_all(db)
     .await
 }

@@ -98,7 +98,7 @@ async fn migrate_applies_the_schema_once() {
 #[tokio::test]
 async fn start_up_refuses_bad_configuration_clearly() {
     let db = fresh_db().await;
-    let cases: [(&str, &str, &str); 6] = [
+    let cases: [(&str, &str, &str); 7] = [
         (
             "PENDING_UPLOADS_BACKEND",
             "s3",
@@ -116,6 +116,7 @@ async fn start_up_refuses_bad_configuration_clearly() {
         ),
         ("SWEEP_INTERVAL", "5 parsecs", "invalid duration"),
         ("BATCH_MAX_KEYS", "0", "0 is not in 1..=1000000"),
+        ("SWEEP_BATCH_BYTES", "0", "0 is not in 1..=1099511627776"),
         (
             "MAX_CONCURRENT_REGISTRATION_LOOKUPS",
             "257",

@@ -26,6 +26,36 @@ fn with_retention(s: &Sweeper, retention: Duration, batch: i64) -> Sweeper {
     }
 }
 
+/// A batch deletes at most SWEEP_BATCH_BYTES of inline bytes plus one row's (a row's bytes go
+/// with it in the statement, so 500 large rows in one statement would outlast any deadline,
+/// roll back and come back at every pass), and the pass goes on until all are swept.
+#[tokio::test]
+async fn sweep_batches_are_bounded_by_bytes_too() {
+    let app = TestApp::start().await;
+    let ws = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO pending_uploads (workspace_id, content, size_bytes, filename, expires_at)
+         SELECT $1, convert_to(repeat('x', 600000), 'UTF8'), 600000, 'f' || g,
+                now() - interval '1 second'
+         FROM generate_series(1, 5) g",
+    )
+    .bind(ws)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let sweeper = Sweeper {
+        batch_bytes: 1_000_000,
+        ..with_retention(&app.sweeper, Duration::ZERO, 500)
+    };
+    let stats = sweeper.run_once().await.unwrap();
+    assert_eq!(
+        (stats.rows, stats.batches),
+        (5, 3),
+        "two rows per batch: the second crosses 1 MB"
+    );
+    assert_eq!(app.count("pending_uploads").await, 0);
+}
+
 #[tokio::test]
 async fn sweeps_expired_and_old_acked_rows_only() {
     let app = TestApp::start().await;
