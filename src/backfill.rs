@@ -92,7 +92,9 @@ pub async fn backfill(
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     // Keyset paging by file_id: rows copied (or failed) are behind the cursor, so a batch
-    // never repeats; a rerun after a kill starts over on what is still bytea-only.
+    // never repeats; a rerun after a kill starts over on what is still bytea-only. A copy the
+    // killed run wrote but pointed no row at is not reused: it is an orphan, left to the
+    // sweep's reconciliation, and each new copy goes to a key of its own.
     let backfilled = &crate::metrics::metrics().backfill_rows;
     let mut cursor = Uuid::nil();
     loop {

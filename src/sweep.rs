@@ -167,7 +167,9 @@ impl Sweeper {
 
     /// Deletes objects under our prefix that no row points at and that are older than the
     /// grace period (younger ones may belong to an upload whose row is not committed yet).
-    /// Only under a prefix of our own (SPEC §10, bucket safety).
+    /// Only under a prefix of our own (SPEC §10, bucket safety). The delete does not look
+    /// again: no PUT writes a key twice (`storage::s3`), so an old object that no row pointed
+    /// at when it looked is never pointed at later.
     pub async fn reconcile(&self) -> Result<u64, crate::storage::StorageError> {
         let Some(pages) = self.storage.orphan_candidates(self.orphan_page_size) else {
             return Ok(0);

@@ -229,10 +229,12 @@ impl Storage {
         Some(s3.list_pages(page_size))
     }
 
-    /// The backfill's step (SPEC §6): copies a row's inline bytes to its S3 object through a
+    /// The backfill's step (SPEC §6): copies a row's inline bytes to a new S3 object through a
     /// spool (size and sha256 checked against the row: `expected`, when it records one), then
     /// reads the object back and checks it again. Returns the key and the digest; the caller
-    /// points the row at it. A copy that does not verify is deleted.
+    /// points the row at it. A copy that does not verify is deleted. Each call writes a key
+    /// of its own ([`S3Backend::key_for_copy`]): what an earlier, killed call left is an
+    /// orphan the reconciliation may be deleting, never this copy.
     pub async fn copy_to_s3(
         &self,
         loc: &Location,
@@ -258,7 +260,7 @@ impl Storage {
                 hex::encode(spool.sha256)
             )));
         }
-        let key = s3.key_for(loc.workspace_id, loc.file_id);
+        let key = s3.key_for_copy(loc.workspace_id, loc.file_id, Uuid::new_v4());
         metrics::storage_op("s3", "put", s3.put_key(&key, &spool)).await?;
         let (digest, len) =
             digest::of_stream(s3.open_key(&key, ByteRange::full(loc.size)).await?).await?;

@@ -1,5 +1,7 @@
-//! S3 / MinIO / LocalStack storage: one object per file, keyed
-//! `<prefix><workspace_id>/<file_id>` (file ids are random v4 UUIDs: unguessable).
+//! S3 / MinIO / LocalStack storage: one object per file, under `<prefix><workspace_id>/`: an
+//! upload's is `<file_id>` (file ids are random v4 UUIDs: unguessable), a backfill copy's
+//! `<file_id>.<attempt>`. Every key is written by one PUT only; a row records its key, and
+//! reads and deletes take it from the row, never re-derive it.
 
 use std::{
     io,
@@ -106,8 +108,23 @@ impl S3Backend {
         self.prefix.len() > 1 && self.prefix.ends_with('/')
     }
 
+    /// An upload's key: its file id is fresh, so no other PUT ever writes it.
     pub fn key_for(&self, workspace_id: Uuid, file_id: Uuid) -> String {
         format!("{}{}/{}", self.prefix, workspace_id, file_id)
+    }
+
+    /// The key of one backfill attempt's copy of a row: a key of its own per attempt. An
+    /// attempt that dies between its PUT and pointing the row at the copy leaves an orphan,
+    /// which the reconciliation deletes once it saw no row point at it. Were a later attempt
+    /// to write that same key and point the row at it in between, the delete would still
+    /// land, and the row would point at a deleted object: lost once `contract` releases the
+    /// bytea copy (SPEC §7). An orphan's key is never pointed at later.
+    pub fn key_for_copy(&self, workspace_id: Uuid, file_id: Uuid, attempt: Uuid) -> String {
+        format!(
+            "{}.{}",
+            self.key_for(workspace_id, file_id),
+            attempt.simple()
+        )
     }
 
     pub fn bucket(&self) -> &str {

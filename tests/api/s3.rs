@@ -285,9 +285,13 @@ async fn downloads_ask_s3_for_no_checksum() {
     sweep_all_and_assert_bucket_empty(&app).await;
 }
 
-/// A TCP proxy in front of `endpoint` that keeps every byte its clients send (the requests,
-/// as they went over the wire); its URL and those bytes.
-async fn recording_proxy(endpoint: &str) -> (String, Arc<Mutex<Vec<u8>>>) {
+/// What a test proxy does with each piece of a request it reads from a client, before it
+/// passes the piece on to the server.
+type ProxyHook = Arc<dyn Fn(&[u8]) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// A TCP proxy in front of `endpoint` that runs `hook` on every piece of every request, as it
+/// goes over the wire; its URL.
+async fn proxy(endpoint: &str, hook: ProxyHook) -> String {
     let upstream = endpoint
         .strip_prefix("http://")
         .expect("an http:// endpoint")
@@ -295,11 +299,9 @@ async fn recording_proxy(endpoint: &str) -> (String, Arc<Mutex<Vec<u8>>>) {
         .to_string();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let sent = Arc::new(Mutex::new(Vec::new()));
-    let kept = sent.clone();
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
-            let (upstream, kept) = (upstream.clone(), kept.clone());
+            let (upstream, hook) = (upstream.clone(), hook.clone());
             tokio::spawn(async move {
                 let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
                     return;
@@ -309,7 +311,7 @@ async fn recording_proxy(endpoint: &str) -> (String, Arc<Mutex<Vec<u8>>>) {
                 let up = async move {
                     let mut buf = vec![0u8; 16 * 1024];
                     while let Ok(n @ 1..) = from_client.read(&mut buf).await {
-                        kept.lock().unwrap().extend_from_slice(&buf[..n]);
+                        hook(&buf[..n]).await;
                         if to_server.write_all(&buf[..n]).await.is_err() {
                             break;
                         }
@@ -324,7 +326,44 @@ async fn recording_proxy(endpoint: &str) -> (String, Arc<Mutex<Vec<u8>>>) {
             });
         }
     });
-    (url, sent)
+    url
+}
+
+/// A proxy in front of `endpoint` that keeps every byte its clients send (the requests, as
+/// they went over the wire); its URL and those bytes.
+async fn recording_proxy(endpoint: &str) -> (String, Arc<Mutex<Vec<u8>>>) {
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let kept = sent.clone();
+    let hook: ProxyHook = Arc::new(move |piece: &[u8]| {
+        kept.lock().unwrap().extend_from_slice(piece);
+        Box::pin(async {})
+    });
+    (proxy(endpoint, hook).await, sent)
+}
+
+/// A proxy in front of `endpoint` that holds every DELETE until `true` is sent on the
+/// returned sender; its URL, and a receiver that turns `true` when the first DELETE is held.
+async fn delete_holding_proxy(
+    endpoint: &str,
+) -> (
+    String,
+    tokio::sync::watch::Receiver<bool>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    let (held_tx, held) = tokio::sync::watch::channel(false);
+    let (release, released) = tokio::sync::watch::channel(false);
+    let held_tx = Arc::new(held_tx);
+    let hook: ProxyHook = Arc::new(move |piece: &[u8]| {
+        let is_delete = piece.windows(7).any(|w| w == b"DELETE ");
+        let (held_tx, mut released) = (held_tx.clone(), released.clone());
+        Box::pin(async move {
+            if is_delete {
+                held_tx.send_replace(true);
+                let _ = released.wait_for(|r| *r).await;
+            }
+        })
+    });
+    (proxy(endpoint, hook).await, held, release)
 }
 
 #[tokio::test]
@@ -760,14 +799,29 @@ async fn backfill_killed_half_way_resumes_and_contract_gates_on_it() {
     .unwrap();
     assert_eq!(again["rows_total"], 0, "nothing left to do");
 
-    // every copy verifies, and no stray object from the killed run survives a reconcile
+    // A copy the killed run wrote but pointed no row at is an orphan (each copy has a key of
+    // its own); past the grace a reconciliation removes it, and every row's copy stays.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let eager = Sweeper {
+        orphan_grace: Duration::ZERO,
+        ..zero_retention(&app)
+    };
+    let orphans = eager.reconcile().await.unwrap();
+    assert!(
+        orphans <= 1,
+        "one copy in flight at the kill, {orphans} orphans"
+    );
+    // every copy verifies
     assert_eq!(app.object_keys().await.len(), total);
     let s3 = app.storage.s3().unwrap();
     for (fid, data) in &sent {
         let (inline, key) = row_placement(&app, *fid).await;
         assert!(inline);
         let key = key.unwrap();
-        assert_eq!(key, s3.key_for(ws, *fid));
+        assert!(
+            key.starts_with(&format!("{}.", s3.key_for(ws, *fid))),
+            "{key}: the row's own copy, beside where an upload's object would be"
+        );
         let loc = Location {
             file_id: *fid,
             workspace_id: ws,
@@ -804,6 +858,90 @@ async fn backfill_killed_half_way_resumes_and_contract_gates_on_it() {
             "{fid} readable after contract"
         );
     }
+    sweep_all_and_assert_bucket_empty(&app).await;
+}
+
+/// SPEC §7: a backfill killed between its verified copy and pointing the row at it leaves an
+/// object no row points at, and the reconciliation deletes such an orphan without looking
+/// again. A rerun must not write that key: were it to, and point the row at it between the
+/// reconciliation's look-up and its delete, the row would point at a deleted object, and
+/// `contract` would then drop the file's last copy.
+#[tokio::test]
+async fn a_backfill_rerun_never_points_a_row_at_what_a_killed_run_left() {
+    let prefix = test_prefix();
+    let db = fresh_db().await;
+    let app = TestApp::start_s3(db.clone(), "bytea", &prefix).await;
+    let (ws, token) = app.poll_workspace().await;
+    let data = bytes(300_000, 7);
+    let out = app
+        .upload_ok(
+            ws,
+            &token,
+            &[("f.bin", "application/octet-stream", data.clone())],
+        )
+        .await;
+    let fid = file_id(&out[0]);
+
+    // What the killed run left: the backfill's own copy step, and no row pointed at it.
+    let loc = Location {
+        file_id: fid,
+        workspace_id: ws,
+        size: data.len() as u64,
+        inline: true,
+        s3_key: None,
+    };
+    let spool_dir = tempfile::tempdir().unwrap();
+    let (leftover, _) = app
+        .storage
+        .copy_to_s3(&loc, None, spool_dir.path())
+        .await
+        .unwrap();
+    assert_eq!(row_placement(&app, fid).await, (true, None));
+    // past ORPHAN_GRACE=0 (object times are whole seconds)
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // A reconciliation judges it an orphan; its DELETE is held on the way to S3...
+    let (endpoint, _) = s3_endpoint();
+    let (proxy, mut held, release) = delete_holding_proxy(&endpoint).await;
+    let mut flags = s3_flags("bytea", &prefix, &proxy);
+    flags.extend(["--dependency-timeout".to_string(), "60s".to_string()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let reconciling = TestApp::start_on(db.clone(), &flags).await;
+    let reconciler = Sweeper {
+        orphan_grace: Duration::ZERO,
+        ..zero_retention(&reconciling)
+    };
+    let reconcile = tokio::spawn(async move { reconciler.reconcile().await });
+    tokio::time::timeout(Duration::from_secs(30), held.wait_for(|h| *h))
+        .await
+        .expect("the reconciliation deletes the leftover")
+        .unwrap();
+
+    // ...while a rerun copies the row and points it at its copy.
+    let report = stdout_json(&run_ok(&mut cli(
+        &db,
+        &prefix,
+        &["backfill", "--no-progress"],
+    )));
+    assert_eq!(
+        (report["migrated"].as_u64(), report["failed"].as_u64()),
+        (Some(1), Some(0))
+    );
+    let (_, key) = row_placement(&app, fid).await;
+    let key = key.expect("the row points at its copy");
+    assert_ne!(key, leftover, "the rerun wrote a key of its own");
+
+    // The delete lands: it takes the leftover, and the row's copy stays.
+    release.send_replace(true);
+    assert_eq!(reconcile.await.unwrap().unwrap(), 1, "the leftover went");
+    assert_eq!(app.object_keys().await, vec![key]);
+
+    // contract releases the bytea copy; the file is served from its object
+    let report = stdout_json(&run_ok(&mut cli(&db, &prefix, &["contract"])));
+    assert_eq!(report, json!({"released_rows": 1}));
+    let resp = fetch(&app, ws, &token, fid).await;
+    assert_eq!(resp.status(), StatusCode::OK, "served after contract");
+    assert!(resp.bytes().await.unwrap() == data, "the bytes uploaded");
     sweep_all_and_assert_bucket_empty(&app).await;
 }
 
