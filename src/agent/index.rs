@@ -1,10 +1,12 @@
-//! The agent's persistent state in DIR/.pending-uploads: the activity cursor and the URI
-//! index (`platform-pending:<ws>/<file>` → `workspace:<absolute path>`). Both are written
-//! atomically (temp file, fsync, rename).
+//! The agent's persistent state in DIR/.pending-uploads: the lock that keeps one agent per
+//! DIR, the activity cursor and the URI index (`platform-pending:<ws>/<file>` →
+//! `workspace:<absolute path>`). The cursor and the index are written atomically (temp file,
+//! fsync, rename).
 
 use std::{
     collections::BTreeMap,
     io,
+    os::{fd::AsRawFd, unix::fs::OpenOptionsExt},
     path::{Path, PathBuf},
 };
 
@@ -16,6 +18,41 @@ pub const STATE_DIR: &str = ".pending-uploads";
 
 pub fn state_dir(dir: &Path) -> PathBuf {
     dir.join(STATE_DIR)
+}
+
+/// Takes the exclusive lock on `DIR/.pending-uploads/lock`, held while the returned file is
+/// open (the process's life; the kernel drops it when the process dies, even by SIGKILL).
+/// Two agents on one DIR would resume the same partial file at different offsets, write into
+/// a file already published (the hard link shares the inode) and each save its own stale
+/// index: a second agent — a cron `--once` overlapping another, or beside the daemon — fails
+/// at once instead of waiting, so an overlapping cron run ends rather than piling up.
+pub fn lock_dir(dir: &Path) -> io::Result<std::fs::File> {
+    let path = state_dir(dir).join("lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)?;
+    // flock(2), not `File::try_lock` (Rust 1.89): the crate's MSRV is 1.85. Same lock: BSD
+    // style, tied to this open file, released when it closes or the process dies.
+    // SAFETY: flock only reads the descriptor, which `file` keeps open for the call.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(file);
+    }
+    match io::Error::last_os_error() {
+        e if e.kind() == io::ErrorKind::WouldBlock => Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!(
+                "another agent is already working on {}: it holds the lock {} (one agent per folder)",
+                dir.display(),
+                path.display()
+            ),
+        )),
+        e => Err(e),
+    }
 }
 
 /// Writes `bytes` to `path` atomically.
@@ -151,5 +188,17 @@ mod tests {
             .filter(|n| n.contains("tmp"))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn one_lock_per_dir_until_its_holder_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(state_dir(dir.path())).unwrap();
+        let held = lock_dir(dir.path()).unwrap();
+        let e = lock_dir(dir.path()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert!(e.to_string().contains(&dir.path().display().to_string()));
+        drop(held);
+        lock_dir(dir.path()).unwrap();
     }
 }

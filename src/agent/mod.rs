@@ -32,7 +32,7 @@ use crate::{
     retry::{backoff, retry},
     sanitize::sanitize,
 };
-use index::{load_cursor, save_cursor, state_dir, UriIndex};
+use index::{load_cursor, lock_dir, save_cursor, state_dir, UriIndex};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -171,12 +171,17 @@ pub struct Agent {
     cfg: AgentConfig,
     http: reqwest::Client,
     index: Mutex<UriIndex>,
+    /// One agent per DIR (`index::lock_dir`): held, never read, until the agent is dropped.
+    _lock: std::fs::File,
 }
 
 impl Agent {
+    /// Fails (`ErrorKind::WouldBlock`) while another agent works on the same DIR.
     pub fn new(cfg: AgentConfig) -> io::Result<Agent> {
         std::fs::create_dir_all(state_dir(&cfg.dir).join("partial"))?;
         let dir = std::fs::canonicalize(&cfg.dir)?;
+        // locked before the index is loaded: no other agent saves it after this
+        let lock = lock_dir(&dir)?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(LONG_POLL + Duration::from_secs(35))
@@ -186,6 +191,7 @@ impl Agent {
             index: Mutex::new(UriIndex::load(&dir)),
             cfg: AgentConfig { dir, ..cfg },
             http,
+            _lock: lock,
         })
     }
 

@@ -635,3 +635,78 @@ async fn a_file_that_keeps_failing_does_not_spin_the_agent() {
     );
     assert_eq!(unacked(&env.db).await, 1, "never acked");
 }
+
+/// Every file under `dir` (the agent's state folder included) with its bytes.
+fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(tree(&path));
+        } else {
+            out.push((path.clone(), std::fs::read(&path).unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// One agent per DIR: an `agent --once` beside a running daemon on the same DIR fails at once,
+/// naming DIR and the lock, and touches nothing; once the daemon is gone it works. Before, both
+/// ran: they could resume one partial file at different offsets, write into a file already
+/// published and acked (the hard link shares the inode), and drop each other's index entries.
+#[tokio::test]
+async fn a_second_agent_on_the_same_dir_fails_at_once_and_touches_nothing() {
+    let env = Env::new("bytea").await;
+    let _service = env.service().await;
+    let (_home, dir, ws, token_file) = laptop(&env).await;
+    let mut daemon = Running(Some(
+        env.agent(ws, &token_file, &dir, &["--poll-interval", "200ms"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    // The daemon has staged and acked a file: it is past its start, holding the lock.
+    let first = canvas_upload(&env.base(), ws, &[("first.txt", bytes(100, 1))]).await;
+    for _ in 0..200 {
+        if unacked(&env.db).await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(unacked(&env.db).await, 0, "the daemon acked the first file");
+    let dir = std::fs::canonicalize(&dir).unwrap();
+    let before = tree(&dir);
+
+    let out = env
+        .agent(ws, &token_file, &dir, &["--once"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second agent ran: {stderr}");
+    let lock = dir.join(".pending-uploads/lock");
+    let lines = log_lines(&out.stderr);
+    assert_eq!(lines.len(), 1, "one log line: {stderr}");
+    let error = lines[0]["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("working on {}", dir.display()))
+            && error.contains(&lock.display().to_string()),
+        "names DIR and the lock: {error}"
+    );
+    assert!(out.stdout.is_empty(), "no report: it did no pass");
+    assert_eq!(tree(&dir), before, "DIR untouched");
+
+    // The daemon gone (even by SIGKILL), the lock is free.
+    daemon.kill();
+    let second = canvas_upload(&env.base(), ws, &[("second.txt", bytes(200, 2))]).await;
+    let (_, report) = env.agent_once(ws, &token_file, &dir);
+    assert_eq!(
+        report,
+        json!({"staged": 1, "already_present": 0, "gone": 0, "failed": 0})
+    );
+    for (fid, name, data) in first.iter().chain(&second) {
+        assert!(std::fs::read(staged_path(&dir, *fid, name)).unwrap() == *data);
+    }
+    assert_eq!(unacked(&env.db).await, 0);
+}
