@@ -1,7 +1,7 @@
 //! The agent's persistent state in DIR/.pending-uploads: the lock that keeps one agent per
 //! DIR, the activity cursor and the URI index (`platform-pending:<ws>/<file>` →
-//! `workspace:<absolute path>`). The cursor and the index are written atomically (temp file,
-//! fsync, rename).
+//! `workspace:<absolute path>`). The cursor and the index are written atomically and durably
+//! (temp file, fsync, rename, fsync of the folder).
 
 use std::{
     collections::BTreeMap,
@@ -55,7 +55,8 @@ pub fn lock_dir(dir: &Path) -> io::Result<std::fs::File> {
     }
 }
 
-/// Writes `bytes` to `path` atomically.
+/// Writes `bytes` to `path` atomically and durably: when it returns, a crash leaves the new
+/// contents under `path` (the rename is only durable once its directory is synced).
 pub async fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     {
@@ -63,7 +64,17 @@ pub async fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         f.write_all(bytes).await?;
         f.sync_all().await?;
     }
-    tokio::fs::rename(&tmp, path).await
+    tokio::fs::rename(&tmp, path).await?;
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent).await,
+        _ => sync_dir(Path::new(".")).await,
+    }
+}
+
+/// fsyncs the directory `dir`: names created, linked or renamed in it survive a crash (a
+/// file's own fsync covers its bytes, not its name).
+pub async fn sync_dir(dir: &Path) -> io::Result<()> {
+    tokio::fs::File::open(dir).await?.sync_all().await
 }
 
 pub fn load_cursor(dir: &Path) -> Option<String> {

@@ -3,8 +3,8 @@
 //! with bounded concurrency — resuming an interrupted download with `Range` — verifies it
 //! against what the service offers (`Repr-Digest`, else a strong ETag, else the size: rows
 //! written by the platform carry no digest), writes it to `DIR/<32 hex>-<name>` (0600,
-//! create-exclusive, never a half file under the final name), acks, and records the
-//! `platform-pending:` → `workspace:` URI mapping.
+//! create-exclusive, never a half file under the final name), records the
+//! `platform-pending:` → `workspace:` URI mapping, and acks once both are durable.
 
 pub mod index;
 
@@ -32,7 +32,7 @@ use crate::{
     retry::{backoff, retry},
     sanitize::sanitize,
 };
-use index::{load_cursor, lock_dir, save_cursor, state_dir, UriIndex};
+use index::{load_cursor, lock_dir, save_cursor, state_dir, sync_dir, UriIndex};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -395,24 +395,41 @@ impl Agent {
                 c.size
             )));
         }
-        // Publish under the final name: a hard link fails if anything (file or symlink) is
-        // there already, so it is create-exclusive and never shows a half-written file.
-        match fs::hard_link(&partial_path, &final_path).await {
+        self.publish(&partial_path, &final_path).await?;
+        tracing::info!(event = "agent_staged", file_id = %c.file_id, path = %final_path.display(), "file received");
+        self.record_then_ack(c, &final_path).await?;
+        Ok(Staged::New)
+    }
+
+    /// Publishes the verified partial file under its final name, durably.
+    async fn publish(&self, partial_path: &Path, final_path: &Path) -> Result<(), AgentError> {
+        // A hard link fails if anything (file or symlink) is there already, so it is
+        // create-exclusive and never shows a half-written file.
+        match fs::hard_link(partial_path, final_path).await {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                fs::remove_file(&partial_path).await?;
+                fs::remove_file(partial_path).await?;
                 return Err(AgentError::Retry("final file appeared meanwhile".into()));
             }
             Err(e) => return Err(e.into()),
         }
-        fs::remove_file(&partial_path).await?;
-        tracing::info!(event = "agent_staged", file_id = %c.file_id, path = %final_path.display(), "file received");
-        self.ack(c).await?;
-        self.record(c, &final_path).await?;
-        Ok(Staged::New)
+        // The bytes were synced by `download`; the new name is durable only once DIR is.
+        sync_dir(&self.cfg.dir).await?;
+        fs::remove_file(partial_path).await?;
+        Ok(())
     }
 
-    /// A file written by an earlier run that stopped before its ack: verify, then ack.
+    /// The index entry first, the ack last. Once acked, the row leaves the pending list and
+    /// no later pass fetches it again: a crash (or an index write error) after the ack would
+    /// lose the file's mapping for good (SPEC §10: no lost acknowledged upload), and the
+    /// file's name too had DIR not been synced before. A crash before the ack is harmless:
+    /// the next pass finds the file, records it again (the same entry) and acks it.
+    async fn record_then_ack(&self, c: &Candidate, path: &Path) -> Result<(), AgentError> {
+        self.record(c, path).await?;
+        self.ack(c).await
+    }
+
+    /// A file written by an earlier run that stopped before its ack: verify, record, ack.
     async fn confirm_present(&self, c: &Candidate, path: &Path) -> Result<Staged, AgentError> {
         let head = self
             .http
@@ -436,8 +453,9 @@ impl Agent {
                 path.display()
             )));
         }
-        self.ack(c).await?;
-        self.record(c, path).await?;
+        // the run that linked it may have died before syncing DIR
+        sync_dir(&self.cfg.dir).await?;
+        self.record_then_ack(c, path).await?;
         Ok(Staged::AlreadyPresent)
     }
 
@@ -541,6 +559,9 @@ impl Agent {
         }
     }
 
+    /// Saves the mapping durably (`write_atomic` syncs the state folder). Idempotent: a file
+    /// always maps to the same path, and every save writes the whole index, so an entry a
+    /// failed save left in memory is written by the next one.
     async fn record(&self, c: &Candidate, path: &Path) -> Result<(), AgentError> {
         let mut index = self.index.lock().await;
         index.insert(c.uri.clone(), path);

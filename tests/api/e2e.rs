@@ -710,3 +710,67 @@ async fn a_second_agent_on_the_same_dir_fails_at_once_and_touches_nothing() {
     }
     assert_eq!(unacked(&env.db).await, 0);
 }
+
+/// The agent records a file's index entry before it acks, so an ack that fails (here the
+/// service's database refuses it: 5xx) finds the file published and mapped, and the next run
+/// acks it without downloading it again. Before, the ack came first and the index entry after
+/// it: a crash or an index write error after the ack lost the mapping for good, the row having
+/// left the pending list. (The fsync of DIR before the ack is checked by hand with strace.)
+#[tokio::test]
+async fn a_failed_ack_finds_the_file_already_published_and_indexed() {
+    let env = Env::new("bytea").await;
+    let _service = env.service().await;
+    let (_home, dir, ws, token_file) = laptop(&env).await;
+    let sent = canvas_upload(&env.base(), ws, &[("report.pdf", bytes(5000, 4))]).await;
+    let (fid, name, data) = &sent[0];
+    let pool = sqlx::PgPool::connect(&env.db).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_ack() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'disk on fire'; END $$;
+         CREATE TRIGGER refuse_ack BEFORE UPDATE ON pending_uploads FOR EACH ROW
+         WHEN (OLD.acked_at IS NULL AND NEW.acked_at IS NOT NULL) EXECUTE FUNCTION refuse_ack();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let out = env
+        .agent(ws, &token_file, &dir, &["--once", "--retries", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the ack failed");
+    assert_eq!(
+        stdout_json(&out),
+        json!({"staged": 0, "already_present": 0, "gone": 0, "failed": 1})
+    );
+    assert_eq!(unacked(&env.db).await, 1, "not acked");
+    let dir = std::fs::canonicalize(&dir).unwrap();
+    let path = staged_path(&dir, *fid, name);
+    assert!(std::fs::read(&path).unwrap() == *data, "published");
+    let uri = format!("platform-pending:{ws}/{fid}");
+    let index = || -> Value {
+        serde_json::from_slice(&std::fs::read(dir.join(".pending-uploads/index.json")).unwrap())
+            .unwrap()
+    };
+    assert_eq!(
+        index()[&uri],
+        format!("workspace:{}", path.display()),
+        "mapped before the ack"
+    );
+
+    sqlx::raw_sql("DROP TRIGGER refuse_ack ON pending_uploads")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (out, report) = env.agent_once(ws, &token_file, &dir);
+    assert_eq!(
+        report,
+        json!({"staged": 0, "already_present": 1, "gone": 0, "failed": 0}),
+        "found present, not downloaded again: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(unacked(&env.db).await, 0, "acked now");
+    assert_eq!(index()[&uri], format!("workspace:{}", path.display()));
+    assert_eq!(files_in(&dir), vec![format!("{}-{name}", fid.simple())]);
+    assert!(partials(&dir).is_empty());
+}
