@@ -1,7 +1,10 @@
 //! The bytea → S3 backfill (SPEC §6): copies bytea-only rows to S3, verifies each copy, and
 //! points each row at it; resumable, bounded concurrency, progress, `--dry-run`.
 
-use std::{path::Path, time::Instant};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use futures::{stream, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -156,8 +159,9 @@ async fn copy_with_retries(
     retries: u32,
 ) -> Result<Copied, CopyError> {
     // A row whose own bytes do not match its digest will not get better by retrying.
-    let transient =
-        |e: &CopyError| !matches!(e, CopyError::Storage(StorageError::SourceCorrupt(_)));
+    let transient = |e: &CopyError| {
+        (!matches!(e, CopyError::Storage(StorageError::SourceCorrupt(_)))).then_some(Duration::ZERO)
+    };
     retry("backfill copy", retries, transient, || {
         copy_one(db, storage, spool_dir, row)
     })

@@ -12,12 +12,22 @@ pub fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(base + rand::thread_rng().gen_range(0..=base / 2))
 }
 
-/// Runs `op` until it succeeds, fails with an error `transient` rejects, or has been retried
-/// `retries` times; `what` names it in the log.
+/// The pause before retry number `attempt` when the server asked for at least `at_least`
+/// (its `Retry-After`): the backoff, or that wait plus up to a quarter again at random (many
+/// clients refused at once must not all come back in the same second), whichever is longer.
+pub fn pause(attempt: u32, at_least: Duration) -> Duration {
+    let spread = at_least.as_millis() as u64 / 4;
+    let asked = at_least + Duration::from_millis(rand::thread_rng().gen_range(0..=spread));
+    backoff(attempt).max(asked)
+}
+
+/// Runs `op` until it succeeds, fails with an error `transient` rejects (`None`), or has been
+/// retried `retries` times; `transient` gives the least wait the error asks for (the server's
+/// `Retry-After`, or zero). `what` names it in the log.
 pub async fn retry<T, E, F, Fut>(
     what: &str,
     retries: u32,
-    transient: impl Fn(&E) -> bool,
+    transient: impl Fn(&E) -> Option<Duration>,
     mut op: F,
 ) -> Result<T, E>
 where
@@ -28,9 +38,9 @@ where
     let mut attempt = 0;
     loop {
         match op().await {
-            Err(e) if attempt < retries && transient(&e) => {
+            Err(e) if attempt < retries && transient(&e).is_some() => {
                 attempt += 1;
-                let wait = backoff(attempt);
+                let wait = pause(attempt, transient(&e).unwrap_or_default());
                 tracing::warn!(what, attempt, error = %e, wait_ms = wait.as_millis() as u64, "retrying");
                 tokio::time::sleep(wait).await;
             }
@@ -59,7 +69,7 @@ mod tests {
         let r: Result<(), String> = retry(
             "t",
             2,
-            |e: &String| e == "again",
+            |e: &String| (e == "again").then_some(Duration::ZERO),
             || async {
                 calls.fetch_add(1, Ordering::SeqCst);
                 Err("again".to_string())
@@ -72,7 +82,7 @@ mod tests {
         let r: Result<(), String> = retry(
             "t",
             2,
-            |e: &String| e == "again",
+            |e: &String| (e == "again").then_some(Duration::ZERO),
             || async {
                 calls.fetch_add(1, Ordering::SeqCst);
                 Err("fatal".to_string())
@@ -81,5 +91,16 @@ mod tests {
         .await;
         assert!(r.is_err());
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_wait_the_server_asks_for_is_kept_and_spread() {
+        for _ in 0..100 {
+            let d = pause(1, Duration::from_secs(2)).as_millis();
+            assert!((2000..=2500).contains(&d), "{d}");
+        }
+        // a shorter ask than the backoff leaves the backoff
+        let d = pause(8, Duration::from_secs(1)).as_millis();
+        assert!((15_000..=22_500).contains(&d), "{d}");
     }
 }

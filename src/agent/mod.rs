@@ -29,7 +29,7 @@ use uuid::Uuid;
 use crate::{
     api::{ActivityRow, PendingUpload, UploadReceived},
     digest,
-    retry::{backoff, retry},
+    retry::{pause, retry},
     sanitize::sanitize,
 };
 use index::{load_cursor, lock_dir, save_cursor, state_dir, sync_dir, UriIndex};
@@ -91,15 +91,49 @@ pub enum AgentError {
     /// Worth retrying: network trouble, a 5xx, a truncated or corrupt transfer.
     #[error("{0}")]
     Retry(String),
+    /// Worth retrying, once the service's `Retry-After` has passed (a 429 or 503 that says
+    /// when it can take the request).
+    #[error("{0}")]
+    RetryAfter(String, Duration),
     /// Retrying will not help: auth refused, a conflicting local file, a local I/O error.
     #[error("{0}")]
     Fatal(String),
 }
 
 impl AgentError {
-    fn is_transient(&self) -> bool {
-        matches!(self, AgentError::Retry(_))
+    /// `None` when retrying will not help, else the least wait before trying again.
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            AgentError::Retry(_) => Some(Duration::ZERO),
+            AgentError::RetryAfter(_, after) => Some(*after),
+            AgentError::Fatal(_) => None,
+        }
     }
+
+    /// A refusal worth retrying (a 5xx, a 429), with the wait the service asked for.
+    fn refused(what: &str, resp: &reqwest::Response) -> Self {
+        let msg = format!("{what}: {}", resp.status());
+        match retry_after(resp.headers()) {
+            Some(after) => AgentError::RetryAfter(msg, after),
+            None => AgentError::Retry(msg),
+        }
+    }
+}
+
+/// The most of a `Retry-After` the agent honours: a broken or hostile server must not park it
+/// for days.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
+
+/// `Retry-After` in its delay-seconds form (the service's; an HTTP date is not honoured).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let secs: u64 = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(secs).min(RETRY_AFTER_MAX))
 }
 
 impl From<io::Error> for AgentError {
@@ -219,7 +253,7 @@ impl Agent {
                 format!("platform refused the token ({s})"),
             )),
             s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
-                Err(AgentError::Retry(format!("platform answered {s}")))
+                Err(AgentError::refused("platform answered", &resp))
             }
             s => Err(AgentError::Fatal(format!("{path}: unexpected {s}"))),
         }
@@ -230,7 +264,7 @@ impl Agent {
         what: &str,
         path: &str,
     ) -> Result<Option<T>, AgentError> {
-        retry(what, self.cfg.retries, AgentError::is_transient, || {
+        retry(what, self.cfg.retries, AgentError::retry_after, || {
             self.get_json(path)
         })
         .await
@@ -302,7 +336,7 @@ impl Agent {
                     let r = retry(
                         "download",
                         self.cfg.retries,
-                        AgentError::is_transient,
+                        AgentError::retry_after,
                         || self.stage(&c),
                     )
                     .await;
@@ -354,7 +388,8 @@ impl Agent {
                 }
                 Err(e) => {
                     failures += 1;
-                    let wait = backoff(failures).max(interval);
+                    let asked = e.retry_after().unwrap_or_default();
+                    let wait = pause(failures, asked).max(interval);
                     tracing::warn!(error = %e, wait_ms = wait.as_millis() as u64, "agent pass failed");
                     wait
                 }
@@ -501,7 +536,7 @@ impl Agent {
             // 429: the workspace has its downloads' worth streaming (a higher --concurrency
             // than the service allows, or another reader of the same workspace).
             s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
-                return Err(AgentError::Retry(format!("content: {s}")))
+                return Err(AgentError::refused("content", &resp))
             }
             StatusCode::OK => {
                 partial.set_len(0).await?;
@@ -554,7 +589,9 @@ impl Agent {
             .await?;
         match resp.status() {
             s if s.is_success() || s == StatusCode::NOT_FOUND => Ok(()),
-            s if s.is_server_error() => Err(AgentError::Retry(format!("ack: {s}"))),
+            s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
+                Err(AgentError::refused("ack", &resp))
+            }
             s => Err(AgentError::Fatal(format!("ack: {s}"))),
         }
     }
@@ -593,6 +630,21 @@ fn pause_after(r: &PassReport, waited: bool, took: Duration, interval: Duration)
 mod tests {
     use super::*;
     use reqwest::header::HeaderValue;
+
+    #[test]
+    fn retry_after_is_read_in_seconds_and_capped() {
+        let with = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(reqwest::header::RETRY_AFTER, HeaderValue::from_static(v));
+            retry_after(&h)
+        };
+        assert_eq!(with("2"), Some(Duration::from_secs(2)));
+        assert_eq!(with(" 60 "), Some(Duration::from_secs(60)));
+        assert_eq!(with("99999999999"), Some(RETRY_AFTER_MAX));
+        assert_eq!(with("Fri, 04 Dec 2026 10:00:00 GMT"), None);
+        assert_eq!(with("-1"), None);
+        assert_eq!(retry_after(&HeaderMap::new()), None);
+    }
 
     #[test]
     fn the_pause_between_passes() {

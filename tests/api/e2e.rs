@@ -424,6 +424,38 @@ async fn an_agent_over_the_download_slots_retries_and_stages_everything() {
     }
 }
 
+/// A refusal that says when to come back (429 workspace_busy with `Retry-After: 2`) is not
+/// retried sooner: before, the agent came back after its own 200 ms backoff, and every agent of
+/// a busy service hammered it five times a second.
+#[tokio::test]
+async fn an_agent_waits_out_the_retry_after_of_a_refusal() {
+    let env = Env::new("bytea").await;
+    let mut cmd = env.command();
+    cmd.env("MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE", "1");
+    let _service = spawn_service(cmd, env.port).await;
+    let (_home, dir, ws, token_file) = laptop(&env).await;
+    let files: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|i| (format!("f{i}.bin"), bytes(3 << 20, i as u8)))
+        .collect();
+    let named: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
+    canvas_upload(&env.base(), ws, &named).await;
+    let out = run_ok(&mut env.agent(ws, &token_file, &dir, &["--once", "--concurrency", "3"]));
+    assert_eq!(
+        stdout_json(&out),
+        json!({"staged": 3, "already_present": 0, "gone": 0, "failed": 0})
+    );
+    let waits: Vec<u64> = log_lines(&out.stderr)
+        .iter()
+        .filter(|l| l["error"].as_str().is_some_and(|e| e.contains("429")))
+        .map(|l| l["wait_ms"].as_u64().unwrap())
+        .collect();
+    assert!(!waits.is_empty(), "some downloads were refused");
+    assert!(
+        waits.iter().all(|w| (2000..=2500).contains(w)),
+        "each retry waits the 2 s the service asked for, a little spread: {waits:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_file_that_expires_before_fetch_is_skipped_cleanly() {
     let env = Env::new("bytea").await;
