@@ -167,10 +167,11 @@ async fn find(
     path = "/workspaces/{id}/pending-uploads/{file_id}/content",
     tag = "pending",
     summary = "Headers of a file",
-    params(("id" = uuid::Uuid, Path, description = "workspace UUID"), ("file_id" = uuid::Uuid, Path, description = "file UUID"), ("Range" = Option<String>, Header, description = "bytes=a-b"), ("If-Range" = Option<String>, Header, description = "the strong ETag of the copy being resumed: the Range is served only while it is current, else the whole file")),
+    params(("id" = uuid::Uuid, Path, description = "workspace UUID"), ("file_id" = uuid::Uuid, Path, description = "file UUID"), ("Range" = Option<String>, Header, description = "bytes=a-b"), ("If-Range" = Option<String>, Header, description = "the strong ETag of the copy being resumed: the Range is served only while it is current, else the whole file"), ("If-None-Match" = Option<String>, Header, description = "entity-tags of copies the client holds (or *): 304 when one is current")),
     responses(
         (status = 200, description = "headers only"),
         (status = 206, description = "headers of one range"),
+        (status = 304, description = "If-None-Match names the current ETag: no bytes"),
         (status = 400, description = "invalid workspace ID or file_id"),
         (status = 401, description = "missing or invalid bearer"),
         (status = 404, description = "pending upload not found or expired"),
@@ -185,6 +186,9 @@ pub async fn content_head(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (row, _) = find(&st, who, &file_id, None).await?;
+    if none_match_fails(&headers, &row) {
+        return Ok(not_modified(&row));
+    }
     let (status, range) = requested_range(&headers, &row)?;
     Ok(respond(&row, status, range, Body::empty()))
 }
@@ -194,10 +198,11 @@ pub async fn content_head(
     path = "/workspaces/{id}/pending-uploads/{file_id}/content",
     tag = "pending",
     summary = "Stream a file (Range supported)",
-    params(("id" = uuid::Uuid, Path, description = "workspace UUID"), ("file_id" = uuid::Uuid, Path, description = "file UUID"), ("Range" = Option<String>, Header, description = "bytes=a-b"), ("If-Range" = Option<String>, Header, description = "the strong ETag of the copy being resumed: the Range is served only while it is current, else the whole file")),
+    params(("id" = uuid::Uuid, Path, description = "workspace UUID"), ("file_id" = uuid::Uuid, Path, description = "file UUID"), ("Range" = Option<String>, Header, description = "bytes=a-b"), ("If-Range" = Option<String>, Header, description = "the strong ETag of the copy being resumed: the Range is served only while it is current, else the whole file"), ("If-None-Match" = Option<String>, Header, description = "entity-tags of copies the client holds (or *): 304 when one is current")),
     responses(
         (status = 200, description = "the bytes", body = Vec<u8>, content_type = "application/octet-stream"),
         (status = 206, description = "one range of the bytes", body = Vec<u8>, content_type = "application/octet-stream"),
+        (status = 304, description = "If-None-Match names the current ETag: no bytes"),
         (status = 400, description = "invalid workspace ID or file_id", body = api::ErrorBody),
         (status = 401, description = "missing or invalid bearer", body = api::ErrorBody),
         (status = 404, description = "pending upload not found or expired", body = api::ErrorBody),
@@ -212,9 +217,15 @@ pub async fn content(
     Path((_, file_id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    // Without a Range the first slice comes with the row (a small file: whole).
-    let head = (!headers.contains_key(header::RANGE)).then_some(READ_CHUNK);
+    // Without a Range the first slice comes with the row (a small file: whole); a browser
+    // revalidating its copy (If-None-Match) most likely needs no bytes at all.
+    let conditional =
+        headers.contains_key(header::RANGE) || headers.contains_key(header::IF_NONE_MATCH);
+    let head = (!conditional).then_some(READ_CHUNK);
     let (row, head) = find(&st, who, &file_id, head).await?;
+    if none_match_fails(&headers, &row) {
+        return Ok(not_modified(&row));
+    }
     let (status, range) = requested_range(&headers, &row)?;
     // Taken after the caller check (a stranger cannot take a workspace's slots) and held
     // until the body is dropped: a client that stops reading keeps its slot and the slice
@@ -353,6 +364,57 @@ fn if_range_holds(headers: &HeaderMap, etag: &str) -> bool {
         }
         (Some(_), Some(_)) => false,
     }
+}
+
+/// RFC 9110 §13.1.2: a client holding a copy (a browser revalidating a cached preview) sends
+/// its entity-tags in If-None-Match; when one names the current representation, or the field
+/// is `*`, the condition fails and a GET or HEAD answers 304 with no bytes. Evaluated before
+/// Range (§13.2.2). Weak comparison: `W/"x"` and `"x"` name the same bytes here, as rows never
+/// change.
+fn none_match_fails(headers: &HeaderMap, row: &UploadRow) -> bool {
+    let current = etag(row);
+    let opaque = current.strip_prefix("W/").unwrap_or(&current);
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .any(|v| names_entity_tag(v.as_bytes(), opaque.as_bytes()))
+}
+
+/// Whether one If-None-Match field value (`*`, or a comma-separated list of entity-tags)
+/// names the entity-tag whose opaque part (quotes included) is `opaque`, weakly compared. The
+/// list is read up to its first malformed member: what follows names nothing.
+pub fn names_entity_tag(value: &[u8], opaque: &[u8]) -> bool {
+    let is_separator = |b: &u8| matches!(b, b' ' | b'\t' | b',');
+    if value.trim_ascii() == b"*" {
+        return true;
+    }
+    let mut rest = value;
+    loop {
+        let skip = rest.iter().take_while(|b| is_separator(b)).count();
+        rest = &rest[skip..];
+        let tagged = rest.strip_prefix(b"W/").unwrap_or(rest);
+        let Some(inner) = tagged.strip_prefix(b"\"") else {
+            return false;
+        };
+        let Some(close) = inner.iter().position(|&b| b == b'"') else {
+            return false;
+        };
+        if &tagged[..close + 2] == opaque {
+            return true;
+        }
+        rest = &inner[close + 1..];
+    }
+}
+
+/// 304: no bytes, and of the headers a 200 would carry only what RFC 9110 §15.4.5 asks for
+/// (ETag; `Vary` comes from the CORS layer).
+fn not_modified(row: &UploadRow) -> Response {
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::NOT_MODIFIED;
+    if let Ok(v) = HeaderValue::from_str(&etag(row)) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    resp
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -635,6 +697,58 @@ mod tests {
             !holds(strong, &["\"ab12\"", "\"ab12\""]),
             "a singleton sent twice"
         );
+    }
+
+    #[test]
+    fn if_none_matches() {
+        let names = |v: &str| names_entity_tag(v.as_bytes(), b"\"ab12\"");
+        assert!(names("\"ab12\""));
+        assert!(names("W/\"ab12\""), "weak comparison");
+        assert!(names(" \"x\", W/\"y\" ,\t\"ab12\""), "a list");
+        assert!(names("\"a,b\", \"ab12\""), "a comma inside a tag");
+        assert!(names("*") && names(" * "));
+        assert!(!names("\"AB12\""), "opaque tags compare exactly");
+        assert!(!names("\"x\", *"), "* stands alone");
+        assert!(!names("ab12") && !names("\"ab12") && !names(""));
+        assert!(
+            !names("\"x\" junk, \"ab12\""),
+            "read up to the first malformed member"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn an_if_none_match_list_names_its_tags_and_no_other(
+            tags in proptest::collection::vec((proptest::bool::ANY, "[!#-~]{0,12}"), 1..6),
+            seps in proptest::collection::vec("[ \t]{0,2},[ \t]{0,2}", 6),
+            absent in "[!#-~]{0,12}",
+        ) {
+            let list: Vec<String> = tags
+                .iter()
+                .map(|(weak, t)| format!("{}\"{t}\"", if *weak { "W/" } else { "" }))
+                .collect();
+            let mut value = String::new();
+            for (i, tag) in list.iter().enumerate() {
+                if i > 0 {
+                    value.push_str(&seps[i]);
+                }
+                value.push_str(tag);
+            }
+            let quoted = |t: &str| format!("\"{t}\"");
+            for (_, t) in &tags {
+                let named = names_entity_tag(value.as_bytes(), quoted(t).as_bytes());
+                proptest::prop_assert!(named, "{} in {}", t, value);
+            }
+            if tags.iter().all(|(_, t)| *t != absent) {
+                let named = names_entity_tag(value.as_bytes(), quoted(&absent).as_bytes());
+                proptest::prop_assert!(!named, "{} not in {}", absent, value);
+            }
+        }
+
+        #[test]
+        fn any_if_none_match_bytes_are_read_without_panic(value in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            names_entity_tag(&value, b"\"ab12\"");
+        }
     }
 
     #[test]

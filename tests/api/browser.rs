@@ -163,6 +163,15 @@ async function main() {
       content_range: res.headers.get("Content-Range"), content_length: res.headers.get("Content-Length") };
   } catch (e) { out.range = { ok: false, error: errorText(e) }; }
 
+  // (e) a revalidation of the first preview: its ETag in If-None-Match (set by hand, so the
+  // browser hands the 304 itself to the page rather than answering from its cache)
+  try {
+    const etag = String(out.previews[0]?.headers?.ETag);
+    const res = await fetch(contentUrl(targets[0]), {
+      headers: { ...platformAuthHeaders(), "If-None-Match": etag }, credentials: "include" });
+    out.revalidate = { status: res.status, etag: res.headers.get("ETag"), text: await res.text() };
+  } catch (e) { out.revalidate = { ok: false, error: errorText(e) }; }
+
   // Which CORS rule a failure comes from (ENVIRONMENT.md: the browser says nothing more):
   // the limits again, plain / with credentials only / with the canvas headers only.
   out.probes = {};
@@ -409,6 +418,11 @@ async fn canvas_requests_work_from_a_listed_origin_in_a_real_browser() {
     );
     assert_eq!(r["range"]["content_length"], "4");
 
+    // (e) the revalidation: 304, the same ETag, no bytes
+    assert_eq!(r["revalidate"]["status"], 304, "revalidate: {r}");
+    assert_eq!(r["revalidate"]["etag"], previews[0]["headers"]["ETag"]);
+    assert_eq!(r["revalidate"]["text"], "");
+
     for probe in ["plain", "credentials_only", "headers_only"] {
         assert_eq!(r["probes"][probe]["ok"], true, "probe {probe}: {r}");
     }
@@ -427,6 +441,7 @@ async fn the_browser_refuses_the_canvas_requests_from_an_unlisted_origin() {
     assert_eq!(previews[0]["uri"], prestaged.as_str());
     assert_eq!(previews[0]["error"], BLOCKED, "{r}");
     assert_eq!(r["range"]["error"], BLOCKED, "{r}");
+    assert_eq!(r["revalidate"]["error"], BLOCKED, "{r}");
     for probe in ["plain", "credentials_only", "headers_only"] {
         assert_eq!(r["probes"][probe]["error"], BLOCKED, "probe {probe}: {r}");
     }

@@ -301,6 +301,119 @@ async fn if_range_serves_the_range_only_for_the_current_strong_etag() {
     }
 }
 
+/// RFC 9110 §13.1.2: a browser revalidating its cached copy sends the ETag it holds in
+/// If-None-Match and gets 304 with the ETag and no bytes while that is current (weak
+/// comparison; `*` names any); anything else gets the file. If-None-Match is evaluated before
+/// Range; a missing file is still 404; a 304 hands over no bytes, so it stamps no fetched_at.
+#[tokio::test]
+async fn if_none_match_answers_304_while_the_etag_is_current() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    let data = bytes(300_000, 4);
+    let out = app
+        .upload_ok(
+            ws,
+            &token,
+            &[
+                ("s.bin", "application/octet-stream", data.clone()),
+                ("w.bin", "application/octet-stream", data.clone()),
+            ],
+        )
+        .await;
+    let (fid, weak_fid) = (file_id(&out[0]), file_id(&out[1]));
+    sqlx::query("UPDATE pending_uploads SET content_sha256 = NULL WHERE file_id = $1")
+        .bind(weak_fid)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let strong = format!("\"{}\"", hex::encode(Sha256::digest(&data)));
+    let weak = format!("W/\"{weak_fid}\"");
+    let other = format!("\"{}\"", hex::encode(Sha256::digest(b"other")));
+    let (not_modified, ok, partial) = (
+        StatusCode::NOT_MODIFIED,
+        StatusCode::OK,
+        StatusCode::PARTIAL_CONTENT,
+    );
+    let cases: Vec<(Uuid, Option<&str>, String, StatusCode)> = vec![
+        (fid, None, strong.clone(), not_modified),
+        (fid, None, format!("W/{strong}"), not_modified),
+        (
+            fid,
+            None,
+            format!("{other}, \"x,y\" ,{strong}"),
+            not_modified,
+        ),
+        (fid, None, "*".into(), not_modified),
+        (fid, Some("bytes=0-9"), strong.clone(), not_modified),
+        (weak_fid, None, weak.clone(), not_modified),
+        (
+            weak_fid,
+            None,
+            weak.trim_start_matches("W/").into(),
+            not_modified,
+        ),
+        (fid, None, other.clone(), ok),
+        (fid, None, strong.to_uppercase(), ok),
+        (fid, None, format!("junk {strong}"), ok),
+        (fid, Some("bytes=0-9"), other.clone(), partial),
+    ];
+    for (file, range, if_none_match, status) in cases {
+        let case = format!("{file} Range {range:?} If-None-Match {if_none_match}");
+        for method in [Method::GET, Method::HEAD] {
+            let mut req = app
+                .client
+                .request(method.clone(), app.at(&content_path(ws, file)))
+                .bearer_auth(&token)
+                .header("If-None-Match", &if_none_match);
+            if let Some(v) = range {
+                req = req.header("Range", v);
+            }
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), status, "{method} {case}");
+            let tag = if file == fid { &strong } else { &weak };
+            assert_eq!(resp.headers()["etag"], tag.as_str(), "{method} {case}");
+            let body = resp.bytes().await.unwrap();
+            match (status, &method) {
+                (StatusCode::OK, &Method::GET) => assert!(body == data, "{case}: the file"),
+                (StatusCode::PARTIAL_CONTENT, &Method::GET) => assert!(body == data[..10]),
+                _ => assert!(body.is_empty(), "{method} {case}: no bytes"),
+            }
+        }
+    }
+    let revalidated_only = file_id(
+        &app.upload_ok(ws, &token, &[("r.bin", "text/plain", b"cached".to_vec())])
+            .await[0],
+    );
+    let tag = format!("\"{}\"", hex::encode(Sha256::digest(b"cached")));
+    let resp = app
+        .client
+        .get(app.at(&content_path(ws, revalidated_only)))
+        .bearer_auth(&token)
+        .header("If-None-Match", &tag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), not_modified);
+    let resp = app
+        .client
+        .get(app.at(&content_path(ws, Uuid::new_v4())))
+        .bearer_auth(&token)
+        .header("If-None-Match", "*")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::NOT_FOUND,
+        "no representation, no 304"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        fetched_at(&app, revalidated_only).await.is_none(),
+        "a 304 hands over no bytes"
+    );
+}
+
 #[tokio::test]
 async fn missing_expired_and_foreign_files_are_the_same_404() {
     let app = TestApp::start().await;
