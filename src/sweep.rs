@@ -44,6 +44,10 @@ pub struct Sweeper {
 
 pub const ORPHAN_PAGE_SIZE: i32 = crate::storage::s3::LIST_PAGE_MAX;
 
+/// Orphan deletes that may fail in a row before a reconciliation gives up until its next
+/// turn: past this the store is taken to be down, not refusing a few objects.
+const ORPHAN_FAILURES_IN_A_ROW_MAX: u32 = 16;
+
 impl Sweeper {
     /// One pass: row batches until nothing is left to sweep, then old activity rows, then
     /// orphan reconciliation.
@@ -167,6 +171,9 @@ impl Sweeper {
 
     /// Deletes objects under our prefix that no row points at and that are older than the
     /// grace period (younger ones may belong to an upload whose row is not committed yet).
+    /// An object whose delete fails is logged and passed over: one the store will not delete
+    /// (a permission, a lock) must not stall every orphan listed after it, pass after pass.
+    /// [`ORPHAN_FAILURES_IN_A_ROW_MAX`] failures in a row end the walk (the store is down).
     /// Only under a prefix of our own (SPEC §10, bucket safety). The delete does not look
     /// again: no PUT writes a key twice (`storage::s3`), so an old object that no row pointed
     /// at when it looked is never pointed at later.
@@ -176,7 +183,7 @@ impl Sweeper {
         };
         let cutoff =
             chrono::Utc::now() - chrono::Duration::from_std(self.orphan_grace).unwrap_or_default();
-        let mut deleted = 0;
+        let (mut deleted, mut failed_in_a_row) = (0, 0);
         let mut pages = std::pin::pin!(pages);
         while let Some(objects) = pages.try_next().await? {
             let old: Vec<String> = objects
@@ -193,13 +200,27 @@ impl Sweeper {
                 .run(move |c| Box::pin(async move { db::uploads::existing_keys(c, &keys).await }))
                 .await?;
             for key in old.iter().filter(|k| !live.contains(k)) {
-                self.storage.delete_object(key).await?;
-                tracing::info!(
-                    event = "orphan_deleted",
-                    key,
-                    "object without a row removed"
-                );
-                deleted += 1;
+                match self.storage.delete_object(key).await {
+                    Ok(()) => {
+                        failed_in_a_row = 0;
+                        tracing::info!(
+                            event = "orphan_deleted",
+                            key,
+                            "object without a row removed"
+                        );
+                        deleted += 1;
+                    }
+                    Err(e) if failed_in_a_row + 1 >= ORPHAN_FAILURES_IN_A_ROW_MAX => return Err(e),
+                    Err(e) => {
+                        failed_in_a_row += 1;
+                        tracing::warn!(
+                            event = "orphan_delete_failed",
+                            key,
+                            error = %e,
+                            "object without a row could not be removed: passed over"
+                        );
+                    }
+                }
             }
         }
         Ok(deleted)

@@ -363,6 +363,11 @@ impl S3s {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// The file s3s-fs keeps an object of the bucket in.
+    pub fn data_path(&self, key: &str) -> PathBuf {
+        self.data.join(BUCKET).join(key)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("s3s-fs running").id()
     }

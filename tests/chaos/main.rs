@@ -7,6 +7,7 @@ mod disconnect;
 mod harness;
 mod kill;
 mod load;
+mod orphans;
 mod pg_restart;
 mod replicas;
 mod s3_fault;
