@@ -121,6 +121,19 @@ impl UriIndex {
             .insert(platform_uri, format!("workspace:{}", path.display()));
     }
 
+    /// Drops the entries whose local file is gone (moved or deleted by its owner), so the index
+    /// holds what DIR holds rather than every file ever received: it does not grow without
+    /// bound, and each save rewrites only that. A file that cannot be looked at for another
+    /// reason keeps its entry. Returns how many went.
+    pub fn prune_missing(&mut self) -> usize {
+        let before = self.map.len();
+        self.map.retain(|_, local| {
+            let path = local.strip_prefix("workspace:").unwrap_or(local);
+            !matches!(std::fs::symlink_metadata(path), Err(e) if e.kind() == io::ErrorKind::NotFound)
+        });
+        before - self.map.len()
+    }
+
     /// Rewrites `uri` fields of chat message parts (`parts`, `params.parts`,
     /// `params.message.parts`; a part's own `uri` or its `file.uri`) that this index knows;
     /// unknown URIs stay as they are. Returns how many were rewritten.
@@ -199,6 +212,22 @@ mod tests {
             .filter(|n| n.contains("tmp"))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn entries_of_files_no_longer_there_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kept, gone) = (dir.path().join("kept.txt"), dir.path().join("gone.txt"));
+        std::fs::write(&kept, b"k").unwrap();
+        let mut index = UriIndex::default();
+        index.insert("platform-pending:w/1".into(), &kept);
+        index.insert("platform-pending:w/2".into(), &gone);
+        assert_eq!(index.prune_missing(), 1);
+        assert_eq!(
+            index.map.keys().collect::<Vec<_>>(),
+            vec!["platform-pending:w/1"]
+        );
+        assert_eq!(index.prune_missing(), 0);
     }
 
     #[test]

@@ -221,8 +221,16 @@ impl Agent {
             .read_timeout(LONG_POLL + Duration::from_secs(35))
             .build()
             .map_err(io::Error::other)?;
+        let mut index = UriIndex::load(&dir);
+        let pruned = index.prune_missing();
+        if pruned > 0 {
+            tracing::info!(
+                pruned,
+                "index entries of files no longer in DIR dropped (saved with the next file)"
+            );
+        }
         Ok(Agent {
-            index: Mutex::new(UriIndex::load(&dir)),
+            index: Mutex::new(index),
             cfg: AgentConfig { dir, ..cfg },
             http,
             _lock: lock,

@@ -491,6 +491,42 @@ async fn a_file_that_expires_before_fetch_is_skipped_cleanly() {
     assert!(partials(&dir).is_empty());
 }
 
+/// The URI index holds what DIR holds: an entry whose file its owner deleted or moved is
+/// dropped when the agent starts, and the next save leaves it out (before, the index only grew,
+/// and every received file rewrote all of it).
+#[tokio::test]
+async fn the_index_forgets_files_no_longer_in_the_folder() {
+    let env = Env::new("bytea").await;
+    let _service = env.service().await;
+    let (_home, dir, ws, token_file) = laptop(&env).await;
+    let first = canvas_upload(
+        &env.base(),
+        ws,
+        &[("a.txt", b"aaa".to_vec()), ("b.txt", b"bbb".to_vec())],
+    )
+    .await;
+    env.agent_once(ws, &token_file, &dir);
+    let index = |dir: &Path| -> Value {
+        serde_json::from_slice(&std::fs::read(dir.join(".pending-uploads/index.json")).unwrap())
+            .unwrap()
+    };
+    assert_eq!(index(&dir).as_object().unwrap().len(), 2);
+    let dir = std::fs::canonicalize(&dir).unwrap();
+    std::fs::remove_file(staged_path(&dir, first[0].0, &first[0].1)).unwrap();
+    let second = canvas_upload(&env.base(), ws, &[("c.txt", b"ccc".to_vec())]).await;
+    let (out, report) = env.agent_once(ws, &token_file, &dir);
+    assert_eq!(report["staged"], 1);
+    let uri = |fid: Uuid| format!("platform-pending:{ws}/{fid}");
+    let kept: Vec<String> = index(&dir).as_object().unwrap().keys().cloned().collect();
+    let mut want = vec![uri(first[1].0), uri(second[0].0)];
+    want.sort();
+    assert_eq!(kept, want, "the deleted file's entry is gone");
+    assert!(
+        log_lines(&out.stderr).iter().any(|l| l["pruned"] == 1),
+        "the agent says what it dropped"
+    );
+}
+
 #[tokio::test]
 async fn a_lost_or_unknown_cursor_resets_and_nothing_is_missed() {
     let env = Env::new("bytea").await;
