@@ -200,34 +200,64 @@ async fn ranges() {
     assert_eq!(resp.headers()["content-length"], "2");
 }
 
+/// A workspace holding `data` twice: as this service stores it (a strong ETag, the sha256) and
+/// as the platform or an older binary writes it (no digest, a weak ETag).
+struct Tagged {
+    app: TestApp,
+    ws: Uuid,
+    token: String,
+    fid: Uuid,
+    weak_fid: Uuid,
+    strong: String,
+    weak: String,
+}
+
+async fn tagged(data: &[u8]) -> Tagged {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    let out = app
+        .upload_ok(
+            ws,
+            &token,
+            &[
+                ("s.bin", "application/octet-stream", data.to_vec()),
+                ("w.bin", "application/octet-stream", data.to_vec()),
+            ],
+        )
+        .await;
+    let (fid, weak_fid) = (file_id(&out[0]), file_id(&out[1]));
+    sqlx::query("UPDATE pending_uploads SET content_sha256 = NULL WHERE file_id = $1")
+        .bind(weak_fid)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    Tagged {
+        app,
+        ws,
+        token,
+        fid,
+        weak_fid,
+        strong: format!("\"{}\"", hex::encode(Sha256::digest(data))),
+        weak: format!("W/\"{weak_fid}\""),
+    }
+}
+
 /// RFC 9110 §13.1.5: a Range sent with If-Range is served only while the If-Range validator
 /// is the current strong ETag (strong comparison); otherwise the whole file, as if no Range
 /// had been sent. A weak tag never matches, nor a date (no Last-Modified is sent). If-Range
 /// without Range changes nothing. HEAD answers the headers GET would.
 #[tokio::test]
 async fn if_range_serves_the_range_only_for_the_current_strong_etag() {
-    let app = TestApp::start().await;
-    let (ws, token) = app.poll_workspace().await;
     let data = bytes(1000, 9);
-    let out = app
-        .upload_ok(
-            ws,
-            &token,
-            &[
-                ("s.bin", "application/octet-stream", data.clone()),
-                ("w.bin", "application/octet-stream", data.clone()),
-            ],
-        )
-        .await;
-    let (fid, weak_fid) = (file_id(&out[0]), file_id(&out[1]));
-    // as the platform or an older binary writes it: no digest, a weak ETag
-    sqlx::query("UPDATE pending_uploads SET content_sha256 = NULL WHERE file_id = $1")
-        .bind(weak_fid)
-        .execute(&app.pool)
-        .await
-        .unwrap();
-    let strong = format!("\"{}\"", hex::encode(Sha256::digest(&data)));
-    let weak = format!("W/\"{weak_fid}\"");
+    let Tagged {
+        app,
+        ws,
+        token,
+        fid,
+        weak_fid,
+        strong,
+        weak,
+    } = tagged(&data).await;
     let other = format!("\"{}\"", hex::encode(Sha256::digest(b"other")));
     let weakened = format!("W/{strong}");
     let n = data.len();
@@ -307,27 +337,16 @@ async fn if_range_serves_the_range_only_for_the_current_strong_etag() {
 /// Range; a missing file is still 404; a 304 hands over no bytes, so it stamps no fetched_at.
 #[tokio::test]
 async fn if_none_match_answers_304_while_the_etag_is_current() {
-    let app = TestApp::start().await;
-    let (ws, token) = app.poll_workspace().await;
     let data = bytes(300_000, 4);
-    let out = app
-        .upload_ok(
-            ws,
-            &token,
-            &[
-                ("s.bin", "application/octet-stream", data.clone()),
-                ("w.bin", "application/octet-stream", data.clone()),
-            ],
-        )
-        .await;
-    let (fid, weak_fid) = (file_id(&out[0]), file_id(&out[1]));
-    sqlx::query("UPDATE pending_uploads SET content_sha256 = NULL WHERE file_id = $1")
-        .bind(weak_fid)
-        .execute(&app.pool)
-        .await
-        .unwrap();
-    let strong = format!("\"{}\"", hex::encode(Sha256::digest(&data)));
-    let weak = format!("W/\"{weak_fid}\"");
+    let Tagged {
+        app,
+        ws,
+        token,
+        fid,
+        weak_fid,
+        strong,
+        weak,
+    } = tagged(&data).await;
     let other = format!("\"{}\"", hex::encode(Sha256::digest(b"other")));
     let (not_modified, ok, partial) = (
         StatusCode::NOT_MODIFIED,
