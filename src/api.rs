@@ -114,7 +114,8 @@ pub struct Workspace {
     pub url: Option<String>,
     /// `online` or `removed`.
     pub status: String,
-    pub created_at: DateTime<Utc>,
+    /// `null` only for a platform row without one (its column is nullable).
+    pub created_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -193,9 +194,11 @@ pub struct ActivityRow {
     pub summary: Option<String>,
     pub request_body: Option<Value>,
     pub response_body: Option<Value>,
+    /// `""` for a platform row whose status is NULL (its column is nullable, SPEC §2).
     pub status: String,
     pub error_detail: Option<String>,
-    pub created_at: DateTime<Utc>,
+    /// `null` only for a platform row without one (its column is nullable, SPEC §2).
+    pub created_at: Option<DateTime<Utc>>,
     /// The paging key: strictly increasing in commit order within a workspace.
     pub seq: i64,
     /// With `include=peer_info`, when non-empty.

@@ -31,8 +31,12 @@ pub struct Filter<'a> {
     pub limit: i64,
 }
 
+/// The platform's own table (SPEC §2; `CREATE TABLE IF NOT EXISTS` keeps it) has status and
+/// created_at nullable: a NULL status reads as `''` (strings stay strings, as for workspaces),
+/// a NULL created_at as `null`. One such row must not fail its workspace's whole feed.
 const COLUMNS: &str = "id, workspace_id, activity_type, source_id, target_id, method, summary, \
-                       request_body, response_body, status, error_detail, created_at, seq";
+                       request_body, response_body, COALESCE(status, '') AS status, error_detail, \
+                       created_at, seq";
 
 /// The optional filters, as `$4`-`$6` of the feed queries.
 const FILTERS: &str = "($4::text IS NULL OR activity_type = $4)

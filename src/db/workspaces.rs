@@ -12,7 +12,8 @@ use crate::api::{self, DeliveryMode, WorkspaceStatus};
 /// values this binary never writes (`''`, `offline`, ...), and must still be served. The
 /// platform's own table (SPEC §2; `CREATE TABLE IF NOT EXISTS` keeps it) has name, mode and
 /// status nullable: they are read as `''` ([`COLUMNS`]), which means the same (a push mode,
-/// SPEC §4 Upload step 2; not removed) and keeps the API's strings strings.
+/// SPEC §4 Upload step 2; not removed) and keeps the API's strings strings. Its created_at
+/// may be NULL too.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Workspace {
     pub id: Uuid,
@@ -21,7 +22,8 @@ pub struct Workspace {
     pub url: Option<String>,
     pub platform_inbound_secret: Option<String>,
     pub status: String,
-    pub created_at: DateTime<Utc>,
+    /// NULL in a platform row is served as `null`: no instant to make up.
+    pub created_at: Option<DateTime<Utc>>,
 }
 
 impl Workspace {

@@ -170,6 +170,59 @@ async fn without_a_cursor_the_newest_rows_newest_first() {
     assert_eq!(feed(&app, other, &other_token, "").await.len(), 0);
 }
 
+/// The platform's own `activity_logs` (SPEC §2) has status and created_at nullable, and our
+/// `CREATE TABLE IF NOT EXISTS` keeps it: a row with both NULL is served (status `""`,
+/// created_at `null`) in either order of the feed, and the rows around it too. Before, it
+/// failed to decode and the workspace's whole feed was a 500, so its agent could not move on.
+#[tokio::test]
+async fn a_platform_row_without_status_or_created_at_is_served() {
+    let app = TestApp::start().await;
+    sqlx::query(
+        "ALTER TABLE activity_logs ALTER status DROP NOT NULL, ALTER created_at DROP NOT NULL",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let (ws, token) = app.poll_workspace().await;
+    app.upload_ok(ws, &token, &[("a.txt", "text/plain", b"a".to_vec())])
+        .await;
+    sqlx::query(
+        "INSERT INTO activity_logs (workspace_id, activity_type, summary, status, created_at)
+         VALUES ($1, 'platform', 'odd', NULL, NULL)",
+    )
+    .bind(ws)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    app.upload_ok(ws, &token, &[("b.txt", "text/plain", b"b".to_vec())])
+        .await;
+    let newest_first = feed(&app, ws, &token, "").await;
+    assert_eq!(newest_first.len(), 3);
+    let odd: Vec<&Value> = newest_first
+        .iter()
+        .filter(|r| r["summary"] == "odd")
+        .collect();
+    assert_eq!(odd.len(), 1);
+    assert_eq!(
+        (&odd[0]["status"], &odd[0]["created_at"]),
+        (&json!(""), &Value::Null)
+    );
+    let cursor = feed(&app, ws, &token, "type=a2a_receive")
+        .await
+        .into_iter()
+        .find(|r| r["summary"] == "chat_upload_receive: a.txt")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let after: Vec<Value> = feed(&app, ws, &token, &format!("since_id={cursor}")).await;
+    let summaries: Vec<&str> = after
+        .iter()
+        .map(|r| r["summary"].as_str().unwrap())
+        .collect();
+    assert_eq!(summaries, ["odd", "chat_upload_receive: b.txt"]);
+}
+
 #[tokio::test]
 async fn an_unknown_or_foreign_cursor_is_410() {
     let app = TestApp::start().await;

@@ -177,7 +177,7 @@ async fn a_workspace_with_neither_mode_nor_url_is_422_and_an_empty_mode_with_url
 /// The platform's own `workspaces` table (SPEC §2) declares name, delivery_mode and status
 /// without NOT NULL or CHECK, and our `CREATE TABLE IF NOT EXISTS` keeps it: NULLs there mean
 /// what their empty values mean (a NULL mode is push, SPEC §4 Upload step 2; a NULL status is
-/// not removed), and are shown as `""`.
+/// not removed), and are shown as `""`; its created_at may be NULL too, shown as `null`.
 #[tokio::test]
 async fn null_columns_of_a_platform_workspace_row_mean_what_empty_ones_do() {
     let app = TestApp::start().await;
@@ -238,5 +238,22 @@ async fn null_columns_of_a_platform_workspace_row_mean_what_empty_ones_do() {
     assert_eq!(resp.status(), StatusCode::OK, "re-registration");
     let v: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(v["delivery_mode"], "");
+
+    // A NULL created_at is served as null (no instant to make up), not a 500.
+    sqlx::query("ALTER TABLE workspaces ALTER created_at DROP NOT NULL")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    set_null("created_at").await.unwrap();
+    let resp = app.get(&format!("/workspaces/{ws}"), &token).await;
+    assert_eq!(resp.status(), StatusCode::OK, "NULL created_at");
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["created_at"], serde_json::Value::Null);
+    let resp = app.upload(ws, &token, &f).await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::CREATED,
+        "upload, NULL created_at"
+    );
     app.assert_nothing_staged().await;
 }
