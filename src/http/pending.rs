@@ -383,7 +383,7 @@ fn none_match_fails(headers: &HeaderMap, row: &UploadRow) -> bool {
 /// Whether one If-None-Match field value (`*`, or a comma-separated list of entity-tags)
 /// names the entity-tag whose opaque part (quotes included) is `opaque`, weakly compared. The
 /// list is read up to its first malformed member: what follows names nothing.
-pub fn names_entity_tag(value: &[u8], opaque: &[u8]) -> bool {
+fn names_entity_tag(value: &[u8], opaque: &[u8]) -> bool {
     let is_separator = |b: &u8| matches!(b, b' ' | b'\t' | b',');
     if value.trim_ascii() == b"*" {
         return true;
