@@ -37,15 +37,17 @@ where
 {
     let mut attempt = 0;
     loop {
-        match op().await {
-            Err(e) if attempt < retries && transient(&e).is_some() => {
-                attempt += 1;
-                let wait = pause(attempt, transient(&e).unwrap_or_default());
-                tracing::warn!(what, attempt, error = %e, wait_ms = wait.as_millis() as u64, "retrying");
-                tokio::time::sleep(wait).await;
-            }
+        let e = match op().await {
+            Err(e) if attempt < retries => e,
             other => return other,
-        }
+        };
+        let Some(at_least) = transient(&e) else {
+            return Err(e);
+        };
+        attempt += 1;
+        let wait = pause(attempt, at_least);
+        tracing::warn!(what, attempt, error = %e, wait_ms = wait.as_millis() as u64, "retrying");
+        tokio::time::sleep(wait).await;
     }
 }
 

@@ -132,16 +132,10 @@ impl Sweeper {
     /// The reconciliation's count of deleted orphans, or `None` when it failed (logged; the
     /// next reconciliation tries again).
     async fn reconcile_or_warn(&self) -> Option<u64> {
-        match self.reconcile().await {
-            Ok(n) => {
-                crate::metrics::metrics().orphans_deleted.inc_by(n);
-                Some(n)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "orphan reconciliation failed");
-                None
-            }
-        }
+        self.reconcile()
+            .await
+            .inspect_err(|e| tracing::warn!(error = %e, "orphan reconciliation failed"))
+            .ok()
     }
 
     /// Deletes this service's own upload activity rows past ACTIVITY_RETENTION, in batches
@@ -203,6 +197,8 @@ impl Sweeper {
                 match self.storage.delete_object(key).await {
                     Ok(()) => {
                         failed_in_a_row = 0;
+                        // Counted as it goes: a walk that ends in an error deleted these too.
+                        crate::metrics::metrics().orphans_deleted.inc();
                         tracing::info!(
                             event = "orphan_deleted",
                             key,

@@ -113,7 +113,7 @@ impl AgentError {
     /// A refusal worth retrying (a 5xx, a 429), with the wait the service asked for.
     fn refused(what: &str, resp: &reqwest::Response) -> Self {
         let msg = format!("{what}: {}", resp.status());
-        match retry_after(resp.headers()) {
+        match retry_after_header(resp.headers()) {
             Some(after) => AgentError::RetryAfter(msg, after),
             None => AgentError::Retry(msg),
         }
@@ -125,7 +125,7 @@ impl AgentError {
 const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
 
 /// `Retry-After` in its delay-seconds form (the service's; an HTTP date is not honoured).
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+fn retry_after_header(headers: &HeaderMap) -> Option<Duration> {
     let secs: u64 = headers
         .get(reqwest::header::RETRY_AFTER)?
         .to_str()
@@ -644,14 +644,14 @@ mod tests {
         let with = |v: &'static str| {
             let mut h = HeaderMap::new();
             h.insert(reqwest::header::RETRY_AFTER, HeaderValue::from_static(v));
-            retry_after(&h)
+            retry_after_header(&h)
         };
         assert_eq!(with("2"), Some(Duration::from_secs(2)));
         assert_eq!(with(" 60 "), Some(Duration::from_secs(60)));
         assert_eq!(with("99999999999"), Some(RETRY_AFTER_MAX));
         assert_eq!(with("Fri, 04 Dec 2026 10:00:00 GMT"), None);
         assert_eq!(with("-1"), None);
-        assert_eq!(retry_after(&HeaderMap::new()), None);
+        assert_eq!(retry_after_header(&HeaderMap::new()), None);
     }
 
     #[test]

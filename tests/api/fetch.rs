@@ -11,6 +11,17 @@ fn content_path(ws: Uuid, fid: Uuid) -> String {
     format!("/workspaces/{ws}/pending-uploads/{fid}/content")
 }
 
+/// Whether `fid` gets its fetched_at stamp within 2 s (stamps are batched).
+async fn stamped(app: &TestApp, fid: Uuid) -> bool {
+    for _ in 0..200 {
+        if fetched_at(app, fid).await.is_some() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
 async fn fetched_at(app: &TestApp, fid: Uuid) -> Option<chrono::DateTime<chrono::Utc>> {
     sqlx::query_scalar("SELECT fetched_at FROM pending_uploads WHERE file_id = $1")
         .bind(fid)
@@ -62,15 +73,7 @@ async fn content_streams_bytes_with_the_specified_headers() {
     let body = resp.bytes().await.unwrap();
     assert!(body == data, "byte-identical");
     // stamped once the body has been handed over: a moment after the client has it all
-    let mut stamped = false;
-    for _ in 0..200 {
-        stamped = fetched_at(&app, fid).await.is_some();
-        if stamped {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(stamped, "serving stamps fetched_at");
+    assert!(stamped(&app, fid).await, "serving stamps fetched_at");
     let list: Value = app
         .get(&format!("/workspaces/{ws}/pending-uploads"), &token)
         .await
@@ -399,10 +402,17 @@ async fn if_none_match_answers_304_while_the_etag_is_current() {
             }
         }
     }
-    let revalidated_only = file_id(
-        &app.upload_ok(ws, &token, &[("r.bin", "text/plain", b"cached".to_vec())])
-            .await[0],
-    );
+    let pair = app
+        .upload_ok(
+            ws,
+            &token,
+            &[
+                ("r.bin", "text/plain", b"cached".to_vec()),
+                ("c.bin", "text/plain", b"control".to_vec()),
+            ],
+        )
+        .await;
+    let (revalidated_only, control) = (file_id(&pair[0]), file_id(&pair[1]));
     let tag = format!("\"{}\"", hex::encode(Sha256::digest(b"cached")));
     let resp = app
         .client
@@ -426,7 +436,16 @@ async fn if_none_match_answers_304_while_the_etag_is_current() {
         StatusCode::NOT_FOUND,
         "no representation, no 304"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A download after the 304: once its stamp is written, a stamp of the 304 would be too.
+    let resp = app
+        .client
+        .get(app.at(&content_path(ws, control)))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.bytes().await.unwrap(), &b"control"[..]);
+    assert!(stamped(&app, control).await);
     assert!(
         fetched_at(&app, revalidated_only).await.is_none(),
         "a 304 hands over no bytes"

@@ -3,7 +3,8 @@
 //! for root), so every DeleteObject of it fails with a 500. The reconciliation passes over it
 //! and deletes every other orphan; the objects of live rows stay. Before, the walk ended at the
 //! first failed delete, so one such object (listed first, pass after pass) kept every orphan
-//! after it forever.
+//! after it forever. Then sixteen such objects in a row, as a store that is down answers:
+//! that walk ends there, and an orphan listed after them stays for a later one.
 
 use std::{path::Path, process::Command, time::Duration};
 
@@ -18,6 +19,25 @@ use crate::{
 
 /// Orphans the store deletes, listed after the one it will not.
 const ORPHANS: usize = 5;
+
+/// `ORPHAN_FAILURES_IN_A_ROW_MAX` in src/sweep.rs: failed deletes in a row that end a walk.
+const IN_A_ROW: usize = 16;
+
+/// The `i`th key of the ones made undeletable: they sort first, in order.
+fn stuck_key(i: usize) -> String {
+    format!("{PREFIX}00000000-0000-0000-0000-{i:012}/stuck")
+}
+
+async fn put(client: &aws_sdk_s3::Client, key: &str) {
+    client
+        .put_object()
+        .bucket(BUCKET)
+        .key(key)
+        .body(b"orphaned".to_vec().into())
+        .send()
+        .await
+        .expect("put an orphan");
+}
 
 /// Sets or clears the immutable attribute of `path`.
 fn immutable(path: &Path, on: bool) {
@@ -67,19 +87,12 @@ async fn run() {
 
     // Orphans under the prefix; the one the store will not delete sorts first.
     let client = s3.client();
-    let stuck = format!("{PREFIX}00000000-0000-0000-0000-000000000000/stuck");
-    let mut orphans: Vec<String> = (0..ORPHANS)
+    let stuck = stuck_key(0);
+    let orphans: Vec<String> = (0..ORPHANS)
         .map(|_| format!("{PREFIX}{}/{}", Uuid::new_v4(), Uuid::new_v4()))
         .collect();
     for key in std::iter::once(&stuck).chain(&orphans) {
-        client
-            .put_object()
-            .bucket(BUCKET)
-            .key(key)
-            .body(b"orphaned".to_vec().into())
-            .send()
-            .await
-            .expect("put an orphan");
+        put(&client, key).await;
     }
     let stuck_file = s3.data_path(&stuck);
     immutable(&stuck_file, true);
@@ -92,7 +105,6 @@ async fn run() {
     left.sort();
     let mut want: Vec<String> = live.iter().cloned().chain([stuck.clone()]).collect();
     want.sort();
-    orphans.sort();
     println!(
         "CHAOS-DETAIL {name}: orphans={} undeletable=1 sweep={sweep} sweep_ms={} left={left:?}",
         ORPHANS + 1,
@@ -118,6 +130,31 @@ async fn run() {
             format!("live file {} reads back: {o:?}", a.file_id),
         );
     }
+
+    // As many failures in a row as a store that is down gives: the walk ends there, and an
+    // orphan listed after them waits for a later reconciliation.
+    let more: Vec<String> = (1..IN_A_ROW).map(stuck_key).collect();
+    let late = format!("{PREFIX}ffffffff-ffff-ffff-ffff-ffffffffffff/late");
+    for key in more.iter().chain([&late]) {
+        put(&client, key).await;
+    }
+    let more_files: Vec<_> = more.iter().map(|k| s3.data_path(k)).collect();
+    for f in &more_files {
+        immutable(f, true);
+    }
+    let _more_mutable: Vec<Mutable> = more_files.iter().map(|f| Mutable(f)).collect();
+    let started = std::time::Instant::now();
+    let sweep = config.sweep();
+    let took = started.elapsed();
+    let left = s3.keys().await;
+    println!(
+        "CHAOS-DETAIL {name}: undeletable_in_a_row={IN_A_ROW} sweep={sweep} sweep_ms={}",
+        took.as_millis()
+    );
+    checks.that(
+        sweep["orphans_deleted"] == 0 && left.contains(&late),
+        format!("{IN_A_ROW} failed deletes in a row end the walk: {sweep}, left {left:?}"),
+    );
     checks.finish(name);
 }
 
