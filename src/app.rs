@@ -72,6 +72,7 @@ pub fn sweeper(args: &SweepArgs, db: &Db, storage: &Storage) -> Sweeper {
         batch_bytes: args.sweep_batch_bytes,
         orphan_grace: args.orphan_grace.0,
         orphan_page_size: crate::sweep::ORPHAN_PAGE_SIZE,
+        resume_after: Default::default(),
     }
 }
 

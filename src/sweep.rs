@@ -3,7 +3,10 @@
 //! Every replica runs it; SKIP LOCKED keeps them from colliding, and deleting an object that
 //! is already gone succeeds, so two sweepers never error on each other.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use futures::{stream, StreamExt, TryStreamExt};
 
@@ -40,6 +43,9 @@ pub struct Sweeper {
     pub orphan_grace: Duration,
     /// Objects per listing page of the orphan reconciliation.
     pub orphan_page_size: i32,
+    /// Where the next reconciliation starts listing: after the key at which the last one
+    /// gave up (see [`Sweeper::reconcile`]), or from the start.
+    pub resume_after: Arc<Mutex<Option<String>>>,
 }
 
 pub const ORPHAN_PAGE_SIZE: i32 = crate::storage::s3::LIST_PAGE_MAX;
@@ -167,12 +173,19 @@ impl Sweeper {
     /// grace period (younger ones may belong to an upload whose row is not committed yet).
     /// An object whose delete fails is logged and passed over: one the store will not delete
     /// (a permission, a lock) must not stall every orphan listed after it, pass after pass.
-    /// [`ORPHAN_FAILURES_IN_A_ROW_MAX`] failures in a row end the walk (the store is down).
+    /// [`ORPHAN_FAILURES_IN_A_ROW_MAX`] failures in a row end the walk (the store is down, or
+    /// a run of objects it will not delete); the next walk then lists from after the last of
+    /// them to the end, and the one after that from the start again, so such a run cannot
+    /// keep the orphans listed after it forever either.
     /// Only under a prefix of our own (SPEC §10, bucket safety). The delete does not look
     /// again: no PUT writes a key twice (`storage::s3`), so an old object that no row pointed
     /// at when it looked is never pointed at later.
     pub async fn reconcile(&self) -> Result<u64, crate::storage::StorageError> {
-        let Some(pages) = self.storage.orphan_candidates(self.orphan_page_size) else {
+        let start_after = self.resume_after().clone();
+        let Some(pages) = self
+            .storage
+            .orphan_candidates(self.orphan_page_size, start_after)
+        else {
             return Ok(0);
         };
         let cutoff =
@@ -206,7 +219,16 @@ impl Sweeper {
                         );
                         deleted += 1;
                     }
-                    Err(e) if failed_in_a_row + 1 >= ORPHAN_FAILURES_IN_A_ROW_MAX => return Err(e),
+                    Err(e) if failed_in_a_row + 1 >= ORPHAN_FAILURES_IN_A_ROW_MAX => {
+                        tracing::warn!(
+                            event = "orphan_walk_ended",
+                            key,
+                            failures = ORPHAN_FAILURES_IN_A_ROW_MAX,
+                            "deletes failed in a row: the next reconciliation lists after this key"
+                        );
+                        *self.resume_after() = Some(key.clone());
+                        return Err(e);
+                    }
                     Err(e) => {
                         failed_in_a_row += 1;
                         tracing::warn!(
@@ -219,7 +241,17 @@ impl Sweeper {
                 }
             }
         }
+        // The end of the listing: the next walk starts from the beginning again. (A walk
+        // that fails otherwise, a listing or the database, keeps where it started.)
+        *self.resume_after() = None;
         Ok(deleted)
+    }
+
+    fn resume_after(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        // A panic while holding it cannot leave a half-written key: take the value as it is.
+        self.resume_after
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Every how many passes the background sweeper reconciles: listing the whole prefix is

@@ -224,9 +224,10 @@ impl Storage {
     pub fn orphan_candidates(
         &self,
         page_size: i32,
+        start_after: Option<String>,
     ) -> Option<impl Stream<Item = Result<Vec<ListedObject>, StorageError>> + Send + '_> {
         let s3 = self.s3().filter(|s3| s3.prefix_is_private())?;
-        Some(s3.list_pages(page_size))
+        Some(s3.list_pages(page_size, start_after))
     }
 
     /// The backfill's step (SPEC §6): copies a row's inline bytes to a new S3 object through a

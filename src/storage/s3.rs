@@ -136,16 +136,19 @@ impl S3Backend {
     }
 
     /// The objects under our prefix, one listing page (at most `page_size` keys) at a time,
-    /// so memory stays bounded however many objects the bucket holds.
+    /// so memory stays bounded however many objects the bucket holds; from the first key after
+    /// `start_after` when given.
     pub fn list_pages(
         &self,
         page_size: i32,
+        start_after: Option<String>,
     ) -> impl Stream<Item = Result<Vec<ListedObject>, StorageError>> + Send + '_ {
         let pages = self
             .client
             .list_objects_v2()
             .bucket(&self.bucket)
             .prefix(&self.prefix)
+            .set_start_after(start_after)
             .into_paginator()
             .page_size(page_size)
             .send();
@@ -163,7 +166,7 @@ impl S3Backend {
 
     /// Every object under our prefix (tests and small buckets; the sweep pages instead).
     pub async fn list(&self) -> Result<Vec<ListedObject>, StorageError> {
-        self.list_pages(LIST_PAGE_MAX).try_concat().await
+        self.list_pages(LIST_PAGE_MAX, None).try_concat().await
     }
 
     pub async fn delete_key(&self, key: &str) -> Result<(), StorageError> {
