@@ -124,16 +124,22 @@ impl AgentError {
 /// for days.
 const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
 
-/// `Retry-After` in its delay-seconds form (the service's; an HTTP date is not honoured).
+/// `Retry-After` (RFC 9110 §10.2.3): delay-seconds, as the service sends, or an HTTP-date, as
+/// a proxy or load balancer in front of it may (a date already past is no wait at all).
 fn retry_after_header(headers: &HeaderMap) -> Option<Duration> {
-    let secs: u64 = headers
+    let value = headers
         .get(reqwest::header::RETRY_AFTER)?
         .to_str()
         .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(Duration::from_secs(secs).min(RETRY_AFTER_MAX))
+        .trim();
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(wait.min(RETRY_AFTER_MAX))
 }
 
 impl From<io::Error> for AgentError {
@@ -649,9 +655,51 @@ mod tests {
         assert_eq!(with("2"), Some(Duration::from_secs(2)));
         assert_eq!(with(" 60 "), Some(Duration::from_secs(60)));
         assert_eq!(with("99999999999"), Some(RETRY_AFTER_MAX));
-        assert_eq!(with("Fri, 04 Dec 2026 10:00:00 GMT"), None);
         assert_eq!(with("-1"), None);
+        assert_eq!(with("soon"), None);
         assert_eq!(retry_after_header(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn retry_after_may_be_an_http_date() {
+        let at = |t: std::time::SystemTime| {
+            let mut h = HeaderMap::new();
+            let date = httpdate::fmt_http_date(t);
+            h.insert(reqwest::header::RETRY_AFTER, date.parse().unwrap());
+            retry_after_header(&h)
+        };
+        let now = std::time::SystemTime::now();
+        let wait = at(now + Duration::from_secs(60)).unwrap();
+        // The date has whole seconds: 59 s and a fraction to 60 s from now.
+        assert!(
+            wait > Duration::from_secs(58) && wait <= Duration::from_secs(60),
+            "{wait:?}"
+        );
+        assert_eq!(at(now - Duration::from_secs(60)), Some(Duration::ZERO));
+        assert_eq!(at(now + Duration::from_secs(86_400)), Some(RETRY_AFTER_MAX));
+        let mut h = HeaderMap::new();
+        // RFC 9110's obsolete forms are HTTP-dates too.
+        h.insert(
+            reqwest::header::RETRY_AFTER,
+            HeaderValue::from_static("Sunday, 06-Nov-94 08:49:37 GMT"),
+        );
+        assert_eq!(retry_after_header(&h), Some(Duration::ZERO));
+    }
+
+    proptest::proptest! {
+        /// Whatever a server sends, the wait is read without a panic and never past the cap;
+        /// delay-seconds are taken as they are.
+        #[test]
+        fn any_retry_after_is_read_within_the_cap(value in "[ -~]{0,40}", secs in 0u64..1_000) {
+            let mut h = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                h.insert(reqwest::header::RETRY_AFTER, v);
+                proptest::prop_assert!(retry_after_header(&h).is_none_or(|w| w <= RETRY_AFTER_MAX));
+            }
+            h.insert(reqwest::header::RETRY_AFTER, HeaderValue::from(secs));
+            let want = Duration::from_secs(secs).min(RETRY_AFTER_MAX);
+            proptest::prop_assert_eq!(retry_after_header(&h), Some(want));
+        }
     }
 
     #[test]
