@@ -97,7 +97,11 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
             args.push_allowed_networks.clone(),
             args.max_concurrent_registration_lookups as usize,
         ),
-        args.push_timeout.0,
+        http::push::PushLimits {
+            timeout: args.push_timeout.0,
+            answer_timeout: args.push_answer_timeout.0,
+            answer_max_bytes: args.push_answer_max_bytes,
+        },
     )
     .context("building the push HTTP client")?;
     let d = &args.deadlines;

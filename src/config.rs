@@ -297,6 +297,13 @@ pub struct ServeArgs {
     /// Timeout for the push-mode proxy to a workspace (the canvas allows ~100 KB/s for 100 MB).
     #[arg(long, env = "PUSH_TIMEOUT", default_value = "1200s")]
     pub push_timeout: HumanDuration,
+    /// A push workspace's whole answer must come within this of the upload's last byte
+    /// (else 502): a workspace that never answers cannot hold the upload's slot.
+    #[arg(long, env = "PUSH_ANSWER_TIMEOUT", default_value = "30s")]
+    pub push_answer_timeout: HumanDuration,
+    /// Largest push answer body relayed (it is read whole first; larger: 502).
+    #[arg(long, env = "PUSH_ANSWER_MAX_BYTES", default_value_t = 1024 * 1024)]
+    pub push_answer_max_bytes: u64,
     /// Networks a push URL may reach although they are internal (comma-separated CIDRs, e.g.
     /// 127.0.0.0/8 for a receiver on this host). Empty: none.
     #[arg(long, env = "PUSH_ALLOWED_NETWORKS", default_value = "")]

@@ -4,7 +4,10 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -63,6 +66,7 @@ pub struct UploadBody {
     idle_timer: Pin<Box<tokio::time::Sleep>>,
     rate_timer: Pin<Box<tokio::time::Sleep>>,
     cut: Arc<Mutex<Option<Cut>>>,
+    progress: Progress,
 }
 
 /// Shared view of an [`UploadBody`]'s cut, readable after the body has been moved away.
@@ -73,6 +77,49 @@ impl CutFlag {
     pub fn get(&self) -> Option<Cut> {
         self.0.lock().ok().and_then(|c| *c)
     }
+}
+
+/// How far whoever reads an [`UploadBody`] has got, readable while it reads: a push relay
+/// watches it to tell a workspace that stopped taking the upload.
+#[derive(Clone)]
+pub struct Progress {
+    read: Arc<ProgressCounts>,
+    pace: Pace,
+    started: Instant,
+}
+
+#[derive(Default)]
+struct ProgressCounts {
+    seen: AtomicU64,
+    ended: AtomicBool,
+}
+
+impl Progress {
+    /// Whether the whole body has been read: its end seen, or as many bytes as `length`
+    /// declared (a reader that knows the length stops reading there, before the end).
+    pub fn ended(&self, length: Option<u64>) -> bool {
+        self.read.ended.load(Ordering::Relaxed)
+            || length.is_some_and(|len| self.read.seen.load(Ordering::Relaxed) >= len)
+    }
+
+    /// When the bytes read so far stop meeting the minimum average rate.
+    pub fn rate_due_at(&self) -> Option<Instant> {
+        rate_due_at(
+            self.pace,
+            self.started,
+            self.read.seen.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// When `seen` bytes read since `started` stop meeting `pace.min_rate` (never before the
+/// grace period ends; never without a minimum rate).
+fn rate_due_at(pace: Pace, started: Instant, seen: u64) -> Option<Instant> {
+    if pace.min_rate == 0 {
+        return None;
+    }
+    let covered = Duration::from_secs_f64(seen as f64 / pace.min_rate as f64);
+    Some(started + covered.max(pace.grace))
 }
 
 impl UploadBody {
@@ -87,7 +134,16 @@ impl UploadBody {
             idle_timer: Box::pin(tokio::time::sleep(pace.idle)),
             rate_timer: Box::pin(tokio::time::sleep(pace.grace)),
             cut: Arc::new(Mutex::new(None)),
+            progress: Progress {
+                read: Arc::default(),
+                pace,
+                started,
+            },
         }
+    }
+
+    pub fn progress(&self) -> Progress {
+        self.progress.clone()
     }
 
     pub fn cut_flag(&self) -> CutFlag {
@@ -97,11 +153,7 @@ impl UploadBody {
     /// When the bytes seen so far stop meeting the minimum average rate (never before the
     /// grace period ends).
     fn rate_due_at(&self) -> Option<Instant> {
-        if self.pace.min_rate == 0 {
-            return None;
-        }
-        let covered = Duration::from_secs_f64(self.seen as f64 / self.pace.min_rate as f64);
-        Some(self.started + covered.max(self.pace.grace))
+        rate_due_at(self.pace, self.started, self.seen)
     }
 
     /// Pending until the rate check fails (then the cut).
@@ -140,6 +192,7 @@ impl Stream for UploadBody {
         match self.inner.poll_next_unpin(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
                 self.seen += chunk.len() as u64;
+                self.progress.read.seen.store(self.seen, Ordering::Relaxed);
                 if self.seen > self.max {
                     return self.fail(Cut::OverCap);
                 }
@@ -148,7 +201,10 @@ impl Stream for UploadBody {
                 Poll::Ready(Some(Ok(chunk)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                self.progress.read.ended.store(true, Ordering::Relaxed);
+                Poll::Ready(None)
+            }
             Poll::Pending => {
                 if self.idle_timer.as_mut().poll(cx).is_ready() {
                     return self.fail(Cut::Stalled);

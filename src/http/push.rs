@@ -2,7 +2,10 @@
 //! to `POST <url>/internal/chat/uploads/ingest`, and its answer relayed. The client cannot be
 //! turned against the service's own network: the URL is checked again here (a row may have
 //! been written by anyone), every address is checked as it is resolved, no proxy is used and
-//! no redirect is followed.
+//! no redirect is followed. Nor can a workspace (anyone can register one) hold the upload's
+//! slot for `PUSH_TIMEOUT` at no cost: it must take the upload at `BODY_MIN_RATE`, and its
+//! whole answer, at most `PUSH_ANSWER_MAX_BYTES`, must come within `PUSH_ANSWER_TIMEOUT` of
+//! the upload's last byte (else 502). The answer is read whole before it is relayed.
 
 use std::time::Duration;
 
@@ -14,8 +17,9 @@ use axum::{
 use uuid::Uuid;
 
 use super::{
-    body::{CutFlag, UploadBody},
+    body::{CutFlag, Progress, UploadBody},
     error::ApiError,
+    uploads::declared_length,
     Relayed,
 };
 use crate::{
@@ -23,23 +27,43 @@ use crate::{
     push_target::{is_refusal, PushPolicy},
 };
 
+/// How long and how much a push may take.
+#[derive(Debug, Clone, Copy)]
+pub struct PushLimits {
+    /// The whole exchange (`PUSH_TIMEOUT`).
+    pub timeout: Duration,
+    /// From the upload's last byte to the answer's (`PUSH_ANSWER_TIMEOUT`).
+    pub answer_timeout: Duration,
+    /// The answer's body (`PUSH_ANSWER_MAX_BYTES`).
+    pub answer_max_bytes: u64,
+}
+
+/// How far past the client's own rate deadline a workspace that stopped taking the upload is
+/// cut: a client too slow itself is cut first (408, its fault), as its body is being read.
+const CLIENT_FIRST: Duration = Duration::from_secs(1);
+
 #[derive(Clone)]
 pub struct Pusher {
     client: reqwest::Client,
     policy: PushPolicy,
+    limits: PushLimits,
 }
 
 impl Pusher {
-    pub fn new(policy: PushPolicy, timeout: Duration) -> reqwest::Result<Pusher> {
+    pub fn new(policy: PushPolicy, limits: PushLimits) -> reqwest::Result<Pusher> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
-            .timeout(timeout)
+            .timeout(limits.timeout)
             .redirect(reqwest::redirect::Policy::none())
             // A proxy would resolve names itself, out of reach of the address check.
             .no_proxy()
             .dns_resolver(policy.clone().resolver())
             .build()?;
-        Ok(Pusher { client, policy })
+        Ok(Pusher {
+            client,
+            policy,
+            limits,
+        })
     }
 
     pub fn policy(&self) -> &PushPolicy {
@@ -56,6 +80,7 @@ impl Pusher {
         body: UploadBody,
         max_request_bytes: u64,
     ) -> Result<Response, ApiError> {
+        let content_length = declared_length(headers);
         let base = self.policy.check_url(url).map_err(|e| {
             tracing::warn!(%workspace_id, url = %Clip(url), reason = e.reason, "push URL refused");
             ApiError::UrlNotAllowed
@@ -64,7 +89,7 @@ impl Pusher {
             "{}/internal/chat/uploads/ingest",
             base.as_str().trim_end_matches('/')
         );
-        let cut = body.cut_flag();
+        let (cut, progress) = (body.cut_flag(), body.progress());
         let mut req = self
             .client
             .post(&target)
@@ -77,31 +102,100 @@ impl Pusher {
         if let Some(secret) = secret.filter(|s| !s.is_empty()) {
             req = req.bearer_auth(secret);
         }
-        let resp = match req.send().await {
-            Ok(resp) => resp,
-            Err(e) => {
-                return Err(send_failure(
-                    workspace_id,
-                    &target,
-                    &cut,
-                    e,
-                    max_request_bytes,
-                ))
+        let exchange = async {
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| send_failure(workspace_id, &target, &cut, e, max_request_bytes))?;
+            self.read_answer(workspace_id, resp).await
+        };
+        let answer = tokio::select! {
+            answer = exchange => answer?,
+            why = falls_behind(progress, content_length, self.limits.answer_timeout) => {
+                tracing::warn!(%workspace_id, target = %Clip(&target), reason = why, "push delivery failed");
+                return Err(ApiError::WorkspaceUnreachable);
             }
         };
-        let status =
-            StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        tracing::info!(event = "pushed", %workspace_id, status = answer.status().as_u16(), "upload forwarded to workspace");
+        Ok(answer)
+    }
+
+    /// The workspace's answer, read whole (at most `answer_max_bytes`), as the client gets it:
+    /// its status and Content-Type, and its body.
+    async fn read_answer(
+        &self,
+        workspace_id: Uuid,
+        mut resp: reqwest::Response,
+    ) -> Result<Response, ApiError> {
+        let code = resp.status().as_u16();
+        let unreachable = |reason: &str| {
+            tracing::warn!(%workspace_id, status = code, reason, "push answer not relayed");
+            ApiError::WorkspaceUnreachable
+        };
+        let Some(status) = relayed_status(code) else {
+            return Err(unreachable("not a final HTTP status"));
+        };
         if status.is_redirection() {
-            tracing::warn!(%workspace_id, status = status.as_u16(), "push workspace answered a redirect: not followed");
-            return Err(ApiError::WorkspaceUnreachable);
+            return Err(unreachable("a redirect: not followed"));
         }
-        tracing::info!(event = "pushed", %workspace_id, status = status.as_u16(), "upload forwarded to workspace");
+        let max = self.limits.answer_max_bytes;
+        if resp.content_length().is_some_and(|len| len > max) {
+            return Err(unreachable("answer over PUSH_ANSWER_MAX_BYTES"));
+        }
+        let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
+        let mut body = bytes::BytesMut::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) if (body.len() + chunk.len()) as u64 > max => {
+                    return Err(unreachable("answer over PUSH_ANSWER_MAX_BYTES"))
+                }
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                Ok(None) => break,
+                Err(_) => return Err(unreachable("answer cut off")),
+            }
+        }
         let mut out = Response::builder().status(status).extension(Relayed);
-        if let Some(ct) = resp.headers().get(header::CONTENT_TYPE) {
-            out = out.header(header::CONTENT_TYPE, ct.as_bytes());
+        if let Some(ct) = content_type {
+            out = out.header(header::CONTENT_TYPE, ct);
         }
-        out.body(Body::from_stream(resp.bytes_stream()))
+        out.body(Body::from(body.freeze()))
             .map_err(ApiError::internal)
+    }
+}
+
+/// The status relayed for a workspace's: a final status, an unrecognised one as the x00 of
+/// its class (RFC 9110 §15), so the client and the metrics' status label only ever see known
+/// codes; `None` for anything else (a 1xx as the answer, or past 599).
+fn relayed_status(code: u16) -> Option<StatusCode> {
+    if !(200..600).contains(&code) {
+        return None;
+    }
+    let status = StatusCode::from_u16(code).ok()?;
+    match status.canonical_reason() {
+        Some(_) => Some(status),
+        None => StatusCode::from_u16(code / 100 * 100).ok(),
+    }
+}
+
+/// Resolves when a push workspace falls behind: it takes the upload slower than the client
+/// must send it (past [`CLIENT_FIRST`]), or its whole answer has not come `answer_timeout`
+/// after the upload's last byte was taken.
+async fn falls_behind(
+    progress: Progress,
+    length: Option<u64>,
+    answer_timeout: Duration,
+) -> &'static str {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        if progress.ended(length) {
+            tokio::time::sleep(answer_timeout).await;
+            return "no whole answer within PUSH_ANSWER_TIMEOUT";
+        }
+        let late = |due| tokio::time::Instant::now() > due + CLIENT_FIRST;
+        if progress.rate_due_at().is_some_and(late) {
+            return "the workspace stopped taking the upload";
+        }
     }
 }
 
@@ -131,4 +225,29 @@ fn send_failure(
 /// (SPEC §10: at most 256 chars of a client's string per line).
 fn causes(e: reqwest::Error) -> String {
     format!("{:#}", anyhow::Error::new(e.without_url()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_known_statuses_are_relayed() {
+        let relayed = |code| relayed_status(code).map(|s| s.as_u16());
+        for (code, want) in [
+            (200, Some(200)),
+            (201, Some(201)),
+            (299, Some(200)),
+            (418, Some(418)),
+            (499, Some(400)),
+            (503, Some(503)),
+            (599, Some(500)),
+            (100, None),
+            (199, None),
+            (600, None),
+            (999, None),
+        ] {
+            assert_eq!(relayed(code), want, "{code}");
+        }
+    }
 }

@@ -85,10 +85,7 @@ pub async fn chat_upload(
         Checked::Allowed(None) => return Err(ApiError::WorkspaceNotFound),
         Checked::Allowed(Some((ws, pending))) => (live_workspace(Some(ws))?, pending),
     };
-    let content_length = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let content_length = declared_length(&headers);
     let max_request_bytes = st.limits.max_request_bytes;
     if content_length.is_some_and(|len| len > max_request_bytes) {
         return Err(ApiError::RequestTooLarge {
@@ -126,8 +123,18 @@ pub async fn chat_upload(
     }
 }
 
-/// A relayed answer whose body holds the upload's slot until it ends: a push workspace (anyone
-/// can register one) that answers at once and trickles its body holds connections both ways.
+/// The request's Content-Length, when it declares one.
+pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// A relayed answer whose body holds the upload's slot until it has been sent: the answer
+/// (up to PUSH_ANSWER_MAX_BYTES) is in memory until then, so the slots bound that memory.
 fn holding(answer: Response, slot: Slot) -> Response {
     answer.map(|body| {
         Body::from_stream(body.into_data_stream().map(move |chunk| {
@@ -179,10 +186,7 @@ async fn stage(
         max_file_bytes: st.limits.max_file_bytes,
         max_filename_chars: st.limits.max_filename_chars,
     };
-    let body_len = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let memory = st.spool_memory.reserve(body_len);
+    let memory = st.spool_memory.reserve(declared_length(headers));
     let cut = body.cut_flag();
     let mut parts = Multipart::new(body, &boundary, multipart::Limits::default());
     let files = match staging::receive(&mut parts, &limits, &st.spool_dir, memory).await {

@@ -236,53 +236,202 @@ async fn a_push_redirect_to_an_internal_address_is_not_followed() {
     );
 }
 
-/// A push workspace's answer is relayed with the upload's slot held until its body ends: a
-/// workspace (anyone can register one) that answers at once and then trickles its body would
-/// otherwise hold connections both ways past every slot cap.
-#[tokio::test]
-async fn a_relayed_answer_keeps_its_upload_slot_until_its_body_ends() {
-    let (workspace, _) = server_on(
-        "127.0.0.2",
-        Router::new().fallback(any(|| async {
-            let trickle = futures::stream::unfold(0, |sent| async move {
-                (sent < 20).then_some(())?;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                Some((
-                    Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"x")),
-                    sent + 1,
-                ))
-            });
-            (StatusCode::OK, axum::body::Body::from_stream(trickle))
-        })),
-    )
-    .await;
-    let svc = Svc::start(&[
-        ("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32"),
-        ("MAX_CONCURRENT_UPLOADS_PER_WORKSPACE", "1"),
-    ])
-    .await;
+/// A push workspace on 127.0.0.2 answering with `respond`, for a service that lets pushes
+/// reach that address: its id and token.
+async fn push_workspace(svc: &Svc, respond: Router) -> (Uuid, String) {
+    let (workspace, _) = server_on("127.0.0.2", respond).await;
     let resp = admin_create(
-        &svc,
-        json!({"name": "trickles", "url": format!("http://{workspace}")}),
+        svc,
+        json!({"name": "pushed", "url": format!("http://{workspace}")}),
     )
     .await;
     let ws: Value = resp.json().await.unwrap();
-    let (ws, token) = (
+    (
         ws["id"].as_str().unwrap().parse().unwrap(),
         ws["auth_token"].as_str().unwrap().to_string(),
-    );
-    let relaying = upload_file(&svc, ws, &token, "a.txt", b"a").await;
-    assert_eq!(relaying.status(), StatusCode::OK);
+    )
+}
+
+/// An answer whose body comes a byte every 100 ms, `bytes` of them.
+fn trickled_answer(bytes: usize) -> Router {
+    Router::new().fallback(any(move || async move {
+        let trickle = futures::stream::unfold(0, move |sent| async move {
+            (sent < bytes).then_some(())?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Some((
+                Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"x")),
+                sent + 1,
+            ))
+        });
+        (StatusCode::OK, axum::body::Body::from_stream(trickle))
+    }))
+}
+
+/// A push workspace (anyone can register one) must not hold an upload's slot at no cost: its
+/// whole answer must come within PUSH_ANSWER_TIMEOUT of the upload's last byte and be at most
+/// PUSH_ANSWER_MAX_BYTES, else 502 and the slot is back. Before, one that read the upload
+/// and never answered (or trickled its answer) held the slot for PUSH_TIMEOUT, 20 minutes:
+/// sixteen such workspaces took all 64 of a replica's slots. An answer in time is read whole
+/// and relayed, with the slot held while it is read.
+#[tokio::test]
+async fn a_push_workspace_must_answer_in_time_and_in_bounds() {
+    let svc = Svc::start(&[
+        ("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32"),
+        ("MAX_CONCURRENT_UPLOADS_PER_WORKSPACE", "1"),
+        ("PUSH_ANSWER_TIMEOUT", "1s"),
+        ("PUSH_ANSWER_MAX_BYTES", "1000"),
+    ])
+    .await;
+    let unreachable = json!({"error": "workspace unreachable"});
+    let silent = Router::new().fallback(any(|body: axum::body::Bytes| async move {
+        drop(body);
+        std::future::pending::<()>().await
+    }));
+    let too_big_declared = Router::new().fallback(any(|| async { vec![b'x'; 1001] }));
+    let too_big_streamed = Router::new().fallback(any(|| async {
+        let chunks = futures::stream::iter(
+            (0..3).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 400]))),
+        );
+        axum::body::Body::from_stream(chunks)
+    }));
+    for (case, respond) in [
+        ("reads the upload, never answers", silent),
+        ("trickles its answer past the deadline", trickled_answer(20)),
+        ("answers over the cap (Content-Length)", too_big_declared),
+        ("answers over the cap (chunked)", too_big_streamed),
+    ] {
+        let (ws, token) = push_workspace(&svc, respond).await;
+        let started = Instant::now();
+        let resp = tokio::time::timeout(
+            Duration::from_secs(15),
+            upload_file(&svc, ws, &token, "a.txt", b"a"),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{case}: no answer in 15 s"));
+        let took = started.elapsed();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY, "{case}");
+        assert_eq!(resp.json::<Value>().await.unwrap(), unreachable, "{case}");
+        assert!(took < Duration::from_secs(5), "{case}: took {took:?}");
+        wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 0.0).await;
+    }
+
+    // In time and in bounds: relayed whole, the slot held until then.
+    let (ws, token) = push_workspace(&svc, trickled_answer(5)).await;
+    let relaying = tokio::spawn({
+        let (base, token) = (svc.base.clone(), token.clone());
+        async move {
+            reqwest::Client::new()
+                .post(format!("{base}/workspaces/{ws}/chat/uploads"))
+                .bearer_auth(token)
+                .header("Content-Type", "multipart/form-data; boundary=XB")
+                .body(one_file("XB", "a.txt", b"a"))
+                .send()
+                .await
+                .unwrap()
+        }
+    });
+    wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 1.0).await;
     let resp = upload_file(&svc, ws, &token, "b.txt", b"b").await;
     assert_eq!(
         resp.status(),
         StatusCode::TOO_MANY_REQUESTS,
-        "the first upload's answer is still being relayed"
+        "the first upload's answer is still being read"
     );
-    assert_eq!(&relaying.bytes().await.unwrap()[..], &[b'x'; 20][..]);
+    let relayed = relaying.await.unwrap();
+    assert_eq!(relayed.status(), StatusCode::OK);
+    assert_eq!(&relayed.bytes().await.unwrap()[..], b"xxxxx");
     wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 0.0).await;
     let resp = upload_file(&svc, ws, &token, "c.txt", b"c").await;
     assert_eq!(resp.status(), StatusCode::OK, "the slot came back");
+}
+
+/// A push workspace must take the upload at BODY_MIN_RATE, as a client must send it: one
+/// that accepts the connection and never reads held the upload's slot for PUSH_TIMEOUT
+/// once the socket buffers were full (the client's own deadlines only run while its body is
+/// being read). Now 502 soon after the rate falls behind; the client, which sent at full
+/// speed, is not blamed (no 408).
+#[tokio::test]
+async fn a_push_workspace_that_stops_reading_the_upload_is_cut() {
+    let svc = Svc::start(&[
+        ("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32"),
+        ("BODY_RATE_GRACE", "1s"),
+        ("BODY_MIN_RATE", "4000000"),
+    ])
+    .await;
+    let tarpit = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let tarpit_addr = tarpit.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = tarpit.accept().await {
+            held.push(sock);
+        }
+    });
+    let resp = admin_create(
+        &svc,
+        json!({"name": "tarpit", "url": format!("http://{tarpit_addr}")}),
+    )
+    .await;
+    let ws: Value = resp.json().await.unwrap();
+    let (ws, token): (Uuid, String) = (
+        ws["id"].as_str().unwrap().parse().unwrap(),
+        ws["auth_token"].as_str().unwrap().to_string(),
+    );
+    let body = one_file("XB", "big.bin", &vec![b'x'; 32 << 20]);
+    let sock = TcpStream::connect(&svc.addr).await.unwrap();
+    let (mut rx, mut tx) = sock.into_split();
+    let head = upload_head(&svc, ws, &token, body.len());
+    tokio::spawn(async move {
+        let _ = tx.write_all(head.as_bytes()).await;
+        let _ = tx.write_all(&body).await;
+        // Keep the write half open: the answer must come while the client still sends.
+        std::future::pending::<()>().await;
+        drop(tx);
+    });
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(20), rx.read(&mut buf))
+            .await
+            .expect("an answer within 20 s")
+            .unwrap();
+        assert!(n > 0, "closed without an answer");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let took = started.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 502"),
+        "after {took:?}: {answer}"
+    );
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 0.0).await;
+}
+
+/// A push workspace's status reaches the client (and the metrics' status label) only as a
+/// known code: an unrecognised one as the x00 of its class (RFC 9110 §15), anything past 599
+/// as 502. Before, a workspace answering 700, 701, … made each a new series and a status the
+/// canvas cannot read.
+#[tokio::test]
+async fn a_push_workspace_answers_only_known_statuses() {
+    let svc = Svc::start(&[("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32")]).await;
+    for (answered, relayed) in [(700, 502), (999, 502), (299, 200), (418, 418), (599, 500)] {
+        let status = StatusCode::from_u16(answered).unwrap();
+        let (ws, token) = push_workspace(
+            &svc,
+            Router::new().fallback(any(move || async move { status })),
+        )
+        .await;
+        let resp = upload_file(&svc, ws, &token, "a.txt", b"a").await;
+        assert_eq!(resp.status().as_u16(), relayed, "answered {answered}");
+    }
+    let metrics = scrape_metrics(&svc.base).await;
+    for odd in ["700", "999", "299", "599"] {
+        assert!(
+            !metrics.contains(&format!("status=\"{odd}\"")),
+            "a series for status {odd}"
+        );
+    }
 }
 
 #[tokio::test]
