@@ -157,6 +157,11 @@ pub struct LimitArgs {
         default_value_t = 10_000
     )]
     pub max_pending_files_per_workspace: u64,
+    /// Live tokens a workspace may hold (1..=1024): minting more gets 429 until one is
+    /// revoked. As many revoked ones are kept (the newest), older ones deleted.
+    #[arg(long, env = "MAX_TOKENS_PER_WORKSPACE", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub max_tokens_per_workspace: u64,
 }
 
 impl LimitArgs {

@@ -106,10 +106,12 @@ pub async fn has_live(conn: &mut PgConnection, workspace_id: Uuid) -> sqlx::Resu
 }
 
 /// Revokes one token of the workspace (idempotent); false when the workspace has no such token.
+/// Of its revoked tokens, the newest `keep` stay (for support: their prefixes); older ones go.
 pub async fn revoke(
-    db: impl PgExecutor<'_>,
+    conn: &mut PgConnection,
     workspace_id: Uuid,
     token_id: Uuid,
+    keep: i64,
 ) -> sqlx::Result<bool> {
     let r = sqlx::query(
         "UPDATE workspace_auth_tokens SET revoked_at = COALESCE(revoked_at, now())
@@ -117,7 +119,41 @@ pub async fn revoke(
     )
     .bind(token_id)
     .bind(workspace_id)
-    .execute(db)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "DELETE FROM workspace_auth_tokens WHERE workspace_id = $1 AND revoked_at IS NOT NULL
+           AND id NOT IN (SELECT id FROM workspace_auth_tokens
+                          WHERE workspace_id = $1 AND revoked_at IS NOT NULL
+                          ORDER BY revoked_at DESC, id LIMIT $2)",
+    )
+    .bind(workspace_id)
+    .bind(keep)
+    .execute(conn)
     .await?;
     Ok(r.rows_affected() == 1)
+}
+
+/// The workspace's live tokens, its row locked to the end of the transaction so that two
+/// mints cannot both pass a cap; `None` when it has no row. Two statements: a count in the
+/// locking statement would read the snapshot from before a concurrent mint committed.
+pub async fn live_count_locked(
+    conn: &mut PgConnection,
+    workspace_id: Uuid,
+) -> sqlx::Result<Option<i64>> {
+    let locked: Option<i32> =
+        sqlx::query_scalar("SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE")
+            .bind(workspace_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if locked.is_none() {
+        return Ok(None);
+    }
+    sqlx::query_scalar(
+        "SELECT count(*) FROM workspace_auth_tokens WHERE workspace_id = $1 AND revoked_at IS NULL",
+    )
+    .bind(workspace_id)
+    .fetch_one(conn)
+    .await
+    .map(Some)
 }

@@ -82,6 +82,9 @@ pub enum ApiError {
     QuotaExceeded { pending_bytes: i64, max: u64 },
     #[error("workspace pending-upload quota exceeded")]
     FileQuotaExceeded { pending_files: i64, max: u64 },
+    /// MAX_TOKENS_PER_WORKSPACE live tokens already (SPEC is silent).
+    #[error("too many live tokens for this workspace — revoke one first")]
+    TokenLimit { max: u64 },
     #[error("since_id cursor not found (row may have been pruned or belongs to a different workspace); omit since_id to reset")]
     CursorGone,
     #[error("requested range not satisfiable")]
@@ -130,6 +133,7 @@ impl ApiError {
             }
             QuotaExceeded { .. }
             | FileQuotaExceeded { .. }
+            | TokenLimit { .. }
             | WorkspaceBusy
             | WorkspaceDownloadsBusy
             | WorkspaceLongPollsBusy => StatusCode::TOO_MANY_REQUESTS,
@@ -165,6 +169,10 @@ impl ApiError {
             }
             ApiError::RequestTooLarge { max } | ApiError::JsonTooLarge { max } => {
                 body.max = Some(*max)
+            }
+            ApiError::TokenLimit { max } => {
+                body.code = Some("token_limit".into());
+                body.max = Some(*max);
             }
             ApiError::QuotaExceeded { pending_bytes, max } => {
                 body.pending_bytes = Some(*pending_bytes);

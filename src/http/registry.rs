@@ -335,6 +335,13 @@ pub async fn delete_workspace(
     }))
 }
 
+enum Minted {
+    Issued(Uuid, auth::NewToken),
+    NoWorkspace,
+    /// MAX_TOKENS_PER_WORKSPACE live tokens already.
+    AtLimit,
+}
+
 #[utoipa::path(
     post,
     path = "/workspaces/{id}/tokens",
@@ -346,6 +353,7 @@ pub async fn delete_workspace(
         (status = 400, description = "invalid workspace ID", body = api::ErrorBody),
         (status = 401, description = "missing or invalid bearer", body = api::ErrorBody),
         (status = 404, description = "workspace not found", body = api::ErrorBody),
+        (status = 429, description = "MAX_TOKENS_PER_WORKSPACE live tokens already: revoke one first (code token_limit)", body = api::ErrorBody),
         (status = 503, description = "datastore unavailable", body = api::ErrorBody),
     )
 )]
@@ -354,24 +362,35 @@ pub async fn mint_token(
     who: WorkspaceCaller,
 ) -> Result<Json<TokenMinted>, ApiError> {
     let id = who.workspace_id;
+    let max = st.limits.max_tokens_per_workspace;
     let minted = st
         .db
         .run(move |c| {
             Box::pin(async move {
                 let mut tx = sqlx::Connection::begin(&mut *c).await?;
+                let Some(live_tokens) = db::tokens::live_count_locked(&mut tx, id).await? else {
+                    return Ok(Minted::NoWorkspace);
+                };
                 let live = db::workspaces::get(&mut *tx, id)
                     .await?
                     .is_some_and(|w| !w.is_removed());
                 if !live {
-                    return Ok(None);
+                    return Ok(Minted::NoWorkspace);
+                }
+                if live_tokens as u64 >= max {
+                    return Ok(Minted::AtLimit);
                 }
                 let (token_id, token) = issue_token(&mut tx, id).await?;
                 tx.commit().await?;
-                Ok(Some((token_id, token)))
+                Ok(Minted::Issued(token_id, token))
             })
         })
         .await?;
-    let (token_id, token) = minted.ok_or(ApiError::WorkspaceNotFound)?;
+    let (token_id, token) = match minted {
+        Minted::Issued(token_id, token) => (token_id, token),
+        Minted::NoWorkspace => return Err(ApiError::WorkspaceNotFound),
+        Minted::AtLimit => return Err(ApiError::TokenLimit { max }),
+    };
     Ok(Json(TokenMinted {
         id: token_id,
         auth_token: token.token,
@@ -400,9 +419,10 @@ pub async fn revoke_token(
 ) -> Result<Json<Revoked>, ApiError> {
     let id = who.workspace_id;
     let token_id = Uuid::parse_str(&token_id).map_err(|_| ApiError::InvalidTokenId)?;
+    let keep = st.limits.max_tokens_per_workspace as i64;
     let revoked = st
         .db
-        .run(move |c| Box::pin(db::tokens::revoke(c, id, token_id)))
+        .run(move |c| Box::pin(db::tokens::revoke(c, id, token_id, keep)))
         .await?;
     if !revoked {
         return Err(ApiError::TokenNotFound);

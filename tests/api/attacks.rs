@@ -717,6 +717,88 @@ async fn a_workspace_whose_tokens_are_revoked_cannot_be_taken_over() {
     assert_eq!(resp.status(), StatusCode::OK);
 }
 
+/// Anyone can register a workspace and so hold a token, and minting was unbounded: 500 mints
+/// made 501 token rows, and mint-and-revoke grew the table forever. Now a workspace holds at
+/// most MAX_TOKENS_PER_WORKSPACE live tokens (minting more: 429 `token_limit`, nothing
+/// written, until one is revoked), concurrent mints included, and as many revoked ones (the
+/// newest; older ones are deleted).
+#[tokio::test]
+async fn tokens_per_workspace_are_bounded() {
+    let svc = Svc::start(&[("MAX_TOKENS_PER_WORKSPACE", "3")]).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let client = reqwest::Client::new();
+    let mint = || {
+        client
+            .post(svc.at(&format!("/workspaces/{ws}/tokens")))
+            .bearer_auth(&token)
+            .send()
+    };
+    let tokens = |revoked: bool| {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM workspace_auth_tokens
+             WHERE workspace_id = $1 AND (revoked_at IS NOT NULL) = $2",
+        )
+        .bind(ws)
+        .bind(revoked)
+        .fetch_one(&svc.pool)
+    };
+    // The registration's token and ten concurrent mints: two of them fit.
+    let answers = futures::future::join_all((0..10).map(|_| mint())).await;
+    let mut minted = Vec::new();
+    for resp in answers {
+        let resp = resp.unwrap();
+        if resp.status() == StatusCode::OK {
+            let v: Value = resp.json().await.unwrap();
+            minted.push(v["id"].as_str().unwrap().to_string());
+        } else {
+            assert_json(
+                resp,
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({"error": "too many live tokens for this workspace — revoke one first", "code": "token_limit", "max": 3}),
+            )
+            .await;
+        }
+    }
+    assert_eq!(minted.len(), 2, "the cap holds under concurrent mints");
+    assert_eq!(
+        (tokens(false).await.unwrap(), tokens(true).await.unwrap()),
+        (3, 0)
+    );
+    // Revoke one, mint one, many times over: never more than 3 live and 3 revoked.
+    for round in 0..8 {
+        let id = minted.pop().unwrap();
+        let resp = client
+            .delete(svc.at(&format!("/workspaces/{ws}/tokens/{id}")))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "round {round}");
+        let resp = mint().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "round {round}: room again");
+        let v: Value = resp.json().await.unwrap();
+        minted.push(v["id"].as_str().unwrap().to_string());
+        let resp = mint().await.unwrap();
+        assert_eq!(
+            resp.status(),
+            StatusCode::TOO_MANY_REQUESTS,
+            "round {round}"
+        );
+    }
+    assert_eq!(
+        (tokens(false).await.unwrap(), tokens(true).await.unwrap()),
+        (3, 3)
+    );
+    // The live tokens all still work.
+    let resp = client
+        .get(svc.at(&format!("/workspaces/{ws}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
 /// Sends `head` then `body` at `bytes_per_sec`, one byte at a time; returns the answer.
 async fn trickle(
     addr: &str,
