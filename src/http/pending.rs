@@ -2,7 +2,7 @@
 
 use axum::{
     body::{Body, Bytes},
-    extract::{Path, State},
+    extract::State,
     http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     Json,
@@ -12,7 +12,11 @@ use futures::{StreamExt, TryStreamExt};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use uuid::Uuid;
 
-use super::{error::ApiError, extract::WorkspaceClaim, AppState};
+use super::{
+    error::ApiError,
+    extract::{FileId, WorkspaceClaim},
+    AppState,
+};
 use crate::{
     api::{self, platform_uri, Acked, PendingUpload},
     auth::Credential,
@@ -140,10 +144,9 @@ const LIST_PAGE: i64 = 1000;
 async fn find(
     st: &AppState,
     who: WorkspaceClaim,
-    file_id: &str,
+    file_id: Uuid,
     head: Option<u64>,
 ) -> Result<(UploadRow, Option<Bytes>), ApiError> {
-    let file_id = Uuid::parse_str(file_id).map_err(|_| ApiError::InvalidFileId)?;
     let (workspace_id, hash) = (who.workspace_id, who.credential.token_hash());
     let found = st
         .db
@@ -182,10 +185,10 @@ async fn find(
 pub async fn content_head(
     State(st): State<AppState>,
     who: WorkspaceClaim,
-    Path((_, file_id)): Path<(String, String)>,
+    FileId(file_id): FileId,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (row, _) = find(&st, who, &file_id, None).await?;
+    let (row, _) = find(&st, who, file_id, None).await?;
     if none_match_fails(&headers, &row) {
         return Ok(not_modified(&row));
     }
@@ -214,7 +217,7 @@ pub async fn content_head(
 pub async fn content(
     State(st): State<AppState>,
     who: WorkspaceClaim,
-    Path((_, file_id)): Path<(String, String)>,
+    FileId(file_id): FileId,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     // Without a Range the first slice comes with the row (a small file: whole); a browser
@@ -222,7 +225,7 @@ pub async fn content(
     let conditional =
         headers.contains_key(header::RANGE) || headers.contains_key(header::IF_NONE_MATCH);
     let head = (!conditional).then_some(READ_CHUNK);
-    let (row, head) = find(&st, who, &file_id, head).await?;
+    let (row, head) = find(&st, who, file_id, head).await?;
     if none_match_fails(&headers, &row) {
         return Ok(not_modified(&row));
     }
@@ -588,10 +591,9 @@ fn respond(row: &UploadRow, status: StatusCode, range: ByteRange, body: Body) ->
 pub async fn ack(
     State(st): State<AppState>,
     who: WorkspaceClaim,
-    Path((_, file_id)): Path<(String, String)>,
+    FileId(file_id): FileId,
 ) -> Result<Json<Acked>, ApiError> {
     let (workspace_id, hash) = (who.workspace_id, who.credential.token_hash());
-    let file_id = Uuid::parse_str(&file_id).map_err(|_| ApiError::InvalidFileId)?;
     let outcome = st
         .db
         .run(move |c| Box::pin(db::uploads::ack(c, workspace_id, hash, file_id)))

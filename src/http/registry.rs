@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::{
     error::ApiError,
-    extract::{Admin, JsonBody, WorkspaceCaller},
+    extract::{Admin, JsonBody, TokenId, WorkspaceCaller},
     AppState,
 };
 use crate::{
@@ -415,10 +415,9 @@ pub async fn mint_token(
 pub async fn revoke_token(
     State(st): State<AppState>,
     who: WorkspaceCaller,
-    Path((_, token_id)): Path<(String, String)>,
+    TokenId(token_id): TokenId,
 ) -> Result<Json<Revoked>, ApiError> {
     let id = who.workspace_id;
-    let token_id = Uuid::parse_str(&token_id).map_err(|_| ApiError::InvalidTokenId)?;
     let keep = st.limits.max_tokens_per_workspace as i64;
     let revoked = st
         .db

@@ -1845,6 +1845,65 @@ async fn out_of_range_positions_and_framework_rejections() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     assert_eq!(resp.headers()["content-type"], "application/json");
+    // A bad encoding is reported as the parameter it is in (before: every one of them was
+    // `invalid workspace ID`, whichever segment held it), in the same order as any other bad
+    // id (after the caller check where the route makes one first).
+    for (method, path, bearer, want) in [
+        (
+            "GET",
+            format!("/workspaces/%FF%FE/pending-uploads/{fid}/content"),
+            token.as_str(),
+            (400, "invalid workspace ID"),
+        ),
+        (
+            "GET",
+            format!("/workspaces/{ws}/pending-uploads/%FF/content"),
+            token.as_str(),
+            (400, "invalid file_id"),
+        ),
+        (
+            "HEAD",
+            format!("/workspaces/{ws}/pending-uploads/%C3/content"),
+            token.as_str(),
+            (400, ""),
+        ),
+        (
+            "POST",
+            format!("/workspaces/{ws}/pending-uploads/%FF/ack"),
+            token.as_str(),
+            (400, "invalid file_id"),
+        ),
+        (
+            "DELETE",
+            format!("/workspaces/{ws}/tokens/%FF"),
+            "made-up",
+            (401, "invalid workspace auth token"),
+        ),
+        (
+            "DELETE",
+            format!("/workspaces/{ws}/tokens/%FF"),
+            token.as_str(),
+            (400, "invalid token ID"),
+        ),
+        (
+            "GET",
+            format!("/workspaces/{ws}/pending-uploads/%E2%82%AC/content"),
+            token.as_str(),
+            (400, "invalid file_id"),
+        ),
+    ] {
+        let resp = client
+            .request(method.parse().unwrap(), svc.at(&path))
+            .bearer_auth(bearer)
+            .send()
+            .await
+            .unwrap();
+        let (status, text) = want;
+        assert_eq!(resp.status().as_u16(), status, "{method} {path}");
+        if method != "HEAD" {
+            assert_error(resp, StatusCode::from_u16(status).unwrap(), text).await;
+        }
+    }
     let resp = client.put(svc.at("/healthz")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
     assert!(resp.headers().contains_key("allow"));
