@@ -252,7 +252,10 @@ impl Db {
         self.run_within(self.timeout, work).await
     }
 
-    /// [`Db::run`] with its own deadline (work whose size scales with its input).
+    /// [`Db::run`] with its own deadline (work whose size scales with its input). The deadline
+    /// covers the wait for a pooled connection too (SPEC §10: no request waits on a stalled
+    /// database for more than DEPENDENCY_TIMEOUT): a request that waited most of it for a
+    /// connection freed by a stalled query must not then wait as long again in its own.
     pub async fn run_within<T, F>(&self, deadline: Duration, work: F) -> Result<T, DbError>
     where
         T: Send + 'static,
@@ -260,8 +263,12 @@ impl Db {
     {
         let (pool, answered) = (self.pool.clone(), self.answered.clone());
         let task = tokio::spawn(async move {
-            let mut conn = Guarded::new(pool.acquire().await?);
-            let result = tokio::time::timeout(deadline, work(conn.conn())).await;
+            let due = tokio::time::Instant::now() + deadline;
+            let conn = tokio::time::timeout_at(due, pool.acquire())
+                .await
+                .map_err(|_| DbError::Timeout(deadline))??;
+            let mut conn = Guarded::new(conn);
+            let result = tokio::time::timeout_at(due, work(conn.conn())).await;
             match result {
                 Ok(out) => {
                     // Finished in step: an SQL error still leaves the protocol in step, a wait

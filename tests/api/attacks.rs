@@ -799,6 +799,56 @@ async fn tokens_per_workspace_are_bounded() {
     assert_eq!(resp.status(), StatusCode::OK);
 }
 
+/// A request that waits for a pooled connection and then for its query shares one
+/// DEPENDENCY_TIMEOUT between them (SPEC §10). Before, each wait had a deadline of its own:
+/// with the pool's connections stuck behind a lock, a request that got one freed by a query
+/// that timed out then waited in its own query (3 s against a 2 s timeout).
+#[tokio::test]
+async fn the_wait_for_a_connection_counts_against_the_dependency_timeout() {
+    let svc = Svc::start(&[
+        ("DATABASE_MAX_CONNECTIONS", "2"),
+        ("DEPENDENCY_TIMEOUT", "2s"),
+    ])
+    .await;
+    let (ws, token) = register_poll(&svc.base).await;
+    // The database stalls for our tables: a lock every query of the route waits on.
+    let mut locker = svc.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE pending_uploads IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    let client = reqwest::Client::new();
+    let list = || async {
+        let started = Instant::now();
+        let resp = client
+            .get(svc.at(&format!("/workspaces/{ws}/pending-uploads")))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        (resp.status(), started.elapsed())
+    };
+    // Twice the pool: two wait in their queries; a second later two more wait for a
+    // connection, which the first two's timeouts free half way through their wait.
+    let later = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        futures::future::join(list(), list()).await
+    };
+    let (first, (third, fourth)) =
+        futures::future::join(futures::future::join(list(), list()), later).await;
+    locker.rollback().await.unwrap();
+    let answers = [first.0, first.1, third, fourth];
+    for (status, took) in &answers {
+        assert_eq!(*status, StatusCode::SERVICE_UNAVAILABLE, "{answers:?}");
+        assert!(
+            *took < Duration::from_millis(2700),
+            "a request waited {took:?} against a 2 s DEPENDENCY_TIMEOUT: {answers:?}"
+        );
+    }
+    let (status, _) = list().await;
+    assert_eq!(status, StatusCode::OK, "the database is back");
+}
+
 /// Sends `head` then `body` at `bytes_per_sec`, one byte at a time; returns the answer.
 async fn trickle(
     addr: &str,
