@@ -151,6 +151,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
         },
         hub: Hub::default(),
         fetched: FetchedStamps::new(args.batch_max_keys as usize),
+        registrations: crate::rate::RateLimit::per_minute(args.registrations_per_minute),
     });
     let router = http::router(state.clone(), &args.cors_allowed_origins);
     let sweeper = sweeper(&args.sweep, &db, &storage);

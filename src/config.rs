@@ -319,6 +319,12 @@ pub struct ServeArgs {
     #[arg(long, env = "MAX_CONCURRENT_REGISTRATION_LOOKUPS", default_value_t = 64,
           value_parser = clap::value_parser!(u64).range(1..=256))]
     pub max_concurrent_registration_lookups: u64,
+    /// Registrations this replica accepts a minute from callers with no claim on the
+    /// workspace (no bearer, or neither the admin's nor the workspace's own token), as many at
+    /// once: each first registration adds rows nothing removes. More get 429 with Retry-After.
+    #[arg(long, env = "REGISTRATIONS_PER_MINUTE", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub registrations_per_minute: u64,
 }
 
 /// How long a client may take (SPEC §10, slow clients).

@@ -19,6 +19,7 @@ pub mod longpoll;
 pub mod metrics;
 pub mod multipart;
 pub mod push_target;
+pub mod rate;
 pub mod retry;
 pub mod sanitize;
 pub mod slots;

@@ -82,6 +82,10 @@ pub enum ApiError {
     QuotaExceeded { pending_bytes: i64, max: u64 },
     #[error("workspace pending-upload quota exceeded")]
     FileQuotaExceeded { pending_files: i64, max: u64 },
+    /// REGISTRATIONS_PER_MINUTE used up on this replica (SPEC is silent); retry after the
+    /// seconds given.
+    #[error("too many registrations — retry shortly")]
+    RegistrationRate { retry_after_secs: u64 },
     /// MAX_TOKENS_PER_WORKSPACE live tokens already (SPEC is silent).
     #[error("too many live tokens for this workspace — revoke one first")]
     TokenLimit { max: u64 },
@@ -134,6 +138,7 @@ impl ApiError {
             QuotaExceeded { .. }
             | FileQuotaExceeded { .. }
             | TokenLimit { .. }
+            | RegistrationRate { .. }
             | WorkspaceBusy
             | WorkspaceDownloadsBusy
             | WorkspaceLongPollsBusy => StatusCode::TOO_MANY_REQUESTS,
@@ -193,14 +198,18 @@ impl ApiError {
             ApiError::DownloadCapacity => body.code = Some("download_capacity".into()),
             ApiError::LookupCapacity => body.code = Some("lookup_capacity".into()),
             ApiError::LongPollCapacity => body.code = Some("long_poll_capacity".into()),
+            ApiError::RegistrationRate { .. } => body.code = Some("registration_rate".into()),
             _ => {}
         }
         body
     }
 
     /// Seconds a client should wait before retrying, where retrying is the remedy.
-    fn retry_after(&self) -> Option<&'static str> {
-        match self {
+    fn retry_after(&self) -> Option<HeaderValue> {
+        let secs = match self {
+            ApiError::RegistrationRate { retry_after_secs } => {
+                return Some(HeaderValue::from(*retry_after_secs))
+            }
             ApiError::QuotaExceeded { .. } | ApiError::FileQuotaExceeded { .. } => Some("60"),
             ApiError::DatastoreUnavailable
             | ApiError::StorageUnavailable
@@ -216,7 +225,8 @@ impl ApiError {
             | ApiError::WorkspaceLongPollsBusy
             | ApiError::LongPollCapacity => Some("2"),
             _ => None,
-        }
+        };
+        secs.map(HeaderValue::from_static)
     }
 }
 
@@ -232,7 +242,7 @@ impl IntoResponse for ApiError {
         }
         let headers = resp.headers_mut();
         if let Some(secs) = self.retry_after() {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static(secs));
+            headers.insert(header::RETRY_AFTER, secs);
         }
         if let ApiError::RangeNotSatisfiable { size } = &self {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {

@@ -81,6 +81,8 @@ pub struct Shared {
     pub hub: Hub,
     /// fetched_at stamps of handed-over downloads, written in batches.
     pub fetched: FetchedStamps,
+    /// Registrations without a claim on the workspace (REGISTRATIONS_PER_MINUTE).
+    pub registrations: crate::rate::RateLimit,
 }
 
 /// How long clients may take (SPEC §10).

@@ -139,6 +139,7 @@ enum Registration {
         (status = 408, description = "request body too slow", body = api::ErrorBody),
         (status = 409, description = "workspace was removed", body = api::ErrorBody),
         (status = 413, description = "body over 64 KiB", body = api::ErrorBody),
+        (status = 429, description = "REGISTRATIONS_PER_MINUTE used up on this replica, for callers without a claim on the workspace (code registration_rate, Retry-After)", body = api::ErrorBody),
         (status = 503, description = "datastore unavailable, or push URL lookups all in progress", body = api::ErrorBody),
     )
 )]
@@ -148,11 +149,20 @@ pub async fn register(
     JsonBody(req): JsonBody<RegisterRequest>,
 ) -> Result<Json<Registered>, ApiError> {
     let mode = validate_mode(req.delivery_mode.as_deref())?;
-    let url = callback_url(&st, &req.url).await?;
-    let name = req.agent_card.as_ref().and_then(|c| non_empty(&c.name));
     // Decided before the transaction (a token check is a query of its own); it matters
     // only if the workspace exists.
     let claim = claim(&st, &headers, req.id).await?;
+    // Without a claim this may create a workspace and a token that nothing removes: at most
+    // REGISTRATIONS_PER_MINUTE of those (before the URL's name lookup, which costs too).
+    if claim != Claim::Allowed {
+        st.registrations
+            .take()
+            .map_err(|wait| ApiError::RegistrationRate {
+                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+            })?;
+    }
+    let url = callback_url(&st, &req.url).await?;
+    let name = req.agent_card.as_ref().and_then(|c| non_empty(&c.name));
     let id = req.id;
     let secret = auth::new_secret();
     let outcome = st
@@ -226,6 +236,7 @@ pub async fn register(
         (status = 408, description = "request body too slow", body = api::ErrorBody),
         (status = 409, description = "workspace already exists", body = api::ErrorBody),
         (status = 413, description = "body over 64 KiB", body = api::ErrorBody),
+        (status = 429, description = "REGISTRATIONS_PER_MINUTE used up on this replica, for callers without a claim on the workspace (code registration_rate, Retry-After)", body = api::ErrorBody),
         (status = 503, description = "datastore unavailable, or push URL lookups all in progress", body = api::ErrorBody),
     )
 )]

@@ -849,6 +849,59 @@ async fn the_wait_for_a_connection_counts_against_the_dependency_timeout() {
     assert_eq!(status, StatusCode::OK, "the database is back");
 }
 
+/// Registration needs no credential, and each first one adds a workspace and a token that
+/// nothing removes: a stranger could add them as fast as the database takes them. Now a
+/// replica takes REGISTRATIONS_PER_MINUTE from callers with no claim on the workspace (no
+/// bearer, a made-up one, another workspace's token); beyond, 429 `registration_rate` with a
+/// Retry-After, and nothing written. The admin and a workspace's own token are not counted.
+#[tokio::test]
+async fn registrations_without_a_claim_are_rate_limited() {
+    let svc = Svc::start(&[("REGISTRATIONS_PER_MINUTE", "3")]).await;
+    let client = reqwest::Client::new();
+    let fresh = || json!({"id": Uuid::new_v4(), "delivery_mode": "poll"});
+    let resp = register(&client, &svc, None, &fresh()).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let own: Value = resp.json().await.unwrap();
+    let (own_id, own_token) = (
+        own["id"].clone(),
+        own["auth_token"].as_str().unwrap().to_string(),
+    );
+    for bearer in [None, Some("made-up")] {
+        let resp = register(&client, &svc, bearer, &fresh()).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{bearer:?}");
+    }
+    for bearer in [None, Some("made-up"), Some(own_token.as_str())] {
+        let resp = register(&client, &svc, bearer, &fresh()).await;
+        assert_eq!(
+            resp.headers()["retry-after"],
+            "20",
+            "{bearer:?}: 3 a minute"
+        );
+        assert_json(
+            resp,
+            StatusCode::TOO_MANY_REQUESTS,
+            json!({"error": "too many registrations — retry shortly", "code": "registration_rate"}),
+        )
+        .await;
+    }
+    assert_eq!(
+        svc.count("workspaces").await,
+        3,
+        "nothing written when refused"
+    );
+    // A claim on the workspace is not limited: its own token, or the admin's.
+    let again = json!({"id": own_id, "delivery_mode": "poll"});
+    let resp = register(&client, &svc, Some(&own_token), &again).await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "re-registration with its own token"
+    );
+    let resp = register(&client, &svc, Some(ADMIN), &fresh()).await;
+    assert_eq!(resp.status(), StatusCode::OK, "the admin");
+    assert_eq!(svc.count("workspaces").await, 4);
+}
+
 /// Sends `head` then `body` at `bytes_per_sec`, one byte at a time; returns the answer.
 async fn trickle(
     addr: &str,
