@@ -264,9 +264,16 @@ impl Db {
         let (pool, answered) = (self.pool.clone(), self.answered.clone());
         let task = tokio::spawn(async move {
             let due = tokio::time::Instant::now() + deadline;
+            // No connection in time is the pool's own timeout: nothing reached the server, so
+            // the outcome is known (unlike a cut query), and the caller cleans up at once.
             let conn = tokio::time::timeout_at(due, pool.acquire())
                 .await
-                .map_err(|_| DbError::Timeout(deadline))??;
+                .map_err(|_| sqlx::Error::PoolTimedOut)??;
+            if tokio::time::Instant::now() >= due {
+                // Unused and in step: back to the pool, not closed by a query cut at once.
+                drop(conn);
+                return Err(sqlx::Error::PoolTimedOut.into());
+            }
             let mut conn = Guarded::new(conn);
             let result = tokio::time::timeout_at(due, work(conn.conn())).await;
             match result {

@@ -1323,6 +1323,29 @@ async fn one_connection_db() -> (pending_uploads::db::Db, sqlx::PgPool) {
     (db, pool)
 }
 
+/// No pooled connection within the deadline is the pool's timeout: unavailable (503), but
+/// with a known outcome, since nothing reached the server. An upload's commit that got no
+/// connection then removes the objects it wrote at once and announces nothing. For a while
+/// the shared deadline made it an unknown outcome (a cut query), and such a commit left its
+/// objects for the orphan sweep, an hour later.
+#[tokio::test]
+async fn no_connection_in_time_is_a_known_outcome() {
+    let (db, pool) = one_connection_db().await;
+    let held = pool.acquire().await.unwrap();
+    let started = Instant::now();
+    let err = db
+        .run_within(Duration::from_millis(300), |c| {
+            Box::pin(sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(c))
+        })
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert!(err.is_unavailable(), "{err}");
+    assert!(!err.outcome_unknown(), "nothing reached the server: {err}");
+    assert!(took < Duration::from_millis(1000), "{took:?}");
+    drop(held);
+}
+
 /// Work that cuts its own wait on the database (as a stalled COPY does) leaves its connection
 /// mid-message: `Db` closes it instead of pooling it (sqlx would first ping it on release,
 /// which against a frozen server waits without end), and the next work gets a fresh one.
