@@ -106,21 +106,26 @@ pub async fn has_live(conn: &mut PgConnection, workspace_id: Uuid) -> sqlx::Resu
 }
 
 /// Revokes one token of the workspace (idempotent); false when the workspace has no such token.
-/// Of its revoked tokens, the newest `keep` stay (for support: their prefixes); older ones go.
+/// Of its revoked tokens, the newest `keep` stay (for support: their prefixes); older ones go,
+/// in the same transaction (`workspace_auth_tokens_revoked_idx` finds them).
 pub async fn revoke(
     conn: &mut PgConnection,
     workspace_id: Uuid,
     token_id: Uuid,
     keep: i64,
 ) -> sqlx::Result<bool> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
     let r = sqlx::query(
         "UPDATE workspace_auth_tokens SET revoked_at = COALESCE(revoked_at, now())
          WHERE id = $1 AND workspace_id = $2",
     )
     .bind(token_id)
     .bind(workspace_id)
-    .execute(&mut *conn)
+    .execute(&mut *tx)
     .await?;
+    if r.rows_affected() != 1 {
+        return Ok(false);
+    }
     sqlx::query(
         "DELETE FROM workspace_auth_tokens WHERE workspace_id = $1 AND revoked_at IS NOT NULL
            AND id NOT IN (SELECT id FROM workspace_auth_tokens
@@ -129,9 +134,10 @@ pub async fn revoke(
     )
     .bind(workspace_id)
     .bind(keep)
-    .execute(conn)
+    .execute(&mut *tx)
     .await?;
-    Ok(r.rows_affected() == 1)
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// The workspace's live tokens, its row locked to the end of the transaction so that two

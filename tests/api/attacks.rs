@@ -789,6 +789,48 @@ async fn tokens_per_workspace_are_bounded() {
         (tokens(false).await.unwrap(), tokens(true).await.unwrap()),
         (3, 3)
     );
+    // Revoking a token that is not there deletes nothing.
+    let resp = client
+        .delete(svc.at(&format!("/workspaces/{ws}/tokens/{}", Uuid::new_v4())))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        (tokens(false).await.unwrap(), tokens(true).await.unwrap()),
+        (3, 3)
+    );
+    // The prune finds a workspace's revoked tokens through an index, not by reading every
+    // workspace's (anyone who registers may call it).
+    sqlx::query(
+        "WITH w AS (INSERT INTO workspaces (id, name, delivery_mode)
+                    SELECT gen_random_uuid(), 'other', 'poll' FROM generate_series(1, 500)
+                    RETURNING id)
+         INSERT INTO workspace_auth_tokens (workspace_id, token_hash, prefix, revoked_at)
+         SELECT w.id, sha256((w.id::text || g)::bytea), 'x', now()
+         FROM w, generate_series(1, 10) g",
+    )
+    .execute(&svc.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE workspace_auth_tokens")
+        .execute(&svc.pool)
+        .await
+        .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT id FROM workspace_auth_tokens
+         WHERE workspace_id = $1 AND revoked_at IS NOT NULL ORDER BY revoked_at DESC, id LIMIT 3",
+    )
+    .bind(ws)
+    .fetch_all(&svc.pool)
+    .await
+    .unwrap();
+    assert!(
+        plan.iter()
+            .any(|l| l.contains("workspace_auth_tokens_revoked_idx")),
+        "{plan:#?}"
+    );
     // The live tokens all still work.
     let resp = client
         .get(svc.at(&format!("/workspaces/{ws}")))
