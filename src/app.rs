@@ -101,6 +101,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
             timeout: args.push_timeout.0,
             answer_timeout: args.push_answer_timeout.0,
             answer_max_bytes: args.push_answer_max_bytes,
+            max_request_bytes: args.limits.max_request_bytes,
         },
     )
     .context("building the push HTTP client")?;

@@ -7,13 +7,14 @@
 //! whole answer, at most `PUSH_ANSWER_MAX_BYTES`, must come within `PUSH_ANSWER_TIMEOUT` of
 //! the upload's last byte (else 502). The answer is read whole before it is relayed.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     body::Body,
-    http::{header, HeaderMap, StatusCode},
+    http::{header, HeaderMap, HeaderValue, StatusCode},
     response::Response,
 };
+use futures::StreamExt;
 use uuid::Uuid;
 
 use super::{
@@ -25,6 +26,7 @@ use super::{
 use crate::{
     logfmt::Clip,
     push_target::{is_refusal, PushPolicy},
+    slots::Slot,
 };
 
 /// How long and how much a push may take.
@@ -36,6 +38,8 @@ pub struct PushLimits {
     pub answer_timeout: Duration,
     /// The answer's body (`PUSH_ANSWER_MAX_BYTES`).
     pub answer_max_bytes: u64,
+    /// The upload's (`MAX_REQUEST_BYTES`), for the 413 of one cut off over it.
+    pub max_request_bytes: u64,
 }
 
 /// How far past the client's own rate deadline a workspace that stopped taking the upload is
@@ -54,6 +58,9 @@ impl Pusher {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(limits.timeout)
+            // Sent bytes unacknowledged, or a zero window, for this long end the connection:
+            // what is left of an upload after the answer is out of the watchdog's reach.
+            .tcp_user_timeout(limits.answer_timeout)
             .redirect(reqwest::redirect::Policy::none())
             // A proxy would resolve names itself, out of reach of the address check.
             .no_proxy()
@@ -78,8 +85,9 @@ impl Pusher {
         secret: Option<&str>,
         headers: &HeaderMap,
         body: UploadBody,
-        max_request_bytes: u64,
+        slot: Arc<Slot>,
     ) -> Result<Response, ApiError> {
+        let max_request_bytes = self.limits.max_request_bytes;
         let content_length = declared_length(headers);
         let base = self.policy.check_url(url).map_err(|e| {
             tracing::warn!(%workspace_id, url = %Clip(url), reason = e.reason, "push URL refused");
@@ -90,6 +98,11 @@ impl Pusher {
             base.as_str().trim_end_matches('/')
         );
         let (cut, progress) = (body.cut_flag(), body.progress());
+        // The slot goes with the body too: the relay may go on sending it after the answer.
+        let body = body.map(move |chunk| {
+            let _held = &slot;
+            chunk
+        });
         let mut req = self
             .client
             .post(&target)
@@ -109,13 +122,22 @@ impl Pusher {
                 .map_err(|e| send_failure(workspace_id, &target, &cut, e, max_request_bytes))?;
             self.read_answer(workspace_id, resp).await
         };
-        let answer = tokio::select! {
+        let mut answer = tokio::select! {
             answer = exchange => answer?,
-            why = falls_behind(progress, content_length, self.limits.answer_timeout) => {
+            why = falls_behind(progress.clone(), content_length, self.limits.answer_timeout) => {
                 tracing::warn!(%workspace_id, target = %Clip(&target), reason = why, "push delivery failed");
                 return Err(ApiError::WorkspaceUnreachable);
             }
         };
+        if !progress.ended(content_length) {
+            // An answer before the whole upload was taken (a refusal, say): the client's
+            // connection closes after it, so the rest of its upload ends there and the relay
+            // of it (in the client's connection task, out of this watchdog's reach) with it.
+            // A workspace that stops reading the rest is cut by TCP_USER_TIMEOUT.
+            answer
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         tracing::info!(event = "pushed", %workspace_id, status = answer.status().as_u16(), "upload forwarded to workspace");
         Ok(answer)
     }

@@ -1,6 +1,8 @@
 //! `POST /workspaces/:id/chat/uploads`: poll workspaces get their files staged (`staging`);
 //! push workspaces get the request streamed through to them (`push`).
 
+use std::sync::Arc;
+
 use axum::{
     body::Body,
     extract::State,
@@ -106,9 +108,13 @@ pub async fn chat_upload(
         Delivery::Poll => stage(&st, &ws, pending, &headers, body, slot).await,
         Delivery::Push { url } => {
             let secret = ws.platform_inbound_secret.as_deref();
+            // Held by the relayed answer and by the upload's body both: a workspace that
+            // answers before it has taken the whole upload still holds the slot while the
+            // relay goes on sending it.
+            let slot = Arc::new(slot);
             let answer = st
                 .push
-                .forward(ws.id, url, secret, &headers, body, max_request_bytes)
+                .forward(ws.id, url, secret, &headers, body, slot.clone())
                 .await?;
             Ok(holding(answer, slot))
         }
@@ -135,7 +141,7 @@ pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
 
 /// A relayed answer whose body holds the upload's slot until it has been sent: the answer
 /// (up to PUSH_ANSWER_MAX_BYTES) is in memory until then, so the slots bound that memory.
-fn holding(answer: Response, slot: Slot) -> Response {
+fn holding(answer: Response, slot: Arc<Slot>) -> Response {
     answer.map(|body| {
         Body::from_stream(body.into_data_stream().map(move |chunk| {
             let _held = &slot;

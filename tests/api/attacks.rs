@@ -349,13 +349,16 @@ async fn a_push_workspace_must_answer_in_time_and_in_bounds() {
 /// that accepts the connection and never reads held the upload's slot for PUSH_TIMEOUT
 /// once the socket buffers were full (the client's own deadlines only run while its body is
 /// being read). Now 502 soon after the rate falls behind; the client, which sent at full
-/// speed, is not blamed (no 408).
+/// speed, is not blamed (no 408). The slot comes back when TCP_USER_TIMEOUT (PUSH_ANSWER_TIMEOUT)
+/// ends the stuck connection, which holds the rest of the upload until then.
 #[tokio::test]
 async fn a_push_workspace_that_stops_reading_the_upload_is_cut() {
     let svc = Svc::start(&[
         ("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32"),
         ("BODY_RATE_GRACE", "1s"),
         ("BODY_MIN_RATE", "4000000"),
+        // Also the TCP_USER_TIMEOUT that ends the stuck connection, and the slot with it.
+        ("PUSH_ANSWER_TIMEOUT", "1s"),
     ])
     .await;
     let tarpit = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
@@ -406,6 +409,93 @@ async fn a_push_workspace_that_stops_reading_the_upload_is_cut() {
     );
     assert!(took < Duration::from_secs(15), "took {took:?}");
     wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 0.0).await;
+}
+
+/// A push workspace may answer before it has taken the whole upload (a refusal, say) and then
+/// stop reading. Before, the rest of the upload sat in the relay with no deadline: the answer
+/// went out, the slot came back, and both connections stayed open for good (review: three such
+/// uploads in a row, each past a per-workspace cap of 1, all still open 15 s later). Now the
+/// slot is held until the relay lets go of the upload, the client's connection closes after
+/// the answer (`Connection: close`), and a workspace that stops reading is cut by
+/// TCP_USER_TIMEOUT (PUSH_ANSWER_TIMEOUT).
+#[tokio::test]
+async fn a_push_workspace_that_answers_early_cannot_keep_the_relay() {
+    let svc = Svc::start(&[
+        ("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32"),
+        ("PUSH_ANSWER_TIMEOUT", "1s"),
+    ])
+    .await;
+    let early = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let early_addr = early.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut sock, _)) = early.accept().await {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match sock.read(&mut buf).await {
+                    Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
+            let _ = sock
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await;
+            // Not a byte more is read.
+            held.push(sock);
+        }
+    });
+    let resp = admin_create(
+        &svc,
+        json!({"name": "early", "url": format!("http://{early_addr}")}),
+    )
+    .await;
+    let ws: Value = resp.json().await.unwrap();
+    let (ws, token): (Uuid, String) = (
+        ws["id"].as_str().unwrap().parse().unwrap(),
+        ws["auth_token"].as_str().unwrap().to_string(),
+    );
+    let body = one_file("XB", "big.bin", &vec![b'x'; 32 << 20]);
+    let sock = TcpStream::connect(&svc.addr).await.unwrap();
+    let (mut rx, mut tx) = sock.into_split();
+    let head = upload_head(&svc, ws, &token, body.len());
+    tokio::spawn(async move {
+        let _ = tx.write_all(head.as_bytes()).await;
+        let _ = tx.write_all(&body).await;
+        std::future::pending::<()>().await;
+        drop(tx);
+    });
+    // The answer, and then the client's connection closes (before: it stayed open).
+    let mut answer = Vec::new();
+    let read_all = tokio::time::timeout(Duration::from_secs(15), async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = rx.read(&mut buf).await {
+            answer.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(
+        read_all.is_ok(),
+        "the client's connection is still open after 15 s: {answer}"
+    );
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
+    assert!(answer.contains("\r\n\r\n2\r\nok\r\n"), "{answer}");
+    // The relay lets go of the rest of the upload (the client's side ended, or the workspace
+    // is cut for not reading), and the slot it held comes back.
+    let started = Instant::now();
+    loop {
+        let metrics = scrape_metrics(&svc.base).await;
+        if metric_value(&metrics, "pending_uploads_uploads_in_progress") == Some(0.0) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the relay never let go of the upload"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A push workspace's status reaches the client (and the metrics' status label) only as a
