@@ -132,6 +132,11 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
             args.max_concurrent_uploads_per_workspace,
             &crate::metrics::metrics().uploads_in_progress,
         ),
+        push_slots: Slots::new(
+            args.max_concurrent_push_uploads,
+            args.max_concurrent_uploads_per_workspace,
+            &crate::metrics::metrics().uploads_in_progress,
+        ),
         download_slots: Slots::new(
             args.max_concurrent_downloads,
             args.max_concurrent_downloads_per_workspace,

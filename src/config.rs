@@ -270,6 +270,11 @@ pub struct ServeArgs {
         default_value_t = 4
     )]
     pub max_concurrent_uploads_per_workspace: usize,
+    /// Push uploads (relays to push workspaces) at once on this replica, apart from
+    /// MAX_CONCURRENT_UPLOADS: anyone can register a push workspace that is slow to answer, and
+    /// those must not take the slots staged uploads need. More get 503 with Retry-After.
+    #[arg(long, env = "MAX_CONCURRENT_PUSH_UPLOADS", default_value_t = 16)]
+    pub max_concurrent_push_uploads: usize,
     /// Downloads (content GETs) streaming at once from this replica; more get 503 with
     /// Retry-After. Each holds up to ~300 KiB while its client reads.
     #[arg(long, env = "MAX_CONCURRENT_DOWNLOADS", default_value_t = 256)]

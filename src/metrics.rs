@@ -187,7 +187,7 @@ impl Metrics {
             uploads_in_progress: r.add(
                 IntGauge::with_opts(opts(
                     "uploads_in_progress",
-                    "Upload requests holding one of the MAX_CONCURRENT_UPLOADS slots",
+                    "Upload requests holding a slot (MAX_CONCURRENT_UPLOADS, MAX_CONCURRENT_PUSH_UPLOADS)",
                 ))
                 .expect("valid metric"),
             ),

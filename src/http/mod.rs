@@ -74,6 +74,8 @@ pub struct Shared {
     /// drain us first, and long polls stop waiting.
     pub accepting: Arc<AtomicBool>,
     pub upload_slots: Slots,
+    /// Relays to push workspaces, apart from staged uploads' slots.
+    pub push_slots: Slots,
     pub download_slots: Slots,
     /// Long polls waiting (SPEC §10: each upload wakes its workspace's into a query each).
     pub long_poll_slots: Slots,

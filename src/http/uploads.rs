@@ -94,17 +94,21 @@ pub async fn chat_upload(
             max: max_request_bytes,
         });
     }
+    let delivery = delivery(Some(&ws.delivery_mode), ws.url.as_deref());
+    // Relays have slots of their own: a push workspace slow to answer (anyone can register
+    // one) must not take the ones staged uploads need.
+    let slots = match delivery {
+        Delivery::Push { .. } => &st.push_slots,
+        _ => &st.upload_slots,
+    };
     // Held by whatever outlives this handler when the client goes: the staging commit (its
-    // own task) or the relayed answer's body.
-    let slot = st
-        .upload_slots
-        .acquire(ws.id)
-        .map_err(|refused| match refused {
-            slots::Refused::Replica => ApiError::UploadCapacity,
-            slots::Refused::Workspace => ApiError::WorkspaceBusy,
-        })?;
+    // own task) or the relay.
+    let slot = slots.acquire(ws.id).map_err(|refused| match refused {
+        slots::Refused::Replica => ApiError::UploadCapacity,
+        slots::Refused::Workspace => ApiError::WorkspaceBusy,
+    })?;
     let body = UploadBody::new(body, max_request_bytes, st.deadlines.upload);
-    match delivery(Some(&ws.delivery_mode), ws.url.as_deref()) {
+    match delivery {
         Delivery::Poll => stage(&st, &ws, pending, &headers, body, slot).await,
         Delivery::Push { url } => {
             let secret = ws.platform_inbound_secret.as_deref();

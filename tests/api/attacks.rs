@@ -345,6 +345,61 @@ async fn a_push_workspace_must_answer_in_time_and_in_bounds() {
     assert_eq!(resp.status(), StatusCode::OK, "the slot came back");
 }
 
+/// Relays to push workspaces have slots of their own (MAX_CONCURRENT_PUSH_UPLOADS): anyone can
+/// register push workspaces that read an upload and answer only at PUSH_ANSWER_TIMEOUT, and
+/// with one pool for both, a couple of tiny uploads a second to sixteen of them held every
+/// upload slot of a replica, so staged uploads got 503 (review). Now those only fill the push
+/// slots; a poll workspace's upload still goes through.
+#[tokio::test]
+async fn push_relays_cannot_take_the_slots_of_staged_uploads() {
+    let svc = Svc::start(&[
+        ("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32"),
+        ("MAX_CONCURRENT_UPLOADS", "2"),
+        ("MAX_CONCURRENT_PUSH_UPLOADS", "2"),
+    ])
+    .await;
+    let silent = Router::new().fallback(any(|body: axum::body::Bytes| async move {
+        drop(body);
+        std::future::pending::<()>().await
+    }));
+    let (ws, token) = push_workspace(&svc, silent).await;
+    let waiting: Vec<_> = (0..2)
+        .map(|i| {
+            let (base, token) = (svc.base.clone(), token.clone());
+            tokio::spawn(async move {
+                reqwest::Client::new()
+                    .post(format!("{base}/workspaces/{ws}/chat/uploads"))
+                    .bearer_auth(token)
+                    .header("Content-Type", "multipart/form-data; boundary=XB")
+                    .body(one_file("XB", &format!("{i}.txt"), b"a"))
+                    .send()
+                    .await
+            })
+        })
+        .collect();
+    wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 2.0).await;
+    let resp = upload_file(&svc, ws, &token, "third.txt", b"c").await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the push slots are full"
+    );
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "upload_capacity");
+    let (poll_ws, poll_token) = register_poll(&svc.base).await;
+    for name in ["a.txt", "b.txt"] {
+        let resp = upload_file(&svc, poll_ws, &poll_token, name, b"staged").await;
+        assert_eq!(
+            resp.status(),
+            StatusCode::OK,
+            "a staged upload is not affected"
+        );
+    }
+    for w in waiting {
+        w.abort();
+    }
+}
+
 /// A push workspace must take the upload at BODY_MIN_RATE, as a client must send it: one
 /// that accepts the connection and never reads held the upload's slot for PUSH_TIMEOUT
 /// once the socket buffers were full (the client's own deadlines only run while its body is
