@@ -240,9 +240,14 @@ async fn a_push_redirect_to_an_internal_address_is_not_followed() {
 /// reach that address: its id and token.
 async fn push_workspace(svc: &Svc, respond: Router) -> (Uuid, String) {
     let (workspace, _) = server_on("127.0.0.2", respond).await;
+    push_workspace_at(svc, workspace).await
+}
+
+/// A push workspace whose URL is `addr`: its id and token.
+async fn push_workspace_at(svc: &Svc, addr: SocketAddr) -> (Uuid, String) {
     let resp = admin_create(
         svc,
-        json!({"name": "pushed", "url": format!("http://{workspace}")}),
+        json!({"name": "pushed", "url": format!("http://{addr}")}),
     )
     .await;
     let ws: Value = resp.json().await.unwrap();
@@ -250,6 +255,22 @@ async fn push_workspace(svc: &Svc, respond: Router) -> (Uuid, String) {
         ws["id"].as_str().unwrap().parse().unwrap(),
         ws["auth_token"].as_str().unwrap().to_string(),
     )
+}
+
+/// A 32 MiB upload written on a raw socket by a task of its own, which keeps its write half
+/// open afterwards (an answer must come while the client still sends); the read half.
+async fn big_raw_upload(svc: &Svc, ws: Uuid, token: &str) -> tokio::net::tcp::OwnedReadHalf {
+    let body = one_file("XB", "big.bin", &vec![b'x'; 32 << 20]);
+    let sock = TcpStream::connect(&svc.addr).await.unwrap();
+    let (rx, mut tx) = sock.into_split();
+    let head = upload_head(svc, ws, token, body.len());
+    tokio::spawn(async move {
+        let _ = tx.write_all(head.as_bytes()).await;
+        let _ = tx.write_all(&body).await;
+        std::future::pending::<()>().await;
+        drop(tx);
+    });
+    rx
 }
 
 /// An answer whose body comes a byte every 100 ms, `bytes` of them.
@@ -424,27 +445,8 @@ async fn a_push_workspace_that_stops_reading_the_upload_is_cut() {
             held.push(sock);
         }
     });
-    let resp = admin_create(
-        &svc,
-        json!({"name": "tarpit", "url": format!("http://{tarpit_addr}")}),
-    )
-    .await;
-    let ws: Value = resp.json().await.unwrap();
-    let (ws, token): (Uuid, String) = (
-        ws["id"].as_str().unwrap().parse().unwrap(),
-        ws["auth_token"].as_str().unwrap().to_string(),
-    );
-    let body = one_file("XB", "big.bin", &vec![b'x'; 32 << 20]);
-    let sock = TcpStream::connect(&svc.addr).await.unwrap();
-    let (mut rx, mut tx) = sock.into_split();
-    let head = upload_head(&svc, ws, &token, body.len());
-    tokio::spawn(async move {
-        let _ = tx.write_all(head.as_bytes()).await;
-        let _ = tx.write_all(&body).await;
-        // Keep the write half open: the answer must come while the client still sends.
-        std::future::pending::<()>().await;
-        drop(tx);
-    });
+    let (ws, token) = push_workspace_at(&svc, tarpit_addr).await;
+    let mut rx = big_raw_upload(&svc, ws, &token).await;
     let started = Instant::now();
     let mut answer = Vec::new();
     let mut buf = [0u8; 4096];
@@ -500,26 +502,8 @@ async fn a_push_workspace_that_answers_early_cannot_keep_the_relay() {
             held.push(sock);
         }
     });
-    let resp = admin_create(
-        &svc,
-        json!({"name": "early", "url": format!("http://{early_addr}")}),
-    )
-    .await;
-    let ws: Value = resp.json().await.unwrap();
-    let (ws, token): (Uuid, String) = (
-        ws["id"].as_str().unwrap().parse().unwrap(),
-        ws["auth_token"].as_str().unwrap().to_string(),
-    );
-    let body = one_file("XB", "big.bin", &vec![b'x'; 32 << 20]);
-    let sock = TcpStream::connect(&svc.addr).await.unwrap();
-    let (mut rx, mut tx) = sock.into_split();
-    let head = upload_head(&svc, ws, &token, body.len());
-    tokio::spawn(async move {
-        let _ = tx.write_all(head.as_bytes()).await;
-        let _ = tx.write_all(&body).await;
-        std::future::pending::<()>().await;
-        drop(tx);
-    });
+    let (ws, token) = push_workspace_at(&svc, early_addr).await;
+    let mut rx = big_raw_upload(&svc, ws, &token).await;
     // The answer, and then the client's connection closes (before: it stayed open).
     let mut answer = Vec::new();
     let read_all = tokio::time::timeout(Duration::from_secs(15), async {
