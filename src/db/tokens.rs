@@ -140,26 +140,14 @@ pub async fn revoke(
     Ok(true)
 }
 
-/// The workspace's live tokens, its row locked to the end of the transaction so that two
-/// mints cannot both pass a cap; `None` when it has no row. Two statements: a count in the
-/// locking statement would read the snapshot from before a concurrent mint committed.
-pub async fn live_count_locked(
-    conn: &mut PgConnection,
-    workspace_id: Uuid,
-) -> sqlx::Result<Option<i64>> {
-    let locked: Option<i32> =
-        sqlx::query_scalar("SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE")
-            .bind(workspace_id)
-            .fetch_optional(&mut *conn)
-            .await?;
-    if locked.is_none() {
-        return Ok(None);
-    }
+/// The workspace's live tokens. Under a cap, call it with the workspace row locked
+/// (`workspaces::get_for_update`) and as a statement of its own: counted in the locking
+/// statement, it would read the snapshot from before a concurrent mint committed.
+pub async fn live_count(conn: &mut PgConnection, workspace_id: Uuid) -> sqlx::Result<i64> {
     sqlx::query_scalar(
         "SELECT count(*) FROM workspace_auth_tokens WHERE workspace_id = $1 AND revoked_at IS NULL",
     )
     .bind(workspace_id)
     .fetch_one(conn)
     .await
-    .map(Some)
 }

@@ -61,8 +61,6 @@ pub struct UploadBody {
     inner: axum::body::BodyDataStream,
     seen: u64,
     max: u64,
-    pace: Pace,
-    started: Instant,
     idle_timer: Pin<Box<tokio::time::Sleep>>,
     rate_timer: Pin<Box<tokio::time::Sleep>>,
     cut: Arc<Mutex<Option<Cut>>>,
@@ -104,40 +102,33 @@ impl Progress {
 
     /// When the bytes read so far stop meeting the minimum average rate.
     pub fn rate_due_at(&self) -> Option<Instant> {
-        rate_due_at(
-            self.pace,
-            self.started,
-            self.read.seen.load(Ordering::Relaxed),
-        )
+        self.due_at(self.read.seen.load(Ordering::Relaxed))
     }
-}
 
-/// When `seen` bytes read since `started` stop meeting `pace.min_rate` (never before the
-/// grace period ends; never without a minimum rate).
-fn rate_due_at(pace: Pace, started: Instant, seen: u64) -> Option<Instant> {
-    if pace.min_rate == 0 {
-        return None;
+    /// When `seen` bytes stop meeting `pace.min_rate` (never before the grace period ends;
+    /// never without a minimum rate).
+    fn due_at(&self, seen: u64) -> Option<Instant> {
+        if self.pace.min_rate == 0 {
+            return None;
+        }
+        let covered = Duration::from_secs_f64(seen as f64 / self.pace.min_rate as f64);
+        Some(self.started + covered.max(self.pace.grace))
     }
-    let covered = Duration::from_secs_f64(seen as f64 / pace.min_rate as f64);
-    Some(started + covered.max(pace.grace))
 }
 
 impl UploadBody {
     pub fn new(body: Body, max: u64, pace: Pace) -> Self {
-        let started = Instant::now();
         UploadBody {
             inner: body.into_data_stream(),
             seen: 0,
             max,
-            pace,
-            started,
             idle_timer: Box::pin(tokio::time::sleep(pace.idle)),
             rate_timer: Box::pin(tokio::time::sleep(pace.grace)),
             cut: Arc::new(Mutex::new(None)),
             progress: Progress {
                 read: Arc::default(),
                 pace,
-                started,
+                started: Instant::now(),
             },
         }
     }
@@ -153,7 +144,7 @@ impl UploadBody {
     /// When the bytes seen so far stop meeting the minimum average rate (never before the
     /// grace period ends).
     fn rate_due_at(&self) -> Option<Instant> {
-        rate_due_at(self.pace, self.started, self.seen)
+        self.progress.due_at(self.seen)
     }
 
     /// Pending until the rate check fails (then the cut).
@@ -196,7 +187,7 @@ impl Stream for UploadBody {
                 if self.seen > self.max {
                     return self.fail(Cut::OverCap);
                 }
-                let idle_at = Instant::now() + self.pace.idle;
+                let idle_at = Instant::now() + self.progress.pace.idle;
                 self.idle_timer.as_mut().reset(idle_at);
                 Poll::Ready(Some(Ok(chunk)))
             }

@@ -22,7 +22,7 @@ impl FromRequestParts<AppState> for WorkspaceCaller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
-        let raw_id = raw_workspace_id(parts, st).await?;
+        let raw_id = raw_workspace_id(parts)?;
         let (workspace_id, caller) = st.auth.workspace(&parts.headers, &raw_id).await?;
         Ok(WorkspaceCaller {
             workspace_id,
@@ -32,7 +32,7 @@ impl FromRequestParts<AppState> for WorkspaceCaller {
 }
 
 /// The `:id` path parameter as sent.
-async fn raw_workspace_id(parts: &mut Parts, _st: &AppState) -> Result<String, ApiError> {
+fn raw_workspace_id(parts: &Parts) -> Result<String, ApiError> {
     path_param(parts, "id").ok_or(ApiError::InvalidWorkspaceId)
 }
 
@@ -102,7 +102,7 @@ impl FromRequestParts<AppState> for WorkspaceClaim {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
-        let raw_id = raw_workspace_id(parts, st).await?;
+        let raw_id = raw_workspace_id(parts)?;
         let (workspace_id, credential) = st.auth.claim(&parts.headers, &raw_id)?;
         Ok(WorkspaceClaim {
             workspace_id,

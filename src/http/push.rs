@@ -14,7 +14,7 @@ use axum::{
     http::{header, HeaderMap, HeaderValue, StatusCode},
     response::Response,
 };
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use uuid::Uuid;
 
 use super::{
@@ -85,7 +85,7 @@ impl Pusher {
         secret: Option<&str>,
         headers: &HeaderMap,
         body: UploadBody,
-        slot: Arc<Slot>,
+        slot: Slot,
     ) -> Result<Response, ApiError> {
         let max_request_bytes = self.limits.max_request_bytes;
         let content_length = declared_length(headers);
@@ -98,15 +98,14 @@ impl Pusher {
             base.as_str().trim_end_matches('/')
         );
         let (cut, progress) = (body.cut_flag(), body.progress());
-        // The slot goes with the body too: the relay may go on sending it after the answer.
-        let body = body.map(move |chunk| {
-            let _held = &slot;
-            chunk
-        });
+        // Held by the upload's body and by the relayed answer both: a workspace that answers
+        // before it has taken the whole upload holds the slot while the relay goes on sending
+        // it, and the answer (up to PUSH_ANSWER_MAX_BYTES, in memory) holds it until sent.
+        let slot = Arc::new(slot);
         let mut req = self
             .client
             .post(&target)
-            .body(reqwest::Body::wrap_stream(body));
+            .body(reqwest::Body::wrap_stream(holding(body, slot.clone())));
         for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {
             if let Some(v) = headers.get(&name) {
                 req = req.header(name, v);
@@ -139,7 +138,7 @@ impl Pusher {
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         tracing::info!(event = "pushed", %workspace_id, status = answer.status().as_u16(), "upload forwarded to workspace");
-        Ok(answer)
+        Ok(answer.map(|body| Body::from_stream(holding(body.into_data_stream(), slot))))
     }
 
     /// The workspace's answer, read whole (at most `answer_max_bytes`), as the client gets it:
@@ -183,6 +182,14 @@ impl Pusher {
         out.body(Body::from(body.freeze()))
             .map_err(ApiError::internal)
     }
+}
+
+/// `stream`, holding `slot` until it is dropped.
+fn holding<S: Stream>(stream: S, slot: Arc<Slot>) -> impl Stream<Item = S::Item> {
+    stream.map(move |chunk| {
+        let _held = &slot;
+        chunk
+    })
 }
 
 /// The status relayed for a workspace's: a final status, an unrecognised one as the x00 of

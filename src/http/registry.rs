@@ -379,16 +379,14 @@ pub async fn mint_token(
         .run(move |c| {
             Box::pin(async move {
                 let mut tx = sqlx::Connection::begin(&mut *c).await?;
-                let Some(live_tokens) = db::tokens::live_count_locked(&mut tx, id).await? else {
-                    return Ok(Minted::NoWorkspace);
-                };
-                let live = db::workspaces::get(&mut *tx, id)
+                // Row lock: two mints racing cannot both pass the cap.
+                let live = db::workspaces::get_for_update(&mut tx, id)
                     .await?
                     .is_some_and(|w| !w.is_removed());
                 if !live {
                     return Ok(Minted::NoWorkspace);
                 }
-                if live_tokens as u64 >= max {
+                if db::tokens::live_count(&mut tx, id).await? as u64 >= max {
                     return Ok(Minted::AtLimit);
                 }
                 let (token_id, token) = issue_token(&mut tx, id).await?;

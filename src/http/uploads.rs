@@ -1,8 +1,6 @@
 //! `POST /workspaces/:id/chat/uploads`: poll workspaces get their files staged (`staging`);
 //! push workspaces get the request streamed through to them (`push`).
 
-use std::sync::Arc;
-
 use axum::{
     body::Body,
     extract::State,
@@ -10,7 +8,6 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
-use futures::StreamExt;
 
 use super::{
     body::UploadBody, error::ApiError, extract::WorkspaceClaim, registry::live_workspace, AppState,
@@ -112,15 +109,9 @@ pub async fn chat_upload(
         Delivery::Poll => stage(&st, &ws, pending, &headers, body, slot).await,
         Delivery::Push { url } => {
             let secret = ws.platform_inbound_secret.as_deref();
-            // Held by the relayed answer and by the upload's body both: a workspace that
-            // answers before it has taken the whole upload still holds the slot while the
-            // relay goes on sending it.
-            let slot = Arc::new(slot);
-            let answer = st
-                .push
-                .forward(ws.id, url, secret, &headers, body, slot.clone())
-                .await?;
-            Ok(holding(answer, slot))
+            st.push
+                .forward(ws.id, url, secret, &headers, body, slot)
+                .await
         }
         Delivery::UrlNotRegistered => Err(ApiError::UrlNotRegistered),
         Delivery::NoCallbackUrl => Err(ApiError::NoCallbackUrl {
@@ -141,17 +132,6 @@ pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
         .ok()?
         .parse()
         .ok()
-}
-
-/// A relayed answer whose body holds the upload's slot until it has been sent: the answer
-/// (up to PUSH_ANSWER_MAX_BYTES) is in memory until then, so the slots bound that memory.
-fn holding(answer: Response, slot: Arc<Slot>) -> Response {
-    answer.map(|body| {
-        Body::from_stream(body.into_data_stream().map(move |chunk| {
-            let _held = &slot;
-            chunk
-        }))
-    })
 }
 
 async fn stage(

@@ -213,6 +213,8 @@ struct Tagged {
     weak_fid: Uuid,
     strong: String,
     weak: String,
+    /// A strong tag of other bytes: names neither file.
+    other: String,
 }
 
 async fn tagged(data: &[u8]) -> Tagged {
@@ -242,6 +244,7 @@ async fn tagged(data: &[u8]) -> Tagged {
         weak_fid,
         strong: format!("\"{}\"", hex::encode(Sha256::digest(data))),
         weak: format!("W/\"{weak_fid}\""),
+        other: format!("\"{}\"", hex::encode(Sha256::digest(b"other"))),
     }
 }
 
@@ -260,8 +263,8 @@ async fn if_range_serves_the_range_only_for_the_current_strong_etag() {
         weak_fid,
         strong,
         weak,
+        other,
     } = tagged(&data).await;
-    let other = format!("\"{}\"", hex::encode(Sha256::digest(b"other")));
     let weakened = format!("W/{strong}");
     let n = data.len();
     let (range, past_end) = (Some("bytes=10-19"), Some("bytes=2000-"));
@@ -349,8 +352,8 @@ async fn if_none_match_answers_304_while_the_etag_is_current() {
         weak_fid,
         strong,
         weak,
+        other,
     } = tagged(&data).await;
-    let other = format!("\"{}\"", hex::encode(Sha256::digest(b"other")));
     let (not_modified, ok, partial) = (
         StatusCode::NOT_MODIFIED,
         StatusCode::OK,
