@@ -28,7 +28,7 @@ use crate::{
     multipart::{BoxError, Multipart, MultipartError},
     sanitize::sanitize,
     slots::Slot,
-    spool::{MemoryBudget, Spool, SpoolWriter},
+    spool::{Hashing, MemoryBudget, Spool, SpoolWriter},
     storage::{Location, Storage, StorageError},
 };
 
@@ -106,6 +106,7 @@ pub async fn receive<S, E>(
     limits: &RequestLimits,
     spool_dir: &Path,
     mut memory: MemoryBudget,
+    hashing: Hashing,
 ) -> Result<Vec<Received>, StagingError>
 where
     S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
@@ -134,7 +135,7 @@ where
             return Err(StagingError::TooManyFiles(limits.max_files));
         }
         let mimetype = reduce_mimetype(head.content_type.as_deref());
-        let writer = SpoolWriter::create(spool_dir, memory.clone());
+        let writer = SpoolWriter::create(spool_dir, memory.clone()).hashing(hashing);
         let spool = spool_part(multipart, writer, &original, limits.max_file_bytes).await?;
         memory.spend(&spool);
         files.push(Received {
@@ -374,16 +375,18 @@ async fn write_rows(
         read_back <= ONE_STATEMENT_READ_BACK_MAX && rows.iter().all(NewUpload::inserts);
     let admission = if one_statement {
         let mut contents = Vec::with_capacity(rows.len());
+        let mut digests = Vec::with_capacity(rows.len());
         for r in &rows {
             contents.push(match r.location.inline {
                 true => Some(r.spool.read_all().await?),
                 false => None,
             });
+            digests.push(r.spool.sha256().await?);
         }
         // The bytes are copied twice on their way (sqlx's parameter buffer, the connection's
         // write buffer): blocks from the upload arena, whose pages stay mapped.
         let size = contents.iter().flatten().map(bytes::Bytes::len).sum();
-        let stage = db::uploads::stage(conn, workspace_id, quota, &rows, &contents);
+        let stage = db::uploads::stage(conn, workspace_id, quota, &rows, &contents, &digests);
         crate::arena::big_blocks(size, stage).await?
     } else {
         // Rows first, without the workspace lock: they stay invisible until commit, so

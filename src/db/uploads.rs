@@ -10,7 +10,7 @@ use super::{
     tokens::{checked_rows, Checked, CALLER},
     Db,
 };
-use crate::{spool::Spool, storage::Location};
+use crate::{digest::Digester, spool::Spool, storage::Location};
 
 /// A row as the fetch, ack and sweep paths need it (never its bytes).
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -51,9 +51,14 @@ const P_COLUMNS: &str = "p.file_id, p.workspace_id, p.size_bytes, p.filename, p.
                          p.s3_key, p.content IS NOT NULL AS has_content, p.created_at, p.fetched_at, \
                          p.acked_at, p.expires_at, p.seq";
 
-/// The columns a new row is written with, in the order both [`insert`] paths send them.
+/// The columns a new row is written with, in the order an INSERT sends them.
 const WRITE_COLUMNS: &str =
     "file_id, workspace_id, size_bytes, filename, mimetype, content_sha256, s3_key, content";
+
+/// [`WRITE_COLUMNS`] in the order a COPY sends them: the digest after the bytes, so it can be
+/// taken as they are read back.
+const COPY_COLUMNS: &str =
+    "file_id, workspace_id, size_bytes, filename, mimetype, s3_key, content, content_sha256";
 
 pub struct NewUpload<'a> {
     pub file_id: Uuid,
@@ -119,17 +124,19 @@ fn columns(rows: &[NewUpload<'_>]) -> Columns {
 /// A whole upload of small rows in one statement, its own transaction
 /// (`pending_uploads_stage`): rows, then under the workspace lock admission, totals, activity
 /// rows, notification (a refused upload's rows are deleted again). `contents` holds
-/// each row's inline bytes (rows that [`NewUpload::inserts`]), `None` for S3-only rows.
+/// each row's inline bytes (rows that [`NewUpload::inserts`]), `None` for S3-only rows, and
+/// `digests` each row's sha256.
 pub async fn stage(
     conn: &mut PgConnection,
     workspace_id: Uuid,
     quota: Quota,
     rows: &[NewUpload<'_>],
     contents: &[Option<Bytes>],
+    digests: &[[u8; 32]],
 ) -> sqlx::Result<Admission> {
     let c = columns(rows);
     let contents: Vec<Option<&[u8]>> = contents.iter().map(|c| c.as_deref()).collect();
-    let digests: Vec<Vec<u8>> = rows.iter().map(|r| r.spool.sha256.to_vec()).collect();
+    let digests: Vec<&[u8]> = digests.iter().map(|d| &d[..]).collect();
     let keys: Vec<Option<String>> = rows.iter().map(|r| r.location.s3_key.clone()).collect();
     // The parameters' buffer sized for the bytes at once: grown by doubling it would copy them
     // again at every step.
@@ -215,7 +222,7 @@ pub async fn insert(conn: &mut PgConnection, row: &NewUpload<'_>, db: &Db) -> sq
     if row.inserts() {
         return in_step(step, "an INSERT", insert_whole(conn, row)).await;
     }
-    let statement = format!("COPY pending_uploads ({WRITE_COLUMNS}) FROM STDIN (FORMAT binary)");
+    let statement = format!("COPY pending_uploads ({COPY_COLUMNS}) FROM STDIN (FORMAT binary)");
     let mut copy = in_step(step, "a COPY", conn.copy_in_raw(&statement)).await?;
     let mut head = BytesMut::with_capacity(256);
     head.put_slice(b"PGCOPY\n\xff\r\n\0");
@@ -227,25 +234,42 @@ pub async fn insert(conn: &mut PgConnection, row: &NewUpload<'_>, db: &Db) -> sq
     put_field(&mut head, &(row.spool.size as i64).to_be_bytes());
     put_field(&mut head, row.filename.as_bytes());
     put_field(&mut head, row.mimetype.as_bytes());
-    put_field(&mut head, &row.spool.sha256);
     match &row.location.s3_key {
         Some(key) => put_field(&mut head, key.as_bytes()),
         None => head.put_i32(-1), // NULL
     }
-    if row.location.inline {
+    let sha256 = if row.location.inline {
         head.put_i32(row.spool.size as i32); // content length, then the bytes themselves
         copy.send(head.freeze()).await?;
+        // The digest follows the bytes: unless the spool knows it already, it is taken as
+        // they go (`spool::Hashing::OnReadBack`).
+        let mut digest = row.spool.known_sha256().is_none().then(Digester::default);
         let mut chunks = std::pin::pin!(row.spool.chunks_ahead());
         while let Some(chunk) = chunks.try_next().await? {
+            if let Some(digest) = &mut digest {
+                digest.update(&chunk);
+            }
             tokio::time::timeout(step, copy.send(chunk))
                 .await
                 .map_err(|_| stalled(step))??;
         }
+        match digest {
+            Some(digest) => {
+                let sha256 = digest.finish();
+                row.spool.record_sha256(sha256);
+                sha256
+            }
+            None => row.spool.sha256().await?,
+        }
     } else {
         head.put_i32(-1);
         copy.send(head.freeze()).await?;
-    }
-    copy.send(&(-1i16).to_be_bytes()[..]).await?;
+        row.spool.sha256().await?
+    };
+    let mut tail = BytesMut::with_capacity(64);
+    put_field(&mut tail, &sha256);
+    tail.put_i16(-1); // end of data
+    copy.send(tail.freeze()).await?;
     finish_copy(copy, db).await
 }
 
@@ -340,7 +364,7 @@ async fn insert_whole(conn: &mut PgConnection, row: &NewUpload<'_>) -> sqlx::Res
     .bind(row.spool.size as i64)
     .bind(row.filename)
     .bind(row.mimetype)
-    .bind(&row.spool.sha256[..])
+    .bind(&row.spool.sha256().await?[..])
     .bind(row.location.s3_key.as_deref())
     .bind(content.as_deref())
     .execute(conn)

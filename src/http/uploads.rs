@@ -177,9 +177,10 @@ async fn stage(
         max_filename_chars: st.limits.max_filename_chars,
     };
     let memory = st.spool_memory.reserve(declared_length(headers));
+    let hashing = st.storage.hashing();
     let cut = body.cut_flag();
     let mut parts = Multipart::new(body, &boundary, multipart::Limits::default());
-    let files = match staging::receive(&mut parts, &limits, &st.spool_dir, memory).await {
+    let files = match staging::receive(&mut parts, &limits, &st.spool_dir, memory, hashing).await {
         Ok(files) => files,
         Err(e) => {
             if cut.get().is_none() {

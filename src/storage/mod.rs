@@ -16,7 +16,7 @@ use crate::{
     config::BackendMode,
     db::DbError,
     digest, metrics,
-    spool::{MemoryBudget, Spool, SpoolWriter, READ_CHUNK},
+    spool::{Hashing, MemoryBudget, Spool, SpoolWriter, READ_CHUNK},
 };
 
 pub use bytea::ByteaBackend;
@@ -102,6 +102,15 @@ impl Storage {
 
     pub fn mode(&self) -> BackendMode {
         self.mode
+    }
+
+    /// When an upload's spooled files are hashed: a PUT sends the digest before the bytes, a
+    /// COPY after them.
+    pub fn hashing(&self) -> Hashing {
+        match self.mode {
+            BackendMode::Bytea => Hashing::OnReadBack,
+            BackendMode::Dual | BackendMode::S3 => Hashing::OnReceive,
+        }
     }
 
     pub fn s3(&self) -> Option<&S3Backend> {
@@ -254,25 +263,26 @@ impl Storage {
             writer.write(chunk).await?;
         }
         let spool = writer.finish().await?;
-        if spool.size != loc.size || expected.is_some_and(|d| d != spool.sha256) {
+        let sha256 = spool.sha256().await?;
+        if spool.size != loc.size || expected.is_some_and(|d| d != sha256) {
             return Err(StorageError::SourceCorrupt(format!(
                 "{} bytes, sha256 {}",
                 spool.size,
-                hex::encode(spool.sha256)
+                hex::encode(sha256)
             )));
         }
         let key = s3.key_for_copy(loc.workspace_id, loc.file_id, Uuid::new_v4());
         metrics::storage_op("s3", "put", s3.put_key(&key, &spool)).await?;
         let (digest, len) =
             digest::of_stream(s3.open_key(&key, ByteRange::full(loc.size)).await?).await?;
-        if len != loc.size || digest != spool.sha256 {
+        if len != loc.size || digest != sha256 {
             let _ = s3.delete_key(&key).await;
             return Err(StorageError::CopyMismatch(format!(
                 "{key}: {len} bytes, sha256 {}",
                 hex::encode(digest)
             )));
         }
-        Ok((key, spool.sha256))
+        Ok((key, sha256))
     }
 
     /// The backend a read of this row goes to first, for logs and metrics.

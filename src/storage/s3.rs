@@ -185,6 +185,10 @@ impl S3Backend {
     /// had not taken before for the dependency timeout: a frozen server costs a request that
     /// long, not forever, and a retry re-sending old bytes is no progress.
     pub async fn put_key(&self, key: &str, spool: &Spool) -> Result<(), StorageError> {
+        let sha256 = match self.send_sha256 {
+            true => Some(STANDARD.encode(spool.sha256().await?)),
+            false => None,
+        };
         let started = Instant::now();
         // (furthest byte sent in any attempt, when that was first reached in ms)
         let progress = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
@@ -218,7 +222,7 @@ impl S3Backend {
             // (end to end, spool to bucket), and the SDK, given a checksum, computes none of
             // its own, so the body goes as a plain PUT rather than aws-chunked with a CRC32
             // trailer.
-            .set_checksum_sha256(self.send_sha256.then(|| STANDARD.encode(spool.sha256)))
+            .set_checksum_sha256(sha256)
             .body(ByteStream::new(body))
             .customize()
             .config_override(

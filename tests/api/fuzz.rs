@@ -1056,7 +1056,8 @@ async fn library_outcome(
         &boundary,
         multipart::Limits::default(),
     );
-    match staging::receive(&mut parts, &limits, scratch, memory).await {
+    let hashing = pending_uploads::spool::Hashing::OnReadBack;
+    match staging::receive(&mut parts, &limits, scratch, memory, hashing).await {
         Ok(received) => {
             let mut files = Vec::new();
             for r in received {
