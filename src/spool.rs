@@ -1,11 +1,12 @@
 //! Upload spooling: each file part is written to an unnamed temp file (O_TMPFILE on Linux)
-//! while its size and sha256 are computed. The kernel removes the file when the last handle
+//! while its size is counted and its sha256 computed (or, see [`Hashing`], left to whoever
+//! reads it back). The kernel removes the file when the last handle
 //! closes, so no path ever exists to leak — not on an error, not on a panic, not on SIGKILL.
 //!
 //! A small upload never reaches the disk: its files are kept in memory, within a
 //! [`MemoryBudget`] the request reserves from the replica's total ([`SpoolMemory`]), and only
 //! a file that outgrows the budget gets a temp file. Such a file then skips the file's
-//! creation and two blocking-thread hops per chunk (a write and a read back), goes into
+//! creation and its blocking-thread hops (writes and a read back), goes into
 //! Postgres as one INSERT parameter instead of a COPY (which costs Postgres about twice the
 //! CPU for the same row), and still stages while the spool folder is full.
 
@@ -127,17 +128,14 @@ pub struct SpoolWriter {
     file: Option<Arc<File>>,
     /// Bytes written so far.
     len: u64,
-    /// Bytes for the file not yet handed to the blocking thread (the chunks themselves, not
-    /// copies), and how many.
-    batch: Vec<Bytes>,
-    batch_len: usize,
+    /// Bytes for the file not yet handed to the blocking thread. A copy, not the chunks: a
+    /// client sending one-byte chunks must not make a batch hold a buffer per byte.
+    batch: Vec<u8>,
     /// Where the batch goes in the file.
     offset: u64,
-    /// What memory held when the file was created: the next batch writes it first.
+    /// What memory held when the file was created, written with the next batch.
     held: Option<Bytes>,
-    /// The digest of the bytes so far, or of those before the batch while a batch job
-    /// updates it.
-    digest: Job,
+    job: Job,
     hashing: Hashing,
 }
 
@@ -154,14 +152,16 @@ pub enum Hashing {
 }
 
 /// Bytes for a file are written (and hashed, with [`Hashing::OnReceive`]) on a blocking
-/// thread, at least this many at a time, while the request goes on receiving the next ones.
+/// thread, this many at a time, while the request goes on receiving the next ones.
 const BATCH: usize = 128 * 1024;
 
-/// The digest, here or with the batch job updating it (and writing the file).
+/// The write of the last batch, and the digest of every byte before the current batch.
 enum Job {
-    Idle(Digester),
-    Busy(tokio::task::JoinHandle<(Digester, io::Result<()>)>),
-    /// A batch failed to reach the file (reported once).
+    /// Nothing in flight.
+    Idle { digest: Digester, spare: Vec<u8> },
+    /// A batch being written (and hashed); it hands back its buffer for the next one.
+    Busy(tokio::task::JoinHandle<(Digester, Vec<u8>, io::Result<()>)>),
+    /// While [`SpoolWriter::settle`] waits, and after a batch failed (reported once).
     Failed,
 }
 
@@ -176,10 +176,12 @@ impl SpoolWriter {
             file: None,
             len: 0,
             batch: Vec::new(),
-            batch_len: 0,
             offset: 0,
             held: None,
-            digest: Job::Idle(Digester::default()),
+            job: Job::Idle {
+                digest: Digester::default(),
+                spare: Vec::new(),
+            },
             hashing: Hashing::OnReceive,
         }
     }
@@ -204,7 +206,9 @@ impl SpoolWriter {
                 let size = self.budget.left;
                 crate::arena::big_block(size, || self.memory.reserve(size));
             }
-            if let Job::Idle(digest) = &mut self.digest {
+            // Nothing is in flight before the spool has a file.
+            debug_assert!(matches!(self.job, Job::Idle { .. }));
+            if let Job::Idle { digest, .. } = &mut self.job {
                 digest.update(&chunk);
             }
             self.memory.extend_from_slice(&chunk);
@@ -213,16 +217,16 @@ impl SpoolWriter {
         if self.file.is_none() {
             self.spill()?;
         }
-        self.batch_len += chunk.len();
-        self.batch.push(chunk);
-        if self.batch_len >= BATCH {
+        self.batch.extend_from_slice(&chunk);
+        // What memory held goes to the file at once: the budget it came from is free again.
+        if self.batch.len() >= BATCH || self.held.is_some() {
             self.dispatch().await?;
         }
         Ok(())
     }
 
     /// A new temp file, which takes every later byte, and what memory held so far (written
-    /// to it with the first batch). The budget goes back: this file no longer holds memory.
+    /// to it first). The budget goes back: this file no longer holds memory.
     fn spill(&mut self) -> io::Result<()> {
         self.file = Some(Arc::new(tempfile::tempfile_in(&self.dir)?));
         self.budget = MemoryBudget::default();
@@ -241,35 +245,34 @@ impl SpoolWriter {
         if self.batch.is_empty() && self.held.is_none() {
             return Ok(());
         }
-        let mut digest = self.settle().await?;
-        let (batch, held) = (std::mem::take(&mut self.batch), self.held.take());
-        let mut offset = self.offset;
-        self.offset += std::mem::take(&mut self.batch_len) as u64;
+        let (mut digest, mut spare) = self.settle().await?;
+        spare.clear();
+        let batch = std::mem::replace(&mut self.batch, spare);
+        let (held, offset) = (self.held.take(), self.offset);
+        self.offset += batch.len() as u64;
         let hash = self.hashing == Hashing::OnReceive;
-        self.digest = Job::Busy(tokio::task::spawn_blocking(move || {
-            let mut written = match held {
+        self.job = Job::Busy(tokio::task::spawn_blocking(move || {
+            let written = match held {
                 Some(held) => file.write_all_at(&held, 0),
                 None => Ok(()),
-            };
-            for chunk in &batch {
-                written = written.and_then(|()| file.write_all_at(chunk, offset));
-                offset += chunk.len() as u64;
-                if hash {
-                    digest.update(chunk);
-                }
             }
-            (digest, written)
+            .and_then(|()| file.write_all_at(&batch, offset));
+            if hash {
+                digest.update(&batch);
+            }
+            (digest, batch, written)
         }));
         Ok(())
     }
 
-    /// The digest once the last batch is done.
-    async fn settle(&mut self) -> io::Result<Digester> {
-        match std::mem::replace(&mut self.digest, Job::Failed) {
-            Job::Idle(digest) => Ok(digest),
+    /// The digest of every dispatched byte and a buffer for the next batch, once the last
+    /// batch is written.
+    async fn settle(&mut self) -> io::Result<(Digester, Vec<u8>)> {
+        match std::mem::replace(&mut self.job, Job::Failed) {
+            Job::Idle { digest, spare } => Ok((digest, spare)),
             Job::Busy(job) => {
-                let (digest, written) = job.await.map_err(io::Error::other)?;
-                written.map(|()| digest)
+                let (digest, spare, written) = job.await.map_err(io::Error::other)?;
+                written.map(|()| (digest, spare))
             }
             Job::Failed => Err(io::Error::other("the spool failed earlier")),
         }
@@ -283,7 +286,7 @@ impl SpoolWriter {
 
     pub async fn finish(mut self) -> io::Result<Spool> {
         self.dispatch().await?;
-        let digest = self.settle().await?;
+        let (digest, _) = self.settle().await?;
         let sha256 = Arc::new(OnceLock::new());
         if self.file.is_none() || self.hashing == Hashing::OnReceive {
             let _ = sha256.set(digest.finish());
@@ -335,7 +338,7 @@ impl Spool {
     }
 
     /// Records the sha256 of the bytes, computed by a reader that read them all back.
-    pub fn record_sha256(&self, sha256: [u8; 32]) {
+    pub(crate) fn record_sha256(&self, sha256: [u8; 32]) {
         let _ = self.sha256.set(sha256);
     }
 
@@ -369,12 +372,23 @@ impl Spool {
             Backing::File(file) => file.clone(),
         };
         let size = usize::try_from(self.size).map_err(io::Error::other)?;
-        let whole = tokio::task::spawn_blocking(move || {
+        let hash = self.known_sha256().is_none();
+        let (whole, sha256) = tokio::task::spawn_blocking(move || {
             let mut whole = vec![0u8; size];
-            file.read_exact_at(&mut whole, 0).map(|()| whole)
+            file.read_exact_at(&mut whole, 0)?;
+            // Read whole anyway: its digest, when not known yet, without reading it again.
+            let sha256 = hash.then(|| {
+                let mut d = Digester::default();
+                d.update(&whole);
+                d.finish()
+            });
+            Ok::<_, io::Error>((whole, sha256))
         })
         .await
         .map_err(io::Error::other)??;
+        if let Some(sha256) = sha256 {
+            self.record_sha256(sha256);
+        }
         Ok(Bytes::from(whole))
     }
 
@@ -587,6 +601,14 @@ mod tests {
             assert_eq!(spool.clone().known_sha256(), Some(want(&data)), "and kept");
             assert_reads_back(&spool, &data, len.div_ceil(READ_CHUNK)).await;
         }
+        // A reader that reads the whole file back records its digest on the way.
+        let whole = data(10_000);
+        let mut w =
+            SpoolWriter::create(dir.path(), MemoryBudget::default()).hashing(Hashing::OnReadBack);
+        w.write(Bytes::copy_from_slice(&whole)).await.unwrap();
+        let spool = w.finish().await.unwrap();
+        assert_eq!(spool.read_all().await.unwrap(), whole);
+        assert_eq!(spool.known_sha256(), Some(want(&whole)));
         let small = data(5000);
         let budget = MemoryBudget::unreserved(small.len());
         let mut w = SpoolWriter::create(dir.path(), budget).hashing(Hashing::OnReadBack);

@@ -1,8 +1,8 @@
 //! Staging an upload for a poll workspace (SPEC §4 Upload, steps 3-5), in two phases:
 //!
 //! 1. [`receive`]: the multipart body is parsed as a stream and each `files` part spooled to
-//!    an unnamed temp file (small ones to memory, see `spool`) while its size and sha256 are
-//!    computed; every cap is enforced as bytes arrive. Nothing touches the database
+//!    an unnamed temp file (small ones to memory, see `spool`) while its size and (unless the
+//!    COPY takes it, `spool::Hashing`) its sha256 are computed; every cap is enforced as bytes arrive. Nothing touches the database
 //!    meanwhile, so a slow client holds no connection and no lock.
 //! 2. [`Stager::commit`]: runs in a task of its own, so a client that disconnects cannot cut
 //!    it half way. Objects are written first (S3 modes), then one short transaction writes
