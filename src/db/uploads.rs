@@ -238,34 +238,25 @@ pub async fn insert(conn: &mut PgConnection, row: &NewUpload<'_>, db: &Db) -> sq
         Some(key) => put_field(&mut head, key.as_bytes()),
         None => head.put_i32(-1), // NULL
     }
-    let sha256 = if row.location.inline {
-        head.put_i32(row.spool.size as i32); // content length, then the bytes themselves
-        copy.send(head.freeze()).await?;
-        // The digest follows the bytes: unless the spool knows it already, it is taken as
-        // they go (`spool::Hashing::OnReadBack`).
-        let mut digest = row.spool.known_sha256().is_none().then(Digester::default);
-        let mut chunks = std::pin::pin!(row.spool.chunks_ahead());
-        while let Some(chunk) = chunks.try_next().await? {
-            if let Some(digest) = &mut digest {
-                digest.update(&chunk);
-            }
-            tokio::time::timeout(step, copy.send(chunk))
-                .await
-                .map_err(|_| stalled(step))??;
+    // Every row here has inline bytes: one without takes the INSERT (`NewUpload::inserts`).
+    head.put_i32(row.spool.size as i32); // content length, then the bytes themselves
+    copy.send(head.freeze()).await?;
+    // The digest follows the bytes: unless the spool knows it already, it is taken as they go
+    // (`spool::Hashing::OnReadBack`).
+    let mut digest = row.spool.known_sha256().is_none().then(Digester::default);
+    let mut chunks = std::pin::pin!(row.spool.chunks_ahead());
+    while let Some(chunk) = chunks.try_next().await? {
+        if let Some(digest) = &mut digest {
+            digest.update(&chunk);
         }
-        match digest {
-            Some(digest) => {
-                let sha256 = digest.finish();
-                row.spool.record_sha256(sha256);
-                sha256
-            }
-            None => row.spool.sha256().await?,
-        }
-    } else {
-        head.put_i32(-1);
-        copy.send(head.freeze()).await?;
-        row.spool.sha256().await?
-    };
+        tokio::time::timeout(step, copy.send(chunk))
+            .await
+            .map_err(|_| stalled(step))??;
+    }
+    if let Some(digest) = digest {
+        row.spool.record_sha256(digest.finish());
+    }
+    let sha256 = row.spool.sha256().await?;
     let mut tail = BytesMut::with_capacity(64);
     put_field(&mut tail, &sha256);
     tail.put_i16(-1); // end of data

@@ -59,7 +59,6 @@ pub struct CutError(pub Cut);
 /// grace period: a client trickling bytes cannot hold an upload slot.
 pub struct UploadBody {
     inner: axum::body::BodyDataStream,
-    seen: u64,
     max: u64,
     idle_timer: Pin<Box<tokio::time::Sleep>>,
     rate_timer: Pin<Box<tokio::time::Sleep>>,
@@ -84,6 +83,8 @@ pub struct Progress {
     read: Arc<ProgressCounts>,
     pace: Pace,
     started: Instant,
+    /// What the request's Content-Length declares.
+    length: Option<u64>,
 }
 
 #[derive(Default)]
@@ -93,34 +94,34 @@ struct ProgressCounts {
 }
 
 impl Progress {
-    /// Whether the whole body has been read: its end seen, or as many bytes as `length`
-    /// declared (a reader that knows the length stops reading there, before the end).
-    pub fn ended(&self, length: Option<u64>) -> bool {
-        self.read.ended.load(Ordering::Relaxed)
-            || length.is_some_and(|len| self.read.seen.load(Ordering::Relaxed) >= len)
+    /// Bytes read so far.
+    fn seen(&self) -> u64 {
+        self.read.seen.load(Ordering::Relaxed)
     }
 
-    /// When the bytes read so far stop meeting the minimum average rate.
+    /// Whether the whole body has been read: its end seen, or as many bytes as its
+    /// Content-Length declared (a reader that knows the length stops reading there, before
+    /// the end).
+    pub fn ended(&self) -> bool {
+        self.read.ended.load(Ordering::Relaxed) || self.length.is_some_and(|len| self.seen() >= len)
+    }
+
+    /// When the bytes read so far stop meeting `pace.min_rate` (never before the grace period
+    /// ends; never without a minimum rate).
     pub fn rate_due_at(&self) -> Option<Instant> {
-        self.due_at(self.read.seen.load(Ordering::Relaxed))
-    }
-
-    /// When `seen` bytes stop meeting `pace.min_rate` (never before the grace period ends;
-    /// never without a minimum rate).
-    fn due_at(&self, seen: u64) -> Option<Instant> {
         if self.pace.min_rate == 0 {
             return None;
         }
-        let covered = Duration::from_secs_f64(seen as f64 / self.pace.min_rate as f64);
+        let covered = Duration::from_secs_f64(self.seen() as f64 / self.pace.min_rate as f64);
         Some(self.started + covered.max(self.pace.grace))
     }
 }
 
 impl UploadBody {
-    pub fn new(body: Body, max: u64, pace: Pace) -> Self {
+    /// `length`: what the request's Content-Length declares.
+    pub fn new(body: Body, max: u64, pace: Pace, length: Option<u64>) -> Self {
         UploadBody {
             inner: body.into_data_stream(),
-            seen: 0,
             max,
             idle_timer: Box::pin(tokio::time::sleep(pace.idle)),
             rate_timer: Box::pin(tokio::time::sleep(pace.grace)),
@@ -129,8 +130,14 @@ impl UploadBody {
                 read: Arc::default(),
                 pace,
                 started: Instant::now(),
+                length,
             },
         }
+    }
+
+    /// What the request's Content-Length declares.
+    pub fn declared_length(&self) -> Option<u64> {
+        self.progress.length
     }
 
     pub fn progress(&self) -> Progress {
@@ -141,16 +148,10 @@ impl UploadBody {
         CutFlag(self.cut.clone())
     }
 
-    /// When the bytes seen so far stop meeting the minimum average rate (never before the
-    /// grace period ends).
-    fn rate_due_at(&self) -> Option<Instant> {
-        self.progress.due_at(self.seen)
-    }
-
     /// Pending until the rate check fails (then the cut).
     fn poll_rate(&mut self, cx: &mut Context<'_>) -> Poll<Cut> {
         loop {
-            let Some(due) = self.rate_due_at() else {
+            let Some(due) = self.progress.rate_due_at() else {
                 return Poll::Pending;
             };
             if due <= Instant::now() {
@@ -182,9 +183,9 @@ impl Stream for UploadBody {
         }
         match self.inner.poll_next_unpin(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
-                self.seen += chunk.len() as u64;
-                self.progress.read.seen.store(self.seen, Ordering::Relaxed);
-                if self.seen > self.max {
+                let len = chunk.len() as u64;
+                let seen = self.progress.read.seen.fetch_add(len, Ordering::Relaxed) + len;
+                if seen > self.max {
                     return self.fail(Cut::OverCap);
                 }
                 let idle_at = Instant::now() + self.progress.pace.idle;

@@ -20,7 +20,6 @@ use uuid::Uuid;
 use super::{
     body::{CutFlag, Progress, UploadBody},
     error::ApiError,
-    uploads::declared_length,
     Relayed,
 };
 use crate::{
@@ -88,7 +87,6 @@ impl Pusher {
         slot: Slot,
     ) -> Result<Response, ApiError> {
         let max_request_bytes = self.limits.max_request_bytes;
-        let content_length = declared_length(headers);
         let base = self.policy.check_url(url).map_err(|e| {
             tracing::warn!(%workspace_id, url = %Clip(url), reason = e.reason, "push URL refused");
             ApiError::UrlNotAllowed
@@ -123,12 +121,12 @@ impl Pusher {
         };
         let mut answer = tokio::select! {
             answer = exchange => answer?,
-            why = falls_behind(progress.clone(), content_length, self.limits.answer_timeout) => {
+            why = falls_behind(progress.clone(), self.limits.answer_timeout) => {
                 tracing::warn!(%workspace_id, target = %Clip(&target), reason = why, "push delivery failed");
                 return Err(ApiError::WorkspaceUnreachable);
             }
         };
-        if !progress.ended(content_length) {
+        if !progress.ended() {
             // An answer before the whole upload was taken (a refusal, say): the client's
             // connection closes after it, so the rest of its upload ends there and the relay
             // of it (in the client's connection task, out of this watchdog's reach) with it.
@@ -209,15 +207,11 @@ fn relayed_status(code: u16) -> Option<StatusCode> {
 /// Resolves when a push workspace falls behind: it takes the upload slower than the client
 /// must send it (past [`CLIENT_FIRST`]), or its whole answer has not come `answer_timeout`
 /// after the upload's last byte was taken.
-async fn falls_behind(
-    progress: Progress,
-    length: Option<u64>,
-    answer_timeout: Duration,
-) -> &'static str {
+async fn falls_behind(progress: Progress, answer_timeout: Duration) -> &'static str {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tick.tick().await;
-        if progress.ended(length) {
+        if progress.ended() {
             tokio::time::sleep(answer_timeout).await;
             return "no whole answer within PUSH_ANSWER_TIMEOUT";
         }

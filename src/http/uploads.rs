@@ -104,7 +104,7 @@ pub async fn chat_upload(
         slots::Refused::Replica => ApiError::UploadCapacity,
         slots::Refused::Workspace => ApiError::WorkspaceBusy,
     })?;
-    let body = UploadBody::new(body, max_request_bytes, st.deadlines.upload);
+    let body = UploadBody::new(body, max_request_bytes, st.deadlines.upload, content_length);
     match delivery {
         Delivery::Poll => stage(&st, &ws, pending, &headers, body, slot).await,
         Delivery::Push { url } => {
@@ -125,7 +125,7 @@ pub async fn chat_upload(
 }
 
 /// The request's Content-Length, when it declares one.
-pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)?
         .to_str()
@@ -176,7 +176,7 @@ async fn stage(
         max_file_bytes: st.limits.max_file_bytes,
         max_filename_chars: st.limits.max_filename_chars,
     };
-    let memory = st.spool_memory.reserve(declared_length(headers));
+    let memory = st.spool_memory.reserve(body.declared_length());
     let hashing = st.storage.hashing();
     let cut = body.cut_flag();
     let mut parts = Multipart::new(body, &boundary, multipart::Limits::default());
