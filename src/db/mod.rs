@@ -28,7 +28,6 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
     PgConnection, PgPool, Postgres,
 };
-use uuid::Uuid;
 
 use crate::config::DbArgs;
 
@@ -39,12 +38,23 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 pub async fn connect(args: &DbArgs, dependency_timeout: Duration) -> Result<PgPool, sqlx::Error> {
-    let options: PgConnectOptions = args.database_url.0.parse::<PgConnectOptions>()?.options([
-        // A transaction left open by a dead client process is ended by the server.
-        ("idle_in_transaction_session_timeout", "60s"),
-        // Uploads are announced to long polls after their commits (longpoll::Announcer).
-        ("pending_uploads.notify", "after_commit"),
-    ]);
+    let options: PgConnectOptions = args
+        .database_url
+        .0
+        .parse::<PgConnectOptions>()?
+        .options([
+            // A transaction left open by a dead client process is ended by the server.
+            ("idle_in_transaction_session_timeout", "60s"),
+            // Uploads are announced to long polls after their commits (longpoll::Announcer).
+            ("pending_uploads.notify", "after_commit"),
+        ])
+        // The wait for a workspace's lock (`pending_uploads_admit`) ends in an error, with
+        // nothing written, while the caller still waits for the answer: a caller that gave up
+        // first would leave the statement to commit after its 503.
+        .options([(
+            "pending_uploads.lock_wait",
+            format!("{}ms", (dependency_timeout / 2).as_millis()),
+        )]);
     PgPoolOptions::new()
         .max_connections(args.database_max_connections)
         .acquire_timeout(dependency_timeout)
@@ -141,14 +151,15 @@ fn breaks_connection(e: &sqlx::Error) -> bool {
 
 /// SQLSTATEs that mean "not now" rather than "never": connection exceptions (08), server
 /// shutting down or restarting (57P01-57P03), cancelled by a timeout (57014), out of disk,
-/// memory or connections (53), system errors (58), serialization failures and deadlocks.
+/// memory or connections (53), system errors (58), serialization failures and deadlocks, a
+/// workspace's lock not taken in time (55P03, `pending_uploads.lock_wait`).
 fn transient_sqlstate(code: &str) -> bool {
     code.starts_with("08")
         || code.starts_with("53")
         || code.starts_with("58")
         || matches!(
             code,
-            "57P01" | "57P02" | "57P03" | "57014" | "40001" | "40P01" | "25P03"
+            "57P01" | "57P02" | "57P03" | "57014" | "40001" | "40P01" | "25P03" | "55P03"
         )
 }
 
@@ -328,14 +339,6 @@ impl Drop for Guarded {
 
 pub use tokens::Checked;
 
-/// The advisory lock key of a workspace: writers of one workspace's uploads and activity rows
-/// serialize on it until their transaction ends (`pending_uploads_admit`), so the quota check
-/// cannot be raced and activity `seq` order equals commit order.
-pub fn workspace_lock_key(workspace_id: Uuid) -> i64 {
-    let (hi, lo) = workspace_id.as_u64_pair();
-    (hi ^ lo) as i64
-}
-
 /// Is the database reachable? (Readiness.)
 pub async fn ping(conn: &mut PgConnection) -> sqlx::Result<()> {
     sqlx::query("SELECT 1").execute(conn).await?;
@@ -349,7 +352,7 @@ mod tests {
     #[test]
     fn transient_states() {
         for code in [
-            "08006", "57P01", "57P03", "53100", "53300", "40P01", "57014",
+            "08006", "57P01", "57P03", "53100", "53300", "40P01", "57014", "55P03",
         ] {
             assert!(transient_sqlstate(code), "{code}");
         }

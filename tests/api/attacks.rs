@@ -1073,6 +1073,81 @@ async fn registrations_without_a_claim_are_rate_limited() {
     assert_eq!(svc.count("workspaces").await, 4);
 }
 
+/// A workspace id is its registrant's choice, and an upload's commit holds its workspace's
+/// lock. The lock's key was the XOR of the id's halves: a stranger who knew another
+/// workspace's id registered a twin folding to the same key, and each commit of the twin's
+/// (up to a 100 MiB COPY) then held the other workspace's uploads, 503 past the dependency
+/// timeout. Here a transaction holds the twin's lock as its commits do, through the admission
+/// function with the key the previous binary passes; the other workspace's upload goes
+/// through, and the twin's own waits (what shows the lock is held).
+#[tokio::test]
+async fn a_chosen_workspace_id_cannot_share_another_workspaces_lock() {
+    let svc = Svc::start(&[("DEPENDENCY_TIMEOUT", "2s")]).await;
+    let (victim, victim_token) = register_poll(&svc.base).await;
+    let (hi, lo) = victim.as_u64_pair();
+    let twin_hi = hi ^ 0x00ff_00ff_00ff_00ff;
+    let twin = Uuid::from_u64_pair(twin_hi, twin_hi ^ hi ^ lo);
+    let resp = register(
+        &reqwest::Client::new(),
+        &svc,
+        None,
+        &json!({"id": twin, "delivery_mode": "poll"}),
+    )
+    .await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "first registration of the twin"
+    );
+    let twin_token = resp.json::<Value>().await.unwrap()["auth_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let folded = (twin_hi ^ (twin_hi ^ hi ^ lo)) as i64;
+    let mut twin_commit = svc.pool.begin().await.unwrap();
+    sqlx::query("SELECT refused FROM pending_uploads_admit($1, $2, 0, 0, 1, 1)")
+        .bind(twin)
+        .bind(folded)
+        .execute(&mut *twin_commit)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let resp = upload_file(&svc, victim, &victim_token, "mine.txt", b"not yours").await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "after {:?}",
+        started.elapsed()
+    );
+    // The twin's own upload waits for the lock half the dependency timeout, then fails with
+    // nothing written. (It used to wait out the whole timeout, be answered 503, and commit
+    // when the lock came free: the client, told it failed, would send the file twice.)
+    let started = Instant::now();
+    let resp = upload_file(&svc, twin, &twin_token, "twin.txt", b"waits").await;
+    let waited = started.elapsed();
+    assert_retry_later(
+        resp,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "5",
+        json!({"error": "platform datastore unavailable — retry shortly", "code": "platform_unavailable"}),
+    )
+    .await;
+    assert!(
+        waited >= Duration::from_secs(1),
+        "the lock is held: {waited:?}"
+    );
+    twin_commit.rollback().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        svc.count("pending_uploads").await,
+        1,
+        "nothing of the refused upload"
+    );
+    let resp = upload_file(&svc, twin, &twin_token, "twin.txt", b"free").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(svc.count("pending_uploads").await, 2);
+}
+
 /// Sends `head` then `body` at `bytes_per_sec`, one byte at a time; returns the answer.
 async fn trickle(
     addr: &str,
@@ -1208,8 +1283,8 @@ async fn a_client_gone_after_its_body_keeps_its_slot_until_the_commit_ends() {
     let (ws, token) = register_poll(&svc.base).await;
     // The test holds the workspace's lock: the upload's commit waits for it.
     let mut lock = svc.pool.acquire().await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock($1)")
-        .bind(pending_uploads::db::workspace_lock_key(ws))
+    sqlx::query("SELECT pg_advisory_lock(pending_uploads_lock_key($1))")
+        .bind(ws)
         .execute(&mut *lock)
         .await
         .unwrap();
@@ -1631,8 +1706,8 @@ async fn a_large_upload_waits_on_its_admission_no_longer_than_the_dependency_tim
     .await;
     let (ws, token) = register_poll(&svc.base).await;
     let mut lock = svc.pool.acquire().await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock($1)")
-        .bind(pending_uploads::db::workspace_lock_key(ws))
+    sqlx::query("SELECT pg_advisory_lock(pending_uploads_lock_key($1))")
+        .bind(ws)
         .execute(&mut *lock)
         .await
         .unwrap();
