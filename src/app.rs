@@ -158,6 +158,10 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
         hub: Hub::default(),
         fetched: FetchedStamps::new(args.batch_max_keys as usize),
         registrations: crate::rate::RateLimit::per_minute(args.registrations_per_minute),
+        registrations_per_client: crate::rate::PerClient::per_minute(
+            args.registrations_per_minute_per_client,
+        ),
+        trusted_proxies: args.trusted_proxies.clone(),
     });
     let router = http::router(state.clone(), &args.cors_allowed_origins);
     let sweeper = sweeper(&args.sweep, &db, &storage);

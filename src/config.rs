@@ -317,7 +317,7 @@ pub struct ServeArgs {
     /// Networks a push URL may reach although they are internal (comma-separated CIDRs, e.g.
     /// 127.0.0.0/8 for a receiver on this host). Empty: none.
     #[arg(long, env = "PUSH_ALLOWED_NETWORKS", default_value = "")]
-    pub push_allowed_networks: crate::push_target::AllowedNetworks,
+    pub push_allowed_networks: crate::networks::Networks,
     /// Name lookups of push URLs that registrations may have in flight on this replica; more
     /// get 503 with Retry-After. Each holds a thread of the blocking pool (512, shared with
     /// spool writes) until the resolver answers, so at most half of it.
@@ -330,6 +330,15 @@ pub struct ServeArgs {
     #[arg(long, env = "REGISTRATIONS_PER_MINUTE", default_value_t = 600,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub registrations_per_minute: u64,
+    /// Of those, what one client address may use a minute (an IPv6 client by its /64), as
+    /// many at once, so that one stranger cannot use up the replica's for everyone.
+    #[arg(long, env = "REGISTRATIONS_PER_MINUTE_PER_CLIENT", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub registrations_per_minute_per_client: u64,
+    /// Proxies whose `X-Forwarded-For` names the client (comma-separated CIDRs, e.g. the load
+    /// balancer's 10.0.0.0/8). Empty: the connection's peer is the client, whatever the header.
+    #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: crate::networks::Networks,
 }
 
 /// How long a client may take (SPEC §10, slow clients).

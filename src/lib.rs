@@ -18,6 +18,7 @@ pub mod logfmt;
 pub mod longpoll;
 pub mod metrics;
 pub mod multipart;
+pub mod networks;
 pub mod push_target;
 pub mod rate;
 pub mod retry;

@@ -1,8 +1,11 @@
-//! A token bucket: at most `per_minute` events a minute on average, as many at once.
+//! Token buckets: at most `per_minute` events a minute on average, as many at once.
 //! Registration (SPEC §4) needs no credential, so every one a stranger makes adds rows that
-//! nothing removes; the bucket bounds how fast that can happen on a replica.
+//! nothing removes; a replica's bucket bounds how fast that can happen, and a bucket per
+//! client address keeps one stranger from using up the replica's for everyone else.
 
 use std::{
+    collections::HashMap,
+    net::IpAddr,
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -21,10 +24,7 @@ impl RateLimit {
     pub fn per_minute(per_minute: u64) -> Self {
         RateLimit {
             per_minute,
-            state: Mutex::new(Bucket {
-                tokens: per_minute as f64,
-                at: Instant::now(),
-            }),
+            state: Mutex::new(Bucket::full(per_minute, Instant::now())),
         }
     }
 
@@ -34,19 +34,123 @@ impl RateLimit {
     }
 
     fn take_at(&self, now: Instant) -> Result<(), Duration> {
-        let per_sec = self.per_minute as f64 / 60.0;
-        let mut b = self
-            .state
+        self.state
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let refilled = now.saturating_duration_since(b.at).as_secs_f64() * per_sec;
-        b.tokens = (b.tokens + refilled).min(self.per_minute as f64);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take(self.per_minute, now)
+    }
+}
+
+impl Bucket {
+    fn full(per_minute: u64, now: Instant) -> Bucket {
+        Bucket {
+            tokens: per_minute as f64,
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, per_minute: u64, now: Instant) {
+        let per_sec = per_minute as f64 / 60.0;
+        let refilled = now.saturating_duration_since(self.at).as_secs_f64() * per_sec;
+        self.tokens = (self.tokens + refilled).min(per_minute as f64);
+        self.at = now;
+    }
+
+    fn take(&mut self, per_minute: u64, now: Instant) -> Result<(), Duration> {
+        self.refill(per_minute, now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
             return Ok(());
         }
-        Err(Duration::from_secs_f64((1.0 - b.tokens) / per_sec))
+        Err(Duration::from_secs_f64(
+            (1.0 - self.tokens) * 60.0 / per_minute as f64,
+        ))
+    }
+}
+
+/// Client addresses tracked at once: about 3 MiB of buckets. A bucket refilled to the brim
+/// says nothing a new one would not, so those go first when it is full; past that (as many
+/// clients as this, each within a minute of its last registration) a new address waits.
+const MAX_CLIENTS: usize = 65_536;
+
+/// A bucket per client address ([`client_key`]), each `per_minute`.
+pub struct PerClient {
+    per_minute: u64,
+    clients: Mutex<Clients>,
+    max_clients: usize,
+}
+
+struct Clients {
+    buckets: HashMap<IpAddr, Bucket>,
+    /// The table was full, every bucket in use, until then: a new address waits without
+    /// another scan of the table.
+    full_until: Option<Instant>,
+}
+
+impl PerClient {
+    pub fn per_minute(per_minute: u64) -> Self {
+        Self::bounded(per_minute, MAX_CLIENTS)
+    }
+
+    fn bounded(per_minute: u64, max_clients: usize) -> Self {
+        PerClient {
+            per_minute,
+            clients: Mutex::new(Clients {
+                buckets: HashMap::new(),
+                full_until: None,
+            }),
+            max_clients,
+        }
+    }
+
+    /// Takes one of `client`'s places now, or says how long until there is one.
+    pub fn take(&self, client: IpAddr) -> Result<(), Duration> {
+        self.take_at(client_key(client), Instant::now())
+    }
+
+    fn take_at(&self, key: IpAddr, now: Instant) -> Result<(), Duration> {
+        let per_minute = self.per_minute;
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !clients.buckets.contains_key(&key) && clients.buckets.len() >= self.max_clients {
+            if let Some(until) = clients.full_until.filter(|u| *u > now) {
+                return Err(until - now);
+            }
+            clients.buckets.retain(|_, b| {
+                b.refill(per_minute, now);
+                b.tokens < per_minute as f64
+            });
+            if clients.buckets.len() >= self.max_clients {
+                // The soonest any bucket is full again and can go.
+                let wait = clients
+                    .buckets
+                    .values()
+                    .map(|b| (per_minute as f64 - b.tokens) * 60.0 / per_minute as f64)
+                    .fold(f64::INFINITY, f64::min);
+                let wait = Duration::from_secs_f64(wait.clamp(0.001, 60.0));
+                clients.full_until = Some(now + wait);
+                return Err(wait);
+            }
+        }
+        clients
+            .buckets
+            .entry(key)
+            .or_insert_with(|| Bucket::full(per_minute, now))
+            .take(per_minute, now)
+    }
+}
+
+/// The address a client's bucket is kept under: an IPv4 address (also written IPv4-mapped), or
+/// an IPv6 address's /64, the smallest block a provider hands one customer.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
     }
 }
 
@@ -71,5 +175,53 @@ mod tests {
             assert_eq!(limit.take_at(later), Ok(()));
         }
         assert!(limit.take_at(later).is_err());
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn each_client_has_its_own_bucket() {
+        let limit = PerClient::per_minute(2);
+        let t0 = Instant::now();
+        let (a, b) = (ip("203.0.113.1"), ip("203.0.113.2"));
+        assert_eq!(limit.take_at(a, t0), Ok(()));
+        assert_eq!(limit.take_at(a, t0), Ok(()));
+        let wait = limit.take_at(a, t0).unwrap_err();
+        assert!((wait.as_secs_f64() - 30.0).abs() < 1e-6, "{wait:?}");
+        assert_eq!(limit.take_at(b, t0), Ok(()), "another client is not held");
+        assert_eq!(limit.take_at(a, t0 + Duration::from_secs(30)), Ok(()));
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_64() {
+        assert_eq!(
+            client_key(ip("2001:db8::1")),
+            client_key(ip("2001:db8::ffff:2"))
+        );
+        assert_ne!(
+            client_key(ip("2001:db8::1")),
+            client_key(ip("2001:db8:0:1::1"))
+        );
+        assert_eq!(client_key(ip("::ffff:203.0.113.9")), ip("203.0.113.9"));
+        assert_eq!(client_key(ip("203.0.113.9")), ip("203.0.113.9"));
+    }
+
+    #[test]
+    fn the_table_is_bounded_and_full_buckets_make_room() {
+        let limit = PerClient::bounded(1, 2);
+        let t0 = Instant::now();
+        assert_eq!(limit.take_at(ip("192.0.2.1"), t0), Ok(()));
+        assert_eq!(limit.take_at(ip("192.0.2.2"), t0), Ok(()));
+        let wait = limit.take_at(ip("192.0.2.3"), t0).unwrap_err();
+        assert!((wait.as_secs_f64() - 60.0).abs() < 1e-6, "{wait:?}");
+        assert!(limit
+            .take_at(ip("192.0.2.3"), t0 + Duration::from_secs(30))
+            .is_err());
+        // A minute on, both buckets are full again: they make room.
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(limit.take_at(ip("192.0.2.3"), later), Ok(()));
+        assert_eq!(limit.clients.lock().unwrap().buckets.len(), 1);
     }
 }

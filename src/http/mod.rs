@@ -8,6 +8,7 @@ pub mod error;
 pub mod extract;
 pub mod openapi;
 pub mod ops;
+pub mod peer;
 pub mod pending;
 pub mod push;
 pub mod registry;
@@ -34,6 +35,7 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use tokio::{net::TcpListener, sync::Semaphore};
+use tower::ServiceExt;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -85,6 +87,10 @@ pub struct Shared {
     pub fetched: FetchedStamps,
     /// Registrations without a claim on the workspace (REGISTRATIONS_PER_MINUTE).
     pub registrations: crate::rate::RateLimit,
+    /// The same per client address (REGISTRATIONS_PER_MINUTE_PER_CLIENT).
+    pub registrations_per_client: crate::rate::PerClient,
+    /// TRUSTED_PROXIES: whose X-Forwarded-For names the client.
+    pub trusted_proxies: crate::networks::Networks,
 }
 
 /// How long clients may take (SPEC §10).
@@ -334,7 +340,13 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let io = conn::ClientStream::new(stream, opts.response);
-        let service = TowerToHyperService::new(app.clone());
+        let peer_ip = peer::Peer(peer.ip());
+        let service = TowerToHyperService::new(app.clone().map_request(
+            move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(peer_ip);
+                req
+            },
+        ));
         let conn = builder.serve_connection(TokioIo::new(io), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

@@ -1,9 +1,11 @@
 //! The minimal platform surface: registration, workspaces, tokens (SPEC §4 Registry).
 
+use std::net::IpAddr;
+
 use axum::{
     extract::{Path, State},
     http::HeaderMap,
-    Json,
+    Extension, Json,
 };
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -11,6 +13,7 @@ use uuid::Uuid;
 use super::{
     error::ApiError,
     extract::{Admin, JsonBody, TokenId, WorkspaceCaller},
+    peer::{client_address, Peer},
     AppState,
 };
 use crate::{
@@ -139,12 +142,13 @@ enum Registration {
         (status = 408, description = "request body too slow", body = api::ErrorBody),
         (status = 409, description = "workspace was removed", body = api::ErrorBody),
         (status = 413, description = "body over 64 KiB", body = api::ErrorBody),
-        (status = 429, description = "REGISTRATIONS_PER_MINUTE used up on this replica, for callers without a claim on the workspace (code registration_rate, Retry-After)", body = api::ErrorBody),
+        (status = 429, description = "REGISTRATIONS_PER_MINUTE used up on this replica, or REGISTRATIONS_PER_MINUTE_PER_CLIENT by this client address, for callers without a claim on the workspace (code registration_rate, Retry-After)", body = api::ErrorBody),
         (status = 503, description = "datastore unavailable, or push URL lookups all in progress", body = api::ErrorBody),
     )
 )]
 pub async fn register(
     State(st): State<AppState>,
+    peer: Option<Extension<Peer>>,
     headers: HeaderMap,
     JsonBody(req): JsonBody<RegisterRequest>,
 ) -> Result<Json<Registered>, ApiError> {
@@ -154,9 +158,14 @@ pub async fn register(
     let claim = claim(&st, &headers, req.id).await?;
     // Without a claim this may create a workspace and a token that nothing removes: at most
     // REGISTRATIONS_PER_MINUTE of those (before the URL's name lookup, which costs too).
+    // The client's own bucket first: a client refused there uses none of the replica's.
     if claim != Claim::Allowed {
-        st.registrations
-            .take()
+        // A request without a peer came from inside the process (tests): one unknown client.
+        let peer = peer.map_or(IpAddr::from([0, 0, 0, 0]), |Extension(Peer(ip))| ip);
+        let client = client_address(peer, &headers, &st.trusted_proxies);
+        st.registrations_per_client
+            .take(client)
+            .and_then(|()| st.registrations.take())
             .map_err(|wait| ApiError::RegistrationRate {
                 retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
             })?;

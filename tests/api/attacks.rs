@@ -1073,6 +1073,63 @@ async fn registrations_without_a_claim_are_rate_limited() {
     assert_eq!(svc.count("workspaces").await, 4);
 }
 
+/// One stranger could use up a replica's REGISTRATIONS_PER_MINUTE and keep every new
+/// workspace out. Each client address now has REGISTRATIONS_PER_MINUTE_PER_CLIENT of them (an
+/// IPv6 client by its /64), and a refused one takes none of the replica's. Behind a proxy in
+/// TRUSTED_PROXIES the client is the first untrusted hop of X-Forwarded-For from the right;
+/// from any other peer the header is ignored, so no client can pose as many.
+#[tokio::test]
+async fn one_client_cannot_use_up_the_registrations_of_others() {
+    async fn from(svc: &Svc, forwarded_for: &str) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(svc.at("/registry/register"))
+            .header("x-forwarded-for", forwarded_for)
+            .json(&json!({"id": Uuid::new_v4(), "delivery_mode": "poll"}))
+            .send()
+            .await
+            .unwrap()
+    }
+    async fn refused(resp: reqwest::Response, retry_after: &str) {
+        assert_retry_later(
+            resp,
+            StatusCode::TOO_MANY_REQUESTS,
+            retry_after,
+            json!({"error": "too many registrations — retry shortly", "code": "registration_rate"}),
+        )
+        .await;
+    }
+    let limits = [
+        ("REGISTRATIONS_PER_MINUTE_PER_CLIENT", "2"),
+        ("REGISTRATIONS_PER_MINUTE", "7"),
+    ];
+    let direct = Svc::start(&limits).await;
+    assert_eq!(from(&direct, "203.0.113.1").await.status(), StatusCode::OK);
+    assert_eq!(from(&direct, "203.0.113.2").await.status(), StatusCode::OK);
+    refused(from(&direct, "203.0.113.3").await, "30").await;
+    assert_eq!(direct.count("workspaces").await, 2);
+
+    let svc = Svc::start(&[limits[0], limits[1], ("TRUSTED_PROXIES", "127.0.0.0/8")]).await;
+    for _ in 0..2 {
+        assert_eq!(from(&svc, "203.0.113.1").await.status(), StatusCode::OK);
+    }
+    refused(from(&svc, "203.0.113.1").await, "30").await;
+    refused(from(&svc, "198.51.100.7, 203.0.113.1").await, "30").await;
+    assert_eq!(
+        from(&svc, "203.0.113.2").await.status(),
+        StatusCode::OK,
+        "another client is not held back"
+    );
+    for hop in ["2001:db8::1", "[2001:db8::2]:4711"] {
+        assert_eq!(from(&svc, hop).await.status(), StatusCode::OK, "{hop}");
+    }
+    refused(from(&svc, "2001:db8::3").await, "30").await;
+    assert_eq!(from(&svc, "2001:db8:0:1::1").await.status(), StatusCode::OK);
+    // Six taken; the refused took none of the replica's seven.
+    assert_eq!(from(&svc, "198.51.100.9").await.status(), StatusCode::OK);
+    refused(from(&svc, "198.51.100.10").await, "9").await;
+    assert_eq!(svc.count("workspaces").await, 7);
+}
+
 /// A workspace id is its registrant's choice, and an upload's commit holds its workspace's
 /// lock. The lock's key was the XOR of the id's halves: a stranger who knew another
 /// workspace's id registered a twin folding to the same key, and each commit of the twin's

@@ -2879,11 +2879,14 @@ struct RegistryTarget {
 impl RegistryTarget {
     async fn start() -> RegistryTarget {
         // No push target is allowed on internal networks (SPEC's default). Thousands of
-        // cases register without a claim: REGISTRATIONS_PER_MINUTE has a test of its own.
+        // cases register without a claim: REGISTRATIONS_PER_MINUTE and its per-client share
+        // have tests of their own.
         let app = App::start(&[
             "--push-allowed-networks",
             "",
             "--registrations-per-minute",
+            "1000000",
+            "--registrations-per-minute-per-client",
             "1000000",
         ])
         .await;

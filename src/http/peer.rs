@@ -1,0 +1,134 @@
+//! Who sent a request: the connection's peer, or, when that peer is a proxy the operator
+//! trusts (`TRUSTED_PROXIES`), the address the proxies say they forwarded for
+//! (`X-Forwarded-For`). Used to keep a bucket of registrations per client.
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::http::HeaderMap;
+
+use crate::networks::Networks;
+
+/// The connection's peer address, put on every request by the server loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer(pub IpAddr);
+
+/// The client's address. Each trusted proxy appends the address it received from to
+/// `X-Forwarded-For`, so the list is read from the right: the first hop that is not a trusted
+/// proxy is the client, and whatever stands left of it the client may have written itself. A
+/// hop that is not an address ends the walk at the last trusted one.
+pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &Networks) -> IpAddr {
+    let mut client = peer.to_canonical();
+    if !trusted.contains(client) {
+        return client;
+    }
+    for value in headers.get_all("x-forwarded-for").iter().rev() {
+        let Ok(text) = value.to_str() else {
+            return client;
+        };
+        for hop in text.rsplit(',') {
+            let Some(ip) = hop_address(hop.trim()) else {
+                return client;
+            };
+            client = ip;
+            if !trusted.contains(ip) {
+                return ip;
+            }
+        }
+    }
+    client
+}
+
+/// `203.0.113.7`, `2001:db8::7`, or either with a port (`203.0.113.7:4711`, `[2001:db8::7]:4711`).
+fn hop_address(hop: &str) -> Option<IpAddr> {
+    hop.parse::<IpAddr>()
+        .or_else(|_| hop.parse::<SocketAddr>().map(|s| s.ip()))
+        .ok()
+        .map(|ip| ip.to_canonical())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+    use proptest::prelude::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn forwarded(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append("x-forwarded-for", HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn only_a_trusted_peer_is_believed() {
+        let trusted: Networks = "10.0.0.0/8".parse().unwrap();
+        let h = forwarded(&["198.51.100.1"]);
+        assert_eq!(
+            client_address(ip("192.0.2.9"), &h, &trusted),
+            ip("192.0.2.9")
+        );
+        assert_eq!(
+            client_address(ip("10.0.0.2"), &h, &trusted),
+            ip("198.51.100.1")
+        );
+        let none = Networks::default();
+        assert_eq!(client_address(ip("10.0.0.2"), &h, &none), ip("10.0.0.2"));
+    }
+
+    #[test]
+    fn the_first_untrusted_hop_from_the_right_is_the_client() {
+        let trusted: Networks = "10.0.0.0/8".parse().unwrap();
+        let peer = ip("10.0.0.2");
+        let h = forwarded(&["1.1.1.1, 198.51.100.1, 10.0.0.7"]);
+        assert_eq!(client_address(peer, &h, &trusted), ip("198.51.100.1"));
+        let h = forwarded(&["1.1.1.1", "198.51.100.1:4711", "10.0.0.7"]);
+        assert_eq!(client_address(peer, &h, &trusted), ip("198.51.100.1"));
+        let h = forwarded(&["[2001:db8::1]:80"]);
+        assert_eq!(client_address(peer, &h, &trusted), ip("2001:db8::1"));
+        let h = forwarded(&["::ffff:198.51.100.1"]);
+        assert_eq!(client_address(peer, &h, &trusted), ip("198.51.100.1"));
+        // Garbage or nothing: the last trusted hop.
+        let h = forwarded(&["1.1.1.1, unknown, 10.0.0.7"]);
+        assert_eq!(client_address(peer, &h, &trusted), ip("10.0.0.7"));
+        assert_eq!(client_address(peer, &HeaderMap::new(), &trusted), peer);
+        let h = forwarded(&["10.0.0.9"]);
+        assert_eq!(client_address(peer, &h, &trusted), ip("10.0.0.9"));
+    }
+
+    proptest! {
+        /// Whatever a client writes left of the proxies' own hops changes nothing, and the
+        /// answer is always the peer or an address the header names.
+        #[test]
+        fn what_the_client_writes_cannot_move_its_address(
+            forged in "[ -~]{0,80}",
+            client in any::<[u8; 4]>(),
+        ) {
+            let trusted: Networks = "10.0.0.0/8".parse().unwrap();
+            let client = IpAddr::from(client);
+            prop_assume!(!trusted.contains(client));
+            let peer = ip("10.0.0.2");
+            if let Ok(value) = HeaderValue::from_str(&format!("{forged}, {client}, 10.0.0.3")) {
+                let mut h = HeaderMap::new();
+                h.append("x-forwarded-for", value);
+                prop_assert_eq!(client_address(peer, &h, &trusted), client);
+            }
+        }
+
+        #[test]
+        fn any_header_bytes_are_read_without_panic(
+            raw in proptest::collection::vec(any::<u8>(), 0..96),
+        ) {
+            let trusted: Networks = "0.0.0.0/0, ::/0".parse().unwrap();
+            if let Ok(value) = HeaderValue::from_bytes(&raw) {
+                let mut h = HeaderMap::new();
+                h.append("x-forwarded-for", value);
+                let _ = client_address(ip("10.0.0.2"), &h, &trusted);
+            }
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! Lists of IP networks an operator configures (`PUSH_ALLOWED_NETWORKS`, `TRUSTED_PROXIES`).
+
+use std::{net::IpAddr, str::FromStr};
+
+use ipnet::IpNet;
+
+/// Comma-separated CIDRs (a bare address is a /32 or /128); empty is none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Networks(pub Vec<IpNet>);
+
+impl Networks {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+}
+
+impl FromStr for Networks {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut nets = Vec::new();
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let net = item
+                .parse::<IpNet>()
+                .or_else(|_| item.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    format!("invalid network {item:?}: expected a CIDR such as 127.0.0.0/8")
+                })?;
+            nets.push(net);
+        }
+        Ok(Networks(nets))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cidrs_and_bare_addresses() {
+        assert_eq!("".parse::<Networks>().unwrap(), Networks::default());
+        let nets: Networks = "10.0.0.1, fd00::/8".parse().unwrap();
+        assert_eq!(nets.0.len(), 2);
+        assert!(nets.contains("10.0.0.1".parse().unwrap()));
+        assert!(!nets.contains("10.0.0.2".parse().unwrap()));
+        assert!(nets.contains("fd00::5".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Networks>().is_err());
+        assert!("nope".parse::<Networks>().is_err());
+    }
+}
