@@ -183,6 +183,10 @@ pub fn serve_options(args: &ServeArgs, drain_deadline: Duration) -> ServeOptions
         },
         header_read: args.deadlines.header_read_timeout.0,
         max_connections: args.max_connections,
+        per_client: crate::http::peer::ConnectionsPerClient::new(
+            args.max_connections_per_client as usize,
+            args.trusted_proxies.clone(),
+        ),
     }
 }
 

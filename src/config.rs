@@ -302,6 +302,12 @@ pub struct ServeArgs {
     /// Open client connections per replica; further connections wait in the listen backlog.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 16_384)]
     pub max_connections: usize,
+    /// Open connections one client address may hold (an IPv6 client by its /64; proxies in
+    /// TRUSTED_PROXIES are not counted); more are answered 429 and closed, so one client
+    /// cannot hold MAX_CONNECTIONS. Generous for many laptops behind one NAT.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_CLIENT", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections_per_client: u64,
     #[command(flatten)]
     pub deadlines: DeadlineArgs,
     /// Timeout for the push-mode proxy to a workspace (the canvas allows ~100 KB/s for 100 MB).

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub storage_fallbacks: IntCounterVec,
     pub backfill_rows: IntCounterVec,
     pub responses_cut: IntCounterVec,
+    pub connections_refused: IntCounter,
     pub http_request_duration: HistogramVec,
     pub storage_operation_duration: HistogramVec,
     pub upload_size: Histogram,
@@ -153,6 +154,13 @@ impl Metrics {
                 "responses_cut_total",
                 "Responses cut off because the client stopped reading (idle) or read below RESPONSE_MIN_RATE (too_slow)",
                 &["reason"],
+            ),
+            connections_refused: r.add(
+                IntCounter::with_opts(opts(
+                    "connections_refused_total",
+                    "Connections answered 429 and closed: their client had MAX_CONNECTIONS_PER_CLIENT open",
+                ))
+                .expect("valid metric"),
             ),
             http_request_duration: r.histogram(
                 "http_request_duration_seconds",

@@ -31,6 +31,19 @@ impl FromStr for Networks {
     }
 }
 
+/// The address a client is counted under (registrations, connections): an IPv4 address (also
+/// written IPv4-mapped), or an IPv6 address's /64, the smallest block a provider hands one
+/// customer.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,5 +58,23 @@ mod tests {
         assert!(nets.contains("fd00::5".parse().unwrap()));
         assert!("10.0.0.0/33".parse::<Networks>().is_err());
         assert!("nope".parse::<Networks>().is_err());
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_64() {
+        assert_eq!(
+            client_key(ip("2001:db8::1")),
+            client_key(ip("2001:db8::ffff:2"))
+        );
+        assert_ne!(
+            client_key(ip("2001:db8::1")),
+            client_key(ip("2001:db8:0:1::1"))
+        );
+        assert_eq!(client_key(ip("::ffff:203.0.113.9")), ip("203.0.113.9"));
+        assert_eq!(client_key(ip("203.0.113.9")), ip("203.0.113.9"));
     }
 }

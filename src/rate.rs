@@ -73,7 +73,7 @@ impl Bucket {
 /// clients as this, each within a minute of its last registration) a new address waits.
 const MAX_CLIENTS: usize = 65_536;
 
-/// A bucket per client address ([`client_key`]), each `per_minute`.
+/// A bucket per client address ([`crate::networks::client_key`]), each `per_minute`.
 pub struct PerClient {
     per_minute: u64,
     clients: Mutex<Clients>,
@@ -105,7 +105,7 @@ impl PerClient {
 
     /// Takes one of `client`'s places now, or says how long until there is one.
     pub fn take(&self, client: IpAddr) -> Result<(), Duration> {
-        self.take_at(client_key(client), Instant::now())
+        self.take_at(crate::networks::client_key(client), Instant::now())
     }
 
     fn take_at(&self, key: IpAddr, now: Instant) -> Result<(), Duration> {
@@ -139,18 +139,6 @@ impl PerClient {
             .entry(key)
             .or_insert_with(|| Bucket::full(per_minute, now))
             .take(per_minute, now)
-    }
-}
-
-/// The address a client's bucket is kept under: an IPv4 address (also written IPv4-mapped), or
-/// an IPv6 address's /64, the smallest block a provider hands one customer.
-pub fn client_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-        },
     }
 }
 
@@ -192,20 +180,6 @@ mod tests {
         assert!((wait.as_secs_f64() - 30.0).abs() < 1e-6, "{wait:?}");
         assert_eq!(limit.take_at(b, t0), Ok(()), "another client is not held");
         assert_eq!(limit.take_at(a, t0 + Duration::from_secs(30)), Ok(()));
-    }
-
-    #[test]
-    fn ipv6_clients_are_counted_by_their_64() {
-        assert_eq!(
-            client_key(ip("2001:db8::1")),
-            client_key(ip("2001:db8::ffff:2"))
-        );
-        assert_ne!(
-            client_key(ip("2001:db8::1")),
-            client_key(ip("2001:db8:0:1::1"))
-        );
-        assert_eq!(client_key(ip("::ffff:203.0.113.9")), ip("203.0.113.9"));
-        assert_eq!(client_key(ip("203.0.113.9")), ip("203.0.113.9"));
     }
 
     #[test]

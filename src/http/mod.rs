@@ -281,7 +281,7 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
 }
 
 /// Connection-level settings of [`serve`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct ServeOptions {
     /// After shutdown starts, in-flight requests get this long to finish.
     pub drain_deadline: Duration,
@@ -291,6 +291,8 @@ pub struct ServeOptions {
     pub header_read: Duration,
     /// Open connections at most; more wait in the listen backlog.
     pub max_connections: usize,
+    /// Open connections per client address; more are answered 429 and closed.
+    pub per_client: Arc<peer::ConnectionsPerClient>,
 }
 
 /// Largest read buffer of a connection (hyper grows it only while reads fill it): a request
@@ -338,6 +340,13 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
+        let Some(place) = opts.per_client.open(peer.ip()) else {
+            // Answered without reading the request and closed at once: a client at its
+            // limit costs no task, and its refused connections do not add up.
+            let _ = stream.try_write(peer::TOO_MANY_CONNECTIONS);
+            crate::metrics::metrics().connections_refused.inc();
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let io = conn::ClientStream::new(stream, opts.response);
         let peer_ip = peer::Peer(peer.ip());
@@ -351,6 +360,7 @@ pub async fn serve(
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _permit = permit;
+            let _place = place;
             if let Err(e) = conn.await {
                 match conn::ResponseCut::of(&e) {
                     Some(cut) => {

@@ -1,12 +1,98 @@
 //! Who sent a request: the connection's peer, or, when that peer is a proxy the operator
 //! trusts (`TRUSTED_PROXIES`), the address the proxies say they forwarded for
-//! (`X-Forwarded-For`). Used to keep a bucket of registrations per client.
+//! (`X-Forwarded-For`). Used to keep a bucket of registrations per client, and to bound the
+//! connections one client holds.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+};
 
 use axum::http::HeaderMap;
 
-use crate::networks::Networks;
+use crate::networks::{client_key, Networks};
+
+/// Open connections per client address (`MAX_CONNECTIONS_PER_CLIENT`), so that one client
+/// cannot hold a replica's `MAX_CONNECTIONS` places and leave everyone else in the listen
+/// backlog. A trusted proxy is not counted: its connections carry many clients. The table
+/// holds only addresses with a connection open, at most `MAX_CONNECTIONS` of them.
+pub struct ConnectionsPerClient {
+    max: usize,
+    trusted: Networks,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One counted connection; its place is given back when this is dropped.
+pub struct ConnectionPlace {
+    owner: Arc<ConnectionsPerClient>,
+    key: Option<IpAddr>,
+}
+
+impl ConnectionsPerClient {
+    pub fn new(max: usize, trusted: Networks) -> Arc<Self> {
+        Arc::new(ConnectionsPerClient {
+            max,
+            trusted,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A place for a connection from `peer`, or `None` when it has `max` open already.
+    pub fn open(self: &Arc<Self>, peer: IpAddr) -> Option<ConnectionPlace> {
+        let peer = peer.to_canonical();
+        let key = match self.trusted.contains(peer) {
+            true => None,
+            false => Some(client_key(peer)),
+        };
+        if let Some(key) = key {
+            let mut open = self
+                .open
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let count = open.entry(key).or_insert(0);
+            if *count >= self.max {
+                return None;
+            }
+            *count += 1;
+        }
+        Some(ConnectionPlace {
+            owner: self.clone(),
+            key,
+        })
+    }
+
+    #[cfg(test)]
+    fn clients(&self) -> usize {
+        self.open.lock().unwrap().len()
+    }
+}
+
+impl Drop for ConnectionPlace {
+    fn drop(&mut self) {
+        let Some(key) = self.key else { return };
+        let mut open = self
+            .owner
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&key) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&key);
+            }
+        }
+    }
+}
+
+/// What a connection over its client's limit is sent before it is closed, unread: the JSON
+/// error shape of every other refusal (SPEC §10).
+pub const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\n\
+Content-Type: application/json\r\n\
+Retry-After: 1\r\n\
+Connection: close\r\n\
+Content-Length: 93\r\n\r\n\
+{\"error\":\"too many connections from this client \xe2\x80\x94 retry shortly\",\"code\":\"connection_limit\"}";
 
 /// The connection's peer address, put on every request by the server loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +184,38 @@ mod tests {
         assert_eq!(client_address(peer, &HeaderMap::new(), &trusted), peer);
         let h = forwarded(&["10.0.0.9"]);
         assert_eq!(client_address(peer, &h, &trusted), ip("10.0.0.9"));
+    }
+
+    #[test]
+    fn connections_are_counted_per_client_and_given_back() {
+        let limit = ConnectionsPerClient::new(2, "10.0.0.0/8".parse().unwrap());
+        let a = limit.open(ip("203.0.113.1")).unwrap();
+        let _b = limit.open(ip("::ffff:203.0.113.1")).unwrap();
+        assert!(limit.open(ip("203.0.113.1")).is_none());
+        assert!(limit.open(ip("203.0.113.2")).is_some(), "another client");
+        let proxied: Vec<_> = (0..5)
+            .map(|_| limit.open(ip("10.0.0.2")).unwrap())
+            .collect();
+        assert_eq!(proxied.len(), 5, "a trusted proxy is not counted");
+        drop(a);
+        assert!(limit.open(ip("203.0.113.1")).is_some());
+        drop(_b);
+        assert_eq!(limit.clients(), 0, "nothing kept for closed connections");
+    }
+
+    #[test]
+    fn the_refusal_is_a_whole_json_answer() {
+        let text = std::str::from_utf8(TOO_MANY_CONNECTIONS).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(body.len(), length);
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["code"], "connection_limit");
     }
 
     proptest! {

@@ -1130,6 +1130,76 @@ async fn one_client_cannot_use_up_the_registrations_of_others() {
     assert_eq!(svc.count("workspaces").await, 7);
 }
 
+/// One client could open MAX_CONNECTIONS connections (idle ones live for the header read
+/// timeout, long polls longer) and leave every other client in the listen backlog. A client
+/// address now holds at most MAX_CONNECTIONS_PER_CLIENT; more are answered 429 and closed,
+/// and other addresses (here 127.0.0.2) are served. A proxy in TRUSTED_PROXIES is not
+/// counted.
+#[tokio::test]
+async fn one_client_cannot_hold_every_connection() {
+    async fn connect_from(svc: &Svc, local: &str) -> TcpStream {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{local}:0").parse().unwrap()).unwrap();
+        sock.connect(svc.addr.parse().unwrap()).await.unwrap()
+    }
+    async fn get(mut sock: TcpStream, path: &str) -> String {
+        let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        sock.write_all(head.as_bytes()).await.unwrap();
+        read_all(sock).await
+    }
+    async fn read_all(mut sock: TcpStream) -> String {
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut answer))
+            .await
+            .expect("answered and closed")
+            .unwrap();
+        String::from_utf8(answer).unwrap()
+    }
+    let svc = Svc::start(&[("MAX_CONNECTIONS_PER_CLIENT", "3")]).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect_from(&svc, "127.0.0.1").await);
+    }
+    let refused = read_all(connect_from(&svc, "127.0.0.1").await).await;
+    assert!(
+        refused.starts_with("HTTP/1.1 429 Too Many Requests\r\n"),
+        "{refused}"
+    );
+    assert!(refused.contains("\r\nRetry-After: 1\r\n"), "{refused}");
+    let body: Value = serde_json::from_str(refused.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(
+        body,
+        json!({"error": "too many connections from this client — retry shortly", "code": "connection_limit"})
+    );
+    let other = get(connect_from(&svc, "127.0.0.2").await, "/healthz").await;
+    assert!(
+        other.starts_with("HTTP/1.1 200 OK"),
+        "another client: {other}"
+    );
+    let metrics = get(connect_from(&svc, "127.0.0.2").await, "/metrics").await;
+    assert_eq!(
+        metric_value(&metrics, "pending_uploads_connections_refused_total"),
+        Some(1.0)
+    );
+    // A closed connection gives its place back.
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let again = get(connect_from(&svc, "127.0.0.1").await, "/healthz").await;
+    assert!(again.starts_with("HTTP/1.1 200 OK"), "{again}");
+
+    let behind_proxy = Svc::start(&[
+        ("MAX_CONNECTIONS_PER_CLIENT", "1"),
+        ("TRUSTED_PROXIES", "127.0.0.1/32"),
+    ])
+    .await;
+    let _open = connect_from(&behind_proxy, "127.0.0.1").await;
+    let proxied = get(connect_from(&behind_proxy, "127.0.0.1").await, "/healthz").await;
+    assert!(
+        proxied.starts_with("HTTP/1.1 200 OK"),
+        "a trusted proxy: {proxied}"
+    );
+}
+
 /// A workspace id is its registrant's choice, and an upload's commit holds its workspace's
 /// lock. The lock's key was the XOR of the id's halves: a stranger who knew another
 /// workspace's id registered a twin folding to the same key, and each commit of the twin's
