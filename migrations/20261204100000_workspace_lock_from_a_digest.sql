@@ -1,8 +1,7 @@
 -- The workspace lock's key was the XOR of the id's two halves, computed by the caller. A
--- workspace id is its registrant's choice (SPEC §4, first registration), so anyone who knew
--- another workspace's id could register one whose halves fold to the same key and queue that
--- workspace's uploads behind their own: each commit of theirs, up to a 100 MiB COPY, held the
--- other's lock, and uploads waiting past DEPENDENCY_TIMEOUT were answered 503.
+-- workspace id is its registrant's choice (SPEC §4, first registration), and any number of
+-- ids fold to one key: anyone who knew another workspace's id could register twins of it and
+-- queue its uploads behind their own commits, into 503s past DEPENDENCY_TIMEOUT.
 --
 -- The key is now the first 8 bytes of the id's SHA-256, computed here from `ws`: picking an
 -- id that shares another's key means a second preimage of 64 bits. `lock_key` stays in the
@@ -13,8 +12,11 @@
 -- service sets half its DEPENDENCY_TIMEOUT): past it the statement fails and its transaction
 -- writes nothing. Before, only the caller's own deadline ended the wait, by giving up on the
 -- connection; PostgreSQL went on waiting, and a small upload's single statement then
--- committed after its client had been answered 503. A connection without the setting (the
--- previous binary's) waits as before.
+-- committed after its client had been answered 503. The bound covers this wait only: the
+-- session's own `lock_timeout` is put back once the lock is held, so the rest of the
+-- transaction (the totals row, which acks and sweeps also lock, and the deferred fold at
+-- COMMIT) waits as before rather than throwing away a large upload at COMMIT. A connection
+-- without the setting (the previous binary's) waits as before.
 CREATE OR REPLACE FUNCTION pending_uploads_lock_key(ws uuid) RETURNS bigint
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
     SELECT ('x' || encode(substring(sha256(uuid_send(ws)) FROM 1 FOR 8), 'hex'))::bit(64)::bigint
@@ -24,11 +26,16 @@ CREATE OR REPLACE FUNCTION pending_uploads_admit(
     ws uuid, lock_key bigint, n bigint, bytes bigint, max_bytes bigint, max_files bigint,
     OUT refused text, OUT pending_bytes bigint, OUT pending_files bigint)
 LANGUAGE plpgsql AS $$
+DECLARE
+    session_lock_timeout text := current_setting('lock_timeout');
 BEGIN
     IF current_setting('pending_uploads.lock_wait', true) <> '' THEN
         PERFORM set_config('lock_timeout', current_setting('pending_uploads.lock_wait'), true);
+        PERFORM pg_advisory_xact_lock(pending_uploads_lock_key(ws));
+        PERFORM set_config('lock_timeout', session_lock_timeout, true);
+    ELSE
+        PERFORM pg_advisory_xact_lock(pending_uploads_lock_key(ws));
     END IF;
-    PERFORM pg_advisory_xact_lock(pending_uploads_lock_key(ws));
     -- The trigger-kept totals (committed rows), less what has expired but is not swept yet.
     SELECT GREATEST(0, COALESCE(t.unacked_bytes, 0) - COALESCE(x.b, 0))::bigint,
            GREATEST(0, COALESCE(t.unacked_files, 0) - COALESCE(x.f, 0))::bigint

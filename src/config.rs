@@ -302,11 +302,13 @@ pub struct ServeArgs {
     /// Open client connections per replica; further connections wait in the listen backlog.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 16_384)]
     pub max_connections: usize,
-    /// Open connections one client address may hold (an IPv6 client by its /64; proxies in
+    /// Open connections one client address may hold (an IPv6 client by its /56; proxies in
     /// TRUSTED_PROXIES are not counted); more are answered 429 and closed, so one client
-    /// cannot hold MAX_CONNECTIONS. Generous for many laptops behind one NAT.
-    #[arg(long, env = "MAX_CONNECTIONS_PER_CLIENT", default_value_t = 1024,
-          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    /// cannot hold MAX_CONNECTIONS. 0, the default: no such limit. Set it where clients
+    /// connect directly: behind a proxy every client has the proxy's address, and the proxy
+    /// is where a per-client connection limit belongs.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_CLIENT", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub max_connections_per_client: u64,
     #[command(flatten)]
     pub deadlines: DeadlineArgs,
@@ -336,7 +338,7 @@ pub struct ServeArgs {
     #[arg(long, env = "REGISTRATIONS_PER_MINUTE", default_value_t = 600,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub registrations_per_minute: u64,
-    /// Of those, what one client address may use a minute (an IPv6 client by its /64), as
+    /// Of those, what one client address may use a minute (an IPv6 client by its /56), as
     /// many at once, so that one stranger cannot use up the replica's for everyone.
     #[arg(long, env = "REGISTRATIONS_PER_MINUTE_PER_CLIENT", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]

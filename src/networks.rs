@@ -32,14 +32,14 @@ impl FromStr for Networks {
 }
 
 /// The address a client is counted under (registrations, connections): an IPv4 address (also
-/// written IPv4-mapped), or an IPv6 address's /64, the smallest block a provider hands one
-/// customer.
+/// written IPv4-mapped), or an IPv6 address's /56, what a provider commonly hands one customer
+/// site. Counting by /64 gave a customer with a /56 256 places where an IPv4 client has one.
 pub fn client_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 72) - 1)).into()),
         },
     }
 }
@@ -65,14 +65,15 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_clients_are_counted_by_their_64() {
+    fn ipv6_clients_are_counted_by_their_56() {
         assert_eq!(
-            client_key(ip("2001:db8::1")),
-            client_key(ip("2001:db8::ffff:2"))
+            client_key(ip("2001:db8:0:ff::1")),
+            client_key(ip("2001:db8:0:1::ffff:2"))
         );
+        assert_eq!(client_key(ip("2001:db8:0:ff::1")), ip("2001:db8::"));
         assert_ne!(
             client_key(ip("2001:db8::1")),
-            client_key(ip("2001:db8:0:1::1"))
+            client_key(ip("2001:db8:0:100::1"))
         );
         assert_eq!(client_key(ip("::ffff:203.0.113.9")), ip("203.0.113.9"));
         assert_eq!(client_key(ip("203.0.113.9")), ip("203.0.113.9"));

@@ -68,10 +68,14 @@ impl Bucket {
     }
 }
 
-/// Client addresses tracked at once: about 3 MiB of buckets. A bucket refilled to the brim
+/// Client addresses tracked at once: about 1.6 MiB of buckets. A bucket refilled to the brim
 /// says nothing a new one would not, so those go first when it is full; past that (as many
 /// clients as this, each within a minute of its last registration) a new address waits.
-const MAX_CLIENTS: usize = 65_536;
+const MAX_CLIENTS: usize = 16_384;
+
+/// A full table is scanned for full buckets at most this often (a scan takes about a
+/// millisecond, under the lock every registration takes).
+const SCAN_EVERY: Duration = Duration::from_secs(1);
 
 /// A bucket per client address ([`crate::networks::client_key`]), each `per_minute`.
 pub struct PerClient {
@@ -82,9 +86,8 @@ pub struct PerClient {
 
 struct Clients {
     buckets: HashMap<IpAddr, Bucket>,
-    /// The table was full, every bucket in use, until then: a new address waits without
-    /// another scan of the table.
-    full_until: Option<Instant>,
+    /// When a full table was last scanned ([`SCAN_EVERY`]).
+    scanned_at: Option<Instant>,
 }
 
 impl PerClient {
@@ -97,7 +100,7 @@ impl PerClient {
             per_minute,
             clients: Mutex::new(Clients {
                 buckets: HashMap::new(),
-                full_until: None,
+                scanned_at: None,
             }),
             max_clients,
         }
@@ -108,6 +111,19 @@ impl PerClient {
         self.take_at(crate::networks::client_key(client), Instant::now())
     }
 
+    /// Returns a place taken for `client` whose event did not happen after all (the
+    /// replica's own bucket refused it): a client is not charged for the replica being busy.
+    pub fn give_back(&self, client: IpAddr) {
+        let key = crate::networks::client_key(client);
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(b) = clients.buckets.get_mut(&key) {
+            b.tokens = (b.tokens + 1.0).min(self.per_minute as f64);
+        }
+    }
+
     fn take_at(&self, key: IpAddr, now: Instant) -> Result<(), Duration> {
         let per_minute = self.per_minute;
         let mut clients = self
@@ -115,9 +131,12 @@ impl PerClient {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if !clients.buckets.contains_key(&key) && clients.buckets.len() >= self.max_clients {
-            if let Some(until) = clients.full_until.filter(|u| *u > now) {
-                return Err(until - now);
+            if let Some(next) = clients.scanned_at.map(|t| t + SCAN_EVERY) {
+                if now < next {
+                    return Err(next - now);
+                }
             }
+            clients.scanned_at = Some(now);
             clients.buckets.retain(|_, b| {
                 b.refill(per_minute, now);
                 b.tokens < per_minute as f64
@@ -129,9 +148,7 @@ impl PerClient {
                     .values()
                     .map(|b| (per_minute as f64 - b.tokens) * 60.0 / per_minute as f64)
                     .fold(f64::INFINITY, f64::min);
-                let wait = Duration::from_secs_f64(wait.clamp(0.001, 60.0));
-                clients.full_until = Some(now + wait);
-                return Err(wait);
+                return Err(Duration::from_secs_f64(wait.min(60.0)).max(SCAN_EVERY));
             }
         }
         clients
@@ -190,6 +207,12 @@ mod tests {
         assert_eq!(limit.take_at(ip("192.0.2.2"), t0), Ok(()));
         let wait = limit.take_at(ip("192.0.2.3"), t0).unwrap_err();
         assert!((wait.as_secs_f64() - 60.0).abs() < 1e-6, "{wait:?}");
+        let soon = limit.take_at(ip("192.0.2.3"), t0 + Duration::from_millis(400));
+        assert_eq!(
+            soon,
+            Err(Duration::from_millis(600)),
+            "no second scan within a second"
+        );
         assert!(limit
             .take_at(ip("192.0.2.3"), t0 + Duration::from_secs(30))
             .is_err());

@@ -18,15 +18,13 @@ pub const ADMIN: &str = "bench-admin-token";
 
 /// Settings the bench gives every service it starts unless the caller's environment sets
 /// them: quotas out of the way of long runs, per-workspace upload slots above every
-/// concurrency the suites use (uploads at concurrency 8 and 16 go to one workspace), every
-/// connection the suites open from this one address (10,000 waiting pollers), no sweep during
-/// a measurement.
+/// concurrency the suites use (uploads at concurrency 8 and 16 go to one workspace), no sweep
+/// during a measurement.
 pub const SERVICE_DEFAULTS: &[(&str, &str)] = &[
     ("MAX_PENDING_BYTES_PER_WORKSPACE", "1099511627776"),
     ("MAX_PENDING_FILES_PER_WORKSPACE", "100000000"),
     ("MAX_CONCURRENT_UPLOADS", "256"),
     ("MAX_CONCURRENT_UPLOADS_PER_WORKSPACE", "64"),
-    ("MAX_CONNECTIONS_PER_CLIENT", "16384"),
     ("SWEEP_INTERVAL", "1h"),
     ("RUST_LOG", "warn"),
     ("LOG_FORMAT", "text"),

@@ -28,6 +28,7 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
     PgConnection, PgPool, Postgres,
 };
+use uuid::Uuid;
 
 use crate::config::DbArgs;
 
@@ -338,6 +339,21 @@ impl Drop for Guarded {
 }
 
 pub use tokens::Checked;
+
+/// The advisory lock key of a workspace, as `pending_uploads_lock_key` computes it: the first
+/// 8 bytes of the id's SHA-256. Writers of one workspace's uploads and activity rows serialize
+/// on it until their transaction ends (`pending_uploads_admit`), so the quota check cannot be
+/// raced and activity `seq` order equals commit order. Ids are their registrants' choice: a key
+/// one could pick to match another workspace's would let it queue that workspace's uploads.
+/// The function computes the key itself (the previous binary passed another); this one is
+/// passed all the same, so a schema without that migration locks on the same key.
+pub fn workspace_lock_key(workspace_id: Uuid) -> i64 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(workspace_id.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(first)
+}
 
 /// Is the database reachable? (Readiness.)
 pub async fn ping(conn: &mut PgConnection) -> sqlx::Result<()> {

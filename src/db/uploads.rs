@@ -88,13 +88,6 @@ impl NewUpload<'_> {
     }
 }
 
-/// The `lock_key` argument of `pending_uploads_admit` and `pending_uploads_stage`: the
-/// functions lock on a digest of the workspace id themselves (migration
-/// `20261204100000_workspace_lock_from_a_digest`: ids are chosen by their registrants, and a
-/// key a caller could pick would let one workspace hold another's lock). The argument stays
-/// for the previous binary, which still passes one.
-const IGNORED_LOCK_KEY: Option<i64> = None;
-
 /// The quota verdict of an upload's commit (`pending_uploads_admit`).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Admission {
@@ -151,7 +144,7 @@ pub async fn stage(
     let mut args = PgArguments::default();
     args.reserve(11, content_bytes + PARAMETERS_SLACK * (rows.len() + 1));
     add(&mut args, workspace_id)?;
-    add(&mut args, IGNORED_LOCK_KEY)?;
+    add(&mut args, super::workspace_lock_key(workspace_id))?;
     add(&mut args, quota.max_bytes as i64)?;
     add(&mut args, quota.max_files as i64)?;
     add(&mut args, c.ids)?;
@@ -193,7 +186,7 @@ pub async fn admit(
         "SELECT refused, pending_bytes, pending_files FROM pending_uploads_admit($1, $2, $3, $4, $5, $6)",
     )
     .bind(workspace_id)
-    .bind(IGNORED_LOCK_KEY)
+    .bind(super::workspace_lock_key(workspace_id))
     .bind(rows.len() as i64)
     .bind(bytes)
     .bind(quota.max_bytes as i64)

@@ -34,7 +34,7 @@ use hyper_util::{
     server::graceful::GracefulShutdown,
     service::TowerToHyperService,
 };
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{io::AsyncWriteExt, net::TcpListener, sync::Semaphore};
 use tower::ServiceExt;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -341,10 +341,18 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let Some(place) = opts.per_client.open(peer.ip()) else {
-            // Answered without reading the request and closed at once: a client at its
-            // limit costs no task, and its refused connections do not add up.
-            let _ = stream.try_write(peer::TOO_MANY_CONNECTIONS);
+            // Answered without reading the request, then closed. The refusal keeps its
+            // connection place for at most a second, so refused connections cannot add up.
             crate::metrics::metrics().connections_refused.inc();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let mut stream = stream;
+                let refuse = async {
+                    stream.write_all(peer::TOO_MANY_CONNECTIONS).await?;
+                    stream.shutdown().await
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(1), refuse).await;
+            });
             continue;
         };
         let _ = stream.set_nodelay(true);

@@ -13,10 +13,10 @@ use axum::http::HeaderMap;
 
 use crate::networks::{client_key, Networks};
 
-/// Open connections per client address (`MAX_CONNECTIONS_PER_CLIENT`), so that one client
-/// cannot hold a replica's `MAX_CONNECTIONS` places and leave everyone else in the listen
-/// backlog. A trusted proxy is not counted: its connections carry many clients. The table
-/// holds only addresses with a connection open, at most `MAX_CONNECTIONS` of them.
+/// Open connections per client address (`MAX_CONNECTIONS_PER_CLIENT`, off by default), so
+/// that one client cannot hold a replica's `MAX_CONNECTIONS` places and leave everyone else
+/// in the listen backlog. A trusted proxy is not counted: its connections carry many clients.
+/// The table holds only addresses with a connection open, at most `MAX_CONNECTIONS` of them.
 pub struct ConnectionsPerClient {
     max: usize,
     trusted: Networks,
@@ -38,10 +38,11 @@ impl ConnectionsPerClient {
         })
     }
 
-    /// A place for a connection from `peer`, or `None` when it has `max` open already.
+    /// A place for a connection from `peer`, or `None` when it has `max` open already (a
+    /// `max` of 0: no limit).
     pub fn open(self: &Arc<Self>, peer: IpAddr) -> Option<ConnectionPlace> {
         let peer = peer.to_canonical();
-        let key = match self.trusted.contains(peer) {
+        let key = match self.max == 0 || self.trusted.contains(peer) {
             true => None,
             false => Some(client_key(peer)),
         };
@@ -100,19 +101,17 @@ pub struct Peer(pub IpAddr);
 
 /// The client's address. Each trusted proxy appends the address it received from to
 /// `X-Forwarded-For`, so the list is read from the right: the first hop that is not a trusted
-/// proxy is the client, and whatever stands left of it the client may have written itself. A
-/// hop that is not an address ends the walk at the last trusted one.
+/// proxy is the client, and whatever stands left of it the client may have written itself
+/// (bytes that are not text included: a proxy appends to the client's own line). A hop that
+/// is not an address ends the walk at the last trusted one.
 pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &Networks) -> IpAddr {
     let mut client = peer.to_canonical();
     if !trusted.contains(client) {
         return client;
     }
     for value in headers.get_all("x-forwarded-for").iter().rev() {
-        let Ok(text) = value.to_str() else {
-            return client;
-        };
-        for hop in text.rsplit(',') {
-            let Some(ip) = hop_address(hop.trim()) else {
+        for hop in value.as_bytes().rsplit(|b| *b == b',') {
+            let Some(ip) = hop_address(hop) else {
                 return client;
             };
             client = ip;
@@ -125,7 +124,8 @@ pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &Networks) -> 
 }
 
 /// `203.0.113.7`, `2001:db8::7`, or either with a port (`203.0.113.7:4711`, `[2001:db8::7]:4711`).
-fn hop_address(hop: &str) -> Option<IpAddr> {
+fn hop_address(hop: &[u8]) -> Option<IpAddr> {
+    let hop = std::str::from_utf8(hop).ok()?.trim();
     hop.parse::<IpAddr>()
         .or_else(|_| hop.parse::<SocketAddr>().map(|s| s.ip()))
         .ok()
@@ -178,12 +178,27 @@ mod tests {
         assert_eq!(client_address(peer, &h, &trusted), ip("2001:db8::1"));
         let h = forwarded(&["::ffff:198.51.100.1"]);
         assert_eq!(client_address(peer, &h, &trusted), ip("198.51.100.1"));
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"\xff, 198.51.100.1").unwrap(),
+        );
+        assert_eq!(client_address(peer, &h, &trusted), ip("198.51.100.1"));
         // Garbage or nothing: the last trusted hop.
         let h = forwarded(&["1.1.1.1, unknown, 10.0.0.7"]);
         assert_eq!(client_address(peer, &h, &trusted), ip("10.0.0.7"));
         assert_eq!(client_address(peer, &HeaderMap::new(), &trusted), peer);
         let h = forwarded(&["10.0.0.9"]);
         assert_eq!(client_address(peer, &h, &trusted), ip("10.0.0.9"));
+    }
+
+    #[test]
+    fn no_limit_counts_nothing() {
+        let limit = ConnectionsPerClient::new(0, Networks::default());
+        let open: Vec<_> = (0..5)
+            .map(|_| limit.open(ip("203.0.113.1")).unwrap())
+            .collect();
+        assert_eq!((open.len(), limit.clients()), (5, 0));
     }
 
     #[test]
@@ -223,14 +238,18 @@ mod tests {
         /// answer is always the peer or an address the header names.
         #[test]
         fn what_the_client_writes_cannot_move_its_address(
-            forged in "[ -~]{0,80}",
+            forged in proptest::collection::vec(any::<u8>(), 0..80),
             client in any::<[u8; 4]>(),
         ) {
             let trusted: Networks = "10.0.0.0/8".parse().unwrap();
             let client = IpAddr::from(client);
             prop_assume!(!trusted.contains(client));
             let peer = ip("10.0.0.2");
-            if let Ok(value) = HeaderValue::from_str(&format!("{forged}, {client}, 10.0.0.3")) {
+            // As nginx's `$proxy_add_x_forwarded_for` writes it: the client's own line, then
+            // what each proxy appends.
+            let mut line = forged;
+            line.extend_from_slice(format!(", {client}, 10.0.0.3").as_bytes());
+            if let Ok(value) = HeaderValue::from_bytes(&line) {
                 let mut h = HeaderMap::new();
                 h.append("x-forwarded-for", value);
                 prop_assert_eq!(client_address(peer, &h, &trusted), client);

@@ -163,12 +163,14 @@ pub async fn register(
         // A request without a peer came from inside the process (tests): one unknown client.
         let peer = peer.map_or(IpAddr::from([0, 0, 0, 0]), |Extension(Peer(ip))| ip);
         let client = client_address(peer, &headers, &st.trusted_proxies);
-        st.registrations_per_client
-            .take(client)
-            .and_then(|()| st.registrations.take())
-            .map_err(|wait| ApiError::RegistrationRate {
-                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
-            })?;
+        let taken = st.registrations_per_client.take(client).and_then(|()| {
+            st.registrations.take().inspect_err(|_| {
+                st.registrations_per_client.give_back(client);
+            })
+        });
+        taken.map_err(|wait| ApiError::RegistrationRate {
+            retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+        })?;
     }
     let url = callback_url(&st, &req.url).await?;
     let name = req.agent_card.as_ref().and_then(|c| non_empty(&c.name));

@@ -1073,9 +1073,37 @@ async fn registrations_without_a_claim_are_rate_limited() {
     assert_eq!(svc.count("workspaces").await, 4);
 }
 
+/// The bound on the wait for a workspace's lock (DEPENDENCY_TIMEOUT/2) is for that wait
+/// only. A first version left it on for the rest of the transaction: an upload whose commit
+/// then met the workspace's totals row locked a little longer (an ack, a sweep, here the
+/// test) failed with 503 and lost its bytes, a 2 MiB one at COMMIT (the deferred totals
+/// fold), a small one at its totals update. Both wait for the row now, as they always did.
+#[tokio::test]
+async fn the_lock_wait_bound_does_not_cut_the_rest_of_the_commit() {
+    let svc = Svc::start(&[("DEPENDENCY_TIMEOUT", "4s")]).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let resp = upload_file(&svc, ws, &token, "first.txt", b"makes the totals row").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let large = bytes(2 << 20, 9);
+    for (name, data) in [("small.txt", &b"small"[..]), ("large.bin", &large[..])] {
+        let mut totals = svc.pool.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM pending_upload_totals WHERE workspace_id = $1 FOR UPDATE")
+            .bind(ws)
+            .execute(&mut *totals)
+            .await
+            .unwrap();
+        let (resp, ()) = tokio::join!(upload_file(&svc, ws, &token, name, data), async {
+            tokio::time::sleep(Duration::from_millis(3000)).await;
+            totals.commit().await.unwrap();
+        });
+        assert_eq!(resp.status(), StatusCode::OK, "{name}");
+    }
+    assert_eq!(svc.count("pending_uploads").await, 3);
+}
+
 /// One stranger could use up a replica's REGISTRATIONS_PER_MINUTE and keep every new
 /// workspace out. Each client address now has REGISTRATIONS_PER_MINUTE_PER_CLIENT of them (an
-/// IPv6 client by its /64), and a refused one takes none of the replica's. Behind a proxy in
+/// IPv6 client by its /56), and a refused one takes none of the replica's. Behind a proxy in
 /// TRUSTED_PROXIES the client is the first untrusted hop of X-Forwarded-For from the right;
 /// from any other peer the header is ignored, so no client can pose as many.
 #[tokio::test]
@@ -1123,7 +1151,10 @@ async fn one_client_cannot_use_up_the_registrations_of_others() {
         assert_eq!(from(&svc, hop).await.status(), StatusCode::OK, "{hop}");
     }
     refused(from(&svc, "2001:db8::3").await, "30").await;
-    assert_eq!(from(&svc, "2001:db8:0:1::1").await.status(), StatusCode::OK);
+    assert_eq!(
+        from(&svc, "2001:db8:0:100::1").await.status(),
+        StatusCode::OK
+    );
     // Six taken; the refused took none of the replica's seven.
     assert_eq!(from(&svc, "198.51.100.9").await.status(), StatusCode::OK);
     refused(from(&svc, "198.51.100.10").await, "9").await;
@@ -1231,6 +1262,18 @@ async fn a_chosen_workspace_id_cannot_share_another_workspaces_lock() {
         .unwrap()
         .to_string();
     let folded = (twin_hi ^ (twin_hi ^ hi ^ lo)) as i64;
+    for id in [victim, twin] {
+        let key: i64 = sqlx::query_scalar("SELECT pending_uploads_lock_key($1)")
+            .bind(id)
+            .fetch_one(&svc.pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            key,
+            pending_uploads::db::workspace_lock_key(id),
+            "one key, both sides"
+        );
+    }
     let mut twin_commit = svc.pool.begin().await.unwrap();
     sqlx::query("SELECT refused FROM pending_uploads_admit($1, $2, 0, 0, 1, 1)")
         .bind(twin)
