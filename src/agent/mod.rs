@@ -225,6 +225,9 @@ impl Agent {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(LONG_POLL + Duration::from_secs(35))
+            // Below the service's HEADER_READ_TIMEOUT, after which it closes an idle
+            // connection: reusing one just then would lose the request to the close.
+            .pool_idle_timeout(Duration::from_secs(5))
             .build()
             .map_err(io::Error::other)?;
         let mut index = UriIndex::load(&dir);

@@ -328,6 +328,11 @@ impl Api {
             base: base.to_string(),
             http: reqwest::Client::builder()
                 .timeout(CLIENT_TIMEOUT)
+                // The service closes a connection idle for HEADER_READ_TIMEOUT (10 s); a
+                // client reusing one at that moment loses its request to the close (seen
+                // once: an upload's body write met EPIPE 10 s after the connection's last
+                // use). A client drops idle connections sooner, as README advises.
+                .pool_idle_timeout(Duration::from_secs(5))
                 .build()
                 .unwrap(),
             rec: rec.clone(),
