@@ -15,6 +15,9 @@ use tokio::sync::Semaphore;
 
 use crate::networks::Networks;
 
+/// Longest push URL taken.
+pub const URL_MAX_BYTES: usize = 2048;
+
 /// Why a push URL or address is refused (for logs; clients see one text).
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[error("workspace URL not allowed: {reason}")]
@@ -70,6 +73,10 @@ impl PushPolicy {
     /// The URL's shape, and its host when that is an address (or `localhost`): the checks
     /// that need no name lookup. Returns the parsed URL.
     pub fn check_url(&self, raw: &str) -> Result<Url, Refused> {
+        // Stored on a row nothing deletes, and no real callback URL is anywhere near this.
+        if raw.len() > URL_MAX_BYTES {
+            return Err(refused("longer than 2048 bytes"));
+        }
         let url = Url::parse(raw.trim()).map_err(|_| refused("not an absolute URL"))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(refused("scheme is not http or https"));

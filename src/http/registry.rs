@@ -55,6 +55,25 @@ fn non_empty(s: &Option<String>) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Longest workspace name kept (characters): workspaces are never deleted, so a registration
+/// without a claim must not write up to a whole JSON body's 64 KiB into one.
+pub const NAME_MAX_CHARS: usize = 256;
+
+/// The workspace name given, trimmed (`None` when absent or blank); 400 when longer than
+/// [`NAME_MAX_CHARS`].
+fn workspace_name(raw: Option<&String>) -> Result<Option<String>, ApiError> {
+    let name = non_empty(&raw.cloned());
+    if name
+        .as_ref()
+        .is_some_and(|n| n.chars().count() > NAME_MAX_CHARS)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "name must be at most {NAME_MAX_CHARS} characters"
+        )));
+    }
+    Ok(name)
+}
+
 /// The push callback URL, if one is given: one the proxy may call (SPEC §4: absolute
 /// http(s), a host, no userinfo, query or fragment, no internal address unless allowed).
 /// Caught here, a bad URL is a 400 at registration instead of a failure on every upload.
@@ -137,12 +156,12 @@ enum Registration {
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "OK", body = Registered),
-        (status = 400, description = "invalid body, delivery_mode or url", body = api::ErrorBody),
+        (status = 400, description = "invalid body, delivery_mode, name (over 256 characters) or url (over 2048 bytes, or not allowed)", body = api::ErrorBody),
         (status = 401, description = "re-registration without the workspace's own token or the admin token", body = api::ErrorBody),
         (status = 408, description = "request body too slow", body = api::ErrorBody),
         (status = 409, description = "workspace was removed", body = api::ErrorBody),
         (status = 413, description = "body over 64 KiB", body = api::ErrorBody),
-        (status = 429, description = "REGISTRATIONS_PER_MINUTE used up on this replica, or REGISTRATIONS_PER_MINUTE_PER_CLIENT by this client address, for callers without a claim on the workspace (code registration_rate, Retry-After)", body = api::ErrorBody),
+        (status = 429, description = "REGISTRATIONS_PER_MINUTE used up on this replica by callers without a claim on the workspace, or REGISTRATIONS_PER_MINUTE_PER_CLIENT by this client address (callers without a claim, and re-registrations with a push url) (code registration_rate, Retry-After)", body = api::ErrorBody),
         (status = 503, description = "datastore unavailable, or push URL lookups all in progress", body = api::ErrorBody),
     )
 )]
@@ -153,17 +172,23 @@ pub async fn register(
     JsonBody(req): JsonBody<RegisterRequest>,
 ) -> Result<Json<Registered>, ApiError> {
     let mode = validate_mode(req.delivery_mode.as_deref())?;
+    let name = workspace_name(req.agent_card.as_ref().and_then(|c| c.name.as_ref()))?;
     // Decided before the transaction (a token check is a query of its own); it matters
     // only if the workspace exists.
     let claim = claim(&st, &headers, req.id).await?;
     // Without a claim this may create a workspace and a token that nothing removes: at most
     // REGISTRATIONS_PER_MINUTE of those (before the URL's name lookup, which costs too).
-    // The client's own bucket first: a client refused there uses none of the replica's.
-    if claim != Claim::Allowed {
+    // With one, a push URL still costs a lookup place until the resolver answers: the
+    // client's own bucket bounds those too. The client's bucket first: a client refused there
+    // uses none of the replica's.
+    if claim != Claim::Allowed || req.url.is_some() {
         // A request without a peer came from inside the process (tests): one unknown client.
         let peer = peer.map_or(IpAddr::from([0, 0, 0, 0]), |Extension(Peer(ip))| ip);
         let client = client_address(peer, &headers, &st.trusted_proxies);
         let taken = st.registrations_per_client.take(client).and_then(|()| {
+            if claim == Claim::Allowed {
+                return Ok(());
+            }
             st.registrations.take().inspect_err(|_| {
                 st.registrations_per_client.give_back(client);
             })
@@ -173,7 +198,6 @@ pub async fn register(
         })?;
     }
     let url = callback_url(&st, &req.url).await?;
-    let name = req.agent_card.as_ref().and_then(|c| non_empty(&c.name));
     let id = req.id;
     let secret = auth::new_secret();
     let outcome = st
@@ -242,7 +266,7 @@ pub async fn register(
     request_body = CreateWorkspaceRequest,
     responses(
         (status = 200, description = "OK", body = Registered),
-        (status = 400, description = "invalid body, delivery_mode or url", body = api::ErrorBody),
+        (status = 400, description = "invalid body, delivery_mode, name (over 256 characters) or url (over 2048 bytes, or not allowed)", body = api::ErrorBody),
         (status = 401, description = "not the admin", body = api::ErrorBody),
         (status = 408, description = "request body too slow", body = api::ErrorBody),
         (status = 409, description = "workspace already exists", body = api::ErrorBody),
@@ -256,8 +280,8 @@ pub async fn create(
     _: Admin,
     JsonBody(req): JsonBody<CreateWorkspaceRequest>,
 ) -> Result<Json<Registered>, ApiError> {
-    let name =
-        non_empty(&req.name).ok_or_else(|| ApiError::BadRequest("name is required".into()))?;
+    let name = workspace_name(req.name.as_ref())?
+        .ok_or_else(|| ApiError::BadRequest("name is required".into()))?;
     let mode = validate_mode(req.delivery_mode.as_deref())?;
     let url = callback_url(&st, &req.url).await?;
     let id = req.id.unwrap_or_else(Uuid::new_v4);

@@ -551,3 +551,79 @@ async fn an_unreachable_datastore_during_auth_is_503() {
     }
     assert!(ok, "service recovers when the database is back");
 }
+
+/// Workspaces are never deleted and the first registration needs no credential: a name or
+/// URL could carry a whole 64 KiB body into a row for good. Names are at most 256
+/// characters, push URLs 2048 bytes; longer is a 400 and writes nothing.
+#[tokio::test]
+async fn names_and_urls_are_bounded() {
+    let app = TestApp::start().await;
+    let long = "n".repeat(257);
+    let resp = register(
+        &app,
+        json!({"id": Uuid::new_v4(), "agent_card": {"name": long}}),
+        None,
+    )
+    .await;
+    assert_error(
+        resp,
+        StatusCode::BAD_REQUEST,
+        "name must be at most 256 characters",
+    )
+    .await;
+    let resp = app
+        .client
+        .post(app.at("/workspaces"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": long}))
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        resp,
+        StatusCode::BAD_REQUEST,
+        "name must be at most 256 characters",
+    )
+    .await;
+    let url = format!("https://example.com/{}", "u".repeat(2029));
+    assert_eq!(url.len(), 2049);
+    let resp = register(&app, json!({"id": Uuid::new_v4(), "url": url}), None).await;
+    assert_error(resp, StatusCode::BAD_REQUEST, "workspace URL not allowed").await;
+    assert_eq!(app.count("workspaces").await, 0, "nothing written");
+    let fits = "é".repeat(256);
+    let resp = register(
+        &app,
+        json!({"id": Uuid::new_v4(), "agent_card": {"name": fits}}),
+        None,
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK, "256 characters (512 bytes)");
+}
+
+/// A re-registration with the workspace's own token is not counted against the replica's
+/// REGISTRATIONS_PER_MINUTE, but one with a push URL costs a name lookup (a place of
+/// MAX_CONCURRENT_REGISTRATION_LOOKUPS until the resolver answers): those count against the
+/// client's own REGISTRATIONS_PER_MINUTE_PER_CLIENT, so one client re-registering in a loop
+/// with slow names cannot take every lookup place.
+#[tokio::test]
+async fn reregistrations_with_a_push_url_count_against_the_client() {
+    let app = TestApp::start_with(&["--registrations-per-minute-per-client", "2"]).await;
+    let id = Uuid::new_v4();
+    let resp = register(&app, json!({"id": id, "delivery_mode": "poll"}), None).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let token = resp.json::<Value>().await.unwrap()["auth_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let again = json!({"id": id, "delivery_mode": "poll"});
+    for _ in 0..3 {
+        let resp = register(&app, again.clone(), Some(&token)).await;
+        assert_eq!(resp.status(), StatusCode::OK, "no URL: not counted");
+    }
+    let with_url = json!({"id": id, "url": "http://203.0.113.5:9/hook"});
+    let resp = register(&app, with_url.clone(), Some(&token)).await;
+    assert_eq!(resp.status(), StatusCode::OK, "the client's second place");
+    let resp = register(&app, with_url, Some(&token)).await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(resp.headers()["retry-after"], "30");
+}
