@@ -5,12 +5,12 @@ use std::{collections::HashMap, time::Duration};
 
 use axum::{
     extract::{Query, State},
-    Json,
+    response::Response,
 };
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{error::ApiError, extract::WorkspaceClaim, AppState};
+use super::{answer, error::ApiError, extract::WorkspaceClaim, AppState};
 use crate::{
     api::{self, attachment_kind, ActivityRow, Attachment},
     auth::Credential,
@@ -108,15 +108,15 @@ impl FeedQuery {
         (status = 400, description = "invalid parameter", body = api::ErrorBody),
         (status = 401, description = "missing or invalid bearer", body = api::ErrorBody),
         (status = 410, description = "since_id cursor not found", body = api::ErrorBody),
-        (status = 429, description = "the workspace has MAX_LONG_POLLS_PER_WORKSPACE long polls waiting (Retry-After)", body = api::ErrorBody),
-        (status = 503, description = "datastore unavailable, or MAX_LONG_POLLS long polls waiting (Retry-After)", body = api::ErrorBody),
+        (status = 429, description = "the workspace has MAX_LONG_POLLS_PER_WORKSPACE long polls waiting, or (an answer over 16 KiB) MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE downloads and large answers streaming (Retry-After)", body = api::ErrorBody),
+        (status = 503, description = "datastore unavailable, or MAX_LONG_POLLS long polls waiting, or (an answer over 16 KiB) MAX_CONCURRENT_DOWNLOADS downloads and large answers streaming (Retry-After)", body = api::ErrorBody),
     )
 )]
 pub async fn list(
     State(st): State<AppState>,
     who: WorkspaceClaim,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<Vec<ActivityRow>>, ApiError> {
+) -> Result<Response, ApiError> {
     let query = FeedQuery::parse(&q)?;
     drop(q);
     let (workspace_id, credential) = (who.workspace_id, who.credential);
@@ -124,7 +124,7 @@ pub async fn list(
     // 10,000 pollers) is only the wait's, not the query's.
     let (Some(cursor), Some(wait)) = (query.since_id, query.wait) else {
         let rows = Box::pin(fetch(&st, workspace_id, credential, &query)).await?;
-        return Ok(Json(project(rows, &query)));
+        return answer::json(&st, workspace_id, &project(rows, &query));
     };
     // Long poll: subscribe first, so a row committing between the query and the wait still
     // wakes us; a waiting request holds no database connection.
@@ -138,7 +138,9 @@ pub async fn list(
         let rows = Box::pin(fetch(&st, workspace_id, credential, &query)).await?;
         // A replica shutting down does not start a wait (see `AppState::stop_accepting`).
         if !rows.is_empty() || tokio::time::Instant::now() >= deadline || !st.is_accepting() {
-            return Ok(Json(project(rows, &query)));
+            // The wait's slot goes before a large answer takes a download slot.
+            drop(slot);
+            return answer::json(&st, workspace_id, &project(rows, &query));
         }
         // Taken once the caller is checked and there is nothing to answer; held to the end
         // of the request (released by drop, however it ends).
@@ -155,7 +157,7 @@ pub async fn list(
         // waiter (thousands at once, while the replica drains). The client's cursor has not
         // moved, so another replica answers it whatever committed meanwhile.
         if !st.is_accepting() {
-            return Ok(Json(Vec::new()));
+            return Ok(super::ok_json(Vec::<ActivityRow>::new()));
         }
     }
 }

@@ -2,6 +2,7 @@
 //! document), the middleware every response passes, and the server loop.
 
 pub mod activity;
+pub mod answer;
 pub mod body;
 pub mod conn;
 pub mod error;

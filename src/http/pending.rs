@@ -13,6 +13,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use uuid::Uuid;
 
 use super::{
+    answer,
     error::ApiError,
     extract::{FileId, WorkspaceClaim},
     AppState,
@@ -23,7 +24,7 @@ use crate::{
     db::{self, uploads::UploadRow, Checked, Db},
     fetched::FetchedStamps,
     metrics::metrics,
-    slots::{self, Slot},
+    slots::Slot,
     storage::{bytea::READ_CHUNK, ByteRange},
 };
 
@@ -50,7 +51,8 @@ fn pending_upload(row: &UploadRow) -> PendingUpload {
         (status = 200, description = "OK", body = Vec<PendingUpload>),
         (status = 400, description = "invalid workspace ID", body = api::ErrorBody),
         (status = 401, description = "missing or invalid bearer", body = api::ErrorBody),
-        (status = 503, description = "datastore unavailable", body = api::ErrorBody),
+        (status = 429, description = "an answer over 16 KiB while the workspace has MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE downloads and large answers streaming (Retry-After)", body = api::ErrorBody),
+        (status = 503, description = "datastore unavailable, or an answer over 16 KiB while MAX_CONCURRENT_DOWNLOADS downloads and large answers are streaming (Retry-After)", body = api::ErrorBody),
     )
 )]
 pub async fn list(State(st): State<AppState>, who: WorkspaceClaim) -> Result<Response, ApiError> {
@@ -62,8 +64,10 @@ pub async fn list(State(st): State<AppState>, who: WorkspaceClaim) -> Result<Res
     };
     if first.len() < LIST_PAGE as usize {
         // The common case, one page: a plain answer with its Content-Length.
-        return Ok(Json(first.iter().map(pending_upload).collect::<Vec<_>>()).into_response());
+        let items: Vec<PendingUpload> = first.iter().map(pending_upload).collect();
+        return answer::json(&st, workspace_id, &items);
     }
+    let slot = answer::download_slot(&st, workspace_id)?;
     let db = st.db.clone();
     let pages = futures::stream::try_unfold(Some((first, true)), move |state| {
         let db = db.clone();
@@ -95,9 +99,18 @@ pub async fn list(State(st): State<AppState>, who: WorkspaceClaim) -> Result<Res
             Ok::<_, db::DbError>(Some((Bytes::from(chunk), next)))
         }
     });
+    let pieces = pages
+        .map_ok(|page| {
+            futures::stream::iter(answer::pieces(page).into_iter().map(Ok::<_, db::DbError>))
+        })
+        .try_flatten()
+        .map(move |piece| {
+            let _held = &slot;
+            piece
+        });
     Ok((
         [(header::CONTENT_TYPE, "application/json")],
-        Body::from_stream(pages),
+        Body::from_stream(pieces),
     )
         .into_response())
 }
@@ -134,9 +147,11 @@ async fn page(
     .await
 }
 
-/// Rows per page of the list. The answer is streamed a page at a time, so its memory does not
-/// grow with the number of pending uploads (small files can make that hundreds of thousands).
-const LIST_PAGE: i64 = 1000;
+/// Rows per page of the list (about 170 KB of JSON at most). The answer is streamed a page at
+/// a time, so its memory does not grow with the number of pending uploads (small files can
+/// make that hundreds of thousands), and one longer than a page holds a download slot
+/// (`answer`): a client that stops reading keeps a page or two, and only so many of them.
+const LIST_PAGE: i64 = 200;
 
 /// Finds the caller's live row (a foreign row is as missing), with the first `head` bytes of
 /// its inline content when asked: the caller check, the row and a small file's bytes in one
@@ -233,13 +248,7 @@ pub async fn content(
     // Taken after the caller check (a stranger cannot take a workspace's slots) and held
     // until the body is dropped: a client that stops reading keeps its slot and the slice
     // in flight, not more.
-    let slot = st
-        .download_slots
-        .acquire(row.workspace_id)
-        .map_err(|refused| match refused {
-            slots::Refused::Replica => ApiError::DownloadCapacity,
-            slots::Refused::Workspace => ApiError::WorkspaceDownloadsBusy,
-        })?;
+    let slot = answer::download_slot(&st, row.workspace_id)?;
     let loc = row.location();
     let backend = st.storage.reader_name(&loc);
     let m = metrics();

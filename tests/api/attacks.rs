@@ -1896,6 +1896,97 @@ async fn a_large_upload_waits_on_its_admission_no_longer_than_the_dependency_tim
     assert_eq!(svc.count("activity_logs").await, 0);
 }
 
+/// A list or feed answer is as large as the workspace makes it (1,000 rows of long names
+/// were 0.85 MB, built whole), and a client that does not read keeps it in memory until
+/// RESPONSE_MIN_RATE cuts it: 800 such requests took the service from 35 to 698 MB. Answers
+/// over 16 KiB now go out in pieces under a download slot (the list a page of 200 rows at a
+/// time), so only MAX_CONCURRENT_DOWNLOADS(_PER_WORKSPACE) of them are out at once; small
+/// answers need none.
+#[tokio::test]
+async fn large_list_answers_are_bounded_like_downloads() {
+    // No log line per file: thousands would fill the pipe the test reads the log from.
+    let svc = Svc::start(&[
+        ("MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE", "1"),
+        ("RESPONSE_MIN_RATE", "0"),
+        ("RUST_LOG", "warn"),
+    ])
+    .await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let name = format!("{}.txt", "n".repeat(200));
+    // 8,000 rows, 5.6 MB of list: more than the kernel takes into the socket's buffers.
+    for batch in 0..160 {
+        let mut body = Vec::new();
+        for i in 0..50 {
+            body.extend_from_slice(
+                format!(
+                    "--XB\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{batch}-{i}-{name}\"\r\n\
+                     Content-Type: text/plain\r\n\r\nx\r\n"
+                )
+                .as_bytes(),
+            );
+        }
+        body.extend_from_slice(b"--XB--\r\n");
+        assert_eq!(
+            upload_raw(&svc, ws, &token, body).await.status(),
+            StatusCode::OK
+        );
+    }
+    let list = svc.at(&format!("/workspaces/{ws}/pending-uploads"));
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = sock.connect(svc.addr.parse().unwrap()).await.unwrap();
+    let head = format!(
+        "GET /workspaces/{ws}/pending-uploads HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\n\r\n",
+        svc.addr
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    wait_for_metric(&svc.base, "pending_uploads_downloads_in_progress", 1.0).await;
+    let client = reqwest::Client::new();
+    assert_retry_later(
+        client.get(&list).bearer_auth(&token).send().await.unwrap(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "2",
+        json!({"error": "too many downloads in progress for this workspace — retry shortly", "code": "workspace_busy"}),
+    )
+    .await;
+    let feed = svc.at(&format!("/workspaces/{ws}/activity?limit=500"));
+    let resp = client.get(&feed).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "a large feed answer"
+    );
+    let small = svc.at(&format!("/workspaces/{ws}/activity?limit=1"));
+    let resp = client.get(&small).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "a small answer needs no slot"
+    );
+    drop(stalled);
+    wait_for_metric(&svc.base, "pending_uploads_downloads_in_progress", 0.0).await;
+    let items: Vec<Value> = client
+        .get(&list)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(items.len(), 8000);
+    let rows: Vec<Value> = client
+        .get(&feed)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 500);
+}
+
 /// A GET of a file's content on a raw socket with a 4 KiB receive buffer that never reads: the
 /// service fills the socket and its body stream waits, holding a download slot.
 async fn stalled_download(svc: &Svc, ws: Uuid, token: &str, file: Uuid) -> TcpStream {
@@ -2236,13 +2327,15 @@ async fn hostile_methods_and_filenames_cannot_bloat_metrics_or_logs() {
     );
 }
 
-/// Registration is unauthenticated and a URL may fill the 64 KiB JSON body: when its push
-/// fails, the log line must not carry it whole (reqwest's error text quotes the URL).
+/// Registration is unauthenticated and a URL may be 2048 bytes (it could fill the 64 KiB JSON
+/// body before that bound): when its push fails, the log line must not carry it whole
+/// (reqwest's error text quotes the URL).
 #[tokio::test]
 async fn a_huge_push_url_that_fails_is_logged_clipped() {
     let svc = Svc::start(&[("PUSH_ALLOWED_NETWORKS", "127.0.0.0/8")]).await;
     // Port 9 (discard): nothing listens, so the connection is refused.
-    let url = format!("http://127.0.0.1:9/{}", "a".repeat(60_000));
+    let url = format!("http://127.0.0.1:9/{}", "a".repeat(2048 - 19));
+    assert_eq!(url.len(), 2048);
     let ws = Uuid::new_v4();
     let resp = register(
         &reqwest::Client::new(),
@@ -2266,7 +2359,10 @@ async fn a_huge_push_url_that_fails_is_logged_clipped() {
         "the failure was logged"
     );
     let longest = stderr.lines().map(str::len).max().unwrap_or(0);
-    assert!(longest < 2000, "a {longest}-byte log line");
+    assert!(
+        longest < 2000,
+        "a {longest}-byte log line: the URL was not clipped"
+    );
 }
 
 #[tokio::test]

@@ -2762,6 +2762,10 @@ fn v6_internal(ip: Ipv6Addr) -> bool {
 
 /// SPEC §4's push URL rule: Some(allowed), or None when it depends on a name lookup.
 fn url_verdict(raw: &str) -> Option<bool> {
+    // At most 2048 bytes (workspace rows are never deleted).
+    if raw.len() > 2048 {
+        return Some(false);
+    }
     let Ok(u) = url::Url::parse(raw.trim()) else {
         return Some(false);
     };
@@ -3041,6 +3045,13 @@ impl RegistryTarget {
             Some(Ok(r)) => r,
         };
         let name = non_empty(req.name);
+        // Names are at most 256 characters (workspace rows are never deleted); checked first
+        // on the admin route, after the delivery mode on registration.
+        let too_long = || RegExp::Status(400, Some("name must be at most 256 characters"));
+        let long_name = name.as_ref().is_some_and(|n| n.chars().count() > 256);
+        if matches!(route, Route::Create) && long_name {
+            return too_long();
+        }
         if matches!(route, Route::Create) && name.is_none() {
             return RegExp::Status(400, Some("name is required"));
         }
@@ -3049,6 +3060,9 @@ impl RegistryTarget {
             Some(m @ ("push" | "poll")) => Some(if m == "push" { "push" } else { "poll" }),
             Some(_) => return RegExp::Status(400, Some("delivery_mode must be 'push' or 'poll'")),
         };
+        if long_name {
+            return too_long();
+        }
         let url = non_empty(req.url);
         if let Some(u) = &url {
             match url_verdict(u) {
