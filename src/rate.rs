@@ -41,6 +41,17 @@ impl RateLimit {
     }
 }
 
+impl RateLimit {
+    /// Returns a place taken for an event that did not happen after all.
+    pub fn give_back(&self) {
+        let mut b = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        b.tokens = (b.tokens + 1.0).min(self.per_minute as f64);
+    }
+}
+
 impl Bucket {
     fn full(per_minute: u64, now: Instant) -> Bucket {
         Bucket {

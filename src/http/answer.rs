@@ -18,8 +18,8 @@ use crate::slots::{self, Slot};
 /// workspace (`MAX_CONCURRENT_DOWNLOADS`, `..._PER_WORKSPACE`) until their body is dropped.
 pub const SMALL_MAX: usize = 16 * 1024;
 
-/// Pieces a large answer is handed to the connection in: the connection buffers a few of
-/// them while the rest stays with the body, and with it the slot.
+/// Pieces a large answer is handed to the connection in: the connection buffers up to 16 of
+/// them (256 KiB) while the rest stays with the body, and with it the slot.
 const PIECE: usize = 16 * 1024;
 
 /// One of the workspace's download slots, or the refusal downloads get.
@@ -61,10 +61,9 @@ fn in_pieces(
     })
 }
 
-/// `bytes` cut into [`PIECE`]s (no copy).
+/// `bytes` cut into [`PIECE`]s, each a copy of its own: a slice would keep the whole answer
+/// alive for as long as the connection holds any piece of it, after the body (and its slot)
+/// is gone.
 pub fn pieces(bytes: Bytes) -> Vec<Bytes> {
-    (0..bytes.len())
-        .step_by(PIECE)
-        .map(|at| bytes.slice(at..(at + PIECE).min(bytes.len())))
-        .collect()
+    bytes.chunks(PIECE).map(Bytes::copy_from_slice).collect()
 }

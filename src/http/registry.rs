@@ -140,6 +140,43 @@ async fn claim(st: &AppState, headers: &HeaderMap, id: Uuid) -> Result<Claim, Ap
     }
 }
 
+/// Which registration buckets a call takes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    Nothing,
+    Client,
+    ClientAndReplica,
+}
+
+/// Takes the places of a registration (REGISTRATIONS_PER_MINUTE_PER_CLIENT, then
+/// REGISTRATIONS_PER_MINUTE), or 429 with the wait. A call refused by the replica's bucket
+/// gives the client's place back.
+fn take_registration(st: &AppState, client: IpAddr, counted: Counted) -> Result<(), ApiError> {
+    if counted == Counted::Nothing {
+        return Ok(());
+    }
+    let taken = st.registrations_per_client.take(client).and_then(|()| {
+        if counted == Counted::Client {
+            return Ok(());
+        }
+        st.registrations.take().inspect_err(|_| {
+            st.registrations_per_client.give_back(client);
+        })
+    });
+    taken.map_err(|wait| ApiError::RegistrationRate {
+        retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+    })
+}
+
+fn give_back_registration(st: &AppState, client: IpAddr, counted: Counted) {
+    if counted != Counted::Nothing {
+        st.registrations_per_client.give_back(client);
+    }
+    if counted == Counted::ClientAndReplica {
+        st.registrations.give_back();
+    }
+}
+
 /// What a registration transaction decided.
 enum Registration {
     Done(Box<Workspace>, Option<auth::NewToken>, bool),
@@ -161,7 +198,7 @@ enum Registration {
         (status = 408, description = "request body too slow", body = api::ErrorBody),
         (status = 409, description = "workspace was removed", body = api::ErrorBody),
         (status = 413, description = "body over 64 KiB", body = api::ErrorBody),
-        (status = 429, description = "REGISTRATIONS_PER_MINUTE used up on this replica by callers without a claim on the workspace, or REGISTRATIONS_PER_MINUTE_PER_CLIENT by this client address (callers without a claim, and re-registrations with a push url) (code registration_rate, Retry-After)", body = api::ErrorBody),
+        (status = 429, description = "REGISTRATIONS_PER_MINUTE used up on this replica by callers without a claim on the workspace, or REGISTRATIONS_PER_MINUTE_PER_CLIENT by this client address (callers without a claim, and re-registrations whose push url names a host) (code registration_rate, Retry-After)", body = api::ErrorBody),
         (status = 503, description = "datastore unavailable, or push URL lookups all in progress", body = api::ErrorBody),
     )
 )]
@@ -177,27 +214,31 @@ pub async fn register(
     // only if the workspace exists.
     let claim = claim(&st, &headers, req.id).await?;
     // Without a claim this may create a workspace and a token that nothing removes: at most
-    // REGISTRATIONS_PER_MINUTE of those (before the URL's name lookup, which costs too).
-    // With one, a push URL still costs a lookup place until the resolver answers: the
-    // client's own bucket bounds those too. The client's bucket first: a client refused there
-    // uses none of the replica's.
-    if claim != Claim::Allowed || req.url.is_some() {
-        // A request without a peer came from inside the process (tests): one unknown client.
-        let peer = peer.map_or(IpAddr::from([0, 0, 0, 0]), |Extension(Peer(ip))| ip);
-        let client = client_address(peer, &headers, &st.trusted_proxies);
-        let taken = st.registrations_per_client.take(client).and_then(|()| {
-            if claim == Claim::Allowed {
-                return Ok(());
-            }
-            st.registrations.take().inspect_err(|_| {
-                st.registrations_per_client.give_back(client);
-            })
-        });
-        taken.map_err(|wait| ApiError::RegistrationRate {
-            retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
-        })?;
-    }
-    let url = callback_url(&st, &req.url).await?;
+    // REGISTRATIONS_PER_MINUTE of those (before the URL's name lookup, which costs too). A
+    // workspace's own re-registration is not counted, unless its push URL names a host: the
+    // lookup holds a place of MAX_CONCURRENT_REGISTRATION_LOOKUPS until the resolver answers,
+    // so those count against the client's bucket (the admin's never). The client's bucket
+    // first: a client refused there uses none of the replica's.
+    let admin = auth::bearer(&headers).is_some_and(|b| st.auth.is_admin(b));
+    let raw_url = non_empty(&req.url);
+    let lookup = raw_url
+        .as_deref()
+        .is_some_and(|u| st.push.policy().needs_lookup(u));
+    let counted = match claim {
+        Claim::Allowed if admin || !lookup => Counted::Nothing,
+        Claim::Allowed => Counted::Client,
+        Claim::NoBearer | Claim::Refused => Counted::ClientAndReplica,
+    };
+    // A request without a peer came from inside the process (tests): one unknown client.
+    let peer = peer.map_or(IpAddr::from([0, 0, 0, 0]), |Extension(Peer(ip))| ip);
+    let client = client_address(peer, &headers, &st.trusted_proxies);
+    take_registration(&st, client, counted)?;
+    let url = callback_url(&st, &req.url).await.inspect_err(|e| {
+        // No lookup was made: the places taken for it go back.
+        if matches!(e, ApiError::LookupCapacity) {
+            give_back_registration(&st, client, counted);
+        }
+    })?;
     let id = req.id;
     let secret = auth::new_secret();
     let outcome = st

@@ -1233,8 +1233,8 @@ async fn one_client_cannot_hold_every_connection() {
 
 /// A workspace id is its registrant's choice, and an upload's commit holds its workspace's
 /// lock. The lock's key was the XOR of the id's halves: a stranger who knew another
-/// workspace's id registered a twin folding to the same key, and each commit of the twin's
-/// (up to a 100 MiB COPY) then held the other workspace's uploads, 503 past the dependency
+/// workspace's id registered twins folding to the same key (any number do), and the other
+/// workspace's uploads then queued behind the twins' commits, 503 past the dependency
 /// timeout. Here a transaction holds the twin's lock as its commits do, through the admission
 /// function with the key the previous binary passes; the other workspace's upload goes
 /// through, and the twin's own waits (what shows the lock is held).
@@ -1295,13 +1295,7 @@ async fn a_chosen_workspace_id_cannot_share_another_workspaces_lock() {
     let started = Instant::now();
     let resp = upload_file(&svc, twin, &twin_token, "twin.txt", b"waits").await;
     let waited = started.elapsed();
-    assert_retry_later(
-        resp,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "5",
-        json!({"error": "platform datastore unavailable — retry shortly", "code": "platform_unavailable"}),
-    )
-    .await;
+    assert_platform_unavailable(resp).await;
     assert!(
         waited >= Duration::from_secs(1),
         "the lock is held: {waited:?}"

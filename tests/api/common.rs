@@ -387,6 +387,17 @@ pub async fn assert_json(resp: reqwest::Response, status: StatusCode, body: Valu
     assert_eq!(got, body);
 }
 
+/// SPEC §3's 503 while the database cannot answer.
+pub async fn assert_platform_unavailable(resp: reqwest::Response) {
+    assert_retry_later(
+        resp,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "5",
+        json!({"error": "platform datastore unavailable — retry shortly", "code": "platform_unavailable"}),
+    )
+    .await;
+}
+
 /// SPEC §10's 503 when an upload cannot be spooled.
 pub async fn assert_spool_unavailable(resp: reqwest::Response) {
     assert_retry_later(

@@ -601,12 +601,13 @@ async fn names_and_urls_are_bounded() {
 }
 
 /// A re-registration with the workspace's own token is not counted against the replica's
-/// REGISTRATIONS_PER_MINUTE, but one with a push URL costs a name lookup (a place of
-/// MAX_CONCURRENT_REGISTRATION_LOOKUPS until the resolver answers): those count against the
+/// REGISTRATIONS_PER_MINUTE, but one whose push URL names a host costs a name lookup (a place
+/// of MAX_CONCURRENT_REGISTRATION_LOOKUPS until the resolver answers): those count against the
 /// client's own REGISTRATIONS_PER_MINUTE_PER_CLIENT, so one client re-registering in a loop
-/// with slow names cannot take every lookup place.
+/// with slow names cannot take every lookup place. An address needs no lookup, and the admin
+/// is never counted.
 #[tokio::test]
-async fn reregistrations_with_a_push_url_count_against_the_client() {
+async fn reregistrations_that_look_up_a_name_count_against_the_client() {
     let app = TestApp::start_with(&["--registrations-per-minute-per-client", "2"]).await;
     let id = Uuid::new_v4();
     let resp = register(&app, json!({"id": id, "delivery_mode": "poll"}), None).await;
@@ -615,15 +616,24 @@ async fn reregistrations_with_a_push_url_count_against_the_client() {
         .as_str()
         .unwrap()
         .to_string();
-    let again = json!({"id": id, "delivery_mode": "poll"});
-    for _ in 0..3 {
-        let resp = register(&app, again.clone(), Some(&token)).await;
-        assert_eq!(resp.status(), StatusCode::OK, "no URL: not counted");
+    for url in [None, Some("http://203.0.113.5:9/hook")] {
+        for _ in 0..3 {
+            let resp = register(&app, json!({"id": id, "url": url}), Some(&token)).await;
+            assert_eq!(
+                resp.status(),
+                StatusCode::OK,
+                "no lookup ({url:?}): not counted"
+            );
+        }
     }
-    let with_url = json!({"id": id, "url": "http://203.0.113.5:9/hook"});
-    let resp = register(&app, with_url.clone(), Some(&token)).await;
+    // A name in a reserved domain: the lookup fails at once and the URL is taken (the
+    // connect-time check still applies).
+    let named = json!({"id": id, "url": "http://push.example.invalid/hook"});
+    let resp = register(&app, named.clone(), Some(&token)).await;
     assert_eq!(resp.status(), StatusCode::OK, "the client's second place");
-    let resp = register(&app, with_url, Some(&token)).await;
+    let resp = register(&app, named.clone(), Some(&token)).await;
     assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(resp.headers()["retry-after"], "30");
+    let resp = register(&app, named, Some(ADMIN)).await;
+    assert_eq!(resp.status(), StatusCode::OK, "the admin is not counted");
 }
