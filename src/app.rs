@@ -162,6 +162,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
             args.registrations_per_minute_per_client,
         ),
         trusted_proxies: args.trusted_proxies.clone(),
+        ready: Default::default(),
     });
     let router = http::router(state.clone(), &args.cors_allowed_origins);
     let sweeper = sweeper(&args.sweep, &db, &storage);

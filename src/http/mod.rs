@@ -92,6 +92,8 @@ pub struct Shared {
     pub registrations_per_client: crate::rate::PerClient,
     /// TRUSTED_PROXIES: whose X-Forwarded-For names the client.
     pub trusted_proxies: crate::networks::Networks,
+    /// /readyz's shared check.
+    pub ready: ops::ReadyCheck,
 }
 
 /// How long clients may take (SPEC §10).

@@ -1,6 +1,6 @@
 //! Operational routes: health, readiness, metrics, published limits.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::{extract::State, http::StatusCode, response::IntoResponse, Json};
 
@@ -9,6 +9,45 @@ use crate::api::{Health, Limits, Readiness};
 
 /// /readyz answers within 2 s whatever its dependencies do (SPEC §10): each check gets this.
 const READY_CHECK_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// The last readiness check, shared: /readyz needs no credential, and each check takes a
+/// pooled database connection (and an S3 call), so callers that arrive while one runs wait
+/// for its answer instead of starting their own. A flood of probes then costs the database
+/// one ping at a time, not one connection each.
+#[derive(Default)]
+pub struct ReadyCheck(tokio::sync::Mutex<Option<Checked>>);
+
+#[derive(Clone, Copy)]
+struct Checked {
+    at: Instant,
+    database: bool,
+    storage: bool,
+}
+
+impl ReadyCheck {
+    /// Whether the database and the storage answer: the result of a check that ended after
+    /// this call began (this call's own, or one that was running when it came).
+    async fn run(&self, st: &AppState) -> (bool, bool) {
+        let asked = Instant::now();
+        let mut last = self.0.lock().await;
+        if let Some(c) = last.filter(|c| c.at >= asked) {
+            return (c.database, c.storage);
+        }
+        let database = tokio::time::timeout(
+            READY_CHECK_TIMEOUT,
+            st.db.run(|c| Box::pin(crate::db::ping(c))),
+        );
+        let storage = tokio::time::timeout(READY_CHECK_TIMEOUT, st.storage.check());
+        let (database, storage) = tokio::join!(database, storage);
+        let checked = Checked {
+            at: Instant::now(),
+            database: matches!(database, Ok(Ok(()))),
+            storage: matches!(storage, Ok(Ok(()))),
+        };
+        *last = Some(checked);
+        (checked.database, checked.storage)
+    }
+}
 
 #[utoipa::path(
     get,
@@ -48,16 +87,7 @@ pub async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
         };
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body));
     }
-    let database = tokio::time::timeout(
-        READY_CHECK_TIMEOUT,
-        st.db.run(|c| Box::pin(crate::db::ping(c))),
-    );
-    let storage = tokio::time::timeout(READY_CHECK_TIMEOUT, st.storage.check());
-    let (database, storage) = tokio::join!(database, storage);
-    let (database, storage) = (
-        matches!(database, Ok(Ok(()))),
-        matches!(storage, Ok(Ok(()))),
-    );
+    let (database, storage) = st.ready.run(&st).await;
     let status = if database && storage {
         StatusCode::OK
     } else {

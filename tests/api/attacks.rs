@@ -1231,6 +1231,42 @@ async fn one_client_cannot_hold_every_connection() {
     );
 }
 
+/// /readyz needs no credential, and each probe pinged the database on a pooled connection of
+/// its own: a flood of probes took the pool (and the database's backends) from everyone else.
+/// Probes that arrive while a check runs now share its answer: 300 at once open no more
+/// connections than a few.
+#[tokio::test]
+async fn a_flood_of_readiness_probes_shares_one_check() {
+    let svc = Svc::start(&[("DATABASE_MAX_CONNECTIONS", "20")]).await;
+    let backends = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&svc.pool)
+        .await
+        .unwrap()
+    };
+    let client = reqwest::Client::new();
+    assert_eq!(
+        client.get(svc.at("/readyz")).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+    let before = backends().await;
+    let probes =
+        (0..300).map(|_| async { client.get(svc.at("/readyz")).send().await.unwrap().status() });
+    let statuses = futures::future::join_all(probes).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    let after = backends().await;
+    assert!(
+        after <= before + 2,
+        "{before} database connections before, {after} after"
+    );
+}
+
 /// A workspace id is its registrant's choice, and an upload's commit holds its workspace's
 /// lock. The lock's key was the XOR of the id's halves: a stranger who knew another
 /// workspace's id registered twins folding to the same key (any number do), and the other
