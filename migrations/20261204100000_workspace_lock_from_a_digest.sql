@@ -27,14 +27,23 @@ CREATE OR REPLACE FUNCTION pending_uploads_admit(
     OUT refused text, OUT pending_bytes bigint, OUT pending_files bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
-    session_lock_timeout text := current_setting('lock_timeout');
+    key bigint := pending_uploads_lock_key(ws);
+    wait text;
+    session_lock_timeout text;
 BEGIN
-    IF current_setting('pending_uploads.lock_wait', true) <> '' THEN
-        PERFORM set_config('lock_timeout', current_setting('pending_uploads.lock_wait'), true);
-        PERFORM pg_advisory_xact_lock(pending_uploads_lock_key(ws));
-        PERFORM set_config('lock_timeout', session_lock_timeout, true);
-    ELSE
-        PERFORM pg_advisory_xact_lock(pending_uploads_lock_key(ws));
+    -- Uncontended, the lock is taken at once and lock_timeout is not touched. The settings
+    -- are assignments rather than PERFORMs: plpgsql evaluates those without an executor of
+    -- their own, and uploads to one workspace pay this in turn, under the lock.
+    IF NOT pg_try_advisory_xact_lock(key) THEN
+        wait := current_setting('pending_uploads.lock_wait', true);
+        IF wait <> '' THEN
+            session_lock_timeout := current_setting('lock_timeout');
+            wait := set_config('lock_timeout', wait, true);
+            PERFORM pg_advisory_xact_lock(key);
+            wait := set_config('lock_timeout', session_lock_timeout, true);
+        ELSE
+            PERFORM pg_advisory_xact_lock(key);
+        END IF;
     END IF;
     -- The trigger-kept totals (committed rows), less what has expired but is not swept yet.
     SELECT GREATEST(0, COALESCE(t.unacked_bytes, 0) - COALESCE(x.b, 0))::bigint,
