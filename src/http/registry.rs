@@ -312,7 +312,6 @@ pub async fn register(
         (status = 408, description = "request body too slow", body = api::ErrorBody),
         (status = 409, description = "workspace already exists", body = api::ErrorBody),
         (status = 413, description = "body over 64 KiB", body = api::ErrorBody),
-        (status = 429, description = "REGISTRATIONS_PER_MINUTE used up on this replica, for callers without a claim on the workspace (code registration_rate, Retry-After)", body = api::ErrorBody),
         (status = 503, description = "datastore unavailable, or push URL lookups all in progress", body = api::ErrorBody),
     )
 )]
