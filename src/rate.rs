@@ -44,11 +44,10 @@ impl RateLimit {
 impl RateLimit {
     /// Returns a place taken for an event that did not happen after all.
     pub fn give_back(&self) {
-        let mut b = self
-            .state
+        self.state
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        b.tokens = (b.tokens + 1.0).min(self.per_minute as f64);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .give_back(self.per_minute);
     }
 }
 
@@ -65,6 +64,10 @@ impl Bucket {
         let refilled = now.saturating_duration_since(self.at).as_secs_f64() * per_sec;
         self.tokens = (self.tokens + refilled).min(per_minute as f64);
         self.at = now;
+    }
+
+    fn give_back(&mut self, per_minute: u64) {
+        self.tokens = (self.tokens + 1.0).min(per_minute as f64);
     }
 
     fn take(&mut self, per_minute: u64, now: Instant) -> Result<(), Duration> {
@@ -131,7 +134,7 @@ impl PerClient {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(b) = clients.buckets.get_mut(&key) {
-            b.tokens = (b.tokens + 1.0).min(self.per_minute as f64);
+            b.give_back(self.per_minute);
         }
     }
 

@@ -48,9 +48,8 @@ fn initial_mode(mode: Option<DeliveryMode>, url: Option<&str>) -> DeliveryMode {
     })
 }
 
-fn non_empty(s: &Option<String>) -> Option<String> {
-    s.as_deref()
-        .map(str::trim)
+fn non_empty(s: Option<&str>) -> Option<String> {
+    s.map(str::trim)
         .filter(|s| !s.is_empty())
         .map(str::to_string)
 }
@@ -61,8 +60,8 @@ pub const NAME_MAX_CHARS: usize = 256;
 
 /// The workspace name given, trimmed (`None` when absent or blank); 400 when longer than
 /// [`NAME_MAX_CHARS`].
-fn workspace_name(raw: Option<&String>) -> Result<Option<String>, ApiError> {
-    let name = non_empty(&raw.cloned());
+fn workspace_name(raw: Option<&str>) -> Result<Option<String>, ApiError> {
+    let name = non_empty(raw);
     if name
         .as_ref()
         .is_some_and(|n| n.chars().count() > NAME_MAX_CHARS)
@@ -77,8 +76,9 @@ fn workspace_name(raw: Option<&String>) -> Result<Option<String>, ApiError> {
 /// The push callback URL, if one is given: one the proxy may call (SPEC §4: absolute
 /// http(s), a host, no userinfo, query or fragment, no internal address unless allowed).
 /// Caught here, a bad URL is a 400 at registration instead of a failure on every upload.
-async fn callback_url(st: &AppState, url: &Option<String>) -> Result<Option<String>, ApiError> {
-    let Some(raw) = non_empty(url) else {
+/// `url` is trimmed and not blank ([`non_empty`]).
+async fn callback_url(st: &AppState, url: Option<String>) -> Result<Option<String>, ApiError> {
+    let Some(raw) = url else {
         return Ok(None);
     };
     match st.push.policy().check_registration(&raw).await {
@@ -123,7 +123,9 @@ fn registered(ws: &Workspace, token: Option<auth::NewToken>) -> Json<Registered>
 enum Claim {
     NoBearer,
     Refused,
+    /// The workspace's own token.
     Allowed,
+    Admin,
 }
 
 async fn claim(st: &AppState, headers: &HeaderMap, id: Uuid) -> Result<Claim, ApiError> {
@@ -131,7 +133,7 @@ async fn claim(st: &AppState, headers: &HeaderMap, id: Uuid) -> Result<Claim, Ap
         return Ok(Claim::NoBearer);
     };
     if st.auth.is_admin(bearer) {
-        return Ok(Claim::Allowed);
+        return Ok(Claim::Admin);
     }
     match st.auth.token_for(bearer, id).await {
         Ok(_) => Ok(Claim::Allowed),
@@ -209,7 +211,7 @@ pub async fn register(
     JsonBody(req): JsonBody<RegisterRequest>,
 ) -> Result<Json<Registered>, ApiError> {
     let mode = validate_mode(req.delivery_mode.as_deref())?;
-    let name = workspace_name(req.agent_card.as_ref().and_then(|c| c.name.as_ref()))?;
+    let name = workspace_name(req.agent_card.as_ref().and_then(|c| c.name.as_deref()))?;
     // Decided before the transaction (a token check is a query of its own); it matters
     // only if the workspace exists.
     let claim = claim(&st, &headers, req.id).await?;
@@ -219,13 +221,13 @@ pub async fn register(
     // lookup holds a place of MAX_CONCURRENT_REGISTRATION_LOOKUPS until the resolver answers,
     // so those count against the client's bucket (the admin's never). The client's bucket
     // first: a client refused there uses none of the replica's.
-    let admin = auth::bearer(&headers).is_some_and(|b| st.auth.is_admin(b));
-    let raw_url = non_empty(&req.url);
+    let raw_url = non_empty(req.url.as_deref());
     let lookup = raw_url
         .as_deref()
         .is_some_and(|u| st.push.policy().needs_lookup(u));
     let counted = match claim {
-        Claim::Allowed if admin || !lookup => Counted::Nothing,
+        Claim::Admin => Counted::Nothing,
+        Claim::Allowed if !lookup => Counted::Nothing,
         Claim::Allowed => Counted::Client,
         Claim::NoBearer | Claim::Refused => Counted::ClientAndReplica,
     };
@@ -233,7 +235,7 @@ pub async fn register(
     let peer = peer.map_or(IpAddr::from([0, 0, 0, 0]), |Extension(Peer(ip))| ip);
     let client = client_address(peer, &headers, &st.trusted_proxies);
     take_registration(&st, client, counted)?;
-    let url = callback_url(&st, &req.url).await.inspect_err(|e| {
+    let url = callback_url(&st, raw_url).await.inspect_err(|e| {
         // No lookup was made: the places taken for it go back.
         if matches!(e, ApiError::LookupCapacity) {
             give_back_registration(&st, client, counted);
@@ -271,7 +273,7 @@ pub async fn register(
                 }
                 // An existing workspace is changed only by its own token or the admin's, even
                 // when all its tokens are revoked: knowing an id is no claim on it.
-                if claim != Claim::Allowed {
+                if !matches!(claim, Claim::Allowed | Claim::Admin) {
                     return Ok(Registration::Unauthorized(claim));
                 }
                 let ws = db::workspaces::update(
@@ -320,10 +322,10 @@ pub async fn create(
     _: Admin,
     JsonBody(req): JsonBody<CreateWorkspaceRequest>,
 ) -> Result<Json<Registered>, ApiError> {
-    let name = workspace_name(req.name.as_ref())?
+    let name = workspace_name(req.name.as_deref())?
         .ok_or_else(|| ApiError::BadRequest("name is required".into()))?;
     let mode = validate_mode(req.delivery_mode.as_deref())?;
-    let url = callback_url(&st, &req.url).await?;
+    let url = callback_url(&st, non_empty(req.url.as_deref())).await?;
     let id = req.id.unwrap_or_else(Uuid::new_v4);
     let secret = auth::new_secret();
     let created = st
