@@ -142,12 +142,13 @@ pub struct SpoolWriter {
 /// When a spooled file's sha256 is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hashing {
-    /// As its bytes arrive: an S3 PUT sends the digest before the bytes.
+    /// As its bytes arrive (the backfill's copy, checked against its row before its PUT).
     OnReceive,
     /// As its bytes arrive while they are in memory; once they go to a file, when the file is
-    /// read back ([`Spool::sha256`]). A COPY into Postgres sends the digest after the bytes,
-    /// so hashing a large file holds up nothing: it is not in the receive (here 20 MiB
-    /// took 31-34 ms to receive with it, 18-20 without), and the COPY waits on Postgres.
+    /// read back ([`Spool::sha256`]) by the COPY into Postgres (which sends the digest after
+    /// the bytes) or the S3 PUT (whose transfer the SDK's CRC32 trailer checks). Hashing a
+    /// large file then holds up nothing: it is not in the receive (here 20 MiB took 31-34 ms
+    /// to receive with it, 18-20 without), and the write waits on its backend.
     OnReadBack,
 }
 

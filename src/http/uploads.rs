@@ -19,6 +19,7 @@ use crate::{
     metrics::metrics,
     multipart::{self, Multipart},
     slots::{self, Slot},
+    spool::Hashing,
     staging::{self, RequestLimits},
 };
 
@@ -177,7 +178,9 @@ async fn stage(
         max_filename_chars: st.limits.max_filename_chars,
     };
     let memory = st.spool_memory.reserve(body.declared_length());
-    let hashing = st.storage.hashing();
+    // A file on disk is hashed as the COPY or the PUT reads it back, not while it arrives:
+    // the receive is what SPEC §10 keeps apart from the write, so time taken from it is saved.
+    let hashing = Hashing::OnReadBack;
     let cut = body.cut_flag();
     let mut parts = Multipart::new(body, &boundary, multipart::Limits::default());
     let files = match staging::receive(&mut parts, &limits, &st.spool_dir, memory, hashing).await {

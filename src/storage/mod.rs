@@ -16,7 +16,7 @@ use crate::{
     config::BackendMode,
     db::DbError,
     digest, metrics,
-    spool::{Hashing, MemoryBudget, Spool, SpoolWriter, READ_CHUNK},
+    spool::{MemoryBudget, Spool, SpoolWriter, READ_CHUNK},
 };
 
 pub use bytea::ByteaBackend;
@@ -104,15 +104,6 @@ impl Storage {
         self.mode
     }
 
-    /// When an upload's spooled files are hashed: a PUT sends the digest before the bytes, a
-    /// COPY after them.
-    pub fn hashing(&self) -> Hashing {
-        match self.mode {
-            BackendMode::Bytea => Hashing::OnReadBack,
-            BackendMode::Dual | BackendMode::S3 => Hashing::OnReceive,
-        }
-    }
-
     pub fn s3(&self) -> Option<&S3Backend> {
         self.s3.as_deref()
     }
@@ -137,6 +128,9 @@ impl Storage {
                 let s3 = self.s3_or_err()?;
                 let key = s3.key_for(workspace_id, file_id);
                 metrics::storage_op("s3", "put", s3.put_key(&key, spool)).await?;
+                // Recorded by the PUT as it read the file back; were it not, read now, before
+                // the row's transaction holds a connection.
+                spool.sha256().await?;
                 Some(key)
             }
         };

@@ -16,6 +16,7 @@ use aws_sdk_s3::{
     config::{RequestChecksumCalculation, ResponseChecksumValidation},
     error::{DisplayErrorContext, SdkError},
     primitives::ByteStream,
+    types::ChecksumAlgorithm,
     Client,
 };
 use aws_smithy_types::{body::SdkBody, timeout::TimeoutConfig};
@@ -27,6 +28,7 @@ use uuid::Uuid;
 use super::{with_idle_timeout, ByteRange, ByteStream as OurStream, Location, StorageError};
 use crate::{
     config::{S3Checksum, StorageArgs},
+    digest::Digester,
     metrics,
     spool::Spool,
 };
@@ -184,11 +186,23 @@ impl S3Backend {
     /// (positional reads), and a watchdog cancels the PUT when the server takes no byte it
     /// had not taken before for the dependency timeout: a frozen server costs a request that
     /// long, not forever, and a retry re-sending old bytes is no progress.
+    ///
+    /// A spool whose digest is not known yet (a file on disk, [`Hashing::OnReadBack`]) is
+    /// hashed as the PUT reads it back, so the receive does not wait on SHA-256: with optional
+    /// checksums on, by the SDK into a trailer that the server checks and echoes in its
+    /// answer; with them off, here, recorded once an attempt has read the last byte. A server
+    /// that echoes none leaves the digest to be read back ([`Storage::put`]).
+    ///
+    /// [`Hashing::OnReadBack`]: crate::spool::Hashing::OnReadBack
+    /// [`Storage::put`]: super::Storage::put
     pub async fn put_key(&self, key: &str, spool: &Spool) -> Result<(), StorageError> {
+        let known = spool.known_sha256();
         let sha256 = match self.send_sha256 {
-            true => Some(STANDARD.encode(spool.sha256().await?)),
+            true => known.map(|d| STANDARD.encode(d)),
             false => None,
         };
+        let trailer = (self.send_sha256 && known.is_none()).then_some(ChecksumAlgorithm::Sha256);
+        let hash_here = known.is_none() && !self.send_sha256;
         let started = Instant::now();
         // (furthest byte sent in any attempt, when that was first reached in ms)
         let progress = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
@@ -198,6 +212,8 @@ impl S3Backend {
             SdkBody::retryable(move || {
                 let progress = progress.clone();
                 let mut offset = 0u64;
+                let mut digest = hash_here.then(Digester::default);
+                let read = spool.clone();
                 let frames = spool.chunks().map(move |chunk| {
                     if let Ok(c) = &chunk {
                         offset += c.len() as u64;
@@ -205,6 +221,16 @@ impl S3Backend {
                             progress
                                 .1
                                 .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+                        }
+                        if let Some(d) = digest.as_mut() {
+                            d.update(c);
+                        }
+                        // At the last byte, not at the stream's end: a sender that has
+                        // Content-Length bytes need not ask for more.
+                        if offset == read.size {
+                            if let Some(d) = digest.take() {
+                                read.record_sha256(d.finish());
+                            }
                         }
                     }
                     chunk.map(http_body::Frame::data)
@@ -218,11 +244,12 @@ impl S3Backend {
             .bucket(&self.bucket)
             .key(key)
             .content_length(spool.size as i64)
-            // The digest taken as the bytes arrived: the server checks the object against it
-            // (end to end, spool to bucket), and the SDK, given a checksum, computes none of
-            // its own, so the body goes as a plain PUT rather than aws-chunked with a CRC32
-            // trailer.
+            // The server checks the object against a digest (end to end, spool to bucket):
+            // one known before the PUT goes as a header, and the SDK, given a checksum,
+            // computes none of its own, so the body goes as a plain PUT; otherwise the SDK's
+            // own, as a trailer (aws-chunked).
             .set_checksum_sha256(sha256)
+            .set_checksum_algorithm(trailer)
             .body(ByteStream::new(body))
             .customize()
             .config_override(
@@ -247,7 +274,11 @@ impl S3Backend {
         };
         tokio::select! {
             sent = put => {
-                sent.map_err(unavailable)?;
+                let out = sent.map_err(unavailable)?;
+                let echoed = out.checksum_sha256().and_then(|d| STANDARD.decode(d).ok());
+                if let (None, Some(Ok(digest))) = (known, echoed.map(<[u8; 32]>::try_from)) {
+                    spool.record_sha256(digest);
+                }
                 Ok(())
             }
             () = watchdog => Err(StorageError::Unavailable(format!(

@@ -161,52 +161,69 @@ async fn s3_and_dual_modes_end_to_end() {
     }
 }
 
-/// A PUT carries the SHA-256 the service took as the bytes arrived (`x-amz-checksum-sha256`,
-/// no CRC32 trailer), and the server checks the object against it: the object's stored
-/// checksum is that digest. With `--s3-checksum when-required` nothing optional is sent.
+/// Every object carries its SHA-256 and the server checks it: a file held in memory, hashed
+/// as it arrived, sends it as a header (`x-amz-checksum-sha256`, no CRC32 trailer); a file on
+/// disk is hashed as the PUT reads it back, by the SDK into a trailer that the server echoes.
+/// With `--s3-checksum when-required` nothing optional is sent and the service hashes the file
+/// itself on the way. Either way the row records the digest of the bytes.
 #[tokio::test]
-async fn objects_are_put_with_the_digest_taken_as_the_bytes_arrived() {
+async fn objects_are_put_with_their_sha256() {
     use base64::{engine::general_purpose::STANDARD, Engine};
     let (endpoint, bucket) = s3_endpoint();
-    let prefix = test_prefix();
-    let app = TestApp::start_s3(fresh_db().await, "s3", &prefix).await;
-    let (ws, token) = app.poll_workspace().await;
-    let small = bytes(1000, 8);
-    let big = bytes(2 * 1024 * 1024 + 5, 9);
-    let out = app
-        .upload_ok(
-            ws,
-            &token,
-            &[
-                ("small.bin", "application/octet-stream", small.clone()),
-                ("big.bin", "application/octet-stream", big.clone()),
-            ],
-        )
-        .await;
-    let optional = std::env::var("TEST_S3_CHECKSUM").map_or(true, |c| c != "when-required");
-    for (entry, data) in out.iter().zip([small, big]) {
-        let (_, key) = row_placement(&app, file_id(entry)).await;
-        let head = s3_client(&endpoint)
-            .head_object()
-            .bucket(&bucket)
-            .key(key.unwrap())
-            .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
-            .send()
-            .await
-            .unwrap();
-        let digest = STANDARD.encode(Sha256::digest(&data));
-        assert_eq!(
-            head.checksum_sha256(),
-            optional.then_some(digest.as_str()),
-            "{entry}"
-        );
-        assert_eq!(
-            head.checksum_crc32(),
-            None,
-            "no CRC32 of the SDK's own: {entry}"
-        );
+    for checksum in ["when-supported", "when-required"] {
+        let prefix = test_prefix();
+        let mut flags = s3_flags("s3", &prefix, &endpoint);
+        // This test sets it, whatever TEST_S3_CHECKSUM says (added last by `s3_flags`).
+        if let Some(at) = flags.iter().position(|f| f == "--s3-checksum") {
+            flags.truncate(at);
+        }
+        flags.extend(["--s3-checksum".to_string(), checksum.to_string()]);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let app = TestApp::start_on(fresh_db().await, &flags).await;
+        let (ws, token) = app.poll_workspace().await;
+        // One request each: the small one fits the request's spool memory, the big one not.
+        let small = bytes(1000, 8);
+        let big = bytes(2 * 1024 * 1024 + 5, 9);
+        for (name, data) in [("small.bin", small), ("big.bin", big)] {
+            let out = app
+                .upload_ok(
+                    ws,
+                    &token,
+                    &[(name, "application/octet-stream", data.clone())],
+                )
+                .await;
+            let fid = file_id(&out[0]);
+            let (_, key) = row_placement(&app, fid).await;
+            let head = s3_client(&endpoint)
+                .head_object()
+                .bucket(&bucket)
+                .key(key.unwrap())
+                .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
+                .send()
+                .await
+                .unwrap();
+            let digest = Sha256::digest(&data);
+            let sent = (checksum == "when-supported").then(|| STANDARD.encode(digest));
+            assert_eq!(
+                head.checksum_sha256(),
+                sent.as_deref(),
+                "{checksum}: {name}"
+            );
+            assert_eq!(
+                head.checksum_crc32(),
+                None,
+                "no CRC32 of the SDK's own: {checksum}: {name}"
+            );
+            let (recorded,): (Vec<u8>,) =
+                sqlx::query_as("SELECT content_sha256 FROM pending_uploads WHERE file_id = $1")
+                    .bind(fid)
+                    .fetch_one(&app.pool)
+                    .await
+                    .unwrap();
+            assert_eq!(recorded, digest.to_vec(), "{checksum}: {name}");
+        }
+        sweep_all_and_assert_bucket_empty(&app).await;
     }
-    sweep_all_and_assert_bucket_empty(&app).await;
 }
 
 /// In S3 mode a row carries no bytes, so its statement gets `DEPENDENCY_TIMEOUT` whatever the
