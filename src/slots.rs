@@ -50,6 +50,16 @@ impl Slots {
         }
     }
 
+    /// Whether [`acquire`](Self::acquire) would refuse this workspace now: a request that
+    /// is to be refused skips work it would have done before asking (a moment later the
+    /// answer may differ; `acquire` decides).
+    pub fn would_refuse(&self, workspace_id: Uuid) -> bool {
+        let full = self.held.lock().map_or(true, |held| {
+            held.get(&workspace_id) >= Some(&self.per_workspace)
+        });
+        full || self.replica.available_permits() == 0
+    }
+
     pub fn acquire(&self, workspace_id: Uuid) -> Result<Slot, Refused> {
         {
             let mut held = self.held.lock().map_err(|_| Refused::Replica)?;
@@ -108,11 +118,15 @@ mod tests {
         let slots = Slots::new(3, 2, &crate::metrics::metrics().uploads_in_progress);
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         let a1 = slots.acquire(a).unwrap();
+        assert!(!slots.would_refuse(a));
         let _a2 = slots.acquire(a).unwrap();
+        assert!(slots.would_refuse(a) && !slots.would_refuse(b));
         assert_eq!(slots.acquire(a).err(), Some(Refused::Workspace));
         let _b1 = slots.acquire(b).unwrap();
+        assert!(slots.would_refuse(b));
         assert_eq!(slots.acquire(b).err(), Some(Refused::Replica));
         drop(a1);
+        assert!(!slots.would_refuse(a) && !slots.would_refuse(b));
         let _b2 = slots.acquire(b).unwrap();
         assert_eq!(slots.held.lock().unwrap().len(), 2);
         drop(_b2);

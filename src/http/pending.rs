@@ -236,10 +236,12 @@ pub async fn content(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     // Without a Range the first slice comes with the row (a small file: whole); a browser
-    // revalidating its copy (If-None-Match) most likely needs no bytes at all.
+    // revalidating its copy (If-None-Match) most likely needs no bytes at all, and a
+    // workspace with no download slot free gets its 429 without them.
     let conditional =
         headers.contains_key(header::RANGE) || headers.contains_key(header::IF_NONE_MATCH);
-    let head = (!conditional).then_some(READ_CHUNK);
+    let refused = st.download_slots.would_refuse(who.workspace_id);
+    let head = (!conditional && !refused).then_some(READ_CHUNK);
     let (row, head) = find(&st, who, file_id, head).await?;
     if none_match_fails(&headers, &row) {
         return Ok(not_modified(&row));
