@@ -98,6 +98,8 @@ pub struct Multipart<S> {
     state: State,
     eof: bool,
     limits: Limits,
+    /// Bytes taken from the body so far.
+    received: u64,
 }
 
 impl<S, E> Multipart<S>
@@ -119,6 +121,7 @@ where
             state: State::Preamble { skipped: 0 },
             eof: false,
             limits,
+            received: 0,
         }
     }
 
@@ -131,7 +134,10 @@ where
         loop {
             match self.stream.next().await {
                 Some(Ok(chunk)) if chunk.is_empty() => continue,
-                Some(Ok(chunk)) => return Ok(Some(chunk)),
+                Some(Ok(chunk)) => {
+                    self.received += chunk.len() as u64;
+                    return Ok(Some(chunk));
+                }
                 Some(Err(e)) => return Err(MultipartError::Body(e.into())),
                 None => {
                     self.eof = true;
@@ -256,6 +262,20 @@ where
         let head = parse_head(&block)?;
         self.state = State::Data;
         Ok(head)
+    }
+
+    /// The size of the part whose head [`next_part`](Self::next_part) just returned, were it
+    /// the last one and the body, `body_len` bytes long, ended the way clients end it (the
+    /// closing delimiter and CRLF): a guess, to be checked against the part's end. `None`
+    /// once its data has been read from, or when the body could not hold even that.
+    pub fn last_part_size(&self, body_len: u64) -> Option<u64> {
+        if self.state != State::Data {
+            return None;
+        }
+        // The buffer holds the last bytes received, from the data's start on.
+        let data_at = self.received.checked_sub(self.buf.len() as u64)?;
+        let closing = self.delimiter.len() as u64 + b"--\r\n".len() as u64;
+        body_len.checked_sub(data_at)?.checked_sub(closing)
     }
 
     /// Reads and discards the rest of the body (its own caps and deadlines bound this), so
@@ -634,6 +654,36 @@ mod tests {
         ) {
             let limits = Limits { max_preamble: 64, max_part_header: 64 };
             let _ = parse_all(split(&raw, &sizes), "b", limits);
+        }
+
+        /// The size foreseen from the body's length right after a part's head is the last
+        /// part's exactly, and never an earlier part's.
+        #[test]
+        fn the_last_parts_size_is_foreseen(
+            datas in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 1..4),
+            sizes in proptest::collection::vec(1usize..300, 1..40),
+        ) {
+            let b = "Zq1-boundary";
+            let parts: Vec<(&str, Option<&str>, &[u8])> =
+                datas.iter().map(|d| ("files", Some("f.bin"), d.as_slice())).collect();
+            let raw = body(b, &parts);
+            let delim_inside = datas.iter().any(|d| memmem::find(d, b"\r\n--Zq1-boundary").is_some());
+            prop_assume!(!delim_inside);
+            let foreseen = futures::executor::block_on(async {
+                let chunks = split(&raw, &sizes);
+                let mut mp = Multipart::new(futures::stream::iter(chunks), b, Limits::default());
+                let mut foreseen = Vec::new();
+                while mp.next_part().await.unwrap().is_some() {
+                    foreseen.push(mp.last_part_size(raw.len() as u64));
+                    while mp.next_chunk().await.unwrap().is_some() {}
+                    prop_assert_eq!(mp.last_part_size(raw.len() as u64), None);
+                }
+                Ok(foreseen)
+            })?;
+            let last = datas.len() - 1;
+            for (i, (guess, data)) in foreseen.iter().zip(&datas).enumerate() {
+                prop_assert_eq!(*guess == Some(data.len() as u64), i == last);
+            }
         }
 
         /// Well-formed bodies with arbitrary part data round-trip exactly, however split.

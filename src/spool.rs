@@ -20,7 +20,7 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::{digest::Digester, metrics::metrics};
 
@@ -114,6 +114,11 @@ impl MemoryBudget {
         }
     }
 
+    /// Nothing is left: files go to disk from their first byte.
+    pub fn is_empty(&self) -> bool {
+        self.left == 0
+    }
+
     /// Takes what a finished file holds in memory out of what is left.
     pub fn spend(&mut self, spool: &Spool) {
         self.left -= spool.memory_bytes();
@@ -137,6 +142,10 @@ pub struct SpoolWriter {
     held: Option<Bytes>,
     job: Job,
     hashing: Hashing,
+    /// Shared with the finished [`Spool`] and with a [`Tail`] that records it.
+    sha256: Arc<OnceLock<[u8; 32]>>,
+    /// Told what the file holds, for a [`Tail`] ([`SpoolWriter::followed`]).
+    written: Option<Arc<watch::Sender<Written>>>,
 }
 
 /// When a spooled file's sha256 is computed.
@@ -184,7 +193,26 @@ impl SpoolWriter {
                 spare: Vec::new(),
             },
             hashing: Hashing::OnReceive,
+            sha256: Arc::new(OnceLock::new()),
+            written: None,
         }
+    }
+
+    /// A spool on disk from its first byte whose file a [`Tail`] reads while it is written,
+    /// for a file expected to be `size` bytes long.
+    pub fn followed(dir: &Path, size: u64) -> io::Result<(Self, Tail)> {
+        let file = Arc::new(tempfile::tempfile_in(dir)?);
+        let (tx, rx) = watch::channel(Written::default());
+        let mut writer = Self::create(dir, MemoryBudget::default());
+        writer.file = Some(file.clone());
+        writer.written = Some(Arc::new(tx));
+        let tail = Tail {
+            file,
+            written: rx,
+            sha256: writer.sha256.clone(),
+            size,
+        };
+        Ok((writer, tail))
     }
 
     /// The same writer, hashing as `hashing` says.
@@ -252,12 +280,16 @@ impl SpoolWriter {
         let (held, offset) = (self.held.take(), self.offset);
         self.offset += batch.len() as u64;
         let hash = self.hashing == Hashing::OnReceive;
+        let told = self.written.clone();
         self.job = Job::Busy(tokio::task::spawn_blocking(move || {
             let written = match held {
                 Some(held) => file.write_all_at(&held, 0),
                 None => Ok(()),
             }
             .and_then(|()| file.write_all_at(&batch, offset));
+            if let (Some(told), Ok(())) = (&told, &written) {
+                told.send_modify(|w| w.bytes = offset + batch.len() as u64);
+            }
             if hash {
                 digest.update(&batch);
             }
@@ -288,9 +320,12 @@ impl SpoolWriter {
     pub async fn finish(mut self) -> io::Result<Spool> {
         self.dispatch().await?;
         let (digest, _) = self.settle().await?;
-        let sha256 = Arc::new(OnceLock::new());
+        let sha256 = self.sha256.clone();
         if self.file.is_none() || self.hashing == Hashing::OnReceive {
             let _ = sha256.set(digest.finish());
+        }
+        if let Some(told) = &self.written {
+            told.send_modify(|w| w.end = Some(self.len));
         }
         let backing = match self.file {
             Some(file) => Backing::File(file),
@@ -309,6 +344,113 @@ impl SpoolWriter {
             size: self.len,
             sha256,
         })
+    }
+}
+
+/// What a followed spool's file holds so far.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Written {
+    /// Bytes written to the file.
+    bytes: u64,
+    /// The file's size, once the writer finished.
+    end: Option<u64>,
+}
+
+/// Reads a spool's file while it is written ([`SpoolWriter::followed`]): an S3 PUT that
+/// starts with the receive, instead of after it.
+#[derive(Clone)]
+pub struct Tail {
+    file: Arc<File>,
+    written: watch::Receiver<Written>,
+    sha256: Arc<OnceLock<[u8; 32]>>,
+    /// The size the file is expected to have.
+    pub size: u64,
+}
+
+impl Tail {
+    /// The file's bytes from the start, as they are written. The last byte comes only once
+    /// the writer finished at exactly [`size`](Self::size), so a reader that took `size`
+    /// bytes has the whole file; the stream fails when the writer failed, went, or finished
+    /// at another size. `waiting` is told when the reader starts and stops waiting on the
+    /// writer.
+    pub fn chunks(
+        &self,
+        waiting: Arc<dyn Fn(bool) + Send + Sync>,
+    ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        let (file, size) = (self.file.clone(), self.size);
+        let start = (0u64, self.written.clone(), Buffers::default());
+        futures::stream::try_unfold(start, move |(at, mut written, buffers)| {
+            let (file, waiting) = (file.clone(), waiting.clone());
+            async move {
+                let Some(until) = next_ready(at, size, &mut written, &*waiting).await? else {
+                    return Ok(None);
+                };
+                let len = READ_CHUNK.min((until - at) as usize);
+                let mut buf = buffers.take();
+                let buf = tokio::task::spawn_blocking(move || {
+                    file.read_exact_at(&mut buf[..len], at)?;
+                    Ok::<_, io::Error>(buf)
+                })
+                .await
+                .map_err(io::Error::other)??;
+                let chunk = Bytes::from_owner(Chunk {
+                    buf,
+                    len,
+                    home: buffers.clone(),
+                });
+                Ok(Some((chunk, (at + len as u64, written, buffers))))
+            }
+        })
+    }
+
+    /// Records the file's digest, computed by its reader.
+    pub fn record_sha256(&self, sha256: [u8; 32]) {
+        let _ = self.sha256.set(sha256);
+    }
+
+    pub fn sha256_known(&self) -> bool {
+        self.sha256.get().is_some()
+    }
+}
+
+/// How far a [`Tail`] reader at `at` may read: `None` at the end, an error when the file will
+/// not be what was expected.
+async fn next_ready(
+    at: u64,
+    size: u64,
+    written: &mut watch::Receiver<Written>,
+    waiting: &(dyn Fn(bool) + Send + Sync),
+) -> io::Result<Option<u64>> {
+    if at == size {
+        return Ok(None);
+    }
+    let mut wait = false;
+    loop {
+        let now = *written.borrow_and_update();
+        match now.end {
+            Some(end) if end == size => return Ok(Some(size)),
+            Some(end) => {
+                return Err(io::Error::other(format!(
+                    "the file is {end} bytes, not the {size} foreseen"
+                )))
+            }
+            None => {}
+        }
+        // Held back: the last byte, until the file is known to end there.
+        let until = now.bytes.min(size - 1);
+        if until > at {
+            if wait {
+                waiting(false);
+            }
+            return Ok(Some(until));
+        }
+        if !wait {
+            waiting(true);
+            wait = true;
+        }
+        if written.changed().await.is_err() && written.borrow().end.is_none() {
+            return Err(io::Error::other("the spool was not finished"));
+        }
     }
 }
 

@@ -29,7 +29,7 @@ use crate::{
     sanitize::sanitize,
     slots::Slot,
     spool::{Hashing, MemoryBudget, Spool, SpoolWriter},
-    storage::{Location, Storage, StorageError},
+    storage::{FollowedPut, Location, Storage, StorageError},
 };
 
 /// Why an upload was not staged.
@@ -97,6 +97,17 @@ pub struct Received {
     pub name: String,
     pub mimetype: String,
     pub spool: Spool,
+    /// Its S3 PUT, when one started with the receive.
+    pub followed: Option<FollowedPut>,
+}
+
+/// Where a request's last file may be written while it arrives ([`Storage::follow`]): a
+/// body of known length whose files go to disk, for a mode that writes to S3.
+pub struct Follow<'a> {
+    pub storage: &'a Storage,
+    pub workspace_id: Uuid,
+    /// The body's Content-Length.
+    pub body_len: u64,
 }
 
 /// Phase 1: parses the body, spooling every `files` part. On error the body may still have
@@ -107,6 +118,7 @@ pub async fn receive<S, E>(
     spool_dir: &Path,
     mut memory: MemoryBudget,
     hashing: Hashing,
+    follow: Option<Follow<'_>>,
 ) -> Result<Vec<Received>, StagingError>
 where
     S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
@@ -135,7 +147,19 @@ where
             return Err(StagingError::TooManyFiles(limits.max_files));
         }
         let mimetype = reduce_mimetype(head.content_type.as_deref());
-        let writer = SpoolWriter::create(spool_dir, memory.clone()).hashing(hashing);
+        // The size this part has if it is the last: its PUT can start now. A guess that turns
+        // out wrong (a file before another) stops that PUT, and the file is put after.
+        let foreseen = follow
+            .as_ref()
+            .filter(|_| memory.is_empty())
+            .and_then(|f| Some((f, multipart.last_part_size(f.body_len)?)))
+            .filter(|&(_, size)| size > 0 && size <= limits.max_file_bytes);
+        let (writer, followed) =
+            match foreseen.map(|(f, size)| (f, SpoolWriter::followed(spool_dir, size))) {
+                Some((f, Ok((writer, tail)))) => (writer, f.storage.follow(f.workspace_id, tail)),
+                _ => (SpoolWriter::create(spool_dir, memory.clone()), None),
+            };
+        let writer = writer.hashing(hashing);
         let spool = spool_part(multipart, writer, &original, limits.max_file_bytes).await?;
         memory.spend(&spool);
         files.push(Received {
@@ -143,6 +167,7 @@ where
             original,
             mimetype,
             spool,
+            followed,
         });
     }
     if files.is_empty() {
@@ -259,13 +284,18 @@ impl Stager {
     async fn commit_now(
         &self,
         workspace_id: Uuid,
-        files: Vec<Received>,
+        mut files: Vec<Received>,
     ) -> Result<Vec<UploadReceived>, StagingError> {
         // Objects before the transaction: no connection waits on S3.
         let mut placed: Vec<Location> = Vec::with_capacity(files.len());
-        for f in &files {
-            let file_id = Uuid::new_v4();
-            match self.storage.put(workspace_id, file_id, &f.spool).await {
+        for f in &mut files {
+            let followed = f.followed.take();
+            let file_id = followed.as_ref().map_or_else(Uuid::new_v4, |p| p.file_id);
+            match self
+                .storage
+                .put(workspace_id, file_id, &f.spool, followed)
+                .await
+            {
                 Ok(p) => placed.push(p),
                 Err(e) => {
                     self.discard(&placed).await;

@@ -177,13 +177,22 @@ async fn stage(
         max_file_bytes: st.limits.max_file_bytes,
         max_filename_chars: st.limits.max_filename_chars,
     };
-    let memory = st.spool_memory.reserve(body.declared_length());
+    let body_len = body.declared_length();
+    let memory = st.spool_memory.reserve(body_len);
     // A file on disk is hashed as the COPY or the PUT reads it back, not while it arrives:
     // the receive is what SPEC §10 keeps apart from the write, so time taken from it is saved.
     let hashing = Hashing::OnReadBack;
     let cut = body.cut_flag();
     let mut parts = Multipart::new(body, &boundary, multipart::Limits::default());
-    let files = match staging::receive(&mut parts, &limits, &st.spool_dir, memory, hashing).await {
+    let follow = body_len
+        .filter(|_| st.storage.writes_s3())
+        .map(|body_len| staging::Follow {
+            storage: &st.storage,
+            workspace_id: ws.id,
+            body_len,
+        });
+    let received = staging::receive(&mut parts, &limits, &st.spool_dir, memory, hashing, follow);
+    let files = match received.await {
         Ok(files) => files,
         Err(e) => {
             if cut.get().is_none() {

@@ -6,7 +6,12 @@
 pub mod bytea;
 pub mod s3;
 
-use std::{io, path::Path, sync::Arc, time::Duration};
+use std::{
+    io,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use futures::{stream::BoxStream, Stream, StreamExt, TryStreamExt};
@@ -16,11 +21,11 @@ use crate::{
     config::BackendMode,
     db::DbError,
     digest, metrics,
-    spool::{MemoryBudget, Spool, SpoolWriter, READ_CHUNK},
+    spool::{MemoryBudget, Spool, SpoolWriter, Tail, READ_CHUNK},
 };
 
 pub use bytea::ByteaBackend;
-pub use s3::{ListedObject, S3Backend};
+pub use s3::{ListedObject, PutFailure, S3Backend};
 
 pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
 
@@ -74,6 +79,60 @@ impl ByteRange {
     }
 }
 
+/// The S3 PUT of a file that started with its receive ([`Storage::follow`]). Dropped before
+/// [`Storage::put`] took its outcome (the receive failed, the client went), it is stopped,
+/// and an object it wrote all the same is deleted: a refused upload leaves nothing.
+pub struct FollowedPut {
+    pub file_id: Uuid,
+    key: String,
+    s3: Arc<S3Backend>,
+    started: Instant,
+    task: Option<tokio::task::JoinHandle<Result<(), PutFailure>>>,
+}
+
+impl FollowedPut {
+    /// Whether the object is written; an error when the server stalled (its PUT would too).
+    async fn outcome(mut self) -> Result<bool, StorageError> {
+        let Some(task) = self.task.take() else {
+            return Ok(false);
+        };
+        let failed = match task.await {
+            Ok(Ok(())) => {
+                metrics::storage_observed("s3", "put", self.started, true);
+                return Ok(true);
+            }
+            Ok(Err(failed)) => failed,
+            Err(e) => PutFailure {
+                error: StorageError::Unavailable(e.to_string()),
+                stalled: false,
+            },
+        };
+        if failed.stalled {
+            metrics::storage_observed("s3", "put", self.started, false);
+            return Err(failed.error);
+        }
+        // Most often a request whose last part was not the size its length foretold (a file
+        // before another): not the server's failure, so not counted as one.
+        tracing::debug!(key = %self.key, error = %failed.error, "PUT alongside the receive failed: put again");
+        Ok(false)
+    }
+}
+
+impl Drop for FollowedPut {
+    fn drop(&mut self) {
+        let Some(task) = self.task.take() else { return };
+        task.abort();
+        let (s3, key) = (self.s3.clone(), std::mem::take(&mut self.key));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Ok(Ok(())) = task.await {
+                    let _ = metrics::storage_op("s3", "delete", s3.delete_key(&key)).await;
+                }
+            });
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Storage {
     mode: BackendMode,
@@ -113,21 +172,58 @@ impl Storage {
             .ok_or_else(|| StorageError::Unavailable("no S3 bucket configured".into()))
     }
 
+    /// Whether new bytes go to S3 (where a PUT can follow the receive: [`Storage::follow`]).
+    pub fn writes_s3(&self) -> bool {
+        self.mode != BackendMode::Bytea && self.s3.is_some()
+    }
+
+    /// Starts the S3 PUT of a file while it is still being received (its spool followed by
+    /// `tail`), when the mode writes to S3: the PUT then ends soon after the receive rather
+    /// than starting there. [`Storage::put`] takes its outcome.
+    pub fn follow(&self, workspace_id: Uuid, tail: Tail) -> Option<FollowedPut> {
+        if self.mode == BackendMode::Bytea {
+            return None;
+        }
+        let s3 = self.s3.clone()?;
+        let file_id = Uuid::new_v4();
+        let key = s3.key_for(workspace_id, file_id);
+        let task = {
+            let (s3, key) = (s3.clone(), key.clone());
+            tokio::spawn(async move { s3.put_followed(&key, &tail).await })
+        };
+        Some(FollowedPut {
+            file_id,
+            key,
+            s3,
+            started: Instant::now(),
+            task: Some(task),
+        })
+    }
+
     /// Writes a spooled file wherever the mode sends new bytes, before its row exists (S3
     /// first in dual mode); returns what the row must record. Inline bytes are written with
-    /// the row itself (`db::uploads::insert` streams them from the spool).
+    /// the row itself (`db::uploads::insert` streams them from the spool). A file whose PUT
+    /// followed its receive (`followed`, whose file id the caller passes) is written once
+    /// that PUT is; a PUT that failed for another reason than a stalled server is made again.
     pub async fn put(
         &self,
         workspace_id: Uuid,
         file_id: Uuid,
         spool: &Spool,
+        followed: Option<FollowedPut>,
     ) -> Result<Location, StorageError> {
         let s3_key = match self.mode {
             BackendMode::Bytea => None,
             BackendMode::Dual | BackendMode::S3 => {
                 let s3 = self.s3_or_err()?;
                 let key = s3.key_for(workspace_id, file_id);
-                metrics::storage_op("s3", "put", s3.put_key(&key, spool)).await?;
+                let written = match followed {
+                    Some(followed) => followed.outcome().await?,
+                    None => false,
+                };
+                if !written {
+                    metrics::storage_op("s3", "put", s3.put_key(&key, spool)).await?;
+                }
                 // Recorded by the PUT as it read the file back; were it not, read now, before
                 // the row's transaction holds a connection.
                 spool.sha256().await?;

@@ -6,7 +6,7 @@
 use std::{
     io,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -30,7 +30,7 @@ use crate::{
     config::{S3Checksum, StorageArgs},
     digest::Digester,
     metrics,
-    spool::Spool,
+    spool::{Spool, Tail},
 };
 
 /// S3's own maximum number of keys per ListObjectsV2 page.
@@ -50,6 +50,103 @@ pub struct S3Backend {
 pub struct ListedObject {
     pub key: String,
     pub last_modified: Option<DateTime<Utc>>,
+}
+
+/// A PUT that failed; `stalled` when the server took no bytes for the dependency timeout
+/// while it had bytes to take.
+#[derive(Debug)]
+pub struct PutFailure {
+    pub error: StorageError,
+    pub stalled: bool,
+}
+
+/// What a PUT sends: a received file, or one being received.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    Spool(&'a Spool),
+    Tail(&'a Tail),
+}
+
+type Chunks = std::pin::Pin<Box<dyn Stream<Item = io::Result<bytes::Bytes>> + Send + Sync>>;
+
+impl Source<'_> {
+    /// Records the file's digest once a reader (or the server) has it.
+    fn recorder(self) -> Arc<dyn Fn([u8; 32]) + Send + Sync> {
+        match self {
+            Source::Spool(spool) => {
+                let spool = spool.clone();
+                Arc::new(move |d| spool.record_sha256(d))
+            }
+            Source::Tail(tail) => {
+                let tail = tail.clone();
+                Arc::new(move |d| tail.record_sha256(d))
+            }
+        }
+    }
+
+    /// A fresh reader of the file per attempt; a tail's tells `progress` when it waits on the
+    /// client.
+    fn reader(self, progress: &Arc<Progress>) -> Arc<dyn Fn() -> Chunks + Send + Sync> {
+        match self {
+            Source::Spool(spool) => {
+                let spool = spool.clone();
+                Arc::new(move || Box::pin(spool.chunks()))
+            }
+            Source::Tail(tail) => {
+                let (tail, progress) = (tail.clone(), progress.clone());
+                Arc::new(move || {
+                    let progress = progress.clone();
+                    Box::pin(tail.chunks(Arc::new(move |waiting| progress.waiting(waiting))))
+                })
+            }
+        }
+    }
+}
+
+/// A PUT's progress, for its watchdog: the furthest byte sent in any attempt, when that was
+/// first reached (a retry re-sending old bytes is no progress), and whether the reader waits
+/// on the client (the server is then not the one stalling).
+struct Progress {
+    started: Instant,
+    furthest: AtomicU64,
+    at_ms: AtomicU64,
+    waiting: AtomicBool,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            started: Instant::now(),
+            furthest: AtomicU64::new(0),
+            at_ms: AtomicU64::new(0),
+            waiting: AtomicBool::new(false),
+        }
+    }
+
+    fn touch(&self) {
+        self.at_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn reached(&self, offset: u64) {
+        if self.furthest.fetch_max(offset, Ordering::Relaxed) < offset {
+            self.touch();
+        }
+    }
+
+    fn waiting(&self, waiting: bool) {
+        self.waiting.store(waiting, Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// How long the server has had bytes to take and taken none.
+    fn stalled_for(&self) -> Duration {
+        if self.waiting.load(Ordering::Relaxed) {
+            return Duration::ZERO;
+        }
+        let last = Duration::from_millis(self.at_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
 }
 
 fn unavailable<E: std::error::Error + Send + Sync + 'static, R: std::fmt::Debug>(
@@ -196,40 +293,50 @@ impl S3Backend {
     /// [`Hashing::OnReadBack`]: crate::spool::Hashing::OnReadBack
     /// [`Storage::put`]: super::Storage::put
     pub async fn put_key(&self, key: &str, spool: &Spool) -> Result<(), StorageError> {
-        let known = spool.known_sha256();
+        self.put(key, Source::Spool(spool))
+            .await
+            .map_err(|failed| failed.error)
+    }
+
+    /// Writes a file to `key` while it is being received ([`Tail`]): the PUT takes its bytes
+    /// as they reach the spool, so it ends soon after the receive instead of starting then.
+    /// The watchdog does not count the time the PUT waits on the client.
+    pub async fn put_followed(&self, key: &str, tail: &Tail) -> Result<(), PutFailure> {
+        self.put(key, Source::Tail(tail)).await
+    }
+
+    async fn put(&self, key: &str, source: Source<'_>) -> Result<(), PutFailure> {
+        let (size, known) = match source {
+            Source::Spool(spool) => (spool.size, spool.known_sha256()),
+            Source::Tail(tail) => (tail.size, None),
+        };
         let sha256 = match self.send_sha256 {
             true => known.map(|d| STANDARD.encode(d)),
             false => None,
         };
         let trailer = (self.send_sha256 && known.is_none()).then_some(ChecksumAlgorithm::Sha256);
         let hash_here = known.is_none() && !self.send_sha256;
-        let started = Instant::now();
-        // (furthest byte sent in any attempt, when that was first reached in ms)
-        let progress = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let progress = Arc::new(Progress::new());
+        let record = source.recorder();
+        let chunks = source.reader(&progress);
         let body = {
-            let spool = spool.clone();
-            let progress = progress.clone();
+            let (progress, record) = (progress.clone(), record.clone());
             SdkBody::retryable(move || {
-                let progress = progress.clone();
+                let (progress, record) = (progress.clone(), record.clone());
                 let mut offset = 0u64;
                 let mut digest = hash_here.then(Digester::default);
-                let read = spool.clone();
-                let frames = spool.chunks().map(move |chunk| {
+                let frames = chunks().map(move |chunk| {
                     if let Ok(c) = &chunk {
                         offset += c.len() as u64;
-                        if progress.0.fetch_max(offset, Ordering::Relaxed) < offset {
-                            progress
-                                .1
-                                .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-                        }
+                        progress.reached(offset);
                         if let Some(d) = digest.as_mut() {
                             d.update(c);
                         }
                         // At the last byte, not at the stream's end: a sender that has
                         // Content-Length bytes need not ask for more.
-                        if offset == read.size {
+                        if offset == size {
                             if let Some(d) = digest.take() {
-                                read.record_sha256(d.finish());
+                                record(d.finish());
                             }
                         }
                     }
@@ -243,7 +350,7 @@ impl S3Backend {
             .put_object()
             .bucket(&self.bucket)
             .key(key)
-            .content_length(spool.size as i64)
+            .content_length(size as i64)
             // The server checks the object against a digest (end to end, spool to bucket):
             // one known before the PUT goes as a header, and the SDK, given a checksum,
             // computes none of its own, so the body goes as a plain PUT; otherwise the SDK's
@@ -266,25 +373,27 @@ impl S3Backend {
         let watchdog = async {
             loop {
                 tokio::time::sleep(self.stall / 4).await;
-                let last = Duration::from_millis(progress.1.load(Ordering::Relaxed));
-                if started.elapsed().saturating_sub(last) > self.stall {
+                if progress.stalled_for() > self.stall {
                     return;
                 }
             }
         };
         tokio::select! {
             sent = put => {
-                let out = sent.map_err(unavailable)?;
+                let out = sent.map_err(|e| PutFailure { error: unavailable(e), stalled: false })?;
                 let echoed = out.checksum_sha256().and_then(|d| STANDARD.decode(d).ok());
                 if let (None, Some(Ok(digest))) = (known, echoed.map(<[u8; 32]>::try_from)) {
-                    spool.record_sha256(digest);
+                    record(digest);
                 }
                 Ok(())
             }
-            () = watchdog => Err(StorageError::Unavailable(format!(
-                "S3 took no bytes of {key} for {:?}",
-                self.stall
-            ))),
+            () = watchdog => Err(PutFailure {
+                error: StorageError::Unavailable(format!(
+                    "S3 took no bytes of {key} for {:?}",
+                    self.stall
+                )),
+                stalled: true,
+            }),
         }
     }
 

@@ -1057,7 +1057,7 @@ async fn library_outcome(
         multipart::Limits::default(),
     );
     let hashing = pending_uploads::spool::Hashing::OnReadBack;
-    match staging::receive(&mut parts, &limits, scratch, memory, hashing).await {
+    match staging::receive(&mut parts, &limits, scratch, memory, hashing, None).await {
         Ok(received) => {
             let mut files = Vec::new();
             for r in received {

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use pending_uploads::{
     storage::{ByteRange, Location, StorageError},
     sweep::Sweeper,
@@ -1022,4 +1022,181 @@ async fn the_background_sweeper_lists_the_bucket_once_per_quarter_of_the_grace()
             );
         }
     }
+}
+
+/// A multipart body with `files`, ended by `closing` after the last delimiter (clients send
+/// `--\r\n`).
+fn raw_multipart(boundary: &str, files: &[(&str, &[u8])], closing: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, data) in files {
+        out.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("--{boundary}").as_bytes());
+    out.extend_from_slice(closing);
+    out
+}
+
+/// `body` sent up to `at`, then the rest after a pause of `ms`.
+fn paused_at(body: Vec<u8>, at: usize, ms: u64) -> reqwest::Body {
+    let body = bytes::Bytes::from(body);
+    let (first, rest) = (body.slice(..at), body.slice(at..));
+    let stream =
+        futures::stream::iter([first, rest])
+            .enumerate()
+            .then(move |(i, chunk)| async move {
+                if i == 1 {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                Ok::<_, std::io::Error>(chunk)
+            });
+    reqwest::Body::wrap_stream(stream)
+}
+
+async fn post_raw(
+    app: &TestApp,
+    ws: Uuid,
+    token: &str,
+    body: reqwest::Body,
+    len: usize,
+) -> reqwest::Response {
+    app.client
+        .post(app.at(&format!("/workspaces/{ws}/chat/uploads")))
+        .bearer_auth(token)
+        .header("content-type", "multipart/form-data; boundary=XqzBound")
+        .header("content-length", len.to_string())
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The keys the rows point at, sorted.
+async fn row_keys(app: &TestApp) -> Vec<String> {
+    sqlx::query_scalar("SELECT s3_key FROM pending_uploads ORDER BY s3_key")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap()
+}
+
+/// Waits (up to 5 s) for the bucket to hold no key of this app's but `keep`.
+async fn assert_objects_settle_to(app: &TestApp, keep: &[String]) {
+    let mut keys = app.object_keys().await;
+    for _ in 0..100 {
+        if keys == keep {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        keys = app.object_keys().await;
+    }
+    assert_eq!(keys, keep);
+}
+
+/// A body of known length whose last file goes to disk has its PUT start with the receive
+/// (the size foreseen from Content-Length). A guess that turns out wrong — a file before
+/// another, a body closed without the final CRLF — costs a second PUT, never a wrong or extra
+/// object: every file reads back whole, and the bucket holds the rows' objects only.
+#[tokio::test]
+async fn a_put_alongside_the_receive_writes_each_file_once() {
+    for mode in ["s3", "dual"] {
+        let prefix = test_prefix();
+        let app = TestApp::start_s3(fresh_db().await, mode, &prefix).await;
+        let (ws, token) = app.poll_workspace().await;
+        let (a, b, c) = (
+            bytes(3 << 20, 1),
+            bytes((5 << 19) + 3, 2),
+            bytes(3 << 20, 3),
+        );
+        let bodies = [
+            raw_multipart("XqzBound", &[("a.bin", &a)], b"--\r\n"),
+            raw_multipart("XqzBound", &[("a.bin", &a), ("b.bin", &b)], b"--\r\n"),
+            raw_multipart("XqzBound", &[("c.bin", &c)], b"--"),
+        ];
+        let mut sent = Vec::new();
+        for body in bodies {
+            let len = body.len();
+            let resp = post_raw(&app, ws, &token, body.into(), len).await;
+            let status = resp.status();
+            let out: Value = resp.json().await.unwrap();
+            assert_eq!(status, StatusCode::OK, "{mode}: {out}");
+            sent.extend(out["files"].as_array().unwrap().iter().map(file_id));
+        }
+        for (fid, data) in sent.iter().zip([&a, &a, &b, &c]) {
+            let got = fetch(&app, ws, &token, *fid).await.bytes().await.unwrap();
+            assert!(got == data.as_slice(), "{mode}: {fid} reads back whole");
+        }
+        let keys = row_keys(&app).await;
+        assert_eq!(keys.len(), 4);
+        assert_objects_settle_to(&app, &keys).await;
+        sweep_all_and_assert_bucket_empty(&app).await;
+    }
+}
+
+/// A PUT that started with the receive may have the whole file before the body turns out
+/// bad (here, the last file exactly where foreseen, then a malformed close): the 400 leaves no
+/// object behind. Neither does a client that goes mid-body.
+#[tokio::test]
+async fn a_refused_body_leaves_nothing_of_its_early_put() {
+    let prefix = test_prefix();
+    let app = TestApp::start_s3(fresh_db().await, "s3", &prefix).await;
+    let (ws, token) = app.poll_workspace().await;
+    let data = bytes(3 << 20, 4);
+    let body = raw_multipart("XqzBound", &[("a.bin", &data)], b"XY\r\n");
+    let len = body.len();
+    // The bad close comes once the file (and so its PUT) is whole.
+    let resp = post_raw(&app, ws, &token, paused_at(body, len - 4, 1000), len).await;
+    assert_error(resp, StatusCode::BAD_REQUEST, "malformed multipart body").await;
+    app.assert_nothing_staged().await;
+    assert_objects_settle_to(&app, &[]).await;
+
+    // Half the body, then the connection goes.
+    let body = raw_multipart("XqzBound", &[("a.bin", &data)], b"--\r\n");
+    let addr = app
+        .at("")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /workspaces/{ws}/chat/uploads HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: multipart/form-data; boundary=XqzBound\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    sock.write_all(&body[..body.len() / 2]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(sock);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.assert_nothing_staged().await;
+    assert_objects_settle_to(&app, &[]).await;
+}
+
+/// The watchdog that cancels a PUT the server stopped taking bytes for does not count the
+/// time a PUT alongside the receive waits on the client: a client that pauses mid-body longer
+/// than DEPENDENCY_TIMEOUT (within the body's own deadlines) still gets its upload staged.
+#[tokio::test]
+async fn a_client_pausing_mid_body_is_not_a_stalled_server() {
+    let (endpoint, _) = s3_endpoint();
+    let prefix = test_prefix();
+    let mut flags = s3_flags("s3", &prefix, &endpoint);
+    flags.extend(["--dependency-timeout".to_string(), "1s".to_string()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let app = TestApp::start_on(fresh_db().await, &flags).await;
+    let (ws, token) = app.poll_workspace().await;
+    let data = bytes(3 << 20, 6);
+    let body = raw_multipart("XqzBound", &[("a.bin", &data)], b"--\r\n");
+    let len = body.len();
+    let resp = post_raw(&app, ws, &token, paused_at(body, len / 2, 2500), len).await;
+    let status = resp.status();
+    let out: Value = resp.json().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{out}");
+    let fid = file_id(&out["files"][0]);
+    let got = fetch(&app, ws, &token, fid).await.bytes().await.unwrap();
+    assert!(got == data.as_slice());
+    sweep_all_and_assert_bucket_empty(&app).await;
 }
