@@ -125,6 +125,11 @@ pub struct StorageArgs {
     /// Optional S3 checksums: when-supported (a PUT carries the SHA-256) or when-required.
     #[arg(long, env = "PENDING_UPLOADS_S3_CHECKSUM", value_enum, default_value_t = S3Checksum::WhenSupported)]
     pub s3_checksum: S3Checksum,
+    /// PUTs a replica may run alongside their files' receive (`s3`, `dual`): each holds its
+    /// buffers (about 1 MiB) while the receive holds its own; beyond this an upload's PUT
+    /// waits for its receive to end. 0 turns it off.
+    #[arg(long, env = "S3_PUTS_WHILE_RECEIVING", default_value_t = 1)]
+    pub s3_puts_while_receiving: usize,
     /// S3 endpoint (standard AWS variable); unset means AWS itself.
     #[arg(long, env = "AWS_ENDPOINT_URL")]
     pub aws_endpoint_url: Option<String>,

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub orphans_deleted: IntCounter,
     pub storage_errors: IntCounterVec,
     pub storage_fallbacks: IntCounterVec,
+    pub puts_while_receiving: IntCounterVec,
     pub backfill_rows: IntCounterVec,
     pub responses_cut: IntCounterVec,
     pub connections_refused: IntCounter,
@@ -144,6 +145,11 @@ impl Metrics {
                 "storage_fallbacks_total",
                 "Reads served from the bytea copy because S3 failed",
                 &["operation"],
+            ),
+            puts_while_receiving: r.counter(
+                "s3_puts_while_receiving_total",
+                "S3 PUTs started alongside their file's receive, by outcome: written, put_again (the file was put after its receive: a wrong size guess, a failed PUT), stalled (the server took no bytes: the upload got 503), stopped (the request failed first)",
+                &["outcome"],
             ),
             backfill_rows: r.counter(
                 "backfill_rows_total",

@@ -99,6 +99,7 @@ impl FollowedPut {
         let failed = match task.await {
             Ok(Ok(())) => {
                 metrics::storage_observed("s3", "put", self.started, true);
+                outcome("written");
                 return Ok(true);
             }
             Ok(Err(failed)) => failed,
@@ -109,8 +110,10 @@ impl FollowedPut {
         };
         if failed.stalled {
             metrics::storage_observed("s3", "put", self.started, false);
+            outcome("stalled");
             return Err(failed.error);
         }
+        outcome("put_again");
         // Most often a request whose last part was not the size its length foretold (a file
         // before another): not the server's failure, so not counted as one.
         tracing::debug!(key = %self.key, error = %failed.error, "PUT alongside the receive failed: put again");
@@ -118,10 +121,18 @@ impl FollowedPut {
     }
 }
 
+fn outcome(outcome: &str) {
+    metrics::metrics()
+        .puts_while_receiving
+        .with_label_values(&[outcome])
+        .inc();
+}
+
 impl Drop for FollowedPut {
     fn drop(&mut self) {
         let Some(task) = self.task.take() else { return };
         task.abort();
+        outcome("stopped");
         let (s3, key) = (self.s3.clone(), std::mem::take(&mut self.key));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
@@ -185,11 +196,15 @@ impl Storage {
             return None;
         }
         let s3 = self.s3.clone()?;
+        let place = s3.place_while_receiving()?;
         let file_id = Uuid::new_v4();
         let key = s3.key_for(workspace_id, file_id);
         let task = {
             let (s3, key) = (s3.clone(), key.clone());
-            tokio::spawn(async move { s3.put_followed(&key, &tail).await })
+            tokio::spawn(async move {
+                let _place = place;
+                s3.put_followed(&key, &tail).await
+            })
         };
         Some(FollowedPut {
             file_id,

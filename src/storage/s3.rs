@@ -23,6 +23,7 @@ use aws_smithy_types::{body::SdkBody, timeout::TimeoutConfig};
 use base64::{engine::general_purpose::STANDARD, Engine};
 use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt, TryStreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
 use super::{with_idle_timeout, ByteRange, ByteStream as OurStream, Location, StorageError};
@@ -44,6 +45,8 @@ pub struct S3Backend {
     stall: Duration,
     /// PUTs carry the spool's SHA-256 for the server to check (`S3Checksum::WhenSupported`).
     send_sha256: bool,
+    /// Places for PUTs that run alongside their files' receive (`S3_PUTS_WHILE_RECEIVING`).
+    while_receiving: Arc<Semaphore>,
 }
 
 /// An object under our prefix, as the orphan reconciliation sees it.
@@ -197,6 +200,9 @@ impl S3Backend {
             prefix: args.s3_prefix.clone(),
             stall,
             send_sha256: args.s3_checksum == S3Checksum::WhenSupported,
+            while_receiving: Arc::new(Semaphore::new(
+                args.s3_puts_while_receiving.min(Semaphore::MAX_PERMITS),
+            )),
         })
     }
 
@@ -224,6 +230,11 @@ impl S3Backend {
             self.key_for(workspace_id, file_id),
             attempt.simple()
         )
+    }
+
+    /// A place for a PUT alongside its file's receive, when one is free.
+    pub fn place_while_receiving(&self) -> Option<OwnedSemaphorePermit> {
+        self.while_receiving.clone().try_acquire_owned().ok()
     }
 
     pub fn bucket(&self) -> &str {

@@ -98,6 +98,7 @@ impl Env {
             s3_prefix: self.prefix.clone(),
             s3_force_path_style: true,
             s3_checksum: S3Checksum::WhenSupported,
+            s3_puts_while_receiving: 0,
             aws_endpoint_url: Some(endpoint),
             aws_region: Some("us-east-1".into()),
         };

@@ -1200,3 +1200,61 @@ async fn a_client_pausing_mid_body_is_not_a_stalled_server() {
     assert!(got == data.as_slice());
     sweep_all_and_assert_bucket_empty(&app).await;
 }
+
+/// An upload body sent to a child service at `base`, `body` paused at `at` for `ms`.
+async fn upload_paused(
+    base: &str,
+    ws: Uuid,
+    token: &str,
+    body: Vec<u8>,
+    at: usize,
+    ms: u64,
+) -> StatusCode {
+    let len = body.len();
+    reqwest::Client::new()
+        .post(format!("{base}/workspaces/{ws}/chat/uploads"))
+        .bearer_auth(token)
+        .header("content-type", "multipart/form-data; boundary=XqzBound")
+        .header("content-length", len.to_string())
+        .body(paused_at(body, at, ms))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+/// PUTs alongside the receive hold buffers of their own on top of the receive's, so a
+/// replica runs at most S3_PUTS_WHILE_RECEIVING of them (the others put their file after the
+/// receive, as before), and 0 runs none.
+#[tokio::test]
+async fn puts_while_receiving_are_bounded() {
+    let (endpoint, _) = s3_endpoint();
+    let written = "pending_uploads_s3_puts_while_receiving_total{outcome=\"written\"}";
+    for places in [1, 0] {
+        let prefix = test_prefix();
+        let port = free_port();
+        let mut cmd = bin_command(&fresh_db().await);
+        cmd.arg("serve")
+            .args(s3_flags("s3", &prefix, &endpoint))
+            .env("S3_PUTS_WHILE_RECEIVING", places.to_string());
+        let _svc = spawn_service(cmd, port).await;
+        let base = format!("http://127.0.0.1:{port}");
+        let (ws, token) = register_poll(&base).await;
+        let body = raw_multipart("XqzBound", &[("a.bin", &bytes(3 << 20, 7))], b"--\r\n");
+        // The first holds the replica's place through its pause; the second comes meanwhile.
+        let first = upload_paused(&base, ws, &token, body.clone(), body.len() / 2, 1500);
+        let second = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let status = upload_paused(&base, ws, &token, body.clone(), 0, 0).await;
+            (status, metric_value(&scrape_metrics(&base).await, written))
+        };
+        let (first, (second, after_second)) = tokio::join!(first, second);
+        assert_eq!((first, second), (StatusCode::OK, StatusCode::OK));
+        assert_eq!(
+            after_second, None,
+            "{places}: the second upload found no place"
+        );
+        let total = metric_value(&scrape_metrics(&base).await, written);
+        assert_eq!(total, (places > 0).then_some(1.0), "{places}");
+    }
+}
