@@ -102,6 +102,23 @@ pub struct Multipart<S> {
     received: u64,
 }
 
+impl<S> Multipart<S> {
+    /// The size of the part whose head [`next_part`](Self::next_part) just returned, were it
+    /// the last one and the body, `body_len` bytes long, ended the way clients end it (the
+    /// closing delimiter and CRLF): a guess, to be checked against the part's end. Asked
+    /// before any of the part's data was read (later the answer is wrong); `None` outside a
+    /// part's data, or when the body could not hold even that.
+    pub fn last_part_size(&self, body_len: u64) -> Option<u64> {
+        if self.state != State::Data {
+            return None;
+        }
+        // The buffer holds the last bytes received, from the data's start on.
+        let data_at = self.received.checked_sub(self.buf.len() as u64)?;
+        let closing = self.delimiter.len() as u64 + b"--\r\n".len() as u64;
+        body_len.checked_sub(data_at)?.checked_sub(closing)
+    }
+}
+
 impl<S, E> Multipart<S>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
@@ -262,20 +279,6 @@ where
         let head = parse_head(&block)?;
         self.state = State::Data;
         Ok(head)
-    }
-
-    /// The size of the part whose head [`next_part`](Self::next_part) just returned, were it
-    /// the last one and the body, `body_len` bytes long, ended the way clients end it (the
-    /// closing delimiter and CRLF): a guess, to be checked against the part's end. `None`
-    /// once its data has been read from, or when the body could not hold even that.
-    pub fn last_part_size(&self, body_len: u64) -> Option<u64> {
-        if self.state != State::Data {
-            return None;
-        }
-        // The buffer holds the last bytes received, from the data's start on.
-        let data_at = self.received.checked_sub(self.buf.len() as u64)?;
-        let closing = self.delimiter.len() as u64 + b"--\r\n".len() as u64;
-        body_len.checked_sub(data_at)?.checked_sub(closing)
     }
 
     /// Reads and discards the rest of the body (its own caps and deadlines bound this), so

@@ -15,7 +15,10 @@ use std::{
     io,
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, OnceLock},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, OnceLock,
+    },
 };
 
 use bytes::{Bytes, BytesMut};
@@ -151,12 +154,13 @@ pub struct SpoolWriter {
 /// When a spooled file's sha256 is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hashing {
-    /// As its bytes arrive (the backfill's copy, checked against its row before its PUT).
+    /// As its bytes arrive: a PUT after the receive sends the digest first (and the
+    /// backfill's copy is checked against its row before its PUT).
     OnReceive,
     /// As its bytes arrive while they are in memory; once they go to a file, when the file is
-    /// read back ([`Spool::sha256`]) by the COPY into Postgres (which sends the digest after
-    /// the bytes) or the S3 PUT (whose transfer the SDK's CRC32 trailer checks). Hashing a
-    /// large file then holds up nothing: it is not in the receive (here 20 MiB took 31-34 ms
+    /// read back ([`Spool::sha256`]) by the COPY into Postgres, which sends the digest after
+    /// the bytes, or by an S3 PUT that runs alongside the receive (a SHA-256 trailer). Hashing
+    /// a large file then holds up nothing: it is not in the receive (here 20 MiB took 31-34 ms
     /// to receive with it, 18-20 without), and the write waits on its backend.
     OnReadBack,
 }
@@ -211,6 +215,7 @@ impl SpoolWriter {
             written: rx,
             sha256: writer.sha256.clone(),
             size,
+            released: Arc::new(AtomicBool::new(false)),
         };
         Ok((writer, tail))
     }
@@ -365,6 +370,9 @@ pub struct Tail {
     sha256: Arc<OnceLock<[u8; 32]>>,
     /// The size the file is expected to have.
     pub size: u64,
+    /// Set once a reader was given the last byte: from then on the PUT may have written an
+    /// object, whatever its caller hears.
+    released: Arc<AtomicBool>,
 }
 
 impl Tail {
@@ -379,12 +387,16 @@ impl Tail {
     ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
         let (file, size) = (self.file.clone(), self.size);
         let start = (0u64, self.written.clone(), Buffers::default());
+        let released = self.released.clone();
         futures::stream::try_unfold(start, move |(at, mut written, buffers)| {
-            let (file, waiting) = (file.clone(), waiting.clone());
+            let (file, waiting, released) = (file.clone(), waiting.clone(), released.clone());
             async move {
                 let Some(until) = next_ready(at, size, &mut written, &*waiting).await? else {
                     return Ok(None);
                 };
+                if until == size {
+                    released.store(true, Ordering::Relaxed);
+                }
                 let len = READ_CHUNK.min((until - at) as usize);
                 let mut buf = buffers.take();
                 let buf = tokio::task::spawn_blocking(move || {
@@ -408,8 +420,9 @@ impl Tail {
         let _ = self.sha256.set(sha256);
     }
 
-    pub fn sha256_known(&self) -> bool {
-        self.sha256.get().is_some()
+    /// Whether a reader was given the last byte (see `released`).
+    pub fn released(&self) -> Arc<AtomicBool> {
+        self.released.clone()
     }
 }
 
@@ -424,7 +437,9 @@ async fn next_ready(
     if at == size {
         return Ok(None);
     }
-    let mut wait = false;
+    // Told once the wait ends, however it ends (bytes, an error, the reader dropped): a PUT's
+    // watchdog must not stay blind to the server after the client is done.
+    let mut wait: Option<WaitGuard<'_>> = None;
     loop {
         let now = *written.borrow_and_update();
         match now.end {
@@ -439,18 +454,23 @@ async fn next_ready(
         // Held back: the last byte, until the file is known to end there.
         let until = now.bytes.min(size - 1);
         if until > at {
-            if wait {
-                waiting(false);
-            }
             return Ok(Some(until));
         }
-        if !wait {
+        if wait.is_none() {
             waiting(true);
-            wait = true;
+            wait = Some(WaitGuard(waiting));
         }
         if written.changed().await.is_err() && written.borrow().end.is_none() {
             return Err(io::Error::other("the spool was not finished"));
         }
+    }
+}
+
+struct WaitGuard<'a>(&'a (dyn Fn(bool) + Send + Sync));
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        (self.0)(false);
     }
 }
 

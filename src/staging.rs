@@ -111,12 +111,13 @@ pub struct Follow<'a> {
 }
 
 /// Phase 1: parses the body, spooling every `files` part. On error the body may still have
-/// unread bytes: see [`drain`].
+/// unread bytes: see [`drain`]. A PUT that began with a file's receive and is not to be
+/// taken is stopped (and what it wrote deleted) before this returns.
 pub async fn receive<S, E>(
     multipart: &mut Multipart<S>,
     limits: &RequestLimits,
     spool_dir: &Path,
-    mut memory: MemoryBudget,
+    memory: MemoryBudget,
     hashing: Hashing,
     follow: Option<Follow<'_>>,
 ) -> Result<Vec<Received>, StagingError>
@@ -125,6 +126,37 @@ where
     E: Into<BoxError>,
 {
     let mut files = Vec::new();
+    let received = receive_into(
+        &mut files, multipart, limits, spool_dir, memory, hashing, follow,
+    )
+    .await;
+    match received {
+        Ok(()) if !files.is_empty() => Ok(files),
+        Ok(()) => Err(StagingError::NoFiles),
+        Err(e) => {
+            for f in &mut files {
+                if let Some(put) = f.followed.take() {
+                    put.cancel().await;
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn receive_into<S, E>(
+    files: &mut Vec<Received>,
+    multipart: &mut Multipart<S>,
+    limits: &RequestLimits,
+    spool_dir: &Path,
+    mut memory: MemoryBudget,
+    hashing: Hashing,
+    follow: Option<Follow<'_>>,
+) -> Result<(), StagingError>
+where
+    S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    E: Into<BoxError>,
+{
     let mut field_bytes = 0usize;
     while let Some(head) = multipart.next_part().await? {
         let filename = head.filename.clone().filter(|f| !f.is_empty());
@@ -147,20 +179,31 @@ where
             return Err(StagingError::TooManyFiles(limits.max_files));
         }
         let mimetype = reduce_mimetype(head.content_type.as_deref());
-        // The size this part has if it is the last: its PUT can start now. A guess that turns
-        // out wrong (a file before another) stops that PUT, and the file is put after.
-        let foreseen = follow
-            .as_ref()
-            .filter(|_| memory.is_empty())
-            .and_then(|f| Some((f, multipart.last_part_size(f.body_len)?)))
-            .filter(|&(_, size)| size > 0 && size <= limits.max_file_bytes);
         let (writer, followed) =
-            match foreseen.map(|(f, size)| (f, SpoolWriter::followed(spool_dir, size))) {
-                Some((f, Ok((writer, tail)))) => (writer, f.storage.follow(f.workspace_id, tail)),
-                _ => (SpoolWriter::create(spool_dir, memory.clone()), None),
-            };
-        let writer = writer.hashing(hashing);
-        let spool = spool_part(multipart, writer, &original, limits.max_file_bytes).await?;
+            follow_part(follow.as_ref(), multipart, limits, spool_dir, &memory);
+        // A PUT alongside the receive hashes the file itself (it cannot send the digest first).
+        let writer = match followed {
+            Some(_) => writer.hashing(Hashing::OnReadBack),
+            None => writer.hashing(hashing),
+        };
+        let spool = match spool_part(multipart, writer, &original, limits.max_file_bytes).await {
+            Ok(spool) => spool,
+            Err(e) => {
+                if let Some(put) = followed {
+                    put.cancel().await;
+                }
+                return Err(e);
+            }
+        };
+        // A wrong guess (a file before another): its PUT stops now, and gives back its place
+        // for the part that is the last.
+        let followed = match followed {
+            Some(put) if put.size != spool.size => {
+                put.cancel().await;
+                None
+            }
+            kept => kept,
+        };
         memory.spend(&spool);
         files.push(Received {
             name: sanitize(&original, limits.max_filename_chars),
@@ -170,10 +213,27 @@ where
             followed,
         });
     }
-    if files.is_empty() {
-        return Err(StagingError::NoFiles);
+    Ok(())
+}
+
+/// The spool for the part whose head was just read and, when the request may have its PUT
+/// run alongside the receive and this part is the last one as far as the body's length says,
+/// that PUT: the part's size is foreseen now, and a guess that turns out wrong stops it.
+fn follow_part<S>(
+    follow: Option<&Follow<'_>>,
+    multipart: &Multipart<S>,
+    limits: &RequestLimits,
+    spool_dir: &Path,
+    memory: &MemoryBudget,
+) -> (SpoolWriter, Option<FollowedPut>) {
+    let foreseen = follow
+        .filter(|_| memory.is_empty())
+        .and_then(|f| Some((f, multipart.last_part_size(f.body_len)?)))
+        .filter(|&(_, size)| size > 0 && size <= limits.max_file_bytes);
+    match foreseen.map(|(f, size)| (f, SpoolWriter::followed(spool_dir, size))) {
+        Some((f, Ok((writer, tail)))) => (writer, f.storage.follow(f.workspace_id, tail)),
+        _ => (SpoolWriter::create(spool_dir, memory.clone()), None),
     }
-    Ok(files)
 }
 
 /// Copies one file part into its spool, enforcing the per-file cap; an empty part is refused.

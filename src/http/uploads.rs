@@ -19,7 +19,6 @@ use crate::{
     metrics::metrics,
     multipart::{self, Multipart},
     slots::{self, Slot},
-    spool::Hashing,
     staging::{self, RequestLimits},
 };
 
@@ -179,9 +178,7 @@ async fn stage(
     };
     let body_len = body.declared_length();
     let memory = st.spool_memory.reserve(body_len);
-    // A file on disk is hashed as the COPY or the PUT reads it back, not while it arrives:
-    // the receive is what SPEC §10 keeps apart from the write, so time taken from it is saved.
-    let hashing = Hashing::OnReadBack;
+    let hashing = st.storage.hashing();
     let cut = body.cut_flag();
     let mut parts = Multipart::new(body, &boundary, multipart::Limits::default());
     let follow = body_len

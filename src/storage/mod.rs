@@ -9,7 +9,10 @@ pub mod s3;
 use std::{
     io,
     path::Path,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -21,7 +24,7 @@ use crate::{
     config::BackendMode,
     db::DbError,
     digest, metrics,
-    spool::{MemoryBudget, Spool, SpoolWriter, Tail, READ_CHUNK},
+    spool::{Hashing, MemoryBudget, Spool, SpoolWriter, Tail, READ_CHUNK},
 };
 
 pub use bytea::ByteaBackend;
@@ -79,14 +82,18 @@ impl ByteRange {
     }
 }
 
-/// The S3 PUT of a file that started with its receive ([`Storage::follow`]). Dropped before
-/// [`Storage::put`] took its outcome (the receive failed, the client went), it is stopped,
-/// and an object it wrote all the same is deleted: a refused upload leaves nothing.
+/// The S3 PUT of a file that started with its receive ([`Storage::follow`]). Not taken by
+/// [`Storage::put`] (the receive failed, the client went), it is stopped with
+/// [`cancel`](Self::cancel), or when dropped, and an object it may have written is deleted: a
+/// refused upload leaves nothing.
 pub struct FollowedPut {
     pub file_id: Uuid,
+    /// The size foreseen for the file.
+    pub size: u64,
     key: String,
     s3: Arc<S3Backend>,
-    started: Instant,
+    /// The PUT was given the file's last byte (so an object may exist).
+    released: Arc<AtomicBool>,
     task: Option<tokio::task::JoinHandle<Result<(), PutFailure>>>,
 }
 
@@ -96,9 +103,11 @@ impl FollowedPut {
         let Some(task) = self.task.take() else {
             return Ok(false);
         };
+        // What the upload waits on S3 once its receive is done.
+        let started = Instant::now();
         let failed = match task.await {
             Ok(Ok(())) => {
-                metrics::storage_observed("s3", "put", self.started, true);
+                metrics::storage_observed("s3", "put", started, true);
                 outcome("written");
                 return Ok(true);
             }
@@ -109,15 +118,44 @@ impl FollowedPut {
             },
         };
         if failed.stalled {
-            metrics::storage_observed("s3", "put", self.started, false);
+            metrics::storage_observed("s3", "put", started, false);
             outcome("stalled");
             return Err(failed.error);
         }
+        // A failure of that one attempt (the put after the receive has the SDK's retries):
+        // not counted as the server's.
         outcome("put_again");
-        // Most often a request whose last part was not the size its length foretold (a file
-        // before another): not the server's failure, so not counted as one.
         tracing::debug!(key = %self.key, error = %failed.error, "PUT alongside the receive failed: put again");
         Ok(false)
+    }
+
+    /// Stops the PUT and, when it may have written its object, deletes it; returns once both
+    /// are done, so an answer sent after it leaves nothing behind.
+    pub async fn cancel(mut self) {
+        if let Some(task) = self.task.take() {
+            self.stop(task).await;
+        }
+    }
+
+    fn stop(
+        &mut self,
+        task: tokio::task::JoinHandle<Result<(), PutFailure>>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        task.abort();
+        outcome("stopped");
+        let (s3, key, released) = (
+            self.s3.clone(),
+            std::mem::take(&mut self.key),
+            self.released.clone(),
+        );
+        async move {
+            let _ = task.await;
+            // Its last byte sent, the server may store the object even if the answer never
+            // came back; deleting a key that is not there is fine.
+            if released.load(Ordering::Relaxed) {
+                let _ = metrics::storage_op("s3", "delete", s3.delete_key(&key)).await;
+            }
+        }
     }
 }
 
@@ -131,15 +169,9 @@ fn outcome(outcome: &str) {
 impl Drop for FollowedPut {
     fn drop(&mut self) {
         let Some(task) = self.task.take() else { return };
-        task.abort();
-        outcome("stopped");
-        let (s3, key) = (self.s3.clone(), std::mem::take(&mut self.key));
+        let stop = self.stop(task);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Ok(Ok(())) = task.await {
-                    let _ = metrics::storage_op("s3", "delete", s3.delete_key(&key)).await;
-                }
-            });
+            runtime.spawn(stop);
         }
     }
 }
@@ -183,6 +215,18 @@ impl Storage {
             .ok_or_else(|| StorageError::Unavailable("no S3 bucket configured".into()))
     }
 
+    /// When an upload's spooled files are hashed: a PUT after the receive sends the digest
+    /// before the bytes (a plain PUT: the aws-chunked trailer the SDK would otherwise use
+    /// copies every byte twice and keeps those copies queued, about 7 MiB more with 16
+    /// uploads at once), a COPY after them. A PUT alongside the receive cannot have it
+    /// first, and hashes its file as it goes ([`Storage::follow`]).
+    pub fn hashing(&self) -> Hashing {
+        match self.mode {
+            BackendMode::Bytea => Hashing::OnReadBack,
+            BackendMode::Dual | BackendMode::S3 => Hashing::OnReceive,
+        }
+    }
+
     /// Whether new bytes go to S3 (where a PUT can follow the receive: [`Storage::follow`]).
     pub fn writes_s3(&self) -> bool {
         self.mode != BackendMode::Bytea && self.s3.is_some()
@@ -199,6 +243,7 @@ impl Storage {
         let place = s3.place_while_receiving()?;
         let file_id = Uuid::new_v4();
         let key = s3.key_for(workspace_id, file_id);
+        let (size, released) = (tail.size, tail.released());
         let task = {
             let (s3, key) = (s3.clone(), key.clone());
             tokio::spawn(async move {
@@ -208,9 +253,10 @@ impl Storage {
         };
         Some(FollowedPut {
             file_id,
+            size,
             key,
             s3,
-            started: Instant::now(),
+            released,
             task: Some(task),
         })
     }

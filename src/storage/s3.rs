@@ -316,6 +316,27 @@ impl S3Backend {
         self.put(key, Source::Tail(tail)).await
     }
 
+    /// A PUT's settings. Its length scales with the file, so no time bound covers the call:
+    /// the watchdog watches progress instead (a read timeout would run from the first byte
+    /// sent to the answer). A PUT alongside the receive, as long as the client's upload, makes
+    /// one attempt: a failed one is put again after the receive, with the SDK's retries.
+    fn put_config(&self, alongside: bool) -> aws_sdk_s3::config::Builder {
+        let mut config = aws_sdk_s3::config::Config::builder().timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(self.stall.min(Duration::from_secs(3)))
+                .disable_read_timeout()
+                .disable_operation_attempt_timeout()
+                .disable_operation_timeout()
+                .build(),
+        );
+        if alongside {
+            config = config.retry_config(
+                aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(1),
+            );
+        }
+        config
+    }
+
     async fn put(&self, key: &str, source: Source<'_>) -> Result<(), PutFailure> {
         let (size, known) = match source {
             Source::Spool(spool) => (spool.size, spool.known_sha256()),
@@ -370,16 +391,7 @@ impl S3Backend {
             .set_checksum_algorithm(trailer)
             .body(ByteStream::new(body))
             .customize()
-            .config_override(
-                aws_sdk_s3::config::Config::builder().timeout_config(
-                    TimeoutConfig::builder()
-                        .connect_timeout(self.stall.min(Duration::from_secs(3)))
-                        .read_timeout(self.stall)
-                        .disable_operation_attempt_timeout()
-                        .disable_operation_timeout()
-                        .build(),
-                ),
-            )
+            .config_override(self.put_config(matches!(source, Source::Tail(_))))
             .send();
         let watchdog = async {
             loop {

@@ -1258,3 +1258,58 @@ async fn puts_while_receiving_are_bounded() {
         assert_eq!(total, (places > 0).then_some(1.0), "{places}");
     }
 }
+
+/// A PUT alongside the receive that the server stops taking bytes from just as the client
+/// finishes (every byte after the client's pause is held by a proxy) is a 503 within
+/// DEPENDENCY_TIMEOUT: the watchdog counts the server's stall again once the PUT no longer
+/// waits on the client (a first version left it blind from then on).
+#[tokio::test]
+async fn a_server_that_stalls_when_the_client_is_done_is_a_503() {
+    let (endpoint, _) = s3_endpoint();
+    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let holds = frozen.clone();
+    let hook: ProxyHook = Arc::new(move |_piece: &[u8]| {
+        let hold = holds.load(std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            if hold {
+                std::future::pending::<()>().await;
+            }
+        })
+    });
+    let via = proxy(&endpoint, hook).await;
+    let prefix = test_prefix();
+    let mut flags = s3_flags("s3", &prefix, &via);
+    flags.extend(["--dependency-timeout".to_string(), "1s".to_string()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let app = TestApp::start_on(fresh_db().await, &flags).await;
+    let (ws, token) = app.poll_workspace().await;
+    let body = raw_multipart("XqzBound", &[("a.bin", &bytes(3 << 20, 8))], b"--\r\n");
+    let len = body.len();
+    let body = bytes::Bytes::from(body);
+    let (first, rest) = (body.slice(..len - 100), body.slice(len - 100..));
+    let freeze = frozen.clone();
+    let stream = futures::stream::iter([first, rest])
+        .enumerate()
+        .then(move |(i, chunk)| {
+            let freeze = freeze.clone();
+            async move {
+                if i == 1 {
+                    // The PUT has all but the held-back tail and waits on the client.
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    freeze.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                Ok::<_, std::io::Error>(chunk)
+            }
+        });
+    let started = std::time::Instant::now();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(15),
+        post_raw(&app, ws, &token, reqwest::Body::wrap_stream(stream), len),
+    )
+    .await
+    .expect("an answer, not a wait on a stalled server");
+    let took = started.elapsed();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(took < Duration::from_secs(6), "503 after {took:?}");
+    app.assert_nothing_staged().await;
+}
