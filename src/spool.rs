@@ -398,18 +398,7 @@ impl Tail {
                     released.store(true, Ordering::Relaxed);
                 }
                 let len = READ_CHUNK.min((until - at) as usize);
-                let mut buf = buffers.take();
-                let buf = tokio::task::spawn_blocking(move || {
-                    file.read_exact_at(&mut buf[..len], at)?;
-                    Ok::<_, io::Error>(buf)
-                })
-                .await
-                .map_err(io::Error::other)??;
-                let chunk = Bytes::from_owner(Chunk {
-                    buf,
-                    len,
-                    home: buffers.clone(),
-                });
+                let chunk = read_at(file, &buffers, at, len).await?;
                 Ok(Some((chunk, (at + len as u64, written, buffers))))
             }
         })
@@ -589,24 +578,27 @@ impl Spool {
             .map(move |offset| {
                 let (file, buffers) = (file.clone(), buffers.clone());
                 let len = READ_CHUNK.min((size - offset) as usize);
-                async move {
-                    let mut buf = buffers.take();
-                    let buf = tokio::task::spawn_blocking(move || {
-                        file.read_exact_at(&mut buf[..len], offset)?;
-                        Ok::<_, io::Error>(buf)
-                    })
-                    .await
-                    .map_err(io::Error::other)??;
-                    Ok(Bytes::from_owner(Chunk {
-                        buf,
-                        len,
-                        home: buffers,
-                    }))
-                }
+                async move { read_at(file, &buffers, offset, len).await }
             })
             .buffered(in_flight)
             .right_stream()
     }
+}
+
+/// `len` bytes of `file` from `offset`, read on a blocking thread into one of `buffers`.
+async fn read_at(file: Arc<File>, buffers: &Buffers, offset: u64, len: usize) -> io::Result<Bytes> {
+    let mut buf = buffers.take();
+    let buf = tokio::task::spawn_blocking(move || {
+        file.read_exact_at(&mut buf[..len], offset)?;
+        Ok::<_, io::Error>(buf)
+    })
+    .await
+    .map_err(io::Error::other)??;
+    Ok(Bytes::from_owner(Chunk {
+        buf,
+        len,
+        home: buffers.clone(),
+    }))
 }
 
 /// The read buffers of one reader of a spool, used in turn: a chunk's buffer comes back when
