@@ -179,12 +179,13 @@ where
             return Err(StagingError::TooManyFiles(limits.max_files));
         }
         let mimetype = reduce_mimetype(head.content_type.as_deref());
-        let (writer, followed) =
-            follow_part(follow.as_ref(), multipart, limits, spool_dir, &memory);
-        // A PUT alongside the receive hashes the file itself (it cannot send the digest first).
-        let writer = match followed {
-            Some(_) => writer.hashing(Hashing::OnReadBack),
-            None => writer.hashing(hashing),
+        let followed = follow_part(follow.as_ref(), multipart, limits, spool_dir, &memory);
+        let (writer, followed) = match followed {
+            Some((writer, put)) => (writer, Some(put)),
+            None => (
+                SpoolWriter::create(spool_dir, memory.clone()).hashing(hashing),
+                None,
+            ),
         };
         let spool = match spool_part(multipart, writer, &original, limits.max_file_bytes).await {
             Ok(spool) => spool,
@@ -216,24 +217,22 @@ where
     Ok(())
 }
 
-/// The spool for the part whose head was just read and, when the request may have its PUT
-/// run alongside the receive and this part is the last one as far as the body's length says,
-/// that PUT: the part's size is foreseen now, and a guess that turns out wrong stops it.
+/// When the request may have its PUT run alongside the receive (a body of known length whose
+/// files go to disk) and the part whose head was just read is the last one as far as the
+/// body's length says: the part's spool and that PUT. The size is foreseen now; a guess that
+/// turns out wrong stops the PUT.
 fn follow_part<S>(
     follow: Option<&Follow<'_>>,
     multipart: &Multipart<S>,
     limits: &RequestLimits,
     spool_dir: &Path,
     memory: &MemoryBudget,
-) -> (SpoolWriter, Option<FollowedPut>) {
-    let foreseen = follow
-        .filter(|_| memory.is_empty())
-        .and_then(|f| Some((f, multipart.last_part_size(f.body_len)?)))
-        .filter(|&(_, size)| size > 0 && size <= limits.max_file_bytes);
-    match foreseen.map(|(f, size)| (f, SpoolWriter::followed(spool_dir, size))) {
-        Some((f, Ok((writer, tail)))) => (writer, f.storage.follow(f.workspace_id, tail)),
-        _ => (SpoolWriter::create(spool_dir, memory.clone()), None),
-    }
+) -> Option<(SpoolWriter, FollowedPut)> {
+    let f = follow.filter(|_| memory.is_empty())?;
+    let size = multipart
+        .last_part_size(f.body_len)
+        .filter(|&size| size > 0 && size <= limits.max_file_bytes)?;
+    f.storage.follow(f.workspace_id, size, spool_dir)
 }
 
 /// Copies one file part into its spool, enforcing the per-file cap; an empty part is refused.

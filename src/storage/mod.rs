@@ -24,11 +24,12 @@ use crate::{
     config::BackendMode,
     db::DbError,
     digest, metrics,
-    spool::{Hashing, MemoryBudget, Spool, SpoolWriter, Tail, READ_CHUNK},
+    spool::{Hashing, MemoryBudget, Spool, SpoolWriter, READ_CHUNK},
 };
 
 pub use bytea::ByteaBackend;
-pub use s3::{ListedObject, PutFailure, S3Backend};
+use s3::PutFailure;
+pub use s3::{ListedObject, S3Backend};
 
 pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
 
@@ -133,7 +134,8 @@ impl FollowedPut {
     /// are done, so an answer sent after it leaves nothing behind.
     pub async fn cancel(mut self) {
         if let Some(task) = self.task.take() {
-            self.stop(task).await;
+            // In a task of its own: a caller dropped half-way still has the object deleted.
+            let _ = tokio::spawn(self.stop(task)).await;
         }
     }
 
@@ -232,18 +234,26 @@ impl Storage {
         self.mode != BackendMode::Bytea && self.s3.is_some()
     }
 
-    /// Starts the S3 PUT of a file while it is still being received (its spool followed by
-    /// `tail`), when the mode writes to S3: the PUT then ends soon after the receive rather
-    /// than starting there. [`Storage::put`] takes its outcome.
-    pub fn follow(&self, workspace_id: Uuid, tail: Tail) -> Option<FollowedPut> {
-        if self.mode == BackendMode::Bytea {
+    /// A spool for a file of `size` bytes that is still to be received, and its S3 PUT,
+    /// started now and reading the spool as it is written, when the mode writes to S3 and one
+    /// of the replica's places is free: the PUT then ends soon after the receive rather than
+    /// starting there. [`Storage::put`] takes its outcome. The PUT hashes the file itself (it
+    /// cannot send the digest first), so the spool does not.
+    pub fn follow(
+        &self,
+        workspace_id: Uuid,
+        size: u64,
+        spool_dir: &Path,
+    ) -> Option<(SpoolWriter, FollowedPut)> {
+        if !self.writes_s3() {
             return None;
         }
         let s3 = self.s3.clone()?;
         let place = s3.place_while_receiving()?;
+        let (writer, tail) = SpoolWriter::followed(spool_dir, size).ok()?;
         let file_id = Uuid::new_v4();
         let key = s3.key_for(workspace_id, file_id);
-        let (size, released) = (tail.size, tail.released());
+        let released = tail.released();
         let task = {
             let (s3, key) = (s3.clone(), key.clone());
             tokio::spawn(async move {
@@ -251,14 +261,15 @@ impl Storage {
                 s3.put_followed(&key, &tail).await
             })
         };
-        Some(FollowedPut {
+        let put = FollowedPut {
             file_id,
             size,
             key,
             s3,
             released,
             task: Some(task),
-        })
+        };
+        Some((writer.hashing(Hashing::OnReadBack), put))
     }
 
     /// Writes a spooled file wherever the mode sends new bytes, before its row exists (S3

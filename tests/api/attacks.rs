@@ -1995,26 +1995,12 @@ async fn large_list_answers_are_bounded_like_downloads() {
     );
     drop(stalled);
     wait_for_metric(&svc.base, "pending_uploads_downloads_in_progress", 0.0).await;
-    let items: Vec<Value> = client
-        .get(&list)
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(items.len(), 8000);
-    let rows: Vec<Value> = client
-        .get(&feed)
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(rows.len(), 500);
+    let array_len = |url: String| {
+        let get = client.get(url).bearer_auth(&token).send();
+        async move { get.await.unwrap().json::<Vec<Value>>().await.unwrap().len() }
+    };
+    assert_eq!(array_len(list).await, 8000);
+    assert_eq!(array_len(feed).await, 500);
 }
 
 /// A GET of a file's content on a raw socket with a 4 KiB receive buffer that never reads: the

@@ -1059,15 +1059,16 @@ fn paused_at(body: Vec<u8>, at: usize, ms: u64) -> reqwest::Body {
     reqwest::Body::wrap_stream(stream)
 }
 
+/// A raw multipart body (boundary `XqzBound`) of `len` bytes, posted to the service at `base`.
 async fn post_raw(
-    app: &TestApp,
+    base: &str,
     ws: Uuid,
     token: &str,
     body: reqwest::Body,
     len: usize,
 ) -> reqwest::Response {
-    app.client
-        .post(app.at(&format!("/workspaces/{ws}/chat/uploads")))
+    reqwest::Client::new()
+        .post(format!("{base}/workspaces/{ws}/chat/uploads"))
         .bearer_auth(token)
         .header("content-type", "multipart/form-data; boundary=XqzBound")
         .header("content-length", len.to_string())
@@ -1121,7 +1122,7 @@ async fn a_put_alongside_the_receive_writes_each_file_once() {
         let mut sent = Vec::new();
         for body in bodies {
             let len = body.len();
-            let resp = post_raw(&app, ws, &token, body.into(), len).await;
+            let resp = post_raw(&app.url, ws, &token, body.into(), len).await;
             let status = resp.status();
             let out: Value = resp.json().await.unwrap();
             assert_eq!(status, StatusCode::OK, "{mode}: {out}");
@@ -1150,18 +1151,14 @@ async fn a_refused_body_leaves_nothing_of_its_early_put() {
     let body = raw_multipart("XqzBound", &[("a.bin", &data)], b"XY\r\n");
     let len = body.len();
     // The bad close comes once the file (and so its PUT) is whole.
-    let resp = post_raw(&app, ws, &token, paused_at(body, len - 4, 1000), len).await;
+    let resp = post_raw(&app.url, ws, &token, paused_at(body, len - 4, 1000), len).await;
     assert_error(resp, StatusCode::BAD_REQUEST, "malformed multipart body").await;
     app.assert_nothing_staged().await;
     assert_objects_settle_to(&app, &[]).await;
 
     // Half the body, then the connection goes.
     let body = raw_multipart("XqzBound", &[("a.bin", &data)], b"--\r\n");
-    let addr = app
-        .at("")
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
+    let addr = app.url.trim_start_matches("http://").to_string();
     let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let head = format!(
         "POST /workspaces/{ws}/chat/uploads HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: multipart/form-data; boundary=XqzBound\r\nContent-Length: {}\r\n\r\n",
@@ -1191,7 +1188,7 @@ async fn a_client_pausing_mid_body_is_not_a_stalled_server() {
     let data = bytes(3 << 20, 6);
     let body = raw_multipart("XqzBound", &[("a.bin", &data)], b"--\r\n");
     let len = body.len();
-    let resp = post_raw(&app, ws, &token, paused_at(body, len / 2, 2500), len).await;
+    let resp = post_raw(&app.url, ws, &token, paused_at(body, len / 2, 2500), len).await;
     let status = resp.status();
     let out: Value = resp.json().await.unwrap();
     assert_eq!(status, StatusCode::OK, "{out}");
@@ -1199,28 +1196,6 @@ async fn a_client_pausing_mid_body_is_not_a_stalled_server() {
     let got = fetch(&app, ws, &token, fid).await.bytes().await.unwrap();
     assert!(got == data.as_slice());
     sweep_all_and_assert_bucket_empty(&app).await;
-}
-
-/// An upload body sent to a child service at `base`, `body` paused at `at` for `ms`.
-async fn upload_paused(
-    base: &str,
-    ws: Uuid,
-    token: &str,
-    body: Vec<u8>,
-    at: usize,
-    ms: u64,
-) -> StatusCode {
-    let len = body.len();
-    reqwest::Client::new()
-        .post(format!("{base}/workspaces/{ws}/chat/uploads"))
-        .bearer_auth(token)
-        .header("content-type", "multipart/form-data; boundary=XqzBound")
-        .header("content-length", len.to_string())
-        .body(paused_at(body, at, ms))
-        .send()
-        .await
-        .unwrap()
-        .status()
 }
 
 /// PUTs alongside the receive hold buffers of their own on top of the receive's, so a
@@ -1242,10 +1217,15 @@ async fn puts_while_receiving_are_bounded() {
         let (ws, token) = register_poll(&base).await;
         let body = raw_multipart("XqzBound", &[("a.bin", &bytes(3 << 20, 7))], b"--\r\n");
         // The first holds the replica's place through its pause; the second comes meanwhile.
-        let first = upload_paused(&base, ws, &token, body.clone(), body.len() / 2, 1500);
+        let len = body.len();
+        let first = async {
+            let paused = paused_at(body.clone(), len / 2, 1500);
+            post_raw(&base, ws, &token, paused, len).await.status()
+        };
         let second = async {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let status = upload_paused(&base, ws, &token, body.clone(), 0, 0).await;
+            let whole = body.clone().into();
+            let status = post_raw(&base, ws, &token, whole, len).await.status();
             (status, metric_value(&scrape_metrics(&base).await, written))
         };
         let (first, (second, after_second)) = tokio::join!(first, second);
@@ -1304,7 +1284,13 @@ async fn a_server_that_stalls_when_the_client_is_done_is_a_503() {
     let started = std::time::Instant::now();
     let resp = tokio::time::timeout(
         Duration::from_secs(15),
-        post_raw(&app, ws, &token, reqwest::Body::wrap_stream(stream), len),
+        post_raw(
+            &app.url,
+            ws,
+            &token,
+            reqwest::Body::wrap_stream(stream),
+            len,
+        ),
     )
     .await
     .expect("an answer, not a wait on a stalled server");
