@@ -130,21 +130,25 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
         upload_slots: Slots::new(
             args.max_concurrent_uploads,
             args.max_concurrent_uploads_per_workspace,
+            args.slot_share_per_client,
             &crate::metrics::metrics().uploads_in_progress,
         ),
         push_slots: Slots::new(
             args.max_concurrent_push_uploads,
             args.max_concurrent_uploads_per_workspace,
+            args.slot_share_per_client,
             &crate::metrics::metrics().uploads_in_progress,
         ),
         download_slots: Slots::new(
             args.max_concurrent_downloads,
             args.max_concurrent_downloads_per_workspace,
+            args.slot_share_per_client,
             &crate::metrics::metrics().downloads_in_progress,
         ),
         long_poll_slots: Slots::new(
             args.max_long_polls as usize,
             args.max_long_polls_per_workspace as usize,
+            args.slot_share_per_client,
             &crate::metrics::metrics().long_polls_waiting,
         ),
         deadlines: Deadlines {

@@ -315,6 +315,15 @@ pub struct ServeArgs {
     #[arg(long, env = "MAX_CONNECTIONS_PER_CLIENT", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub max_connections_per_client: u64,
+    /// Percent of each of this replica's slot kinds (uploads, push uploads, downloads, long
+    /// polls) one client address may hold at once (an IPv6 client by its /56; 1..=100, at
+    /// least one slot); more get 429. Registration is open, so without it one client with
+    /// enough workspaces could take every slot. Clients in private, loopback or link-local
+    /// networks and proxies in TRUSTED_PROXIES forwarding no client are not counted: behind a
+    /// proxy not listed there every client has the proxy's address.
+    #[arg(long, env = "SLOT_SHARE_PER_CLIENT", default_value_t = 25,
+          value_parser = clap::value_parser!(u64).range(1..=100))]
+    pub slot_share_per_client: u64,
     #[command(flatten)]
     pub deadlines: DeadlineArgs,
     /// Timeout for the push-mode proxy to a workspace (the canvas allows ~100 KB/s for 100 MB).

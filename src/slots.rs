@@ -9,9 +9,15 @@
 //! `MAX_LONG_POLLS` and `MAX_LONG_POLLS_PER_WORKSPACE`, a slot held while the request waits
 //! (every commit wakes the workspace's waiting polls into a query each). Slots are released by
 //! drop, whatever ends the request.
+//!
+//! Registration is open, so a workspace bound alone does not stop one client that registers
+//! many workspaces from taking every slot of a replica (16 workspaces fill 64 upload slots,
+//! each trickling at the minimum rate for hours). A client address therefore holds at most
+//! `SLOT_SHARE_PER_CLIENT` percent of each kind (the caller decides which requests count).
 
 use std::{
     collections::HashMap,
+    net::IpAddr,
     sync::{Arc, Mutex},
 };
 
@@ -26,69 +32,111 @@ pub enum Refused {
     Replica,
     /// The workspace holds all of its slots.
     Workspace,
+    /// The client address holds its share of the replica's slots.
+    Client,
+}
+
+/// Who a slot is counted against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Holder {
+    Workspace(Uuid),
+    Client(IpAddr),
 }
 
 #[derive(Clone)]
 pub struct Slots {
     replica: Arc<Semaphore>,
-    /// Slots held per workspace; an entry exists only while a slot is held, so the map is
-    /// never larger than the replica's slot count.
-    held: Arc<Mutex<HashMap<Uuid, usize>>>,
+    /// Slots held per workspace and per client; an entry exists only while a slot is held, so
+    /// the map is never larger than twice the replica's slot count.
+    held: Arc<Mutex<HashMap<Holder, usize>>>,
     per_workspace: usize,
+    per_client: usize,
     /// Counts the slots held (`uploads_in_progress`, `downloads_in_progress`,
     /// `long_polls_waiting`).
     gauge: &'static IntGauge,
 }
 
 impl Slots {
-    pub fn new(per_replica: usize, per_workspace: usize, gauge: &'static IntGauge) -> Self {
+    /// `client_share`: the percent of `per_replica` one client may hold (at least one slot).
+    pub fn new(
+        per_replica: usize,
+        per_workspace: usize,
+        client_share: u64,
+        gauge: &'static IntGauge,
+    ) -> Self {
+        let per_replica = per_replica.max(1);
+        let per_client = (per_replica as u64).saturating_mul(client_share.min(100)) / 100;
         Slots {
-            replica: Arc::new(Semaphore::new(per_replica.max(1))),
+            replica: Arc::new(Semaphore::new(per_replica)),
             held: Arc::new(Mutex::new(HashMap::new())),
             per_workspace: per_workspace.max(1),
+            per_client: (per_client as usize).max(1),
             gauge,
         }
     }
 
-    /// Whether [`acquire`](Self::acquire) would refuse this workspace now: a request that
-    /// is to be refused skips work it would have done before asking (a moment later the
-    /// answer may differ; `acquire` decides).
-    pub fn would_refuse(&self, workspace_id: Uuid) -> bool {
-        let full = self.held.lock().map_or(true, |held| {
-            held.get(&workspace_id) >= Some(&self.per_workspace)
+    /// Whether [`acquire`](Self::acquire) would refuse this workspace and client now: a
+    /// request that is to be refused skips work it would have done before asking (a moment
+    /// later the answer may differ; `acquire` decides).
+    pub fn would_refuse(&self, workspace_id: Uuid, client: Option<IpAddr>) -> bool {
+        let refused = self.held.lock().map_or(Some(Refused::Replica), |held| {
+            self.over_a_bound(&held, workspace_id, client)
         });
-        full || self.replica.available_permits() == 0
+        refused.is_some() || self.replica.available_permits() == 0
     }
 
-    pub fn acquire(&self, workspace_id: Uuid) -> Result<Slot, Refused> {
+    /// A slot for a request of `workspace_id` from `client` (`None`: a client not counted).
+    pub fn acquire(&self, workspace_id: Uuid, client: Option<IpAddr>) -> Result<Slot, Refused> {
+        let holders = [
+            Some(Holder::Workspace(workspace_id)),
+            client.map(Holder::Client),
+        ];
         {
             let mut held = self.held.lock().map_err(|_| Refused::Replica)?;
-            let n = held.entry(workspace_id).or_insert(0);
-            if *n >= self.per_workspace {
-                return Err(Refused::Workspace);
+            if let Some(refused) = self.over_a_bound(&held, workspace_id, client) {
+                return Err(refused);
             }
-            *n += 1;
+            for holder in holders.into_iter().flatten() {
+                *held.entry(holder).or_insert(0) += 1;
+            }
         }
         let Ok(permit) = self.replica.clone().try_acquire_owned() else {
-            release(&self.held, workspace_id);
+            release(&self.held, holders);
             return Err(Refused::Replica);
         };
         self.gauge.inc();
         Ok(Slot {
             _permit: permit,
-            workspace_id,
+            holders,
             held: self.held.clone(),
             gauge: self.gauge,
         })
     }
+
+    fn over_a_bound(
+        &self,
+        held: &HashMap<Holder, usize>,
+        workspace_id: Uuid,
+        client: Option<IpAddr>,
+    ) -> Option<Refused> {
+        let count = |holder| held.get(&holder).copied().unwrap_or(0);
+        if count(Holder::Workspace(workspace_id)) >= self.per_workspace {
+            return Some(Refused::Workspace);
+        }
+        match client {
+            Some(ip) if count(Holder::Client(ip)) >= self.per_client => Some(Refused::Client),
+            _ => None,
+        }
+    }
 }
 
-fn release(held: &Mutex<HashMap<Uuid, usize>>, workspace_id: Uuid) {
-    if let Ok(mut held) = held.lock() {
-        if let Some(n) = held.get_mut(&workspace_id) {
+fn release(held: &Mutex<HashMap<Holder, usize>>, holders: [Option<Holder>; 2]) {
+    let Ok(mut held) = held.lock() else { return };
+    for holder in holders.into_iter().flatten() {
+        if let Some(n) = held.get_mut(&holder) {
             *n -= 1;
             if *n == 0 {
-                held.remove(&workspace_id);
+                held.remove(&holder);
             }
         }
     }
@@ -97,15 +145,15 @@ fn release(held: &Mutex<HashMap<Uuid, usize>>, workspace_id: Uuid) {
 /// One held slot; counted in its gauge while held.
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
-    workspace_id: Uuid,
-    held: Arc<Mutex<HashMap<Uuid, usize>>>,
+    holders: [Option<Holder>; 2],
+    held: Arc<Mutex<HashMap<Holder, usize>>>,
     gauge: &'static IntGauge,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.gauge.dec();
-        release(&self.held, self.workspace_id);
+        release(&self.held, self.holders);
     }
 }
 
@@ -115,26 +163,61 @@ mod tests {
 
     #[test]
     fn per_workspace_and_per_replica_bounds() {
-        let slots = Slots::new(3, 2, &crate::metrics::metrics().uploads_in_progress);
+        let slots = Slots::new(3, 2, 100, &crate::metrics::metrics().uploads_in_progress);
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        let a1 = slots.acquire(a).unwrap();
-        assert!(!slots.would_refuse(a));
-        let _a2 = slots.acquire(a).unwrap();
-        assert!(slots.would_refuse(a) && !slots.would_refuse(b));
-        assert_eq!(slots.acquire(a).err(), Some(Refused::Workspace));
-        let _b1 = slots.acquire(b).unwrap();
-        assert!(slots.would_refuse(b));
-        assert_eq!(slots.acquire(b).err(), Some(Refused::Replica));
+        let a1 = slots.acquire(a, None).unwrap();
+        assert!(!slots.would_refuse(a, None));
+        let _a2 = slots.acquire(a, None).unwrap();
+        assert!(slots.would_refuse(a, None) && !slots.would_refuse(b, None));
+        assert_eq!(slots.acquire(a, None).err(), Some(Refused::Workspace));
+        let _b1 = slots.acquire(b, None).unwrap();
+        assert!(slots.would_refuse(b, None));
+        assert_eq!(slots.acquire(b, None).err(), Some(Refused::Replica));
         drop(a1);
-        assert!(!slots.would_refuse(a) && !slots.would_refuse(b));
-        let _b2 = slots.acquire(b).unwrap();
+        assert!(!slots.would_refuse(a, None) && !slots.would_refuse(b, None));
+        let _b2 = slots.acquire(b, None).unwrap();
         assert_eq!(slots.held.lock().unwrap().len(), 2);
         drop(_b2);
         drop(_b1);
         assert_eq!(
-            slots.held.lock().unwrap().get(&b),
+            slots.held.lock().unwrap().get(&Holder::Workspace(b)),
             None,
             "no entry once released"
+        );
+    }
+
+    #[test]
+    fn a_client_holds_its_share_across_workspaces() {
+        // 25 % of 8: two slots per client, whatever the workspace.
+        let slots = Slots::new(8, 4, 25, &crate::metrics::metrics().uploads_in_progress);
+        let (one, other): (IpAddr, IpAddr) = (
+            "203.0.113.1".parse().unwrap(),
+            "203.0.113.2".parse().unwrap(),
+        );
+        let ws = || Uuid::new_v4();
+        let first = slots.acquire(ws(), Some(one)).unwrap();
+        let _second = slots.acquire(ws(), Some(one)).unwrap();
+        let third = ws();
+        assert!(slots.would_refuse(third, Some(one)));
+        assert_eq!(slots.acquire(third, Some(one)).err(), Some(Refused::Client));
+        assert!(!slots.would_refuse(third, Some(other)));
+        let _theirs = slots.acquire(third, Some(other)).unwrap();
+        let _uncounted: Vec<_> = (0..4).map(|_| slots.acquire(ws(), None).unwrap()).collect();
+        let _eighth = slots.acquire(ws(), Some(other)).unwrap();
+        assert_eq!(
+            slots.acquire(ws(), Some(other)).err(),
+            Some(Refused::Client)
+        );
+        assert_eq!(slots.acquire(ws(), None).err(), Some(Refused::Replica));
+        drop(first);
+        let _again = slots.acquire(ws(), Some(one)).expect("its slot came back");
+        let held = slots.held.lock().unwrap();
+        assert_eq!(held.get(&Holder::Client(one)), Some(&2));
+        assert_eq!(held.len(), 8 + 2, "refusals left no count behind");
+        drop(held);
+        assert_eq!(
+            Slots::new(3, 3, 1, &crate::metrics::metrics().uploads_in_progress).per_client,
+            1
         );
     }
 }

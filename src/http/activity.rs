@@ -108,7 +108,7 @@ impl FeedQuery {
         (status = 400, description = "invalid parameter", body = api::ErrorBody),
         (status = 401, description = "missing or invalid bearer", body = api::ErrorBody),
         (status = 410, description = "since_id cursor not found", body = api::ErrorBody),
-        (status = 429, description = "the workspace has MAX_LONG_POLLS_PER_WORKSPACE long polls waiting, or (an answer over 16 KiB) MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE downloads and large answers streaming (Retry-After)", body = api::ErrorBody),
+        (status = 429, description = "the workspace has MAX_LONG_POLLS_PER_WORKSPACE long polls waiting, or (an answer over 16 KiB) MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE downloads and large answers streaming, or this client address its SLOT_SHARE_PER_CLIENT of them (code client_busy) (Retry-After)", body = api::ErrorBody),
         (status = 503, description = "datastore unavailable, or MAX_LONG_POLLS long polls waiting, or (an answer over 16 KiB) MAX_CONCURRENT_DOWNLOADS downloads and large answers streaming (Retry-After)", body = api::ErrorBody),
     )
 )]
@@ -124,7 +124,7 @@ pub async fn list(
     // 10,000 pollers) is only the wait's, not the query's.
     let (Some(cursor), Some(wait)) = (query.since_id, query.wait) else {
         let rows = Box::pin(fetch(&st, workspace_id, credential, &query)).await?;
-        return answer::json(&st, workspace_id, &project(rows, &query));
+        return answer::json(&st, who, &project(rows, &query));
     };
     // Long poll: subscribe first, so a row committing between the query and the wait still
     // wakes us; a waiting request holds no database connection.
@@ -140,12 +140,12 @@ pub async fn list(
         if !rows.is_empty() || tokio::time::Instant::now() >= deadline || !st.is_accepting() {
             // The wait's slot goes before a large answer takes a download slot.
             drop(slot);
-            return answer::json(&st, workspace_id, &project(rows, &query));
+            return answer::json(&st, who, &project(rows, &query));
         }
         // Taken once the caller is checked and there is nothing to answer; held to the end
         // of the request (released by drop, however it ends).
         if slot.is_none() {
-            slot = Some(wait_slot(&st, workspace_id)?);
+            slot = Some(wait_slot(&st, who)?);
         }
         tokio::select! {
             _ = &mut woken => {}
@@ -166,12 +166,13 @@ pub async fn list(
 /// each waiting poll into a feed query, so one workspace's pollers are bounded
 /// (`MAX_LONG_POLLS_PER_WORKSPACE`) or its uploads could take the connection pool from
 /// everyone; the replica's are too (`MAX_LONG_POLLS`), below its connection cap.
-fn wait_slot(st: &AppState, workspace_id: Uuid) -> Result<Slot, ApiError> {
+fn wait_slot(st: &AppState, who: WorkspaceClaim) -> Result<Slot, ApiError> {
     st.long_poll_slots
-        .acquire(workspace_id)
+        .acquire(who.workspace_id, who.client)
         .map_err(|refused| match refused {
             Refused::Replica => ApiError::LongPollCapacity,
             Refused::Workspace => ApiError::WorkspaceLongPollsBusy,
+            Refused::Client => ApiError::ClientBusy,
         })
 }
 

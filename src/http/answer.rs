@@ -2,6 +2,8 @@
 //! that does not read keeps an answer's bytes in memory, ours and the connection's, until
 //! RESPONSE_MIN_RATE cuts it, so large ones are counted like downloads.
 
+use super::{error::ApiError, extract::WorkspaceClaim, AppState};
+use crate::slots::{self, Slot};
 use axum::{
     body::Body,
     http::header,
@@ -9,10 +11,6 @@ use axum::{
 };
 use bytes::Bytes;
 use futures::StreamExt;
-use uuid::Uuid;
-
-use super::{error::ApiError, AppState};
-use crate::slots::{self, Slot};
 
 /// Answers up to this size go out as they are. Larger ones hold a download slot of the
 /// workspace (`MAX_CONCURRENT_DOWNLOADS`, `..._PER_WORKSPACE`) until their body is dropped.
@@ -23,26 +21,27 @@ pub const SMALL_MAX: usize = 16 * 1024;
 const PIECE: usize = 16 * 1024;
 
 /// One of the workspace's download slots, or the refusal downloads get.
-pub fn download_slot(st: &AppState, workspace_id: Uuid) -> Result<Slot, ApiError> {
+pub fn download_slot(st: &AppState, who: WorkspaceClaim) -> Result<Slot, ApiError> {
     st.download_slots
-        .acquire(workspace_id)
+        .acquire(who.workspace_id, who.client)
         .map_err(|refused| match refused {
             slots::Refused::Replica => ApiError::DownloadCapacity,
             slots::Refused::Workspace => ApiError::WorkspaceDownloadsBusy,
+            slots::Refused::Client => ApiError::ClientBusy,
         })
 }
 
 /// `value` as a 200 JSON answer, under a download slot when larger than [`SMALL_MAX`].
 pub fn json<T: serde::Serialize>(
     st: &AppState,
-    workspace_id: Uuid,
+    who: WorkspaceClaim,
     value: &T,
 ) -> Result<Response, ApiError> {
     let bytes = Bytes::from(serde_json::to_vec(value).map_err(ApiError::internal)?);
     if bytes.len() <= SMALL_MAX {
         return Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response());
     }
-    let slot = download_slot(st, workspace_id)?;
+    let slot = download_slot(st, who)?;
     Ok((
         [(header::CONTENT_TYPE, "application/json")],
         Body::from_stream(in_pieces(bytes, slot)),

@@ -72,6 +72,9 @@ pub enum ApiError {
     WorkspaceDownloadsBusy,
     #[error("too many long polls waiting for this workspace — retry shortly")]
     WorkspaceLongPollsBusy,
+    /// The client address holds its SLOT_SHARE_PER_CLIENT of a slot kind (SPEC is silent).
+    #[error("too many requests in progress from this client — retry shortly")]
+    ClientBusy,
     /// Every long poll slot of this replica is taken (SPEC is silent).
     #[error("too many long polls waiting — retry shortly")]
     LongPollCapacity,
@@ -141,7 +144,8 @@ impl ApiError {
             | RegistrationRate { .. }
             | WorkspaceBusy
             | WorkspaceDownloadsBusy
-            | WorkspaceLongPollsBusy => StatusCode::TOO_MANY_REQUESTS,
+            | WorkspaceLongPollsBusy
+            | ClientBusy => StatusCode::TOO_MANY_REQUESTS,
             CursorGone => StatusCode::GONE,
             RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             NoCallbackUrl { .. } => StatusCode::UNPROCESSABLE_ENTITY,
@@ -195,6 +199,7 @@ impl ApiError {
             ApiError::WorkspaceBusy
             | ApiError::WorkspaceDownloadsBusy
             | ApiError::WorkspaceLongPollsBusy => body.code = Some("workspace_busy".into()),
+            ApiError::ClientBusy => body.code = Some("client_busy".into()),
             ApiError::DownloadCapacity => body.code = Some("download_capacity".into()),
             ApiError::LookupCapacity => body.code = Some("lookup_capacity".into()),
             ApiError::LongPollCapacity => body.code = Some("long_poll_capacity".into()),
@@ -223,6 +228,7 @@ impl ApiError {
             | ApiError::WorkspaceDownloadsBusy
             // A waiting poll frees its place when a row commits or its wait ends.
             | ApiError::WorkspaceLongPollsBusy
+            | ApiError::ClientBusy
             | ApiError::LongPollCapacity => Some("2"),
             _ => None,
         };

@@ -5,9 +5,15 @@ use axum::{
     http::request::Parts,
 };
 use serde::de::DeserializeOwned;
+use std::net::IpAddr;
 use uuid::Uuid;
 
-use super::{body, error::ApiError, AppState};
+use super::{
+    body,
+    error::ApiError,
+    peer::{self, Peer},
+    AppState,
+};
 use crate::auth::{Caller, Credential};
 
 /// A caller allowed on `/workspaces/:id/...`: the admin, or a live token of that workspace.
@@ -96,6 +102,9 @@ fn uuid_param(parts: &Parts, name: &str) -> Option<Uuid> {
 pub struct WorkspaceClaim {
     pub workspace_id: Uuid,
     pub credential: Credential,
+    /// Who the request's slots are counted against besides the workspace
+    /// ([`peer::slot_client`]).
+    pub client: Option<IpAddr>,
 }
 
 impl FromRequestParts<AppState> for WorkspaceClaim {
@@ -104,9 +113,11 @@ impl FromRequestParts<AppState> for WorkspaceClaim {
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
         let raw_id = raw_workspace_id(parts)?;
         let (workspace_id, credential) = st.auth.claim(&parts.headers, &raw_id)?;
+        let peer = parts.extensions.get::<Peer>().map(|Peer(ip)| *ip);
         Ok(WorkspaceClaim {
             workspace_id,
             credential,
+            client: peer::slot_client(peer, &parts.headers, &st.trusted_proxies),
         })
     }
 }

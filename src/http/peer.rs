@@ -1,7 +1,7 @@
 //! Who sent a request: the connection's peer, or, when that peer is a proxy the operator
 //! trusts (`TRUSTED_PROXIES`), the address the proxies say they forwarded for
 //! (`X-Forwarded-For`). Used to keep a bucket of registrations per client, and to bound the
-//! connections one client holds.
+//! connections and the slots one client holds.
 
 use std::{
     collections::HashMap,
@@ -11,7 +11,7 @@ use std::{
 
 use axum::http::HeaderMap;
 
-use crate::networks::{client_key, Networks};
+use crate::networks::{client_key, is_local, Networks};
 
 /// Open connections per client address (`MAX_CONNECTIONS_PER_CLIENT`, off by default), so
 /// that one client cannot hold a replica's `MAX_CONNECTIONS` places and leave everyone else
@@ -123,6 +123,21 @@ pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &Networks) -> 
     client
 }
 
+/// The client a request's slots are counted under (`SLOT_SHARE_PER_CLIENT`): its address's
+/// key, or `None` when it is not counted: the operator's own (a trusted proxy that forwarded
+/// no client, an address in a local network) or unknown (a request made inside the process).
+pub fn slot_client(
+    peer: Option<IpAddr>,
+    headers: &HeaderMap,
+    trusted: &Networks,
+) -> Option<IpAddr> {
+    let client = client_address(peer?, headers, trusted);
+    match trusted.contains(client) || is_local(client) {
+        true => None,
+        false => Some(client_key(client)),
+    }
+}
+
 /// `203.0.113.7`, `2001:db8::7`, or either with a port (`203.0.113.7:4711`, `[2001:db8::7]:4711`).
 fn hop_address(hop: &[u8]) -> Option<IpAddr> {
     let hop = std::str::from_utf8(hop).ok()?.trim();
@@ -190,6 +205,27 @@ mod tests {
         assert_eq!(client_address(peer, &HeaderMap::new(), &trusted), peer);
         let h = forwarded(&["10.0.0.9"]);
         assert_eq!(client_address(peer, &h, &trusted), ip("10.0.0.9"));
+    }
+
+    #[test]
+    fn slots_count_public_clients_only() {
+        let trusted: Networks = "10.0.0.0/8, 192.0.2.1".parse().unwrap();
+        let none = HeaderMap::new();
+        let slot_client = |peer: &str, h: &HeaderMap| slot_client(Some(ip(peer)), h, &trusted);
+        assert_eq!(slot_client("203.0.113.1", &none), Some(ip("203.0.113.1")));
+        assert_eq!(
+            slot_client("2001:db8:0:1::7", &none),
+            Some(ip("2001:db8::")),
+            "an IPv6 client by its /56"
+        );
+        assert_eq!(slot_client("127.0.0.1", &none), None);
+        assert_eq!(slot_client("192.168.7.7", &none), None);
+        assert_eq!(slot_client("192.0.2.1", &none), None, "a trusted proxy");
+        let h = forwarded(&["203.0.113.9"]);
+        assert_eq!(slot_client("192.0.2.1", &h), Some(ip("203.0.113.9")));
+        assert_eq!(slot_client("10.0.0.2", &h), Some(ip("203.0.113.9")));
+        assert_eq!(slot_client("203.0.113.1", &h), Some(ip("203.0.113.1")));
+        assert_eq!(super::slot_client(None, &h, &trusted), None);
     }
 
     #[test]

@@ -51,7 +51,7 @@ fn pending_upload(row: &UploadRow) -> PendingUpload {
         (status = 200, description = "OK", body = Vec<PendingUpload>),
         (status = 400, description = "invalid workspace ID", body = api::ErrorBody),
         (status = 401, description = "missing or invalid bearer", body = api::ErrorBody),
-        (status = 429, description = "an answer over 16 KiB while the workspace has MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE downloads and large answers streaming (Retry-After)", body = api::ErrorBody),
+        (status = 429, description = "an answer over 16 KiB while the workspace has MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE downloads and large answers streaming, or this client address its SLOT_SHARE_PER_CLIENT of them (code client_busy) (Retry-After)", body = api::ErrorBody),
         (status = 503, description = "datastore unavailable, or an answer over 16 KiB while MAX_CONCURRENT_DOWNLOADS downloads and large answers are streaming (Retry-After)", body = api::ErrorBody),
     )
 )]
@@ -65,9 +65,9 @@ pub async fn list(State(st): State<AppState>, who: WorkspaceClaim) -> Result<Res
     if first.len() < LIST_PAGE as usize {
         // The common case, one page: a plain answer with its Content-Length.
         let items: Vec<PendingUpload> = first.iter().map(pending_upload).collect();
-        return answer::json(&st, workspace_id, &items);
+        return answer::json(&st, who, &items);
     }
-    let slot = answer::download_slot(&st, workspace_id)?;
+    let slot = answer::download_slot(&st, who)?;
     let db = st.db.clone();
     let pages = futures::stream::try_unfold(Some((first, true)), move |state| {
         let db = db.clone();
@@ -225,7 +225,7 @@ pub async fn content_head(
         (status = 401, description = "missing or invalid bearer", body = api::ErrorBody),
         (status = 404, description = "pending upload not found or expired", body = api::ErrorBody),
         (status = 416, description = "range not satisfiable", body = api::ErrorBody),
-        (status = 429, description = "the workspace has MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE downloads streaming (Retry-After)", body = api::ErrorBody),
+        (status = 429, description = "the workspace has MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE downloads streaming, or this client address its SLOT_SHARE_PER_CLIENT of them (code client_busy) (Retry-After)", body = api::ErrorBody),
         (status = 503, description = "datastore or storage unavailable, or MAX_CONCURRENT_DOWNLOADS downloads streaming (Retry-After)", body = api::ErrorBody),
     )
 )]
@@ -240,7 +240,7 @@ pub async fn content(
     // workspace with no download slot free gets its 429 without them.
     let conditional =
         headers.contains_key(header::RANGE) || headers.contains_key(header::IF_NONE_MATCH);
-    let refused = st.download_slots.would_refuse(who.workspace_id);
+    let refused = st.download_slots.would_refuse(who.workspace_id, who.client);
     let head = (!conditional && !refused).then_some(READ_CHUNK);
     let (row, head) = find(&st, who, file_id, head).await?;
     if none_match_fails(&headers, &row) {
@@ -250,7 +250,7 @@ pub async fn content(
     // Taken after the caller check (a stranger cannot take a workspace's slots) and held
     // until the body is dropped: a client that stops reading keeps its slot and the slice
     // in flight, not more.
-    let slot = answer::download_slot(&st, row.workspace_id)?;
+    let slot = answer::download_slot(&st, who)?;
     let loc = row.location();
     let backend = st.storage.reader_name(&loc);
     let m = metrics();

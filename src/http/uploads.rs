@@ -62,7 +62,7 @@ pub fn delivery<'a>(mode: Option<&str>, url: Option<&'a str>) -> Delivery<'a> {
         (status = 408, description = "request body stalled or too slow", body = api::ErrorBody),
         (status = 413, description = "file or request over its cap", body = api::ErrorBody),
         (status = 422, description = "workspace has no callback URL", body = api::ErrorBody),
-        (status = 429, description = "workspace pending-upload quota exceeded, or its upload slots taken", body = api::ErrorBody),
+        (status = 429, description = "workspace pending-upload quota exceeded, or its upload slots taken, or this client address its SLOT_SHARE_PER_CLIENT of them (code client_busy)", body = api::ErrorBody),
         (status = 502, description = "workspace unreachable", body = api::ErrorBody),
         (status = 503, description = "datastore, storage, spool or upload capacity unavailable; or push URL not registered", body = api::ErrorBody),
     )
@@ -100,10 +100,13 @@ pub async fn chat_upload(
     };
     // Held by whatever outlives this handler when the client goes: the staging commit (its
     // own task) or the relay.
-    let slot = slots.acquire(ws.id).map_err(|refused| match refused {
-        slots::Refused::Replica => ApiError::UploadCapacity,
-        slots::Refused::Workspace => ApiError::WorkspaceBusy,
-    })?;
+    let slot = slots
+        .acquire(ws.id, who.client)
+        .map_err(|refused| match refused {
+            slots::Refused::Replica => ApiError::UploadCapacity,
+            slots::Refused::Workspace => ApiError::WorkspaceBusy,
+            slots::Refused::Client => ApiError::ClientBusy,
+        })?;
     let body = UploadBody::new(body, max_request_bytes, st.deadlines.upload, content_length);
     match delivery {
         Delivery::Poll => stage(&st, &ws, pending, &headers, body, slot).await,

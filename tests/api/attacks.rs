@@ -1474,6 +1474,155 @@ async fn one_workspace_cannot_hold_every_upload_slot() {
     );
 }
 
+/// Registration is open, so one client could register workspaces until their slots (each
+/// within its workspace's bound) filled the replica: here two workspaces' 4 + 4 trickling
+/// uploads held all 8 slots, and every other client's upload got 503 for as long as the
+/// trickles lasted. A client address now holds at most SLOT_SHARE_PER_CLIENT percent of each
+/// slot kind (2 of 8 here), whatever its workspaces; the rest are answered 429 at once. Other
+/// clients are served, and so is a request from the proxy itself or a local address.
+#[tokio::test]
+async fn one_client_cannot_take_every_slot_through_many_workspaces() {
+    const ATTACKER: &str = "203.0.113.66";
+    let svc = Svc::start(&[
+        ("MAX_CONCURRENT_UPLOADS", "8"),
+        ("MAX_CONCURRENT_UPLOADS_PER_WORKSPACE", "4"),
+        ("MAX_LONG_POLLS", "8"),
+        ("SLOT_SHARE_PER_CLIENT", "25"),
+        ("TRUSTED_PROXIES", "127.0.0.0/8"),
+        ("BODY_RATE_GRACE", "60s"),
+    ])
+    .await;
+    let own = [
+        register_poll(&svc.base).await,
+        register_poll(&svc.base).await,
+    ];
+    let body = one_file("XB", "held.bin", &vec![b'y'; 100_000]);
+    let mut attempts = Vec::new();
+    for (ws, token) in own
+        .iter()
+        .chain(own.iter())
+        .chain(own.iter())
+        .chain(own.iter())
+    {
+        let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
+        let head = upload_head(&svc, *ws, token, body.len()).replacen(
+            "\r\n\r\n",
+            &format!("\r\nX-Forwarded-For: {ATTACKER}\r\n\r\n"),
+            1,
+        );
+        sock.write_all(head.as_bytes()).await.unwrap();
+        sock.write_all(&body[..1000]).await.unwrap();
+        attempts.push(sock);
+    }
+    // Each attempt is either refused (answered once the rest of its body has had its 5 s to
+    // arrive) or held, waiting for the rest of its body.
+    let answers = futures::future::join_all(attempts.iter_mut().map(|sock| async move {
+        let mut raw = vec![0u8; 4096];
+        match tokio::time::timeout(Duration::from_secs(8), sock.read(&mut raw)).await {
+            Ok(Ok(n)) => Some(String::from_utf8_lossy(&raw[..n]).to_string()),
+            _ => None,
+        }
+    }))
+    .await;
+    let refused: Vec<&String> = answers.iter().flatten().collect();
+    assert_eq!(refused.len(), 6, "{answers:?}");
+    for answer in &refused {
+        assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+        assert!(answer.contains("\r\nRetry-After: 2\r\n"), "{answer}");
+        assert!(
+            answer.ends_with(r#"{"error":"too many requests in progress from this client — retry shortly","code":"client_busy"}"#),
+            "{answer}"
+        );
+    }
+    wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 2.0).await;
+
+    // Another client, the proxy itself, and the attacker's own third workspace from elsewhere.
+    let (victim, victim_token) = register_poll(&svc.base).await;
+    let from = |forwarded_for: Option<&'static str>| {
+        let mut req = reqwest::Client::new()
+            .post(svc.at(&format!("/workspaces/{victim}/chat/uploads")))
+            .bearer_auth(&victim_token)
+            .header("Content-Type", "multipart/form-data; boundary=XB")
+            .body(one_file("XB", "fine.txt", b"ok"));
+        if let Some(f) = forwarded_for {
+            req = req.header("x-forwarded-for", f);
+        }
+        req.send()
+    };
+    assert_eq!(
+        from(Some("198.51.100.7")).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        from(None).await.unwrap().status(),
+        StatusCode::OK,
+        "the proxy itself"
+    );
+    assert_eq!(
+        from(Some("10.1.2.3")).await.unwrap().status(),
+        StatusCode::OK,
+        "a local client"
+    );
+    let resp = from(Some(ATTACKER)).await.unwrap();
+    assert_retry_later(
+        resp,
+        StatusCode::TOO_MANY_REQUESTS,
+        "2",
+        json!({"error": "too many requests in progress from this client — retry shortly", "code": "client_busy"}),
+    )
+    .await;
+    assert_eq!(
+        svc.count("pending_uploads").await,
+        3,
+        "a refusal stores nothing"
+    );
+
+    // Long polls the same way: the attacker's two uploads still hold its two upload slots, and
+    // long polls are a kind of their own (2 of MAX_LONG_POLLS 8).
+    let cursor: Value = reqwest::Client::new()
+        .get(svc.at(&format!("/workspaces/{victim}/activity")))
+        .bearer_auth(&victim_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let cursor = cursor[0]["id"]
+        .as_str()
+        .expect("an activity row")
+        .to_string();
+    let poll = |forwarded_for: &'static str| {
+        reqwest::Client::new()
+            .get(svc.at(&format!(
+                "/workspaces/{victim}/activity?since_id={cursor}&wait=30"
+            )))
+            .bearer_auth(&victim_token)
+            .header("x-forwarded-for", forwarded_for)
+            .send()
+    };
+    let waiting = [tokio::spawn(poll(ATTACKER)), tokio::spawn(poll(ATTACKER))];
+    wait_for_metric(&svc.base, "pending_uploads_long_polls_waiting", 2.0).await;
+    let resp = poll(ATTACKER).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(resp.json::<Value>().await.unwrap()["code"], "client_busy");
+    let other = tokio::spawn(poll("198.51.100.7"));
+    wait_for_metric(&svc.base, "pending_uploads_long_polls_waiting", 3.0).await;
+    for w in waiting {
+        w.abort();
+    }
+    other.abort();
+
+    drop(attempts);
+    wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 0.0).await;
+    let resp = from(Some(ATTACKER)).await.unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "its slots come back when its uploads end"
+    );
+}
+
 /// A client that sends its whole body and goes does not free its slot while its commit goes
 /// on without it (holding a database connection, its spool, the workspace's lock queue):
 /// otherwise "send, close, repeat" takes unbounded commits past every slot cap.
