@@ -27,6 +27,7 @@ pub struct Metrics {
     pub backfill_rows: IntCounterVec,
     pub responses_cut: IntCounterVec,
     pub connections_refused: IntCounter,
+    pub connections_shed: IntCounter,
     pub http_request_duration: HistogramVec,
     pub storage_operation_duration: HistogramVec,
     pub upload_size: Histogram,
@@ -165,6 +166,13 @@ impl Metrics {
                 IntCounter::with_opts(opts(
                     "connections_refused_total",
                     "Connections answered 429 and closed: their client had MAX_CONNECTIONS_PER_CLIENT open",
+                ))
+                .expect("valid metric"),
+            ),
+            connections_shed: r.add(
+                IntCounter::with_opts(opts(
+                    "connections_shed_total",
+                    "Connections closed before their first request to make room for a new one: every MAX_CONNECTIONS place was taken",
                 ))
                 .expect("valid metric"),
             ),

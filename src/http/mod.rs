@@ -13,6 +13,7 @@ pub mod peer;
 pub mod pending;
 pub mod push;
 pub mod registry;
+pub mod shed;
 pub mod uploads;
 
 use std::{
@@ -35,7 +36,11 @@ use hyper_util::{
     server::graceful::GracefulShutdown,
     service::TowerToHyperService,
 };
-use tokio::{io::AsyncWriteExt, net::TcpListener, sync::Semaphore};
+use tokio::{
+    io::AsyncWriteExt,
+    net::TcpListener,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use tower::ServiceExt;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -292,7 +297,8 @@ pub struct ServeOptions {
     pub response: conn::ResponsePace,
     /// A request head must arrive within this.
     pub header_read: Duration,
-    /// Open connections at most; more wait in the listen backlog.
+    /// Open connections at most; when all are taken, a new one sheds the oldest that has not
+    /// begun a request (else it waits, and more in the listen backlog).
     pub max_connections: usize,
     /// Open connections per client address; more are answered 429 and closed.
     pub per_client: Arc<peer::ConnectionsPerClient>,
@@ -323,15 +329,9 @@ pub async fn serve(
         .max_buf_size(READ_BUFFER_MAX);
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(opts.max_connections.max(1)));
+    let unstarted = Arc::new(shed::Unstarted::default());
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = &mut shutdown => break,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -341,6 +341,10 @@ pub async fn serve(
                     continue;
                 }
             },
+            _ = &mut shutdown => break,
+        };
+        let permit = tokio::select! {
+            permit = connection_place(&connections, &unstarted) => permit,
             _ = &mut shutdown => break,
         };
         let Some(place) = opts.per_client.open(peer.ip()) else {
@@ -361,8 +365,11 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let io = conn::ClientStream::new(stream, opts.response);
         let peer_ip = peer::Peer(peer.ip());
+        let standing = unstarted.add();
+        let hook = standing.clone();
         let service = TowerToHyperService::new(app.clone().map_request(
             move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                hook.started();
                 req.extensions_mut().insert(peer_ip);
                 req
             },
@@ -372,7 +379,15 @@ pub async fn serve(
         tokio::spawn(async move {
             let _permit = permit;
             let _place = place;
-            if let Err(e) = conn.await {
+            let ended = tokio::select! {
+                ended = conn => ended,
+                _ = standing.shed() => {
+                    crate::metrics::metrics().connections_shed.inc();
+                    tracing::info!(event = "connection_shed", %peer, "every connection place taken: closed the oldest connection without a request");
+                    return;
+                }
+            };
+            if let Err(e) = ended {
                 match conn::ResponseCut::of(&e) {
                     Some(cut) => {
                         crate::metrics::metrics()
@@ -395,6 +410,24 @@ pub async fn serve(
         tracing::warn!("drain deadline passed; closing remaining connections");
     }
     Ok(())
+}
+
+/// A place for a new connection. When all are taken, the oldest connection that has not
+/// begun a request is told to close (asked again while none can be, every 200 ms).
+async fn connection_place(
+    connections: &Arc<Semaphore>,
+    unstarted: &shed::Unstarted,
+) -> OwnedSemaphorePermit {
+    loop {
+        if let Ok(permit) = connections.clone().try_acquire_owned() {
+            return permit;
+        }
+        unstarted.shed_oldest();
+        let wait = connections.clone().acquire_owned();
+        if let Ok(Ok(permit)) = tokio::time::timeout(Duration::from_millis(200), wait).await {
+            return permit;
+        }
+    }
 }
 
 /// A 200 JSON answer of `T` with its Content-Length (the common success shape).

@@ -1231,6 +1231,93 @@ async fn one_client_cannot_hold_every_connection() {
     );
 }
 
+/// With every MAX_CONNECTIONS place held by connections that never finish their request
+/// heads (each lives HEADER_READ_TIMEOUT; a client opens the next as one is cut), a new client
+/// waited in the listen backlog until one was cut: here 30 s. The oldest connection that has
+/// not begun a request is now closed to make room, so the new client is answered at once; a
+/// connection whose request has begun (a long poll here) is never the one closed.
+#[tokio::test]
+async fn connections_that_never_send_a_request_cannot_hold_every_place() {
+    let svc = Svc::start(&[("MAX_CONNECTIONS", "4"), ("HEADER_READ_TIMEOUT", "30s")]).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let cursor = upload_file(&svc, ws, &token, "a.txt", b"a").await;
+    assert_eq!(cursor.status(), StatusCode::OK);
+    let feed: Value = reqwest::Client::new()
+        .get(svc.at(&format!("/workspaces/{ws}/activity")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let newest = feed[0]["id"].as_str().unwrap().to_string();
+    let mut poll = TcpStream::connect(&svc.addr).await.unwrap();
+    let head = format!(
+        "GET /workspaces/{ws}/activity?since_id={newest}&wait=20 HTTP/1.1\r\nHost: x\r\n\
+         Authorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    poll.write_all(head.as_bytes()).await.unwrap();
+    wait_for_metric(&svc.base, "pending_uploads_long_polls_waiting", 1.0).await;
+    let mut slow = Vec::new();
+    for _ in 0..3 {
+        let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
+        sock.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .unwrap();
+        slow.push(sock);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let resp = client.get(svc.at("/healthz")).send().await;
+        let resp = resp.expect("answered while every place was held");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    // Each new connection (the three GETs' one, then each scrape's) shed the oldest of the
+    // slow ones; the long poll was never a candidate and is still waiting.
+    let metrics = client
+        .get(svc.at("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metric_value(&metrics, "pending_uploads_connections_shed_total") >= Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(&metrics, "pending_uploads_long_polls_waiting"),
+        Some(1.0)
+    );
+    let mut first = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(1), slow[0].read(&mut first)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the oldest slow one was closed: {closed:?}"
+    );
+    let upload = upload_file(&svc, ws, &token, "b.txt", b"b").await;
+    assert_eq!(upload.status(), StatusCode::OK);
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), poll.read_to_string(&mut answer))
+        .await
+        .expect("the long poll answered")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    assert!(answer.contains("b.txt"), "{answer}");
+}
+
 /// /readyz needs no credential, and each probe pinged the database on a pooled connection of
 /// its own: a flood of probes took the pool (and the database's backends) from everyone else.
 /// Probes that arrive while a check runs now share its answer: 300 at once open no more
