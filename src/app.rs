@@ -73,6 +73,7 @@ pub fn sweeper(args: &SweepArgs, db: &Db, storage: &Storage) -> Sweeper {
         orphan_grace: args.orphan_grace.0,
         orphan_page_size: crate::sweep::ORPHAN_PAGE_SIZE,
         resume_after: Default::default(),
+        replica: uuid::Uuid::new_v4(),
     }
 }
 

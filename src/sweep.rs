@@ -1,7 +1,9 @@
 //! The sweeper (SPEC §7): deletes acked rows past retention and every row past its TTL, in
 //! bounded batches, then their objects; and reconciles objects that no row points at.
 //! Every replica runs it; SKIP LOCKED keeps them from colliding, and deleting an object that
-//! is already gone succeeds, so two sweepers never error on each other.
+//! is already gone succeeds, so two sweepers never error on each other. The reconciliation
+//! lists the whole prefix, so the fleet takes turns at it (`db::leases`), rather
+//! than every replica listing and deleting the same objects.
 
 use std::{
     sync::{Arc, Mutex},
@@ -9,6 +11,7 @@ use std::{
 };
 
 use futures::{stream, StreamExt, TryStreamExt};
+use uuid::Uuid;
 
 use crate::{
     db::{self, Db, DbError},
@@ -46,7 +49,23 @@ pub struct Sweeper {
     /// Where the next reconciliation starts listing: after the key at which the last one
     /// gave up (see [`Sweeper::reconcile`]), or from the start.
     pub resume_after: Arc<Mutex<Option<String>>>,
+    /// Who this sweeper is when it takes a turn of the fleet's ([`Sweeper::reconcile_in_turn`]).
+    pub replica: Uuid,
 }
+
+/// The outcome of a reconciliation turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// This replica reconciled: the orphans it deleted.
+    Ran(u64),
+    /// Another replica holds the turn.
+    Elsewhere,
+    /// The turn could not be taken or the reconciliation failed (logged): try again.
+    Failed,
+}
+
+/// The name of the fleet's orphan reconciliation turns.
+const RECONCILIATION_LEASE: &str = "orphan_reconciliation";
 
 pub const ORPHAN_PAGE_SIZE: i32 = crate::storage::s3::LIST_PAGE_MAX;
 
@@ -142,6 +161,31 @@ impl Sweeper {
             .await
             .inspect_err(|e| tracing::warn!(error = %e, "orphan reconciliation failed"))
             .ok()
+    }
+
+    /// Reconciles when the fleet's last turn was taken `period` ago or more, or by this
+    /// replica: one replica lists the prefix per period, whichever asks first. The period is
+    /// the asker's, so a replica that died, or ran with a longer one, holds nobody back.
+    pub async fn reconcile_in_turn(&self, period: Duration) -> Turn {
+        let (replica, secs) = (self.replica, period.as_secs_f64());
+        let taken = self
+            .db
+            .run(move |c| Box::pin(db::leases::take(c, RECONCILIATION_LEASE, replica, secs)))
+            .await;
+        match taken {
+            Ok(true) => self
+                .reconcile_or_warn()
+                .await
+                .map_or(Turn::Failed, Turn::Ran),
+            Ok(false) => {
+                tracing::debug!("orphan reconciliation: another replica's turn");
+                Turn::Elsewhere
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "orphan reconciliation: could not take the turn");
+                Turn::Failed
+            }
+        }
     }
 
     /// Deletes this service's own upload activity rows past ACTIVITY_RETENTION, in batches
@@ -263,11 +307,14 @@ impl Sweeper {
     }
 
     /// Runs at start-up and every `interval` until the task is dropped; reconciles in the
-    /// first pass and then every `reconcile_every` passes (after a failed one, in the
-    /// next pass).
+    /// first pass and then every `reconcile_every` passes when the fleet's turn is free (after
+    /// a failed one, in the next pass).
     pub async fn run_forever(self, interval: Duration) {
         let interval = interval.max(Duration::from_secs(1));
         let reconcile_every = self.reconcile_every(interval);
+        // A little shorter than this replica's own cycle: a turn another replica took within
+        // it is skipped, whatever the tickers' drift.
+        let period = interval.mul_f64(reconcile_every as f64 - 0.5);
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut passes_since_reconciled = reconcile_every;
@@ -277,9 +324,13 @@ impl Sweeper {
             if let Ok(stats) = &mut result {
                 passes_since_reconciled += 1;
                 if passes_since_reconciled >= reconcile_every {
-                    if let Some(n) = self.reconcile_or_warn().await {
-                        stats.orphans_deleted = n;
-                        passes_since_reconciled = 0;
+                    match self.reconcile_in_turn(period).await {
+                        Turn::Ran(n) => {
+                            stats.orphans_deleted = n;
+                            passes_since_reconciled = 0;
+                        }
+                        Turn::Elsewhere => passes_since_reconciled = 0,
+                        Turn::Failed => {}
                     }
                 }
             }

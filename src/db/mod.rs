@@ -10,6 +10,7 @@
 //! returned to the pool.
 
 pub mod activity;
+pub mod leases;
 pub mod tokens;
 pub mod uploads;
 pub mod workspaces;

@@ -982,11 +982,13 @@ async fn a_backfill_rerun_never_points_a_row_at_what_a_killed_run_left() {
 /// suite's replica scenario). With a short grace it still lists in every pass.
 #[tokio::test]
 async fn the_background_sweeper_lists_the_bucket_once_per_quarter_of_the_grace() {
-    let db = fresh_db().await;
     let (endpoint, bucket) = s3_endpoint();
     let passes_series = "pending_uploads_sweep_runs_total{outcome=\"ok\"}";
     let lists_series = "pending_uploads_storage_operation_duration_seconds_count{backend=\"s3\",operation=\"list\"}";
     for grace in ["1h", "2s"] {
+        // A database each: the fleet's turn at the listing, which the first service took
+        // for a quarter of its grace, would keep the second from listing.
+        let db = fresh_db().await;
         let port = free_port();
         let mut cmd = bin_command(&db);
         cmd.env("PENDING_UPLOADS_BACKEND", "s3")

@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use pending_uploads::sweep::Sweeper;
+use pending_uploads::sweep::{Sweeper, Turn};
 use reqwest::StatusCode;
 use uuid::Uuid;
 
@@ -182,4 +182,44 @@ async fn a_swept_upload_is_gone_for_the_workspace() {
         )
         .await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+}
+
+/// Every replica listed the whole prefix at each of its reconciliation turns (a LIST per 1,000
+/// objects), and two at once deleted, and counted, the same orphans. Replicas now take turns: a
+/// turn one has taken is skipped by the others until it ends, and the holder's own next turn
+/// finds it free.
+#[tokio::test]
+async fn replicas_take_turns_at_the_orphan_reconciliation() {
+    let app = TestApp::start().await;
+    let a = app.sweeper.clone();
+    let b = Sweeper {
+        replica: Uuid::new_v4(),
+        ..a.clone()
+    };
+    let period = Duration::from_secs(2);
+    assert_eq!(a.reconcile_in_turn(period).await, Turn::Ran(0));
+    assert_eq!(b.reconcile_in_turn(period).await, Turn::Elsewhere);
+    assert_eq!(
+        a.reconcile_in_turn(period).await,
+        Turn::Ran(0),
+        "its own turn again"
+    );
+    tokio::time::sleep(period).await;
+    assert_eq!(
+        b.reconcile_in_turn(period).await,
+        Turn::Ran(0),
+        "a turn left to end is free"
+    );
+    assert_eq!(a.reconcile_in_turn(period).await, Turn::Elsewhere);
+    // A replica with a shorter cycle (a shorter ORPHAN_GRACE, after a restart) judges the
+    // last turn by its own.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = Sweeper {
+        replica: Uuid::new_v4(),
+        ..a.clone()
+    };
+    assert_eq!(
+        c.reconcile_in_turn(Duration::from_millis(200)).await,
+        Turn::Ran(0)
+    );
 }

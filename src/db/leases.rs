@@ -1,0 +1,30 @@
+//! Fleet-wide maintenance turns (`pending_uploads_leases`): who took one last, and when.
+
+use sqlx::PgExecutor;
+use uuid::Uuid;
+
+/// Takes the turn `name` for `holder` when it was last taken at least `secs` ago, or by
+/// `holder` itself; whether it was taken. One statement: two replicas asking at once get one
+/// answer each, and one of them the turn.
+pub async fn take(
+    db: impl PgExecutor<'_>,
+    name: &str,
+    holder: Uuid,
+    secs: f64,
+) -> sqlx::Result<bool> {
+    let taken: Option<bool> = sqlx::query_scalar(
+        "INSERT INTO pending_uploads_leases (name, holder, taken_at)
+         VALUES ($1, $2, now())
+         ON CONFLICT (name) DO UPDATE
+            SET holder = EXCLUDED.holder, taken_at = EXCLUDED.taken_at
+            WHERE pending_uploads_leases.taken_at <= now() - make_interval(secs => $3)
+               OR pending_uploads_leases.holder = EXCLUDED.holder
+         RETURNING true",
+    )
+    .bind(name)
+    .bind(holder)
+    .bind(secs)
+    .fetch_optional(db)
+    .await?;
+    Ok(taken.is_some())
+}
