@@ -172,7 +172,7 @@ impl Metrics {
             connections_shed: r.add(
                 IntCounter::with_opts(opts(
                     "connections_shed_total",
-                    "Connections closed before their first request to make room for a new one: every MAX_CONNECTIONS place was taken",
+                    "Connections idle between requests closed to make room for a new one: every MAX_CONNECTIONS place was taken",
                 ))
                 .expect("valid metric"),
             ),

@@ -33,7 +33,6 @@ use axum::{
 };
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
     service::TowerToHyperService,
 };
 use tokio::{
@@ -297,8 +296,8 @@ pub struct ServeOptions {
     pub response: conn::ResponsePace,
     /// A request head must arrive within this.
     pub header_read: Duration,
-    /// Open connections at most; when all are taken, a new one sheds the oldest that has not
-    /// begun a request (else it waits, and more in the listen backlog).
+    /// Open connections at most; when all are taken, a new one sheds the one idle longest
+    /// between requests (else it waits, and more in the listen backlog).
     pub max_connections: usize,
     /// Open connections per client address; more are answered 429 and closed.
     pub per_client: Arc<peer::ConnectionsPerClient>,
@@ -327,9 +326,11 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(opts.header_read)
         .max_buf_size(READ_BUFFER_MAX);
-    let graceful = GracefulShutdown::new();
-    let connections = Arc::new(Semaphore::new(opts.max_connections.max(1)));
-    let unstarted = Arc::new(shed::Unstarted::default());
+    // Every connection's task holds a place until it ends: the drain waits for all of them.
+    let places = opts.max_connections.clamp(1, u32::MAX as usize);
+    let connections = Arc::new(Semaphore::new(places));
+    let idle = Arc::new(shed::Idle::default());
+    let (stop, stopping) = tokio::sync::watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -344,7 +345,7 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let permit = tokio::select! {
-            permit = connection_place(&connections, &unstarted) => permit,
+            permit = connection_place(&connections, &idle) => permit,
             _ = &mut shutdown => break,
         };
         let Some(place) = opts.per_client.open(peer.ip()) else {
@@ -365,26 +366,43 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let io = conn::ClientStream::new(stream, opts.response);
         let peer_ip = peer::Peer(peer.ip());
-        let standing = unstarted.add();
-        let hook = standing.clone();
-        let service = TowerToHyperService::new(app.clone().map_request(
-            move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                hook.started();
-                req.extensions_mut().insert(peer_ip);
-                req
-            },
-        ));
+        let standing = idle.add();
+        let (begins, ends) = (standing.clone(), standing.clone());
+        let service = TowerToHyperService::new(
+            app.clone()
+                .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    begins.begin();
+                    req.extensions_mut().insert(peer_ip);
+                    req
+                })
+                .map_response(move |resp: Response| {
+                    let ends = ends.clone();
+                    resp.map(|body| axum::body::Body::new(shed::Tracked::new(body, ends)))
+                }),
+        );
         let conn = builder.serve_connection(TokioIo::new(io), service);
-        let conn = graceful.watch(conn);
+        let mut stopping = stopping.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let _place = place;
-            let ended = tokio::select! {
-                ended = conn => ended,
-                _ = standing.shed() => {
-                    crate::metrics::metrics().connections_shed.inc();
-                    tracing::info!(event = "connection_shed", %peer, "every connection place taken: closed the oldest connection without a request");
-                    return;
+            let mut conn = std::pin::pin!(conn);
+            let mut closing = false;
+            let ended = loop {
+                tokio::select! {
+                    ended = conn.as_mut() => break ended,
+                    how = standing.shed(), if !closing => {
+                        crate::metrics::metrics().connections_shed.inc();
+                        tracing::info!(event = "connection_shed", %peer, how = ?how, "every connection place taken: closed the connection idle longest");
+                        if how == shed::Shed::Drop {
+                            return;
+                        }
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    _ = stopping.changed(), if !closing => {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
                 }
             };
             if let Err(e) = ended {
@@ -402,8 +420,11 @@ pub async fn serve(
         });
     }
     drop(listener);
-    tracing::info!(in_flight = graceful.count(), "draining connections");
-    if tokio::time::timeout(opts.drain_deadline, graceful.shutdown())
+    let open = places - connections.available_permits();
+    tracing::info!(in_flight = open, "draining connections");
+    let _ = stop.send(true);
+    let all_closed = connections.acquire_many(places as u32);
+    if tokio::time::timeout(opts.drain_deadline, all_closed)
         .await
         .is_err()
     {
@@ -412,17 +433,14 @@ pub async fn serve(
     Ok(())
 }
 
-/// A place for a new connection. When all are taken, the oldest connection that has not
-/// begun a request is told to close (asked again while none can be, every 200 ms).
-async fn connection_place(
-    connections: &Arc<Semaphore>,
-    unstarted: &shed::Unstarted,
-) -> OwnedSemaphorePermit {
+/// A place for a new connection. When all are taken, the connection idle longest between
+/// requests is told to close (asked again while none can be, every 200 ms).
+async fn connection_place(connections: &Arc<Semaphore>, idle: &shed::Idle) -> OwnedSemaphorePermit {
     loop {
         if let Ok(permit) = connections.clone().try_acquire_owned() {
             return permit;
         }
-        unstarted.shed_oldest();
+        idle.shed_oldest();
         let wait = connections.clone().acquire_owned();
         if let Ok(Ok(permit)) = tokio::time::timeout(Duration::from_millis(200), wait).await {
             return permit;

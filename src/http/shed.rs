@@ -1,50 +1,69 @@
-//! Connections that have not sent a whole request head yet, oldest first. When every
-//! `MAX_CONNECTIONS` place is taken and another client connects, the oldest of them is closed
-//! to make room. Without it a client that opens connections and never finishes their heads
-//! (each lives `HEADER_READ_TIMEOUT`, then it opens another) held every place and kept all
-//! other clients in the listen backlog. A connection is never shed once a request of it has
-//! begun, so a long poll, a download or a slow upload keeps its place as before.
+//! Connections between requests (none begun yet, or idle after a response), by how long they
+//! have been so. When every `MAX_CONNECTIONS` place is taken and another client connects, the
+//! one idle longest is closed to make room. Without it, a client that opens connections and
+//! never finishes their heads (each lives `HEADER_READ_TIMEOUT`, then it opens another), or
+//! keeps them alive with one cheap request per `HEADER_READ_TIMEOUT`, held every place and
+//! kept all other clients in the listen backlog. A connection is never shed while a request
+//! of it is under way (its response body not yet done): the long-lived ones hold slots, whose
+//! kinds together stay below `MAX_CONNECTIONS` by default.
 
 use std::{
     collections::BTreeMap,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard, PoisonError,
     },
 };
 
 use tokio::sync::Notify;
 
 #[derive(Default)]
-pub struct Unstarted {
+pub struct Idle {
     next: AtomicU64,
-    /// By the order they were opened in.
+    /// By when they became idle, oldest first.
     waiting: Mutex<BTreeMap<u64, Arc<Notify>>>,
 }
 
-/// One connection's standing: held by its task and by its request hook.
+/// How a connection is to be closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shed {
+    /// It never began a request (most likely a head that is never finished): drop it.
+    Drop,
+    /// It served requests: close it once whatever it is writing is out (a response whose
+    /// body just ended may still be in the connection's buffer).
+    Close,
+}
+
+/// One connection's standing: held by its task, its request hook and its responses.
 pub struct Connection {
-    seq: u64,
-    owner: Arc<Unstarted>,
-    started: AtomicBool,
+    owner: Arc<Idle>,
+    /// Its place in the idle map while it is idle.
+    seq: AtomicU64,
+    served: AtomicBool,
+    in_request: AtomicUsize,
     shed: Arc<Notify>,
 }
 
-impl Unstarted {
-    /// A new connection, counted until its first request begins.
+impl Idle {
+    /// A new connection, idle until its first request begins.
     pub fn add(self: &Arc<Self>) -> Arc<Connection> {
-        let seq = self.next.fetch_add(1, Ordering::Relaxed);
         let shed = Arc::new(Notify::new());
-        self.lock().insert(seq, shed.clone());
+        let seq = {
+            let mut waiting = self.lock();
+            let seq = self.next.fetch_add(1, Ordering::Relaxed);
+            waiting.insert(seq, shed.clone());
+            seq
+        };
         Arc::new(Connection {
-            seq,
             owner: self.clone(),
-            started: AtomicBool::new(false),
+            seq: AtomicU64::new(seq),
+            served: AtomicBool::new(false),
+            in_request: AtomicUsize::new(0),
             shed,
         })
     }
 
-    /// Tells the oldest connection without a request to close; false when there is none.
+    /// Tells the connection idle longest to close; false when none is idle.
     pub fn shed_oldest(&self) -> bool {
         match self.lock().pop_first() {
             Some((_, shed)) => {
@@ -55,7 +74,7 @@ impl Unstarted {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Notify>>> {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<Notify>>> {
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -66,30 +85,79 @@ impl Unstarted {
 }
 
 impl Connection {
-    /// A request of this connection began: it is no longer one to shed.
-    pub fn started(&self) {
-        if !self.started.swap(true, Ordering::AcqRel) {
-            self.owner.lock().remove(&self.seq);
+    /// A request of this connection began: it is not idle until the request ends.
+    pub fn begin(&self) {
+        let mut waiting = self.owner.lock();
+        self.served.store(true, Ordering::Release);
+        if self.in_request.fetch_add(1, Ordering::AcqRel) == 0 {
+            waiting.remove(&self.seq.load(Ordering::Acquire));
         }
     }
 
-    /// Resolves when the connection is to be closed; never once a request has begun (a shed
-    /// that raced the first request's head is ignored).
-    pub async fn shed(&self) {
-        loop {
-            self.shed.notified().await;
-            if !self.started.load(Ordering::Acquire) {
-                return;
-            }
+    /// A request ended (its response body is done or dropped): idle from now, the newest.
+    pub fn end(&self) {
+        let mut waiting = self.owner.lock();
+        if self.in_request.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let seq = self.owner.next.fetch_add(1, Ordering::Relaxed);
+            self.seq.store(seq, Ordering::Release);
+            waiting.insert(seq, self.shed.clone());
+        }
+    }
+
+    /// Resolves when the connection is to be closed, and how. A shed that raced the first
+    /// request's head closes the connection as one that served requests: after its answer.
+    pub async fn shed(&self) -> Shed {
+        self.shed.notified().await;
+        match self.served.load(Ordering::Acquire) {
+            true => Shed::Close,
+            false => Shed::Drop,
         }
     }
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        if !self.started.load(Ordering::Acquire) {
-            self.owner.lock().remove(&self.seq);
+        if self.in_request.load(Ordering::Acquire) == 0 {
+            self.owner.lock().remove(&self.seq.load(Ordering::Acquire));
         }
+    }
+}
+
+/// A response body that ends its connection's request when it is done or dropped.
+pub struct Tracked {
+    body: axum::body::Body,
+    connection: Arc<Connection>,
+}
+
+impl Tracked {
+    pub fn new(body: axum::body::Body, connection: Arc<Connection>) -> Tracked {
+        Tracked { body, connection }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.connection.end();
+    }
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -99,29 +167,46 @@ mod tests {
     use futures::FutureExt;
 
     #[test]
-    fn the_oldest_without_a_request_goes_first() {
-        let unstarted = Arc::new(Unstarted::default());
-        let (a, b, c) = (unstarted.add(), unstarted.add(), unstarted.add());
-        a.started();
-        assert_eq!(unstarted.len(), 2);
-        assert!(unstarted.shed_oldest());
-        assert!(b.shed().now_or_never().is_some(), "b, the oldest unstarted");
-        assert!(c.shed().now_or_never().is_none());
-        drop(c);
-        assert!(
-            !unstarted.shed_oldest(),
-            "a closed connection is not counted"
+    fn the_connection_idle_longest_goes_first() {
+        let idle = Arc::new(Idle::default());
+        let (a, b, c) = (idle.add(), idle.add(), idle.add());
+        a.begin();
+        assert_eq!(idle.len(), 2);
+        assert!(idle.shed_oldest());
+        assert_eq!(b.shed().now_or_never(), Some(Shed::Drop), "b, never served");
+        assert_eq!(c.shed().now_or_never(), None);
+        // a's request ends: it is idle now, after c.
+        a.end();
+        assert!(idle.shed_oldest());
+        assert_eq!(c.shed().now_or_never(), Some(Shed::Drop));
+        assert!(idle.shed_oldest());
+        assert_eq!(
+            a.shed().now_or_never(),
+            Some(Shed::Close),
+            "a served a request"
         );
-        assert_eq!(unstarted.len(), 0);
-        drop((a, b));
+        assert!(!idle.shed_oldest());
+        drop((b, c));
+        assert_eq!(idle.len(), 0);
     }
 
     #[test]
-    fn a_shed_that_raced_the_first_request_is_ignored() {
-        let unstarted = Arc::new(Unstarted::default());
-        let a = unstarted.add();
-        assert!(unstarted.shed_oldest());
-        a.started();
-        assert!(a.shed().now_or_never().is_none());
+    fn a_connection_in_a_request_is_not_a_candidate() {
+        let idle = Arc::new(Idle::default());
+        let a = idle.add();
+        a.begin();
+        assert!(!idle.shed_oldest());
+        // A shed that raced the first request's head: closed after its answer.
+        let b = idle.add();
+        assert!(idle.shed_oldest());
+        b.begin();
+        assert_eq!(b.shed().now_or_never(), Some(Shed::Close));
+        b.end();
+        drop(b);
+        assert_eq!(idle.len(), 0, "a closed connection is not counted");
+        a.end();
+        assert_eq!(idle.len(), 1);
+        drop(a);
+        assert_eq!(idle.len(), 0);
     }
 }

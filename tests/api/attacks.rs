@@ -1318,6 +1318,63 @@ async fn connections_that_never_send_a_request_cannot_hold_every_place() {
     assert!(answer.contains("b.txt"), "{answer}");
 }
 
+/// The same with connections kept alive between requests: one cheap request per
+/// HEADER_READ_TIMEOUT kept a place each, and a new client waited in the backlog (here until
+/// the 5 s client timeout; the places were held for 30 s). The connection idle longest is now
+/// closed once its answer is out, and the new client is answered at once.
+#[tokio::test]
+async fn idle_kept_alive_connections_cannot_hold_every_place() {
+    let svc = Svc::start(&[("MAX_CONNECTIONS", "3"), ("HEADER_READ_TIMEOUT", "30s")]).await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
+        sock.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut raw = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut raw))
+            .await
+            .unwrap()
+            .unwrap();
+        let answer = String::from_utf8_lossy(&raw[..n]).to_string();
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        assert!(answer.ends_with('}'), "the whole answer: {answer}");
+        idle.push(sock);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let resp = client.get(svc.at("/healthz")).send().await;
+    let resp = resp.expect("answered while every place was held");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // The oldest was closed cleanly, after its answer; the newest is still open.
+    let mut rest = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(1), idle[0].read(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "closed with nothing more: {closed:?}"
+    );
+    idle[2]
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), idle[2].read_to_string(&mut answer))
+        .await
+        .expect("the newest idle connection still serves")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+}
+
 /// /readyz needs no credential, and each probe pinged the database on a pooled connection of
 /// its own: a flood of probes took the pool (and the database's backends) from everyone else.
 /// Probes that arrive while a check runs now share its answer: 300 at once open no more
