@@ -369,11 +369,15 @@ pub fn watch_unread(req: axum::extract::Request) -> (axum::extract::Request, Lef
 pub async fn drain_unread(
     mut resp: axum::response::Response,
     slot: Leftover,
+    connection: Option<Arc<super::shed::Connection>>,
 ) -> axum::response::Response {
     let leftover = slot.lock().ok().and_then(|mut s| s.take());
     let Some(body) = leftover else {
         return resp;
     };
+    // A refused request waits on its client for a body it does not need: while it does, a
+    // full replica may shed the connection.
+    let _waiting = connection.as_ref().map(|c| c.waiting_on_body());
     // boxed: the drain's state (a timer, a stream) is only allocated for requests that need it
     let drained = resp.extensions().get::<NoDrain>().is_none() && Box::pin(drain(body)).await;
     if !drained {

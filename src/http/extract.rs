@@ -5,14 +5,14 @@ use axum::{
     http::request::Parts,
 };
 use serde::de::DeserializeOwned;
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 use uuid::Uuid;
 
 use super::{
     body,
     error::ApiError,
     peer::{self, Peer},
-    AppState,
+    shed, AppState,
 };
 use crate::auth::{Caller, Credential};
 
@@ -143,6 +143,9 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, st: &AppState) -> Result<Self, ApiError> {
+        // Nothing is done yet: a full replica may shed the connection while its client is slow.
+        let connection = req.extensions().get::<Arc<shed::Connection>>().cloned();
+        let _waiting = connection.as_ref().map(|c| c.waiting_on_body());
         let value = body::read_json(req.into_body(), st.deadlines.request_body).await?;
         Ok(JsonBody(value))
     }

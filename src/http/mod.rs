@@ -180,6 +180,7 @@ fn every_request(
     next: axum::middleware::Next,
 ) -> impl Future<Output = Response> + Send {
     let method = method_label(req.method());
+    let connection = req.extensions().get::<Arc<shed::Connection>>().cloned();
     let (req, unread) = body::watch_unread(req);
     let inner = next.run(req);
     async move {
@@ -191,7 +192,7 @@ fn every_request(
             .http_request_duration
             .with_label_values(&[route, method, resp.status().as_str()])
             .observe(started.elapsed().as_secs_f64());
-        body::drain_unread(resp, unread).await
+        body::drain_unread(resp, unread, connection).await
     }
 }
 
@@ -373,6 +374,7 @@ pub async fn serve(
                 .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
                     begins.begin();
                     req.extensions_mut().insert(peer_ip);
+                    req.extensions_mut().insert(begins.clone());
                     req
                 })
                 .map_response(move |resp: Response| {

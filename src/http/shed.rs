@@ -5,7 +5,9 @@
 //! keeps them alive with one cheap request per `HEADER_READ_TIMEOUT`, held every place and
 //! kept all other clients in the listen backlog. A connection is never shed while a request
 //! of it is under way (its response body not yet done): the long-lived ones hold slots, whose
-//! kinds together stay below `MAX_CONNECTIONS` by default.
+//! kinds together stay below `MAX_CONNECTIONS` by default. Except while such a request waits
+//! on its client for a short body (a JSON body, the rest of a refused upload's): a flood of
+//! those held places for as long as their deadlines, and nothing is lost by dropping one.
 
 use std::{
     collections::BTreeMap,
@@ -41,6 +43,8 @@ pub struct Connection {
     seq: AtomicU64,
     served: AtomicBool,
     in_request: AtomicUsize,
+    /// While its request waits on the client for a short body ([`Connection::waiting_on_body`]).
+    on_body: AtomicBool,
     shed: Arc<Notify>,
 }
 
@@ -59,6 +63,7 @@ impl Idle {
             seq: AtomicU64::new(seq),
             served: AtomicBool::new(false),
             in_request: AtomicUsize::new(0),
+            on_body: AtomicBool::new(false),
             shed,
         })
     }
@@ -104,14 +109,45 @@ impl Connection {
         }
     }
 
+    /// While the returned guard lives, the request waits on its client for a body with a
+    /// short deadline of its own, and nothing is lost if the connection goes meanwhile: it
+    /// may be shed like an idle one (dropped, request and all), the newest.
+    pub fn waiting_on_body(self: &Arc<Self>) -> BodyWait {
+        let mut waiting = self.owner.lock();
+        let seq = self.owner.next.fetch_add(1, Ordering::Relaxed);
+        self.on_body.store(true, Ordering::Release);
+        waiting.insert(seq, self.shed.clone());
+        BodyWait {
+            connection: self.clone(),
+            seq,
+        }
+    }
+
     /// Resolves when the connection is to be closed, and how. A shed that raced the first
-    /// request's head closes the connection as one that served requests: after its answer.
+    /// request's head, or the end of a body wait, closes the connection as one that served
+    /// requests: after its answer.
     pub async fn shed(&self) -> Shed {
         self.shed.notified().await;
-        match self.served.load(Ordering::Acquire) {
+        let served = self.served.load(Ordering::Acquire);
+        match served && !self.on_body.load(Ordering::Acquire) {
             true => Shed::Close,
             false => Shed::Drop,
         }
+    }
+}
+
+/// See [`Connection::waiting_on_body`].
+pub struct BodyWait {
+    connection: Arc<Connection>,
+    seq: u64,
+}
+
+impl Drop for BodyWait {
+    fn drop(&mut self) {
+        let owner = &self.connection.owner;
+        let mut waiting = owner.lock();
+        self.connection.on_body.store(false, Ordering::Release);
+        waiting.remove(&self.seq);
     }
 }
 
@@ -188,6 +224,22 @@ mod tests {
         assert!(!idle.shed_oldest());
         drop((b, c));
         assert_eq!(idle.len(), 0);
+    }
+
+    #[test]
+    fn a_request_waiting_on_a_short_body_may_be_dropped() {
+        let idle = Arc::new(Idle::default());
+        let a = idle.add();
+        a.begin();
+        let wait = a.waiting_on_body();
+        assert_eq!(idle.len(), 1);
+        assert!(idle.shed_oldest());
+        assert_eq!(a.shed().now_or_never(), Some(Shed::Drop));
+        drop(wait);
+        let again = a.waiting_on_body();
+        drop(again);
+        assert_eq!(idle.len(), 0, "a body that came is no longer a candidate");
+        assert!(!idle.shed_oldest());
     }
 
     #[test]

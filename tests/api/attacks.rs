@@ -1375,6 +1375,42 @@ async fn idle_kept_alive_connections_cannot_hold_every_place() {
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
 }
 
+/// And with requests whose short bodies never come (a JSON body, which has
+/// REQUEST_BODY_TIMEOUT: 30 s here): each waited on its client with nothing done yet and held
+/// its place that long, so a flood of them kept a new client in the backlog. A full replica
+/// now drops the one that has waited longest; nothing was done for it.
+#[tokio::test]
+async fn requests_waiting_on_short_bodies_cannot_hold_every_place() {
+    let svc = Svc::start(&[("MAX_CONNECTIONS", "3"), ("REQUEST_BODY_TIMEOUT", "30s")]).await;
+    let mut slow = Vec::new();
+    for _ in 0..3 {
+        let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
+        let head = "POST /registry/register HTTP/1.1\r\nHost: x\r\n\
+                    Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"id\":";
+        sock.write_all(head.as_bytes()).await.unwrap();
+        slow.push(sock);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let resp = client.get(svc.at("/healthz")).send().await;
+    let resp = resp.expect("answered while every place was held");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let mut rest = [0u8; 64];
+    let dropped = tokio::time::timeout(Duration::from_secs(1), slow[0].read(&mut rest)).await;
+    assert!(matches!(dropped, Ok(Ok(0)) | Ok(Err(_))), "{dropped:?}");
+    assert_eq!(svc.count("workspaces").await, 0);
+}
+
 /// /readyz needs no credential, and each probe pinged the database on a pooled connection of
 /// its own: a flood of probes took the pool (and the database's backends) from everyone else.
 /// Probes that arrive while a check runs now share its answer: 300 at once open no more
