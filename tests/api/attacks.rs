@@ -1231,6 +1231,53 @@ async fn one_client_cannot_hold_every_connection() {
     );
 }
 
+/// The newest activity row of a workspace: a cursor a long poll waits after.
+async fn newest_activity(svc: &Svc, ws: Uuid, token: &str) -> String {
+    let feed: Value = reqwest::Client::new()
+        .get(svc.at(&format!("/workspaces/{ws}/activity")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    feed[0]["id"].as_str().expect("an activity row").to_string()
+}
+
+/// A new client, on a connection of its own, is answered within 2 s although every
+/// connection place is held.
+async fn a_new_client_is_answered_at_once(svc: &Svc) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let resp = client.get(svc.at("/healthz")).send().await;
+    let resp = resp.expect("answered while every place was held");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+/// What the service sends on `sock` until it closes it, within `secs`.
+async fn answer_on(sock: &mut TcpStream, secs: u64, what: &str) -> String {
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(secs), sock.read_to_string(&mut answer))
+        .await
+        .unwrap_or_else(|_| panic!("{what}"))
+        .unwrap();
+    answer
+}
+
+/// Whether the service closed `sock` (within a second) without sending anything more.
+async fn closed_by_the_service(sock: &mut TcpStream) -> bool {
+    let mut rest = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(1), sock.read(&mut rest)).await;
+    matches!(read, Ok(Ok(0)) | Ok(Err(_)))
+}
+
 /// With every MAX_CONNECTIONS place held by connections that never finish their request
 /// heads (each lives HEADER_READ_TIMEOUT; a client opens the next as one is cut), a new client
 /// waited in the listen backlog until one was cut: here 30 s. The oldest connection that has
@@ -1242,16 +1289,7 @@ async fn connections_that_never_send_a_request_cannot_hold_every_place() {
     let (ws, token) = register_poll(&svc.base).await;
     let cursor = upload_file(&svc, ws, &token, "a.txt", b"a").await;
     assert_eq!(cursor.status(), StatusCode::OK);
-    let feed: Value = reqwest::Client::new()
-        .get(svc.at(&format!("/workspaces/{ws}/activity")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let newest = feed[0]["id"].as_str().unwrap().to_string();
+    let newest = newest_activity(&svc, ws, &token).await;
     let mut poll = TcpStream::connect(&svc.addr).await.unwrap();
     let head = format!(
         "GET /workspaces/{ws}/activity?since_id={newest}&wait=20 HTTP/1.1\r\nHost: x\r\n\
@@ -1268,24 +1306,12 @@ async fn connections_that_never_send_a_request_cannot_hold_every_place() {
         slow.push(sock);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
     for _ in 0..3 {
-        let started = Instant::now();
-        let resp = client.get(svc.at("/healthz")).send().await;
-        let resp = resp.expect("answered while every place was held");
-        assert_eq!(resp.status(), StatusCode::OK);
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "{:?}",
-            started.elapsed()
-        );
+        a_new_client_is_answered_at_once(&svc).await;
     }
-    // Each new connection (the three GETs' one, then each scrape's) shed the oldest of the
-    // slow ones; the long poll was never a candidate and is still waiting.
-    let metrics = client
+    // Each new connection (the three GETs', then the scrape's) shed the oldest of the slow
+    // ones; the long poll was never a candidate and is still waiting.
+    let metrics = reqwest::Client::new()
         .get(svc.at("/metrics"))
         .send()
         .await
@@ -1301,19 +1327,13 @@ async fn connections_that_never_send_a_request_cannot_hold_every_place() {
         metric_value(&metrics, "pending_uploads_long_polls_waiting"),
         Some(1.0)
     );
-    let mut first = [0u8; 1];
-    let closed = tokio::time::timeout(Duration::from_secs(1), slow[0].read(&mut first)).await;
     assert!(
-        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
-        "the oldest slow one was closed: {closed:?}"
+        closed_by_the_service(&mut slow[0]).await,
+        "the oldest slow one was closed"
     );
     let upload = upload_file(&svc, ws, &token, "b.txt", b"b").await;
     assert_eq!(upload.status(), StatusCode::OK);
-    let mut answer = String::new();
-    tokio::time::timeout(Duration::from_secs(10), poll.read_to_string(&mut answer))
-        .await
-        .expect("the long poll answered")
-        .unwrap();
+    let answer = answer_on(&mut poll, 10, "the long poll answered").await;
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
     assert!(answer.contains("b.txt"), "{answer}");
 }
@@ -1342,36 +1362,14 @@ async fn idle_kept_alive_connections_cannot_hold_every_place() {
         idle.push(sock);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap();
-    let started = Instant::now();
-    let resp = client.get(svc.at("/healthz")).send().await;
-    let resp = resp.expect("answered while every place was held");
-    assert_eq!(resp.status(), StatusCode::OK);
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
-    );
+    a_new_client_is_answered_at_once(&svc).await;
     // The oldest was closed cleanly, after its answer; the newest is still open.
-    let mut rest = [0u8; 64];
-    let closed = tokio::time::timeout(Duration::from_secs(1), idle[0].read(&mut rest)).await;
-    assert!(
-        matches!(closed, Ok(Ok(0))),
-        "closed with nothing more: {closed:?}"
-    );
+    assert!(closed_by_the_service(&mut idle[0]).await);
     idle[2]
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
-    let mut answer = String::new();
-    tokio::time::timeout(Duration::from_secs(5), idle[2].read_to_string(&mut answer))
-        .await
-        .expect("the newest idle connection still serves")
-        .unwrap();
+    let answer = answer_on(&mut idle[2], 5, "the newest idle connection still serves").await;
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
 }
 
@@ -1391,23 +1389,8 @@ async fn requests_waiting_on_short_bodies_cannot_hold_every_place() {
         slow.push(sock);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap();
-    let started = Instant::now();
-    let resp = client.get(svc.at("/healthz")).send().await;
-    let resp = resp.expect("answered while every place was held");
-    assert_eq!(resp.status(), StatusCode::OK);
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
-    );
-    let mut rest = [0u8; 64];
-    let dropped = tokio::time::timeout(Duration::from_secs(1), slow[0].read(&mut rest)).await;
-    assert!(matches!(dropped, Ok(Ok(0)) | Ok(Err(_))), "{dropped:?}");
+    a_new_client_is_answered_at_once(&svc).await;
+    assert!(closed_by_the_service(&mut slow[0]).await);
     assert_eq!(svc.count("workspaces").await, 0);
 }
 
@@ -1759,19 +1742,7 @@ async fn one_client_cannot_take_every_slot_through_many_workspaces() {
 
     // Long polls the same way: the attacker's two uploads still hold its two upload slots, and
     // long polls are a kind of their own (2 of MAX_LONG_POLLS 8).
-    let cursor: Value = reqwest::Client::new()
-        .get(svc.at(&format!("/workspaces/{victim}/activity")))
-        .bearer_auth(&victim_token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let cursor = cursor[0]["id"]
-        .as_str()
-        .expect("an activity row")
-        .to_string();
+    let cursor = newest_activity(&svc, victim, &victim_token).await;
     let poll = |forwarded_for: &'static str| {
         reqwest::Client::new()
             .get(svc.at(&format!(
