@@ -320,7 +320,7 @@ pub struct ServeArgs {
     /// least one slot); more get 429. Registration is open, so without it one client with
     /// enough workspaces could take every slot. Clients in private, loopback or link-local
     /// networks and proxies in TRUSTED_PROXIES forwarding no client are not counted: behind a
-    /// proxy not listed there every client has the proxy's address.
+    /// proxy not listed there every client has the proxy's address (list a public one).
     #[arg(long, env = "SLOT_SHARE_PER_CLIENT", default_value_t = 25,
           value_parser = clap::value_parser!(u64).range(1..=100))]
     pub slot_share_per_client: u64,

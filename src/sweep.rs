@@ -163,9 +163,10 @@ impl Sweeper {
             .ok()
     }
 
-    /// Reconciles when the fleet's last turn was taken `period` ago or more, or by this
-    /// replica: one replica lists the prefix per period, whichever asks first. The period is
-    /// the asker's, so a replica that died, or ran with a longer one, holds nobody back.
+    /// Reconciles when the fleet's last turn was taken `period` ago or more: one replica lists
+    /// the prefix per period, whichever asks first. The period is the asker's, so a replica
+    /// that died, or ran with a longer one, holds nobody back; one whose walk failed gives
+    /// its turn back.
     pub async fn reconcile_in_turn(&self, period: Duration) -> Turn {
         let (replica, secs) = (self.replica, period.as_secs_f64());
         let taken = self
@@ -173,10 +174,21 @@ impl Sweeper {
             .run(move |c| Box::pin(db::leases::take(c, RECONCILIATION_LEASE, replica, secs)))
             .await;
         match taken {
-            Ok(true) => self
-                .reconcile_or_warn()
-                .await
-                .map_or(Turn::Failed, Turn::Ran),
+            Ok(true) => match self.reconcile_or_warn().await {
+                Some(n) => Turn::Ran(n),
+                None => {
+                    let back = self
+                        .db
+                        .run(move |c| {
+                            Box::pin(db::leases::give_back(c, RECONCILIATION_LEASE, replica))
+                        })
+                        .await;
+                    if let Err(e) = back {
+                        tracing::warn!(error = %e, "orphan reconciliation: could not give the turn back");
+                    }
+                    Turn::Failed
+                }
+            },
             Ok(false) => {
                 tracing::debug!("orphan reconciliation: another replica's turn");
                 Turn::Elsewhere
@@ -329,8 +341,9 @@ impl Sweeper {
                             stats.orphans_deleted = n;
                             passes_since_reconciled = 0;
                         }
-                        Turn::Elsewhere => passes_since_reconciled = 0,
-                        Turn::Failed => {}
+                        // Asked again next pass (one statement): should the replica that
+                        // has the turn die, the walk is late by a pass, not by a cycle.
+                        Turn::Elsewhere | Turn::Failed => {}
                     }
                 }
             }

@@ -3,9 +3,10 @@
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-/// Takes the turn `name` for `holder` when it was last taken at least `secs` ago, or by
-/// `holder` itself; whether it was taken. One statement: two replicas asking at once get one
-/// answer each, and one of them the turn.
+/// Takes the turn `name` for `holder` when it was last taken at least `secs` ago (by anyone:
+/// a holder has no claim on the next turn, so one that keeps failing cannot keep the others
+/// out); whether it was taken. One statement: two replicas asking at once get one answer each,
+/// and one of them the turn.
 pub async fn take(
     db: impl PgExecutor<'_>,
     name: &str,
@@ -18,7 +19,6 @@ pub async fn take(
          ON CONFLICT (name) DO UPDATE
             SET holder = EXCLUDED.holder, taken_at = EXCLUDED.taken_at
             WHERE pending_uploads_leases.taken_at <= now() - make_interval(secs => $3)
-               OR pending_uploads_leases.holder = EXCLUDED.holder
          RETURNING true",
     )
     .bind(name)
@@ -27,4 +27,15 @@ pub async fn take(
     .fetch_optional(db)
     .await?;
     Ok(taken.is_some())
+}
+
+/// Gives back the turn `name` if `holder` has it (its work failed: the next asker, whoever
+/// it is, may take it at once).
+pub async fn give_back(db: impl PgExecutor<'_>, name: &str, holder: Uuid) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM pending_uploads_leases WHERE name = $1 AND holder = $2")
+        .bind(name)
+        .bind(holder)
+        .execute(db)
+        .await?;
+    Ok(())
 }

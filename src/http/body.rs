@@ -376,8 +376,13 @@ pub async fn drain_unread(
         return resp;
     };
     // A refused request waits on its client for a body it does not need: while it does, a
-    // full replica may shed the connection.
-    let _waiting = connection.as_ref().map(|c| c.waiting_on_body());
+    // full replica may shed the connection. Not an answer of work done (an upload's 200 with
+    // a chunked body's last bytes unread): that one must reach its client.
+    let refused = resp.status().is_client_error() || resp.status().is_server_error();
+    let _waiting = connection
+        .as_ref()
+        .filter(|_| refused)
+        .map(|c| c.waiting_on_body());
     // boxed: the drain's state (a timer, a stream) is only allocated for requests that need it
     let drained = resp.extensions().get::<NoDrain>().is_none() && Box::pin(drain(body)).await;
     if !drained {

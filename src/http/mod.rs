@@ -345,14 +345,15 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
-        let permit = tokio::select! {
-            permit = connection_place(&connections, &idle) => permit,
-            _ = &mut shutdown => break,
-        };
         let Some(place) = opts.per_client.open(peer.ip()) else {
-            // Answered without reading the request, then closed. The refusal keeps its
-            // connection place for at most a second, so refused connections cannot add up.
+            // Answered without reading the request, then closed. The refusal keeps a free
+            // connection place for at most a second, so refused connections cannot add up;
+            // it never sheds another client's connection (without a free place it is closed
+            // unanswered).
             crate::metrics::metrics().connections_refused.inc();
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                continue;
+            };
             tokio::spawn(async move {
                 let _permit = permit;
                 let mut stream = stream;
@@ -363,6 +364,10 @@ pub async fn serve(
                 let _ = tokio::time::timeout(Duration::from_secs(1), refuse).await;
             });
             continue;
+        };
+        let permit = tokio::select! {
+            permit = connection_place(&connections, &idle) => permit,
+            _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
         let io = conn::ClientStream::new(stream, opts.response);
@@ -390,7 +395,10 @@ pub async fn serve(
             let mut conn = std::pin::pin!(conn);
             let mut closing = false;
             let ended = loop {
+                // The connection first: a head already here begins its request, and a shed
+                // then waits for its answer instead of dropping it.
                 tokio::select! {
+                    biased;
                     ended = conn.as_mut() => break ended,
                     how = standing.shed(), if !closing => {
                         crate::metrics::metrics().connections_shed.inc();
@@ -436,13 +444,14 @@ pub async fn serve(
 }
 
 /// A place for a new connection. When all are taken, the connection idle longest between
-/// requests is told to close (asked again while none can be, every 200 ms).
+/// requests (for [`shed::MIN_IDLE`] at least) is told to close; asked again every 200 ms
+/// while no place frees.
 async fn connection_place(connections: &Arc<Semaphore>, idle: &shed::Idle) -> OwnedSemaphorePermit {
     loop {
         if let Ok(permit) = connections.clone().try_acquire_owned() {
             return permit;
         }
-        idle.shed_oldest();
+        idle.shed_oldest(shed::MIN_IDLE);
         let wait = connections.clone().acquire_owned();
         if let Ok(Ok(permit)) = tokio::time::timeout(Duration::from_millis(200), wait).await {
             return permit;

@@ -15,15 +15,27 @@ use std::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard, PoisonError,
     },
+    time::{Duration, Instant},
 };
 
 use tokio::sync::Notify;
+
+/// A connection idle for less than this is not shed: a new client's first head, or the next
+/// request of a client that just had its answer, is most likely on its way.
+pub const MIN_IDLE: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 pub struct Idle {
     next: AtomicU64,
     /// By when they became idle, oldest first.
-    waiting: Mutex<BTreeMap<u64, Arc<Notify>>>,
+    waiting: Mutex<BTreeMap<u64, (Instant, Arc<Signal>)>>,
+}
+
+/// How a connection is told to close; once told, it is no longer a candidate.
+#[derive(Default)]
+struct Signal {
+    notify: Notify,
+    closing: AtomicBool,
 }
 
 /// How a connection is to be closed.
@@ -45,17 +57,17 @@ pub struct Connection {
     in_request: AtomicUsize,
     /// While its request waits on the client for a short body ([`Connection::waiting_on_body`]).
     on_body: AtomicBool,
-    shed: Arc<Notify>,
+    shed: Arc<Signal>,
 }
 
 impl Idle {
     /// A new connection, idle until its first request begins.
     pub fn add(self: &Arc<Self>) -> Arc<Connection> {
-        let shed = Arc::new(Notify::new());
+        let shed = Arc::new(Signal::default());
         let seq = {
             let mut waiting = self.lock();
             let seq = self.next.fetch_add(1, Ordering::Relaxed);
-            waiting.insert(seq, shed.clone());
+            waiting.insert(seq, (Instant::now(), shed.clone()));
             seq
         };
         Arc::new(Connection {
@@ -68,18 +80,36 @@ impl Idle {
         })
     }
 
-    /// Tells the connection idle longest to close; false when none is idle.
-    pub fn shed_oldest(&self) -> bool {
-        match self.lock().pop_first() {
-            Some((_, shed)) => {
-                shed.notify_one();
-                true
-            }
-            None => false,
+    /// Tells the connection idle longest, for `min_idle` at least, to close; false when none
+    /// has been.
+    pub fn shed_oldest(&self, min_idle: Duration) -> bool {
+        let mut waiting = self.lock();
+        match waiting.first_key_value() {
+            Some((_, (since, _))) if since.elapsed() >= min_idle => {}
+            _ => return false,
         }
+        let Some((_, (_, shed))) = waiting.pop_first() else {
+            return false;
+        };
+        shed.closing.store(true, Ordering::Release);
+        shed.notify.notify_one();
+        true
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<Notify>>> {
+    /// Makes `connection` a candidate from now, the newest, unless it is closing already.
+    fn enter(
+        &self,
+        waiting: &mut BTreeMap<u64, (Instant, Arc<Signal>)>,
+        shed: &Arc<Signal>,
+    ) -> u64 {
+        let seq = self.next.fetch_add(1, Ordering::Relaxed);
+        if !shed.closing.load(Ordering::Acquire) {
+            waiting.insert(seq, (Instant::now(), shed.clone()));
+        }
+        seq
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, (Instant, Arc<Signal>)>> {
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -103,9 +133,8 @@ impl Connection {
     pub fn end(&self) {
         let mut waiting = self.owner.lock();
         if self.in_request.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let seq = self.owner.next.fetch_add(1, Ordering::Relaxed);
+            let seq = self.owner.enter(&mut waiting, &self.shed);
             self.seq.store(seq, Ordering::Release);
-            waiting.insert(seq, self.shed.clone());
         }
     }
 
@@ -114,9 +143,8 @@ impl Connection {
     /// may be shed like an idle one (dropped, request and all), the newest.
     pub fn waiting_on_body(self: &Arc<Self>) -> BodyWait {
         let mut waiting = self.owner.lock();
-        let seq = self.owner.next.fetch_add(1, Ordering::Relaxed);
         self.on_body.store(true, Ordering::Release);
-        waiting.insert(seq, self.shed.clone());
+        let seq = self.owner.enter(&mut waiting, &self.shed);
         BodyWait {
             connection: self.clone(),
             seq,
@@ -127,7 +155,7 @@ impl Connection {
     /// request's head, or the end of a body wait, closes the connection as one that served
     /// requests: after its answer.
     pub async fn shed(&self) -> Shed {
-        self.shed.notified().await;
+        self.shed.notify.notified().await;
         let served = self.served.load(Ordering::Acquire);
         match served && !self.on_body.load(Ordering::Acquire) {
             true => Shed::Close,
@@ -208,20 +236,20 @@ mod tests {
         let (a, b, c) = (idle.add(), idle.add(), idle.add());
         a.begin();
         assert_eq!(idle.len(), 2);
-        assert!(idle.shed_oldest());
+        assert!(idle.shed_oldest(Duration::ZERO));
         assert_eq!(b.shed().now_or_never(), Some(Shed::Drop), "b, never served");
         assert_eq!(c.shed().now_or_never(), None);
         // a's request ends: it is idle now, after c.
         a.end();
-        assert!(idle.shed_oldest());
+        assert!(idle.shed_oldest(Duration::ZERO));
         assert_eq!(c.shed().now_or_never(), Some(Shed::Drop));
-        assert!(idle.shed_oldest());
+        assert!(idle.shed_oldest(Duration::ZERO));
         assert_eq!(
             a.shed().now_or_never(),
             Some(Shed::Close),
             "a served a request"
         );
-        assert!(!idle.shed_oldest());
+        assert!(!idle.shed_oldest(Duration::ZERO));
         drop((b, c));
         assert_eq!(idle.len(), 0);
     }
@@ -233,13 +261,13 @@ mod tests {
         a.begin();
         let wait = a.waiting_on_body();
         assert_eq!(idle.len(), 1);
-        assert!(idle.shed_oldest());
+        assert!(idle.shed_oldest(Duration::ZERO));
         assert_eq!(a.shed().now_or_never(), Some(Shed::Drop));
         drop(wait);
         let again = a.waiting_on_body();
         drop(again);
         assert_eq!(idle.len(), 0, "a body that came is no longer a candidate");
-        assert!(!idle.shed_oldest());
+        assert!(!idle.shed_oldest(Duration::ZERO));
     }
 
     #[test]
@@ -247,18 +275,28 @@ mod tests {
         let idle = Arc::new(Idle::default());
         let a = idle.add();
         a.begin();
-        assert!(!idle.shed_oldest());
+        assert!(!idle.shed_oldest(Duration::ZERO));
         // A shed that raced the first request's head: closed after its answer.
         let b = idle.add();
-        assert!(idle.shed_oldest());
+        assert!(idle.shed_oldest(Duration::ZERO));
         b.begin();
         assert_eq!(b.shed().now_or_never(), Some(Shed::Close));
         b.end();
+        assert_eq!(idle.len(), 0, "a closing connection is no candidate again");
         drop(b);
-        assert_eq!(idle.len(), 0, "a closed connection is not counted");
         a.end();
         assert_eq!(idle.len(), 1);
         drop(a);
         assert_eq!(idle.len(), 0);
+    }
+
+    #[test]
+    fn a_connection_idle_for_less_than_the_minimum_is_not_shed() {
+        let idle = Arc::new(Idle::default());
+        let a = idle.add();
+        assert!(!idle.shed_oldest(Duration::from_secs(60)));
+        assert_eq!(a.shed().now_or_never(), None);
+        assert!(idle.shed_oldest(Duration::ZERO));
+        assert_eq!(a.shed().now_or_never(), Some(Shed::Drop));
     }
 }
