@@ -506,6 +506,9 @@ pub struct Head {
     pub body_len: usize,
     /// `Connection: close`: the connection ends with this answer.
     pub close: bool,
+    /// `Transfer-Encoding: chunked` (answers over 16 KiB stream): `body_len` is only known
+    /// once the last chunk is in.
+    pub chunked: bool,
 }
 
 /// Parses an answer's head once `buf` holds all of it (the bench's raw clients).
@@ -524,12 +527,37 @@ fn response_head(buf: &[u8]) -> Option<Head> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
         close: field("connection:") == Some("close"),
+        chunked: field("transfer-encoding:") == Some("chunked"),
     })
 }
 
-/// The head of the answer in `buf` once `buf` holds all of it, body included (Content-Length).
+/// The head of the answer in `buf` once `buf` holds all of it, body included (Content-Length,
+/// or a chunked body's last chunk).
 pub fn whole_response(buf: &[u8]) -> Option<Head> {
-    response_head(buf).filter(|h| buf.len() >= h.len + h.body_len)
+    let head = response_head(buf)?;
+    if head.chunked {
+        let body_len = chunked_len(&buf[head.len..])?;
+        return Some(Head { body_len, ..head });
+    }
+    (buf.len() >= head.len + head.body_len).then_some(head)
+}
+
+/// The length of a whole chunked body at the start of `body` (its last chunk and the blank
+/// line after it included; no trailers), or `None` while it is not all there.
+fn chunked_len(body: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    loop {
+        let line_end = at + body[at..].windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&body[at..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        at = line_end + 2 + size + 2;
+        if body.len() < at {
+            return None;
+        }
+        if size == 0 {
+            return Some(at);
+        }
+    }
 }
 
 /// The value at quantile `p` of sorted milliseconds (nearest rank).
