@@ -304,7 +304,9 @@ pub struct ServeArgs {
     #[arg(long, env = "MAX_LONG_POLLS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_long_polls: u64,
-    /// Open client connections per replica; further connections wait in the listen backlog.
+    /// Open client connections per replica. When all are taken, a new one closes the one idle
+    /// longest between requests (for a second at least); with none idle it waits, and further
+    /// connections wait in the listen backlog.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 16_384)]
     pub max_connections: usize,
     /// Open connections one client address may hold (an IPv6 client by its /56; proxies in
