@@ -401,8 +401,10 @@ pub async fn serve(
                     biased;
                     ended = conn.as_mut() => break ended,
                     how = standing.shed(), if !closing => {
+                        // Counted, logged at debug only: a flood of connections is what makes
+                        // sheds, one per new connection, and must not flood the log too.
                         crate::metrics::metrics().connections_shed.inc();
-                        tracing::info!(event = "connection_shed", %peer, how = ?how, "every connection place taken: closed the connection idle longest");
+                        tracing::debug!(event = "connection_shed", %peer, how = ?how, "every connection place taken: closed the connection idle longest");
                         if how == shed::Shed::Drop {
                             return;
                         }
