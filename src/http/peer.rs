@@ -11,7 +11,10 @@ use std::{
 
 use axum::http::HeaderMap;
 
-use crate::networks::{client_key, is_local, Networks};
+use crate::{
+    networks::{client_key, Networks},
+    push_target::is_internal,
+};
 
 /// Open connections per client address (`MAX_CONNECTIONS_PER_CLIENT`, off by default), so
 /// that one client cannot hold a replica's `MAX_CONNECTIONS` places and leave everyone else
@@ -132,7 +135,9 @@ pub fn slot_client(
     trusted: &Networks,
 ) -> Option<IpAddr> {
     let client = client_address(peer?, headers, trusted);
-    match trusted.contains(client) || is_local(client) {
+    // Internal addresses (private, loopback, link-local, shared, …: what a push URL may not
+    // reach) are the operator's own, never where a client on the internet connects from.
+    match trusted.contains(client) || is_internal(client) {
         true => None,
         false => Some(client_key(client)),
     }
@@ -220,6 +225,12 @@ mod tests {
         );
         assert_eq!(slot_client("127.0.0.1", &none), None);
         assert_eq!(slot_client("192.168.7.7", &none), None);
+        assert_eq!(
+            slot_client("100.64.0.1", &none),
+            None,
+            "shared address space"
+        );
+        assert_eq!(slot_client("fd00::1", &none), None, "unique local");
         assert_eq!(slot_client("192.0.2.1", &none), None, "a trusted proxy");
         let h = forwarded(&["203.0.113.9"]);
         assert_eq!(slot_client("192.0.2.1", &h), Some(ip("203.0.113.9")));

@@ -235,11 +235,7 @@ async fn objects_are_put_with_their_sha256() {
 #[tokio::test]
 async fn an_s3_upload_waits_on_the_database_no_longer_than_the_dependency_timeout() {
     let (endpoint, _) = s3_endpoint();
-    let prefix = test_prefix();
-    let mut flags = s3_flags("s3", &prefix, &endpoint);
-    flags.extend(["--dependency-timeout".to_string(), "2s".to_string()]);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let app = TestApp::start_on(fresh_db().await, &flags).await;
+    let app = s3_app_with_dependency_timeout(&endpoint, "2s").await;
     let (ws, token) = app.poll_workspace().await;
     let mut lock = app.pool.acquire().await.unwrap();
     sqlx::query("SELECT pg_advisory_lock(pending_uploads_lock_key($1))")
@@ -1026,6 +1022,15 @@ async fn the_background_sweeper_lists_the_bucket_once_per_quarter_of_the_grace()
     }
 }
 
+/// An s3-mode app on a fresh database and prefix, reaching S3 at `endpoint`, with
+/// DEPENDENCY_TIMEOUT `timeout`.
+async fn s3_app_with_dependency_timeout(endpoint: &str, timeout: &str) -> TestApp {
+    let mut flags = s3_flags("s3", &test_prefix(), endpoint);
+    flags.extend(["--dependency-timeout".to_string(), timeout.to_string()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    TestApp::start_on(fresh_db().await, &flags).await
+}
+
 /// A multipart body with `files`, ended by `closing` after the last delimiter (clients send
 /// `--\r\n`).
 fn raw_multipart(boundary: &str, files: &[(&str, &[u8])], closing: &[u8]) -> Vec<u8> {
@@ -1181,11 +1186,7 @@ async fn a_refused_body_leaves_nothing_of_its_early_put() {
 #[tokio::test]
 async fn a_client_pausing_mid_body_is_not_a_stalled_server() {
     let (endpoint, _) = s3_endpoint();
-    let prefix = test_prefix();
-    let mut flags = s3_flags("s3", &prefix, &endpoint);
-    flags.extend(["--dependency-timeout".to_string(), "1s".to_string()]);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let app = TestApp::start_on(fresh_db().await, &flags).await;
+    let app = s3_app_with_dependency_timeout(&endpoint, "1s").await;
     let (ws, token) = app.poll_workspace().await;
     let data = bytes(3 << 20, 6);
     let body = raw_multipart("XqzBound", &[("a.bin", &data)], b"--\r\n");
@@ -1259,11 +1260,7 @@ async fn a_server_that_stalls_when_the_client_is_done_is_a_503() {
         })
     });
     let via = proxy(&endpoint, hook).await;
-    let prefix = test_prefix();
-    let mut flags = s3_flags("s3", &prefix, &via);
-    flags.extend(["--dependency-timeout".to_string(), "1s".to_string()]);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let app = TestApp::start_on(fresh_db().await, &flags).await;
+    let app = s3_app_with_dependency_timeout(&via, "1s").await;
     let (ws, token) = app.poll_workspace().await;
     let body = raw_multipart("XqzBound", &[("a.bin", &bytes(3 << 20, 8))], b"--\r\n");
     let len = body.len();
