@@ -207,9 +207,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         admin = args.admin_token.is_some(), "pending-uploads listening"
     );
     let sweep = tokio::spawn(service.sweeper.clone().run_forever(args.sweep_interval.0));
-    let pool = service.state.db.pool().clone();
+    let db = service.state.db.clone();
     let gauges = tokio::spawn(refresh_gauges_forever(service.state.db.clone()));
-    let listen = tokio::spawn(service.state.hub.clone().listen_forever(pool.clone()));
+    let listen = tokio::spawn(service.state.hub.clone().listen_forever(db.pool().clone()));
     let batches = Batches::start(&service.state);
     let state = service.state.clone();
     let shutdown = async move {
@@ -229,7 +229,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     listen.abort();
     // What queued while the connections drained still goes out.
     batches.stop().await;
-    pool.close().await;
+    db.close().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -10,6 +10,7 @@
 //! returned to the pool.
 
 pub mod activity;
+mod conns;
 pub mod leases;
 pub mod tokens;
 pub mod uploads;
@@ -25,19 +26,15 @@ use std::{
 
 use futures::future::BoxFuture;
 use sqlx::{
-    pool::PoolConnection,
     postgres::{PgConnectOptions, PgPoolOptions},
-    PgConnection, PgPool, Postgres,
+    PgConnection, PgPool,
 };
 use uuid::Uuid;
 
+use self::conns::{Conns, PING_IF_IDLE_FOR};
 use crate::config::DbArgs;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
-
-/// Pooled connections idle longer than this are pinged before use (a restarted server is
-/// noticed there instead of failing a request); busier ones skip the round trip.
-const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 pub async fn connect(args: &DbArgs, dependency_timeout: Duration) -> Result<PgPool, sqlx::Error> {
     let options: PgConnectOptions = args
@@ -165,10 +162,13 @@ fn transient_sqlstate(code: &str) -> bool {
         )
 }
 
-/// The request paths' handle on the database (see the module comment).
+/// The request paths' handle on the database (see the module comment). Its work runs on
+/// connections of its own ([`conns`]); the sqlx pool it was made from serves the migrations
+/// and the long-poll listener.
 #[derive(Clone)]
 pub struct Db {
     pool: PgPool,
+    conns: Arc<Conns>,
     timeout: Duration,
     answered: Arc<LastAnswer>,
 }
@@ -221,8 +221,13 @@ impl Db {
             at_ms: AtomicU64::new(0),
             probing: AtomicBool::new(false),
         };
+        let conns = Conns::new(
+            (*pool.connect_options()).clone(),
+            pool.options().get_max_connections(),
+        );
         Db {
             pool,
+            conns: Arc::new(conns),
             timeout,
             answered: Arc::new(answered),
         }
@@ -274,28 +279,35 @@ impl Db {
         T: Send + 'static,
         F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, sqlx::Result<T>> + Send + 'static,
     {
-        let (pool, answered) = (self.pool.clone(), self.answered.clone());
+        let (conns, answered) = (self.conns.clone(), self.answered.clone());
         let task = tokio::spawn(async move {
             let due = tokio::time::Instant::now() + deadline;
             // No connection in time is the pool's own timeout: nothing reached the server, so
             // the outcome is known (unlike a cut query), and the caller cleans up at once.
-            let conn = tokio::time::timeout_at(due, pool.acquire())
+            let mut conn = tokio::time::timeout_at(due, conns.take())
                 .await
                 .map_err(|_| sqlx::Error::PoolTimedOut)??;
             if tokio::time::Instant::now() >= due {
                 // Unused and in step: back to the pool, not closed by a query cut at once.
-                drop(conn);
+                conn.give_back(&conns).await;
                 return Err(sqlx::Error::PoolTimedOut.into());
             }
-            let mut conn = Guarded::new(conn);
-            let result = tokio::time::timeout_at(due, work(conn.conn())).await;
+            // Dropped half way (the deadline), the connection is out of step: it is closed,
+            // never given back.
+            let result = tokio::time::timeout_at(due, async move {
+                let out = work(conn.conn()).await;
+                (out, conn)
+            })
+            .await;
             match result {
-                Ok(out) => {
+                Ok((out, conn)) => {
                     // Finished in step: an SQL error still leaves the protocol in step, a wait
                     // the work cut itself (a stalled COPY) or a broken stream does not.
                     if out.as_ref().err().is_none_or(|e| !breaks_connection(e)) {
-                        conn.release();
                         answered.mark();
+                        tokio::time::timeout_at(due, conn.give_back(&conns))
+                            .await
+                            .ok();
                     }
                     Ok(out?)
                 }
@@ -304,38 +316,11 @@ impl Db {
         });
         task.await?
     }
-}
 
-/// A pooled connection that is closed, not returned to the pool, unless released: dropped
-/// half way through a query it would be out of step.
-struct Guarded {
-    conn: PoolConnection<Postgres>,
-    in_step: bool,
-}
-
-impl Guarded {
-    fn new(conn: PoolConnection<Postgres>) -> Self {
-        Guarded {
-            conn,
-            in_step: false,
-        }
-    }
-
-    fn conn(&mut self) -> &mut PgConnection {
-        &mut self.conn
-    }
-
-    /// The work finished: the connection may serve the next request.
-    fn release(mut self) {
-        self.in_step = true;
-    }
-}
-
-impl Drop for Guarded {
-    fn drop(&mut self) {
-        if !self.in_step {
-            self.conn.close_on_drop();
-        }
+    /// Closes the idle connections (shutdown, after the drain).
+    pub async fn close(&self) {
+        self.conns.close().await;
+        self.pool.close().await;
     }
 }
 

@@ -2147,14 +2147,47 @@ async fn a_large_upload_costs_the_database_no_temp_file() {
 }
 
 /// A `Db` over a fresh database whose pool has one connection (5 s timeout), and that pool.
-async fn one_connection_db() -> (pending_uploads::db::Db, sqlx::PgPool) {
+async fn one_connection_db() -> pending_uploads::db::Db {
+    one_connection_db_at(&fresh_db().await)
+}
+
+fn one_connection_db_at(url: &str) -> pending_uploads::db::Db {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
-        .connect(&fresh_db().await)
-        .await
+        .connect_lazy(url)
         .unwrap();
-    let db = pending_uploads::db::Db::new(pool.clone(), Duration::from_secs(5));
-    (db, pool)
+    pending_uploads::db::Db::new(pool, Duration::from_secs(5))
+}
+
+/// Holds `db`'s one connection, in work of its own, until the sender is dropped.
+async fn hold_the_only_connection(
+    db: &pending_uploads::db::Db,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let (taken, is_taken) = tokio::sync::oneshot::channel::<()>();
+    let db = db.clone();
+    let holding = tokio::spawn(async move {
+        db.run(|_c| {
+            Box::pin(async move {
+                let _ = taken.send(());
+                let _ = released.await;
+                Ok(())
+            })
+        })
+        .await
+        .unwrap()
+    });
+    is_taken.await.unwrap();
+    (release, holding)
+}
+
+async fn backend_pid(db: &pending_uploads::db::Db) -> i32 {
+    db.run(|c| Box::pin(sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(c)))
+        .await
+        .unwrap()
 }
 
 /// No pooled connection within the deadline is the pool's timeout: unavailable (503), but
@@ -2164,8 +2197,8 @@ async fn one_connection_db() -> (pending_uploads::db::Db, sqlx::PgPool) {
 /// objects for the orphan sweep, an hour later.
 #[tokio::test]
 async fn no_connection_in_time_is_a_known_outcome() {
-    let (db, pool) = one_connection_db().await;
-    let held = pool.acquire().await.unwrap();
+    let db = one_connection_db().await;
+    let (release, holding) = hold_the_only_connection(&db).await;
     let started = Instant::now();
     let err = db
         .run_within(Duration::from_millis(300), |c| {
@@ -2177,15 +2210,23 @@ async fn no_connection_in_time_is_a_known_outcome() {
     assert!(err.is_unavailable(), "{err}");
     assert!(!err.outcome_unknown(), "nothing reached the server: {err}");
     assert!(took < Duration::from_millis(1000), "{took:?}");
-    drop(held);
+    drop(release);
+    holding.await.unwrap();
 }
 
-/// Work that cuts its own wait on the database (as a stalled COPY does) leaves its connection
-/// mid-message: `Db` closes it instead of pooling it (sqlx would first ping it on release,
-/// which against a frozen server waits without end), and the next work gets a fresh one.
+/// A connection whose work finished in step serves the next work as it is (no ping, no new
+/// session); work that cuts its own wait on the database (as a stalled COPY does) leaves its
+/// connection mid-message, so `Db` closes it instead (a ping on it, against a frozen server,
+/// would wait without end), and the next work gets a fresh one.
 #[tokio::test]
 async fn a_database_wait_cut_half_way_closes_its_connection() {
-    let (db, pool) = one_connection_db().await;
+    let db = one_connection_db().await;
+    let first = backend_pid(&db).await;
+    assert_eq!(
+        backend_pid(&db).await,
+        first,
+        "a connection in step is kept"
+    );
     let cut = db
         .run(|c| {
             Box::pin(async move {
@@ -2198,20 +2239,38 @@ async fn a_database_wait_cut_half_way_closes_its_connection() {
         })
         .await;
     assert!(cut.is_err(), "the wait was cut");
-    let mut size = pool.size();
-    for _ in 0..50 {
-        if size == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        size = pool.size();
-    }
-    assert_eq!(size, 0, "the cut connection went back to the pool");
-    let answer: i32 = db
-        .run(|c| Box::pin(sqlx::query_scalar("SELECT 7").fetch_one(c)))
+    assert_ne!(backend_pid(&db).await, first, "the cut connection was kept");
+}
+
+/// A transaction dropped unfinished queues its ROLLBACK: it goes out before the connection
+/// serves other work, so no lock it took outlives the work.
+#[tokio::test]
+async fn a_transaction_dropped_unfinished_ends_before_its_connection_is_reused() {
+    let url = fresh_db().await;
+    let db = one_connection_db_at(&url);
+    let first = backend_pid(&db).await;
+    db.run(|c| {
+        Box::pin(async move {
+            let mut tx = sqlx::Connection::begin(c).await?;
+            sqlx::query("SELECT pg_advisory_xact_lock(4242)")
+                .execute(&mut *tx)
+                .await?;
+            Ok(())
+        })
+    })
+    .await
+    .unwrap();
+    let other = sqlx::PgPool::connect(&url).await.unwrap();
+    let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(4242)")
+        .fetch_one(&other)
         .await
         .unwrap();
-    assert_eq!(answer, 7);
+    assert!(free, "the dropped transaction still holds its lock");
+    assert_eq!(
+        backend_pid(&db).await,
+        first,
+        "a rolled back connection is kept"
+    );
 }
 
 /// Requests waiting on a busy database (large COPYs after their last byte) probe it for a
@@ -2220,9 +2279,9 @@ async fn a_database_wait_cut_half_way_closes_its_connection() {
 /// one go out.
 #[tokio::test]
 async fn waits_on_the_database_share_one_probe() {
-    let (db, pool) = one_connection_db().await;
+    let db = one_connection_db().await;
     let window = Duration::from_secs(5);
-    let busy = pool.acquire().await.unwrap();
+    let (release, holding) = hold_the_only_connection(&db).await;
     // A probe in a task of its own, seen waiting on the held connection.
     async fn waiting_probe(
         db: &pending_uploads::db::Db,
@@ -2247,7 +2306,8 @@ async fn waits_on_the_database_share_one_probe() {
         "after the first was dropped, the next one goes out",
     )
     .await;
-    drop(busy);
+    drop(release);
+    holding.await.unwrap();
     third.await.unwrap();
     assert!(
         db.silent_since(before) + Duration::from_millis(50) < before.elapsed(),
