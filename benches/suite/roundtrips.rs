@@ -342,7 +342,7 @@ fn print(backend: &str, n: usize, results: &[(&str, Vec<Measured>)]) {
         println!();
     }
     println!(
-        "\nThe two counts differ where pg_stat_statements and the wire disagree on what a round trip is: pings (a bare Sync: sqlx 0.8 pings every connection as it returns to the pool, and the service pings one idle over 1 s before use) are round trips pg_stat_statements does not list; statements that deferred constraint triggers run inside COMMIT are listed by pg_stat_statements as top-level but cost no round trip; a COPY FROM STDIN is one statement and two round trips (the Query, then CopyDone)."
+        "\nThe two counts differ where pg_stat_statements and the wire disagree on what a round trip is: pings (a bare Sync: the service pings a connection idle over 1 s before use; sqlx's own pool, which the service used before 39a32aa, pings every connection it takes back) are round trips pg_stat_statements does not list; statements that deferred constraint triggers run inside COMMIT are listed by pg_stat_statements as top-level but cost no round trip; a COPY FROM STDIN is one statement and two round trips (the Query, then CopyDone)."
     );
     for m in ours {
         let per = |t: u8| m.per_request(m.wire.get(t) as i64);

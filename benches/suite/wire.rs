@@ -6,8 +6,9 @@
 //! A round trip is a message after which the client waits for the server: Sync (`S`, the end
 //! of an extended-protocol batch), a simple Query (`Q`), and CopyDone/CopyFail (`c`/`f`, the
 //! second wait of a COPY FROM STDIN; its first is the Query). A Sync with nothing before it
-//! in its batch is a ping (sqlx's `ping()`: it pings every connection it returns to the pool,
-//! and the service pings one idle over 1 s before use); those are counted apart too.
+//! in its batch is a ping (sqlx's `ping()`: the service pings a connection idle over 1 s before
+//! use, and a release before 39a32aa, on sqlx's pool, pinged every connection it took back);
+//! those are counted apart too.
 
 use std::sync::{
     atomic::{AtomicU64, Ordering},
