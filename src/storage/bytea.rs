@@ -19,6 +19,11 @@ pub const READ_CHUNK: u64 = 256 * 1024;
 /// Slices of one download being fetched at once: one ahead of the one being sent.
 const PREFETCH: usize = 2;
 
+/// A range up to this long has the rest of its slices fetched all at once, after the first:
+/// it holds no more than the whole range would, and waits one round trip instead of one per
+/// [`PREFETCH`] slices.
+const ALL_AHEAD_UP_TO: u64 = 1024 * 1024;
+
 pub struct ByteaBackend {
     db: Db,
 }
@@ -65,6 +70,11 @@ impl ByteaBackend {
     pub fn continue_from(&self, loc: &Location, range: ByteRange, first: Bytes) -> ByteStream {
         let start = range.start + first.len() as u64;
         let offsets = (start..=range.end).step_by(READ_CHUNK as usize);
+        let ahead = if range.byte_count() <= ALL_AHEAD_UP_TO {
+            ((range.end + 1).saturating_sub(start).div_ceil(READ_CHUNK) as usize).max(1)
+        } else {
+            PREFETCH
+        };
         let (db, file_id) = (self.db.clone(), loc.file_id);
         let rest = futures::stream::iter(offsets)
             .map(move |offset| {
@@ -83,7 +93,7 @@ impl ByteaBackend {
                     }
                 }
             })
-            .buffered(PREFETCH);
+            .buffered(ahead);
         futures::stream::once(async { Ok(first) })
             .chain(rest)
             .boxed()
