@@ -77,10 +77,29 @@ impl Conns {
                 Err(e) => tracing::debug!(error = %e, "idle database connection dropped"),
             }
         }
-        let conn = self.options.connect().await?;
+        let conn = self.connect().await?;
         Ok(Taken::new(conn, Instant::now(), place))
     }
 
+    /// A new session. A server restarting, refusing connections or at its
+    /// `max_connections` is asked again, after a growing pause, for as long as the caller
+    /// waits (as sqlx's pool did): a short restart costs a request time, not a 503.
+    async fn connect(&self) -> sqlx::Result<PgConnection> {
+        let mut pause = Duration::from_millis(10);
+        loop {
+            match self.options.connect().await {
+                Err(e) if worth_retrying(&e) => {
+                    tracing::debug!(error = %e, "database connection refused: retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                connected => return connected,
+            }
+        }
+    }
+
+    /// The most recently used idle connection that is neither idle too long nor too old;
+    /// those are closed.
     fn pop(&self) -> Option<Idle> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         // The oldest idle ones are at the bottom of the stack.
@@ -88,14 +107,30 @@ impl Conns {
             .iter()
             .take_while(|i| i.since.elapsed() >= IDLE_TIMEOUT)
             .count();
-        let closing: Vec<Idle> = idle.drain(..stale).collect();
-        let top = idle.pop();
+        let mut closing: Vec<Idle> = idle.drain(..stale).collect();
+        let mut top = None;
+        while let Some(i) = idle.pop() {
+            if i.born.elapsed() < MAX_LIFETIME {
+                top = Some(i);
+                break;
+            }
+            closing.push(i);
+        }
         drop(idle);
         close_all(closing);
         top
     }
 
     fn push(&self, conn: PgConnection, born: Instant) {
+        if self.places.is_closed() {
+            // Shut down: no one takes it again.
+            close_all(vec![Idle {
+                conn,
+                born,
+                since: Instant::now(),
+            }]);
+            return;
+        }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         idle.push(Idle {
             conn,
@@ -113,6 +148,16 @@ impl Conns {
         for i in idle {
             let _ = i.conn.close().await;
         }
+    }
+}
+
+/// Errors of a connection attempt that a later attempt may not meet: the server unreachable
+/// (restarting, or a network blip), too many connections (53300), starting up (57P03).
+fn worth_retrying(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("53300" | "57P03")),
+        _ => false,
     }
 }
 
@@ -142,10 +187,15 @@ impl Taken {
 
     /// The work finished in step: what it queued goes out, and the connection serves the next
     /// request, unless it is still in a transaction or past its lifetime. No round trip when
-    /// nothing was queued.
-    pub async fn give_back(mut self, conns: &Conns) {
+    /// nothing was queued and the work succeeded. Work that failed may have left an answer
+    /// sqlx does not wait for (a `CopyFail` queued by a COPY dropped half way): a ping reads
+    /// past it before the connection is trusted again.
+    pub async fn give_back(mut self, conns: &Conns, failed: bool) {
         let flushed = self.conn.flush().await;
         if flushed.is_err() || self.conn.is_in_transaction() {
+            return;
+        }
+        if failed && self.conn.ping().await.is_err() {
             return;
         }
         if self.born.elapsed() >= MAX_LIFETIME {

@@ -84,6 +84,9 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 pub enum DbError {
     #[error("database did not answer within {0:?}")]
     Timeout(Duration),
+    /// No session could be opened: nothing reached the server.
+    #[error("database connection failed: {0}")]
+    Connect(#[source] sqlx::Error),
     #[error(transparent)]
     Sql(#[from] sqlx::Error),
     #[error("database task failed: {0}")]
@@ -96,6 +99,7 @@ impl DbError {
     pub fn outcome_unknown(&self) -> bool {
         match self {
             DbError::Timeout(_) | DbError::Task(_) => true,
+            DbError::Connect(_) => false,
             DbError::Sql(e) => breaks_connection(e),
         }
     }
@@ -106,7 +110,7 @@ impl DbError {
         match self {
             DbError::Timeout(_) => true,
             DbError::Task(_) => false,
-            DbError::Sql(e) => sql_unavailable(e),
+            DbError::Connect(e) | DbError::Sql(e) => sql_unavailable(e),
         }
     }
 }
@@ -136,8 +140,8 @@ fn session_refused(db: &dyn sqlx::error::DatabaseError) -> bool {
         .is_some_and(|e| matches!(e.severity(), PgSeverity::Fatal | PgSeverity::Panic))
 }
 
-/// Errors after which a connection may be mid-message: it is closed, never pooled again (sqlx
-/// would ping it on release first, which against a frozen server waits without end).
+/// Errors after which a connection may be mid-message: it is closed, never pooled again (a
+/// ping on it, against a frozen server, would wait without end).
 fn breaks_connection(e: &sqlx::Error) -> bool {
     matches!(
         e,
@@ -286,10 +290,11 @@ impl Db {
             // the outcome is known (unlike a cut query), and the caller cleans up at once.
             let mut conn = tokio::time::timeout_at(due, conns.take())
                 .await
-                .map_err(|_| sqlx::Error::PoolTimedOut)??;
+                .map_err(|_| sqlx::Error::PoolTimedOut)?
+                .map_err(DbError::Connect)?;
             if tokio::time::Instant::now() >= due {
                 // Unused and in step: back to the pool, not closed by a query cut at once.
-                conn.give_back(&conns).await;
+                conn.give_back(&conns, false).await;
                 return Err(sqlx::Error::PoolTimedOut.into());
             }
             // Dropped half way (the deadline), the connection is out of step: it is closed,
@@ -305,7 +310,7 @@ impl Db {
                     // the work cut itself (a stalled COPY) or a broken stream does not.
                     if out.as_ref().err().is_none_or(|e| !breaks_connection(e)) {
                         answered.mark();
-                        tokio::time::timeout_at(due, conn.give_back(&conns))
+                        tokio::time::timeout_at(due, conn.give_back(&conns, out.is_err()))
                             .await
                             .ok();
                     }

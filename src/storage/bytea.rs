@@ -4,10 +4,11 @@
 //! Each slice is its own short database call: a download holds no connection between
 //! slices, however slowly its client reads.
 
-use std::io;
+use std::{io, sync::Arc};
 
 use bytes::Bytes;
 use futures::StreamExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
 use super::{ByteRange, ByteStream, Location, StorageError};
@@ -19,18 +20,27 @@ pub const READ_CHUNK: u64 = 256 * 1024;
 /// Slices of one download being fetched at once: one ahead of the one being sent.
 const PREFETCH: usize = 2;
 
-/// A range up to this long has the rest of its slices fetched all at once, after the first:
-/// it holds no more than the whole range would, and waits one round trip instead of one per
-/// [`PREFETCH`] slices.
+/// A range up to this long may have the rest of its slices fetched all at once, after the
+/// first: one wait instead of one per [`PREFETCH`] slices.
 const ALL_AHEAD_UP_TO: u64 = 1024 * 1024;
+
+/// What downloads fetching all ahead may hold at once, in KiB, across the replica; beyond it
+/// a download fetches [`PREFETCH`] slices as larger ones do. A reader that stops reading holds
+/// what was fetched for it: without this budget, up to 1 MiB per download slot instead of
+/// a slice or two.
+const ALL_AHEAD_KIB: usize = 16 * 1024;
 
 pub struct ByteaBackend {
     db: Db,
+    all_ahead: Arc<Semaphore>,
 }
 
 impl ByteaBackend {
     pub fn new(db: Db) -> Self {
-        ByteaBackend { db }
+        ByteaBackend {
+            db,
+            all_ahead: Arc::new(Semaphore::new(ALL_AHEAD_KIB)),
+        }
     }
 
     /// One slice, exactly `len` bytes long, or `None` when the row or its bytes are gone.
@@ -65,20 +75,21 @@ impl ByteaBackend {
     }
 
     /// The stream of `range` whose first slice the caller already read (with the row). The
-    /// next slice is fetched while the current one is being sent ([`PREFETCH`] in flight), so
-    /// a download does not wait a round trip per slice.
+    /// next slice is fetched while the current one is being sent ([`PREFETCH`] in flight, or
+    /// all of a small range, see [`fetch_ahead`]), so a download does not wait a round trip
+    /// per slice.
     pub fn continue_from(&self, loc: &Location, range: ByteRange, first: Bytes) -> ByteStream {
         let start = range.start + first.len() as u64;
         let offsets = (start..=range.end).step_by(READ_CHUNK as usize);
-        let ahead = if range.byte_count() <= ALL_AHEAD_UP_TO {
-            ((range.end + 1).saturating_sub(start).div_ceil(READ_CHUNK) as usize).max(1)
-        } else {
-            PREFETCH
-        };
+        let (ahead, budget) = fetch_ahead(&self.all_ahead, range, start);
         let (db, file_id) = (self.db.clone(), loc.file_id);
+        let all_ahead = self.all_ahead.clone();
         let rest = futures::stream::iter(offsets)
             .map(move |offset| {
-                let this = ByteaBackend { db: db.clone() };
+                let this = ByteaBackend {
+                    db: db.clone(),
+                    all_ahead: all_ahead.clone(),
+                };
                 let len = READ_CHUNK.min(range.end - offset + 1);
                 async move {
                     match this.slice(file_id, offset, len).await {
@@ -93,7 +104,12 @@ impl ByteaBackend {
                     }
                 }
             })
-            .buffered(ahead);
+            .buffered(ahead)
+            .map(move |slice| {
+                // The budget taken is held as long as the stream.
+                let _held = &budget;
+                slice
+            });
         futures::stream::once(async { Ok(first) })
             .chain(rest)
             .boxed()
@@ -102,5 +118,57 @@ impl ByteaBackend {
     pub async fn check(&self) -> Result<(), StorageError> {
         self.db.run(|c| Box::pin(db::ping(c))).await?;
         Ok(())
+    }
+}
+
+/// How many slices after the first a download of `range`, whose next byte is at `start`,
+/// fetches at once: all of them for a range up to [`ALL_AHEAD_UP_TO`] while `budget` has their
+/// bytes (held by the permit), else [`PREFETCH`].
+fn fetch_ahead(
+    budget: &Arc<Semaphore>,
+    range: ByteRange,
+    start: u64,
+) -> (usize, Option<OwnedSemaphorePermit>) {
+    let rest = (range.end + 1).saturating_sub(start);
+    if range.byte_count() > ALL_AHEAD_UP_TO || rest <= READ_CHUNK {
+        return (PREFETCH, None);
+    }
+    match budget
+        .clone()
+        .try_acquire_many_owned(rest.div_ceil(1024) as u32)
+    {
+        Ok(permit) => (rest.div_ceil(READ_CHUNK) as usize, Some(permit)),
+        Err(_) => (PREFETCH, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(start: u64, end: u64) -> ByteRange {
+        ByteRange { start, end }
+    }
+
+    #[test]
+    fn small_ranges_fetch_all_ahead_within_the_budget() {
+        let budget = Arc::new(Semaphore::new(1024));
+        // A 1 MiB file after its first slice: the other three at once, 768 KiB held.
+        let (ahead, first) = fetch_ahead(&budget, range(0, (1 << 20) - 1), READ_CHUNK);
+        assert_eq!(ahead, 3);
+        assert_eq!(budget.available_permits(), 1024 - 768);
+        // The next one finds the budget short: one slice ahead, as a large file.
+        let (ahead, second) = fetch_ahead(&budget, range(0, (1 << 20) - 1), READ_CHUNK);
+        assert_eq!((ahead, second.is_none()), (PREFETCH, true));
+        drop(first);
+        let (ahead, third) = fetch_ahead(&budget, range(0, (1 << 20) - 1), READ_CHUNK);
+        assert_eq!((ahead, third.is_some()), (3, true));
+        // Larger ranges, and what fits in one slice, take nothing from it.
+        drop(third);
+        let (ahead, none) = fetch_ahead(&budget, range(0, 1 << 20), READ_CHUNK);
+        assert_eq!((ahead, none.is_none()), (PREFETCH, true));
+        let (ahead, none) = fetch_ahead(&budget, range(0, 2 * READ_CHUNK - 1), READ_CHUNK);
+        assert_eq!((ahead, none.is_none()), (PREFETCH, true));
+        assert_eq!(budget.available_permits(), 1024);
     }
 }

@@ -2146,7 +2146,7 @@ async fn a_large_upload_costs_the_database_no_temp_file() {
     assert_eq!((bytes, files), (12 << 20, 1), "the upload is counted");
 }
 
-/// A `Db` over a fresh database whose pool has one connection (5 s timeout), and that pool.
+/// A `Db` over a fresh database with one connection (5 s timeout).
 async fn one_connection_db() -> pending_uploads::db::Db {
     one_connection_db_at(&fresh_db().await)
 }
@@ -2212,6 +2212,59 @@ async fn no_connection_in_time_is_a_known_outcome() {
     assert!(took < Duration::from_millis(1000), "{took:?}");
     drop(release);
     holding.await.unwrap();
+}
+
+/// A database not accepting connections yet (restarting) is asked again for as long as the
+/// work may wait, as sqlx's pool did: here it comes up 400 ms into a 5 s wait, and the work
+/// runs. Failing that, no session is a known outcome: nothing reached the server, so an
+/// upload's commit removes what it wrote at once (an `Io` error used to count as "may have
+/// committed").
+#[tokio::test]
+async fn a_database_coming_up_is_waited_for_and_no_session_is_a_known_outcome() {
+    let url = fresh_db().await;
+    let real: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let db = pending_uploads::db::Db::new(
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(real.clone().host("127.0.0.1").port(port)),
+        Duration::from_secs(5),
+    );
+    let never = db
+        .run_within(Duration::from_millis(300), |c| {
+            Box::pin(sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(c))
+        })
+        .await
+        .unwrap_err();
+    assert!(never.is_unavailable(), "{never}");
+    assert!(
+        !never.outcome_unknown(),
+        "nothing reached the server: {never}"
+    );
+
+    let (host, pg_port) = (real.get_host().to_string(), real.get_port());
+    let comes_up = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let (mut client, _) = listener.accept().await.unwrap();
+        let mut server = tokio::net::TcpStream::connect((host.as_str(), pg_port))
+            .await
+            .unwrap();
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+    });
+    let started = Instant::now();
+    let answer: i32 = db
+        .run(|c| Box::pin(sqlx::query_scalar("SELECT 7").fetch_one(c)))
+        .await
+        .unwrap();
+    assert_eq!(answer, 7);
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    comes_up.abort();
 }
 
 /// A connection whose work finished in step serves the next work as it is (no ping, no new
