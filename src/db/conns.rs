@@ -124,11 +124,7 @@ impl Conns {
     fn push(&self, conn: PgConnection, born: Instant) {
         if self.places.is_closed() {
             // Shut down: no one takes it again.
-            close_all(vec![Idle {
-                conn,
-                born,
-                since: Instant::now(),
-            }]);
+            tokio::spawn(conn.close());
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
@@ -161,15 +157,11 @@ fn worth_retrying(e: &sqlx::Error) -> bool {
     }
 }
 
+/// Closes connections no one will take, without waiting on them.
 fn close_all(idle: Vec<Idle>) {
-    if idle.is_empty() {
-        return;
+    for i in idle {
+        tokio::spawn(i.conn.close());
     }
-    tokio::spawn(async move {
-        for i in idle {
-            let _ = i.conn.close().await;
-        }
-    });
 }
 
 impl Taken {

@@ -45,13 +45,12 @@ impl ByteaBackend {
 
     /// One slice, exactly `len` bytes long, or `None` when the row or its bytes are gone.
     async fn slice(
-        &self,
+        db: &Db,
         file_id: Uuid,
         offset: u64,
         len: u64,
     ) -> Result<Option<Bytes>, StorageError> {
-        let chunk = self
-            .db
+        let chunk = db
             .run(move |c| {
                 let read = db::uploads::read_slice(c, file_id, offset, len);
                 Box::pin(crate::arena::big_blocks(
@@ -67,8 +66,7 @@ impl ByteaBackend {
     /// a row swept since it was looked up is `Missing` here (a 404), not a short 200.
     pub async fn open(&self, loc: &Location, range: ByteRange) -> Result<ByteStream, StorageError> {
         let first_len = READ_CHUNK.min(range.byte_count());
-        let first = self
-            .slice(loc.file_id, range.start, first_len)
+        let first = Self::slice(&self.db, loc.file_id, range.start, first_len)
             .await?
             .ok_or(StorageError::Missing)?;
         Ok(self.continue_from(loc, range, first))
@@ -83,16 +81,12 @@ impl ByteaBackend {
         let offsets = (start..=range.end).step_by(READ_CHUNK as usize);
         let (ahead, budget) = fetch_ahead(&self.all_ahead, range, start);
         let (db, file_id) = (self.db.clone(), loc.file_id);
-        let all_ahead = self.all_ahead.clone();
         let rest = futures::stream::iter(offsets)
             .map(move |offset| {
-                let this = ByteaBackend {
-                    db: db.clone(),
-                    all_ahead: all_ahead.clone(),
-                };
+                let db = db.clone();
                 let len = READ_CHUNK.min(range.end - offset + 1);
                 async move {
-                    match this.slice(file_id, offset, len).await {
+                    match Self::slice(&db, file_id, offset, len).await {
                         Ok(Some(chunk)) => Ok(chunk),
                         // Swept (or released) mid-stream: end with an error so the client sees
                         // a truncated transfer, never wrong bytes.

@@ -1278,6 +1278,44 @@ async fn closed_by_the_service(sock: &mut TcpStream) -> bool {
     matches!(read, Ok(Ok(0)) | Ok(Err(_)))
 }
 
+const GET_HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+
+/// What one read on `sock` gets within 5 s (a short answer on a kept-alive connection).
+async fn read_answer(sock: &mut TcpStream) -> String {
+    let mut raw = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut raw))
+        .await
+        .expect("answered")
+        .unwrap();
+    String::from_utf8_lossy(&raw[..n]).to_string()
+}
+
+/// `n` connections that each sent `head`, opened 50 ms apart: the first has waited longest.
+async fn connections_that_sent(svc: &Svc, n: usize, head: &[u8]) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
+        sock.write_all(head).await.unwrap();
+        held.push(sock);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    held
+}
+
+/// A long poll of `ws` on a raw connection of its own, waiting after its newest activity row
+/// for `wait` seconds; returned once the service counts it.
+async fn raw_long_poll(svc: &Svc, ws: Uuid, token: &str, wait: u32) -> TcpStream {
+    let newest = newest_activity(svc, ws, token).await;
+    let mut poll = TcpStream::connect(&svc.addr).await.unwrap();
+    let head = format!(
+        "GET /workspaces/{ws}/activity?since_id={newest}&wait={wait} HTTP/1.1\r\nHost: x\r\n\
+         Authorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    poll.write_all(head.as_bytes()).await.unwrap();
+    wait_for_metric(&svc.base, "pending_uploads_long_polls_waiting", 1.0).await;
+    poll
+}
+
 /// With every MAX_CONNECTIONS place held by connections that never finish their request
 /// heads (each lives HEADER_READ_TIMEOUT; a client opens the next as one is cut), a new client
 /// waited in the listen backlog until one was cut: here 30 s. The oldest connection that has
@@ -1289,23 +1327,9 @@ async fn connections_that_never_send_a_request_cannot_hold_every_place() {
     let (ws, token) = register_poll(&svc.base).await;
     let cursor = upload_file(&svc, ws, &token, "a.txt", b"a").await;
     assert_eq!(cursor.status(), StatusCode::OK);
-    let newest = newest_activity(&svc, ws, &token).await;
-    let mut poll = TcpStream::connect(&svc.addr).await.unwrap();
-    let head = format!(
-        "GET /workspaces/{ws}/activity?since_id={newest}&wait=20 HTTP/1.1\r\nHost: x\r\n\
-         Authorization: Bearer {token}\r\nConnection: close\r\n\r\n"
-    );
-    poll.write_all(head.as_bytes()).await.unwrap();
-    wait_for_metric(&svc.base, "pending_uploads_long_polls_waiting", 1.0).await;
-    let mut slow = Vec::new();
-    for _ in 0..3 {
-        let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
-        sock.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-            .await
-            .unwrap();
-        slow.push(sock);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut poll = raw_long_poll(&svc, ws, &token, 20).await;
+    let mut slow =
+        connections_that_sent(&svc, 3, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ").await;
     for _ in 0..3 {
         a_new_client_is_answered_at_once(&svc).await;
     }
@@ -1345,22 +1369,11 @@ async fn connections_that_never_send_a_request_cannot_hold_every_place() {
 #[tokio::test]
 async fn idle_kept_alive_connections_cannot_hold_every_place() {
     let svc = Svc::start(&[("MAX_CONNECTIONS", "3"), ("HEADER_READ_TIMEOUT", "30s")]).await;
-    let mut idle = Vec::new();
-    for _ in 0..3 {
-        let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
-        sock.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut raw = vec![0u8; 4096];
-        let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut raw))
-            .await
-            .unwrap()
-            .unwrap();
-        let answer = String::from_utf8_lossy(&raw[..n]).to_string();
+    let mut idle = connections_that_sent(&svc, 3, GET_HEALTHZ).await;
+    for sock in &mut idle {
+        let answer = read_answer(sock).await;
         assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
         assert!(answer.ends_with('}'), "the whole answer: {answer}");
-        idle.push(sock);
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     a_new_client_is_answered_at_once(&svc).await;
     // The oldest was closed cleanly, after its answer; the newest is still open.
@@ -1380,15 +1393,9 @@ async fn idle_kept_alive_connections_cannot_hold_every_place() {
 #[tokio::test]
 async fn requests_waiting_on_short_bodies_cannot_hold_every_place() {
     let svc = Svc::start(&[("MAX_CONNECTIONS", "3"), ("REQUEST_BODY_TIMEOUT", "30s")]).await;
-    let mut slow = Vec::new();
-    for _ in 0..3 {
-        let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
-        let head = "POST /registry/register HTTP/1.1\r\nHost: x\r\n\
-                    Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"id\":";
-        sock.write_all(head.as_bytes()).await.unwrap();
-        slow.push(sock);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let head = "POST /registry/register HTTP/1.1\r\nHost: x\r\n\
+                Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"id\":";
+    let mut slow = connections_that_sent(&svc, 3, head.as_bytes()).await;
     a_new_client_is_answered_at_once(&svc).await;
     assert!(closed_by_the_service(&mut slow[0]).await);
     assert_eq!(svc.count("workspaces").await, 0);
@@ -1405,15 +1412,8 @@ async fn a_refused_connection_sheds_no_one() {
         sock.connect(svc.addr.parse().unwrap()).await.unwrap()
     }
     async fn served(sock: &mut TcpStream) -> String {
-        sock.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut raw = vec![0u8; 4096];
-        let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut raw))
-            .await
-            .expect("answered")
-            .unwrap();
-        String::from_utf8_lossy(&raw[..n]).to_string()
+        sock.write_all(GET_HEALTHZ).await.unwrap();
+        read_answer(sock).await
     }
     let svc = Svc::start(&[
         ("MAX_CONNECTIONS", "2"),
@@ -1454,14 +1454,7 @@ async fn a_committed_upload_keeps_its_answer_on_a_full_replica() {
     let (polled, poll_token) = register_poll(&svc.base).await;
     let first = upload_file(&svc, polled, &poll_token, "a.txt", b"a").await;
     assert_eq!(first.status(), StatusCode::OK);
-    let newest = newest_activity(&svc, polled, &poll_token).await;
-    let mut poll = TcpStream::connect(&svc.addr).await.unwrap();
-    let head = format!(
-        "GET /workspaces/{polled}/activity?since_id={newest}&wait=30 HTTP/1.1\r\nHost: x\r\n\
-         Authorization: Bearer {poll_token}\r\nConnection: close\r\n\r\n"
-    );
-    poll.write_all(head.as_bytes()).await.unwrap();
-    wait_for_metric(&svc.base, "pending_uploads_long_polls_waiting", 1.0).await;
+    let poll = raw_long_poll(&svc, polled, &poll_token, 30).await;
     // The other: an upload whose body is whole but whose last chunk never comes.
     let body = one_file("XB", "kept.txt", b"kept");
     let mut upload = TcpStream::connect(&svc.addr).await.unwrap();
@@ -2223,10 +2216,7 @@ async fn no_connection_in_time_is_a_known_outcome() {
 async fn a_database_coming_up_is_waited_for_and_no_session_is_a_known_outcome() {
     let url = fresh_db().await;
     let real: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let db = pending_uploads::db::Db::new(
         sqlx::postgres::PgPoolOptions::new()
             .max_connections(1)
