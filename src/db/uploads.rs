@@ -398,20 +398,37 @@ pub async fn pending_totals(
     .await
 }
 
-/// The caller's live row and, when `head` is given and the bytes are inline, the first `head`
-/// bytes of its content: a whole download of a small file in this one round trip.
+/// How much of a row's inline bytes [`get_live_for`] reads with it: the first `len` bytes, or
+/// all of them when there are at most `whole_up_to`.
+#[derive(Debug, Clone, Copy)]
+pub struct Head {
+    pub len: u64,
+    pub whole_up_to: Option<u64>,
+}
+
+impl Head {
+    /// The most bytes it may read.
+    pub fn max_len(&self) -> u64 {
+        self.len.max(self.whole_up_to.unwrap_or(0))
+    }
+}
+
+/// The caller's live row and, when `head` is given and the bytes are inline, the start of its
+/// content: a whole download of a small file in this one round trip.
 pub async fn get_live_for(
     conn: &mut PgConnection,
     workspace_id: Uuid,
     token_hash: Option<[u8; 32]>,
     file_id: Uuid,
-    head: Option<u64>,
+    head: Option<Head>,
 ) -> sqlx::Result<Checked<Option<(UploadRow, Option<Vec<u8>>)>>> {
     let rows = sqlx::query(&format!(
         "{CALLER}
          SELECT caller.ok AS caller_ok, {P_COLUMNS},
                 CASE WHEN $4::int IS NOT NULL AND p.s3_key IS NULL
-                     THEN substring(p.content FROM 1 FOR $4::int) END AS head
+                     THEN substring(p.content FROM 1 FOR CASE WHEN p.size_bytes <= $5::int
+                                                              THEN $5::int ELSE $4::int END)
+                END AS head
          FROM caller
          LEFT JOIN pending_uploads p ON caller.ok AND p.file_id = $3 AND p.workspace_id = $1
                                         AND p.expires_at > now()"
@@ -419,9 +436,15 @@ pub async fn get_live_for(
     .bind(workspace_id)
     .bind(token_hash.as_ref().map(|h| &h[..]))
     .bind(file_id)
-    .bind(head.map(|h| h as i32))
-    .fetch_all(conn)
+    .bind(head.map(|h| h.len as i32))
+    .bind(head.and_then(|h| h.whole_up_to).map(|w| w as i32))
+    .fetch_all(&mut *conn)
     .await?;
+    if head.is_some_and(|h| h.max_len() > h.len) {
+        // sqlx keeps the read buffer a whole file came through (the row shares it until it
+        // is dropped): up to 2 MiB per pooled connection, not a download's but the pool's.
+        sqlx::Connection::shrink_buffers(conn);
+    }
     Ok(match checked_rows::<UploadRow>(&rows, "file_id")? {
         Checked::Refused => Checked::Refused,
         Checked::Allowed(found) => {

@@ -21,11 +21,18 @@ use super::{
 use crate::{
     api::{self, platform_uri, Acked, PendingUpload},
     auth::Credential,
-    db::{self, uploads::UploadRow, Checked, Db},
+    db::{
+        self,
+        uploads::{Head, UploadRow},
+        Checked, Db,
+    },
     fetched::FetchedStamps,
     metrics::metrics,
     slots::Slot,
-    storage::{bytea::READ_CHUNK, ByteRange},
+    storage::{
+        bytea::{READ_CHUNK, WHOLE_UP_TO},
+        ByteRange,
+    },
 };
 
 fn pending_upload(row: &UploadRow) -> PendingUpload {
@@ -160,7 +167,7 @@ async fn find(
     st: &AppState,
     who: WorkspaceClaim,
     file_id: Uuid,
-    head: Option<u64>,
+    head: Option<Head>,
 ) -> Result<(UploadRow, Option<Bytes>), ApiError> {
     let (workspace_id, hash) = (who.workspace_id, who.credential.token_hash());
     let found = st
@@ -168,7 +175,7 @@ async fn find(
         .run(move |c| {
             let read = db::uploads::get_live_for(c, workspace_id, hash, file_id, head);
             Box::pin(crate::arena::big_blocks(
-                crate::arena::read_buffer(head.unwrap_or(0)),
+                crate::arena::read_buffer(head.map_or(0, |h| h.max_len())),
                 read,
             ))
         })
@@ -235,13 +242,24 @@ pub async fn content(
     FileId(file_id): FileId,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    // Without a Range the first slice comes with the row (a small file: whole); a browser
-    // revalidating its copy (If-None-Match) most likely needs no bytes at all, and a
-    // workspace with no download slot free gets its 429 without them.
+    // Without a Range the first slice comes with the row (a file of up to 1 MiB whole, while
+    // the read-ahead budget has room); a browser revalidating its copy (If-None-Match) most
+    // likely needs no bytes at all, and a workspace with no download slot free gets its 429
+    // without them.
     let conditional =
         headers.contains_key(header::RANGE) || headers.contains_key(header::IF_NONE_MATCH);
     let refused = st.download_slots.would_refuse(who.workspace_id, who.client);
-    let head = (!conditional && !refused).then_some(READ_CHUNK);
+    let (head, reserved) = if conditional || refused {
+        (None, None)
+    } else {
+        let reserved = st.storage.reserve_whole_read();
+        let whole_up_to = reserved.is_some().then_some(WHOLE_UP_TO);
+        let head = Head {
+            len: READ_CHUNK,
+            whole_up_to,
+        };
+        (Some(head), reserved)
+    };
     let (row, head) = find(&st, who, file_id, head).await?;
     if none_match_fails(&headers, &row) {
         return Ok(not_modified(&row));
@@ -254,7 +272,7 @@ pub async fn content(
     let loc = row.location();
     let backend = st.storage.reader_name(&loc);
     let m = metrics();
-    let stream = match st.storage.open_from(&loc, range, head).await {
+    let stream = match st.storage.open_from(&loc, range, head, reserved).await {
         Ok(stream) => stream,
         Err(e) => {
             m.files_fetched.with_label_values(&[backend, "error"]).inc();

@@ -24,6 +24,10 @@ const PREFETCH: usize = 2;
 /// first: one wait instead of one per [`PREFETCH`] slices.
 const ALL_AHEAD_UP_TO: u64 = 1024 * 1024;
 
+/// A file up to this long is read whole with its row when the budget has room: one statement
+/// for the whole download.
+pub const WHOLE_UP_TO: u64 = ALL_AHEAD_UP_TO;
+
 /// What downloads fetching all ahead may hold at once, in KiB, across the replica; beyond it
 /// a download fetches [`PREFETCH`] slices as larger ones do. A reader that stops reading holds
 /// what was fetched for it: without this budget, up to 1 MiB per download slot instead of
@@ -62,6 +66,17 @@ impl ByteaBackend {
         Ok(chunk.filter(|c| c.len() as u64 == len).map(Bytes::from))
     }
 
+    /// Room in the read-ahead budget for a file of up to [`WHOLE_UP_TO`] read whole with its
+    /// row, or `None` when there is none (its first slice then comes alone). Twice the bytes
+    /// while the row is read (sqlx's read buffer and the copy taken of it); the download then
+    /// holds what it read ([`ByteaBackend::continue_from`]).
+    pub fn reserve_whole(&self) -> Option<OwnedSemaphorePermit> {
+        self.all_ahead
+            .clone()
+            .try_acquire_many_owned((2 * WHOLE_UP_TO).div_ceil(1024) as u32)
+            .ok()
+    }
+
     /// Streams `range` of a row's inline bytes. The first slice is read before this returns:
     /// a row swept since it was looked up is `Missing` here (a 404), not a short 200.
     pub async fn open(&self, loc: &Location, range: ByteRange) -> Result<ByteStream, StorageError> {
@@ -69,15 +84,25 @@ impl ByteaBackend {
         let first = Self::slice(&self.db, loc.file_id, range.start, first_len)
             .await?
             .ok_or(StorageError::Missing)?;
-        Ok(self.continue_from(loc, range, first))
+        Ok(self.continue_from(loc, range, first, None))
     }
 
-    /// The stream of `range` whose first slice the caller already read (with the row). The
-    /// next slice is fetched while the current one is being sent ([`PREFETCH`] in flight, or
-    /// all of a small range, see [`fetch_ahead`]), so a download does not wait a round trip
-    /// per slice.
-    pub fn continue_from(&self, loc: &Location, range: ByteRange, first: Bytes) -> ByteStream {
+    /// The stream of `range` whose first slice the caller already read (with the row), with
+    /// the budget it was read under ([`ByteaBackend::reserve_whole`]), if any: kept for what
+    /// was read when that is the whole range. The next slice is fetched while the current one
+    /// is being sent ([`PREFETCH`] in flight, or all of a small range, see [`fetch_ahead`]),
+    /// so a download does not wait a round trip per slice.
+    pub fn continue_from(
+        &self,
+        loc: &Location,
+        range: ByteRange,
+        first: Bytes,
+        reserved: Option<OwnedSemaphorePermit>,
+    ) -> ByteStream {
         let start = range.start + first.len() as u64;
+        let whole = reserved
+            .filter(|_| start > range.end)
+            .and_then(|permit| trim(permit, first.len()));
         let offsets = (start..=range.end).step_by(READ_CHUNK as usize);
         let (ahead, budget) = fetch_ahead(&self.all_ahead, range, start);
         let (db, file_id) = (self.db.clone(), loc.file_id);
@@ -101,7 +126,7 @@ impl ByteaBackend {
             .buffered(ahead)
             .map(move |slice| {
                 // The budget taken is held as long as the stream.
-                let _held = &budget;
+                let _held = (&budget, &whole);
                 slice
             });
         futures::stream::once(async { Ok(first) })
@@ -113,6 +138,14 @@ impl ByteaBackend {
         self.db.run(|c| Box::pin(db::ping(c))).await?;
         Ok(())
     }
+}
+
+/// `permit` cut down to `bytes` (in KiB, rounded up); `None` for none.
+fn trim(mut permit: OwnedSemaphorePermit, bytes: usize) -> Option<OwnedSemaphorePermit> {
+    let keep = bytes.div_ceil(1024);
+    let excess = permit.num_permits().checked_sub(keep)?;
+    drop(permit.split(excess));
+    (keep > 0).then_some(permit)
 }
 
 /// How many slices after the first a download of `range`, whose next byte is at `start`,
@@ -142,6 +175,19 @@ mod tests {
 
     fn range(start: u64, end: u64) -> ByteRange {
         ByteRange { start, end }
+    }
+
+    #[test]
+    fn a_whole_read_keeps_only_what_it_read() {
+        let budget = Arc::new(Semaphore::new(4096));
+        let reserved = || budget.clone().try_acquire_many_owned(2048).unwrap();
+        // 300 KiB and a byte, read under a reservation of 2 MiB: 301 KiB held, the rest back.
+        let kept = trim(reserved(), 300 * 1024 + 1).unwrap();
+        assert_eq!(kept.num_permits(), 301);
+        assert_eq!(budget.available_permits(), 4096 - 301);
+        drop(kept);
+        assert!(trim(reserved(), 0).is_none());
+        assert_eq!(budget.available_permits(), 4096);
     }
 
     #[test]

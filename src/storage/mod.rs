@@ -356,20 +356,28 @@ impl Storage {
         }
     }
 
+    /// Room for reading a small file whole with its row ([`ByteaBackend::reserve_whole`]).
+    pub fn reserve_whole_read(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.bytea.reserve_whole()
+    }
+
     /// [`Storage::open`], for a read whose first slice of inline bytes came with the row
-    /// (`head`, read from offset 0): a small file costs no further round trip.
+    /// (`head`, read from offset 0, under the budget `reserved` if any): a small file costs no
+    /// further round trip.
     pub async fn open_from(
         &self,
         loc: &Location,
         range: ByteRange,
         head: Option<Bytes>,
+        reserved: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> Result<ByteStream, StorageError> {
         match head {
             Some(first) if loc.s3_key.is_none() && range.start == 0 && !first.is_empty() => {
                 let first = first.slice(..(range.byte_count().min(first.len() as u64) as usize));
                 // Counted as the bytea read it is; its time was spent in the row's query.
-                let open =
-                    async { Ok::<_, StorageError>(self.bytea.continue_from(loc, range, first)) };
+                let open = async {
+                    Ok::<_, StorageError>(self.bytea.continue_from(loc, range, first, reserved))
+                };
                 metrics::storage_op("bytea", "get", open).await
             }
             _ => self.open(loc, range).await,

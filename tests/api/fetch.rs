@@ -857,6 +857,86 @@ async fn sizes_round_trip(app: &TestApp) {
     }
 }
 
+/// A file of up to WHOLE_UP_TO bytes comes whole with its row (one statement for the whole
+/// download); a larger one brings its first slice only, and the rest follows in slices.
+#[tokio::test]
+async fn a_small_file_is_read_whole_with_its_row() {
+    use pending_uploads::{
+        auth::hash_token,
+        db::{uploads::Head, Checked},
+        storage::bytea::{READ_CHUNK, WHOLE_UP_TO},
+    };
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    let whole = WHOLE_UP_TO as usize;
+    let files = vec![
+        ("whole.bin".to_string(), bytes(whole, 1)),
+        ("larger.bin".to_string(), bytes(whole + 1, 2)),
+    ];
+    let out = app.upload_ok(ws, &token, &octet_parts(&files)).await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    for (entry, (_, data)) in out.iter().zip(&files) {
+        let head = Head {
+            len: READ_CHUNK,
+            whole_up_to: Some(WHOLE_UP_TO),
+        };
+        let read = pending_uploads::db::uploads::get_live_for(
+            &mut conn,
+            ws,
+            Some(hash_token(&token)),
+            file_id(entry),
+            Some(head),
+        )
+        .await
+        .unwrap();
+        let Checked::Allowed(Some((_, Some(head)))) = read else {
+            panic!("no head for {} bytes", data.len());
+        };
+        let expected = if data.len() <= whole {
+            data.len()
+        } else {
+            READ_CHUNK as usize
+        };
+        assert!(
+            head == data[..expected],
+            "{} bytes: head of {expected}",
+            data.len()
+        );
+    }
+}
+
+/// Downloads of sizes around the slice and whole-read edges, more at once than the read-ahead
+/// budget holds whole reads (the rest are read in slices): every one byte-exact.
+#[tokio::test]
+async fn downloads_past_the_whole_read_budget_are_served_in_slices() {
+    use pending_uploads::storage::bytea::{READ_CHUNK, WHOLE_UP_TO};
+    let app = TestApp::start_with(&["--max-concurrent-downloads-per-workspace", "64"]).await;
+    let (ws, token) = app.poll_workspace().await;
+    let (slice, whole) = (READ_CHUNK as usize, WHOLE_UP_TO as usize);
+    let sizes = [slice - 1, slice, slice + 1, whole - 1, whole, whole + 1];
+    let files: Vec<(String, Vec<u8>)> = (0..30)
+        .map(|i| {
+            let n = sizes[i % sizes.len()];
+            (format!("f{i}.bin"), bytes(n, i as u8))
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for batch in files.chunks(6) {
+        let out = app.upload_ok(ws, &token, &octet_parts(batch)).await;
+        ids.extend(out.iter().map(file_id));
+    }
+    let downloads = ids.iter().zip(&files).map(|(&fid, (_, data))| {
+        let (app, token) = (&app, &token);
+        async move {
+            let resp = app.get(&content_path(ws, fid), token).await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            let served = resp.bytes().await.unwrap();
+            assert!(served == data[..], "{} bytes served exactly", data.len());
+        }
+    });
+    futures::future::join_all(downloads).await;
+}
+
 /// Downloads every file at once, each read to its end.
 async fn download_all_at_once(app: &TestApp, ws: Uuid, token: &str, files: &[Uuid]) {
     let downloads = files.iter().map(|&fid| async move {
