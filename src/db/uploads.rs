@@ -440,12 +440,7 @@ pub async fn get_live_for(
     .bind(head.and_then(|h| h.whole_up_to).map(|w| w as i32))
     .fetch_all(&mut *conn)
     .await?;
-    if head.is_some_and(|h| h.max_len() > h.len) {
-        // sqlx keeps the read buffer a whole file came through (the row shares it until it
-        // is dropped): up to 2 MiB per pooled connection, not a download's but the pool's.
-        sqlx::Connection::shrink_buffers(conn);
-    }
-    Ok(match checked_rows::<UploadRow>(&rows, "file_id")? {
+    let checked = match checked_rows::<UploadRow>(&rows, "file_id")? {
         Checked::Refused => Checked::Refused,
         Checked::Allowed(found) => {
             let head = rows
@@ -453,7 +448,18 @@ pub async fn get_live_for(
                 .and_then(|r| r.try_get::<Option<Vec<u8>>, _>("head").ok().flatten());
             Checked::Allowed(found.into_iter().next().map(|row| (row, head)))
         }
-    })
+    };
+    let read = match &checked {
+        Checked::Allowed(Some((_, Some(bytes)))) => bytes.len() as u64,
+        _ => 0,
+    };
+    if head.is_some_and(|h| read > h.len) {
+        // sqlx keeps the read buffer a whole file came through (the row shares it until it
+        // is dropped): up to 2 MiB per pooled connection, not a download's but the pool's.
+        drop(rows);
+        sqlx::Connection::shrink_buffers(conn);
+    }
+    Ok(checked)
 }
 
 /// A row whatever its state (the backfill's "is it still there?").
