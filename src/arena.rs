@@ -17,7 +17,8 @@
 //! next request finds their pages mapped. What it can keep is what was in flight at once:
 //! small uploads' bodies (bounded by `SPOOL_MEMORY_TOTAL` and the one-statement read-back
 //! limit), the database pool's buffers, and the slices of downloads being sent (bounded by
-//! `MAX_CONCURRENT_DOWNLOADS`, a slice sent and one fetched ahead each, or up to 1 MiB).
+//! `MAX_CONCURRENT_DOWNLOADS`, a slice sent and one fetched ahead each, or up to 1 MiB within
+//! the read-ahead budget).
 
 use std::{
     ffi::{c_void, CStr, CString},

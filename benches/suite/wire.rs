@@ -165,3 +165,21 @@ impl Parser {
         }
     }
 }
+
+/// The database URL's host:port, and a function giving the same URL through another local port.
+pub fn split_host(db: &str) -> (String, impl Fn(u16) -> String + '_) {
+    let (scheme, rest) = db.split_once("://").expect("a postgres:// URL");
+    let (auth, rest) = match rest.split_once('@') {
+        Some((a, r)) => (format!("{a}@"), r),
+        None => (String::new(), rest),
+    };
+    let (hostport, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    let upstream = if hostport.contains(':') {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:5432")
+    };
+    (upstream, move |port| {
+        format!("{scheme}://{auth}127.0.0.1:{port}{path}")
+    })
+}

@@ -406,13 +406,6 @@ pub struct Head {
     pub whole_up_to: Option<u64>,
 }
 
-impl Head {
-    /// The most bytes it may read.
-    pub fn max_len(&self) -> u64 {
-        self.len.max(self.whole_up_to.unwrap_or(0))
-    }
-}
-
 /// The caller's live row and, when `head` is given and the bytes are inline, the start of its
 /// content: a whole download of a small file in this one round trip.
 pub async fn get_live_for(
@@ -425,10 +418,9 @@ pub async fn get_live_for(
     let rows = sqlx::query(&format!(
         "{CALLER}
          SELECT caller.ok AS caller_ok, {P_COLUMNS},
-                CASE WHEN $4::int IS NOT NULL AND p.s3_key IS NULL
-                     THEN substring(p.content FROM 1 FOR CASE WHEN p.size_bytes <= $5::int
-                                                              THEN $5::int ELSE $4::int END)
-                END AS head
+                CASE WHEN $4::int IS NULL OR p.s3_key IS NOT NULL THEN NULL
+                     WHEN p.size_bytes <= $5::int THEN p.content
+                     ELSE substring(p.content FROM 1 FOR $4::int) END AS head
          FROM caller
          LEFT JOIN pending_uploads p ON caller.ok AND p.file_id = $3 AND p.workspace_id = $1
                                         AND p.expires_at > now()"
@@ -454,8 +446,8 @@ pub async fn get_live_for(
         _ => 0,
     };
     if head.is_some_and(|h| read > h.len) {
-        // sqlx keeps the read buffer a whole file came through (the row shares it until it
-        // is dropped): up to 2 MiB per pooled connection, not a download's but the pool's.
+        // sqlx keeps the spare read buffer a whole file came through, its size or more, for
+        // the connection's next message: memory of the pool's, not the download's.
         drop(rows);
         sqlx::Connection::shrink_buffers(conn);
     }

@@ -1,5 +1,7 @@
 //! The workspace side of staged files: list, content (GET/HEAD, ranges), ack.
 
+use std::sync::Arc;
+
 use axum::{
     body::{Body, Bytes},
     extract::State,
@@ -10,6 +12,7 @@ use axum::{
 use base64::{engine::general_purpose::STANDARD, Engine};
 use futures::{StreamExt, TryStreamExt};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
 use super::{
@@ -30,7 +33,7 @@ use crate::{
     metrics::metrics,
     slots::Slot,
     storage::{
-        bytea::{READ_CHUNK, WHOLE_UP_TO},
+        bytea::{self, READ_CHUNK, WHOLE_UP_TO},
         ByteRange,
     },
 };
@@ -160,30 +163,50 @@ async fn page(
 /// (`answer`): a client that stops reading keeps a page or two, and only so many of them.
 const LIST_PAGE: i64 = 200;
 
-/// Finds the caller's live row (a foreign row is as missing), with the first `head` bytes of
-/// its inline content when asked: the caller check, the row and a small file's bytes in one
-/// round trip.
+/// The caller's row, with its first bytes when they were read with it, and the read-ahead
+/// room reserved for them.
+struct Found {
+    row: UploadRow,
+    head: Option<Bytes>,
+    reserved: Option<OwnedSemaphorePermit>,
+}
+
+/// Finds the caller's live row (a foreign row is as missing): the caller check, the row and a
+/// small file's bytes in one round trip. Given the replica's `read_ahead` budget, it reads the
+/// first slice of the row's inline content with it, or all of a file of up to
+/// [`WHOLE_UP_TO`] when the budget has room: reserved once the connection is in hand (a
+/// request waiting for one holds none of it) and returned with the row.
 async fn find(
     st: &AppState,
     who: WorkspaceClaim,
     file_id: Uuid,
-    head: Option<Head>,
-) -> Result<(UploadRow, Option<Bytes>), ApiError> {
+    read_ahead: Option<Arc<Semaphore>>,
+) -> Result<Found, ApiError> {
     let (workspace_id, hash) = (who.workspace_id, who.credential.token_hash());
-    let found = st
+    let (found, reserved) = st
         .db
         .run(move |c| {
+            let reserved = read_ahead.as_ref().and_then(bytea::reserve_whole);
+            let head = read_ahead.is_some().then(|| Head {
+                len: READ_CHUNK,
+                whole_up_to: reserved.is_some().then_some(WHOLE_UP_TO),
+            });
+            let most = head.map_or(0, |h| h.whole_up_to.unwrap_or(h.len));
             let read = db::uploads::get_live_for(c, workspace_id, hash, file_id, head);
-            Box::pin(crate::arena::big_blocks(
-                crate::arena::read_buffer(head.map_or(0, |h| h.max_len())),
-                read,
-            ))
+            Box::pin(async move {
+                let read = crate::arena::big_blocks(crate::arena::read_buffer(most), read);
+                Ok((read.await?, reserved))
+            })
         })
         .await?;
     match found {
         Checked::Refused => Err(ApiError::InvalidToken),
         Checked::Allowed(None) => Err(ApiError::UploadNotFound),
-        Checked::Allowed(Some((row, head))) => Ok((row, head.map(Bytes::from))),
+        Checked::Allowed(Some((row, head))) => Ok(Found {
+            row,
+            head: head.map(Bytes::from),
+            reserved,
+        }),
     }
 }
 
@@ -210,7 +233,7 @@ pub async fn content_head(
     FileId(file_id): FileId,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (row, _) = find(&st, who, file_id, None).await?;
+    let row = find(&st, who, file_id, None).await?.row;
     if none_match_fails(&headers, &row) {
         return Ok(not_modified(&row));
     }
@@ -249,18 +272,12 @@ pub async fn content(
     let conditional =
         headers.contains_key(header::RANGE) || headers.contains_key(header::IF_NONE_MATCH);
     let refused = st.download_slots.would_refuse(who.workspace_id, who.client);
-    let (head, reserved) = if conditional || refused {
-        (None, None)
-    } else {
-        let reserved = st.storage.reserve_whole_read();
-        let whole_up_to = reserved.is_some().then_some(WHOLE_UP_TO);
-        let head = Head {
-            len: READ_CHUNK,
-            whole_up_to,
-        };
-        (Some(head), reserved)
-    };
-    let (row, head) = find(&st, who, file_id, head).await?;
+    let read_ahead = (!conditional && !refused).then(|| st.storage.read_ahead_budget());
+    let Found {
+        row,
+        head,
+        reserved,
+    } = find(&st, who, file_id, read_ahead).await?;
     if none_match_fails(&headers, &row) {
         return Ok(not_modified(&row));
     }

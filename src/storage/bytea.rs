@@ -1,6 +1,7 @@
 //! Inline Postgres storage: the bytes live in `pending_uploads.content`. They are written
-//! with the row (see `db::uploads::insert`); reads fetch bounded slices, which touch only the
-//! TOAST chunks they need because the column is stored uncompressed (STORAGE EXTERNAL).
+//! with the row (see `db::uploads::insert`); reads fetch bounded slices (a file of up to
+//! [`WHOLE_UP_TO`] whole with its row, while the read-ahead budget has room), which touch only
+//! the TOAST chunks they need because the column is stored uncompressed (STORAGE EXTERNAL).
 //! Each slice is its own short database call: a download holds no connection between
 //! slices, however slowly its client reads.
 
@@ -14,7 +15,7 @@ use uuid::Uuid;
 use super::{ByteRange, ByteStream, Location, StorageError};
 use crate::db::{self, Db};
 
-/// Bytes per slice: bounds memory per download.
+/// Bytes per slice: bounds memory per download, beyond what the read-ahead budget lends.
 pub const READ_CHUNK: u64 = 256 * 1024;
 
 /// Slices of one download being fetched at once: one ahead of the one being sent.
@@ -28,10 +29,10 @@ const ALL_AHEAD_UP_TO: u64 = 1024 * 1024;
 /// for the whole download.
 pub const WHOLE_UP_TO: u64 = ALL_AHEAD_UP_TO;
 
-/// What downloads fetching all ahead may hold at once, in KiB, across the replica; beyond it
-/// a download fetches [`PREFETCH`] slices as larger ones do. A reader that stops reading holds
-/// what was fetched for it: without this budget, up to 1 MiB per download slot instead of
-/// a slice or two.
+/// What downloads reading whole or fetching all ahead may hold at once, in KiB, across the
+/// replica; beyond it a download fetches [`PREFETCH`] slices as larger ones do. A reader that
+/// stops reading holds what was fetched for it: without this budget, up to 1 MiB per download
+/// slot instead of a slice or two.
 const ALL_AHEAD_KIB: usize = 16 * 1024;
 
 pub struct ByteaBackend {
@@ -66,15 +67,10 @@ impl ByteaBackend {
         Ok(chunk.filter(|c| c.len() as u64 == len).map(Bytes::from))
     }
 
-    /// Room in the read-ahead budget for a file of up to [`WHOLE_UP_TO`] read whole with its
-    /// row, or `None` when there is none (its first slice then comes alone). Twice the bytes
-    /// while the row is read (sqlx's read buffer and the copy taken of it); the download then
-    /// holds what it read ([`ByteaBackend::continue_from`]).
-    pub fn reserve_whole(&self) -> Option<OwnedSemaphorePermit> {
-        self.all_ahead
-            .clone()
-            .try_acquire_many_owned((2 * WHOLE_UP_TO).div_ceil(1024) as u32)
-            .ok()
+    /// The read-ahead budget, from which a file of up to [`WHOLE_UP_TO`] read whole with its
+    /// row takes its room ([`reserve_whole`]).
+    pub fn budget(&self) -> Arc<Semaphore> {
+        self.all_ahead.clone()
     }
 
     /// Streams `range` of a row's inline bytes. The first slice is read before this returns:
@@ -100,11 +96,11 @@ impl ByteaBackend {
         reserved: Option<OwnedSemaphorePermit>,
     ) -> ByteStream {
         let start = range.start + first.len() as u64;
-        let whole = reserved
-            .filter(|_| start > range.end)
-            .and_then(|permit| trim(permit, first.len()));
+        let whole = kept_of(reserved, range, first.len() as u64);
         let offsets = (start..=range.end).step_by(READ_CHUNK as usize);
         let (ahead, budget) = fetch_ahead(&self.all_ahead, range, start);
+        // A whole read left nothing to fetch ahead: at most one of the two is taken.
+        let held = whole.or(budget);
         let (db, file_id) = (self.db.clone(), loc.file_id);
         let rest = futures::stream::iter(offsets)
             .map(move |offset| {
@@ -126,7 +122,7 @@ impl ByteaBackend {
             .buffered(ahead)
             .map(move |slice| {
                 // The budget taken is held as long as the stream.
-                let _held = (&budget, &whole);
+                let _held = &held;
                 slice
             });
         futures::stream::once(async { Ok(first) })
@@ -140,11 +136,30 @@ impl ByteaBackend {
     }
 }
 
-/// `permit` cut down to `bytes` (in KiB, rounded up); `None` for none.
-fn trim(mut permit: OwnedSemaphorePermit, bytes: usize) -> Option<OwnedSemaphorePermit> {
-    let keep = bytes.div_ceil(1024);
-    let excess = permit.num_permits().checked_sub(keep)?;
-    drop(permit.split(excess));
+/// Room for a file of up to [`WHOLE_UP_TO`] read whole with its row, from the read-ahead
+/// `budget`, or `None` when it has none (the first slice then comes alone). About twice the
+/// bytes while the row is read (sqlx's read buffer, and the copy taken of it); the download
+/// then keeps what it read ([`kept_of`]).
+pub fn reserve_whole(budget: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+    budget
+        .clone()
+        .try_acquire_many_owned((2 * WHOLE_UP_TO).div_ceil(1024) as u32)
+        .ok()
+}
+
+/// What a download keeps of the room `reserved` for its first read ([`reserve_whole`]): as
+/// much as the `first` bytes read (in KiB, rounded up) when they are the whole range; nothing
+/// when they are only its first slice.
+fn kept_of(
+    reserved: Option<OwnedSemaphorePermit>,
+    range: ByteRange,
+    first: u64,
+) -> Option<OwnedSemaphorePermit> {
+    let mut permit = reserved.filter(|_| first >= range.byte_count())?;
+    let keep = first.div_ceil(1024) as usize;
+    if let Some(excess) = permit.num_permits().checked_sub(keep) {
+        drop(permit.split(excess));
+    }
     (keep > 0).then_some(permit)
 }
 
@@ -180,13 +195,20 @@ mod tests {
     #[test]
     fn a_whole_read_keeps_only_what_it_read() {
         let budget = Arc::new(Semaphore::new(4096));
-        let reserved = || budget.clone().try_acquire_many_owned(2048).unwrap();
-        // 300 KiB and a byte, read under a reservation of 2 MiB: 301 KiB held, the rest back.
-        let kept = trim(reserved(), 300 * 1024 + 1).unwrap();
+        let reserved = || reserve_whole(&budget);
+        let file = |len: u64| range(0, len - 1);
+        // 300 KiB and a byte, the whole file: 301 KiB kept, the rest of the 2 MiB back.
+        let kept = kept_of(reserved(), file(300 * 1024 + 1), 300 * 1024 + 1).unwrap();
         assert_eq!(kept.num_permits(), 301);
         assert_eq!(budget.available_permits(), 4096 - 301);
         drop(kept);
-        assert!(trim(reserved(), 0).is_none());
+        // Only the first slice of a larger file: nothing kept.
+        assert!(kept_of(reserved(), file(WHOLE_UP_TO + 1), READ_CHUNK).is_none());
+        assert_eq!(budget.available_permits(), 4096);
+        // Two reservations take the budget; a third finds no room.
+        let (a, b) = (reserved(), reserved());
+        assert!(reserved().is_none());
+        drop((a, b));
         assert_eq!(budget.available_permits(), 4096);
     }
 

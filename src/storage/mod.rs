@@ -356,14 +356,14 @@ impl Storage {
         }
     }
 
-    /// Room for reading a small file whole with its row ([`ByteaBackend::reserve_whole`]).
-    pub fn reserve_whole_read(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.bytea.reserve_whole()
+    /// The read-ahead budget of inline reads ([`bytea::reserve_whole`]).
+    pub fn read_ahead_budget(&self) -> Arc<tokio::sync::Semaphore> {
+        self.bytea.budget()
     }
 
     /// [`Storage::open`], for a read whose first slice of inline bytes came with the row
-    /// (`head`, read from offset 0, under the budget `reserved` if any): a small file costs no
-    /// further round trip.
+    /// (`head`, read from offset 0, under the room `reserved` for it if any,
+    /// [`bytea::reserve_whole`]): a small file costs no further round trip.
     pub async fn open_from(
         &self,
         loc: &Location,

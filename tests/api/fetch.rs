@@ -905,12 +905,55 @@ async fn a_small_file_is_read_whole_with_its_row() {
     }
 }
 
+/// A download of a file of up to WHOLE_UP_TO is one statement on the wire (a proxy in front
+/// of PostgreSQL counts them): the caller check, the row and every byte. Read in slices, it
+/// was four.
+#[tokio::test]
+async fn a_small_file_downloads_in_one_statement() {
+    use pending_uploads::storage::bytea::WHOLE_UP_TO;
+    let db = fresh_db().await;
+    let (upstream, via) = crate::wire::split_host(&db);
+    let proxy = crate::wire::Proxy::start(upstream).await;
+    let app = TestApp::start_on(via(proxy.port), &[]).await;
+    let direct = sqlx::PgPool::connect(&db).await.unwrap();
+    let (ws, token) = app.poll_workspace().await;
+    let files = vec![("whole.bin".to_string(), bytes(WHOLE_UP_TO as usize, 5))];
+    let fid = file_id(&app.upload_ok(ws, &token, &octet_parts(&files)).await[0]);
+    // The upload's long-poll announcement goes out batched, after its answer.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = proxy.counts();
+    let resp = app.get(&content_path(ws, fid), &token).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.bytes().await.unwrap() == files[0].1[..]);
+    // Its fetched_at stamp (batched, after the body) is the one other statement.
+    let mut stamped = false;
+    for _ in 0..200 {
+        let at: Option<chrono::DateTime<chrono::Utc>> =
+            sqlx::query_scalar("SELECT fetched_at FROM pending_uploads WHERE file_id = $1")
+                .bind(fid)
+                .fetch_one(&direct)
+                .await
+                .unwrap();
+        if at.is_some() {
+            stamped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(stamped, "the download was stamped");
+    let executed = proxy.counts().since(&before).get(b'E');
+    assert_eq!(executed, 2, "the row with its bytes, then the stamp");
+}
+
 /// Downloads of sizes around the slice and whole-read edges, more at once than the read-ahead
-/// budget holds whole reads (the rest are read in slices): every one byte-exact.
+/// budget holds whole reads (the rest are read in slices): every one byte-exact, and the
+/// budget is whole again once they are done.
 #[tokio::test]
 async fn downloads_past_the_whole_read_budget_are_served_in_slices() {
     use pending_uploads::storage::bytea::{READ_CHUNK, WHOLE_UP_TO};
     let app = TestApp::start_with(&["--max-concurrent-downloads-per-workspace", "64"]).await;
+    let budget = app.storage.read_ahead_budget();
+    let full = budget.available_permits();
     let (ws, token) = app.poll_workspace().await;
     let (slice, whole) = (READ_CHUNK as usize, WHOLE_UP_TO as usize);
     let sizes = [slice - 1, slice, slice + 1, whole - 1, whole, whole + 1];
@@ -935,6 +978,14 @@ async fn downloads_past_the_whole_read_budget_are_served_in_slices() {
         }
     });
     futures::future::join_all(downloads).await;
+    // A body is dropped (and its room given back) just after its last byte went out.
+    for _ in 0..200 {
+        if budget.available_permits() == full {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("read-ahead budget {} of {full}", budget.available_permits());
 }
 
 /// Downloads every file at once, each read to its end.

@@ -18,3 +18,7 @@ mod registry;
 mod s3;
 mod sweep;
 mod uploads;
+/// The bench's counting proxy in front of PostgreSQL (round trips on the wire).
+#[allow(dead_code)]
+#[path = "../../benches/suite/wire.rs"]
+mod wire;
