@@ -1,5 +1,5 @@
 //! A counting TCP proxy between the service and PostgreSQL: it forwards bytes untouched both
-//! ways and counts the frontend messages by type, so round trips can be counted on the wire
+//! ways, counts the bytes the server sends and the frontend messages by type, so round trips can be counted on the wire
 //! (what pg_stat_statements cannot see: pings, and the statements that deferred triggers run
 //! inside COMMIT, which it lists as top-level although they cost no round trip).
 //!
@@ -29,6 +29,10 @@ const GSSENC_REQUEST: u32 = 80_877_104;
 pub struct Proxy {
     pub port: u16,
     counts: Arc<Vec<AtomicU64>>,
+    /// Bytes the server sent, all connections together (read by the API tests, which
+    /// include this file).
+    #[allow(dead_code)]
+    down: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -67,18 +71,30 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let counts: Arc<Vec<AtomicU64>> = Arc::new((0..256).map(|_| AtomicU64::new(0)).collect());
-        let c = counts.clone();
+        let down = Arc::new(AtomicU64::new(0));
+        let (c, d) = (counts.clone(), down.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let (upstream, counts) = (upstream.clone(), c.clone());
+                let (upstream, counts, down) = (upstream.clone(), c.clone(), d.clone());
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(&upstream).await {
-                        pump(client, server, counts).await;
+                        pump(client, server, counts, down).await;
                     }
                 });
             }
         });
-        Proxy { port, counts, task }
+        Proxy {
+            port,
+            counts,
+            down,
+            task,
+        }
+    }
+
+    /// Bytes the server has sent so far.
+    #[allow(dead_code)]
+    pub fn bytes_down(&self) -> u64 {
+        self.down.load(Ordering::SeqCst)
     }
 
     pub fn counts(&self) -> Counts {
@@ -91,13 +107,24 @@ impl Proxy {
     }
 }
 
-async fn pump(client: TcpStream, server: TcpStream, counts: Arc<Vec<AtomicU64>>) {
+async fn pump(
+    client: TcpStream,
+    server: TcpStream,
+    counts: Arc<Vec<AtomicU64>>,
+    sent: Arc<AtomicU64>,
+) {
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
     let down = tokio::spawn(async move {
-        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = sr.read(&mut buf).await {
+            sent.fetch_add(n as u64, Ordering::SeqCst);
+            if cw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
         let _ = cw.shutdown().await;
     });
     let mut parser = Parser::default();

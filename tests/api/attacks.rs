@@ -2601,54 +2601,50 @@ async fn stalled_downloads_are_bounded_per_workspace_and_per_replica() {
     wait_for_metric(&svc.base, in_progress, 0.0).await;
 }
 
-/// Pages of `pending_uploads`' TOAST table read so far. A backend reports its counters when
-/// it has been idle a while (up to 10 s) or when it exits: the database's other sessions
-/// (the service's pool) are ended first, and the service opens new ones when it next needs
-/// them (it checks a connection idle over a second before use).
-async fn toast_pages_read(svc: &Svc) -> i64 {
-    sqlx::query(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = current_database() AND pid <> pg_backend_pid()",
-    )
-    .execute(&svc.pool)
-    .await
-    .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    sqlx::query_scalar(
-        "SELECT (coalesce(toast_blks_hit, 0) + coalesce(toast_blks_read, 0))::bigint \
-         FROM pg_statio_user_tables WHERE relname = 'pending_uploads'",
-    )
-    .fetch_one(&svc.pool)
-    .await
-    .unwrap()
-}
-
 /// A content GET reads the file's first slice with the caller check, in one round trip. It
 /// used to do that before asking for a download slot, so a workspace over its slots had
 /// PostgreSQL read 128 KiB for every 429. A workspace with no slot free now gets its 429
-/// after the caller check alone.
+/// after the caller check alone: what PostgreSQL sends is counted by a proxy in front of it.
 #[tokio::test]
 async fn a_download_refused_a_slot_reads_no_bytes() {
-    let svc = Svc::start(&[
+    // An older binary (TEST_SERVICE_BIN) migrates an empty database itself.
+    let db = if std::env::var("TEST_SERVICE_BIN").is_ok() {
+        empty_db().await
+    } else {
+        fresh_db().await
+    };
+    let (upstream, via) = crate::wire::split_host(&db);
+    let proxy = crate::wire::Proxy::start(upstream).await;
+    let env = [
         ("MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE", "1"),
         ("RESPONSE_MIN_RATE", "0"),
-    ])
-    .await;
+    ];
+    let svc = Svc::start_on(via(proxy.port), &env, None).await;
     let (ws, token, file, _) = one_staged_file(&svc, 16 << 20).await;
     let _held = stalled_download(&svc, ws, &token, file).await;
     wait_for_metric(&svc.base, "pending_uploads_downloads_in_progress", 1.0).await;
-    let before = toast_pages_read(&svc).await;
+    // The stalled download's slices fetched ahead may still be on their way: counted from
+    // when nothing has come for 200 ms.
+    let mut before = proxy.bytes_down();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = proxy.bytes_down();
+        if now == before {
+            break;
+        }
+        before = now;
+    }
     let client = reqwest::Client::new();
     let url = svc.at(&format!("/workspaces/{ws}/pending-uploads/{file}/content"));
     for _ in 0..50 {
         let resp = client.get(&url).bearer_auth(&token).send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
     }
-    let read = toast_pages_read(&svc).await - before;
-    // The build before read 1,650 pages for these 50 (a slice of this file is 33).
+    let sent = proxy.bytes_down() - before;
+    // A caller check and its row are well under 2 KiB; a first slice is 256 KiB.
     assert!(
-        read < 50,
-        "{read} TOAST pages read for 50 refused downloads"
+        sent < 50 * 2048,
+        "PostgreSQL sent {sent} bytes for 50 refused downloads"
     );
 }
 
