@@ -380,7 +380,11 @@ impl Storage {
                 };
                 metrics::storage_op("bytea", "get", open).await
             }
-            _ => self.open(loc, range).await,
+            _ => {
+                // No inline bytes came with the row: no room is kept while S3 answers.
+                drop(reserved);
+                self.open(loc, range).await
+            }
         }
     }
 
