@@ -441,17 +441,23 @@ pub async fn get_live_for(
             Checked::Allowed(found.into_iter().next().map(|row| (row, head)))
         }
     };
-    let read = match &checked {
-        Checked::Allowed(Some((_, Some(bytes)))) => bytes.len() as u64,
-        _ => 0,
-    };
-    if head.is_some_and(|h| read > h.len) {
-        // sqlx keeps the spare read buffer a whole file came through, its size or more, for
-        // the connection's next message: memory of the pool's, not the download's.
+    if let Checked::Allowed(Some((_, Some(bytes)))) = &checked {
         drop(rows);
-        sqlx::Connection::shrink_buffers(conn);
+        give_back_read_buffer(conn, bytes.len());
     }
     Ok(checked)
+}
+
+/// A read that brought more than this through a connection gives back its read buffer's
+/// growth.
+const KEEP_READ_BUFFER_MAX: usize = 256 * 1024;
+
+/// sqlx keeps the spare read buffer a large row came through, its size or more, for the
+/// connection's next message: memory of the pool's, not of the download that read it.
+fn give_back_read_buffer(conn: &mut PgConnection, read: usize) {
+    if read > KEEP_READ_BUFFER_MAX {
+        sqlx::Connection::shrink_buffers(conn);
+    }
 }
 
 /// A row whatever its state (the backfill's "is it still there?").
@@ -497,7 +503,7 @@ pub async fn list_pending_page(
 /// One slice of a row's inline bytes (`offset` 0-based); `None` when the row or its bytes are
 /// gone.
 pub async fn read_slice(
-    db: impl PgExecutor<'_>,
+    conn: &mut PgConnection,
     file_id: Uuid,
     offset: u64,
     len: u64,
@@ -509,9 +515,11 @@ pub async fn read_slice(
     .bind(file_id)
     .bind(offset as i64 + 1)
     .bind(len as i64)
-    .fetch_optional(db)
+    .fetch_optional(&mut *conn)
     .await?;
-    Ok(chunk.flatten())
+    let chunk = chunk.flatten();
+    give_back_read_buffer(conn, chunk.as_ref().map_or(0, Vec::len));
+    Ok(chunk)
 }
 
 /// Stamps fetched_at on rows whose bodies have been handed over (best effort, SPEC §4 Fetch).

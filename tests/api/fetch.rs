@@ -907,7 +907,7 @@ async fn a_small_file_is_read_whole_with_its_row() {
 
 /// A download of a file of up to WHOLE_UP_TO is one statement on the wire (a proxy in front
 /// of PostgreSQL counts them): the caller check, the row and every byte. Read in slices, it
-/// was four.
+/// was four; a range of that size is one statement after the row's.
 #[tokio::test]
 async fn a_small_file_downloads_in_one_statement() {
     use pending_uploads::storage::bytea::WHOLE_UP_TO;
@@ -943,6 +943,26 @@ async fn a_small_file_downloads_in_one_statement() {
     assert!(stamped, "the download was stamped");
     let executed = proxy.counts().since(&before).get(b'E');
     assert_eq!(executed, 2, "the row with its bytes, then the stamp");
+
+    // A range of up to WHOLE_UP_TO after the caller's row: one more statement for all of it
+    // (and the stamp again, batched; in slices it was four).
+    let before = proxy.counts();
+    let resp = app
+        .client
+        .get(app.at(&content_path(ws, fid)))
+        .bearer_auth(&token)
+        .header("Range", format!("bytes=1-{}", WHOLE_UP_TO - 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+    assert!(resp.bytes().await.unwrap() == files[0].1[1..]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let executed = proxy.counts().since(&before).get(b'E');
+    assert!(
+        executed <= 3,
+        "{executed} statements: the row, the range, the stamp"
+    );
 }
 
 /// Downloads of sizes around the slice and whole-read edges, more at once than the read-ahead
