@@ -56,7 +56,7 @@ pub async fn storage(args: &StorageArgs, db: &Db) -> anyhow::Result<Storage> {
     }
     Storage::new(
         args.pending_uploads_backend,
-        ByteaBackend::new(db.clone()),
+        ByteaBackend::new(db.clone(), args.download_read_ahead_bytes),
         s3,
     )
     .map_err(anyhow::Error::msg)

@@ -12,6 +12,9 @@ pub const MAX_REQUEST_BYTES: u64 = 104_857_600;
 pub const MAX_FILES_PER_REQUEST: usize = 64;
 pub const MAX_FILENAME_CHARS: usize = 100;
 
+/// The default of `DOWNLOAD_READ_AHEAD_BYTES`: eight whole reads of 1 MiB at once.
+pub const DOWNLOAD_READ_AHEAD_BYTES: u64 = 16 * 1024 * 1024;
+
 /// Where new bytes are written (SPEC §6). Reads always follow the row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BackendMode {
@@ -109,6 +112,13 @@ pub struct StorageArgs {
     /// Where new bytes are written: bytea (default), dual or s3.
     #[arg(long, env = "PENDING_UPLOADS_BACKEND", value_enum, default_value_t = BackendMode::Bytea)]
     pub pending_uploads_backend: BackendMode,
+    /// Bytes that downloads of bytea ranges up to 1 MiB, read in one statement, may hold at
+    /// once on this replica (each reserves 2 MiB while it reads, then keeps what it read until
+    /// it is sent); beyond it a download reads 256 KiB slices. 0 turns whole reads off. At
+    /// most 1 GiB.
+    #[arg(long, env = "DOWNLOAD_READ_AHEAD_BYTES", default_value_t = DOWNLOAD_READ_AHEAD_BYTES,
+          value_parser = clap::value_parser!(u64).range(0..=1 << 30))]
+    pub download_read_ahead_bytes: u64,
     /// Bucket for S3-backed bytes; needed by dual and s3, and to read rows that have a key.
     #[arg(long, env = "PENDING_UPLOADS_S3_BUCKET")]
     pub s3_bucket: Option<String>,
@@ -428,6 +438,30 @@ mod tests {
         for bad in ["", "m", "5x", "-1", "1.5h", "18446744073709551615d"] {
             assert!(bad.parse::<HumanDuration>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_download_read_ahead_is_bounded() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            storage: StorageArgs,
+        }
+        let read_ahead = |args: &[&str]| {
+            let argv = std::iter::once("serve").chain(args.iter().copied());
+            Flags::try_parse_from(argv).map(|f| f.storage.download_read_ahead_bytes)
+        };
+        assert_eq!(read_ahead(&[]).unwrap(), 16 << 20);
+        assert_eq!(
+            read_ahead(&["--download-read-ahead-bytes", "0"]).unwrap(),
+            0
+        );
+        assert_eq!(
+            read_ahead(&["--download-read-ahead-bytes", "1073741824"]).unwrap(),
+            1 << 30
+        );
+        assert!(read_ahead(&["--download-read-ahead-bytes", "1073741825"]).is_err());
     }
 
     #[test]

@@ -25,21 +25,21 @@ const PREFETCH: usize = 2;
 /// whole file of this size comes with its row): one wait instead of one per slice.
 pub const WHOLE_UP_TO: u64 = 1024 * 1024;
 
-/// What ranges read whole may hold at once, in KiB, across the replica; beyond it a download
-/// reads slices as larger ones do. A reader that stops reading holds what was read for it:
-/// without this budget, up to 1 MiB per download slot instead of a slice or two.
-const READ_AHEAD_KIB: usize = 16 * 1024;
-
 pub struct ByteaBackend {
     db: Db,
     read_ahead: Arc<Semaphore>,
 }
 
 impl ByteaBackend {
-    pub fn new(db: Db) -> Self {
+    /// `read_ahead_bytes` (`DOWNLOAD_READ_AHEAD_BYTES`): what ranges read whole may hold at
+    /// once across the replica; beyond it a download reads slices as larger ones do. A reader
+    /// that stops reading holds what was read for it: without this budget, up to 1 MiB per
+    /// download slot instead of a slice or two.
+    pub fn new(db: Db, read_ahead_bytes: u64) -> Self {
+        let kib = usize::try_from(read_ahead_bytes / 1024).unwrap_or(usize::MAX);
         ByteaBackend {
             db,
-            read_ahead: Arc::new(Semaphore::new(READ_AHEAD_KIB)),
+            read_ahead: Arc::new(Semaphore::new(kib.min(Semaphore::MAX_PERMITS))),
         }
     }
 

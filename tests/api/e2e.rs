@@ -94,6 +94,7 @@ impl Env {
         let (endpoint, bucket) = s3_endpoint();
         let args = StorageArgs {
             pending_uploads_backend: BackendMode::S3,
+            download_read_ahead_bytes: pending_uploads::config::DOWNLOAD_READ_AHEAD_BYTES,
             s3_bucket: Some(bucket),
             s3_prefix: self.prefix.clone(),
             s3_force_path_style: true,

@@ -905,27 +905,27 @@ async fn a_small_file_is_read_whole_with_its_row() {
     }
 }
 
-/// A download of a file of up to WHOLE_UP_TO is one statement on the wire (a proxy in front
-/// of PostgreSQL counts them): the caller check, the row and every byte. Read in slices, it
-/// was four; a range of that size is one statement after the row's.
-#[tokio::test]
-async fn a_small_file_downloads_in_one_statement() {
+/// Statements PostgreSQL executes (counted on the wire by a proxy in front of it) for a
+/// download of a 1 MiB file with `serve` flags `extra`, up to its batched fetched_at stamp;
+/// then for a Range GET of all but its first byte (the stamp again included, as far as it
+/// went out within 300 ms).
+async fn statements_per_download(extra: &[&str]) -> (u64, u64) {
     use pending_uploads::storage::bytea::WHOLE_UP_TO;
     let db = fresh_db().await;
     let (upstream, via) = crate::wire::split_host(&db);
     let proxy = crate::wire::Proxy::start(upstream).await;
-    let app = TestApp::start_on(via(proxy.port), &[]).await;
+    let app = TestApp::start_on(via(proxy.port), extra).await;
     let direct = sqlx::PgPool::connect(&db).await.unwrap();
     let (ws, token) = app.poll_workspace().await;
-    let files = vec![("whole.bin".to_string(), bytes(WHOLE_UP_TO as usize, 5))];
+    let data = bytes(WHOLE_UP_TO as usize, 5);
+    let files = vec![("whole.bin".to_string(), data.clone())];
     let fid = file_id(&app.upload_ok(ws, &token, &octet_parts(&files)).await[0]);
     // The upload's long-poll announcement goes out batched, after its answer.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = proxy.counts();
     let resp = app.get(&content_path(ws, fid), &token).await;
     assert_eq!(resp.status(), StatusCode::OK);
-    assert!(resp.bytes().await.unwrap() == files[0].1[..]);
-    // Its fetched_at stamp (batched, after the body) is the one other statement.
+    assert!(resp.bytes().await.unwrap() == data[..]);
     let mut stamped = false;
     for _ in 0..200 {
         let at: Option<chrono::DateTime<chrono::Utc>> =
@@ -941,11 +941,8 @@ async fn a_small_file_downloads_in_one_statement() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(stamped, "the download was stamped");
-    let executed = proxy.counts().since(&before).get(b'E');
-    assert_eq!(executed, 2, "the row with its bytes, then the stamp");
+    let whole = proxy.counts().since(&before).get(b'E');
 
-    // A range of up to WHOLE_UP_TO after the caller's row: one more statement for all of it
-    // (and the stamp again, batched; in slices it was four).
     let before = proxy.counts();
     let resp = app
         .client
@@ -956,13 +953,34 @@ async fn a_small_file_downloads_in_one_statement() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
-    assert!(resp.bytes().await.unwrap() == files[0].1[1..]);
+    assert!(resp.bytes().await.unwrap() == data[1..]);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let executed = proxy.counts().since(&before).get(b'E');
+    (whole, proxy.counts().since(&before).get(b'E'))
+}
+
+/// A download of a file of up to WHOLE_UP_TO is one statement: the caller check, the row and
+/// every byte (then its stamp). Read in slices, it was four; a range of that size is one
+/// statement after the row's.
+#[tokio::test]
+async fn a_small_file_downloads_in_one_statement() {
+    let (whole, range) = statements_per_download(&[]).await;
+    assert_eq!(whole, 2, "the row with its bytes, then the stamp");
     assert!(
-        executed <= 3,
-        "{executed} statements: the row, the range, the stamp"
+        range <= 3,
+        "{range} statements: the row, the range, the stamp"
     );
+}
+
+/// DOWNLOAD_READ_AHEAD_BYTES bounds whole reads; 0 turns them off, and a 1 MiB file is read
+/// in its four slices.
+#[tokio::test]
+async fn without_read_ahead_a_small_file_is_read_in_slices() {
+    let (whole, range) = statements_per_download(&["--download-read-ahead-bytes", "0"]).await;
+    assert_eq!(
+        whole, 5,
+        "the row with its first slice, three slices, the stamp"
+    );
+    assert!(range >= 5, "{range} statements: the row and four slices");
 }
 
 /// Downloads of sizes around the slice and whole-read edges, more at once than the read-ahead
