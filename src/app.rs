@@ -86,6 +86,7 @@ pub struct Service {
 
 pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
     args.limits.validate().map_err(anyhow::Error::msg)?;
+    args.deadlines.validate().map_err(anyhow::Error::msg)?;
     // Register every metric now rather than inside the first request that touches one.
     crate::metrics::metrics();
     let db = connect_db(&args.db).await?;
@@ -158,6 +159,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
                 idle: d.body_idle_timeout.0,
                 min_rate: d.body_min_rate,
                 grace: d.body_rate_grace.0,
+                whole: d.upload_body_timeout.0,
             },
         },
         hub: Hub::default(),

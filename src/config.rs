@@ -394,6 +394,11 @@ pub struct DeadlineArgs {
     /// How long an upload body may run before BODY_MIN_RATE applies.
     #[arg(long, env = "BODY_RATE_GRACE", default_value = "10s")]
     pub body_rate_grace: HumanDuration,
+    /// An upload body (poll or push) must arrive whole within this, else 408: at
+    /// BODY_MIN_RATE alone a 100 MB body could hold its upload slot for hours. The default is
+    /// PUSH_TIMEOUT's (the canvas allows ~100 KB/s for 100 MB); 1s..=7d.
+    #[arg(long, env = "UPLOAD_BODY_TIMEOUT", default_value = "1200s")]
+    pub upload_body_timeout: HumanDuration,
     /// A response the client stops reading for this long is cut off (slow readers cannot
     /// hold a connection, a storage stream and a drain slot forever).
     #[arg(long, env = "RESPONSE_IDLE_TIMEOUT", default_value = "60s")]
@@ -408,6 +413,21 @@ pub struct DeadlineArgs {
     /// rate rule off).
     #[arg(long, env = "RESPONSE_RATE_WINDOW", default_value = "10s")]
     pub response_rate_window: HumanDuration,
+}
+
+/// Longest UPLOAD_BODY_TIMEOUT: a deadline must end (and fit in a clock's range).
+pub const MAX_UPLOAD_BODY_TIMEOUT: Duration = Duration::from_secs(7 * 86_400);
+
+impl DeadlineArgs {
+    pub fn validate(&self) -> Result<(), String> {
+        let whole = self.upload_body_timeout.0;
+        if whole < Duration::from_secs(1) || whole > MAX_UPLOAD_BODY_TIMEOUT {
+            return Err(format!(
+                "UPLOAD_BODY_TIMEOUT={whole:?} is out of range 1s..=7d"
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -462,6 +482,37 @@ mod tests {
             1 << 30
         );
         assert!(read_ahead(&["--download-read-ahead-bytes", "1073741825"]).is_err());
+    }
+
+    #[test]
+    fn the_upload_body_deadline_is_bounded() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            deadlines: DeadlineArgs,
+        }
+        let whole = |args: &[&str]| {
+            let argv = std::iter::once("serve").chain(args.iter().copied());
+            let flags = Flags::try_parse_from(argv).unwrap();
+            flags
+                .deadlines
+                .validate()
+                .map(|()| flags.deadlines.upload_body_timeout.0)
+        };
+        assert_eq!(whole(&[]).unwrap(), Duration::from_secs(1200));
+        assert_eq!(
+            whole(&["--upload-body-timeout", "1s"]).unwrap(),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            whole(&["--upload-body-timeout", "7d"]).unwrap(),
+            MAX_UPLOAD_BODY_TIMEOUT
+        );
+        for bad in ["0", "999ms", "604801"] {
+            let refused = whole(&["--upload-body-timeout", bad]).unwrap_err();
+            assert!(refused.contains("UPLOAD_BODY_TIMEOUT"), "{bad}: {refused}");
+        }
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub struct Pace {
     /// Average bytes per second required once `grace` has passed.
     pub min_rate: u64,
     pub grace: Duration,
+    /// The whole body must have arrived by then.
+    pub whole: Duration,
 }
 
 /// Why we cut a body off.
@@ -36,6 +38,8 @@ pub enum Cut {
     OverCap,
     Stalled,
     TooSlow,
+    /// Not whole within `Pace::whole` (its seconds).
+    Overdue(u64),
 }
 
 impl Cut {
@@ -46,6 +50,7 @@ impl Cut {
             },
             Cut::Stalled => ApiError::BodyStalled,
             Cut::TooSlow => ApiError::BodyTooSlow,
+            Cut::Overdue(secs) => ApiError::BodyOverdue { secs },
         }
     }
 }
@@ -55,8 +60,9 @@ impl Cut {
 pub struct CutError(pub Cut);
 
 /// The upload body as a stream that fails once more than `max` bytes have arrived, when
-/// nothing arrives for `pace.idle`, or when it averages under `pace.min_rate` after the
-/// grace period: a client trickling bytes cannot hold an upload slot.
+/// nothing arrives for `pace.idle`, when it averages under `pace.min_rate` after the grace
+/// period, or when it is not whole by `pace.whole`: a client trickling bytes cannot hold an
+/// upload slot.
 pub struct UploadBody {
     inner: axum::body::BodyDataStream,
     max: u64,
@@ -148,14 +154,26 @@ impl UploadBody {
         CutFlag(self.cut.clone())
     }
 
-    /// Pending until the rate check fails (then the cut).
+    /// When the body is cut if nothing more arrives, and why: the rate rule, or the whole
+    /// body's deadline.
+    fn due(&self) -> (Instant, Cut) {
+        let pace = self.progress.pace;
+        let whole = (
+            self.progress.started + pace.whole,
+            Cut::Overdue(pace.whole.as_secs()),
+        );
+        match self.progress.rate_due_at() {
+            Some(at) if at < whole.0 => (at, Cut::TooSlow),
+            _ => whole,
+        }
+    }
+
+    /// Pending until the rate check or the deadline fails (then the cut).
     fn poll_rate(&mut self, cx: &mut Context<'_>) -> Poll<Cut> {
         loop {
-            let Some(due) = self.progress.rate_due_at() else {
-                return Poll::Pending;
-            };
+            let (due, why) = self.due();
             if due <= Instant::now() {
-                return Poll::Ready(Cut::TooSlow);
+                return Poll::Ready(why);
             }
             if self.rate_timer.deadline() != due {
                 self.rate_timer.as_mut().reset(due);
@@ -188,7 +206,14 @@ impl Stream for UploadBody {
                 if seen > self.max {
                     return self.fail(Cut::OverCap);
                 }
-                let idle_at = Instant::now() + self.progress.pace.idle;
+                // A client sending steadily is never pending here, so the deadline is checked
+                // with every chunk too.
+                let now = Instant::now();
+                let pace = self.progress.pace;
+                if now >= self.progress.started + pace.whole {
+                    return self.fail(Cut::Overdue(pace.whole.as_secs()));
+                }
+                let idle_at = now + pace.idle;
                 self.idle_timer.as_mut().reset(idle_at);
                 Poll::Ready(Some(Ok(chunk)))
             }

@@ -62,6 +62,8 @@ pub enum ApiError {
     BodyStalled,
     #[error("request body too slow: below the minimum upload rate")]
     BodyTooSlow,
+    #[error("request body too slow: not received whole within {secs} s")]
+    BodyOverdue { secs: u64 },
     #[error("too many uploads in progress — retry shortly")]
     UploadCapacity,
     #[error("too many uploads in progress for this workspace — retry shortly")]
@@ -149,7 +151,7 @@ impl ApiError {
             CursorGone => StatusCode::GONE,
             RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             NoCallbackUrl { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            BodyStalled | BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
+            BodyStalled | BodyTooSlow | BodyOverdue { .. } => StatusCode::REQUEST_TIMEOUT,
             UrlNotRegistered | DatastoreUnavailable | StorageUnavailable | SpoolUnavailable
             | UploadCapacity | DownloadCapacity | LookupCapacity | LongPollCapacity => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -243,7 +245,10 @@ impl IntoResponse for ApiError {
             tracing::error!(error = %crate::logfmt::Clip(&format!("{:#}", anyhow_chain(&self))), status = status.as_u16(), "request failed");
         }
         let mut resp = (status, Json(self.body())).into_response();
-        if matches!(self, ApiError::BodyStalled | ApiError::BodyTooSlow) {
+        if matches!(
+            self,
+            ApiError::BodyStalled | ApiError::BodyTooSlow | ApiError::BodyOverdue { .. }
+        ) {
             resp.extensions_mut().insert(super::body::NoDrain);
         }
         let headers = resp.headers_mut();

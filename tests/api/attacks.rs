@@ -1593,18 +1593,20 @@ async fn a_chosen_workspace_id_cannot_share_another_workspaces_lock() {
     assert_eq!(svc.count("pending_uploads").await, 2);
 }
 
-/// Sends `head` then `body` at `bytes_per_sec`, one byte at a time; returns the answer.
+/// Sends `head` then `body`, `piece` bytes every `interval`, until the server answers;
+/// returns the answer and how long it took.
 async fn trickle(
     addr: &str,
     head: String,
     body: Vec<u8>,
+    piece: usize,
     interval: Duration,
 ) -> (String, Duration) {
     let started = Instant::now();
     let mut sock = TcpStream::connect(addr).await.unwrap();
     sock.write_all(head.as_bytes()).await.unwrap();
-    for b in body {
-        if sock.write_all(&[b]).await.is_err() {
+    for piece in body.chunks(piece) {
+        if sock.write_all(piece).await.is_err() {
             break;
         }
         // Stop as soon as the server answers.
@@ -1633,7 +1635,7 @@ async fn trickling_and_stalled_bodies_are_cut_and_free_their_slots() {
     let body = one_file("XB", "slow.bin", &vec![b'x'; 4096]);
     let head = upload_head(&svc, ws, &token, body.len());
     // 1 byte every 100 ms (10 B/s) is far under the 1 KiB/s floor: cut after the grace.
-    let (answer, took) = trickle(&svc.addr, head, body, Duration::from_millis(100)).await;
+    let (answer, took) = trickle(&svc.addr, head, body, 1, Duration::from_millis(100)).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("below the minimum upload rate"), "{answer}");
     assert!(
@@ -1679,6 +1681,64 @@ async fn trickling_and_stalled_bodies_are_cut_and_free_their_slots() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// A body that keeps BODY_MIN_RATE but takes longer than UPLOAD_BODY_TIMEOUT is cut with 408
+/// and leaves nothing, to a poll workspace or on its way to a push one: before the deadline,
+/// a 100 MB body at the minimum rate could hold its upload slot for over three hours.
+#[tokio::test]
+async fn an_upload_body_must_arrive_whole_within_its_deadline() {
+    let svc = Svc::start(&[
+        ("UPLOAD_BODY_TIMEOUT", "2s"),
+        ("BODY_RATE_GRACE", "1s"),
+        ("BODY_MIN_RATE", "1024"),
+        ("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32"),
+    ])
+    .await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let body = one_file("XB", "steady.bin", &vec![b's'; 64 * 1024]);
+    // 2 KiB every 100 ms: ~20 KiB/s, twenty times the minimum rate, whole after ~3.3 s.
+    let steady = |ws, token: &str| {
+        let head = upload_head(&svc, ws, token, body.len());
+        trickle(
+            &svc.addr,
+            head,
+            body.clone(),
+            2048,
+            Duration::from_millis(100),
+        )
+    };
+    let overdue = "request body too slow: not received whole within 2 s";
+
+    // A push workspace that takes every byte and would answer at the end.
+    let sink = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let sink_addr = sink.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = sink.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while matches!(sock.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let (pushed, pushed_token) = push_workspace_at(&svc, sink_addr).await;
+    let (answer, _) = steady(pushed, &pushed_token).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(overdue), "{answer}");
+
+    let (answer, took) = steady(ws, &token).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(overdue), "{answer}");
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(5),
+        "cut at the deadline, took {took:?}"
+    );
+    assert_eq!(svc.count("pending_uploads").await, 0);
+    assert_eq!(svc.count("activity_logs").await, 0);
+    wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 0.0).await;
+    // The same workspace uploads at once afterwards, a body that takes less.
+    let resp = upload_file(&svc, ws, &token, "quick.txt", b"in time").await;
+    assert_eq!(resp.status(), StatusCode::OK);
 }
 
 #[tokio::test]
