@@ -394,9 +394,11 @@ pub struct DeadlineArgs {
     /// How long an upload body may run before BODY_MIN_RATE applies.
     #[arg(long, env = "BODY_RATE_GRACE", default_value = "10s")]
     pub body_rate_grace: HumanDuration,
-    /// An upload body (poll or push) must arrive whole within this, else 408: at
-    /// BODY_MIN_RATE alone a 100 MB body could hold its upload slot for hours. The default is
-    /// PUSH_TIMEOUT's (the canvas allows ~100 KB/s for 100 MB); 1s..=7d.
+    /// The service waits at most this long in all for an upload body's bytes (poll or
+    /// push), else 408: at BODY_MIN_RATE alone a 100 MiB body could hold its upload slot for
+    /// 3.6 hours. Time the body's reader spends elsewhere (a push workspace taking it slowly,
+    /// S3) is not the client's and does not count. The default is PUSH_TIMEOUT's (the canvas
+    /// allows ~100 KB/s for 100 MB); whole seconds, 1s..=7d.
     #[arg(long, env = "UPLOAD_BODY_TIMEOUT", default_value = "1200s")]
     pub upload_body_timeout: HumanDuration,
     /// A response the client stops reading for this long is cut off (slow readers cannot
@@ -415,15 +417,30 @@ pub struct DeadlineArgs {
     pub response_rate_window: HumanDuration,
 }
 
-/// Longest UPLOAD_BODY_TIMEOUT: a deadline must end (and fit in a clock's range).
-pub const MAX_UPLOAD_BODY_TIMEOUT: Duration = Duration::from_secs(7 * 86_400);
+/// Longest deadline of any kind: a deadline must end (and fit in a clock's range).
+pub const MAX_DEADLINE: Duration = Duration::from_secs(7 * 86_400);
 
 impl DeadlineArgs {
     pub fn validate(&self) -> Result<(), String> {
+        let deadlines = [
+            ("HEADER_READ_TIMEOUT", self.header_read_timeout),
+            ("REQUEST_BODY_TIMEOUT", self.request_body_timeout),
+            ("BODY_IDLE_TIMEOUT", self.body_idle_timeout),
+            ("BODY_RATE_GRACE", self.body_rate_grace),
+            ("UPLOAD_BODY_TIMEOUT", self.upload_body_timeout),
+            ("RESPONSE_IDLE_TIMEOUT", self.response_idle_timeout),
+            ("RESPONSE_RATE_WINDOW", self.response_rate_window),
+        ];
+        for (name, HumanDuration(d)) in deadlines {
+            if d > MAX_DEADLINE {
+                return Err(format!("{name}={d:?} is longer than 7d"));
+            }
+        }
+        // Whole seconds: the 408 says how many.
         let whole = self.upload_body_timeout.0;
-        if whole < Duration::from_secs(1) || whole > MAX_UPLOAD_BODY_TIMEOUT {
+        if whole < Duration::from_secs(1) || whole.subsec_nanos() != 0 {
             return Err(format!(
-                "UPLOAD_BODY_TIMEOUT={whole:?} is out of range 1s..=7d"
+                "UPLOAD_BODY_TIMEOUT={whole:?} must be a whole number of seconds in 1s..=7d"
             ));
         }
         Ok(())
@@ -485,7 +502,7 @@ mod tests {
     }
 
     #[test]
-    fn the_upload_body_deadline_is_bounded() {
+    fn deadlines_are_bounded() {
         use clap::Parser;
         #[derive(Parser)]
         struct Flags {
@@ -507,11 +524,21 @@ mod tests {
         );
         assert_eq!(
             whole(&["--upload-body-timeout", "7d"]).unwrap(),
-            MAX_UPLOAD_BODY_TIMEOUT
+            MAX_DEADLINE
         );
-        for bad in ["0", "999ms", "604801"] {
+        for bad in ["0", "999ms", "1500ms", "604801"] {
             let refused = whole(&["--upload-body-timeout", bad]).unwrap_err();
             assert!(refused.contains("UPLOAD_BODY_TIMEOUT"), "{bad}: {refused}");
+        }
+        // Every deadline ends within a week: later ones would overflow a clock when added.
+        for flag in [
+            "--body-idle-timeout",
+            "--body-rate-grace",
+            "--header-read-timeout",
+        ] {
+            assert!(whole(&[flag, "7d"]).is_ok(), "{flag}");
+            let refused = whole(&[flag, "604801"]).unwrap_err();
+            assert!(refused.contains("longer than 7d"), "{flag}: {refused}");
         }
     }
 

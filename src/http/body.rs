@@ -61,8 +61,8 @@ pub struct CutError(pub Cut);
 
 /// The upload body as a stream that fails once more than `max` bytes have arrived, when
 /// nothing arrives for `pace.idle`, when it averages under `pace.min_rate` after the grace
-/// period, or when it is not whole by `pace.whole`: a client trickling bytes cannot hold an
-/// upload slot.
+/// period, or when its reader has waited `pace.whole` in all for its bytes: a client
+/// trickling bytes cannot hold an upload slot.
 pub struct UploadBody {
     inner: axum::body::BodyDataStream,
     max: u64,
@@ -70,6 +70,18 @@ pub struct UploadBody {
     rate_timer: Pin<Box<tokio::time::Sleep>>,
     cut: Arc<Mutex<Option<Cut>>>,
     progress: Progress,
+    waited: Waited,
+}
+
+/// How long the body's reader has waited for its bytes: the client's share of the time, and
+/// what `Pace::whole` bounds. The time a slow reader (a push workspace taking the upload
+/// slowly, S3) spends elsewhere is not the client's, and is not counted.
+#[derive(Default)]
+struct Waited {
+    /// Waits that ended.
+    before: Duration,
+    /// The wait going on, if any.
+    since: Option<Instant>,
 }
 
 /// Shared view of an [`UploadBody`]'s cut, readable after the body has been moved away.
@@ -132,6 +144,7 @@ impl UploadBody {
             idle_timer: Box::pin(tokio::time::sleep(pace.idle)),
             rate_timer: Box::pin(tokio::time::sleep(pace.grace)),
             cut: Arc::new(Mutex::new(None)),
+            waited: Waited::default(),
             progress: Progress {
                 read: Arc::default(),
                 pace,
@@ -154,12 +167,12 @@ impl UploadBody {
         CutFlag(self.cut.clone())
     }
 
-    /// When the body is cut if nothing more arrives, and why: the rate rule, or the whole
-    /// body's deadline.
-    fn due(&self) -> (Instant, Cut) {
+    /// When the body is cut if nothing more arrives during the wait that began `since`, and
+    /// why: the rate rule, or the reader's whole wait.
+    fn due(&self, since: Instant) -> (Instant, Cut) {
         let pace = self.progress.pace;
         let whole = (
-            self.progress.started + pace.whole,
+            since + pace.whole.saturating_sub(self.waited.before),
             Cut::Overdue(pace.whole.as_secs()),
         );
         match self.progress.rate_due_at() {
@@ -168,10 +181,11 @@ impl UploadBody {
         }
     }
 
-    /// Pending until the rate check or the deadline fails (then the cut).
-    fn poll_rate(&mut self, cx: &mut Context<'_>) -> Poll<Cut> {
+    /// Pending until the rate check or the deadline fails (then the cut), during the wait
+    /// that began `since`.
+    fn poll_rate(&mut self, cx: &mut Context<'_>, since: Instant) -> Poll<Cut> {
         loop {
-            let (due, why) = self.due();
+            let (due, why) = self.due(since);
             if due <= Instant::now() {
                 return Poll::Ready(why);
             }
@@ -199,21 +213,20 @@ impl Stream for UploadBody {
         if self.cut.lock().map(|c| c.is_some()).unwrap_or(true) {
             return Poll::Ready(None);
         }
-        match self.inner.poll_next_unpin(cx) {
+        let polled = self.inner.poll_next_unpin(cx);
+        if polled.is_ready() {
+            if let Some(since) = self.waited.since.take() {
+                self.waited.before += since.elapsed();
+            }
+        }
+        match polled {
             Poll::Ready(Some(Ok(chunk))) => {
                 let len = chunk.len() as u64;
                 let seen = self.progress.read.seen.fetch_add(len, Ordering::Relaxed) + len;
                 if seen > self.max {
                     return self.fail(Cut::OverCap);
                 }
-                // A client sending steadily is never pending here, so the deadline is checked
-                // with every chunk too.
-                let now = Instant::now();
-                let pace = self.progress.pace;
-                if now >= self.progress.started + pace.whole {
-                    return self.fail(Cut::Overdue(pace.whole.as_secs()));
-                }
-                let idle_at = now + pace.idle;
+                let idle_at = Instant::now() + self.progress.pace.idle;
                 self.idle_timer.as_mut().reset(idle_at);
                 Poll::Ready(Some(Ok(chunk)))
             }
@@ -223,10 +236,11 @@ impl Stream for UploadBody {
                 Poll::Ready(None)
             }
             Poll::Pending => {
+                let since = *self.waited.since.get_or_insert_with(Instant::now);
                 if self.idle_timer.as_mut().poll(cx).is_ready() {
                     return self.fail(Cut::Stalled);
                 }
-                match self.poll_rate(cx) {
+                match self.poll_rate(cx, since) {
                     Poll::Ready(cut) => self.fail(cut),
                     Poll::Pending => Poll::Pending,
                 }
