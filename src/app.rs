@@ -31,6 +31,7 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 const GAUGE_REFRESH: Duration = Duration::from_secs(15);
 
 pub async fn connect_and_migrate(db_args: &DbArgs) -> anyhow::Result<PgPool> {
+    db_args.validate().map_err(anyhow::Error::msg)?;
     let pool = db::connect(db_args, db_args.dependency_timeout.0)
         .await
         .context("connecting to DATABASE_URL")?;
@@ -85,8 +86,7 @@ pub struct Service {
 }
 
 pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
-    args.limits.validate().map_err(anyhow::Error::msg)?;
-    args.deadlines.validate().map_err(anyhow::Error::msg)?;
+    args.validate().map_err(anyhow::Error::msg)?;
     // Register every metric now rather than inside the first request that touches one.
     crate::metrics::metrics();
     let db = connect_db(&args.db).await?;

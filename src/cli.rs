@@ -243,6 +243,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Sweep { db, storage, sweep }) => {
+            sweep.validate().map_err(anyhow::Error::msg)?;
             let db = crate::app::connect_db(&db).await?;
             let storage = crate::app::storage(&storage, &db).await?;
             let stats = crate::app::sweeper(&sweep, &db, &storage)

@@ -92,9 +92,20 @@ pub struct DbArgs {
     /// Maximum connections in the pool.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 20)]
     pub database_max_connections: u32,
-    /// Longest wait on a stalled dependency (database, S3) before a request gets 503.
+    /// Longest wait on a stalled dependency (database, S3) before a request gets 503
+    /// (at most 7d).
     #[arg(long, env = "DEPENDENCY_TIMEOUT", default_value = "10s")]
     pub dependency_timeout: HumanDuration,
+}
+
+impl DbArgs {
+    pub fn validate(&self) -> Result<(), String> {
+        at_most(
+            &[("DEPENDENCY_TIMEOUT", self.dependency_timeout)],
+            MAX_DEADLINE,
+            "7d",
+        )
+    }
 }
 
 /// Which optional checksums S3 requests carry. `when-supported`: a PUT carries the file's
@@ -230,6 +241,17 @@ pub struct SweepArgs {
     /// This service's own chat_upload_receive activity rows are deleted once older than this.
     #[arg(long, env = "ACTIVITY_RETENTION", default_value = "7d")]
     pub activity_retention: HumanDuration,
+}
+
+impl SweepArgs {
+    pub fn validate(&self) -> Result<(), String> {
+        let periods = [
+            ("ACK_RETENTION", self.ack_retention),
+            ("ORPHAN_GRACE", self.orphan_grace),
+            ("ACTIVITY_RETENTION", self.activity_retention),
+        ];
+        at_most(&periods, MAX_RETENTION, "3650d")
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -375,6 +397,21 @@ pub struct ServeArgs {
     pub trusted_proxies: crate::networks::Networks,
 }
 
+impl ServeArgs {
+    /// What clap's parsers cannot check alone; the database's are checked as it connects.
+    pub fn validate(&self) -> Result<(), String> {
+        self.limits.validate()?;
+        self.deadlines.validate()?;
+        self.sweep.validate()?;
+        let timeouts = [
+            ("PUSH_TIMEOUT", self.push_timeout),
+            ("PUSH_ANSWER_TIMEOUT", self.push_answer_timeout),
+            ("SWEEP_INTERVAL", self.sweep_interval),
+        ];
+        at_most(&timeouts, MAX_DEADLINE, "7d")
+    }
+}
+
 /// How long a client may take (SPEC §10, slow clients).
 #[derive(Debug, Clone, Args)]
 pub struct DeadlineArgs {
@@ -417,8 +454,25 @@ pub struct DeadlineArgs {
     pub response_rate_window: HumanDuration,
 }
 
-/// Longest deadline of any kind: a deadline must end (and fit in a clock's range).
+/// Longest deadline, timeout or interval: a deadline must end, and fit in a clock's range
+/// (the parser takes up to 2^64 seconds, and `Instant + Duration` panics on overflow).
 pub const MAX_DEADLINE: Duration = Duration::from_secs(7 * 86_400);
+
+/// Longest retention or grace period: ten years (chrono cannot hold the parser's largest, and
+/// an ORPHAN_GRACE it cannot hold would have become zero).
+pub const MAX_RETENTION: Duration = Duration::from_secs(3650 * 86_400);
+
+/// Refuses any of `durations` longer than `max` (`max_text`, as an operator writes it).
+fn at_most(
+    durations: &[(&str, HumanDuration)],
+    max: Duration,
+    max_text: &str,
+) -> Result<(), String> {
+    match durations.iter().find(|(_, d)| d.0 > max) {
+        Some((name, HumanDuration(d))) => Err(format!("{name}={d:?} is longer than {max_text}")),
+        None => Ok(()),
+    }
+}
 
 impl DeadlineArgs {
     pub fn validate(&self) -> Result<(), String> {
@@ -431,11 +485,7 @@ impl DeadlineArgs {
             ("RESPONSE_IDLE_TIMEOUT", self.response_idle_timeout),
             ("RESPONSE_RATE_WINDOW", self.response_rate_window),
         ];
-        for (name, HumanDuration(d)) in deadlines {
-            if d > MAX_DEADLINE {
-                return Err(format!("{name}={d:?} is longer than 7d"));
-            }
-        }
+        at_most(&deadlines, MAX_DEADLINE, "7d")?;
         // Whole seconds: the 408 says how many.
         let whole = self.upload_body_timeout.0;
         if whole < Duration::from_secs(1) || whole.subsec_nanos() != 0 {
@@ -539,6 +589,43 @@ mod tests {
             assert!(whole(&[flag, "7d"]).is_ok(), "{flag}");
             let refused = whole(&[flag, "604801"]).unwrap_err();
             assert!(refused.contains("longer than 7d"), "{flag}: {refused}");
+        }
+    }
+
+    #[test]
+    fn every_duration_setting_is_bounded() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let validated = |args: &[&str]| {
+            let argv = ["serve", "--database-url", "postgres://x"].into_iter();
+            let flags = Flags::try_parse_from(argv.chain(args.iter().copied())).unwrap();
+            flags.serve.validate().and(flags.serve.db.validate())
+        };
+        assert_eq!(validated(&[]), Ok(()));
+        let week = [
+            "--dependency-timeout",
+            "--push-timeout",
+            "--push-answer-timeout",
+            "--sweep-interval",
+            "--body-idle-timeout",
+            "--response-rate-window",
+        ];
+        for flag in week {
+            assert_eq!(validated(&[flag, "7d"]), Ok(()), "{flag}");
+            let refused = validated(&[flag, "604801"]).unwrap_err();
+            assert!(refused.ends_with("is longer than 7d"), "{flag}: {refused}");
+        }
+        for flag in ["--ack-retention", "--orphan-grace", "--activity-retention"] {
+            assert_eq!(validated(&[flag, "3650d"]), Ok(()), "{flag}");
+            let refused = validated(&[flag, "3651d"]).unwrap_err();
+            assert!(
+                refused.ends_with("is longer than 3650d"),
+                "{flag}: {refused}"
+            );
         }
     }
 

@@ -99,7 +99,7 @@ async fn migrate_applies_the_schema_once() {
 #[tokio::test]
 async fn start_up_refuses_bad_configuration_clearly() {
     let db = fresh_db().await;
-    let cases: [(&str, &str, &str); 7] = [
+    let cases: [(&str, &str, &str); 11] = [
         (
             "PENDING_UPLOADS_BACKEND",
             "s3",
@@ -122,6 +122,28 @@ async fn start_up_refuses_bad_configuration_clearly() {
             "MAX_CONCURRENT_REGISTRATION_LOOKUPS",
             "257",
             "257 is not in 1..=256",
+        ),
+        // Durations the parser takes but a clock cannot add: before, a panic ("overflow when
+        // adding duration to instant") at start-up, or in every upload for BODY_IDLE_TIMEOUT.
+        (
+            "DEPENDENCY_TIMEOUT",
+            "18446744073709551615",
+            "DEPENDENCY_TIMEOUT=18446744073709551615s is longer than 7d",
+        ),
+        (
+            "BODY_IDLE_TIMEOUT",
+            "8d",
+            "BODY_IDLE_TIMEOUT=691200s is longer than 7d",
+        ),
+        (
+            "ORPHAN_GRACE",
+            "3651d",
+            "ORPHAN_GRACE=315446400s is longer than 3650d",
+        ),
+        (
+            "UPLOAD_BODY_TIMEOUT",
+            "1500ms",
+            "UPLOAD_BODY_TIMEOUT=1.5s must be a whole number of seconds",
         ),
     ];
     for (var, value, message) in cases {
