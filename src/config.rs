@@ -93,13 +93,17 @@ pub struct DbArgs {
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 20)]
     pub database_max_connections: u32,
     /// Longest wait on a stalled dependency (database, S3) before a request gets 503
-    /// (at most 7d).
+    /// (10ms..=7d: half of it, in whole milliseconds, is the lock wait, and 0 is none).
     #[arg(long, env = "DEPENDENCY_TIMEOUT", default_value = "10s")]
     pub dependency_timeout: HumanDuration,
 }
 
 impl DbArgs {
     pub fn validate(&self) -> Result<(), String> {
+        let d = self.dependency_timeout.0;
+        if d < Duration::from_millis(10) {
+            return Err(format!("DEPENDENCY_TIMEOUT={d:?} is shorter than 10ms"));
+        }
         at_most(
             &[("DEPENDENCY_TIMEOUT", self.dependency_timeout)],
             MAX_DEADLINE,
@@ -360,7 +364,8 @@ pub struct ServeArgs {
     pub slot_share_per_client: u64,
     #[command(flatten)]
     pub deadlines: DeadlineArgs,
-    /// Timeout for the push-mode proxy to a workspace (the canvas allows ~100 KB/s for 100 MB).
+    /// Timeout for the push-mode proxy to a workspace, the whole relay: what is left of an
+    /// upload after an early answer is cut there too (the canvas allows ~100 KB/s for 100 MB).
     #[arg(long, env = "PUSH_TIMEOUT", default_value = "1200s")]
     pub push_timeout: HumanDuration,
     /// A push workspace's whole answer must come within this of the upload's last byte

@@ -62,7 +62,7 @@ pub enum ApiError {
     BodyStalled,
     #[error("request body too slow: below the minimum upload rate")]
     BodyTooSlow,
-    #[error("request body too slow: not received whole within {secs} s")]
+    #[error("request body too slow: the service waited {secs} s in all for its bytes")]
     BodyOverdue { secs: u64 },
     #[error("too many uploads in progress — retry shortly")]
     UploadCapacity,

@@ -100,10 +100,14 @@ impl Pusher {
         // before it has taken the whole upload holds the slot while the relay goes on sending
         // it, and the answer (up to PUSH_ANSWER_MAX_BYTES, in memory) holds it until sent.
         let slot = Arc::new(slot);
+        let ends_by = tokio::time::Instant::now() + self.limits.timeout;
         let mut req = self
             .client
             .post(&target)
-            .body(reqwest::Body::wrap_stream(holding(body, slot.clone())));
+            .body(reqwest::Body::wrap_stream(holding(
+                until(body, ends_by),
+                slot.clone(),
+            )));
         for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {
             if let Some(v) = headers.get(&name) {
                 req = req.header(name, v);
@@ -180,6 +184,30 @@ impl Pusher {
         out.body(Body::from(body.freeze()))
             .map_err(ApiError::internal)
     }
+}
+
+/// The upload `body` relayed until `deadline` (PUSH_TIMEOUT after the relay began), then an
+/// error: reqwest's own timeout ends with the workspace's answer, and what is left of an
+/// upload after an early answer, taken slowly by its workspace, would otherwise hold the slot
+/// for as long as the client keeps BODY_MIN_RATE. An error, not an end: a chunked body must
+/// not look whole to the workspace.
+fn until(
+    body: UploadBody,
+    deadline: tokio::time::Instant,
+) -> impl Stream<Item = <UploadBody as Stream>::Item> {
+    futures::stream::unfold(Some(body), move |body| async move {
+        let mut body = body?;
+        // Checked first: a body whose bytes are there when asked (its workspace, not its
+        // client, being the slow side) would otherwise never time out.
+        let next = match tokio::time::Instant::now() < deadline {
+            true => tokio::time::timeout_at(deadline, body.next()).await.ok(),
+            false => None,
+        };
+        match next {
+            Some(item) => item.map(|item| (item, Some(body))),
+            None => Some((Err("the push ran past PUSH_TIMEOUT".into()), None)),
+        }
+    })
 }
 
 /// `stream`, holding `slot` until it is dropped.

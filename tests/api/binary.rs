@@ -99,7 +99,7 @@ async fn migrate_applies_the_schema_once() {
 #[tokio::test]
 async fn start_up_refuses_bad_configuration_clearly() {
     let db = fresh_db().await;
-    let cases: [(&str, &str, &str); 11] = [
+    let cases: [(&str, &str, &str); 12] = [
         (
             "PENDING_UPLOADS_BACKEND",
             "s3",
@@ -129,6 +129,12 @@ async fn start_up_refuses_bad_configuration_clearly() {
             "DEPENDENCY_TIMEOUT",
             "18446744073709551615",
             "DEPENDENCY_TIMEOUT=18446744073709551615s is longer than 7d",
+        ),
+        // Half of it is the lock wait, in whole milliseconds: 0 would be no limit at all.
+        (
+            "DEPENDENCY_TIMEOUT",
+            "1ms",
+            "DEPENDENCY_TIMEOUT=1ms is shorter than 10ms",
         ),
         (
             "BODY_IDLE_TIMEOUT",
