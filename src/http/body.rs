@@ -28,7 +28,7 @@ pub struct Pace {
     /// Average bytes per second required once `grace` has passed.
     pub min_rate: u64,
     pub grace: Duration,
-    /// The whole body must have arrived by then.
+    /// How long the body's reader may wait for its bytes, in all.
     pub whole: Duration,
 }
 
@@ -38,7 +38,7 @@ pub enum Cut {
     OverCap,
     Stalled,
     TooSlow,
-    /// Not whole within `Pace::whole` (its seconds).
+    /// Its reader waited `Pace::whole` (its seconds) in all.
     Overdue(u64),
 }
 
