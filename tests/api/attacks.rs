@@ -273,6 +273,21 @@ async fn big_raw_upload(svc: &Svc, ws: Uuid, token: &str) -> tokio::net::tcp::Ow
     rx
 }
 
+/// The head of the answer `rx` gets (and whatever came with it), within 20 s.
+async fn answer_head(rx: &mut tokio::net::tcp::OwnedReadHalf) -> String {
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(20), rx.read(&mut buf))
+            .await
+            .expect("an answer within 20 s")
+            .unwrap();
+        assert!(n > 0, "closed without an answer");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// An answer whose body comes a byte every 100 ms, `bytes` of them.
 fn trickled_answer(bytes: usize) -> Router {
     Router::new().fallback(any(move || async move {
@@ -448,18 +463,8 @@ async fn a_push_workspace_that_stops_reading_the_upload_is_cut() {
     let (ws, token) = push_workspace_at(&svc, tarpit_addr).await;
     let mut rx = big_raw_upload(&svc, ws, &token).await;
     let started = Instant::now();
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(20), rx.read(&mut buf))
-            .await
-            .expect("an answer within 20 s")
-            .unwrap();
-        assert!(n > 0, "closed without an answer");
-        answer.extend_from_slice(&buf[..n]);
-    }
+    let answer = answer_head(&mut rx).await;
     let took = started.elapsed();
-    let answer = String::from_utf8_lossy(&answer);
     assert!(
         answer.starts_with("HTTP/1.1 502"),
         "after {took:?}: {answer}"
@@ -1812,17 +1817,7 @@ async fn a_push_workspace_that_answers_early_and_reads_slowly_lets_go_at_push_ti
     });
     let (ws, token) = push_workspace_at(&svc, addr).await;
     let mut rx = big_raw_upload(&svc, ws, &token).await;
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(20), rx.read(&mut buf))
-            .await
-            .expect("an answer within 20 s")
-            .unwrap();
-        assert!(n > 0, "closed without an answer");
-        answer.extend_from_slice(&buf[..n]);
-    }
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = answer_head(&mut rx).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     // wait_for_metric gives up after ~6 s.
     wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 0.0).await;
