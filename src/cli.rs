@@ -93,7 +93,7 @@ pub struct AgentArgs {
     /// Downloads at once.
     #[arg(long, env = "PENDING_UPLOADS_CONCURRENCY", default_value_t = 4)]
     pub concurrency: usize,
-    /// Time between passes.
+    /// Time between passes (100ms..=7d).
     #[arg(long, env = "PENDING_UPLOADS_POLL_INTERVAL", default_value = "5s")]
     pub poll_interval: crate::config::HumanDuration,
     /// Download rate cap in bytes per second (0 = none).
@@ -105,6 +105,11 @@ pub struct AgentArgs {
 }
 
 async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    // 0 would poll without pause while the agent has no cursor yet.
+    let interval = [("PENDING_UPLOADS_POLL_INTERVAL", args.poll_interval)];
+    crate::config::at_least(&interval, std::time::Duration::from_millis(100), "100ms")
+        .and_then(|()| crate::config::at_most(&interval, crate::config::MAX_DEADLINE, "7d"))
+        .map_err(anyhow::Error::msg)?;
     let token = match std::env::var("PENDING_UPLOADS_TOKEN")
         .ok()
         .filter(|t| !t.is_empty())

@@ -100,15 +100,9 @@ pub struct DbArgs {
 
 impl DbArgs {
     pub fn validate(&self) -> Result<(), String> {
-        let d = self.dependency_timeout.0;
-        if d < Duration::from_millis(10) {
-            return Err(format!("DEPENDENCY_TIMEOUT={d:?} is shorter than 10ms"));
-        }
-        at_most(
-            &[("DEPENDENCY_TIMEOUT", self.dependency_timeout)],
-            MAX_DEADLINE,
-            "7d",
-        )
+        let timeout = [("DEPENDENCY_TIMEOUT", self.dependency_timeout)];
+        at_least(&timeout, Duration::from_millis(10), "10ms")?;
+        at_most(&timeout, MAX_DEADLINE, "7d")
     }
 }
 
@@ -408,12 +402,17 @@ impl ServeArgs {
         self.limits.validate()?;
         self.deadlines.validate()?;
         self.sweep.validate()?;
-        let timeouts = [
+        let push = [
             ("PUSH_TIMEOUT", self.push_timeout),
             ("PUSH_ANSWER_TIMEOUT", self.push_answer_timeout),
-            ("SWEEP_INTERVAL", self.sweep_interval),
         ];
-        at_most(&timeouts, MAX_DEADLINE, "7d")
+        at_least(&push, Duration::from_secs(1), "1s")?;
+        at_most(&push, MAX_DEADLINE, "7d")?;
+        at_most(
+            &[("SWEEP_INTERVAL", self.sweep_interval)],
+            MAX_DEADLINE,
+            "7d",
+        )
     }
 }
 
@@ -467,8 +466,21 @@ pub const MAX_DEADLINE: Duration = Duration::from_secs(7 * 86_400);
 /// an ORPHAN_GRACE it cannot hold would have become zero).
 pub const MAX_RETENTION: Duration = Duration::from_secs(3650 * 86_400);
 
+/// Refuses any of `durations` shorter than `min` (`min_text`, as an operator writes it): a
+/// zero deadline cuts everything at once.
+pub fn at_least(
+    durations: &[(&str, HumanDuration)],
+    min: Duration,
+    min_text: &str,
+) -> Result<(), String> {
+    match durations.iter().find(|(_, d)| d.0 < min) {
+        Some((name, HumanDuration(d))) => Err(format!("{name}={d:?} is shorter than {min_text}")),
+        None => Ok(()),
+    }
+}
+
 /// Refuses any of `durations` longer than `max` (`max_text`, as an operator writes it).
-fn at_most(
+pub fn at_most(
     durations: &[(&str, HumanDuration)],
     max: Duration,
     max_text: &str,
@@ -491,6 +503,14 @@ impl DeadlineArgs {
             ("RESPONSE_RATE_WINDOW", self.response_rate_window),
         ];
         at_most(&deadlines, MAX_DEADLINE, "7d")?;
+        // A zero here cuts every request at once (the grace and the rate window may be 0).
+        let cutting = [
+            ("HEADER_READ_TIMEOUT", self.header_read_timeout),
+            ("REQUEST_BODY_TIMEOUT", self.request_body_timeout),
+            ("BODY_IDLE_TIMEOUT", self.body_idle_timeout),
+            ("RESPONSE_IDLE_TIMEOUT", self.response_idle_timeout),
+        ];
+        at_least(&cutting, Duration::from_secs(1), "1s")?;
         // Whole seconds: the 408 says how many.
         let whole = self.upload_body_timeout.0;
         if whole < Duration::from_secs(1) || whole.subsec_nanos() != 0 {
@@ -623,6 +643,23 @@ mod tests {
             assert_eq!(validated(&[flag, "7d"]), Ok(()), "{flag}");
             let refused = validated(&[flag, "604801"]).unwrap_err();
             assert!(refused.ends_with("is longer than 7d"), "{flag}: {refused}");
+        }
+        let second = [
+            "--push-timeout",
+            "--push-answer-timeout",
+            "--header-read-timeout",
+            "--request-body-timeout",
+            "--body-idle-timeout",
+            "--response-idle-timeout",
+        ];
+        for flag in second {
+            assert_eq!(validated(&[flag, "1s"]), Ok(()), "{flag}");
+            let refused = validated(&[flag, "999ms"]).unwrap_err();
+            assert!(refused.ends_with("is shorter than 1s"), "{flag}: {refused}");
+        }
+        // These may be 0: the rate rule then applies from the start, or is off.
+        for flag in ["--body-rate-grace", "--response-rate-window"] {
+            assert_eq!(validated(&[flag, "0"]), Ok(()), "{flag}");
         }
         for flag in ["--ack-retention", "--orphan-grace", "--activity-retention"] {
             assert_eq!(validated(&[flag, "3650d"]), Ok(()), "{flag}");

@@ -99,7 +99,7 @@ async fn migrate_applies_the_schema_once() {
 #[tokio::test]
 async fn start_up_refuses_bad_configuration_clearly() {
     let db = fresh_db().await;
-    let cases: [(&str, &str, &str); 12] = [
+    let cases: [(&str, &str, &str); 14] = [
         (
             "PENDING_UPLOADS_BACKEND",
             "s3",
@@ -136,6 +136,17 @@ async fn start_up_refuses_bad_configuration_clearly() {
             "1ms",
             "DEPENDENCY_TIMEOUT=1ms is shorter than 10ms",
         ),
+        // A zero deadline cut every upload (BODY_IDLE_TIMEOUT) or made every push a 502.
+        (
+            "BODY_IDLE_TIMEOUT",
+            "0",
+            "BODY_IDLE_TIMEOUT=0ns is shorter than 1s",
+        ),
+        (
+            "PUSH_ANSWER_TIMEOUT",
+            "0",
+            "PUSH_ANSWER_TIMEOUT=0ns is shorter than 1s",
+        ),
         (
             "BODY_IDLE_TIMEOUT",
             "8d",
@@ -162,6 +173,35 @@ async fn start_up_refuses_bad_configuration_clearly() {
         assert!(!out.status.success(), "{var}={value} must not start");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(message), "{var}={value}: {err}");
+    }
+}
+
+/// The agent refuses a poll interval that would have it poll without pause (0) or never.
+#[test]
+fn the_agent_refuses_a_poll_interval_out_of_range() {
+    for (value, message) in [
+        (
+            "0",
+            "PENDING_UPLOADS_POLL_INTERVAL=0ns is shorter than 100ms",
+        ),
+        (
+            "8d",
+            "PENDING_UPLOADS_POLL_INTERVAL=691200s is longer than 7d",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_pending-uploads"))
+            .args(["agent", "--platform-url", "http://127.0.0.1:9"])
+            .args(["--workspace-id", "00000000-0000-0000-0000-000000000001"])
+            .args(["--dir", "/nonexistent", "--poll-interval", value])
+            .env("PENDING_UPLOADS_TOKEN", "t")
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "--poll-interval {value} must not run"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(message), "--poll-interval {value}: {err}");
     }
 }
 
