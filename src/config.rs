@@ -406,7 +406,7 @@ impl ServeArgs {
             ("PUSH_TIMEOUT", self.push_timeout),
             ("PUSH_ANSWER_TIMEOUT", self.push_answer_timeout),
         ];
-        at_least(&push, Duration::from_secs(1), "1s")?;
+        at_least(&push, Duration::from_millis(100), "100ms")?;
         at_most(&push, MAX_DEADLINE, "7d")?;
         at_most(
             &[("SWEEP_INTERVAL", self.sweep_interval)],
@@ -510,7 +510,7 @@ impl DeadlineArgs {
             ("BODY_IDLE_TIMEOUT", self.body_idle_timeout),
             ("RESPONSE_IDLE_TIMEOUT", self.response_idle_timeout),
         ];
-        at_least(&cutting, Duration::from_secs(1), "1s")?;
+        at_least(&cutting, Duration::from_millis(100), "100ms")?;
         // Whole seconds: the 408 says how many.
         let whole = self.upload_body_timeout.0;
         if whole < Duration::from_secs(1) || whole.subsec_nanos() != 0 {
@@ -644,7 +644,7 @@ mod tests {
             let refused = validated(&[flag, "604801"]).unwrap_err();
             assert!(refused.ends_with("is longer than 7d"), "{flag}: {refused}");
         }
-        let second = [
+        let tenth = [
             "--push-timeout",
             "--push-answer-timeout",
             "--header-read-timeout",
@@ -652,10 +652,13 @@ mod tests {
             "--body-idle-timeout",
             "--response-idle-timeout",
         ];
-        for flag in second {
-            assert_eq!(validated(&[flag, "1s"]), Ok(()), "{flag}");
-            let refused = validated(&[flag, "999ms"]).unwrap_err();
-            assert!(refused.ends_with("is shorter than 1s"), "{flag}: {refused}");
+        for flag in tenth {
+            assert_eq!(validated(&[flag, "100ms"]), Ok(()), "{flag}");
+            let refused = validated(&[flag, "99ms"]).unwrap_err();
+            assert!(
+                refused.ends_with("is shorter than 100ms"),
+                "{flag}: {refused}"
+            );
         }
         // These may be 0: the rate rule then applies from the start, or is off.
         for flag in ["--body-rate-grace", "--response-rate-window"] {
