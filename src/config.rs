@@ -631,6 +631,14 @@ mod tests {
             flags.serve.validate().and(flags.serve.db.validate())
         };
         assert_eq!(validated(&[]), Ok(()));
+        // Each flag takes `ok` and refuses `over` with a message ending in `refusal`.
+        let edge = |flags: &[&str], ok: &str, over: &str, refusal: &str| {
+            for &flag in flags {
+                assert_eq!(validated(&[flag, ok]), Ok(()), "{flag}");
+                let refused = validated(&[flag, over]).unwrap_err();
+                assert!(refused.ends_with(refusal), "{flag}: {refused}");
+            }
+        };
         let week = [
             "--dependency-timeout",
             "--push-timeout",
@@ -639,11 +647,7 @@ mod tests {
             "--body-idle-timeout",
             "--response-rate-window",
         ];
-        for flag in week {
-            assert_eq!(validated(&[flag, "7d"]), Ok(()), "{flag}");
-            let refused = validated(&[flag, "604801"]).unwrap_err();
-            assert!(refused.ends_with("is longer than 7d"), "{flag}: {refused}");
-        }
+        edge(&week, "7d", "604801", "is longer than 7d");
         let tenth = [
             "--push-timeout",
             "--push-answer-timeout",
@@ -652,25 +656,12 @@ mod tests {
             "--body-idle-timeout",
             "--response-idle-timeout",
         ];
-        for flag in tenth {
-            assert_eq!(validated(&[flag, "100ms"]), Ok(()), "{flag}");
-            let refused = validated(&[flag, "99ms"]).unwrap_err();
-            assert!(
-                refused.ends_with("is shorter than 100ms"),
-                "{flag}: {refused}"
-            );
-        }
+        edge(&tenth, "100ms", "99ms", "is shorter than 100ms");
+        let retentions = ["--ack-retention", "--orphan-grace", "--activity-retention"];
+        edge(&retentions, "3650d", "3651d", "is longer than 3650d");
         // These may be 0: the rate rule then applies from the start, or is off.
         for flag in ["--body-rate-grace", "--response-rate-window"] {
             assert_eq!(validated(&[flag, "0"]), Ok(()), "{flag}");
-        }
-        for flag in ["--ack-retention", "--orphan-grace", "--activity-retention"] {
-            assert_eq!(validated(&[flag, "3650d"]), Ok(()), "{flag}");
-            let refused = validated(&[flag, "3651d"]).unwrap_err();
-            assert!(
-                refused.ends_with("is longer than 3650d"),
-                "{flag}: {refused}"
-            );
         }
     }
 
