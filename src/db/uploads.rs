@@ -122,10 +122,10 @@ fn columns(rows: &[NewUpload<'_>]) -> Columns {
 }
 
 /// A whole upload of small rows in one statement, its own transaction
-/// (`pending_uploads_stage`): rows, then under the workspace lock admission, totals, activity
-/// rows, notification (a refused upload's rows are deleted again). `contents` holds
-/// each row's inline bytes (rows that [`NewUpload::inserts`]), `None` for S3-only rows, and
-/// `digests` each row's sha256.
+/// (`pending_uploads_stage`, or `pending_uploads_stage_one` for one file): rows, then under
+/// the workspace lock admission, totals, activity rows, notification (a refused upload's rows
+/// are deleted again). `contents` holds each row's inline bytes (rows that
+/// [`NewUpload::inserts`]), `None` for S3-only rows, and `digests` each row's sha256.
 pub async fn stage(
     conn: &mut PgConnection,
     workspace_id: Uuid,
@@ -134,10 +134,6 @@ pub async fn stage(
     contents: &[Option<Bytes>],
     digests: &[[u8; 32]],
 ) -> sqlx::Result<Admission> {
-    let c = columns(rows);
-    let contents: Vec<Option<&[u8]>> = contents.iter().map(|c| c.as_deref()).collect();
-    let digests: Vec<&[u8]> = digests.iter().map(|d| &d[..]).collect();
-    let keys: Vec<Option<String>> = rows.iter().map(|r| r.location.s3_key.clone()).collect();
     // The parameters' buffer sized for the bytes at once: grown by doubling it would copy them
     // again at every step.
     let content_bytes: usize = contents.iter().flatten().map(|c| c.len()).sum();
@@ -147,21 +143,43 @@ pub async fn stage(
     add(&mut args, super::workspace_lock_key(workspace_id))?;
     add(&mut args, quota.max_bytes as i64)?;
     add(&mut args, quota.max_files as i64)?;
-    add(&mut args, c.ids)?;
-    add(&mut args, c.names)?;
-    add(&mut args, c.mimes)?;
-    add(&mut args, c.sizes)?;
-    add(&mut args, digests)?;
-    add(&mut args, keys)?;
-    add(&mut args, contents)?;
-    sqlx::query_as_with(
-        "SELECT refused, pending_bytes, pending_files
-         FROM pending_uploads_stage($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        args,
-    )
-    .fetch_one(conn)
-    .await
+    let statement = match (rows, contents, digests) {
+        // One file's bytes as a `bytea`, not a one-element `bytea[]`: PostgreSQL copies an
+        // array's bytes twice more (see the migration that added this function).
+        ([row], [content], [digest]) => {
+            add(&mut args, row.file_id)?;
+            add(&mut args, row.filename)?;
+            add(&mut args, row.mimetype)?;
+            add(&mut args, row.spool.size as i64)?;
+            add(&mut args, &digest[..])?;
+            add(&mut args, row.location.s3_key.as_deref())?;
+            add(&mut args, content.as_deref())?;
+            STAGE_ONE
+        }
+        _ => {
+            let c = columns(rows);
+            let contents: Vec<Option<&[u8]>> = contents.iter().map(|c| c.as_deref()).collect();
+            let digests: Vec<&[u8]> = digests.iter().map(|d| &d[..]).collect();
+            let keys: Vec<Option<&str>> =
+                rows.iter().map(|r| r.location.s3_key.as_deref()).collect();
+            add(&mut args, c.ids)?;
+            add(&mut args, c.names)?;
+            add(&mut args, c.mimes)?;
+            add(&mut args, c.sizes)?;
+            add(&mut args, digests)?;
+            add(&mut args, keys)?;
+            add(&mut args, contents)?;
+            STAGE
+        }
+    };
+    sqlx::query_as_with(statement, args).fetch_one(conn).await
 }
+
+const STAGE: &str = "SELECT refused, pending_bytes, pending_files
+    FROM pending_uploads_stage($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+
+const STAGE_ONE: &str = "SELECT refused, pending_bytes, pending_files
+    FROM pending_uploads_stage_one($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
 
 /// Room per row for everything but its bytes: id, name, mimetype, size, digest, key and the
 /// array framing.
