@@ -3,7 +3,10 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
-use sqlx::{postgres::PgArguments, Arguments, PgConnection, PgExecutor, Row};
+use sqlx::{
+    postgres::{PgArguments, PgRow},
+    Arguments, Column, PgConnection, PgExecutor, Row, ValueRef,
+};
 use uuid::Uuid;
 
 use super::{
@@ -432,7 +435,7 @@ pub async fn get_live_for(
     token_hash: Option<[u8; 32]>,
     file_id: Uuid,
     head: Option<Head>,
-) -> sqlx::Result<Checked<Option<(UploadRow, Option<Vec<u8>>)>>> {
+) -> sqlx::Result<Checked<Option<(UploadRow, Option<Bytes>)>>> {
     let rows = sqlx::query(&format!(
         "{CALLER}
          SELECT caller.ok AS caller_ok, {P_COLUMNS},
@@ -453,17 +456,44 @@ pub async fn get_live_for(
     let checked = match checked_rows::<UploadRow>(&rows, "file_id")? {
         Checked::Refused => Checked::Refused,
         Checked::Allowed(found) => {
-            let head = rows
-                .first()
-                .and_then(|r| r.try_get::<Option<Vec<u8>>, _>("head").ok().flatten());
+            let head = rows.into_iter().next().and_then(ColumnBytes::of("head"));
             Checked::Allowed(found.into_iter().next().map(|row| (row, head)))
         }
     };
     if let Checked::Allowed(Some((_, Some(bytes)))) = &checked {
-        drop(rows);
         give_back_read_buffer(conn, bytes.len());
     }
     Ok(checked)
+}
+
+/// A bytea column's bytes where the row holds them: the row the database sent is kept for as
+/// long as they are, instead of copying them out of it (a whole read of a file of up to
+/// 1 MiB is sent on from here).
+struct ColumnBytes {
+    row: PgRow,
+    index: usize,
+}
+
+impl ColumnBytes {
+    /// The column `name` of a row, `None` when it is NULL or missing.
+    fn of(name: &'static str) -> impl FnOnce(PgRow) -> Option<Bytes> {
+        move |row| {
+            let index = row.try_column(name).ok()?.ordinal();
+            let value = row.try_get_raw(index).ok()?;
+            if value.is_null() {
+                return None;
+            }
+            Some(Bytes::from_owner(ColumnBytes { row, index }))
+        }
+    }
+}
+
+impl AsRef<[u8]> for ColumnBytes {
+    fn as_ref(&self) -> &[u8] {
+        // Checked in `of`: the column is there and not NULL.
+        let value = self.row.try_get_raw(self.index).ok();
+        value.and_then(|v| v.as_bytes().ok()).unwrap_or_default()
+    }
 }
 
 /// A read that brought more than this through a connection gives back its read buffer's

@@ -139,8 +139,8 @@ impl ByteaBackend {
 
 /// Room for a range of up to [`WHOLE_UP_TO`] read whole, from the read-ahead `budget`, or
 /// `None` when it has none (its first slice then comes alone). About twice the bytes while
-/// they are read (sqlx's read buffer, and the copy taken of it); the download then keeps what
-/// it read ([`kept_of`]).
+/// they are read (sqlx's read buffer, which grows as they arrive and which the download then
+/// sends them from); the download then keeps what it read ([`kept_of`]).
 pub fn reserve_whole(budget: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
     budget
         .clone()
