@@ -443,39 +443,26 @@ async fn pending_quota_is_429_with_retry_after_and_frees_on_ack() {
             &[("a.bin", "application/octet-stream", bytes(600, 1))],
         )
         .await;
-    let resp = app
-        .upload(
-            ws,
-            &token,
-            &[("b.bin", "application/octet-stream", bytes(600, 2))],
-        )
-        .await;
-    assert_eq!(resp.headers().get("retry-after").unwrap(), "60");
-    assert_json(
-        resp,
-        StatusCode::TOO_MANY_REQUESTS,
-        json!({"error": "workspace pending-upload quota exceeded", "pending_bytes": 600, "max": 1000}),
-    )
-    .await;
-    assert_eq!(app.count("pending_uploads").await, 1);
-    assert_eq!(app.count("activity_logs").await, 1);
-    assert_totals_exact(&app.pool).await;
-    // Two files that would cross it together (one file's bytes are staged as a `bytea`,
-    // several files' as a `bytea[]`: both refusals delete what they inserted).
-    let two = [
+    // One file that would cross it, then two that would together: one file's bytes are staged
+    // as a `bytea`, several files' as a `bytea[]`, and both refusals delete what they inserted.
+    let one = vec![("b.bin", "application/octet-stream", bytes(600, 2))];
+    let two = vec![
         ("b.bin", "application/octet-stream", bytes(200, 2)),
         ("c.bin", "application/octet-stream", bytes(201, 3)),
     ];
-    let resp = app.upload(ws, &token, &two).await;
-    assert_json(
-        resp,
-        StatusCode::TOO_MANY_REQUESTS,
-        json!({"error": "workspace pending-upload quota exceeded", "pending_bytes": 600, "max": 1000}),
-    )
-    .await;
-    assert_eq!(app.count("pending_uploads").await, 1);
-    assert_eq!(app.count("activity_logs").await, 1);
-    assert_totals_exact(&app.pool).await;
+    for files in [one, two] {
+        let resp = app.upload(ws, &token, &files).await;
+        assert_eq!(resp.headers().get("retry-after").unwrap(), "60");
+        assert_json(
+            resp,
+            StatusCode::TOO_MANY_REQUESTS,
+            json!({"error": "workspace pending-upload quota exceeded", "pending_bytes": 600, "max": 1000}),
+        )
+        .await;
+        assert_eq!(app.count("pending_uploads").await, 1);
+        assert_eq!(app.count("activity_logs").await, 1);
+        assert_totals_exact(&app.pool).await;
+    }
     // another workspace is not affected
     let (ws2, token2) = app.poll_workspace().await;
     app.upload_ok(
