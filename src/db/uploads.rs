@@ -456,7 +456,10 @@ pub async fn get_live_for(
     let checked = match checked_rows::<UploadRow>(&rows, "file_id")? {
         Checked::Refused => Checked::Refused,
         Checked::Allowed(found) => {
-            let head = rows.into_iter().next().and_then(ColumnBytes::of("head"));
+            let head = rows
+                .into_iter()
+                .next()
+                .and_then(|row| bytes_of(row, "head"));
             Checked::Allowed(found.into_iter().next().map(|row| (row, head)))
         }
     };
@@ -466,9 +469,30 @@ pub async fn get_live_for(
     Ok(checked)
 }
 
+/// A bytea column of `row`, `None` when it is NULL. A value of more than
+/// [`KEEP_READ_BUFFER_MAX`] is sent from the read buffer it arrived in rather than copied out
+/// of it (the connection gives that buffer up after such a read); a smaller one is copied, so
+/// that it does not keep a pooled connection's larger buffer alive while it is sent.
+fn bytes_of(row: PgRow, column: &'static str) -> Option<Bytes> {
+    let bytes = ColumnBytes::of(column)(row)?;
+    Some(match bytes.len() > KEEP_READ_BUFFER_MAX {
+        true => bytes,
+        false => Bytes::copy_from_slice(&bytes),
+    })
+}
+
+/// The memory `len` bytes read by [`get_live_for`] or [`read_slice`] hold until they are
+/// sent: up to twice their size when they are sent from sqlx's read buffer ([`bytes_of`]),
+/// which grows by doubling as a value arrives.
+pub fn held_while_sent(len: u64) -> u64 {
+    match len > KEEP_READ_BUFFER_MAX as u64 {
+        true => 2 * len,
+        false => len,
+    }
+}
+
 /// A bytea column's bytes where the row holds them: the row the database sent is kept for as
-/// long as they are, instead of copying them out of it (a whole read of a file of up to
-/// 1 MiB is sent on from here).
+/// long as they are, instead of copying them out of it ([`bytes_of`]).
 struct ColumnBytes {
     row: PgRow,
     index: usize,
@@ -555,18 +579,18 @@ pub async fn read_slice(
     file_id: Uuid,
     offset: u64,
     len: u64,
-) -> sqlx::Result<Option<Vec<u8>>> {
+) -> sqlx::Result<Option<Bytes>> {
     // substring() positions are 1-based.
-    let chunk: Option<Option<Vec<u8>>> = sqlx::query_scalar(
-        "SELECT substring(content FROM $2::int FOR $3::int) FROM pending_uploads WHERE file_id = $1",
+    let row = sqlx::query(
+        "SELECT substring(content FROM $2::int FOR $3::int) AS slice FROM pending_uploads WHERE file_id = $1",
     )
     .bind(file_id)
     .bind(offset as i64 + 1)
     .bind(len as i64)
     .fetch_optional(&mut *conn)
     .await?;
-    let chunk = chunk.flatten();
-    give_back_read_buffer(conn, chunk.as_ref().map_or(0, Vec::len));
+    let chunk = row.and_then(|row| bytes_of(row, "slice"));
+    give_back_read_buffer(conn, chunk.as_ref().map_or(0, Bytes::len));
     Ok(chunk)
 }
 
