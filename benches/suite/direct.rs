@@ -345,8 +345,9 @@ async fn python_run(
     // glibc's default thresholds map every buffer of 128 KiB or more fresh and unmap it when
     // freed (its dynamic threshold stops at 32 MiB), so each 1 MiB value a client receives
     // costs it page faults: psycopg read a 1 MiB row in 1.6-1.8 ms with them and in 0.9-1.0
-    // ms with these (the service and PostgreSQL are tuned the same way). 32 MiB is the
-    // largest threshold glibc takes (a larger one is ignored).
+    // ms with these (the service has its own allocator tuning, PostgreSQL raised thresholds
+    // too: scripts/pg.sh). 32 MiB is the largest threshold glibc takes (a larger one is
+    // ignored).
     cmd.env("MALLOC_MMAP_THRESHOLD_", "33554432")
         .env("MALLOC_TRIM_THRESHOLD_", "67108864");
     cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/direct.py"))
