@@ -3,10 +3,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
-use sqlx::{
-    postgres::{PgArguments, PgRow},
-    Arguments, Column, PgConnection, PgExecutor, Row, ValueRef,
-};
+use sqlx::{postgres::PgArguments, Arguments, PgConnection, PgExecutor, Row};
 use uuid::Uuid;
 
 use super::{
@@ -435,7 +432,7 @@ pub async fn get_live_for(
     token_hash: Option<[u8; 32]>,
     file_id: Uuid,
     head: Option<Head>,
-) -> sqlx::Result<Checked<Option<(UploadRow, Option<Bytes>)>>> {
+) -> sqlx::Result<Checked<Option<(UploadRow, Option<Vec<u8>>)>>> {
     let rows = sqlx::query(&format!(
         "{CALLER}
          SELECT caller.ok AS caller_ok, {P_COLUMNS},
@@ -457,67 +454,16 @@ pub async fn get_live_for(
         Checked::Refused => Checked::Refused,
         Checked::Allowed(found) => {
             let head = rows
-                .into_iter()
-                .next()
-                .and_then(|row| bytes_of(row, "head"));
+                .first()
+                .and_then(|r| r.try_get::<Option<Vec<u8>>, _>("head").ok().flatten());
             Checked::Allowed(found.into_iter().next().map(|row| (row, head)))
         }
     };
     if let Checked::Allowed(Some((_, Some(bytes)))) = &checked {
+        drop(rows);
         give_back_read_buffer(conn, bytes.len());
     }
     Ok(checked)
-}
-
-/// A bytea column of `row`, `None` when it is NULL. A value of more than
-/// [`KEEP_READ_BUFFER_MAX`] is sent from the read buffer it arrived in rather than copied out
-/// of it (the connection gives that buffer up after such a read); a smaller one is copied, so
-/// that it does not keep a pooled connection's larger buffer alive while it is sent.
-fn bytes_of(row: PgRow, column: &'static str) -> Option<Bytes> {
-    let bytes = ColumnBytes::of(column)(row)?;
-    Some(match bytes.len() > KEEP_READ_BUFFER_MAX {
-        true => bytes,
-        false => Bytes::copy_from_slice(&bytes),
-    })
-}
-
-/// The memory `len` bytes read by [`get_live_for`] or [`read_slice`] hold until they are
-/// sent: up to twice their size when they are sent from sqlx's read buffer ([`bytes_of`]),
-/// which grows by doubling as a value arrives.
-pub fn held_while_sent(len: u64) -> u64 {
-    match len > KEEP_READ_BUFFER_MAX as u64 {
-        true => 2 * len,
-        false => len,
-    }
-}
-
-/// A bytea column's bytes where the row holds them: the row the database sent is kept for as
-/// long as they are, instead of copying them out of it ([`bytes_of`]).
-struct ColumnBytes {
-    row: PgRow,
-    index: usize,
-}
-
-impl ColumnBytes {
-    /// The column `name` of a row, `None` when it is NULL or missing.
-    fn of(name: &'static str) -> impl FnOnce(PgRow) -> Option<Bytes> {
-        move |row| {
-            let index = row.try_column(name).ok()?.ordinal();
-            let value = row.try_get_raw(index).ok()?;
-            if value.is_null() {
-                return None;
-            }
-            Some(Bytes::from_owner(ColumnBytes { row, index }))
-        }
-    }
-}
-
-impl AsRef<[u8]> for ColumnBytes {
-    fn as_ref(&self) -> &[u8] {
-        // Checked in `of`: the column is there and not NULL.
-        let value = self.row.try_get_raw(self.index).ok();
-        value.and_then(|v| v.as_bytes().ok()).unwrap_or_default()
-    }
 }
 
 /// A read that brought more than this through a connection gives back its read buffer's
@@ -579,18 +525,18 @@ pub async fn read_slice(
     file_id: Uuid,
     offset: u64,
     len: u64,
-) -> sqlx::Result<Option<Bytes>> {
+) -> sqlx::Result<Option<Vec<u8>>> {
     // substring() positions are 1-based.
-    let row = sqlx::query(
-        "SELECT substring(content FROM $2::int FOR $3::int) AS slice FROM pending_uploads WHERE file_id = $1",
+    let chunk: Option<Option<Vec<u8>>> = sqlx::query_scalar(
+        "SELECT substring(content FROM $2::int FOR $3::int) FROM pending_uploads WHERE file_id = $1",
     )
     .bind(file_id)
     .bind(offset as i64 + 1)
     .bind(len as i64)
     .fetch_optional(&mut *conn)
     .await?;
-    let chunk = row.and_then(|row| bytes_of(row, "slice"));
-    give_back_read_buffer(conn, chunk.as_ref().map_or(0, Bytes::len));
+    let chunk = chunk.flatten();
+    give_back_read_buffer(conn, chunk.as_ref().map_or(0, Vec::len));
     Ok(chunk)
 }
 

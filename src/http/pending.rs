@@ -204,7 +204,7 @@ async fn find(
         Checked::Allowed(None) => Err(ApiError::UploadNotFound),
         Checked::Allowed(Some((row, head))) => Ok(Found {
             row,
-            head,
+            head: head.map(Bytes::from),
             reserved,
         }),
     }

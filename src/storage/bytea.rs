@@ -62,7 +62,7 @@ impl ByteaBackend {
                 })
             })
             .await?;
-        let chunk = chunk.filter(|c| c.len() as u64 == len);
+        let chunk = chunk.filter(|c| c.len() as u64 == len).map(Bytes::from);
         Ok((chunk, reserved))
     }
 
@@ -139,8 +139,8 @@ impl ByteaBackend {
 
 /// Room for a range of up to [`WHOLE_UP_TO`] read whole, from the read-ahead `budget`, or
 /// `None` when it has none (its first slice then comes alone). About twice the bytes while
-/// they are read (sqlx's read buffer, which grows by doubling as they arrive); the download
-/// then keeps what they hold until sent ([`kept_of`]).
+/// they are read (sqlx's read buffer, and the copy taken of it); the download then keeps what
+/// it read ([`kept_of`]).
 pub fn reserve_whole(budget: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
     budget
         .clone()
@@ -149,16 +149,15 @@ pub fn reserve_whole(budget: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
 }
 
 /// What a download keeps of the room `reserved` for its first read ([`reserve_whole`]): as
-/// much as the `first` bytes read hold until sent (in KiB, rounded up;
-/// [`db::uploads::held_while_sent`]) when they are the whole range; nothing when they are
-/// only its first slice.
+/// much as the `first` bytes read (in KiB, rounded up) when they are the whole range; nothing
+/// when they are only its first slice.
 fn kept_of(
     reserved: Option<OwnedSemaphorePermit>,
     range: ByteRange,
     first: u64,
 ) -> Option<OwnedSemaphorePermit> {
     let mut permit = reserved.filter(|_| first >= range.byte_count())?;
-    let keep = db::uploads::held_while_sent(first).div_ceil(1024) as usize;
+    let keep = first.div_ceil(1024) as usize;
     if let Some(excess) = permit.num_permits().checked_sub(keep) {
         drop(permit.split(excess));
     }
@@ -178,19 +177,10 @@ mod tests {
         let budget = Arc::new(Semaphore::new(4096));
         let reserved = || reserve_whole(&budget);
         let file = |len: u64| range(0, len - 1);
-        // 200 KiB and a byte, the whole file, copied out of sqlx's buffer: 201 KiB kept, the
-        // rest of the 2 MiB back.
-        let kept = kept_of(reserved(), file(200 * 1024 + 1), 200 * 1024 + 1).unwrap();
-        assert_eq!(kept.num_permits(), 201);
-        assert_eq!(budget.available_permits(), 4096 - 201);
-        drop(kept);
-        // 300 KiB and a byte, sent from sqlx's buffer, which may be twice that: 601 KiB kept.
+        // 300 KiB and a byte, the whole file: 301 KiB kept, the rest of the 2 MiB back.
         let kept = kept_of(reserved(), file(300 * 1024 + 1), 300 * 1024 + 1).unwrap();
-        assert_eq!(kept.num_permits(), 601);
-        drop(kept);
-        // A whole 1 MiB file: all of the 2 MiB kept.
-        let kept = kept_of(reserved(), file(WHOLE_UP_TO), WHOLE_UP_TO).unwrap();
-        assert_eq!(kept.num_permits(), 2048);
+        assert_eq!(kept.num_permits(), 301);
+        assert_eq!(budget.available_permits(), 4096 - 301);
         drop(kept);
         // Only the first slice of a larger file: nothing kept.
         assert!(kept_of(reserved(), file(WHOLE_UP_TO + 1), READ_CHUNK).is_none());
