@@ -107,8 +107,7 @@ pub struct AgentArgs {
 async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     // 0 would poll without pause while the agent has no cursor yet.
     let interval = [("PENDING_UPLOADS_POLL_INTERVAL", args.poll_interval)];
-    crate::config::at_least(&interval, std::time::Duration::from_millis(100), "100ms")
-        .and_then(|()| crate::config::at_most(&interval, crate::config::MAX_DEADLINE, "7d"))
+    crate::config::deadline_range(&interval, std::time::Duration::from_millis(100), "100ms")
         .map_err(anyhow::Error::msg)?;
     let token = match std::env::var("PENDING_UPLOADS_TOKEN")
         .ok()

@@ -119,6 +119,23 @@ async fn server_on(ip: &str, respond: Router) -> (SocketAddr, Arc<AtomicUsize>) 
     (addr, hits)
 }
 
+/// A push workspace on 127.0.0.2 that speaks raw TCP: `serve` has each connection, in a task
+/// of its own (one that never returns holds its connection open).
+async fn raw_workspace<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            tokio::spawn(serve(sock));
+        }
+    });
+    addr
+}
+
 fn one_file(boundary: &str, name: &str, data: &[u8]) -> Vec<u8> {
     let mut body = format!(
         "--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\nContent-Type: text/plain\r\n\r\n"
@@ -452,14 +469,12 @@ async fn a_push_workspace_that_stops_reading_the_upload_is_cut() {
         ("PUSH_ANSWER_TIMEOUT", "1s"),
     ])
     .await;
-    let tarpit = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
-    let tarpit_addr = tarpit.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((sock, _)) = tarpit.accept().await {
-            held.push(sock);
-        }
-    });
+    // Accepts, and never reads.
+    let tarpit_addr = raw_workspace(|sock| async move {
+        let _held = sock;
+        std::future::pending::<()>().await
+    })
+    .await;
     let (ws, token) = push_workspace_at(&svc, tarpit_addr).await;
     let mut rx = big_raw_upload(&svc, ws, &token).await;
     let started = Instant::now();
@@ -487,26 +502,22 @@ async fn a_push_workspace_that_answers_early_cannot_keep_the_relay() {
         ("PUSH_ANSWER_TIMEOUT", "1s"),
     ])
     .await;
-    let early = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
-    let early_addr = early.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((mut sock, _)) = early.accept().await {
-            let mut head = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match sock.read(&mut buf).await {
-                    Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
-                    _ => break,
-                }
+    let early_addr = raw_workspace(|mut sock| async move {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match sock.read(&mut buf).await {
+                Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                _ => break,
             }
-            let _ = sock
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                .await;
-            // Not a byte more is read.
-            held.push(sock);
         }
-    });
+        let _ = sock
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .await;
+        // Not a byte more is read.
+        std::future::pending::<()>().await
+    })
+    .await;
     let (ws, token) = push_workspace_at(&svc, early_addr).await;
     let mut rx = big_raw_upload(&svc, ws, &token).await;
     // The answer, and then the client's connection closes (before: it stayed open).
@@ -1726,16 +1737,11 @@ async fn an_upload_body_must_arrive_whole_within_its_deadline() {
     assert_eq!(svc.count("activity_logs").await, 0);
 
     // A push workspace that takes every byte and would answer at the end.
-    let sink = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
-    let sink_addr = sink.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = sink.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 64 * 1024];
-                while matches!(sock.read(&mut buf).await, Ok(n) if n > 0) {}
-            });
-        }
-    });
+    let sink_addr = raw_workspace(|mut sock| async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while matches!(sock.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
     let (pushed, pushed_token) = push_workspace_at(&svc, sink_addr).await;
     let (answer, _) = steady(pushed, &pushed_token).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
@@ -1799,22 +1805,18 @@ async fn a_push_workspace_that_answers_early_and_reads_slowly_lets_go_at_push_ti
         ("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32"),
     ])
     .await;
-    let workspace = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
-    let addr = workspace.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = workspace.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 64 * 1024];
-                let _ = sock.read(&mut buf[..4096]).await;
-                let answer = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
-                let _ = sock.write_all(answer.as_bytes()).await;
-                // ~2 MiB/s: at most 64 KiB every 31 ms.
-                while matches!(sock.read(&mut buf).await, Ok(n) if n > 0) {
-                    tokio::time::sleep(Duration::from_millis(31)).await;
-                }
-            });
+    let addr = raw_workspace(|mut sock| async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let _ = sock.read(&mut buf[..4096]).await;
+        let answer =
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+        let _ = sock.write_all(answer.as_bytes()).await;
+        // ~2 MiB/s: at most 64 KiB every 31 ms.
+        while matches!(sock.read(&mut buf).await, Ok(n) if n > 0) {
+            tokio::time::sleep(Duration::from_millis(31)).await;
         }
-    });
+    })
+    .await;
     let (ws, token) = push_workspace_at(&svc, addr).await;
     let mut rx = big_raw_upload(&svc, ws, &token).await;
     let answer = answer_head(&mut rx).await;
