@@ -2,7 +2,8 @@
 """Direct transfers for the benchmark's ceilings (benches/suite): the same bytes the service
 moves, sent straight to PostgreSQL or S3 with the fastest clients at hand, at the same
 concurrency, every response read fully. benches/suite runs one transfer per call and reads one
-JSON line from stdout: {"seconds": <transfer time>, "bytes": <bytes moved>}.
+JSON line from stdout: {"seconds": <transfer time>, "bytes": <bytes moved>, "cpu_ms": <the
+whole machine's busy CPU time over the transfer, start-ups subtracted like their time>}.
 
 The clock starts once every lane holds its connection (a lane is one thread, or one psql
 process, with its own connection) and stops when the last lane is done.
@@ -36,6 +37,18 @@ def payload(size):
     return (pattern * (size // 251 + 1))[:size]
 
 
+def machine_cpu_ms():
+    """The whole machine's busy CPU time since boot in ms (/proc/stat: user, nice, system, irq
+    and softirq), read as benches/suite reads it for the service's transfers."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return sum(ticks[i] for i in (0, 1, 2, 5, 6)) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+# The machine's CPU time (ms) over the last timed transfer, as main reports it.
+window_cpu_ms = None
+
+
 def lanes(n, concurrency, setup, work):
     """Runs work(lane_state, i) for i in 0..n over `concurrency` threads, each with the state
     setup() gave it (made before the clock starts); returns (seconds, sum of work results)."""
@@ -62,10 +75,12 @@ def lanes(n, concurrency, setup, work):
     for t in threads:
         t.start()
     start.wait()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), machine_cpu_ms()
     for t in threads:
         t.join()
     seconds = time.perf_counter() - t0
+    global window_cpu_ms
+    window_cpu_ms = machine_cpu_ms() - cpu0
     if errors:
         raise errors[0]
     return seconds, sum(totals)
@@ -183,12 +198,12 @@ def psql_lanes(a, tmp, line_for):
                 f.write(line_for(i))
         scripts.append(path)
     def noop():
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), machine_cpu_ms()
         subprocess.run([a.psql, "-X", "-q", "-d", a.dsn, "-c", ""], check=True)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, machine_cpu_ms() - cpu0
 
-    startup = min(noop() for _ in range(2))
-    t0 = time.perf_counter()
+    startup, startup_cpu = min(noop() for _ in range(2))
+    t0, cpu0 = time.perf_counter(), machine_cpu_ms()
     procs = [
         subprocess.Popen(
             [a.psql, "-X", "-q", "-d", a.dsn, "-f", s],
@@ -199,6 +214,9 @@ def psql_lanes(a, tmp, line_for):
     ]
     errs = [p.communicate()[1] for p in procs]
     seconds = max(time.perf_counter() - t0 - startup, 1e-6)
+    # the lanes start in parallel (one start-up of time) but each costs its CPU
+    global window_cpu_ms
+    window_cpu_ms = machine_cpu_ms() - cpu0 - a.concurrency * startup_cpu
     for p, e in zip(procs, errs):
         if p.returncode != 0:
             raise SystemExit(f"psql failed: {e.decode(errors='replace')}")
@@ -339,14 +357,17 @@ def aws_cli(a, tmp, args):
     base = [a.aws, "--endpoint-url", a.endpoint]
 
     def run(extra):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), machine_cpu_ms()
         p = subprocess.run(base + extra, env=env, capture_output=True)
         if p.returncode != 0:
             raise SystemExit(f"aws {' '.join(extra)} failed: {p.stderr.decode(errors='replace')}")
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, machine_cpu_ms() - cpu0
 
-    startup = min(run(["s3api", "head-bucket", "--bucket", a.bucket]) for _ in range(2))
-    return max(run(args) - startup, 1e-6)
+    startup, startup_cpu = min(run(["s3api", "head-bucket", "--bucket", a.bucket]) for _ in range(2))
+    seconds, cpu = run(args)
+    global window_cpu_ms
+    window_cpu_ms = cpu - startup_cpu
+    return max(seconds - startup, 1e-6)
 
 
 def versions():
@@ -385,7 +406,7 @@ def main():
         print(json.dumps(versions()))
         return
     seconds, moved = {"pg-up": pg_up, "pg-down": pg_down, "s3-up": s3_up, "s3-down": s3_down}[a.op](a)
-    print(json.dumps({"seconds": seconds, "bytes": moved}))
+    print(json.dumps({"seconds": seconds, "bytes": moved, "cpu_ms": window_cpu_ms}))
 
 
 if __name__ == "__main__":

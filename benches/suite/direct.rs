@@ -13,7 +13,7 @@ use aws_sdk_s3::{
 use bytes::Bytes;
 use sqlx::{postgres::PgPoolOptions, PgPool};
 
-use crate::harness::{concurrently, human, mb_per_s, Env};
+use crate::harness::{concurrently, human, machine_cpu_ms, mb_per_s, Env};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Dir {
@@ -194,6 +194,14 @@ impl Target {
 }
 
 /// One direct transfer of `files` x `size` bytes at `concurrency`; MB/s, or why it failed.
+/// A direct transfer: its rate, and the whole machine's busy CPU time over its timed window
+/// (the backend's, the client's and the kernel's alike).
+#[derive(Clone, Copy, Debug)]
+pub struct Moved {
+    pub mb_per_s: f64,
+    pub cpu_ms: f64,
+}
+
 pub async fn run(
     env: &Env,
     client: &Client,
@@ -202,7 +210,7 @@ pub async fn run(
     payload: &Bytes,
     files: usize,
     concurrency: usize,
-) -> Result<f64, String> {
+) -> Result<Moved, String> {
     match client.kind {
         Kind::Sqlx => Ok(sqlx_run(&t.db, dir, payload, files, concurrency).await),
         Kind::Sdk { tuned } => {
@@ -214,7 +222,7 @@ pub async fn run(
     }
 }
 
-async fn sqlx_run(db: &str, dir: Dir, payload: &Bytes, files: usize, concurrency: usize) -> f64 {
+async fn sqlx_run(db: &str, dir: Dir, payload: &Bytes, files: usize, concurrency: usize) -> Moved {
     let pool = PgPoolOptions::new()
         .max_connections(concurrency as u32)
         .connect(db)
@@ -224,7 +232,7 @@ async fn sqlx_run(db: &str, dir: Dir, payload: &Bytes, files: usize, concurrency
     let held = concurrently(concurrency, concurrency, |_| pool.acquire()).await;
     drop(held);
     let total = payload.len() * files;
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), machine_cpu_ms());
     match dir {
         Dir::Up => {
             concurrently(files, concurrency, |i| {
@@ -256,9 +264,12 @@ async fn sqlx_run(db: &str, dir: Dir, payload: &Bytes, files: usize, concurrency
             assert_eq!(lens.iter().sum::<usize>(), total);
         }
     }
-    let rate = mb_per_s(total, started.elapsed().as_secs_f64());
+    let moved = Moved {
+        mb_per_s: mb_per_s(total, started.elapsed().as_secs_f64()),
+        cpu_ms: machine_cpu_ms() - cpu,
+    };
     pool.close().await;
-    rate
+    moved
 }
 
 async fn s3_client(env: &Env, tuned: bool) -> (aws_sdk_s3::Client, Arc<String>) {
@@ -284,7 +295,7 @@ async fn sdk_run(
     payload: &Bytes,
     files: usize,
     concurrency: usize,
-) -> f64 {
+) -> Moved {
     let (client, bucket) = s3_client(env, tuned).await;
     // a connection per lane before the clock starts
     concurrently(concurrency, concurrency, |_| {
@@ -293,7 +304,7 @@ async fn sdk_run(
     .await;
     let total = payload.len() * files;
     let key = |i: usize| format!("{prefix}{i}");
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), machine_cpu_ms());
     match dir {
         Dir::Up => {
             concurrently(files, concurrency, |i| {
@@ -322,7 +333,10 @@ async fn sdk_run(
             assert_eq!(lens.iter().sum::<usize>(), total);
         }
     }
-    mb_per_s(total, started.elapsed().as_secs_f64())
+    Moved {
+        mb_per_s: mb_per_s(total, started.elapsed().as_secs_f64()),
+        cpu_ms: machine_cpu_ms() - cpu,
+    }
 }
 
 async fn python_run(
@@ -333,7 +347,7 @@ async fn python_run(
     size: usize,
     files: usize,
     concurrency: usize,
-) -> Result<f64, String> {
+) -> Result<Moved, String> {
     let python = env.python.as_deref().ok_or("no BENCH_PYTHON")?;
     let op = match (t.backend.as_str(), dir) {
         ("bytea", Dir::Up) => "pg-up",
@@ -382,8 +396,12 @@ async fn python_run(
     let v: serde_json::Value = serde_json::from_str(line.lines().last().unwrap_or(""))
         .map_err(|e| format!("{client}: unreadable answer {line:?}: {e}"))?;
     let (secs, bytes) = (v["seconds"].as_f64(), v["bytes"].as_u64());
+    let cpu_ms = v["cpu_ms"].as_f64().unwrap_or(f64::NAN);
     match (secs, bytes) {
-        (Some(s), Some(b)) if b as usize == size * files => Ok(mb_per_s(b as usize, s)),
+        (Some(s), Some(b)) if b as usize == size * files => Ok(Moved {
+            mb_per_s: mb_per_s(b as usize, s),
+            cpu_ms,
+        }),
         _ => Err(format!(
             "{client}: moved {bytes:?} bytes, expected {}",
             size * files
@@ -433,7 +451,9 @@ pub async fn calibrate(
                         t.reset().await;
                     }
                     crate::harness::settle(&t.db).await;
-                    let rate = run(env, &c, t, dir, &payload, files, conc).await;
+                    let rate = run(env, &c, t, dir, &payload, files, conc)
+                        .await
+                        .map(|m| m.mb_per_s);
                     if dir == Dir::Up {
                         written = rate.is_ok();
                     }

@@ -172,10 +172,52 @@ impl Service {
         self.status_mib("VmRSS:")
     }
 
+    /// CPU time the service process has used (user + system), in ms.
+    pub fn cpu_ms(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // The fields after the command name, which may itself hold spaces: state is field 3,
+        // utime and stime are fields 14 and 15.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let field = |n: usize| {
+            after
+                .split_whitespace()
+                .nth(n - 3)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
+        (field(14) + field(15)) * 1000.0 / clock_ticks()
+    }
+
     /// Resets VmHWM to the current RSS (Linux `clear_refs` 5).
     pub fn reset_peak(&self) {
         let _ = std::fs::write(format!("/proc/{}/clear_refs", self.pid()), "5");
     }
+}
+
+/// The whole machine's busy CPU time since boot, in ms (`/proc/stat`: user, nice, system, irq
+/// and softirq; not idle, iowait or steal): the service, PostgreSQL, LocalStack, the direct
+/// clients and this bench alike.
+pub fn machine_cpu_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let busy = [0, 1, 2, 5, 6]
+        .iter()
+        .map(|&i| ticks.get(i).copied().unwrap_or(f64::NAN))
+        .sum::<f64>();
+    busy * 1000.0 / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf only reads a constant of the system's.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
 }
 
 /// The binary with the database, backend and S3 settings, and the bench's defaults where the

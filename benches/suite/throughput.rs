@@ -6,8 +6,8 @@
 use crate::{
     direct::{self, Chosen, Dir, Target},
     harness::{
-        download_all, drop_db, fresh_db, human, mb_per_s, median, payload, settle, sweep_all,
-        timed, upload_all, workspaces, Env, Service, Spec,
+        download_all, drop_db, fresh_db, human, machine_cpu_ms, mb_per_s, median, payload, settle,
+        sweep_all, timed, upload_all, workspaces, Env, Service, Spec,
     },
 };
 
@@ -62,6 +62,35 @@ struct Row {
     /// Each round's service / direct ratio (lowest, highest): how far one round strays.
     up_ratios: (f64, f64),
     down_ratios: (f64, f64),
+    /// CPU ms per MiB moved (medians): through the service, the direct client's.
+    up_cpu: Cpu,
+    up_direct_cpu: f64,
+    down_cpu: Cpu,
+    down_direct_cpu: f64,
+}
+
+/// CPU time per MiB moved through the service, in ms: the whole machine's (the bench's HTTP
+/// client, the service, PostgreSQL or LocalStack, the kernel), and the service process's.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    machine: f64,
+    service: f64,
+}
+
+/// `work`, with the CPU it took per MiB of `bytes`.
+async fn with_cpu<T>(
+    svc: &Service,
+    bytes: usize,
+    work: impl std::future::Future<Output = T>,
+) -> (T, Cpu) {
+    let (machine, service) = (machine_cpu_ms(), svc.cpu_ms());
+    let out = work.await;
+    let mib = bytes as f64 / (1 << 20) as f64;
+    let cpu = Cpu {
+        machine: (machine_cpu_ms() - machine) / mib,
+        service: (svc.cpu_ms() - service) / mib,
+    };
+    (out, cpu)
 }
 
 pub async fn run(env: &Env, o: &Opts) {
@@ -166,6 +195,10 @@ struct Measured {
     down_direct: Vec<(f64, &'static str)>,
     rss_up: Vec<f64>,
     rss_down: Vec<f64>,
+    up_cpu: Vec<Cpu>,
+    down_cpu: Vec<Cpu>,
+    up_direct_cpu: Vec<f64>,
+    down_direct_cpu: Vec<f64>,
 }
 
 impl Measured {
@@ -185,41 +218,44 @@ impl Measured {
         let total = data.len() * files;
         settle(&target.db).await;
         svc.reset_peak();
-        let (ids, secs) = timed(upload_all(&http, &svc.base, wss, data, files, conc)).await;
+        let upload = timed(upload_all(&http, &svc.base, wss, data, files, conc));
+        let ((ids, secs), cpu) = with_cpu(svc, total, upload).await;
         self.up.push(mb_per_s(total, secs));
+        self.up_cpu.push(cpu);
         self.rss_up.push(svc.peak_rss_mib());
 
-        let mut best = (0.0, "none");
+        let mut best = Best::NONE;
         let mut written = false;
         for c in &chosen.up {
             target.reset().await;
             settle(&target.db).await;
-            let rate = direct::run(env, c, target, Dir::Up, data, files, conc).await;
-            written = rate.is_ok();
-            best = better(best, c.name, rate);
+            let moved = direct::run(env, c, target, Dir::Up, data, files, conc).await;
+            written = moved.is_ok();
+            best = best.or(c.name, moved, total);
         }
         if !written {
             target.fill(env, data, files, conc).await;
         }
-        self.up_direct.push(best);
+        self.up_direct.push((best.rate, best.name));
+        self.up_direct_cpu.push(best.cpu_ms_per_mib);
 
         settle(&target.db).await;
         svc.reset_peak();
-        let (read, secs) = timed(download_all(&http, &svc.base, wss, &ids, conc)).await;
+        let download = timed(download_all(&http, &svc.base, wss, &ids, conc));
+        let ((read, secs), cpu) = with_cpu(svc, total, download).await;
         assert_eq!(read, total, "service download read fewer bytes");
         self.down.push(mb_per_s(total, secs));
+        self.down_cpu.push(cpu);
         self.rss_down.push(svc.peak_rss_mib());
 
-        let mut best = (0.0, "none");
+        let mut best = Best::NONE;
         for c in &chosen.down {
             settle(&target.db).await;
-            best = better(
-                best,
-                c.name,
-                direct::run(env, c, target, Dir::Down, data, files, conc).await,
-            );
+            let moved = direct::run(env, c, target, Dir::Down, data, files, conc).await;
+            best = best.or(c.name, moved, total);
         }
-        self.down_direct.push(best);
+        self.down_direct.push((best.rate, best.name));
+        self.down_direct_cpu.push(best.cpu_ms_per_mib);
     }
 
     fn row(self, backend: &str, size: usize, conc: usize, files: usize) -> Row {
@@ -240,7 +276,15 @@ impl Measured {
         };
         let up_ratios = spread(&self.up, &self.up_direct);
         let down_ratios = spread(&self.down, &self.down_direct);
+        let cpu = |v: &[Cpu]| Cpu {
+            machine: median(v.iter().map(|c| c.machine).collect()),
+            service: median(v.iter().map(|c| c.service).collect()),
+        };
         Row {
+            up_cpu: cpu(&self.up_cpu),
+            down_cpu: cpu(&self.down_cpu),
+            up_direct_cpu: median(self.up_direct_cpu),
+            down_direct_cpu: median(self.down_direct_cpu),
             up_ratios,
             down_ratios,
             backend: backend.into(),
@@ -257,17 +301,34 @@ impl Measured {
     }
 }
 
-fn better(
-    best: (f64, &'static str),
+/// The fastest direct client of a cell so far, and the CPU its transfer took.
+#[derive(Clone, Copy)]
+struct Best {
+    rate: f64,
     name: &'static str,
-    rate: Result<f64, String>,
-) -> (f64, &'static str) {
-    match rate {
-        Ok(r) if r > best.0 => (r, name),
-        Ok(_) => best,
-        Err(e) => {
-            eprintln!("  direct {name} failed: {e}");
-            best
+    cpu_ms_per_mib: f64,
+}
+
+impl Best {
+    const NONE: Best = Best {
+        rate: 0.0,
+        name: "none",
+        cpu_ms_per_mib: f64::NAN,
+    };
+
+    /// This or client `name`'s transfer of `bytes`, whichever was faster.
+    fn or(self, name: &'static str, moved: Result<direct::Moved, String>, bytes: usize) -> Best {
+        match moved {
+            Ok(m) if m.mb_per_s > self.rate => Best {
+                rate: m.mb_per_s,
+                name,
+                cpu_ms_per_mib: m.cpu_ms / (bytes as f64 / (1 << 20) as f64),
+            },
+            Ok(_) => self,
+            Err(e) => {
+                eprintln!("  direct {name} failed: {e}");
+                self
+            }
         }
     }
 }
@@ -318,6 +379,25 @@ fn print(o: &Opts, rows: &[Row], used: &[(String, String)]) {
             ratio(r.down / r.down_direct.0, r.down_ratios),
             r.rss_up,
             r.rss_down
+        );
+    }
+    println!(
+        "\nCPU per MiB moved, ms (medians): the whole machine's busy time over each transfer (`/proc/stat`; the HTTP client, the service, PostgreSQL or LocalStack and the kernel through the service; the client, the backend and the kernel direct), and the service process's own:\n"
+    );
+    println!("| backend | size | conc | upload machine: service / direct | upload: service process | download machine: service / direct | download: service process |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {:.2} / {:.2} | {:.2} | {:.2} / {:.2} | {:.2} |",
+            r.backend,
+            human(r.size),
+            r.conc,
+            r.up_cpu.machine,
+            r.up_direct_cpu,
+            r.up_cpu.service,
+            r.down_cpu.machine,
+            r.down_direct_cpu,
+            r.down_cpu.service
         );
     }
     println!();
