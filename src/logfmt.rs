@@ -1,23 +1,42 @@
 //! Log hygiene (SPEC §10, bounded observability): a log line carries at most
 //! [`MAX_LOGGED_CHARS`] characters of any string a client chose (a filename, a URL, a
-//! mimetype, an error that quotes input), so no request can write a megabyte log line.
+//! mimetype, an error that quotes input), so no request can write a megabyte log line, and
+//! none of them raw if it could end the line or drive a terminal (the text format writes
+//! fields as they are).
 
-use std::fmt;
+use std::fmt::{self, Write};
 
 pub const MAX_LOGGED_CHARS: usize = 256;
 
-/// Displays at most [`MAX_LOGGED_CHARS`] characters of the string, then how many were left out.
+/// Displays at most [`MAX_LOGGED_CHARS`] characters of the string, then how many were left
+/// out; control and other invisible characters (line breaks, terminal escapes, bidi
+/// overrides) as Rust escapes (`\n`, `\u{1b}`), so a string cannot forge a line or hide text.
 pub struct Clip<'a>(pub &'a str);
 
 impl fmt::Display for Clip<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0.char_indices().nth(MAX_LOGGED_CHARS) {
-            None => f.write_str(self.0),
-            Some((cut, _)) => {
-                let left = self.0[cut..].chars().count();
-                write!(f, "{}…(+{left} chars)", &self.0[..cut])
-            }
+        let (shown, left) = match self.0.char_indices().nth(MAX_LOGGED_CHARS) {
+            None => (self.0, 0),
+            Some((cut, _)) => (&self.0[..cut], self.0[cut..].chars().count()),
+        };
+        for c in shown.chars() {
+            write_visible(f, c)?;
         }
+        match left {
+            0 => Ok(()),
+            left => write!(f, "…(+{left} chars)"),
+        }
+    }
+}
+
+/// `c` itself when it is printable, else its escape. Quotes and backslashes, which
+/// `escape_debug` escapes too, stay as they are: they are visible.
+fn write_visible(f: &mut fmt::Formatter<'_>, c: char) -> fmt::Result {
+    let escaped = c.escape_debug();
+    if escaped.len() == 1 || matches!(c, '"' | '\'' | '\\') {
+        f.write_char(c)
+    } else {
+        write!(f, "{escaped}")
     }
 }
 
@@ -38,5 +57,35 @@ mod tests {
         let shown = Clip(&long).to_string();
         assert!(shown.starts_with(&"é".repeat(MAX_LOGGED_CHARS)));
         assert!(shown.ends_with("…(+744 chars)"), "{shown}");
+    }
+
+    #[test]
+    fn escapes_what_could_forge_a_line_or_drive_a_terminal() {
+        let hostile = "a.txt\r\n2026-12-05T00:00:00Z  WARN forged\u{1b}[2J\u{202e}\u{7f}\u{85}";
+        assert_eq!(
+            Clip(hostile).to_string(),
+            r"a.txt\r\n2026-12-05T00:00:00Z  WARN forged\u{1b}[2J\u{202e}\u{7f}\u{85}"
+        );
+        // Printable text, quotes and backslashes included, is shown as it is.
+        let plain = r#"naïve "quoted" C:\dir\文件 ☃.txt"#;
+        assert_eq!(Clip(plain).to_string(), plain);
+        // The bound counts the string's characters, not their escapes.
+        let shown = Clip(&"\n".repeat(300)).to_string();
+        assert_eq!(
+            shown,
+            format!("{}…(+44 chars)", r"\n".repeat(MAX_LOGGED_CHARS))
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn no_string_shows_a_line_break_control_or_bidi_character(s in "\\PC*|[\\x00-\\x{3000}]{0,300}") {
+            let shown = Clip(&s).to_string();
+            proptest::prop_assert!(
+                !shown.chars().any(|c| c.is_control()
+                    || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')),
+                "{:?}", shown
+            );
+        }
     }
 }

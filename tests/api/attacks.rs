@@ -3025,6 +3025,57 @@ async fn hostile_methods_and_filenames_cannot_bloat_metrics_or_logs() {
     );
 }
 
+/// The text log (the default format) is read on terminals and by line-based tools: a client's
+/// string in it (an upload's original filename, a refused push URL) must not end its line
+/// and start a forged one, nor carry terminal escapes. The JSON format escapes by itself.
+#[tokio::test]
+async fn client_strings_cannot_forge_text_log_lines_or_reach_the_terminal() {
+    let svc = Svc::start(&[("LOG_FORMAT", "text"), ("RUST_LOG", "info")]).await;
+    let forged = "2026-12-05T00:00:00.000000Z  WARN pending_uploads::auth: admin token accepted";
+    // Unauthenticated: a first registration whose URL is refused is logged with the URL.
+    let resp = register(
+        &reqwest::Client::new(),
+        &svc,
+        None,
+        &json!({"id": Uuid::new_v4(), "url": format!("http://10.0.0.1/a\r\n{forged} url\u{1b}[2J\u{1b}[31m")}),
+    )
+    .await;
+    assert_error(resp, StatusCode::BAD_REQUEST, "workspace URL not allowed").await;
+    // An upload's original name (RFC 5987 `filename*`, so any byte can be sent) is logged.
+    let (ws, token) = register_poll(&svc.base).await;
+    let name = format!(
+        "a.txt%0A{}%20name%1B%5B2J%E2%80%AE",
+        forged.replace(' ', "%20")
+    );
+    let body = format!(
+        "--XB\r\nContent-Disposition: form-data; name=\"files\"; filename*=UTF-8''{name}\r\n\r\nhi\r\n--XB--\r\n"
+    );
+    let resp = upload_raw(&svc, ws, &token, body.into_bytes()).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut svc = svc;
+    let out = svc.running.terminate().await;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("push URL refused at registration") && log.contains("upload staged"),
+        "both strings were logged: {log}"
+    );
+    for line in log.lines() {
+        assert!(
+            line.starts_with("20"),
+            "a line that is not one of the service's own: {line:?}"
+        );
+        assert!(
+            !line.chars().any(|c| c.is_control() || c == '\u{202e}'),
+            "a control character reached the log: {line:?}"
+        );
+    }
+    assert_eq!(
+        log.matches("admin token accepted").count(),
+        2,
+        "both strings are in the log, escaped, on their own lines: {log}"
+    );
+}
+
 /// Registration is unauthenticated and a URL may be 2048 bytes (it could fill the 64 KiB JSON
 /// body before that bound): when its push fails, the log line must not carry it whole
 /// (reqwest's error text quotes the URL).
