@@ -196,9 +196,9 @@ enum Registration {
     responses(
         (status = 200, description = "OK", body = Registered),
         (status = 400, description = "invalid body, delivery_mode, name (over 256 characters) or url (over 2048 bytes, or not allowed)", body = api::ErrorBody),
-        (status = 401, description = "re-registration without the workspace's own token or the admin token", body = api::ErrorBody),
+        (status = 401, description = "re-registration (of a removed workspace too) without the workspace's own token or the admin token", body = api::ErrorBody),
         (status = 408, description = "request body too slow", body = api::ErrorBody),
-        (status = 409, description = "workspace was removed", body = api::ErrorBody),
+        (status = 409, description = "workspace was removed (told the admin only: anyone else gets 401)", body = api::ErrorBody),
         (status = 413, description = "body over 64 KiB", body = api::ErrorBody),
         (status = 429, description = "REGISTRATIONS_PER_MINUTE used up on this replica by callers without a claim on the workspace, or REGISTRATIONS_PER_MINUTE_PER_CLIENT by this client address (callers without a claim, and re-registrations whose push url names a host) (code registration_rate, Retry-After)", body = api::ErrorBody),
         (status = 503, description = "datastore unavailable, or push URL lookups all in progress", body = api::ErrorBody),
@@ -263,8 +263,13 @@ pub async fn register(
                 let Some(ws) = db::workspaces::get_for_update(&mut tx, id).await? else {
                     return Ok(Registration::Removed);
                 };
+                // Only the admin learns that a workspace was removed; to anyone else it is an
+                // existing workspace they have no claim on (its tokens are all revoked).
                 if ws.is_removed() {
-                    return Ok(Registration::Removed);
+                    return Ok(match claim {
+                        Claim::Admin => Registration::Removed,
+                        other => Registration::Unauthorized(other),
+                    });
                 }
                 if created {
                     let (_, token) = issue_token(&mut tx, id).await?;

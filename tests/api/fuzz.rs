@@ -2766,7 +2766,19 @@ fn url_verdict(raw: &str) -> Option<bool> {
     if raw.len() > 2048 {
         return Some(false);
     }
-    let Ok(u) = url::Url::parse(raw.trim()) else {
+    // An authority right after `scheme://` (RFC 3986; the WHATWG parser would find a host in
+    // `http:x` or `http:///x`), and no control character (which it would drop; Go refuses).
+    let raw = raw.trim();
+    let authority = raw
+        .split_once("://")
+        .filter(|(scheme, _)| !scheme.contains(':'))
+        .map(|(_, rest)| rest);
+    if raw.chars().any(|c| c.is_ascii_control())
+        || authority.is_none_or(|a| a.starts_with('/') || a.starts_with('\\'))
+    {
+        return Some(false);
+    }
+    let Ok(u) = url::Url::parse(raw) else {
         return Some(false);
     };
     if !matches!(u.scheme(), "http" | "https")
@@ -3088,9 +3100,11 @@ impl RegistryTarget {
                 name: name.unwrap_or_default(),
             },
             (_, Route::Create) => RegExp::Status(409, Some("workspace already exists")),
-            (WsState::Removed, Route::Register) => {
-                RegExp::Status(409, Some("workspace has been removed"))
-            }
+            (WsState::Removed, Route::Register) => match token {
+                None => RegExp::Status(401, Some("missing workspace auth token")),
+                Some(t) if t == ADMIN => RegExp::Status(409, Some("workspace has been removed")),
+                Some(_) => RegExp::Status(401, Some("invalid workspace auth token")),
+            },
             (WsState::Live, Route::Register) => match token {
                 None => RegExp::Status(401, Some("missing workspace auth token")),
                 Some(t) if t == ADMIN || (t == self.own_token && id == self.live) => {

@@ -126,6 +126,10 @@ async fn registration_defaults_and_validation() {
         "ftp://host/x",
         "http://",
         "/relative",
+        // no authority (RFC 3986), though a WHATWG parser reads host `x` into them
+        "http:///x",
+        "http:x",
+        "http://exa\nmple.com/",
     ] {
         assert_error(
             register(&app, json!({"id": Uuid::new_v4(), "url": bad}), None).await,
@@ -165,11 +169,28 @@ async fn registration_defaults_and_validation() {
 #[tokio::test]
 async fn a_removed_workspace_cannot_be_reclaimed_by_registering_it() {
     let app = TestApp::start().await;
-    let (id, _) = app.poll_workspace().await;
+    let (id, own) = app.poll_workspace().await;
+    let (_, other) = app.poll_workspace().await;
     let resp = app.delete(&format!("/workspaces/{id}"), ADMIN).await;
     assert_json(resp, StatusCode::OK, json!({"status": "removed", "id": id})).await;
+    // SPEC §4: re-registering an existing workspace without its own live token or the
+    // admin's is 401, removed or not; only the admin is told it was removed.
     assert_error(
         register(&app, json!({"id": id}), None).await,
+        StatusCode::UNAUTHORIZED,
+        "missing workspace auth token",
+    )
+    .await;
+    for token in [own.as_str(), other.as_str(), "garbage"] {
+        assert_error(
+            register(&app, json!({"id": id}), Some(token)).await,
+            StatusCode::UNAUTHORIZED,
+            "invalid workspace auth token",
+        )
+        .await;
+    }
+    assert_error(
+        register(&app, json!({"id": id}), Some(ADMIN)).await,
         StatusCode::CONFLICT,
         "workspace has been removed",
     )
