@@ -73,7 +73,14 @@ impl PushPolicy {
     /// The URL's shape, and its host when that is an address (or `localhost`): the checks
     /// that need no name lookup. Returns the parsed URL.
     pub fn check_url(&self, raw: &str) -> Result<Url, Refused> {
-        let url = Url::parse(raw.trim()).map_err(|_| refused("not an absolute URL"))?;
+        let raw = raw.trim();
+        if raw.chars().any(|c| c.is_ascii_control()) {
+            return Err(refused("control character"));
+        }
+        if !names_its_authority(raw) {
+            return Err(refused("no host"));
+        }
+        let url = Url::parse(raw).map_err(|_| refused("not an absolute URL"))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(refused("scheme is not http or https"));
         }
@@ -155,6 +162,17 @@ impl PushPolicy {
     pub fn resolver(self) -> Arc<Resolver> {
         Arc::new(Resolver { policy: self })
     }
+}
+
+/// `scheme://` and then a host: the WHATWG parser (the `url` crate) reads a host into
+/// `http:x`, `http:/x`, `http:///x` and `http:\\x`, which by RFC 3986 have none (Go's
+/// `url.Parse`, the platform's, finds an empty host). It also drops tabs and line breaks
+/// anywhere, which Go refuses; those are refused before this.
+fn names_its_authority(raw: &str) -> bool {
+    raw.split_once(':').is_some_and(|(_, rest)| {
+        rest.strip_prefix("//")
+            .is_some_and(|authority| !authority.starts_with(['/', '\\']))
+    })
 }
 
 fn is_localhost_name(name: &str) -> bool {
@@ -280,6 +298,17 @@ mod tests {
             "example.com",
             "/relative",
             "http://",
+            // no authority by RFC 3986, though the WHATWG parser finds host `x`
+            "http:///x",
+            "https:///example.com/",
+            "http:x",
+            "http:/x",
+            "http:\\\\x",
+            "http://\\x",
+            // control characters, which the WHATWG parser drops and Go refuses
+            "http://exa\nmple.com/",
+            "http://example.com/\tpath",
+            "http://example.com/\u{7f}",
         ] {
             assert!(p.check_url(bad).is_err(), "{bad}");
         }
@@ -287,6 +316,8 @@ mod tests {
             "http://example.com",
             "https://93.184.216.34:8443/base/",
             "http://[2606:4700::1]/",
+            " https://example.com/base ",
+            "HTTP://Example.COM:80/a/b",
         ] {
             assert!(p.check_url(good).is_ok(), "{good}");
         }
