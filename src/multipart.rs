@@ -19,6 +19,8 @@ pub struct Limits {
     pub max_preamble: usize,
     /// Bytes of one part's header block, its blank line included.
     pub max_part_header: usize,
+    /// Bytes after the closing delimiter (clients send a CRLF, or nothing).
+    pub max_epilogue: usize,
 }
 
 impl Default for Limits {
@@ -26,6 +28,7 @@ impl Default for Limits {
         Limits {
             max_preamble: 8 * 1024,
             max_part_header: 8 * 1024,
+            max_epilogue: 8 * 1024,
         }
     }
 }
@@ -142,7 +145,6 @@ where
         }
     }
 
-    /// Reads more of the body into the buffer; false at its end.
     /// The next non-empty chunk of the body, `None` at its end.
     async fn next_raw(&mut self) -> Result<Option<Bytes>, MultipartError> {
         if self.eof {
@@ -241,9 +243,13 @@ where
             let rest = &self.buf[pad..];
             if rest.len() >= 2 {
                 if rest.starts_with(b"--") && pad == 0 {
-                    // The close delimiter: the epilogue is ignored.
-                    self.state = State::Done;
+                    // The close delimiter. The epilogue is ignored, but read to the body's
+                    // end first: a body cut short of its length, or a chunked one without its
+                    // last chunk, is truncated, and an upload is whole only once its body is.
+                    let epilogue = self.buf.len() - 2;
                     self.buf.clear();
+                    self.skip_epilogue(epilogue).await?;
+                    self.state = State::Done;
                     return Ok(());
                 }
                 if rest.starts_with(b"\r\n") {
@@ -255,6 +261,19 @@ where
             }
             if !self.fill().await? {
                 return Err(MultipartError::Malformed("truncated after a delimiter"));
+            }
+        }
+    }
+
+    /// Reads the rest of the body, `seen` bytes of it already, up to `max_epilogue`.
+    async fn skip_epilogue(&mut self, mut seen: usize) -> Result<(), MultipartError> {
+        loop {
+            if seen > self.limits.max_epilogue {
+                return Err(MultipartError::Malformed("epilogue too long"));
+            }
+            match self.next_raw().await? {
+                Some(chunk) => seen += chunk.len(),
+                None => return Ok(()),
             }
         }
     }
@@ -580,6 +599,37 @@ mod tests {
     }
 
     #[test]
+    fn the_body_is_read_to_its_end_after_the_closing_delimiter() {
+        let b = "bnd";
+        let limits = Limits::default();
+        let with_epilogue = |n: usize| {
+            let mut raw = body(b, &[("files", Some("a"), b"1")]);
+            raw.extend(vec![b'e'; n]);
+            raw
+        };
+        for n in [0, 2, limits.max_epilogue - 2] {
+            let parts = parse_all(split(&with_epilogue(n), &[1000; 100]), b, limits);
+            assert_eq!(parts.unwrap().len(), 1, "an epilogue of {n} bytes");
+        }
+        assert!(matches!(
+            parse_all(
+                split(&with_epilogue(limits.max_epilogue), &[1000; 100]),
+                b,
+                limits
+            ),
+            Err(MultipartError::Malformed("epilogue too long"))
+        ));
+        // A body that fails after its closing delimiter (cut short of its Content-Length, or
+        // chunked without its last chunk) is not a whole upload.
+        let mut chunks = split(&with_epilogue(2), &[5; 100]);
+        chunks.push(Err(std::io::Error::other("body cut short")));
+        assert!(matches!(
+            parse_all(chunks, b, limits),
+            Err(MultipartError::Body(_))
+        ));
+    }
+
+    #[test]
     fn malformed_bodies() {
         let b = "bnd";
         let cases: [&[u8]; 6] = [
@@ -671,7 +721,7 @@ mod tests {
             raw in proptest::collection::vec(any::<u8>(), 0..600),
             sizes in proptest::collection::vec(1usize..64, 1..40),
         ) {
-            let limits = Limits { max_preamble: 64, max_part_header: 64 };
+            let limits = Limits { max_preamble: 64, max_part_header: 64, max_epilogue: 64 };
             let _ = parse_all(split(&raw, &sizes), "b", limits);
         }
 

@@ -304,8 +304,13 @@ pub struct ServeOptions {
     pub per_client: Arc<peer::ConnectionsPerClient>,
 }
 
-/// Largest read buffer of a connection (hyper grows it only while reads fill it): a request
-/// head must fit (beyond: 431), and an upload body arrives in chunks up to this size — small
+/// Largest request head, start line included (beyond: 431, as for more than hyper's 100
+/// headers). hyper's read buffer bound alone does not hold a head: one read may take a whole
+/// head of any size the buffer's capacity has room for, and only a partial head is checked.
+const HEAD_MAX: usize = 64 * 1024;
+
+/// Largest read buffer of a connection (hyper grows it only while reads fill it): an upload
+/// body arrives in chunks up to this size — small
 /// chunks cost a parser and spool round per chunk. Below jemalloc's `oversize_threshold`
 /// (512 KiB, `main.rs`): hyper allocates a new buffer of about this size whenever the chunks
 /// it handed on are still alive, and blocks of 512 KiB and more come back as fresh pages every
@@ -326,6 +331,7 @@ pub async fn serve(
         .title_case_headers(true)
         .timer(TokioTimer::new())
         .header_read_timeout(opts.header_read)
+        .max_header_size(HEAD_MAX)
         .max_buf_size(READ_BUFFER_MAX);
     // Every connection's task holds a place until it ends: the drain waits for all of them.
     let places = opts.max_connections.clamp(1, u32::MAX as usize);

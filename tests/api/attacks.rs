@@ -1337,6 +1337,45 @@ async fn raw_long_poll(svc: &Svc, ws: Uuid, token: &str, wait: u32) -> TcpStream
 /// waited in the listen backlog until one was cut: here 30 s. The oldest connection that has
 /// not begun a request is now closed to make room, so the new client is answered at once; a
 /// connection whose request has begun (a long poll here) is never the one closed.
+/// A request head is at most 64 KiB (SECURITY.md), start line included, and at most 100
+/// headers: 431 beyond. The byte bound did not hold: a head that arrived in one read was
+/// parsed whatever its size up to hyper's ~400 KiB buffer default.
+#[tokio::test]
+async fn request_heads_are_bounded() {
+    let svc = Svc::start(&[]).await;
+    let status_of = |head: String| {
+        let addr = svc.addr.clone();
+        async move {
+            let mut sock = TcpStream::connect(&addr).await.unwrap();
+            sock.write_all(head.as_bytes()).await.unwrap();
+            let answer = read_answer(&mut sock).await;
+            answer.lines().next().unwrap_or_default().to_string()
+        }
+    };
+    let padded = |bytes: usize| {
+        let start = "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ";
+        let pad = "p".repeat(bytes - start.len() - 4);
+        format!("{start}{pad}\r\n\r\n")
+    };
+    assert_eq!(status_of(padded(60 * 1024)).await, "HTTP/1.1 200 OK");
+    for bytes in [64 * 1024 + 1, 300 * 1024] {
+        assert_eq!(
+            status_of(padded(bytes)).await,
+            "HTTP/1.1 431 Request Header Fields Too Large",
+            "a {bytes}-byte head"
+        );
+    }
+    let headers = |n: usize| {
+        let extra: String = (0..n - 1).map(|i| format!("X-H{i}: v\r\n")).collect();
+        format!("GET /healthz HTTP/1.1\r\nHost: x\r\n{extra}\r\n")
+    };
+    assert_eq!(status_of(headers(100)).await, "HTTP/1.1 200 OK");
+    assert_eq!(
+        status_of(headers(101)).await,
+        "HTTP/1.1 431 Request Header Fields Too Large"
+    );
+}
+
 #[tokio::test]
 async fn connections_that_never_send_a_request_cannot_hold_every_place() {
     let svc = Svc::start(&[("MAX_CONNECTIONS", "4"), ("HEADER_READ_TIMEOUT", "30s")]).await;
@@ -1458,9 +1497,11 @@ async fn a_refused_connection_sheds_no_one() {
 }
 
 /// A request refused before its body was read has the rest of it drained (5 s at most), and
-/// meanwhile a full replica may drop its connection. That also took answers of work done: an
-/// upload whose chunked body's last chunk had not come was committed, and its 200 was lost
-/// with the connection (a retry stores it twice). Only refusals may be dropped now.
+/// meanwhile a full replica may drop its connection. That also took answers of work done (an
+/// upload committed at its closing delimiter while its chunked body's last chunk had not come
+/// lost its 200 with the connection; such a body is now read to its end before the commit).
+/// Only refusals may be dropped: an upload whose commit waits, its connection silent, keeps
+/// its place and its answer while a newcomer waits for one.
 #[tokio::test]
 async fn a_committed_upload_keeps_its_answer_on_a_full_replica() {
     let svc = Svc::start(&[("MAX_CONNECTIONS", "2")]).await;
@@ -1471,21 +1512,29 @@ async fn a_committed_upload_keeps_its_answer_on_a_full_replica() {
     let first = upload_file(&svc, polled, &poll_token, "a.txt", b"a").await;
     assert_eq!(first.status(), StatusCode::OK);
     let poll = raw_long_poll(&svc, polled, &poll_token, 30).await;
-    // The other: an upload whose body is whole but whose last chunk never comes.
+    // The other: a whole upload whose commit waits on its workspace's lock, held here.
+    let mut lock = svc.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(pending_uploads_lock_key($1))")
+        .bind(ws)
+        .execute(&mut *lock)
+        .await
+        .unwrap();
     let body = one_file("XB", "kept.txt", b"kept");
     let mut upload = TcpStream::connect(&svc.addr).await.unwrap();
-    let head = format!(
-        "POST /workspaces/{ws}/chat/uploads HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
-         Content-Type: multipart/form-data; boundary=XB\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
-        body.len()
-    );
-    upload.write_all(head.as_bytes()).await.unwrap();
+    upload
+        .write_all(upload_head(&svc, ws, &token, body.len()).as_bytes())
+        .await
+        .unwrap();
     upload.write_all(&body).await.unwrap();
-    upload.write_all(b"\r\n").await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // A new client while both places are held: it waits for a place, and takes nothing's.
     let newcomer = tokio::spawn(TcpStream::connect(svc.addr.clone()));
-    let answer = answer_on(&mut upload, 10, "the upload answered").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sqlx::query("SELECT pg_advisory_unlock_all()")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let answer = read_answer(&mut upload).await;
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
     assert!(answer.contains("kept.txt"), "{answer}");
     newcomer.await.unwrap().unwrap();
@@ -2002,6 +2051,75 @@ async fn one_client_cannot_take_every_slot_through_many_workspaces() {
 /// A client that sends its whole body and goes does not free its slot while its commit goes
 /// on without it (holding a database connection, its spool, the workspace's lock queue):
 /// otherwise "send, close, repeat" takes unbounded commits past every slot cap.
+/// SPEC §9: a truncated body gets a clear 4xx and leaves nothing. A body whose multipart is
+/// whole but that ends short of its Content-Length (the client half-closes), or a chunked one
+/// without its last chunk, is truncated: they were committed, 200, as soon as the closing
+/// delimiter came. And the bytes after that delimiter are bounded like a preamble (they were
+/// drained after the answer, outside MAX_REQUEST_BYTES).
+#[tokio::test]
+async fn an_upload_body_that_ends_short_or_runs_on_past_its_close_stores_nothing() {
+    let svc = Svc::start(&[]).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let activity = svc.count("activity_logs").await;
+    let body = one_file("XB", "cut.txt", b"a whole multipart in a short body");
+    let chunked_head = format!(
+        "POST /workspaces/{ws}/chat/uploads HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: multipart/form-data; boundary=XB\r\nTransfer-Encoding: chunked\r\n\r\n",
+        svc.addr
+    );
+    let chunk = |data: &[u8]| {
+        [
+            format!("{:x}\r\n", data.len()).into_bytes(),
+            data.to_vec(),
+            b"\r\n".to_vec(),
+        ]
+        .concat()
+    };
+    let cases = [
+        (
+            "a Content-Length one byte over",
+            [
+                upload_head(&svc, ws, &token, body.len() + 1).into_bytes(),
+                body.clone(),
+            ]
+            .concat(),
+        ),
+        (
+            "a Content-Length 50 MB over",
+            [
+                upload_head(&svc, ws, &token, body.len() + 50_000_000).into_bytes(),
+                body.clone(),
+            ]
+            .concat(),
+        ),
+        (
+            "chunked without its last chunk",
+            [chunked_head.into_bytes(), chunk(&body)].concat(),
+        ),
+    ];
+    for (what, raw) in cases {
+        let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
+        sock.write_all(&raw).await.unwrap();
+        // Half-closed: nothing more comes, and the answer can still be read.
+        sock.shutdown().await.unwrap();
+        let answer = answer_on(&mut sock, 10, what).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{what}: {answer}");
+        assert!(
+            answer.ends_with(r#"{"error":"malformed multipart body"}"#),
+            "{what}: {answer}"
+        );
+    }
+    // 64 KiB after the closing delimiter: over the 8 KiB an epilogue may hold.
+    let runs_on = [body.clone(), vec![b'e'; 64 * 1024]].concat();
+    let resp = upload_raw(&svc, ws, &token, runs_on).await;
+    assert_error(resp, StatusCode::BAD_REQUEST, "malformed multipart body").await;
+    assert_eq!(svc.count("pending_uploads").await, 0, "nothing was staged");
+    assert_eq!(svc.count("activity_logs").await, activity);
+    // The same bytes, whole, are taken.
+    let resp = upload_raw(&svc, ws, &token, body).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
 #[tokio::test]
 async fn a_client_gone_after_its_body_keeps_its_slot_until_the_commit_ends() {
     let svc = Svc::start(&[("MAX_CONCURRENT_UPLOADS_PER_WORKSPACE", "1")]).await;

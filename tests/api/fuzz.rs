@@ -1172,6 +1172,15 @@ impl UploadTarget {
             }
             e => e,
         };
+        // A body that fails after all its bytes (the client gone before its end) is cut short:
+        // what only the end decides (its files are taken, or it had none) is a 400 instead.
+        let expect = match expect {
+            Expect::Files(_) if case.client_gone => malformed("the body failed at its end"),
+            Expect::Refused { error, .. } if case.client_gone && error == NO_FILES => {
+                malformed("the body failed at its end")
+            }
+            e => e,
+        };
         let expect = case.cap_request(expect, body.len());
         let (app, ws) = if case.small {
             (&self.small, self.small_ws)
