@@ -319,14 +319,24 @@ mod tests {
 }
 
 /// The rest of a request body that its handler did not read, handed back when the handler
-/// drops it.
-pub type Leftover = Arc<Mutex<Option<Body>>>;
+/// drops it, and whether the client was told to send it (`Expect: 100-continue`).
+pub struct Leftover {
+    slot: Arc<Mutex<Option<Unread>>>,
+    expects_continue: bool,
+}
+
+struct Unread {
+    body: Body,
+    /// Whether the handler asked for any of it: hyper answers `100 Continue` then, not before.
+    asked: bool,
+}
 
 /// A request body that returns itself to a [`Leftover`] slot when dropped unfinished.
 struct Reclaim {
     inner: Option<Body>,
-    slot: Leftover,
+    slot: Arc<Mutex<Option<Unread>>>,
     ended: bool,
+    asked: bool,
 }
 
 impl http_body::Body for Reclaim {
@@ -337,6 +347,7 @@ impl http_body::Body for Reclaim {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        self.asked = true;
         let Some(inner) = self.inner.as_mut() else {
             return Poll::Ready(None);
         };
@@ -370,7 +381,10 @@ impl Drop for Reclaim {
             .filter(|b| !http_body::Body::is_end_stream(b))
         {
             if let Ok(mut slot) = self.slot.lock() {
-                *slot = Some(body);
+                *slot = Some(Unread {
+                    body,
+                    asked: self.asked,
+                });
             }
         }
     }
@@ -393,37 +407,51 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 /// `watch_unread` wraps the request's body so that whatever the handler leaves unread lands in
 /// the returned slot; [`drain_unread`] then reads it before the answer goes out.
 pub fn watch_unread(req: axum::extract::Request) -> (axum::extract::Request, Leftover) {
-    let slot: Leftover = Arc::new(Mutex::new(None));
+    let expects_continue = req
+        .headers()
+        .get(axum::http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let slot = Arc::new(Mutex::new(None));
     let req = req.map(|body| {
         Body::new(Reclaim {
             inner: Some(body),
             slot: slot.clone(),
             ended: false,
+            asked: false,
         })
     });
-    (req, slot)
+    let leftover = Leftover {
+        slot,
+        expects_continue,
+    };
+    (req, leftover)
 }
 
 /// See [`watch_unread`].
 pub async fn drain_unread(
     mut resp: axum::response::Response,
-    slot: Leftover,
+    leftover: Leftover,
     connection: Option<Arc<super::shed::Connection>>,
 ) -> axum::response::Response {
-    let leftover = slot.lock().ok().and_then(|mut s| s.take());
-    let Some(body) = leftover else {
+    let unread = leftover.slot.lock().ok().and_then(|mut s| s.take());
+    let Some(Unread { body, asked }) = unread else {
         return resp;
     };
+    // A client waiting for `100 Continue` before it sends its body (curl does for bodies over
+    // 1 MiB), that was never asked for it, has sent nothing: the answer goes out at once and
+    // the connection closes, rather than invite a body only to throw it away.
+    let unsent = leftover.expects_continue && !asked;
     // A refused request waits on its client for a body it does not need: while it does, a
-    // full replica may shed the connection. Not an answer of work done (an upload's 200 with
-    // a chunked body's last bytes unread): that one must reach its client.
+    // full replica may shed the connection. Not an answer of work done (a 200 to a request
+    // whose route did not read its body): that one must reach its client.
     let refused = resp.status().is_client_error() || resp.status().is_server_error();
     let _waiting = connection
         .as_ref()
-        .filter(|_| refused)
+        .filter(|_| refused && !unsent)
         .map(|c| c.waiting_on_body());
     // boxed: the drain's state (a timer, a stream) is only allocated for requests that need it
-    let drained = resp.extensions().get::<NoDrain>().is_none() && Box::pin(drain(body)).await;
+    let drained =
+        !unsent && resp.extensions().get::<NoDrain>().is_none() && Box::pin(drain(body)).await;
     if !drained {
         resp.headers_mut().insert(
             axum::http::header::CONNECTION,

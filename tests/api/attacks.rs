@@ -1337,6 +1337,54 @@ async fn raw_long_poll(svc: &Svc, ws: Uuid, token: &str, wait: u32) -> TcpStream
 /// waited in the listen backlog until one was cut: here 30 s. The oldest connection that has
 /// not begun a request is now closed to make room, so the new client is answered at once; a
 /// connection whose request has begun (a long poll here) is never the one closed.
+/// A client that waits for `100 Continue` before sending its body (curl does, over 1 MiB)
+/// and is refused before the body is asked for gets its answer at once, and no invitation
+/// to send a body that would only be drained (up to 128 MiB, 5 s): the drain used to ask
+/// for it. An upload that is taken still gets its `100 Continue`.
+#[tokio::test]
+async fn a_refused_client_waiting_for_100_continue_is_not_invited_to_send() {
+    let svc = Svc::start(&[]).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let head = |token: &str, len: usize| {
+        upload_head(&svc, ws, token, len).replace("\r\n\r\n", "\r\nExpect: 100-continue\r\n\r\n")
+    };
+    let mut refused = TcpStream::connect(&svc.addr).await.unwrap();
+    refused
+        .write_all(head("not-a-token", 50_000_000).as_bytes())
+        .await
+        .unwrap();
+    let answer = answer_on(
+        &mut refused,
+        5,
+        "the refusal came and the connection closed",
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 401 Unauthorized\r\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("Connection: close\r\n"), "{answer}");
+    assert!(!answer.contains("100 Continue"), "{answer}");
+
+    let body = one_file("XB", "continued.txt", b"sent after 100 Continue");
+    let mut taken = TcpStream::connect(&svc.addr).await.unwrap();
+    taken
+        .write_all(head(&token, body.len()).as_bytes())
+        .await
+        .unwrap();
+    let interim = read_answer(&mut taken).await;
+    assert!(
+        interim.starts_with("HTTP/1.1 100 Continue\r\n"),
+        "{interim}"
+    );
+    taken.write_all(&body).await.unwrap();
+    let mut answer = interim;
+    while !answer.contains("continued.txt") {
+        answer.push_str(&read_answer(&mut taken).await);
+    }
+    assert!(answer.contains("HTTP/1.1 200 OK\r\n"), "{answer}");
+}
+
 /// A request head is at most 64 KiB (SECURITY.md), start line included, and at most 100
 /// headers: 431 beyond. The byte bound did not hold: a head that arrived in one read was
 /// parsed whatever its size up to hyper's ~400 KiB buffer default.
