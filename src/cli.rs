@@ -181,11 +181,13 @@ pub fn env_vars() -> std::collections::BTreeSet<String> {
 pub fn init_tracing(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
-    // Colours only on a terminal: in a file or a collector's pipe the escapes are noise that
-    // line-based tools and log searches trip over.
+    // Colours only on a terminal, and not there either under NO_COLOR (no-color.org): in a
+    // file or a collector's pipe the escapes are noise that line-based tools trip over.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().flatten_event(true).init();

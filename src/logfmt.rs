@@ -9,8 +9,9 @@ use std::fmt::{self, Write};
 pub const MAX_LOGGED_CHARS: usize = 256;
 
 /// Displays at most [`MAX_LOGGED_CHARS`] characters of the string, then how many were left
-/// out; control and other invisible characters (line breaks, terminal escapes, bidi
-/// overrides) as Rust escapes (`\n`, `\u{1b}`), so a string cannot forge a line or hide text.
+/// out; characters that could end the line, drive a terminal or hide text (controls, line and
+/// paragraph separators, bidi and zero-width format characters) as Rust escapes (`\n`,
+/// `\u{1b}`). Everything else, combining marks of a decomposed name included, as it is.
 pub struct Clip<'a>(pub &'a str);
 
 impl fmt::Display for Clip<'_> {
@@ -20,7 +21,10 @@ impl fmt::Display for Clip<'_> {
             Some((cut, _)) => (&self.0[..cut], self.0[cut..].chars().count()),
         };
         for c in shown.chars() {
-            write_visible(f, c)?;
+            match hidden(c) {
+                true => write!(f, "{}", c.escape_debug())?,
+                false => f.write_char(c)?,
+            }
         }
         match left {
             0 => Ok(()),
@@ -29,15 +33,15 @@ impl fmt::Display for Clip<'_> {
     }
 }
 
-/// `c` itself when it is printable, else its escape. Quotes and backslashes, which
-/// `escape_debug` escapes too, stay as they are: they are visible.
-fn write_visible(f: &mut fmt::Formatter<'_>, c: char) -> fmt::Result {
-    let escaped = c.escape_debug();
-    if escaped.len() == 1 || matches!(c, '"' | '\'' | '\\') {
-        f.write_char(c)
-    } else {
-        write!(f, "{escaped}")
-    }
+fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{200b}'..='\u{200f}' // zero-width space, joiners, LRM, RLM
+            | '\u{2028}' | '\u{2029}' // line and paragraph separators
+            | '\u{202a}'..='\u{202e}' // bidi embeddings and overrides
+            | '\u{2060}'..='\u{2064}' // word joiner, invisible operators
+            | '\u{2066}'..='\u{2069}' // bidi isolates
+            | '\u{feff}') // zero-width no-break space
 }
 
 impl fmt::Debug for Clip<'_> {
@@ -61,13 +65,15 @@ mod tests {
 
     #[test]
     fn escapes_what_could_forge_a_line_or_drive_a_terminal() {
-        let hostile = "a.txt\r\n2026-12-05T00:00:00Z  WARN forged\u{1b}[2J\u{202e}\u{7f}\u{85}";
+        let hostile =
+            "a.txt\r\n2026-12-05T00:00:00Z  WARN forged\u{1b}[2J\u{202e}\u{7f}\u{85}\u{200b}";
         assert_eq!(
             Clip(hostile).to_string(),
-            r"a.txt\r\n2026-12-05T00:00:00Z  WARN forged\u{1b}[2J\u{202e}\u{7f}\u{85}"
+            r"a.txt\r\n2026-12-05T00:00:00Z  WARN forged\u{1b}[2J\u{202e}\u{7f}\u{85}\u{200b}"
         );
-        // Printable text, quotes and backslashes included, is shown as it is.
-        let plain = r#"naïve "quoted" C:\dir\文件 ☃.txt"#;
+        // Printable text, quotes and backslashes included, is shown as it is, and so are the
+        // combining marks of a decomposed (NFD) name and emoji variation selectors.
+        let plain = "naïve \"quoted\" C:\\dir\\文件 ☃.txt re\u{301}sume\u{301} ❤\u{fe0f} हिन्दी";
         assert_eq!(Clip(plain).to_string(), plain);
         // The bound counts the string's characters, not their escapes.
         let shown = Clip(&"\n".repeat(300)).to_string();

@@ -246,11 +246,12 @@ where
                     // The close delimiter. The epilogue is ignored, but read to the body's
                     // end first: a body cut short of its length, or a chunked one without its
                     // last chunk, is truncated, and an upload is whole only once its body is.
+                    // Done before the epilogue is read: whatever happens there, none of it is
+                    // ever parsed as a part.
                     let epilogue = self.buf.len() - 2;
                     self.buf.clear();
-                    self.skip_epilogue(epilogue).await?;
                     self.state = State::Done;
-                    return Ok(());
+                    return self.skip_epilogue(epilogue).await;
                 }
                 if rest.starts_with(b"\r\n") {
                     self.buf.advance(pad + 2);

@@ -193,7 +193,6 @@ impl Target {
     }
 }
 
-/// One direct transfer of `files` x `size` bytes at `concurrency`; MB/s, or why it failed.
 /// A direct transfer: its rate, and the whole machine's busy CPU time over its timed window
 /// (the backend's, the client's and the kernel's alike).
 #[derive(Clone, Copy, Debug)]
@@ -202,6 +201,7 @@ pub struct Moved {
     pub cpu_ms: f64,
 }
 
+/// One direct transfer of `files` x `size` bytes at `concurrency`, or why it failed.
 pub async fn run(
     env: &Env,
     client: &Client,

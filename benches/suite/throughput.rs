@@ -382,7 +382,7 @@ fn print(o: &Opts, rows: &[Row], used: &[(String, String)]) {
         );
     }
     println!(
-        "\nCPU per MiB moved, ms (medians): the whole machine's busy time over each transfer (`/proc/stat`; the HTTP client, the service, PostgreSQL or LocalStack and the kernel through the service; the client, the backend and the kernel direct), and the service process's own:\n"
+        "\nCPU per MiB moved, ms (medians): the whole machine's busy time over each transfer (`/proc/stat`; the HTTP client, the service, PostgreSQL or LocalStack and the kernel through the service; the client, the backend and the kernel direct, the fastest client's), and the service process's own:\n"
     );
     println!("| backend | size | conc | upload machine: service / direct | upload: service process | download machine: service / direct | download: service process |");
     println!("|---|---|---|---|---|---|---|");

@@ -255,6 +255,13 @@ pub const MAX_JSON_BYTES: usize = 64 * 1024;
 /// Reads a small request body whole: at most [`MAX_JSON_BYTES`] (413 beyond) and within
 /// `deadline` (408 after), then parses it as JSON (400).
 pub async fn read_json<T: DeserializeOwned>(body: Body, deadline: Duration) -> Result<T, ApiError> {
+    // A declared length over the bound is refused before a byte is asked for: a client waiting
+    // for `100 Continue` is then not invited to send it (see `drain_unread`).
+    if http_body::Body::size_hint(&body).lower() > MAX_JSON_BYTES as u64 {
+        return Err(ApiError::JsonTooLarge {
+            max: MAX_JSON_BYTES as u64,
+        });
+    }
     let limited = http_body_util::Limited::new(body, MAX_JSON_BYTES);
     let bytes = match tokio::time::timeout(deadline, limited.collect()).await {
         Err(_) => return Err(ApiError::BodyStalled),
@@ -407,10 +414,12 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 /// `watch_unread` wraps the request's body so that whatever the handler leaves unread lands in
 /// the returned slot; [`drain_unread`] then reads it before the answer goes out.
 pub fn watch_unread(req: axum::extract::Request) -> (axum::extract::Request, Leftover) {
-    let expects_continue = req
-        .headers()
-        .get(axum::http::header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    // hyper honours `Expect` on HTTP/1.1 only; an HTTP/1.0 client sends its body at once.
+    let expects_continue = req.version() == axum::http::Version::HTTP_11
+        && req
+            .headers()
+            .get(axum::http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let slot = Arc::new(Mutex::new(None));
     let req = req.map(|body| {
         Body::new(Reclaim {
@@ -439,7 +448,8 @@ pub async fn drain_unread(
     };
     // A client waiting for `100 Continue` before it sends its body (curl does for bodies over
     // 1 MiB), that was never asked for it, has sent nothing: the answer goes out at once and
-    // the connection closes, rather than invite a body only to throw it away.
+    // the connection closes, rather than invite a body only to throw it away. (A client that
+    // gave up waiting and sent it anyway, curl after 1 s, may see the close as a reset.)
     let unsent = leftover.expects_continue && !asked;
     // A refused request waits on its client for a body it does not need: while it does, a
     // full replica may shed the connection. Not an answer of work done (a 200 to a request

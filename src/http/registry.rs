@@ -259,17 +259,18 @@ pub async fn register(
                     },
                 )
                 .await?;
-                // Row lock: two first registrations racing cannot both be handed a token.
-                let Some(ws) = db::workspaces::get_for_update(&mut tx, id).await? else {
-                    return Ok(Registration::Removed);
-                };
                 // Only the admin learns that a workspace was removed; to anyone else it is an
                 // existing workspace they have no claim on (its tokens are all revoked).
+                let removed = match claim {
+                    Claim::Admin => Registration::Removed,
+                    other => Registration::Unauthorized(other),
+                };
+                // Row lock: two first registrations racing cannot both be handed a token.
+                let Some(ws) = db::workspaces::get_for_update(&mut tx, id).await? else {
+                    return Ok(removed);
+                };
                 if ws.is_removed() {
-                    return Ok(match claim {
-                        Claim::Admin => Registration::Removed,
-                        other => Registration::Unauthorized(other),
-                    });
+                    return Ok(removed);
                 }
                 if created {
                     let (_, token) = issue_token(&mut tx, id).await?;

@@ -299,6 +299,7 @@ const EMPTY_FILE: &str = "file is empty";
 const MAX_FILES: usize = 64;
 const MAX_PREAMBLE: usize = 8 * 1024;
 const MAX_PART_HEADER: usize = 8 * 1024;
+const MAX_EPILOGUE: usize = 8 * 1024;
 const MAX_PART_HEADERS: usize = 16;
 const MAX_FIELD_BYTES: usize = 1024 * 1024;
 const MAX_NAME_CHARS: usize = 100;
@@ -444,7 +445,13 @@ impl UploadCase {
             };
         }
         match expect {
-            Expect::Files(_) => Expect::OneOf(vec![200, 413]),
+            // The whole body is read before anything commits: its bytes past the cap count.
+            Expect::Files(_) => Expect::Refused {
+                status: 413,
+                error: REQUEST_TOO_LARGE.into(),
+                filename: None,
+                why: "a body over the per-request cap",
+            },
             Expect::Refused { status, .. } => Expect::OneOf(vec![status, 413]),
             Expect::BadRequest => Expect::OneOf(vec![400, 413]),
             Expect::OneOf(mut set) => {
@@ -997,6 +1004,16 @@ impl UploadCase {
                 body = bytes.clone();
                 Expect::Differential
             }
+        };
+        // More than 8 KiB after the closing delimiter: what only the end decides (the files
+        // are taken, or there were none) is a 400 instead.
+        let epilogue = r.close_end.map_or(0, |end| body.len().saturating_sub(end));
+        let expect = match expect {
+            Expect::Files(_) if epilogue > MAX_EPILOGUE => malformed("epilogue too long"),
+            Expect::Refused { error, .. } if epilogue > MAX_EPILOGUE && error == NO_FILES => {
+                malformed("epilogue too long")
+            }
+            e => e,
         };
         (r.content_type, body, expect)
     }
@@ -1596,9 +1613,10 @@ fn form() -> impl Strategy<Value = Form> {
         proptest::bool::weighted(0.9),
         any::<bool>(),
         prop_oneof![
-            3 => Just(b"\r\n".to_vec()),
-            1 => Just(Vec::new()),
-            1 => proptest::collection::vec(any::<u8>(), 0..40),
+            30 => Just(b"\r\n".to_vec()),
+            10 => Just(Vec::new()),
+            10 => proptest::collection::vec(any::<u8>(), 0..40),
+            1 => (MAX_EPILOGUE - 2..MAX_EPILOGUE + 4).prop_map(|n| vec![b'e'; n]),
         ],
     )
         .prop_map(
@@ -2776,14 +2794,16 @@ fn url_verdict(raw: &str) -> Option<bool> {
         return Some(false);
     }
     // An authority right after `scheme://` (RFC 3986; the WHATWG parser would find a host in
-    // `http:x` or `http:///x`), and no control character (which it would drop; Go refuses).
+    // `http:x` or `http:///x`), and no backslash or control character (which it would read
+    // as `/` or drop; Go refuses them).
     let raw = raw.trim();
     let authority = raw
         .split_once("://")
         .filter(|(scheme, _)| !scheme.contains(':'))
         .map(|(_, rest)| rest);
     if raw.chars().any(|c| c.is_ascii_control())
-        || authority.is_none_or(|a| a.starts_with('/') || a.starts_with('\\'))
+        || raw.contains('\\')
+        || authority.is_none_or(|a| a.starts_with('/'))
     {
         return Some(false);
     }
