@@ -49,12 +49,14 @@ pub enum Command {
         #[arg(long)]
         no_progress: bool,
     },
-    /// Release the bytea copies of rows that have an S3 copy; refuses while any row's bytes
-    /// live only in Postgres.
+    /// Release the bytea copies of rows whose S3 copy is there and holds their bytes (each is
+    /// checked); refuses while any row's bytes live only in Postgres.
     Contract {
         #[command(flatten)]
         db: DbArgs,
-        /// Rows updated per statement.
+        #[command(flatten)]
+        storage: StorageArgs,
+        /// Rows checked and updated per batch.
         #[arg(long, default_value_t = 500)]
         batch_size: i64,
     },
@@ -245,10 +247,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", crate::http::document());
             Ok(())
         }
-        Some(Command::Contract { db, batch_size }) => {
+        Some(Command::Contract {
+            db,
+            storage,
+            batch_size,
+        }) => {
             let db = crate::app::connect_db(&db).await?;
-            let report = crate::contract::contract(&db, batch_size.max(1)).await?;
+            let storage = crate::app::storage(&storage, &db).await?;
+            let Some(s3) = storage.s3() else {
+                anyhow::bail!(
+                    "contract checks each row's S3 copy before releasing its bytea copy: \
+                     set PENDING_UPLOADS_S3_BUCKET and the S3 settings the service uses"
+                );
+            };
+            let report = crate::contract::contract(&db, s3, batch_size.max(1)).await?;
             println!("{}", serde_json::to_string(&report)?);
+            if report.missing_copies > 0 {
+                anyhow::bail!(
+                    "{} rows' S3 copies were missing or not their bytes: they kept their bytea \
+                     copies and are bytea-only again; run `pending-uploads backfill`, then \
+                     contract again",
+                    report.missing_copies
+                );
+            }
             Ok(())
         }
         Some(Command::Sweep { db, storage, sweep }) => {

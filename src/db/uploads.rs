@@ -704,14 +704,67 @@ pub async fn set_s3_key(
     Ok(r.rows_affected() == 1)
 }
 
-/// The contract step: releases up to `limit` bytea copies of rows that have an S3 copy.
-pub async fn release_bytea_batch(db: impl PgExecutor<'_>, limit: i64) -> sqlx::Result<u64> {
-    let r = sqlx::query(
-        "UPDATE pending_uploads SET content = NULL WHERE file_id IN (
-             SELECT file_id FROM pending_uploads WHERE content IS NOT NULL AND s3_key IS NOT NULL
-             LIMIT $1 FOR UPDATE SKIP LOCKED)",
+/// A row that has its bytes both inline and in S3: what the contract step checks the object
+/// against before it releases the inline copy.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DualCopy {
+    pub file_id: Uuid,
+    pub s3_key: String,
+    pub size_bytes: i64,
+    pub content_sha256: Option<Vec<u8>>,
+}
+
+/// Up to `limit` rows with both copies, after `after` in file_id order.
+pub async fn dual_copies_after(
+    db: impl PgExecutor<'_>,
+    after: Option<Uuid>,
+    limit: i64,
+) -> sqlx::Result<Vec<DualCopy>> {
+    sqlx::query_as(
+        "SELECT file_id, s3_key, size_bytes, content_sha256 FROM pending_uploads
+         WHERE content IS NOT NULL AND s3_key IS NOT NULL AND ($1::uuid IS NULL OR file_id > $1)
+         ORDER BY file_id LIMIT $2",
     )
+    .bind(after)
     .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// The contract step for rows whose S3 copy was checked: releases their inline bytes, each
+/// only while the row still points at the object that was checked.
+pub async fn release_inline(
+    db: impl PgExecutor<'_>,
+    ids: &[Uuid],
+    keys: &[String],
+) -> sqlx::Result<u64> {
+    let r = sqlx::query(
+        "UPDATE pending_uploads p SET content = NULL
+         FROM unnest($1::uuid[], $2::text[]) AS checked(file_id, s3_key)
+         WHERE p.file_id = checked.file_id AND p.s3_key = checked.s3_key
+           AND p.content IS NOT NULL",
+    )
+    .bind(ids)
+    .bind(keys)
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// Rows whose S3 object is gone or is not their bytes stop pointing at it and keep their
+/// inline bytes: bytea-only again, for the backfill to copy anew.
+pub async fn forget_s3_copies(
+    db: impl PgExecutor<'_>,
+    ids: &[Uuid],
+    keys: &[String],
+) -> sqlx::Result<u64> {
+    let r = sqlx::query(
+        "UPDATE pending_uploads p SET s3_key = NULL
+         FROM unnest($1::uuid[], $2::text[]) AS bad(file_id, s3_key)
+         WHERE p.file_id = bad.file_id AND p.s3_key = bad.s3_key AND p.content IS NOT NULL",
+    )
+    .bind(ids)
+    .bind(keys)
     .execute(db)
     .await?;
     Ok(r.rows_affected())

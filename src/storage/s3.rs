@@ -445,6 +445,13 @@ impl S3Backend {
     }
 }
 
+/// An object as HEAD describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    pub size: i64,
+    pub sha256: Option<[u8; 32]>,
+}
+
 /// One listing page as the reconciliation sees it: keys and their last-modified times.
 fn listed(objects: &[aws_sdk_s3::types::Object]) -> Vec<ListedObject> {
     objects
@@ -482,6 +489,33 @@ impl S3Backend {
             body_stream(self.get_range(key, range).await?),
             self.stall,
         ))
+    }
+
+    /// What the bucket holds at `key`: its size and, when the server stored one for it, its
+    /// SHA-256; `None` when there is no such object.
+    pub async fn head_key(&self, key: &str) -> Result<Option<Stored>, StorageError> {
+        let head = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
+            .send()
+            .await;
+        let out = match head {
+            Ok(out) => out,
+            Err(e) if e.as_service_error().is_some_and(|se| se.is_not_found()) => return Ok(None),
+            Err(e) => return Err(unavailable(e)),
+        };
+        // A multipart object's checksum is a composite (`<digest>-<parts>`): not the file's.
+        let sha256 = out
+            .checksum_sha256()
+            .and_then(|d| STANDARD.decode(d).ok())
+            .and_then(|d| <[u8; 32]>::try_from(d).ok());
+        Ok(Some(Stored {
+            size: out.content_length().unwrap_or(-1),
+            sha256,
+        }))
     }
 
     pub async fn check(&self) -> Result<(), StorageError> {

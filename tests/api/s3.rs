@@ -871,7 +871,7 @@ async fn backfill_killed_half_way_resumes_and_contract_gates_on_it() {
 
     // contract: releases every bytea copy; reads keep working from S3
     let report = stdout_json(&run_ok(&mut cli(&db, &prefix, &["contract"])));
-    assert_eq!(report, json!({"released_rows": total}));
+    assert_eq!(report, json!({"released_rows": total, "missing_copies": 0}));
     let with_content: i64 =
         sqlx::query_scalar("SELECT count(*) FROM pending_uploads WHERE content IS NOT NULL")
             .fetch_one(&app.pool)
@@ -886,6 +886,91 @@ async fn backfill_killed_half_way_resumes_and_contract_gates_on_it() {
         );
     }
     sweep_all_and_assert_bucket_empty(&app).await;
+}
+
+/// SPEC §6: contract drops a row's bytes from Postgres only once nothing depends on them. It
+/// released every row with a key, so a row whose object was deleted out of band (or cut
+/// short) lost its last copy: 200 before contract, 404 after. Each object is now checked
+/// (HEAD: size, and SHA-256 where the server stored one): such a row keeps its bytes, stops
+/// pointing at the object, and the backfill copies it anew.
+#[tokio::test]
+async fn contract_keeps_the_bytes_of_a_row_whose_s3_copy_is_gone_or_wrong() {
+    let prefix = test_prefix();
+    let db = fresh_db().await;
+    let app = TestApp::start_s3(db.clone(), "dual", &prefix).await;
+    let (ws, token) = app.poll_workspace().await;
+    let files: Vec<(&str, &str, Vec<u8>)> = vec![
+        ("kept.bin", "application/octet-stream", bytes(4321, 1)),
+        ("deleted.bin", "application/octet-stream", bytes(5000, 2)),
+        ("cut.bin", "application/octet-stream", bytes(6000, 3)),
+    ];
+    let out = app.upload_ok(ws, &token, &files).await;
+    let ids: Vec<Uuid> = out.iter().map(file_id).collect();
+    let (endpoint, bucket) = s3_endpoint();
+    let s3 = s3_client(&endpoint);
+    let deleted = row_placement(&app, ids[1]).await.1.expect("a key");
+    let cut = row_placement(&app, ids[2]).await.1.expect("a key");
+    // One object deleted, one overwritten with a shorter body, out of band.
+    s3.delete_object()
+        .bucket(&bucket)
+        .key(deleted)
+        .send()
+        .await
+        .unwrap();
+    s3.put_object()
+        .bucket(&bucket)
+        .key(cut)
+        .body(aws_sdk_s3::primitives::ByteStream::from(
+            files[2].2[..100].to_vec(),
+        ))
+        .send()
+        .await
+        .unwrap();
+
+    let out = cli(&db, &prefix, &["contract"]).output().unwrap();
+    assert!(!out.status.success(), "missing copies fail the run");
+    assert_eq!(
+        stdout_json(&out),
+        json!({"released_rows": 1, "missing_copies": 2})
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("run `pending-uploads backfill`"), "{err}");
+    assert!(!row_placement(&app, ids[0]).await.0, "released");
+    for fid in [ids[1], ids[2]] {
+        assert_eq!(
+            row_placement(&app, fid).await,
+            (true, None),
+            "kept its bytes, bytea-only again"
+        );
+    }
+    for (fid, (_, _, data)) in ids.iter().zip(&files) {
+        let resp = fetch(&app, ws, &token, *fid).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(resp.bytes().await.unwrap() == data[..], "{fid}");
+    }
+
+    // The gate now sends the operator to the backfill, which copies them anew.
+    let out = cli(&db, &prefix, &["contract"]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refusing to contract: 2 rows"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = stdout_json(&run_ok(&mut cli(
+        &db,
+        &prefix,
+        &["backfill", "--no-progress"],
+    )));
+    assert_eq!(report["migrated"], 2);
+    let report = stdout_json(&run_ok(&mut cli(&db, &prefix, &["contract"])));
+    assert_eq!(report, json!({"released_rows": 2, "missing_copies": 0}));
+    for (fid, (_, _, data)) in ids.iter().zip(&files) {
+        let resp = fetch(&app, ws, &token, *fid).await;
+        assert!(
+            resp.bytes().await.unwrap() == data[..],
+            "{fid} after the second contract"
+        );
+    }
 }
 
 /// SPEC §7: a backfill killed between its verified copy and pointing the row at it leaves an
