@@ -31,17 +31,28 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 const GAUGE_REFRESH: Duration = Duration::from_secs(15);
 
 pub async fn connect_and_migrate(db_args: &DbArgs) -> anyhow::Result<PgPool> {
-    db_args.validate().map_err(anyhow::Error::msg)?;
-    let pool = db::connect(db_args, db_args.dependency_timeout.0)
-        .await
-        .context("connecting to DATABASE_URL")?;
+    let pool = connect_checked(db_args).await?;
     db::migrate(&pool).await.context("applying migrations")?;
     Ok(pool)
+}
+
+async fn connect_checked(db_args: &DbArgs) -> anyhow::Result<PgPool> {
+    db_args.validate().map_err(anyhow::Error::msg)?;
+    db::connect(db_args, db_args.dependency_timeout.0)
+        .await
+        .context("connecting to DATABASE_URL")
 }
 
 /// The database handle of a subcommand: connected, migrated, bounded by DEPENDENCY_TIMEOUT.
 pub async fn connect_db(db_args: &DbArgs) -> anyhow::Result<Db> {
     let pool = connect_and_migrate(db_args).await?;
+    Ok(Db::new(pool, db_args.dependency_timeout.0))
+}
+
+/// [`connect_db`] for a run that must change nothing (`backfill --dry-run`): the schema as it
+/// is, no migration applied.
+pub async fn connect_db_as_is(db_args: &DbArgs) -> anyhow::Result<Db> {
+    let pool = connect_checked(db_args).await?;
     Ok(Db::new(pool, db_args.dependency_timeout.0))
 }
 

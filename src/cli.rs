@@ -222,7 +222,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             dry_run,
             no_progress,
         }) => {
-            let db = crate::app::connect_db(&db).await?;
+            let db = match dry_run {
+                true => crate::app::connect_db_as_is(&db).await?,
+                false => crate::app::connect_db(&db).await?,
+            };
             let storage = crate::app::storage(&storage, &db).await?;
             let opts = crate::backfill::BackfillOptions {
                 concurrency,

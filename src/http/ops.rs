@@ -2,7 +2,12 @@
 
 use std::time::{Duration, Instant};
 
-use axum::{extract::State, http::StatusCode, response::IntoResponse, Json};
+use axum::{
+    extract::State,
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
 
 use super::{error::ApiError, AppState};
 use crate::api::{Health, Limits, Readiness};
@@ -77,7 +82,7 @@ pub async fn healthz() -> Json<Health> {
         (status = 503, description = "not ready", body = Readiness),
     )
 )]
-pub async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
+pub async fn readyz(State(st): State<AppState>) -> Response {
     if !st.is_accepting() {
         let body = Readiness {
             status: "shutting down".into(),
@@ -85,14 +90,9 @@ pub async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
             storage: None,
             backend: None,
         };
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(body));
+        return not_ready(body);
     }
     let (database, storage) = st.ready.run(&st).await;
-    let status = if database && storage {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
     let word = |ok: bool| if ok { "ok" } else { "unavailable" }.to_string();
     let body = Readiness {
         status: word(database && storage),
@@ -100,7 +100,16 @@ pub async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
         storage: Some(word(storage)),
         backend: Some(st.storage.mode().as_str().into()),
     };
-    (status, Json(body))
+    match database && storage {
+        true => Json(body).into_response(),
+        false => not_ready(body),
+    }
+}
+
+/// A 503 with `Retry-After`, as every 503 of this service (SPEC §10).
+fn not_ready(body: Readiness) -> Response {
+    let retry = [(header::RETRY_AFTER, "5")];
+    (StatusCode::SERVICE_UNAVAILABLE, retry, Json(body)).into_response()
 }
 
 #[utoipa::path(

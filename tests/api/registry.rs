@@ -544,6 +544,11 @@ async fn an_unreachable_datastore_during_auth_is_503() {
     let resp = app.client.get(app.at("/readyz")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
+        resp.headers()["retry-after"],
+        "5",
+        "every 503 says when to retry"
+    );
+    assert_eq!(
         app.client
             .get(app.at("/healthz"))
             .send()

@@ -460,6 +460,11 @@ async fn s3_down_uploads_503_with_nothing_left_and_dual_reads_fall_back() {
         .await
         .unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        ready.headers()["retry-after"],
+        "5",
+        "every 503 says when to retry"
+    );
     let ready: Value = ready.json().await.unwrap();
     assert_eq!(
         (ready["database"].as_str(), ready["storage"].as_str()),
@@ -738,6 +743,21 @@ async fn backfill_killed_half_way_resumes_and_contract_gates_on_it() {
         (Some(true), Some(total as u64), Some(0))
     );
     assert_eq!(app.object_keys().await.len(), 0);
+    // ...and applies no migration either: on an empty database it fails, and leaves it empty.
+    let empty = empty_db().await;
+    let out = cli(&empty, &prefix, &["backfill", "--dry-run"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "nothing to count without the schema");
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&empty)
+        .await
+        .unwrap();
+    let tables: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(tables, 0, "a dry run created tables");
 
     // first run, killed half-way
     let mut child = cli(
