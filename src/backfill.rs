@@ -107,15 +107,15 @@ pub async fn backfill(
             .await?;
         let Some(last) = batch.last() else { break };
         cursor = last.file_id;
-        let results: Vec<(UploadRow, Result<Copied, CopyError>)> = stream::iter(batch)
+        // Each row counted as it ends, not when its batch does: with large rows a batch of
+        // 200 is minutes, and the bar stood still for them.
+        let mut results = stream::iter(batch)
             .map(|row| async move {
                 let result = copy_with_retries(db, storage, spool_dir, &row, opts.retries).await;
                 (row, result)
             })
-            .buffer_unordered(opts.concurrency.max(1))
-            .collect()
-            .await;
-        for (row, result) in results {
+            .buffer_unordered(opts.concurrency.max(1));
+        while let Some((row, result)) = results.next().await {
             match result {
                 Ok(Copied::Migrated(bytes)) => {
                     backfilled.with_label_values(&["migrated"]).inc();
@@ -133,12 +133,12 @@ pub async fn backfill(
                 }
             }
             bar.inc(row.size_bytes as u64);
+            bar.set_message(format!(
+                "rows {}/{}",
+                report.migrated + report.skipped + report.failed,
+                rows_total
+            ));
         }
-        bar.set_message(format!(
-            "rows {}/{}",
-            report.migrated + report.skipped + report.failed,
-            rows_total
-        ));
         tracing::info!(
             migrated = report.migrated,
             skipped = report.skipped,
