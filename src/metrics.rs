@@ -121,8 +121,8 @@ impl Metrics {
             ),
             files_acked: r.counter(
                 "files_acked_total",
-                "Acks, by outcome (acked, repeat, raced)",
-                &["outcome"],
+                "Acks, by where the row's bytes live and outcome (acked, repeat, raced)",
+                &["backend", "outcome"],
             ),
             files_swept: r.counter(
                 "files_swept_total",

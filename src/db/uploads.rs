@@ -560,13 +560,23 @@ pub enum AckOutcome {
     /// No live row of this workspace.
     Missing,
     /// Acked before, or by a concurrent ack that held the row while this one waited.
-    Repeat,
+    Repeat { backend: &'static str },
     /// Live when looked up, gone (swept) before the stamp.
-    Raced,
+    Raced { backend: &'static str },
     Acked {
         size: i64,
         name: String,
+        backend: &'static str,
     },
+}
+
+/// Where a row's bytes live, named as the backends are in logs and metrics.
+pub fn placement(in_s3: bool, inline: bool) -> &'static str {
+    match (in_s3, inline) {
+        (true, true) => "dual",
+        (true, false) => "s3",
+        (false, _) => "bytea",
+    }
 }
 
 /// Stamps acked_at on the workspace's live row, keeping an earlier stamp, in one round trip
@@ -578,16 +588,28 @@ pub async fn ack(
     token_hash: Option<[u8; 32]>,
     file_id: Uuid,
 ) -> sqlx::Result<Checked<AckOutcome>> {
-    let row: (bool, Option<bool>, Option<bool>, Option<i64>, Option<String>) = sqlx::query_as(&format!(
+    type Found = (
+        bool,
+        Option<bool>,
+        Option<bool>,
+        Option<i64>,
+        Option<String>,
+        Option<bool>,
+        Option<bool>,
+    );
+    let row: Found = sqlx::query_as(&format!(
         "{CALLER},
          target AS (
-             SELECT file_id, acked_at, size_bytes, filename FROM pending_uploads, caller
+             SELECT file_id, acked_at, size_bytes, filename, s3_key IS NOT NULL AS in_s3,
+                    content IS NOT NULL AS inline
+             FROM pending_uploads, caller
              WHERE caller.ok AND file_id = $3 AND workspace_id = $1 AND expires_at > now()),
          stamped AS (
              UPDATE pending_uploads p SET acked_at = now()
              FROM target t WHERE p.file_id = t.file_id AND p.acked_at IS NULL
              RETURNING p.file_id)
-         SELECT caller.ok, t.acked_at IS NOT NULL, EXISTS (SELECT 1 FROM stamped), t.size_bytes, t.filename
+         SELECT caller.ok, t.acked_at IS NOT NULL, EXISTS (SELECT 1 FROM stamped), t.size_bytes,
+                t.filename, t.in_s3, t.inline
          FROM caller LEFT JOIN target t ON true"
     ))
     .bind(workspace_id)
@@ -595,14 +617,19 @@ pub async fn ack(
     .bind(file_id)
     .fetch_one(&mut *conn)
     .await?;
+    let backend = placement(row.5.unwrap_or(false), row.6.unwrap_or(false));
     Ok(match row {
         (false, ..) => Checked::Refused,
-        (true, None, ..) | (true, _, _, None, _) => Checked::Allowed(AckOutcome::Missing),
-        (true, Some(true), ..) => Checked::Allowed(AckOutcome::Repeat),
-        (true, Some(false), Some(true), Some(size), Some(name)) => {
-            Checked::Allowed(AckOutcome::Acked { size, name })
+        (true, None, ..) | (true, _, _, None, ..) => Checked::Allowed(AckOutcome::Missing),
+        (true, Some(true), ..) => Checked::Allowed(AckOutcome::Repeat { backend }),
+        (true, Some(false), Some(true), Some(size), Some(name), ..) => {
+            Checked::Allowed(AckOutcome::Acked {
+                size,
+                name,
+                backend,
+            })
         }
-        (true, Some(false), ..) => Checked::Allowed(lost_stamp(conn, file_id).await?),
+        (true, Some(false), ..) => Checked::Allowed(lost_stamp(conn, file_id, backend).await?),
     })
 }
 
@@ -611,16 +638,20 @@ pub async fn ack(
 /// that transaction committed (READ COMMITTED): the row is gone (the sweeper took it first:
 /// raced) or carries the other's stamp (a concurrent ack: a repeat, the file lives on). The
 /// statement's snapshot cannot tell which; this statement's own, newer one can.
-async fn lost_stamp(conn: &mut PgConnection, file_id: Uuid) -> sqlx::Result<AckOutcome> {
+async fn lost_stamp(
+    conn: &mut PgConnection,
+    file_id: Uuid,
+    backend: &'static str,
+) -> sqlx::Result<AckOutcome> {
     let alive: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pending_uploads WHERE file_id = $1)")
             .bind(file_id)
             .fetch_one(conn)
             .await?;
     Ok(if alive {
-        AckOutcome::Repeat
+        AckOutcome::Repeat { backend }
     } else {
-        AckOutcome::Raced
+        AckOutcome::Raced { backend }
     })
 }
 

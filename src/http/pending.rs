@@ -287,16 +287,16 @@ pub async fn content(
     // in flight, not more.
     let slot = answer::download_slot(&st, who)?;
     let loc = row.location();
-    let backend = st.storage.reader_name(&loc);
     let m = metrics();
-    let stream = match st.storage.open_from(&loc, range, head, reserved).await {
-        Ok(stream) => stream,
+    let (stream, backend) = match st.storage.open_from(&loc, range, head, reserved).await {
+        Ok(opened) => opened,
         Err(e) => {
+            let backend = st.storage.reader_name(&loc);
             m.files_fetched.with_label_values(&[backend, "error"]).inc();
             return Err(e.into());
         }
     };
-    m.files_fetched.with_label_values(&[backend, "ok"]).inc();
+    // The backend that serves it: a dual row's bytea copy when S3 failed.
     let served = m.bytes_served.with_label_values(&[backend]);
     let stream = stream.inspect_ok(move |chunk| served.inc_by(chunk.len() as u64));
     let handed_over = HandedOver {
@@ -308,6 +308,7 @@ pub async fn content(
     let body = Body::from_stream(CountedBody {
         inner: stream.boxed(),
         sent: 0,
+        failed: false,
         done: Some(handed_over),
         _slot: slot,
     });
@@ -332,6 +333,10 @@ impl HandedOver {
             backend,
         } = self;
         stamps.stamp(row.file_id);
+        metrics()
+            .files_fetched
+            .with_label_values(&[backend, "ok"])
+            .inc();
         tracing::info!(
             event = "fetched", workspace_id = %row.workspace_id, file_id = %row.file_id,
             size = row.size_bytes, name = %row.filename, backend,
@@ -342,10 +347,12 @@ impl HandedOver {
 
 /// A download body that runs [`HandedOver`] when hyper drops it after the whole range went
 /// out (hyper stops polling a body once its Content-Length is written, so the end of the
-/// stream is never observed; its drop is).
+/// stream is never observed; its drop is), and counts one that ended short: `error` when its
+/// source failed, `cut` when its client went.
 struct CountedBody {
     inner: futures::stream::BoxStream<'static, std::io::Result<Bytes>>,
     sent: u64,
+    failed: bool,
     done: Option<HandedOver>,
     _slot: Slot,
 }
@@ -358,8 +365,10 @@ impl futures::Stream for CountedBody {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         let next = self.inner.poll_next_unpin(cx);
-        if let std::task::Poll::Ready(Some(Ok(chunk))) = &next {
-            self.sent += chunk.len() as u64;
+        match &next {
+            std::task::Poll::Ready(Some(Ok(chunk))) => self.sent += chunk.len() as u64,
+            std::task::Poll::Ready(Some(Err(_))) => self.failed = true,
+            _ => {}
         }
         next
     }
@@ -367,10 +376,24 @@ impl futures::Stream for CountedBody {
 
 impl Drop for CountedBody {
     fn drop(&mut self) {
-        if let Some(done) = self.done.take() {
-            if self.sent == done.range.byte_count() {
-                done.run();
-            }
+        let Some(done) = self.done.take() else {
+            return;
+        };
+        if self.sent == done.range.byte_count() {
+            return done.run();
+        }
+        let outcome = if self.failed { "error" } else { "cut" };
+        metrics()
+            .files_fetched
+            .with_label_values(&[done.backend, outcome])
+            .inc();
+        let row = &done.row;
+        if self.failed {
+            tracing::warn!(
+                event = "failed", workspace_id = %row.workspace_id, file_id = %row.file_id,
+                size = row.size_bytes, name = %row.filename, backend = done.backend,
+                sent = self.sent, "download cut short: its source failed"
+            );
         }
     }
 }
@@ -650,21 +673,25 @@ pub async fn ack(
     let acked = &metrics().files_acked;
     let raced = match outcome {
         db::uploads::AckOutcome::Missing => return Err(ApiError::UploadNotFound),
-        db::uploads::AckOutcome::Repeat => {
-            acked.with_label_values(&["repeat"]).inc();
+        db::uploads::AckOutcome::Repeat { backend } => {
+            acked.with_label_values(&[backend, "repeat"]).inc();
             None
         }
-        db::uploads::AckOutcome::Raced => {
+        db::uploads::AckOutcome::Raced { backend } => {
             // The row was live a moment ago and is gone now: the sweeper took it first.
-            tracing::info!(event = "acked", %workspace_id, %file_id, raced = true, "ack raced the sweeper");
-            acked.with_label_values(&["raced"]).inc();
+            tracing::info!(event = "acked", %workspace_id, %file_id, backend, raced = true, "ack raced the sweeper");
+            acked.with_label_values(&[backend, "raced"]).inc();
             Some(true)
         }
-        db::uploads::AckOutcome::Acked { size, ref name } => {
+        db::uploads::AckOutcome::Acked {
+            size,
+            ref name,
+            backend,
+        } => {
             tracing::info!(
-                event = "acked", %workspace_id, %file_id, size, name = %name, "upload acked"
+                event = "acked", %workspace_id, %file_id, size, name = %name, backend, "upload acked"
             );
-            acked.with_label_values(&["acked"]).inc();
+            acked.with_label_values(&[backend, "acked"]).inc();
             None
         }
     };

@@ -207,12 +207,23 @@ async fn stage(
     };
     drop(parts);
     let count = files.len();
+    // What each file's failed line says if the commit fails (SPEC §8: one line per file; it
+    // has no file_id then, nothing was staged).
+    let described: Vec<(String, u64)> = files
+        .iter()
+        .map(|f| (f.name.clone(), f.spool.size))
+        .collect();
     let staged = st.stager.commit(ws.id, files, slot).await.map_err(|e| {
         metrics()
             .files_staged
             .with_label_values(&[backend, "failed"])
             .inc_by(count as u64);
-        tracing::warn!(event = "failed", workspace_id = %ws.id, files = count, error = %e, "upload not staged");
+        for (name, size) in &described {
+            tracing::warn!(
+                event = "failed", workspace_id = %ws.id, name = %name, size, backend,
+                error = %e, "upload not staged"
+            );
+        }
         ApiError::from(e)
     })?;
     let files = staged.into_iter().map(|s| s.file).collect();

@@ -333,14 +333,20 @@ impl Storage {
     /// returns, so a row whose bytes vanished is `Missing` (a 404), never a short 200. A row
     /// with both copies falls back to its bytea copy when S3 fails, a missing object included
     /// (SPEC §6). A row swept meanwhile is still `Missing`: the sweep deletes the row before
-    /// its object, so the fallback finds no bytea copy either.
-    pub async fn open(&self, loc: &Location, range: ByteRange) -> Result<ByteStream, StorageError> {
+    /// its object, so the fallback finds no bytea copy either. Returns the stream and the
+    /// backend it reads from.
+    pub async fn open(
+        &self,
+        loc: &Location,
+        range: ByteRange,
+    ) -> Result<(ByteStream, &'static str), StorageError> {
         if loc.s3_key.is_none() {
-            return metrics::storage_op("bytea", "get", self.bytea.open(loc, range)).await;
+            let stream = metrics::storage_op("bytea", "get", self.bytea.open(loc, range)).await?;
+            return Ok((stream, "bytea"));
         }
         let from_s3 = async { self.s3_or_err()?.open(loc, range).await };
         match metrics::storage_op("s3", "get", from_s3).await {
-            Ok(stream) => Ok(stream),
+            Ok(stream) => Ok((stream, "s3")),
             Err(e) if loc.inline => {
                 metrics::metrics()
                     .storage_fallbacks
@@ -350,7 +356,9 @@ impl Storage {
                     event = "fallback", file_id = %loc.file_id, workspace_id = %loc.workspace_id,
                     error = %e, "S3 read failed; serving the bytea copy"
                 );
-                metrics::storage_op("bytea", "get", self.bytea.open(loc, range)).await
+                let stream =
+                    metrics::storage_op("bytea", "get", self.bytea.open(loc, range)).await?;
+                Ok((stream, "bytea"))
             }
             Err(e) => Err(e),
         }
@@ -370,7 +378,7 @@ impl Storage {
         range: ByteRange,
         head: Option<Bytes>,
         reserved: Option<tokio::sync::OwnedSemaphorePermit>,
-    ) -> Result<ByteStream, StorageError> {
+    ) -> Result<(ByteStream, &'static str), StorageError> {
         match head {
             Some(first) if loc.s3_key.is_none() && range.start == 0 && !first.is_empty() => {
                 let first = first.slice(..(range.byte_count().min(first.len() as u64) as usize));
@@ -378,7 +386,7 @@ impl Storage {
                 let open = async {
                     Ok::<_, StorageError>(self.bytea.continue_from(loc, range, first, reserved))
                 };
-                metrics::storage_op("bytea", "get", open).await
+                Ok((metrics::storage_op("bytea", "get", open).await?, "bytea"))
             }
             _ => {
                 // No inline bytes came with the row: no room is kept while S3 answers.
@@ -432,7 +440,7 @@ impl Storage {
         };
         // One row at a time: a row up to one read chunk skips the temp file.
         let mut writer = SpoolWriter::create(spool_dir, MemoryBudget::unreserved(READ_CHUNK));
-        let mut chunks = self.open(&inline, ByteRange::full(loc.size)).await?;
+        let (mut chunks, _) = self.open(&inline, ByteRange::full(loc.size)).await?;
         while let Some(chunk) = chunks.try_next().await? {
             writer.write(chunk).await?;
         }

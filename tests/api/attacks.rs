@@ -2109,6 +2109,59 @@ async fn one_client_cannot_take_every_slot_through_many_workspaces() {
     );
 }
 
+/// A download its client left half way was counted `ok` (the count was taken when the
+/// stream opened): `files_fetched_total` now counts a download when it ends, `ok` only when
+/// its last byte went out, `cut` when its client went first.
+#[tokio::test]
+async fn a_download_left_half_way_is_counted_cut_not_ok() {
+    let svc = Svc::start(&[]).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    // Larger than what the socket buffers between the two can take: the service is still
+    // sending when the client goes.
+    let data = vec![7u8; 16 << 20];
+    let resp = upload_file(&svc, ws, &token, "big.bin", &data).await;
+    let v: Value = resp.json().await.unwrap();
+    let fid = file_id(&v["files"][0]);
+    let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
+    sock.write_all(
+        format!(
+            "GET /workspaces/{ws}/pending-uploads/{fid}/content HTTP/1.1\r\nHost: x\r\n\
+             Authorization: Bearer {token}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut first = vec![0u8; 64 * 1024];
+    sock.read_exact(&mut first).await.unwrap();
+    drop(sock);
+    let cut = r#"pending_uploads_files_fetched_total{backend="bytea",outcome="cut"}"#;
+    wait_for_metric(&svc.base, cut, 1.0).await;
+    let text = scrape_metrics(&svc.base).await;
+    assert_eq!(
+        metric_value(
+            &text,
+            r#"pending_uploads_files_fetched_total{backend="bytea",outcome="ok"}"#
+        ),
+        None,
+        "{text}"
+    );
+    // A whole one is `ok`.
+    let resp = reqwest::Client::new()
+        .get(svc.at(&format!("/workspaces/{ws}/pending-uploads/{fid}/content")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.bytes().await.unwrap().len(), data.len());
+    wait_for_metric(
+        &svc.base,
+        r#"pending_uploads_files_fetched_total{backend="bytea",outcome="ok"}"#,
+        1.0,
+    )
+    .await;
+}
+
 /// SPEC §9: a truncated body gets a clear 4xx and leaves nothing. A body whose multipart is
 /// whole but that ends short of its Content-Length (the client half-closes), or a chunked one
 /// without its last chunk, is truncated: they were committed, 200, as soon as the closing

@@ -311,7 +311,7 @@ async fn serve_configured_by_environment_then_sweep_subcommand_then_sigterm() {
         5.0
     );
     assert_eq!(
-        metric(r#"pending_uploads_files_acked_total{outcome="acked"}"#),
+        metric(r#"pending_uploads_files_acked_total{backend="bytea",outcome="acked"}"#),
         1.0
     );
     assert_eq!(metric("pending_uploads_upload_size_bytes_count"), 1.0);
@@ -357,8 +357,14 @@ async fn serve_configured_by_environment_then_sweep_subcommand_then_sigterm() {
             .iter()
             .find(|l| l["event"] == event)
             .unwrap_or_else(|| panic!("no {event} line"));
+        // SPEC §8: workspace_id, file_id, size, sanitized name and backend on each.
         assert_eq!(line["file_id"], fid.to_string(), "{event}");
         assert_eq!(line["workspace_id"], ws.to_string(), "{event}");
+        assert_eq!(
+            (&line["size"], &line["name"], &line["backend"]),
+            (&json!(5), &json!("hi_there.txt"), &json!("bytea")),
+            "{event}"
+        );
     }
     let failed = lines
         .iter()

@@ -719,7 +719,7 @@ async fn ack_that_loses_the_race_with_the_sweeper_is_raced() {
     let mut waiting = false;
     for _ in 0..1000 {
         waiting = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%UPDATE pending_uploads p SET acked_at%')",
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%pending_uploads%')",
         )
         .fetch_one(&app.pool)
         .await
@@ -770,7 +770,7 @@ async fn ack_that_waits_on_a_concurrent_ack_is_a_repeat() {
     let mut waiting = false;
     for _ in 0..1000 {
         waiting = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%UPDATE pending_uploads p SET acked_at%')",
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%pending_uploads%')",
         )
         .fetch_one(&app.pool)
         .await

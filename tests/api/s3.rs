@@ -559,7 +559,10 @@ async fn dual_reads_fall_back_when_the_object_is_missing() {
         s3_key: key,
     };
     assert!(matches!(
-        app.storage.open(&seen, ByteRange::full(seen.size)).await,
+        app.storage
+            .open(&seen, ByteRange::full(seen.size))
+            .await
+            .map(|(stream, _)| stream),
         Err(StorageError::Missing)
     ));
     sweep_all_and_assert_bucket_empty(&app).await;
@@ -908,6 +911,149 @@ async fn backfill_killed_half_way_resumes_and_contract_gates_on_it() {
     sweep_all_and_assert_bucket_empty(&app).await;
 }
 
+/// SPEC §8: a failed transition is logged like the others, one line per file with its
+/// workspace_id, size, sanitized name and backend (no file_id: nothing was staged). It was one
+/// line per request with a count of files.
+#[tokio::test]
+async fn a_failed_upload_logs_a_line_for_each_file() {
+    let prefix = test_prefix();
+    let db = fresh_db().await;
+    let (endpoint, _) = s3_endpoint();
+    // S3 answers everything but PUTs, which it takes and never answers.
+    let hook: ProxyHook = Arc::new(|piece: &[u8]| {
+        let put = piece.starts_with(b"PUT ");
+        Box::pin(async move {
+            if put {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+        })
+    });
+    let stalling = proxy(&endpoint, hook).await;
+    let port = free_port();
+    let mut cmd = cli(&db, &prefix, &["serve"]);
+    cmd.env("PENDING_UPLOADS_BACKEND", "s3")
+        .env("AWS_ENDPOINT_URL", &stalling)
+        .env("DEPENDENCY_TIMEOUT", "1s");
+    let mut svc = spawn_service(cmd, port).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let (ws, token) = register_poll(&base).await;
+    let body = "--XB\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a b.txt\"\r\n\r\nabc\r\n\
+                --XB\r\nContent-Disposition: form-data; name=\"files\"; filename=\"c.txt\"\r\n\r\nccccc\r\n--XB--\r\n";
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/workspaces/{ws}/chat/uploads"))
+        .bearer_auth(&token)
+        .header("Content-Type", "multipart/form-data; boundary=XB")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let out = svc.terminate().await;
+    let failed: Vec<(Value, Value, Value, Value)> = log_lines(&out.stderr)
+        .into_iter()
+        .filter(|l| l["event"] == "failed")
+        .map(|l| {
+            (
+                l["workspace_id"].clone(),
+                l["name"].clone(),
+                l["size"].clone(),
+                l["backend"].clone(),
+            )
+        })
+        .collect();
+    let ws = json!(ws.to_string());
+    assert_eq!(
+        failed,
+        vec![
+            (ws.clone(), json!("a_b.txt"), json!(3), json!("s3")),
+            (ws, json!("c.txt"), json!(5), json!("s3")),
+        ]
+    );
+}
+
+/// SPEC §8: transitions and counts by backend. A dual row served from its bytea copy because
+/// S3 failed was counted and logged as served by S3 (the backend a read tries first).
+#[tokio::test]
+async fn a_fallback_read_is_counted_and_logged_as_the_bytea_read_it_is() {
+    let prefix = test_prefix();
+    let db = fresh_db().await;
+    let port = free_port();
+    let mut cmd = cli(&db, &prefix, &["serve"]);
+    cmd.env("PENDING_UPLOADS_BACKEND", "dual");
+    let mut svc = spawn_service(cmd, port).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let (ws, token) = register_poll(&base).await;
+    let client = reqwest::Client::new();
+    let body = "--XB\r\nContent-Disposition: form-data; name=\"files\"; filename=\"f.txt\"\r\n\r\nboth copies\r\n--XB--\r\n";
+    let up: Value = client
+        .post(format!("{base}/workspaces/{ws}/chat/uploads"))
+        .bearer_auth(&token)
+        .header("Content-Type", "multipart/form-data; boundary=XB")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let fid = file_id(&up["files"][0]);
+    // Its object deleted out of band: the read falls back to the row's bytea copy.
+    let pool = sqlx::PgPool::connect(&db).await.unwrap();
+    let key: String = sqlx::query_scalar("SELECT s3_key FROM pending_uploads WHERE file_id = $1")
+        .bind(fid)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let (endpoint, bucket) = s3_endpoint();
+    s3_client(&endpoint)
+        .delete_object()
+        .bucket(&bucket)
+        .key(&key)
+        .send()
+        .await
+        .unwrap();
+    let resp = client
+        .get(format!(
+            "{base}/workspaces/{ws}/pending-uploads/{fid}/content"
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.text().await.unwrap(), "both copies");
+    wait_for_metric(
+        &base,
+        r#"pending_uploads_files_fetched_total{backend="bytea",outcome="ok"}"#,
+        1.0,
+    )
+    .await;
+    let text = scrape_metrics(&base).await;
+    assert_eq!(
+        metric_value(
+            &text,
+            r#"pending_uploads_bytes_served_total{backend="bytea"}"#
+        ),
+        Some(11.0)
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            r#"pending_uploads_files_fetched_total{backend="s3",outcome="ok"}"#
+        ),
+        None,
+        "{text}"
+    );
+    let out = svc.terminate().await;
+    let lines = log_lines(&out.stderr);
+    let fetched = lines
+        .iter()
+        .find(|l| l["event"] == "fetched")
+        .expect("a fetched line");
+    assert_eq!(fetched["backend"], "bytea");
+    assert!(lines.iter().any(|l| l["event"] == "fallback"));
+}
+
 /// SPEC §6: contract drops a row's bytes from Postgres only once nothing depends on them. It
 /// released every row with a key, so a row whose object was deleted out of band (or cut
 /// short) lost its last copy: 200 before contract, 404 after. Each object is now checked
@@ -1070,7 +1216,7 @@ async fn a_backfill_rerun_never_points_a_row_at_what_a_killed_run_left() {
 
     // contract releases the bytea copy; the file is served from its object
     let report = stdout_json(&run_ok(&mut cli(&db, &prefix, &["contract"])));
-    assert_eq!(report, json!({"released_rows": 1}));
+    assert_eq!(report, json!({"released_rows": 1, "missing_copies": 0}));
     let resp = fetch(&app, ws, &token, fid).await;
     assert_eq!(resp.status(), StatusCode::OK, "served after contract");
     assert!(resp.bytes().await.unwrap() == data, "the bytes uploaded");
