@@ -59,10 +59,14 @@ pub async fn feed(
              WHERE caller.ok AND workspace_id = $1 AND seq > (SELECT seq FROM cur) AND {FILTERS}
              ORDER BY seq ASC LIMIT $7"
         ),
+        // Newest by `seq`, the order rows commit in and cursors page by: by created_at (a
+        // transaction's start), a large upload's row, begun first and committed last, sat
+        // below rows committed before it, and a reader that took the first row as its
+        // cursor then got it again.
         None => format!(
             "SELECT {COLUMNS} FROM activity_logs
              WHERE caller.ok AND workspace_id = $1 AND {FILTERS}
-             ORDER BY created_at DESC, seq DESC LIMIT $7"
+             ORDER BY seq DESC LIMIT $7"
         ),
     };
     let rows = sqlx::query(&format!(

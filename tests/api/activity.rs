@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -128,6 +130,11 @@ async fn paging_never_skips_or_repeats_rows_that_share_a_timestamp() {
 async fn without_a_cursor_the_newest_rows_newest_first() {
     let app = TestApp::start().await;
     let (ws, token) = app.poll_workspace().await;
+    sqlx::query("INSERT INTO activity_logs (workspace_id, activity_type, summary, created_at) VALUES ($1, 'old', 'old', now() - interval '2 hours')")
+        .bind(ws)
+        .execute(&app.pool)
+        .await
+        .unwrap();
     for i in 0..5 {
         app.upload_ok(
             ws,
@@ -136,11 +143,6 @@ async fn without_a_cursor_the_newest_rows_newest_first() {
         )
         .await;
     }
-    sqlx::query("INSERT INTO activity_logs (workspace_id, activity_type, summary, created_at) VALUES ($1, 'old', 'old', now() - interval '2 hours')")
-        .bind(ws)
-        .execute(&app.pool)
-        .await
-        .unwrap();
     let rows = feed(&app, ws, &token, "limit=2").await;
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["summary"], "chat_upload_receive: 4.txt");
@@ -168,6 +170,92 @@ async fn without_a_cursor_the_newest_rows_newest_first() {
     // other workspaces' rows never appear
     let (other, other_token) = app.poll_workspace().await;
     assert_eq!(feed(&app, other, &other_token, "").await.len(), 0);
+}
+
+/// "Newest" is the order rows commit in, which cursors page by: a row whose transaction began
+/// before others committed (a large upload's, whose created_at is its transaction's start)
+/// was listed below them, and a reader that took the first row as its cursor then got it
+/// again (SPEC §4: never repeat a row).
+#[tokio::test]
+async fn the_newest_row_is_the_last_committed_and_a_cursor_from_it_repeats_nothing() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    for name in ["a.txt", "b.txt"] {
+        app.upload_ok(ws, &token, &[(name, "text/plain", b"x".to_vec())])
+            .await;
+    }
+    // Committed last, with the created_at of a transaction begun a minute before.
+    sqlx::query("INSERT INTO activity_logs (workspace_id, activity_type, summary, created_at) VALUES ($1, 'platform', 'late', now() - interval '1 minute')")
+        .bind(ws)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let newest = feed(&app, ws, &token, "").await;
+    let summaries: Vec<&str> = newest
+        .iter()
+        .map(|r| r["summary"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        summaries,
+        [
+            "late",
+            "chat_upload_receive: b.txt",
+            "chat_upload_receive: a.txt"
+        ]
+    );
+    let cursor = newest[0]["id"].as_str().unwrap();
+    assert!(feed(&app, ws, &token, &format!("since_id={cursor}"))
+        .await
+        .is_empty());
+}
+
+/// SPEC §4: paging with since_id never skips a row, and §2: the platform writes activity rows
+/// too. Its row, inserted first in a transaction that commits late, took a lower `seq` than an
+/// upload's row that committed meanwhile: a reader whose cursor moved to the upload's row
+/// never saw it. A row now takes its `seq` under its workspace's lock, held to its
+/// transaction's end, so the upload's row waits for the platform's to commit.
+#[tokio::test]
+async fn a_row_another_writer_commits_late_is_not_skipped_by_a_cursor() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    app.upload_ok(ws, &token, &[("a.txt", "text/plain", b"a".to_vec())])
+        .await;
+    let cursor = feed(&app, ws, &token, "").await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut platform = app.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO activity_logs (workspace_id, activity_type, summary) VALUES ($1, 'platform', 'slow')")
+        .bind(ws)
+        .execute(&mut *platform)
+        .await
+        .unwrap();
+    let upload = {
+        let app_url = app.at(&format!("/workspaces/{ws}/chat/uploads"));
+        let req = app.client.post(app_url).bearer_auth(&token).multipart(
+            reqwest::multipart::Form::new().part(
+                "files",
+                reqwest::multipart::Part::bytes(b"b".to_vec()).file_name("b.txt"),
+            ),
+        );
+        tokio::spawn(async move { req.send().await.unwrap() })
+    };
+    // A reader polls while the platform's transaction is open: whatever it sees then...
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let first = feed(&app, ws, &token, &format!("since_id={cursor}")).await;
+    platform.commit().await.unwrap();
+    assert_eq!(upload.await.unwrap().status(), StatusCode::OK);
+    // ...and what it sees after, from where it got to, is every row once, in commit order.
+    let moved_to = first
+        .last()
+        .map_or(cursor.clone(), |r| r["id"].as_str().unwrap().to_string());
+    let then = feed(&app, ws, &token, &format!("since_id={moved_to}")).await;
+    let seen: Vec<&str> = first
+        .iter()
+        .chain(&then)
+        .map(|r| r["summary"].as_str().unwrap())
+        .collect();
+    assert_eq!(seen, ["slow", "chat_upload_receive: b.txt"]);
 }
 
 /// The platform's own `activity_logs` (SPEC §2) has status and created_at nullable, and our
