@@ -489,15 +489,23 @@ impl Agent {
             .bearer_auth(&self.cfg.token)
             .send()
             .await?;
-        if head.status() == StatusCode::NOT_FOUND {
-            self.record(c, path).await?;
-            return Ok(Staged::Gone);
-        }
-        if !head.status().is_success() {
-            return Err(AgentError::Retry(format!(
-                "content HEAD: {}",
-                head.status()
-            )));
+        // As the GET's answers are taken: a refusal's Retry-After is waited out, a refused
+        // token is fatal.
+        match head.status() {
+            StatusCode::NOT_FOUND => {
+                self.record(c, path).await?;
+                return Ok(Staged::Gone);
+            }
+            s if s.is_success() => {}
+            s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+                return Err(AgentError::Fatal(format!(
+                    "platform refused the token ({s})"
+                )))
+            }
+            s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
+                return Err(AgentError::refused("content HEAD", &head))
+            }
+            s => return Err(AgentError::Fatal(format!("content HEAD: unexpected {s}"))),
         }
         if !verify(path, c.size, &expected_from(head.headers())).await? {
             return Err(AgentError::Fatal(format!(

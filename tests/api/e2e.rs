@@ -6,6 +6,10 @@ use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -435,6 +439,97 @@ async fn an_agent_over_the_download_slots_retries_and_stages_everything() {
     for (fid, name, data) in &sent {
         assert!(std::fs::read(staged_path(&dir, *fid, name)).unwrap() == *data);
     }
+}
+
+/// A file already in the folder but not acked (the agent died between publishing it and
+/// acking it) is confirmed with a HEAD first. A 429 or 503 to that HEAD was retried after the
+/// agent's own short backoff, not after the `Retry-After` the service sent (the GET, the feed
+/// and the ack waited it out).
+#[tokio::test]
+async fn the_head_of_a_file_already_present_waits_out_retry_after() {
+    let env = Env::new("bytea").await;
+    let _service = env.service().await;
+    let (_home, dir, ws, token_file) = laptop(&env).await;
+    let sent = canvas_upload(&env.base(), ws, &[("here.txt", b"already here".to_vec())]).await;
+    env.agent_once(ws, &token_file, &dir);
+    // Unacked, not in the agent's index, no cursor: as if it had died after publishing.
+    let pool = sqlx::PgPool::connect(&env.db).await.unwrap();
+    sqlx::query("UPDATE pending_uploads SET acked_at = NULL WHERE file_id = $1")
+        .bind(sent[0].0)
+        .execute(&pool)
+        .await
+        .unwrap();
+    std::fs::remove_file(dir.join(".pending-uploads/cursor")).unwrap();
+    std::fs::remove_file(dir.join(".pending-uploads/index.json")).unwrap();
+    // In front of the service, a proxy that refuses the first two HEADs: 429, Retry-After 2.
+    let upstream = env.base();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let counted = refused.clone();
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let (upstream, counted) = (upstream.clone(), counted.clone());
+        async move {
+            if req.method() == axum::http::Method::HEAD
+                && counted.fetch_add(1, Ordering::SeqCst) < 2
+            {
+                return axum::response::Response::builder()
+                    .status(429)
+                    .header("Retry-After", "2")
+                    .body(axum::body::Body::empty())
+                    .unwrap();
+            }
+            let (parts, body) = req.into_parts();
+            let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            let resp = reqwest::Client::new()
+                .request(parts.method, format!("{upstream}{}", parts.uri))
+                .headers(parts.headers)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let mut out = axum::response::Response::builder().status(resp.status());
+            for (k, v) in resp.headers() {
+                out = out.header(k, v);
+            }
+            out.body(axum::body::Body::from(resp.bytes().await.unwrap()))
+                .unwrap()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let mut agent = Command::new(BIN);
+    agent
+        .env_clear()
+        .env("LOG_FORMAT", "json")
+        .args(["agent", "--once", "--platform-url", &proxy])
+        .args(["--workspace-id", &ws.to_string()])
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--dir")
+        .arg(&dir);
+    let out = tokio::task::spawn_blocking(move || agent.output().unwrap())
+        .await
+        .unwrap();
+    let waits: Vec<u64> = log_lines(&out.stderr)
+        .iter()
+        .filter(|l| {
+            l["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("content HEAD") && e.contains("429"))
+        })
+        .map(|l| l["wait_ms"].as_u64().unwrap())
+        .collect();
+    assert_eq!(waits.len(), 2, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        waits.iter().all(|w| (2000..=2500).contains(w)),
+        "each retry waits the 2 s the service asked for, a little spread: {waits:?}"
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout_json(&out)["already_present"], 1);
 }
 
 #[tokio::test]
