@@ -222,7 +222,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let sweep = tokio::spawn(service.sweeper.clone().run_forever(args.sweep_interval.0));
     let db = service.state.db.clone();
     let gauges = tokio::spawn(refresh_gauges_forever(service.state.db.clone()));
-    let listen = tokio::spawn(service.state.hub.clone().listen_forever(db.pool().clone()));
+    let listen = tokio::spawn(
+        service
+            .state
+            .hub
+            .clone()
+            .listen_forever(db.pool().clone(), db.timeout()),
+    );
     let batches = Batches::start(&service.state);
     let state = service.state.clone();
     let shutdown = async move {

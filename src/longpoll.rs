@@ -12,10 +12,18 @@
 //! notify (see migration 20261203200000). A replica that dies between an upload's commit and
 //! the batch that announces it leaves that upload to the waiters' next query (at the latest
 //! when their wait ends).
+//!
+//! A listener's connection can stall without closing (a NAT or firewall that dropped it, a
+//! database host gone): nothing arrives and nothing fails. So every `DEPENDENCY_TIMEOUT` the
+//! listener notifies a channel of its own, through the pool, and a listener that has not
+//! heard it within the next `DEPENDENCY_TIMEOUT` is dropped and connected again.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, Weak},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, Weak,
+    },
     time::Duration,
 };
 
@@ -160,10 +168,11 @@ impl Hub {
         waiters.values().filter(|w| w.strong_count() > 0).count()
     }
 
-    /// Listens until the task is dropped, reconnecting with a pause after failures.
-    pub async fn listen_forever(self, pool: PgPool) {
+    /// Listens until the task is dropped, reconnecting with a pause after failures; `beat` is
+    /// how often it checks that its connection still hears (DEPENDENCY_TIMEOUT).
+    pub async fn listen_forever(self, pool: PgPool, beat: Duration) {
         loop {
-            if let Err(e) = self.listen(&pool).await {
+            if let Err(e) = self.listen(&pool, beat).await {
                 tracing::warn!(error = %e, "activity listener lost its connection; reconnecting");
             }
             self.wake_all();
@@ -171,20 +180,52 @@ impl Hub {
         }
     }
 
-    async fn listen(&self, pool: &PgPool) -> sqlx::Result<()> {
+    async fn listen(&self, pool: &PgPool, beat: Duration) -> sqlx::Result<()> {
         let mut listener = PgListener::connect_with(pool).await?;
-        listener.listen(CHANNEL).await?;
+        // A channel of this listener's own: its heartbeat wakes no one, here or elsewhere.
+        let own = format!("pending_uploads_beat_{}", Uuid::new_v4().simple());
+        listener.listen_all([CHANNEL, own.as_str()]).await?;
         // Rows may have committed while nobody listened.
         self.wake_all();
-        loop {
-            match listener.try_recv().await? {
-                Some(n) => match n.payload().parse::<Uuid>() {
-                    Ok(ws) => self.wake(ws),
-                    Err(_) => self.wake_all(),
-                },
-                // The connection dropped and was re-established: anything may be missed.
-                None => self.wake_all(),
+        let heard = AtomicBool::new(true);
+        let receive = async {
+            loop {
+                match listener.try_recv().await? {
+                    Some(n) if n.channel() == own => heard.store(true, Ordering::Relaxed),
+                    Some(n) => match n.payload().parse::<Uuid>() {
+                        Ok(ws) => self.wake(ws),
+                        Err(_) => self.wake_all(),
+                    },
+                    // The connection dropped and was re-established: anything may be missed.
+                    None => self.wake_all(),
+                }
             }
+        };
+        // Dropping `receive` mid-read leaves the listener's stream out of step; it is dropped
+        // with it.
+        let watch = async {
+            loop {
+                tokio::time::sleep(beat).await;
+                heard.store(false, Ordering::Relaxed);
+                let sent = sqlx::query("SELECT pg_notify($1, '')")
+                    .bind(&own)
+                    .execute(pool);
+                if !matches!(tokio::time::timeout(beat, sent).await, Ok(Ok(_))) {
+                    // The pool's trouble, not the listener's: no verdict this time.
+                    heard.store(true, Ordering::Relaxed);
+                    continue;
+                }
+                tokio::time::sleep(beat).await;
+                if !heard.load(Ordering::Relaxed) {
+                    return sqlx::Error::Protocol(format!(
+                        "heard nothing on its connection for {beat:?}, its own heartbeat included"
+                    ));
+                }
+            }
+        };
+        tokio::select! {
+            failed = receive => failed,
+            stalled = watch => Err(stalled),
         }
     }
 }

@@ -2372,6 +2372,24 @@ enum DbProxy {
     /// Once any client has sent this many bytes, passes no answer on any connection: a
     /// database that froze after a large row's last byte.
     FreezeAfter(u64),
+    /// Passes nothing more to a connection that sent `LISTEN` and was opened before the
+    /// latest [`Freeze::now`]: a listener's connection that a NAT or firewall dropped.
+    FreezeListeners(&'static Freeze),
+}
+
+/// Which connections [`DbProxy::FreezeListeners`] freezes: those numbered below `before`.
+#[derive(Default)]
+struct Freeze {
+    opened: AtomicU64,
+    before: AtomicU64,
+}
+
+impl Freeze {
+    /// Freezes the listening connections open now (not the ones opened later).
+    fn now(&self) {
+        self.before
+            .store(self.opened.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
 }
 
 /// A TCP proxy in front of the database of `db_url` doing `mode`; the URL through it.
@@ -2392,8 +2410,14 @@ async fn database_proxy(db_url: &str, mode: DbProxy) -> String {
     let proxy = listener.local_addr().unwrap();
     let frozen = Arc::new(AtomicBool::new(false));
     tokio::spawn(async move {
+        let mut opened = 0u64;
         while let Ok((client, _)) = listener.accept().await {
             let frozen = frozen.clone();
+            let number = opened;
+            opened += 1;
+            if let DbProxy::FreezeListeners(freeze) = mode {
+                freeze.opened.store(opened, Ordering::SeqCst);
+            }
             tokio::spawn(async move {
                 let Ok(server) = TcpStream::connect(upstream).await else {
                     return;
@@ -2401,11 +2425,16 @@ async fn database_proxy(db_url: &str, mode: DbProxy) -> String {
                 let (mut from_client, mut to_client) = client.into_split();
                 let (mut from_server, mut to_server) = server.into_split();
                 let sent = Arc::new(AtomicU64::new(0));
+                let listening = Arc::new(AtomicBool::new(false));
                 let up = {
-                    let (sent, frozen) = (sent.clone(), frozen.clone());
+                    let (sent, frozen, listening) =
+                        (sent.clone(), frozen.clone(), listening.clone());
                     async move {
                         let mut buf = vec![0u8; 16 * 1024];
                         while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+                            if buf[..n].windows(7).any(|w| w == b"LISTEN ") {
+                                listening.store(true, Ordering::SeqCst);
+                            }
                             if to_server.write_all(&buf[..n]).await.is_err() {
                                 break;
                             }
@@ -2431,6 +2460,13 @@ async fn database_proxy(db_url: &str, mode: DbProxy) -> String {
                         if frozen.load(Ordering::SeqCst) {
                             std::future::pending::<()>().await;
                         }
+                        if let DbProxy::FreezeListeners(freeze) = mode {
+                            if listening.load(Ordering::SeqCst)
+                                && number < freeze.before.load(Ordering::SeqCst)
+                            {
+                                std::future::pending::<()>().await;
+                            }
+                        }
                         if let DbProxy::HoldAnswerAfter(after, hold) = mode {
                             if !held && sent.load(Ordering::SeqCst) >= after {
                                 held = true;
@@ -2447,6 +2483,42 @@ async fn database_proxy(db_url: &str, mode: DbProxy) -> String {
         }
     });
     format!("{scheme_user}@{proxy}/{path}")
+}
+
+/// A replica's LISTEN connection that stalls without closing (a NAT or firewall dropped it)
+/// was never noticed: every long poll on that replica waited out its `wait`, and uploads
+/// reached their pollers only then. The listener checks its connection with a heartbeat of
+/// its own every DEPENDENCY_TIMEOUT, and connects again when it hears nothing.
+#[tokio::test]
+async fn a_stalled_listener_connection_is_replaced_and_long_polls_wake_again() {
+    let freeze: &'static Freeze = Box::leak(Box::default());
+    let proxied = database_proxy(&fresh_db().await, DbProxy::FreezeListeners(freeze)).await;
+    let svc = Svc::start_on(proxied, &[("DEPENDENCY_TIMEOUT", "1s")], None).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let resp = upload_file(&svc, ws, &token, "first.txt", b"1").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let cursor = newest_activity(&svc, ws, &token).await;
+    freeze.now();
+    // Heard nothing for a beat after its heartbeat: replaced within about three seconds.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let poll = {
+        let req = reqwest::Client::new()
+            .get(svc.at(&format!(
+                "/workspaces/{ws}/activity?since_id={cursor}&wait=30"
+            )))
+            .bearer_auth(&token);
+        tokio::spawn(async move { req.send().await.unwrap().json::<Value>().await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let resp = upload_file(&svc, ws, &token, "second.txt", b"2").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let rows = tokio::time::timeout(Duration::from_secs(5), poll)
+        .await
+        .expect("the waiting poll heard of the upload")
+        .unwrap();
+    assert_eq!(rows[0]["summary"], "chat_upload_receive: second.txt");
+    assert!(started.elapsed() < Duration::from_secs(5));
 }
 
 /// A database that keeps taking a large file's bytes, only slowly, is not a stalled one: the

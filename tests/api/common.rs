@@ -217,7 +217,13 @@ impl TestApp {
         let service = app::build(&args).await.expect("service builds");
         let batches = app::Batches::start(&service.state);
         let pool = service.state.db.pool().clone();
-        let listen = tokio::spawn(service.state.hub.clone().listen_forever(pool.clone()));
+        let listen = tokio::spawn(
+            service
+                .state
+                .hub
+                .clone()
+                .listen_forever(pool.clone(), service.state.db.timeout()),
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let router = service.router.clone();
