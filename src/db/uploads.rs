@@ -769,17 +769,7 @@ pub async fn release_inline(
     ids: &[Uuid],
     keys: &[String],
 ) -> sqlx::Result<u64> {
-    let r = sqlx::query(
-        "UPDATE pending_uploads p SET content = NULL
-         FROM unnest($1::uuid[], $2::text[]) AS checked(file_id, s3_key)
-         WHERE p.file_id = checked.file_id AND p.s3_key = checked.s3_key
-           AND p.content IS NOT NULL",
-    )
-    .bind(ids)
-    .bind(keys)
-    .execute(db)
-    .await?;
-    Ok(r.rows_affected())
+    update_checked(db, "content = NULL", ids, keys).await
 }
 
 /// Rows whose S3 object is gone or is not their bytes stop pointing at it and keep their
@@ -789,11 +779,22 @@ pub async fn forget_s3_copies(
     ids: &[Uuid],
     keys: &[String],
 ) -> sqlx::Result<u64> {
-    let r = sqlx::query(
-        "UPDATE pending_uploads p SET s3_key = NULL
-         FROM unnest($1::uuid[], $2::text[]) AS bad(file_id, s3_key)
-         WHERE p.file_id = bad.file_id AND p.s3_key = bad.s3_key AND p.content IS NOT NULL",
-    )
+    update_checked(db, "s3_key = NULL", ids, keys).await
+}
+
+/// `set` on the rows (`ids[i]`, `keys[i]`) that still have both copies, that object's key.
+async fn update_checked(
+    db: impl PgExecutor<'_>,
+    set: &'static str,
+    ids: &[Uuid],
+    keys: &[String],
+) -> sqlx::Result<u64> {
+    let r = sqlx::query(&format!(
+        "UPDATE pending_uploads p SET {set}
+         FROM unnest($1::uuid[], $2::text[]) AS checked(file_id, s3_key)
+         WHERE p.file_id = checked.file_id AND p.s3_key = checked.s3_key
+           AND p.content IS NOT NULL"
+    ))
     .bind(ids)
     .bind(keys)
     .execute(db)

@@ -911,6 +911,31 @@ async fn backfill_killed_half_way_resumes_and_contract_gates_on_it() {
     sweep_all_and_assert_bucket_empty(&app).await;
 }
 
+/// `serve` as a child process with this test's S3 settings and `env`; its base URL.
+async fn child_service(db: &str, prefix: &str, env: &[(&str, &str)]) -> (Running, String) {
+    let port = free_port();
+    let mut cmd = cli(db, prefix, &["serve"]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    (
+        spawn_service(cmd, port).await,
+        format!("http://127.0.0.1:{port}"),
+    )
+}
+
+/// POSTs a multipart `body` (boundary `XB`) to the workspace's uploads.
+async fn post_upload(base: &str, ws: Uuid, token: &str, body: &'static str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{base}/workspaces/{ws}/chat/uploads"))
+        .bearer_auth(token)
+        .header("Content-Type", "multipart/form-data; boundary=XB")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// SPEC §8: a failed transition is logged like the others, one line per file with its
 /// workspace_id, size, sanitized name and backend (no file_id: nothing was staged). It was one
 /// line per request with a count of files.
@@ -929,24 +954,20 @@ async fn a_failed_upload_logs_a_line_for_each_file() {
         })
     });
     let stalling = proxy(&endpoint, hook).await;
-    let port = free_port();
-    let mut cmd = cli(&db, &prefix, &["serve"]);
-    cmd.env("PENDING_UPLOADS_BACKEND", "s3")
-        .env("AWS_ENDPOINT_URL", &stalling)
-        .env("DEPENDENCY_TIMEOUT", "1s");
-    let mut svc = spawn_service(cmd, port).await;
-    let base = format!("http://127.0.0.1:{port}");
+    let (mut svc, base) = child_service(
+        &db,
+        &prefix,
+        &[
+            ("PENDING_UPLOADS_BACKEND", "s3"),
+            ("AWS_ENDPOINT_URL", &stalling),
+            ("DEPENDENCY_TIMEOUT", "1s"),
+        ],
+    )
+    .await;
     let (ws, token) = register_poll(&base).await;
     let body = "--XB\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a b.txt\"\r\n\r\nabc\r\n\
                 --XB\r\nContent-Disposition: form-data; name=\"files\"; filename=\"c.txt\"\r\n\r\nccccc\r\n--XB--\r\n";
-    let resp = reqwest::Client::new()
-        .post(format!("{base}/workspaces/{ws}/chat/uploads"))
-        .bearer_auth(&token)
-        .header("Content-Type", "multipart/form-data; boundary=XB")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let resp = post_upload(&base, ws, &token, body).await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     let out = svc.terminate().await;
     let failed: Vec<(Value, Value, Value, Value)> = log_lines(&out.stderr)
@@ -977,22 +998,12 @@ async fn a_failed_upload_logs_a_line_for_each_file() {
 async fn a_fallback_read_is_counted_and_logged_as_the_bytea_read_it_is() {
     let prefix = test_prefix();
     let db = fresh_db().await;
-    let port = free_port();
-    let mut cmd = cli(&db, &prefix, &["serve"]);
-    cmd.env("PENDING_UPLOADS_BACKEND", "dual");
-    let mut svc = spawn_service(cmd, port).await;
-    let base = format!("http://127.0.0.1:{port}");
+    let (mut svc, base) = child_service(&db, &prefix, &[("PENDING_UPLOADS_BACKEND", "dual")]).await;
     let (ws, token) = register_poll(&base).await;
     let client = reqwest::Client::new();
     let body = "--XB\r\nContent-Disposition: form-data; name=\"files\"; filename=\"f.txt\"\r\n\r\nboth copies\r\n--XB--\r\n";
-    let up: Value = client
-        .post(format!("{base}/workspaces/{ws}/chat/uploads"))
-        .bearer_auth(&token)
-        .header("Content-Type", "multipart/form-data; boundary=XB")
-        .body(body)
-        .send()
+    let up: Value = post_upload(&base, ws, &token, body)
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
