@@ -60,7 +60,14 @@ pub fn lock_dir(dir: &Path) -> io::Result<std::fs::File> {
 pub async fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     {
-        let mut f = tokio::fs::File::create(&tmp).await?;
+        // The owner's only, as the received files are: the state names every file received.
+        let mut f = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .await?;
         f.write_all(bytes).await?;
         f.sync_all().await?;
     }

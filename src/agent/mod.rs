@@ -204,6 +204,9 @@ async fn verify(path: &Path, size: u64, expected: &Expected) -> io::Result<bool>
         })
 }
 
+/// A partial file untouched this long belongs to an upload that no longer exists.
+const PARTIAL_MAX_AGE: Duration = Duration::from_secs(48 * 3600);
+
 /// How long a long poll waits for a new row. An empty answer long before that (a service
 /// without long polls, or a replica shutting down) is followed by the poll interval.
 const LONG_POLL: Duration = Duration::from_secs(25);
@@ -346,6 +349,7 @@ impl Agent {
     }
 
     async fn pass(&self, wait: Option<Duration>) -> Result<PassReport, AgentError> {
+        self.remove_stale_partials().await;
         let candidates = self.discover(wait).await?;
         let outcomes: Vec<(Candidate, Result<Staged, AgentError>)> =
             futures::stream::iter(candidates)
@@ -419,6 +423,28 @@ impl Agent {
         self.cfg
             .dir
             .join(format!("{}-{}", c.file_id.simple(), sanitize(&c.name, 100)))
+    }
+
+    /// Removes partial files nothing has written to for longer than an upload lives (24 h,
+    /// SPEC §7; twice that here): their uploads expired, or were acked elsewhere, before
+    /// this agent finished them, and no pass will ever ask for them again. Best effort.
+    async fn remove_stale_partials(&self) {
+        let dir = state_dir(&self.cfg.dir).join("partial");
+        let Ok(mut entries) = fs::read_dir(&dir).await else {
+            return;
+        };
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let stale = entry
+                .metadata()
+                .await
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > PARTIAL_MAX_AGE);
+            if stale && fs::remove_file(entry.path()).await.is_ok() {
+                tracing::info!(path = %entry.path().display(), "stale partial file removed");
+            }
+        }
     }
 
     fn partial_path(&self, c: &Candidate) -> PathBuf {

@@ -532,6 +532,43 @@ async fn the_head_of_a_file_already_present_waits_out_retry_after() {
     assert_eq!(stdout_json(&out)["already_present"], 1);
 }
 
+/// The agent's state (its cursor, its index of received files) is its owner's only, as the
+/// received files are (it was 0644). A partial file nothing has written to for twice an
+/// upload's life is removed: its upload expired, or was acked elsewhere, before the agent
+/// finished it, and no pass asks for it again (it stayed forever). A recent one stays.
+#[tokio::test]
+async fn the_agents_state_is_private_and_stale_partial_files_go() {
+    let env = Env::new("bytea").await;
+    let _service = env.service().await;
+    let (_home, dir, ws, token_file) = laptop(&env).await;
+    canvas_upload(&env.base(), ws, &[("a.txt", b"a".to_vec())]).await;
+    env.agent_once(ws, &token_file, &dir);
+    for name in ["cursor", "index.json"] {
+        let mode = std::fs::metadata(dir.join(".pending-uploads").join(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name}");
+    }
+    let partial = |id: Uuid| dir.join(format!(".pending-uploads/partial/{}.part", id.simple()));
+    let (stale, recent) = (partial(Uuid::new_v4()), partial(Uuid::new_v4()));
+    std::fs::write(&stale, b"half").unwrap();
+    std::fs::write(&recent, b"half").unwrap();
+    let three_days_ago = std::time::SystemTime::now() - Duration::from_secs(72 * 3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(three_days_ago)
+        .unwrap();
+    let (out, _) = env.agent_once(ws, &token_file, &dir);
+    assert!(!stale.exists(), "the stale partial file was removed");
+    assert!(recent.exists(), "a recent one is kept");
+    assert!(log_lines(&out.stderr)
+        .iter()
+        .any(|l| l["message"] == "stale partial file removed"));
+}
+
 #[tokio::test]
 async fn a_file_that_expires_before_fetch_is_skipped_cleanly() {
     let env = Env::new("bytea").await;
