@@ -98,7 +98,7 @@ pub struct AgentArgs {
     /// Time between passes (100ms..=7d).
     #[arg(long, env = "PENDING_UPLOADS_POLL_INTERVAL", default_value = "5s")]
     pub poll_interval: crate::config::HumanDuration,
-    /// Download rate cap in bytes per second (0 = none).
+    /// Download rate cap in bytes per second, all downloads together (0 = none).
     #[arg(long, env = "PENDING_UPLOADS_MAX_RATE", default_value_t = 0)]
     pub max_rate: u64,
     /// Retries per request or download within a pass.

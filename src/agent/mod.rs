@@ -214,8 +214,39 @@ pub struct Agent {
     cfg: AgentConfig,
     http: reqwest::Client,
     index: Mutex<UriIndex>,
+    /// `--max-rate`, shared by the downloads under way.
+    pacer: Option<Pacer>,
     /// One agent per DIR (`index::lock_dir`): held, never read, until the agent is dropped.
     _lock: std::fs::File,
+}
+
+/// A rate all of an agent's downloads share (`--max-rate`): a laptop's link is one link, and
+/// `--concurrency 4` must not make the cap four times the rate.
+struct Pacer {
+    bytes_per_sec: f64,
+    /// When the bytes taken so far fit in the rate; never behind `now` by more than an idle
+    /// spell's start (no saving up while nothing downloads).
+    free_at: std::sync::Mutex<Instant>,
+}
+
+impl Pacer {
+    fn new(bytes_per_sec: u64) -> Pacer {
+        Pacer {
+            bytes_per_sec: bytes_per_sec as f64,
+            free_at: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Waits until `bytes` more, every download's counted, fit in the rate.
+    async fn take(&self, bytes: u64) {
+        let due = {
+            let mut free_at = self.free_at.lock().unwrap_or_else(|p| p.into_inner());
+            let from = (*free_at).max(Instant::now());
+            *free_at = from + Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec);
+            *free_at
+        };
+        tokio::time::sleep_until(due.into()).await;
+    }
 }
 
 impl Agent {
@@ -243,6 +274,7 @@ impl Agent {
         }
         Ok(Agent {
             index: Mutex::new(index),
+            pacer: cfg.max_rate.filter(|r| *r > 0).map(Pacer::new),
             cfg: AgentConfig { dir, ..cfg },
             http,
             _lock: lock,
@@ -614,17 +646,11 @@ impl Agent {
         }
         let expected = expected_from(resp.headers());
         let mut body = resp.bytes_stream();
-        let started = Instant::now();
-        let mut received = 0u64;
         while let Some(chunk) = body.next().await {
             let chunk = chunk?;
             partial.write_all(&chunk).await?;
-            received += chunk.len() as u64;
-            if let Some(rate) = self.cfg.max_rate.filter(|r| *r > 0) {
-                let due = Duration::from_secs_f64(received as f64 / rate as f64);
-                if let Some(wait) = due.checked_sub(started.elapsed()) {
-                    tokio::time::sleep(wait).await;
-                }
+            if let Some(pacer) = &self.pacer {
+                pacer.take(chunk.len() as u64).await;
             }
         }
         partial.sync_all().await?;

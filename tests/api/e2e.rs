@@ -569,6 +569,35 @@ async fn the_agents_state_is_private_and_stale_partial_files_go() {
         .any(|l| l["message"] == "stale partial file removed"));
 }
 
+/// `--max-rate` caps the agent's downloads together, as a laptop's link is one link: with
+/// `--concurrency 4` each download was paced on its own, so four files came at four times
+/// the rate.
+#[tokio::test]
+async fn max_rate_caps_all_downloads_together() {
+    let env = Env::new("bytea").await;
+    let _service = env.service().await;
+    let (_home, dir, ws, token_file) = laptop(&env).await;
+    let files: Vec<(String, Vec<u8>)> = (0..4)
+        .map(|i| (format!("r{i}.bin"), bytes(1_000_000, i as u8)))
+        .collect();
+    let named: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
+    canvas_upload(&env.base(), ws, &named).await;
+    let started = std::time::Instant::now();
+    let out = run_ok(&mut env.agent(
+        ws,
+        &token_file,
+        &dir,
+        &["--once", "--concurrency", "4", "--max-rate", "2000000"],
+    ));
+    assert_eq!(stdout_json(&out)["staged"], 4);
+    // 4 MB at 2 MB/s: two seconds at least (each paced alone, all four took half a second).
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn a_file_that_expires_before_fetch_is_skipped_cleanly() {
     let env = Env::new("bytea").await;
