@@ -2382,6 +2382,8 @@ enum DbProxy {
 struct Freeze {
     opened: AtomicU64,
     before: AtomicU64,
+    /// Connections that have sent `LISTEN` so far.
+    listens: AtomicU64,
 }
 
 impl Freeze {
@@ -2432,8 +2434,12 @@ async fn database_proxy(db_url: &str, mode: DbProxy) -> String {
                     async move {
                         let mut buf = vec![0u8; 16 * 1024];
                         while let Ok(n @ 1..) = from_client.read(&mut buf).await {
-                            if buf[..n].windows(7).any(|w| w == b"LISTEN ") {
-                                listening.store(true, Ordering::SeqCst);
+                            if buf[..n].windows(7).any(|w| w == b"LISTEN ")
+                                && !listening.swap(true, Ordering::SeqCst)
+                            {
+                                if let DbProxy::FreezeListeners(freeze) = mode {
+                                    freeze.listens.fetch_add(1, Ordering::SeqCst);
+                                }
                             }
                             if to_server.write_all(&buf[..n]).await.is_err() {
                                 break;
@@ -2498,9 +2504,22 @@ async fn a_stalled_listener_connection_is_replaced_and_long_polls_wake_again() {
     let resp = upload_file(&svc, ws, &token, "first.txt", b"1").await;
     assert_eq!(resp.status(), StatusCode::OK);
     let cursor = newest_activity(&svc, ws, &token).await;
+    let listening = freeze.listens.load(Ordering::SeqCst);
+    assert!(listening >= 1, "the replica listens through the proxy");
     freeze.now();
-    // Heard nothing for a beat after its heartbeat: replaced within about three seconds.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Heard nothing for a beat after its heartbeat: it listens again on a new connection
+    // (about three seconds; bounded generously for a loaded machine).
+    let mut again = false;
+    for _ in 0..600 {
+        if freeze.listens.load(Ordering::SeqCst) > listening {
+            again = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(again, "the stalled listener was replaced");
+    // Its new LISTEN is under way: let it take effect.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let poll = {
         let req = reqwest::Client::new()
             .get(svc.at(&format!(
