@@ -31,8 +31,8 @@ pub enum ContractError {
     Refused { rows: i64, bytes: i64 },
     #[error("database: {0}")]
     Db(#[from] DbError),
-    /// S3 did not answer a check: what was checked before is released, nothing after.
-    #[error("S3: {0} (rows checked before this were released; run contract again)")]
+    /// S3 did not answer a check: earlier batches stay released, this one is not.
+    #[error("S3: {0} (earlier batches were released; run contract again)")]
     Storage(StorageError),
 }
 
