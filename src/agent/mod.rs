@@ -9,7 +9,6 @@
 pub mod index;
 
 use std::{
-    collections::BTreeMap,
     io,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -27,7 +26,7 @@ use tokio::{
 use uuid::Uuid;
 
 use crate::{
-    api::{ActivityRow, PendingUpload, UploadReceived},
+    api::{ActivityRow, PendingUpload},
     digest,
     retry::{pause, retry},
     sanitize::sanitize,
@@ -54,17 +53,6 @@ struct Candidate {
     name: String,
     uri: String,
     size: u64,
-}
-
-impl From<UploadReceived> for Candidate {
-    fn from(r: UploadReceived) -> Self {
-        Candidate {
-            file_id: r.file_id,
-            name: r.file.name,
-            uri: r.file.uri,
-            size: r.file.size,
-        }
-    }
 }
 
 impl From<PendingUpload> for Candidate {
@@ -322,11 +310,14 @@ impl Agent {
         .await
     }
 
-    /// New files from the activity feed (advancing the persisted cursor), plus everything the
-    /// pending list still holds (recovers whatever a lost cursor missed). With `wait`, the
-    /// first feed request is a long poll.
+    /// Reads the activity feed to its end (advancing the persisted cursor; with `wait`, the
+    /// first request is a long poll), then returns what the pending list holds.
+    ///
+    /// The feed only says *when* to look: the pending list, read after it, is every unacked
+    /// upload, those the feed announced included. A feed row whose file is not in it was acked
+    /// (here, in an earlier pass) or expired; fetching it again would bring back a file its
+    /// owner deleted, as it did after every cursor reset (a 410 rewinds to a 24 h window).
     async fn discover(&self, mut wait: Option<Duration>) -> Result<Vec<Candidate>, AgentError> {
-        let mut found: BTreeMap<Uuid, Candidate> = BTreeMap::new();
         let filter = "type=a2a_receive&method=chat_upload_receive&limit=500";
         let mut cursor = load_cursor(&self.cfg.dir);
         loop {
@@ -346,12 +337,6 @@ impl Agent {
                 cursor = None;
                 continue;
             };
-            for row in &rows {
-                let body = row.request_body.clone().unwrap_or_default();
-                if let Ok(received) = serde_json::from_value::<UploadReceived>(body) {
-                    found.insert(received.file_id, received.into());
-                }
-            }
             // with a cursor the rows come oldest first; without, newest first
             let newest = if cursor.is_some() {
                 rows.last()
@@ -369,10 +354,7 @@ impl Agent {
             .get_json_retrying::<Vec<PendingUpload>>("pending list", "/pending-uploads")
             .await?
             .unwrap_or_default();
-        for item in pending {
-            found.insert(item.file_id, item.into());
-        }
-        Ok(found.into_values().collect())
+        Ok(pending.into_iter().map(Candidate::from).collect())
     }
 
     /// One pass: discover, stage everything with bounded concurrency, ack.

@@ -598,6 +598,9 @@ async fn max_rate_caps_all_downloads_together() {
     );
 }
 
+/// A file listed as pending that expires before the agent gets to it (here while the agent,
+/// one download at a time and rate-capped, is busy with the file before it) is counted gone
+/// and leaves no partial file; a file already expired when the pass lists is not listed.
 #[tokio::test]
 async fn a_file_that_expires_before_fetch_is_skipped_cleanly() {
     let env = Env::new("bytea").await;
@@ -607,28 +610,59 @@ async fn a_file_that_expires_before_fetch_is_skipped_cleanly() {
         &env.base(),
         ws,
         &[
+            ("slow.bin", bytes(1_000_000, 7)),
             ("late.txt", b"too late".to_vec()),
-            ("ok.txt", b"in time".to_vec()),
+            ("expired.txt", b"long gone".to_vec()),
         ],
     )
     .await;
     let pool = sqlx::PgPool::connect(&env.db).await.unwrap();
-    sqlx::query(
-        "UPDATE pending_uploads SET expires_at = now() - interval '1 second' WHERE file_id = $1",
-    )
-    .bind(sent[0].0)
-    .execute(&pool)
-    .await
-    .unwrap();
-    let (_, report) = env.agent_once(ws, &token_file, &dir);
+    let expire = |fid: Uuid| {
+        sqlx::query(
+            "UPDATE pending_uploads SET expires_at = now() - interval '1 second' WHERE file_id = $1",
+        )
+        .bind(fid)
+        .execute(&pool)
+    };
+    expire(sent[2].0).await.unwrap();
+    let agent = env
+        .agent(
+            ws,
+            &token_file,
+            &dir,
+            &["--once", "--concurrency", "1", "--max-rate", "500000"],
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let first_partial = dir.join(format!(
+        ".pending-uploads/partial/{}.part",
+        sent[0].0.simple()
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !first_partial.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first download never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    expire(sent[1].0).await.unwrap();
+    let out = agent.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
-        report,
+        stdout_json(&out),
         json!({"staged": 1, "already_present": 0, "gone": 1, "failed": 0})
     );
     let dir = std::fs::canonicalize(&dir).unwrap();
     assert_eq!(
         files_in(&dir),
-        vec![format!("{}-ok.txt", sent[1].0.simple())]
+        vec![format!("{}-slow.bin", sent[0].0.simple())]
     );
     assert!(partials(&dir).is_empty());
 }
@@ -706,6 +740,50 @@ async fn a_lost_or_unknown_cursor_resets_and_nothing_is_missed() {
     }
     assert_eq!(files_in(&dir).len(), 3);
     assert_eq!(unacked(&env.db).await, 0);
+}
+
+/// A cursor reset rewinds the feed 24 h, over files this agent received and acked long ago.
+/// They are no longer pending, so they are not fetched again: before, an acked file its owner
+/// had deleted came back (acked rows stay readable until swept), and every file still there
+/// cost a HEAD and a second ack.
+#[tokio::test]
+async fn a_cursor_reset_does_not_bring_back_files_the_owner_deleted() {
+    let env = Env::new("bytea").await;
+    let _service = env.service().await;
+    let (_home, dir, ws, token_file) = laptop(&env).await;
+    let old = canvas_upload(
+        &env.base(),
+        ws,
+        &[
+            ("deleted.txt", b"gone".to_vec()),
+            ("kept.txt", b"kept".to_vec()),
+        ],
+    )
+    .await;
+    env.agent_once(ws, &token_file, &dir);
+    let dir = std::fs::canonicalize(&dir).unwrap();
+    std::fs::remove_file(staged_path(&dir, old[0].0, &old[0].1)).unwrap();
+
+    std::fs::write(
+        dir.join(".pending-uploads/cursor"),
+        Uuid::new_v4().to_string(),
+    )
+    .unwrap();
+    let new = canvas_upload(&env.base(), ws, &[("new.txt", b"new".to_vec())]).await;
+    let (out, report) = env.agent_once(ws, &token_file, &dir);
+    assert!(log_lines(&out.stderr)
+        .iter()
+        .any(|l| l["message"].as_str().unwrap_or("").contains("resetting")));
+    assert_eq!(
+        report,
+        json!({"staged": 1, "already_present": 0, "gone": 0, "failed": 0})
+    );
+    let mut want = vec![
+        format!("{}-{}", old[1].0.simple(), old[1].1),
+        format!("{}-{}", new[0].0.simple(), new[0].1),
+    ];
+    want.sort();
+    assert_eq!(files_in(&dir), want);
 }
 
 /// Rows written the way the platform (or our previous release) writes them: no digest. The
