@@ -119,9 +119,9 @@ pub async fn chat_upload(
         Delivery::UrlNotRegistered => Err(ApiError::UrlNotRegistered),
         Delivery::NoCallbackUrl => Err(ApiError::NoCallbackUrl {
             detail: format!(
-                "workspace {} has delivery_mode {:?} and no url: register a url (push) or switch to delivery_mode 'poll'",
+                "workspace {} has delivery_mode '{}' and no url: register a url (push) or switch to delivery_mode 'poll'",
                 ws.id,
-                Clip(&ws.delivery_mode).to_string()
+                Clip(&ws.delivery_mode)
             ),
         }),
     }

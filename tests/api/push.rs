@@ -152,13 +152,29 @@ async fn a_workspace_with_neither_mode_nor_url_is_422_and_an_empty_mode_with_url
         body["error"],
         "workspace has no callback URL — chat upload requires push-mode + public URL"
     );
+    assert_eq!(
+        body["detail"],
+        format!("workspace {ws} has delivery_mode '' and no url: register a url (push) or switch to delivery_mode 'poll'")
+    );
+    app.assert_nothing_staged().await;
+
+    // A mode the platform wrote that is neither: shown once escaped (controls as `\n`, as in
+    // logs), not escaped a second time as a Rust string (`\\n`, `\"`).
+    let (odd, odd_token) = app.workspace("push", None).await;
+    sqlx::query("UPDATE workspaces SET delivery_mode = E'we\"ird\\n' WHERE id = $1")
+        .bind(odd)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let resp = app.upload(odd, &odd_token, &f).await;
+    assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: serde_json::Value = resp.json().await.unwrap();
     assert!(
         body["detail"]
             .as_str()
-            .is_some_and(|d| d.contains(&ws.to_string())),
+            .is_some_and(|d| d.contains(r#"has delivery_mode 'we"ird\n' and no url"#)),
         "{body}"
     );
-    app.assert_nothing_staged().await;
 
     // '' with a URL is the legacy push workspace: streamed through.
     let (ws_url, seen) = fake_workspace().await;
