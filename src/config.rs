@@ -406,12 +406,36 @@ impl ServeArgs {
             ("PUSH_ANSWER_TIMEOUT", self.push_answer_timeout),
         ];
         deadline_range(&push, Duration::from_millis(100), "100ms")?;
+        self.orphans_outlive_uploads()?;
         // Any interval may be short: the sweeper waits at least a second between passes.
         at_most(
             &[("SWEEP_INTERVAL", self.sweep_interval)],
             MAX_DEADLINE,
             "7d",
         )
+    }
+}
+
+impl ServeArgs {
+    /// The orphan reconciliation deletes objects older than ORPHAN_GRACE that no row points
+    /// at. An upload still being received has exactly those: objects stored for its earlier
+    /// files, its row not committed yet, for up to UPLOAD_BODY_TIMEOUT of the client's time
+    /// plus the S3 and commit time that does not count against it. A grace shorter than that
+    /// deleted live uploads' bytes, and their rows then committed pointing at nothing. Twice
+    /// the body's deadline leaves the rest its own as much again.
+    fn orphans_outlive_uploads(&self) -> Result<(), String> {
+        let (grace, body) = (
+            self.sweep.orphan_grace.0,
+            self.deadlines.upload_body_timeout.0,
+        );
+        match grace >= body.saturating_mul(2) {
+            true => Ok(()),
+            false => Err(format!(
+                "ORPHAN_GRACE={grace:?} is shorter than twice UPLOAD_BODY_TIMEOUT={body:?}: \
+                 the orphan reconciliation would delete the objects of uploads still being \
+                 received (raise ORPHAN_GRACE or lower UPLOAD_BODY_TIMEOUT)"
+            )),
+        }
     }
 }
 

@@ -99,7 +99,7 @@ async fn migrate_applies_the_schema_once() {
 #[tokio::test]
 async fn start_up_refuses_bad_configuration_clearly() {
     let db = fresh_db().await;
-    let cases: [(&str, &str, &str); 14] = [
+    let cases: [(&str, &str, &str); 15] = [
         (
             "PENDING_UPLOADS_BACKEND",
             "s3",
@@ -161,6 +161,13 @@ async fn start_up_refuses_bad_configuration_clearly() {
             "UPLOAD_BODY_TIMEOUT",
             "1500ms",
             "UPLOAD_BODY_TIMEOUT=1.5s must be a whole number of seconds",
+        ),
+        // Before, any grace started: one under an upload's time deleted the objects of
+        // uploads still being received, whose rows then committed pointing at nothing.
+        (
+            "ORPHAN_GRACE",
+            "30m",
+            "ORPHAN_GRACE=1800s is shorter than twice UPLOAD_BODY_TIMEOUT=1200s",
         ),
     ];
     for (var, value, message) in cases {

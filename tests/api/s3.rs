@@ -1255,7 +1255,9 @@ async fn the_background_sweeper_lists_the_bucket_once_per_quarter_of_the_grace()
             .env("AWS_ENDPOINT_URL", &endpoint)
             .env("AWS_REGION", "us-east-1")
             .env("SWEEP_INTERVAL", "1s")
-            .env("ORPHAN_GRACE", grace);
+            .env("ORPHAN_GRACE", grace)
+            // a grace this short needs uploads this short (`ServeArgs::validate`)
+            .env("UPLOAD_BODY_TIMEOUT", "1s");
         let _service = spawn_service(cmd, port).await;
         let base = format!("http://127.0.0.1:{port}");
         let mut text = String::new();

@@ -153,7 +153,9 @@ async fn run() {
     let sweeping = config
         .clone()
         .with("SWEEP_INTERVAL", "1s")
-        .with("ORPHAN_GRACE", "0s");
+        // the shortest grace a replica takes (twice UPLOAD_BODY_TIMEOUT)
+        .with("UPLOAD_BODY_TIMEOUT", "1s")
+        .with("ORPHAN_GRACE", "2s");
     let started = std::time::Instant::now();
     let sweeper = Service::start(sweeping, scratch.path().join("sweeping.log")).await;
     while s3.keys().await.contains(&late) && started.elapsed() < LATE_DEADLINE {
