@@ -109,6 +109,21 @@ pub async fn get_for_update(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<O
     .await
 }
 
+/// Whether rows of an id outlive its workspace row (the platform deleted the row; SPEC §2:
+/// uploads and their activity rows stay until they expire): its activity, its unacked or its
+/// acked-but-unswept uploads. Each part is an index scan (the acked part over rows acked
+/// within ACK_RETENTION).
+pub async fn has_history(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM activity_logs WHERE workspace_id = $1)
+             OR EXISTS (SELECT 1 FROM pending_uploads WHERE workspace_id = $1 AND acked_at IS NULL)
+             OR EXISTS (SELECT 1 FROM pending_uploads WHERE workspace_id = $1 AND acked_at IS NOT NULL)",
+    )
+    .bind(id)
+    .fetch_one(conn)
+    .await
+}
+
 pub struct NewWorkspace<'a> {
     pub id: Uuid,
     pub name: &'a str,

@@ -272,6 +272,15 @@ pub async fn register(
                 if ws.is_removed() {
                     return Ok(removed);
                 }
+                // A new row for an id whose old row the platform deleted: the old
+                // workspace's uploads and activity are still there, and knowing the id is
+                // no claim on them either. Only the admin starts it afresh.
+                if created
+                    && !matches!(claim, Claim::Allowed | Claim::Admin)
+                    && db::workspaces::has_history(&mut tx, id).await?
+                {
+                    return Ok(Registration::Unauthorized(claim));
+                }
                 if created {
                     let (_, token) = issue_token(&mut tx, id).await?;
                     tx.commit().await?;

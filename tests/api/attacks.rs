@@ -201,6 +201,61 @@ async fn admin_create(svc: &Svc, body: Value) -> reqwest::Response {
         .unwrap()
 }
 
+/// The platform deletes a workspace's row outright; its uploads and their activity rows stay
+/// until they expire (SPEC §2). Registering the id again needed no bearer ("no workspace row
+/// yet"), and the new token read the old owner's files and feed (found by a black-box probe).
+/// Now only the admin may start such an id afresh; an id with no history is still free.
+#[tokio::test]
+async fn a_deleted_workspace_id_with_uploads_left_cannot_be_claimed_without_a_bearer() {
+    let svc = Svc::start(&[]).await;
+    let client = reqwest::Client::new();
+    let (ws, token) = register_poll(&svc.base).await;
+    let resp = upload_file(&svc, ws, &token, "secret.txt", b"the old owner's").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    sqlx::query("DELETE FROM workspaces WHERE id = $1")
+        .bind(ws)
+        .execute(&svc.pool)
+        .await
+        .unwrap();
+
+    let resp = register(&client, &svc, None, &json!({"id": ws})).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "missing workspace auth token");
+    let resp = register(&client, &svc, Some("guess"), &json!({"id": ws})).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "invalid workspace auth token");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM workspaces WHERE id = $1")
+        .bind(ws)
+        .fetch_one(&svc.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "a refused claim leaves no row");
+
+    // Once acked (the row stays until swept) and its activity row gone: still not free.
+    sqlx::query("UPDATE pending_uploads SET acked_at = now() WHERE workspace_id = $1")
+        .bind(ws)
+        .execute(&svc.pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM activity_logs WHERE workspace_id = $1")
+        .bind(ws)
+        .execute(&svc.pool)
+        .await
+        .unwrap();
+    let resp = register(&client, &svc, None, &json!({"id": ws})).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+
+    // The admin may; an id nothing is left of is free to anyone, as before.
+    let resp = register(&client, &svc, Some(ADMIN), &json!({"id": ws})).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["auth_token"].is_string(), "{body}");
+    let resp = register(&client, &svc, None, &json!({"id": Uuid::new_v4()})).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
 #[tokio::test]
 async fn a_push_redirect_to_an_internal_address_is_not_followed() {
     // The metadata server lives on 127.0.0.1; the attacker's server on 127.0.0.2, the one
