@@ -77,7 +77,9 @@ impl PushPolicy {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(refused("scheme is not http or https"));
         }
-        if !url.username().is_empty() || url.password().is_some() {
+        // Empty userinfo (`http://@host`, `http://:@host`) leaves the parser's user and
+        // password empty; the `@` is in the text all the same.
+        if !url.username().is_empty() || url.password().is_some() || has_userinfo(raw) {
             return Err(refused("userinfo"));
         }
         if url.query().is_some() {
@@ -181,6 +183,14 @@ fn read_alike(raw: &str) -> Result<(), Refused> {
     }
 }
 
+/// Whether the authority of `raw` (after `//`, up to the path, query or fragment; a `\` ends it
+/// too, as the URL parser reads http(s)) has a `@`.
+fn has_userinfo(raw: &str) -> bool {
+    raw.split_once("//")
+        .and_then(|(_, rest)| rest.split(['/', '\\', '?', '#']).next())
+        .is_some_and(|authority| authority.contains('@'))
+}
+
 fn is_localhost_name(name: &str) -> bool {
     let name = name.trim_end_matches('.').to_ascii_lowercase();
     name == "localhost" || name.ends_with(".localhost")
@@ -198,13 +208,19 @@ pub fn is_internal(ip: IpAddr) -> bool {
 }
 
 fn is_internal_v4(ip: Ipv4Addr) -> bool {
-    let [a, b, ..] = ip.octets();
+    let [a, b, c, _] = ip.octets();
     ip.is_unspecified()
         || a == 0 // "this network"
         || ip.is_loopback()
         || ip.is_private()
         || ip.is_link_local()
         || (a == 100 && (64..128).contains(&b)) // shared address space, RFC 6598
+        || (a, b, c) == (192, 0, 0) // IETF protocol assignments, RFC 6890
+        || (a, b, c) == (192, 0, 2) // documentation (TEST-NET-1), RFC 5737
+        || (a, b, c) == (198, 51, 100) // TEST-NET-2
+        || (a, b, c) == (203, 0, 113) // TEST-NET-3
+        || (a, b, c) == (192, 88, 99) // 6to4 relay anycast, deprecated (RFC 7526)
+        || (a == 198 && (b == 18 || b == 19)) // benchmarking, RFC 2544: labs, not the internet
         || ip.is_multicast()
         || a >= 240 // reserved, and 255.255.255.255 broadcast
 }
@@ -218,11 +234,20 @@ fn is_internal_v6(ip: Ipv6Addr) -> bool {
         || (seg[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
         || (seg[0] & 0xffc0) == 0xfec0 // site-local fec0::/10 (deprecated)
         || ip.is_multicast()
-        // IPv4-compatible ::a.b.c.d (deprecated) and NAT64 64:ff9b::a.b.c.d
+        // IPv4-compatible ::a.b.c.d (deprecated), IPv4-translated ::ffff:0:a.b.c.d (SIIT,
+        // RFC 2765) and NAT64 64:ff9b::a.b.c.d (RFC 6052): a translator reaches the IPv4 one
         || (seg[..6] == [0; 6] && is_internal_v4(embedded_v4(seg[6], seg[7])))
+        || (seg[..6] == [0, 0, 0, 0, 0xffff, 0] && is_internal_v4(embedded_v4(seg[6], seg[7])))
         || (seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] && is_internal_v4(embedded_v4(seg[6], seg[7])))
+        // local-use NAT64 64:ff9b:1::/48 (RFC 8215): a network's own translator, whatever it
+        // embeds (and where, which its prefix length decides)
+        || seg[..3] == [0x64, 0xff9b, 1]
         // 6to4 2002:a.b.c.d::/48
         || (seg[0] == 0x2002 && is_internal_v4(embedded_v4(seg[1], seg[2])))
+        || seg[..4] == [0x100, 0, 0, 0] // discard-only 100::/64, RFC 6666
+        || seg[..2] == [0x2001, 0xdb8] // documentation 2001:db8::/32, RFC 3849
+        // ORCHID 2001:10::/28 and ORCHIDv2 2001:20::/28: identifiers, never routed
+        || (seg[0] == 0x2001 && (seg[1] & 0xfff0 == 0x10 || seg[1] & 0xfff0 == 0x20))
 }
 
 /// A DNS resolver for the push client that refuses names resolving to internal addresses.
@@ -297,6 +322,23 @@ mod tests {
             "http://255.255.255.255/",
             "http://user:pw@example.com/",
             "http://user@example.com/",
+            "http://@example.com/",
+            "http://:@example.com/",
+            // translated, local-use NAT64 and reserved forms (a black-box probe's)
+            "http://[::ffff:0:a9fe:a9fe]/",
+            "http://[::ffff:0:7f00:1]/",
+            "http://[64:ff9b:1::a9fe:a9fe]/",
+            "http://[64:ff9b:1:a9fe:a9:fe00::]/",
+            "http://192.0.0.1/",
+            "http://192.0.2.1/",
+            "http://198.18.0.1/",
+            "http://198.19.255.1/",
+            "http://198.51.100.7/",
+            "http://203.0.113.9/",
+            "http://[2001:db8::1]/",
+            "http://[100::1]/",
+            "http://[2001:10::1]/",
+            "http://[2001:20::1]/",
             "http://example.com/x?y=",
             "http://example.com/x?",
             "http://example.com/#frag",
@@ -311,6 +353,12 @@ mod tests {
             "http://example.com",
             "https://93.184.216.34:8443/base/",
             "http://[2606:4700::1]/",
+            "http://198.17.255.1/",
+            "http://198.20.0.1/",
+            "http://192.0.3.1/",
+            "http://[2001:4860::8888]/",
+            "http://[64:ff9b::5db8:d822]/",
+            "http://example.com/a@b",
             " https://example.com/base ",
             "HTTP://Example.COM:80/a/b",
         ] {
@@ -343,6 +391,12 @@ mod tests {
             " https://93.184.216.34:8443/base/ ",
             "HTTP://93.184.216.34:80/a/b",
             "http://[2606:4700::1]/",
+            "http://198.17.255.1/",
+            "http://198.20.0.1/",
+            "http://192.0.3.1/",
+            "http://[2001:4860::8888]/",
+            "http://[64:ff9b::5db8:d822]/",
+            "http://example.com/a@b",
         ] {
             assert!(p.check_registration(good).await.is_ok(), "{good}");
         }

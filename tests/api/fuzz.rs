@@ -2767,6 +2767,8 @@ fn v4_internal(ip: Ipv4Addr) -> bool {
         || (a == 172 && (16..32).contains(&b)) // private
         || (a == 192 && b == 168) // private
         || (a == 100 && (64..128).contains(&b)) // shared address space
+        || matches!((a, b, ip.octets()[2]), (192, 0, 0 | 2) | (198, 51, 100) | (203, 0, 113) | (192, 88, 99)) // assignments, documentation, 6to4 relay
+        || (a == 198 && (18..20).contains(&b)) // benchmarking
         || a >= 224 // multicast, reserved, broadcast
 }
 
@@ -2783,8 +2785,13 @@ fn v6_internal(ip: Ipv6Addr) -> bool {
         || (s[0] & 0xffc0) == 0xfec0 // site-local
         || (s[0] & 0xff00) == 0xff00 // multicast
         || (s[..6] == [0; 6] && v4_internal(v4(s[6], s[7]))) // IPv4-compatible
+        || (s[..6] == [0, 0, 0, 0, 0xffff, 0] && v4_internal(v4(s[6], s[7]))) // IPv4-translated
         || (s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] && v4_internal(v4(s[6], s[7]))) // NAT64
+        || s[..3] == [0x64, 0xff9b, 1] // local-use NAT64
         || (s[0] == 0x2002 && v4_internal(v4(s[1], s[2]))) // 6to4
+        || s[..4] == [0x100, 0, 0, 0] // discard-only
+        || s[..2] == [0x2001, 0xdb8] // documentation
+        || (s[0] == 0x2001 && matches!(s[1] >> 4, 1 | 2)) // ORCHID, ORCHIDv2
 }
 
 /// SPEC §4's push URL rule: Some(allowed), or None when it depends on a name lookup.
@@ -2810,7 +2817,14 @@ fn url_verdict(raw: &str) -> Option<bool> {
     let Ok(u) = url::Url::parse(raw) else {
         return Some(false);
     };
+    // Userinfo, empty too (`http://@host`): any `@` before the path.
+    let userinfo = authority.is_some_and(|a| {
+        a.split(['/', '?', '#'])
+            .next()
+            .is_some_and(|a| a.contains('@'))
+    });
     if !matches!(u.scheme(), "http" | "https")
+        || userinfo
         || !u.username().is_empty()
         || u.password().is_some()
         || u.query().is_some()
@@ -3283,6 +3297,8 @@ fn url_text() -> impl Strategy<Value = String> {
             "[::ffff:10.0.0.1]", "[::ffff:8.8.8.8]", "[64:ff9b::7f00:1]", "[64:ff9b::808:808]",
             "[2002:7f00:1::]", "[2002:808:808::]", "[::127.0.0.1]", "localhost", "LOCALHOST.",
             "api.localhost", "", "[::1", "8.8.8.8:", "%31%32%37.0.0.1",
+            "[::ffff:0:a9fe:a9fe]", "[64:ff9b:1::a9fe:a9fe]", "198.18.0.1", "192.0.2.1",
+            "203.0.113.5", "192.0.3.1", "[2001:db8::1]", "[100::1]", "[2001:10::1]",
         ][..])
         .prop_map(String::from),
         1 => any::<[u8; 4]>().prop_map(|o| Ipv4Addr::from(o).to_string()),

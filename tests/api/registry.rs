@@ -130,6 +130,16 @@ async fn registration_defaults_and_validation() {
         "http:///x",
         "http:x",
         "http://exa\nmple.com/",
+        // empty userinfo, translated and local-use NAT64 forms, reserved ranges: accepted
+        // before (a black-box probe)
+        "http://@example.com/",
+        "http://:@example.com/",
+        "http://[::ffff:0:a9fe:a9fe]/",
+        "http://[64:ff9b:1::a9fe:a9fe]/",
+        "http://198.18.0.1/",
+        "http://192.0.2.1/",
+        "http://[2001:db8::1]/",
+        "http://[100::1]/",
     ] {
         assert_error(
             register(&app, json!({"id": Uuid::new_v4(), "url": bad}), None).await,
