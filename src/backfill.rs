@@ -1,6 +1,7 @@
 //! The bytea → S3 backfill (SPEC §6): copies bytea-only rows to S3, verifies each copy, and
 //! points each row at it; resumable, bounded concurrency, progress, `--dry-run`.
 
+use crate::logfmt::clip;
 use std::{
     path::Path,
     time::{Duration, Instant},
@@ -201,7 +202,7 @@ async fn copy_one(
     if pointed {
         tracing::info!(
             event = "backfilled", workspace_id = %row.workspace_id, %file_id,
-            size = row.size_bytes, name = %row.filename, backend = "s3", "row copied to S3"
+            size = row.size_bytes, name = clip(&row.filename).as_str(), backend = "s3", "row copied to S3"
         );
         return Ok(Copied::Migrated(row.size_bytes as u64));
     }

@@ -14,6 +14,14 @@ pub const MAX_LOGGED_CHARS: usize = 256;
 /// `\u{1b}`). Everything else, combining marks of a decomposed name included, as it is.
 pub struct Clip<'a>(pub &'a str);
 
+/// [`Clip`] as a string, to log as a `&str` field (`name = clip(&s).as_str()`), not with `%`:
+/// the text format quotes a string field and escapes its quotes and backslashes, while it
+/// writes a `%` field as it is, so a filename `x event=acked file_id=…` read as fields of its
+/// own to whatever parses the line. The JSON format writes both as a JSON string.
+pub fn clip(s: &str) -> String {
+    Clip(s).to_string()
+}
+
 impl fmt::Display for Clip<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (shown, left) = match self.0.char_indices().nth(MAX_LOGGED_CHARS) {

@@ -22,7 +22,7 @@ use crate::{
         uploads::{in_step, NewUpload},
         Db, DbError,
     },
-    logfmt::Clip,
+    logfmt::clip,
     longpoll::Announcer,
     metrics::metrics,
     multipart::{BoxError, Multipart, MultipartError},
@@ -547,7 +547,7 @@ fn record_staged(workspace_id: Uuid, backend: &str, files: &[Received], staged: 
         m.upload_size.observe(f.spool.size as f64);
         tracing::info!(
             event = "staged", %workspace_id, file_id = %s.file_id, size = f.spool.size,
-            name = %f.name, original = %Clip(&f.original), mimetype = %f.mimetype, backend,
+            name = clip(&f.name).as_str(), original = clip(&f.original).as_str(), mimetype = %f.mimetype, backend,
             "upload staged"
         );
     }

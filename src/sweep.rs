@@ -5,6 +5,7 @@
 //! lists the whole prefix, so the fleet takes turns at it (`db::leases`), rather
 //! than every replica listing and deleting the same objects.
 
+use crate::logfmt::clip;
 use std::{
     sync::{Arc, Mutex},
     time::Duration,
@@ -136,7 +137,7 @@ impl Sweeper {
                 }
                 tracing::info!(
                     event = "swept", workspace_id = %row.workspace_id, file_id = %row.file_id,
-                    size = row.size_bytes, name = %row.filename,
+                    size = row.size_bytes, name = clip(&row.filename).as_str(),
                     backend = self.storage.reader_name(&loc), reason, "upload swept"
                 );
                 crate::metrics::metrics()

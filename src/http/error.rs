@@ -242,7 +242,11 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         if status.is_server_error() {
-            tracing::error!(error = %crate::logfmt::Clip(&format!("{:#}", anyhow_chain(&self))), status = status.as_u16(), "request failed");
+            tracing::error!(
+                error = crate::logfmt::clip(&format!("{:#}", anyhow_chain(&self))).as_str(),
+                status = status.as_u16(),
+                "request failed"
+            );
         }
         let mut resp = (status, Json(self.body())).into_response();
         if matches!(

@@ -1,5 +1,6 @@
 //! The workspace side of staged files: list, content (GET/HEAD, ranges), ack.
 
+use crate::logfmt::clip;
 use std::sync::Arc;
 
 use axum::{
@@ -339,7 +340,7 @@ impl HandedOver {
             .inc();
         tracing::info!(
             event = "fetched", workspace_id = %row.workspace_id, file_id = %row.file_id,
-            size = row.size_bytes, name = %row.filename, backend,
+            size = row.size_bytes, name = clip(&row.filename).as_str(), backend,
             range_start = range.start, range_end = range.end, "upload served"
         );
     }
@@ -391,7 +392,7 @@ impl Drop for CountedBody {
         if self.failed {
             tracing::warn!(
                 event = "failed", workspace_id = %row.workspace_id, file_id = %row.file_id,
-                size = row.size_bytes, name = %row.filename, backend = done.backend,
+                size = row.size_bytes, name = clip(&row.filename).as_str(), backend = done.backend,
                 sent = self.sent, "download cut short: its source failed"
             );
         }
@@ -689,7 +690,7 @@ pub async fn ack(
             backend,
         } => {
             tracing::info!(
-                event = "acked", %workspace_id, %file_id, size, name = %name, backend, "upload acked"
+                event = "acked", %workspace_id, %file_id, size, name = clip(name).as_str(), backend, "upload acked"
             );
             acked.with_label_values(&[backend, "acked"]).inc();
             None

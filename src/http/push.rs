@@ -23,7 +23,7 @@ use super::{
     Relayed,
 };
 use crate::{
-    logfmt::Clip,
+    logfmt::clip,
     push_target::{is_refusal, PushPolicy},
     slots::Slot,
 };
@@ -88,7 +88,7 @@ impl Pusher {
     ) -> Result<Response, ApiError> {
         let max_request_bytes = self.limits.max_request_bytes;
         let base = self.policy.check_url(url).map_err(|e| {
-            tracing::warn!(%workspace_id, url = %Clip(url), reason = e.reason, "push URL refused");
+            tracing::warn!(%workspace_id, url = clip(url).as_str(), reason = e.reason, "push URL refused");
             ApiError::UrlNotAllowed
         })?;
         let target = format!(
@@ -126,7 +126,7 @@ impl Pusher {
         let mut answer = tokio::select! {
             answer = exchange => answer?,
             why = falls_behind(progress.clone(), self.limits.answer_timeout) => {
-                tracing::warn!(%workspace_id, target = %Clip(&target), reason = why, "push delivery failed");
+                tracing::warn!(%workspace_id, target = clip(&target).as_str(), reason = why, "push delivery failed");
                 return Err(ApiError::WorkspaceUnreachable);
             }
         };
@@ -263,10 +263,10 @@ fn send_failure(
         return cut.answer(max_request_bytes);
     }
     if is_refusal(&e) {
-        tracing::warn!(%workspace_id, target = %Clip(target), "push address refused at connect time");
+        tracing::warn!(%workspace_id, target = clip(target).as_str(), "push address refused at connect time");
         return ApiError::UrlNotAllowed;
     }
-    tracing::warn!(%workspace_id, target = %Clip(target), error = %Clip(&causes(e)), "push delivery failed");
+    tracing::warn!(%workspace_id, target = clip(target).as_str(), error = clip(&causes(e)).as_str(), "push delivery failed");
     ApiError::WorkspaceUnreachable
 }
 

@@ -26,7 +26,7 @@ use crate::{
         self,
         workspaces::{NewWorkspace, Workspace},
     },
-    logfmt::Clip,
+    logfmt::clip,
     push_target::RegistrationCheck,
 };
 
@@ -84,7 +84,11 @@ async fn callback_url(st: &AppState, url: Option<String>) -> Result<Option<Strin
     match st.push.policy().check_registration(&raw).await {
         Ok(_) => Ok(Some(raw)),
         Err(RegistrationCheck::Refused(e)) => {
-            tracing::info!(url = %Clip(&raw), reason = e.reason, "push URL refused at registration");
+            tracing::info!(
+                url = clip(&raw).as_str(),
+                reason = e.reason,
+                "push URL refused at registration"
+            );
             Err(ApiError::UrlNotAllowed)
         }
         Err(RegistrationCheck::LookupsBusy) => Err(ApiError::LookupCapacity),
@@ -307,7 +311,7 @@ pub async fn register(
         .await?;
     match outcome {
         Registration::Done(ws, token, created) => {
-            tracing::info!(workspace_id = %ws.id, delivery_mode = %Clip(&ws.delivery_mode), created, "workspace registered");
+            tracing::info!(workspace_id = %ws.id, delivery_mode = clip(&ws.delivery_mode).as_str(), created, "workspace registered");
             Ok(registered(&ws, token))
         }
         Registration::Removed => Err(ApiError::WorkspaceRemoved),

@@ -15,7 +15,7 @@ use super::{
 use crate::{
     api::{self, UploadResult},
     db::{self, uploads::PendingTotals, workspaces::Workspace, Checked},
-    logfmt::Clip,
+    logfmt::{clip, Clip},
     metrics::metrics,
     multipart::{self, Multipart},
     slots::{self, Slot},
@@ -220,7 +220,7 @@ async fn stage(
             .inc_by(count as u64);
         for (name, size) in &described {
             tracing::warn!(
-                event = "failed", workspace_id = %ws.id, name = %name, size, backend,
+                event = "failed", workspace_id = %ws.id, name = clip(name).as_str(), size, backend,
                 error = %e, "upload not staged"
             );
         }

@@ -3430,6 +3430,12 @@ async fn client_strings_cannot_forge_text_log_lines_or_reach_the_terminal() {
     );
     let resp = upload_raw(&svc, ws, &token, body.into_bytes()).await;
     assert_eq!(resp.status(), StatusCode::OK);
+    // Fields of its own: a plain name with spaces and `=` was written unquoted, so a logfmt
+    // parser (or a grep for event=acked) read a second event (a black-box probe).
+    let spoof =
+        "x event=acked file_id=00000000-0000-0000-0000-000000000000 size=999 name=spoof.txt";
+    let resp = upload_file(&svc, ws, &token, spoof, b"hi").await;
+    assert_eq!(resp.status(), StatusCode::OK);
     let mut svc = svc;
     let out = svc.running.terminate().await;
     let log = String::from_utf8_lossy(&out.stderr);
@@ -3437,6 +3443,13 @@ async fn client_strings_cannot_forge_text_log_lines_or_reach_the_terminal() {
         log.contains("push URL refused at registration") && log.contains("upload staged"),
         "both strings were logged: {log}"
     );
+    let staged: Vec<&str> = log.lines().filter(|l| l.contains("spoof.txt")).collect();
+    assert!(!staged.is_empty(), "the spoof upload was logged: {log}");
+    for line in staged {
+        let fields = unquoted(line);
+        assert_eq!(fields.matches("event=").count(), 1, "{line}");
+        assert!(!fields.contains("size=999"), "{line}");
+    }
     for line in log.lines() {
         assert!(
             line.starts_with("20"),
@@ -3452,6 +3465,22 @@ async fn client_strings_cannot_forge_text_log_lines_or_reach_the_terminal() {
         2,
         "both strings are in the log, escaped, on their own lines: {log}"
     );
+}
+
+/// A text log line without its quoted values (`"…"`, with `\"` and `\\` inside): what a logfmt
+/// parser reads as keys and bare values.
+fn unquoted(line: &str) -> String {
+    let (mut out, mut quoted, mut escaped) = (String::new(), false, false);
+    for c in line.chars() {
+        match (quoted, escaped, c) {
+            (true, true, _) => escaped = false,
+            (true, false, '\\') => escaped = true,
+            (_, false, '"') => quoted = !quoted,
+            (true, false, _) => {}
+            (false, _, c) => out.push(c),
+        }
+    }
+    out
 }
 
 /// Registration is unauthenticated and a URL may be 2048 bytes (it could fill the 64 KiB JSON
