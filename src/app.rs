@@ -120,7 +120,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
     .context("building the push HTTP client")?;
     let d = &args.deadlines;
     let state = AppState::new(Shared {
-        auth: Auth::new(args.admin_token.clone(), db.clone()),
+        auth: Auth::new(args.admin_token().cloned(), db.clone()),
         stager: Stager {
             db: db.clone(),
             storage: storage.clone(),
@@ -215,9 +215,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.bind_addr)
         .await
         .with_context(|| format!("binding {}", args.bind_addr))?;
+    if args.admin_token.is_some() && args.admin_token().is_none() {
+        tracing::warn!("ADMIN_TOKEN is set but blank: no admin access");
+    }
     tracing::info!(
         addr = %listener.local_addr()?, backend = args.storage.pending_uploads_backend.as_str(),
-        admin = args.admin_token.is_some(), "pending-uploads listening"
+        admin = args.admin_token().is_some(), "pending-uploads listening"
     );
     let sweep = tokio::spawn(service.sweeper.clone().run_forever(args.sweep_interval.0));
     let db = service.state.db.clone();

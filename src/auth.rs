@@ -95,8 +95,8 @@ impl Credential {
 
 impl Auth {
     pub fn new(admin_token: Option<Secret>, db: Db) -> Self {
-        // An empty ADMIN_TOKEN is as unset: fail closed.
-        let admin_token = admin_token.filter(|s| !s.0.is_empty());
+        // An empty or blank ADMIN_TOKEN is as unset: fail closed.
+        let admin_token = admin_token.filter(|s| !s.0.trim().is_empty());
         Auth { admin_token, db }
     }
 

@@ -12,7 +12,8 @@ use crate::config::{DbArgs, ServeArgs, StorageArgs, SweepArgs};
 )]
 pub struct Cli {
     /// Log format: text or json.
-    #[arg(long, env = "LOG_FORMAT", default_value = "text", global = true)]
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", global = true,
+          value_parser = ["text", "json"])]
     pub log_format: String,
     #[command(subcommand)]
     pub command: Option<Command>,

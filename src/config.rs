@@ -89,8 +89,9 @@ pub struct DbArgs {
     /// PostgreSQL connection string.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Secret,
-    /// Maximum connections in the pool.
-    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 20)]
+    /// Maximum connections in the pool (1..=10000).
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub database_max_connections: u32,
     /// Longest wait on a stalled dependency (database, S3) before a request gets 503
     /// (10ms..=7d: half of it, in whole milliseconds, is the lock wait, and 0 is none).
@@ -398,6 +399,9 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// What clap's parsers cannot check alone; the database's are checked as it connects.
     pub fn validate(&self) -> Result<(), String> {
+        for origin in &self.cors_allowed_origins {
+            cors_origin(origin)?;
+        }
         self.limits.validate()?;
         self.deadlines.validate()?;
         self.sweep.validate()?;
@@ -416,7 +420,36 @@ impl ServeArgs {
     }
 }
 
+/// A CORS_ALLOWED_ORIGINS entry as browsers send `Origin` (`scheme://host[:port]`, lower
+/// case, default port left out): the layer echoes an origin only when it is byte-equal to
+/// one listed, so `https://Canvas.example.com/` would have matched nothing. Blank entries
+/// (a trailing comma) are `None`. `*` is refused: the canvas sends credentials, and a
+/// wildcard cannot go with them.
+pub fn cors_origin(raw: &str) -> Result<Option<String>, String> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    let refused = |why: &str| Err(format!("CORS_ALLOWED_ORIGINS entry {raw:?} {why}"));
+    if raw == "*" {
+        return refused("is a wildcard: list the canvas origins (the canvas sends credentials)");
+    }
+    let Ok(url) = url::Url::parse(raw) else {
+        return refused("is not an origin (scheme://host[:port])");
+    };
+    let bare = url.path() == "/" && url.query().is_none() && url.fragment().is_none();
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() || !bare {
+        return refused("is not an origin (scheme://host[:port])");
+    }
+    Ok(Some(url.origin().ascii_serialization()))
+}
+
 impl ServeArgs {
+    /// The admin credential: unset, empty or blank is none (SPEC §3: no admin access).
+    pub fn admin_token(&self) -> Option<&Secret> {
+        self.admin_token.as_ref().filter(|t| !t.0.trim().is_empty())
+    }
+
     /// The orphan reconciliation deletes objects older than ORPHAN_GRACE that no row points
     /// at. An upload still being received has exactly those: objects stored for its earlier
     /// files, its row not committed yet, for up to UPLOAD_BODY_TIMEOUT of the client's time

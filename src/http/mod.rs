@@ -244,11 +244,11 @@ fn method_label(method: &Method) -> &'static str {
 /// not refused — workspace runtimes send `Origin` on every call — it just gets no CORS
 /// headers.
 fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    // Checked at start-up (`ServeArgs::validate`); an entry that is not an origin is left out.
     let origins: Vec<HeaderValue> = origins
         .iter()
-        .map(|o| o.trim())
-        .filter(|o| !o.is_empty())
-        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .filter_map(|o| crate::config::cors_origin(o).ok().flatten())
+        .filter_map(|o| HeaderValue::from_str(&o).ok())
         .collect();
     if origins.is_empty() {
         return None;

@@ -99,7 +99,7 @@ async fn migrate_applies_the_schema_once() {
 #[tokio::test]
 async fn start_up_refuses_bad_configuration_clearly() {
     let db = fresh_db().await;
-    let cases: [(&str, &str, &str); 15] = [
+    let cases: [(&str, &str, &str); 20] = [
         (
             "PENDING_UPLOADS_BACKEND",
             "s3",
@@ -162,6 +162,24 @@ async fn start_up_refuses_bad_configuration_clearly() {
             "1500ms",
             "UPLOAD_BODY_TIMEOUT=1.5s must be a whole number of seconds",
         ),
+        // Before, each of these panicked (exit 101 and a backtrace) or started as if unset.
+        (
+            "CORS_ALLOWED_ORIGINS",
+            "*",
+            "CORS_ALLOWED_ORIGINS entry \"*\" is a wildcard",
+        ),
+        (
+            "CORS_ALLOWED_ORIGINS",
+            "https://canvas.example,not an origin",
+            "CORS_ALLOWED_ORIGINS entry \"not an origin\" is not an origin",
+        ),
+        (
+            "CORS_ALLOWED_ORIGINS",
+            "https://canvas.example/app",
+            "CORS_ALLOWED_ORIGINS entry \"https://canvas.example/app\" is not an origin",
+        ),
+        ("DATABASE_MAX_CONNECTIONS", "0", "0 is not in 1..=10000"),
+        ("LOG_FORMAT", "xml", "invalid value 'xml'"),
         // Before, any grace started: one under an upload's time deleted the objects of
         // uploads still being received, whose rows then committed pointing at nothing.
         (
@@ -419,4 +437,40 @@ fn the_allocator_is_jemalloc_with_the_service_settings() {
     }
     let overridden = stats("stats_print:true,narenas:3");
     assert!(overridden.contains("opt.narenas: 3"), "{overridden}");
+}
+
+/// SPEC §3: without an admin token there is no admin access. A blank ADMIN_TOKEN (an env file's
+/// `ADMIN_TOKEN=` or a stray space) gave none, but the start-up line said `admin=true`; it says
+/// false now, with a warning.
+#[tokio::test]
+async fn a_blank_admin_token_is_no_admin_and_says_so() {
+    let db = fresh_db().await;
+    let port = free_port();
+    let mut cmd = command(&db);
+    // The flag wins over the ADMIN_TOKEN spawn_service sets.
+    cmd.args(["serve", "--admin-token", " "]);
+    let mut running = spawn_service(cmd, port).await;
+    for bearer in [" ", ADMIN] {
+        let resp = reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{port}/workspaces"))
+            .header("Authorization", format!("Bearer {bearer}"))
+            .json(&json!({"name": "x"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{bearer:?}");
+    }
+    let out = running.terminate().await;
+    let lines = log_lines(&out.stderr);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "ADMIN_TOKEN is set but blank: no admin access"),
+        "{lines:?}"
+    );
+    let listening = lines
+        .iter()
+        .find(|l| l["message"] == "pending-uploads listening")
+        .expect("the start-up line");
+    assert_eq!(listening["admin"], false);
 }

@@ -4,6 +4,27 @@ use crate::common::*;
 
 const CANVAS: &str = "https://canvas.example.com";
 
+/// An origin listed the way people write URLs (capitals, a default port, a trailing slash)
+/// is the origin a browser sends: it matched nothing before (the layer compares bytes), and
+/// the canvas got no CORS headers at all.
+#[tokio::test]
+async fn a_listed_origin_is_matched_as_browsers_write_it() {
+    let app = TestApp::start_with(&[
+        "--cors-allowed-origins",
+        "https://Canvas.Example.COM:443/, ,",
+    ])
+    .await;
+    let resp = app
+        .client
+        .get(app.at("/uploads/limits"))
+        .header("Origin", CANVAS)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["access-control-allow-origin"], CANVAS);
+}
+
 #[tokio::test]
 async fn listed_origins_get_preflight_answers_and_cors_headers() {
     let app = TestApp::start_with(&[
