@@ -200,7 +200,7 @@ where
         // for the part that is the last.
         let followed = match followed {
             Some(put) if put.size != spool.size => {
-                put.cancel().await;
+                put.guessed_wrong().await;
                 None
             }
             kept => kept,

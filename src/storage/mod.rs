@@ -135,16 +135,26 @@ impl FollowedPut {
     pub async fn cancel(mut self) {
         if let Some(task) = self.task.take() {
             // In a task of its own: a caller dropped half-way still has the object deleted.
-            let _ = tokio::spawn(self.stop(task)).await;
+            let _ = tokio::spawn(self.stop(task, "stopped")).await;
+        }
+    }
+
+    /// Stops the PUT because the file's size was foreseen wrong (a file before another): the
+    /// file is put again after its receive, so it counts as `put_again`, not as a request
+    /// that failed (`stopped`).
+    pub async fn guessed_wrong(mut self) {
+        if let Some(task) = self.task.take() {
+            let _ = tokio::spawn(self.stop(task, "put_again")).await;
         }
     }
 
     fn stop(
         &mut self,
         task: tokio::task::JoinHandle<Result<(), PutFailure>>,
+        counted_as: &'static str,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         task.abort();
-        outcome("stopped");
+        outcome(counted_as);
         let (s3, key, released) = (
             self.s3.clone(),
             std::mem::take(&mut self.key),
@@ -171,7 +181,7 @@ fn outcome(outcome: &str) {
 impl Drop for FollowedPut {
     fn drop(&mut self) {
         let Some(task) = self.task.take() else { return };
-        let stop = self.stop(task);
+        let stop = self.stop(task, "stopped");
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(stop);
         }

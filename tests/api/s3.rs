@@ -1506,6 +1506,38 @@ async fn puts_while_receiving_are_bounded() {
     }
 }
 
+/// A file whose size was foreseen wrong (it is not the last) is put again after its receive:
+/// `put_again`, as README says, not `stopped` (a request that failed), which it was counted
+/// as before (a black-box probe). The file after it is foreseen right: `written`.
+#[tokio::test]
+async fn a_wrong_size_guess_counts_as_put_again() {
+    let (endpoint, _) = s3_endpoint();
+    let prefix = test_prefix();
+    let port = free_port();
+    let mut cmd = bin_command(&fresh_db().await);
+    cmd.arg("serve").args(s3_flags("s3", &prefix, &endpoint));
+    let _svc = spawn_service(cmd, port).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let (ws, token) = register_poll(&base).await;
+    let (a, b) = (bytes(3 << 20, 1), bytes(3 << 20, 2));
+    let body = raw_multipart("XqzBound", &[("a.bin", &a), ("b.bin", &b)], b"--\r\n");
+    let len = body.len();
+    let resp = post_raw(&base, ws, &token, body.into(), len).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = scrape_metrics(&base).await;
+    let count = |outcome: &str| {
+        metric_value(
+            &text,
+            &format!("pending_uploads_s3_puts_while_receiving_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    assert_eq!(
+        (count("put_again"), count("written"), count("stopped")),
+        (Some(1.0), Some(1.0), None),
+        "{text}"
+    );
+}
+
 /// A PUT alongside the receive that the server stops taking bytes from just as the client
 /// finishes (every byte after the client's pause is held by a proxy) is a 503 within
 /// DEPENDENCY_TIMEOUT: the watchdog counts the server's stall again once the PUT no longer
