@@ -40,6 +40,10 @@ pub enum Cut {
     TooSlow,
     /// Its reader waited `Pace::whole` (its seconds) in all.
     Overdue(u64),
+    /// The client's body failed: it closed the connection before Content-Length's bytes,
+    /// or sent bad chunked framing. A relay that reads it says so, rather than blaming the
+    /// workspace it relays to.
+    Broken,
 }
 
 impl Cut {
@@ -51,6 +55,8 @@ impl Cut {
             Cut::Stalled => ApiError::BodyStalled,
             Cut::TooSlow => ApiError::BodyTooSlow,
             Cut::Overdue(secs) => ApiError::BodyOverdue { secs },
+            // As a poll upload's truncated body (SPEC §4 Upload: unparseable body).
+            Cut::Broken => ApiError::MalformedMultipart,
         }
     }
 }
@@ -230,7 +236,12 @@ impl Stream for UploadBody {
                 self.idle_timer.as_mut().reset(idle_at);
                 Poll::Ready(Some(Ok(chunk)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(Some(Err(e))) => {
+                if let Ok(mut cut) = self.cut.lock() {
+                    *cut = Some(Cut::Broken);
+                }
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
             Poll::Ready(None) => {
                 self.progress.read.ended.store(true, Ordering::Relaxed);
                 Poll::Ready(None)

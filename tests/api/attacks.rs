@@ -543,6 +543,37 @@ async fn a_push_workspace_that_stops_reading_the_upload_is_cut() {
     wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 0.0).await;
 }
 
+/// A client that sends less than its Content-Length and closes its side is the client's fault:
+/// a poll upload answers 400, and so does a push one now. Before, the relay's failure was
+/// taken for the workspace's: 502 `workspace unreachable`, logged as a workspace outage (a
+/// black-box probe).
+#[tokio::test]
+async fn a_push_upload_whose_client_cuts_its_body_short_is_a_400() {
+    let svc = Svc::start(&[("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32")]).await;
+    let reads_all = Router::new().fallback(any(|body: axum::body::Bytes| async move {
+        format!("took {} bytes", body.len())
+    }));
+    let (ws, token) = push_workspace(&svc, reads_all).await;
+    let body = one_file("XB", "short.bin", &[b'x'; 200]);
+    let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
+    sock.write_all(upload_head(&svc, ws, &token, 100_000).as_bytes())
+        .await
+        .unwrap();
+    sock.write_all(&body).await.unwrap();
+    sock.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), sock.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 20 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.ends_with(r#"{"error":"malformed multipart body"}"#),
+        "{answer}"
+    );
+}
+
 /// A push workspace may answer before it has taken the whole upload (a refusal, say) and then
 /// stop reading. Before, the rest of the upload sat in the relay with no deadline: the answer
 /// went out, the slot came back, and both connections stayed open for good (review: three such
