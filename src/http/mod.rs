@@ -169,7 +169,8 @@ pub struct Relayed;
 
 /// The one middleware (one layer: a long poll holds its state for up to a minute, so each
 /// layer's per-request future and service clone count 10,000 times): framework rejections
-/// become JSON, the latency is recorded, and an unread request body is drained.
+/// become JSON, every answer gets `X-Content-Type-Options: nosniff`, the latency is recorded,
+/// and an unread request body is drained.
 ///
 /// A plain function returning the future, so the future holds only what it needs after the
 /// call (an `async fn` would keep its `req` and `next` arguments for its whole life, beside
@@ -185,7 +186,13 @@ fn every_request(
     let inner = next.run(req);
     async move {
         let started = std::time::Instant::now();
-        let resp = json_rejections(inner.await);
+        let mut resp = json_rejections(inner.await);
+        // Bodies here are files anyone may have uploaded and push workspaces' own answers,
+        // each with the type it was given: a browser must not read one as something else.
+        resp.headers_mut().insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
         // the route template, never the raw path: ids would explode the labels
         let route = matched.as_ref().map_or("unmatched", |m| m.as_str());
         crate::metrics::metrics()

@@ -631,10 +631,6 @@ fn respond(row: &UploadRow, status: StatusCode, range: ByteRange, body: Body) ->
         h.insert(HeaderName::from_static("repr-digest"), v);
     }
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(
-        HeaderName::from_static("x-content-type-options"),
-        HeaderValue::from_static("nosniff"),
-    );
     if status == StatusCode::PARTIAL_CONTENT {
         if let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{size}", range.start, range.end))
         {

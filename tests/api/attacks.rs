@@ -12,7 +12,7 @@ use std::{
 };
 
 use axum::{routing::any, Router};
-use reqwest::{Method, StatusCode};
+use reqwest::{header, Method, StatusCode};
 use serde_json::{json, Value};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -541,6 +541,27 @@ async fn a_push_workspace_that_stops_reading_the_upload_is_cut() {
     );
     assert!(took < Duration::from_secs(15), "took {took:?}");
     wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 0.0).await;
+}
+
+/// A push workspace's answer is relayed with the type it chose (`text/html` here), and served
+/// files with theirs: every answer says `nosniff`, so a browser never reads one as something
+/// else (a black-box probe found the relayed answer without it).
+#[tokio::test]
+async fn every_answer_says_nosniff_a_relayed_one_included() {
+    let svc = Svc::start(&[("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32")]).await;
+    let html = Router::new().fallback(any(|| async {
+        (
+            [(header::CONTENT_TYPE, "text/html")],
+            "<script>alert(1)</script>",
+        )
+    }));
+    let (ws, token) = push_workspace(&svc, html).await;
+    let relayed = upload_file(&svc, ws, &token, "a.txt", b"hi").await;
+    assert_eq!(relayed.status(), StatusCode::OK);
+    assert_eq!(relayed.headers()[header::CONTENT_TYPE], "text/html");
+    assert_eq!(relayed.headers()["x-content-type-options"], "nosniff");
+    let limits = reqwest::get(svc.at("/uploads/limits")).await.unwrap();
+    assert_eq!(limits.headers()["x-content-type-options"], "nosniff");
 }
 
 /// A client that sends less than its Content-Length and closes its side is the client's fault:
