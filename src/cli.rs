@@ -299,3 +299,39 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// README: every setting's flag is its environment variable's name, in lower case with
+    /// dashes (`PENDING_UPLOADS_S3_BUCKET` is `--pending-uploads-s3-bucket`); a subcommand's
+    /// own variables drop its name from their flags (`BACKFILL_CONCURRENCY` is `backfill
+    /// --concurrency`), and the agent's drop `PENDING_UPLOADS_`.
+    #[test]
+    fn every_flag_is_named_as_its_environment_variable() {
+        fn walk(cmd: &clap::Command, path: &str, wrong: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let (Some(env), Some(long)) = (arg.get_env(), arg.get_long()) else {
+                    continue;
+                };
+                let env = env.to_string_lossy().to_ascii_lowercase().replace('_', "-");
+                let sub = path.rsplit(' ').next().unwrap_or_default();
+                let own = match sub {
+                    "agent" => "pending-uploads-".to_string(),
+                    sub => format!("{sub}-"),
+                };
+                if long != env && env.strip_prefix(own.as_str()) != Some(long) {
+                    wrong.push(format!("{path}: --{long} reads {env}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), wrong);
+            }
+        }
+        let mut wrong = Vec::new();
+        walk(&Cli::command(), "pending-uploads", &mut wrong);
+        assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+}

@@ -129,20 +129,25 @@ pub struct StorageArgs {
           value_parser = clap::value_parser!(u64).range(0..=1 << 30))]
     pub download_read_ahead_bytes: u64,
     /// Bucket for S3-backed bytes; needed by dual and s3, and to read rows that have a key.
-    #[arg(long, env = "PENDING_UPLOADS_S3_BUCKET")]
+    #[arg(
+        long = "pending-uploads-s3-bucket",
+        visible_alias = "s3-bucket",
+        env = "PENDING_UPLOADS_S3_BUCKET"
+    )]
     pub s3_bucket: Option<String>,
     /// Key prefix inside the bucket.
     #[arg(
-        long,
+        long = "pending-uploads-s3-prefix",
+        visible_alias = "s3-prefix",
         env = "PENDING_UPLOADS_S3_PREFIX",
         default_value = "pending-uploads/"
     )]
     pub s3_prefix: String,
     /// Path-style addressing (MinIO, LocalStack).
-    #[arg(long, env = "PENDING_UPLOADS_S3_FORCE_PATH_STYLE", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long = "pending-uploads-s3-force-path-style", visible_alias = "s3-force-path-style", env = "PENDING_UPLOADS_S3_FORCE_PATH_STYLE", default_value_t = true, action = clap::ArgAction::Set)]
     pub s3_force_path_style: bool,
     /// Optional S3 checksums: when-supported (a PUT carries the SHA-256) or when-required.
-    #[arg(long, env = "PENDING_UPLOADS_S3_CHECKSUM", value_enum, default_value_t = S3Checksum::WhenSupported)]
+    #[arg(long = "pending-uploads-s3-checksum", visible_alias = "s3-checksum", env = "PENDING_UPLOADS_S3_CHECKSUM", value_enum, default_value_t = S3Checksum::WhenSupported)]
     pub s3_checksum: S3Checksum,
     /// PUTs a replica may run alongside their files' receive (`s3`, `dual`): each holds its
     /// buffers (about 1 MiB) while the receive holds its own; beyond this an upload's PUT
@@ -330,7 +335,7 @@ pub struct ServeArgs {
     pub max_long_polls_per_workspace: u64,
     /// Long polls waiting at once on this replica; more get 503 with Retry-After. Below
     /// MAX_CONNECTIONS, so waiting polls cannot take the connections other requests need
-    /// (10,000 waiting polls hold ~115 MiB; at most 1000000).
+    /// (10,000 waiting polls hold ~95 MiB; at most 1000000).
     #[arg(long, env = "MAX_LONG_POLLS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_long_polls: u64,

@@ -101,7 +101,7 @@ impl FeedQuery {
         ("since_secs" = Option<i64>, Query, description = "window (positive; max 30 days)"),
         ("limit" = Option<i64>, Query, description = "default 100 (also for a value that is not a positive integer), max 500"),
         ("include" = Option<String>, Query, description = "`peer_info` adds `attachments`"),
-        ("wait" = Option<u64>, Query, description = "with since_id: hold the request up to this many seconds (1-60) until a row commits"),
+        ("wait" = Option<u64>, Query, minimum = 1, maximum = 60, description = "with since_id: hold the request up to this many seconds (1-60) until a row commits"),
     ),
     responses(
         (status = 200, description = "rows: after since_id oldest first, else newest first", body = Vec<ActivityRow>),
