@@ -10,7 +10,11 @@ use axum::{
 };
 
 use super::{
-    body::UploadBody, error::ApiError, extract::WorkspaceClaim, registry::live_workspace, AppState,
+    body::{Cut, UploadBody},
+    error::ApiError,
+    extract::WorkspaceClaim,
+    registry::live_workspace,
+    AppState,
 };
 use crate::{
     api::{self, UploadResult},
@@ -198,9 +202,11 @@ async fn stage(
             if cut.get().is_none() {
                 staging::drain(&mut parts).await;
             }
+            // A body that failed (the client went) after the parse had its answer keeps it:
+            // the parse's error is what the client did wrong first.
             let e = match cut.get() {
-                Some(cut) => cut.answer(st.limits.max_request_bytes),
-                None => e.into(),
+                Some(cut) if cut != Cut::Broken => cut.answer(st.limits.max_request_bytes),
+                _ => e.into(),
             };
             return Err(rejected(e));
         }
