@@ -214,13 +214,15 @@ mod tests {
 
     #[test]
     fn slots_count_public_clients_only() {
+        // Public clients are public addresses: documentation ranges count as internal
+        // (push_target::is_internal), as private ones do.
         let trusted: Networks = "10.0.0.0/8, 192.0.2.1".parse().unwrap();
         let none = HeaderMap::new();
         let slot_client = |peer: &str, h: &HeaderMap| slot_client(Some(ip(peer)), h, &trusted);
-        assert_eq!(slot_client("203.0.113.1", &none), Some(ip("203.0.113.1")));
+        assert_eq!(slot_client("8.8.4.4", &none), Some(ip("8.8.4.4")));
         assert_eq!(
-            slot_client("2001:db8:0:1::7", &none),
-            Some(ip("2001:db8::")),
+            slot_client("2606:4700:0:1::7", &none),
+            Some(ip("2606:4700::")),
             "an IPv6 client by its /56"
         );
         assert_eq!(slot_client("127.0.0.1", &none), None);
@@ -232,10 +234,10 @@ mod tests {
         );
         assert_eq!(slot_client("fd00::1", &none), None, "unique local");
         assert_eq!(slot_client("192.0.2.1", &none), None, "a trusted proxy");
-        let h = forwarded(&["203.0.113.9"]);
-        assert_eq!(slot_client("192.0.2.1", &h), Some(ip("203.0.113.9")));
-        assert_eq!(slot_client("10.0.0.2", &h), Some(ip("203.0.113.9")));
-        assert_eq!(slot_client("203.0.113.1", &h), Some(ip("203.0.113.1")));
+        let h = forwarded(&["8.8.8.9"]);
+        assert_eq!(slot_client("192.0.2.1", &h), Some(ip("8.8.8.9")));
+        assert_eq!(slot_client("10.0.0.2", &h), Some(ip("8.8.8.9")));
+        assert_eq!(slot_client("8.8.4.4", &h), Some(ip("8.8.4.4")));
         assert_eq!(super::slot_client(None, &h, &trusted), None);
     }
 

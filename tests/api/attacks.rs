@@ -2091,7 +2091,7 @@ const CLIENT_BUSY: &str = r#"{"error":"too many requests in progress from this c
 /// clients are served, and so is a request from the proxy itself or a local address.
 #[tokio::test]
 async fn one_client_cannot_take_every_slot_through_many_workspaces() {
-    const ATTACKER: &str = "203.0.113.66";
+    const ATTACKER: &str = "8.8.4.66";
     let svc = Svc::start(&[
         ("MAX_CONCURRENT_UPLOADS", "8"),
         ("MAX_CONCURRENT_UPLOADS_PER_WORKSPACE", "4"),

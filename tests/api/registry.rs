@@ -652,7 +652,7 @@ async fn reregistrations_that_look_up_a_name_count_against_the_client() {
         .as_str()
         .unwrap()
         .to_string();
-    for url in [None, Some("http://203.0.113.5:9/hook")] {
+    for url in [None, Some("http://93.184.216.34:9/hook")] {
         for _ in 0..3 {
             let resp = register(&app, json!({"id": id, "url": url}), Some(&token)).await;
             assert_eq!(
