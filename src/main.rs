@@ -11,11 +11,15 @@ fn main() -> std::process::ExitCode {
     runtime.block_on(async {
         let cli = pending_uploads::cli::Cli::parse();
         pending_uploads::cli::init_tracing(&cli.log_format);
+        let log_format = cli.log_format.clone();
         match pending_uploads::cli::run(cli).await {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
-                tracing::error!(error = format!("{e:#}"), "fatal");
-                eprintln!("pending-uploads: {e:#}");
+                // Once: a JSON line for a collector, else plain text (which no log filter hides).
+                match log_format.as_str() {
+                    "json" => tracing::error!(error = format!("{e:#}"), "fatal"),
+                    _ => eprintln!("pending-uploads: {e:#}"),
+                }
                 std::process::ExitCode::FAILURE
             }
         }

@@ -37,6 +37,43 @@ use crate::config::DbArgs;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 pub async fn connect(args: &DbArgs, dependency_timeout: Duration) -> Result<PgPool, sqlx::Error> {
+    let options = connect_options(args, dependency_timeout)?;
+    let pool = PgPoolOptions::new()
+        .max_connections(args.database_max_connections)
+        .acquire_timeout(dependency_timeout)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IF_IDLE_FOR {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+        .connect_with(options.clone())
+        .await;
+    match pool {
+        // The pool retried until its deadline and kept only that it ran out of time: one
+        // more attempt says why (connection refused, a password, a database that is not).
+        Err(sqlx::Error::PoolTimedOut) => {
+            let attempt = tokio::time::timeout(
+                dependency_timeout,
+                <PgConnection as sqlx::Connection>::connect_with(&options),
+            )
+            .await;
+            Err(match attempt {
+                Ok(Err(cause)) => cause,
+                _ => sqlx::Error::PoolTimedOut,
+            })
+        }
+        other => other,
+    }
+}
+
+fn connect_options(
+    args: &DbArgs,
+    dependency_timeout: Duration,
+) -> Result<PgConnectOptions, sqlx::Error> {
     let options: PgConnectOptions = args
         .database_url
         .0
@@ -54,20 +91,7 @@ pub async fn connect(args: &DbArgs, dependency_timeout: Duration) -> Result<PgPo
             "pending_uploads.lock_wait",
             format!("{}ms", (dependency_timeout / 2).as_millis()),
         )]);
-    PgPoolOptions::new()
-        .max_connections(args.database_max_connections)
-        .acquire_timeout(dependency_timeout)
-        .test_before_acquire(false)
-        .before_acquire(|conn, meta| {
-            Box::pin(async move {
-                if meta.idle_for >= PING_IF_IDLE_FOR {
-                    sqlx::Connection::ping(conn).await?;
-                }
-                Ok(true)
-            })
-        })
-        .connect_with(options)
-        .await
+    Ok(options)
 }
 
 /// Applies our migrations. Migrations the database has and this binary does not know (a

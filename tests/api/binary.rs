@@ -197,7 +197,16 @@ async fn start_up_refuses_bad_configuration_clearly() {
             .unwrap();
         assert!(!out.status.success(), "{var}={value} must not start");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(message), "{var}={value}: {err}");
+        // clap's own refusals are plain text; ours, under LOG_FORMAT=json, one `fatal` line.
+        let fatal = log_lines(&out.stderr)
+            .iter()
+            .filter(|l| l["message"] == "fatal")
+            .filter_map(|l| l["error"].as_str().map(String::from))
+            .collect::<Vec<_>>();
+        assert!(
+            err.contains(message) || fatal.iter().any(|e| e.contains(message)),
+            "{var}={value}: {err}"
+        );
     }
 }
 
@@ -473,4 +482,35 @@ async fn a_blank_admin_token_is_no_admin_and_says_so() {
         .find(|l| l["message"] == "pending-uploads listening")
         .expect("the start-up line");
     assert_eq!(listening["admin"], false);
+}
+
+/// A database that cannot be reached at start-up: the error says why. Before, sqlx's pool
+/// retried until DEPENDENCY_TIMEOUT and kept only "pool timed out while waiting for an open
+/// connection", with no word of the refused connection behind it (a black-box probe); and the
+/// error came out twice.
+#[test]
+fn an_unreachable_database_at_start_up_says_why() {
+    let closed = free_port();
+    let out = Command::new(service_bin())
+        .env_clear()
+        .env(
+            "DATABASE_URL",
+            format!("postgres://postgres@127.0.0.1:{closed}/none"),
+        )
+        .env("DEPENDENCY_TIMEOUT", "1s")
+        .env("BIND_ADDR", format!("127.0.0.1:{}", free_port()))
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("connecting to DATABASE_URL") && err.contains("refused"),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("connecting to DATABASE_URL").count(),
+        1,
+        "{err}"
+    );
 }
