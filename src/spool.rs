@@ -551,6 +551,17 @@ impl Spool {
         self.in_memory().map_or(0, Bytes::len)
     }
 
+    /// Gives a spool file's disk space back now, whoever still holds the file: a PUT to a
+    /// frozen S3 that the upload gave up on keeps its reader, and so the unnamed file, open
+    /// until its connection dies, which could be long after the 503 (a black-box probe saw
+    /// the spool disk fill up that way: every retry pinned another file). A reader left
+    /// then finds the file short and fails. Called when the request is done with the file.
+    pub fn release_disk(&self) {
+        if let Backing::File(file) = &self.backing {
+            let _ = file.set_len(0);
+        }
+    }
+
     /// The bytes, when the file is held in memory.
     pub fn in_memory(&self) -> Option<&Bytes> {
         match &self.backing {

@@ -101,6 +101,14 @@ pub struct Received {
     pub followed: Option<FollowedPut>,
 }
 
+/// The request is done with the file, staged or not: its bytes are in the database or the
+/// bucket, or nowhere. Its disk space goes now, not when the last reader lets go.
+impl Drop for Received {
+    fn drop(&mut self) {
+        self.spool.release_disk();
+    }
+}
+
 /// Where a request's last file may be written while it arrives ([`Storage::follow`]): a
 /// body of known length whose files go to disk, for a mode that writes to S3.
 pub struct Follow<'a> {

@@ -98,11 +98,24 @@ pub struct FollowedPut {
     task: Option<tokio::task::JoinHandle<Result<(), PutFailure>>>,
 }
 
+/// How a PUT alongside the receive ended.
+enum Followed {
+    Written,
+    /// It failed (not stalled) after the upload had waited `waited` on it.
+    Failed {
+        waited: Duration,
+    },
+}
+
 impl FollowedPut {
-    /// Whether the object is written; an error when the server stalled (its PUT would too).
-    async fn outcome(mut self) -> Result<bool, StorageError> {
+    /// Whether the object is written, or how long the upload waited on S3 for a PUT that
+    /// failed (what is left of DEPENDENCY_TIMEOUT is the put again's); an error when the
+    /// server stalled (its PUT would too).
+    async fn outcome(mut self) -> Result<Followed, StorageError> {
         let Some(task) = self.task.take() else {
-            return Ok(false);
+            return Ok(Followed::Failed {
+                waited: Duration::ZERO,
+            });
         };
         // What the upload waits on S3 once its receive is done.
         let started = Instant::now();
@@ -110,7 +123,7 @@ impl FollowedPut {
             Ok(Ok(())) => {
                 metrics::storage_observed("s3", "put", started, true);
                 outcome("written");
-                return Ok(true);
+                return Ok(Followed::Written);
             }
             Ok(Err(failed)) => failed,
             Err(e) => PutFailure {
@@ -127,7 +140,9 @@ impl FollowedPut {
         // not counted as the server's.
         outcome("put_again");
         tracing::debug!(key = %self.key, error = %failed.error, "PUT alongside the receive failed: put again");
-        Ok(false)
+        Ok(Followed::Failed {
+            waited: started.elapsed(),
+        })
     }
 
     /// Stops the PUT and, when it may have written its object, deletes it; returns once both
@@ -299,12 +314,22 @@ impl Storage {
             BackendMode::Dual | BackendMode::S3 => {
                 let s3 = self.s3_or_err()?;
                 let key = s3.key_for(workspace_id, file_id);
-                let written = match followed {
+                let waited = match followed {
                     Some(followed) => followed.outcome().await?,
-                    None => false,
+                    None => Followed::Failed {
+                        waited: Duration::ZERO,
+                    },
                 };
-                if !written {
-                    metrics::storage_op("s3", "put", s3.put_key(&key, spool)).await?;
+                if let Followed::Failed { waited } = waited {
+                    // The upload's wait on S3 is DEPENDENCY_TIMEOUT in all: a PUT that failed
+                    // late leaves its put again only the rest (before, a whole one more).
+                    let left = s3.stall().saturating_sub(waited);
+                    if left.is_zero() {
+                        return Err(StorageError::Unavailable(format!(
+                            "S3 failed the PUT of {key} and left no time to put it again"
+                        )));
+                    }
+                    metrics::storage_op("s3", "put", s3.put_key_within(&key, spool, left)).await?;
                 }
                 // Recorded by the PUT as it read the file back; were it not, read now, before
                 // the row's transaction holds a connection.

@@ -1084,9 +1084,9 @@ async fn library_outcome(
                     data.extend_from_slice(&chunk.unwrap());
                 }
                 files.push(ExpectedFile {
-                    original: r.original,
-                    name: r.name,
-                    mime_type: r.mimetype,
+                    original: r.original.clone(),
+                    name: r.name.clone(),
+                    mime_type: r.mimetype.clone(),
                     data,
                 });
             }

@@ -1538,6 +1538,77 @@ async fn a_wrong_size_guess_counts_as_put_again() {
     );
 }
 
+/// Bytes of the files `pid` holds open under `dir` (its spool files: unnamed, so only open
+/// descriptors show them).
+fn spool_bytes_held(pid: u32, dir: &std::path::Path) -> u64 {
+    let prefix = dir.to_string_lossy().to_string();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let target = std::fs::read_link(&path).ok()?;
+            target
+                .to_string_lossy()
+                .starts_with(&prefix)
+                .then_some(path)
+        })
+        .filter_map(|fd| std::fs::metadata(fd).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// S3 frozen for a whole upload (a black-box probe SIGSTOPped LocalStack):
+/// - the 503 comes within DEPENDENCY_TIMEOUT. Before, a PUT alongside the receive that
+///   failed late without stalling (here the connection closes; with LocalStack stopped, the
+///   SDK's own stalled-stream check after its 5 s grace) was put again with a whole new
+///   timeout: 13.5 s here, 18.5 s for the probe's 6 MB with a 10 s timeout;
+/// - the spool file's disk space is given back with the 503. Before, the abandoned PUT's
+///   connection kept the unnamed file open until S3 came back: each retry pinned another
+///   file, and the spool disk filled up.
+#[tokio::test]
+async fn a_frozen_s3_costs_an_upload_one_timeout_and_no_spool_space() {
+    let (endpoint, _) = s3_endpoint();
+    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let holds = frozen.clone();
+    let hook: ProxyHook = Arc::new(move |_piece: &[u8]| {
+        let hold = holds.load(std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            if hold {
+                std::future::pending::<()>().await;
+            }
+        })
+    });
+    let via = proxy(&endpoint, hook).await;
+    let spool = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut cmd = bin_command(&fresh_db().await);
+    cmd.arg("serve")
+        .args(s3_flags("s3", &test_prefix(), &via))
+        .env("DEPENDENCY_TIMEOUT", "6s")
+        .env("SPOOL_DIR", spool.path());
+    let svc = spawn_service(cmd, port).await;
+    let pid = svc.0.as_ref().unwrap().id();
+    let base = format!("http://127.0.0.1:{port}");
+    let (ws, token) = register_poll(&base).await;
+    frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    let body = raw_multipart("XqzBound", &[("six.bin", &bytes(6_000_000, 6))], b"--\r\n");
+    let len = body.len();
+    let started = std::time::Instant::now();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(30),
+        post_raw(&base, ws, &token, body.into(), len),
+    )
+    .await
+    .expect("an answer");
+    let took = started.elapsed();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // DEPENDENCY_TIMEOUT, the receive, and the watchdog's quarter-timeout steps.
+    assert!(took < Duration::from_secs(9), "503 after {took:?}");
+    let held = spool_bytes_held(pid, spool.path());
+    assert_eq!(held, 0, "spool bytes still held after the 503");
+    frozen.store(false, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// A PUT alongside the receive that the server stops taking bytes from just as the client
 /// finishes (every byte after the client's pause is held by a proxy) is a 503 within
 /// DEPENDENCY_TIMEOUT: the watchdog counts the server's stall again once the PUT no longer
