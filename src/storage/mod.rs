@@ -511,13 +511,14 @@ impl Storage {
         }
     }
 
-    /// Readiness: the database, and the bucket when the mode writes to it.
+    /// Readiness of where uploads are written: the database in `bytea` mode, the bucket in
+    /// `dual` and `s3` (the database has its own line in /readyz; checked here too, a
+    /// database outage read as a storage one in `s3` mode, where S3 was fine).
     pub async fn check(&self) -> Result<(), StorageError> {
-        self.bytea.check().await?;
-        if self.mode != BackendMode::Bytea {
-            self.s3_or_err()?.check().await?;
+        match self.mode {
+            BackendMode::Bytea => self.bytea.check().await,
+            BackendMode::Dual | BackendMode::S3 => self.s3_or_err()?.check().await,
         }
-        Ok(())
     }
 }
 

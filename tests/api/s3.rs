@@ -434,6 +434,39 @@ async fn flipping_the_flag_forward_and_back_keeps_every_row_readable() {
     }
 }
 
+/// In `s3` mode with S3 fine and the database gone, /readyz blamed storage as well (its
+/// storage check queried the database too; a black-box probe): storage is where uploads are
+/// written, here the bucket.
+#[tokio::test]
+async fn readyz_in_s3_mode_blames_the_database_alone_when_it_alone_is_down() {
+    let app = TestApp::start_s3(fresh_db().await, "s3", &test_prefix()).await;
+    let db_name = app.db_url.rsplit('/').next().unwrap().to_string();
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&server_url())
+        .await
+        .unwrap();
+    sqlx::query(&format!("ALTER DATABASE {db_name} ALLOW_CONNECTIONS false"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&db_name)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let ready = app.client.get(app.at("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let ready: Value = ready.json().await.unwrap();
+    sqlx::query(&format!("ALTER DATABASE {db_name} ALLOW_CONNECTIONS true"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(
+        (ready["database"].as_str(), ready["storage"].as_str()),
+        (Some("unavailable"), Some("ok")),
+        "{ready}"
+    );
+}
+
 #[tokio::test]
 async fn s3_down_uploads_503_with_nothing_left_and_dual_reads_fall_back() {
     let prefix = test_prefix();
