@@ -76,10 +76,22 @@ pub enum Command {
     },
 }
 
+/// An agent's `--platform-url`: refused at start (before, a typo came out as reqwest's
+/// "builder error" after a pass of retries).
+fn platform_url(raw: &str) -> Result<String, String> {
+    let url = url::Url::parse(raw.trim()).map_err(|e| format!("not a URL: {e}"))?;
+    match (url.scheme(), url.host()) {
+        ("http" | "https", Some(_)) if url.query().is_none() && url.fragment().is_none() => {
+            Ok(raw.trim().to_string())
+        }
+        _ => Err("must be an http(s) URL with a host and no query".into()),
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
-    /// The platform's base URL.
-    #[arg(long, env = "PENDING_UPLOADS_PLATFORM_URL")]
+    /// The platform's base URL (http or https).
+    #[arg(long, env = "PENDING_UPLOADS_PLATFORM_URL", value_parser = platform_url)]
     pub platform_url: String,
     /// This workspace's id.
     #[arg(long, env = "PENDING_UPLOADS_WORKSPACE_ID")]

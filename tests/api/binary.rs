@@ -514,3 +514,29 @@ fn an_unreachable_database_at_start_up_says_why() {
         "{err}"
     );
 }
+
+/// A platform URL that is none is refused at start, saying so. Before, it came out as
+/// reqwest's "builder error" after a pass of retries (a black-box probe).
+#[test]
+fn the_agent_refuses_a_platform_url_that_is_none() {
+    for bad in [
+        "localhost:8080",
+        "htp:/x",
+        "ftp://platform.example",
+        "http://a/?q=1",
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_pending-uploads"))
+            .args(["agent", "--platform-url", bad])
+            .args(["--workspace-id", "00000000-0000-0000-0000-000000000001"])
+            .args(["--dir", "/nonexistent", "--once"])
+            .env("PENDING_UPLOADS_TOKEN", "t")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--platform-url") && err.contains("must be an http(s) URL"),
+            "{bad}: {err}"
+        );
+    }
+}
