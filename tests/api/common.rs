@@ -785,3 +785,51 @@ pub async fn wait_for_index_scans(pool: &PgPool, index: &str, scans: i64) -> boo
     }
     false
 }
+
+/// A database cut off from its service: no new connections, existing ones terminated. Opened
+/// again when dropped (the test's end, a failed assertion included).
+pub struct ClosedDatabase {
+    name: String,
+}
+
+impl ClosedDatabase {
+    pub async fn close(db_url: &str) -> ClosedDatabase {
+        let name = db_url.rsplit('/').next().unwrap().to_string();
+        let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&server_url())
+            .await
+            .unwrap();
+        sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+            .bind(&name)
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        ClosedDatabase { name }
+    }
+}
+
+impl Drop for ClosedDatabase {
+    fn drop(&mut self) {
+        let (url, name) = (server_url(), self.name.clone());
+        // Drop cannot await: a thread of its own, joined.
+        let reopened = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+                    .await
+                    .unwrap();
+                sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+                    .execute(&mut admin)
+                    .await
+                    .unwrap();
+            })
+        });
+        let _ = reopened.join();
+    }
+}

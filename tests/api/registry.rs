@@ -516,20 +516,8 @@ async fn token_rotation() {
 async fn an_unreachable_datastore_during_auth_is_503() {
     let app = TestApp::start().await;
     let (id, token) = app.poll_workspace().await;
-    let db_name = app.db_url.rsplit('/').next().unwrap().to_string();
     // Cut the service off its database: no new connections, existing ones terminated.
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&server_url())
-        .await
-        .unwrap();
-    sqlx::query(&format!("ALTER DATABASE {db_name} ALLOW_CONNECTIONS false"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-        .bind(&db_name)
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    let closed = ClosedDatabase::close(&app.db_url).await;
     // The first request may meet a terminated pooled connection; by the third the pool has
     // none left and opens new ones, which the closed database refuses (FATAL 55000).
     for _ in 0..3 {
@@ -567,10 +555,7 @@ async fn an_unreachable_datastore_during_auth_is_503() {
             .status(),
         StatusCode::OK
     );
-    sqlx::query(&format!("ALTER DATABASE {db_name} ALLOW_CONNECTIONS true"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    drop(closed);
     // and it recovers on its own
     let mut ok = false;
     for _ in 0..50 {

@@ -440,26 +440,10 @@ async fn flipping_the_flag_forward_and_back_keeps_every_row_readable() {
 #[tokio::test]
 async fn readyz_in_s3_mode_blames_the_database_alone_when_it_alone_is_down() {
     let app = TestApp::start_s3(fresh_db().await, "s3", &test_prefix()).await;
-    let db_name = app.db_url.rsplit('/').next().unwrap().to_string();
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&server_url())
-        .await
-        .unwrap();
-    sqlx::query(&format!("ALTER DATABASE {db_name} ALLOW_CONNECTIONS false"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-        .bind(&db_name)
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    let _closed = ClosedDatabase::close(&app.db_url).await;
     let ready = app.client.get(app.at("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
     let ready: Value = ready.json().await.unwrap();
-    sqlx::query(&format!("ALTER DATABASE {db_name} ALLOW_CONNECTIONS true"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
     assert_eq!(
         (ready["database"].as_str(), ready["storage"].as_str()),
         (Some("unavailable"), Some("ok")),
@@ -1571,6 +1555,22 @@ async fn a_wrong_size_guess_counts_as_put_again() {
     );
 }
 
+/// A proxy to `endpoint` that holds every byte from the moment the flag is set (S3 frozen, as
+/// a SIGSTOPped server is): its URL and the flag.
+async fn freezable_proxy(endpoint: &str) -> (String, Arc<std::sync::atomic::AtomicBool>) {
+    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let holds = frozen.clone();
+    let hook: ProxyHook = Arc::new(move |_piece: &[u8]| {
+        let hold = holds.load(std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            if hold {
+                std::future::pending::<()>().await;
+            }
+        })
+    });
+    (proxy(endpoint, hook).await, frozen)
+}
+
 /// Bytes of the files `pid` holds open under `dir` (its spool files: unnamed, so only open
 /// descriptors show them).
 fn spool_bytes_held(pid: u32, dir: &std::path::Path) -> u64 {
@@ -1601,17 +1601,7 @@ fn spool_bytes_held(pid: u32, dir: &std::path::Path) -> u64 {
 #[tokio::test]
 async fn a_frozen_s3_costs_an_upload_one_timeout_and_no_spool_space() {
     let (endpoint, _) = s3_endpoint();
-    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let holds = frozen.clone();
-    let hook: ProxyHook = Arc::new(move |_piece: &[u8]| {
-        let hold = holds.load(std::sync::atomic::Ordering::SeqCst);
-        Box::pin(async move {
-            if hold {
-                std::future::pending::<()>().await;
-            }
-        })
-    });
-    let via = proxy(&endpoint, hook).await;
+    let (via, frozen) = freezable_proxy(&endpoint).await;
     let spool = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut cmd = bin_command(&fresh_db().await);
@@ -1649,17 +1639,7 @@ async fn a_frozen_s3_costs_an_upload_one_timeout_and_no_spool_space() {
 #[tokio::test]
 async fn a_server_that_stalls_when_the_client_is_done_is_a_503() {
     let (endpoint, _) = s3_endpoint();
-    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let holds = frozen.clone();
-    let hook: ProxyHook = Arc::new(move |_piece: &[u8]| {
-        let hold = holds.load(std::sync::atomic::Ordering::SeqCst);
-        Box::pin(async move {
-            if hold {
-                std::future::pending::<()>().await;
-            }
-        })
-    });
-    let via = proxy(&endpoint, hook).await;
+    let (via, frozen) = freezable_proxy(&endpoint).await;
     let app = s3_app_with_dependency_timeout(&via, "1s").await;
     let (ws, token) = app.poll_workspace().await;
     let body = raw_multipart("XqzBound", &[("a.bin", &bytes(3 << 20, 8))], b"--\r\n");
