@@ -120,7 +120,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
     .context("building the push HTTP client")?;
     let d = &args.deadlines;
     let state = AppState::new(Shared {
-        auth: Auth::new(args.admin_token().cloned(), db.clone()),
+        auth: Auth::new(args.admin_token(), db.clone()),
         stager: Stager {
             db: db.clone(),
             storage: storage.clone(),

@@ -450,9 +450,12 @@ pub fn cors_origin(raw: &str) -> Result<Option<String>, String> {
 }
 
 impl ServeArgs {
-    /// The admin credential: unset, empty or blank is none (SPEC §3: no admin access).
-    pub fn admin_token(&self) -> Option<&Secret> {
-        self.admin_token.as_ref().filter(|t| !t.0.trim().is_empty())
+    /// The admin credential, without surrounding whitespace (a secret mounted as a file ends
+    /// in a newline, and bearers are compared trimmed): unset, empty or blank is none (SPEC
+    /// §3: no admin access).
+    pub fn admin_token(&self) -> Option<Secret> {
+        let token = self.admin_token.as_ref()?.0.trim();
+        (!token.is_empty()).then(|| Secret(token.to_string()))
     }
 
     /// The orphan reconciliation deletes objects older than ORPHAN_GRACE that no row points
@@ -462,6 +465,10 @@ impl ServeArgs {
     /// deleted live uploads' bytes, and their rows then committed pointing at nothing. Twice
     /// the body's deadline leaves the rest its own as much again.
     fn orphans_outlive_uploads(&self) -> Result<(), String> {
+        // No bucket, no reconciliation: any grace is harmless then.
+        if self.storage.s3_bucket.as_deref().is_none_or(str::is_empty) {
+            return Ok(());
+        }
         let (grace, body) = (
             self.sweep.orphan_grace.0,
             self.deadlines.upload_body_timeout.0,

@@ -15,10 +15,11 @@ fn main() -> std::process::ExitCode {
         match pending_uploads::cli::run(cli).await {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
-                // Once: a JSON line for a collector, else plain text (which no log filter hides).
-                match log_format.as_str() {
-                    "json" => tracing::error!(error = format!("{e:#}"), "fatal"),
-                    _ => eprintln!("pending-uploads: {e:#}"),
+                // Once: a JSON line for a collector, else (or when RUST_LOG hides errors)
+                // plain text.
+                match log_format == "json" && tracing::enabled!(tracing::Level::ERROR) {
+                    true => tracing::error!(error = format!("{e:#}"), "fatal"),
+                    false => eprintln!("pending-uploads: {e:#}"),
                 }
                 std::process::ExitCode::FAILURE
             }

@@ -35,7 +35,7 @@ impl FromStr for Networks {
 /// written IPv4-mapped), or an IPv6 address's /56, what a provider commonly hands one customer
 /// site. Counting by /64 gave a customer with a /56 256 places where an IPv4 client has one.
 pub fn client_key(ip: IpAddr) -> IpAddr {
-    match ip {
+    match untranslated(ip) {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
@@ -44,9 +44,37 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The IPv4 address a NAT64/SIIT translator put into an IPv6 one (the well-known prefix
+/// `64:ff9b::/96` and the local-use `64:ff9b:1::/96`), else the address itself: behind such a
+/// translator every IPv4 client arrives as one of those, and is that IPv4 client (not one
+/// /56 for all of them, nor, under the local-use prefix that push URLs refuse, the
+/// operator's own).
+pub fn untranslated(ip: IpAddr) -> IpAddr {
+    if let IpAddr::V6(v6) = ip {
+        let seg = v6.segments();
+        if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || seg[..6] == [0x64, 0xff9b, 1, 0, 0, 0] {
+            let [.., a, b, c, d] = v6.octets();
+            return IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d));
+        }
+    }
+    ip
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn translated_clients_are_their_ipv4_address() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(client_key(ip("64:ff9b::808:808")), ip("8.8.8.8"));
+        assert_eq!(client_key(ip("64:ff9b:1::808:404")), ip("8.8.4.4"));
+        assert_eq!(
+            untranslated(ip("64:ff9b:2::808:808")),
+            ip("64:ff9b:2::808:808")
+        );
+        assert_eq!(client_key(ip("2606:4700:0:1::7")), ip("2606:4700::"));
+    }
 
     #[test]
     fn parses_cidrs_and_bare_addresses() {

@@ -244,7 +244,9 @@ impl SpoolWriter {
 
     /// The same writer, hashing as `hashing` says.
     pub fn hashing(self, hashing: Hashing) -> Self {
-        Self { hashing, ..self }
+        let mut writer = self;
+        writer.hashing = hashing;
+        writer
     }
 
     pub fn size(&self) -> u64 {
@@ -359,7 +361,7 @@ impl SpoolWriter {
     }
 
     /// Closes the file once its last batch is done (the kernel frees an unnamed file with
-    /// its last descriptor).
+    /// its last descriptor), its space given back at once ([`Drop`]).
     pub async fn discard(mut self) {
         let _ = self.settle().await;
     }
@@ -374,16 +376,16 @@ impl SpoolWriter {
         if let Some(told) = &self.written {
             told.send_modify(|w| w.end = Some(self.len));
         }
-        let backing = match self.file {
+        let backing = match self.file.take() {
             Some(file) => Backing::File(file),
             None => Backing::Memory {
                 // A file much smaller than the capacity reserved for it keeps only its size:
                 // the next file of the request reserves what is left again.
                 bytes: match self.memory.capacity() > 2 * self.memory.len() {
                     true => Bytes::copy_from_slice(&self.memory),
-                    false => self.memory.freeze(),
+                    false => std::mem::take(&mut self.memory).freeze(),
                 },
-                _reservation: self.budget.reservation,
+                _reservation: self.budget.reservation.take(),
             },
         };
         Ok(Spool {
@@ -391,6 +393,17 @@ impl SpoolWriter {
             size: self.len,
             sha256,
         })
+    }
+}
+
+/// A file never finished (its part failed, or its request went): its space is given back now,
+/// as [`Spool::release_disk`] does for a finished one. A PUT reading it alongside the receive
+/// may hold the file open long after (S3 frozen), and with it the space.
+impl Drop for SpoolWriter {
+    fn drop(&mut self) {
+        if let Some(file) = self.file.take() {
+            let _ = file.set_len(0);
+        }
     }
 }
 

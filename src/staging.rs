@@ -555,7 +555,7 @@ fn record_staged(workspace_id: Uuid, backend: &str, files: &[Received], staged: 
         m.upload_size.observe(f.spool.size as f64);
         tracing::info!(
             event = "staged", %workspace_id, file_id = %s.file_id, size = f.spool.size,
-            name = clip(&f.name).as_str(), original = clip(&f.original).as_str(), mimetype = %f.mimetype, backend,
+            name = clip(&f.name).as_str(), original = clip(&f.original).as_str(), mimetype = clip(&f.mimetype).as_str(), backend,
             "upload staged"
         );
     }

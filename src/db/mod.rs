@@ -38,33 +38,36 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 pub async fn connect(args: &DbArgs, dependency_timeout: Duration) -> Result<PgPool, sqlx::Error> {
     let options = connect_options(args, dependency_timeout)?;
-    let pool = PgPoolOptions::new()
-        .max_connections(args.database_max_connections)
-        .acquire_timeout(dependency_timeout)
-        .test_before_acquire(false)
-        .before_acquire(|conn, meta| {
-            Box::pin(async move {
-                if meta.idle_for >= PING_IF_IDLE_FOR {
-                    sqlx::Connection::ping(conn).await?;
-                }
-                Ok(true)
+    let pool = || {
+        PgPoolOptions::new()
+            .max_connections(args.database_max_connections)
+            .acquire_timeout(dependency_timeout)
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IF_IDLE_FOR {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
             })
-        })
-        .connect_with(options.clone())
-        .await;
-    match pool {
+            .connect_with(options.clone())
+    };
+    match pool().await {
         // The pool retried until its deadline and kept only that it ran out of time: one
-        // more attempt says why (connection refused, a password, a database that is not).
+        // more attempt says why (connection refused, a password, a database that is not),
+        // or, when the database has just come up, is followed by the pool's again.
         Err(sqlx::Error::PoolTimedOut) => {
             let attempt = tokio::time::timeout(
                 dependency_timeout,
                 <PgConnection as sqlx::Connection>::connect_with(&options),
             )
             .await;
-            Err(match attempt {
-                Ok(Err(cause)) => cause,
-                _ => sqlx::Error::PoolTimedOut,
-            })
+            match attempt {
+                Ok(Ok(_up)) => pool().await,
+                Ok(Err(cause)) => Err(cause),
+                Err(_) => Err(sqlx::Error::PoolTimedOut),
+            }
         }
         other => other,
     }

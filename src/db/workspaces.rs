@@ -109,15 +109,16 @@ pub async fn get_for_update(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<O
     .await
 }
 
-/// Whether rows of an id outlive its workspace row (the platform deleted the row; SPEC §2:
-/// uploads and their activity rows stay until they expire): its activity, its unacked or its
-/// acked-but-unswept uploads. Each part is an index scan (the acked part over rows acked
-/// within ACK_RETENTION).
+/// Whether an id has a history its workspace row did not take with it (the platform deleted
+/// the row; SPEC §2: uploads and their activity rows stay until they expire): activity rows,
+/// or a per-workspace total, which the first upload creates and nothing deletes (so it
+/// stands for every upload the id ever had, acked and swept ones included). Two index
+/// lookups: registration is unauthenticated, and a scan of acked uploads (no index by
+/// workspace) for every fresh id would be a cost anyone could ask for.
 pub async fn has_history(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<bool> {
     sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM activity_logs WHERE workspace_id = $1)
-             OR EXISTS (SELECT 1 FROM pending_uploads WHERE workspace_id = $1 AND acked_at IS NULL)
-             OR EXISTS (SELECT 1 FROM pending_uploads WHERE workspace_id = $1 AND acked_at IS NOT NULL)",
+        "SELECT EXISTS (SELECT 1 FROM pending_upload_totals WHERE workspace_id = $1)
+             OR EXISTS (SELECT 1 FROM activity_logs WHERE workspace_id = $1)",
     )
     .bind(id)
     .fetch_one(conn)

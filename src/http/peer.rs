@@ -134,7 +134,7 @@ pub fn slot_client(
     headers: &HeaderMap,
     trusted: &Networks,
 ) -> Option<IpAddr> {
-    let client = client_address(peer?, headers, trusted);
+    let client = crate::networks::untranslated(client_address(peer?, headers, trusted));
     // Internal addresses (private, loopback, link-local, shared, …: what a push URL may not
     // reach) are the operator's own, never where a client on the internet connects from.
     match trusted.contains(client) || is_internal(client) {

@@ -199,12 +199,14 @@ async fn stage(
     let files = match received.await {
         Ok(files) => files,
         Err(e) => {
-            if cut.get().is_none() {
+            // A cut while parsing (over the cap, too slow) is the answer; one while draining
+            // after the parse failed (the client went, stalled or sent too much) is not: the
+            // parse's error is what the client did wrong first.
+            let cut_in_parse = cut.get();
+            if cut_in_parse.is_none() {
                 staging::drain(&mut parts).await;
             }
-            // A body that failed (the client went) after the parse had its answer keeps it:
-            // the parse's error is what the client did wrong first.
-            let e = match cut.get() {
+            let e = match cut_in_parse {
                 Some(cut) if cut != Cut::Broken => cut.answer(st.limits.max_request_bytes),
                 _ => e.into(),
             };

@@ -101,20 +101,20 @@ pub struct FollowedPut {
 /// How a PUT alongside the receive ended.
 enum Followed {
     Written,
-    /// It failed (not stalled) after the upload had waited `waited` on it.
+    /// It failed (not stalled) after S3 had taken no bytes for `quiet`.
     Failed {
-        waited: Duration,
+        quiet: Duration,
     },
 }
 
 impl FollowedPut {
-    /// Whether the object is written, or how long the upload waited on S3 for a PUT that
-    /// failed (what is left of DEPENDENCY_TIMEOUT is the put again's); an error when the
-    /// server stalled (its PUT would too).
+    /// Whether the object is written, or how long S3 had taken no bytes when the PUT failed
+    /// (what is left of DEPENDENCY_TIMEOUT is the put again's); an error when the server
+    /// stalled (its PUT would too).
     async fn outcome(mut self) -> Result<Followed, StorageError> {
         let Some(task) = self.task.take() else {
             return Ok(Followed::Failed {
-                waited: Duration::ZERO,
+                quiet: Duration::ZERO,
             });
         };
         // What the upload waits on S3 once its receive is done.
@@ -129,6 +129,7 @@ impl FollowedPut {
             Err(e) => PutFailure {
                 error: StorageError::Unavailable(e.to_string()),
                 stalled: false,
+                quiet: started.elapsed(),
             },
         };
         if failed.stalled {
@@ -141,7 +142,7 @@ impl FollowedPut {
         outcome("put_again");
         tracing::debug!(key = %self.key, error = %failed.error, "PUT alongside the receive failed: put again");
         Ok(Followed::Failed {
-            waited: started.elapsed(),
+            quiet: failed.quiet,
         })
     }
 
@@ -314,17 +315,19 @@ impl Storage {
             BackendMode::Dual | BackendMode::S3 => {
                 let s3 = self.s3_or_err()?;
                 let key = s3.key_for(workspace_id, file_id);
-                let waited = match followed {
+                let followed = match followed {
                     Some(followed) => followed.outcome().await?,
                     None => Followed::Failed {
-                        waited: Duration::ZERO,
+                        quiet: Duration::ZERO,
                     },
                 };
-                if let Followed::Failed { waited } = waited {
-                    // The upload's wait on S3 is DEPENDENCY_TIMEOUT in all: a PUT that failed
-                    // late leaves its put again only the rest (before, a whole one more).
-                    let left = s3.stall().saturating_sub(waited);
-                    if left.is_zero() {
+                if let Followed::Failed { quiet } = followed {
+                    // An upload waits on a silent S3 for DEPENDENCY_TIMEOUT in all: a PUT that
+                    // failed after S3 had taken nothing for a while leaves its put again only
+                    // the rest (before, a whole one more). Under a quarter of it is too little
+                    // to connect and send: 503 now.
+                    let left = s3.stall().saturating_sub(quiet);
+                    if left < s3.stall() / 4 {
                         return Err(StorageError::Unavailable(format!(
                             "S3 failed the PUT of {key} and left no time to put it again"
                         )));

@@ -61,6 +61,8 @@ pub struct ListedObject {
 pub struct PutFailure {
     pub error: StorageError,
     pub stalled: bool,
+    /// How long the PUT had taken no bytes when it failed.
+    pub quiet: Duration,
 }
 
 /// What a PUT sends: a received file, or one being received.
@@ -419,17 +421,24 @@ impl S3Backend {
             .customize()
             .config_override(self.put_config(matches!(source, Source::Tail(_))))
             .send();
+        // Fires `stall` after the last progress (not on fixed ticks, which let it run a
+        // quarter over).
         let watchdog = async {
             loop {
-                tokio::time::sleep(stall / 4).await;
-                if progress.stalled_for() > stall {
+                let quiet = progress.stalled_for();
+                if quiet >= stall {
                     return;
                 }
+                tokio::time::sleep((stall - quiet).max(Duration::from_millis(10))).await;
             }
         };
         tokio::select! {
             sent = put => {
-                let out = sent.map_err(|e| PutFailure { error: unavailable(e), stalled: false })?;
+                let out = sent.map_err(|e| PutFailure {
+                    error: unavailable(e),
+                    stalled: false,
+                    quiet: progress.stalled_for(),
+                })?;
                 let echoed = out.checksum_sha256().and_then(|d| STANDARD.decode(d).ok());
                 if let (None, Some(Ok(digest))) = (known, echoed.map(<[u8; 32]>::try_from)) {
                     record(digest);
@@ -441,6 +450,7 @@ impl S3Backend {
                     "S3 took no bytes of {key} for {stall:?}"
                 )),
                 stalled: true,
+                quiet: stall,
             }),
         }
     }

@@ -233,19 +233,16 @@ async fn a_deleted_workspace_id_with_uploads_left_cannot_be_claimed_without_a_be
         .unwrap();
     assert_eq!(rows, 0, "a refused claim leaves no row");
 
-    // Once acked (the row stays until swept) and its activity row gone: still not free.
-    sqlx::query("UPDATE pending_uploads SET acked_at = now() WHERE workspace_id = $1")
-        .bind(ws)
-        .execute(&svc.pool)
-        .await
-        .unwrap();
-    sqlx::query("DELETE FROM activity_logs WHERE workspace_id = $1")
-        .bind(ws)
-        .execute(&svc.pool)
-        .await
-        .unwrap();
-    let resp = register(&client, &svc, None, &json!({"id": ws})).await;
-    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    // Its uploads acked and swept, its activity rows gone: still not free (its total stays).
+    for gone in [
+        "UPDATE pending_uploads SET acked_at = now() WHERE workspace_id = $1",
+        "DELETE FROM pending_uploads WHERE workspace_id = $1",
+        "DELETE FROM activity_logs WHERE workspace_id = $1",
+    ] {
+        sqlx::query(gone).bind(ws).execute(&svc.pool).await.unwrap();
+        let resp = register(&client, &svc, None, &json!({"id": ws})).await;
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "after {gone}");
+    }
 
     // The admin may; an id nothing is left of is free to anyone, as before.
     let resp = register(&client, &svc, Some(ADMIN), &json!({"id": ws})).await;

@@ -99,7 +99,7 @@ async fn migrate_applies_the_schema_once() {
 #[tokio::test]
 async fn start_up_refuses_bad_configuration_clearly() {
     let db = fresh_db().await;
-    let cases: [(&str, &str, &str); 20] = [
+    let cases: [(&str, &str, &str); 19] = [
         (
             "PENDING_UPLOADS_BACKEND",
             "s3",
@@ -180,13 +180,6 @@ async fn start_up_refuses_bad_configuration_clearly() {
         ),
         ("DATABASE_MAX_CONNECTIONS", "0", "0 is not in 1..=10000"),
         ("LOG_FORMAT", "xml", "invalid value 'xml'"),
-        // Before, any grace started: one under an upload's time deleted the objects of
-        // uploads still being received, whose rows then committed pointing at nothing.
-        (
-            "ORPHAN_GRACE",
-            "30m",
-            "ORPHAN_GRACE=1800s is shorter than twice UPLOAD_BODY_TIMEOUT=1200s",
-        ),
     ];
     for (var, value, message) in cases {
         let out = command(&db)
@@ -539,4 +532,73 @@ fn the_agent_refuses_a_platform_url_that_is_none() {
             "{bad}: {err}"
         );
     }
+}
+
+/// Before, any grace started: one under an upload's time had the orphan reconciliation delete
+/// the objects of uploads still being received, whose rows then committed pointing at
+/// nothing. With a bucket, serve refuses it; without one nothing is reconciled, and it starts.
+#[tokio::test]
+async fn an_orphan_grace_shorter_than_an_upload_is_refused_where_objects_are_reconciled() {
+    let db = fresh_db().await;
+    let out = command(&db)
+        .arg("serve")
+        .env("BIND_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("PENDING_UPLOADS_S3_BUCKET", "any")
+        .env("ORPHAN_GRACE", "30m")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let fatal: Vec<String> = log_lines(&out.stderr)
+        .iter()
+        .filter_map(|l| l["error"].as_str().map(String::from))
+        .collect();
+    assert!(
+        fatal
+            .iter()
+            .any(|e| e
+                .contains("ORPHAN_GRACE=1800s is shorter than twice UPLOAD_BODY_TIMEOUT=1200s")),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = free_port();
+    let mut cmd = command(&db);
+    cmd.arg("serve").env("ORPHAN_GRACE", "30m");
+    let _running = spawn_service(cmd, port).await;
+}
+
+/// An admin token read from a mounted secret ends in a newline; bearers are compared trimmed,
+/// so it never matched (and the start-up line said admin=true). It is trimmed now.
+#[tokio::test]
+async fn an_admin_token_with_a_trailing_newline_works() {
+    let db = fresh_db().await;
+    let port = free_port();
+    let mut cmd = command(&db);
+    cmd.args(["serve", "--admin-token", "mounted-secret-token\n"]);
+    let _running = spawn_service(cmd, port).await;
+    let resp = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/workspaces"))
+        .bearer_auth("mounted-secret-token")
+        .json(&json!({"name": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+/// A fatal error is printed once; under LOG_FORMAT=json as a log line, unless RUST_LOG hides
+/// errors, when it is printed plainly rather than not at all.
+#[test]
+fn a_fatal_error_is_printed_even_when_logs_are_off() {
+    let out = Command::new(service_bin())
+        .env_clear()
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "off")
+        .env("CORS_ALLOWED_ORIGINS", "*")
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is a wildcard"), "{err}");
 }

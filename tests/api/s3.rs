@@ -1629,6 +1629,43 @@ async fn a_frozen_s3_costs_an_upload_one_timeout_and_no_spool_space() {
     assert!(took < Duration::from_secs(9), "503 after {took:?}");
     let held = spool_bytes_held(pid, spool.path());
     assert_eq!(held, 0, "spool bytes still held after the 503");
+
+    // A client that goes half way through its file, its PUT alongside already sending: the
+    // unfinished spool file's space goes too (a review found the fix above missed it).
+    let body = raw_multipart(
+        "XqzBound",
+        &[("gone.bin", &bytes(20_000_000, 7))],
+        b"--\r\n",
+    );
+    let head = format!(
+        "POST /workspaces/{ws}/chat/uploads HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: multipart/form-data; boundary=XqzBound\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut sock, head.as_bytes())
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut sock, &body[..19_000_000])
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while spool_bytes_held(pid, spool.path()) == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        spool_bytes_held(pid, spool.path()) > 0,
+        "the part is being spooled"
+    );
+    drop(sock);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while spool_bytes_held(pid, spool.path()) > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let held = spool_bytes_held(pid, spool.path());
+    assert_eq!(held, 0, "spool bytes still held after the client went");
     frozen.store(false, std::sync::atomic::Ordering::SeqCst);
 }
 
