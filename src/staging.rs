@@ -53,6 +53,9 @@ pub enum StagingError {
     QuotaBytes { pending: i64, max: u64 },
     #[error("pending files quota exceeded ({pending} of {max})")]
     QuotaFiles { pending: i64, max: u64 },
+    /// The caller's token was revoked, or the workspace removed, while the upload ran.
+    #[error("the caller's token was revoked or its workspace removed during the upload")]
+    CallerGone,
     #[error("spool: {0}")]
     Spool(#[source] io::Error),
     #[error(transparent)]
@@ -336,12 +339,13 @@ impl Stager {
     pub async fn commit(
         &self,
         workspace_id: Uuid,
+        token_hash: Option<[u8; 32]>,
         files: Vec<Received>,
         slot: Slot,
     ) -> Result<Vec<UploadReceived>, StagingError> {
         let stager = self.clone();
         tokio::spawn(async move {
-            let staged = stager.commit_now(workspace_id, files).await;
+            let staged = stager.commit_now(workspace_id, token_hash, files).await;
             drop(slot);
             staged
         })
@@ -351,6 +355,7 @@ impl Stager {
     async fn commit_now(
         &self,
         workspace_id: Uuid,
+        token_hash: Option<[u8; 32]>,
         mut files: Vec<Received>,
     ) -> Result<Vec<UploadReceived>, StagingError> {
         // Objects before the transaction: no connection waits on S3.
@@ -387,9 +392,9 @@ impl Stager {
         let result = self
             .db
             .run_within(deadline, move |c| {
-                Box::pin(
-                    async move { write_rows(c, workspace_id, &in_tx, &rows, quota, &db).await },
-                )
+                Box::pin(async move {
+                    write_rows(c, workspace_id, token_hash, &in_tx, &rows, quota, &db).await
+                })
             })
             .await;
         match result {
@@ -446,6 +451,7 @@ const KEEP_BUFFER_MAX: u64 = 256 * 1024;
 async fn write_rows(
     conn: &mut sqlx::PgConnection,
     workspace_id: Uuid,
+    token_hash: Option<[u8; 32]>,
     files: &[Received],
     placed: &[Location],
     quota: Quota,
@@ -483,7 +489,15 @@ async fn write_rows(
         // The bytes are copied twice on their way (sqlx's parameter buffer, the connection's
         // write buffer): blocks from the upload arena, whose pages stay mapped.
         let size = contents.iter().flatten().map(bytes::Bytes::len).sum();
-        let stage = db::uploads::stage(conn, workspace_id, quota, &rows, &contents, &digests);
+        let stage = db::uploads::stage(
+            conn,
+            workspace_id,
+            token_hash,
+            quota,
+            &rows,
+            &contents,
+            &digests,
+        );
         crate::arena::big_blocks(size, stage).await?
     } else {
         // Rows first, without the workspace lock: they stay invisible until commit, so
@@ -496,7 +510,7 @@ async fn write_rows(
         for row in &rows {
             db::uploads::insert(&mut tx, row, db).await?;
         }
-        let admit = db::uploads::admit(&mut tx, workspace_id, quota, &rows);
+        let admit = db::uploads::admit(&mut tx, workspace_id, token_hash, quota, &rows);
         let admission = in_step(step, "the admission", admit).await?;
         if admission.refused.is_some() {
             in_step(step, "ROLLBACK", tx.rollback()).await?;
@@ -517,6 +531,7 @@ async fn write_rows(
     }
     let refusal = match admission.refused.as_deref() {
         None => None,
+        Some("caller") => Some(StagingError::CallerGone),
         Some("files") => Some(StagingError::QuotaFiles {
             pending: admission.pending_files,
             max: quota.max_files,

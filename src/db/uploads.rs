@@ -4,6 +4,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use sqlx::{postgres::PgArguments, Arguments, PgConnection, PgExecutor, Row};
+use std::sync::LazyLock;
 use uuid::Uuid;
 
 use super::{
@@ -129,6 +130,7 @@ fn columns(rows: &[NewUpload<'_>]) -> Columns {
 pub async fn stage(
     conn: &mut PgConnection,
     workspace_id: Uuid,
+    token_hash: Option<[u8; 32]>,
     quota: Quota,
     rows: &[NewUpload<'_>],
     contents: &[Option<Bytes>],
@@ -154,7 +156,8 @@ pub async fn stage(
             add(&mut args, &digest[..])?;
             add(&mut args, row.location.s3_key.as_deref())?;
             add(&mut args, content.as_deref())?;
-            STAGE_ONE
+            add(&mut args, token_hash.as_ref().map(|h| &h[..]))?;
+            &STAGE_ONE
         }
         _ => {
             let c = columns(rows);
@@ -169,17 +172,54 @@ pub async fn stage(
             add(&mut args, digests)?;
             add(&mut args, keys)?;
             add(&mut args, contents)?;
-            STAGE
+            add(&mut args, token_hash.as_ref().map(|h| &h[..]))?;
+            &STAGE
         }
     };
-    sqlx::query_as_with(statement, args).fetch_one(conn).await
+    sqlx::query_as_with(statement.as_str(), args)
+        .fetch_one(conn)
+        .await
 }
 
-const STAGE: &str = "SELECT refused, pending_bytes, pending_files
-    FROM pending_uploads_stage($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+static STAGE: LazyLock<String> = LazyLock::new(|| {
+    while_caller_holds(
+        "pending_uploads_stage($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        12,
+    )
+});
 
-const STAGE_ONE: &str = "SELECT refused, pending_bytes, pending_files
-    FROM pending_uploads_stage_one($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+static STAGE_ONE: LazyLock<String> = LazyLock::new(|| {
+    while_caller_holds(
+        "pending_uploads_stage_one($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        12,
+    )
+});
+
+static ADMIT: LazyLock<String> =
+    LazyLock::new(|| while_caller_holds("pending_uploads_admit($1, $2, $3, $4, $5, $6)", 7));
+
+/// `call` (a staging function answering refused, pending_bytes, pending_files), made only
+/// while the caller still may upload: the workspace ($1) not removed and, for a workspace
+/// token (its hash the `hash`-th parameter, NULL for the admin), the token not revoked.
+/// Otherwise the function is not called (nothing written) and the answer is refused
+/// `caller`. The request's own check was at its start, and an upload may take
+/// UPLOAD_BODY_TIMEOUT: a revoked token or a removed workspace went on uploading until then
+/// (a black-box probe). Checked in the committing statement itself, no extra round trip.
+fn while_caller_holds(call: &str, hash: usize) -> String {
+    format!(
+        "WITH caller AS (
+             SELECT EXISTS (SELECT 1 FROM workspaces w
+                            WHERE w.id = $1 AND w.status IS DISTINCT FROM 'removed')
+                AND (${hash}::bytea IS NULL
+                     OR EXISTS (SELECT 1 FROM workspace_auth_tokens t
+                                WHERE t.workspace_id = $1 AND t.token_hash = ${hash}
+                                  AND t.revoked_at IS NULL)) AS ok)
+         SELECT s.refused, s.pending_bytes, s.pending_files
+           FROM caller, LATERAL {call} s WHERE caller.ok
+         UNION ALL
+         SELECT 'caller', 0::bigint, 0::bigint FROM caller WHERE NOT caller.ok"
+    )
+}
 
 /// Room per row for everything but its bytes: id, name, mimetype, size, digest, key and the
 /// array framing.
@@ -196,21 +236,21 @@ where
 pub async fn admit(
     conn: &mut PgConnection,
     workspace_id: Uuid,
+    token_hash: Option<[u8; 32]>,
     quota: Quota,
     rows: &[NewUpload<'_>],
 ) -> sqlx::Result<Admission> {
     let bytes: i64 = rows.iter().map(|r| r.spool.size as i64).sum();
-    sqlx::query_as(
-        "SELECT refused, pending_bytes, pending_files FROM pending_uploads_admit($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(workspace_id)
-    .bind(super::workspace_lock_key(workspace_id))
-    .bind(rows.len() as i64)
-    .bind(bytes)
-    .bind(quota.max_bytes as i64)
-    .bind(quota.max_files as i64)
-    .fetch_one(conn)
-    .await
+    sqlx::query_as(ADMIT.as_str())
+        .bind(workspace_id)
+        .bind(super::workspace_lock_key(workspace_id))
+        .bind(rows.len() as i64)
+        .bind(bytes)
+        .bind(quota.max_bytes as i64)
+        .bind(quota.max_files as i64)
+        .bind(token_hash.as_ref().map(|h| &h[..]))
+        .fetch_one(conn)
+        .await
 }
 
 /// The activity rows of the admitted rows, and the notification (`pending_uploads_log`).

@@ -113,7 +113,7 @@ pub async fn chat_upload(
         })?;
     let body = UploadBody::new(body, max_request_bytes, st.deadlines.upload, content_length);
     match delivery {
-        Delivery::Poll => stage(&st, &ws, pending, &headers, body, slot).await,
+        Delivery::Poll => stage(&st, &ws, hash, pending, &headers, body, slot).await,
         Delivery::Push { url } => {
             let secret = ws.platform_inbound_secret.as_deref();
             st.push
@@ -144,6 +144,7 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
 async fn stage(
     st: &AppState,
     ws: &Workspace,
+    token_hash: Option<[u8; 32]>,
     pending: PendingTotals,
     headers: &HeaderMap,
     body: UploadBody,
@@ -221,7 +222,8 @@ async fn stage(
         .iter()
         .map(|f| (f.name.clone(), f.spool.size))
         .collect();
-    let staged = st.stager.commit(ws.id, files, slot).await.map_err(|e| {
+    let staged = st.stager.commit(ws.id, token_hash, files, slot).await;
+    let staged = staged.map_err(|e| {
         metrics()
             .files_staged
             .with_label_values(&[backend, "failed"])
@@ -232,7 +234,12 @@ async fn stage(
                 error = %e, "upload not staged"
             );
         }
-        ApiError::from(e)
+        match (e, token_hash) {
+            // As the request's own check at its start would answer now.
+            (staging::StagingError::CallerGone, Some(_)) => ApiError::InvalidToken,
+            (staging::StagingError::CallerGone, None) => ApiError::WorkspaceNotFound,
+            (e, _) => ApiError::from(e),
+        }
     })?;
     let files = staged.into_iter().map(|s| s.file).collect();
     Ok(Json(UploadResult { files }).into_response())

@@ -540,6 +540,106 @@ async fn a_push_workspace_that_stops_reading_the_upload_is_cut() {
     wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 0.0).await;
 }
 
+/// An upload whose caller loses its claim while it runs (its token revoked, or its workspace
+/// removed) is refused at its commit, as it would have been at its start, and leaves nothing.
+/// Before, the claim was checked only when the request began: a revoked token went on
+/// uploading for as long as UPLOAD_BODY_TIMEOUT allows, and a removed workspace got rows no
+/// token could fetch (a black-box probe: 16 of 16 such uploads committed).
+#[tokio::test]
+async fn a_claim_lost_during_an_upload_stops_it_at_the_commit() {
+    let svc = Svc::start(&[]).await;
+    let client = reqwest::Client::new();
+    // Written but for its last bytes; `lose` runs; then the rest: the answer.
+    async fn upload_across(
+        svc: &Svc,
+        ws: Uuid,
+        bearer: &str,
+        lose: impl std::future::Future<Output = ()>,
+    ) -> String {
+        let body = one_file("XB", "late.bin", &[b'x'; 200_000]);
+        let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
+        sock.write_all(upload_head(svc, ws, bearer, body.len()).as_bytes())
+            .await
+            .unwrap();
+        sock.write_all(&body[..body.len() - 10]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        lose.await;
+        sock.write_all(&body[body.len() - 10..]).await.unwrap();
+        let mut answer = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut answer))
+            .await
+            .expect("an answer")
+            .unwrap();
+        String::from_utf8_lossy(&answer[..n]).into_owned()
+    }
+    let staged = |ws: Uuid| {
+        let pool = svc.pool.clone();
+        async move {
+            let rows: i64 = sqlx::query_scalar(
+                "SELECT (SELECT count(*) FROM pending_uploads WHERE workspace_id = $1)
+                      + (SELECT count(*) FROM activity_logs WHERE workspace_id = $1)",
+            )
+            .bind(ws)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            rows
+        }
+    };
+
+    // The token revoked (by the workspace's other token) mid-upload: 401.
+    let (ws, token) = register_poll(&svc.base).await;
+    let minted: Value = client
+        .post(svc.at(&format!("/workspaces/{ws}/tokens")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let other = minted["auth_token"].as_str().unwrap().to_string();
+    let own_id: Uuid = sqlx::query_scalar(
+        "SELECT id FROM workspace_auth_tokens WHERE workspace_id = $1 ORDER BY created_at LIMIT 1",
+    )
+    .bind(ws)
+    .fetch_one(&svc.pool)
+    .await
+    .unwrap();
+    let revoke = async {
+        let resp = client
+            .delete(svc.at(&format!("/workspaces/{ws}/tokens/{own_id}")))
+            .bearer_auth(&other)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    };
+    let answer = upload_across(&svc, ws, &token, revoke).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert_eq!(staged(ws).await, 0, "nothing staged");
+
+    // The workspace removed mid-upload, the admin uploading (as the canvas does): 404.
+    let (ws, _) = register_poll(&svc.base).await;
+    let remove = async {
+        let resp = client
+            .delete(svc.at(&format!("/workspaces/{ws}")))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    };
+    let answer = upload_across(&svc, ws, ADMIN, remove).await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert_eq!(staged(ws).await, 0, "nothing staged");
+
+    // A claim that holds still uploads.
+    let (ws, token) = register_poll(&svc.base).await;
+    let answer = upload_across(&svc, ws, &token, async {}).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
 /// A push workspace's answer is relayed with the type it chose (`text/html` here), and served
 /// files with theirs: every answer says `nosniff`, so a browser never reads one as something
 /// else (a black-box probe found the relayed answer without it).
