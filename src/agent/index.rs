@@ -84,11 +84,23 @@ pub async fn sync_dir(dir: &Path) -> io::Result<()> {
     tokio::fs::File::open(dir).await?.sync_all().await
 }
 
+/// The persisted cursor, when it is one (an activity row id). Anything else (a torn write, a
+/// hand edit) is as no cursor: the feed answered it 400 on every pass, and the agent
+/// received nothing until someone mended the file (a black-box probe).
 pub fn load_cursor(dir: &Path) -> Option<String> {
-    std::fs::read_to_string(state_dir(dir).join("cursor"))
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
+    let raw = std::fs::read_to_string(state_dir(dir).join("cursor")).ok()?;
+    let raw = raw.trim();
+    match raw.parse::<uuid::Uuid>() {
+        Ok(id) => Some(id.to_string()),
+        Err(_) if raw.is_empty() => None,
+        Err(_) => {
+            tracing::warn!(
+                cursor = crate::logfmt::clip(raw).as_str(),
+                "activity cursor file holds no row id: starting from a recent window"
+            );
+            None
+        }
+    }
 }
 
 pub async fn save_cursor(dir: &Path, cursor: Option<&str>) -> io::Result<()> {

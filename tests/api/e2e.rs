@@ -742,6 +742,32 @@ async fn a_lost_or_unknown_cursor_resets_and_nothing_is_missed() {
     assert_eq!(unacked(&env.db).await, 0);
 }
 
+/// A cursor file that holds no row id (a torn write, a hand edit): the feed refused it (400)
+/// on every pass, and the agent received nothing, for good. It is read as no cursor now.
+#[tokio::test]
+async fn a_cursor_file_that_is_no_row_id_is_as_no_cursor() {
+    let env = Env::new("bytea").await;
+    let _service = env.service().await;
+    let (_home, dir, ws, token_file) = laptop(&env).await;
+    env.agent_once(ws, &token_file, &dir);
+    std::fs::write(dir.join(".pending-uploads/cursor"), "not-a-uuid").unwrap();
+    let sent = canvas_upload(&env.base(), ws, &[("after.txt", b"after".to_vec())]).await;
+    let (out, report) = env.agent_once(ws, &token_file, &dir);
+    assert_eq!(
+        report["staged"],
+        1,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = std::fs::canonicalize(&dir).unwrap();
+    assert!(std::fs::read(staged_path(&dir, sent[0].0, &sent[0].1)).unwrap() == sent[0].2);
+    let cursor = std::fs::read_to_string(dir.join(".pending-uploads/cursor")).unwrap();
+    assert!(
+        cursor.trim().parse::<Uuid>().is_ok(),
+        "a real cursor again: {cursor}"
+    );
+}
+
 /// A cursor reset rewinds the feed 24 h, over files this agent received and acked long ago.
 /// They are no longer pending, so they are not fetched again: before, an acked file its owner
 /// had deleted came back (acked rows stay readable until swept), and every file still there
