@@ -577,12 +577,22 @@ impl Agent {
             .open(partial_path)
             .await?;
         let have = partial.metadata().await?.len();
+        // A partial file as long as the upload (the agent stopped between its last byte and
+        // publishing it) asks for the last byte again: the answer's validators check the
+        // whole. A range from its end was a 416, and the whole file downloaded again.
+        let from = match have {
+            h if h > 0 && h >= c.size && c.size > 0 => c.size - 1,
+            h => h,
+        };
+        if from < have {
+            partial.set_len(from).await?;
+        }
         let mut req = self
             .http
             .get(self.content_url(c))
             .bearer_auth(&self.cfg.token);
-        if have > 0 {
-            req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
+        if from > 0 {
+            req = req.header(reqwest::header::RANGE, format!("bytes={from}-"));
         }
         let resp = req.send().await?;
         match resp.status() {
@@ -615,14 +625,14 @@ impl Agent {
                     .and_then(|v| v.strip_prefix("bytes "))
                     .and_then(|v| v.split('-').next())
                     .and_then(|v| v.parse::<u64>().ok());
-                if starts_at != Some(have) {
+                if starts_at != Some(from) {
                     partial.set_len(0).await?;
                     return Err(AgentError::Retry(
                         "unexpected Content-Range: restarting".into(),
                     ));
                 }
                 partial.seek(io::SeekFrom::End(0)).await?;
-                tracing::info!(file_id = %c.file_id, offset = have, "resuming download");
+                tracing::info!(file_id = %c.file_id, offset = from, "resuming download");
             }
             s => return Err(AgentError::Fatal(format!("content: unexpected {s}"))),
         }

@@ -742,6 +742,36 @@ async fn a_lost_or_unknown_cursor_resets_and_nothing_is_missed() {
     assert_eq!(unacked(&env.db).await, 0);
 }
 
+/// An agent stopped between a download's last byte and publishing it leaves a partial file
+/// as long as the upload. The next pass asks for the last byte only and publishes the file;
+/// before, its range from the end was a 416, logged as "partial file longer than the
+/// upload", and the whole file was downloaded again (a black-box probe).
+#[tokio::test]
+async fn a_partial_file_already_whole_is_finished_with_its_last_byte() {
+    let env = Env::new("bytea").await;
+    let _service = env.service().await;
+    let (_home, dir, ws, token_file) = laptop(&env).await;
+    let sent = canvas_upload(&env.base(), ws, &[("whole.bin", bytes(3_000_000, 5))]).await;
+    let (fid, name, data) = &sent[0];
+    let partial_dir = dir.join(".pending-uploads/partial");
+    std::fs::create_dir_all(&partial_dir).unwrap();
+    std::fs::write(partial_dir.join(format!("{}.part", fid.simple())), data).unwrap();
+    let (out, report) = env.agent_once(ws, &token_file, &dir);
+    assert_eq!(report["staged"], 1);
+    let lines = log_lines(&out.stderr);
+    let resumed = lines
+        .iter()
+        .find(|l| l["message"] == "resuming download")
+        .expect("a resumed download");
+    assert_eq!(resumed["offset"], 2_999_999);
+    assert!(
+        !lines.iter().any(|l| l.to_string().contains("restarting")),
+        "{lines:?}"
+    );
+    let dir = std::fs::canonicalize(&dir).unwrap();
+    assert!(std::fs::read(staged_path(&dir, *fid, name)).unwrap() == *data);
+}
+
 /// A cursor file that holds no row id (a torn write, a hand edit): the feed refused it (400)
 /// on every pass, and the agent received nothing, for good. It is read as no cursor now.
 #[tokio::test]
