@@ -58,6 +58,9 @@ pub async fn connect_db_as_is(db_args: &DbArgs) -> anyhow::Result<Db> {
 
 pub async fn storage(args: &StorageArgs, db: &Db) -> anyhow::Result<Storage> {
     let s3 = S3Backend::from_args(args, db.timeout()).await;
+    if s3.is_none() {
+        warn_of_rows_only_in_s3(db).await;
+    }
     if let Some(s3) = &s3 {
         if !s3.prefix_is_private() {
             tracing::warn!(
@@ -72,6 +75,29 @@ pub async fn storage(args: &StorageArgs, db: &Db) -> anyhow::Result<Storage> {
         s3,
     )
     .map_err(anyhow::Error::msg)
+}
+
+/// Rows whose bytes live only in S3 cannot be read without a bucket (a fleet rolled back to
+/// `bytea` without its S3 settings): said once at start-up, as they would otherwise only show
+/// as 503s on their downloads. Best effort (the check must not stop a start).
+async fn warn_of_rows_only_in_s3(db: &Db) {
+    let found = db
+        .run(|c| {
+            Box::pin(async move {
+                sqlx::query_scalar::<_, bool>(
+                    "SELECT EXISTS (SELECT 1 FROM pending_uploads
+                                    WHERE s3_key IS NOT NULL AND content IS NULL)",
+                )
+                .fetch_one(&mut *c)
+                .await
+            })
+        })
+        .await;
+    if let Ok(true) = found {
+        tracing::warn!(
+            "some rows' bytes live only in S3 and PENDING_UPLOADS_S3_BUCKET is not set: their downloads will answer 503 until it is"
+        );
+    }
 }
 
 pub fn sweeper(args: &SweepArgs, db: &Db, storage: &Storage) -> Sweeper {

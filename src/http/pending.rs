@@ -294,6 +294,13 @@ pub async fn content(
         Err(e) => {
             let backend = st.storage.reader_name(&loc);
             m.files_fetched.with_label_values(&[backend, "error"]).inc();
+            // SPEC §8: a failed transition logs its line. A live row whose bytes are gone
+            // (an object deleted out of band) answered 404 and said nothing to the operator.
+            tracing::warn!(
+                event = "failed", workspace_id = %row.workspace_id, file_id = %row.file_id,
+                size = row.size_bytes, name = clip(&row.filename).as_str(), backend,
+                error = %e, "upload not served"
+            );
             return Err(e.into());
         }
     };

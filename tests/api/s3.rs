@@ -1555,6 +1555,71 @@ async fn a_wrong_size_guess_counts_as_put_again() {
     );
 }
 
+/// Two things only the log can tell an operator (a black-box probe):
+/// - a live row whose object was deleted out of band answers 404, and now logs its failed
+///   transition (SPEC §8) instead of nothing;
+/// - a replica rolled back to bytea without the bucket, over rows whose bytes live only in
+///   S3, says so at start-up instead of only answering 503 for each.
+#[tokio::test]
+async fn lost_objects_and_an_unreadable_bucket_are_logged() {
+    let (endpoint, bucket) = s3_endpoint();
+    let db = fresh_db().await;
+    let prefix = test_prefix();
+    let port = free_port();
+    let mut cmd = bin_command(&db);
+    cmd.arg("serve").args(s3_flags("s3", &prefix, &endpoint));
+    let mut svc = spawn_service(cmd, port).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let (ws, token) = register_poll(&base).await;
+    let body = raw_multipart("XqzBound", &[("lost.bin", &bytes(1000, 3))], b"--\r\n");
+    let len = body.len();
+    let resp = post_raw(&base, ws, &token, body.into(), len).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let fid = file_id(&resp.json::<Value>().await.unwrap()["files"][0]);
+    let pool = sqlx::PgPool::connect(&db).await.unwrap();
+    let key: String = sqlx::query_scalar("SELECT s3_key FROM pending_uploads WHERE file_id = $1")
+        .bind(fid)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    s3_client(&endpoint)
+        .delete_object()
+        .bucket(&bucket)
+        .key(&key)
+        .send()
+        .await
+        .unwrap();
+    let resp = reqwest::Client::new()
+        .get(format!(
+            "{base}/workspaces/{ws}/pending-uploads/{fid}/content"
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let out = svc.terminate().await;
+    let failed = log_lines(&out.stderr)
+        .into_iter()
+        .find(|l| l["message"] == "upload not served")
+        .expect("the failed read is logged");
+    assert_eq!(failed["event"], "failed");
+    assert_eq!(failed["file_id"], fid.to_string());
+
+    let port = free_port();
+    let mut cmd = bin_command(&db);
+    cmd.arg("serve");
+    let mut svc = spawn_service(cmd, port).await;
+    let out = svc.terminate().await;
+    assert!(
+        log_lines(&out.stderr).iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("some rows' bytes live only in S3"))),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A proxy to `endpoint` that holds every byte from the moment the flag is set (S3 frozen, as
 /// a SIGSTOPped server is): its URL and the flag.
 async fn freezable_proxy(endpoint: &str) -> (String, Arc<std::sync::atomic::AtomicBool>) {
