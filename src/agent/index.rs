@@ -221,8 +221,14 @@ mod tests {
         index.save(dir.path()).await.unwrap();
         assert_eq!(UriIndex::load(dir.path()), index);
         assert_eq!(load_cursor(dir.path()), None);
-        save_cursor(dir.path(), Some("abc")).await.unwrap();
-        assert_eq!(load_cursor(dir.path()).as_deref(), Some("abc"));
+        let id = "0b5a6a8e-7c4e-4b8e-9f1e-3c2d1a0b9e8f";
+        save_cursor(dir.path(), Some(id)).await.unwrap();
+        assert_eq!(load_cursor(dir.path()).as_deref(), Some(id));
+        // Not a row id (a torn write): as no cursor.
+        save_cursor(dir.path(), Some("0b5a6a8e-7c4e"))
+            .await
+            .unwrap();
+        assert_eq!(load_cursor(dir.path()), None);
         save_cursor(dir.path(), None).await.unwrap();
         assert_eq!(load_cursor(dir.path()), None);
         let leftovers: Vec<_> = std::fs::read_dir(state_dir(dir.path()))
