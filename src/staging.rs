@@ -53,9 +53,12 @@ pub enum StagingError {
     QuotaBytes { pending: i64, max: u64 },
     #[error("pending files quota exceeded ({pending} of {max})")]
     QuotaFiles { pending: i64, max: u64 },
-    /// The caller's token was revoked, or the workspace removed, while the upload ran.
-    #[error("the caller's token was revoked or its workspace removed during the upload")]
-    CallerGone,
+    /// The caller's token was revoked, or its workspace removed, while the upload ran.
+    #[error("the caller's token was revoked during the upload")]
+    TokenRevoked,
+    /// The workspace was removed while the admin's upload ran.
+    #[error("the workspace was removed during the upload")]
+    WorkspaceRemoved,
     #[error("spool: {0}")]
     Spool(#[source] io::Error),
     #[error(transparent)]
@@ -531,7 +534,11 @@ async fn write_rows(
     }
     let refusal = match admission.refused.as_deref() {
         None => None,
-        Some("caller") => Some(StagingError::CallerGone),
+        // As the request's own check at its start would answer now.
+        Some("caller") => Some(match token_hash {
+            Some(_) => StagingError::TokenRevoked,
+            None => StagingError::WorkspaceRemoved,
+        }),
         Some("files") => Some(StagingError::QuotaFiles {
             pending: admission.pending_files,
             max: quota.max_files,

@@ -350,8 +350,8 @@ impl From<StagingError> for ApiError {
             StagingError::Storage(s) => s.into(),
             StagingError::Db(db) => db.into(),
             StagingError::ClientGone(_) => ApiError::MalformedMultipart,
-            // The upload route answers it as its own caller check would (401 or 404).
-            StagingError::CallerGone => ApiError::InvalidToken,
+            StagingError::TokenRevoked => ApiError::InvalidToken,
+            StagingError::WorkspaceRemoved => ApiError::WorkspaceNotFound,
             StagingError::Task(e) => ApiError::internal(e),
         }
     }

@@ -10,11 +10,7 @@ use axum::{
 };
 
 use super::{
-    body::{Cut, UploadBody},
-    error::ApiError,
-    extract::WorkspaceClaim,
-    registry::live_workspace,
-    AppState,
+    body::UploadBody, error::ApiError, extract::WorkspaceClaim, registry::live_workspace, AppState,
 };
 use crate::{
     api::{self, UploadResult},
@@ -200,16 +196,16 @@ async fn stage(
     let files = match received.await {
         Ok(files) => files,
         Err(e) => {
-            // A cut while parsing (over the cap, too slow) is the answer; one while draining
-            // after the parse failed (the client went, stalled or sent too much) is not: the
-            // parse's error is what the client did wrong first.
+            // A cut while parsing (over the cap, too slow, the body broken) is the answer; one
+            // while draining after the parse failed is not: the parse's error is what the
+            // client did wrong first.
             let cut_in_parse = cut.get();
             if cut_in_parse.is_none() {
                 staging::drain(&mut parts).await;
             }
             let e = match cut_in_parse {
-                Some(cut) if cut != Cut::Broken => cut.answer(st.limits.max_request_bytes),
-                _ => e.into(),
+                Some(cut) => cut.answer(st.limits.max_request_bytes),
+                None => e.into(),
             };
             return Err(rejected(e));
         }
@@ -222,8 +218,7 @@ async fn stage(
         .iter()
         .map(|f| (f.name.clone(), f.spool.size))
         .collect();
-    let staged = st.stager.commit(ws.id, token_hash, files, slot).await;
-    let staged = staged.map_err(|e| {
+    let staged = st.stager.commit(ws.id, token_hash, files, slot).await.map_err(|e| {
         metrics()
             .files_staged
             .with_label_values(&[backend, "failed"])
@@ -234,12 +229,7 @@ async fn stage(
                 error = %e, "upload not staged"
             );
         }
-        match (e, token_hash) {
-            // As the request's own check at its start would answer now.
-            (staging::StagingError::CallerGone, Some(_)) => ApiError::InvalidToken,
-            (staging::StagingError::CallerGone, None) => ApiError::WorkspaceNotFound,
-            (e, _) => ApiError::from(e),
-        }
+        ApiError::from(e)
     })?;
     let files = staged.into_iter().map(|s| s.file).collect();
     Ok(Json(UploadResult { files }).into_response())
