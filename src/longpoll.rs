@@ -16,7 +16,8 @@
 //! A listener's connection can stall without closing (a NAT or firewall that dropped it, a
 //! database host gone): nothing arrives and nothing fails. So every `DEPENDENCY_TIMEOUT` the
 //! listener notifies a channel of its own, through the pool, and a listener that has not
-//! heard it within the next `DEPENDENCY_TIMEOUT` is dropped and connected again.
+//! heard it within the next `DEPENDENCY_TIMEOUT` is dropped and connected again, on a new
+//! connection of its own ([`own_connection`]).
 
 use std::{
     collections::HashMap,
@@ -27,7 +28,10 @@ use std::{
     time::Duration,
 };
 
-use sqlx::{postgres::PgListener, PgPool};
+use sqlx::{
+    postgres::{PgListener, PgPoolOptions},
+    PgPool,
+};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -181,7 +185,7 @@ impl Hub {
     }
 
     async fn listen(&self, pool: &PgPool, beat: Duration) -> sqlx::Result<()> {
-        let mut listener = PgListener::connect_with(pool).await?;
+        let mut listener = PgListener::connect_with(&own_connection(pool, beat)).await?;
         // A channel of this listener's own: its heartbeat wakes no one, here or elsewhere.
         let own = format!("pending_uploads_beat_{}", Uuid::new_v4().simple());
         listener.listen_all([CHANNEL, own.as_str()]).await?;
@@ -228,6 +232,22 @@ impl Hub {
             stalled = watch => Err(stalled),
         }
     }
+}
+
+/// A pool of one new connection for one listener, made with `pool`'s settings. Not `pool`'s
+/// own: a listener dropped unheard runs `UNLISTEN *` on its connection before giving it back
+/// (sqlx's `Drop`), which on a stalled connection waits as long as TCP keeps it (about 15
+/// minutes of retransmissions; for ever when the server's host only stopped), so each stall
+/// held one of `pool`'s places, and the heartbeat, which needs one, gave no verdict once they
+/// were gone: long polls then waited out their `wait`. And its replacement took the pool's
+/// idle connection, made before the stall and as likely to share its fate, not a new one.
+fn own_connection(pool: &PgPool, beat: Duration) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(beat)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .connect_lazy_with((*pool.connect_options()).clone())
 }
 
 #[cfg(test)]
