@@ -152,15 +152,16 @@ pub fn document() -> String {
 
 pub fn router(state: AppState, cors_origins: &[String]) -> Router {
     let (router, _) = routes().split_for_parts();
-    let router = router
+    let mut router = router
         .route("/openapi.json", axum::routing::get(openapi::serve))
-        .fallback(ops::not_found)
-        .layer(axum::middleware::from_fn(every_request))
-        .with_state(state);
-    match cors_layer(cors_origins) {
-        Some(cors) => router.layer(cors),
-        None => router,
+        .fallback(ops::not_found);
+    // Inside the middleware, so the preflight answers it gives get `nosniff` too.
+    if let Some(cors) = cors_layer(cors_origins) {
+        router = router.layer(cors);
     }
+    router
+        .layer(axum::middleware::from_fn(every_request))
+        .with_state(state)
 }
 
 /// Marks a response whose body is not ours to rewrite (a push workspace's own answer).

@@ -51,6 +51,7 @@ async fn listed_origins_get_preflight_answers_and_cors_headers() {
     assert!(preflight.status().is_success(), "{}", preflight.status());
     let h = preflight.headers();
     assert_eq!(h["access-control-allow-origin"], CANVAS);
+    assert_eq!(h["x-content-type-options"], "nosniff");
     let allowed = h["access-control-allow-headers"]
         .to_str()
         .unwrap()
