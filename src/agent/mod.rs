@@ -398,18 +398,26 @@ impl Agent {
     /// Passes forever. Between passes it long-polls the feed, so a new upload is fetched as
     /// soon as it commits; against a service without long polls it sleeps `interval`. Backs
     /// off (with jitter) while the platform is down, and waits `interval` after a pass in
-    /// which a file failed (a file that fails every time must not spin the loop).
+    /// which a file failed (a file that fails every time must not spin the loop); the pass
+    /// after a failure does not long-poll.
     pub async fn run_forever(&self, interval: Duration) {
         let mut failures = 0;
+        let mut failed_file = false;
         loop {
             let started = Instant::now();
             // A long poll needs a cursor (SPEC: `wait` with `since_id`): a fresh directory
             // polls plainly until the feed has a first row. Every pass with a cursor asks to
             // wait; a service that does not answers at once, and the interval is slept then.
-            let wait = load_cursor(&self.cfg.dir).map(|_| LONG_POLL);
+            // Not after a failure: what failed is still pending, and a long poll would try it
+            // again only when news or the end of its wait answered it (up to 30 s).
+            let wait = match failures > 0 || failed_file {
+                true => None,
+                false => load_cursor(&self.cfg.dir).map(|_| LONG_POLL),
+            };
             let pause = match self.pass(wait).await {
                 Ok(r) => {
                     failures = 0;
+                    failed_file = r.failed > 0;
                     if r != PassReport::default() {
                         tracing::info!(
                             staged = r.staged,

@@ -980,6 +980,43 @@ async fn a_file_that_keeps_failing_does_not_spin_the_agent() {
     assert_eq!(unacked(&env.db).await, 1, "never acked");
 }
 
+/// A file that failed is tried again after the poll interval. Before, the pass after it
+/// long-polled the feed, which had no news: the file waited out the whole wait (30 s).
+#[tokio::test]
+async fn a_file_that_failed_is_tried_again_after_the_interval_not_a_long_poll() {
+    let env = Env::new("bytea").await;
+    let _service = env.service().await;
+    let (_home, dir, ws, token_file) = laptop(&env).await;
+    let mut agent = Running(Some(
+        env.agent(ws, &token_file, &dir, &["--poll-interval", "1s"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let data = bytes(10, 3);
+    let sent = canvas_upload(&env.base(), ws, &[("clash.txt", data.clone())]).await;
+    let staged = staged_path(&dir, sent[0].0, "clash.txt");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(&staged, b"someone else's").unwrap();
+    // The agent's first pass after the upload fails on the clash; then the clash goes.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    std::fs::remove_file(&staged).unwrap();
+    let gone = std::time::Instant::now();
+    while unacked(&env.db).await > 0 && gone.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = agent.terminate().await;
+    assert_eq!(unacked(&env.db).await, 0, "staged and acked within 10 s");
+    assert_eq!(std::fs::read(&staged).unwrap(), data);
+    let failures = log_lines(&out.stderr)
+        .into_iter()
+        .filter(|l| l["message"] == "could not stage file")
+        .count();
+    assert!(failures >= 1, "the clash failed first");
+}
+
 /// Every file under `dir` (the agent's state folder included) with its bytes.
 fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
