@@ -260,7 +260,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Command::Agent(args)) => run_agent(args).await,
         Some(Command::Openapi) => {
-            print!("{}", crate::http::document());
+            print!("{}", String::from_utf8_lossy(&crate::http::document()));
             Ok(())
         }
         Some(Command::Contract {

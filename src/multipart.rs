@@ -362,8 +362,28 @@ impl<S> fmt::Debug for Multipart<S> {
 pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, BoxError>> + Send>>;
 
 fn parse_head(block: &[u8]) -> Result<PartHead, MultipartError> {
+    // httparse refuses control characters in a value, and browsers send a file's name as it
+    // is but for CR, LF and `"` (HTML's form-data encoding): a Linux file named `a\x01b.txt`
+    // was a 400, where Go's parser (the platform's) takes it and SPEC §5 makes it `a_b.txt`
+    // (and §4 a control character in Content-Type `application/octet-stream`). So the block
+    // is parsed with them masked, and each value read back from the block as it came.
+    let mut masked = block.to_vec();
+    let mut in_value = false;
+    for b in masked.iter_mut() {
+        match *b {
+            b'\n' => in_value = false,
+            b':' => in_value = true,
+            b'\r' | b'\t' => {}
+            c if in_value && c.is_ascii_control() => *b = b'!',
+            _ => {}
+        }
+    }
+    let original = |value: &[u8]| -> Vec<u8> {
+        let at = value.as_ptr() as usize - masked.as_ptr() as usize;
+        block.get(at..at + value.len()).unwrap_or(value).to_vec()
+    };
     let mut headers = [httparse::EMPTY_HEADER; MAX_PART_HEADERS];
-    let parsed = match httparse::parse_headers(block, &mut headers) {
+    let parsed = match httparse::parse_headers(&masked, &mut headers) {
         Ok(httparse::Status::Complete((_, parsed))) => parsed,
         Ok(httparse::Status::Partial) => return Err(MultipartError::Malformed("partial header")),
         Err(httparse::Error::TooManyHeaders) => {
@@ -376,7 +396,8 @@ fn parse_head(block: &[u8]) -> Result<PartHead, MultipartError> {
         ..PartHead::default()
     };
     for h in parsed {
-        let value = String::from_utf8_lossy(h.value);
+        let raw = original(h.value);
+        let value = String::from_utf8_lossy(&raw);
         if h.name.eq_ignore_ascii_case("content-disposition") {
             let (name, filename) = disposition(&value)?;
             head.name = name;
@@ -658,6 +679,23 @@ mod tests {
                 .len(),
             0
         );
+    }
+
+    #[test]
+    fn control_characters_in_values_are_kept_as_sent() {
+        let head = parse_head(
+            b"Content-Disposition: form-data; name=\"files\"; filename=\"a\x01b\x7f.txt\"\r\n\
+              Content-Type: text/pl\x00ain\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(head.name.as_deref(), Some("files"));
+        assert_eq!(head.filename.as_deref(), Some("a\u{1}b\u{7f}.txt"));
+        assert_eq!(head.content_type.as_deref(), Some("text/pl\u{0}ain"));
+        // In a header's name they are still malformed.
+        assert!(matches!(
+            parse_head(b"Content\x01Type: text/plain\r\n\r\n"),
+            Err(MultipartError::Malformed(_))
+        ));
     }
 
     #[test]

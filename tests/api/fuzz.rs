@@ -689,19 +689,13 @@ impl Part {
         if overrides || lines.iter().any(|(_, v)| v.contains(['\r', '\n'])) {
             return Head::Unknown;
         }
-        // httparse takes tab, visible ASCII and obs-text in a value; any other control byte
-        // makes the part header invalid.
-        let invalid = lines
-            .iter()
-            .any(|(_, v)| v.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f));
+        // A control byte in a value is taken as sent (a browser sends a file's name as it is
+        // but for CR, LF and `"`); it was a malformed part header until 2026-12-05.
         let block = lines
             .iter()
             .map(|(n, v)| n.len() + 2 + v.len() + 2)
             .sum::<usize>()
             + 2;
-        if invalid {
-            return Head::Malformed("control character in a part header");
-        }
         if lines.len() > MAX_PART_HEADERS {
             return Head::Malformed("too many part headers");
         }

@@ -403,6 +403,14 @@ async fn mimetypes_are_reduced_and_odd_ones_neutralized() {
             Some("text/plain"),
             b"e",
         ),
+        // Sent raw, as a browser sends a file's name (HTML escapes only CR, LF and `"`):
+        // SPEC §5 and §4 say what becomes of them; it was a 400 before.
+        (
+            "files",
+            Some("ctl\x01name\x7f.txt"),
+            Some("text/pl\x00ain"),
+            b"f",
+        ),
         ("ignored", None, None, b"other fields are skipped"),
     ]);
     let resp = post_raw(&app, ws, &token, &ct, body).await;
@@ -425,6 +433,7 @@ async fn mimetypes_are_reduced_and_odd_ones_neutralized() {
         ("c.bin", "application/octet-stream"),
         ("d.bin", ""),
         ("semi_colon__2_.txt", "text/plain"),
+        ("ctl_name_.txt", "application/octet-stream"),
     ]
     .iter()
     .map(|(a, b)| (a.to_string(), b.to_string()))
