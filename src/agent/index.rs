@@ -69,6 +69,10 @@ pub async fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
             .open(&tmp)
             .await?;
         f.write_all(bytes).await?;
+        // tokio's `write_all` hands the bytes to a blocking write and returns; its error
+        // (ENOSPC) comes back from the next flush, and `sync_all` does not report it: an
+        // empty file was renamed over the index on a full disk, and the pass acked.
+        f.flush().await?;
         f.sync_all().await?;
     }
     tokio::fs::rename(&tmp, path).await?;

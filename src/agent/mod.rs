@@ -55,12 +55,15 @@ struct Candidate {
     size: u64,
 }
 
-impl From<PendingUpload> for Candidate {
-    fn from(p: PendingUpload) -> Self {
+impl Candidate {
+    /// The index key is the file's own URI, made here: the listed `uri` is the platform's
+    /// word, and a wrong one (another workspace's file, a web address) would be rewritten
+    /// to this file in chat messages.
+    fn from_pending(p: PendingUpload, workspace_id: Uuid) -> Self {
         Candidate {
             file_id: p.file_id,
             name: p.name,
-            uri: p.uri,
+            uri: format!("platform-pending:{workspace_id}/{}", p.file_id),
             size: p.size.max(0) as u64,
         }
     }
@@ -192,6 +195,34 @@ async fn verify(path: &Path, size: u64, expected: &Expected) -> io::Result<bool>
         })
 }
 
+/// Pages of the activity feed one pass reads at most (500 rows each) before it reads the
+/// pending list anyway: the feed only says when to look.
+const MAX_FEED_PAGES: usize = 200;
+
+/// Largest JSON answer the agent reads (a pending list of the service's 10,000 files is
+/// about 3 MB): a platform that sends more, or never ends, must not take the laptop's memory.
+const MAX_JSON_BYTES: usize = 32 << 20;
+
+/// `resp`'s body as JSON, read to at most [`MAX_JSON_BYTES`].
+async fn json_within<T: DeserializeOwned>(
+    resp: reqwest::Response,
+    what: &str,
+) -> Result<T, AgentError> {
+    let mut body = Vec::new();
+    let mut chunks = resp.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk?;
+        if body.len() + chunk.len() > MAX_JSON_BYTES {
+            return Err(AgentError::Retry(format!(
+                "{what}: answer over {MAX_JSON_BYTES} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| AgentError::Retry(format!("{what}: answer is not the expected JSON: {e}")))
+}
+
 /// A partial file untouched this long belongs to an upload that no longer exists.
 const PARTIAL_MAX_AGE: Duration = Duration::from_secs(48 * 3600);
 
@@ -250,6 +281,8 @@ impl Agent {
             // Below the service's HEADER_READ_TIMEOUT, after which it closes an idle
             // connection: reusing one just then would lose the request to the close.
             .pool_idle_timeout(Duration::from_secs(5))
+            // A redirect elsewhere must not learn the workspace id and query.
+            .referer(false)
             .build()
             .map_err(io::Error::other)?;
         let mut index = UriIndex::load(&dir);
@@ -287,7 +320,7 @@ impl Agent {
             .send()
             .await?;
         match resp.status() {
-            s if s.is_success() => Ok(Some(resp.json().await?)),
+            s if s.is_success() => Ok(Some(json_within(resp, path).await?)),
             StatusCode::GONE => Ok(None),
             s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => Err(AgentError::Fatal(
                 format!("platform refused the token ({s})"),
@@ -320,6 +353,7 @@ impl Agent {
     async fn discover(&self, mut wait: Option<Duration>) -> Result<Vec<Candidate>, AgentError> {
         let filter = "type=a2a_receive&method=chat_upload_receive&limit=500";
         let mut cursor = load_cursor(&self.cfg.dir);
+        let mut pages_seen: std::collections::HashSet<String> = cursor.iter().cloned().collect();
         loop {
             let path = match (&cursor, wait.take()) {
                 (Some(c), Some(w)) => {
@@ -332,6 +366,12 @@ impl Agent {
                 .get_json_retrying::<Vec<ActivityRow>>("activity", &path)
                 .await?
             else {
+                if cursor.is_none() {
+                    // Nothing to reset: asked again at once, it spun (thousands a second).
+                    return Err(AgentError::Retry(
+                        "activity feed answered 410 to no cursor".into(),
+                    ));
+                }
                 tracing::warn!(cursor = ?cursor, "activity cursor no longer known: resetting to a recent window");
                 save_cursor(&self.cfg.dir, None).await?;
                 cursor = None;
@@ -346,6 +386,18 @@ impl Agent {
             let Some(next) = newest.map(|r| r.id.to_string()) else {
                 break;
             };
+            // A feed that gives a cursor back, or rows it gave before, is at its end (or
+            // broken): paging on would never reach the pending list.
+            if !pages_seen.insert(next.clone()) {
+                break;
+            }
+            if pages_seen.len() > MAX_FEED_PAGES {
+                tracing::warn!(
+                    pages = MAX_FEED_PAGES,
+                    "activity feed still paging: reading the pending list"
+                );
+                break;
+            }
             // from here on page forward (oldest first) after the newest row seen
             save_cursor(&self.cfg.dir, Some(&next)).await?;
             cursor = Some(next);
@@ -354,7 +406,14 @@ impl Agent {
             .get_json_retrying::<Vec<PendingUpload>>("pending list", "/pending-uploads")
             .await?
             .unwrap_or_default();
-        Ok(pending.into_iter().map(Candidate::from).collect())
+        // Once each: two downloads of one file shared its partial file, and the second's
+        // restart truncated the first's published file through their hard link.
+        let mut seen = std::collections::HashSet::new();
+        Ok(pending
+            .into_iter()
+            .filter(|p| seen.insert(p.file_id))
+            .map(|p| Candidate::from_pending(p, self.cfg.workspace_id))
+            .collect())
     }
 
     /// One pass: discover, stage everything with bounded concurrency, ack.
@@ -490,8 +549,12 @@ impl Agent {
         };
         if !verify(&partial_path, c.size, &expected).await? {
             fs::remove_file(&partial_path).await?;
+            let digest = match &expected {
+                Expected::Sha256(d) => format!("sha256 {}", hex::encode(d)),
+                Expected::Size => "no digest".into(),
+            };
             return Err(AgentError::Retry(format!(
-                "downloaded bytes do not match (expected {} bytes, {expected:?})",
+                "downloaded bytes do not match (expected {} bytes, {digest})",
                 c.size
             )));
         }
@@ -603,6 +666,7 @@ impl Agent {
             req = req.header(reqwest::header::RANGE, format!("bytes={from}-"));
         }
         let resp = req.send().await?;
+        let resp_is_whole = resp.status() == StatusCode::OK;
         match resp.status() {
             StatusCode::NOT_FOUND => {
                 drop(partial);
@@ -646,13 +710,29 @@ impl Agent {
         }
         let expected = expected_from(resp.headers());
         let mut body = resp.bytes_stream();
+        // No more than the upload's size reaches the disk, whatever the answer sends.
+        let mut room = match resp_is_whole {
+            true => c.size,
+            false => c.size.saturating_sub(from),
+        };
         while let Some(chunk) = body.next().await {
             let chunk = chunk?;
+            if chunk.len() as u64 > room {
+                drop(partial);
+                let _ = fs::remove_file(partial_path).await;
+                return Err(AgentError::Retry(format!(
+                    "content longer than the listed {} bytes",
+                    c.size
+                )));
+            }
+            room -= chunk.len() as u64;
             partial.write_all(&chunk).await?;
             if let Some(pacer) = &self.pacer {
                 pacer.take(chunk.len() as u64).await;
             }
         }
+        // The last write's error (ENOSPC) comes back here, not from `sync_all`.
+        partial.flush().await?;
         partial.sync_all().await?;
         Ok(Some(expected))
     }

@@ -1017,6 +1017,72 @@ async fn a_file_that_failed_is_tried_again_after_the_interval_not_a_long_poll() 
     assert!(failures >= 1, "the clash failed first");
 }
 
+/// DIR on a filesystem of its own, `size` large (a tmpfs; tests run as root); unmounted when
+/// dropped.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(dir).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs needs root");
+        SmallDisk(dir.to_path_buf())
+    }
+
+    /// Fills it up with 4 KiB files, then frees one: a page is left.
+    fn fill_but_a_page(&self) {
+        let filler = self.0.join("filler");
+        std::fs::create_dir_all(&filler).unwrap();
+        let mut n = 0;
+        while std::fs::write(filler.join(n.to_string()), [0u8; 4096]).is_ok() {
+            n += 1;
+        }
+        std::fs::remove_file(filler.join((n - 1).to_string())).unwrap();
+        let _ = std::fs::remove_file(filler.join(n.to_string()));
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// On a full disk the agent's state writes failed unseen: tokio's `write_all` returns before
+/// the write, whose error `sync_all` does not report, so an empty file was renamed over the
+/// index (every mapping gone) and the pass acked the new file (a black-box probe). Now the
+/// write fails, the pass fails, and nothing more is acked.
+#[tokio::test]
+async fn a_full_disk_fails_the_pass_and_keeps_the_index() {
+    let env = Env::new("bytea").await;
+    let _service = env.service().await;
+    let (_home, dir, ws, token_file) = laptop(&env).await;
+    let disk = SmallDisk::mount(&dir, "1m");
+    let first = canvas_upload(&env.base(), ws, &[("first.txt", bytes(11, 1))]).await;
+    let (_, report) = env.agent_once(ws, &token_file, &dir);
+    assert_eq!(report["staged"], 1, "{report}");
+    let index_path = dir.join(".pending-uploads/index.json");
+    let uri = format!("platform-pending:{ws}/{}", first[0].0);
+    let index: Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    assert!(index.get(&uri).is_some(), "{index}");
+
+    disk.fill_but_a_page();
+    canvas_upload(&env.base(), ws, &[("second.txt", bytes(11, 2))]).await;
+    let out = env
+        .agent(ws, &token_file, &dir, &["--once", "--retries", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the pass failed");
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).expect("the index is whole");
+    assert!(index.get(&uri).is_some(), "{index}");
+    assert_eq!(unacked(&env.db).await, 1, "the second file is not acked");
+}
+
 /// Every file under `dir` (the agent's state folder included) with its bytes.
 fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();

@@ -1,6 +1,7 @@
 //! Integration tests over real HTTP against a real PostgreSQL. See common.rs for the harness.
 
 mod activity;
+mod agent_platform;
 mod attacks;
 mod binary;
 mod browser;

@@ -1,0 +1,266 @@
+//! The agent against a platform that is broken or hostile: a fake platform in the test
+//! process answers each route as a scenario says, and the agent binary runs one pass
+//! (`--once`) against it. A laptop's disk, memory and index must not be the platform's to
+//! spoil (a black-box probe found each of these).
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use axum::{
+    body::Body,
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Router,
+};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::common::*;
+
+/// How the fake platform answers.
+#[derive(Clone, Copy)]
+enum Scenario {
+    /// The pending list holds one file twice, under a `uri` that is not its own; its
+    /// content is whole at the first GET and cut after 100 bytes at the next.
+    Duplicate,
+    /// The content never ends.
+    EndlessContent,
+    /// The pending list never ends.
+    EndlessList,
+    /// The activity feed answers 410 to everything, a cursor or none.
+    AlwaysGone,
+}
+
+const DATA: &[u8] = &[7u8; 10_000];
+
+#[derive(Clone)]
+struct Fake {
+    scenario: Scenario,
+    ws: Uuid,
+    file: Uuid,
+    activity: Arc<AtomicUsize>,
+    content: Arc<AtomicUsize>,
+}
+
+fn entry(f: &Fake) -> Value {
+    json!({
+        "file_id": f.file,
+        "name": "one.txt",
+        "mimeType": "text/plain",
+        "size": DATA.len(),
+        "uri": "https://attacker.example/steal",
+        "created_at": "2026-12-05T00:00:00Z",
+        "expires_at": "2099-12-05T00:00:00Z",
+        "fetched_at": null,
+    })
+}
+
+/// A body of `piece` repeated for ever.
+fn endless(piece: &'static [u8]) -> Body {
+    let chunk = bytes::Bytes::from_static(piece);
+    Body::from_stream(futures::stream::repeat_with(move || {
+        Ok::<_, std::io::Error>(chunk.clone())
+    }))
+}
+
+async fn activity(State(f): State<Fake>) -> Response {
+    f.activity.fetch_add(1, Ordering::SeqCst);
+    match f.scenario {
+        Scenario::AlwaysGone => (StatusCode::GONE, "{}").into_response(),
+        _ => axum::Json(json!([])).into_response(),
+    }
+}
+
+async fn pending(State(f): State<Fake>) -> Response {
+    match f.scenario {
+        Scenario::Duplicate => axum::Json(json!([entry(&f), entry(&f)])).into_response(),
+        Scenario::EndlessList => {
+            let mut resp = endless(b"[[[[[[[[[[[[[[[[                ").into_response();
+            resp.headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            resp
+        }
+        _ => axum::Json(json!([entry(&f)])).into_response(),
+    }
+}
+
+async fn content(State(f): State<Fake>) -> Response {
+    let nth = f.content.fetch_add(1, Ordering::SeqCst);
+    match f.scenario {
+        Scenario::EndlessContent => endless(&[7u8; 16 * 1024]).into_response(),
+        Scenario::Duplicate if nth > 0 => {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let cut = futures::stream::iter([
+                Ok(bytes::Bytes::from_static(&DATA[..100])),
+                Err(std::io::Error::other("cut")),
+            ]);
+            Body::from_stream(cut).into_response()
+        }
+        _ => DATA.into_response(),
+    }
+}
+
+async fn ack() -> StatusCode {
+    StatusCode::OK
+}
+
+/// The fake platform for `scenario`, and its state.
+async fn fake_platform(scenario: Scenario) -> (String, Fake) {
+    let fake = Fake {
+        scenario,
+        ws: Uuid::new_v4(),
+        file: Uuid::new_v4(),
+        activity: Default::default(),
+        content: Default::default(),
+    };
+    let app = Router::new()
+        .route("/workspaces/{ws}/activity", get(activity))
+        .route("/workspaces/{ws}/pending-uploads", get(pending))
+        .route(
+            "/workspaces/{ws}/pending-uploads/{file}/content",
+            get(content),
+        )
+        .route("/workspaces/{ws}/pending-uploads/{file}/ack", post(ack))
+        .with_state(fake.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (base, fake)
+}
+
+/// One `agent --once --retries 0` against `base`; `None` when it had not ended within
+/// `within` (it is killed).
+async fn agent_once(
+    base: &str,
+    ws: Uuid,
+    dir: &Path,
+    within: Duration,
+) -> Option<std::process::Output> {
+    let home = dir.parent().unwrap();
+    let token_file = home.join("token");
+    std::fs::write(&token_file, "tok").unwrap();
+    let child = tokio::process::Command::new(BIN)
+        .env_clear()
+        .env("LOG_FORMAT", "json")
+        .args(["agent", "--once", "--retries", "0", "--platform-url", base])
+        .arg("--workspace-id")
+        .arg(ws.to_string())
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--dir")
+        .arg(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(within, child.wait_with_output())
+        .await
+        .ok()
+        .map(Result::unwrap)
+}
+
+fn inbox() -> (tempfile::TempDir, PathBuf) {
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path().join("Inbox");
+    (home, dir)
+}
+
+/// Bytes of every file under `dir`, the agent's state folder included.
+fn bytes_under(dir: &Path) -> u64 {
+    walk(dir).iter().map(|p| p.metadata().unwrap().len()).sum()
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = e.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// One file listed twice was downloaded twice at once into one partial file; the second
+/// download's restart truncated the first's published (and acked) file through their hard
+/// link: 100 bytes of 10,000 were left. And the listed `uri` became the index key, so a
+/// platform could have any URI rewritten to this file.
+#[tokio::test]
+async fn a_file_listed_twice_is_fetched_once_and_indexed_under_its_own_uri() {
+    let (base, fake) = fake_platform(Scenario::Duplicate).await;
+    let (_home, dir) = inbox();
+    let out = agent_once(&base, fake.ws, &dir, Duration::from_secs(30))
+        .await
+        .expect("the pass ended");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fake.content.load(Ordering::SeqCst), 1, "one download");
+    let published = dir.join(format!("{}-one.txt", fake.file.simple()));
+    assert_eq!(std::fs::read(&published).unwrap(), DATA);
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(dir.join(".pending-uploads/index.json")).unwrap())
+            .unwrap();
+    let keys: Vec<&String> = index.as_object().unwrap().keys().collect();
+    assert_eq!(
+        keys,
+        [&format!("platform-pending:{}/{}", fake.ws, fake.file)],
+        "{index}"
+    );
+}
+
+/// A content answer longer than the listed size was written to the disk for as long as it
+/// came (3 GB in 20 s, a probe); it stops at the size now.
+#[tokio::test]
+async fn content_past_the_listed_size_is_not_written() {
+    let (base, fake) = fake_platform(Scenario::EndlessContent).await;
+    let (_home, dir) = inbox();
+    let out = agent_once(&base, fake.ws, &dir, Duration::from_secs(30))
+        .await
+        .expect("the pass ended");
+    assert!(!out.status.success());
+    let report = stdout_json(&out);
+    assert_eq!(report["failed"], 1, "{report}");
+    let kept = bytes_under(&dir);
+    assert!(kept < 64 * 1024, "{kept} bytes under DIR");
+}
+
+/// A JSON answer was read whole into memory, however long (8 GB of RSS, a probe).
+#[tokio::test]
+async fn an_endless_json_answer_is_cut_off() {
+    let (base, fake) = fake_platform(Scenario::EndlessList).await;
+    let (_home, dir) = inbox();
+    let out = agent_once(&base, fake.ws, &dir, Duration::from_secs(60))
+        .await
+        .expect("the pass ended");
+    assert!(!out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("answer over"), "{log}");
+}
+
+/// A feed that answers 410 with no cursor to reset was asked again at once, thousands of
+/// times a second, for ever.
+#[tokio::test]
+async fn a_feed_that_answers_410_to_no_cursor_fails_the_pass() {
+    let (base, fake) = fake_platform(Scenario::AlwaysGone).await;
+    let (_home, dir) = inbox();
+    let out = agent_once(&base, fake.ws, &dir, Duration::from_secs(30))
+        .await
+        .expect("the pass ended");
+    assert!(!out.status.success());
+    let asked = fake.activity.load(Ordering::SeqCst);
+    assert!(asked <= 3, "the feed was asked {asked} times");
+}
