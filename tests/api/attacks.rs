@@ -1719,6 +1719,37 @@ async fn idle_kept_alive_connections_cannot_hold_every_place() {
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
 }
 
+/// Connections past MAX_CONNECTIONS wait in the listen backlog, and it was 128 (mio's
+/// `bind`): a connect past it had its SYN dropped and tried again a second later (3,000
+/// connects took 5 s, a probe). Here the only place is held by a long poll and 400 clients
+/// connect at once: each is taken into the backlog at once.
+#[tokio::test]
+async fn connections_past_every_place_wait_in_a_deep_backlog() {
+    let svc = Svc::start(&[("MAX_CONNECTIONS", "1")]).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let resp = upload_file(&svc, ws, &token, "first.txt", b"1").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let cursor = newest_activity(&svc, ws, &token).await;
+    let addr: SocketAddr = svc.base.trim_start_matches("http://").parse().unwrap();
+    let mut poll = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "GET /workspaces/{ws}/activity?since_id={cursor}&wait=30 HTTP/1.1\r\nHost: x\r\n\
+         Authorization: Bearer {token}\r\n\r\n"
+    );
+    poll.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let connects = (0..400).map(|_| async move {
+        tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr))
+            .await
+            .ok()
+            .and_then(Result::ok)
+    });
+    let connected = futures::future::join_all(connects).await;
+    let waiting = connected.iter().filter(|c| c.is_some()).count();
+    assert_eq!(waiting, 400, "connections taken into the backlog at once");
+    drop(poll);
+}
+
 /// And with requests whose short bodies never come (a JSON body, which has
 /// REQUEST_BODY_TIMEOUT: 30 s here): each waited on its client with nothing done yet and held
 /// its place that long, so a flood of them kept a new client in the backlog. A full replica
