@@ -22,6 +22,7 @@ use crate::{
     spool::SpoolMemory,
     staging::{Quota, Stager},
     storage::{ByteaBackend, S3Backend, Storage},
+    stored::Stored,
     sweep::Sweeper,
 };
 
@@ -112,6 +113,7 @@ pub fn sweeper(args: &SweepArgs, db: &Db, storage: &Storage) -> Sweeper {
         orphan_page_size: crate::sweep::ORPHAN_PAGE_SIZE,
         resume_after: Default::default(),
         replica: uuid::Uuid::new_v4(),
+        after_pass: Default::default(),
     }
 }
 
@@ -207,6 +209,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
         ),
         trusted_proxies: args.trusted_proxies.clone(),
         ready: Default::default(),
+        stored: Arc::new(crate::stored::Stored::new(args.limits.max_stored_bytes)),
     });
     let router = http::router(state.clone(), &args.cors_allowed_origins);
     let sweeper = sweeper(&args.sweep, &db, &storage);
@@ -249,7 +252,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     let sweep = tokio::spawn(service.sweeper.clone().run_forever(args.sweep_interval.0));
     let db = service.state.db.clone();
-    let gauges = tokio::spawn(refresh_gauges_forever(service.state.db.clone()));
+    let gauges = tokio::spawn(refresh_gauges_forever(
+        service.state.db.clone(),
+        service.state.stored.clone(),
+        service.sweeper.after_pass.clone(),
+    ));
     let listen = tokio::spawn(
         service
             .state
@@ -349,13 +356,25 @@ fn raise_fd_limit() {
     }
 }
 
-/// Keeps the backlog gauges fresh for /metrics.
-async fn refresh_gauges_forever(db: Db) {
+/// Keeps the backlog gauges fresh for /metrics, and what the fleet keeps for
+/// MAX_STORED_BYTES: every `GAUGE_REFRESH`, and after every sweep pass.
+async fn refresh_gauges_forever(db: Db, stored: Arc<Stored>, swept: Arc<tokio::sync::Notify>) {
     let mut ticker = tokio::time::interval(GAUGE_REFRESH);
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = swept.notified() => {}
+        }
         match db.run(|c| Box::pin(db::uploads::backlog(c))).await {
-            Ok(backlog) => crate::metrics::set_backlog(&backlog),
+            Ok(backlog) => {
+                crate::metrics::set_backlog(&backlog);
+                let bytes = backlog
+                    .states
+                    .iter()
+                    .map(|(_, _, b)| (*b).max(0) as u64)
+                    .sum();
+                stored.read(bytes);
+            }
             Err(e) => tracing::debug!(error = %e, "could not refresh backlog gauges"),
         }
     }

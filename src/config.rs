@@ -176,6 +176,10 @@ pub struct LimitArgs {
     /// Longest stored filename, in characters (at most 100).
     #[arg(long, env = "MAX_FILENAME_CHARS", default_value_t = MAX_FILENAME_CHARS)]
     pub max_filename_chars: usize,
+    /// Upload bytes the fleet keeps, every workspace's, acked or not, before uploads get 503
+    /// `storage_full` (0: no such bound).
+    #[arg(long, env = "MAX_STORED_BYTES", default_value_t = 100 << 30)]
+    pub max_stored_bytes: u64,
     /// Unacked bytes a workspace may have staged before uploads get 429.
     #[arg(long, env = "MAX_PENDING_BYTES_PER_WORKSPACE", default_value_t = 1 << 30)]
     pub max_pending_bytes_per_workspace: u64,

@@ -27,4 +27,5 @@ pub mod slots;
 pub mod spool;
 pub mod staging;
 pub mod storage;
+pub mod stored;
 pub mod sweep;

@@ -52,6 +52,9 @@ pub struct Sweeper {
     pub resume_after: Arc<Mutex<Option<String>>>,
     /// Who this sweeper is when it takes a turn of the fleet's ([`Sweeper::reconcile_in_turn`]).
     pub replica: Uuid,
+    /// Told after every pass of [`Sweeper::run_forever`]: what the fleet keeps is read again
+    /// (`MAX_STORED_BYTES`, [`crate::stored`]).
+    pub after_pass: Arc<tokio::sync::Notify>,
 }
 
 /// The outcome of a reconciliation turn.
@@ -365,6 +368,7 @@ impl Sweeper {
                 Ok(_) => tracing::debug!("sweep pass: nothing to do"),
                 Err(e) => tracing::warn!(error = %e, "sweep pass failed"),
             }
+            self.after_pass.notify_one();
         }
     }
 }

@@ -110,6 +110,9 @@ pub enum ApiError {
     StorageUnavailable,
     #[error("upload spool unavailable — retry shortly")]
     SpoolUnavailable,
+    /// MAX_STORED_BYTES reached ([`crate::stored`]).
+    #[error("upload storage full — retry later")]
+    StorageFull,
     /// A framework-level rejection (bad path encoding, 405, 415, ...), with its own status.
     #[error("{message}")]
     Rejected { status: StatusCode, message: String },
@@ -153,9 +156,8 @@ impl ApiError {
             NoCallbackUrl { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             BodyStalled | BodyTooSlow | BodyOverdue { .. } => StatusCode::REQUEST_TIMEOUT,
             UrlNotRegistered | DatastoreUnavailable | StorageUnavailable | SpoolUnavailable
-            | UploadCapacity | DownloadCapacity | LookupCapacity | LongPollCapacity => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            | StorageFull | UploadCapacity | DownloadCapacity | LookupCapacity
+            | LongPollCapacity => StatusCode::SERVICE_UNAVAILABLE,
             WorkspaceUnreachable => StatusCode::BAD_GATEWAY,
             Rejected { status, .. } => *status,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -197,6 +199,7 @@ impl ApiError {
             ApiError::DatastoreUnavailable => body.code = Some("platform_unavailable".into()),
             ApiError::StorageUnavailable => body.code = Some("storage_unavailable".into()),
             ApiError::SpoolUnavailable => body.code = Some("spool_unavailable".into()),
+            ApiError::StorageFull => body.code = Some("storage_full".into()),
             ApiError::UploadCapacity => body.code = Some("upload_capacity".into()),
             ApiError::WorkspaceBusy
             | ApiError::WorkspaceDownloadsBusy
@@ -217,7 +220,10 @@ impl ApiError {
             ApiError::RegistrationRate { retry_after_secs } => {
                 return Some(HeaderValue::from(*retry_after_secs))
             }
-            ApiError::QuotaExceeded { .. } | ApiError::FileQuotaExceeded { .. } => Some("60"),
+            ApiError::QuotaExceeded { .. }
+            | ApiError::FileQuotaExceeded { .. }
+            // Room comes back with the sweeper's passes (SWEEP_INTERVAL).
+            | ApiError::StorageFull => Some("60"),
             ApiError::DatastoreUnavailable
             | ApiError::StorageUnavailable
             | ApiError::SpoolUnavailable

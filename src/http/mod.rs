@@ -99,6 +99,8 @@ pub struct Shared {
     pub trusted_proxies: crate::networks::Networks,
     /// /readyz's shared check.
     pub ready: ops::ReadyCheck,
+    /// MAX_STORED_BYTES: what the fleet keeps.
+    pub stored: Arc<crate::stored::Stored>,
 }
 
 /// How long clients may take (SPEC §10).

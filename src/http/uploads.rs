@@ -64,7 +64,7 @@ pub fn delivery<'a>(mode: Option<&str>, url: Option<&'a str>) -> Delivery<'a> {
         (status = 422, description = "workspace has no callback URL", body = api::ErrorBody),
         (status = 429, description = "workspace pending-upload quota exceeded, or its upload slots taken, or this client address its SLOT_SHARE_PER_CLIENT of them (code client_busy)", body = api::ErrorBody),
         (status = 502, description = "workspace unreachable", body = api::ErrorBody),
-        (status = 503, description = "datastore, storage, spool or upload capacity unavailable; or push URL not registered", body = api::ErrorBody),
+        (status = 503, description = "datastore, storage, spool or upload capacity unavailable; MAX_STORED_BYTES reached (code storage_full); or push URL not registered", body = api::ErrorBody),
     )
 )]
 pub async fn chat_upload(
@@ -169,6 +169,9 @@ async fn stage(
             max: quota.max_files,
         }));
     }
+    if st.stored.full().is_some() {
+        return Err(rejected(ApiError::StorageFull));
+    }
 
     let boundary = headers
         .get(header::CONTENT_TYPE)
@@ -231,7 +234,8 @@ async fn stage(
         }
         ApiError::from(e)
     })?;
-    let files = staged.into_iter().map(|s| s.file).collect();
+    let files: Vec<_> = staged.into_iter().map(|s| s.file).collect();
+    st.stored.staged(files.iter().map(|f| f.size).sum());
     Ok(Json(UploadResult { files }).into_response())
 }
 
