@@ -117,12 +117,19 @@ pub struct AgentArgs {
     /// Retries per request or download within a pass.
     #[arg(long, env = "PENDING_UPLOADS_RETRIES", default_value_t = 5)]
     pub retries: u32,
+    /// How long a request to the platform may take in all (a long poll's wait not counted),
+    /// and how long a download may wait on the platform for 1 KiB (1s..=7d).
+    #[arg(long, env = "PENDING_UPLOADS_REQUEST_TIMEOUT", default_value = "60s")]
+    pub request_timeout: crate::config::HumanDuration,
 }
 
 async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     // 0 would poll without pause while the agent has no cursor yet.
     let interval = [("PENDING_UPLOADS_POLL_INTERVAL", args.poll_interval)];
     crate::config::deadline_range(&interval, std::time::Duration::from_millis(100), "100ms")
+        .map_err(anyhow::Error::msg)?;
+    let timeout = [("PENDING_UPLOADS_REQUEST_TIMEOUT", args.request_timeout)];
+    crate::config::deadline_range(&timeout, std::time::Duration::from_secs(1), "1s")
         .map_err(anyhow::Error::msg)?;
     let token = match std::env::var("PENDING_UPLOADS_TOKEN")
         .ok()
@@ -148,6 +155,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency,
         max_rate: Some(args.max_rate).filter(|r| *r > 0),
         retries: args.retries,
+        request_timeout: args.request_timeout.0,
     })?;
     if args.once {
         let report = agent.run_once().await?;

@@ -44,7 +44,15 @@ pub struct AgentConfig {
     pub max_rate: Option<u64>,
     /// Attempts after the first, per request or download, within one pass.
     pub retries: u32,
+    /// How long a request (JSON, HEAD, ack) may take in all, a long poll's wait not counted;
+    /// and the longest a download may wait on the platform for [`MIN_PROGRESS`] bytes.
+    pub request_timeout: Duration,
 }
+
+/// Bytes a download must receive within every `request_timeout` of waiting on the platform:
+/// a byte every few seconds passes any read timeout, and kept a pass (and the agent's lock)
+/// for hours (a probe: 46 of 10,000 bytes after 4 minutes).
+const MIN_PROGRESS: u64 = 1024;
 
 /// One staged file the workspace should receive.
 #[derive(Debug, Clone)]
@@ -140,8 +148,16 @@ impl From<io::Error> for AgentError {
 }
 
 impl From<reqwest::Error> for AgentError {
+    /// With its causes: reqwest's own text for a body cut by a timeout is only "error
+    /// decoding response body".
     fn from(e: reqwest::Error) -> Self {
-        AgentError::Retry(format!("platform request failed: {e}"))
+        let mut text = format!("platform request failed: {e}");
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            text.push_str(&format!(": {c}"));
+            cause = c.source();
+        }
+        AgentError::Retry(text)
     }
 }
 
@@ -312,11 +328,17 @@ impl Agent {
     }
 
     /// A JSON GET: `None` for a 410 (the caller decides), an error for anything unexpected.
-    async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>, AgentError> {
+    /// It may take `request_timeout` in all, plus `wait` (a long poll's).
+    async fn get_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        wait: Duration,
+    ) -> Result<Option<T>, AgentError> {
         let resp = self
             .http
             .get(self.url(path))
             .bearer_auth(&self.cfg.token)
+            .timeout(self.cfg.request_timeout + wait)
             .send()
             .await?;
         match resp.status() {
@@ -336,9 +358,10 @@ impl Agent {
         &self,
         what: &str,
         path: &str,
+        wait: Duration,
     ) -> Result<Option<T>, AgentError> {
         retry(what, self.cfg.retries, AgentError::retry_after, || {
-            self.get_json(path)
+            self.get_json(path, wait)
         })
         .await
     }
@@ -355,15 +378,19 @@ impl Agent {
         let mut cursor = load_cursor(&self.cfg.dir);
         let mut pages_seen: std::collections::HashSet<String> = cursor.iter().cloned().collect();
         loop {
-            let path = match (&cursor, wait.take()) {
-                (Some(c), Some(w)) => {
-                    format!("/activity?{filter}&since_id={c}&wait={}", w.as_secs())
-                }
-                (Some(c), None) => format!("/activity?{filter}&since_id={c}"),
-                (None, _) => format!("/activity?{filter}&since_secs=86400"),
+            let (path, waits) = match (&cursor, wait.take()) {
+                (Some(c), Some(w)) => (
+                    format!("/activity?{filter}&since_id={c}&wait={}", w.as_secs()),
+                    w,
+                ),
+                (Some(c), None) => (format!("/activity?{filter}&since_id={c}"), Duration::ZERO),
+                (None, _) => (
+                    format!("/activity?{filter}&since_secs=86400"),
+                    Duration::ZERO,
+                ),
             };
             let Some(rows) = self
-                .get_json_retrying::<Vec<ActivityRow>>("activity", &path)
+                .get_json_retrying::<Vec<ActivityRow>>("activity", &path, waits)
                 .await?
             else {
                 if cursor.is_none() {
@@ -403,7 +430,11 @@ impl Agent {
             cursor = Some(next);
         }
         let pending = self
-            .get_json_retrying::<Vec<PendingUpload>>("pending list", "/pending-uploads")
+            .get_json_retrying::<Vec<PendingUpload>>(
+                "pending list",
+                "/pending-uploads",
+                Duration::ZERO,
+            )
             .await?
             .unwrap_or_default();
         // Once each: two downloads of one file shared its partial file, and the second's
@@ -598,6 +629,7 @@ impl Agent {
             .http
             .head(self.content_url(c))
             .bearer_auth(&self.cfg.token)
+            .timeout(self.cfg.request_timeout)
             .send()
             .await?;
         // As the GET's answers are taken: a refusal's Retry-After is waited out, a refused
@@ -715,8 +747,25 @@ impl Agent {
             true => c.size,
             false => c.size.saturating_sub(from),
         };
-        while let Some(chunk) = body.next().await {
+        // Time spent waiting on the platform (not on --max-rate) and bytes, since the
+        // download last had MIN_PROGRESS bytes.
+        let (mut waited, mut got) = (Duration::ZERO, 0u64);
+        loop {
+            let asked = Instant::now();
+            let left = self.cfg.request_timeout.saturating_sub(waited);
+            let Ok(next) = tokio::time::timeout(left, body.next()).await else {
+                return Err(AgentError::Retry(format!(
+                    "download stalled: under {MIN_PROGRESS} bytes in {:?}",
+                    self.cfg.request_timeout
+                )));
+            };
+            let Some(chunk) = next else { break };
             let chunk = chunk?;
+            waited += asked.elapsed();
+            got += chunk.len() as u64;
+            if got >= MIN_PROGRESS {
+                (waited, got) = (Duration::ZERO, 0);
+            }
             if chunk.len() as u64 > room {
                 drop(partial);
                 let _ = fs::remove_file(partial_path).await;
@@ -742,6 +791,7 @@ impl Agent {
             .http
             .post(self.url(&format!("/pending-uploads/{}/ack", c.file_id)))
             .bearer_auth(&self.cfg.token)
+            .timeout(self.cfg.request_timeout)
             .send()
             .await?;
         match resp.status() {

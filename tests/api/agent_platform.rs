@@ -20,6 +20,7 @@ use axum::{
     routing::{get, post},
     Router,
 };
+use futures::StreamExt;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -37,6 +38,10 @@ enum Scenario {
     EndlessList,
     /// The activity feed answers 410 to everything, a cursor or none.
     AlwaysGone,
+    /// The pending list comes a byte every 200 ms.
+    DripList,
+    /// The content comes a byte every 200 ms.
+    DripContent,
 }
 
 const DATA: &[u8] = &[7u8; 10_000];
@@ -63,6 +68,15 @@ fn entry(f: &Fake) -> Value {
     })
 }
 
+/// `piece`, a byte every 200 ms, then for ever nothing more.
+fn drip(piece: &'static [u8]) -> Body {
+    let bytes = futures::stream::iter(piece.iter().copied()).then(|b| async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b]))
+    });
+    Body::from_stream(bytes.chain(futures::stream::pending()))
+}
+
 /// A body of `piece` repeated for ever.
 fn endless(piece: &'static [u8]) -> Body {
     let chunk = bytes::Bytes::from_static(piece);
@@ -82,6 +96,7 @@ async fn activity(State(f): State<Fake>) -> Response {
 async fn pending(State(f): State<Fake>) -> Response {
     match f.scenario {
         Scenario::Duplicate => axum::Json(json!([entry(&f), entry(&f)])).into_response(),
+        Scenario::DripList => drip(b"[                                        ]").into_response(),
         Scenario::EndlessList => {
             let mut resp = endless(b"[[[[[[[[[[[[[[[[                ").into_response();
             resp.headers_mut()
@@ -96,6 +111,7 @@ async fn content(State(f): State<Fake>) -> Response {
     let nth = f.content.fetch_add(1, Ordering::SeqCst);
     match f.scenario {
         Scenario::EndlessContent => endless(&[7u8; 16 * 1024]).into_response(),
+        Scenario::DripContent => drip(DATA).into_response(),
         Scenario::Duplicate if nth > 0 => {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let cut = futures::stream::iter([
@@ -144,6 +160,16 @@ async fn agent_once(
     dir: &Path,
     within: Duration,
 ) -> Option<std::process::Output> {
+    agent_once_with(base, ws, dir, within, &[]).await
+}
+
+async fn agent_once_with(
+    base: &str,
+    ws: Uuid,
+    dir: &Path,
+    within: Duration,
+    extra: &[&str],
+) -> Option<std::process::Output> {
     let home = dir.parent().unwrap();
     let token_file = home.join("token");
     std::fs::write(&token_file, "tok").unwrap();
@@ -157,6 +183,7 @@ async fn agent_once(
         .arg(&token_file)
         .arg("--dir")
         .arg(dir)
+        .args(extra)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -263,4 +290,34 @@ async fn a_feed_that_answers_410_to_no_cursor_fails_the_pass() {
     assert!(!out.status.success());
     let asked = fake.activity.load(Ordering::SeqCst);
     assert!(asked <= 3, "the feed was asked {asked} times");
+}
+
+/// A byte every 200 ms passes any read timeout: the pending list and a download each kept a
+/// pass (and the agent's lock, so every later cron run failed) for hours (a probe: 46 of
+/// 10,000 bytes after 4 minutes). A request now has `--request-timeout` in all, and a
+/// download must get 1 KiB within it.
+#[tokio::test]
+async fn a_platform_that_drips_cannot_hold_a_pass() {
+    for (scenario, why) in [
+        (Scenario::DripList, "timed out"),
+        (
+            Scenario::DripContent,
+            "download stalled: under 1024 bytes in 2s",
+        ),
+    ] {
+        let (base, fake) = fake_platform(scenario).await;
+        let (_home, dir) = inbox();
+        let out = agent_once_with(
+            &base,
+            fake.ws,
+            &dir,
+            Duration::from_secs(30),
+            &["--request-timeout", "2s"],
+        )
+        .await
+        .expect("the pass ended");
+        assert!(!out.status.success());
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(log.contains(why), "{log}");
+    }
 }
