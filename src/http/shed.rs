@@ -7,7 +7,10 @@
 //! of it is under way (its response body not yet done): the long-lived ones hold slots, whose
 //! kinds together stay below `MAX_CONNECTIONS` by default. Except while such a request waits
 //! on its client for a short body (a JSON body, the rest of a refused upload's): a flood of
-//! those held places for as long as their deadlines, and nothing is lost by dropping one.
+//! those held places for as long as their deadlines, and nothing is lost by dropping one. And
+//! while its client takes none of its response (the socket refuses writes): small answers
+//! hold no slot, and a client that asked for them, pipelined, and read nothing held every
+//! place until the response deadlines cut them (a probe: a new client waited 7 s).
 
 use std::{
     collections::BTreeMap,
@@ -55,8 +58,9 @@ pub struct Connection {
     seq: AtomicU64,
     served: AtomicBool,
     in_request: AtomicUsize,
-    /// While its request waits on the client for a short body ([`Connection::waiting_on_body`]).
-    on_body: AtomicBool,
+    /// Waits on the client under way ([`Connection::waiting_on_client`]): a short body, or
+    /// the client's reading of a response.
+    on_client: AtomicUsize,
     shed: Arc<Signal>,
 }
 
@@ -75,7 +79,7 @@ impl Idle {
             seq: AtomicU64::new(seq),
             served: AtomicBool::new(false),
             in_request: AtomicUsize::new(0),
-            on_body: AtomicBool::new(false),
+            on_client: AtomicUsize::new(0),
             shed,
         })
     }
@@ -138,14 +142,15 @@ impl Connection {
         }
     }
 
-    /// While the returned guard lives, the request waits on its client for a body with a
-    /// short deadline of its own, and nothing is lost if the connection goes meanwhile: it
-    /// may be shed like an idle one (dropped, request and all), the newest.
-    pub fn waiting_on_body(self: &Arc<Self>) -> BodyWait {
+    /// While the returned guard lives, the connection waits on its client: for a body with
+    /// a short deadline of its own, or to take a response the socket has no room for. Nothing
+    /// is lost if it goes meanwhile: it may be shed like an idle one (dropped, request and
+    /// all), the newest.
+    pub fn waiting_on_client(self: &Arc<Self>) -> ClientWait {
         let mut waiting = self.owner.lock();
-        self.on_body.store(true, Ordering::Release);
+        self.on_client.fetch_add(1, Ordering::AcqRel);
         let seq = self.owner.enter(&mut waiting, &self.shed);
-        BodyWait {
+        ClientWait {
             connection: self.clone(),
             seq,
         }
@@ -157,24 +162,24 @@ impl Connection {
     pub async fn shed(&self) -> Shed {
         self.shed.notify.notified().await;
         let served = self.served.load(Ordering::Acquire);
-        match served && !self.on_body.load(Ordering::Acquire) {
+        match served && self.on_client.load(Ordering::Acquire) == 0 {
             true => Shed::Close,
             false => Shed::Drop,
         }
     }
 }
 
-/// See [`Connection::waiting_on_body`].
-pub struct BodyWait {
+/// See [`Connection::waiting_on_client`].
+pub struct ClientWait {
     connection: Arc<Connection>,
     seq: u64,
 }
 
-impl Drop for BodyWait {
+impl Drop for ClientWait {
     fn drop(&mut self) {
         let owner = &self.connection.owner;
         let mut waiting = owner.lock();
-        self.connection.on_body.store(false, Ordering::Release);
+        self.connection.on_client.fetch_sub(1, Ordering::AcqRel);
         waiting.remove(&self.seq);
     }
 }
@@ -259,15 +264,30 @@ mod tests {
         let idle = Arc::new(Idle::default());
         let a = idle.add();
         a.begin();
-        let wait = a.waiting_on_body();
+        let wait = a.waiting_on_client();
         assert_eq!(idle.len(), 1);
         assert!(idle.shed_oldest(Duration::ZERO));
         assert_eq!(a.shed().now_or_never(), Some(Shed::Drop));
         drop(wait);
-        let again = a.waiting_on_body();
+        let again = a.waiting_on_client();
         drop(again);
         assert_eq!(idle.len(), 0, "a body that came is no longer a candidate");
         assert!(!idle.shed_oldest(Duration::ZERO));
+    }
+
+    #[test]
+    fn waits_on_the_client_may_overlap() {
+        let idle = Arc::new(Idle::default());
+        let a = idle.add();
+        a.begin();
+        let body = a.waiting_on_client();
+        let write = a.waiting_on_client();
+        drop(body);
+        // Still waiting on its client to read: dropped, not closed after an answer.
+        assert!(idle.shed_oldest(Duration::ZERO));
+        assert_eq!(a.shed().now_or_never(), Some(Shed::Drop));
+        drop(write);
+        assert_eq!(idle.len(), 0);
     }
 
     #[test]

@@ -1805,6 +1805,32 @@ async fn connections_past_every_place_wait_in_a_deep_backlog() {
     drop(poll);
 }
 
+/// Small answers hold no slot, and a connection whose client asked for some, pipelined, and
+/// read nothing stayed in a request (its answer not yet written) until the response
+/// deadlines cut it: a client reopening such connections held every place, and a new client
+/// waited 7 s (a probe). A connection whose socket refuses its answer is now one the service
+/// may close for a new client.
+#[tokio::test]
+async fn connections_whose_clients_read_nothing_cannot_hold_every_place() {
+    let svc = Svc::start(&[("MAX_CONNECTIONS", "4")]).await;
+    let addr: SocketAddr = svc.base.trim_start_matches("http://").parse().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(1024).unwrap();
+        let mut conn = socket.connect(addr).await.unwrap();
+        conn.write_all(&b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n".repeat(40))
+            .await
+            .unwrap();
+        held.push(conn);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Blocked for longer than a new connection's grace (shed::MIN_IDLE, 1 s).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    a_new_client_is_answered_at_once(&svc).await;
+    drop(held);
+}
+
 /// And with requests whose short bodies never come (a JSON body, which has
 /// REQUEST_BODY_TIMEOUT: 30 s here): each waited on its client with nothing done yet and held
 /// its place that long, so a flood of them kept a new client in the backlog. A full replica
