@@ -229,10 +229,13 @@ fn json_rejections(resp: Response) -> Response {
         .unwrap_or("request refused")
         .to_ascii_lowercase();
     let mut out = error::ApiError::Rejected { status, message }.into_response();
-    // Keep what the client needs to act on (405's Allow, for one).
-    for name in [header::ALLOW, header::RETRY_AFTER] {
-        if let Some(v) = resp.headers().get(&name) {
-            out.headers_mut().insert(name, v.clone());
+    // Keep what the client needs to act on (405's Allow, for one), and the CORS layer's
+    // headers (it runs inside this middleware): without them a browser reads the answer as
+    // a network error.
+    for (name, value) in resp.headers() {
+        let cors = name.as_str().starts_with("access-control-") || name == header::VARY;
+        if cors || name == header::ALLOW || name == header::RETRY_AFTER {
+            out.headers_mut().append(name, value.clone());
         }
     }
     out

@@ -92,6 +92,19 @@ async fn listed_origins_get_preflight_answers_and_cors_headers() {
         assert!(exposed.contains(h), "{h} exposed: {exposed}");
     }
 
+    // A framework's rejection (here 405) is JSON and keeps its CORS headers: a browser reads
+    // it instead of a network error.
+    let resp = app
+        .client
+        .put(app.at("/uploads/limits"))
+        .header("Origin", CANVAS)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(resp.headers()["access-control-allow-origin"], CANVAS);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+
     // an origin not on the list gets nothing
     let resp = app
         .client
