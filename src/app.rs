@@ -366,16 +366,13 @@ async fn refresh_gauges_forever(db: Db, stored: Arc<Stored>, swept: Arc<tokio::s
             () = swept.notified() => {}
         }
         match db.run(|c| Box::pin(db::uploads::backlog(c))).await {
-            Ok(backlog) => {
-                crate::metrics::set_backlog(&backlog);
-                let bytes = backlog
-                    .states
-                    .iter()
-                    .map(|(_, _, b)| (*b).max(0) as u64)
-                    .sum();
-                stored.read(bytes);
-            }
+            Ok(backlog) => crate::metrics::set_backlog(&backlog),
             Err(e) => tracing::debug!(error = %e, "could not refresh backlog gauges"),
+        }
+        let reading = stored.reading();
+        match db.run(|c| Box::pin(db::uploads::stored_bytes(c))).await {
+            Ok(bytes) => reading.done(bytes.max(0) as u64),
+            Err(e) => tracing::debug!(error = %e, "could not read the bytes stored"),
         }
     }
 }

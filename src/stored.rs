@@ -7,14 +7,13 @@
 //! quota for each. This bound holds whatever the client does: past it, uploads get 503
 //! `storage_full` until the sweeper has made room.
 //!
-//! What the fleet keeps is read from the database (every row's size, `db::uploads::backlog`)
-//! every `GAUGE_REFRESH` and after every sweep pass, plus what this replica staged since the
-//! last reading: between readings a replica cannot pass the bound by more than one request,
-//! a fleet of N by N requests and what the others staged since their last reading.
+//! What the fleet keeps is read from the database (every row's size,
+//! `db::uploads::stored_bytes`) every `GAUGE_REFRESH` and after every sweep pass, plus what
+//! this replica staged since the reading began. The bound is checked before an upload's body
+//! is read, so a replica passes it by the uploads it has in flight then, and a fleet also by
+//! what the other replicas staged since their last reading.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
-use tokio::sync::Notify;
 
 pub struct Stored {
     /// 0: no bound.
@@ -24,8 +23,23 @@ pub struct Stored {
     /// Bytes this replica staged since that reading.
     since: AtomicU64,
     full: AtomicBool,
-    /// Asks for a reading now (the sweeper, after a pass).
-    pub refresh: Notify,
+}
+
+/// A reading under way: what this replica staged from its start on counts on top of it.
+pub struct Reading<'a> {
+    stored: &'a Stored,
+    staged_before: u64,
+}
+
+impl Reading<'_> {
+    /// The database's figure, taken since [`Stored::reading`].
+    pub fn done(self, bytes: u64) {
+        let s = self.stored;
+        s.read.store(bytes, Ordering::Relaxed);
+        // Staged before the reading began is in its figure; staged since is not.
+        s.since.fetch_sub(self.staged_before, Ordering::Relaxed);
+        s.note_transition();
+    }
 }
 
 impl Stored {
@@ -35,7 +49,6 @@ impl Stored {
             read: AtomicU64::new(0),
             since: AtomicU64::new(0),
             full: AtomicBool::new(false),
-            refresh: Notify::new(),
         }
     }
 
@@ -45,21 +58,18 @@ impl Stored {
         (self.max > 0 && kept >= self.max).then_some(kept)
     }
 
-    pub fn max(&self) -> u64 {
-        self.max
-    }
-
     /// A commit of this replica stored `bytes`.
     pub fn staged(&self, bytes: u64) {
         self.since.fetch_add(bytes, Ordering::Relaxed);
         self.note_transition();
     }
 
-    /// A reading of every row's bytes, taken just now.
-    pub fn read(&self, bytes: u64) {
-        self.read.store(bytes, Ordering::Relaxed);
-        self.since.store(0, Ordering::Relaxed);
-        self.note_transition();
+    /// A reading of every row's bytes begins: [`Reading::done`] with its figure.
+    pub fn reading(&self) -> Reading<'_> {
+        Reading {
+            stored: self,
+            staged_before: self.since.load(Ordering::Relaxed),
+        }
     }
 
     fn kept(&self) -> u64 {
@@ -103,9 +113,14 @@ mod tests {
         assert_eq!(s.full(), None);
         s.staged(40);
         assert_eq!(s.full(), Some(100));
-        s.read(30);
+        s.reading().done(30);
         assert_eq!(s.full(), None, "swept meanwhile");
-        s.read(150);
+        // Staged while a reading is under way counts on top of its figure.
+        let reading = s.reading();
+        s.staged(80);
+        reading.done(30);
+        assert_eq!(s.full(), Some(110));
+        s.reading().done(150);
         assert_eq!(s.full(), Some(150), "other replicas staged");
         let off = Stored::new(0);
         off.staged(u64::MAX);

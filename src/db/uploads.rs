@@ -858,6 +858,14 @@ pub struct Backlog {
     pub oldest_unacked_secs: Option<f64>,
 }
 
+/// Bytes of every upload row, expired ones the sweeper has not deleted yet included
+/// (`MAX_STORED_BYTES`, [`crate::stored`]).
+pub async fn stored_bytes(conn: &mut PgConnection) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT COALESCE(sum(size_bytes), 0)::bigint FROM pending_uploads")
+        .fetch_one(conn)
+        .await
+}
+
 pub async fn backlog(conn: &mut PgConnection) -> sqlx::Result<Backlog> {
     let states = sqlx::query_as(
         "SELECT CASE WHEN acked_at IS NOT NULL THEN 'acked'

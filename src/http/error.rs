@@ -222,7 +222,7 @@ impl ApiError {
             }
             ApiError::QuotaExceeded { .. }
             | ApiError::FileQuotaExceeded { .. }
-            // Room comes back with the sweeper's passes (SWEEP_INTERVAL).
+            // Room comes back as the sweeper deletes expired and old acked rows.
             | ApiError::StorageFull => Some("60"),
             ApiError::DatastoreUnavailable
             | ApiError::StorageUnavailable
@@ -247,7 +247,9 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        // A full store refuses every upload until the sweeper makes room: its start and end
+        // are logged once each (`crate::stored`), not every refusal.
+        if status.is_server_error() && !matches!(self, ApiError::StorageFull) {
             tracing::error!(
                 error = crate::logfmt::clip(&format!("{:#}", anyhow_chain(&self))).as_str(),
                 status = status.as_u16(),

@@ -1772,6 +1772,39 @@ async fn what_the_fleet_keeps_is_bounded_whatever_the_quotas() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    let mut svc = svc;
+    let out = svc.running.terminate().await;
+    let log = String::from_utf8_lossy(&out.stderr);
+    // One line when refusals start and one when they end, not an error per refusal.
+    assert_eq!(
+        log.matches("\"event\":\"storage_full\"").count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains("\"event\":\"storage_room\""), "{log}");
+    assert!(!log.contains("request failed"), "{log}");
+}
+
+/// What the fleet keeps counts rows past their expiry too: their bytes stay until the
+/// sweeper deletes them (an interval, or longer while sweeps fail).
+#[tokio::test]
+async fn the_bytes_stored_count_expired_rows_until_they_are_swept() {
+    let pool = sqlx::PgPool::connect(&fresh_db().await).await.unwrap();
+    let ws = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO pending_uploads (workspace_id, content, size_bytes, filename, expires_at)
+         VALUES ($1, '\\x0102', 2, 'live', now() + interval '1 hour'),
+                ($1, '\\x010203', 3, 'expired', now() - interval '1 hour')",
+    )
+    .bind(ws)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    let bytes = pending_uploads::db::uploads::stored_bytes(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(bytes, 5);
 }
 
 /// Connections past MAX_CONNECTIONS wait in the listen backlog, and it was 128 (mio's
