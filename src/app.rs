@@ -324,7 +324,6 @@ impl Drop for Batches {
     }
 }
 
-/// Long polls hold a socket each: lift the soft descriptor limit to the hard one.
 /// Connections past `MAX_CONNECTIONS` wait in the listen backlog (README). `TcpListener::bind`
 /// asks for 128 (mio's), and a connect past it has its SYN dropped and tried again a second
 /// later: 3,000 agents reconnecting at once took 5 s, where 4,096 (the kernel caps it at
@@ -342,6 +341,7 @@ fn listen_on(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Long polls hold a socket each: lift the soft descriptor limit to the hard one.
 fn raise_fd_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,

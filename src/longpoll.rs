@@ -236,8 +236,8 @@ impl Hub {
 
 /// A pool of one new connection for one listener, made with `pool`'s settings. Not `pool`'s
 /// own: a listener dropped unheard runs `UNLISTEN *` on its connection before giving it back
-/// (sqlx's `Drop`), which on a stalled connection waits as long as TCP keeps it (about 15
-/// minutes of retransmissions; for ever when the server's host only stopped), so each stall
+/// (sqlx's `Drop`), which on a stalled connection waits until TCP gives up on it (about 15
+/// minutes of retransmissions) or the server answers again, so each stall
 /// held one of `pool`'s places, and the heartbeat, which needs one, gave no verdict once they
 /// were gone: long polls then waited out their `wait`. And its replacement took the pool's
 /// idle connection, made before the stall and as likely to share its fate, not a new one.

@@ -413,7 +413,10 @@ fn parse_head(block: &[u8]) -> Result<PartHead, MultipartError> {
 /// wins over `filename`, as in Go's mime package and browsers.
 fn disposition(value: &str) -> Result<(Option<String>, Option<String>), MultipartError> {
     let (kind, params) = value.split_once(';').unwrap_or((value, ""));
-    if !kind.trim().eq_ignore_ascii_case("form-data") {
+    if !kind
+        .trim_matches([' ', '\t'])
+        .eq_ignore_ascii_case("form-data")
+    {
         return Err(MultipartError::Malformed("part is not form-data"));
     }
     let (mut name, mut filename, mut extended) = (None, None, None);

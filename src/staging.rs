@@ -307,7 +307,13 @@ pub fn reduce_mimetype(value: Option<&str>) -> String {
     let Some(raw) = value else {
         return String::new();
     };
-    let essence = raw.split(';').next().unwrap_or("").trim();
+    // Spaces and tabs only: `str::trim` takes VT and FF too, control characters that make
+    // the value application/octet-stream.
+    let essence = raw
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim_matches([' ', '\t']);
     let valid = match essence.split_once('/') {
         Some((t, s)) => {
             !t.is_empty()
@@ -597,6 +603,9 @@ mod tests {
             ("textplain", "application/octet-stream"),
             ("text/ plain", "application/octet-stream"),
             ("text/pl ain", "application/octet-stream"),
+            ("text/plain\u{b}", "application/octet-stream"),
+            ("\u{c}text/plain", "application/octet-stream"),
+            (" text/plain\t", "text/plain"),
             ("text/plain/x", "application/octet-stream"),
             ("/plain", "application/octet-stream"),
             ("text/", "application/octet-stream"),

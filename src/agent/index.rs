@@ -59,27 +59,35 @@ pub fn lock_dir(dir: &Path) -> io::Result<std::fs::File> {
 /// contents under `path` (the rename is only durable once its directory is synced).
 pub async fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    {
-        // The owner's only, as the received files are: the state names every file received.
-        let mut f = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .await?;
-        f.write_all(bytes).await?;
-        // tokio's `write_all` hands the bytes to a blocking write and returns; its error
-        // (ENOSPC) comes back from the next flush, and `sync_all` does not report it: an
-        // empty file was renamed over the index on a full disk, and the pass acked.
-        f.flush().await?;
-        f.sync_all().await?;
+    if let Err(e) = write_synced(&tmp, bytes).await {
+        // A half-written file would hold the space the next attempt needs.
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(e);
     }
     tokio::fs::rename(&tmp, path).await?;
     match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent).await,
         _ => sync_dir(Path::new(".")).await,
     }
+}
+
+async fn write_synced(tmp: &Path, bytes: &[u8]) -> io::Result<()> {
+    // The owner's only, as the received files are: the state names every file received.
+    let mut f = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        // never write through a symlink planted at the temporary name
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(tmp)
+        .await?;
+    f.write_all(bytes).await?;
+    // tokio's `write_all` hands the bytes to a blocking write and returns; its error
+    // (ENOSPC) comes back from the next flush, and `sync_all` does not report it: an empty
+    // file was renamed over the index on a full disk, and the pass acked.
+    f.flush().await?;
+    f.sync_all().await
 }
 
 /// fsyncs the directory `dir`: names created, linked or renamed in it survive a crash (a

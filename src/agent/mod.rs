@@ -211,6 +211,10 @@ async fn verify(path: &Path, size: u64, expected: &Expected) -> io::Result<bool>
         })
 }
 
+/// The largest file a platform may list (SPEC §9: the per-file cap, which deployments may
+/// only lower).
+const MAX_FILE_BYTES: u64 = 104_857_600;
+
 /// Pages of the activity feed one pass reads at most (500 rows each) before it reads the
 /// pending list anyway: the feed only says when to look.
 const MAX_FEED_PAGES: usize = 200;
@@ -570,6 +574,14 @@ impl Agent {
     }
 
     async fn stage(&self, c: &Candidate) -> Result<Staged, AgentError> {
+        // The listed size bounds what a download may write: no file is larger than the
+        // service's per-file cap (SPEC §9, the table's CHECK), whatever a platform lists.
+        if c.size > MAX_FILE_BYTES {
+            return Err(AgentError::Fatal(format!(
+                "listed as {} bytes, over the {MAX_FILE_BYTES} a file may have",
+                c.size
+            )));
+        }
         let final_path = self.final_path(c);
         if fs::symlink_metadata(&final_path).await.is_ok() {
             return self.confirm_present(c, &final_path).await;
@@ -697,7 +709,16 @@ impl Agent {
         if from > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={from}-"));
         }
-        let resp = req.send().await?;
+        // Its head within the timeout; its body is watched for progress below.
+        let resp = match tokio::time::timeout(self.cfg.request_timeout, req.send()).await {
+            Ok(sent) => sent?,
+            Err(_) => {
+                return Err(AgentError::Retry(format!(
+                    "content: no answer within {:?}",
+                    self.cfg.request_timeout
+                )))
+            }
+        };
         let resp_is_whole = resp.status() == StatusCode::OK;
         match resp.status() {
             StatusCode::NOT_FOUND => {

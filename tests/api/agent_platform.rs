@@ -34,6 +34,8 @@ enum Scenario {
     Duplicate,
     /// The content never ends.
     EndlessContent,
+    /// The file is listed as 10 GB, and its content never ends.
+    HugeListing,
     /// The pending list never ends.
     EndlessList,
     /// The activity feed answers 410 to everything, a cursor or none.
@@ -56,11 +58,15 @@ struct Fake {
 }
 
 fn entry(f: &Fake) -> Value {
+    let size = match f.scenario {
+        Scenario::HugeListing => 10_000_000_000u64,
+        _ => DATA.len() as u64,
+    };
     json!({
         "file_id": f.file,
         "name": "one.txt",
         "mimeType": "text/plain",
-        "size": DATA.len(),
+        "size": size,
         "uri": "https://attacker.example/steal",
         "created_at": "2026-12-05T00:00:00Z",
         "expires_at": "2099-12-05T00:00:00Z",
@@ -110,7 +116,9 @@ async fn pending(State(f): State<Fake>) -> Response {
 async fn content(State(f): State<Fake>) -> Response {
     let nth = f.content.fetch_add(1, Ordering::SeqCst);
     match f.scenario {
-        Scenario::EndlessContent => endless(&[7u8; 16 * 1024]).into_response(),
+        Scenario::EndlessContent | Scenario::HugeListing => {
+            endless(&[7u8; 16 * 1024]).into_response()
+        }
         Scenario::DripContent => drip(DATA).into_response(),
         Scenario::Duplicate if nth > 0 => {
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -263,6 +271,20 @@ async fn content_past_the_listed_size_is_not_written() {
     assert_eq!(report["failed"], 1, "{report}");
     let kept = bytes_under(&dir);
     assert!(kept < 64 * 1024, "{kept} bytes under DIR");
+}
+
+/// The listed size bounded the download, and a platform could list any: a file is never
+/// larger than the per-file cap (SPEC §9), so a larger listing is refused unread.
+#[tokio::test]
+async fn a_file_listed_over_the_per_file_cap_is_not_downloaded() {
+    let (base, fake) = fake_platform(Scenario::HugeListing).await;
+    let (_home, dir) = inbox();
+    let out = agent_once(&base, fake.ws, &dir, Duration::from_secs(30))
+        .await
+        .expect("the pass ended");
+    assert!(!out.status.success());
+    assert_eq!(fake.content.load(Ordering::SeqCst), 0, "never asked for");
+    assert!(bytes_under(&dir) < 64 * 1024);
 }
 
 /// A JSON answer was read whole into memory, however long (8 GB of RSS, a probe).

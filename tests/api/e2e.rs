@@ -1081,6 +1081,12 @@ async fn a_full_disk_fails_the_pass_and_keeps_the_index() {
         serde_json::from_slice(&std::fs::read(&index_path).unwrap()).expect("the index is whole");
     assert!(index.get(&uri).is_some(), "{index}");
     assert_eq!(unacked(&env.db).await, 1, "the second file is not acked");
+    let left: Vec<_> = std::fs::read_dir(dir.join(".pending-uploads"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
 }
 
 /// Every file under `dir` (the agent's state folder included) with its bytes.
