@@ -26,7 +26,7 @@ use tokio::{
 use uuid::Uuid;
 
 use crate::{
-    api::{ActivityRow, PendingUpload},
+    api::PendingUpload,
     digest,
     retry::{pause, retry},
     sanitize::sanitize,
@@ -211,6 +211,13 @@ async fn verify(path: &Path, size: u64, expected: &Expected) -> io::Result<bool>
         })
 }
 
+/// What the agent reads of a feed row: the feed only says when to look, and a row it cannot
+/// otherwise read (a platform's, with a field missing) must not fail the pass.
+#[derive(serde::Deserialize)]
+struct FeedRow {
+    id: Uuid,
+}
+
 /// The largest file a platform may list (SPEC §9: the per-file cap, which deployments may
 /// only lower).
 const MAX_FILE_BYTES: u64 = 104_857_600;
@@ -292,6 +299,16 @@ impl Agent {
     /// Fails (`ErrorKind::WouldBlock`) while another agent works on the same DIR.
     pub fn new(cfg: AgentConfig) -> io::Result<Agent> {
         std::fs::create_dir_all(state_dir(&cfg.dir).join("partial"))?;
+        // The agent writes its state and partial files there: a symlink would take them
+        // elsewhere (a probe's partial files landed outside DIR).
+        for dir in [state_dir(&cfg.dir), state_dir(&cfg.dir).join("partial")] {
+            if std::fs::symlink_metadata(&dir)?.file_type().is_symlink() {
+                return Err(io::Error::other(format!(
+                    "{} is a symlink: refusing to write the agent's state through it",
+                    dir.display()
+                )));
+            }
+        }
         let dir = std::fs::canonicalize(&cfg.dir)?;
         // locked before the index is loaded: no other agent saves it after this
         let lock = lock_dir(&dir)?;
@@ -394,7 +411,7 @@ impl Agent {
                 ),
             };
             let Some(rows) = self
-                .get_json_retrying::<Vec<ActivityRow>>("activity", &path, waits)
+                .get_json_retrying::<Vec<FeedRow>>("activity", &path, waits)
                 .await?
             else {
                 if cursor.is_none() {
@@ -434,13 +451,24 @@ impl Agent {
             cursor = Some(next);
         }
         let pending = self
-            .get_json_retrying::<Vec<PendingUpload>>(
+            .get_json_retrying::<Vec<serde_json::Value>>(
                 "pending list",
                 "/pending-uploads",
                 Duration::ZERO,
             )
             .await?
             .unwrap_or_default();
+        // One entry the agent cannot read must not keep it from the others.
+        let pending: Vec<PendingUpload> = pending
+            .into_iter()
+            .filter_map(|entry| match serde_json::from_value(entry) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::warn!(error = %e, "pending list entry skipped: not an upload");
+                    None
+                }
+            })
+            .collect();
         // Once each: two downloads of one file shared its partial file, and the second's
         // restart truncated the first's published file through their hard link.
         let mut seen = std::collections::HashSet::new();
@@ -583,7 +611,15 @@ impl Agent {
             )));
         }
         let final_path = self.final_path(c);
-        if fs::symlink_metadata(&final_path).await.is_ok() {
+        if let Ok(meta) = fs::symlink_metadata(&final_path).await {
+            // Read back only a file: a symlink to /dev/zero was hashed for ever, a FIFO
+            // waited for ever (a probe).
+            if !meta.file_type().is_file() {
+                return Err(AgentError::Fatal(format!(
+                    "{} exists and is not a regular file",
+                    final_path.display()
+                )));
+            }
             return self.confirm_present(c, &final_path).await;
         }
         let partial_path = self.partial_path(c);

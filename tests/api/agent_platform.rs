@@ -36,10 +36,14 @@ enum Scenario {
     EndlessContent,
     /// The file is listed as 10 GB, and its content never ends.
     HugeListing,
+    /// A feed row with its id alone, and a pending entry that is no upload before the file.
+    OddEntries,
     /// The pending list never ends.
     EndlessList,
     /// The activity feed answers 410 to everything, a cursor or none.
     AlwaysGone,
+    /// One file, as the service lists and serves it.
+    Plain,
     /// The pending list comes a byte every 200 ms.
     DripList,
     /// The content comes a byte every 200 ms.
@@ -95,6 +99,7 @@ async fn activity(State(f): State<Fake>) -> Response {
     f.activity.fetch_add(1, Ordering::SeqCst);
     match f.scenario {
         Scenario::AlwaysGone => (StatusCode::GONE, "{}").into_response(),
+        Scenario::OddEntries => axum::Json(json!([{"id": f.file}])).into_response(),
         _ => axum::Json(json!([])).into_response(),
     }
 }
@@ -102,6 +107,9 @@ async fn activity(State(f): State<Fake>) -> Response {
 async fn pending(State(f): State<Fake>) -> Response {
     match f.scenario {
         Scenario::Duplicate => axum::Json(json!([entry(&f), entry(&f)])).into_response(),
+        Scenario::OddEntries => {
+            axum::Json(json!([{"file_id": "not-a-uuid", "size": "big"}, entry(&f)])).into_response()
+        }
         Scenario::DripList => drip(b"[                                        ]").into_response(),
         Scenario::EndlessList => {
             let mut resp = endless(b"[[[[[[[[[[[[[[[[                ").into_response();
@@ -342,4 +350,54 @@ async fn a_platform_that_drips_cannot_hold_a_pass() {
         let log = String::from_utf8_lossy(&out.stderr);
         assert!(log.contains(why), "{log}");
     }
+}
+
+/// The feed only says when to look, and one pending entry is one file: a feed row without
+/// every field, or a pending entry that is no upload, failed the whole pass, and no file was
+/// received (a probe).
+#[tokio::test]
+async fn odd_feed_rows_and_pending_entries_do_not_stop_the_other_files() {
+    let (base, fake) = fake_platform(Scenario::OddEntries).await;
+    let (_home, dir) = inbox();
+    let out = agent_once(&base, fake.ws, &dir, Duration::from_secs(30))
+        .await
+        .expect("the pass ended");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout_json(&out)["staged"], 1);
+    let published = dir.join(format!("{}-one.txt", fake.file.simple()));
+    assert_eq!(std::fs::read(&published).unwrap(), DATA);
+}
+
+/// Something at a file's final name that is not a file was read back to confirm it: a
+/// symlink to /dev/zero was hashed for ever (a probe). And a symlinked state folder took the
+/// agent's partial files out of DIR.
+#[tokio::test]
+async fn the_agent_reads_and_writes_only_its_own_regular_files() {
+    let (base, fake) = fake_platform(Scenario::Plain).await;
+    let (_home, dir) = inbox();
+    std::fs::create_dir_all(&dir).unwrap();
+    let final_name = dir.join(format!("{}-one.txt", fake.file.simple()));
+    std::os::unix::fs::symlink("/dev/zero", &final_name).unwrap();
+    let out = agent_once(&base, fake.ws, &dir, Duration::from_secs(30))
+        .await
+        .expect("the pass ended");
+    assert!(!out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("is not a regular file"), "{log}");
+
+    let (_home, dir) = inbox();
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.join(".pending-uploads")).unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), dir.join(".pending-uploads/partial")).unwrap();
+    let out = agent_once(&base, fake.ws, &dir, Duration::from_secs(30))
+        .await
+        .expect("the agent ended");
+    assert!(!out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("is a symlink"), "{log}");
+    assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
 }
