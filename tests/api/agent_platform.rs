@@ -211,6 +211,19 @@ async fn agent_once_with(
         .map(Result::unwrap)
 }
 
+fn assert_passed(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The bytes of the fake's file as the agent published it.
+fn published(dir: &Path, fake: &Fake) -> Vec<u8> {
+    std::fs::read(dir.join(format!("{}-one.txt", fake.file.simple()))).unwrap()
+}
+
 fn inbox() -> (tempfile::TempDir, PathBuf) {
     let home = tempfile::tempdir().unwrap();
     let dir = home.path().join("Inbox");
@@ -246,14 +259,9 @@ async fn a_file_listed_twice_is_fetched_once_and_indexed_under_its_own_uri() {
     let out = agent_once(&base, fake.ws, &dir, Duration::from_secs(30))
         .await
         .expect("the pass ended");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_passed(&out);
     assert_eq!(fake.content.load(Ordering::SeqCst), 1, "one download");
-    let published = dir.join(format!("{}-one.txt", fake.file.simple()));
-    assert_eq!(std::fs::read(&published).unwrap(), DATA);
+    assert_eq!(published(&dir, &fake), DATA);
     let index: Value =
         serde_json::from_slice(&std::fs::read(dir.join(".pending-uploads/index.json")).unwrap())
             .unwrap();
@@ -362,14 +370,9 @@ async fn odd_feed_rows_and_pending_entries_do_not_stop_the_other_files() {
     let out = agent_once(&base, fake.ws, &dir, Duration::from_secs(30))
         .await
         .expect("the pass ended");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_passed(&out);
     assert_eq!(stdout_json(&out)["staged"], 1);
-    let published = dir.join(format!("{}-one.txt", fake.file.simple()));
-    assert_eq!(std::fs::read(&published).unwrap(), DATA);
+    assert_eq!(published(&dir, &fake), DATA);
 }
 
 /// Something at a file's final name that is not a file was read back to confirm it: a
