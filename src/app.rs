@@ -372,7 +372,9 @@ async fn refresh_gauges_forever(db: Db, stored: Arc<Stored>, swept: Arc<tokio::s
         let reading = stored.reading();
         match db.run(|c| Box::pin(db::uploads::stored_bytes(c))).await {
             Ok(bytes) => reading.done(bytes.max(0) as u64),
-            Err(e) => tracing::debug!(error = %e, "could not read the bytes stored"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the bytes stored (MAX_STORED_BYTES)")
+            }
         }
     }
 }

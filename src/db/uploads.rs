@@ -858,13 +858,24 @@ pub struct Backlog {
     pub oldest_unacked_secs: Option<f64>,
 }
 
-/// Bytes of every upload row, expired ones the sweeper has not deleted yet included
-/// (`MAX_STORED_BYTES`, [`crate::stored`]).
+/// What every upload row keeps (`MAX_STORED_BYTES`, [`crate::stored`]): its file's bytes,
+/// expired rows the sweeper has not deleted yet included, plus [`ROW_WEIGHT`] for it and for
+/// each of this service's upload activity rows (those stay `ACTIVITY_RETENTION`, 7 days).
 pub async fn stored_bytes(conn: &mut PgConnection) -> sqlx::Result<i64> {
-    sqlx::query_scalar("SELECT COALESCE(sum(size_bytes), 0)::bigint FROM pending_uploads")
-        .fetch_one(conn)
-        .await
+    sqlx::query_scalar(
+        "SELECT ((SELECT COALESCE(sum(size_bytes), 0) + count(*) * $1 FROM pending_uploads)
+               + (SELECT count(*) * $1 FROM activity_logs
+                  WHERE method = 'chat_upload_receive'))::bigint",
+    )
+    .bind(ROW_WEIGHT)
+    .fetch_one(conn)
+    .await
 }
+
+/// What a row costs the database besides its file's bytes, as `MAX_STORED_BYTES` counts it: a
+/// client sending one-byte files made 244,544 activity rows (125 MB) in two minutes (a
+/// resource probe), which bytes alone would not have bounded.
+pub const ROW_WEIGHT: i64 = 512;
 
 pub async fn backlog(conn: &mut PgConnection) -> sqlx::Result<Backlog> {
     let states = sqlx::query_as(

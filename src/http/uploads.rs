@@ -235,7 +235,10 @@ async fn stage(
         ApiError::from(e)
     })?;
     let files: Vec<_> = staged.into_iter().map(|s| s.file).collect();
-    st.stored.staged(files.iter().map(|f| f.size).sum());
+    // Each file is a row and an activity row (`db::uploads::stored_bytes`).
+    let weight = 2 * db::uploads::ROW_WEIGHT as u64;
+    st.stored
+        .staged(files.iter().map(|f| f.size + weight).sum());
     Ok(Json(UploadResult { files }).into_response())
 }
 

@@ -1727,7 +1727,7 @@ async fn idle_kept_alive_connections_cannot_hold_every_place() {
 #[tokio::test]
 async fn what_the_fleet_keeps_is_bounded_whatever_the_quotas() {
     let svc = Svc::start(&[
-        ("MAX_STORED_BYTES", "3000"),
+        ("MAX_STORED_BYTES", "6000"),
         ("MAX_PENDING_BYTES_PER_WORKSPACE", "2500"),
         ("ACK_RETENTION", "3s"),
         ("SWEEP_INTERVAL", "1s"),
@@ -1785,6 +1785,30 @@ async fn what_the_fleet_keeps_is_bounded_whatever_the_quotas() {
     assert!(!log.contains("request failed"), "{log}");
 }
 
+/// One-byte files cost the database a row and an activity row each (the latter kept 7 days):
+/// a client sending them made 244,544 activity rows in two minutes (a resource probe), which
+/// a bound on bytes alone did not stop. Each row counts 512 bytes against MAX_STORED_BYTES.
+#[tokio::test]
+async fn tiny_files_count_their_rows_against_what_the_fleet_keeps() {
+    let svc = Svc::start(&[("MAX_STORED_BYTES", "5000")]).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let mut taken = 0;
+    loop {
+        let resp = upload_file(&svc, ws, &token, "tiny.txt", b"x").await;
+        if resp.status() == StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        assert_eq!(resp.status(), StatusCode::OK);
+        taken += 1;
+        assert!(
+            taken < 50,
+            "{taken} one-byte files under a 5,000-byte bound"
+        );
+    }
+    // 1 byte + a row + an activity row, 1,025 each: the fifth reaches 5,000.
+    assert_eq!(taken, 5);
+}
+
 /// What the fleet keeps counts rows past their expiry too: their bytes stay until the
 /// sweeper deletes them (an interval, or longer while sweeps fail).
 #[tokio::test]
@@ -1804,7 +1828,7 @@ async fn the_bytes_stored_count_expired_rows_until_they_are_swept() {
     let bytes = pending_uploads::db::uploads::stored_bytes(&mut conn)
         .await
         .unwrap();
-    assert_eq!(bytes, 5);
+    assert_eq!(bytes, 5 + 2 * pending_uploads::db::uploads::ROW_WEIGHT);
 }
 
 /// Connections past MAX_CONNECTIONS wait in the listen backlog, and it was 128 (mio's
