@@ -251,6 +251,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         admin = args.admin_token().is_some(), "pending-uploads listening"
     );
     let sweep = tokio::spawn(service.sweeper.clone().run_forever(args.sweep_interval.0));
+    let drops = tokio::spawn(crate::log_budget::report_drops_forever());
     let db = service.state.db.clone();
     let gauges = tokio::spawn(refresh_gauges_forever(
         service.state.db.clone(),
@@ -280,6 +281,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     .await?;
     sweep.abort();
     gauges.abort();
+    drops.abort();
     listen.abort();
     // What queued while the connections drained still goes out.
     batches.stop().await;

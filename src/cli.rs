@@ -15,6 +15,15 @@ pub struct Cli {
     #[arg(long, env = "LOG_FORMAT", default_value = "text", global = true,
           value_parser = ["text", "json"])]
     pub log_format: String,
+    /// Lines one log statement may write per second; more are dropped and counted
+    /// (`log_lines_dropped_total`, and a line a second saying how many). 0 = no limit.
+    #[arg(
+        long,
+        env = "LOG_LINES_PER_SECOND",
+        default_value_t = 1000,
+        global = true
+    )]
+    pub log_lines_per_second: u64,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -201,22 +210,25 @@ pub fn env_vars() -> std::collections::BTreeSet<String> {
     out
 }
 
-pub fn init_tracing(format: &str) {
+pub fn init_tracing(format: &str, lines_per_second: u64) {
+    use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, Layer};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
     // Colours only on a terminal, and not there either under NO_COLOR (no-color.org): in a
     // file or a collector's pipe the escapes are noise that line-based tools trip over.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let lines = tracing_subscriber::fmt::layer()
         .with_ansi(colour)
         .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
-    }
+    let lines = match format == "json" {
+        true => lines.json().flatten_event(true).boxed(),
+        false => lines.boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(lines.with_filter(crate::log_budget::LineBudget::new(lines_per_second)))
+        .init();
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -14,6 +14,7 @@ pub mod db;
 pub mod digest;
 pub mod fetched;
 pub mod http;
+pub mod log_budget;
 pub mod logfmt;
 pub mod longpoll;
 pub mod metrics;

@@ -10,7 +10,7 @@ fn main() -> std::process::ExitCode {
     };
     runtime.block_on(async {
         let cli = pending_uploads::cli::Cli::parse();
-        pending_uploads::cli::init_tracing(&cli.log_format);
+        pending_uploads::cli::init_tracing(&cli.log_format, cli.log_lines_per_second);
         let log_format = cli.log_format.clone();
         match pending_uploads::cli::run(cli).await {
             Ok(()) => std::process::ExitCode::SUCCESS,

@@ -28,6 +28,7 @@ pub struct Metrics {
     pub responses_cut: IntCounterVec,
     pub connections_refused: IntCounter,
     pub connections_shed: IntCounter,
+    pub log_lines_dropped: IntCounter,
     pub http_request_duration: HistogramVec,
     pub storage_operation_duration: HistogramVec,
     pub upload_size: Histogram,
@@ -173,6 +174,13 @@ impl Metrics {
                 IntCounter::with_opts(opts(
                     "connections_shed_total",
                     "Connections idle between requests closed to make room for a new one: every MAX_CONNECTIONS place was taken",
+                ))
+                .expect("valid metric"),
+            ),
+            log_lines_dropped: r.add(
+                IntCounter::with_opts(opts(
+                    "log_lines_dropped_total",
+                    "Log lines dropped: their statement had written LOG_LINES_PER_SECOND this second",
                 ))
                 .expect("valid metric"),
             ),
