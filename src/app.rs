@@ -239,8 +239,9 @@ pub fn serve_options(args: &ServeArgs, drain_deadline: Duration) -> ServeOptions
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    raise_fd_limit();
+    let fd_limit = raise_fd_limit();
     let service = build(&args).await?;
+    warn_if_too_few_descriptors(&args, fd_limit);
     let listener =
         listen_on(args.bind_addr).with_context(|| format!("binding {}", args.bind_addr))?;
     if args.admin_token.is_some() && args.admin_token().is_none() {
@@ -343,18 +344,48 @@ fn listen_on(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Long polls hold a socket each: lift the soft descriptor limit to the hard one.
-fn raise_fd_limit() {
+/// Long polls hold a socket each: lift the soft descriptor limit to the hard one. Returns the
+/// limit now in force, when it could be read.
+fn raise_fd_limit() -> Option<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit/setrlimit only read and write the struct passed.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return None;
         }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                ..lim
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    Some(lim.rlim_cur)
+}
+
+/// A descriptor limit below what MAX_CONNECTIONS needs fails accepts well before it (each
+/// failure logged), while the operator believes the replica takes MAX_CONNECTIONS: said once
+/// at start-up, with the numbers.
+fn warn_if_too_few_descriptors(args: &ServeArgs, limit: Option<u64>) {
+    // Client connections, the database's (requests' and the pool's), the spool files and
+    // S3 connections of the uploads in flight, and room for the rest (the listener, logs).
+    let needed = args.max_connections as u64
+        + 2 * u64::from(args.db.database_max_connections)
+        + 2 * args.max_concurrent_uploads as u64
+        + 256;
+    if let Some(limit) = limit.filter(|l| *l < needed) {
+        tracing::warn!(
+            limit,
+            needed,
+            max_connections = args.max_connections,
+            "the open-file limit is below what MAX_CONNECTIONS needs: accepts will fail first (raise `ulimit -n`, or lower MAX_CONNECTIONS)"
+        );
     }
 }
 

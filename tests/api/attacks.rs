@@ -1831,6 +1831,25 @@ async fn the_bytes_stored_count_expired_rows_until_they_are_swept() {
     assert_eq!(bytes, 5 + 2 * pending_uploads::db::uploads::ROW_WEIGHT);
 }
 
+/// A descriptor limit below what MAX_CONNECTIONS needs made accepts fail long before it,
+/// each failure logged every 50 ms, with nothing at start-up to say why (a resource probe).
+#[tokio::test]
+async fn too_low_an_open_file_limit_is_said_at_start_up() {
+    let wrap = vec![
+        "prlimit".to_string(),
+        "--nofile=512:512".to_string(),
+        service_bin(),
+    ];
+    let mut svc = Svc::start_on(fresh_db().await, &[], Some(wrap)).await;
+    let out = svc.running.terminate().await;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("the open-file limit is below what MAX_CONNECTIONS needs")
+            && log.contains("\"limit\":512"),
+        "{log}"
+    );
+}
+
 /// Connections past MAX_CONNECTIONS wait in the listen backlog, and it was 128 (mio's
 /// `bind`): a connect past it had its SYN dropped and tried again a second later (3,000
 /// connects took 5 s, a probe). Here the only place is held by a long poll and 400 clients
