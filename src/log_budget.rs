@@ -48,6 +48,7 @@ impl LineBudget {
         }
         *count += 1;
         let within = *count <= self.per_second;
+        drop(spent);
         if !within {
             DROPPED.fetch_add(1, Ordering::Relaxed);
             crate::metrics::metrics().log_lines_dropped.inc();
