@@ -378,9 +378,14 @@ fn parse_head(block: &[u8]) -> Result<PartHead, MultipartError> {
             _ => {}
         }
     }
+    // The value's place in `masked` is its place in `block` (a value not found there, as
+    // an empty one might be, is taken as it is).
     let original = |value: &[u8]| -> Vec<u8> {
-        let at = value.as_ptr() as usize - masked.as_ptr() as usize;
-        block.get(at..at + value.len()).unwrap_or(value).to_vec()
+        (value.as_ptr() as usize)
+            .checked_sub(masked.as_ptr() as usize)
+            .and_then(|at| block.get(at..at.checked_add(value.len())?))
+            .unwrap_or(value)
+            .to_vec()
     };
     let mut headers = [httparse::EMPTY_HEADER; MAX_PART_HEADERS];
     let parsed = match httparse::parse_headers(&masked, &mut headers) {
