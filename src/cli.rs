@@ -132,6 +132,32 @@ pub struct AgentArgs {
     pub request_timeout: crate::config::HumanDuration,
 }
 
+/// The token: from `--token-file` when given (a flag wins over the environment), else from
+/// `PENDING_UPLOADS_TOKEN`. A byte-order mark and surrounding whitespace are not part of it;
+/// an empty one is refused here rather than by the platform with a bare 401.
+fn agent_token(token_file: Option<&std::path::Path>) -> anyhow::Result<String> {
+    let (token, from) = match token_file {
+        Some(path) => {
+            let raw = std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!(
+                    "reading the token file (--token-file) {}: {e}",
+                    path.display()
+                )
+            })?;
+            (raw, format!("the token file {}", path.display()))
+        }
+        None => match std::env::var("PENDING_UPLOADS_TOKEN") {
+            Ok(t) => (t, "PENDING_UPLOADS_TOKEN".to_string()),
+            Err(_) => anyhow::bail!("give --token-file or set PENDING_UPLOADS_TOKEN"),
+        },
+    };
+    let token = token.trim_start_matches('\u{feff}').trim().to_string();
+    if token.is_empty() {
+        anyhow::bail!("{from} is empty: it should hold the workspace's token");
+    }
+    Ok(token)
+}
+
 async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     // 0 would poll without pause while the agent has no cursor yet.
     let interval = [("PENDING_UPLOADS_POLL_INTERVAL", args.poll_interval)];
@@ -140,22 +166,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let timeout = [("PENDING_UPLOADS_REQUEST_TIMEOUT", args.request_timeout)];
     crate::config::deadline_range(&timeout, std::time::Duration::from_secs(1), "1s")
         .map_err(anyhow::Error::msg)?;
-    let token = match std::env::var("PENDING_UPLOADS_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
-    {
-        Some(t) => t,
-        None => {
-            let path = args
-                .token_file
-                .as_ref()
-                .ok_or_else(|| anyhow::anyhow!("give --token-file or set PENDING_UPLOADS_TOKEN"))?;
-            std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?
-                .trim()
-                .to_string()
-        }
-    };
+    let token = agent_token(args.token_file.as_deref())?;
     let agent = crate::agent::Agent::new(crate::agent::AgentConfig {
         platform_url: args.platform_url,
         workspace_id: args.workspace_id,
@@ -178,7 +189,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     tokio::select! {
-        _ = agent.run_forever(args.poll_interval.0) => Ok(()),
+        ended = agent.run_forever(args.poll_interval.0) => Ok(ended?),
         _ = tokio::signal::ctrl_c() => Ok(()),
     }
 }

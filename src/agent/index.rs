@@ -142,6 +142,47 @@ impl UriIndex {
         UriIndex { map }
     }
 
+    /// The index of `dir`, for `workspace_id`'s files. One that cannot be read (a torn write,
+    /// a hand edit) is copied aside as `index.json.unreadable` and the index made again from
+    /// the files in DIR (`<32 hex file id>-<name>`): before, it was dropped without a word, and
+    /// the next save lost the mapping of every file already received.
+    pub fn load_or_rebuild(dir: &Path, workspace_id: uuid::Uuid) -> UriIndex {
+        let path = state_dir(dir).join("index.json");
+        let Ok(bytes) = std::fs::read(&path) else {
+            return UriIndex::default();
+        };
+        if let Ok(map) = serde_json::from_slice(&bytes) {
+            return UriIndex { map };
+        }
+        let aside = state_dir(dir).join("index.json.unreadable");
+        // Copied, not moved: it stays until the next save replaces it, so an agent stopped
+        // before then makes the index again at its next start.
+        let _ = std::fs::copy(&path, &aside);
+        let mut index = UriIndex::default();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let Some(id) = name
+                .to_str()
+                .and_then(|n| n.get(..32).filter(|_| n.as_bytes().get(32) == Some(&b'-')))
+                .and_then(|hex| uuid::Uuid::try_parse(hex).ok())
+            else {
+                continue;
+            };
+            if entry.file_type().is_ok_and(|t| t.is_file()) {
+                index.insert(
+                    format!("platform-pending:{workspace_id}/{id}"),
+                    &entry.path(),
+                );
+            }
+        }
+        tracing::warn!(
+            kept_aside = %aside.display(),
+            entries = index.map.len(),
+            "index.json could not be read: made again from the files in DIR"
+        );
+        index
+    }
+
     pub async fn save(&self, dir: &Path) -> io::Result<()> {
         let bytes = serde_json::to_vec_pretty(&self.map).map_err(io::Error::other)?;
         write_atomic(&state_dir(dir).join("index.json"), &bytes).await

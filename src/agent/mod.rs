@@ -94,9 +94,14 @@ pub enum AgentError {
     /// when it can take the request).
     #[error("{0}")]
     RetryAfter(String, Duration),
-    /// Retrying will not help: auth refused, a conflicting local file, a local I/O error.
+    /// Retrying will not help: a conflicting local file, a local I/O error.
     #[error("{0}")]
     Fatal(String),
+    /// The platform refused the token: revoked, or its workspace deleted. Nothing the agent
+    /// does will change that, so the daemon stops (a supervisor restarts it once a new token
+    /// is in place) rather than ask every few seconds for ever.
+    #[error("{0}")]
+    TokenRefused(String),
 }
 
 impl AgentError {
@@ -105,7 +110,7 @@ impl AgentError {
         match self {
             AgentError::Retry(_) => Some(Duration::ZERO),
             AgentError::RetryAfter(_, after) => Some(*after),
-            AgentError::Fatal(_) => None,
+            AgentError::Fatal(_) | AgentError::TokenRefused(_) => None,
         }
     }
 
@@ -322,7 +327,7 @@ impl Agent {
             .referer(false)
             .build()
             .map_err(io::Error::other)?;
-        let mut index = UriIndex::load(&dir);
+        let mut index = UriIndex::load_or_rebuild(&dir, cfg.workspace_id);
         let pruned = index.prune_missing();
         if pruned > 0 {
             tracing::info!(
@@ -365,14 +370,28 @@ impl Agent {
         match resp.status() {
             s if s.is_success() => Ok(Some(json_within(resp, path).await?)),
             StatusCode::GONE => Ok(None),
-            s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => Err(AgentError::Fatal(
-                format!("platform refused the token ({s})"),
-            )),
+            s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+                Err(self.token_refused(s, resp).await)
+            }
             s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
                 Err(AgentError::refused("platform answered", &resp))
             }
-            s => Err(AgentError::Fatal(format!("{path}: unexpected {s}"))),
+            s => Err(AgentError::Fatal(format!(
+                "{}: unexpected {s} (is --platform-url the platform's base URL?)",
+                self.url(path)
+            ))),
         }
+    }
+
+    /// The error for a refused token, with the platform's own words.
+    async fn token_refused(&self, status: StatusCode, resp: reqwest::Response) -> AgentError {
+        let said = resp.text().await.unwrap_or_default();
+        AgentError::TokenRefused(format!(
+            "the platform refused the token for workspace {} ({status} {}): it was revoked, \
+             or the workspace deleted; mint a new token and restart the agent",
+            self.cfg.workspace_id,
+            crate::logfmt::clip(said.trim()).as_str()
+        ))
     }
 
     async fn get_json_retrying<T: DeserializeOwned>(
@@ -487,6 +506,7 @@ impl Agent {
     async fn pass(&self, wait: Option<Duration>) -> Result<PassReport, AgentError> {
         self.remove_stale_partials().await;
         let candidates = self.discover(wait).await?;
+        self.remove_unlisted_partials(&candidates).await;
         let outcomes: Vec<(Candidate, Result<Staged, AgentError>)> =
             futures::stream::iter(candidates)
                 .map(|c| async move {
@@ -522,7 +542,8 @@ impl Agent {
     /// off (with jitter) while the platform is down, and waits `interval` after a pass in
     /// which a file failed (a file that fails every time must not spin the loop); the pass
     /// after a failure does not long-poll.
-    pub async fn run_forever(&self, interval: Duration) {
+    /// Ends only when the platform refuses the token ([`AgentError::TokenRefused`]).
+    pub async fn run_forever(&self, interval: Duration) -> Result<(), AgentError> {
         let mut failures = 0;
         let mut failed_file = false;
         loop {
@@ -551,6 +572,7 @@ impl Agent {
                     }
                     pause_after(&r, wait.is_some(), started.elapsed(), interval)
                 }
+                Err(e @ AgentError::TokenRefused(_)) => return Err(e),
                 Err(e) => {
                     failures += 1;
                     let asked = e.retry_after().unwrap_or_default();
@@ -587,6 +609,29 @@ impl Agent {
                 .is_some_and(|age| age > PARTIAL_MAX_AGE);
             if stale && fs::remove_file(entry.path()).await.is_ok() {
                 tracing::info!(path = %entry.path().display(), "stale partial file removed");
+            }
+        }
+    }
+
+    /// Removes the partial files of uploads the pending list no longer holds: acked by another
+    /// agent, deleted or expired while this one was stopped mid-download. No pass asks for
+    /// them again (a probe's 5.9 MB partial stayed after every later pass). Best effort.
+    async fn remove_unlisted_partials(&self, listed: &[Candidate]) {
+        let dir = state_dir(&self.cfg.dir).join("partial");
+        let Ok(mut entries) = fs::read_dir(&dir).await else {
+            return;
+        };
+        let listed: std::collections::HashSet<String> = listed
+            .iter()
+            .map(|c| format!("{}.part", c.file_id.simple()))
+            .collect();
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".part")
+                && !listed.contains(&name)
+                && fs::remove_file(entry.path()).await.is_ok()
+            {
+                tracing::info!(path = %entry.path().display(), "partial file of an upload no longer pending removed");
             }
         }
     }
@@ -689,9 +734,7 @@ impl Agent {
             }
             s if s.is_success() => {}
             s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
-                return Err(AgentError::Fatal(format!(
-                    "platform refused the token ({s})"
-                )))
+                return Err(self.token_refused(s, head).await)
             }
             s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
                 return Err(AgentError::refused("content HEAD", &head))
@@ -795,6 +838,9 @@ impl Agent {
                 partial.seek(io::SeekFrom::End(0)).await?;
                 tracing::info!(file_id = %c.file_id, offset = from, "resuming download");
             }
+            s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+                return Err(self.token_refused(s, resp).await)
+            }
             s => return Err(AgentError::Fatal(format!("content: unexpected {s}"))),
         }
         let expected = expected_from(resp.headers());
@@ -855,6 +901,9 @@ impl Agent {
             s if s.is_success() || s == StatusCode::NOT_FOUND => Ok(()),
             s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
                 Err(AgentError::refused("ack", &resp))
+            }
+            s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+                Err(self.token_refused(s, resp).await)
             }
             s => Err(AgentError::Fatal(format!("ack: {s}"))),
         }

@@ -44,6 +44,12 @@ enum Scenario {
     AlwaysGone,
     /// One file, as the service lists and serves it.
     Plain,
+    /// Nothing pending.
+    Nothing,
+    /// Every route answers 401, as for a revoked token.
+    Revoked,
+    /// One file, to the bearer `tok` only.
+    Authed,
     /// The pending list comes a byte every 200 ms.
     DripList,
     /// The content comes a byte every 200 ms.
@@ -95,8 +101,31 @@ fn endless(piece: &'static [u8]) -> Body {
     }))
 }
 
-async fn activity(State(f): State<Fake>) -> Response {
+/// A 401 unless the scenario's bearer is sent (any bearer but for `Revoked` and `Authed`).
+fn refused(f: &Fake, headers: &axum::http::HeaderMap) -> Option<Response> {
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let refuse = match f.scenario {
+        Scenario::Revoked => true,
+        Scenario::Authed => bearer != "Bearer tok",
+        _ => false,
+    };
+    refuse.then(|| {
+        (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(json!({"error": "invalid workspace auth token"})),
+        )
+            .into_response()
+    })
+}
+
+async fn activity(State(f): State<Fake>, headers: axum::http::HeaderMap) -> Response {
     f.activity.fetch_add(1, Ordering::SeqCst);
+    if let Some(no) = refused(&f, &headers) {
+        return no;
+    }
     match f.scenario {
         Scenario::AlwaysGone => (StatusCode::GONE, "{}").into_response(),
         Scenario::OddEntries => axum::Json(json!([{"id": f.file}])).into_response(),
@@ -104,8 +133,12 @@ async fn activity(State(f): State<Fake>) -> Response {
     }
 }
 
-async fn pending(State(f): State<Fake>) -> Response {
+async fn pending(State(f): State<Fake>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(no) = refused(&f, &headers) {
+        return no;
+    }
     match f.scenario {
+        Scenario::Nothing => axum::Json(json!([])).into_response(),
         Scenario::Duplicate => axum::Json(json!([entry(&f), entry(&f)])).into_response(),
         Scenario::OddEntries => {
             axum::Json(json!([{"file_id": "not-a-uuid", "size": "big"}, entry(&f)])).into_response()
@@ -121,8 +154,11 @@ async fn pending(State(f): State<Fake>) -> Response {
     }
 }
 
-async fn content(State(f): State<Fake>) -> Response {
+async fn content(State(f): State<Fake>, headers: axum::http::HeaderMap) -> Response {
     let nth = f.content.fetch_add(1, Ordering::SeqCst);
+    if let Some(no) = refused(&f, &headers) {
+        return no;
+    }
     match f.scenario {
         Scenario::EndlessContent | Scenario::HugeListing => {
             endless(&[7u8; 16 * 1024]).into_response()
@@ -403,4 +439,108 @@ async fn the_agent_reads_and_writes_only_its_own_regular_files() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("is a symlink"), "{log}");
     assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+}
+
+/// A revoked token (or a deleted workspace) made the daemon ask again every few seconds for
+/// ever, saying only "platform refused the token (401)" (a probe). It now stops, with the
+/// platform's words and what to do.
+#[tokio::test]
+async fn the_daemon_stops_when_the_platform_refuses_its_token() {
+    let (base, fake) = fake_platform(Scenario::Revoked).await;
+    let (home, dir) = inbox();
+    let token_file = home.path().join("token");
+    std::fs::write(&token_file, "tok").unwrap();
+    let child = tokio::process::Command::new(BIN)
+        .env_clear()
+        .env("LOG_FORMAT", "json")
+        .args(["agent", "--poll-interval", "1s", "--platform-url", &base])
+        .arg("--workspace-id")
+        .arg(fake.ws.to_string())
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--dir")
+        .arg(&dir)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("the daemon stopped")
+        .unwrap();
+    assert!(!out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("mint a new token") && log.contains("invalid workspace auth token"),
+        "{log}"
+    );
+}
+
+/// The token file's byte-order mark went to the platform (a bare 401), and
+/// PENDING_UPLOADS_TOKEN won over an explicit --token-file (a probe).
+#[tokio::test]
+async fn the_token_file_wins_and_its_byte_order_mark_is_not_the_token() {
+    let (base, fake) = fake_platform(Scenario::Authed).await;
+    let (home, dir) = inbox();
+    let token_file = home.path().join("token");
+    std::fs::write(&token_file, "\u{feff}tok\r\n").unwrap();
+    let out = tokio::process::Command::new(BIN)
+        .env_clear()
+        .env("PENDING_UPLOADS_TOKEN", "stale")
+        .args(["agent", "--once", "--platform-url", &base])
+        .arg("--workspace-id")
+        .arg(fake.ws.to_string())
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--dir")
+        .arg(&dir)
+        .output()
+        .await
+        .unwrap();
+    assert_passed(&out);
+    assert_eq!(published(&dir, &fake), DATA);
+}
+
+/// A partial file of an upload no longer pending (acked by another agent, deleted) stayed
+/// for 48 hours, however large (a probe).
+#[tokio::test]
+async fn partial_files_of_uploads_no_longer_pending_go() {
+    let (base, fake) = fake_platform(Scenario::Plain).await;
+    let (_home, dir) = inbox();
+    let partial = dir.join(".pending-uploads/partial");
+    std::fs::create_dir_all(&partial).unwrap();
+    let stray = partial.join(format!("{}.part", Uuid::new_v4().simple()));
+    std::fs::write(&stray, [1u8; 4096]).unwrap();
+    let out = agent_once(&base, fake.ws, &dir, Duration::from_secs(30))
+        .await
+        .expect("the pass ended");
+    assert_passed(&out);
+    assert!(!stray.exists(), "the stray partial file went");
+    assert_eq!(published(&dir, &fake), DATA);
+}
+
+/// An index that could not be read was dropped without a word, and the next save lost the
+/// mapping of every file received (a probe). It is kept aside and made again from DIR.
+#[tokio::test]
+async fn an_unreadable_index_is_made_again_from_the_files() {
+    let (base, fake) = fake_platform(Scenario::Plain).await;
+    let (_home, dir) = inbox();
+    let out = agent_once(&base, fake.ws, &dir, Duration::from_secs(30))
+        .await
+        .expect("the pass ended");
+    assert_passed(&out);
+    let index = dir.join(".pending-uploads/index.json");
+    std::fs::write(&index, b"{broken").unwrap();
+    let (base, _) = fake_platform(Scenario::Nothing).await;
+    let out = agent_once(&base, fake.ws, &dir, Duration::from_secs(30))
+        .await
+        .expect("the pass ended");
+    assert_passed(&out);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("index.json could not be read"), "{log}");
+    assert!(dir.join(".pending-uploads/index.json.unreadable").exists());
+    // Saved with the next file; here, read back as the agent would.
+    let rebuilt = pending_uploads::agent::index::UriIndex::load_or_rebuild(&dir, fake.ws);
+    let uri = format!("platform-pending:{}/{}", fake.ws, fake.file);
+    assert!(rebuilt.map.contains_key(&uri), "{:?}", rebuilt.map);
 }

@@ -535,7 +535,7 @@ async fn the_head_of_a_file_already_present_waits_out_retry_after() {
 /// The agent's state (its cursor, its index of received files) is its owner's only, as the
 /// received files are (it was 0644). A partial file nothing has written to for twice an
 /// upload's life is removed: its upload expired, or was acked elsewhere, before the agent
-/// finished it, and no pass asks for it again (it stayed forever). A recent one stays.
+/// finished it, and no pass asks for it again (it stayed forever).
 #[tokio::test]
 async fn the_agents_state_is_private_and_stale_partial_files_go() {
     let env = Env::new("bytea").await;
@@ -563,10 +563,19 @@ async fn the_agents_state_is_private_and_stale_partial_files_go() {
         .unwrap();
     let (out, _) = env.agent_once(ws, &token_file, &dir);
     assert!(!stale.exists(), "the stale partial file was removed");
-    assert!(recent.exists(), "a recent one is kept");
-    assert!(log_lines(&out.stderr)
+    // A recent one of an upload the pending list no longer holds goes too (it was kept
+    // until 48 h old).
+    assert!(
+        !recent.exists(),
+        "a recent one of an upload not pending was removed"
+    );
+    let lines = log_lines(&out.stderr);
+    assert!(lines
         .iter()
         .any(|l| l["message"] == "stale partial file removed"));
+    assert!(lines
+        .iter()
+        .any(|l| l["message"] == "partial file of an upload no longer pending removed"));
 }
 
 /// `--max-rate` caps the agent's downloads together, as a laptop's link is one link: with
