@@ -9,9 +9,10 @@
 //!
 //! What the fleet keeps is read from the database (every row's size,
 //! `db::uploads::stored_bytes`) every `GAUGE_REFRESH` and after every sweep pass, plus what
-//! this replica staged since the reading began. The bound is checked before an upload's body
-//! is read, so a replica passes it by the uploads it has in flight then, and a fleet also by
-//! what the other replicas staged since their last reading.
+//! this replica reserved since the reading began. The bound is checked before an upload's
+//! body is read ([`Stored::admit`]), and the upload reserves its bytes once received
+//! ([`Stored::try_reserve`]), so a replica does not pass it; a fleet may, by what the other
+//! replicas staged since their last reading.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -20,7 +21,7 @@ pub struct Stored {
     max: u64,
     /// Bytes of every row at the last reading.
     read: AtomicU64,
-    /// Bytes this replica staged since that reading.
+    /// Bytes this replica reserved since that reading.
     since: AtomicU64,
     full: AtomicBool,
 }
@@ -38,7 +39,6 @@ impl Reading<'_> {
         s.read.store(bytes, Ordering::Relaxed);
         // Staged before the reading began is in its figure; staged since is not.
         s.since.fetch_sub(self.staged_before, Ordering::Relaxed);
-        s.note_transition();
     }
 }
 
@@ -52,16 +52,45 @@ impl Stored {
         }
     }
 
+    /// Whether an upload may start: not when what is kept has reached the bound.
+    pub fn admit(&self) -> bool {
+        let full = self.full().is_some();
+        if full {
+            self.note(true);
+        }
+        !full
+    }
+
     /// Bytes kept as far as this replica knows, when they have reached the bound.
     pub fn full(&self) -> Option<u64> {
         let kept = self.kept();
         (self.max > 0 && kept >= self.max).then_some(kept)
     }
 
-    /// A commit of this replica stored `bytes`.
-    pub fn staged(&self, bytes: u64) {
-        self.since.fetch_add(bytes, Ordering::Relaxed);
-        self.note_transition();
+    /// Counts `bytes` an upload received is about to commit, unless they would pass the
+    /// bound: the check before its body only sees what the others committed, and twenty
+    /// uploads admitted together went 7× over it (a probe). [`Stored::release`] them if the
+    /// commit fails.
+    pub fn try_reserve(&self, bytes: u64) -> bool {
+        let read = self.read.load(Ordering::Relaxed);
+        let reserved = self
+            .since
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |since| {
+                let kept = read.saturating_add(since).saturating_add(bytes);
+                (self.max == 0 || kept <= self.max).then_some(since.saturating_add(bytes))
+            })
+            .is_ok();
+        self.note(!reserved);
+        reserved
+    }
+
+    /// Bytes reserved for a commit that failed.
+    pub fn release(&self, bytes: u64) {
+        let _ = self
+            .since
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |since| {
+                Some(since.saturating_sub(bytes))
+            });
     }
 
     /// A reading of every row's bytes begins: [`Reading::done`] with its figure.
@@ -79,8 +108,9 @@ impl Stored {
     }
 
     /// One line when uploads start or stop being refused.
-    fn note_transition(&self) {
-        let full = self.full().is_some();
+    /// Uploads are refused (`full`) or taken again: one line when that changes, so an
+    /// operator sees when refusals start and when they end, not each refusal.
+    fn note(&self, full: bool) {
         if self.full.swap(full, Ordering::Relaxed) != full {
             let (kept, max) = (self.kept(), self.max);
             match full {
@@ -106,24 +136,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn staged_bytes_count_until_the_next_reading() {
+    fn reserved_bytes_count_until_the_next_reading() {
         let s = Stored::new(100);
         assert_eq!(s.full(), None);
-        s.staged(60);
-        assert_eq!(s.full(), None);
-        s.staged(40);
+        assert!(s.try_reserve(60));
+        assert!(!s.try_reserve(41), "would pass the bound");
+        assert!(s.try_reserve(40));
         assert_eq!(s.full(), Some(100));
+        s.release(40);
+        assert_eq!(s.full(), None, "a failed commit gives its bytes back");
         s.reading().done(30);
         assert_eq!(s.full(), None, "swept meanwhile");
-        // Staged while a reading is under way counts on top of its figure.
+        // Reserved while a reading is under way counts on top of its figure.
         let reading = s.reading();
-        s.staged(80);
+        assert!(s.try_reserve(70));
         reading.done(30);
-        assert_eq!(s.full(), Some(110));
+        assert_eq!(s.full(), Some(100));
         s.reading().done(150);
         assert_eq!(s.full(), Some(150), "other replicas staged");
         let off = Stored::new(0);
-        off.staged(u64::MAX);
+        assert!(off.try_reserve(u64::MAX) && off.try_reserve(1));
         assert_eq!(off.full(), None, "0: no bound");
     }
 }

@@ -14,12 +14,10 @@ use std::{
     future::Future,
     io::{self, IoSlice},
     pin::Pin,
-    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
 
-use super::shed;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
@@ -113,10 +111,6 @@ pub struct ClientStream {
     /// The next deadline of a wait, made at the first one (most connections never wait:
     /// 10,000 long polls should not carry 10,000 timers).
     timer: Option<(Pin<Box<Sleep>>, Instant)>,
-    /// Its standing among the connections, and while a write is refused, its wait on the
-    /// client (which makes it one the service may close for a new client).
-    standing: Option<Arc<shed::Connection>>,
-    blocked: Option<shed::ClientWait>,
 }
 
 impl ClientStream {
@@ -128,16 +122,7 @@ impl ClientStream {
             window: None,
             waiting: None,
             timer: None,
-            standing: None,
-            blocked: None,
         }
-    }
-
-    /// While its client takes none of a response, the connection may be closed for a new
-    /// client when every place is taken ([`shed`]).
-    pub fn sheddable_while_blocked(mut self, standing: Arc<shed::Connection>) -> ClientStream {
-        self.standing = Some(standing);
-        self
     }
 
     /// Bytes of responses the client has acknowledged.
@@ -169,7 +154,6 @@ impl ClientStream {
     /// the window, which the next wait judges at once if it is used up.
     fn wrote(&mut self, n: usize) {
         self.written += n as u64;
-        self.blocked = None;
         if let (Some(wait), Some(window)) = (self.waiting.take(), self.window.as_mut()) {
             window.waited += wait.counted_to.elapsed();
         }
@@ -249,12 +233,7 @@ impl ClientStream {
                 self.wrote(n);
                 Poll::Ready(Ok(n))
             }
-            Poll::Pending => {
-                if self.blocked.is_none() {
-                    self.blocked = self.standing.as_ref().map(|s| s.waiting_on_client());
-                }
-                self.wait(cx)
-            }
+            Poll::Pending => self.wait(cx),
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
         }
     }

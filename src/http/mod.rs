@@ -393,10 +393,9 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let io = conn::ClientStream::new(stream, opts.response);
         let peer_ip = peer::Peer(peer.ip());
         let standing = idle.add();
-        let io = conn::ClientStream::new(stream, opts.response)
-            .sheddable_while_blocked(standing.clone());
         let (begins, ends) = (standing.clone(), standing.clone());
         let service = TowerToHyperService::new(
             app.clone()

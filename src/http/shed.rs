@@ -7,10 +7,12 @@
 //! of it is under way (its response body not yet done): the long-lived ones hold slots, whose
 //! kinds together stay below `MAX_CONNECTIONS` by default. Except while such a request waits
 //! on its client for a short body (a JSON body, the rest of a refused upload's): a flood of
-//! those held places for as long as their deadlines, and nothing is lost by dropping one. And
-//! while its client takes none of its response (the socket refuses writes): small answers
-//! hold no slot, and a client that asked for them, pipelined, and read nothing held every
-//! place until the response deadlines cut them (a probe: a new client waited 7 s).
+//! those held places for as long as their deadlines, and nothing is lost by dropping one.
+//!
+//! Not while a response waits on its client to read (tried, and undone): a healthy slow
+//! download's writes are refused for a second and more at a time, since the kernel wakes a
+//! writer only once much of its buffer has drained, so a flood of bare connects had such
+//! downloads dropped mid-body, the oldest waiter first (a probe).
 
 use std::{
     collections::BTreeMap,
@@ -58,8 +60,7 @@ pub struct Connection {
     seq: AtomicU64,
     served: AtomicBool,
     in_request: AtomicUsize,
-    /// Waits on the client under way ([`Connection::waiting_on_client`]): a short body, or
-    /// the client's reading of a response.
+    /// Waits on the client for a short body under way ([`Connection::waiting_on_client`]).
     on_client: AtomicUsize,
     shed: Arc<Signal>,
 }
@@ -142,10 +143,10 @@ impl Connection {
         }
     }
 
-    /// While the returned guard lives, the connection waits on its client: for a body with
-    /// a short deadline of its own, or to take a response the socket has no room for. Nothing
-    /// is lost if it goes meanwhile: it may be shed like an idle one (dropped, request and
-    /// all), the newest.
+    /// While the returned guard lives, the connection waits on its client for a body with a
+    /// short deadline of its own (counted: the waits of a request's body and of a refused
+    /// one's rest may overlap). Nothing is lost if it goes meanwhile: it may be shed like an
+    /// idle one (dropped, request and all), the newest.
     pub fn waiting_on_client(self: &Arc<Self>) -> ClientWait {
         let mut waiting = self.owner.lock();
         self.on_client.fetch_add(1, Ordering::AcqRel);

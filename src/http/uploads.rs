@@ -169,7 +169,7 @@ async fn stage(
             max: quota.max_files,
         }));
     }
-    if st.stored.full().is_some() {
+    if !st.stored.admit() {
         return Err(rejected(ApiError::StorageFull));
     }
 
@@ -214,6 +214,12 @@ async fn stage(
         }
     };
     drop(parts);
+    // Each file is a row and an activity row (`db::uploads::stored_bytes`).
+    let weight = 2 * db::uploads::ROW_WEIGHT as u64;
+    let reserved: u64 = files.iter().map(|f| f.spool.size + weight).sum();
+    if !st.stored.try_reserve(reserved) {
+        return Err(rejected(ApiError::StorageFull));
+    }
     let count = files.len();
     // What each file's failed line says if the commit fails (SPEC §8: one line per file; it
     // has no file_id then, nothing was staged).
@@ -222,6 +228,7 @@ async fn stage(
         .map(|f| (f.name.clone(), f.spool.size))
         .collect();
     let staged = st.stager.commit(ws.id, token_hash, files, slot).await.map_err(|e| {
+        st.stored.release(reserved);
         metrics()
             .files_staged
             .with_label_values(&[backend, "failed"])
@@ -234,11 +241,7 @@ async fn stage(
         }
         ApiError::from(e)
     })?;
-    let files: Vec<_> = staged.into_iter().map(|s| s.file).collect();
-    // Each file is a row and an activity row (`db::uploads::stored_bytes`).
-    let weight = 2 * db::uploads::ROW_WEIGHT as u64;
-    st.stored
-        .staged(files.iter().map(|f| f.size + weight).sum());
+    let files = staged.into_iter().map(|s| s.file).collect();
     Ok(Json(UploadResult { files }).into_response())
 }
 

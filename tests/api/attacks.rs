@@ -1727,7 +1727,7 @@ async fn idle_kept_alive_connections_cannot_hold_every_place() {
 #[tokio::test]
 async fn what_the_fleet_keeps_is_bounded_whatever_the_quotas() {
     let svc = Svc::start(&[
-        ("MAX_STORED_BYTES", "6000"),
+        ("MAX_STORED_BYTES", "6100"),
         ("MAX_PENDING_BYTES_PER_WORKSPACE", "2500"),
         ("ACK_RETENTION", "3s"),
         ("SWEEP_INTERVAL", "1s"),
@@ -1785,6 +1785,43 @@ async fn what_the_fleet_keeps_is_bounded_whatever_the_quotas() {
     assert!(!log.contains("request failed"), "{log}");
 }
 
+/// The bound was checked only before a body is read, so uploads admitted together all
+/// committed: twenty at once took a 1 MiB bound to 7 MB (a probe). Each now reserves its
+/// bytes once received, and those that would pass the bound get 503.
+#[tokio::test]
+async fn uploads_admitted_together_cannot_pass_the_bound_together() {
+    let svc = Svc::start(&[("MAX_STORED_BYTES", "600000")]).await;
+    let mut uploads = Vec::new();
+    for _ in 0..3 {
+        let (ws, token) = register_poll(&svc.base).await;
+        for i in 0..4 {
+            let (svc, token) = (&svc, token.clone());
+            uploads.push(async move {
+                upload_file(svc, ws, &token, &format!("f{i}.bin"), &bytes(100_000, 7)).await
+            });
+        }
+    }
+    let answers = futures::future::join_all(uploads).await;
+    let taken = answers
+        .iter()
+        .filter(|r| r.status() == StatusCode::OK)
+        .count();
+    assert!(
+        answers
+            .iter()
+            .all(|r| r.status() == StatusCode::OK || r.status() == StatusCode::SERVICE_UNAVAILABLE),
+        "each taken or refused as storage_full"
+    );
+    // 100,000 bytes and two rows of 512 each: five fit in 600,000.
+    assert_eq!(taken, 5, "{taken} of 12 taken");
+    let stored: i64 =
+        sqlx::query_scalar("SELECT COALESCE(sum(size_bytes), 0)::bigint FROM pending_uploads")
+            .fetch_one(&svc.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, 500_000);
+}
+
 /// One-byte files cost the database a row and an activity row each (the latter kept 7 days):
 /// a client sending them made 244,544 activity rows in two minutes (a resource probe), which
 /// a bound on bytes alone did not stop. Each row counts 512 bytes against MAX_STORED_BYTES.
@@ -1805,8 +1842,8 @@ async fn tiny_files_count_their_rows_against_what_the_fleet_keeps() {
             "{taken} one-byte files under a 5,000-byte bound"
         );
     }
-    // 1 byte + a row + an activity row, 1,025 each: the fifth reaches 5,000.
-    assert_eq!(taken, 5);
+    // 1 byte + a row + an activity row, 1,025 each: a fifth would pass 5,000.
+    assert_eq!(taken, 4);
 }
 
 /// What the fleet keeps counts rows past their expiry too: their bytes stay until the
@@ -1881,30 +1918,48 @@ async fn connections_past_every_place_wait_in_a_deep_backlog() {
     drop(poll);
 }
 
-/// Small answers hold no slot, and a connection whose client asked for some, pipelined, and
-/// read nothing stayed in a request (its answer not yet written) until the response
-/// deadlines cut it: a client reopening such connections held every place, and a new client
-/// waited 7 s (a probe). A connection whose socket refuses its answer is now one the service
-/// may close for a new client.
+/// A download whose client reads steadily but slowly has its writes refused for a second
+/// and more at a time (the kernel wakes a writer once much of its buffer has drained). A
+/// build that made such a connection one to drop for a new client had healthy downloads cut
+/// mid-body by a flood of bare connects (a probe: 5.7 of 20 MB at 800 KB/s). Here the
+/// download must arrive whole while connects come and go at every place.
 #[tokio::test]
-async fn connections_whose_clients_read_nothing_cannot_hold_every_place() {
-    let svc = Svc::start(&[("MAX_CONNECTIONS", "4")]).await;
+async fn a_slow_but_steady_download_is_not_dropped_for_new_connections() {
+    let svc = Svc::start(&[("MAX_CONNECTIONS", "8")]).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let (file, data) = stage_file(&svc, ws, &token, 8 << 20).await;
     let addr: SocketAddr = svc.base.trim_start_matches("http://").parse().unwrap();
-    let mut held = Vec::new();
-    for _ in 0..4 {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(1024).unwrap();
-        let mut conn = socket.connect(addr).await.unwrap();
-        conn.write_all(&b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n".repeat(40))
-            .await
-            .unwrap();
-        held.push(conn);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let flood = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            if let Ok(conn) = TcpStream::connect(addr).await {
+                held.push(conn);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    });
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let mut conn = socket.connect(addr).await.unwrap();
+    let head = format!(
+        "GET /workspaces/{ws}/pending-uploads/{file}/content HTTP/1.1\r\nHost: x\r\n\
+         Authorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 8192];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await {
+            Ok(Ok(0)) | Err(_) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Ok(Err(_)) => break,
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // Blocked for longer than a new connection's grace (shed::MIN_IDLE, 1 s).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    a_new_client_is_answered_at_once(&svc).await;
-    drop(held);
+    flood.abort();
+    let body_at = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(got.len() - body_at, data.len(), "the whole file");
+    assert!(got[body_at..] == data[..]);
 }
 
 /// And with requests whose short bodies never come (a JSON body, which has
