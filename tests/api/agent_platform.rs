@@ -222,20 +222,35 @@ async fn agent_once_with(
     within: Duration,
     extra: &[&str],
 ) -> Option<std::process::Output> {
-    let home = dir.parent().unwrap();
-    let token_file = home.join("token");
+    let token_file = dir.parent().unwrap().join("token");
     std::fs::write(&token_file, "tok").unwrap();
-    let child = tokio::process::Command::new(BIN)
-        .env_clear()
+    let mut cmd = agent(base, ws, &token_file, dir);
+    cmd.args(["--once", "--retries", "0"]).args(extra);
+    finished_within(cmd, within).await
+}
+
+/// The agent binary for workspace `ws` of the platform at `base`, logging JSON, with the
+/// token in `token_file` and its folder `dir`.
+fn agent(base: &str, ws: Uuid, token_file: &Path, dir: &Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.env_clear()
         .env("LOG_FORMAT", "json")
-        .args(["agent", "--once", "--retries", "0", "--platform-url", base])
+        .args(["agent", "--platform-url", base])
         .arg("--workspace-id")
         .arg(ws.to_string())
         .arg("--token-file")
-        .arg(&token_file)
+        .arg(token_file)
         .arg("--dir")
-        .arg(dir)
-        .args(extra)
+        .arg(dir);
+    cmd
+}
+
+/// `cmd`'s output; `None` when it had not ended within `within` (it is killed).
+async fn finished_within(
+    mut cmd: tokio::process::Command,
+    within: Duration,
+) -> Option<std::process::Output> {
+    let child = cmd
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -450,24 +465,11 @@ async fn the_daemon_stops_when_the_platform_refuses_its_token() {
     let (home, dir) = inbox();
     let token_file = home.path().join("token");
     std::fs::write(&token_file, "tok").unwrap();
-    let child = tokio::process::Command::new(BIN)
-        .env_clear()
-        .env("LOG_FORMAT", "json")
-        .args(["agent", "--poll-interval", "1s", "--platform-url", &base])
-        .arg("--workspace-id")
-        .arg(fake.ws.to_string())
-        .arg("--token-file")
-        .arg(&token_file)
-        .arg("--dir")
-        .arg(&dir)
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+    let mut daemon = agent(&base, fake.ws, &token_file, &dir);
+    daemon.args(["--poll-interval", "1s"]);
+    let out = finished_within(daemon, Duration::from_secs(20))
         .await
-        .expect("the daemon stopped")
-        .unwrap();
+        .expect("the daemon stopped");
     assert!(!out.status.success());
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -484,19 +486,11 @@ async fn the_token_file_wins_and_its_byte_order_mark_is_not_the_token() {
     let (home, dir) = inbox();
     let token_file = home.path().join("token");
     std::fs::write(&token_file, "\u{feff}tok\r\n").unwrap();
-    let out = tokio::process::Command::new(BIN)
-        .env_clear()
-        .env("PENDING_UPLOADS_TOKEN", "stale")
-        .args(["agent", "--once", "--platform-url", &base])
-        .arg("--workspace-id")
-        .arg(fake.ws.to_string())
-        .arg("--token-file")
-        .arg(&token_file)
-        .arg("--dir")
-        .arg(&dir)
-        .output()
+    let mut once = agent(&base, fake.ws, &token_file, &dir);
+    once.env("PENDING_UPLOADS_TOKEN", "stale").arg("--once");
+    let out = finished_within(once, Duration::from_secs(30))
         .await
-        .unwrap();
+        .expect("the pass ended");
     assert_passed(&out);
     assert_eq!(published(&dir, &fake), DATA);
 }
