@@ -40,6 +40,8 @@ pub struct Metrics {
     pub long_polls_waiting: IntGauge,
     pub spool_memory_reserved: IntGauge,
     pub upload_arena: IntGaugeVec,
+    pub stored_bytes: IntGauge,
+    pub stored_bytes_max: IntGauge,
 }
 
 const NS: &str = "pending_uploads";
@@ -239,6 +241,20 @@ impl Metrics {
                 IntGauge::with_opts(opts(
                     "spool_memory_reserved_bytes",
                     "Bytes of SPOOL_MEMORY_TOTAL reserved by upload requests and the files they hold in memory",
+                ))
+                .expect("valid metric"),
+            ),
+            stored_bytes: r.add(
+                IntGauge::with_opts(opts(
+                    "stored_bytes",
+                    "What the fleet keeps as MAX_STORED_BYTES counts it (files and 512 bytes a row), as this replica last read it plus what it reserved since",
+                ))
+                .expect("valid metric"),
+            ),
+            stored_bytes_max: r.add(
+                IntGauge::with_opts(opts(
+                    "stored_bytes_max",
+                    "MAX_STORED_BYTES (0: no bound)",
                 ))
                 .expect("valid metric"),
             ),

@@ -39,11 +39,15 @@ impl Reading<'_> {
         s.read.store(bytes, Ordering::Relaxed);
         // Staged before the reading began is in its figure; staged since is not.
         s.since.fetch_sub(self.staged_before, Ordering::Relaxed);
+        s.show();
     }
 }
 
 impl Stored {
     pub fn new(max: u64) -> Stored {
+        crate::metrics::metrics()
+            .stored_bytes_max
+            .set(max.min(i64::MAX as u64) as i64);
         Stored {
             max,
             read: AtomicU64::new(0),
@@ -81,6 +85,7 @@ impl Stored {
             })
             .is_ok();
         self.note(!reserved);
+        self.show();
         reserved
     }
 
@@ -108,6 +113,12 @@ impl Stored {
     }
 
     /// One line when uploads start or stop being refused.
+    /// The gauge operators watch (`stored_bytes`, with `stored_bytes_max`).
+    fn show(&self) {
+        let kept = self.kept().min(i64::MAX as u64) as i64;
+        crate::metrics::metrics().stored_bytes.set(kept);
+    }
+
     /// Uploads are refused (`full`) or taken again: one line when that changes, so an
     /// operator sees when refusals start and when they end, not each refusal.
     fn note(&self, full: bool) {

@@ -1758,6 +1758,16 @@ async fn what_the_fleet_keeps_is_bounded_whatever_the_quotas() {
         2,
         "the refused one stored nothing"
     );
+    // What operators watch: two files of 2,000 bytes and their four rows.
+    let metrics = scrape_metrics(&svc.base).await;
+    assert_eq!(
+        metric_value(&metrics, "pending_uploads_stored_bytes_max"),
+        Some(6100.0)
+    );
+    assert_eq!(
+        metric_value(&metrics, "pending_uploads_stored_bytes"),
+        Some(6048.0)
+    );
     // The acked rows go after ACK_RETENTION; the next sweep pass makes room.
     let started = Instant::now();
     loop {
