@@ -398,16 +398,16 @@ async fn refresh_gauges_forever(db: Db, stored: Arc<Stored>, swept: Arc<tokio::s
             _ = ticker.tick() => {}
             () = swept.notified() => {}
         }
-        match db.run(|c| Box::pin(db::uploads::backlog(c))).await {
-            Ok(backlog) => crate::metrics::set_backlog(&backlog),
-            Err(e) => tracing::debug!(error = %e, "could not refresh backlog gauges"),
-        }
         let reading = stored.reading();
-        match db.run(|c| Box::pin(db::uploads::stored_bytes(c))).await {
-            Ok(bytes) => reading.done(bytes.max(0) as u64),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read the bytes stored (MAX_STORED_BYTES)")
+        match db.run(|c| Box::pin(db::uploads::backlog(c))).await {
+            Ok(backlog) => {
+                crate::metrics::set_backlog(&backlog);
+                reading.done(backlog.stored_bytes().max(0) as u64);
             }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "could not read the backlog: gauges and MAX_STORED_BYTES's figure not refreshed"
+            ),
         }
     }
 }

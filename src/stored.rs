@@ -96,6 +96,7 @@ impl Stored {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |since| {
                 Some(since.saturating_sub(bytes))
             });
+        self.show();
     }
 
     /// A reading of every row's bytes begins: [`Reading::done`] with its figure.
@@ -112,7 +113,6 @@ impl Stored {
             .saturating_add(self.since.load(Ordering::Relaxed))
     }
 
-    /// One line when uploads start or stop being refused.
     /// The gauge operators watch (`stored_bytes`, with `stored_bytes_max`).
     fn show(&self) {
         let kept = self.kept().min(i64::MAX as u64) as i64;

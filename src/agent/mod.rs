@@ -27,6 +27,7 @@ use uuid::Uuid;
 
 use crate::{
     api::PendingUpload,
+    config::MAX_FILE_BYTES,
     digest,
     retry::{pause, retry},
     sanitize::sanitize,
@@ -223,10 +224,6 @@ struct FeedRow {
     id: Uuid,
 }
 
-/// The largest file a platform may list (SPEC §9: the per-file cap, which deployments may
-/// only lower).
-const MAX_FILE_BYTES: u64 = 104_857_600;
-
 /// Pages of the activity feed one pass reads at most (500 rows each) before it reads the
 /// pending list anyway: the feed only says when to look.
 const MAX_FEED_PAGES: usize = 200;
@@ -370,16 +367,27 @@ impl Agent {
         match resp.status() {
             s if s.is_success() => Ok(Some(json_within(resp, path).await?)),
             StatusCode::GONE => Ok(None),
+            _ => {
+                let what = format!(
+                    "{} (is --platform-url the platform's base URL?)",
+                    self.url(path)
+                );
+                Err(self.unexpected(&what, resp).await)
+            }
+        }
+    }
+
+    /// Any other answer to `what`: a refused token stops the agent, a 5xx or 429 is tried
+    /// again (once its Retry-After has passed), anything else fails.
+    async fn unexpected(&self, what: &str, resp: reqwest::Response) -> AgentError {
+        match resp.status() {
             s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
-                Err(self.token_refused(s, resp).await)
+                self.token_refused(s, resp).await
             }
             s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
-                Err(AgentError::refused("platform answered", &resp))
+                AgentError::refused(what, &resp)
             }
-            s => Err(AgentError::Fatal(format!(
-                "{}: unexpected {s} (is --platform-url the platform's base URL?)",
-                self.url(path)
-            ))),
+            s => AgentError::Fatal(format!("{what}: unexpected {s}")),
         }
     }
 
@@ -504,7 +512,6 @@ impl Agent {
     }
 
     async fn pass(&self, wait: Option<Duration>) -> Result<PassReport, AgentError> {
-        self.remove_stale_partials().await;
         let candidates = self.discover(wait).await?;
         self.remove_unlisted_partials(&candidates).await;
         let outcomes: Vec<(Candidate, Result<Staged, AgentError>)> =
@@ -591,31 +598,11 @@ impl Agent {
             .join(format!("{}-{}", c.file_id.simple(), sanitize(&c.name, 100)))
     }
 
-    /// Removes partial files nothing has written to for longer than an upload lives (24 h,
-    /// SPEC §7; twice that here): their uploads expired, or were acked elsewhere, before
-    /// this agent finished them, and no pass will ever ask for them again. Best effort.
-    async fn remove_stale_partials(&self) {
-        let dir = state_dir(&self.cfg.dir).join("partial");
-        let Ok(mut entries) = fs::read_dir(&dir).await else {
-            return;
-        };
-        while let Ok(Some(entry)) = entries.next_entry().await {
-            let stale = entry
-                .metadata()
-                .await
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > PARTIAL_MAX_AGE);
-            if stale && fs::remove_file(entry.path()).await.is_ok() {
-                tracing::info!(path = %entry.path().display(), "stale partial file removed");
-            }
-        }
-    }
-
     /// Removes the partial files of uploads the pending list no longer holds: acked by another
     /// agent, deleted or expired while this one was stopped mid-download. No pass asks for
-    /// them again (a probe's 5.9 MB partial stayed after every later pass). Best effort.
+    /// them again (they stayed for ever; then 48 h; a probe's 5.9 MB one after every later
+    /// pass). Those untouched for longer than an upload lives are said to be stale. Best
+    /// effort.
     async fn remove_unlisted_partials(&self, listed: &[Candidate]) {
         let dir = state_dir(&self.cfg.dir).join("partial");
         let Ok(mut entries) = fs::read_dir(&dir).await else {
@@ -627,11 +614,25 @@ impl Agent {
             .collect();
         while let Ok(Some(entry)) = entries.next_entry().await {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".part")
-                && !listed.contains(&name)
-                && fs::remove_file(entry.path()).await.is_ok()
-            {
-                tracing::info!(path = %entry.path().display(), "partial file of an upload no longer pending removed");
+            if !name.ends_with(".part") || listed.contains(&name) {
+                continue;
+            }
+            let stale = entry
+                .metadata()
+                .await
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > PARTIAL_MAX_AGE);
+            if fs::remove_file(entry.path()).await.is_ok() {
+                match stale {
+                    true => {
+                        tracing::info!(path = %entry.path().display(), "stale partial file removed")
+                    }
+                    false => {
+                        tracing::info!(path = %entry.path().display(), "partial file of an upload no longer pending removed")
+                    }
+                }
             }
         }
     }
@@ -649,6 +650,7 @@ impl Agent {
     async fn stage(&self, c: &Candidate) -> Result<Staged, AgentError> {
         // The listed size bounds what a download may write: no file is larger than the
         // service's per-file cap (SPEC §9, the table's CHECK), whatever a platform lists.
+        // SPEC §9: the per-file cap, which deployments may only lower.
         if c.size > MAX_FILE_BYTES {
             return Err(AgentError::Fatal(format!(
                 "listed as {} bytes, over the {MAX_FILE_BYTES} a file may have",
@@ -733,13 +735,7 @@ impl Agent {
                 return Ok(Staged::Gone);
             }
             s if s.is_success() => {}
-            s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
-                return Err(self.token_refused(s, head).await)
-            }
-            s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
-                return Err(AgentError::refused("content HEAD", &head))
-            }
-            s => return Err(AgentError::Fatal(format!("content HEAD: unexpected {s}"))),
+            _ => return Err(self.unexpected("content HEAD", head).await),
         }
         if !verify(path, c.size, &expected_from(head.headers())).await? {
             return Err(AgentError::Fatal(format!(
@@ -812,11 +808,6 @@ impl Agent {
                     "partial file longer than the upload: restarting".into(),
                 ));
             }
-            // 429: the workspace has its downloads' worth streaming (a higher --concurrency
-            // than the service allows, or another reader of the same workspace).
-            s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
-                return Err(AgentError::refused("content", &resp))
-            }
             StatusCode::OK => {
                 partial.set_len(0).await?;
                 partial.seek(io::SeekFrom::Start(0)).await?;
@@ -838,10 +829,9 @@ impl Agent {
                 partial.seek(io::SeekFrom::End(0)).await?;
                 tracing::info!(file_id = %c.file_id, offset = from, "resuming download");
             }
-            s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
-                return Err(self.token_refused(s, resp).await)
-            }
-            s => return Err(AgentError::Fatal(format!("content: unexpected {s}"))),
+            // A 429: the workspace has its downloads' worth streaming (a higher
+            // --concurrency than the service allows, or another reader of the workspace).
+            _ => return Err(self.unexpected("content", resp).await),
         }
         let expected = expected_from(resp.headers());
         let mut body = resp.bytes_stream();
@@ -899,13 +889,7 @@ impl Agent {
             .await?;
         match resp.status() {
             s if s.is_success() || s == StatusCode::NOT_FOUND => Ok(()),
-            s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
-                Err(AgentError::refused("ack", &resp))
-            }
-            s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
-                Err(self.token_refused(s, resp).await)
-            }
-            s => Err(AgentError::Fatal(format!("ack: {s}"))),
+            _ => Err(self.unexpected("ack", resp).await),
         }
     }
 

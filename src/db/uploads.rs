@@ -850,26 +850,28 @@ pub async fn existing_keys(db: impl PgExecutor<'_>, keys: &[String]) -> sqlx::Re
         .await
 }
 
-/// Rows and bytes by state, and the age of the oldest unacked row (the backlog gauges).
+/// Rows and bytes by state, and the age of the oldest unacked row (the backlog gauges), and
+/// what `MAX_STORED_BYTES` counts ([`Backlog::stored_bytes`]).
 #[derive(Debug, Clone, Default)]
 pub struct Backlog {
-    /// (state, rows, bytes) for `unfetched`, `fetched`, `acked`.
+    /// (state, rows, bytes) for `unfetched`, `fetched`, `acked`, and `expired` (past their
+    /// expiry, not swept yet: no gauge's, but they keep their bytes until deleted).
     pub states: Vec<(String, i64, i64)>,
     pub oldest_unacked_secs: Option<f64>,
+    /// This service's upload activity rows (kept `ACTIVITY_RETENTION`, 7 days).
+    pub upload_activity_rows: i64,
 }
 
-/// What every upload row keeps (`MAX_STORED_BYTES`, [`crate::stored`]): its file's bytes,
-/// expired rows the sweeper has not deleted yet included, plus [`ROW_WEIGHT`] for it and for
-/// each of this service's upload activity rows (those stay `ACTIVITY_RETENTION`, 7 days).
-pub async fn stored_bytes(conn: &mut PgConnection) -> sqlx::Result<i64> {
-    sqlx::query_scalar(
-        "SELECT ((SELECT COALESCE(sum(size_bytes), 0) + count(*) * $1 FROM pending_uploads)
-               + (SELECT count(*) * $1 FROM activity_logs
-                  WHERE method = 'chat_upload_receive'))::bigint",
-    )
-    .bind(ROW_WEIGHT)
-    .fetch_one(conn)
-    .await
+impl Backlog {
+    /// What every upload row keeps (`MAX_STORED_BYTES`, [`crate::stored`]): its file's bytes,
+    /// expired rows included, plus [`ROW_WEIGHT`] for it and for each upload activity row.
+    pub fn stored_bytes(&self) -> i64 {
+        let (rows, bytes) = self
+            .states
+            .iter()
+            .fold((0, 0), |(n, b), (_, rows, bytes)| (n + rows, b + bytes));
+        bytes + (rows + self.upload_activity_rows) * ROW_WEIGHT
+    }
 }
 
 /// What a row costs the database besides its file's bytes, as `MAX_STORED_BYTES` counts it: a
@@ -877,12 +879,19 @@ pub async fn stored_bytes(conn: &mut PgConnection) -> sqlx::Result<i64> {
 /// resource probe), which bytes alone would not have bounded.
 pub const ROW_WEIGHT: i64 = 512;
 
+/// What staging a file of `size` bytes adds to [`Backlog::stored_bytes`]: its bytes, its row
+/// and its activity row.
+pub fn stored_cost(size: u64) -> u64 {
+    size + 2 * ROW_WEIGHT as u64
+}
+
 pub async fn backlog(conn: &mut PgConnection) -> sqlx::Result<Backlog> {
     let states = sqlx::query_as(
-        "SELECT CASE WHEN acked_at IS NOT NULL THEN 'acked'
+        "SELECT CASE WHEN expires_at <= now() THEN 'expired'
+                     WHEN acked_at IS NOT NULL THEN 'acked'
                      WHEN fetched_at IS NOT NULL THEN 'fetched' ELSE 'unfetched' END,
                 count(*), COALESCE(sum(size_bytes), 0)::bigint
-         FROM pending_uploads WHERE expires_at > now() GROUP BY 1",
+         FROM pending_uploads GROUP BY 1",
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -890,10 +899,16 @@ pub async fn backlog(conn: &mut PgConnection) -> sqlx::Result<Backlog> {
         "SELECT EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM pending_uploads
          WHERE acked_at IS NULL AND expires_at > now()",
     )
+    .fetch_one(&mut *conn)
+    .await?;
+    let upload_activity_rows = sqlx::query_scalar(
+        "SELECT count(*) FROM activity_logs WHERE method = 'chat_upload_receive'",
+    )
     .fetch_one(conn)
     .await?;
     Ok(Backlog {
         states,
         oldest_unacked_secs,
+        upload_activity_rows,
     })
 }

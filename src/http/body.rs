@@ -469,7 +469,7 @@ pub async fn drain_unread(
     let _waiting = connection
         .as_ref()
         .filter(|_| refused && !unsent)
-        .map(|c| c.waiting_on_client());
+        .map(|c| c.waiting_on_body());
     // boxed: the drain's state (a timer, a stream) is only allocated for requests that need it
     let drained =
         !unsent && resp.extensions().get::<NoDrain>().is_none() && Box::pin(drain(body)).await;

@@ -145,7 +145,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     async fn from_request(req: Request, st: &AppState) -> Result<Self, ApiError> {
         // Nothing is done yet: a full replica may shed the connection while its client is slow.
         let connection = req.extensions().get::<Arc<shed::Connection>>().cloned();
-        let _waiting = connection.as_ref().map(|c| c.waiting_on_client());
+        let _waiting = connection.as_ref().map(|c| c.waiting_on_body());
         let value = body::read_json(req.into_body(), st.deadlines.request_body).await?;
         Ok(JsonBody(value))
     }

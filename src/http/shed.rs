@@ -60,8 +60,8 @@ pub struct Connection {
     seq: AtomicU64,
     served: AtomicBool,
     in_request: AtomicUsize,
-    /// Waits on the client for a short body under way ([`Connection::waiting_on_client`]).
-    on_client: AtomicUsize,
+    /// While its request waits on the client for a short body ([`Connection::waiting_on_body`]).
+    on_body: AtomicBool,
     shed: Arc<Signal>,
 }
 
@@ -80,7 +80,7 @@ impl Idle {
             seq: AtomicU64::new(seq),
             served: AtomicBool::new(false),
             in_request: AtomicUsize::new(0),
-            on_client: AtomicUsize::new(0),
+            on_body: AtomicBool::new(false),
             shed,
         })
     }
@@ -143,15 +143,14 @@ impl Connection {
         }
     }
 
-    /// While the returned guard lives, the connection waits on its client for a body with a
-    /// short deadline of its own (counted: the waits of a request's body and of a refused
-    /// one's rest may overlap). Nothing is lost if it goes meanwhile: it may be shed like an
-    /// idle one (dropped, request and all), the newest.
-    pub fn waiting_on_client(self: &Arc<Self>) -> ClientWait {
+    /// While the returned guard lives, the request waits on its client for a body with a
+    /// short deadline of its own, and nothing is lost if the connection goes meanwhile: it
+    /// may be shed like an idle one (dropped, request and all), the newest.
+    pub fn waiting_on_body(self: &Arc<Self>) -> BodyWait {
         let mut waiting = self.owner.lock();
-        self.on_client.fetch_add(1, Ordering::AcqRel);
+        self.on_body.store(true, Ordering::Release);
         let seq = self.owner.enter(&mut waiting, &self.shed);
-        ClientWait {
+        BodyWait {
             connection: self.clone(),
             seq,
         }
@@ -163,24 +162,24 @@ impl Connection {
     pub async fn shed(&self) -> Shed {
         self.shed.notify.notified().await;
         let served = self.served.load(Ordering::Acquire);
-        match served && self.on_client.load(Ordering::Acquire) == 0 {
+        match served && !self.on_body.load(Ordering::Acquire) {
             true => Shed::Close,
             false => Shed::Drop,
         }
     }
 }
 
-/// See [`Connection::waiting_on_client`].
-pub struct ClientWait {
+/// See [`Connection::waiting_on_body`].
+pub struct BodyWait {
     connection: Arc<Connection>,
     seq: u64,
 }
 
-impl Drop for ClientWait {
+impl Drop for BodyWait {
     fn drop(&mut self) {
         let owner = &self.connection.owner;
         let mut waiting = owner.lock();
-        self.connection.on_client.fetch_sub(1, Ordering::AcqRel);
+        self.connection.on_body.store(false, Ordering::Release);
         waiting.remove(&self.seq);
     }
 }
@@ -265,30 +264,15 @@ mod tests {
         let idle = Arc::new(Idle::default());
         let a = idle.add();
         a.begin();
-        let wait = a.waiting_on_client();
+        let wait = a.waiting_on_body();
         assert_eq!(idle.len(), 1);
         assert!(idle.shed_oldest(Duration::ZERO));
         assert_eq!(a.shed().now_or_never(), Some(Shed::Drop));
         drop(wait);
-        let again = a.waiting_on_client();
+        let again = a.waiting_on_body();
         drop(again);
         assert_eq!(idle.len(), 0, "a body that came is no longer a candidate");
         assert!(!idle.shed_oldest(Duration::ZERO));
-    }
-
-    #[test]
-    fn waits_on_the_client_may_overlap() {
-        let idle = Arc::new(Idle::default());
-        let a = idle.add();
-        a.begin();
-        let body = a.waiting_on_client();
-        let write = a.waiting_on_client();
-        drop(body);
-        // Still waiting on its client to read: dropped, not closed after an answer.
-        assert!(idle.shed_oldest(Duration::ZERO));
-        assert_eq!(a.shed().now_or_never(), Some(Shed::Drop));
-        drop(write);
-        assert_eq!(idle.len(), 0);
     }
 
     #[test]

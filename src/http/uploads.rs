@@ -214,9 +214,10 @@ async fn stage(
         }
     };
     drop(parts);
-    // Each file is a row and an activity row (`db::uploads::stored_bytes`).
-    let weight = 2 * db::uploads::ROW_WEIGHT as u64;
-    let reserved: u64 = files.iter().map(|f| f.spool.size + weight).sum();
+    let reserved: u64 = files
+        .iter()
+        .map(|f| db::uploads::stored_cost(f.spool.size))
+        .sum();
     if !st.stored.try_reserve(reserved) {
         return Err(rejected(ApiError::StorageFull));
     }

@@ -589,15 +589,7 @@ async fn a_claim_lost_during_an_upload_stops_it_at_the_commit() {
 
     // The token revoked (by the workspace's other token) mid-upload: 401.
     let (ws, token) = register_poll(&svc.base).await;
-    let minted: Value = client
-        .post(svc.at(&format!("/workspaces/{ws}/tokens")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let minted: Value = mint_token(&svc, ws, &token).await.json().await.unwrap();
     let other = minted["auth_token"].as_str().unwrap().to_string();
     let own_id: Uuid = sqlx::query_scalar(
         "SELECT id FROM workspace_auth_tokens WHERE workspace_id = $1 ORDER BY created_at LIMIT 1",
@@ -1057,13 +1049,18 @@ async fn a_workspace_whose_tokens_are_revoked_cannot_be_taken_over() {
         "re-registration issues no token"
     );
     assert!(v["platform_inbound_secret"].is_string());
-    let resp = client
+    let resp = mint_token(&svc, ws, ADMIN).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+/// `POST /workspaces/{ws}/tokens` with `bearer`.
+async fn mint_token(svc: &Svc, ws: Uuid, bearer: &str) -> reqwest::Response {
+    reqwest::Client::new()
         .post(svc.at(&format!("/workspaces/{ws}/tokens")))
-        .bearer_auth(ADMIN)
+        .bearer_auth(bearer)
         .send()
         .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
+        .unwrap()
 }
 
 /// Anyone can register a workspace and so hold a token, and minting was unbounded: 500 mints
@@ -1525,6 +1522,13 @@ async fn connections_that_sent(svc: &Svc, n: usize, head: &[u8]) -> Vec<TcpStrea
 /// A long poll of `ws` on a raw connection of its own, waiting after its newest activity row
 /// for `wait` seconds; returned once the service counts it.
 async fn raw_long_poll(svc: &Svc, ws: Uuid, token: &str, wait: u32) -> TcpStream {
+    let poll = raw_long_poll_sent(svc, ws, token, wait).await;
+    wait_for_metric(&svc.base, "pending_uploads_long_polls_waiting", 1.0).await;
+    poll
+}
+
+/// The same, returned once its request is sent (where no place is left for a scrape).
+async fn raw_long_poll_sent(svc: &Svc, ws: Uuid, token: &str, wait: u32) -> TcpStream {
     let newest = newest_activity(svc, ws, token).await;
     let mut poll = TcpStream::connect(&svc.addr).await.unwrap();
     let head = format!(
@@ -1532,7 +1536,6 @@ async fn raw_long_poll(svc: &Svc, ws: Uuid, token: &str, wait: u32) -> TcpStream
          Authorization: Bearer {token}\r\nConnection: close\r\n\r\n"
     );
     poll.write_all(head.as_bytes()).await.unwrap();
-    wait_for_metric(&svc.base, "pending_uploads_long_polls_waiting", 1.0).await;
     poll
 }
 
@@ -1872,9 +1875,10 @@ async fn the_bytes_stored_count_expired_rows_until_they_are_swept() {
     .await
     .unwrap();
     let mut conn = pool.acquire().await.unwrap();
-    let bytes = pending_uploads::db::uploads::stored_bytes(&mut conn)
+    let bytes = pending_uploads::db::uploads::backlog(&mut conn)
         .await
-        .unwrap();
+        .unwrap()
+        .stored_bytes();
     assert_eq!(bytes, 5 + 2 * pending_uploads::db::uploads::ROW_WEIGHT);
 }
 
@@ -1907,14 +1911,8 @@ async fn connections_past_every_place_wait_in_a_deep_backlog() {
     let (ws, token) = register_poll(&svc.base).await;
     let resp = upload_file(&svc, ws, &token, "first.txt", b"1").await;
     assert_eq!(resp.status(), StatusCode::OK);
-    let cursor = newest_activity(&svc, ws, &token).await;
+    let poll = raw_long_poll_sent(&svc, ws, &token, 30).await;
     let addr: SocketAddr = svc.base.trim_start_matches("http://").parse().unwrap();
-    let mut poll = TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "GET /workspaces/{ws}/activity?since_id={cursor}&wait=30 HTTP/1.1\r\nHost: x\r\n\
-         Authorization: Bearer {token}\r\n\r\n"
-    );
-    poll.write_all(head.as_bytes()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let connects = (0..400).map(|_| async move {
         tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr))

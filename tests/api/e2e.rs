@@ -87,6 +87,29 @@ impl Env {
         cmd
     }
 
+    /// The agent running with `extra`; its log kept (stderr piped, to be read when it
+    /// ends) when `log`, else dropped (a piped log nobody reads would fill and stall it).
+    fn spawn_agent(
+        &self,
+        ws: Uuid,
+        token_file: &Path,
+        dir: &Path,
+        extra: &[&str],
+        log: bool,
+    ) -> Running {
+        let stderr = match log {
+            true => Stdio::piped(),
+            false => Stdio::null(),
+        };
+        Running(Some(
+            self.agent(ws, token_file, dir, extra)
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .unwrap(),
+        ))
+    }
+
     /// `agent --once`: its output, and its JSON report.
     fn agent_once(&self, ws: Uuid, token_file: &Path, dir: &Path) -> (std::process::Output, Value) {
         let out = run_ok(&mut self.agent(ws, token_file, dir, &["--once"]));
@@ -285,13 +308,13 @@ async fn an_agent_killed_mid_download_resumes_with_range_and_writes_one_correct_
     let (fid, name, _) = &sent[0];
 
     // throttled to 2 MB/s, so the 8 MiB download takes ~4 s; kill it part-way
-    let mut agent = Running(Some(
-        env.agent(ws, &token_file, &dir, &["--once", "--max-rate", "2000000"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    ));
+    let mut agent = env.spawn_agent(
+        ws,
+        &token_file,
+        &dir,
+        &["--once", "--max-rate", "2000000"],
+        false,
+    );
     for _ in 0..400 {
         if let Some(p) = std::fs::read_dir(dir.join(".pending-uploads/partial"))
             .ok()
@@ -343,13 +366,7 @@ async fn the_service_restarting_while_the_agent_polls_loses_nothing() {
     let env = Env::new("bytea").await;
     let mut service = env.service().await;
     let (_home, dir, ws, token_file) = laptop(&env).await;
-    let mut agent = Running(Some(
-        env.agent(ws, &token_file, &dir, &["--poll-interval", "200ms"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    ));
+    let mut agent = env.spawn_agent(ws, &token_file, &dir, &["--poll-interval", "200ms"], false);
     let wait_for = |n: usize, dir: PathBuf| async move {
         for _ in 0..300 {
             if dir.exists() && files_in(&dir).len() >= n {
@@ -934,13 +951,7 @@ async fn an_agent_started_before_any_upload_long_polls_after_the_first() {
     let env = Env::new("bytea").await;
     let _service = env.service().await;
     let (_home, dir, ws, token_file) = laptop(&env).await;
-    let _agent = Running(Some(
-        env.agent(ws, &token_file, &dir, &["--poll-interval", "1s"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    ));
+    let _agent = env.spawn_agent(ws, &token_file, &dir, &["--poll-interval", "1s"], false);
     // Its first pass: an empty feed, no cursor, an empty answer at once.
     tokio::time::sleep(Duration::from_millis(500)).await;
     canvas_upload(&env.base(), ws, &[("first.txt", bytes(10, 1))]).await;
@@ -963,13 +974,7 @@ async fn a_file_that_keeps_failing_does_not_spin_the_agent() {
     let env = Env::new("bytea").await;
     let _service = env.service().await;
     let (_home, dir, ws, token_file) = laptop(&env).await;
-    let mut agent = Running(Some(
-        env.agent(ws, &token_file, &dir, &["--poll-interval", "1s"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    ));
+    let mut agent = env.spawn_agent(ws, &token_file, &dir, &["--poll-interval", "1s"], true);
     // Its first pass finds nothing (and, before, gave up long polls); the file and the clash
     // come within its interval.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -996,13 +1001,7 @@ async fn a_file_that_failed_is_tried_again_after_the_interval_not_a_long_poll() 
     let env = Env::new("bytea").await;
     let _service = env.service().await;
     let (_home, dir, ws, token_file) = laptop(&env).await;
-    let mut agent = Running(Some(
-        env.agent(ws, &token_file, &dir, &["--poll-interval", "1s"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    ));
+    let mut agent = env.spawn_agent(ws, &token_file, &dir, &["--poll-interval", "1s"], true);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let data = bytes(10, 3);
     let sent = canvas_upload(&env.base(), ws, &[("clash.txt", data.clone())]).await;
@@ -1122,13 +1121,7 @@ async fn a_second_agent_on_the_same_dir_fails_at_once_and_touches_nothing() {
     let env = Env::new("bytea").await;
     let _service = env.service().await;
     let (_home, dir, ws, token_file) = laptop(&env).await;
-    let mut daemon = Running(Some(
-        env.agent(ws, &token_file, &dir, &["--poll-interval", "200ms"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    ));
+    let mut daemon = env.spawn_agent(ws, &token_file, &dir, &["--poll-interval", "200ms"], false);
     // The daemon has staged and acked a file: it is past its start, holding the lock.
     let first = canvas_upload(&env.base(), ws, &[("first.txt", bytes(100, 1))]).await;
     for _ in 0..200 {
