@@ -14,32 +14,60 @@
 //! ([`Stored::try_reserve`]), so a replica does not pass it; a fleet may, by what the other
 //! replicas staged since their last reading.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Mutex, MutexGuard, PoisonError,
+};
 
 pub struct Stored {
     /// 0: no bound.
     max: u64,
-    /// Bytes of every row at the last reading.
-    read: AtomicU64,
-    /// Bytes this replica reserved since that reading.
-    since: AtomicU64,
+    counts: Mutex<Counts>,
     full: AtomicBool,
 }
 
-/// A reading under way: what this replica staged from its start on counts on top of it.
+#[derive(Default)]
+struct Counts {
+    /// Bytes of every row at the last reading.
+    read: u64,
+    /// Reserved since the latest reading began: not in any figure yet.
+    newer: u64,
+    /// Reserved before the latest reading began: its figure holds those committed by then,
+    /// and they are dropped when it is done.
+    older: u64,
+    /// Readings begun: which of the two a reservation is in.
+    readings: u64,
+}
+
+impl Counts {
+    fn kept(&self) -> u64 {
+        self.read
+            .saturating_add(self.newer)
+            .saturating_add(self.older)
+    }
+}
+
+/// Bytes an upload is about to commit, counted until the reading after it; give them back
+/// with [`Stored::release`] if the commit fails.
+#[must_use]
+pub struct Reservation {
+    bytes: u64,
+    reading: u64,
+}
+
+/// A reading under way: what this replica reserves from its start on counts on top of it.
 pub struct Reading<'a> {
     stored: &'a Stored,
-    staged_before: u64,
 }
 
 impl Reading<'_> {
     /// The database's figure, taken since [`Stored::reading`].
     pub fn done(self, bytes: u64) {
-        let s = self.stored;
-        s.read.store(bytes, Ordering::Relaxed);
-        // Staged before the reading began is in its figure; staged since is not.
-        s.since.fetch_sub(self.staged_before, Ordering::Relaxed);
-        s.show();
+        let mut c = self.stored.counts();
+        c.read = bytes;
+        c.older = 0;
+        drop(c);
+        self.stored.show();
     }
 }
 
@@ -50,8 +78,7 @@ impl Stored {
             .set(max.min(i64::MAX as u64) as i64);
         Stored {
             max,
-            read: AtomicU64::new(0),
-            since: AtomicU64::new(0),
+            counts: Mutex::new(Counts::default()),
             full: AtomicBool::new(false),
         }
     }
@@ -73,44 +100,55 @@ impl Stored {
 
     /// Counts `bytes` an upload received is about to commit, unless they would pass the
     /// bound: the check before its body only sees what the others committed, and twenty
-    /// uploads admitted together went 7× over it (a probe). [`Stored::release`] them if the
-    /// commit fails.
-    pub fn try_reserve(&self, bytes: u64) -> bool {
-        let read = self.read.load(Ordering::Relaxed);
-        let reserved = self
-            .since
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |since| {
-                let kept = read.saturating_add(since).saturating_add(bytes);
-                (self.max == 0 || kept <= self.max).then_some(since.saturating_add(bytes))
-            })
-            .is_ok();
-        self.note(!reserved);
+    /// uploads admitted together went 7× over it (a probe).
+    pub fn try_reserve(&self, bytes: u64) -> Option<Reservation> {
+        let mut c = self.counts();
+        let fits = self.max == 0 || c.kept().saturating_add(bytes) <= self.max;
+        let reserved = fits.then(|| {
+            c.newer = c.newer.saturating_add(bytes);
+            Reservation {
+                bytes,
+                reading: c.readings,
+            }
+        });
+        drop(c);
+        self.note(reserved.is_none());
         self.show();
         reserved
     }
 
-    /// Bytes reserved for a commit that failed.
-    pub fn release(&self, bytes: u64) {
-        let _ = self
-            .since
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |since| {
-                Some(since.saturating_sub(bytes))
-            });
+    /// Gives back what a commit that failed reserved. Reserved before the latest reading
+    /// began, its bytes go from what that reading drops: subtracting them again once it is
+    /// done wrapped the count, and every upload was refused as `storage_full` (the S3 chaos
+    /// scenario in `dual`). Reserved before an earlier one, they are gone already.
+    pub fn release(&self, r: Reservation) {
+        let mut c = self.counts();
+        if r.reading == c.readings {
+            c.newer = c.newer.saturating_sub(r.bytes);
+        } else if r.reading + 1 == c.readings {
+            c.older = c.older.saturating_sub(r.bytes);
+        }
+        drop(c);
         self.show();
     }
 
-    /// A reading of every row's bytes begins: [`Reading::done`] with its figure.
+    /// A reading of every row's bytes begins: [`Reading::done`] with its figure. One that
+    /// fails leaves its reservations counted until a later one is done.
     pub fn reading(&self) -> Reading<'_> {
-        Reading {
-            stored: self,
-            staged_before: self.since.load(Ordering::Relaxed),
-        }
+        let mut c = self.counts();
+        c.older = c.older.saturating_add(c.newer);
+        c.newer = 0;
+        c.readings += 1;
+        Reading { stored: self }
+    }
+
+    fn counts(&self) -> MutexGuard<'_, Counts> {
+        // The counts are whole after any panic: each update is one assignment.
+        self.counts.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn kept(&self) -> u64 {
-        self.read
-            .load(Ordering::Relaxed)
-            .saturating_add(self.since.load(Ordering::Relaxed))
+        self.counts().kept()
     }
 
     /// The gauge operators watch (`stored_bytes`, with `stored_bytes_max`).
@@ -150,23 +188,51 @@ mod tests {
     fn reserved_bytes_count_until_the_next_reading() {
         let s = Stored::new(100);
         assert_eq!(s.full(), None);
-        assert!(s.try_reserve(60));
-        assert!(!s.try_reserve(41), "would pass the bound");
-        assert!(s.try_reserve(40));
+        let sixty = s.try_reserve(60).unwrap();
+        assert!(s.try_reserve(41).is_none(), "would pass the bound");
+        let forty = s.try_reserve(40).unwrap();
         assert_eq!(s.full(), Some(100));
-        s.release(40);
+        s.release(forty);
         assert_eq!(s.full(), None, "a failed commit gives its bytes back");
+        let _ = sixty;
         s.reading().done(30);
         assert_eq!(s.full(), None, "swept meanwhile");
         // Reserved while a reading is under way counts on top of its figure.
         let reading = s.reading();
-        assert!(s.try_reserve(70));
+        let _seventy = s.try_reserve(70).unwrap();
         reading.done(30);
         assert_eq!(s.full(), Some(100));
         s.reading().done(150);
         assert_eq!(s.full(), Some(150), "other replicas staged");
         let off = Stored::new(0);
-        assert!(off.try_reserve(u64::MAX) && off.try_reserve(1));
+        assert!(off.try_reserve(u64::MAX).is_some() && off.try_reserve(1).is_some());
         assert_eq!(off.full(), None, "0: no bound");
+    }
+
+    /// A commit that failed while a reading was under way was given back twice, and the
+    /// count wrapped: every upload was refused (the S3 chaos scenario in `dual`).
+    #[test]
+    fn a_commit_failing_during_a_reading_is_given_back_once() {
+        let s = Stored::new(100);
+        let failed = s.try_reserve(50).unwrap();
+        let committed = s.try_reserve(20).unwrap();
+        let reading = s.reading();
+        s.release(failed);
+        assert_eq!(s.kept(), 20, "until the reading is done, the other counts");
+        reading.done(20);
+        assert_eq!(s.kept(), 20);
+        assert_eq!(s.full(), None);
+        // Given back after a later reading: the figure never held it.
+        let late = s.try_reserve(30).unwrap();
+        s.reading().done(20);
+        s.release(late);
+        s.release(committed);
+        assert_eq!(s.kept(), 20);
+        // Across a reading that failed, it is still counted until one is done.
+        let across = s.try_reserve(10).unwrap();
+        let _failed = s.reading();
+        let _next = s.reading();
+        s.release(across);
+        assert_eq!(s.kept(), 30);
     }
 }

@@ -218,9 +218,9 @@ async fn stage(
         .iter()
         .map(|f| db::uploads::stored_cost(f.spool.size))
         .sum();
-    if !st.stored.try_reserve(reserved) {
+    let Some(reserved) = st.stored.try_reserve(reserved) else {
         return Err(rejected(ApiError::StorageFull));
-    }
+    };
     let count = files.len();
     // What each file's failed line says if the commit fails (SPEC §8: one line per file; it
     // has no file_id then, nothing was staged).

@@ -1835,6 +1835,113 @@ async fn uploads_admitted_together_cannot_pass_the_bound_together() {
     assert_eq!(stored, 500_000);
 }
 
+/// A commit that failed while the bytes stored were being read was given back twice: the
+/// count wrapped, and every upload was refused as `storage_full` until the next reading (CI,
+/// the S3 chaos scenario in `dual`). Here a trigger holds a commit until a reading has begun,
+/// then fails it.
+#[tokio::test]
+async fn a_commit_failing_while_the_bytes_stored_are_read_is_given_back_once() {
+    // No sweep pass to read again soon after (and mend the count): GAUGE_REFRESH is 15 s.
+    let svc = Svc::start(&[("DEPENDENCY_TIMEOUT", "60s")]).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let mut gate = svc.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(4242)")
+        .execute(&mut *gate)
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "CREATE FUNCTION held() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.filename = 'held.bin' THEN
+           PERFORM pg_advisory_xact_lock(4242); RAISE EXCEPTION 'held, then refused';
+         END IF; RETURN NEW; END $$;
+         CREATE TRIGGER held BEFORE INSERT ON pending_uploads FOR EACH ROW EXECUTE FUNCTION held();",
+    )
+    .execute(&svc.pool)
+    .await
+    .unwrap();
+    let held = {
+        let (base, token) = (svc.base.clone(), token.clone());
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(format!("{base}/workspaces/{ws}/chat/uploads"))
+                .bearer_auth(token)
+                .multipart(reqwest::multipart::Form::new().part(
+                    "files",
+                    reqwest::multipart::Part::bytes(vec![7; 1000]).file_name("held.bin"),
+                ))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    waiting_in_pg(&svc.pool, "wait_event = 'advisory'", "the commit, in its trigger").await;
+    // A table lock queued behind the commit holds the next reading until the commit failed.
+    let blocker = {
+        let pool = svc.pool.clone();
+        tokio::spawn(async move {
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query("LOCK TABLE activity_logs IN ACCESS EXCLUSIVE MODE")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx
+        })
+    };
+    waiting_in_pg(
+        &svc.pool,
+        "query LIKE 'SELECT count(*) FROM activity_logs%'",
+        "a reading of the bytes stored",
+    )
+    .await;
+    sqlx::query("SELECT pg_advisory_unlock(4242)")
+        .execute(&mut *gate)
+        .await
+        .unwrap();
+    assert_eq!(held.await.unwrap(), StatusCode::INTERNAL_SERVER_ERROR);
+    blocker.await.unwrap().commit().await.unwrap();
+    let started = Instant::now();
+    while sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE query LIKE 'SELECT count(*) FROM activity_logs%' AND state = 'active'",
+    )
+    .fetch_one(&svc.pool)
+    .await
+    .unwrap()
+        > 0
+    {
+        assert!(started.elapsed() < Duration::from_secs(10), "the reading ends");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let metrics = scrape_metrics(&svc.base).await;
+    let stored = metric_value(&metrics, "pending_uploads_stored_bytes").unwrap();
+    assert!(stored < 1e6, "stored_bytes {stored}");
+    let resp = upload_file(&svc, ws, &token, "after.bin", b"after").await;
+    assert_eq!(resp.status(), StatusCode::OK, "{:?}", resp.text().await);
+}
+
+/// Waits until a backend of the service's database waits on a lock, `which` (a condition
+/// on pg_stat_activity) tells which: `what`, for the failure.
+async fn waiting_in_pg(pool: &sqlx::PgPool, which: &str, what: &str) {
+    let started = Instant::now();
+    let query = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND {which}"
+    );
+    while sqlx::query_scalar::<_, i64>(&query)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+        == 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{what} never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// One-byte files cost the database a row and an activity row each (the latter kept 7 days):
 /// a client sending them made 244,544 activity rows in two minutes (a resource probe), which
 /// a bound on bytes alone did not stop. Each row counts 512 bytes against MAX_STORED_BYTES.
