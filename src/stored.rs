@@ -9,7 +9,7 @@
 //!
 //! What the fleet keeps is read from the database (every row's size,
 //! `db::uploads::stored_bytes`) every `GAUGE_REFRESH` and after every sweep pass, plus what
-//! this replica reserved since the reading began. The bound is checked before an upload's
+//! this replica has in flight or committed since the reading began. The bound is checked before an upload's
 //! body is read ([`Stored::admit`]), and the upload reserves its bytes once received
 //! ([`Stored::try_reserve`]), so a replica does not pass it; a fleet may, by what the other
 //! replicas staged since their last reading.
@@ -26,36 +26,60 @@ pub struct Stored {
     full: AtomicBool,
 }
 
+/// What this replica knows is kept: the last reading's figure, and what it staged that the
+/// figure may not hold. Commits in flight count whatever the readings say, so a failed one
+/// is given back exactly once, and one that lands while a reading is under way is never
+/// dropped with it.
 #[derive(Default)]
 struct Counts {
     /// Bytes of every row at the last reading.
     read: u64,
-    /// Reserved since the latest reading began: not in any figure yet.
-    newer: u64,
-    /// Reserved before the latest reading began: its figure holds those committed by then,
-    /// and they are dropped when it is done.
-    older: u64,
-    /// Readings begun: which of the two a reservation is in.
-    readings: u64,
+    /// Reserved by uploads whose commit has not ended.
+    in_flight: u64,
+    /// Committed before the latest reading began: in its figure once it is done.
+    committed_before: u64,
+    /// Committed since the latest reading began: maybe not in its figure.
+    committed_since: u64,
 }
 
 impl Counts {
     fn kept(&self) -> u64 {
         self.read
-            .saturating_add(self.newer)
-            .saturating_add(self.older)
+            .saturating_add(self.in_flight)
+            .saturating_add(self.committed_before)
+            .saturating_add(self.committed_since)
     }
 }
 
-/// Bytes an upload is about to commit, counted until the reading after it; give them back
-/// with [`Stored::release`] if the commit fails.
+/// Bytes an upload is about to commit: counted as committed when dropped, unless the commit
+/// failed and they were [`Reservation::release`]d.
 #[must_use]
-pub struct Reservation {
+pub struct Reservation<'a> {
+    stored: &'a Stored,
     bytes: u64,
-    reading: u64,
+    committed: bool,
 }
 
-/// A reading under way: what this replica reserves from its start on counts on top of it.
+impl Reservation<'_> {
+    /// The commit failed: nothing of it is kept.
+    pub fn release(mut self) {
+        self.committed = false;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut c = self.stored.counts();
+        c.in_flight = c.in_flight.saturating_sub(self.bytes);
+        if self.committed {
+            c.committed_since = c.committed_since.saturating_add(self.bytes);
+        }
+        drop(c);
+        self.stored.show();
+    }
+}
+
+/// A reading under way: what this replica commits from its start on counts on top of it.
 pub struct Reading<'a> {
     stored: &'a Stored,
 }
@@ -65,7 +89,7 @@ impl Reading<'_> {
     pub fn done(self, bytes: u64) {
         let mut c = self.stored.counts();
         c.read = bytes;
-        c.older = 0;
+        c.committed_before = 0;
         drop(c);
         self.stored.show();
     }
@@ -101,44 +125,29 @@ impl Stored {
     /// Counts `bytes` an upload received is about to commit, unless they would pass the
     /// bound: the check before its body only sees what the others committed, and twenty
     /// uploads admitted together went 7× over it (a probe).
-    pub fn try_reserve(&self, bytes: u64) -> Option<Reservation> {
+    pub fn try_reserve(&self, bytes: u64) -> Option<Reservation<'_>> {
         let mut c = self.counts();
         let fits = self.max == 0 || c.kept().saturating_add(bytes) <= self.max;
-        let reserved = fits.then(|| {
-            c.newer = c.newer.saturating_add(bytes);
-            Reservation {
-                bytes,
-                reading: c.readings,
-            }
-        });
-        drop(c);
-        self.note(reserved.is_none());
-        self.show();
-        reserved
-    }
-
-    /// Gives back what a commit that failed reserved. Reserved before the latest reading
-    /// began, its bytes go from what that reading drops: subtracting them again once it is
-    /// done wrapped the count, and every upload was refused as `storage_full` (the S3 chaos
-    /// scenario in `dual`). Reserved before an earlier one, they are gone already.
-    pub fn release(&self, r: Reservation) {
-        let mut c = self.counts();
-        if r.reading == c.readings {
-            c.newer = c.newer.saturating_sub(r.bytes);
-        } else if r.reading + 1 == c.readings {
-            c.older = c.older.saturating_sub(r.bytes);
+        if fits {
+            c.in_flight = c.in_flight.saturating_add(bytes);
         }
         drop(c);
+        self.note(!fits);
         self.show();
+        // Built only when it fits: dropping one counts it as committed.
+        fits.then(|| Reservation {
+            stored: self,
+            bytes,
+            committed: true,
+        })
     }
 
     /// A reading of every row's bytes begins: [`Reading::done`] with its figure. One that
-    /// fails leaves its reservations counted until a later one is done.
+    /// fails changes nothing: what was committed since the last one done still counts.
     pub fn reading(&self) -> Reading<'_> {
         let mut c = self.counts();
-        c.older = c.older.saturating_add(c.newer);
-        c.newer = 0;
-        c.readings += 1;
+        c.committed_before = c.committed_before.saturating_add(c.committed_since);
+        c.committed_since = 0;
         Reading { stored: self }
     }
 
@@ -192,20 +201,22 @@ mod tests {
         assert!(s.try_reserve(41).is_none(), "would pass the bound");
         let forty = s.try_reserve(40).unwrap();
         assert_eq!(s.full(), Some(100));
-        s.release(forty);
+        forty.release();
         assert_eq!(s.full(), None, "a failed commit gives its bytes back");
-        let _ = sixty;
+        drop(sixty);
+        assert_eq!(s.kept(), 60, "committed: kept until a reading holds it");
         s.reading().done(30);
         assert_eq!(s.full(), None, "swept meanwhile");
-        // Reserved while a reading is under way counts on top of its figure.
+        // Committed while a reading is under way counts on top of its figure.
         let reading = s.reading();
-        let _seventy = s.try_reserve(70).unwrap();
+        drop(s.try_reserve(70).unwrap());
         reading.done(30);
         assert_eq!(s.full(), Some(100));
         s.reading().done(150);
         assert_eq!(s.full(), Some(150), "other replicas staged");
         let off = Stored::new(0);
-        assert!(off.try_reserve(u64::MAX).is_some() && off.try_reserve(1).is_some());
+        let (all, one) = (off.try_reserve(u64::MAX), off.try_reserve(1));
+        assert!(all.is_some() && one.is_some());
         assert_eq!(off.full(), None, "0: no bound");
     }
 
@@ -215,24 +226,26 @@ mod tests {
     fn a_commit_failing_during_a_reading_is_given_back_once() {
         let s = Stored::new(100);
         let failed = s.try_reserve(50).unwrap();
-        let committed = s.try_reserve(20).unwrap();
         let reading = s.reading();
-        s.release(failed);
-        assert_eq!(s.kept(), 20, "until the reading is done, the other counts");
+        failed.release();
         reading.done(20);
         assert_eq!(s.kept(), 20);
         assert_eq!(s.full(), None);
-        // Given back after a later reading: the figure never held it.
-        let late = s.try_reserve(30).unwrap();
-        s.reading().done(20);
-        s.release(late);
-        s.release(committed);
-        assert_eq!(s.kept(), 20);
-        // Across a reading that failed, it is still counted until one is done.
-        let across = s.try_reserve(10).unwrap();
-        let _failed = s.reading();
-        let _next = s.reading();
-        s.release(across);
-        assert_eq!(s.kept(), 30);
+    }
+
+    /// A commit in flight when a reading began may land after its figure was taken: it
+    /// counts until a reading that began after it ended.
+    #[test]
+    fn a_commit_landing_during_a_reading_is_kept_counted() {
+        let s = Stored::new(100);
+        let landing = s.try_reserve(50).unwrap();
+        let reading = s.reading();
+        drop(landing);
+        reading.done(0);
+        assert_eq!(s.kept(), 50, "the figure may not hold it");
+        let _failed_reading = s.reading();
+        assert_eq!(s.kept(), 50, "a reading that was not done changes nothing");
+        s.reading().done(50);
+        assert_eq!(s.kept(), 50, "now in the figure, and counted once");
     }
 }

@@ -218,7 +218,7 @@ async fn stage(
         .iter()
         .map(|f| db::uploads::stored_cost(f.spool.size))
         .sum();
-    let Some(reserved) = st.stored.try_reserve(reserved) else {
+    let Some(reservation) = st.stored.try_reserve(reserved) else {
         return Err(rejected(ApiError::StorageFull));
     };
     let count = files.len();
@@ -229,7 +229,7 @@ async fn stage(
         .map(|f| (f.name.clone(), f.spool.size))
         .collect();
     let staged = st.stager.commit(ws.id, token_hash, files, slot).await.map_err(|e| {
-        st.stored.release(reserved);
+        reservation.release();
         metrics()
             .files_staged
             .with_label_values(&[backend, "failed"])

@@ -1875,7 +1875,12 @@ async fn a_commit_failing_while_the_bytes_stored_are_read_is_given_back_once() {
                 .status()
         })
     };
-    waiting_in_pg(&svc.pool, "wait_event = 'advisory'", "the commit, in its trigger").await;
+    waiting_in_pg(
+        &svc.pool,
+        "wait_event = 'advisory'",
+        "the commit, in its trigger",
+    )
+    .await;
     // A table lock queued behind the commit holds the next reading until the commit failed.
     let blocker = {
         let pool = svc.pool.clone();
@@ -1910,7 +1915,10 @@ async fn a_commit_failing_while_the_bytes_stored_are_read_is_given_back_once() {
     .unwrap()
         > 0
     {
-        assert!(started.elapsed() < Duration::from_secs(10), "the reading ends");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the reading ends"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1925,9 +1933,8 @@ async fn a_commit_failing_while_the_bytes_stored_are_read_is_given_back_once() {
 /// on pg_stat_activity) tells which: `what`, for the failure.
 async fn waiting_in_pg(pool: &sqlx::PgPool, which: &str, what: &str) {
     let started = Instant::now();
-    let query = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND {which}"
-    );
+    let query =
+        format!("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND {which}");
     while sqlx::query_scalar::<_, i64>(&query)
         .fetch_one(pool)
         .await
