@@ -43,9 +43,10 @@ pub enum Command {
         db: DbArgs,
         #[command(flatten)]
         storage: StorageArgs,
-        /// Rows copied at once.
-        #[arg(long, env = "BACKFILL_CONCURRENCY", default_value_t = 4)]
-        concurrency: usize,
+        /// Rows copied at once (1..=256).
+        #[arg(long, env = "BACKFILL_CONCURRENCY", default_value_t = 4,
+              value_parser = clap::value_parser!(u16).range(1..=256))]
+        concurrency: u16,
         /// Rows fetched per batch.
         #[arg(long, env = "BACKFILL_BATCH_SIZE", default_value_t = 200)]
         batch_size: i64,
@@ -114,9 +115,11 @@ pub struct AgentArgs {
     /// One pass, then exit (cron, tests).
     #[arg(long)]
     pub once: bool,
-    /// Downloads at once.
-    #[arg(long, env = "PENDING_UPLOADS_CONCURRENCY", default_value_t = 4)]
-    pub concurrency: usize,
+    /// Downloads at once (1..=64: a service takes 16 per workspace by default and answers
+    /// the rest 429).
+    #[arg(long, env = "PENDING_UPLOADS_CONCURRENCY", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub concurrency: u16,
     /// Time between passes (100ms..=7d).
     #[arg(long, env = "PENDING_UPLOADS_POLL_INTERVAL", default_value = "5s")]
     pub poll_interval: crate::config::HumanDuration,
@@ -167,12 +170,14 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     crate::config::deadline_range(&timeout, std::time::Duration::from_secs(1), "1s")
         .map_err(anyhow::Error::msg)?;
     let token = agent_token(args.token_file.as_deref())?;
+    let platform = without_credentials(&args.platform_url);
+    let dir = args.dir.display().to_string();
     let agent = crate::agent::Agent::new(crate::agent::AgentConfig {
         platform_url: args.platform_url,
         workspace_id: args.workspace_id,
         token,
         dir: args.dir,
-        concurrency: args.concurrency,
+        concurrency: usize::from(args.concurrency),
         max_rate: Some(args.max_rate).filter(|r| *r > 0),
         retries: args.retries,
         request_timeout: args.request_timeout.0,
@@ -188,9 +193,38 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    // Said at start and at a signal: a daemon that logs nothing until a file comes cannot be
+    // told from one that hangs (an operator probe).
+    tracing::info!(
+        event = "agent_started",
+        workspace_id = %args.workspace_id,
+        platform_url = platform.as_str(),
+        dir = dir.as_str(),
+        concurrency = args.concurrency,
+        poll_interval_ms = args.poll_interval.0.as_millis() as u64,
+        "agent started: files arrive in DIR"
+    );
     tokio::select! {
         ended = agent.run_forever(args.poll_interval.0) => Ok(ended?),
-        _ = tokio::signal::ctrl_c() => Ok(()),
+        () = crate::app::shutdown_signal() => {
+            tracing::info!(
+                event = "agent_stopped",
+                "agent stopped by a signal: a download cut short resumes at the next start"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The platform URL as logged: a user or password in it is not for the logs.
+fn without_credentials(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) => {
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.to_string()
+        }
+        Err(_) => String::new(),
     }
 }
 
@@ -272,7 +306,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let storage = crate::app::storage(&storage, &db).await?;
             let opts = crate::backfill::BackfillOptions {
-                concurrency,
+                concurrency: usize::from(concurrency),
                 batch_size: batch_size.max(1),
                 retries,
                 dry_run,

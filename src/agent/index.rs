@@ -35,7 +35,8 @@ pub fn lock_dir(dir: &Path) -> io::Result<std::fs::File> {
         .truncate(false)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)?;
+        .open(&path)
+        .map_err(at(&path))?;
     // flock(2), not `File::try_lock` (Rust 1.89): the crate's MSRV is 1.85. Same lock: BSD
     // style, tied to this open file, released when it closes or the process dies.
     // SAFETY: flock only reads the descriptor, which `file` keeps open for the call.
@@ -51,8 +52,14 @@ pub fn lock_dir(dir: &Path) -> io::Result<std::fs::File> {
                 path.display()
             ),
         )),
-        e => Err(e),
+        e => Err(at(&path)(e)),
     }
+}
+
+/// Names `path` in an I/O error, keeping its kind: "No space left on device" alone does not
+/// say which disk (an operator probe).
+pub fn at(path: &Path) -> impl FnOnce(io::Error) -> io::Error + '_ {
+    move |e| io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
 /// Writes `bytes` to `path` atomically and durably: when it returns, a crash leaves the new
@@ -62,9 +69,9 @@ pub async fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     if let Err(e) = write_synced(&tmp, bytes).await {
         // A half-written file would hold the space the next attempt needs.
         let _ = tokio::fs::remove_file(&tmp).await;
-        return Err(e);
+        return Err(at(&tmp)(e));
     }
-    tokio::fs::rename(&tmp, path).await?;
+    tokio::fs::rename(&tmp, path).await.map_err(at(path))?;
     match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent).await,
         _ => sync_dir(Path::new(".")).await,
@@ -93,7 +100,9 @@ async fn write_synced(tmp: &Path, bytes: &[u8]) -> io::Result<()> {
 /// fsyncs the directory `dir`: names created, linked or renamed in it survive a crash (a
 /// file's own fsync covers its bytes, not its name).
 pub async fn sync_dir(dir: &Path) -> io::Result<()> {
-    tokio::fs::File::open(dir).await?.sync_all().await
+    async { tokio::fs::File::open(dir).await?.sync_all().await }
+        .await
+        .map_err(at(dir))
 }
 
 /// The persisted cursor, when it is one (an activity row id). Anything else (a torn write, a

@@ -32,7 +32,7 @@ use crate::{
     retry::{pause, retry},
     sanitize::sanitize,
 };
-use index::{load_cursor, lock_dir, save_cursor, state_dir, sync_dir, UriIndex};
+use index::{at, load_cursor, lock_dir, save_cursor, state_dir, sync_dir, UriIndex};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -209,7 +209,7 @@ fn expected_from(headers: &HeaderMap) -> Expected {
 
 /// Does the file at `path` match?
 async fn verify(path: &Path, size: u64, expected: &Expected) -> io::Result<bool> {
-    let (got, len) = digest::of_file(path).await?;
+    let (got, len) = digest::of_file(path).await.map_err(at(path))?;
     Ok(len == size
         && match expected {
             Expected::Sha256(want) => got == *want,
@@ -300,18 +300,23 @@ impl Pacer {
 impl Agent {
     /// Fails (`ErrorKind::WouldBlock`) while another agent works on the same DIR.
     pub fn new(cfg: AgentConfig) -> io::Result<Agent> {
-        std::fs::create_dir_all(state_dir(&cfg.dir).join("partial"))?;
+        let partial = state_dir(&cfg.dir).join("partial");
+        std::fs::create_dir_all(&partial).map_err(at(&partial))?;
         // The agent writes its state and partial files there: a symlink would take them
         // elsewhere (a probe's partial files landed outside DIR).
         for dir in [state_dir(&cfg.dir), state_dir(&cfg.dir).join("partial")] {
-            if std::fs::symlink_metadata(&dir)?.file_type().is_symlink() {
+            if std::fs::symlink_metadata(&dir)
+                .map_err(at(&dir))?
+                .file_type()
+                .is_symlink()
+            {
                 return Err(io::Error::other(format!(
                     "{} is a symlink: refusing to write the agent's state through it",
                     dir.display()
                 )));
             }
         }
-        let dir = std::fs::canonicalize(&cfg.dir)?;
+        let dir = std::fs::canonicalize(&cfg.dir).map_err(at(&cfg.dir))?;
         // locked before the index is loaded: no other agent saves it after this
         let lock = lock_dir(&dir)?;
         let http = reqwest::Client::builder()
@@ -553,6 +558,7 @@ impl Agent {
     pub async fn run_forever(&self, interval: Duration) -> Result<(), AgentError> {
         let mut failures = 0;
         let mut failed_file = false;
+        let mut outage = Outage::default();
         loop {
             let started = Instant::now();
             // A long poll needs a cursor (SPEC: `wait` with `since_id`): a fresh directory
@@ -567,6 +573,7 @@ impl Agent {
             let pause = match self.pass(wait).await {
                 Ok(r) => {
                     failures = 0;
+                    outage.over();
                     failed_file = r.failed > 0;
                     if r != PassReport::default() {
                         tracing::info!(
@@ -584,7 +591,7 @@ impl Agent {
                     failures += 1;
                     let asked = e.retry_after().unwrap_or_default();
                     let wait = pause(failures, asked).max(interval);
-                    tracing::warn!(error = %e, wait_ms = wait.as_millis() as u64, "agent pass failed");
+                    outage.failed(&e, wait);
                     wait
                 }
             };
@@ -674,7 +681,9 @@ impl Agent {
             return Ok(Staged::Gone);
         };
         if !verify(&partial_path, c.size, &expected).await? {
-            fs::remove_file(&partial_path).await?;
+            fs::remove_file(&partial_path)
+                .await
+                .map_err(at(&partial_path))?;
             let digest = match &expected {
                 Expected::Sha256(d) => format!("sha256 {}", hex::encode(d)),
                 Expected::Size => "no digest".into(),
@@ -697,14 +706,18 @@ impl Agent {
         match fs::hard_link(partial_path, final_path).await {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                fs::remove_file(partial_path).await?;
+                fs::remove_file(partial_path)
+                    .await
+                    .map_err(at(partial_path))?;
                 return Err(AgentError::Retry("final file appeared meanwhile".into()));
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(at(final_path)(e).into()),
         }
         // The bytes were synced by `download`; the new name is durable only once DIR is.
         sync_dir(&self.cfg.dir).await?;
-        fs::remove_file(partial_path).await?;
+        fs::remove_file(partial_path)
+            .await
+            .map_err(at(partial_path))?;
         Ok(())
     }
 
@@ -765,8 +778,9 @@ impl Agent {
             // never write through a symlink planted at the partial path
             .custom_flags(libc::O_NOFOLLOW)
             .open(partial_path)
-            .await?;
-        let have = partial.metadata().await?.len();
+            .await
+            .map_err(at(partial_path))?;
+        let have = partial.metadata().await.map_err(at(partial_path))?.len();
         // A partial file as long as the upload (the agent stopped between its last byte and
         // publishing it) asks for the last byte again: the answer's validators check the
         // whole. A range from its end was a 416, and the whole file downloaded again.
@@ -868,14 +882,14 @@ impl Agent {
                 )));
             }
             room -= chunk.len() as u64;
-            partial.write_all(&chunk).await?;
+            partial.write_all(&chunk).await.map_err(at(partial_path))?;
             if let Some(pacer) = &self.pacer {
                 pacer.take(chunk.len() as u64).await;
             }
         }
         // The last write's error (ENOSPC) comes back here, not from `sync_all`.
-        partial.flush().await?;
-        partial.sync_all().await?;
+        partial.flush().await.map_err(at(partial_path))?;
+        partial.sync_all().await.map_err(at(partial_path))?;
         Ok(Some(expected))
     }
 
@@ -913,6 +927,54 @@ impl Agent {
 /// after a long poll that waited (news answered it, or its wait ended); `interval` after a
 /// failed file, and after an empty answer that came at once (no cursor yet, or a service
 /// without long polls).
+/// Passes failing in a row: a line when they start and each time the error changes, and one
+/// when a pass works again. The same error every backoff while the platform was down filled
+/// a laptop's log with nothing new (an operator probe).
+#[derive(Default)]
+struct Outage {
+    since: Option<Instant>,
+    passes: u32,
+    said: String,
+}
+
+impl Outage {
+    fn failed(&mut self, e: &AgentError, wait: Duration) {
+        self.since.get_or_insert_with(Instant::now);
+        self.passes += 1;
+        let error = e.to_string();
+        let wait_ms = wait.as_millis() as u64;
+        if error == self.said {
+            tracing::debug!(
+                error,
+                wait_ms,
+                passes = self.passes,
+                "agent pass failed again"
+            );
+            return;
+        }
+        tracing::warn!(
+            event = "agent_pass_failed",
+            error,
+            wait_ms,
+            passes = self.passes,
+            "agent pass failed (the same error again is logged at debug level only, until a pass works)"
+        );
+        self.said = error;
+    }
+
+    fn over(&mut self) {
+        if let Some(since) = self.since.take() {
+            tracing::info!(
+                event = "agent_recovered",
+                failed_passes = self.passes,
+                secs = since.elapsed().as_secs(),
+                "agent pass worked again"
+            );
+        }
+        *self = Outage::default();
+    }
+}
+
 fn pause_after(r: &PassReport, waited: bool, took: Duration, interval: Duration) -> Duration {
     if r.failed > 0 {
         interval

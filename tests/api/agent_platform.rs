@@ -182,9 +182,19 @@ async fn ack() -> StatusCode {
 
 /// The fake platform for `scenario`, and its state.
 async fn fake_platform(scenario: Scenario) -> (String, Fake) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    fake_platform_on(listener, scenario, Uuid::new_v4())
+}
+
+/// The same on `listener`, for workspace `ws`.
+fn fake_platform_on(
+    listener: tokio::net::TcpListener,
+    scenario: Scenario,
+    ws: Uuid,
+) -> (String, Fake) {
     let fake = Fake {
         scenario,
-        ws: Uuid::new_v4(),
+        ws,
         file: Uuid::new_v4(),
         activity: Default::default(),
         content: Default::default(),
@@ -198,7 +208,6 @@ async fn fake_platform(scenario: Scenario) -> (String, Fake) {
         )
         .route("/workspaces/{ws}/pending-uploads/{file}/ack", post(ack))
         .with_state(fake.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
     (base, fake)
@@ -537,4 +546,135 @@ async fn an_unreadable_index_is_made_again_from_the_files() {
     let rebuilt = pending_uploads::agent::index::UriIndex::load_or_rebuild(&dir, fake.ws);
     let uri = format!("platform-pending:{}/{}", fake.ws, fake.file);
     assert!(rebuilt.map.contains_key(&uri), "{:?}", rebuilt.map);
+}
+
+/// The daemon said nothing until a file came, and nothing when stopped: one could not be told
+/// from one that hangs (an operator probe). It says both, without the URL's credentials.
+#[tokio::test]
+async fn the_daemon_says_when_it_starts_and_when_a_signal_stops_it() {
+    let (base, fake) = fake_platform(Scenario::Nothing).await;
+    let (home, dir) = inbox();
+    let token_file = home.path().join("token");
+    std::fs::write(&token_file, "tok").unwrap();
+    let with_secret = base.replace("http://", "http://someone:hunter2@");
+    let mut daemon = agent(&with_secret, fake.ws, &token_file, &dir);
+    daemon.args(["--poll-interval", "1s"]);
+    let child = spawn_piped(daemon);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    terminate(&child);
+    let out = ended(child).await;
+    assert_passed(&out);
+    let log = String::from_utf8_lossy(&out.stderr);
+    let started = log
+        .lines()
+        .find(|l| l.contains("\"event\":\"agent_started\""))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(started.contains(&fake.ws.to_string()), "{started}");
+    assert!(!log.contains("hunter2"), "{log}");
+    assert!(log.contains("\"event\":\"agent_stopped\""), "{log}");
+}
+
+/// While the platform was down, every backoff logged the same failure again (an operator
+/// probe): one line when passes start failing, and one when a pass works again.
+#[tokio::test]
+async fn a_platform_down_is_said_once_and_its_return_once() {
+    let (home, dir) = inbox();
+    let token_file = home.path().join("token");
+    std::fs::write(&token_file, "tok").unwrap();
+    let port = free_port();
+    let ws = Uuid::new_v4();
+    let mut daemon = agent(&format!("http://127.0.0.1:{port}"), ws, &token_file, &dir);
+    daemon.args(["--poll-interval", "100ms", "--retries", "0"]);
+    let child = spawn_piped(daemon);
+    // Failed passes back off 0.2, 0.4, 0.8, 1.6 s…: four or so in 4 s.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (_base, fake) = fake_platform_on(listener, Scenario::Nothing, ws);
+    let started = std::time::Instant::now();
+    while fake.activity.load(Ordering::SeqCst) < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the agent came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    terminate(&child);
+    let out = ended(child).await;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        log.matches("\"event\":\"agent_pass_failed\"").count(),
+        1,
+        "{log}"
+    );
+    let back = log
+        .lines()
+        .find(|l| l.contains("\"event\":\"agent_recovered\""))
+        .unwrap_or_else(|| panic!("{log}"));
+    let back: Value = serde_json::from_str(back).unwrap();
+    let failed = back["failed_passes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{back}"));
+    assert!(failed >= 3, "{back}");
+}
+
+/// Local I/O errors said what failed, not where: "Is a directory (os error 21)" (an operator
+/// probe). They name their path.
+#[tokio::test]
+async fn a_local_io_error_names_its_path() {
+    let (base, fake) = fake_platform(Scenario::Plain).await;
+    let (_home, dir) = inbox();
+    let partial = dir
+        .join(".pending-uploads/partial")
+        .join(format!("{}.part", fake.file.simple()));
+    std::fs::create_dir_all(&partial).unwrap();
+    let out = agent_once(&base, fake.ws, &dir, Duration::from_secs(30))
+        .await
+        .expect("the pass ended");
+    assert!(!out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    let canonical = std::fs::canonicalize(&partial).unwrap();
+    assert!(
+        log.contains(&format!("{}: Is a directory", canonical.display())),
+        "{log}"
+    );
+}
+
+/// `--concurrency` took any number: 0 ran nothing at all and 100,000 asked for that many
+/// downloads at once (the service answers past 16 per workspace 429). It takes 1..=64.
+#[tokio::test]
+async fn the_agents_concurrency_is_bounded() {
+    let (home, dir) = inbox();
+    let token_file = home.path().join("token");
+    std::fs::write(&token_file, "tok").unwrap();
+    for n in ["0", "65"] {
+        let mut cmd = agent("http://127.0.0.1:9", Uuid::new_v4(), &token_file, &dir);
+        cmd.args(["--once", "--concurrency", n]);
+        let out = finished_within(cmd, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("{n} is not in 1..=64")), "{err}");
+    }
+}
+
+fn spawn_piped(mut cmd: tokio::process::Command) -> tokio::process::Child {
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+fn terminate(child: &tokio::process::Child) {
+    let pid = child.id().unwrap() as i32;
+    // SAFETY: kill(2) with our own child's pid; no memory is touched.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+}
+
+async fn ended(child: tokio::process::Child) -> std::process::Output {
+    tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("ended after SIGTERM")
+        .unwrap()
 }
