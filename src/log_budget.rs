@@ -20,6 +20,13 @@ use tracing_subscriber::layer::{Context, Filter};
 /// Lines dropped since the last report.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
+/// Of those, how many per statement (its `file:line` name): the summary says which kinds of
+/// line went missing, not only how many. One entry per statement in the binary at most.
+static DROPPED_BY: Mutex<Vec<(&'static str, u64)>> = Mutex::new(Vec::new());
+
+/// The statements named in a summary, most dropped first.
+const NAMED: usize = 5;
+
 pub struct LineBudget {
     per_second: u64,
     /// Per log statement: the second its count is for, and the count.
@@ -52,6 +59,11 @@ impl LineBudget {
         if !within {
             DROPPED.fetch_add(1, Ordering::Relaxed);
             crate::metrics::metrics().log_lines_dropped.inc();
+            let mut by = DROPPED_BY.lock().unwrap_or_else(|p| p.into_inner());
+            match by.iter_mut().find(|(name, _)| *name == meta.name()) {
+                Some((_, n)) => *n += 1,
+                None => by.push((meta.name(), 1)),
+            }
         }
         within
     }
@@ -74,11 +86,43 @@ pub async fn report_drops_forever() {
     loop {
         ticker.tick().await;
         let dropped = DROPPED.swap(0, Ordering::Relaxed);
+        let by = std::mem::take(&mut *DROPPED_BY.lock().unwrap_or_else(|p| p.into_inner()));
         if dropped > 0 {
             tracing::warn!(
                 dropped,
+                statements = most_dropped(by).as_str(),
                 "log lines dropped: their statements passed LOG_LINES_PER_SECOND"
             );
         }
+    }
+}
+
+/// `event src/http/uploads.rs:120 ×4000, …`: the [`NAMED`] statements that dropped most.
+fn most_dropped(mut by: Vec<(&'static str, u64)>) -> String {
+    by.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let mut named: Vec<String> = by
+        .iter()
+        .take(NAMED)
+        .map(|(name, n)| format!("{name} ×{n}"))
+        .collect();
+    if by.len() > NAMED {
+        named.push(format!("{} more", by.len() - NAMED));
+    }
+    named.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_names_the_statements_that_dropped_most() {
+        let by = vec![("a.rs:1", 3), ("b.rs:2", 9), ("c.rs:3", 1)];
+        assert_eq!(most_dropped(by), "b.rs:2 ×9, a.rs:1 ×3, c.rs:3 ×1");
+        let many: Vec<_> = ["1", "2", "3", "4", "5", "6", "7"]
+            .iter()
+            .map(|n| (*n, 1))
+            .collect();
+        assert_eq!(most_dropped(many), "1 ×1, 2 ×1, 3 ×1, 4 ×1, 5 ×1, 2 more");
     }
 }
