@@ -394,7 +394,7 @@ pub struct ServeArgs {
     #[arg(long, env = "REGISTRATIONS_PER_MINUTE", default_value_t = 600,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub registrations_per_minute: u64,
-    /// Of those, what one client address may use a minute (an IPv6 client by its /56), as
+    /// Of those, what one client address may use a minute (an IPv6 client by its /48), as
     /// many at once, so that one stranger cannot use up the replica's for everyone.
     #[arg(long, env = "REGISTRATIONS_PER_MINUTE_PER_CLIENT", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]

@@ -44,6 +44,18 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The address registrations are counted under: as [`client_key`], but an IPv6 address's
+/// /48, the most a provider (or a free tunnel broker) hands one site. By /56, the 256 of one
+/// /48 each had a client's REGISTRATIONS_PER_MINUTE_PER_CLIENT, and eleven of them used up a
+/// replica's REGISTRATIONS_PER_MINUTE (a resource probe). Registrations are rare (one per
+/// workspace), so a /48's customers can share one client's.
+pub fn site_key(ip: IpAddr) -> IpAddr {
+    match client_key(ip) {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 80) - 1)).into()),
+        v4 => v4,
+    }
+}
+
 /// The IPv4 address a NAT64/SIIT translator put into an IPv6 one (the well-known prefix
 /// `64:ff9b::/96` and the local-use `64:ff9b:1::/96`), else the address itself: behind such a
 /// translator every IPv4 client arrives as one of those, and is that IPv4 client (not one
@@ -105,5 +117,14 @@ mod tests {
         );
         assert_eq!(client_key(ip("::ffff:203.0.113.9")), ip("203.0.113.9"));
         assert_eq!(client_key(ip("203.0.113.9")), ip("203.0.113.9"));
+    }
+
+    #[test]
+    fn registrations_are_counted_by_the_48() {
+        assert_eq!(site_key(ip("2001:db8:0:100::1")), ip("2001:db8::"));
+        assert_eq!(site_key(ip("2001:db8:0:ffff::1")), ip("2001:db8::"));
+        assert_eq!(site_key(ip("2001:db8:1::1")), ip("2001:db8:1::"));
+        assert_eq!(site_key(ip("::ffff:203.0.113.9")), ip("203.0.113.9"));
+        assert_eq!(site_key(ip("64:ff9b::808:808")), ip("8.8.8.8"));
     }
 }

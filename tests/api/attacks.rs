@@ -1320,7 +1320,7 @@ async fn the_lock_wait_bound_does_not_cut_the_rest_of_the_commit() {
 
 /// One stranger could use up a replica's REGISTRATIONS_PER_MINUTE and keep every new
 /// workspace out. Each client address now has REGISTRATIONS_PER_MINUTE_PER_CLIENT of them (an
-/// IPv6 client by its /56), and a refused one takes none of the replica's. Behind a proxy in
+/// IPv6 client by its /48), and a refused one takes none of the replica's. Behind a proxy in
 /// TRUSTED_PROXIES the client is the first untrusted hop of X-Forwarded-For from the right;
 /// from any other peer the header is ignored, so no client can pose as many.
 #[tokio::test]
@@ -1368,10 +1368,10 @@ async fn one_client_cannot_use_up_the_registrations_of_others() {
         assert_eq!(from(&svc, hop).await.status(), StatusCode::OK, "{hop}");
     }
     refused(from(&svc, "2001:db8::3").await, "30").await;
-    assert_eq!(
-        from(&svc, "2001:db8:0:100::1").await.status(),
-        StatusCode::OK
-    );
+    // Another /56 of the same /48 is the same site: 256 of them each had a client's share,
+    // and eleven used up the replica's (a resource probe). Another /48 is another client.
+    refused(from(&svc, "2001:db8:0:100::1").await, "30").await;
+    assert_eq!(from(&svc, "2001:db8:1::1").await.status(), StatusCode::OK);
     // Six taken; the refused took none of the replica's seven.
     assert_eq!(from(&svc, "198.51.100.9").await.status(), StatusCode::OK);
     refused(from(&svc, "198.51.100.10").await, "9").await;
