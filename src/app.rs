@@ -209,7 +209,10 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
         ),
         trusted_proxies: args.trusted_proxies.clone(),
         ready: Default::default(),
-        stored: Arc::new(crate::stored::Stored::new(args.limits.max_stored_bytes)),
+        stored: Arc::new(crate::stored::Stored::new(
+            args.limits.max_stored_bytes,
+            args.limits.stored_share_per_client,
+        )),
     });
     let router = http::router(state.clone(), &args.cors_allowed_origins);
     let sweeper = sweeper(&args.sweep, &db, &storage);

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::{
     db::{self, uploads::UploadRow, Db, DbError},
-    retry::retry,
+    retry::{retry, Say},
     storage::{Storage, StorageError},
 };
 
@@ -163,7 +163,7 @@ async fn copy_with_retries(
     let transient = |e: &CopyError| {
         (!matches!(e, CopyError::Storage(StorageError::SourceCorrupt(_)))).then_some(Duration::ZERO)
     };
-    retry("backfill copy", retries, transient, || {
+    retry("backfill copy", retries, Say::Loud, transient, || {
         copy_one(db, storage, spool_dir, row)
     })
     .await

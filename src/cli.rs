@@ -170,7 +170,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     crate::config::deadline_range(&timeout, std::time::Duration::from_secs(1), "1s")
         .map_err(anyhow::Error::msg)?;
     let token = agent_token(args.token_file.as_deref())?;
-    let platform = without_credentials(&args.platform_url);
+    let platform = crate::agent::without_credentials(&args.platform_url);
     let dir = args.dir.display().to_string();
     let agent = crate::agent::Agent::new(crate::agent::AgentConfig {
         platform_url: args.platform_url,
@@ -213,18 +213,6 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             );
             Ok(())
         }
-    }
-}
-
-/// The platform URL as logged: a user or password in it is not for the logs.
-fn without_credentials(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut url) => {
-            let _ = url.set_username("");
-            let _ = url.set_password(None);
-            url.to_string()
-        }
-        Err(_) => String::new(),
     }
 }
 

@@ -7,21 +7,16 @@
 
 use std::{
     collections::HashMap,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Mutex,
-    },
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
 use tracing::{callsite::Identifier, subscriber::Interest, Metadata};
 use tracing_subscriber::layer::{Context, Filter};
 
-/// Lines dropped since the last report.
-static DROPPED: AtomicU64 = AtomicU64::new(0);
-
-/// Of those, how many per statement (its `file:line` name): the summary says which kinds of
-/// line went missing, not only how many. One entry per statement in the binary at most.
+/// Lines dropped since the last report, per statement (its `file:line` name): the summary
+/// says which kinds of line went missing, not only how many. One entry per statement in the
+/// binary at most.
 static DROPPED_BY: Mutex<Vec<(&'static str, u64)>> = Mutex::new(Vec::new());
 
 /// The statements named in a summary, most dropped first.
@@ -57,7 +52,6 @@ impl LineBudget {
         let within = *count <= self.per_second;
         drop(spent);
         if !within {
-            DROPPED.fetch_add(1, Ordering::Relaxed);
             crate::metrics::metrics().log_lines_dropped.inc();
             let mut by = DROPPED_BY.lock().unwrap_or_else(|p| p.into_inner());
             match by.iter_mut().find(|(name, _)| *name == meta.name()) {
@@ -85,8 +79,8 @@ pub async fn report_drops_forever() {
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     loop {
         ticker.tick().await;
-        let dropped = DROPPED.swap(0, Ordering::Relaxed);
         let by = std::mem::take(&mut *DROPPED_BY.lock().unwrap_or_else(|p| p.into_inner()));
+        let dropped: u64 = by.iter().map(|(_, n)| n).sum();
         if dropped > 0 {
             tracing::warn!(
                 dropped,

@@ -21,12 +21,22 @@ pub fn pause(attempt: u32, at_least: Duration) -> Duration {
     backoff(attempt).max(asked)
 }
 
+/// How a retry is logged.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Say {
+    /// A WARN line per attempt.
+    Loud,
+    /// At DEBUG: the caller says what finally failed.
+    Quiet,
+}
+
 /// Runs `op` until it succeeds, fails with an error `transient` rejects (`None`), or has been
 /// retried `retries` times; `transient` gives the least wait the error asks for (the server's
 /// `Retry-After`, or zero). `what` names it in the log.
 pub async fn retry<T, E, F, Fut>(
     what: &str,
     retries: u32,
+    say: Say,
     transient: impl Fn(&E) -> Option<Duration>,
     mut op: F,
 ) -> Result<T, E>
@@ -46,7 +56,11 @@ where
         };
         attempt += 1;
         let wait = pause(attempt, at_least);
-        tracing::warn!(what, attempt, error = %e, wait_ms = wait.as_millis() as u64, "retrying");
+        let wait_ms = wait.as_millis() as u64;
+        match say {
+            Say::Loud => tracing::warn!(what, attempt, error = %e, wait_ms, "retrying"),
+            Say::Quiet => tracing::debug!(what, attempt, error = %e, wait_ms, "retrying"),
+        }
         tokio::time::sleep(wait).await;
     }
 }
@@ -71,6 +85,7 @@ mod tests {
         let r: Result<(), String> = retry(
             "t",
             2,
+            Say::Quiet,
             |e: &String| (e == "again").then_some(Duration::ZERO),
             || async {
                 calls.fetch_add(1, Ordering::SeqCst);
@@ -84,6 +99,7 @@ mod tests {
         let r: Result<(), String> = retry(
             "t",
             2,
+            Say::Quiet,
             |e: &String| (e == "again").then_some(Duration::ZERO),
             || async {
                 calls.fetch_add(1, Ordering::SeqCst);

@@ -30,6 +30,7 @@ use crate::{
     slots::Slot,
     spool::{Hashing, MemoryBudget, Spool, SpoolWriter},
     storage::{FollowedPut, Location, Storage, StorageError},
+    stored::Reservation,
 };
 
 /// Why an upload was not staged.
@@ -71,6 +72,13 @@ pub enum StagingError {
     ClientGone(#[source] BoxError),
     #[error("staging task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+}
+
+impl StagingError {
+    /// The commit was cut without an answer: its rows may be in.
+    fn outcome_unknown(&self) -> bool {
+        matches!(self, StagingError::Db(e) if e.outcome_unknown())
+    }
 }
 
 impl From<MultipartError> for StagingError {
@@ -351,10 +359,18 @@ impl Stager {
         token_hash: Option<[u8; 32]>,
         files: Vec<Received>,
         slot: Slot,
+        reserved: Reservation,
     ) -> Result<Vec<UploadReceived>, StagingError> {
         let stager = self.clone();
+        // The reservation is the commit's, as its slot is: a client gone meanwhile does not
+        // end it, and counting it committed before its rows landed let a reading drop it.
         tokio::spawn(async move {
             let staged = stager.commit_now(workspace_id, token_hash, files).await;
+            match &staged {
+                // Rows that may be in stay counted until a reading has them.
+                Err(e) if !e.outcome_unknown() => reserved.release(),
+                _ => drop(reserved),
+            }
             drop(slot);
             staged
         })

@@ -13,10 +13,21 @@
 //! body is read ([`Stored::admit`]), and the upload reserves its bytes once received
 //! ([`Stored::try_reserve`]), so a replica does not pass it; a fleet may, by what the other
 //! replicas staged since their last reading.
+//!
+//! One client could still fill the bound for everyone (103 MB/s, acking as it went, fills
+//! 100 GiB in 17 minutes): `STORED_SHARE_PER_CLIENT` percent of it is what one client
+//! address may stage a day ([`SHARE_PERIOD`], the longest an unacked row lives), all at once
+//! or spread over it. Past its share a client gets 429 `storage_share` until it has refilled;
+//! the others are not held back.
 
-use std::sync::{
-    atomic::{AtomicBool, Ordering},
-    Mutex, MutexGuard, PoisonError,
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard, PoisonError,
+    },
+    time::{Duration, Instant},
 };
 
 pub struct Stored {
@@ -24,6 +35,104 @@ pub struct Stored {
     max: u64,
     counts: Mutex<Counts>,
     full: AtomicBool,
+    shares: Mutex<Shares>,
+}
+
+/// Why an upload may not stage its bytes.
+#[derive(Debug, PartialEq)]
+pub enum Refused {
+    /// MAX_STORED_BYTES reached.
+    Full,
+    /// The client's STORED_SHARE_PER_CLIENT is used up: whole enough again in this long.
+    Share { retry_after: Duration },
+}
+
+/// A client's share refills over this: a row lives at most a day unacked (SPEC: expires_at).
+pub const SHARE_PERIOD: Duration = Duration::from_secs(24 * 3600);
+
+/// Clients whose shares are tracked at once (about 1 MiB). A share refilled to the brim says
+/// nothing a new one would not, so those go first when the table is full, then the fullest.
+const MAX_CLIENTS: usize = 16_384;
+
+/// The least an upload costs (one byte, its row and its activity row): a client with less
+/// left is refused before its body is read.
+const LEAST_COST: u64 = 1 + 2 * crate::db::uploads::ROW_WEIGHT as u64;
+
+/// Per client site ([`crate::networks::site_key`]), bytes it may still stage: `capacity` at
+/// most, refilled at `capacity` per [`SHARE_PERIOD`].
+struct Shares {
+    /// 0: no shares.
+    capacity: f64,
+    left: HashMap<IpAddr, Share>,
+}
+
+struct Share {
+    /// Below 0 after an upload larger than what was left: a whole share always takes one.
+    bytes: f64,
+    at: Instant,
+}
+
+impl Shares {
+    fn refilled(&mut self, client: IpAddr, now: Instant) -> &mut Share {
+        if !self.left.contains_key(&client) && self.left.len() >= MAX_CLIENTS {
+            self.make_room(now);
+        }
+        let capacity = self.capacity;
+        let share = self.left.entry(client).or_insert(Share {
+            bytes: capacity,
+            at: now,
+        });
+        let per_sec = capacity / SHARE_PERIOD.as_secs_f64();
+        let since = now.saturating_duration_since(share.at).as_secs_f64();
+        share.bytes = (share.bytes + since * per_sec).min(capacity);
+        share.at = now;
+        share
+    }
+
+    fn make_room(&mut self, now: Instant) {
+        let (capacity, per_sec) = (self.capacity, self.capacity / SHARE_PERIOD.as_secs_f64());
+        let refilled =
+            |s: &Share| s.bytes + now.saturating_duration_since(s.at).as_secs_f64() * per_sec;
+        self.left.retain(|_, s| refilled(s) < capacity);
+        if self.left.len() >= MAX_CLIENTS {
+            let fullest = self
+                .left
+                .iter()
+                .max_by(|a, b| refilled(a.1).total_cmp(&refilled(b.1)))
+                .map(|(ip, _)| *ip);
+            if let Some(ip) = fullest {
+                self.left.remove(&ip);
+            }
+        }
+    }
+
+    /// Takes `bytes` of `client`'s share, or says how long until it has them (all of it,
+    /// at most).
+    fn take(&mut self, client: IpAddr, bytes: u64, now: Instant) -> Result<(), Duration> {
+        let capacity = self.capacity;
+        let share = self.refilled(client, now);
+        let needed = (bytes as f64).min(capacity);
+        if share.bytes >= needed {
+            share.bytes -= bytes as f64;
+            return Ok(());
+        }
+        let secs = (needed - share.bytes) / capacity * SHARE_PERIOD.as_secs_f64();
+        Err(Duration::from_secs_f64(secs.ceil().max(1.0)))
+    }
+
+    /// Whether `client` has at least `bytes` left, or how long until it has.
+    fn has(&mut self, client: IpAddr, bytes: u64, now: Instant) -> Result<(), Duration> {
+        self.take(client, bytes, now)?;
+        self.give_back(client, bytes);
+        Ok(())
+    }
+
+    fn give_back(&mut self, client: IpAddr, bytes: u64) {
+        let capacity = self.capacity;
+        if let Some(share) = self.left.get_mut(&client) {
+            share.bytes = (share.bytes + bytes as f64).min(capacity);
+        }
+    }
 }
 
 /// What this replica knows is kept: the last reading's figure, and what it staged that the
@@ -54,20 +163,25 @@ impl Counts {
 /// Bytes an upload is about to commit: counted as committed when dropped, unless the commit
 /// failed and they were [`Reservation::release`]d.
 #[must_use]
-pub struct Reservation<'a> {
-    stored: &'a Stored,
+pub struct Reservation {
+    stored: Arc<Stored>,
     bytes: u64,
+    /// Whose share they came from.
+    client: Option<IpAddr>,
     committed: bool,
 }
 
-impl Reservation<'_> {
-    /// The commit failed: nothing of it is kept.
+impl Reservation {
+    /// The commit failed: nothing of it is kept, and the client has its share back.
     pub fn release(mut self) {
         self.committed = false;
+        if let Some(client) = self.client {
+            self.stored.shares().give_back(client, self.bytes);
+        }
     }
 }
 
-impl Drop for Reservation<'_> {
+impl Drop for Reservation {
     fn drop(&mut self) {
         let mut c = self.stored.counts();
         c.in_flight = c.in_flight.saturating_sub(self.bytes);
@@ -96,7 +210,9 @@ impl Reading<'_> {
 }
 
 impl Stored {
-    pub fn new(max: u64) -> Stored {
+    /// `share_percent` of `max` is what one client may stage per [`SHARE_PERIOD`] (0: no
+    /// shares).
+    pub fn new(max: u64, share_percent: u64) -> Stored {
         crate::metrics::metrics()
             .stored_bytes_max
             .set(max.min(i64::MAX as u64) as i64);
@@ -104,16 +220,27 @@ impl Stored {
             max,
             counts: Mutex::new(Counts::default()),
             full: AtomicBool::new(false),
+            shares: Mutex::new(Shares {
+                capacity: max as f64 * share_percent.min(100) as f64 / 100.0,
+                left: HashMap::new(),
+            }),
         }
     }
 
-    /// Whether an upload may start: not when what is kept has reached the bound.
-    pub fn admit(&self) -> bool {
-        let full = self.full().is_some();
-        if full {
+    /// Whether an upload from `client` (`None`: not counted, the operator's own) may start:
+    /// not when what is kept has reached the bound, nor when the client's share is spent.
+    pub fn admit(&self, client: Option<IpAddr>) -> Result<(), Refused> {
+        if self.full().is_some() {
             self.note(true);
+            return Err(Refused::Full);
         }
-        !full
+        match self.share_key(client) {
+            Some(key) => self
+                .shares()
+                .has(key, LEAST_COST, Instant::now())
+                .map_err(|retry_after| Refused::Share { retry_after }),
+            None => Ok(()),
+        }
     }
 
     /// Bytes kept as far as this replica knows, when they have reached the bound.
@@ -125,7 +252,18 @@ impl Stored {
     /// Counts `bytes` an upload received is about to commit, unless they would pass the
     /// bound: the check before its body only sees what the others committed, and twenty
     /// uploads admitted together went 7× over it (a probe).
-    pub fn try_reserve(&self, bytes: u64) -> Option<Reservation<'_>> {
+    /// `client`'s share pays for them too.
+    pub fn try_reserve(
+        self: &Arc<Self>,
+        bytes: u64,
+        client: Option<IpAddr>,
+    ) -> Result<Reservation, Refused> {
+        let client = self.share_key(client);
+        if let Some(key) = client {
+            self.shares()
+                .take(key, bytes, Instant::now())
+                .map_err(|retry_after| Refused::Share { retry_after })?;
+        }
         let mut c = self.counts();
         let fits = self.max == 0 || c.kept().saturating_add(bytes) <= self.max;
         if fits {
@@ -134,12 +272,29 @@ impl Stored {
         drop(c);
         self.note(!fits);
         self.show();
+        if !fits {
+            if let Some(key) = client {
+                self.shares().give_back(key, bytes);
+            }
+            return Err(Refused::Full);
+        }
         // Built only when it fits: dropping one counts it as committed.
-        fits.then(|| Reservation {
-            stored: self,
+        Ok(Reservation {
+            stored: self.clone(),
             bytes,
+            client,
             committed: true,
         })
+    }
+
+    /// The key `client`'s share is kept under, when shares are kept.
+    fn share_key(&self, client: Option<IpAddr>) -> Option<IpAddr> {
+        let on = self.shares().capacity > 0.0;
+        client.filter(|_| on).map(crate::networks::site_key)
+    }
+
+    fn shares(&self) -> MutexGuard<'_, Shares> {
+        self.shares.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// A reading of every row's bytes begins: [`Reading::done`] with its figure. One that
@@ -195,11 +350,11 @@ mod tests {
 
     #[test]
     fn reserved_bytes_count_until_the_next_reading() {
-        let s = Stored::new(100);
+        let s = Arc::new(Stored::new(100, 0));
         assert_eq!(s.full(), None);
-        let sixty = s.try_reserve(60).unwrap();
-        assert!(s.try_reserve(41).is_none(), "would pass the bound");
-        let forty = s.try_reserve(40).unwrap();
+        let sixty = s.try_reserve(60, None).unwrap();
+        assert!(s.try_reserve(41, None).is_err(), "would pass the bound");
+        let forty = s.try_reserve(40, None).unwrap();
         assert_eq!(s.full(), Some(100));
         forty.release();
         assert_eq!(s.full(), None, "a failed commit gives its bytes back");
@@ -209,14 +364,14 @@ mod tests {
         assert_eq!(s.full(), None, "swept meanwhile");
         // Committed while a reading is under way counts on top of its figure.
         let reading = s.reading();
-        drop(s.try_reserve(70).unwrap());
+        drop(s.try_reserve(70, None).unwrap());
         reading.done(30);
         assert_eq!(s.full(), Some(100));
         s.reading().done(150);
         assert_eq!(s.full(), Some(150), "other replicas staged");
-        let off = Stored::new(0);
-        let (all, one) = (off.try_reserve(u64::MAX), off.try_reserve(1));
-        assert!(all.is_some() && one.is_some());
+        let off = Arc::new(Stored::new(0, 0));
+        let (all, one) = (off.try_reserve(u64::MAX, None), off.try_reserve(1, None));
+        assert!(all.is_ok() && one.is_ok());
         assert_eq!(off.full(), None, "0: no bound");
     }
 
@@ -224,8 +379,8 @@ mod tests {
     /// count wrapped: every upload was refused (the S3 chaos scenario in `dual`).
     #[test]
     fn a_commit_failing_during_a_reading_is_given_back_once() {
-        let s = Stored::new(100);
-        let failed = s.try_reserve(50).unwrap();
+        let s = Arc::new(Stored::new(100, 0));
+        let failed = s.try_reserve(50, None).unwrap();
         let reading = s.reading();
         failed.release();
         reading.done(20);
@@ -237,8 +392,8 @@ mod tests {
     /// counts until a reading that began after it ended.
     #[test]
     fn a_commit_landing_during_a_reading_is_kept_counted() {
-        let s = Stored::new(100);
-        let landing = s.try_reserve(50).unwrap();
+        let s = Arc::new(Stored::new(100, 0));
+        let landing = s.try_reserve(50, None).unwrap();
         let reading = s.reading();
         drop(landing);
         reading.done(0);
@@ -247,5 +402,65 @@ mod tests {
         assert_eq!(s.kept(), 50, "a reading that was not done changes nothing");
         s.reading().done(50);
         assert_eq!(s.kept(), 50, "now in the figure, and counted once");
+    }
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    /// One client may stage its share (here 10 % of 100,000 bytes) a day; the others, and
+    /// the operator's own (`None`), are not held back by it.
+    #[test]
+    fn a_client_stages_its_share_and_the_others_theirs() {
+        let s = Arc::new(Stored::new(100_000, 10));
+        let a = ip("203.0.113.7");
+        drop(s.try_reserve(6_000, a).unwrap());
+        let Err(Refused::Share { retry_after }) = s.try_reserve(6_000, a) else {
+            panic!("past its share")
+        };
+        // 2,000 bytes short of 10,000 a day: a fifth of a day.
+        let fifth = SHARE_PERIOD.as_secs() / 5;
+        assert!(
+            (fifth - 1..=fifth).contains(&retry_after.as_secs()),
+            "{retry_after:?}"
+        );
+        assert!(s.admit(a).is_ok(), "4,000 left: room for a small one");
+        drop(s.try_reserve(6_000, ip("203.0.113.8")).unwrap());
+        drop(s.try_reserve(40_000, None).unwrap());
+        // A failed commit gives the share back.
+        s.try_reserve(4_000, a).unwrap().release();
+        drop(s.try_reserve(4_000, a).unwrap());
+        // Spent: refused before its body, until the least an upload costs is back.
+        let Err(Refused::Share { retry_after }) = s.admit(a) else {
+            panic!("spent")
+        };
+        let least = LEAST_COST * SHARE_PERIOD.as_secs() / 10_000;
+        assert!(
+            (least - 1..=least).contains(&retry_after.as_secs()),
+            "{retry_after:?}"
+        );
+        // An IPv6 client by its /48.
+        drop(s.try_reserve(10_000, ip("2001:db8:0:1::1")).unwrap());
+        assert!(s.try_reserve(1, ip("2001:db8:0:2::1")).is_err());
+        // A whole share takes one upload larger than it.
+        drop(s.try_reserve(30_000, ip("198.51.100.1")).unwrap());
+        // Past the bound: refused as full, and the share is not charged.
+        let b = ip("198.51.100.2");
+        assert_eq!(s.try_reserve(10_000, b).err(), Some(Refused::Full));
+        s.reading().done(0);
+        drop(s.try_reserve(10_000, b).unwrap());
+    }
+
+    #[test]
+    fn the_share_table_is_bounded() {
+        let s = Arc::new(Stored::new(1 << 30, 10));
+        for n in 0..MAX_CLIENTS as u32 + 10 {
+            let client = IpAddr::V4(n.into());
+            // A 4,000th of a share: refilled in 22 s, and 16,394 of them within the bound.
+            drop(s.try_reserve(26_843, Some(client)).unwrap());
+        }
+        assert_eq!(s.shares().left.len(), MAX_CLIENTS);
+        // The fullest went to make room: the first (a moment longer to refill).
+        assert!(!s.shares().left.contains_key(&IpAddr::V4(0.into())));
     }
 }

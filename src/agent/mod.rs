@@ -29,7 +29,10 @@ use crate::{
     api::PendingUpload,
     config::MAX_FILE_BYTES,
     digest,
-    retry::{pause, retry},
+    retry::{
+        pause, retry,
+        Say::{Loud, Quiet},
+    },
     sanitize::sanitize,
 };
 use index::{at, load_cursor, lock_dir, save_cursor, state_dir, sync_dir, UriIndex};
@@ -304,7 +307,7 @@ impl Agent {
         std::fs::create_dir_all(&partial).map_err(at(&partial))?;
         // The agent writes its state and partial files there: a symlink would take them
         // elsewhere (a probe's partial files landed outside DIR).
-        for dir in [state_dir(&cfg.dir), state_dir(&cfg.dir).join("partial")] {
+        for dir in [state_dir(&cfg.dir), partial] {
             if std::fs::symlink_metadata(&dir)
                 .map_err(at(&dir))?
                 .file_type()
@@ -375,7 +378,7 @@ impl Agent {
             _ => {
                 let what = format!(
                     "{} (is --platform-url the platform's base URL?)",
-                    self.url(path)
+                    without_credentials(&self.url(path))
                 );
                 Err(self.unexpected(&what, resp).await)
             }
@@ -413,9 +416,14 @@ impl Agent {
         path: &str,
         wait: Duration,
     ) -> Result<Option<T>, AgentError> {
-        retry(what, self.cfg.retries, AgentError::retry_after, || {
-            self.get_json(path, wait)
-        })
+        // Said once by the pass that fails (`Outage`), not at every attempt.
+        retry(
+            what,
+            self.cfg.retries,
+            Quiet,
+            AgentError::retry_after,
+            || self.get_json(path, wait),
+        )
         .await
     }
 
@@ -525,6 +533,7 @@ impl Agent {
                     let r = retry(
                         "download",
                         self.cfg.retries,
+                        Loud,
                         AgentError::retry_after,
                         || self.stage(&c),
                     )
@@ -923,19 +932,19 @@ impl Agent {
     }
 }
 
-/// The pause before the next pass: none after files were handled (more may be waiting) or
-/// after a long poll that waited (news answered it, or its wait ended); `interval` after a
-/// failed file, and after an empty answer that came at once (no cursor yet, or a service
-/// without long polls).
-/// Passes failing in a row: a line when they start and each time the error changes, and one
-/// when a pass works again. The same error every backoff while the platform was down filled
-/// a laptop's log with nothing new (an operator probe).
+/// Passes failing in a row: a line when they start, each time the error changes and at
+/// least every [`OUTAGE_REMINDER`], and one when a pass works again. The same error every
+/// backoff while the platform was down filled a laptop's log with nothing new (an operator
+/// probe).
 #[derive(Default)]
 struct Outage {
     since: Option<Instant>,
     passes: u32,
     said: String,
+    said_at: Option<Instant>,
 }
+
+const OUTAGE_REMINDER: Duration = Duration::from_secs(3600);
 
 impl Outage {
     fn failed(&mut self, e: &AgentError, wait: Duration) {
@@ -943,7 +952,10 @@ impl Outage {
         self.passes += 1;
         let error = e.to_string();
         let wait_ms = wait.as_millis() as u64;
-        if error == self.said {
+        let recently = self
+            .said_at
+            .is_some_and(|at| at.elapsed() < OUTAGE_REMINDER);
+        if error == self.said && recently {
             tracing::debug!(
                 error,
                 wait_ms,
@@ -957,9 +969,10 @@ impl Outage {
             error,
             wait_ms,
             passes = self.passes,
-            "agent pass failed (the same error again is logged at debug level only, until a pass works)"
+            "agent pass failed (the same error again is logged hourly, until a pass works)"
         );
         self.said = error;
+        self.said_at = Some(Instant::now());
     }
 
     fn over(&mut self) {
@@ -975,6 +988,22 @@ impl Outage {
     }
 }
 
+/// `url` as logged: a user or password in it is not for the logs.
+pub fn without_credentials(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+            parsed.to_string()
+        }
+        Err(_) => "(not a URL)".into(),
+    }
+}
+
+/// The pause before the next pass: none after files were handled (more may be waiting) or
+/// after a long poll that waited (news answered it, or its wait ended); `interval` after a
+/// failed file, and after an empty answer that came at once (no cursor yet, or a service
+/// without long polls).
 fn pause_after(r: &PassReport, waited: bool, took: Duration, interval: Duration) -> Duration {
     if r.failed > 0 {
         interval

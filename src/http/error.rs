@@ -113,6 +113,10 @@ pub enum ApiError {
     /// MAX_STORED_BYTES reached ([`crate::stored`]).
     #[error("upload storage full — retry later")]
     StorageFull,
+    /// The client address staged its STORED_SHARE_PER_CLIENT of MAX_STORED_BYTES in the last
+    /// day ([`crate::stored`]); retry after the seconds given.
+    #[error("this client's share of upload storage is used up — retry later")]
+    StorageShare { retry_after_secs: u64 },
     /// A framework-level rejection (bad path encoding, 405, 415, ...), with its own status.
     #[error("{message}")]
     Rejected { status: StatusCode, message: String },
@@ -150,7 +154,8 @@ impl ApiError {
             | WorkspaceBusy
             | WorkspaceDownloadsBusy
             | WorkspaceLongPollsBusy
-            | ClientBusy => StatusCode::TOO_MANY_REQUESTS,
+            | ClientBusy
+            | StorageShare { .. } => StatusCode::TOO_MANY_REQUESTS,
             CursorGone => StatusCode::GONE,
             RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             NoCallbackUrl { .. } => StatusCode::UNPROCESSABLE_ENTITY,
@@ -200,6 +205,7 @@ impl ApiError {
             ApiError::StorageUnavailable => body.code = Some("storage_unavailable".into()),
             ApiError::SpoolUnavailable => body.code = Some("spool_unavailable".into()),
             ApiError::StorageFull => body.code = Some("storage_full".into()),
+            ApiError::StorageShare { .. } => body.code = Some("storage_share".into()),
             ApiError::UploadCapacity => body.code = Some("upload_capacity".into()),
             ApiError::WorkspaceBusy
             | ApiError::WorkspaceDownloadsBusy
@@ -217,7 +223,8 @@ impl ApiError {
     /// Seconds a client should wait before retrying, where retrying is the remedy.
     fn retry_after(&self) -> Option<HeaderValue> {
         let secs = match self {
-            ApiError::RegistrationRate { retry_after_secs } => {
+            ApiError::RegistrationRate { retry_after_secs }
+            | ApiError::StorageShare { retry_after_secs } => {
                 return Some(HeaderValue::from(*retry_after_secs))
             }
             ApiError::QuotaExceeded { .. }
@@ -361,6 +368,17 @@ impl From<StagingError> for ApiError {
             StagingError::TokenRevoked => ApiError::InvalidToken,
             StagingError::WorkspaceRemoved => ApiError::WorkspaceNotFound,
             StagingError::Task(e) => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<crate::stored::Refused> for ApiError {
+    fn from(r: crate::stored::Refused) -> Self {
+        match r {
+            crate::stored::Refused::Full => ApiError::StorageFull,
+            crate::stored::Refused::Share { retry_after } => ApiError::StorageShare {
+                retry_after_secs: retry_after.as_secs(),
+            },
         }
     }
 }

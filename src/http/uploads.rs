@@ -62,7 +62,7 @@ pub fn delivery<'a>(mode: Option<&str>, url: Option<&'a str>) -> Delivery<'a> {
         (status = 408, description = "request body stalled or too slow", body = api::ErrorBody),
         (status = 413, description = "file or request over its cap", body = api::ErrorBody),
         (status = 422, description = "workspace has no callback URL", body = api::ErrorBody),
-        (status = 429, description = "workspace pending-upload quota exceeded, or its upload slots taken, or this client address its SLOT_SHARE_PER_CLIENT of them (code client_busy)", body = api::ErrorBody),
+        (status = 429, description = "workspace pending-upload quota exceeded, or its upload slots taken, or this client address its SLOT_SHARE_PER_CLIENT of them (code client_busy), or staged its STORED_SHARE_PER_CLIENT of MAX_STORED_BYTES in the last day (code storage_share, Retry-After)", body = api::ErrorBody),
         (status = 502, description = "workspace unreachable", body = api::ErrorBody),
         (status = 503, description = "datastore, storage, spool or upload capacity unavailable; MAX_STORED_BYTES reached (code storage_full); or push URL not registered", body = api::ErrorBody),
     )
@@ -109,7 +109,14 @@ pub async fn chat_upload(
         })?;
     let body = UploadBody::new(body, max_request_bytes, st.deadlines.upload, content_length);
     match delivery {
-        Delivery::Poll => stage(&st, &ws, hash, pending, &headers, body, slot).await,
+        Delivery::Poll => {
+            let from = Upload {
+                ws: &ws,
+                token_hash: hash,
+                client: who.client,
+            };
+            stage(&st, from, pending, &headers, body, slot).await
+        }
         Delivery::Push { url } => {
             let secret = ws.platform_inbound_secret.as_deref();
             st.push
@@ -137,15 +144,27 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
+/// Whose upload it is: the workspace, the token it came with, and the client address its
+/// share of MAX_STORED_BYTES is counted under (`None`: not counted).
+struct Upload<'a> {
+    ws: &'a Workspace,
+    token_hash: Option<[u8; 32]>,
+    client: Option<std::net::IpAddr>,
+}
+
 async fn stage(
     st: &AppState,
-    ws: &Workspace,
-    token_hash: Option<[u8; 32]>,
+    from: Upload<'_>,
     pending: PendingTotals,
     headers: &HeaderMap,
     body: UploadBody,
     slot: Slot,
 ) -> Result<Response, ApiError> {
+    let Upload {
+        ws,
+        token_hash,
+        client,
+    } = from;
     let backend = st.storage.mode().as_str();
     let rejected = |e: ApiError| {
         tracing::info!(event = "failed", workspace_id = %ws.id, status = e.status().as_u16(), error = %e, "upload rejected");
@@ -169,9 +188,7 @@ async fn stage(
             max: quota.max_files,
         }));
     }
-    if !st.stored.admit() {
-        return Err(rejected(ApiError::StorageFull));
-    }
+    st.stored.admit(client).map_err(|r| rejected(r.into()))?;
 
     let boundary = headers
         .get(header::CONTENT_TYPE)
@@ -218,9 +235,10 @@ async fn stage(
         .iter()
         .map(|f| db::uploads::stored_cost(f.spool.size))
         .sum();
-    let Some(reservation) = st.stored.try_reserve(reserved) else {
-        return Err(rejected(ApiError::StorageFull));
-    };
+    let reservation = st
+        .stored
+        .try_reserve(reserved, client)
+        .map_err(|r| rejected(r.into()))?;
     let count = files.len();
     // What each file's failed line says if the commit fails (SPEC §8: one line per file; it
     // has no file_id then, nothing was staged).
@@ -228,8 +246,10 @@ async fn stage(
         .iter()
         .map(|f| (f.name.clone(), f.spool.size))
         .collect();
-    let staged = st.stager.commit(ws.id, token_hash, files, slot).await.map_err(|e| {
-        reservation.release();
+    let committed = st
+        .stager
+        .commit(ws.id, token_hash, files, slot, reservation);
+    let staged = committed.await.map_err(|e| {
         metrics()
             .files_staged
             .with_label_values(&[backend, "failed"])

@@ -54,6 +54,8 @@ enum Scenario {
     DripList,
     /// The content comes a byte every 200 ms.
     DripContent,
+    /// The feed answers 503 to its first 12 requests, then nothing new.
+    DownThenUp,
 }
 
 const DATA: &[u8] = &[7u8; 10_000];
@@ -122,11 +124,12 @@ fn refused(f: &Fake, headers: &axum::http::HeaderMap) -> Option<Response> {
 }
 
 async fn activity(State(f): State<Fake>, headers: axum::http::HeaderMap) -> Response {
-    f.activity.fetch_add(1, Ordering::SeqCst);
+    let nth = f.activity.fetch_add(1, Ordering::SeqCst);
     if let Some(no) = refused(&f, &headers) {
         return no;
     }
     match f.scenario {
+        Scenario::DownThenUp if nth < 12 => (StatusCode::SERVICE_UNAVAILABLE, "{}").into_response(),
         Scenario::AlwaysGone => (StatusCode::GONE, "{}").into_response(),
         Scenario::OddEntries => axum::Json(json!([{"id": f.file}])).into_response(),
         _ => axum::Json(json!([])).into_response(),
@@ -182,19 +185,9 @@ async fn ack() -> StatusCode {
 
 /// The fake platform for `scenario`, and its state.
 async fn fake_platform(scenario: Scenario) -> (String, Fake) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    fake_platform_on(listener, scenario, Uuid::new_v4())
-}
-
-/// The same on `listener`, for workspace `ws`.
-fn fake_platform_on(
-    listener: tokio::net::TcpListener,
-    scenario: Scenario,
-    ws: Uuid,
-) -> (String, Fake) {
     let fake = Fake {
         scenario,
-        ws,
+        ws: Uuid::new_v4(),
         file: Uuid::new_v4(),
         activity: Default::default(),
         content: Default::default(),
@@ -208,6 +201,7 @@ fn fake_platform_on(
         )
         .route("/workspaces/{ws}/pending-uploads/{file}/ack", post(ack))
         .with_state(fake.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
     (base, fake)
@@ -549,18 +543,17 @@ async fn an_unreadable_index_is_made_again_from_the_files() {
 }
 
 /// The daemon said nothing until a file came, and nothing when stopped: one could not be told
-/// from one that hangs (an operator probe). It says both, without the URL's credentials.
+/// from one that hangs (an operator probe). It says both.
 #[tokio::test]
 async fn the_daemon_says_when_it_starts_and_when_a_signal_stops_it() {
     let (base, fake) = fake_platform(Scenario::Nothing).await;
     let (home, dir) = inbox();
     let token_file = home.path().join("token");
     std::fs::write(&token_file, "tok").unwrap();
-    let with_secret = base.replace("http://", "http://someone:hunter2@");
-    let mut daemon = agent(&with_secret, fake.ws, &token_file, &dir);
+    let mut daemon = agent(&base, fake.ws, &token_file, &dir);
     daemon.args(["--poll-interval", "1s"]);
     let child = spawn_piped(daemon);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    requests_reach(&fake, 1).await;
     terminate(&child);
     let out = ended(child).await;
     assert_passed(&out);
@@ -570,36 +563,24 @@ async fn the_daemon_says_when_it_starts_and_when_a_signal_stops_it() {
         .find(|l| l.contains("\"event\":\"agent_started\""))
         .unwrap_or_else(|| panic!("{log}"));
     assert!(started.contains(&fake.ws.to_string()), "{started}");
-    assert!(!log.contains("hunter2"), "{log}");
     assert!(log.contains("\"event\":\"agent_stopped\""), "{log}");
 }
 
-/// While the platform was down, every backoff logged the same failure again (an operator
-/// probe): one line when passes start failing, and one when a pass works again.
+/// While the platform was down, every backoff logged the same failure again, and every
+/// attempt within a pass a `retrying` line (an operator probe): one line when passes start
+/// failing, and one when a pass works again. Credentials in the platform URL are in none.
 #[tokio::test]
 async fn a_platform_down_is_said_once_and_its_return_once() {
+    let (base, fake) = fake_platform(Scenario::DownThenUp).await;
     let (home, dir) = inbox();
     let token_file = home.path().join("token");
     std::fs::write(&token_file, "tok").unwrap();
-    let port = free_port();
-    let ws = Uuid::new_v4();
-    let mut daemon = agent(&format!("http://127.0.0.1:{port}"), ws, &token_file, &dir);
-    daemon.args(["--poll-interval", "100ms", "--retries", "0"]);
+    let with_secret = base.replace("http://", "http://someone:hunter2@");
+    let mut daemon = agent(&with_secret, fake.ws, &token_file, &dir);
+    daemon.args(["--poll-interval", "100ms", "--retries", "2"]);
     let child = spawn_piped(daemon);
-    // Failed passes back off 0.2, 0.4, 0.8, 1.6 s…: four or so in 4 s.
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let (_base, fake) = fake_platform_on(listener, Scenario::Nothing, ws);
-    let started = std::time::Instant::now();
-    while fake.activity.load(Ordering::SeqCst) < 2 {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the agent came back"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Four passes of three attempts fail, the fifth works (and the sixth has begun).
+    requests_reach(&fake, 14).await;
     terminate(&child);
     let out = ended(child).await;
     let log = String::from_utf8_lossy(&out.stderr);
@@ -608,15 +589,28 @@ async fn a_platform_down_is_said_once_and_its_return_once() {
         1,
         "{log}"
     );
+    assert!(!log.contains("retrying"), "{log}");
+    assert!(log.contains("503"), "the failure says what: {log}");
+    assert!(!log.contains("hunter2"), "{log}");
     let back = log
         .lines()
         .find(|l| l.contains("\"event\":\"agent_recovered\""))
         .unwrap_or_else(|| panic!("{log}"));
     let back: Value = serde_json::from_str(back).unwrap();
-    let failed = back["failed_passes"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{back}"));
-    assert!(failed >= 3, "{back}");
+    assert_eq!(back["failed_passes"], 4, "{back}");
+}
+
+/// Waits until the fake's feed has had `n` requests.
+async fn requests_reach(fake: &Fake, n: usize) {
+    let started = std::time::Instant::now();
+    while fake.activity.load(Ordering::SeqCst) < n {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{} feed requests of {n}",
+            fake.activity.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Local I/O errors said what failed, not where: "Is a directory (os error 21)" (an operator

@@ -1908,7 +1908,8 @@ async fn a_commit_failing_while_the_bytes_stored_are_read_is_given_back_once() {
     let started = Instant::now();
     while sqlx::query_scalar::<_, i64>(
         "SELECT count(*) FROM pg_stat_activity
-         WHERE query LIKE 'SELECT count(*) FROM activity_logs%' AND state = 'active'",
+         WHERE query LIKE 'SELECT count(*) FROM activity_logs%' AND state = 'active'
+           AND datname = current_database()",
     )
     .fetch_one(&svc.pool)
     .await
@@ -1929,12 +1930,14 @@ async fn a_commit_failing_while_the_bytes_stored_are_read_is_given_back_once() {
     assert_eq!(resp.status(), StatusCode::OK, "{:?}", resp.text().await);
 }
 
-/// Waits until a backend of the service's database waits on a lock, `which` (a condition
-/// on pg_stat_activity) tells which: `what`, for the failure.
+/// Waits until a backend of the service's database (not another test's) waits on a lock,
+/// `which` (a condition on pg_stat_activity) tells which: `what`, for the failure.
 async fn waiting_in_pg(pool: &sqlx::PgPool, which: &str, what: &str) {
     let started = Instant::now();
-    let query =
-        format!("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND {which}");
+    let query = format!(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE wait_event_type = 'Lock' AND datname = current_database() AND {which}"
+    );
     while sqlx::query_scalar::<_, i64>(&query)
         .fetch_one(pool)
         .await
@@ -1947,6 +1950,73 @@ async fn waiting_in_pg(pool: &sqlx::PgPool, which: &str, what: &str) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// One client could fill MAX_STORED_BYTES for everyone: acking as it uploaded, 103 MB/s
+/// filled 100 GiB in 17 minutes, and every upload was refused until the sweeper made room.
+/// A client address may now stage STORED_SHARE_PER_CLIENT percent of it a day; past that its
+/// uploads get 429 `storage_share` and store nothing, and the others' are taken.
+#[tokio::test]
+async fn one_client_cannot_take_the_storage_of_everyone() {
+    // Public addresses (documentation ranges are not counted, as internal ones).
+    let svc = Svc::start(&[
+        ("MAX_STORED_BYTES", "1000000"),
+        ("STORED_SHARE_PER_CLIENT", "10"),
+        ("TRUSTED_PROXIES", "127.0.0.0/8"),
+    ])
+    .await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let from = |client: Option<&'static str>, name: &'static str| {
+        let mut req = reqwest::Client::new()
+            .post(svc.at(&format!("/workspaces/{ws}/chat/uploads")))
+            .bearer_auth(&token)
+            .header("Content-Type", "multipart/form-data; boundary=XB")
+            .body(one_file("XB", name, &bytes(40_000, 5)));
+        if let Some(client) = client {
+            req = req.header("x-forwarded-for", client);
+        }
+        async move { req.send().await.unwrap() }
+    };
+    // 40,000 bytes and two rows of 512 each: two fit in a 100,000-byte share.
+    for name in ["a1.bin", "a2.bin"] {
+        let resp = from(Some("8.8.4.77"), name).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{name}");
+    }
+    let resp = from(Some("8.8.4.77"), "a3.bin").await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "{:?}",
+        resp.headers()
+    );
+    // 23,072 bytes short, at 100,000 a day: 19,935 s, rounded up.
+    let retry_after: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // (It refills 1.16 bytes a second meanwhile.)
+    assert!((19_930..=19_935).contains(&retry_after), "{retry_after}");
+    assert_json(
+        resp,
+        StatusCode::TOO_MANY_REQUESTS,
+        json!({"error": "this client's share of upload storage is used up — retry later", "code": "storage_share"}),
+    )
+    .await;
+    assert_eq!(
+        svc.count("pending_uploads").await,
+        2,
+        "the refused one stored nothing"
+    );
+    // Another client, and the operator's own (a trusted proxy forwarding no client).
+    assert_eq!(
+        from(Some("8.8.4.78"), "b.bin").await.status(),
+        StatusCode::OK
+    );
+    for name in ["own1.bin", "own2.bin", "own3.bin"] {
+        assert_eq!(from(None, name).await.status(), StatusCode::OK, "{name}");
+    }
+    assert_eq!(svc.count("pending_uploads").await, 6);
 }
 
 /// One-byte files cost the database a row and an activity row each (the latter kept 7 days):
