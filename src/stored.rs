@@ -9,10 +9,10 @@
 //!
 //! What the fleet keeps is read from the database (every row's size,
 //! `db::uploads::stored_bytes`) every `GAUGE_REFRESH` and after every sweep pass, plus what
-//! this replica has in flight or committed since the reading began. The bound is checked before an upload's
-//! body is read ([`Stored::admit`]), and the upload reserves its bytes once received
-//! ([`Stored::try_reserve`]), so a replica does not pass it; a fleet may, by what the other
-//! replicas staged since their last reading.
+//! this replica has in flight or committed since the reading began. The bound is checked
+//! before an upload's body is read ([`Stored::admit`]), and the upload reserves its bytes
+//! once received ([`Stored::try_reserve`]), so a replica does not pass it; a fleet may, by
+//! what the other replicas staged since their last reading.
 //!
 //! One client could still fill the bound for everyone (103 MB/s, acking as it went, fills
 //! 100 GiB in 17 minutes): `STORED_SHARE_PER_CLIENT` percent of it is what one client
@@ -251,8 +251,8 @@ impl Stored {
 
     /// Counts `bytes` an upload received is about to commit, unless they would pass the
     /// bound: the check before its body only sees what the others committed, and twenty
-    /// uploads admitted together went 7× over it (a probe).
-    /// `client`'s share pays for them too.
+    /// uploads admitted together went 7× over it (a probe). `client`'s share pays for them
+    /// too.
     pub fn try_reserve(
         self: &Arc<Self>,
         bytes: u64,
@@ -289,8 +289,8 @@ impl Stored {
 
     /// The key `client`'s share is kept under, when shares are kept.
     fn share_key(&self, client: Option<IpAddr>) -> Option<IpAddr> {
-        let on = self.shares().capacity > 0.0;
-        client.filter(|_| on).map(crate::networks::site_key)
+        let client = client?;
+        (self.shares().capacity > 0.0).then(|| crate::networks::site_key(client))
     }
 
     fn shares(&self) -> MutexGuard<'_, Shares> {
