@@ -232,6 +232,22 @@ async fn agent_once_with(
     finished_within(cmd, within).await
 }
 
+/// The agent daemon for workspace `ws` of the platform at `base`, with the token `tok` in a
+/// file under `home` and its folder `dir`, polling every `interval`.
+fn daemon(
+    base: &str,
+    ws: Uuid,
+    home: &Path,
+    dir: &Path,
+    interval: &str,
+) -> tokio::process::Command {
+    let token_file = home.join("token");
+    std::fs::write(&token_file, "tok").unwrap();
+    let mut cmd = agent(base, ws, &token_file, dir);
+    cmd.args(["--poll-interval", interval]);
+    cmd
+}
+
 /// The agent binary for workspace `ws` of the platform at `base`, logging JSON, with the
 /// token in `token_file` and its folder `dir`.
 fn agent(base: &str, ws: Uuid, token_file: &Path, dir: &Path) -> tokio::process::Command {
@@ -466,10 +482,7 @@ async fn the_agent_reads_and_writes_only_its_own_regular_files() {
 async fn the_daemon_stops_when_the_platform_refuses_its_token() {
     let (base, fake) = fake_platform(Scenario::Revoked).await;
     let (home, dir) = inbox();
-    let token_file = home.path().join("token");
-    std::fs::write(&token_file, "tok").unwrap();
-    let mut daemon = agent(&base, fake.ws, &token_file, &dir);
-    daemon.args(["--poll-interval", "1s"]);
+    let daemon = daemon(&base, fake.ws, home.path(), &dir, "1s");
     let out = finished_within(daemon, Duration::from_secs(20))
         .await
         .expect("the daemon stopped");
@@ -548,11 +561,7 @@ async fn an_unreadable_index_is_made_again_from_the_files() {
 async fn the_daemon_says_when_it_starts_and_when_a_signal_stops_it() {
     let (base, fake) = fake_platform(Scenario::Nothing).await;
     let (home, dir) = inbox();
-    let token_file = home.path().join("token");
-    std::fs::write(&token_file, "tok").unwrap();
-    let mut daemon = agent(&base, fake.ws, &token_file, &dir);
-    daemon.args(["--poll-interval", "1s"]);
-    let child = spawn_piped(daemon);
+    let child = spawn_piped(daemon(&base, fake.ws, home.path(), &dir, "1s"));
     requests_reach(&fake, 1).await;
     terminate(&child);
     let out = ended(child).await;
@@ -573,11 +582,9 @@ async fn the_daemon_says_when_it_starts_and_when_a_signal_stops_it() {
 async fn a_platform_down_is_said_once_and_its_return_once() {
     let (base, fake) = fake_platform(Scenario::DownThenUp).await;
     let (home, dir) = inbox();
-    let token_file = home.path().join("token");
-    std::fs::write(&token_file, "tok").unwrap();
     let with_secret = base.replace("http://", "http://someone:hunter2@");
-    let mut daemon = agent(&with_secret, fake.ws, &token_file, &dir);
-    daemon.args(["--poll-interval", "100ms", "--retries", "2"]);
+    let mut daemon = daemon(&with_secret, fake.ws, home.path(), &dir, "100ms");
+    daemon.args(["--retries", "2"]);
     let child = spawn_piped(daemon);
     // Four passes of three attempts fail, the fifth works (and the sixth has begun).
     requests_reach(&fake, 14).await;
@@ -640,10 +647,14 @@ async fn a_local_io_error_names_its_path() {
 #[tokio::test]
 async fn the_agents_concurrency_is_bounded() {
     let (home, dir) = inbox();
-    let token_file = home.path().join("token");
-    std::fs::write(&token_file, "tok").unwrap();
     for n in ["0", "65"] {
-        let mut cmd = agent("http://127.0.0.1:9", Uuid::new_v4(), &token_file, &dir);
+        let mut cmd = daemon(
+            "http://127.0.0.1:9",
+            Uuid::new_v4(),
+            home.path(),
+            &dir,
+            "1s",
+        );
         cmd.args(["--once", "--concurrency", n]);
         let out = finished_within(cmd, Duration::from_secs(10)).await.unwrap();
         assert_eq!(out.status.code(), Some(2));
