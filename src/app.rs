@@ -245,6 +245,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let fd_limit = raise_fd_limit();
     let service = build(&args).await?;
     warn_if_too_few_descriptors(&args, fd_limit);
+    warn_if_a_share_is_below_a_request(&args, service.state.stored.share());
     let listener =
         listen_on(args.bind_addr).with_context(|| format!("binding {}", args.bind_addr))?;
     if args.admin_token.is_some() && args.admin_token().is_none() {
@@ -388,6 +389,21 @@ fn warn_if_too_few_descriptors(args: &ServeArgs, limit: Option<u64>) {
             needed,
             max_connections = args.max_connections,
             "the open-file limit is below what MAX_CONNECTIONS needs: accepts will fail first (raise `ulimit -n`, or lower MAX_CONNECTIONS)"
+        );
+    }
+}
+
+/// A client whose share is whole may stage one request larger than it (so a share below
+/// MAX_REQUEST_BYTES does not lower the per-file cap), which lets it take up to
+/// MAX_REQUEST_BYTES a day however small its share: said at start-up (a red team staged
+/// 9× its share in one request).
+fn warn_if_a_share_is_below_a_request(args: &ServeArgs, share: u64) {
+    let request = args.limits.max_request_bytes;
+    if share > 0 && share < request {
+        tracing::warn!(
+            share,
+            max_request_bytes = request,
+            "STORED_SHARE_PER_CLIENT of MAX_STORED_BYTES is below MAX_REQUEST_BYTES: a client whose share is whole may stage one request over it a day"
         );
     }
 }

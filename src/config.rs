@@ -181,8 +181,9 @@ pub struct LimitArgs {
     #[arg(long, env = "MAX_STORED_BYTES", default_value_t = 100 << 30)]
     pub max_stored_bytes: u64,
     /// Percent of MAX_STORED_BYTES one client address (an IPv6 client by its /48; internal
-    /// addresses and trusted proxies not counted) may stage a day, before its uploads get 429
-    /// `storage_share` (0..=100; 0: no share).
+    /// addresses and trusted proxies not counted) may stage a day on this replica, before
+    /// its uploads get 429 `storage_share` (0..=100; 0: no share). A whole share takes one
+    /// request larger than it.
     #[arg(long, env = "STORED_SHARE_PER_CLIENT", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(0..=100))]
     pub stored_share_per_client: u64,

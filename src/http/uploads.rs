@@ -167,7 +167,11 @@ async fn stage(
     } = from;
     let backend = st.storage.mode().as_str();
     let rejected = |e: ApiError| {
-        tracing::info!(event = "failed", workspace_id = %ws.id, status = e.status().as_u16(), error = %e, "upload rejected");
+        let client = client.map(|c| c.to_string());
+        tracing::info!(
+            event = "failed", workspace_id = %ws.id, client = client.as_deref(),
+            status = e.status().as_u16(), error = %e, "upload rejected"
+        );
         metrics()
             .files_staged
             .with_label_values(&[backend, "rejected"])
@@ -188,7 +192,10 @@ async fn stage(
             max: quota.max_files,
         }));
     }
-    st.stored.admit(client).map_err(|r| rejected(r.into()))?;
+    let declared = declared_length(headers);
+    st.stored
+        .admit(client, declared)
+        .map_err(|r| rejected(r.into()))?;
 
     let boundary = headers
         .get(header::CONTENT_TYPE)
