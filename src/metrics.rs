@@ -42,6 +42,8 @@ pub struct Metrics {
     pub upload_arena: IntGaugeVec,
     pub stored_bytes: IntGauge,
     pub stored_bytes_max: IntGauge,
+    pub storage_share_refusals: IntCounter,
+    pub storage_share_clients: IntGauge,
 }
 
 const NS: &str = "pending_uploads";
@@ -247,7 +249,7 @@ impl Metrics {
             stored_bytes: r.add(
                 IntGauge::with_opts(opts(
                     "stored_bytes",
-                    "What the fleet keeps as MAX_STORED_BYTES counts it (files and 512 bytes a row), as this replica last read it plus what it reserved since",
+                    "What the fleet keeps as MAX_STORED_BYTES counts it (files and 512 bytes a row), as this replica last read it plus what it has in flight or committed since",
                 ))
                 .expect("valid metric"),
             ),
@@ -255,6 +257,20 @@ impl Metrics {
                 IntGauge::with_opts(opts(
                     "stored_bytes_max",
                     "MAX_STORED_BYTES (0: no bound)",
+                ))
+                .expect("valid metric"),
+            ),
+            storage_share_refusals: r.add(
+                IntCounter::with_opts(opts(
+                    "storage_share_refusals_total",
+                    "Uploads refused (429 storage_share): their client had staged its STORED_SHARE_PER_CLIENT of MAX_STORED_BYTES",
+                ))
+                .expect("valid metric"),
+            ),
+            storage_share_clients: r.add(
+                IntGauge::with_opts(opts(
+                    "storage_share_clients",
+                    "Client addresses whose STORED_SHARE_PER_CLIENT this replica keeps (at most 16,384)",
                 ))
                 .expect("valid metric"),
             ),

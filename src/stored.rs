@@ -81,9 +81,15 @@ impl Shares {
             self.make_room(now);
         }
         let capacity = self.capacity;
-        let share = self.left.entry(client).or_insert(Share {
-            bytes: capacity,
-            at: now,
+        let tracked = self.left.len();
+        let share = self.left.entry(client).or_insert_with(|| {
+            crate::metrics::metrics()
+                .storage_share_clients
+                .set(tracked as i64 + 1);
+            Share {
+                bytes: capacity,
+                at: now,
+            }
         });
         let per_sec = capacity / SHARE_PERIOD.as_secs_f64();
         let since = now.saturating_duration_since(share.at).as_secs_f64();
@@ -119,6 +125,7 @@ impl Shares {
             return Ok(());
         }
         let secs = (needed - share.bytes) / capacity * SHARE_PERIOD.as_secs_f64();
+        crate::metrics::metrics().storage_share_refusals.inc();
         Err(Duration::from_secs_f64(secs.ceil().max(1.0)))
     }
 

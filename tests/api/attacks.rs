@@ -2045,6 +2045,11 @@ async fn one_client_cannot_take_the_storage_of_everyone() {
         (wait(51_024) - 5..=wait(51_024)).contains(&given),
         "{answer}"
     );
+    // What operators watch: two refusals, two clients' shares kept.
+    let metrics = scrape_metrics(&svc.base).await;
+    let series = |name: &str| metric_value(&metrics, &format!("pending_uploads_{name}"));
+    assert_eq!(series("storage_share_refusals_total"), Some(2.0));
+    assert_eq!(series("storage_share_clients"), Some(2.0));
     let mut svc = svc;
     let out = svc.running.terminate().await;
     let log = String::from_utf8_lossy(&out.stderr);
