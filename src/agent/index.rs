@@ -178,10 +178,7 @@ impl UriIndex {
                 continue;
             };
             if entry.file_type().is_ok_and(|t| t.is_file()) {
-                index.insert(
-                    format!("platform-pending:{workspace_id}/{id}"),
-                    &entry.path(),
-                );
+                index.insert(crate::api::platform_uri(workspace_id, id), &entry.path());
             }
         }
         tracing::warn!(

@@ -75,7 +75,7 @@ impl Candidate {
         Candidate {
             file_id: p.file_id,
             name: p.name,
-            uri: format!("platform-pending:{workspace_id}/{}", p.file_id),
+            uri: crate::api::platform_uri(workspace_id, p.file_id),
             size: p.size.max(0) as u64,
         }
     }

@@ -192,9 +192,9 @@ async fn stage(
             max: quota.max_files,
         }));
     }
-    let declared = declared_length(headers);
+    let body_len = body.declared_length();
     st.stored
-        .admit(client, declared)
+        .admit(client, body_len)
         .map_err(|r| rejected(r.into()))?;
 
     let boundary = headers
@@ -207,7 +207,6 @@ async fn stage(
         max_file_bytes: st.limits.max_file_bytes,
         max_filename_chars: st.limits.max_filename_chars,
     };
-    let body_len = body.declared_length();
     let memory = st.spool_memory.reserve(body_len);
     let hashing = st.storage.hashing();
     let cut = body.cut_flag();

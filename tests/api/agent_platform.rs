@@ -609,15 +609,11 @@ async fn a_platform_down_is_said_once_and_its_return_once() {
 
 /// Waits until the fake's feed has had `n` requests.
 async fn requests_reach(fake: &Fake, n: usize) {
-    let started = std::time::Instant::now();
-    while fake.activity.load(Ordering::SeqCst) < n {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "{} feed requests of {n}",
-            fake.activity.load(Ordering::SeqCst)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("{n} feed requests");
+    eventually(&what, Duration::from_secs(30), || async {
+        fake.activity.load(Ordering::SeqCst) >= n
+    })
+    .await;
 }
 
 /// Local I/O errors said what failed, not where: "Is a directory (os error 21)" (an operator

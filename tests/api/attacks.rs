@@ -1905,23 +1905,11 @@ async fn a_commit_failing_while_the_bytes_stored_are_read_is_given_back_once() {
         .unwrap();
     assert_eq!(held.await.unwrap(), StatusCode::INTERNAL_SERVER_ERROR);
     blocker.await.unwrap().commit().await.unwrap();
-    let started = Instant::now();
-    while sqlx::query_scalar::<_, i64>(
-        "SELECT count(*) FROM pg_stat_activity
-         WHERE query LIKE 'SELECT count(*) FROM activity_logs%' AND state = 'active'
-           AND datname = current_database()",
-    )
-    .fetch_one(&svc.pool)
-    .await
-    .unwrap()
-        > 0
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the reading ends"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let reading = "query LIKE 'SELECT count(*) FROM activity_logs%' AND state = 'active'";
+    eventually("the reading ends", Duration::from_secs(10), || async {
+        backends(&svc.pool, reading).await == 0
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let metrics = scrape_metrics(&svc.base).await;
     let stored = metric_value(&metrics, "pending_uploads_stored_bytes").unwrap();
@@ -1930,26 +1918,26 @@ async fn a_commit_failing_while_the_bytes_stored_are_read_is_given_back_once() {
     assert_eq!(resp.status(), StatusCode::OK, "{:?}", resp.text().await);
 }
 
-/// Waits until a backend of the service's database (not another test's) waits on a lock,
-/// `which` (a condition on pg_stat_activity) tells which: `what`, for the failure.
+/// Waits until a backend of the service's database waits on a lock, `which` (a condition
+/// on pg_stat_activity) tells which: `what`, for the failure.
 async fn waiting_in_pg(pool: &sqlx::PgPool, which: &str, what: &str) {
-    let started = Instant::now();
-    let query = format!(
-        "SELECT count(*) FROM pg_stat_activity
-         WHERE wait_event_type = 'Lock' AND datname = current_database() AND {which}"
-    );
-    while sqlx::query_scalar::<_, i64>(&query)
-        .fetch_one(pool)
-        .await
-        .unwrap()
-        == 0
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "{what} never waited"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let waiting = format!("wait_event_type = 'Lock' AND {which}");
+    eventually(
+        &format!("{what} never waited"),
+        Duration::from_secs(30),
+        || async { backends(pool, &waiting).await > 0 },
+    )
+    .await;
+}
+
+/// Backends of this database (not another test's) for which `condition` holds.
+async fn backends(pool: &sqlx::PgPool, condition: &str) -> i64 {
+    sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND {condition}"
+    ))
+    .fetch_one(pool)
+    .await
+    .unwrap()
 }
 
 /// One client could fill MAX_STORED_BYTES for everyone: acking as it uploaded, 103 MB/s

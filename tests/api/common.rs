@@ -709,6 +709,19 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// Polls `holds` every 20 ms until it is true; fails saying `what` once `within` has passed.
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut holds: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while !holds().await {
+        assert!(started.elapsed() < within, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits (bounded) until a child service's `/metrics` shows `series` at `value`.
 pub async fn wait_for_metric(base: &str, series: &str, value: f64) {
     let mut last = String::new();
