@@ -207,6 +207,15 @@ async fn fake_platform(scenario: Scenario) -> (String, Fake) {
     (base, fake)
 }
 
+/// One pass, as [`agent_once`], that must end within 30 s and succeed.
+async fn passed_once(base: &str, ws: Uuid, dir: &Path) -> std::process::Output {
+    let out = agent_once(base, ws, dir, Duration::from_secs(30))
+        .await
+        .expect("the pass ended");
+    assert_passed(&out);
+    out
+}
+
 /// One `agent --once --retries 0` against `base`; `None` when it had not ended within
 /// `within` (it is killed).
 async fn agent_once(
@@ -326,10 +335,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 async fn a_file_listed_twice_is_fetched_once_and_indexed_under_its_own_uri() {
     let (base, fake) = fake_platform(Scenario::Duplicate).await;
     let (_home, dir) = inbox();
-    let out = agent_once(&base, fake.ws, &dir, Duration::from_secs(30))
-        .await
-        .expect("the pass ended");
-    assert_passed(&out);
+    passed_once(&base, fake.ws, &dir).await;
     assert_eq!(fake.content.load(Ordering::SeqCst), 1, "one download");
     assert_eq!(published(&dir, &fake), DATA);
     let index: Value =
@@ -437,10 +443,7 @@ async fn a_platform_that_drips_cannot_hold_a_pass() {
 async fn odd_feed_rows_and_pending_entries_do_not_stop_the_other_files() {
     let (base, fake) = fake_platform(Scenario::OddEntries).await;
     let (_home, dir) = inbox();
-    let out = agent_once(&base, fake.ws, &dir, Duration::from_secs(30))
-        .await
-        .expect("the pass ended");
-    assert_passed(&out);
+    let out = passed_once(&base, fake.ws, &dir).await;
     assert_eq!(stdout_json(&out)["staged"], 1);
     assert_eq!(published(&dir, &fake), DATA);
 }
@@ -521,10 +524,7 @@ async fn partial_files_of_uploads_no_longer_pending_go() {
     std::fs::create_dir_all(&partial).unwrap();
     let stray = partial.join(format!("{}.part", Uuid::new_v4().simple()));
     std::fs::write(&stray, [1u8; 4096]).unwrap();
-    let out = agent_once(&base, fake.ws, &dir, Duration::from_secs(30))
-        .await
-        .expect("the pass ended");
-    assert_passed(&out);
+    passed_once(&base, fake.ws, &dir).await;
     assert!(!stray.exists(), "the stray partial file went");
     assert_eq!(published(&dir, &fake), DATA);
 }
@@ -535,17 +535,11 @@ async fn partial_files_of_uploads_no_longer_pending_go() {
 async fn an_unreadable_index_is_made_again_from_the_files() {
     let (base, fake) = fake_platform(Scenario::Plain).await;
     let (_home, dir) = inbox();
-    let out = agent_once(&base, fake.ws, &dir, Duration::from_secs(30))
-        .await
-        .expect("the pass ended");
-    assert_passed(&out);
+    passed_once(&base, fake.ws, &dir).await;
     let index = dir.join(".pending-uploads/index.json");
     std::fs::write(&index, b"{broken").unwrap();
     let (base, _) = fake_platform(Scenario::Nothing).await;
-    let out = agent_once(&base, fake.ws, &dir, Duration::from_secs(30))
-        .await
-        .expect("the pass ended");
-    assert_passed(&out);
+    let out = passed_once(&base, fake.ws, &dir).await;
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("index.json could not be read"), "{log}");
     assert!(dir.join(".pending-uploads/index.json.unreadable").exists());
