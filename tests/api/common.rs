@@ -655,8 +655,13 @@ pub async fn spawn_service(cmd: std::process::Command, port: u16) -> Running {
     let running = Running(Some(cmd.spawn().unwrap()));
     let client = reqwest::Client::new();
     for _ in 0..300 {
+        // `Connection: close`: the service ends the probe's connection itself once it has
+        // answered, so the probe holds no per-client connection place after this returns (an
+        // idle pooled one, closed by the client later, was still counted when a test opened
+        // MAX_CONNECTIONS_PER_CLIENT connections at once under load).
         if client
             .get(format!("http://127.0.0.1:{port}/readyz"))
+            .header("connection", "close")
             .send()
             .await
             .is_ok_and(|r| r.status().is_success())
