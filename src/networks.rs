@@ -56,17 +56,24 @@ pub fn site_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// The IPv4 address a NAT64/SIIT translator put into an IPv6 one (the well-known prefix
-/// `64:ff9b::/96` and the local-use `64:ff9b:1::/96`), else the address itself: behind such a
-/// translator every IPv4 client arrives as one of those, and is that IPv4 client (not one
-/// /56 for all of them, nor, under the local-use prefix that push URLs refuse, the
-/// operator's own).
+/// The IPv4 client an IPv6 address stands for, else the address itself:
+/// - the one a NAT64/SIIT translator put into it (the well-known prefix `64:ff9b::/96` and
+///   the local-use `64:ff9b:1::/96`): behind such a translator every IPv4 client arrives as
+///   one of those, and is that IPv4 client (not one /56 for all of them, nor, under the
+///   local-use prefix that push URLs refuse, the operator's own);
+/// - a Teredo client's (`2001::/32`, RFC 4380: its last 32 bits are its NAT's public IPv4
+///   address, inverted). Teredo addresses were counted as internal (push URLs may not name
+///   them), so not at all: a client could tunnel through Teredo and hold every upload slot
+///   and every byte of `MAX_STORED_BYTES`, under as many addresses as it had ports.
 pub fn untranslated(ip: IpAddr) -> IpAddr {
     if let IpAddr::V6(v6) = ip {
         let seg = v6.segments();
+        let [.., a, b, c, d] = v6.octets();
         if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || seg[..6] == [0x64, 0xff9b, 1, 0, 0, 0] {
-            let [.., a, b, c, d] = v6.octets();
             return IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d));
+        }
+        if seg[..2] == [0x2001, 0] {
+            return IpAddr::V4(std::net::Ipv4Addr::new(!a, !b, !c, !d));
         }
     }
     ip
@@ -86,6 +93,15 @@ mod tests {
             ip("64:ff9b:2::808:808")
         );
         assert_eq!(client_key(ip("2606:4700:0:1::7")), ip("2606:4700::"));
+        // Teredo: server 65.54.227.120, client 8.8.4.77 (f7f7:fbb2 inverted), whatever port.
+        assert_eq!(
+            client_key(ip("2001:0:4136:e378:8000:63bf:f7f7:fbb2")),
+            ip("8.8.4.77")
+        );
+        assert_eq!(
+            site_key(ip("2001:0:4136:e378:8000:1234:f7f7:fbb2")),
+            ip("8.8.4.77")
+        );
     }
 
     #[test]

@@ -233,6 +233,16 @@ mod tests {
             "shared address space"
         );
         assert_eq!(slot_client("fd00::1", &none), None, "unique local");
+        assert_eq!(
+            slot_client("2001:0:4136:e378:8000:63bf:f7f7:fbb2", &none),
+            Some(ip("8.8.4.77")),
+            "a Teredo client by the IPv4 address it carries"
+        );
+        assert_eq!(
+            slot_client("2001:0:4136:e378:8000:63bf:ffff:fffe", &none),
+            None,
+            "a Teredo client behind 0.0.0.1"
+        );
         assert_eq!(slot_client("192.0.2.1", &none), None, "a trusted proxy");
         let h = forwarded(&["8.8.8.9"]);
         assert_eq!(slot_client("192.0.2.1", &h), Some(ip("8.8.8.9")));

@@ -2071,6 +2071,54 @@ async fn backends(pool: &sqlx::PgPool, condition: &str) -> i64 {
     .unwrap()
 }
 
+/// A Teredo client (`2001::/32`) is the IPv4 client its address carries: it was not counted
+/// at all (push URLs may not name such addresses, so they were taken for the operator's own),
+/// and could take every upload slot and all of MAX_STORED_BYTES under as many addresses as it
+/// had ports.
+#[tokio::test]
+async fn a_teredo_client_is_counted_as_its_ipv4_address() {
+    let svc = Svc::start(&[
+        ("MAX_STORED_BYTES", "1000000"),
+        ("STORED_SHARE_PER_CLIENT", "10"),
+        ("TRUSTED_PROXIES", "127.0.0.0/8"),
+    ])
+    .await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let from = |client: &'static str, name: &'static str| {
+        let req = reqwest::Client::new()
+            .post(svc.at(&format!("/workspaces/{ws}/chat/uploads")))
+            .bearer_auth(&token)
+            .header("Content-Type", "multipart/form-data; boundary=XB")
+            .header("x-forwarded-for", client)
+            .body(one_file("XB", name, &bytes(40_000, 5)));
+        async move { req.send().await.unwrap().status() }
+    };
+    // 8.8.4.77 (f7f7:fbb2 inverted) behind Teredo server 65.54.227.120, from two ports: one
+    // client, whose share (100,000 bytes) takes two of these uploads.
+    assert_eq!(
+        from("2001:0:4136:e378:8000:63bf:f7f7:fbb2", "a1.bin").await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        from("2001:0:4136:e378:8000:1234:f7f7:fbb2", "a2.bin").await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        from("2001:0:4136:e378:8000:4321:f7f7:fbb2", "a3.bin").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        from("8.8.4.77", "a4.bin").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Another Teredo client is another client.
+    assert_eq!(
+        from("2001:0:4136:e378:8000:63bf:f7f7:fbb1", "b.bin").await,
+        StatusCode::OK
+    );
+    assert_eq!(svc.count("pending_uploads").await, 3);
+}
+
 /// One client could fill MAX_STORED_BYTES for everyone: acking as it uploaded, 103 MB/s
 /// filled 100 GiB in 17 minutes, and every upload was refused until the sweeper made room.
 /// A client address may now stage STORED_SHARE_PER_CLIENT percent of it a day; past that its
