@@ -13,6 +13,7 @@ pub mod peer;
 pub mod pending;
 pub mod push;
 pub mod registry;
+mod rejections;
 pub mod shed;
 pub mod uploads;
 
@@ -393,7 +394,7 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let io = conn::ClientStream::new(stream, opts.response);
+        let io = rejections::JsonRejections::new(conn::ClientStream::new(stream, opts.response));
         let peer_ip = peer::Peer(peer.ip());
         let standing = idle.add();
         let (begins, ends) = (standing.clone(), standing.clone());

@@ -1783,6 +1783,94 @@ async fn request_heads_are_bounded() {
     );
 }
 
+/// What hyper refuses before the router sees a request (a malformed request line or header,
+/// a head over 64 KiB or with over 100 headers) is answered in JSON like every other error
+/// (SPEC §10), with its Content-Length, and the connection closed: the bodies were empty.
+#[tokio::test]
+async fn requests_hyper_cannot_parse_are_answered_in_json() {
+    let svc = Svc::start(&[]).await;
+    let answer_to = |request: Vec<u8>| {
+        let addr = svc.addr.clone();
+        async move {
+            let mut sock = TcpStream::connect(&addr).await.unwrap();
+            sock.write_all(&request).await.unwrap();
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut answer))
+                .await
+                .expect("answered and closed")
+                .unwrap();
+            String::from_utf8(answer).unwrap()
+        }
+    };
+    let many_headers: String = (0..120).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let cases = [
+        (
+            b"GET /he llo HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            "400 Bad Request",
+            "malformed HTTP request",
+        ),
+        (
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header: v\r\n\r\n".to_vec(),
+            "400 Bad Request",
+            "malformed HTTP request",
+        ),
+        (
+            b"GARBAGE\r\n\r\n".to_vec(),
+            "400 Bad Request",
+            "malformed HTTP request",
+        ),
+        (
+            format!(
+                "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+                "p".repeat(70_000)
+            )
+            .into_bytes(),
+            "431 Request Header Fields Too Large",
+            "request header fields too large",
+        ),
+        (
+            format!("GET /healthz HTTP/1.1\r\nHost: x\r\n{many_headers}\r\n").into_bytes(),
+            "431 Request Header Fields Too Large",
+            "request header fields too large",
+        ),
+    ];
+    for (request, status, error) in cases {
+        let answer = answer_to(request).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}\r\n")),
+            "{answer}"
+        );
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        let fields: Vec<&str> = head.lines().skip(1).collect();
+        let length = format!("Content-Length: {}", body.len());
+        for field in [
+            "Content-Type: application/json",
+            "Connection: close",
+            &length,
+        ] {
+            assert!(fields.contains(&field), "{field}: {head}");
+        }
+        assert_eq!(
+            serde_json::from_str::<Value>(body).unwrap(),
+            json!({"error": error})
+        );
+    }
+    // The router's own answers are untouched (a 400 with its body, a HEAD's 404 without).
+    let bad_json =
+        "POST /registry/register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                    Content-Length: 1\r\nConnection: close\r\n\r\n{";
+    let answer = answer_to(bad_json.as_bytes().to_vec()).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert!(!answer.contains("malformed HTTP request"), "{answer}");
+    let answer =
+        answer_to(b"HEAD /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec()).await;
+    assert!(answer.starts_with("HTTP/1.1 404 Not Found\r\n"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\n"), "no body: {answer}");
+}
+
 /// With every MAX_CONNECTIONS place held by connections that never finish their request
 /// heads (each lives HEADER_READ_TIMEOUT; a client opens the next as one is cut), a new client
 /// waited in the listen backlog until one was cut: here 30 s. The oldest connection that has

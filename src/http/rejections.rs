@@ -1,0 +1,216 @@
+//! hyper's own answers to requests it cannot parse, in JSON like every other error (SPEC
+//! §10): hyper answers a malformed request line or header with `400`, a request head over
+//! `HEAD_MAX` or with over 100 headers with `431` and a URI over 64 KiB with `414`, each with
+//! an empty body, before the router sees a request. No hook changes them, so the connection's
+//! writer replaces them on their way out: each is a response head of its own, written in one
+//! piece just before hyper closes the connection, and the router never answers one of these
+//! statuses without a body.
+
+use std::{
+    io::{self, IoSlice},
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// A connection's stream whose writes of hyper's empty rejections go out with a JSON body.
+pub struct JsonRejections<S> {
+    inner: S,
+    /// The replacement of a rejection hyper believes written, and how much of it went.
+    pending: Option<(Vec<u8>, usize)>,
+}
+
+impl<S> JsonRejections<S> {
+    pub fn new(inner: S) -> Self {
+        JsonRejections {
+            inner,
+            pending: None,
+        }
+    }
+}
+
+/// The error text of each status hyper answers on its own.
+const REJECTIONS: [(&str, &str); 3] = [
+    ("400", "malformed HTTP request"),
+    ("414", "request URI too long"),
+    ("431", "request header fields too large"),
+];
+
+/// `head` with a JSON body, when it is one of hyper's empty rejections: `HTTP/1.1 <status>`
+/// with `Content-Length: 0`, a head alone.
+fn with_json_body(head: &[u8]) -> Option<Vec<u8>> {
+    let head = std::str::from_utf8(head).ok()?;
+    let (start, rest) = head.split_once("\r\n")?;
+    let status = start.strip_prefix("HTTP/1.1 ")?.get(..3)?;
+    let (_, error) = REJECTIONS.iter().find(|(s, _)| *s == status)?;
+    let fields = rest.strip_suffix("\r\n\r\n")?;
+    if fields.contains("\r\n\r\n") {
+        return None;
+    }
+    let fields: Vec<&str> = fields.split("\r\n").collect();
+    if !fields
+        .iter()
+        .any(|f| f.eq_ignore_ascii_case("content-length: 0"))
+    {
+        return None;
+    }
+    let body = serde_json::json!({ "error": error }).to_string();
+    let mut out =
+        format!("{start}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\n");
+    for field in fields
+        .iter()
+        .filter(|f| !f.to_ascii_lowercase().starts_with("content-length:"))
+    {
+        out.push_str(field);
+        out.push_str("\r\n");
+    }
+    out.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    Some(out.into_bytes())
+}
+
+/// Bytes a write would send, when they may be a rejection (small, starting as one does).
+fn rejection_candidate(bufs: &[IoSlice<'_>]) -> Option<Vec<u8>> {
+    let first = bufs.iter().find(|b| !b.is_empty())?;
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    if !first.starts_with(b"HTTP/1.1 4") || total > 1024 {
+        return None;
+    }
+    Some(bufs.iter().flat_map(|b| b.iter().copied()).collect())
+}
+
+impl<S: AsyncWrite + Unpin> JsonRejections<S> {
+    /// Sends what is left of a replacement; ready once it is all out.
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some((bytes, sent)) = &mut self.pending {
+            if *sent == bytes.len() {
+                self.pending = None;
+                break;
+            }
+            let n = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, &bytes[*sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            *sent += n;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_write_slices(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        std::task::ready!(self.poll_pending(cx))?;
+        if let Some(replaced) = rejection_candidate(bufs).and_then(|b| with_json_body(&b)) {
+            let len = bufs.iter().map(|b| b.len()).sum();
+            self.pending = Some((replaced, 0));
+            // Taken whole: what hyper wrote is answered by the replacement, sent from here on.
+            let _ = self.poll_pending(cx)?;
+            return Poll::Ready(Ok(len));
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for JsonRejections<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().poll_write_slices(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().poll_write_slices(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_pending(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_pending(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for JsonRejections<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const HYPER_431: &str = "HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\nContent-Length: 0\r\nDate: Sat, 05 Dec 2026 23:47:16 GMT\r\n\r\n";
+
+    #[test]
+    fn an_empty_rejection_gets_its_json_body() {
+        let out = String::from_utf8(with_json_body(HYPER_431.as_bytes()).unwrap()).unwrap();
+        let body = r#"{"error":"request header fields too large"}"#;
+        assert_eq!(
+            out,
+            format!(
+                "HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n\
+                 X-Content-Type-Options: nosniff\r\nConnection: close\r\n\
+                 Date: Sat, 05 Dec 2026 23:47:16 GMT\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        );
+    }
+
+    #[test]
+    fn other_responses_pass_as_written() {
+        let ours = "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n";
+        assert!(with_json_body(ours.as_bytes()).is_none(), "a body follows");
+        let ok = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        assert!(with_json_body(ok.as_bytes()).is_none());
+        let gone = "HTTP/1.1 410 Gone\r\nContent-Length: 0\r\n\r\n";
+        assert!(with_json_body(gone.as_bytes()).is_none(), "not hyper's");
+        let two = format!("{HYPER_431}{HYPER_431}");
+        assert!(with_json_body(two.as_bytes()).is_none(), "pipelined heads");
+        let part = &HYPER_431[..HYPER_431.len() - 2];
+        assert!(with_json_body(part.as_bytes()).is_none(), "half a head");
+    }
+
+    proptest! {
+        /// Whatever a write holds, it is passed on as written or replaced by a rejection
+        /// with a JSON body whose Content-Length is its length.
+        #[test]
+        fn replacements_are_well_formed(head in "HTTP/1\\.1 4[0-9]{2} [A-Za-z ]{0,20}\r\n([A-Za-z-]{1,12}: [ -~]{0,20}\r\n){0,4}(Content-Length: 0\r\n)?\r\n") {
+            if let Some(out) = with_json_body(head.as_bytes()) {
+                let out = String::from_utf8(out).unwrap();
+                let (head, body) = out.split_once("\r\n\r\n").unwrap();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                prop_assert_eq!(len, body.len());
+                let v: serde_json::Value = serde_json::from_str(body).unwrap();
+                prop_assert!(v["error"].is_string());
+            }
+        }
+    }
+}
