@@ -1,10 +1,14 @@
 //! hyper's own answers to requests it cannot parse, in JSON like every other error (SPEC
-//! §10): hyper answers a malformed request line or header with `400`, a request head over
-//! `HEAD_MAX` or with over 100 headers with `431` and a URI over 64 KiB with `414`, each with
-//! an empty body, before the router sees a request. No hook changes them, so the connection's
-//! writer replaces them on their way out: each is a response head of its own, written in one
-//! piece just before hyper closes the connection, and the router never answers one of these
-//! statuses without a body.
+//! §10): hyper answers a malformed request line or header with `400`, and a request head over
+//! `HEAD_MAX` or with over 100 headers with `431`, each with an empty body, before the router
+//! sees a request. No hook changes them, so the connection's writer replaces them on their
+//! way out: each is a response head of its own, written in one piece just before hyper closes
+//! the connection, and the router never answers one of these statuses without a body.
+//!
+//! Only as a connection's first bytes: later writes carry our own responses, whose bodies are
+//! a client's bytes (a file that reads like a rejection, downloaded after its head was sent,
+//! was rewritten, and the extra bytes read as the next response on that connection). A
+//! malformed request after others on one connection keeps hyper's empty body.
 
 use std::{
     io::{self, IoSlice},
@@ -19,6 +23,8 @@ pub struct JsonRejections<S> {
     inner: S,
     /// The replacement of a rejection hyper believes written, and how much of it went.
     pending: Option<(Vec<u8>, usize)>,
+    /// Bytes went out as written: no later write is a rejection's.
+    started: bool,
 }
 
 impl<S> JsonRejections<S> {
@@ -26,14 +32,14 @@ impl<S> JsonRejections<S> {
         JsonRejections {
             inner,
             pending: None,
+            started: false,
         }
     }
 }
 
 /// The error text of each status hyper answers on its own.
-const REJECTIONS: [(&str, &str); 3] = [
+const REJECTIONS: [(&str, &str); 2] = [
     ("400", "malformed HTTP request"),
-    ("414", "request URI too long"),
     ("431", "request header fields too large"),
 ];
 
@@ -102,14 +108,19 @@ impl<S: AsyncWrite + Unpin> JsonRejections<S> {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         std::task::ready!(self.poll_pending(cx))?;
-        if let Some(replaced) = rejection_candidate(bufs).and_then(|b| with_json_body(&b)) {
-            let len = bufs.iter().map(|b| b.len()).sum();
-            self.pending = Some((replaced, 0));
-            // Taken whole: what hyper wrote is answered by the replacement, sent from here on.
-            let _ = self.poll_pending(cx)?;
-            return Poll::Ready(Ok(len));
+        if !self.started {
+            if let Some(replaced) = rejection_candidate(bufs).and_then(|b| with_json_body(&b)) {
+                let len = bufs.iter().map(|b| b.len()).sum();
+                self.pending = Some((replaced, 0));
+                self.started = true;
+                // Taken whole: the replacement answers it, sent from here on.
+                let _ = self.poll_pending(cx)?;
+                return Poll::Ready(Ok(len));
+            }
         }
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let written = std::task::ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs))?;
+        self.started |= written > 0;
+        Poll::Ready(Ok(written))
     }
 }
 
@@ -191,6 +202,43 @@ mod tests {
         assert!(with_json_body(two.as_bytes()).is_none(), "pipelined heads");
         let part = &HYPER_431[..HYPER_431.len() - 2];
         assert!(with_json_body(part.as_bytes()).is_none(), "half a head");
+    }
+
+    /// Everything a wrapper over a 16-byte pipe sends when `writes` are written, flushed and
+    /// the stream shut down: partial writes and waits on the way.
+    async fn sent_through(writes: Vec<Vec<u8>>) -> Vec<u8> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (near, mut far) = tokio::io::duplex(16);
+        let writer = tokio::spawn(async move {
+            let mut stream = JsonRejections::new(near);
+            for w in writes {
+                stream.write_all(&w).await.unwrap();
+            }
+            stream.flush().await.unwrap();
+            stream.shutdown().await.unwrap();
+        });
+        let mut sent = Vec::new();
+        far.read_to_end(&mut sent).await.unwrap();
+        writer.await.unwrap();
+        sent
+    }
+
+    #[tokio::test]
+    async fn a_rejection_goes_out_whole_through_partial_writes() {
+        let sent = sent_through(vec![HYPER_431.as_bytes().to_vec()]).await;
+        assert_eq!(sent, with_json_body(HYPER_431.as_bytes()).unwrap());
+    }
+
+    #[tokio::test]
+    async fn only_a_connections_first_bytes_can_be_a_rejection() {
+        // A download whose bytes read like a rejection, after its own head.
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+            HYPER_431.len()
+        );
+        let writes = vec![head.clone().into_bytes(), HYPER_431.as_bytes().to_vec()];
+        let sent = sent_through(writes).await;
+        assert_eq!(sent, format!("{head}{HYPER_431}").into_bytes());
     }
 
     proptest! {

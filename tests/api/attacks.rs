@@ -1778,10 +1778,14 @@ async fn requests_hyper_cannot_parse_are_answered_in_json() {
             let mut sock = TcpStream::connect(&addr).await.unwrap();
             sock.write_all(&request).await.unwrap();
             let mut answer = Vec::new();
-            tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut answer))
+            let read = tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut answer))
                 .await
-                .expect("answered and closed")
-                .unwrap();
+                .expect("answered and closed");
+            // A head hyper stopped reading half way is closed with bytes unread: a reset may
+            // follow the answer.
+            if let Err(e) = read {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+            }
             String::from_utf8(answer).unwrap()
         }
     };
@@ -1852,6 +1856,32 @@ async fn requests_hyper_cannot_parse_are_answered_in_json() {
         answer_to(b"HEAD /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec()).await;
     assert!(answer.starts_with("HTTP/1.1 404 Not Found\r\n"), "{answer}");
     assert!(answer.ends_with("\r\n\r\n"), "no body: {answer}");
+    // A file that ends like one of hyper's rejections is downloaded as it is, whole and in a
+    // range, and the connection's next answer is in step: its last 256 KiB slice, read after
+    // the others went, is a write of its own.
+    let (ws, token) = register_poll(&svc.base).await;
+    let lookalike = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+    let mut data = vec![0u8; 2 << 20];
+    data.extend_from_slice(lookalike);
+    let v: Value = upload_file(&svc, ws, &token, "x.http", &data)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let fid = file_id(&v["files"][0]);
+    let client = reqwest::Client::new();
+    let content = svc.at(&format!("/workspaces/{ws}/pending-uploads/{fid}/content"));
+    let tail = format!("bytes={}-", 2 << 20);
+    for (range, want) in [(None, &data[..]), (Some(tail.as_str()), &lookalike[..])] {
+        let mut req = client.get(&content).bearer_auth(&token);
+        if let Some(range) = range {
+            req = req.header("range", range);
+        }
+        let resp = req.send().await.unwrap();
+        assert!(resp.bytes().await.unwrap()[..] == *want, "{range:?}");
+        let next = client.get(svc.at("/healthz")).send().await.unwrap();
+        assert_eq!(next.status(), StatusCode::OK);
+    }
 }
 
 /// With every MAX_CONNECTIONS place held by connections that never finish their request
