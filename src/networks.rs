@@ -64,7 +64,9 @@ pub fn site_key(ip: IpAddr) -> IpAddr {
 /// - a Teredo client's (`2001::/32`, RFC 4380: its last 32 bits are its NAT's public IPv4
 ///   address, inverted). Teredo addresses were counted as internal (push URLs may not name
 ///   them), so not at all: a client could tunnel through Teredo and hold every upload slot
-///   and every byte of `MAX_STORED_BYTES`, under as many addresses as it had ports.
+///   and every byte of `MAX_STORED_BYTES`, under as many addresses as it had ports;
+/// - a 6to4 site's (`2002:a.b.c.d::/48`, RFC 3056): counted by /56, one IPv4 address had 256
+///   clients' shares.
 pub fn untranslated(ip: IpAddr) -> IpAddr {
     if let IpAddr::V6(v6) = ip {
         let seg = v6.segments();
@@ -74,6 +76,10 @@ pub fn untranslated(ip: IpAddr) -> IpAddr {
         }
         if seg[..2] == [0x2001, 0] {
             return IpAddr::V4(std::net::Ipv4Addr::new(!a, !b, !c, !d));
+        }
+        if seg[0] == 0x2002 {
+            let [_, _, a, b, c, d, ..] = v6.octets();
+            return IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d));
         }
     }
     ip
@@ -102,6 +108,9 @@ mod tests {
             site_key(ip("2001:0:4136:e378:8000:1234:f7f7:fbb2")),
             ip("8.8.4.77")
         );
+        // 6to4: 8.8.4.77 is 0808:044d, whatever the site's subnet.
+        assert_eq!(client_key(ip("2002:808:44d:ff00::1")), ip("8.8.4.77"));
+        assert_eq!(client_key(ip("2002:808:44d:1::1")), ip("8.8.4.77"));
     }
 
     #[test]

@@ -243,6 +243,16 @@ mod tests {
             None,
             "a Teredo client behind 0.0.0.1"
         );
+        assert_eq!(
+            slot_client("2002:808:44d:ff00::1", &none),
+            Some(ip("8.8.4.77")),
+            "a 6to4 site by its IPv4 address"
+        );
+        assert_eq!(
+            slot_client("2002:a00:1::1", &none),
+            None,
+            "6to4 of 10.0.0.1"
+        );
         assert_eq!(slot_client("192.0.2.1", &none), None, "a trusted proxy");
         let h = forwarded(&["8.8.8.9"]);
         assert_eq!(slot_client("192.0.2.1", &h), Some(ip("8.8.8.9")));
