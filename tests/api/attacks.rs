@@ -2179,7 +2179,7 @@ async fn backends(pool: &sqlx::PgPool, condition: &str) -> i64 {
 /// A Teredo client (`2001::/32`) is the IPv4 client its address carries: it was not counted
 /// at all (push URLs may not name such addresses, so they were taken for the operator's own),
 /// and could take every upload slot and all of MAX_STORED_BYTES under as many addresses as it
-/// had ports.
+/// had ports. A 6to4 site (`2002::/16`) is too: one IPv4 address was 256 clients.
 #[tokio::test]
 async fn a_teredo_client_is_counted_as_its_ipv4_address() {
     let svc = Svc::start(&[
@@ -2214,6 +2214,11 @@ async fn a_teredo_client_is_counted_as_its_ipv4_address() {
     );
     assert_eq!(
         from("8.8.4.77", "a4.bin").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // So is a 6to4 site of that address, whatever its subnet (it was counted by /56).
+    assert_eq!(
+        from("2002:808:44d:ff00::1", "a5.bin").await,
         StatusCode::TOO_MANY_REQUESTS
     );
     // Another Teredo client is another client.
