@@ -2189,43 +2189,31 @@ async fn a_teredo_client_is_counted_as_its_ipv4_address() {
     ])
     .await;
     let (ws, token) = register_poll(&svc.base).await;
-    let from = |client: &'static str, name: &'static str| {
+    let from = |client: &'static str, name: String| {
         let req = reqwest::Client::new()
             .post(svc.at(&format!("/workspaces/{ws}/chat/uploads")))
             .bearer_auth(&token)
             .header("Content-Type", "multipart/form-data; boundary=XB")
             .header("x-forwarded-for", client)
-            .body(one_file("XB", name, &bytes(40_000, 5)));
+            .body(one_file("XB", &name, &bytes(40_000, 5)));
         async move { req.send().await.unwrap().status() }
     };
-    // 8.8.4.77 (f7f7:fbb2 inverted) behind Teredo server 65.54.227.120, from two ports: one
-    // client, whose share (100,000 bytes) takes two of these uploads.
-    assert_eq!(
-        from("2001:0:4136:e378:8000:63bf:f7f7:fbb2", "a1.bin").await,
-        StatusCode::OK
-    );
-    assert_eq!(
-        from("2001:0:4136:e378:8000:1234:f7f7:fbb2", "a2.bin").await,
-        StatusCode::OK
-    );
-    assert_eq!(
-        from("2001:0:4136:e378:8000:4321:f7f7:fbb2", "a3.bin").await,
-        StatusCode::TOO_MANY_REQUESTS
-    );
-    assert_eq!(
-        from("8.8.4.77", "a4.bin").await,
-        StatusCode::TOO_MANY_REQUESTS
-    );
-    // So is a 6to4 site of that address, whatever its subnet (it was counted by /56).
-    assert_eq!(
-        from("2002:808:44d:ff00::1", "a5.bin").await,
-        StatusCode::TOO_MANY_REQUESTS
-    );
-    // Another Teredo client is another client.
-    assert_eq!(
-        from("2001:0:4136:e378:8000:63bf:f7f7:fbb1", "b.bin").await,
-        StatusCode::OK
-    );
+    let (taken, refused) = (StatusCode::OK, StatusCode::TOO_MANY_REQUESTS);
+    let uploads = [
+        // 8.8.4.77 (f7f7:fbb2 inverted) behind Teredo server 65.54.227.120, from three
+        // ports: one client, whose share (100,000 bytes) takes two of these uploads.
+        ("2001:0:4136:e378:8000:63bf:f7f7:fbb2", taken),
+        ("2001:0:4136:e378:8000:1234:f7f7:fbb2", taken),
+        ("2001:0:4136:e378:8000:4321:f7f7:fbb2", refused),
+        ("8.8.4.77", refused),
+        // A 6to4 site of that address, whatever its subnet (it was counted by /56).
+        ("2002:808:44d:ff00::1", refused),
+        // Another Teredo client is another client.
+        ("2001:0:4136:e378:8000:63bf:f7f7:fbb1", taken),
+    ];
+    for (n, (client, status)) in uploads.into_iter().enumerate() {
+        assert_eq!(from(client, format!("f{n}.bin")).await, status, "{client}");
+    }
     assert_eq!(svc.count("pending_uploads").await, 3);
 }
 
