@@ -68,21 +68,17 @@ pub fn site_key(ip: IpAddr) -> IpAddr {
 /// - a 6to4 site's (`2002:a.b.c.d::/48`, RFC 3056): counted by /56, one IPv4 address had 256
 ///   clients' shares.
 pub fn untranslated(ip: IpAddr) -> IpAddr {
-    if let IpAddr::V6(v6) = ip {
-        let seg = v6.segments();
-        let [.., a, b, c, d] = v6.octets();
-        if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || seg[..6] == [0x64, 0xff9b, 1, 0, 0, 0] {
-            return IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d));
-        }
-        if seg[..2] == [0x2001, 0] {
-            return IpAddr::V4(std::net::Ipv4Addr::new(!a, !b, !c, !d));
-        }
-        if seg[0] == 0x2002 {
-            let [_, _, a, b, c, d, ..] = v6.octets();
-            return IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d));
-        }
+    let IpAddr::V6(v6) = ip else {
+        return ip;
+    };
+    let (seg, bits) = (v6.segments(), u128::from(v6));
+    let v4 = |bits: u128| IpAddr::V4((bits as u32).into());
+    match seg {
+        [0x64, 0xff9b, 0 | 1, 0, 0, 0, ..] => v4(bits),
+        [0x2001, 0, ..] => v4(!bits),
+        [0x2002, ..] => v4(bits >> 80),
+        _ => ip,
     }
-    ip
 }
 
 #[cfg(test)]

@@ -30,6 +30,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::db::uploads::stored_cost;
+
 pub struct Stored {
     /// 0: no bound.
     max: u64,
@@ -59,7 +61,7 @@ const EVICTED: usize = MAX_CLIENTS / 16;
 
 /// The least an upload costs (one byte, its row and its activity row): a client with less
 /// left is refused before its body is read.
-const LEAST_COST: u64 = 1 + 2 * crate::db::uploads::ROW_WEIGHT as u64;
+const LEAST_COST: u64 = stored_cost(1);
 
 /// Per client site ([`crate::networks::site_key`]), bytes it may still stage: `capacity` at
 /// most, refilled at `capacity` per [`SHARE_PERIOD`].
@@ -252,7 +254,7 @@ impl Stored {
                 .shares()
                 .has(
                     key,
-                    declared.map_or(LEAST_COST, |d| d + LEAST_COST - 1),
+                    declared.map_or(LEAST_COST, stored_cost),
                     Instant::now(),
                 )
                 .map_err(|retry_after| Refused::Share { retry_after }),

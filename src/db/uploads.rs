@@ -881,7 +881,7 @@ pub const ROW_WEIGHT: i64 = 512;
 
 /// What staging a file of `size` bytes adds to [`Backlog::stored_bytes`]: its bytes, its row
 /// and its activity row.
-pub fn stored_cost(size: u64) -> u64 {
+pub const fn stored_cost(size: u64) -> u64 {
     size + 2 * ROW_WEIGHT as u64
 }
 

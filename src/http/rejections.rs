@@ -16,7 +16,10 @@ use std::{
     task::{Context, Poll},
 };
 
+use axum::http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::error::ApiError;
 
 /// A connection's stream whose writes of hyper's empty rejections go out with a JSON body.
 pub struct JsonRejections<S> {
@@ -37,19 +40,27 @@ impl<S> JsonRejections<S> {
     }
 }
 
-/// The error text of each status hyper answers on its own.
-const REJECTIONS: [(&str, &str); 2] = [
-    ("400", "malformed HTTP request"),
-    ("431", "request header fields too large"),
-];
+/// The error of each status hyper answers on its own: a framework rejection, as the
+/// router's are ([`ApiError::Rejected`]).
+fn rejection(status: &str) -> Option<ApiError> {
+    let (status, message) = match status {
+        "400" => (StatusCode::BAD_REQUEST, "malformed HTTP request"),
+        "431" => (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request header fields too large",
+        ),
+        _ => return None,
+    };
+    let message = message.to_string();
+    Some(ApiError::Rejected { status, message })
+}
 
 /// `head` with a JSON body, when it is one of hyper's empty rejections: `HTTP/1.1 <status>`
 /// with `Content-Length: 0`, a head alone.
 fn with_json_body(head: &[u8]) -> Option<Vec<u8>> {
     let head = std::str::from_utf8(head).ok()?;
     let (start, rest) = head.split_once("\r\n")?;
-    let status = start.strip_prefix("HTTP/1.1 ")?.get(..3)?;
-    let (_, error) = REJECTIONS.iter().find(|(s, _)| *s == status)?;
+    let error = rejection(start.strip_prefix("HTTP/1.1 ")?.get(..3)?)?;
     let fields = rest.strip_suffix("\r\n\r\n")?;
     if fields.contains("\r\n\r\n") {
         return None;
@@ -61,7 +72,7 @@ fn with_json_body(head: &[u8]) -> Option<Vec<u8>> {
     {
         return None;
     }
-    let body = serde_json::json!({ "error": error }).to_string();
+    let body = serde_json::to_string(&error.body()).ok()?;
     let mut out =
         format!("{start}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\n");
     for field in fields
