@@ -35,7 +35,7 @@ use crate::{
     slots::Slot,
     storage::{
         bytea::{self, READ_CHUNK, WHOLE_UP_TO},
-        ByteRange,
+        ByteRange, StorageError,
     },
 };
 
@@ -225,7 +225,7 @@ async fn find(
         (status = 401, description = "missing or invalid bearer"),
         (status = 404, description = "pending upload not found or expired"),
         (status = 416, description = "range not satisfiable"),
-        (status = 503, description = "datastore unavailable"),
+        (status = 503, description = "datastore or storage unavailable"),
     )
 )]
 pub async fn content_head(
@@ -239,6 +239,12 @@ pub async fn content_head(
         return Ok(not_modified(&row));
     }
     let (status, range) = requested_range(&headers, &row)?;
+    // As its GET would answer: a row whose object was deleted out of band is a 404 here too,
+    // not a 200 whose GET then fails.
+    let loc = row.location();
+    if let Err(e) = st.storage.check_present(&loc).await {
+        return Err(not_served(&row, st.storage.reader_name(&loc), e));
+    }
     Ok(respond(&row, status, range, Body::empty()))
 }
 
@@ -294,14 +300,7 @@ pub async fn content(
         Err(e) => {
             let backend = st.storage.reader_name(&loc);
             m.files_fetched.with_label_values(&[backend, "error"]).inc();
-            // SPEC §8: a failed transition logs its line. A live row whose bytes are gone
-            // (an object deleted out of band) answered 404 and said nothing to the operator.
-            tracing::warn!(
-                event = "failed", workspace_id = %row.workspace_id, file_id = %row.file_id,
-                size = row.size_bytes, name = clip(&row.filename).as_str(), backend,
-                error = %e, "upload not served"
-            );
-            return Err(e.into());
+            return Err(not_served(&row, backend, e));
         }
     };
     // The backend that serves it: a dual row's bytea copy when S3 failed.
@@ -321,6 +320,18 @@ pub async fn content(
         _slot: slot,
     });
     Ok(respond(&row, status, range, body))
+}
+
+/// A row's bytes that could not be read from `backend`, logged and answered. SPEC §8: a
+/// failed transition logs its line; a live row whose bytes are gone (an object deleted out of
+/// band) answered 404 and said nothing to the operator.
+fn not_served(row: &UploadRow, backend: &str, e: StorageError) -> ApiError {
+    tracing::warn!(
+        event = "failed", workspace_id = %row.workspace_id, file_id = %row.file_id,
+        size = row.size_bytes, name = clip(&row.filename).as_str(), backend,
+        error = %e, "upload not served"
+    );
+    e.into()
 }
 
 /// What to do once a download's last byte has been handed to the connection: stamp

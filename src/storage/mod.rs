@@ -402,6 +402,20 @@ impl Storage {
         }
     }
 
+    /// Whether [`Storage::open`] would find the row's bytes, without reading them (a HEAD
+    /// answers as its GET would): a row with an inline copy has them (S3 failing, the read
+    /// falls back to it), an S3-only row when the bucket has its object, else `Missing`.
+    pub async fn check_present(&self, loc: &Location) -> Result<(), StorageError> {
+        let Some(key) = loc.s3_key.as_deref().filter(|_| !loc.inline) else {
+            return Ok(());
+        };
+        let head = async { self.s3_or_err()?.head_key(key).await };
+        match metrics::storage_op("s3", "head", head).await? {
+            Some(_) => Ok(()),
+            None => Err(StorageError::Missing),
+        }
+    }
+
     /// The read-ahead budget of inline reads ([`bytea::reserve_whole`]).
     pub fn read_ahead_budget(&self) -> Arc<tokio::sync::Semaphore> {
         self.bytea.budget()

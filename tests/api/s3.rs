@@ -1050,6 +1050,16 @@ async fn a_fallback_read_is_counted_and_logged_as_the_bytea_read_it_is() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.text().await.unwrap(), "both copies");
+    // A HEAD answers as the GET did: the bytea copy is there to be read.
+    let head = client
+        .head(format!(
+            "{base}/workspaces/{ws}/pending-uploads/{fid}/content"
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
     wait_for_metric(
         &base,
         r#"pending_uploads_files_fetched_total{backend="bytea",outcome="ok"}"#,
@@ -1556,8 +1566,9 @@ async fn a_wrong_size_guess_counts_as_put_again() {
 }
 
 /// Two things only the log can tell an operator (a black-box probe):
-/// - a live row whose object was deleted out of band answers 404, and now logs its failed
-///   transition (SPEC §8) instead of nothing;
+/// - a live row whose object was deleted out of band answers 404, to a GET and to a HEAD
+///   (which said 200 from the row alone), and now logs its failed transition (SPEC §8)
+///   instead of nothing;
 /// - a replica rolled back to bytea without the bucket, over rows whose bytes live only in
 ///   S3, says so at start-up instead of only answering 503 for each.
 #[tokio::test]
@@ -1598,13 +1609,26 @@ async fn lost_objects_and_an_unreadable_bucket_are_logged() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    // HEAD answers as its GET does (it said 200 from the row alone), and is logged as well.
+    let resp = reqwest::Client::new()
+        .head(format!(
+            "{base}/workspaces/{ws}/pending-uploads/{fid}/content"
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     let out = svc.terminate().await;
-    let failed = log_lines(&out.stderr)
+    let failed: Vec<Value> = log_lines(&out.stderr)
         .into_iter()
-        .find(|l| l["message"] == "upload not served")
-        .expect("the failed read is logged");
-    assert_eq!(failed["event"], "failed");
-    assert_eq!(failed["file_id"], fid.to_string());
+        .filter(|l| l["message"] == "upload not served")
+        .collect();
+    assert_eq!(failed.len(), 2, "the GET and the HEAD are logged");
+    for line in &failed {
+        assert_eq!(line["event"], "failed");
+        assert_eq!(line["file_id"], fid.to_string());
+    }
 
     let port = free_port();
     let mut cmd = bin_command(&db);
