@@ -5,7 +5,8 @@
 //! - `hey` (`-c W -q R/W`: W workers, each throttled to R/W requests per second, per
 //!   shared/ENVIRONMENT.md), whose workers fire together and each wait for their own answer.
 //!
-//! Each route is warmed up first; hey's per-request CSV gives its percentiles.
+//! Each route is warmed up first; hey's per-request CSV gives its percentiles. With
+//! `--reference-bin`, the same routes against that binary too, route by route in turn.
 
 use serde_json::Value;
 
@@ -39,12 +40,113 @@ struct Figures {
     busy: Option<f64>,
 }
 
+/// One binary under test: its service, database and routes.
+struct Instance {
+    label: &'static str,
+    svc: Service,
+    db: String,
+    routes: Vec<Route>,
+}
+
 pub async fn run(env: &Env, o: &Opts) {
+    let bins = std::iter::once(("service", env.bin.as_str()))
+        .chain(env.reference_bin.as_deref().map(|b| ("reference", b)));
+    let mut instances = Vec::new();
+    for (label, bin) in bins {
+        instances.push(start(env, label, bin).await);
+    }
+    let compared = instances.len() > 1;
+    let mut paced = Vec::new();
+    let mut hey = Vec::new();
+    // Route by route, each binary in turn: a change in the machine's load between runs
+    // touches both alike.
+    for route in 0..instances[0].routes.len() {
+        for inst in &instances {
+            let r = &inst.routes[route];
+            let name = row_name(r.name, inst.label, compared);
+            let addr = inst.svc.base.trim_start_matches("http://").to_string();
+            let request = format!(
+                "{} {} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Length: 0\r\n\r\n",
+                r.method,
+                r.url.trim_start_matches(&inst.svc.base),
+                r.token
+            );
+            crate::paced::run(&addr, &request, o.rate, o.warmup as f64).await;
+            let out = crate::paced::run(&addr, &request, o.rate, o.seconds as f64).await;
+            let mut f = figures(out.ms, out.failed, out.seconds);
+            f.steal = Some(out.steal_pct);
+            f.busy = Some(out.busy_pct);
+            eprintln!(
+                "latency (paced) {name}: {} sent, p50 {:.2} ms, p99 {:.2} ms, {:.0} req/s, {} connections, CPU busy {:.0} %, steal {:.1} %",
+                out.sent, f.p50, f.p99, f.rate, out.connections, out.busy_pct, out.steal_pct
+            );
+            paced.push((name, f));
+        }
+        let Some(bin) = &env.hey else { continue };
+        for inst in &instances {
+            let r = &inst.routes[route];
+            let name = row_name(r.name, inst.label, compared);
+            hey_run(bin, r, o.warmup, o).await;
+            let f = hey_run(bin, r, o.seconds, o).await;
+            eprintln!(
+                "latency (hey) {name}: p50 {:.2} ms, p99 {:.2} ms, {:.0} req/s",
+                f.p50, f.p99, f.rate
+            );
+            hey.push((name, f));
+        }
+    }
+    for inst in instances {
+        drop(inst.svc);
+        drop_db(&env.server, &inst.db).await;
+    }
+    println!(
+        "\nLatency at {} req/s offered, open loop and evenly paced (this bench's generator, `benches/suite/paced.rs`: request i due at i/rate, latency counted from when it was due; {} s per route after a {} s warm-up; bytea; service, PostgreSQL and generator on this machine{}):\n",
+        o.rate,
+        o.seconds,
+        o.warmup,
+        if compared {
+            "; each route against this build, then against the reference binary"
+        } else {
+            ""
+        }
+    );
+    print_table(paced);
+    if hey.is_empty() {
+        println!(
+            "\nhey: skipped, it is not installed (scripts/bench.sh installs it with apt-get)."
+        );
+        return;
+    }
+    println!(
+        "\nThe same at {} req/s from hey (-z {}s -c {} -q {}, after a {} s warm-up per route):\n",
+        o.rate,
+        o.seconds,
+        o.workers,
+        o.rate / o.workers,
+        o.warmup
+    );
+    print_table(hey);
+    println!("\nhey's workers fire together, so its load arrives in bursts of {}, and each waits for its own previous answer, so a stall also lowers the achieved rate: compare it with the offered rate.", o.workers);
+}
+
+/// A table row's name: the route, and which binary answered when two are compared.
+fn row_name(route: &str, label: &str, compared: bool) -> String {
+    if compared {
+        format!("{route}, {label}")
+    } else {
+        route.to_string()
+    }
+}
+
+/// A service of `bin` on a database of its own, with the files and workspaces the routes
+/// read: 256 files of 1 KiB in one workspace (the activity feed, the content and the ack),
+/// 64 pending in another (the list).
+async fn start(env: &Env, label: &'static str, bin: &str) -> Instance {
     let db = fresh_db(&env.server).await;
     let svc = Service::start(
         env,
         Spec {
-            bin: &env.bin,
+            bin,
             db: &db,
             backend: "bytea",
             prefix: "unused/",
@@ -56,8 +158,6 @@ pub async fn run(env: &Env, o: &Opts) {
     let base = svc.base.clone();
     let ws = crate::harness::workspace(&http, &base).await;
     let listed = crate::harness::workspace(&http, &base).await;
-    // 256 files of 1 KiB in `ws` (the activity feed, the content and the ack), 64 pending in
-    // `listed` (the list)
     let mut ids = Vec::new();
     for _ in 0..4 {
         ids.extend(upload_batch(&http, &base, &ws, 64).await);
@@ -67,7 +167,7 @@ pub async fn run(env: &Env, o: &Opts) {
     // newest first: the fifth newest row, so each poll answers the 4 rows after it
     let cursor = feed.last().unwrap()["id"].as_str().unwrap().to_string();
     let file = &ids[ids.len() / 2];
-    let routes = [
+    let routes = vec![
         // no database: what the machine itself gives (scheduling, vCPU steal, loopback)
         Route {
             name: "GET /healthz (no database: this machine's floor)",
@@ -103,62 +203,15 @@ pub async fn run(env: &Env, o: &Opts) {
             token: ws.token.clone(),
         },
     ];
-    let addr = base.trim_start_matches("http://").to_string();
-    let mut paced = Vec::new();
-    let mut hey = Vec::new();
-    for r in &routes {
-        let request = format!(
-            "{} {} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Length: 0\r\n\r\n",
-            r.method,
-            r.url.trim_start_matches(&base),
-            r.token
-        );
-        crate::paced::run(&addr, &request, o.rate, o.warmup as f64).await;
-        let out = crate::paced::run(&addr, &request, o.rate, o.seconds as f64).await;
-        let mut f = figures(out.ms, out.failed, out.seconds);
-        f.steal = Some(out.steal_pct);
-        f.busy = Some(out.busy_pct);
-        eprintln!(
-            "latency (paced) {}: {} sent, p50 {:.2} ms, p99 {:.2} ms, {:.0} req/s, {} connections, CPU busy {:.0} %, steal {:.1} %",
-            r.name, out.sent, f.p50, f.p99, f.rate, out.connections, out.busy_pct, out.steal_pct
-        );
-        paced.push((r.name, f));
-        if let Some(bin) = &env.hey {
-            hey_run(bin, r, o.warmup, o).await;
-            let f = hey_run(bin, r, o.seconds, o).await;
-            eprintln!(
-                "latency (hey) {}: p50 {:.2} ms, p99 {:.2} ms, {:.0} req/s",
-                r.name, f.p50, f.p99, f.rate
-            );
-            hey.push((r.name, f));
-        }
+    Instance {
+        label,
+        svc,
+        db,
+        routes,
     }
-    drop(svc);
-    drop_db(&env.server, &db).await;
-    println!(
-        "\nLatency at {} req/s offered, open loop and evenly paced (this bench's generator, `benches/suite/paced.rs`: request i due at i/rate, latency counted from when it was due; {} s per route after a {} s warm-up; bytea; service, PostgreSQL and generator on this machine):\n",
-        o.rate, o.seconds, o.warmup
-    );
-    print_table(paced);
-    if hey.is_empty() {
-        println!(
-            "\nhey: skipped, it is not installed (scripts/bench.sh installs it with apt-get)."
-        );
-        return;
-    }
-    println!(
-        "\nThe same at {} req/s from hey (-z {}s -c {} -q {}, after a {} s warm-up per route):\n",
-        o.rate,
-        o.seconds,
-        o.workers,
-        o.rate / o.workers,
-        o.warmup
-    );
-    print_table(hey);
-    println!("\nhey's workers fire together, so its load arrives in bursts of {}, and each waits for its own previous answer, so a stall also lowers the achieved rate: compare it with the offered rate.", o.workers);
 }
 
-fn print_table(rows: Vec<(&str, Figures)>) {
+fn print_table(rows: Vec<(String, Figures)>) {
     println!(
         "| request | requests | failed | achieved req/s | p50 ms | p90 ms | p99 ms | max ms | CPU busy % | vCPU steal % |"
     );

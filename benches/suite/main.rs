@@ -129,7 +129,8 @@ struct Args {
         value_delimiter = ','
     )]
     memory: Vec<String>,
-    /// roundtrips and small: also measure this binary (e.g. today's release) in the same run.
+    /// roundtrips, small and latency: also measure this binary (e.g. today's release) in the
+    /// same run.
     #[arg(long, env = "BENCH_REFERENCE_BIN")]
     reference_bin: Option<String>,
     /// cargo bench passes --bench (checked before parsing).
