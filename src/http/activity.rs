@@ -5,12 +5,14 @@ use std::{collections::HashMap, time::Duration};
 
 use axum::{
     extract::{Query, State},
+    http::{header, HeaderValue},
     response::Response,
+    Extension,
 };
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{answer, error::ApiError, extract::WorkspaceClaim, AppState};
+use super::{answer, conn::PeerWatch, error::ApiError, extract::WorkspaceClaim, AppState};
 use crate::{
     api::{self, attachment_kind, ActivityRow, Attachment},
     auth::Credential,
@@ -115,6 +117,7 @@ impl FeedQuery {
 pub async fn list(
     State(st): State<AppState>,
     who: WorkspaceClaim,
+    peer: Option<Extension<PeerWatch>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let query = FeedQuery::parse(&q)?;
@@ -147,10 +150,19 @@ pub async fn list(
         if slot.is_none() {
             slot = Some(wait_slot(&st, who)?);
         }
-        tokio::select! {
-            _ = &mut woken => {}
-            _ = tokio::time::sleep_until(deadline) => {
+        match wait_for(woken, deadline, peer.as_ref().map(|Extension(p)| p)).await {
+            Waited::Woken => {}
+            Waited::Ended => {
                 tracing::debug!(%workspace_id, %cursor, "long poll ended with nothing new");
+            }
+            Waited::ClientGone => {
+                tracing::debug!(%workspace_id, %cursor, "long poll's client went: its place freed");
+                // Nobody reads it; the connection closes after it rather than go on to
+                // whatever the client left behind it.
+                let mut gone = super::ok_json(Vec::<ActivityRow>::new());
+                gone.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return Ok(gone);
             }
         }
         // Woken by the shutdown: answer as an ended wait does, without one more query per
@@ -158,6 +170,39 @@ pub async fn list(
         // moved, so another replica answers it whatever committed meanwhile.
         if !st.is_accepting() {
             return Ok(super::ok_json(Vec::<ActivityRow>::new()));
+        }
+    }
+}
+
+/// How often a waiting long poll asks whether its client is still there ([`PeerWatch`]):
+/// about as long as a place is held after its client went where hyper cannot tell.
+const PEER_CHECK: Duration = Duration::from_secs(3);
+
+enum Waited {
+    Woken,
+    Ended,
+    ClientGone,
+}
+
+/// Waits until `woken`, the `deadline`, or the client is found gone (checked every
+/// [`PEER_CHECK`], without a query).
+async fn wait_for(
+    mut woken: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+    deadline: tokio::time::Instant,
+    peer: Option<&PeerWatch>,
+) -> Waited {
+    loop {
+        let check = deadline.min(tokio::time::Instant::now() + PEER_CHECK);
+        tokio::select! {
+            _ = woken.as_mut() => return Waited::Woken,
+            _ = tokio::time::sleep_until(check) => {
+                if check >= deadline {
+                    return Waited::Ended;
+                }
+                if peer.is_some_and(PeerWatch::gone) {
+                    return Waited::ClientGone;
+                }
+            }
         }
     }
 }

@@ -14,6 +14,7 @@ use std::{
     future::Future,
     io::{self, IoSlice},
     pin::Pin,
+    sync::{Arc, Mutex, PoisonError},
     task::{Context, Poll},
     time::Duration,
 };
@@ -102,6 +103,8 @@ struct Wait {
 /// writer, whom it wakes only once a good part of the buffer has drained.
 pub struct ClientStream {
     inner: TcpStream,
+    /// The socket, for [`PeerWatch`]es, until this is dropped (and the socket closed).
+    watched: Arc<Mutex<Option<std::os::fd::RawFd>>>,
     pace: ResponsePace,
     /// Bytes written, what `acked` falls back to where `TCP_INFO` has no count.
     written: u64,
@@ -115,7 +118,9 @@ pub struct ClientStream {
 
 impl ClientStream {
     pub fn new(inner: TcpStream, pace: ResponsePace) -> ClientStream {
+        use std::os::fd::AsRawFd;
         ClientStream {
+            watched: Arc::new(Mutex::new(Some(inner.as_raw_fd()))),
             inner,
             pace,
             written: 0,
@@ -123,6 +128,12 @@ impl ClientStream {
             waiting: None,
             timer: None,
         }
+    }
+
+    /// Asks whether the client has closed its side of this connection, for as long as the
+    /// connection lives.
+    pub fn watch(&self) -> PeerWatch {
+        PeerWatch(self.watched.clone())
     }
 
     /// Bytes of responses the client has acknowledged.
@@ -237,6 +248,59 @@ impl ClientStream {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
         }
     }
+}
+
+impl Drop for ClientStream {
+    fn drop(&mut self) {
+        // Before the socket closes (the fields drop after this): its number may be reused.
+        *self.watched.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
+/// Whether a connection's client has gone: it closed its side (a FIN) or reset the
+/// connection. A request that waits on something else (a long poll) asks this of the socket
+/// itself: hyper reads a connection only to find its next request, and stops while it holds
+/// one (pipelined, or a stray CRLF after the head) or an unread body; it then never sees the
+/// close, and the request would keep its place for its whole wait. A client that half-closes
+/// counts as gone, as hyper counts it (`half_close` is off).
+#[derive(Clone)]
+pub struct PeerWatch(Arc<Mutex<Option<std::os::fd::RawFd>>>);
+
+impl PeerWatch {
+    pub fn gone(&self) -> bool {
+        let socket = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match *socket {
+            // Held under the lock: the socket cannot close meanwhile.
+            Some(fd) => tcp_state(fd).is_some_and(|state| state != TCP_ESTABLISHED),
+            None => true,
+        }
+    }
+}
+
+const TCP_ESTABLISHED: u8 = 1;
+
+/// The TCP state of socket `fd` (`TCP_INFO`'s `tcpi_state`), or `None` where it cannot be read.
+#[cfg(target_os = "linux")]
+fn tcp_state(fd: std::os::fd::RawFd) -> Option<u8> {
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, a plain C struct for which
+    // all zeroes is a valid value; `fd` is open (the caller holds it, see `PeerWatch`).
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        );
+        (rc == 0 && len >= 1).then_some(info.tcpi_state)
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn tcp_state(_: std::os::fd::RawFd) -> Option<u8> {
+    None
 }
 
 /// What the peer has acknowledged of everything sent on `socket` (Linux ≥ 4.1).

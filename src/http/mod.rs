@@ -394,7 +394,9 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let io = rejections::JsonRejections::new(conn::ClientStream::new(stream, opts.response));
+        let client = conn::ClientStream::new(stream, opts.response);
+        let watch = client.watch();
+        let io = rejections::JsonRejections::new(client);
         let peer_ip = peer::Peer(peer.ip());
         let standing = idle.add();
         let (begins, ends) = (standing.clone(), standing.clone());
@@ -404,6 +406,7 @@ pub async fn serve(
                     begins.begin();
                     req.extensions_mut().insert(peer_ip);
                     req.extensions_mut().insert(begins.clone());
+                    req.extensions_mut().insert(watch.clone());
                     req
                 })
                 .map_response(move |resp: Response| {

@@ -626,6 +626,47 @@ async fn long_polls_beyond_the_workspace_bound_get_429() {
     assert!(!again.is_finished() && !other.is_finished());
 }
 
+/// A long poll whose client goes with bytes left unread behind its request frees its place
+/// too: a stray CRLF after the head, a pipelined request, a body it declared and never sent.
+/// hyper, holding those bytes, stops reading the connection and never sees the close; the
+/// poll asks the socket itself (every 3 s). Before, it held its place for its whole wait (a
+/// black-box probe: 59 s of a `wait=60`, the workspace's own poller refused meanwhile).
+#[tokio::test]
+async fn a_long_poll_whose_client_left_bytes_behind_frees_its_place() {
+    use tokio::io::AsyncWriteExt;
+    let db = fresh_db().await;
+    let port = free_port();
+    let mut cmd = bin_command(&db);
+    cmd.env("MAX_LONG_POLLS_PER_WORKSPACE", "1");
+    let _service = spawn_service(cmd, port).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let pool = sqlx::PgPool::connect(&db).await.unwrap();
+    let a = Poller::new(&base, &pool).await;
+    let poll = format!(
+        "GET /workspaces/{}/activity?since_id={}&wait=60 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n",
+        a.ws, a.cursor, a.token
+    );
+    let left_behind = [
+        format!("{poll}\r\n\r\n"),
+        format!("{poll}\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
+        format!("{poll}Content-Length: 1\r\n\r\n"),
+    ];
+    for request in left_behind {
+        let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        client.write_all(request.as_bytes()).await.unwrap();
+        wait_for_metric(&base, WAITING, 1.0).await;
+        drop(client);
+        wait_for_metric(&base, WAITING, 0.0).await;
+        // The workspace's next poll has the place.
+        let next = a.wait();
+        wait_for_metric(&base, WAITING, 1.0).await;
+        next.abort();
+        wait_for_metric(&base, WAITING, 0.0).await;
+    }
+}
+
 /// The replica holds at most MAX_LONG_POLLS waiting long polls, whatever the workspaces:
 /// beyond, 503 at once, so waiting polls never take the connections other requests need.
 #[tokio::test]
