@@ -60,10 +60,12 @@ impl FeedQuery {
         };
         let since_secs = match get("since_secs") {
             None => None,
-            Some(v) => match v.parse::<i64>() {
-                Ok(n) if n > 0 => Some(n.min(MAX_WINDOW_SECS)),
-                _ => return Err(bad("since_secs must be a positive integer")),
-            },
+            // A positive integer past 64 bits is over the maximum as any other is.
+            Some(v) if positive_digits(v) => Some(
+                v.parse::<i64>()
+                    .map_or(MAX_WINDOW_SECS, |n| n.min(MAX_WINDOW_SECS)),
+            ),
+            Some(_) => return Err(bad("since_secs must be a positive integer")),
         };
         let since_id = match get("since_id") {
             None => None,
@@ -88,6 +90,12 @@ impl FeedQuery {
             wait,
         })
     }
+}
+
+/// Digits only, not all zero: a positive integer, however long.
+fn positive_digits(v: &str) -> bool {
+    let v = v.strip_prefix('+').unwrap_or(v);
+    !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) && v.bytes().any(|b| b != b'0')
 }
 
 #[utoipa::path(
@@ -310,10 +318,17 @@ mod tests {
         for odd in ["-4", "0", "ten", "1.5"] {
             assert_eq!(q(&[("limit", odd)]).unwrap().limit, 100, "limit={odd}");
         }
-        assert_eq!(
-            q(&[("since_secs", "99999999999")]).unwrap().since_secs,
-            Some(MAX_WINDOW_SECS)
-        );
+        for huge in [
+            "99999999999",
+            "9223372036854775808",
+            "+000123456789012345678901234567890",
+        ] {
+            assert_eq!(
+                q(&[("since_secs", huge)]).unwrap().since_secs,
+                Some(MAX_WINDOW_SECS),
+                "since_secs={huge}"
+            );
+        }
         for (k, v) in [
             ("since_secs", "0"),
             ("since_secs", "-1"),

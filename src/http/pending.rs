@@ -500,7 +500,10 @@ fn names_entity_tag(value: &[u8], opaque: &[u8]) -> bool {
 /// 304: no bytes, and of the headers a 200 would carry only what RFC 9110 §15.4.5 asks for
 /// (ETag; `Vary` comes from the CORS layer).
 fn not_modified(row: &UploadRow) -> Response {
-    let mut resp = Response::new(Body::empty());
+    // A body of no known length: axum gives a HEAD answer the Content-Length of its body
+    // (here 0, where the 200's is the file's, RFC 9110 §8.6), and hyper sends none for a 304.
+    let none = futures::stream::empty::<Result<Bytes, std::io::Error>>();
+    let mut resp = Response::new(Body::from_stream(none));
     *resp.status_mut() = StatusCode::NOT_MODIFIED;
     if let Ok(v) = HeaderValue::from_str(&etag(row)) {
         resp.headers_mut().insert(header::ETAG, v);

@@ -158,6 +158,14 @@ async fn without_a_cursor_the_newest_rows_newest_first() {
         6,
         "limit is clamped, not refused"
     );
+    // So is a window past 64 bits (it was a 400, while one just inside them was clamped).
+    assert_eq!(
+        feed(&app, ws, &token, "since_secs=9223372036854775808")
+            .await
+            .len(),
+        6,
+        "since_secs is clamped to 30 days"
+    );
     // What the platform's handler does with a limit that is not a positive integer: the
     // default (100 rows; here all 6), not an error and not one row.
     for odd in ["abc", "0", "-3"] {

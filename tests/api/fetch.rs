@@ -397,6 +397,12 @@ async fn if_none_match_answers_304_while_the_etag_is_current() {
             assert_eq!(resp.status(), status, "{method} {case}");
             let tag = if file == fid { &strong } else { &weak };
             assert_eq!(resp.headers()["etag"], tag.as_str(), "{method} {case}");
+            if status == not_modified {
+                // RFC 9110 §8.6: none, or the 200's; a HEAD said 0 where its GET said none.
+                for framing in ["content-length", "transfer-encoding"] {
+                    assert_eq!(resp.headers().get(framing), None, "{method} {case}");
+                }
+            }
             let body = resp.bytes().await.unwrap();
             match (status, &method) {
                 (StatusCode::OK, &Method::GET) => assert!(body == data, "{case}: the file"),

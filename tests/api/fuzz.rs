@@ -2174,9 +2174,18 @@ fn feed_model(q: &HashMap<String, String>) -> FeedExp {
         Some(n) if n > 0 => n.min(500),
         _ => 100,
     };
-    let since_secs = match get("since_secs").map(str::parse::<i64>) {
+    // A positive integer, however many digits, clamped to 30 days.
+    let positive = |v: &str| {
+        let digits = v.strip_prefix('+').unwrap_or(v);
+        !digits.is_empty()
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && digits.bytes().any(|b| b != b'0')
+    };
+    let since_secs = match get("since_secs") {
         None => None,
-        Some(Ok(n)) if n > 0 => Some(n.min(30 * 86_400)),
+        Some(v) if positive(v) => {
+            Some(v.parse::<i64>().map_or(30 * 86_400, |n| n.min(30 * 86_400)))
+        }
         Some(_) => return FeedExp::BadRequest,
     };
     let cursor = match get("since_id").map(Uuid::try_parse) {
