@@ -38,6 +38,7 @@ pub struct Metrics {
     pub uploads_in_progress: IntGauge,
     pub downloads_in_progress: IntGauge,
     pub long_polls_waiting: IntGauge,
+    pub long_poll_wakes: IntCounterVec,
     pub spool_memory_reserved: IntGauge,
     pub upload_arena: IntGaugeVec,
     pub stored_bytes: IntGauge,
@@ -238,6 +239,11 @@ impl Metrics {
                     "Long polls (wait=) waiting, each holding one of the MAX_LONG_POLLS slots",
                 ))
                 .expect("valid metric"),
+            ),
+            long_poll_wakes: r.counter(
+                "long_poll_wakes_total",
+                "Waiting long polls woken by a commit in their workspace: queried (the feed read again) or ignored (their filter cannot match what commits announce)",
+                &["outcome"],
             ),
             spool_memory_reserved: r.add(
                 IntGauge::with_opts(opts(

@@ -38,6 +38,11 @@ const COLUMNS: &str = "id, workspace_id, activity_type, source_id, target_id, me
                        request_body, response_body, COALESCE(status, '') AS status, error_detail, \
                        created_at, seq";
 
+/// The type and method of the activity rows this service writes (an upload's, see
+/// `pending_uploads_log`), the only rows whose commits are announced to long polls.
+pub const UPLOAD_ROW_TYPE: &str = "a2a_receive";
+pub const UPLOAD_ROW_METHOD: &str = "chat_upload_receive";
+
 /// The filters given, as `$4`-`$6` of the feed queries (always bound; only those given are
 /// in the text), so each filter has a statement, and a plan, of its own: one statement of the
 /// form `($4 IS NULL OR activity_type = $4)` for every filter could settle on a generic plan

@@ -675,6 +675,88 @@ async fn a_long_poll_whose_client_left_bytes_behind_frees_its_place() {
     }
 }
 
+/// Only an upload's rows wake a long poll (they alone are announced): a wait whose filter
+/// excludes them no longer reads the feed again at every upload in its workspace (a black-box
+/// probe: 32 waits with `type=zzz` made each upload 33 transactions, and another workspace's
+/// downloads' p99 five times slower). A wait whose filter admits them is answered as before.
+#[tokio::test]
+async fn a_wake_that_cannot_answer_a_long_polls_filter_reads_nothing() {
+    let db = fresh_db().await;
+    let port = free_port();
+    let _service = spawn_service(bin_command(&db), port).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let pool = sqlx::PgPool::connect(&db).await.unwrap();
+    let a = Poller::new(&base, &pool).await;
+    let poll = |cursor: Uuid, filter: &str| {
+        let request = reqwest::Client::new()
+            .get(format!(
+                "{base}/workspaces/{}/activity?since_id={cursor}&wait=30&{filter}",
+                a.ws
+            ))
+            .bearer_auth(&a.token);
+        tokio::spawn(async move { request.send().await.unwrap() })
+    };
+    let wakes = |text: &str, outcome: &str| {
+        metric_value(
+            text,
+            &format!("pending_uploads_long_poll_wakes_total{{outcome=\"{outcome}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    let excluded: Vec<_> = [
+        "type=zzz",
+        "method=message/send",
+        "type=a2a_receive&method=zzz",
+    ]
+    .into_iter()
+    .map(|filter| poll(a.cursor, filter))
+    .collect();
+    wait_for_metric(&base, WAITING, 3.0).await;
+    for name in ["1.bin", "2.bin", "3.bin", "4.bin", "5.bin"] {
+        a.upload(name).await;
+    }
+    let started = std::time::Instant::now();
+    let text = loop {
+        let text = scrape_metrics(&base).await;
+        if wakes(&text, "ignored") >= 3.0 {
+            break text;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(wakes(&text, "queried"), 0.0, "{text}");
+    assert_eq!(metric_value(&text, WAITING), Some(3.0));
+    assert!(excluded.iter().all(|p| !p.is_finished()));
+
+    // A wait that admits an upload's rows reads the feed when woken, and is answered.
+    let newest = reqwest::Client::new()
+        .get(format!("{base}/workspaces/{}/activity?limit=1", a.ws))
+        .bearer_auth(&a.token)
+        .send()
+        .await
+        .unwrap()
+        .json::<Vec<Value>>()
+        .await
+        .unwrap()[0]["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let admitted = poll(newest, "type=a2a_receive&method=chat_upload_receive");
+    wait_for_metric(&base, WAITING, 4.0).await;
+    a.upload("6.bin").await;
+    let resp = tokio::time::timeout(Duration::from_secs(5), admitted)
+        .await
+        .expect("answered by the upload")
+        .unwrap();
+    let rows: Vec<Value> = resp.json().await.unwrap();
+    assert_eq!(rows[0]["summary"], "chat_upload_receive: 6.bin");
+    assert!(wakes(&scrape_metrics(&base).await, "queried") >= 1.0);
+    for p in excluded {
+        p.abort();
+    }
+}
+
 /// The replica holds at most MAX_LONG_POLLS waiting long polls, whatever the workspaces:
 /// beyond, 503 at once, so waiting polls never take the connections other requests need.
 #[tokio::test]
