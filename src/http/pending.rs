@@ -625,11 +625,14 @@ fn respond(row: &UploadRow, status: StatusCode, range: ByteRange, body: Body) ->
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    // Rows written by others may hold anything: only a sane type becomes the header.
+    // Rows written by others may hold anything: only a sane type becomes the header (a
+    // header value may carry bytes past ASCII, a media type may not).
     let content_type = HeaderValue::from_str(&row.mimetype)
         .ok()
         .filter(|_| {
-            !row.mimetype.is_empty() && row.mimetype.len() <= crate::staging::MAX_MIMETYPE_CHARS
+            !row.mimetype.is_empty()
+                && row.mimetype.is_ascii()
+                && row.mimetype.len() <= crate::staging::MAX_MIMETYPE_CHARS
         })
         .unwrap_or(HeaderValue::from_static("application/octet-stream"));
     h.insert(header::CONTENT_TYPE, content_type);
