@@ -242,7 +242,7 @@ impl Metrics {
             ),
             long_poll_wakes: r.counter(
                 "long_poll_wakes_total",
-                "Waiting long polls woken by a commit in their workspace: queried (the feed read again) or ignored (their filter cannot match what commits announce)",
+                "Waiting long polls woken by a commit in their workspace: queried (the feed read again) or ignored (their filter cannot match what commits announce); shutdown wakes are neither",
                 &["outcome"],
             ),
             spool_memory_reserved: r.add(

@@ -311,32 +311,30 @@ where
 /// A part's Content-Type reduced to `type/subtype`; anything odd (control characters,
 /// spaces, no slash, longer than 255) becomes application/octet-stream, a missing one "".
 pub fn reduce_mimetype(value: Option<&str>) -> String {
-    const FALLBACK: &str = "application/octet-stream";
-    let Some(raw) = value else {
-        return String::new();
-    };
+    match value {
+        None => String::new(),
+        Some(raw) => media_type(raw).unwrap_or("application/octet-stream").into(),
+    }
+}
+
+/// The `type/subtype` a Content-Type value names, when it names one: visible ASCII, one
+/// slash between two non-empty names, at most 255 characters; parameters after it are not
+/// looked at.
+pub fn media_type(raw: &str) -> Option<&str> {
     // Spaces and tabs only: `str::trim` takes VT and FF too, control characters that make
-    // the value application/octet-stream.
+    // the value no media type.
     let essence = raw
         .split(';')
         .next()
         .unwrap_or("")
         .trim_matches([' ', '\t']);
-    let valid = match essence.split_once('/') {
-        Some((t, s)) => {
-            !t.is_empty()
-                && !s.is_empty()
-                && !s.contains('/')
-                && essence.len() <= MAX_MIMETYPE_CHARS
-                && essence.chars().all(|c| c.is_ascii_graphic())
-        }
-        None => false,
-    };
-    if valid {
-        essence.to_string()
-    } else {
-        FALLBACK.into()
-    }
+    let (t, s) = essence.split_once('/')?;
+    let valid = !t.is_empty()
+        && !s.is_empty()
+        && !s.contains('/')
+        && essence.len() <= MAX_MIMETYPE_CHARS
+        && essence.chars().all(|c| c.is_ascii_graphic());
+    valid.then_some(essence)
 }
 
 /// Phase 2 (see the module comment).

@@ -58,10 +58,14 @@ pub async fn run(env: &Env, o: &Opts) {
     let compared = instances.len() > 1;
     let mut paced = Vec::new();
     let mut hey = Vec::new();
-    // Route by route, each binary in turn: a change in the machine's load between runs
-    // touches both alike.
+    // Route by route, each binary in turn, which one first alternating: a change in the
+    // machine's load between runs touches both alike.
     for route in 0..instances[0].routes.len() {
-        for inst in &instances {
+        let mut turn: Vec<&Instance> = instances.iter().collect();
+        if route % 2 == 1 {
+            turn.reverse();
+        }
+        for inst in &turn {
             let r = &inst.routes[route];
             let name = row_name(r.name, inst.label, compared);
             let addr = inst.svc.base.trim_start_matches("http://").to_string();
@@ -83,7 +87,7 @@ pub async fn run(env: &Env, o: &Opts) {
             paced.push((name, f));
         }
         let Some(bin) = &env.hey else { continue };
-        for inst in &instances {
+        for inst in &turn {
             let r = &inst.routes[route];
             let name = row_name(r.name, inst.label, compared);
             hey_run(bin, r, o.warmup, o).await;
@@ -105,7 +109,7 @@ pub async fn run(env: &Env, o: &Opts) {
         o.seconds,
         o.warmup,
         if compared {
-            "; each route against this build, then against the reference binary"
+            "; each route against this build and the reference binary in turn, which first alternating"
         } else {
             ""
         }

@@ -157,6 +157,15 @@ pub async fn list(
     // cannot be answered by a wake, and does not read the feed again on each. 32 such waits
     // made every upload of their workspace 33 transactions (a black-box probe).
     let wakes_can_answer = query.admits_upload_rows();
+    let m = metrics();
+    let (queried, ignored) = (
+        m.long_poll_wakes.with_label_values(&["queried"]),
+        m.long_poll_wakes.with_label_values(&["ignored"]),
+    );
+    let peer = peer.as_ref().map(|Extension(p)| p);
+    // When the client is next asked after: once per PEER_CHECK whatever wakes the wait
+    // meanwhile (an upload a second must not put it off for the whole wait).
+    let mut next_check = tokio::time::Instant::now() + PEER_CHECK;
     let mut slot = None;
     loop {
         let woken = subscription.notify().notified();
@@ -174,50 +183,40 @@ pub async fn list(
         if slot.is_none() {
             slot = Some(wait_slot(&st, who)?);
         }
-        let waited = loop {
-            match wait_for(
-                woken.as_mut(),
-                deadline,
-                peer.as_ref().map(|Extension(p)| p),
-            )
-            .await
-            {
-                Waited::Woken if !wakes_can_answer && st.is_accepting() => {
-                    metrics()
-                        .long_poll_wakes
-                        .with_label_values(&["ignored"])
-                        .inc();
-                    woken.set(subscription.notify().notified());
-                    woken.as_mut().enable();
+        loop {
+            match wait_for(woken.as_mut(), deadline, peer, &mut next_check).await {
+                Waited::Woken => {}
+                Waited::Ended => {
+                    tracing::debug!(%workspace_id, %cursor, "long poll ended with nothing new");
+                    break;
                 }
-                waited => break waited,
+                Waited::ClientGone => {
+                    tracing::debug!(%workspace_id, %cursor, "long poll's client went: its place freed");
+                    // Nobody reads it; the connection closes after it rather than go on to
+                    // whatever the client left behind it.
+                    let mut gone = super::ok_json(Vec::<ActivityRow>::new());
+                    gone.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    return Ok(gone);
+                }
             }
-        };
-        match waited {
-            Waited::Woken => {
-                metrics()
-                    .long_poll_wakes
-                    .with_label_values(&["queried"])
-                    .inc();
+            // Woken by the shutdown: answer as an ended wait does, without one more query
+            // per waiter (thousands at once, while the replica drains). The client's cursor
+            // has not moved, so another replica answers it whatever committed meanwhile.
+            if !st.is_accepting() {
+                return Ok(super::ok_json(Vec::<ActivityRow>::new()));
             }
-            Waited::Ended => {
-                tracing::debug!(%workspace_id, %cursor, "long poll ended with nothing new");
+            if wakes_can_answer {
+                queried.inc();
+                break;
             }
-            Waited::ClientGone => {
-                tracing::debug!(%workspace_id, %cursor, "long poll's client went: its place freed");
-                // Nobody reads it; the connection closes after it rather than go on to
-                // whatever the client left behind it.
-                let mut gone = super::ok_json(Vec::<ActivityRow>::new());
-                gone.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                return Ok(gone);
+            ignored.inc();
+            // Armed before the shutdown is looked at again: a wake between the two is seen.
+            woken.set(subscription.notify().notified());
+            woken.as_mut().enable();
+            if !st.is_accepting() {
+                return Ok(super::ok_json(Vec::<ActivityRow>::new()));
             }
-        }
-        // Woken by the shutdown: answer as an ended wait does, without one more query per
-        // waiter (thousands at once, while the replica drains). The client's cursor has not
-        // moved, so another replica answers it whatever committed meanwhile.
-        if !st.is_accepting() {
-            return Ok(super::ok_json(Vec::<ActivityRow>::new()));
         }
     }
 }
@@ -232,21 +231,23 @@ enum Waited {
     ClientGone,
 }
 
-/// Waits until `woken`, the `deadline`, or the client is found gone (checked every
-/// [`PEER_CHECK`], without a query).
+/// Waits until `woken`, the `deadline`, or the client is found gone (asked at `next_check`,
+/// then every [`PEER_CHECK`] after, without a query).
 async fn wait_for(
     mut woken: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
     deadline: tokio::time::Instant,
     peer: Option<&PeerWatch>,
+    next_check: &mut tokio::time::Instant,
 ) -> Waited {
     loop {
-        let check = deadline.min(tokio::time::Instant::now() + PEER_CHECK);
+        let check = deadline.min(*next_check);
         tokio::select! {
             _ = woken.as_mut() => return Waited::Woken,
             _ = tokio::time::sleep_until(check) => {
                 if check >= deadline {
                     return Waited::Ended;
                 }
+                *next_check = check + PEER_CHECK;
                 if peer.is_some_and(PeerWatch::gone) {
                     return Waited::ClientGone;
                 }

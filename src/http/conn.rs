@@ -262,7 +262,11 @@ impl Drop for ClientStream {
 /// itself: hyper reads a connection only to find its next request, and stops while it holds
 /// one (pipelined, or a stray CRLF after the head) or an unread body; it then never sees the
 /// close, and the request would keep its place for its whole wait. A client that half-closes
-/// counts as gone, as hyper counts it (`half_close` is off).
+/// (shuts down only its sending side) counts as gone: its TCP state is the same. hyper also
+/// counts it gone while it reads (`half_close` is off); one that pipelined a request behind
+/// its long poll before half-closing now gets neither answer (its cursor has not moved). A
+/// peer that vanished without a FIN or reset (a dropped NAT entry) stays established; not on
+/// Linux, no client is ever found gone here.
 #[derive(Clone)]
 pub struct PeerWatch(Arc<Mutex<Option<std::os::fd::RawFd>>>);
 

@@ -35,7 +35,7 @@ use crate::{
     slots::Slot,
     storage::{
         bytea::{self, READ_CHUNK, WHOLE_UP_TO},
-        ByteRange, StorageError,
+        ByteRange, Storage, StorageError,
     },
 };
 
@@ -225,7 +225,8 @@ async fn find(
         (status = 401, description = "missing or invalid bearer"),
         (status = 404, description = "pending upload not found or expired"),
         (status = 416, description = "range not satisfiable"),
-        (status = 503, description = "datastore or storage unavailable"),
+        (status = 429, description = "a file only in S3, whose object is looked up under a download slot: the workspace has MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE downloads streaming, or this client address its SLOT_SHARE_PER_CLIENT of them (code client_busy) (Retry-After)"),
+        (status = 503, description = "datastore or storage unavailable, or (a file only in S3) MAX_CONCURRENT_DOWNLOADS downloads streaming (Retry-After)"),
     )
 )]
 pub async fn content_head(
@@ -240,10 +241,14 @@ pub async fn content_head(
     }
     let (status, range) = requested_range(&headers, &row)?;
     // As its GET would answer: a row whose object was deleted out of band is a 404 here too,
-    // not a 200 whose GET then fails.
+    // not a 200 whose GET then fails. The bucket is asked under a download slot, as a GET
+    // reads it: HEADs cannot have any number of S3 requests in flight.
     let loc = row.location();
-    if let Err(e) = st.storage.check_present(&loc).await {
-        return Err(not_served(&row, st.storage.reader_name(&loc), e));
+    if Storage::presence_key(&loc).is_some() {
+        let _slot = answer::download_slot(&st, who)?;
+        if let Err(e) = st.storage.check_present(&loc).await {
+            return Err(not_served(&row, st.storage.reader_name(&loc), e));
+        }
     }
     Ok(respond(&row, status, range, Body::empty()))
 }
@@ -625,12 +630,13 @@ fn respond(row: &UploadRow, status: StatusCode, range: ByteRange, body: Body) ->
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    // Rows written by others may hold anything: only a sane type becomes the header (a
-    // header value may carry bytes past ASCII, a media type may not).
+    // Rows written by others may hold anything: only a media type (as an upload's is
+    // reduced to, its parameters kept) becomes the header; a header value may carry bytes
+    // past ASCII, a media type may not.
     let content_type = HeaderValue::from_str(&row.mimetype)
         .ok()
         .filter(|_| {
-            !row.mimetype.is_empty()
+            crate::staging::media_type(&row.mimetype).is_some()
                 && row.mimetype.is_ascii()
                 && row.mimetype.len() <= crate::staging::MAX_MIMETYPE_CHARS
         })

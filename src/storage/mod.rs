@@ -402,11 +402,17 @@ impl Storage {
         }
     }
 
+    /// The key [`Storage::check_present`] asks the bucket about: an S3-only row's. A row
+    /// with an inline copy has its bytes whatever S3 says (the read falls back to it).
+    pub fn presence_key(loc: &Location) -> Option<&str> {
+        loc.s3_key.as_deref().filter(|_| !loc.inline)
+    }
+
     /// Whether [`Storage::open`] would find the row's bytes, without reading them (a HEAD
-    /// answers as its GET would): a row with an inline copy has them (S3 failing, the read
-    /// falls back to it), an S3-only row when the bucket has its object, else `Missing`.
+    /// answers as its GET would): `Missing` for an S3-only row whose object is not in the
+    /// bucket ([`Storage::presence_key`]).
     pub async fn check_present(&self, loc: &Location) -> Result<(), StorageError> {
-        let Some(key) = loc.s3_key.as_deref().filter(|_| !loc.inline) else {
+        let Some(key) = Self::presence_key(loc) else {
             return Ok(());
         };
         let head = async { self.s3_or_err()?.head_key(key).await };

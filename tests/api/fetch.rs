@@ -105,19 +105,27 @@ async fn a_file_without_mimetype_is_served_as_octet_stream() {
         .get(&content_path(ws, file_id(&v["files"][0])), &token)
         .await;
     assert_eq!(resp.headers()["content-type"], "application/octet-stream");
-    // A row the platform wrote with a type no media type can be (past ASCII) is served the
-    // same way: it went out as raw UTF-8 in Content-Type (a black-box probe).
-    let fid: Uuid = sqlx::query_scalar(
-        "INSERT INTO pending_uploads (workspace_id, content, size_bytes, filename, mimetype)
-         VALUES ($1, '\\x01', 1, 'p.png', 'image/png; charset=é') RETURNING file_id",
-    )
-    .bind(ws)
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
-    let resp = app.get(&content_path(ws, fid), &token).await;
-    assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(resp.headers()["content-type"], "application/octet-stream");
+    // Rows the platform wrote with a type that is no media type are served the same way
+    // (past ASCII: it went out as raw UTF-8 in Content-Type, a black-box probe); a media
+    // type with its parameters is served as it is.
+    for (stored, served) in [
+        ("image/png; charset=é", "application/octet-stream"),
+        ("garbage", "application/octet-stream"),
+        ("text/plain; charset=utf-8", "text/plain; charset=utf-8"),
+    ] {
+        let fid: Uuid = sqlx::query_scalar(
+            "INSERT INTO pending_uploads (workspace_id, content, size_bytes, filename, mimetype)
+             VALUES ($1, '\\x01', 1, 'p.png', $2) RETURNING file_id",
+        )
+        .bind(ws)
+        .bind(stored)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        let resp = app.get(&content_path(ws, fid), &token).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["content-type"], served, "{stored}");
+    }
 }
 
 #[tokio::test]
