@@ -200,6 +200,11 @@ pub async fn list(
                     return Ok(gone);
                 }
             }
+            if !wakes_can_answer {
+                // Armed again before the shutdown is looked at: a wake between is seen.
+                woken.set(subscription.notify().notified());
+                woken.as_mut().enable();
+            }
             // Woken by the shutdown: answer as an ended wait does, without one more query
             // per waiter (thousands at once, while the replica drains). The client's cursor
             // has not moved, so another replica answers it whatever committed meanwhile.
@@ -211,12 +216,6 @@ pub async fn list(
                 break;
             }
             ignored.inc();
-            // Armed before the shutdown is looked at again: a wake between the two is seen.
-            woken.set(subscription.notify().notified());
-            woken.as_mut().enable();
-            if !st.is_accepting() {
-                return Ok(super::ok_json(Vec::<ActivityRow>::new()));
-            }
         }
     }
 }

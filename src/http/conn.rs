@@ -286,8 +286,23 @@ const TCP_ESTABLISHED: u8 = 1;
 /// The TCP state of socket `fd` (`TCP_INFO`'s `tcpi_state`), or `None` where it cannot be read.
 #[cfg(target_os = "linux")]
 fn tcp_state(fd: std::os::fd::RawFd) -> Option<u8> {
+    tcp_info(fd, std::mem::offset_of!(libc::tcp_info, tcpi_state) + 1).map(|i| i.tcpi_state)
+}
+
+/// What the peer has acknowledged of everything sent on `socket` (Linux ≥ 4.1).
+#[cfg(target_os = "linux")]
+fn tcp_bytes_acked(socket: &TcpStream) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
+    tcp_info(socket.as_raw_fd(), needed).map(|i| i.tcpi_bytes_acked)
+}
+
+/// Socket `fd`'s `TCP_INFO`, when the kernel filled at least its first `needed` bytes.
+#[cfg(target_os = "linux")]
+fn tcp_info(fd: std::os::fd::RawFd, needed: usize) -> Option<libc::tcp_info> {
     // SAFETY: getsockopt writes at most `len` bytes into `info`, a plain C struct for which
-    // all zeroes is a valid value; `fd` is open (the caller holds it, see `PeerWatch`).
+    // all zeroes is a valid value, and reports in `len` how many it wrote; `fd` is open (the
+    // callers hold it, see `PeerWatch`).
     unsafe {
         let mut info: libc::tcp_info = std::mem::zeroed();
         let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -298,34 +313,13 @@ fn tcp_state(fd: std::os::fd::RawFd) -> Option<u8> {
             (&mut info as *mut libc::tcp_info).cast(),
             &mut len,
         );
-        (rc == 0 && len >= 1).then_some(info.tcpi_state)
+        (rc == 0 && len as usize >= needed).then_some(info)
     }
 }
 
 #[cfg(not(target_os = "linux"))]
 fn tcp_state(_: std::os::fd::RawFd) -> Option<u8> {
     None
-}
-
-/// What the peer has acknowledged of everything sent on `socket` (Linux ≥ 4.1).
-#[cfg(target_os = "linux")]
-fn tcp_bytes_acked(socket: &TcpStream) -> Option<u64> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: getsockopt writes at most `len` bytes into `info`, a plain C struct for which
-    // all zeroes is a valid value, and reports in `len` how many it wrote.
-    unsafe {
-        let mut info: libc::tcp_info = std::mem::zeroed();
-        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        let rc = libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        );
-        let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
-        (rc == 0 && len as usize >= needed).then_some(info.tcpi_bytes_acked)
-    }
 }
 
 #[cfg(not(target_os = "linux"))]
