@@ -1796,3 +1796,88 @@ async fn a_server_that_stalls_when_the_client_is_done_is_a_503() {
     assert!(took < Duration::from_secs(6), "503 after {took:?}");
     app.assert_nothing_staged().await;
 }
+
+/// A HEAD of a file whose bytes are only in S3 asks the bucket, so it takes a download slot
+/// as its GET does: with the workspace's slots held by readers that stopped reading it is a
+/// 429, with the replica's a 503 (both with Retry-After), and it is answered once they go.
+#[tokio::test]
+async fn a_head_that_asks_s3_waits_for_no_slot_it_cannot_have() {
+    let (endpoint, _) = s3_endpoint();
+    let db = fresh_db().await;
+    let prefix = test_prefix();
+    let port = free_port();
+    let mut cmd = bin_command(&db);
+    cmd.arg("serve")
+        .args(s3_flags("s3", &prefix, &endpoint))
+        .env("MAX_CONCURRENT_DOWNLOADS", "2")
+        .env("MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE", "1")
+        // Held by the slots alone: the rate rule would cut these readers on its own.
+        .env("RESPONSE_MIN_RATE", "0");
+    let mut svc = spawn_service(cmd, port).await;
+    let addr = format!("127.0.0.1:{port}");
+    let base = format!("http://{addr}");
+    let mut staged = Vec::new();
+    for seed in 0..3 {
+        let (ws, token) = register_poll(&base).await;
+        let body = raw_multipart(
+            "XqzBound",
+            &[("big.bin", &bytes(16 << 20, seed))],
+            b"--\r\n",
+        );
+        let len = body.len();
+        let resp = post_raw(&base, ws, &token, body.into(), len).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let fid = file_id(&resp.json::<Value>().await.unwrap()["files"][0]);
+        staged.push((ws, token, fid));
+    }
+    let content = |i: usize| {
+        let (ws, _, fid) = &staged[i];
+        format!("{base}/workspaces/{ws}/pending-uploads/{fid}/content")
+    };
+    let head = |i: usize| {
+        reqwest::Client::new()
+            .head(content(i))
+            .bearer_auth(&staged[i].1)
+            .send()
+    };
+    // A GET whose reader takes 4 KiB and then nothing.
+    let stalled = |i: usize| {
+        let (ws, token, fid) = &staged[i];
+        let request = format!(
+            "GET /workspaces/{ws}/pending-uploads/{fid}/content HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n"
+        );
+        let addr = addr.clone();
+        async move {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.set_recv_buffer_size(4096).unwrap();
+            let mut sock = sock.connect(addr.parse().unwrap()).await.unwrap();
+            sock.write_all(request.as_bytes()).await.unwrap();
+            sock
+        }
+    };
+    let in_progress = "pending_uploads_downloads_in_progress";
+    let a = stalled(0).await;
+    wait_for_metric(&base, in_progress, 1.0).await;
+    let resp = head(0).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(resp.headers()["retry-after"], "2");
+    let b = stalled(1).await;
+    wait_for_metric(&base, in_progress, 2.0).await;
+    let resp = head(2).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers()["retry-after"], "2");
+    drop((a, b));
+    wait_for_metric(&base, in_progress, 0.0).await;
+    for i in 0..3 {
+        let resp = head(i).await.unwrap();
+        assert_eq!(
+            resp.status(),
+            StatusCode::OK,
+            "HEAD {i} once the slots are back"
+        );
+        assert_eq!(resp.headers()["content-length"], (16u64 << 20).to_string());
+    }
+    svc.terminate().await;
+    let app = TestApp::start_s3(db, "s3", &prefix).await;
+    sweep_all_and_assert_bucket_empty(&app).await;
+}
