@@ -422,8 +422,8 @@ impl Drop for CountedBody {
     }
 }
 
-/// 200 with the whole file, or 206 with one satisfiable range. A malformed or multi-range
-/// header is ignored (RFC 9110 allows serving the whole representation), and so is a Range
+/// 200 with the whole file, or 206 with one satisfiable range. A malformed, multi-range or
+/// repeated header is ignored (RFC 9110 allows serving the whole representation), and so is a Range
 /// whose If-Range does not name the current representation ([`if_range_holds`]).
 fn requested_range(
     headers: &HeaderMap,
@@ -431,7 +431,12 @@ fn requested_range(
 ) -> Result<(StatusCode, ByteRange), ApiError> {
     let size = row.size_bytes as u64;
     let full = (StatusCode::OK, ByteRange::full(size));
-    let Some(raw) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+    // A singleton field (RFC 9110 §14.2), like If-Range: sent twice, no one range was asked.
+    let mut fields = headers.get_all(header::RANGE).iter();
+    let (Some(raw), None) = (fields.next(), fields.next()) else {
+        return Ok(full);
+    };
+    let Ok(raw) = raw.to_str() else {
         return Ok(full);
     };
     if !if_range_holds(headers, &etag(row)) {

@@ -211,6 +211,22 @@ async fn ranges() {
         assert_eq!(resp.status(), StatusCode::OK, "{range}");
         assert_eq!(resp.bytes().await.unwrap().len(), n);
     }
+    // Range is a singleton field (as If-Range is): sent twice, neither is served, however
+    // each reads alone (the first was served).
+    for second in ["bytes=5-6", "bytes=0-1"] {
+        let resp = app
+            .client
+            .get(app.at(&path))
+            .bearer_auth(&token)
+            .header("Range", "bytes=0-1")
+            .header("Range", second)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "Range twice, then {second}");
+        assert!(resp.headers().get("content-range").is_none());
+        assert_eq!(resp.bytes().await.unwrap().len(), n);
+    }
     // HEAD honours Range too
     let resp = app
         .client
