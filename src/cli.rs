@@ -90,6 +90,13 @@ pub enum Command {
 /// "builder error" after a pass of retries).
 fn platform_url(raw: &str) -> Result<String, String> {
     let url = url::Url::parse(raw.trim()).map_err(|e| format!("not a URL: {e}"))?;
+    // reqwest sends a URL's user and password as Basic auth beside the Bearer: the service
+    // reads the first Authorization and answered 401 to a valid token (a probe).
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(
+            "must not hold a user or password: the agent authenticates with its token alone".into(),
+        );
+    }
     match (url.scheme(), url.host()) {
         ("http" | "https", Some(_)) if url.query().is_none() && url.fragment().is_none() => {
             Ok(raw.trim().to_string())

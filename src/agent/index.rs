@@ -154,14 +154,15 @@ impl UriIndex {
     /// The index of `dir`, for `workspace_id`'s files. One that cannot be read (a torn write,
     /// a hand edit) is copied aside as `index.json.unreadable` and the index made again from
     /// the files in DIR (`<32 hex file id>-<name>`): before, it was dropped without a word, and
-    /// the next save lost the mapping of every file already received.
-    pub fn load_or_rebuild(dir: &Path, workspace_id: uuid::Uuid) -> UriIndex {
+    /// the next save lost the mapping of every file already received. With whether it was
+    /// made again (and so is not on disk).
+    pub fn load_or_rebuild(dir: &Path, workspace_id: uuid::Uuid) -> (UriIndex, bool) {
         let path = state_dir(dir).join("index.json");
         let Ok(bytes) = std::fs::read(&path) else {
-            return UriIndex::default();
+            return (UriIndex::default(), false);
         };
         if let Ok(map) = serde_json::from_slice(&bytes) {
-            return UriIndex { map };
+            return (UriIndex { map }, false);
         }
         let aside = state_dir(dir).join("index.json.unreadable");
         // Copied, not moved: it stays until the next save replaces it, so an agent stopped
@@ -186,7 +187,7 @@ impl UriIndex {
             entries = index.map.len(),
             "index.json could not be read: made again from the files in DIR"
         );
-        index
+        (index, true)
     }
 
     pub async fn save(&self, dir: &Path) -> io::Result<()> {
@@ -194,9 +195,18 @@ impl UriIndex {
         write_atomic(&state_dir(dir).join("index.json"), &bytes).await
     }
 
-    pub fn insert(&mut self, platform_uri: String, path: &Path) {
-        self.map
-            .insert(platform_uri, format!("workspace:{}", path.display()));
+    /// Maps `platform_uri` to `path`; whether that changed the index.
+    pub fn insert(&mut self, platform_uri: String, path: &Path) -> bool {
+        let local = format!("workspace:{}", path.display());
+        self.map.insert(platform_uri, local.clone()).as_ref() != Some(&local)
+    }
+
+    /// The local file `platform_uri` was received as, if the index knows it.
+    pub fn path_of(&self, platform_uri: &str) -> Option<PathBuf> {
+        let local = self.map.get(platform_uri)?;
+        Some(PathBuf::from(
+            local.strip_prefix("workspace:").unwrap_or(local),
+        ))
     }
 
     /// Drops the entries whose local file is gone (moved or deleted by its owner), so the index
@@ -305,7 +315,13 @@ mod tests {
         std::fs::write(&kept, b"k").unwrap();
         let mut index = UriIndex::default();
         index.insert("platform-pending:w/1".into(), &kept);
-        index.insert("platform-pending:w/2".into(), &gone);
+        assert!(index.insert("platform-pending:w/2".into(), &gone));
+        assert!(
+            !index.insert("platform-pending:w/2".into(), &gone),
+            "the same entry"
+        );
+        assert_eq!(index.path_of("platform-pending:w/2"), Some(gone.clone()));
+        assert_eq!(index.path_of("platform-pending:w/3"), None);
         assert_eq!(index.prune_missing(), 1);
         assert_eq!(
             index.map.keys().collect::<Vec<_>>(),

@@ -235,6 +235,50 @@ const MAX_FEED_PAGES: usize = 200;
 /// about 3 MB): a platform that sends more, or never ends, must not take the laptop's memory.
 const MAX_JSON_BYTES: usize = 32 << 20;
 
+/// The pending list's uploads, read entry by entry straight from the answer's bytes: an
+/// entry that is no upload is passed over as it is read. Read as a `serde_json::Value` tree
+/// first, a 32 MiB list of `{"":0}`s took 3.2 GB at every pass (a probe).
+struct PendingList {
+    uploads: Vec<PendingUpload>,
+    skipped: usize,
+    /// Why the first entry passed over was.
+    first_error: Option<String>,
+}
+
+impl<'de> serde::Deserialize<'de> for PendingList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = PendingList;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of pending uploads")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<PendingList, A::Error> {
+                let mut list = PendingList {
+                    uploads: Vec::new(),
+                    skipped: 0,
+                    first_error: None,
+                };
+                // Borrowed: an entry costs nothing until it is read as an upload.
+                while let Some(raw) = seq.next_element::<&'de serde_json::value::RawValue>()? {
+                    match serde_json::from_str::<PendingUpload>(raw.get()) {
+                        Ok(upload) => list.uploads.push(upload),
+                        Err(e) => {
+                            list.skipped += 1;
+                            list.first_error.get_or_insert_with(|| e.to_string());
+                        }
+                    }
+                }
+                Ok(list)
+            }
+        }
+        d.deserialize_seq(Entries)
+    }
+}
+
 /// `resp`'s body as JSON, read to at most [`MAX_JSON_BYTES`].
 async fn json_within<T: DeserializeOwned>(
     resp: reqwest::Response,
@@ -264,11 +308,23 @@ const LONG_POLL: Duration = Duration::from_secs(25);
 pub struct Agent {
     cfg: AgentConfig,
     http: reqwest::Client,
-    index: Mutex<UriIndex>,
+    index: Mutex<Recorded>,
+    /// `Recorded::changes` as the index on disk holds them. Locked through a save: one at a
+    /// time, and each covers every entry recorded before it began, so files staged together
+    /// share a save (the index was written whole once per file: 10,000 one-byte files wrote
+    /// 8.8 GB, a probe).
+    saved: Mutex<u64>,
     /// `--max-rate`, shared by the downloads under way.
     pacer: Option<Pacer>,
     /// One agent per DIR (`index::lock_dir`): held, never read, until the agent is dropped.
     _lock: std::fs::File,
+}
+
+/// The URI index in memory, and how many times it has changed since the agent started (one
+/// at start when it was pruned or made again: saved with the first file).
+struct Recorded {
+    index: UriIndex,
+    changes: u64,
 }
 
 /// A rate all of an agent's downloads share (`--max-rate`): a laptop's link is one link, and
@@ -328,11 +384,14 @@ impl Agent {
             // Below the service's HEADER_READ_TIMEOUT, after which it closes an idle
             // connection: reusing one just then would lose the request to the close.
             .pool_idle_timeout(Duration::from_secs(5))
-            // A redirect elsewhere must not learn the workspace id and query.
+            // The service sends no redirect, and reqwest drops the token on a hop to another
+            // host but sends it again on that host's next hop to itself (a probe's second
+            // host got it): none is followed, the answer says where it pointed.
+            .redirect(reqwest::redirect::Policy::none())
             .referer(false)
             .build()
             .map_err(io::Error::other)?;
-        let mut index = UriIndex::load_or_rebuild(&dir, cfg.workspace_id);
+        let (mut index, rebuilt) = UriIndex::load_or_rebuild(&dir, cfg.workspace_id);
         let pruned = index.prune_missing();
         if pruned > 0 {
             tracing::info!(
@@ -341,7 +400,11 @@ impl Agent {
             );
         }
         Ok(Agent {
-            index: Mutex::new(index),
+            index: Mutex::new(Recorded {
+                index,
+                changes: u64::from(rebuilt || pruned > 0),
+            }),
+            saved: Mutex::new(0),
             pacer: cfg.max_rate.filter(|r| *r > 0).map(Pacer::new),
             cfg: AgentConfig { dir, ..cfg },
             http,
@@ -395,6 +458,23 @@ impl Agent {
             s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
                 AgentError::refused(what, &resp)
             }
+            s if s.is_redirection() => {
+                let to = resp
+                    .headers()
+                    .get(reqwest::header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|to| resp.url().join(to).ok())
+                    .map_or_else(
+                        || "no readable place".into(),
+                        |to| without_credentials(to.as_str()),
+                    );
+                AgentError::Fatal(format!(
+                    "{what}: the platform redirected ({s}) to {}: the agent follows no redirect \
+                     (it would carry the token there); if that is the platform, give its \
+                     address as --platform-url",
+                    crate::logfmt::clip(&to).as_str()
+                ))
+            }
             s => AgentError::Fatal(format!("{what}: unexpected {s}")),
         }
     }
@@ -438,6 +518,7 @@ impl Agent {
         let filter = "type=a2a_receive&method=chat_upload_receive&limit=500";
         let mut cursor = load_cursor(&self.cfg.dir);
         let mut pages_seen: std::collections::HashSet<String> = cursor.iter().cloned().collect();
+        let mut reset = false;
         loop {
             let (path, waits) = match (&cursor, wait.take()) {
                 (Some(c), Some(w)) => (
@@ -463,6 +544,11 @@ impl Agent {
                 tracing::warn!(cursor = ?cursor, "activity cursor no longer known: resetting to a recent window");
                 save_cursor(&self.cfg.dir, None).await?;
                 cursor = None;
+                // Once a pass: a feed that forgets every cursor it gives had the agent page
+                // and reset 400 times a pass (a probe). The pending list is read anyway.
+                if std::mem::replace(&mut reset, true) {
+                    break;
+                }
                 continue;
             };
             // with a cursor the rows come oldest first; without, newest first
@@ -490,25 +576,22 @@ impl Agent {
             save_cursor(&self.cfg.dir, Some(&next)).await?;
             cursor = Some(next);
         }
-        let pending = self
-            .get_json_retrying::<Vec<serde_json::Value>>(
-                "pending list",
-                "/pending-uploads",
-                Duration::ZERO,
-            )
+        let Some(list) = self
+            .get_json_retrying::<PendingList>("pending list", "/pending-uploads", Duration::ZERO)
             .await?
-            .unwrap_or_default();
-        // One entry the agent cannot read must not keep it from the others.
-        let pending: Vec<PendingUpload> = pending
-            .into_iter()
-            .filter_map(|entry| match serde_json::from_value(entry) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    tracing::warn!(error = %e, "pending list entry skipped: not an upload");
-                    None
-                }
-            })
-            .collect();
+        else {
+            return Ok(Vec::new());
+        };
+        // One entry the agent cannot read must not keep it from the others; said once a
+        // pass, not once an entry (a list of a million would be a million lines).
+        if let Some(error) = &list.first_error {
+            tracing::warn!(
+                skipped = list.skipped,
+                first_error = crate::logfmt::clip(error).as_str(),
+                "pending list entries skipped: not uploads"
+            );
+        }
+        let pending = list.uploads;
         // Once each: two downloads of one file shared its partial file, and the second's
         // restart truncated the first's published file through their hard link.
         let mut seen = std::collections::HashSet::new();
@@ -673,7 +756,20 @@ impl Agent {
                 c.size
             )));
         }
-        let final_path = self.final_path(c);
+        // A file received before under another name (the listed name is the platform's word,
+        // and a platform that renamed a file at every pass had it downloaded again at every
+        // pass, a probe) is confirmed where it is.
+        let recorded = self.index.lock().await.index.path_of(&c.uri);
+        let final_path = match recorded {
+            Some(known)
+                if fs::symlink_metadata(&known)
+                    .await
+                    .is_ok_and(|m| m.is_file()) =>
+            {
+                known
+            }
+            _ => self.final_path(c),
+        };
         if let Ok(meta) = fs::symlink_metadata(&final_path).await {
             // Read back only a file: a symlink to /dev/zero was hashed for ever, a FIFO
             // waited for ever (a probe).
@@ -916,19 +1012,33 @@ impl Agent {
         }
     }
 
-    /// Saves the mapping durably (`write_atomic` syncs the state folder). Idempotent: a file
-    /// always maps to the same path, and every save writes the whole index, so an entry a
-    /// failed save left in memory is written by the next one.
+    /// Saves the mapping durably (`write_atomic` syncs the state folder) before it returns.
+    /// A save writes the whole index, so an entry a failed save left in memory is written by
+    /// the next one; an entry already on disk (a file confirmed again) writes nothing.
     async fn record(&self, c: &Candidate, path: &Path) -> Result<(), AgentError> {
-        let mut index = self.index.lock().await;
-        index.insert(c.uri.clone(), path);
+        let wanted = {
+            let mut recorded = self.index.lock().await;
+            if recorded.index.insert(c.uri.clone(), path) {
+                recorded.changes += 1;
+            }
+            recorded.changes
+        };
+        let mut saved = self.saved.lock().await;
+        if *saved >= wanted {
+            return Ok(());
+        }
+        let (index, changes) = {
+            let recorded = self.index.lock().await;
+            (recorded.index.clone(), recorded.changes)
+        };
         index.save(&self.cfg.dir).await?;
+        *saved = changes;
         Ok(())
     }
 
     /// The URI index as it stands (for `rewrite`).
     pub async fn index(&self) -> UriIndex {
-        self.index.lock().await.clone()
+        self.index.lock().await.index.clone()
     }
 }
 
@@ -1000,14 +1110,16 @@ pub fn without_credentials(url: &str) -> String {
     }
 }
 
-/// The pause before the next pass: none after files were handled (more may be waiting) or
-/// after a long poll that waited (news answered it, or its wait ended); `interval` after a
-/// failed file, and after an empty answer that came at once (no cursor yet, or a service
-/// without long polls).
+/// The pause before the next pass: none after new files were received (more may be
+/// waiting) or after a long poll that waited (news answered it, or its wait ended);
+/// `interval` after a failed file, after a pass that received nothing new (only files it
+/// had, or gone ones: a platform that kept listing an acked file had the agent hash it and
+/// ack it again 20 times a second, a probe), and after an empty answer that came at once
+/// (no cursor yet, or a service without long polls).
 fn pause_after(r: &PassReport, waited: bool, took: Duration, interval: Duration) -> Duration {
     if r.failed > 0 {
         interval
-    } else if r != &PassReport::default() || (waited && took >= LONG_POLL / 2) {
+    } else if r.staged > 0 || (waited && took >= LONG_POLL / 2) {
         Duration::ZERO
     } else {
         interval
@@ -1089,9 +1201,17 @@ mod tests {
             failed: 1,
             ..staged.clone()
         };
-        // Files handled: straight on; a wait that ended: straight on.
+        // Files received: straight on; a wait that ended: straight on.
         assert_eq!(pause_after(&staged, true, early, interval), Duration::ZERO);
         assert_eq!(pause_after(&nothing, true, full, interval), Duration::ZERO);
+        // Only files it had, or gone ones: nothing new, the interval.
+        let seen = PassReport {
+            already_present: 3,
+            gone: 1,
+            ..PassReport::default()
+        };
+        assert_eq!(pause_after(&seen, true, early, interval), interval);
+        assert_eq!(pause_after(&seen, false, early, interval), interval);
         // No cursor yet, a service without long polls, a replica shutting down, a file
         // failing every time: the interval, never a spin.
         assert_eq!(pause_after(&nothing, false, early, interval), interval);

@@ -56,6 +56,18 @@ enum Scenario {
     DripContent,
     /// The feed answers 503 to its first 12 requests, then nothing new.
     DownThenUp,
+    /// The pending list redirects to another host (`localhost`), which redirects to itself.
+    RedirectList,
+    /// The content redirects so.
+    RedirectContent,
+    /// The pending list is the file's entry followed by 30 MiB of `{"":0}` entries.
+    AmplifiedList,
+    /// One file, listed again after every ack.
+    AckIgnored,
+    /// One file, under a new name at every listing.
+    Renamed,
+    /// The feed answers 410 to every cursor, and a new row to none.
+    ForgetfulFeed,
 }
 
 const DATA: &[u8] = &[7u8; 10_000];
@@ -65,8 +77,13 @@ struct Fake {
     scenario: Scenario,
     ws: Uuid,
     file: Uuid,
+    /// The fake's port: a redirect names it as `localhost`, another host to a client.
+    port: u16,
     activity: Arc<AtomicUsize>,
+    pending: Arc<AtomicUsize>,
     content: Arc<AtomicUsize>,
+    /// Requests that followed a redirect.
+    hops: Arc<AtomicUsize>,
 }
 
 fn entry(f: &Fake) -> Value {
@@ -74,9 +91,13 @@ fn entry(f: &Fake) -> Value {
         Scenario::HugeListing => 10_000_000_000u64,
         _ => DATA.len() as u64,
     };
+    let name = match f.scenario {
+        Scenario::Renamed => format!("name{}.txt", f.pending.load(Ordering::SeqCst)),
+        _ => "one.txt".into(),
+    };
     json!({
         "file_id": f.file,
-        "name": "one.txt",
+        "name": name,
         "mimeType": "text/plain",
         "size": size,
         "uri": "https://attacker.example/steal",
@@ -123,12 +144,31 @@ fn refused(f: &Fake, headers: &axum::http::HeaderMap) -> Option<Response> {
     })
 }
 
-async fn activity(State(f): State<Fake>, headers: axum::http::HeaderMap) -> Response {
+/// A redirect to the fake itself under another host name (`localhost`): reqwest drops the
+/// token on that hop, and sent it again on the next one, to that host's own `/hop2`.
+fn redirect_away(f: &Fake) -> Response {
+    let to = format!("http://localhost:{}/hop", f.port);
+    (StatusCode::FOUND, [("location", to)]).into_response()
+}
+
+async fn hop(State(f): State<Fake>) -> Response {
+    f.hops.fetch_add(1, Ordering::SeqCst);
+    (StatusCode::FOUND, [("location", "/hop2")]).into_response()
+}
+
+async fn activity(
+    State(f): State<Fake>,
+    headers: axum::http::HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
     let nth = f.activity.fetch_add(1, Ordering::SeqCst);
     if let Some(no) = refused(&f, &headers) {
         return no;
     }
+    let cursor = uri.query().is_some_and(|q| q.contains("since_id="));
     match f.scenario {
+        Scenario::ForgetfulFeed if cursor => (StatusCode::GONE, "{}").into_response(),
+        Scenario::ForgetfulFeed => axum::Json(json!([{"id": Uuid::new_v4()}])).into_response(),
         Scenario::DownThenUp if nth < 12 => (StatusCode::SERVICE_UNAVAILABLE, "{}").into_response(),
         Scenario::AlwaysGone => (StatusCode::GONE, "{}").into_response(),
         Scenario::OddEntries => axum::Json(json!([{"id": f.file}])).into_response(),
@@ -140,7 +180,19 @@ async fn pending(State(f): State<Fake>, headers: axum::http::HeaderMap) -> Respo
     if let Some(no) = refused(&f, &headers) {
         return no;
     }
+    let listed = entry(&f);
+    f.pending.fetch_add(1, Ordering::SeqCst);
     match f.scenario {
+        Scenario::RedirectList => redirect_away(&f),
+        Scenario::AmplifiedList => {
+            let mut list = format!("[{listed}");
+            while list.len() < 30 << 20 {
+                list.push_str(r#",{"":0}"#);
+            }
+            list.push(']');
+            ([("content-type", "application/json")], list).into_response()
+        }
+        Scenario::Renamed => axum::Json(json!([listed])).into_response(),
         Scenario::Nothing => axum::Json(json!([])).into_response(),
         Scenario::Duplicate => axum::Json(json!([entry(&f), entry(&f)])).into_response(),
         Scenario::OddEntries => {
@@ -167,6 +219,7 @@ async fn content(State(f): State<Fake>, headers: axum::http::HeaderMap) -> Respo
             endless(&[7u8; 16 * 1024]).into_response()
         }
         Scenario::DripContent => drip(DATA).into_response(),
+        Scenario::RedirectContent => redirect_away(&f),
         Scenario::Duplicate if nth > 0 => {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let cut = futures::stream::iter([
@@ -185,12 +238,16 @@ async fn ack() -> StatusCode {
 
 /// The fake platform for `scenario`, and its state.
 async fn fake_platform(scenario: Scenario) -> (String, Fake) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let fake = Fake {
         scenario,
         ws: Uuid::new_v4(),
         file: Uuid::new_v4(),
+        port: listener.local_addr().unwrap().port(),
         activity: Default::default(),
+        pending: Default::default(),
         content: Default::default(),
+        hops: Default::default(),
     };
     let app = Router::new()
         .route("/workspaces/{ws}/activity", get(activity))
@@ -200,8 +257,9 @@ async fn fake_platform(scenario: Scenario) -> (String, Fake) {
             get(content),
         )
         .route("/workspaces/{ws}/pending-uploads/{file}/ack", post(ack))
+        .route("/hop", get(hop))
+        .route("/hop2", get(hop))
         .with_state(fake.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
     (base, fake)
@@ -544,7 +602,7 @@ async fn an_unreadable_index_is_made_again_from_the_files() {
     assert!(log.contains("index.json could not be read"), "{log}");
     assert!(dir.join(".pending-uploads/index.json.unreadable").exists());
     // Saved with the next file; here, read back as the agent would.
-    let rebuilt = pending_uploads::agent::index::UriIndex::load_or_rebuild(&dir, fake.ws);
+    let (rebuilt, _) = pending_uploads::agent::index::UriIndex::load_or_rebuild(&dir, fake.ws);
     let uri = format!("platform-pending:{}/{}", fake.ws, fake.file);
     assert!(rebuilt.map.contains_key(&uri), "{:?}", rebuilt.map);
 }
@@ -571,13 +629,12 @@ async fn the_daemon_says_when_it_starts_and_when_a_signal_stops_it() {
 
 /// While the platform was down, every backoff logged the same failure again, and every
 /// attempt within a pass a `retrying` line (an operator probe): one line when passes start
-/// failing, and one when a pass works again. Credentials in the platform URL are in none.
+/// failing, and one when a pass works again.
 #[tokio::test]
 async fn a_platform_down_is_said_once_and_its_return_once() {
     let (base, fake) = fake_platform(Scenario::DownThenUp).await;
     let (home, dir) = inbox();
-    let with_secret = base.replace("http://", "http://someone:hunter2@");
-    let mut daemon = daemon(&with_secret, fake.ws, home.path(), &dir, "100ms");
+    let mut daemon = daemon(&base, fake.ws, home.path(), &dir, "100ms");
     daemon.args(["--retries", "2"]);
     let child = spawn_piped(daemon);
     // Four passes of three attempts fail, the fifth works (and the sixth has begun).
@@ -592,7 +649,6 @@ async fn a_platform_down_is_said_once_and_its_return_once() {
     );
     assert!(!log.contains("retrying"), "{log}");
     assert!(log.contains("503"), "the failure says what: {log}");
-    assert!(!log.contains("hunter2"), "{log}");
     let back = log
         .lines()
         .find(|l| l.contains("\"event\":\"agent_recovered\""))
@@ -672,4 +728,147 @@ async fn ended(child: tokio::process::Child) -> std::process::Output {
         .await
         .expect("ended after SIGTERM")
         .unwrap()
+}
+
+/// reqwest followed redirects: it dropped the token on a hop to another host and sent it
+/// again on that host's next hop to itself (a probe's second host got it). The service sends
+/// none, so none is followed, and the pass says where it was sent.
+#[tokio::test]
+async fn no_redirect_is_followed() {
+    for (scenario, what) in [
+        (Scenario::RedirectList, "pending-uploads"),
+        (Scenario::RedirectContent, "content"),
+    ] {
+        let (base, fake) = fake_platform(scenario).await;
+        let (_home, dir) = inbox();
+        let out = agent_once(&base, fake.ws, &dir, Duration::from_secs(30))
+            .await
+            .expect("the pass ended");
+        assert!(!out.status.success(), "{what}");
+        let log = String::from_utf8_lossy(&out.stderr);
+        let said = format!(
+            "redirected (302 Found) to http://localhost:{}/hop: the agent follows no redirect",
+            fake.port
+        );
+        assert!(log.contains(&said), "{what}: {log}");
+        assert!(log.contains(what), "{what}: {log}");
+        assert_eq!(
+            fake.hops.load(Ordering::SeqCst),
+            0,
+            "{what}: a hop was taken"
+        );
+        assert!(walk(&dir).iter().all(|p| !p.ends_with("one.txt")));
+    }
+}
+
+/// The pending list was read into a `serde_json::Value` tree before its entries were looked
+/// at: 32 MiB of `{"":0}` entries took 3.2 GB of memory at every pass (a probe). Here the
+/// agent runs under a 1 GiB address-space limit (its own use is a few hundred MiB of it), and
+/// takes the one upload among 30 MiB of such entries.
+#[tokio::test]
+async fn a_pending_list_costs_its_bytes_not_a_hundred_times_them() {
+    let (base, fake) = fake_platform(Scenario::AmplifiedList).await;
+    let (home, dir) = inbox();
+    let token_file = home.path().join("token");
+    std::fs::write(&token_file, "tok").unwrap();
+    let mut cmd = agent(&base, fake.ws, &token_file, &dir);
+    cmd.args(["--once", "--retries", "0"]);
+    // SAFETY: setrlimit(2) only, between fork and exec, touching no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 1 << 30,
+                rlim_max: 1 << 30,
+            };
+            match libc::setrlimit(libc::RLIMIT_AS, &limit) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
+    }
+    let out = finished_within(cmd, Duration::from_secs(60))
+        .await
+        .expect("the pass ended");
+    assert_passed(&out);
+    assert_eq!(stdout_json(&out)["staged"], 1);
+    assert_eq!(published(&dir, &fake), DATA);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        log.matches("pending list entries skipped").count(),
+        1,
+        "one line for all of them: {}",
+        &log[..log.len().min(2000)]
+    );
+}
+
+/// A platform that kept listing a file after its ack had the daemon confirm it (a HEAD, the
+/// file hashed again, an ack) about 20 times a second (a probe): a pass that received nothing
+/// new waits the poll interval. And the index, rewritten by every confirmation, is written
+/// only when an entry changed.
+#[tokio::test]
+async fn a_file_listed_after_its_ack_is_not_confirmed_in_a_loop() {
+    let (base, fake) = fake_platform(Scenario::AckIgnored).await;
+    let (home, dir) = inbox();
+    passed_once(&base, fake.ws, &dir).await;
+    let index = dir.join(".pending-uploads/index.json");
+    let written = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&index).unwrap());
+    let out = passed_once(&base, fake.ws, &dir).await;
+    assert_eq!(stdout_json(&out)["already_present"], 1);
+    let now = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&index).unwrap());
+    assert_eq!(written, now, "an unchanged index was written again");
+    let before = fake.content.load(Ordering::SeqCst);
+    let child = spawn_piped(daemon(&base, fake.ws, home.path(), &dir, "1s"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    terminate(&child);
+    ended(child).await;
+    let asked = fake.content.load(Ordering::SeqCst) - before;
+    assert!(
+        (1..=5).contains(&asked),
+        "{asked} content requests in 3 s at a 1 s interval"
+    );
+}
+
+/// A file is one file whatever it is called: a platform that listed it under a new name at
+/// every pass had it downloaded again at every pass (107 copies in 10 s, a probe). One
+/// received before is confirmed where the index says it is.
+#[tokio::test]
+async fn a_renamed_file_is_not_downloaded_again() {
+    let (base, fake) = fake_platform(Scenario::Renamed).await;
+    let (_home, dir) = inbox();
+    passed_once(&base, fake.ws, &dir).await;
+    let out = passed_once(&base, fake.ws, &dir).await;
+    assert_eq!(
+        stdout_json(&out)["already_present"],
+        1,
+        "{}",
+        stdout_json(&out)
+    );
+    let received: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert_eq!(
+        received,
+        [format!("{}-name0.txt", fake.file.simple())],
+        "one copy"
+    );
+}
+
+/// A feed that forgets every cursor it gives had each pass page and reset 400 times (a
+/// probe): the cursor is reset once a pass, and the pending list read anyway.
+#[tokio::test]
+async fn a_feed_that_forgets_its_cursors_is_reset_once_a_pass() {
+    let (base, fake) = fake_platform(Scenario::ForgetfulFeed).await;
+    let (_home, dir) = inbox();
+    std::fs::create_dir_all(dir.join(".pending-uploads")).unwrap();
+    std::fs::write(
+        dir.join(".pending-uploads/cursor"),
+        Uuid::new_v4().to_string(),
+    )
+    .unwrap();
+    let out = passed_once(&base, fake.ws, &dir).await;
+    assert_eq!(stdout_json(&out)["staged"], 1);
+    let asked = fake.activity.load(Ordering::SeqCst);
+    assert!(asked <= 4, "the feed was asked {asked} times in one pass");
 }

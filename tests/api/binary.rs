@@ -532,6 +532,18 @@ fn the_agent_refuses_a_platform_url_that_is_none() {
             "{bad}: {err}"
         );
     }
+    // reqwest sent the user and password as Basic auth beside the Bearer, and the service
+    // answered a valid token 401 (a probe).
+    let out = Command::new(env!("CARGO_BIN_EXE_pending-uploads"))
+        .args(["agent", "--platform-url", "http://proxy:hunter2@a.example"])
+        .args(["--workspace-id", "00000000-0000-0000-0000-000000000001"])
+        .args(["--dir", "/nonexistent", "--once"])
+        .env("PENDING_UPLOADS_TOKEN", "t")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("must not hold a user or password"), "{err}");
 }
 
 /// Before, any grace started: one under an upload's time had the orphan reconciliation delete
