@@ -1844,7 +1844,11 @@ impl RangeTarget {
             req = req.header(header::RANGE, HeaderValue::from_bytes(r).unwrap());
         }
         let a = self.app.call(req.body(Body::empty()).unwrap()).await;
-        let want = range_model(case.ranges.first().map(Vec::as_slice), size);
+        // Range is a singleton field: sent twice, there is no one range to serve.
+        let want = match case.ranges.as_slice() {
+            [_, _, ..] => RangeExp::Full,
+            ranges => range_model(ranges.first().map(Vec::as_slice), size),
+        };
         let shape = match want {
             RangeExp::Part(..) => "Part",
             RangeExp::Full if case.ranges.is_empty() => "no Range",
