@@ -295,10 +295,48 @@ where
                 return Err(MultipartError::Malformed("truncated part header"));
             }
         };
-        let block = self.buf.split_to(end).freeze();
-        let head = parse_head(&block)?;
+        // RFC 2046 makes a part's body optional (`MIME-part-headers [CRLF *OCTET]`), and
+        // some senders leave it out for an empty part: the header block's last CRLF is then
+        // the next delimiter's own. Read as data, that delimiter, the next part's head and
+        // its bytes became this part's content, and that part was lost (a red team's 200).
+        // Go's parser, the platform's, takes such a part as empty.
+        let empty = loop {
+            match self.delimiter_line_at(end) {
+                Some(found) => break found,
+                None if self.fill().await? => {}
+                None => break false,
+            }
+        };
+        let head = parse_head(&self.buf[..end])?;
+        self.buf.advance(if empty { end - 2 } else { end });
         self.state = State::Data;
         Ok(head)
+    }
+
+    /// Whether the buffer holds a whole delimiter line from `at` on: `--<boundary>` and then
+    /// `--`, or transport padding and CRLF (as Go's `peekBufferIsEmptyPart` asks, so data
+    /// that merely begins with the boundary stays data); `None` while it cannot tell yet.
+    fn delimiter_line_at(&self, at: usize) -> Option<bool> {
+        let dash_boundary = &self.delimiter[2..];
+        let rest = &self.buf[at..];
+        let common = rest.len().min(dash_boundary.len());
+        if rest[..common] != dash_boundary[..common] {
+            return Some(false);
+        }
+        let after = rest.get(dash_boundary.len()..)?;
+        let pad = after
+            .iter()
+            .take_while(|b| **b == b' ' || **b == b'\t')
+            .count();
+        if pad > self.limits.max_part_header {
+            return Some(false);
+        }
+        match (&after[..pad], &after[pad..]) {
+            (_, []) | (b"", [b'-']) | (_, [b'\r']) => None,
+            (b"", [b'-', b'-', ..]) => Some(true),
+            (_, [b'\r', b'\n', ..]) => Some(true),
+            _ => Some(false),
+        }
     }
 
     /// Reads and discards the rest of the body (its own caps and deadlines bound this), so
@@ -657,6 +695,46 @@ mod tests {
             parse_all(chunks, b, limits),
             Err(MultipartError::Body(_))
         ));
+    }
+
+    /// A part with no body at all, its head followed at once by the next delimiter (RFC
+    /// 2046; Go's parser takes it so): an empty part, whatever the chunks' edges.
+    #[test]
+    fn a_part_without_a_body_is_empty() {
+        let raw = b"--bnd\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\n\
+                    --bnd\r\nContent-Disposition: form-data; name=\"files\"; filename=\"e.txt\"\r\n\r\n\
+                    --bnd\r\nContent-Disposition: form-data; name=\"files\"; filename=\"b.txt\"\r\n\r\nBBBB\r\n\
+                    --bnd--\r\n";
+        for sizes in [
+            &[raw.len()][..],
+            &[1; 400],
+            &[7; 100],
+            &[50, 3, 60, 2, 1000],
+        ] {
+            let parts = parse_all(split(raw, sizes), "bnd", Limits::default()).unwrap();
+            let got: Vec<(Option<&str>, &[u8])> = parts
+                .iter()
+                .map(|(head, data)| (head.filename.as_deref(), &data[..]))
+                .collect();
+            assert_eq!(
+                got,
+                [
+                    (None, &b""[..]),
+                    (Some("e.txt"), b""),
+                    (Some("b.txt"), b"BBBB")
+                ],
+                "{sizes:?}"
+            );
+        }
+        // Data that only begins with the boundary is data.
+        let raw =
+            b"--bnd\r\nContent-Disposition: form-data; name=\"files\"; filename=\"d.txt\"\r\n\r\n\
+                    --bndX\r\n--bnd--\r\n";
+        for sizes in [&[raw.len()][..], &[1; 200]] {
+            let parts = parse_all(split(raw, sizes), "bnd", Limits::default()).unwrap();
+            assert_eq!(parts.len(), 1);
+            assert_eq!(parts[0].1, b"--bndX", "{sizes:?}");
+        }
     }
 
     #[test]

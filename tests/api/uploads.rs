@@ -942,3 +942,55 @@ async fn small_bodies_stage_without_the_spool_folder_and_larger_ones_get_503() {
         assert_eq!(got.bytes().await.unwrap(), sent.as_slice());
     }
 }
+
+/// RFC 2046 makes a part's body optional, and some senders leave it out of an empty part:
+/// the head is followed at once by the next delimiter. That delimiter, the next part's head
+/// and its bytes were stored as the empty part's content, under a 200, and the next file was
+/// lost (a red team). An empty file is now the 400 it is, and an empty field before two files
+/// leaves both.
+#[tokio::test]
+async fn a_part_sent_without_a_body_is_empty_not_the_next_part() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    let ct = "multipart/form-data; boundary=BND";
+    let head = |field: &str, file: Option<&str>| {
+        let file = file
+            .map(|f| format!("; filename=\"{f}\""))
+            .unwrap_or_default();
+        format!("--BND\r\nContent-Disposition: form-data; name=\"{field}\"{file}\r\nContent-Type: text/plain\r\n\r\n")
+    };
+    let body = format!(
+        "{}{}BBBB\r\n--BND--\r\n",
+        head("files", Some("empty.txt")),
+        head("files", Some("b.txt"))
+    );
+    let resp = post_raw(&app, ws, &token, ct, body).await;
+    assert_json(
+        resp,
+        StatusCode::BAD_REQUEST,
+        json!({"error": "file is empty", "filename": "empty.txt"}),
+    )
+    .await;
+    app.assert_nothing_staged().await;
+
+    let body = format!(
+        "{}{}AAAA\r\n{}BBBB\r\n--BND--\r\n",
+        head("note", None),
+        head("files", Some("a.txt")),
+        head("files", Some("b.txt"))
+    );
+    let staged = post_raw(&app, ws, &token, ct, body).await;
+    assert_eq!(staged.status(), StatusCode::OK);
+    let staged: Value = staged.json().await.unwrap();
+    let files = staged["files"].as_array().unwrap();
+    assert_eq!(files.len(), 2, "{staged}");
+    for (entry, (name, sent)) in files.iter().zip([("a.txt", "AAAA"), ("b.txt", "BBBB")]) {
+        assert_eq!(entry["name"], name);
+        let path = format!(
+            "/workspaces/{ws}/pending-uploads/{}/content",
+            file_id(entry)
+        );
+        let got = app.get(&path, &token).await;
+        assert_eq!(got.bytes().await.unwrap(), sent.as_bytes());
+    }
+}
