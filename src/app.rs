@@ -377,11 +377,12 @@ fn raise_fd_limit() -> Option<u64> {
 /// failure logged), while the operator believes the replica takes MAX_CONNECTIONS: said once
 /// at start-up, with the numbers.
 fn warn_if_too_few_descriptors(args: &ServeArgs, limit: Option<u64>) {
-    // Client connections, the database's (requests' and the pool's), the spool files and
-    // S3 connections of the uploads in flight, and room for the rest (the listener, logs).
+    // Client connections, the database's (requests' and the pool's), an upload's spool
+    // files (its files' shared one, and the last file's when its PUT follows the receive)
+    // and S3 connection, and room for the rest (the listener, logs).
     let needed = args.max_connections as u64
         + 2 * u64::from(args.db.database_max_connections)
-        + 2 * args.max_concurrent_uploads as u64
+        + 3 * args.max_concurrent_uploads as u64
         + 256;
     if let Some(limit) = limit.filter(|l| *l < needed) {
         tracing::warn!(

@@ -28,7 +28,7 @@ use crate::{
     multipart::{BoxError, Multipart, MultipartError},
     sanitize::sanitize,
     slots::Slot,
-    spool::{Hashing, MemoryBudget, Spool, SpoolWriter},
+    spool::{Hashing, MemoryBudget, RequestFile, Spool, SpoolWriter},
     storage::{FollowedPut, Location, Storage, StorageError},
     stored::Reservation,
 };
@@ -180,6 +180,7 @@ where
     E: Into<BoxError>,
 {
     let mut field_bytes = 0usize;
+    let spilled = RequestFile::default();
     while let Some(head) = multipart.next_part().await? {
         let filename = head.filename.clone().filter(|f| !f.is_empty());
         let Some(original) = filename.filter(|_| head.name.as_deref() == Some("files")) else {
@@ -205,7 +206,9 @@ where
         let (writer, followed) = match followed {
             Some((writer, put)) => (writer, Some(put)),
             None => (
-                SpoolWriter::create(spool_dir, memory.clone()).hashing(hashing),
+                SpoolWriter::create(spool_dir, memory.clone())
+                    .sharing(&spilled)
+                    .hashing(hashing),
                 None,
             ),
         };

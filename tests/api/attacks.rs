@@ -4740,3 +4740,67 @@ async fn orphan_reconciliation_never_reaches_outside_a_private_prefix() {
         .await
         .unwrap();
 }
+
+/// Every file of an upload that went to disk had an unnamed temp file of its own, open until
+/// the commit: 64 files a request, and 16 such uploads from one client held 1,040
+/// descriptors, where the open-file check counted two an upload — a red team ran a replica
+/// out of them well below MAX_CONNECTIONS, and accepts failed. A request's files now share
+/// one temp file, each in a region of its own: here 64 files held in flight keep one spool
+/// descriptor, and every file comes back byte for byte.
+#[tokio::test]
+async fn a_request_of_many_files_holds_one_spool_file() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("spool");
+    std::fs::create_dir(&dir).unwrap();
+    let svc = Svc::start(&[
+        ("SPOOL_DIR", dir.to_str().unwrap()),
+        ("SPOOL_MEMORY_PER_REQUEST", "65536"),
+    ])
+    .await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let files: Vec<Vec<u8>> = (0..64).map(|i| bytes(40_000 + i, i as u8)).collect();
+    let mut body = Vec::new();
+    for (i, data) in files.iter().enumerate() {
+        body.extend_from_slice(
+            format!(
+                "--XB\r\nContent-Disposition: form-data; name=\"files\"; filename=\"f{i}.bin\"\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"--XB--\r\n");
+    let head = upload_head(&svc, ws, &token, body.len())
+        .replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
+    let mut held = TcpStream::connect(&svc.addr).await.unwrap();
+    held.write_all(head.as_bytes()).await.unwrap();
+    let (sent, rest) = body.split_at(body.len() - 200);
+    held.write_all(sent).await.unwrap();
+    let pid = svc.pid().to_string();
+    eventually("a file spooled", Duration::from_secs(10), || {
+        let open = files_open_in(&pid, &dir);
+        async move { open > 0 }
+    })
+    .await;
+    // All but the last 200 bytes are on the socket: a moment, and every file is on disk.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        files_open_in(&pid, &dir),
+        1,
+        "spool files open for one request"
+    );
+    held.write_all(rest).await.unwrap();
+    let mut raw = Vec::new();
+    held.read_to_end(&mut raw).await.unwrap();
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(raw.starts_with("HTTP/1.1 200 OK\r\n"), "{raw}");
+    let answer: Value = serde_json::from_str(raw.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let staged = answer["files"].as_array().unwrap();
+    assert_eq!(staged.len(), 64);
+    for (entry, data) in staged.iter().zip(&files) {
+        let got = download(&svc, ws, &token, file_id(entry)).await;
+        assert!(got == data[..], "{} came back changed", entry["name"]);
+    }
+    assert_eq!(files_open_in(&pid, &dir), 0, "the spool file closed");
+}

@@ -376,8 +376,13 @@ impl TestApp {
 /// File handles this process holds open inside `dir` (unnamed spool files show up as
 /// `<dir>/#inode (deleted)`).
 pub fn open_spool_files(dir: &std::path::Path) -> usize {
+    files_open_in("self", dir)
+}
+
+/// File handles process `pid` (or `self`) holds open inside `dir`.
+pub fn files_open_in(pid: &str, dir: &std::path::Path) -> usize {
     let prefix = dir.to_string_lossy().to_string();
-    std::fs::read_dir("/proc/self/fd")
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
         .filter(|target| target.to_string_lossy().starts_with(&prefix))
