@@ -351,21 +351,30 @@ pub struct Stager {
 }
 
 impl Stager {
-    /// Commits the received files, in a task the caller's cancellation cannot stop. The
-    /// task holds the upload's `slot` to its end: a client that goes after its last byte
-    /// must not free a slot while its commit still holds a connection and its spool.
-    pub async fn commit(
+    /// Commits the received files in a task of their own, started before this returns, which
+    /// the caller's cancellation cannot stop; the future is its outcome. The task holds the
+    /// upload's `slot` to its end (a client that goes after its last byte must not free a
+    /// slot while its commit still holds a connection and its spool), and logs the outcome:
+    /// a staged line per file, or a failed one, whether the client is still there or not
+    /// (its handler, dropped with its connection, logged nothing: a red team).
+    pub fn commit(
         &self,
         workspace_id: Uuid,
         token_hash: Option<[u8; 32]>,
         files: Vec<Received>,
         slot: Slot,
         reserved: Reservation,
-    ) -> Result<Vec<UploadReceived>, StagingError> {
+    ) -> impl std::future::Future<Output = Result<Vec<UploadReceived>, StagingError>> {
         let stager = self.clone();
         // The reservation is the commit's, as its slot is: a client gone meanwhile does not
         // end it, and counting it committed before its rows landed let a reading drop it.
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
+            // What each file's failed line says if the commit fails (SPEC §8: one line per
+            // file; it has no file_id then, nothing was staged).
+            let described: Vec<(String, u64)> = files
+                .iter()
+                .map(|f| (f.name.clone(), f.spool.size))
+                .collect();
             let staged = stager.commit_now(workspace_id, token_hash, files).await;
             match &staged {
                 // Rows that may be in stay counted until a reading has them.
@@ -373,9 +382,22 @@ impl Stager {
                 _ => drop(reserved),
             }
             drop(slot);
+            if let Err(e) = &staged {
+                let backend = stager.storage.mode().as_str();
+                metrics()
+                    .files_staged
+                    .with_label_values(&[backend, "failed"])
+                    .inc_by(described.len() as u64);
+                for (name, size) in &described {
+                    tracing::warn!(
+                        event = "failed", %workspace_id, name = clip(name).as_str(), size,
+                        backend, error = %e, "upload not staged"
+                    );
+                }
+            }
             staged
-        })
-        .await?
+        });
+        async move { task.await? }
     }
 
     async fn commit_now(

@@ -15,7 +15,7 @@ use super::{
 use crate::{
     api::{self, UploadResult},
     db::{self, uploads::PendingTotals, workspaces::Workspace, Checked},
-    logfmt::{clip, Clip},
+    logfmt::Clip,
     metrics::metrics,
     multipart::{self, Multipart},
     slots::{self, Slot},
@@ -144,6 +144,42 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
+/// Says that an upload's client went before its answer: hyper drops the request's future
+/// when it reads the client's end of the connection (a close, or a half-close, once the body
+/// is in), and before this nothing said so (a red team: 0 lines, where SPEC §8 wants one).
+/// Disarmed once the upload's answer is decided or its commit has begun (which says itself
+/// how it ends).
+struct Unanswered {
+    workspace_id: uuid::Uuid,
+    client: Option<std::net::IpAddr>,
+    backend: &'static str,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl Unanswered {
+    fn disarm(&self) {
+        self.armed
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if !self.armed.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let client = self.client.map(|c| c.to_string());
+        tracing::info!(
+            event = "failed", workspace_id = %self.workspace_id, client = client.as_deref(),
+            error = "the client went away before its answer", "upload abandoned"
+        );
+        metrics()
+            .files_staged
+            .with_label_values(&[self.backend, "rejected"])
+            .inc();
+    }
+}
+
 /// Whose upload it is: the workspace, the token it came with, and the client address its
 /// share of MAX_STORED_BYTES is counted under (`None`: not counted).
 struct Upload<'a> {
@@ -166,7 +202,15 @@ async fn stage(
         client,
     } = from;
     let backend = st.storage.mode().as_str();
+    let unanswered = Unanswered {
+        workspace_id: ws.id,
+        client,
+        backend,
+        armed: std::sync::atomic::AtomicBool::new(true),
+    };
+    // Every refusal below goes through here: it is the upload's one line.
     let rejected = |e: ApiError| {
+        unanswered.disarm();
         let client = client.map(|c| c.to_string());
         tracing::info!(
             event = "failed", workspace_id = %ws.id, client = client.as_deref(),
@@ -245,29 +289,12 @@ async fn stage(
         .stored
         .try_reserve(reserved, client)
         .map_err(|r| rejected(r.into()))?;
-    let count = files.len();
-    // What each file's failed line says if the commit fails (SPEC §8: one line per file; it
-    // has no file_id then, nothing was staged).
-    let described: Vec<(String, u64)> = files
-        .iter()
-        .map(|f| (f.name.clone(), f.spool.size))
-        .collect();
+    // The commit's task says how it ends from here, whether the client waits for it or not.
     let committed = st
         .stager
         .commit(ws.id, token_hash, files, slot, reservation);
-    let staged = committed.await.map_err(|e| {
-        metrics()
-            .files_staged
-            .with_label_values(&[backend, "failed"])
-            .inc_by(count as u64);
-        for (name, size) in &described {
-            tracing::warn!(
-                event = "failed", workspace_id = %ws.id, name = clip(name).as_str(), size, backend,
-                error = %e, "upload not staged"
-            );
-        }
-        ApiError::from(e)
-    })?;
+    unanswered.disarm();
+    let staged = committed.await?;
     let files = staged.into_iter().map(|s| s.file).collect();
     Ok(Json(UploadResult { files }).into_response())
 }

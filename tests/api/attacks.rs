@@ -4804,3 +4804,95 @@ async fn a_request_of_many_files_holds_one_spool_file() {
     }
     assert_eq!(files_open_in(&pid, &dir), 0, "the spool file closed");
 }
+
+/// SPEC §8: every upload ends in one line. One whose client went before its answer ended in
+/// none: hyper drops the request's future when it reads the client's close (or half-close)
+/// after the body, and the handler logged both a refusal and a failed commit (a red team:
+/// uploads closed after their last byte, 0 lines; some were staged, most not). A commit that
+/// fails after its client went now says so itself, and an upload dropped before its commit
+/// says it was abandoned: each of 20 uploads closed after their last byte has one line.
+#[tokio::test]
+async fn an_upload_whose_client_went_still_says_how_it_ended() {
+    let in_progress = "pending_uploads_uploads_in_progress";
+    let mut svc = Svc::start(&[("DEPENDENCY_TIMEOUT", "2s")]).await;
+    // An upload sent whole, its last byte once its slot is taken (the caller checked);
+    // the socket, for the caller to close.
+    let send = |ws: Uuid, token: String, name: String| {
+        let (svc, addr) = (&svc, svc.addr.clone());
+        async move {
+            let body = one_file("XB", &name, name.as_bytes());
+            let mut sock = TcpStream::connect(&addr).await.unwrap();
+            let head = upload_head(svc, ws, &token, body.len());
+            let (most, last) = body.split_at(body.len() - 1);
+            sock.write_all(&[head.as_bytes(), most].concat())
+                .await
+                .unwrap();
+            wait_for_metric(&svc.base, in_progress, 1.0).await;
+            sock.write_all(last).await.unwrap();
+            sock
+        }
+    };
+    // Its commit waits on the workspace's lock past the wait's bound (1 s) while its client
+    // is gone.
+    let (ws, token) = register_poll(&svc.base).await;
+    let mut lock = svc.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(pending_uploads_lock_key($1))")
+        .bind(ws)
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let sock = send(ws, token.clone(), "gone.txt".into()).await;
+    let pool = svc.pool.clone();
+    eventually(
+        "the commit waits on the lock",
+        Duration::from_secs(10),
+        || {
+            let pool = pool.clone();
+            async move {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                waiting > 0
+            }
+        },
+    )
+    .await;
+    drop(sock);
+    wait_for_metric(&svc.base, in_progress, 0.0).await;
+    sqlx::query("SELECT pg_advisory_unlock_all()")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    assert_eq!(svc.count("pending_uploads").await, 0);
+
+    let (other, other_token) = register_poll(&svc.base).await;
+    for i in 0..20 {
+        let sock = send(other, other_token.clone(), format!("f{i}.txt")).await;
+        drop(sock);
+        wait_for_metric(&svc.base, in_progress, 0.0).await;
+    }
+    let staged = svc.count("pending_uploads").await;
+    let out = svc.running.terminate().await;
+    let lines = log_lines(&out.stderr);
+    let of = |ws: Uuid| -> Vec<&Value> {
+        lines
+            .iter()
+            .filter(|l| l["workspace_id"] == ws.to_string() && l["event"].is_string())
+            .collect()
+    };
+    let gone: Vec<&Value> = of(ws);
+    assert_eq!(gone.len(), 1, "{gone:?}");
+    assert_eq!(gone[0]["message"], "upload not staged");
+    assert_eq!(gone[0]["event"], "failed");
+    assert_eq!(gone[0]["name"], "gone.txt");
+    let ended = of(other);
+    assert_eq!(ended.len(), 20, "one line each: {ended:?}");
+    let staged_lines = ended.iter().filter(|l| l["event"] == "staged").count();
+    assert_eq!(staged_lines as i64, staged, "{ended:?}");
+    for line in ended.iter().filter(|l| l["event"] != "staged") {
+        assert_eq!(line["message"], "upload abandoned", "{line}");
+    }
+}
