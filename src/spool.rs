@@ -445,7 +445,10 @@ impl Drop for SpoolWriter {
 /// with 16 such uploads one client held 1,040 descriptors, where the open-file check counted
 /// two an upload (a red team ran a replica out of them below MAX_CONNECTIONS: accepts failed).
 #[derive(Clone, Default)]
-pub struct RequestFile(Arc<Mutex<Option<(Arc<File>, u64)>>>);
+pub struct RequestFile(Arc<Mutex<Option<Shared>>>);
+
+/// The shared file, and where the next region starts.
+type Shared = (Arc<File>, u64);
 
 impl RequestFile {
     /// The file, created in `dir` at its first use, and where the next region starts.
