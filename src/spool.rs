@@ -135,6 +135,8 @@ pub struct SpoolWriter {
     shared: Option<RequestFile>,
     /// Where this file's bytes start in its temp file (0 unless it is shared).
     base: u64,
+    /// Set once the file's space is given back: shared with every reader of it.
+    given_back: Arc<AtomicBool>,
     /// The bytes so far while they fit in the budget; empty once spilled to `file`.
     memory: BytesMut,
     budget: MemoryBudget,
@@ -214,6 +216,7 @@ impl SpoolWriter {
             dir: dir.to_path_buf(),
             shared: None,
             base: 0,
+            given_back: Arc::new(AtomicBool::new(false)),
             memory: BytesMut::new(),
             budget,
             file: None,
@@ -231,22 +234,35 @@ impl SpoolWriter {
         }
     }
 
-    /// A spool on disk from its first byte whose file a [`Tail`] reads while it is written,
-    /// for a file expected to be `size` bytes long.
-    pub fn followed(dir: &Path, size: u64) -> io::Result<(Self, Tail)> {
-        let file = Arc::new(tempfile::tempfile_in(dir)?);
+    /// A spool on disk from its first byte, in the request's temp file, whose bytes a
+    /// [`Tail`] reads while they are written, for a file expected to be `size` bytes long.
+    /// (A file of its own each, a wrong guess of which part is the last kept one open per
+    /// part until the commit: a review's find.)
+    pub fn followed(dir: &Path, size: u64, request: &RequestFile) -> io::Result<(Self, Tail)> {
+        let (file, base) = request.region(dir)?;
         let (tx, rx) = watch::channel(Written::default());
-        let mut writer = Self::create(dir, MemoryBudget::default());
+        let mut writer = Self::create(dir, MemoryBudget::default()).sharing(request);
         writer.file = Some(file.clone());
+        writer.base = base;
         writer.written = Some(Arc::new(tx));
         let tail = Tail {
-            file,
+            region: writer.region(file),
             written: rx,
             sha256: writer.sha256.clone(),
             size,
             released: Arc::new(AtomicBool::new(false)),
         };
         Ok((writer, tail))
+    }
+
+    /// Where `file` (this writer's) holds its bytes.
+    fn region(&self, file: Arc<File>) -> Region {
+        Region {
+            file,
+            base: self.base,
+            shared: self.shared.is_some(),
+            given_back: self.given_back.clone(),
+        }
     }
 
     /// The same writer, spilling to the request's one temp file (see [`RequestFile`]).
@@ -400,11 +416,7 @@ impl SpoolWriter {
             told.send_modify(|w| w.end = Some(self.len));
         }
         let backing = match self.file.take() {
-            Some(file) => Backing::File(Region {
-                file,
-                base: self.base,
-                shared: self.shared.is_some(),
-            }),
+            Some(file) => Backing::File(self.region(file)),
             None => Backing::Memory {
                 // A file much smaller than the capacity reserved for it keeps only its size:
                 // the next file of the request reserves what is left again.
@@ -429,12 +441,7 @@ impl SpoolWriter {
 impl Drop for SpoolWriter {
     fn drop(&mut self) {
         if let Some(file) = self.file.take() {
-            let region = Region {
-                file,
-                base: self.base,
-                shared: self.shared.is_some(),
-            };
-            region.give_back(self.offset);
+            self.region(file).give_back(self.offset);
         }
     }
 }
@@ -451,7 +458,9 @@ pub struct RequestFile(Arc<Mutex<Option<Shared>>>);
 type Shared = (Arc<File>, u64);
 
 impl RequestFile {
-    /// The file, created in `dir` at its first use, and where the next region starts.
+    /// The file, created in `dir` at its first use, and where the next region starts: at a
+    /// block's start, so that freeing a region frees its last block too and never touches the
+    /// next region's first (a partial block is only zeroed).
     fn region(&self, dir: &Path) -> io::Result<(Arc<File>, u64)> {
         let mut shared = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let (file, end) = match shared.as_ref() {
@@ -460,7 +469,7 @@ impl RequestFile {
                 .insert((Arc::new(tempfile::tempfile_in(dir)?), 0))
                 .clone(),
         };
-        Ok((file, end))
+        Ok((file, end.next_multiple_of(REGION_ALIGN)))
     }
 
     /// A region reaches `end`: the next one starts there.
@@ -472,6 +481,9 @@ impl RequestFile {
     }
 }
 
+/// Regions of a shared spool file start at a multiple of this (the file systems' block).
+const REGION_ALIGN: u64 = 4096;
+
 /// Where a spooled file's bytes are: its temp file, from `base` on.
 #[derive(Clone)]
 struct Region {
@@ -479,15 +491,27 @@ struct Region {
     base: u64,
     /// The file holds other files of the request too.
     shared: bool,
+    /// Set before the space goes: a read that ends after it fails, as a short read of a
+    /// file emptied did (a PUT given up on must not write what a freed region reads as).
+    given_back: Arc<AtomicBool>,
 }
 
 impl Region {
-    /// Gives the disk space of the region's first `len` bytes back. A file of its own is
-    /// emptied (a reader left finds it short and fails); a shared one has the region's
-    /// blocks freed (`FALLOC_FL_PUNCH_HOLE`: a reader left would read zeros, and the only
-    /// ones left are PUTs given up on, whose objects no row names), where the file system
-    /// can, else they go when the request's last file does.
+    /// `buf.len()` bytes from `offset` in the region (blocking).
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, self.base + offset)?;
+        if self.given_back.load(Ordering::SeqCst) {
+            return Err(io::Error::other("the spooled file was given back"));
+        }
+        Ok(())
+    }
+
+    /// Gives the disk space of the region's first `len` bytes back, and fails every read of
+    /// it that ends from now on. A file of its own is emptied; a shared one has the region's
+    /// blocks freed (`FALLOC_FL_PUNCH_HOLE`), where the file system can, else they go when
+    /// the request's last file does.
     fn give_back(&self, len: u64) {
+        self.given_back.store(true, Ordering::SeqCst);
         if !self.shared {
             let _ = self.file.set_len(0);
             return;
@@ -495,6 +519,8 @@ impl Region {
         #[cfg(target_os = "linux")]
         {
             use std::os::fd::AsRawFd;
+            // To the region's last block's end: the next region starts no earlier.
+            let len = len.next_multiple_of(REGION_ALIGN);
             let (Ok(base), Ok(len)) = (i64::try_from(self.base), i64::try_from(len)) else {
                 return;
             };
@@ -524,7 +550,7 @@ pub struct Written {
 /// starts with the receive, instead of after it.
 #[derive(Clone)]
 pub struct Tail {
-    file: Arc<File>,
+    region: Region,
     written: watch::Receiver<Written>,
     sha256: Arc<OnceLock<[u8; 32]>>,
     /// The size the file is expected to have.
@@ -544,11 +570,11 @@ impl Tail {
         &self,
         waiting: Arc<dyn Fn(bool) + Send + Sync>,
     ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
-        let (file, size) = (self.file.clone(), self.size);
+        let (region, size) = (self.region.clone(), self.size);
         let start = (0u64, self.written.clone(), Buffers::default());
         let released = self.released.clone();
         futures::stream::try_unfold(start, move |(at, mut written, buffers)| {
-            let (file, waiting, released) = (file.clone(), waiting.clone(), released.clone());
+            let (region, waiting, released) = (region.clone(), waiting.clone(), released.clone());
             async move {
                 let Some(until) = next_ready(at, size, &mut written, &*waiting).await? else {
                     return Ok(None);
@@ -557,7 +583,7 @@ impl Tail {
                     released.store(true, Ordering::Relaxed);
                 }
                 let len = READ_CHUNK.min((until - at) as usize);
-                let chunk = read_at(file, &buffers, at, len).await?;
+                let chunk = read_at(&region, &buffers, at, len).await?;
                 Ok(Some((chunk, (at + len as u64, written, buffers))))
             }
         })
@@ -697,7 +723,7 @@ impl Spool {
         let hash = self.known_sha256().is_none();
         let (whole, sha256) = tokio::task::spawn_blocking(move || {
             let mut whole = vec![0u8; size];
-            file.file.read_exact_at(&mut whole, file.base)?;
+            file.read_exact_at(&mut whole, 0)?;
             // Read whole anyway: its digest, when not known yet, without reading it again.
             let sha256 = hash.then(|| {
                 let mut d = Digester::default();
@@ -748,18 +774,19 @@ impl Spool {
             .map(move |offset| {
                 let (region, buffers) = (file.clone(), buffers.clone());
                 let len = READ_CHUNK.min((size - offset) as usize);
-                async move { read_at(region.file, &buffers, region.base + offset, len).await }
+                async move { read_at(&region, &buffers, offset, len).await }
             })
             .buffered(in_flight)
             .right_stream()
     }
 }
 
-/// `len` bytes of `file` from `offset`, read on a blocking thread into one of `buffers`.
-async fn read_at(file: Arc<File>, buffers: &Buffers, offset: u64, len: usize) -> io::Result<Bytes> {
+/// `len` bytes of `region` from `offset`, read on a blocking thread into one of `buffers`.
+async fn read_at(region: &Region, buffers: &Buffers, offset: u64, len: usize) -> io::Result<Bytes> {
     let mut buf = buffers.take();
+    let region = region.clone();
     let buf = tokio::task::spawn_blocking(move || {
-        file.read_exact_at(&mut buf[..len], offset)?;
+        region.read_exact_at(&mut buf[..len], offset)?;
         Ok::<_, io::Error>(buf)
     })
     .await
@@ -878,6 +905,11 @@ mod tests {
             file.metadata().unwrap().blocks() < blocks,
             "the region's blocks went"
         );
+        // A reader left of a file given back fails, as one of an emptied file did (it
+        // would read zeros from the freed region).
+        assert!(spools[0].0.read_all().await.is_err());
+        let left: Vec<io::Result<Bytes>> = spools[0].0.chunks().collect().await;
+        assert!(left.iter().any(Result::is_err));
         for (spool, bytes) in &spools[1..] {
             assert_eq!(spool.read_all().await.unwrap(), bytes[..]);
         }

@@ -202,7 +202,14 @@ where
             return Err(StagingError::TooManyFiles(limits.max_files));
         }
         let mimetype = reduce_mimetype(head.content_type.as_deref());
-        let followed = follow_part(follow.as_ref(), multipart, limits, spool_dir, &memory);
+        let followed = follow_part(
+            follow.as_ref(),
+            multipart,
+            limits,
+            spool_dir,
+            &memory,
+            &spilled,
+        );
         let (writer, followed) = match followed {
             Some((writer, put)) => (writer, Some(put)),
             None => (
@@ -252,12 +259,13 @@ fn follow_part<S>(
     limits: &RequestLimits,
     spool_dir: &Path,
     memory: &MemoryBudget,
+    spilled: &RequestFile,
 ) -> Option<(SpoolWriter, FollowedPut)> {
     let f = follow.filter(|_| memory.is_empty())?;
     let size = multipart
         .last_part_size(f.body_len)
         .filter(|&size| size > 0 && size <= limits.max_file_bytes)?;
-    f.storage.follow(f.workspace_id, size, spool_dir)
+    f.storage.follow(f.workspace_id, size, spool_dir, spilled)
 }
 
 /// Copies one file part into its spool, enforcing the per-file cap; an empty part is refused.

@@ -24,7 +24,7 @@ use crate::{
     config::BackendMode,
     db::DbError,
     digest, metrics,
-    spool::{Hashing, MemoryBudget, Spool, SpoolWriter, READ_CHUNK},
+    spool::{Hashing, MemoryBudget, RequestFile, Spool, SpoolWriter, READ_CHUNK},
 };
 
 pub use bytea::ByteaBackend;
@@ -270,13 +270,14 @@ impl Storage {
         workspace_id: Uuid,
         size: u64,
         spool_dir: &Path,
+        request: &RequestFile,
     ) -> Option<(SpoolWriter, FollowedPut)> {
         if !self.writes_s3() {
             return None;
         }
         let s3 = self.s3.clone()?;
         let place = s3.place_while_receiving()?;
-        let (writer, tail) = SpoolWriter::followed(spool_dir, size).ok()?;
+        let (writer, tail) = SpoolWriter::followed(spool_dir, size, request).ok()?;
         let file_id = Uuid::new_v4();
         let key = s3.key_for(workspace_id, file_id);
         let released = tail.released();

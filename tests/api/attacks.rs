@@ -4850,7 +4850,9 @@ async fn an_upload_whose_client_went_still_says_how_it_ended() {
             let pool = pool.clone();
             async move {
                 let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                    "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+                 WHERE d.datname = current_database() AND l.locktype = 'advisory' \
+                 AND NOT l.granted",
                 )
                 .fetch_one(&pool)
                 .await
