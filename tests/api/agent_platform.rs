@@ -763,7 +763,7 @@ async fn no_redirect_is_followed() {
 
 /// The pending list was read into a `serde_json::Value` tree before its entries were looked
 /// at: 32 MiB of `{"":0}` entries took 3.2 GB of memory at every pass (a probe). Here the
-/// agent runs under a 1 GiB address-space limit (its own use is a few hundred MiB of it), and
+/// agent runs under a 2 GiB address-space limit (its own use is a few hundred MiB of it), and
 /// takes the one upload among 30 MiB of such entries.
 #[tokio::test]
 async fn a_pending_list_costs_its_bytes_not_a_hundred_times_them() {
@@ -777,8 +777,8 @@ async fn a_pending_list_costs_its_bytes_not_a_hundred_times_them() {
     unsafe {
         cmd.pre_exec(|| {
             let limit = libc::rlimit {
-                rlim_cur: 1 << 30,
-                rlim_max: 1 << 30,
+                rlim_cur: 2 << 30,
+                rlim_max: 2 << 30,
             };
             match libc::setrlimit(libc::RLIMIT_AS, &limit) {
                 0 => Ok(()),
