@@ -7,7 +7,7 @@
 #   - the direct clients: a virtualenv with benches/requirements.lock (psycopg[binary], boto3,
 #     awscli; every version pinned) in ${PENDING_UPLOADS_CACHE:-~/.cache/pending-uploads}/bench-venv,
 #     built once; psql comes with PostgreSQL;
-#   - hey (apt-get) for the latency suite, when missing.
+#   - hey (apt-get) and oha (cargo install, into the cache) for the latency suite, when missing.
 # Usage: scripts/bench.sh [--suite all|throughput|roundtrips|small|latency|longpoll|memory|maintenance]
 #        [--backends bytea,s3] [...]; `scripts/bench.sh --help` lists every option.
 # Markdown tables go to stdout (e.g. `scripts/bench.sh | tee bench.md`), progress to stderr.
@@ -81,6 +81,19 @@ if wants latency && [ -z "${BENCH_HEY:-}" ] && ! command -v hey >/dev/null 2>&1;
   else
     echo "hey is missing and apt-get is not available: the latency suite will be skipped" >&2
   fi
+fi
+
+# oha, an open-loop generator, from crates.io into the cache (a few minutes, once).
+oha_version=1.16.0
+if wants latency && [ -z "${BENCH_OHA:-}" ] && ! command -v oha >/dev/null 2>&1; then
+  oha_root=$cache/oha-$oha_version
+  if [ ! -x "$oha_root/bin/oha" ]; then
+    echo "installing oha $oha_version with cargo into $oha_root (latency suite; a few minutes, once)" >&2
+    CARGO_TARGET_DIR="$oha_root/build" cargo install -q oha --version "$oha_version" --locked --root "$oha_root" >&2 \
+      && rm -rf "$oha_root/build" \
+      || echo "could not install oha: its latency table will be skipped" >&2
+  fi
+  [ -x "$oha_root/bin/oha" ] && export BENCH_OHA=$oha_root/bin/oha
 fi
 
 if [ -z "${BENCH_DATABASE_URL:-}" ]; then

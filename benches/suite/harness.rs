@@ -46,6 +46,8 @@ pub struct Env {
     pub psql: Option<String>,
     pub aws_cli: Option<String>,
     pub hey: Option<String>,
+    /// oha: an open-loop generator that counts latency from when a request was due.
+    pub oha: Option<String>,
 }
 
 impl Env {
@@ -71,6 +73,7 @@ impl Env {
             psql: var("BENCH_PSQL").or_else(|| which("psql")),
             aws_cli: var("BENCH_AWS_CLI"),
             hey: var("BENCH_HEY").or_else(|| which("hey")),
+            oha: var("BENCH_OHA").or_else(|| which("oha")),
         }
     }
 }

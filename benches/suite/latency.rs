@@ -3,7 +3,10 @@
 //! - this bench's own open-loop generator ([`crate::paced`]): evenly spaced requests, latency
 //!   counted from when each was due;
 //! - `hey` (`-c W -q R/W`: W workers, each throttled to R/W requests per second, per
-//!   shared/ENVIRONMENT.md), whose workers fire together and each wait for their own answer.
+//!   shared/ENVIRONMENT.md), whose workers fire together and each wait for their own answer;
+//! - `oha` (`-q R -c W --latency-correction`): requests sent at the rate over W connections,
+//!   each one's latency counted from when it was due (no coordinated omission), as the
+//!   issue's "open loop, e.g. hey -q or oha" asks of a tool that is not ours.
 //!
 //! Each route is warmed up first; hey's per-request CSV gives its percentiles. With
 //! `--reference-bin`, the same routes against that binary too, route by route in turn.
@@ -58,6 +61,7 @@ pub async fn run(env: &Env, o: &Opts) {
     let compared = instances.len() > 1;
     let mut paced = Vec::new();
     let mut hey = Vec::new();
+    let mut oha = Vec::new();
     // Route by route, each binary in turn, which one first alternating: a change in the
     // machine's load between runs touches both alike.
     for route in 0..instances[0].routes.len() {
@@ -85,6 +89,19 @@ pub async fn run(env: &Env, o: &Opts) {
                 out.sent, f.p50, f.p99, f.rate, out.connections, out.busy_pct, out.steal_pct
             );
             paced.push((name, f));
+        }
+        if let Some(bin) = &env.oha {
+            for inst in &turn {
+                let r = &inst.routes[route];
+                let name = row_name(r.name, inst.label, compared);
+                oha_run(bin, r, o.warmup, o).await;
+                let f = oha_run(bin, r, o.seconds, o).await;
+                eprintln!(
+                    "latency (oha) {name}: p50 {:.2} ms, p99 {:.2} ms, {:.0} req/s",
+                    f.p50, f.p99, f.rate
+                );
+                oha.push((name, f));
+            }
         }
         let Some(bin) = &env.hey else { continue };
         for inst in &turn {
@@ -115,6 +132,15 @@ pub async fn run(env: &Env, o: &Opts) {
         }
     );
     print_table(paced);
+    if oha.is_empty() {
+        println!("\noha: skipped, it is not installed (scripts/bench.sh installs it with cargo).");
+    } else {
+        println!(
+            "\nThe same at {} req/s from oha (-z {}s -q {} -c {} --latency-correction, after a {} s warm-up per route; latency counted from when each request was due):\n",
+            o.rate, o.seconds, o.rate, o.workers, o.warmup
+        );
+        print_table(oha);
+    }
     if hey.is_empty() {
         println!(
             "\nhey: skipped, it is not installed (scripts/bench.sh installs it with apt-get)."
@@ -274,6 +300,60 @@ async fn hey_run(hey: &str, r: &Route, seconds: u64, o: &Opts) -> Figures {
         String::from_utf8_lossy(&out.stderr)
     );
     parse_csv(&String::from_utf8_lossy(&out.stdout), seconds as f64)
+}
+
+async fn oha_run(oha: &str, r: &Route, seconds: u64, o: &Opts) -> Figures {
+    let out = tokio::process::Command::new(oha)
+        .args(["-z", &format!("{seconds}s")])
+        .args(["-q", &o.rate.to_string()])
+        .args(["-c", &o.workers.to_string()])
+        .args([
+            "--latency-correction",
+            "--no-tui",
+            "--output-format",
+            "json",
+        ])
+        .args(["-m", r.method])
+        .args(["-H", &format!("Authorization: Bearer {}", r.token)])
+        .arg(&r.url)
+        .output()
+        .await
+        .expect("run oha");
+    assert!(
+        out.status.success(),
+        "oha failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("oha's JSON");
+    let ms = |p: &str| v["latencyPercentiles"][p].as_f64().unwrap_or(f64::NAN) * 1000.0;
+    let count = |field: &str, ok: fn(&str) -> bool| -> usize {
+        v[field].as_object().map_or(0, |m| {
+            m.iter()
+                .filter(|(k, _)| ok(k))
+                .map(|(_, n)| n.as_u64().unwrap_or(0) as usize)
+                .sum()
+        })
+    };
+    // Requests still in flight when the run's time is up are cut by oha itself: not the
+    // service's failures.
+    let answered = count("statusCodeDistribution", |_| true);
+    let errors = count("errorDistribution", |k| {
+        !k.contains("aborted due to deadline")
+    });
+    if errors > 0 {
+        eprintln!("oha errors on {}: {}", r.url, v["errorDistribution"]);
+    }
+    Figures {
+        requests: answered + errors,
+        failed: count("statusCodeDistribution", |k| !k.starts_with('2')) + errors,
+        rate: v["summary"]["requestsPerSec"].as_f64().unwrap_or(f64::NAN),
+        p50: ms("p50"),
+        p90: ms("p90"),
+        p99: ms("p99"),
+        max: v["summary"]["slowest"].as_f64().unwrap_or(f64::NAN) * 1000.0,
+        steal: None,
+        busy: None,
+    }
 }
 
 /// hey's CSV: response-time (s), …, status-code, offset (s).
