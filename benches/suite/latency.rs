@@ -90,30 +90,26 @@ pub async fn run(env: &Env, o: &Opts) {
             );
             paced.push((name, f));
         }
-        if let Some(bin) = &env.oha {
+        let tools = [
+            (Tool::Oha, env.oha.as_deref(), &mut oha),
+            (Tool::Hey, env.hey.as_deref(), &mut hey),
+        ];
+        for (tool, bin, rows) in tools {
+            let Some(bin) = bin else { continue };
             for inst in &turn {
                 let r = &inst.routes[route];
                 let name = row_name(r.name, inst.label, compared);
-                oha_run(bin, r, o.warmup, o).await;
-                let f = oha_run(bin, r, o.seconds, o).await;
+                tool.run(bin, r, o.warmup, o).await;
+                let f = tool.run(bin, r, o.seconds, o).await;
                 eprintln!(
-                    "latency (oha) {name}: p50 {:.2} ms, p99 {:.2} ms, {:.0} req/s",
-                    f.p50, f.p99, f.rate
+                    "latency ({}) {name}: p50 {:.2} ms, p99 {:.2} ms, {:.0} req/s",
+                    tool.name(),
+                    f.p50,
+                    f.p99,
+                    f.rate
                 );
-                oha.push((name, f));
+                rows.push((name, f));
             }
-        }
-        let Some(bin) = &env.hey else { continue };
-        for inst in &turn {
-            let r = &inst.routes[route];
-            let name = row_name(r.name, inst.label, compared);
-            hey_run(bin, r, o.warmup, o).await;
-            let f = hey_run(bin, r, o.seconds, o).await;
-            eprintln!(
-                "latency (hey) {name}: p50 {:.2} ms, p99 {:.2} ms, {:.0} req/s",
-                f.p50, f.p99, f.rate
-            );
-            hey.push((name, f));
         }
     }
     for inst in instances {
@@ -300,6 +296,29 @@ async fn hey_run(hey: &str, r: &Route, seconds: u64, o: &Opts) -> Figures {
         String::from_utf8_lossy(&out.stderr)
     );
     parse_csv(&String::from_utf8_lossy(&out.stdout), seconds as f64)
+}
+
+/// A load generator that is not ours.
+#[derive(Clone, Copy)]
+enum Tool {
+    Oha,
+    Hey,
+}
+
+impl Tool {
+    fn name(self) -> &'static str {
+        match self {
+            Tool::Oha => "oha",
+            Tool::Hey => "hey",
+        }
+    }
+
+    async fn run(self, bin: &str, r: &Route, seconds: u64, o: &Opts) -> Figures {
+        match self {
+            Tool::Oha => oha_run(bin, r, seconds, o).await,
+            Tool::Hey => hey_run(bin, r, seconds, o).await,
+        }
+    }
 }
 
 async fn oha_run(oha: &str, r: &Route, seconds: u64, o: &Opts) -> Figures {

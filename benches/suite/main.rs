@@ -7,7 +7,7 @@
 //!   at 1 MiB / 20 MiB / 100 MB × concurrency 1 / 8, with the service's peak RSS;
 //! - `roundtrips`: database statements per request (pg_stat_statements);
 //! - `small`: 1 KiB uploads/s (one workspace, 8 workspaces) and downloads/s at concurrency 8;
-//! - `latency`: p50/p99 at ~1,000 req/s offered (open loop, evenly paced; and hey) for the activity poll, pending list,
+//! - `latency`: p50/p99 at ~1,000 req/s offered (open loop, evenly paced; oha; hey) for the activity poll, pending list,
 //!   1 KiB content GET and ack;
 //! - `longpoll`: upload-to-poller latency (one replica, two replicas), and 10,000 waiting
 //!   pollers (RSS, busy database connections, delivery);
@@ -104,7 +104,7 @@ struct Args {
     /// latency: offered requests per second.
     #[arg(long, default_value_t = 1024)]
     latency_rate: u64,
-    /// latency: hey workers (each offers rate/workers per second).
+    /// latency: hey workers (each offers rate/workers per second), and oha connections.
     #[arg(long, default_value_t = 32)]
     latency_workers: u64,
     /// longpoll: pollers (one per workspace) for the delivery latency.

@@ -3183,12 +3183,7 @@ async fn a_client_gone_after_its_body_keeps_its_slot_until_the_commit_ends() {
     let svc = Svc::start(&[("MAX_CONCURRENT_UPLOADS_PER_WORKSPACE", "1")]).await;
     let (ws, token) = register_poll(&svc.base).await;
     // The test holds the workspace's lock: the upload's commit waits for it.
-    let mut lock = svc.pool.acquire().await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock(pending_uploads_lock_key($1))")
-        .bind(ws)
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let mut lock = hold_workspace_lock(&svc.pool, ws).await;
     let body = one_file("XB", "gone.txt", b"sent whole");
     let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
     sock.write_all(upload_head(&svc, ws, &token, body.len()).as_bytes())
@@ -3867,12 +3862,7 @@ async fn a_large_upload_waits_on_its_admission_no_longer_than_the_dependency_tim
     ])
     .await;
     let (ws, token) = register_poll(&svc.base).await;
-    let mut lock = svc.pool.acquire().await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock(pending_uploads_lock_key($1))")
-        .bind(ws)
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let mut lock = hold_workspace_lock(&svc.pool, ws).await;
     let started = Instant::now();
     let resp = upload_file(&svc, ws, &token, "big.bin", &bytes(30 << 20, 6)).await;
     let took = started.elapsed();
@@ -4758,46 +4748,10 @@ async fn a_request_of_many_files_holds_one_spool_file() {
     ])
     .await;
     let (ws, token) = register_poll(&svc.base).await;
-    let files: Vec<Vec<u8>> = (0..64).map(|i| bytes(40_000 + i, i as u8)).collect();
-    let mut body = Vec::new();
-    for (i, data) in files.iter().enumerate() {
-        body.extend_from_slice(
-            format!(
-                "--XB\r\nContent-Disposition: form-data; name=\"files\"; filename=\"f{i}.bin\"\r\n\r\n"
-            )
-            .as_bytes(),
-        );
-        body.extend_from_slice(data);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(b"--XB--\r\n");
-    let head = upload_head(&svc, ws, &token, body.len())
-        .replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
-    let mut held = TcpStream::connect(&svc.addr).await.unwrap();
-    held.write_all(head.as_bytes()).await.unwrap();
-    let (sent, rest) = body.split_at(body.len() - 200);
-    held.write_all(sent).await.unwrap();
+    let path = format!("/workspaces/{ws}/chat/uploads");
     let pid = svc.pid().to_string();
-    eventually("a file spooled", Duration::from_secs(10), || {
-        let open = files_open_in(&pid, &dir);
-        async move { open > 0 }
-    })
-    .await;
-    // All but the last 200 bytes are on the socket: a moment, and every file is on disk.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        files_open_in(&pid, &dir),
-        1,
-        "spool files open for one request"
-    );
-    held.write_all(rest).await.unwrap();
-    let mut raw = Vec::new();
-    held.read_to_end(&mut raw).await.unwrap();
-    let raw = String::from_utf8_lossy(&raw);
-    assert!(raw.starts_with("HTTP/1.1 200 OK\r\n"), "{raw}");
-    let answer: Value = serde_json::from_str(raw.split("\r\n\r\n").nth(1).unwrap()).unwrap();
-    let staged = answer["files"].as_array().unwrap();
-    assert_eq!(staged.len(), 64);
+    let (open, files, staged) = sixty_four_files_held(&svc.addr, &path, &token, &pid, &dir).await;
+    assert_eq!(open, 1, "spool files open for one request");
     for (entry, data) in staged.iter().zip(&files) {
         let got = download(&svc, ws, &token, file_id(entry)).await;
         assert!(got == data[..], "{} came back changed", entry["name"]);
@@ -4835,12 +4789,7 @@ async fn an_upload_whose_client_went_still_says_how_it_ended() {
     // Its commit waits on the workspace's lock past the wait's bound (1 s) while its client
     // is gone.
     let (ws, token) = register_poll(&svc.base).await;
-    let mut lock = svc.pool.acquire().await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock(pending_uploads_lock_key($1))")
-        .bind(ws)
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let mut lock = hold_workspace_lock(&svc.pool, ws).await;
     let sock = send(ws, token.clone(), "gone.txt".into()).await;
     let pool = svc.pool.clone();
     eventually(

@@ -379,6 +379,73 @@ pub fn open_spool_files(dir: &std::path::Path) -> usize {
     files_open_in("self", dir)
 }
 
+/// 64 files of about 40 KB (`f<i>.bin`) uploaded in one request to the service at `addr`
+/// (process `pid`, spooling to `dir`) with `bearer`: the body is held back by its last 200
+/// bytes until every earlier file is on disk, and then sent. The spool files the service held
+/// open meanwhile, the files' bytes, and the staged entries of its 200.
+pub async fn sixty_four_files_held(
+    addr: &str,
+    path: &str,
+    bearer: &str,
+    pid: &str,
+    dir: &std::path::Path,
+) -> (usize, Vec<Vec<u8>>, Vec<Value>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let files: Vec<Vec<u8>> = (0..64).map(|i| bytes(40_000 + i, i as u8)).collect();
+    let mut body = Vec::new();
+    for (i, data) in files.iter().enumerate() {
+        let head = format!(
+            "--XB\r\nContent-Disposition: form-data; name=\"files\"; filename=\"f{i}.bin\"\r\n\r\n"
+        );
+        body.extend_from_slice(head.as_bytes());
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"--XB--\r\n");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {bearer}\r\n\
+         Content-Type: multipart/form-data; boundary=XB\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    );
+    let mut held = tokio::net::TcpStream::connect(addr).await.unwrap();
+    held.write_all(head.as_bytes()).await.unwrap();
+    let (sent, rest) = body.split_at(body.len() - 200);
+    held.write_all(sent).await.unwrap();
+    eventually("a file spooled", Duration::from_secs(10), || {
+        let open = files_open_in(pid, dir);
+        async move { open > 0 }
+    })
+    .await;
+    // All but the last 200 bytes are on the socket: a moment, and every file is on disk.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let open = files_open_in(pid, dir);
+    held.write_all(rest).await.unwrap();
+    let mut raw = Vec::new();
+    held.read_to_end(&mut raw).await.unwrap();
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(raw.starts_with("HTTP/1.1 200 OK\r\n"), "{raw}");
+    let answer: Value = serde_json::from_str(raw.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let staged = answer["files"].as_array().unwrap().clone();
+    assert_eq!(staged.len(), 64);
+    (open, files, staged)
+}
+
+/// A connection of `pool` holding workspace `ws`'s lock (the one its commits take) until it
+/// is unlocked or closed.
+pub async fn hold_workspace_lock(
+    pool: &sqlx::PgPool,
+    ws: Uuid,
+) -> sqlx::pool::PoolConnection<sqlx::Postgres> {
+    let mut lock = pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(pending_uploads_lock_key($1))")
+        .bind(ws)
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    lock
+}
+
 /// File handles process `pid` (or `self`) holds open inside `dir`.
 pub fn files_open_in(pid: &str, dir: &std::path::Path) -> usize {
     let prefix = dir.to_string_lossy().to_string();

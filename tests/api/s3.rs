@@ -237,12 +237,7 @@ async fn an_s3_upload_waits_on_the_database_no_longer_than_the_dependency_timeou
     let (endpoint, _) = s3_endpoint();
     let app = s3_app_with_dependency_timeout(&endpoint, "2s").await;
     let (ws, token) = app.poll_workspace().await;
-    let mut lock = app.pool.acquire().await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock(pending_uploads_lock_key($1))")
-        .bind(ws)
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let mut lock = hold_workspace_lock(&app.pool, ws).await;
     let started = std::time::Instant::now();
     let resp = app
         .upload(
@@ -1907,43 +1902,13 @@ async fn a_requests_files_share_one_spool_file_in_s3_mode() {
     let pid = svc.0.as_ref().unwrap().id().to_string();
     let base = format!("http://127.0.0.1:{port}");
     let (ws, token) = register_poll(&base).await;
-    let files: Vec<(String, Vec<u8>)> = (0..64)
-        .map(|i| (format!("f{i}.bin"), bytes(40_000 + i, i as u8)))
-        .collect();
-    let named: Vec<(&str, &[u8])> = files.iter().map(|(n, d)| (n.as_str(), &d[..])).collect();
-    let body = raw_multipart("XqzBound", &named, b"--\r\n");
-    let head = format!(
-        "POST /workspaces/{ws}/chat/uploads HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
-         Content-Type: multipart/form-data; boundary=XqzBound\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
+    let (addr, path) = (
+        format!("127.0.0.1:{port}"),
+        format!("/workspaces/{ws}/chat/uploads"),
     );
-    let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    sock.write_all(head.as_bytes()).await.unwrap();
-    let (sent, rest) = body.split_at(body.len() - 200);
-    sock.write_all(sent).await.unwrap();
-    eventually("a file spooled", Duration::from_secs(10), || {
-        let open = files_open_in(&pid, &dir);
-        async move { open > 0 }
-    })
-    .await;
-    // All but the last 200 bytes are on the socket: a moment, and every file is on disk.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        files_open_in(&pid, &dir),
-        1,
-        "spool files open for one request"
-    );
-    sock.write_all(rest).await.unwrap();
-    let mut raw = Vec::new();
-    sock.read_to_end(&mut raw).await.unwrap();
-    let raw = String::from_utf8_lossy(&raw);
-    assert!(raw.starts_with("HTTP/1.1 200 OK\r\n"), "{raw}");
-    let answer: Value = serde_json::from_str(raw.split("\r\n\r\n").nth(1).unwrap()).unwrap();
-    let staged = answer["files"].as_array().unwrap();
-    assert_eq!(staged.len(), 64);
-    for (entry, (_, data)) in staged.iter().zip(&files) {
+    let (open, files, staged) = sixty_four_files_held(&addr, &path, &token, &pid, &dir).await;
+    assert_eq!(open, 1, "spool files open for one request");
+    for (entry, data) in staged.iter().zip(&files) {
         let got = reqwest::Client::new()
             .get(format!(
                 "{base}/workspaces/{ws}/pending-uploads/{}/content",
