@@ -698,7 +698,7 @@ impl Spool {
     /// frozen S3 that the upload gave up on keeps its reader, and so the unnamed file, open
     /// until its connection dies, which could be long after the 503 (a black-box probe saw
     /// the spool disk fill up that way: every retry pinned another file). A reader left
-    /// then finds the file short and fails. Called when the request is done with the file.
+    /// then fails ([`Region::give_back`]). Called when the request is done with the file.
     pub fn release_disk(&self) {
         if let Backing::File(region) = &self.backing {
             region.give_back(self.size);
