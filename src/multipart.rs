@@ -231,18 +231,8 @@ where
 
     async fn after_delimiter(&mut self) -> Result<(), MultipartError> {
         loop {
-            // Transport padding (RFC 2046: linear white space) may follow a delimiter.
-            let pad = self
-                .buf
-                .iter()
-                .take_while(|b| **b == b' ' || **b == b'\t')
-                .count();
-            if pad > self.limits.max_part_header {
-                return Err(MultipartError::Malformed("delimiter line too long"));
-            }
-            let rest = &self.buf[pad..];
-            if rest.len() >= 2 {
-                if rest.starts_with(b"--") && pad == 0 {
+            match after_boundary(&self.buf, self.limits.max_part_header) {
+                Some(AfterBoundary::Close) => {
                     // The close delimiter. The epilogue is ignored, but read to the body's
                     // end first: a body cut short of its length, or a chunked one without its
                     // last chunk, is truncated, and an upload is whole only once its body is.
@@ -253,15 +243,19 @@ where
                     self.state = State::Done;
                     return self.skip_epilogue(epilogue).await;
                 }
-                if rest.starts_with(b"\r\n") {
-                    self.buf.advance(pad + 2);
+                Some(AfterBoundary::Open(line)) => {
+                    self.buf.advance(line);
                     self.state = State::Headers;
                     return Ok(());
                 }
-                return Err(MultipartError::Malformed("bad delimiter line"));
-            }
-            if !self.fill().await? {
-                return Err(MultipartError::Malformed("truncated after a delimiter"));
+                Some(AfterBoundary::PaddingTooLong) => {
+                    return Err(MultipartError::Malformed("delimiter line too long"))
+                }
+                Some(AfterBoundary::Bad) => {
+                    return Err(MultipartError::Malformed("bad delimiter line"))
+                }
+                None if self.fill().await? => {}
+                None => return Err(MultipartError::Malformed("truncated after a delimiter")),
             }
         }
     }
@@ -324,19 +318,8 @@ where
             return Some(false);
         }
         let after = rest.get(dash_boundary.len()..)?;
-        let pad = after
-            .iter()
-            .take_while(|b| **b == b' ' || **b == b'\t')
-            .count();
-        if pad > self.limits.max_part_header {
-            return Some(false);
-        }
-        match (&after[..pad], &after[pad..]) {
-            (_, []) | (b"", [b'-']) | (_, [b'\r']) => None,
-            (b"", [b'-', b'-', ..]) => Some(true),
-            (_, [b'\r', b'\n', ..]) => Some(true),
-            _ => Some(false),
-        }
+        after_boundary(after, self.limits.max_part_header)
+            .map(|line| matches!(line, AfterBoundary::Close | AfterBoundary::Open(_)))
     }
 
     /// Reads and discards the rest of the body (its own caps and deadlines bound this), so
@@ -394,6 +377,37 @@ impl<S> fmt::Debug for Multipart<S> {
             .field("buffered", &self.buf.len())
             .finish()
     }
+}
+
+/// What follows a `--<boundary>` in the body.
+enum AfterBoundary {
+    /// `--`: the close delimiter.
+    Close,
+    /// Transport padding and CRLF, this many bytes: a part opens after them.
+    Open(usize),
+    PaddingTooLong,
+    Bad,
+}
+
+/// Reads what follows a boundary (`after`); `None` while it cannot tell yet. Transport
+/// padding (RFC 2046: linear white space) may follow a delimiter, at most `max_pad` bytes.
+fn after_boundary(after: &[u8], max_pad: usize) -> Option<AfterBoundary> {
+    let pad = after
+        .iter()
+        .take_while(|b| **b == b' ' || **b == b'\t')
+        .count();
+    if pad > max_pad {
+        return Some(AfterBoundary::PaddingTooLong);
+    }
+    let rest = &after[pad..];
+    if rest.len() < 2 {
+        return None;
+    }
+    Some(match rest {
+        [b'-', b'-', ..] if pad == 0 => AfterBoundary::Close,
+        [b'\r', b'\n', ..] => AfterBoundary::Open(pad + 2),
+        _ => AfterBoundary::Bad,
+    })
 }
 
 /// A boxed body stream, as the HTTP layer hands it over.

@@ -278,26 +278,6 @@ async fn upload_batch(http: &reqwest::Client, base: &str, ws: &Ws, n: usize) -> 
         .collect()
 }
 
-async fn hey_run(hey: &str, r: &Route, seconds: u64, o: &Opts) -> Figures {
-    let out = tokio::process::Command::new(hey)
-        .args(["-z", &format!("{seconds}s")])
-        .args(["-c", &o.workers.to_string()])
-        .args(["-q", &(o.rate / o.workers).max(1).to_string()])
-        .args(["-m", r.method])
-        .args(["-H", &format!("Authorization: Bearer {}", r.token)])
-        .args(["-o", "csv"])
-        .arg(&r.url)
-        .output()
-        .await
-        .expect("run hey");
-    assert!(
-        out.status.success(),
-        "hey failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse_csv(&String::from_utf8_lossy(&out.stdout), seconds as f64)
-}
-
 /// A load generator that is not ours.
 #[derive(Clone, Copy)]
 enum Tool {
@@ -313,37 +293,53 @@ impl Tool {
         }
     }
 
+    /// How the tool is told the rate (hey per worker, oha in all) and how it reports.
+    fn own_args(self, o: &Opts) -> Vec<String> {
+        let args: &[&str] = match self {
+            Tool::Hey => &["-o", "csv"],
+            Tool::Oha => &[
+                "--latency-correction",
+                "--no-tui",
+                "--output-format",
+                "json",
+            ],
+        };
+        let per_second = match self {
+            Tool::Hey => (o.rate / o.workers).max(1),
+            Tool::Oha => o.rate,
+        };
+        let mut all = vec!["-q".to_string(), per_second.to_string()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        all
+    }
+
     async fn run(self, bin: &str, r: &Route, seconds: u64, o: &Opts) -> Figures {
+        let out = tokio::process::Command::new(bin)
+            .args(["-z", &format!("{seconds}s")])
+            .args(["-c", &o.workers.to_string()])
+            .args(self.own_args(o))
+            .args(["-m", r.method])
+            .args(["-H", &format!("Authorization: Bearer {}", r.token)])
+            .arg(&r.url)
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("run {}: {e}", self.name()));
+        assert!(
+            out.status.success(),
+            "{} failed: {}",
+            self.name(),
+            String::from_utf8_lossy(&out.stderr)
+        );
         match self {
-            Tool::Oha => oha_run(bin, r, seconds, o).await,
-            Tool::Hey => hey_run(bin, r, seconds, o).await,
+            Tool::Hey => parse_csv(&String::from_utf8_lossy(&out.stdout), seconds as f64),
+            Tool::Oha => parse_oha(&out.stdout, &r.url),
         }
     }
 }
 
-async fn oha_run(oha: &str, r: &Route, seconds: u64, o: &Opts) -> Figures {
-    let out = tokio::process::Command::new(oha)
-        .args(["-z", &format!("{seconds}s")])
-        .args(["-q", &o.rate.to_string()])
-        .args(["-c", &o.workers.to_string()])
-        .args([
-            "--latency-correction",
-            "--no-tui",
-            "--output-format",
-            "json",
-        ])
-        .args(["-m", r.method])
-        .args(["-H", &format!("Authorization: Bearer {}", r.token)])
-        .arg(&r.url)
-        .output()
-        .await
-        .expect("run oha");
-    assert!(
-        out.status.success(),
-        "oha failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("oha's JSON");
+/// oha's JSON report.
+fn parse_oha(report: &[u8], url: &str) -> Figures {
+    let v: Value = serde_json::from_slice(report).expect("oha's JSON");
     let ms = |p: &str| v["latencyPercentiles"][p].as_f64().unwrap_or(f64::NAN) * 1000.0;
     let count = |field: &str, ok: fn(&str) -> bool| -> usize {
         v[field].as_object().map_or(0, |m| {
@@ -360,7 +356,7 @@ async fn oha_run(oha: &str, r: &Route, seconds: u64, o: &Opts) -> Figures {
         !k.contains("aborted due to deadline")
     });
     if errors > 0 {
-        eprintln!("oha errors on {}: {}", r.url, v["errorDistribution"]);
+        eprintln!("oha errors on {url}: {}", v["errorDistribution"]);
     }
     Figures {
         requests: answered + errors,

@@ -4748,14 +4748,9 @@ async fn a_request_of_many_files_holds_one_spool_file() {
     ])
     .await;
     let (ws, token) = register_poll(&svc.base).await;
-    let path = format!("/workspaces/{ws}/chat/uploads");
     let pid = svc.pid().to_string();
-    let (open, files, staged) = sixty_four_files_held(&svc.addr, &path, &token, &pid, &dir).await;
+    let open = sixty_four_files_held(&svc.addr, ws, &token, &pid, &dir).await;
     assert_eq!(open, 1, "spool files open for one request");
-    for (entry, data) in staged.iter().zip(&files) {
-        let got = download(&svc, ws, &token, file_id(entry)).await;
-        assert!(got == data[..], "{} came back changed", entry["name"]);
-    }
     assert_eq!(files_open_in(&pid, &dir), 0, "the spool file closed");
 }
 

@@ -379,17 +379,17 @@ pub fn open_spool_files(dir: &std::path::Path) -> usize {
     files_open_in("self", dir)
 }
 
-/// 64 files of about 40 KB (`f<i>.bin`) uploaded in one request to the service at `addr`
-/// (process `pid`, spooling to `dir`) with `bearer`: the body is held back by its last 200
-/// bytes until every earlier file is on disk, and then sent. The spool files the service held
-/// open meanwhile, the files' bytes, and the staged entries of its 200.
+/// 64 files of about 40 KB (`f<i>.bin`) uploaded to workspace `ws` in one request to the
+/// service at `addr` (process `pid`, spooling to `dir`) with `bearer`: the body is held back
+/// by its last 200 bytes until every earlier file is on disk, and then sent; every file must
+/// come back byte for byte. The spool files the service held open meanwhile.
 pub async fn sixty_four_files_held(
     addr: &str,
-    path: &str,
+    ws: Uuid,
     bearer: &str,
     pid: &str,
     dir: &std::path::Path,
-) -> (usize, Vec<Vec<u8>>, Vec<Value>) {
+) -> usize {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let files: Vec<Vec<u8>> = (0..64).map(|i| bytes(40_000 + i, i as u8)).collect();
     let mut body = Vec::new();
@@ -403,7 +403,7 @@ pub async fn sixty_four_files_held(
     }
     body.extend_from_slice(b"--XB--\r\n");
     let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {bearer}\r\n\
+        "POST /workspaces/{ws}/chat/uploads HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {bearer}\r\n\
          Content-Type: multipart/form-data; boundary=XB\r\nContent-Length: {}\r\n\
          Connection: close\r\n\r\n",
         body.len()
@@ -426,9 +426,25 @@ pub async fn sixty_four_files_held(
     let raw = String::from_utf8_lossy(&raw);
     assert!(raw.starts_with("HTTP/1.1 200 OK\r\n"), "{raw}");
     let answer: Value = serde_json::from_str(raw.split("\r\n\r\n").nth(1).unwrap()).unwrap();
-    let staged = answer["files"].as_array().unwrap().clone();
+    let staged = answer["files"].as_array().unwrap();
     assert_eq!(staged.len(), 64);
-    (open, files, staged)
+    let client = reqwest::Client::new();
+    for (entry, data) in staged.iter().zip(&files) {
+        let fid = file_id(entry);
+        let got = client
+            .get(format!(
+                "http://{addr}/workspaces/{ws}/pending-uploads/{fid}/content"
+            ))
+            .bearer_auth(bearer)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert!(got == data[..], "{} came back changed", entry["name"]);
+    }
+    open
 }
 
 /// A connection of `pool` holding workspace `ws`'s lock (the one its commits take) until it
