@@ -634,7 +634,11 @@ impl Agent {
                 Ok(Staged::Gone) => report.gone += 1,
                 Err(e) => {
                     report.failed += 1;
-                    tracing::error!(file_id = %c.file_id, error = %e, "could not stage file");
+                    // A `&str` field: the text format quotes it, and the error may quote
+                    // the platform (a refused token's answer), whose words written as they
+                    // came read as fields of the line.
+                    let error = crate::logfmt::clip(&e.to_string());
+                    tracing::error!(file_id = %c.file_id, error = error.as_str(), "could not stage file");
                 }
             }
         }
@@ -726,10 +730,16 @@ impl Agent {
             if fs::remove_file(entry.path()).await.is_ok() {
                 match stale {
                     true => {
-                        tracing::info!(path = %entry.path().display(), "stale partial file removed")
+                        tracing::info!(
+                            path = logged_path(&entry.path()).as_str(),
+                            "stale partial file removed"
+                        )
                     }
                     false => {
-                        tracing::info!(path = %entry.path().display(), "partial file of an upload no longer pending removed")
+                        tracing::info!(
+                            path = logged_path(&entry.path()).as_str(),
+                            "partial file of an upload no longer pending removed"
+                        )
                     }
                 }
             }
@@ -799,7 +809,7 @@ impl Agent {
             )));
         }
         self.publish(&partial_path, &final_path).await?;
-        tracing::info!(event = "agent_staged", file_id = %c.file_id, path = %final_path.display(), "file received");
+        tracing::info!(event = "agent_staged", file_id = %c.file_id, path = logged_path(&final_path).as_str(), "file received");
         self.record_then_ack(c, &final_path).await?;
         Ok(Staged::New)
     }
@@ -1096,6 +1106,11 @@ impl Outage {
         }
         *self = Outage::default();
     }
+}
+
+/// A path as logged: a `&str` field (quoted in the text format; DIR is the user's to name).
+fn logged_path(path: &Path) -> String {
+    crate::logfmt::clip(&path.display().to_string())
 }
 
 /// `url` as logged: a user or password in it is not for the logs.

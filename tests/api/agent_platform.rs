@@ -68,6 +68,8 @@ enum Scenario {
     Renamed,
     /// The feed answers 410 to every cursor, and a new row to none.
     ForgetfulFeed,
+    /// The content answers 401 with words that look like log fields.
+    FieldsInWords,
 }
 
 const DATA: &[u8] = &[7u8; 10_000];
@@ -143,6 +145,9 @@ fn refused(f: &Fake, headers: &axum::http::HeaderMap) -> Option<Response> {
             .into_response()
     })
 }
+
+/// What [`Scenario::FieldsInWords`] says: a log line's fields of its own, once unquoted.
+const FORGED: &str = "revoked event=agent_forged file_id=00000000-0000-0000-0000-000000000000";
 
 /// A redirect to the fake itself under another host name (`localhost`): reqwest drops the
 /// token on that hop, and sent it again on the next one, to that host's own `/hop2`.
@@ -220,6 +225,7 @@ async fn content(State(f): State<Fake>, headers: axum::http::HeaderMap) -> Respo
         }
         Scenario::DripContent => drip(DATA).into_response(),
         Scenario::RedirectContent => redirect_away(&f),
+        Scenario::FieldsInWords => (StatusCode::UNAUTHORIZED, FORGED).into_response(),
         Scenario::Duplicate if nth > 0 => {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let cut = futures::stream::iter([
@@ -686,6 +692,57 @@ async fn a_local_io_error_names_its_path() {
         log.contains(&format!("{}: Is a directory", canonical.display())),
         "{log}"
     );
+}
+
+/// The platform's words reach the agent's text log (a refused token's answer is quoted in
+/// the error) as one field's value: a line's own fields are the agent's alone. They were
+/// written as they came, so `event=agent_forged` read as a field of the line.
+#[tokio::test]
+async fn the_platforms_words_stay_inside_one_log_field() {
+    let (base, fake) = fake_platform(Scenario::FieldsInWords).await;
+    let (home, dir) = inbox();
+    let token_file = home.path().join("token");
+    std::fs::write(&token_file, "tok").unwrap();
+    let mut cmd = agent(&base, fake.ws, &token_file, &dir);
+    cmd.env("LOG_FORMAT", "text")
+        .args(["--once", "--retries", "0"]);
+    let out = finished_within(cmd, Duration::from_secs(30))
+        .await
+        .expect("the pass ended");
+    let log = String::from_utf8_lossy(&out.stderr);
+    let quoted = log
+        .lines()
+        .filter(|l| l.contains("event=agent_forged"))
+        .count();
+    assert!(quoted > 0, "the words were logged: {log}");
+    for line in log.lines() {
+        let fields = text_fields(line);
+        assert!(
+            !fields.iter().any(|f| f.starts_with("event=agent_forged")),
+            "a field of the platform's: {line}"
+        );
+    }
+}
+
+/// A text-format log line's space-separated words, a quoted value (with its `\"` escapes)
+/// one word with its key.
+fn text_fields(line: &str) -> Vec<String> {
+    let (mut fields, mut word, mut quoted, mut escaped) = (Vec::new(), String::new(), false, false);
+    for c in line.chars() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                fields.push(std::mem::take(&mut word));
+                continue;
+            }
+            _ => {}
+        }
+        word.push(c);
+    }
+    fields.push(word);
+    fields
 }
 
 /// `--concurrency` took any number: 0 ran nothing at all and 100,000 asked for that many
