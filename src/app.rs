@@ -157,6 +157,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
                 max_files: args.limits.max_pending_files_per_workspace,
             },
             announcer: Announcer::new(args.batch_max_keys as usize),
+            orphan_grace: args.sweep.orphan_grace.0,
         },
         db: db.clone(),
         storage: storage.clone(),

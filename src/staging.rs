@@ -9,7 +9,12 @@
 //!    every row and activity row under the workspace lock (quota checked there); if anything
 //!    fails, the objects it wrote are removed. All or nothing.
 
-use std::{io, path::Path, sync::Arc};
+use std::{
+    io,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use futures::Stream;
 use uuid::Uuid;
@@ -356,6 +361,9 @@ pub struct Stager {
     pub quota: Quota,
     /// Tells the long polls of every replica, after the commit.
     pub announcer: Announcer,
+    /// ORPHAN_GRACE: an upload's objects must have their rows before the orphan
+    /// reconciliation may take them for orphans ([`commit_by`]).
+    pub orphan_grace: Duration,
 }
 
 impl Stager {
@@ -365,11 +373,13 @@ impl Stager {
     /// slot while its commit still holds a connection and its spool), and logs the outcome:
     /// a staged line per file, or a failed one, whether the client is still there or not
     /// (its handler, dropped with its connection, logged nothing: a red team).
+    /// `began` is when the upload's receive began: its first object is no older.
     pub fn commit(
         &self,
         workspace_id: Uuid,
         token_hash: Option<[u8; 32]>,
         files: Vec<Received>,
+        began: Instant,
         slot: Slot,
         reserved: Reservation,
     ) -> impl std::future::Future<Output = Result<Vec<UploadReceived>, StagingError>> {
@@ -383,7 +393,9 @@ impl Stager {
                 .iter()
                 .map(|f| (f.name.clone(), f.spool.size))
                 .collect();
-            let staged = stager.commit_now(workspace_id, token_hash, files).await;
+            let staged = stager
+                .commit_now(workspace_id, token_hash, files, began)
+                .await;
             match &staged {
                 // Rows that may be in stay counted until a reading has them.
                 Err(e) if !e.outcome_unknown() => reserved.release(),
@@ -413,6 +425,7 @@ impl Stager {
         workspace_id: Uuid,
         token_hash: Option<[u8; 32]>,
         mut files: Vec<Received>,
+        began: Instant,
     ) -> Result<Vec<UploadReceived>, StagingError> {
         // Objects before the transaction: no connection waits on S3.
         let mut placed: Vec<Location> = Vec::with_capacity(files.len());
@@ -439,7 +452,26 @@ impl Stager {
             .filter(|(_, at)| at.inline)
             .map(|(f, _)| f.spool.size)
             .sum();
-        let deadline = db::uploads::copy_deadline(self.db.timeout(), bytes);
+        let mut deadline = db::uploads::copy_deadline(self.db.timeout(), bytes);
+        // Which deadline cuts the commit: its own, or the grace its objects have.
+        let mut cut_by = "dependency_timeout";
+        let by = commit_by(began, self.orphan_grace)
+            .filter(|_| placed.iter().any(|at| at.s3_key.is_some()));
+        if let Some(by) = by {
+            let left = by.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                self.discard(&placed).await;
+                return Err(StorageError::Unavailable(format!(
+                    "the upload's objects waited three quarters of ORPHAN_GRACE={:?} for their \
+                     rows: the orphan reconciliation may take them for orphans",
+                    self.orphan_grace
+                ))
+                .into());
+            }
+            if left < deadline {
+                (deadline, cut_by) = (left, "orphan_grace");
+            }
+        }
         let quota = self.quota;
         let rows = placed.clone();
         let files = Arc::new(files);
@@ -468,7 +500,7 @@ impl Stager {
                 // be in. Their objects stay, for the rows or, past ORPHAN_GRACE without them,
                 // for the orphan reconciliation; waiting polls are told in case.
                 tracing::warn!(
-                    %workspace_id, error = %e,
+                    %workspace_id, error = %e, deadline = cut_by,
                     "upload commit outcome unknown: objects left to the orphan reconciliation"
                 );
                 self.announcer.announce(workspace_id);
@@ -504,6 +536,18 @@ const KEEP_BUFFER_MAX: u64 = 256 * 1024;
 
 /// The database half of [`Stager::commit`]: every row and activity row, admitted under the
 /// workspace's quotas, or nothing.
+/// When an upload whose receive began at `began` must have written its rows, if it stored
+/// objects: the orphan reconciliation takes an object older than ORPHAN_GRACE that no row
+/// points at for an orphan, and an upload still committing has exactly such objects. Its
+/// commit is cut (503, its objects deleted or left to the reconciliation) rather than end
+/// with rows pointing at deleted objects: a commit that waited on the workspace lock past
+/// the grace answered 200 for a file the reconciliation had already deleted (a red team,
+/// with UPLOAD_BODY_TIMEOUT=1s and ORPHAN_GRACE=2s). A quarter of the grace is left for
+/// the clocks of S3 and of the replicas to differ.
+fn commit_by(began: Instant, grace: Duration) -> Option<Instant> {
+    began.checked_add(grace.mul_f64(0.75))
+}
+
 async fn write_rows(
     conn: &mut sqlx::PgConnection,
     workspace_id: Uuid,

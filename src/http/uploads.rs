@@ -262,6 +262,8 @@ async fn stage(
             workspace_id: ws.id,
             body_len,
         });
+    // No object of this upload is older than this.
+    let began = std::time::Instant::now();
     let received = staging::receive(&mut parts, &limits, &st.spool_dir, memory, hashing, follow);
     let files = match received.await {
         Ok(files) => files,
@@ -292,7 +294,7 @@ async fn stage(
     // The commit's task says how it ends from here, whether the client waits for it or not.
     let committed = st
         .stager
-        .commit(ws.id, token_hash, files, slot, reservation);
+        .commit(ws.id, token_hash, files, began, slot, reservation);
     unanswered.disarm();
     let staged = committed.await?;
     let files = staged.into_iter().map(|s| s.file).collect();
