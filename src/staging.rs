@@ -472,6 +472,11 @@ impl Stager {
                 (deadline, cut_by) = (left, "orphan_grace");
             }
         }
+        // Cut here, the commit's statement would go on waiting for the workspace lock in the
+        // database and could commit after its 503: the wait ends there first.
+        let lock_wait = (cut_by == "orphan_grace")
+            .then(|| deadline.mul_f64(0.8))
+            .filter(|wait| *wait < self.db.timeout() / 2);
         let quota = self.quota;
         let rows = placed.clone();
         let files = Arc::new(files);
@@ -481,7 +486,8 @@ impl Stager {
             .db
             .run_within(deadline, move |c| {
                 Box::pin(async move {
-                    write_rows(c, workspace_id, token_hash, &in_tx, &rows, quota, &db).await
+                    let ws = (workspace_id, token_hash);
+                    write_rows(c, ws, &in_tx, &rows, quota, lock_wait, &db).await
                 })
             })
             .await;
@@ -548,13 +554,15 @@ fn commit_by(began: Instant, grace: Duration) -> Option<Instant> {
     began.checked_add(grace.mul_f64(0.75))
 }
 
+/// `lock_wait` bounds the wait for the workspace lock below the connection's own
+/// (`pending_uploads.lock_wait`).
 async fn write_rows(
     conn: &mut sqlx::PgConnection,
-    workspace_id: Uuid,
-    token_hash: Option<[u8; 32]>,
+    (workspace_id, token_hash): (Uuid, Option<[u8; 32]>),
     files: &[Received],
     placed: &[Location],
     quota: Quota,
+    lock_wait: Option<Duration>,
     db: &Db,
 ) -> sqlx::Result<Result<Vec<UploadReceived>, StagingError>> {
     let rows: Vec<NewUpload> = files
@@ -597,6 +605,7 @@ async fn write_rows(
             &rows,
             &contents,
             &digests,
+            lock_wait,
         );
         crate::arena::big_blocks(size, stage).await?
     } else {
@@ -610,7 +619,7 @@ async fn write_rows(
         for row in &rows {
             db::uploads::insert(&mut tx, row, db).await?;
         }
-        let admit = db::uploads::admit(&mut tx, workspace_id, token_hash, quota, &rows);
+        let admit = db::uploads::admit(&mut tx, workspace_id, token_hash, quota, &rows, lock_wait);
         let admission = in_step(step, "the admission", admit).await?;
         if admission.refused.is_some() {
             in_step(step, "ROLLBACK", tx.rollback()).await?;

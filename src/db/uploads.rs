@@ -135,12 +135,13 @@ pub async fn stage(
     rows: &[NewUpload<'_>],
     contents: &[Option<Bytes>],
     digests: &[[u8; 32]],
+    lock_wait: Option<Duration>,
 ) -> sqlx::Result<Admission> {
     // The parameters' buffer sized for the bytes at once: grown by doubling it would copy them
     // again at every step.
     let content_bytes: usize = contents.iter().flatten().map(|c| c.len()).sum();
     let mut args = PgArguments::default();
-    args.reserve(11, content_bytes + PARAMETERS_SLACK * (rows.len() + 1));
+    args.reserve(13, content_bytes + PARAMETERS_SLACK * (rows.len() + 1));
     add(&mut args, workspace_id)?;
     add(&mut args, super::workspace_lock_key(workspace_id))?;
     add(&mut args, quota.max_bytes as i64)?;
@@ -157,6 +158,7 @@ pub async fn stage(
             add(&mut args, row.location.s3_key.as_deref())?;
             add(&mut args, content.as_deref())?;
             add(&mut args, token_hash.as_ref().map(|h| &h[..]))?;
+            add(&mut args, lock_wait.map(wait_setting))?;
             &STAGE_ONE
         }
         _ => {
@@ -173,6 +175,7 @@ pub async fn stage(
             add(&mut args, keys)?;
             add(&mut args, contents)?;
             add(&mut args, token_hash.as_ref().map(|h| &h[..]))?;
+            add(&mut args, lock_wait.map(wait_setting))?;
             &STAGE
         }
     };
@@ -205,10 +208,15 @@ static ADMIT: LazyLock<String> =
 /// `caller`. The request's own check was at its start, and an upload may take
 /// UPLOAD_BODY_TIMEOUT: a revoked token or a removed workspace went on uploading until then
 /// (a black-box probe). Checked in the committing statement itself, no extra round trip.
+/// The parameter after the hash, when not NULL, bounds this transaction's wait for the
+/// workspace lock (`pending_uploads.lock_wait`, [`wait_setting`]) below the connection's.
 fn while_caller_holds(call: &str, hash: usize) -> String {
+    let wait = hash + 1;
     format!(
         "WITH caller AS (
-             SELECT EXISTS (SELECT 1 FROM workspaces w
+             SELECT (${wait}::text IS NULL
+                     OR set_config('pending_uploads.lock_wait', ${wait}, true) IS NOT NULL)
+                AND EXISTS (SELECT 1 FROM workspaces w
                             WHERE w.id = $1 AND w.status IS DISTINCT FROM 'removed')
                 AND (${hash}::bytea IS NULL
                      OR EXISTS (SELECT 1 FROM workspace_auth_tokens t
@@ -219,6 +227,12 @@ fn while_caller_holds(call: &str, hash: usize) -> String {
          UNION ALL
          SELECT 'caller', 0::bigint, 0::bigint FROM caller WHERE NOT caller.ok"
     )
+}
+
+/// A wait for the workspace lock as `pending_uploads.lock_wait` takes it (at least 1 ms: 0
+/// would be no bound at all).
+fn wait_setting(wait: Duration) -> String {
+    format!("{}ms", wait.as_millis().max(1))
 }
 
 /// Room per row for everything but its bytes: id, name, mimetype, size, digest, key and the
@@ -239,6 +253,7 @@ pub async fn admit(
     token_hash: Option<[u8; 32]>,
     quota: Quota,
     rows: &[NewUpload<'_>],
+    lock_wait: Option<Duration>,
 ) -> sqlx::Result<Admission> {
     let bytes: i64 = rows.iter().map(|r| r.spool.size as i64).sum();
     sqlx::query_as(ADMIT.as_str())
@@ -249,6 +264,7 @@ pub async fn admit(
         .bind(quota.max_bytes as i64)
         .bind(quota.max_files as i64)
         .bind(token_hash.as_ref().map(|h| &h[..]))
+        .bind(lock_wait.map(wait_setting))
         .fetch_one(conn)
         .await
 }

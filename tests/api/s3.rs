@@ -1933,10 +1933,13 @@ async fn a_commit_never_outlasts_the_grace_its_objects_have() {
     .await;
     let (ws, token) = register_poll(&base).await;
     let pool = sqlx::PgPool::connect(&db).await.unwrap();
-    let lock = hold_workspace_lock(&pool, ws).await;
+    let mut lock = hold_workspace_lock(&pool, ws).await;
     let release = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(4500)).await;
-        drop(lock);
+        sqlx::query("SELECT pg_advisory_unlock_all()")
+            .execute(&mut *lock)
+            .await
+            .unwrap();
     });
     let body = "--XB\r\nContent-Disposition: form-data; name=\"files\"; filename=\"late.txt\"\r\n\r\nlate bytes\r\n--XB--\r\n";
     let resp = post_upload(&base, ws, &token, body).await;
@@ -1954,12 +1957,19 @@ async fn a_commit_never_outlasts_the_grace_its_objects_have() {
             .unwrap();
     assert!(rows.is_empty(), "a refused upload leaves no row: {rows:?}");
     let out = svc.terminate().await;
-    // Cut in its lock wait: nothing committed, and the line says which deadline cut it.
-    assert!(
-        log_lines(&out.stderr).iter().any(|l| l["message"]
-            == "upload commit outcome unknown: objects left to the orphan reconciliation"
-            && l["deadline"] == "orphan_grace"),
+    // Its wait for the lock ended in the database too (else the statement would have gone
+    // on waiting there, and committed after the 503): nothing written, its object deleted.
+    let lines = log_lines(&out.stderr);
+    let said = |message: &str| lines.iter().filter(|l| l["message"] == message).count();
+    assert_eq!(
+        said("upload not staged"),
+        1,
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(said("object of a failed upload removed"), 1);
+    assert_eq!(
+        said("upload commit outcome unknown: objects left to the orphan reconciliation"),
+        0
     );
 }
