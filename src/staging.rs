@@ -599,8 +599,7 @@ async fn write_rows(
         let size = contents.iter().flatten().map(bytes::Bytes::len).sum();
         let stage = db::uploads::stage(
             conn,
-            workspace_id,
-            token_hash,
+            (workspace_id, token_hash),
             quota,
             &rows,
             &contents,

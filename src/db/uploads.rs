@@ -126,11 +126,11 @@ fn columns(rows: &[NewUpload<'_>]) -> Columns {
 /// (`pending_uploads_stage`, or `pending_uploads_stage_one` for one file): rows, then under
 /// the workspace lock admission, totals, activity rows, notification (a refused upload's rows
 /// are deleted again). `contents` holds each row's inline bytes (rows that
-/// [`NewUpload::inserts`]), `None` for S3-only rows, and `digests` each row's sha256.
+/// [`NewUpload::inserts`]), `None` for S3-only rows, and `digests` each row's sha256; the caller is
+/// the workspace and its token's hash, and `lock_wait` bounds the wait for the workspace lock.
 pub async fn stage(
     conn: &mut PgConnection,
-    workspace_id: Uuid,
-    token_hash: Option<[u8; 32]>,
+    (workspace_id, token_hash): (Uuid, Option<[u8; 32]>),
     quota: Quota,
     rows: &[NewUpload<'_>],
     contents: &[Option<Bytes>],
