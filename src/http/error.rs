@@ -326,10 +326,10 @@ impl From<StorageError> for ApiError {
                 tracing::warn!(error = %e, "storage unavailable");
                 ApiError::StorageUnavailable
             }
-            StorageError::Missing => ApiError::UploadNotFound,
-            StorageError::Io(_)
-            | StorageError::SourceCorrupt(_)
-            | StorageError::CopyMismatch(_) => ApiError::internal(e),
+            // An object that is not the row's bytes is as good as gone (logged by the read
+            // that found it).
+            StorageError::Missing | StorageError::SourceCorrupt(_) => ApiError::UploadNotFound,
+            StorageError::Io(_) | StorageError::CopyMismatch(_) => ApiError::internal(e),
         }
     }
 }

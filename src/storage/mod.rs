@@ -418,7 +418,11 @@ impl Storage {
         };
         let head = async { self.s3_or_err()?.head_key(key).await };
         match metrics::storage_op("s3", "head", head).await? {
-            Some(_) => Ok(()),
+            Some(stored) if u64::try_from(stored.size).ok() == Some(loc.size) => Ok(()),
+            Some(stored) => Err(StorageError::SourceCorrupt(format!(
+                "object {key} holds {} bytes where the row records {}",
+                stored.size, loc.size
+            ))),
             None => Err(StorageError::Missing),
         }
     }
@@ -514,8 +518,11 @@ impl Storage {
         }
         let key = s3.key_for_copy(loc.workspace_id, loc.file_id, Uuid::new_v4());
         metrics::storage_op("s3", "put", s3.put_key(&key, &spool)).await?;
-        let (digest, len) =
-            digest::of_stream(s3.open_key(&key, ByteRange::full(loc.size)).await?).await?;
+        let (digest, len) = digest::of_stream(
+            s3.open_key(&key, ByteRange::full(loc.size), loc.size)
+                .await?,
+        )
+        .await?;
         if len != loc.size || digest != sha256 {
             let _ = s3.delete_key(&key).await;
             return Err(StorageError::CopyMismatch(format!(
@@ -546,6 +553,34 @@ impl Storage {
     }
 }
 
+/// `stream` as the `len` bytes it must carry: one that ends short, or runs past them, ends in
+/// an error there (the download is cut and counted as its source's failure), never in a body
+/// shorter or longer than its Content-Length. An object cut short out of band answered 200
+/// with no bytes at all (a red team).
+pub fn exactly(stream: ByteStream, len: u64) -> ByteStream {
+    futures::stream::unfold(Some((stream, len)), |state| async move {
+        let (mut stream, left) = state?;
+        match stream.next().await {
+            Some(Ok(chunk)) if chunk.len() as u64 <= left => {
+                let left = left - chunk.len() as u64;
+                Some((Ok(chunk), Some((stream, left))))
+            }
+            Some(Ok(_)) => Some((Err(not_as_long("more")), None)),
+            Some(Err(e)) => Some((Err(e), None)),
+            None if left > 0 => Some((Err(not_as_long("fewer")), None)),
+            None => None,
+        }
+    })
+    .boxed()
+}
+
+fn not_as_long(than: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("storage sent {than} bytes than the range holds"),
+    )
+}
+
 /// A stream of chunks, each of which must arrive within `idle` of the one before: a storage
 /// server that freezes mid-transfer cuts the download (the client sees a short body against
 /// Content-Length) instead of holding it forever.
@@ -565,4 +600,39 @@ pub fn with_idle_timeout(stream: ByteStream, idle: Duration) -> ByteStream {
         }
     })
     .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn read(chunks: &[&'static [u8]], len: u64) -> Vec<io::Result<usize>> {
+        let stream = futures::stream::iter(
+            chunks
+                .iter()
+                .map(|c| Ok(Bytes::from_static(c)))
+                .collect::<Vec<_>>(),
+        )
+        .boxed();
+        exactly(stream, len)
+            .map(|item| item.map(|chunk| chunk.len()))
+            .collect()
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_stream_carries_exactly_its_range_or_ends_in_an_error() {
+        let ok: Vec<usize> = read(&[b"abc", b"de"], 5)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(ok, [3, 2]);
+        let short = read(&[b"abc"], 5).await;
+        assert!(
+            matches!(short.as_slice(), [Ok(3), Err(e)] if e.kind() == io::ErrorKind::UnexpectedEof)
+        );
+        let long = read(&[b"abc", b"def"], 5).await;
+        assert!(matches!(long.as_slice(), [Ok(3), Err(_)]));
+    }
 }

@@ -26,7 +26,9 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
-use super::{with_idle_timeout, ByteRange, ByteStream as OurStream, Location, StorageError};
+use super::{
+    exactly, with_idle_timeout, ByteRange, ByteStream as OurStream, Location, StorageError,
+};
 use crate::{
     config::{S3Checksum, StorageArgs},
     digest::Digester,
@@ -455,7 +457,13 @@ impl S3Backend {
         }
     }
 
-    async fn get_range(&self, key: &str, range: ByteRange) -> Result<ByteStream, StorageError> {
+    /// `range` of the object at `key`, which must be the `size` bytes a row records.
+    async fn get_range(
+        &self,
+        key: &str,
+        range: ByteRange,
+        size: u64,
+    ) -> Result<ByteStream, StorageError> {
         let resp = self
             .client
             .get_object()
@@ -476,8 +484,40 @@ impl S3Backend {
                 Some(se) if se.is_no_such_key() => StorageError::Missing,
                 _ => unavailable(e),
             })?;
+        // An object that is not the row's bytes (cut short or replaced out of band) answers
+        // with another length, range or total: what the row records is not there (in `dual`,
+        // its bytea copy is read instead). A range inside what is left of it came back
+        // "right" but for the total.
+        let length = resp.content_length().and_then(|n| u64::try_from(n).ok());
+        let answered = resp
+            .content_range()
+            .map(|v| (v.to_string(), range_answered(v)));
+        let fits = match &answered {
+            Some((_, Some(said))) => *said == (range.start, range.end, size),
+            Some((_, None)) => false,
+            // A whole object (200): its length is its total.
+            None => range.start == 0 && length == Some(size),
+        };
+        if !fits || length.is_some_and(|n| n != range.byte_count()) {
+            return Err(StorageError::SourceCorrupt(format!(
+                "object {key} is not the {size} bytes its row records: asked bytes={}-{}, \
+                 answered {} bytes{}",
+                range.start,
+                range.end,
+                length.map_or("an unknown number of".into(), |n| n.to_string()),
+                answered.map_or(String::new(), |(v, _)| format!(" ({v})")),
+            )));
+        }
         Ok(resp.body)
     }
+}
+
+/// The first and last byte and the total of a `Content-Range: bytes a-b/total`.
+fn range_answered(value: &str) -> Option<(u64, u64, u64)> {
+    let (span, total) = value.strip_prefix("bytes ")?.split_once('/')?;
+    let (first, last) = span.split_once('-')?;
+    let number = |s: &str| s.trim().parse::<u64>().ok();
+    Some((number(first)?, number(last)?, number(total)?))
 }
 
 /// An object as HEAD describes it.
@@ -515,14 +555,20 @@ impl S3Backend {
     /// Streams `range` of a row's object; each chunk must come within the dependency timeout.
     pub async fn open(&self, loc: &Location, range: ByteRange) -> Result<OurStream, StorageError> {
         let key = loc.s3_key.as_deref().ok_or(StorageError::Missing)?;
-        self.open_key(key, range).await
+        self.open_key(key, range, loc.size).await
     }
 
-    /// Streams `range` of the object at `key`.
-    pub async fn open_key(&self, key: &str, range: ByteRange) -> Result<OurStream, StorageError> {
-        Ok(with_idle_timeout(
-            body_stream(self.get_range(key, range).await?),
-            self.stall,
+    /// Streams `range` of the object at `key`, which must be the `size` bytes a row records.
+    pub async fn open_key(
+        &self,
+        key: &str,
+        range: ByteRange,
+        size: u64,
+    ) -> Result<OurStream, StorageError> {
+        let body = body_stream(self.get_range(key, range, size).await?);
+        Ok(exactly(
+            with_idle_timeout(body, self.stall),
+            range.byte_count(),
         ))
     }
 
@@ -561,5 +607,25 @@ impl S3Backend {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_ranges_are_read_whole_or_not_at_all() {
+        assert_eq!(range_answered("bytes 500-999/1000"), Some((500, 999, 1000)));
+        assert_eq!(range_answered("bytes 0-0/1"), Some((0, 0, 1)));
+        for odd in [
+            "bytes 500-999/*",
+            "bytes */1000",
+            "500-999/1000",
+            "bytes 5-/9",
+            "",
+        ] {
+            assert_eq!(range_answered(odd), None, "{odd:?}");
+        }
     }
 }

@@ -1973,3 +1973,77 @@ async fn a_commit_never_outlasts_the_grace_its_objects_have() {
         0
     );
 }
+
+/// SPEC §4 (never a 200 with a short body) and §6 (`dual` falls back to its bytea copy when
+/// S3 fails): an object cut short out of band answered 200 with its row's Content-Length and
+/// no bytes, a Range inside what was left 206 with none either, in every mode, and `dual`
+/// never read its intact bytea copy (a red team). S3's answer is checked against the range
+/// asked for now: a `dual` row is served from its copy, an S3-only row is a 404 (GET, Range
+/// and HEAD alike), and a body that ends short is its source's failure.
+#[tokio::test]
+async fn an_object_cut_short_out_of_band_is_not_the_rows_bytes() {
+    let prefix = test_prefix();
+    let app = TestApp::start_s3(fresh_db().await, "dual", &prefix).await;
+    let (ws, token) = app.poll_workspace().await;
+    let files = vec![
+        ("copy.bin", "application/octet-stream", bytes(300_000, 5)),
+        ("only.bin", "application/octet-stream", bytes(300_000, 6)),
+    ];
+    let out = app.upload_ok(ws, &token, &files).await;
+    let (copy, only) = (file_id(&out[0]), file_id(&out[1]));
+    let (endpoint, bucket) = s3_endpoint();
+    let s3 = s3_client(&endpoint);
+    for fid in [copy, only] {
+        let key = row_placement(&app, fid).await.1.expect("an object key");
+        s3.put_object()
+            .bucket(&bucket)
+            .key(key)
+            .body(aws_sdk_s3::primitives::ByteStream::from(vec![0u8; 1000]))
+            .send()
+            .await
+            .unwrap();
+    }
+    sqlx::query("UPDATE pending_uploads SET content = NULL WHERE file_id = $1")
+        .bind(only)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let content = |fid: Uuid| format!("/workspaces/{ws}/pending-uploads/{fid}/content");
+    let get = |fid: Uuid, range: Option<&'static str>| {
+        let mut req = app.client.get(app.at(&content(fid))).bearer_auth(&token);
+        if let Some(range) = range {
+            req = req.header("Range", range);
+        }
+        req.send()
+    };
+
+    let resp = get(copy, None).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.bytes().await.unwrap() == files[0].2[..],
+        "the bytea copy, whole"
+    );
+    let resp = get(copy, Some("bytes=500-1499")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+    assert!(
+        resp.bytes().await.unwrap() == files[0].2[500..1500],
+        "the bytea copy's range"
+    );
+
+    for range in [None, Some("bytes=500-1499"), Some("bytes=0-99")] {
+        assert_json(
+            get(only, range).await.unwrap(),
+            StatusCode::NOT_FOUND,
+            json!({"error": "pending upload not found or expired"}),
+        )
+        .await;
+    }
+    let head = app
+        .client
+        .head(app.at(&content(only)))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), StatusCode::NOT_FOUND);
+}
