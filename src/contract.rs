@@ -8,7 +8,8 @@ use uuid::Uuid;
 
 use crate::{
     db::{self, uploads::DualCopy, Db, DbError},
-    storage::{s3::Stored, S3Backend, StorageError},
+    digest,
+    storage::{ByteRange, S3Backend, StorageError},
 };
 
 /// Objects checked at once.
@@ -36,8 +37,8 @@ pub enum ContractError {
     Storage(StorageError),
 }
 
-/// Releases the bytea copies of rows whose S3 object is there with their size and, where the
-/// server stored one, their SHA-256: a copy deleted out of band or cut short must not become
+/// Releases the bytea copies of rows whose S3 object is there with their size and their
+/// SHA-256 ([`verdict`]): a copy deleted out of band, cut short or overwritten must not become
 /// a file's only one. Batches of `batch_size` rows, in file_id order.
 pub async fn contract(
     db: &Db,
@@ -63,22 +64,22 @@ pub async fn contract(
             break;
         };
         after = Some(last.file_id);
-        let checked: Vec<(DualCopy, Result<Option<Stored>, StorageError>)> = stream::iter(batch)
+        let checked: Vec<(DualCopy, Result<Verdict, StorageError>)> = stream::iter(batch)
             .map(|row| async move {
-                let head = s3.head_key(&row.s3_key).await;
-                (row, head)
+                let verdict = verdict(s3, &row).await;
+                (row, verdict)
             })
             .buffer_unordered(CONCURRENCY)
             .collect()
             .await;
         let (mut held, mut gone) = (Checked::default(), Checked::default());
-        for (row, head) in checked {
-            match head.map_err(ContractError::Storage)? {
-                Some(stored) if holds(&stored, &row) => held.add(row),
-                stored => {
+        for (row, verdict) in checked {
+            match verdict.map_err(ContractError::Storage)? {
+                Verdict::Holds => held.add(row),
+                Verdict::Not { found } => {
                     tracing::warn!(
                         file_id = %row.file_id, key = %row.s3_key, size = row.size_bytes,
-                        found = ?stored.map(|s| s.size),
+                        found = ?found,
                         "S3 copy missing or not the row's bytes: its bytea copy is kept"
                     );
                     gone.add(row)
@@ -112,13 +113,50 @@ pub async fn contract(
     Ok(report)
 }
 
-/// Whether the object is the row's bytes: its size, and its SHA-256 where both have one.
-fn holds(stored: &Stored, row: &DualCopy) -> bool {
-    let digest_agrees = match (&stored.sha256, &row.content_sha256) {
-        (Some(object), Some(recorded)) => &object[..] == recorded.as_slice(),
-        _ => true,
+/// What the bucket holds for a row.
+enum Verdict {
+    Holds,
+    /// Gone, or not the row's bytes (`found`: the object's size, if there is one).
+    Not {
+        found: Option<i64>,
+    },
+}
+
+/// Whether the object is the row's bytes: its size, and the row's SHA-256 — the one the
+/// server stored for the object, or, where it has none (an object written without one: the
+/// AWS CLI's CRC checksums, `--s3-checksum when-required`), the object's own, read whole. By
+/// size alone, an object overwritten out of band with other bytes of the same length was
+/// released as the file's only copy (a red team). A row without a digest is not released:
+/// nothing says what its bytes are (the backfill copies it again, and records one).
+async fn verdict(s3: &S3Backend, row: &DualCopy) -> Result<Verdict, StorageError> {
+    let Some(stored) = s3.head_key(&row.s3_key).await? else {
+        return Ok(Verdict::Not { found: None });
     };
-    stored.size == row.size_bytes && digest_agrees
+    let not = Verdict::Not {
+        found: Some(stored.size),
+    };
+    let (Some(recorded), Ok(size)) = (&row.content_sha256, u64::try_from(row.size_bytes)) else {
+        return Ok(not);
+    };
+    if stored.size != row.size_bytes {
+        return Ok(not);
+    }
+    let object = match stored.sha256 {
+        Some(object) => object,
+        None => match s3.open_key(&row.s3_key, ByteRange::full(size), size).await {
+            Ok(bytes) => match digest::of_stream(bytes).await {
+                Ok((object, _)) => object,
+                // Cut short or a failed read: judged as a failed HEAD would be.
+                Err(e) => return Err(StorageError::Io(e)),
+            },
+            Err(StorageError::Missing | StorageError::SourceCorrupt(_)) => return Ok(not),
+            Err(e) => return Err(e),
+        },
+    };
+    Ok(match &object[..] == recorded.as_slice() {
+        true => Verdict::Holds,
+        false => not,
+    })
 }
 
 /// Rows of one outcome, as the statements take them.

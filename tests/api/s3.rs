@@ -1090,8 +1090,10 @@ async fn a_fallback_read_is_counted_and_logged_as_the_bytea_read_it_is() {
 /// SPEC §6: contract drops a row's bytes from Postgres only once nothing depends on them. It
 /// released every row with a key, so a row whose object was deleted out of band (or cut
 /// short) lost its last copy: 200 before contract, 404 after. Each object is now checked
-/// (HEAD: size, and SHA-256 where the server stored one): such a row keeps its bytes, stops
-/// pointing at the object, and the backfill copies it anew.
+/// (HEAD: size, and SHA-256: the server's, or the object read and hashed where the server
+/// stored none; an object overwritten with bytes of its length passed on its size alone, a
+/// red team): such a row keeps its bytes, stops pointing at the object, and the backfill
+/// copies it anew.
 #[tokio::test]
 async fn contract_keeps_the_bytes_of_a_row_whose_s3_copy_is_gone_or_wrong() {
     let prefix = test_prefix();
@@ -1102,6 +1104,7 @@ async fn contract_keeps_the_bytes_of_a_row_whose_s3_copy_is_gone_or_wrong() {
         ("kept.bin", "application/octet-stream", bytes(4321, 1)),
         ("deleted.bin", "application/octet-stream", bytes(5000, 2)),
         ("cut.bin", "application/octet-stream", bytes(6000, 3)),
+        ("swapped.bin", "application/octet-stream", bytes(7000, 4)),
     ];
     let out = app.upload_ok(ws, &token, &files).await;
     let ids: Vec<Uuid> = out.iter().map(file_id).collect();
@@ -1109,7 +1112,10 @@ async fn contract_keeps_the_bytes_of_a_row_whose_s3_copy_is_gone_or_wrong() {
     let s3 = s3_client(&endpoint);
     let deleted = row_placement(&app, ids[1]).await.1.expect("a key");
     let cut = row_placement(&app, ids[2]).await.1.expect("a key");
-    // One object deleted, one overwritten with a shorter body, out of band.
+    let swapped = row_placement(&app, ids[3]).await.1.expect("a key");
+    // One object deleted, one overwritten with a shorter body, one with other bytes of its
+    // length (stored with the SDK's CRC32, no SHA-256 to compare: read and hashed), out of
+    // band.
     s3.delete_object()
         .bucket(&bucket)
         .key(deleted)
@@ -1125,17 +1131,24 @@ async fn contract_keeps_the_bytes_of_a_row_whose_s3_copy_is_gone_or_wrong() {
         .send()
         .await
         .unwrap();
+    s3.put_object()
+        .bucket(&bucket)
+        .key(swapped)
+        .body(aws_sdk_s3::primitives::ByteStream::from(bytes(7000, 9)))
+        .send()
+        .await
+        .unwrap();
 
     let out = cli(&db, &prefix, &["contract"]).output().unwrap();
     assert!(!out.status.success(), "missing copies fail the run");
     assert_eq!(
         stdout_json(&out),
-        json!({"released_rows": 1, "missing_copies": 2})
+        json!({"released_rows": 1, "missing_copies": 3})
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("run `pending-uploads backfill`"), "{err}");
     assert!(!row_placement(&app, ids[0]).await.0, "released");
-    for fid in [ids[1], ids[2]] {
+    for fid in [ids[1], ids[2], ids[3]] {
         assert_eq!(
             row_placement(&app, fid).await,
             (true, None),
@@ -1151,7 +1164,7 @@ async fn contract_keeps_the_bytes_of_a_row_whose_s3_copy_is_gone_or_wrong() {
     // The gate now sends the operator to the backfill, which copies them anew.
     let out = cli(&db, &prefix, &["contract"]).output().unwrap();
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("refusing to contract: 2 rows"),
+        String::from_utf8_lossy(&out.stderr).contains("refusing to contract: 3 rows"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -1160,9 +1173,9 @@ async fn contract_keeps_the_bytes_of_a_row_whose_s3_copy_is_gone_or_wrong() {
         &prefix,
         &["backfill", "--no-progress"],
     )));
-    assert_eq!(report["migrated"], 2);
+    assert_eq!(report["migrated"], 3);
     let report = stdout_json(&run_ok(&mut cli(&db, &prefix, &["contract"])));
-    assert_eq!(report, json!({"released_rows": 2, "missing_copies": 0}));
+    assert_eq!(report, json!({"released_rows": 3, "missing_copies": 0}));
     for (fid, (_, _, data)) in ids.iter().zip(&files) {
         let resp = fetch(&app, ws, &token, *fid).await;
         assert!(
