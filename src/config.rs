@@ -355,7 +355,7 @@ pub struct ServeArgs {
     /// connections wait in the listen backlog.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 16_384)]
     pub max_connections: usize,
-    /// Open connections one client address may hold (an IPv6 client by its /56; proxies in
+    /// Open connections one client address may hold (an IPv6 client by its /48; proxies in
     /// TRUSTED_PROXIES are not counted); more are answered 429 and closed, so one client
     /// cannot hold MAX_CONNECTIONS. 0, the default: no such limit. Set it where clients
     /// connect directly: behind a proxy every client has the proxy's address, and the proxy
@@ -364,7 +364,7 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub max_connections_per_client: u64,
     /// Percent of each of this replica's slot kinds (uploads, push uploads, downloads, long
-    /// polls) one client address may hold at once (an IPv6 client by its /56; 1..=100, at
+    /// polls) one client address may hold at once (an IPv6 client by its /48; 1..=100, at
     /// least one slot); more get 429. Registration is open, so without it one client with
     /// enough workspaces could take every slot. Clients in private, loopback or link-local
     /// networks and proxies in TRUSTED_PROXIES forwarding no client are not counted: behind a

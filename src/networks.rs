@@ -31,28 +31,20 @@ impl FromStr for Networks {
     }
 }
 
-/// The address a client is counted under (registrations, connections): an IPv4 address (also
-/// written IPv4-mapped), or an IPv6 address's /56, what a provider commonly hands one customer
-/// site. Counting by /64 gave a customer with a /56 256 places where an IPv4 client has one.
+/// The address a client is counted under (connections, slots, registrations, stored bytes):
+/// an IPv4 address (also written IPv4-mapped, or carried by a translator or tunnel:
+/// [`untranslated`]), or an IPv6 address's /48, the most a provider (or a free tunnel broker)
+/// hands one site. Counting by /64 gave a customer with a /56 256 places where an IPv4 client
+/// has one; by /56, a /48's 256 subnets each had a client's share: four of them held every
+/// slot of a kind at SLOT_SHARE_PER_CLIENT=25 (a review), and eleven used up a replica's
+/// REGISTRATIONS_PER_MINUTE (a resource probe). A /48's customers share one client's.
 pub fn client_key(ip: IpAddr) -> IpAddr {
     match untranslated(ip) {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(v6) & !((1u128 << 72) - 1)).into()),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 80) - 1)).into()),
         },
-    }
-}
-
-/// The address registrations are counted under: as [`client_key`], but an IPv6 address's
-/// /48, the most a provider (or a free tunnel broker) hands one site. By /56, the 256 of one
-/// /48 each had a client's REGISTRATIONS_PER_MINUTE_PER_CLIENT, and eleven of them used up a
-/// replica's REGISTRATIONS_PER_MINUTE (a resource probe). Registrations are rare (one per
-/// workspace), so a /48's customers can share one client's.
-pub fn site_key(ip: IpAddr) -> IpAddr {
-    match client_key(ip) {
-        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 80) - 1)).into()),
-        v4 => v4,
     }
 }
 
@@ -95,13 +87,15 @@ mod tests {
             ip("64:ff9b:2::808:808")
         );
         assert_eq!(client_key(ip("2606:4700:0:1::7")), ip("2606:4700::"));
+        assert_eq!(client_key(ip("2606:4700:0:ff00::7")), ip("2606:4700::"));
+        assert_ne!(client_key(ip("2606:4700:1::7")), ip("2606:4700::"));
         // Teredo: server 65.54.227.120, client 8.8.4.77 (f7f7:fbb2 inverted), whatever port.
         assert_eq!(
             client_key(ip("2001:0:4136:e378:8000:63bf:f7f7:fbb2")),
             ip("8.8.4.77")
         );
         assert_eq!(
-            site_key(ip("2001:0:4136:e378:8000:1234:f7f7:fbb2")),
+            client_key(ip("2001:0:4136:e378:8000:1234:f7f7:fbb2")),
             ip("8.8.4.77")
         );
         // 6to4: 8.8.4.77 is 0808:044d, whatever the site's subnet.
@@ -126,26 +120,13 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_clients_are_counted_by_their_56() {
-        assert_eq!(
-            client_key(ip("2001:db8:0:ff::1")),
-            client_key(ip("2001:db8:0:1::ffff:2"))
-        );
+    fn ipv6_clients_are_counted_by_their_48() {
         assert_eq!(client_key(ip("2001:db8:0:ff::1")), ip("2001:db8::"));
-        assert_ne!(
-            client_key(ip("2001:db8::1")),
-            client_key(ip("2001:db8:0:100::1"))
-        );
+        assert_eq!(client_key(ip("2001:db8:0:100::1")), ip("2001:db8::"));
+        assert_eq!(client_key(ip("2001:db8:0:ffff::1")), ip("2001:db8::"));
+        assert_eq!(client_key(ip("2001:db8:1::1")), ip("2001:db8:1::"));
         assert_eq!(client_key(ip("::ffff:203.0.113.9")), ip("203.0.113.9"));
         assert_eq!(client_key(ip("203.0.113.9")), ip("203.0.113.9"));
-    }
-
-    #[test]
-    fn registrations_are_counted_by_the_48() {
-        assert_eq!(site_key(ip("2001:db8:0:100::1")), ip("2001:db8::"));
-        assert_eq!(site_key(ip("2001:db8:0:ffff::1")), ip("2001:db8::"));
-        assert_eq!(site_key(ip("2001:db8:1::1")), ip("2001:db8:1::"));
-        assert_eq!(site_key(ip("::ffff:203.0.113.9")), ip("203.0.113.9"));
-        assert_eq!(site_key(ip("64:ff9b::808:808")), ip("8.8.8.8"));
+        assert_eq!(client_key(ip("64:ff9b::808:808")), ip("8.8.8.8"));
     }
 }

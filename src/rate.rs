@@ -91,7 +91,7 @@ const MAX_CLIENTS: usize = 16_384;
 /// millisecond, under the lock every registration takes).
 const SCAN_EVERY: Duration = Duration::from_secs(1);
 
-/// A bucket per client site ([`crate::networks::site_key`]: an IPv4 address, an IPv6 /48),
+/// A bucket per client ([`crate::networks::client_key`]: an IPv4 address, an IPv6 /48),
 /// each `per_minute`.
 pub struct PerClient {
     per_minute: u64,
@@ -123,13 +123,13 @@ impl PerClient {
 
     /// Takes one of `client`'s places now, or says how long until there is one.
     pub fn take(&self, client: IpAddr) -> Result<(), Duration> {
-        self.take_at(crate::networks::site_key(client), Instant::now())
+        self.take_at(crate::networks::client_key(client), Instant::now())
     }
 
     /// Returns a place taken for `client` whose event did not happen after all (the
     /// replica's own bucket refused it): a client is not charged for the replica being busy.
     pub fn give_back(&self, client: IpAddr) {
-        let key = crate::networks::site_key(client);
+        let key = crate::networks::client_key(client);
         let mut clients = self
             .clients
             .lock()

@@ -63,7 +63,7 @@ const EVICTED: usize = MAX_CLIENTS / 16;
 /// left is refused before its body is read.
 const LEAST_COST: u64 = stored_cost(1);
 
-/// Per client site ([`crate::networks::site_key`]), bytes it may still stage: `capacity` at
+/// Per client ([`crate::networks::client_key`]), bytes it may still stage: `capacity` at
 /// most, refilled at `capacity` per [`SHARE_PERIOD`].
 struct Shares {
     /// 0: no shares.
@@ -314,7 +314,7 @@ impl Stored {
     /// The key `client`'s share is kept under, when shares are kept.
     fn share_key(&self, client: Option<IpAddr>) -> Option<IpAddr> {
         let client = client?;
-        (self.shares().capacity > 0.0).then(|| crate::networks::site_key(client))
+        (self.shares().capacity > 0.0).then(|| crate::networks::client_key(client))
     }
 
     fn shares(&self) -> MutexGuard<'_, Shares> {

@@ -223,7 +223,7 @@ mod tests {
         assert_eq!(
             slot_client("2606:4700:0:1::7", &none),
             Some(ip("2606:4700::")),
-            "an IPv6 client by its /56"
+            "an IPv6 client by its /48"
         );
         assert_eq!(slot_client("127.0.0.1", &none), None);
         assert_eq!(slot_client("192.168.7.7", &none), None);

@@ -3038,7 +3038,18 @@ async fn one_client_cannot_take_every_slot_through_many_workspaces() {
     assert_eq!(resp.json::<Value>().await.unwrap()["code"], "client_busy");
     let other = tokio::spawn(poll("198.51.100.7"));
     wait_for_metric(&svc.base, "pending_uploads_long_polls_waiting", 3.0).await;
-    for w in waiting {
+    // An IPv6 client by its /48, the most one site is handed (a free tunnel broker's): by
+    // /56, its 256 subnets each had a client's share, and four of them held every slot of a
+    // kind, another client then 503 (a review).
+    let site = [
+        tokio::spawn(poll("2a01:4f8:100::1")),
+        tokio::spawn(poll("2a01:4f8:100:100::1")),
+    ];
+    wait_for_metric(&svc.base, "pending_uploads_long_polls_waiting", 5.0).await;
+    let resp = poll("2a01:4f8:100:200::1").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(resp.json::<Value>().await.unwrap()["code"], "client_busy");
+    for w in waiting.into_iter().chain(site) {
         w.abort();
     }
     other.abort();
