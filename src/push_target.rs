@@ -246,7 +246,7 @@ fn is_internal_v6(ip: Ipv6Addr) -> bool {
         || (seg[0] == 0x2002 && is_internal_v4(embedded_v4(seg[1], seg[2])))
         || seg[..4] == [0x100, 0, 0, 0] // discard-only 100::/64, RFC 6666
         || seg[..2] == [0x2001, 0xdb8] // documentation 2001:db8::/32, RFC 3849
-        || (seg[0] & 0xfff0) == 0x3ff0 // documentation 3fff::/20, RFC 9637
+        || (seg[0] == 0x3fff && seg[1] < 0x1000) // documentation 3fff::/20, RFC 9637 (not 3ff0::/12)
         || seg[..3] == [0x2001, 2, 0] // benchmarking 2001:2::/48, RFC 5180
         || seg[..2] == [0x2001, 0] // Teredo 2001::/32: reaches an IPv4 host through a relay
         // ORCHID 2001:10::/28 and ORCHIDv2 2001:20::/28: identifiers, never routed
@@ -343,6 +343,7 @@ mod tests {
             "http://[2001:10::1]/",
             "http://[2001:20::1]/",
             "http://[3fff::1]/",
+            "http://[3fff:fff::1]/",
             "http://[2001:2::1]/",
             "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/",
             "http://example.com/x?y=",
@@ -358,6 +359,9 @@ mod tests {
         for good in [
             "http://example.com",
             "https://93.184.216.34:8443/base/",
+            // next to 3fff::/20, and global: 3ff0::/12 was taken for it
+            "http://[3fff:1000::1]/",
+            "http://[3ff0::1]/",
             "http://[2606:4700::1]/",
             "http://198.17.255.1/",
             "http://198.20.0.1/",

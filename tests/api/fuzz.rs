@@ -2798,7 +2798,7 @@ fn v6_internal(ip: Ipv6Addr) -> bool {
         || (s[0] == 0x2002 && v4_internal(v4(s[1], s[2]))) // 6to4
         || s[..4] == [0x100, 0, 0, 0] // discard-only
         || s[..2] == [0x2001, 0xdb8] // documentation
-        || (s[0] & 0xfff0) == 0x3ff0 // documentation (RFC 9637)
+        || (s[0] == 0x3fff && s[1] >> 12 == 0) // documentation 3fff::/20 (RFC 9637)
         || s[..3] == [0x2001, 2, 0] // benchmarking
         || s[..2] == [0x2001, 0] // Teredo
         || (s[0] == 0x2001 && matches!(s[1] >> 4, 1 | 2)) // ORCHID, ORCHIDv2
