@@ -364,8 +364,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     "objects_deleted": stats.objects_deleted,
                     "object_errors": stats.object_errors,
                     "orphans_deleted": stats.orphans_deleted,
+                    "orphan_reconciliation_failed": stats.orphans_failed,
                     "activity_rows_deleted": stats.activity_rows,
                 })
+            );
+            // A cron job must see it: its report alone said 0 orphans deleted, exit 0.
+            anyhow::ensure!(
+                !stats.orphans_failed,
+                "the orphan reconciliation failed (logged above): rows were swept, orphans not"
             );
             Ok(())
         }

@@ -33,6 +33,8 @@ pub struct SweepStats {
     pub orphans_deleted: u64,
     /// This service's upload activity rows past ACTIVITY_RETENTION.
     pub activity_rows: u64,
+    /// The orphan reconciliation failed (logged): `orphans_deleted` counts nothing then.
+    pub orphans_failed: bool,
 }
 
 #[derive(Clone)]
@@ -82,7 +84,10 @@ impl Sweeper {
     /// orphan reconciliation.
     pub async fn run_once(&self) -> Result<SweepStats, DbError> {
         let mut stats = self.sweep_rows().await?;
-        stats.orphans_deleted = self.reconcile_or_warn().await.unwrap_or(0);
+        match self.reconcile_or_warn().await {
+            Some(deleted) => stats.orphans_deleted = deleted,
+            None => stats.orphans_failed = true,
+        }
         Ok(stats)
     }
 

@@ -360,7 +360,7 @@ async fn serve_configured_by_environment_then_sweep_subcommand_then_sigterm() {
     let printed = stdout_json(&out);
     assert_eq!(
         printed,
-        json!({"swept_rows": 1, "swept_bytes": 5, "objects_deleted": 0, "object_errors": 0, "orphans_deleted": 0, "activity_rows_deleted": 0})
+        json!({"swept_rows": 1, "swept_bytes": 5, "objects_deleted": 0, "object_errors": 0, "orphans_deleted": 0, "orphan_reconciliation_failed": false, "activity_rows_deleted": 0})
     );
     let swept = log_lines(&out.stderr);
     let line = swept

@@ -2060,3 +2060,37 @@ async fn an_object_cut_short_out_of_band_is_not_the_rows_bytes() {
         .unwrap();
     assert_eq!(head.status(), StatusCode::NOT_FOUND);
 }
+
+/// A `sweep` run by cron whose orphan reconciliation failed said `orphans_deleted: 0` and
+/// exited 0 (a red team): cron could not tell. Its report says so now, and it exits 1.
+#[tokio::test]
+async fn a_sweep_whose_reconciliation_failed_says_so_and_fails() {
+    let prefix = test_prefix();
+    let db = fresh_db().await;
+    let unreachable = format!("http://127.0.0.1:{}", free_port());
+    let out = cli(&db, &prefix, &["migrate"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&db, &prefix, &["sweep"])
+        .env("AWS_ENDPOINT_URL", &unreachable)
+        .env("ORPHAN_GRACE", "0")
+        .env("DEPENDENCY_TIMEOUT", "1s")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = stdout_json(&out);
+    assert_eq!(report["orphan_reconciliation_failed"], true, "{report}");
+    assert_eq!(report["swept_rows"], 0);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the orphan reconciliation failed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
