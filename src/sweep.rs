@@ -134,7 +134,9 @@ impl Sweeper {
                 } else {
                     "expired"
                 };
+                // As the upload and its ack were counted: a row with both copies is `dual`.
                 let loc = row.location();
+                let backend = db::uploads::placement(loc.s3_key.is_some(), loc.inline);
                 match (&row.s3_key, deleted) {
                     (Some(_), Ok(())) => stats.objects_deleted += 1,
                     (Some(key), Err(e)) => {
@@ -146,11 +148,11 @@ impl Sweeper {
                 tracing::info!(
                     event = "swept", workspace_id = %row.workspace_id, file_id = %row.file_id,
                     size = row.size_bytes, name = clip(&row.filename).as_str(),
-                    backend = self.storage.reader_name(&loc), reason, "upload swept"
+                    backend, reason, "upload swept"
                 );
                 crate::metrics::metrics()
                     .files_swept
-                    .with_label_values(&[self.storage.reader_name(&loc), reason])
+                    .with_label_values(&[backend, reason])
                     .inc();
                 stats.rows += 1;
                 stats.bytes += row.size_bytes as u64;

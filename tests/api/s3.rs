@@ -2094,3 +2094,22 @@ async fn a_sweep_whose_reconciliation_failed_says_so_and_fails() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// SPEC §8, counts by backend: a row with both copies was counted `dual` staged and acked,
+/// and `s3` swept (a red team), so acked minus swept drifted per backend on a dashboard.
+#[tokio::test]
+async fn a_dual_row_is_swept_as_dual() {
+    let swept = || {
+        pending_uploads::metrics::metrics()
+            .files_swept
+            .with_label_values(&["dual", "expired"])
+            .get()
+    };
+    let before = swept();
+    let app = TestApp::start_s3(fresh_db().await, "dual", &test_prefix()).await;
+    let (ws, token) = app.poll_workspace().await;
+    app.upload_ok(ws, &token, &[("d.txt", "text/plain", b"both".to_vec())])
+        .await;
+    sweep_all_and_assert_bucket_empty(&app).await;
+    assert!(swept() > before, "counted as the dual row it was");
+}
