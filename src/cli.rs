@@ -59,6 +59,10 @@ pub enum Command {
         /// Hide the progress bar.
         #[arg(long)]
         no_progress: bool,
+        /// Folder for the copies' spool files, as `serve` spools uploads (defaults to the
+        /// system temp dir).
+        #[arg(long, env = "SPOOL_DIR")]
+        spool_dir: Option<std::path::PathBuf>,
     },
     /// Release the bytea copies of rows whose S3 copy is there and holds their bytes (each is
     /// checked); refuses while any row's bytes live only in Postgres.
@@ -68,7 +72,7 @@ pub enum Command {
         #[command(flatten)]
         storage: StorageArgs,
         /// Rows checked and updated per batch.
-        #[arg(long, default_value_t = 500)]
+        #[arg(long, env = "CONTRACT_BATCH_SIZE", default_value_t = 500)]
         batch_size: i64,
     },
     /// Print the OpenAPI document (what /openapi.json serves).
@@ -294,6 +298,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             retries,
             dry_run,
             no_progress,
+            spool_dir,
         }) => {
             let db = match dry_run {
                 true => crate::app::connect_db_as_is(&db).await?,
@@ -307,8 +312,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 dry_run,
                 progress: !no_progress,
             };
-            let report =
-                crate::backfill::backfill(&db, &storage, &std::env::temp_dir(), &opts).await?;
+            // Where `serve` spools (SPOOL_DIR), not always the system temp dir: a host whose
+            // /tmp is small spooled the service's uploads elsewhere, but not the backfill's.
+            let spool_dir = spool_dir.unwrap_or_else(std::env::temp_dir);
+            std::fs::create_dir_all(&spool_dir)
+                .map_err(|e| anyhow::anyhow!("creating SPOOL_DIR {}: {e}", spool_dir.display()))?;
+            let report = crate::backfill::backfill(&db, &storage, &spool_dir, &opts).await?;
             println!("{}", serde_json::to_string(&report)?);
             if report.failed > 0 {
                 anyhow::bail!(

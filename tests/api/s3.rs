@@ -2113,3 +2113,37 @@ async fn a_dual_row_is_swept_as_dual() {
     sweep_all_and_assert_bucket_empty(&app).await;
     assert!(swept() > before, "counted as the dual row it was");
 }
+
+/// `backfill` spools each copy through a file, as `serve` spools uploads: in SPOOL_DIR, which
+/// it ignored for the system temp dir (a red team), so a host with a small /tmp that set
+/// SPOOL_DIR for the service ran its backfill out of space. A SPOOL_DIR it cannot make is
+/// named at once.
+#[tokio::test]
+async fn backfill_spools_where_spool_dir_says() {
+    let prefix = test_prefix();
+    let db = fresh_db().await;
+    let out = cli(&db, &prefix, &["migrate"]).output().unwrap();
+    assert!(out.status.success());
+    let out = cli(&db, &prefix, &["backfill", "--no-progress"])
+        .env("SPOOL_DIR", "/dev/null/spool")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("creating SPOOL_DIR /dev/null/spool"), "{err}");
+    let here = tempfile::tempdir().unwrap();
+    let out = cli(&db, &prefix, &["backfill", "--no-progress"])
+        .env("SPOOL_DIR", here.path().join("made"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(here.path().join("made").is_dir(), "made as serve makes it");
+}
