@@ -147,6 +147,12 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
     )
     .context("building the push HTTP client")?;
     let d = &args.deadlines;
+    let upload_slots = Slots::new(
+        args.max_concurrent_uploads,
+        args.max_concurrent_uploads_per_workspace,
+        args.slot_share_per_client,
+        &crate::metrics::metrics().uploads_in_progress,
+    );
     let state = AppState::new(Shared {
         auth: Auth::new(args.admin_token(), db.clone()),
         stager: Stager {
@@ -169,18 +175,12 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
         ),
         push,
         accepting: Arc::new(AtomicBool::new(true)),
-        upload_slots: Slots::new(
-            args.max_concurrent_uploads,
-            args.max_concurrent_uploads_per_workspace,
-            args.slot_share_per_client,
-            &crate::metrics::metrics().uploads_in_progress,
-        ),
-        push_slots: Slots::new(
+        push_slots: upload_slots.sharing_workspaces(
             args.max_concurrent_push_uploads,
-            args.max_concurrent_uploads_per_workspace,
             args.slot_share_per_client,
             &crate::metrics::metrics().uploads_in_progress,
         ),
+        upload_slots,
         download_slots: Slots::new(
             args.max_concurrent_downloads,
             args.max_concurrent_downloads_per_workspace,

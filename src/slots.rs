@@ -36,21 +36,24 @@ pub enum Refused {
     Client,
 }
 
-/// Who a slot is counted against.
+/// Who a slot is counted against: a workspace across the kinds that share its bound
+/// ([`Slots::sharing_workspaces`]), a client per kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Holder {
     Workspace(Uuid),
-    Client(IpAddr),
+    Client(u8, IpAddr),
 }
 
 #[derive(Clone)]
 pub struct Slots {
     replica: Arc<Semaphore>,
     /// Slots held per workspace and per client; an entry exists only while a slot is held, so
-    /// the map is never larger than twice the replica's slot count.
+    /// the map is never larger than twice the slot count of the kinds sharing it.
     held: Arc<Mutex<HashMap<Holder, usize>>>,
     per_workspace: usize,
     per_client: usize,
+    /// Which of the kinds sharing `held` these are (their clients are counted apart).
+    kind: u8,
     /// Counts the slots held (`uploads_in_progress`, `downloads_in_progress`,
     /// `long_polls_waiting`).
     gauge: &'static IntGauge,
@@ -71,7 +74,26 @@ impl Slots {
             held: Arc::new(Mutex::new(HashMap::new())),
             per_workspace: per_workspace.max(1),
             per_client: (per_client as usize).max(1),
+            kind: 0,
             gauge,
+        }
+    }
+
+    /// Slots of another kind, with a replica bound and client share of their own, whose
+    /// workspaces count against these slots' per-workspace bound together with them: relays
+    /// to push workspaces and staged uploads, which MAX_CONCURRENT_UPLOADS_PER_WORKSPACE
+    /// bounds together. Apart, a workspace switched between poll and push (its own token
+    /// re-registers it at once) held both kinds' worth (a review: 8 of a bound of 4).
+    pub fn sharing_workspaces(
+        &self,
+        per_replica: usize,
+        client_share: u64,
+        gauge: &'static IntGauge,
+    ) -> Self {
+        Slots {
+            held: self.held.clone(),
+            kind: self.kind.wrapping_add(1),
+            ..Slots::new(per_replica, self.per_workspace, client_share, gauge)
         }
     }
 
@@ -89,7 +111,7 @@ impl Slots {
     pub fn acquire(&self, workspace_id: Uuid, client: Option<IpAddr>) -> Result<Slot, Refused> {
         let holders = [
             Some(Holder::Workspace(workspace_id)),
-            client.map(Holder::Client),
+            client.map(|ip| Holder::Client(self.kind, ip)),
         ];
         {
             let mut held = self.held.lock().map_err(|_| Refused::Replica)?;
@@ -124,7 +146,9 @@ impl Slots {
             return Some(Refused::Workspace);
         }
         match client {
-            Some(ip) if count(Holder::Client(ip)) >= self.per_client => Some(Refused::Client),
+            Some(ip) if count(Holder::Client(self.kind, ip)) >= self.per_client => {
+                Some(Refused::Client)
+            }
             _ => None,
         }
     }
@@ -212,12 +236,39 @@ mod tests {
         drop(first);
         let _again = slots.acquire(ws(), Some(one)).expect("its slot came back");
         let held = slots.held.lock().unwrap();
-        assert_eq!(held.get(&Holder::Client(one)), Some(&2));
+        assert_eq!(held.get(&Holder::Client(0, one)), Some(&2));
         assert_eq!(held.len(), 8 + 2, "refusals left no count behind");
         drop(held);
         assert_eq!(
             Slots::new(3, 3, 1, &crate::metrics::metrics().uploads_in_progress).per_client,
             1
         );
+    }
+
+    #[test]
+    fn kinds_sharing_workspaces_bound_a_workspace_together_and_clients_apart() {
+        let gauge = &crate::metrics::metrics().uploads_in_progress;
+        let staged = Slots::new(8, 2, 25, gauge);
+        let relayed = staged.sharing_workspaces(4, 25, gauge);
+        let (ws, client): (Uuid, IpAddr) = (Uuid::new_v4(), "203.0.113.1".parse().unwrap());
+        let _one = staged.acquire(ws, None).unwrap();
+        let _two = relayed.acquire(ws, Some(client)).unwrap();
+        assert_eq!(relayed.acquire(ws, None).err(), Some(Refused::Workspace));
+        assert_eq!(staged.acquire(ws, None).err(), Some(Refused::Workspace));
+        // A client's share is per kind: 2 of 8 staged, 1 of 4 relayed.
+        let _its_staged = staged.acquire(Uuid::new_v4(), Some(client)).unwrap();
+        assert_eq!(
+            relayed.acquire(Uuid::new_v4(), Some(client)).err(),
+            Some(Refused::Client)
+        );
+        // Each kind its own replica bound.
+        let _rest: Vec<_> = (0..3)
+            .map(|_| relayed.acquire(Uuid::new_v4(), None).unwrap())
+            .collect();
+        assert_eq!(
+            relayed.acquire(Uuid::new_v4(), None).err(),
+            Some(Refused::Replica)
+        );
+        assert!(staged.acquire(Uuid::new_v4(), None).is_ok());
     }
 }

@@ -505,6 +505,57 @@ async fn push_relays_cannot_take_the_slots_of_staged_uploads() {
     }
 }
 
+/// MAX_CONCURRENT_UPLOADS_PER_WORKSPACE bounds a workspace's relays and staged uploads
+/// together: they were counted apart, so a workspace holding its bound of relays, switched to
+/// poll by its own token (a re-registration, at once), took as many staged uploads again (a
+/// review: 8 in progress for one workspace under a bound of 4).
+#[tokio::test]
+async fn a_workspace_switched_between_push_and_poll_keeps_one_bound() {
+    let svc = Svc::start(&[
+        ("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32"),
+        ("MAX_CONCURRENT_UPLOADS_PER_WORKSPACE", "2"),
+    ])
+    .await;
+    let silent = Router::new().fallback(any(|body: axum::body::Bytes| async move {
+        drop(body);
+        std::future::pending::<()>().await
+    }));
+    let (ws, token) = push_workspace(&svc, silent).await;
+    let relays: Vec<_> = (0..2)
+        .map(|i| {
+            let (base, token) = (svc.base.clone(), token.clone());
+            tokio::spawn(async move {
+                reqwest::Client::new()
+                    .post(format!("{base}/workspaces/{ws}/chat/uploads"))
+                    .bearer_auth(token)
+                    .header("Content-Type", "multipart/form-data; boundary=XB")
+                    .body(one_file("XB", &format!("{i}.txt"), b"a"))
+                    .send()
+                    .await
+            })
+        })
+        .collect();
+    wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 2.0).await;
+    let resp = register(
+        &reqwest::Client::new(),
+        &svc,
+        Some(&token),
+        &json!({"id": ws, "delivery_mode": "poll"}),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK, "switched to poll");
+    let resp = upload_file(&svc, ws, &token, "staged.txt", b"s").await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["code"],
+        "workspace_busy"
+    );
+    assert_eq!(svc.count("pending_uploads").await, 0);
+    for r in relays {
+        r.abort();
+    }
+}
+
 /// A push workspace must take the upload at BODY_MIN_RATE, as a client must send it: one
 /// that accepts the connection and never reads held the upload's slot for PUSH_TIMEOUT
 /// once the socket buffers were full (the client's own deadlines only run while its body is
