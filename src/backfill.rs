@@ -101,6 +101,8 @@ pub async fn backfill(
     // sweep's reconciliation, and each new copy goes to a key of its own.
     let backfilled = &crate::metrics::metrics().backfill_rows;
     let mut cursor = Uuid::nil();
+    // Rows in a row that found S3 unavailable (after their retries).
+    let mut unavailable = 0usize;
     loop {
         let limit = opts.batch_size;
         let batch = db
@@ -117,6 +119,7 @@ pub async fn backfill(
             })
             .buffer_unordered(opts.concurrency.max(1));
         while let Some((row, result)) = results.next().await {
+            let result_was_ok = result.is_ok();
             match result {
                 Ok(Copied::Migrated(bytes)) => {
                     backfilled.with_label_values(&["migrated"]).inc();
@@ -131,7 +134,26 @@ pub async fn backfill(
                     backfilled.with_label_values(&["failed"]).inc();
                     report.failed += 1;
                     tracing::error!(file_id = %row.file_id, error = %e, "backfill of row failed");
+                    if matches!(e, CopyError::Storage(StorageError::Unavailable(_))) {
+                        unavailable += 1;
+                    }
                 }
+            }
+            if result_was_ok {
+                unavailable = 0;
+            }
+            // S3 down: every row would wait out its retries of DEPENDENCY_TIMEOUT (hours for a
+            // large table, a red team). The run stops; rows copied so far stay copied, and a
+            // rerun takes up the rest.
+            if unavailable >= opts.concurrency.max(1) {
+                bar.finish_and_clear();
+                anyhow::bail!(
+                    "S3 unavailable for {unavailable} rows in a row: stopping ({} migrated, {} \
+                     skipped, {} failed so far; run backfill again once S3 answers)",
+                    report.migrated,
+                    report.skipped,
+                    report.failed
+                );
             }
             bar.inc(row.size_bytes as u64);
             bar.set_message(format!(

@@ -2147,3 +2147,60 @@ async fn backfill_spools_where_spool_dir_says() {
     );
     assert!(here.path().join("made").is_dir(), "made as serve makes it");
 }
+
+/// S3 frozen (a server that takes connections and never answers): `contract` checked a whole
+/// batch of 500, eight at a time, each waiting out DEPENDENCY_TIMEOUT, before it looked at an
+/// error (about ten minutes a batch at the default), and `backfill` let every row wait out
+/// its retries (a red team). The first S3 error now ends contract's batch, and backfill stops
+/// after as many rows in a row as it copies at once found S3 unavailable; what was done stays
+/// done, and a rerun takes up the rest.
+#[tokio::test]
+async fn contract_and_backfill_give_up_on_a_frozen_s3_at_once() {
+    let prefix = test_prefix();
+    let db = fresh_db().await;
+    let app = TestApp::start_s3(db.clone(), "dual", &prefix).await;
+    let (ws, token) = app.poll_workspace().await;
+    let files: Vec<(String, Vec<u8>)> = (0..64)
+        .map(|i| (format!("f{i}.txt"), bytes(100, i as u8)))
+        .collect();
+    let parts: Vec<(&str, &str, Vec<u8>)> = files
+        .iter()
+        .map(|(n, b)| (n.as_str(), "text/plain", b.clone()))
+        .collect();
+    app.upload_ok(ws, &token, &parts).await;
+    let (endpoint, _) = s3_endpoint();
+    let (frozen_s3, frozen) = freezable_proxy(&endpoint).await;
+    frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    let timed = |args: &'static [&'static str]| {
+        let mut cmd = cli(&db, &prefix, args);
+        cmd.env("AWS_ENDPOINT_URL", &frozen_s3)
+            .env("DEPENDENCY_TIMEOUT", "1s")
+            .env("BACKFILL_RETRIES", "0");
+        async move {
+            let started = std::time::Instant::now();
+            let out = tokio::process::Command::from(cmd).output().await.unwrap();
+            (out, started.elapsed())
+        }
+    };
+    let (out, took) = timed(&["contract"]).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("run contract again"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // 64 checks, eight at a time, each its DEPENDENCY_TIMEOUT: 8 s and more before.
+    assert!(took < Duration::from_secs(5), "contract took {took:?}");
+    assert_eq!(row_keys(&app).await.len(), 64, "nothing released");
+
+    sqlx::query("UPDATE pending_uploads SET s3_key = NULL")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let (out, took) = timed(&["backfill", "--no-progress", "--concurrency", "4"]).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("S3 unavailable for 4 rows in a row"), "{err}");
+    // 64 rows, four at a time, each its DEPENDENCY_TIMEOUT: 16 s and more before.
+    assert!(took < Duration::from_secs(8), "backfill took {took:?}");
+}
