@@ -137,6 +137,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
         PushPolicy::new(
             args.push_allowed_networks.clone(),
             args.max_concurrent_registration_lookups as usize,
+            args.slot_share_per_client,
         ),
         http::push::PushLimits {
             timeout: args.push_timeout.0,

@@ -38,6 +38,7 @@ pub struct Metrics {
     pub uploads_in_progress: IntGauge,
     pub downloads_in_progress: IntGauge,
     pub long_polls_waiting: IntGauge,
+    pub registration_lookups: IntGauge,
     pub long_poll_wakes: IntCounterVec,
     pub spool_memory_reserved: IntGauge,
     pub upload_arena: IntGaugeVec,
@@ -237,6 +238,13 @@ impl Metrics {
                 IntGauge::with_opts(opts(
                     "long_polls_waiting",
                     "Long polls (wait=) waiting, each holding one of the MAX_LONG_POLLS slots",
+                ))
+                .expect("valid metric"),
+            ),
+            registration_lookups: r.add(
+                IntGauge::with_opts(opts(
+                    "registration_lookups_in_progress",
+                    "Push URL name lookups of registrations in progress, each holding one of the MAX_CONCURRENT_REGISTRATION_LOOKUPS places until the resolver answers",
                 ))
                 .expect("valid metric"),
             ),

@@ -11,9 +11,11 @@ use std::{
 };
 
 use reqwest::Url;
-use tokio::sync::Semaphore;
 
-use crate::networks::Networks;
+use crate::{
+    networks::Networks,
+    slots::{Refused as SlotRefused, Slots},
+};
 
 /// Longest push URL taken.
 pub const URL_MAX_BYTES: usize = 2048;
@@ -37,6 +39,9 @@ pub enum RegistrationCheck {
     /// Every lookup place of this replica is taken: try again shortly.
     #[error("too many push URL lookups in progress")]
     LookupsBusy,
+    /// The client holds its share of the lookup places.
+    #[error("too many push URL lookups in progress from this client")]
+    ClientLookupsBusy,
 }
 
 /// The push policy: the URL rules plus the networks an operator opened up, and the bound on
@@ -50,17 +55,21 @@ pub struct PushPolicy {
     /// thread stays until the resolver gives up (10 s and more with an unanswering
     /// nameserver). Registration needs no credential, so without this bound anyone could
     /// hold the whole pool with names that never resolve.
-    lookups: Arc<Semaphore>,
+    /// One client address may hold `SLOT_SHARE_PER_CLIENT` percent of them: its bucket lets
+    /// it register 60 at once, and names that never resolve held nearly every place for
+    /// everyone else's (a review).
+    lookups: Slots,
 }
 
 /// Bounds the name lookup done at registration (the connect-time check does not depend on it).
 const REGISTRATION_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl PushPolicy {
-    pub fn new(allowed: Networks, max_lookups: usize) -> Self {
+    pub fn new(allowed: Networks, max_lookups: usize, client_share: u64) -> Self {
+        let gauge = &crate::metrics::metrics().registration_lookups;
         PushPolicy {
             allowed,
-            lookups: Arc::new(Semaphore::new(max_lookups.max(1))),
+            lookups: Slots::new(max_lookups, max_lookups, client_share, gauge),
         }
     }
 
@@ -116,7 +125,12 @@ impl PushPolicy {
     /// The registration check: the URL rules, and every address its name resolves to now.
     /// A name that does not resolve yet (or not within the timeout) is accepted: the
     /// connect-time check still applies.
-    pub async fn check_registration(&self, raw: &str) -> Result<Url, RegistrationCheck> {
+    /// `client`: the client address a lookup's place is counted under (`None`: not counted).
+    pub async fn check_registration(
+        &self,
+        raw: &str,
+        client: Option<IpAddr>,
+    ) -> Result<Url, RegistrationCheck> {
         // Stored on a row nothing deletes, and no real callback URL is anywhere near this.
         // (Not checked again at push time: a row written before this bound still works.)
         if raw.len() > URL_MAX_BYTES {
@@ -128,7 +142,7 @@ impl PushPolicy {
         let url = self.check_url(raw)?;
         if let Some(url::Host::Domain(name)) = url.host() {
             let port = url.port_or_known_default().unwrap_or(80);
-            for addr in self.lookup(name, port).await? {
+            for addr in self.lookup(name, port, client).await? {
                 if !self.address_allowed(addr.ip()) {
                     return Err(refused("name resolves to an internal address").into());
                 }
@@ -141,10 +155,20 @@ impl PushPolicy {
     /// [`REGISTRATION_LOOKUP_TIMEOUT`]; `LookupsBusy` when every lookup place is taken. The
     /// blocking task owns the place, so it is given back when getaddrinfo returns, not when
     /// this stops waiting.
-    async fn lookup(&self, name: &str, port: u16) -> Result<Vec<SocketAddr>, RegistrationCheck> {
-        let place = (self.lookups.clone())
-            .try_acquire_owned()
-            .map_err(|_| RegistrationCheck::LookupsBusy)?;
+    async fn lookup(
+        &self,
+        name: &str,
+        port: u16,
+        client: Option<IpAddr>,
+    ) -> Result<Vec<SocketAddr>, RegistrationCheck> {
+        // The places are the replica's, not a workspace's: one holder for all of them.
+        let place =
+            self.lookups
+                .acquire(uuid::Uuid::nil(), client)
+                .map_err(|refused| match refused {
+                    SlotRefused::Client => RegistrationCheck::ClientLookupsBusy,
+                    SlotRefused::Replica | SlotRefused::Workspace => RegistrationCheck::LookupsBusy,
+                })?;
         let target = (name.to_string(), port);
         let lookup = tokio::task::spawn_blocking(move || {
             let _place = place;
@@ -294,7 +318,7 @@ mod tests {
     use super::*;
 
     fn policy(allowed: &str) -> PushPolicy {
-        PushPolicy::new(allowed.parse().unwrap(), 4)
+        PushPolicy::new(allowed.parse().unwrap(), 4, 100)
     }
 
     #[test]
@@ -393,7 +417,7 @@ mod tests {
             "http://example.invalid/\tpath",
             "http://example.invalid/\u{7f}",
         ] {
-            assert!(p.check_registration(bad).await.is_err(), "{bad}");
+            assert!(p.check_registration(bad, None).await.is_err(), "{bad}");
             // A row written before this check still pushes to the host the parser found.
             assert!(p.check_url(bad).is_ok(), "{bad}");
         }
@@ -402,7 +426,7 @@ mod tests {
             "HTTP://93.184.216.34:80/a/b",
             "http://[2606:4700::1]/",
         ] {
-            assert!(p.check_registration(good).await.is_ok(), "{good}");
+            assert!(p.check_registration(good, None).await.is_ok(), "{good}");
         }
     }
 

@@ -59,6 +59,16 @@ pub struct Slots {
     gauge: &'static IntGauge,
 }
 
+impl std::fmt::Debug for Slots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slots")
+            .field("free", &self.replica.available_permits())
+            .field("per_workspace", &self.per_workspace)
+            .field("per_client", &self.per_client)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Slots {
     /// `client_share`: the percent of `per_replica` one client may hold (at least one slot).
     pub fn new(

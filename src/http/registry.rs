@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::{
     error::ApiError,
     extract::{Admin, JsonBody, TokenId, WorkspaceCaller},
-    peer::{client_address, Peer},
+    peer::{client_address, slot_client, Peer},
     AppState,
 };
 use crate::{
@@ -77,11 +77,17 @@ fn workspace_name(raw: Option<&str>) -> Result<Option<String>, ApiError> {
 /// http(s), a host, no userinfo, query or fragment, no internal address unless allowed).
 /// Caught here, a bad URL is a 400 at registration instead of a failure on every upload.
 /// `url` is trimmed and not blank ([`non_empty`]).
-async fn callback_url(st: &AppState, url: Option<String>) -> Result<Option<String>, ApiError> {
+/// `client`: the client a name lookup is counted under (`SLOT_SHARE_PER_CLIENT` of the
+/// lookup places; `None`: not counted).
+async fn callback_url(
+    st: &AppState,
+    url: Option<String>,
+    client: Option<IpAddr>,
+) -> Result<Option<String>, ApiError> {
     let Some(raw) = url else {
         return Ok(None);
     };
-    match st.push.policy().check_registration(&raw).await {
+    match st.push.policy().check_registration(&raw, client).await {
         Ok(_) => Ok(Some(raw)),
         Err(RegistrationCheck::Refused(e)) => {
             tracing::info!(
@@ -92,6 +98,7 @@ async fn callback_url(st: &AppState, url: Option<String>) -> Result<Option<Strin
             Err(ApiError::UrlNotAllowed)
         }
         Err(RegistrationCheck::LookupsBusy) => Err(ApiError::LookupCapacity),
+        Err(RegistrationCheck::ClientLookupsBusy) => Err(ApiError::ClientBusy),
     }
 }
 
@@ -204,7 +211,7 @@ enum Registration {
         (status = 408, description = "request body too slow", body = api::ErrorBody),
         (status = 409, description = "workspace was removed (told the admin only: anyone else gets 401)", body = api::ErrorBody),
         (status = 413, description = "body over 64 KiB", body = api::ErrorBody),
-        (status = 429, description = "REGISTRATIONS_PER_MINUTE used up on this replica by callers without a claim on the workspace, or REGISTRATIONS_PER_MINUTE_PER_CLIENT by this client address (callers without a claim, and re-registrations whose push url names a host) (code registration_rate, Retry-After)", body = api::ErrorBody),
+        (status = 429, description = "REGISTRATIONS_PER_MINUTE used up on this replica by callers without a claim on the workspace, or REGISTRATIONS_PER_MINUTE_PER_CLIENT by this client address (callers without a claim, and re-registrations whose push url names a host) (code registration_rate, Retry-After); or this client address holds its SLOT_SHARE_PER_CLIENT of the replica's push URL lookups (code client_busy, Retry-After)", body = api::ErrorBody),
         (status = 503, description = "datastore unavailable, or push URL lookups all in progress", body = api::ErrorBody),
     )
 )]
@@ -236,15 +243,19 @@ pub async fn register(
         Claim::NoBearer | Claim::Refused => Counted::ClientAndReplica,
     };
     // A request without a peer came from inside the process (tests): one unknown client.
-    let peer = peer.map_or(IpAddr::from([0, 0, 0, 0]), |Extension(Peer(ip))| ip);
+    let peer = peer.map(|Extension(Peer(ip))| ip);
+    let looked_up_for = slot_client(peer, &headers, &st.trusted_proxies);
+    let peer = peer.unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let client = client_address(peer, &headers, &st.trusted_proxies);
     take_registration(&st, client, counted)?;
-    let url = callback_url(&st, raw_url).await.inspect_err(|e| {
-        // No lookup was made: the places taken for it go back.
-        if matches!(e, ApiError::LookupCapacity) {
-            give_back_registration(&st, client, counted);
-        }
-    })?;
+    let url = callback_url(&st, raw_url, looked_up_for)
+        .await
+        .inspect_err(|e| {
+            // No lookup was made: the places taken for it go back.
+            if matches!(e, ApiError::LookupCapacity | ApiError::ClientBusy) {
+                give_back_registration(&st, client, counted);
+            }
+        })?;
     let id = req.id;
     let secret = auth::new_secret();
     let outcome = st
@@ -344,7 +355,8 @@ pub async fn create(
     let name = workspace_name(req.name.as_deref())?
         .ok_or_else(|| ApiError::BadRequest("name is required".into()))?;
     let mode = validate_mode(req.delivery_mode.as_deref())?;
-    let url = callback_url(&st, non_empty(req.url.as_deref())).await?;
+    // The admin's own lookups are not counted as a client's.
+    let url = callback_url(&st, non_empty(req.url.as_deref()), None).await?;
     let id = req.id.unwrap_or_else(Uuid::new_v4);
     let secret = auth::new_secret();
     let created = st

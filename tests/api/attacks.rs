@@ -967,8 +967,9 @@ async fn silent_nameserver() -> (tokio::net::UdpSocket, std::net::Ipv4Addr) {
 /// must not be able to fill that pool with lookups a resolver leaves hanging: beyond
 /// MAX_CONCURRENT_REGISTRATION_LOOKUPS a registration is 503 at once, and a lookup keeps its
 /// place until the resolver really gives up, not until the registration stops waiting.
-#[tokio::test]
-async fn registrations_cannot_fill_the_blocking_pool_with_hanging_lookups() {
+/// `serve` with `env`, whose resolver asks a nameserver that never answers (its own mount
+/// namespace's /etc/resolv.conf): the service and that nameserver's socket.
+async fn service_with_a_silent_resolver(env: &[(&str, &str)]) -> (Arc<Svc>, tokio::net::UdpSocket) {
     let (dns, dns_ip) = silent_nameserver().await;
     let dir = tempfile::tempdir().unwrap();
     let resolv = dir.path().join("resolv.conf");
@@ -988,8 +989,31 @@ async fn registrations_cannot_fill_the_blocking_pool_with_hanging_lookups() {
     let wrap = ["unshare", "--mount", "sh", "-c", &script, "sh"]
         .map(String::from)
         .to_vec();
+    let svc = Arc::new(Svc::start_on(fresh_db().await, env, Some(wrap)).await);
+    (svc, dns)
+}
+
+/// Waits until the nameserver has been asked for every name of `labels`.
+async fn asked_for(dns: &tokio::net::UdpSocket, labels: &[&str]) {
+    let mut asked = vec![false; labels.len()];
+    let mut packet = [0u8; 512];
+    while asked.iter().any(|a| !a) {
+        let n = tokio::time::timeout(Duration::from_secs(10), dns.recv(&mut packet))
+            .await
+            .expect("the lookups reach the nameserver")
+            .unwrap();
+        for (i, label) in labels.iter().enumerate() {
+            asked[i] |= packet[..n]
+                .windows(label.len())
+                .any(|w| w == label.as_bytes());
+        }
+    }
+}
+
+#[tokio::test]
+async fn registrations_cannot_fill_the_blocking_pool_with_hanging_lookups() {
     let env = [("MAX_CONCURRENT_REGISTRATION_LOOKUPS", "2")];
-    let svc = Arc::new(Svc::start_on(fresh_db().await, &env, Some(wrap)).await);
+    let (svc, dns) = service_with_a_silent_resolver(&env).await;
     let client = reqwest::Client::new();
     let register_at = |host: &str| {
         let (svc, client) = (svc.clone(), client.clone());
@@ -1003,17 +1027,7 @@ async fn registrations_cannot_fill_the_blocking_pool_with_hanging_lookups() {
     let first = tokio::spawn(register_at("first-lookup.test"));
     let second = tokio::spawn(register_at("second-lookup.test"));
     // Both lookups are in flight once the nameserver has been asked for both names.
-    let mut asked = (false, false);
-    let mut packet = [0u8; 512];
-    while asked != (true, true) {
-        let n = tokio::time::timeout(Duration::from_secs(10), dns.recv(&mut packet))
-            .await
-            .expect("both lookups reach the nameserver")
-            .unwrap();
-        let has = |label: &[u8]| packet[..n].windows(label.len()).any(|w| w == label);
-        asked.0 |= has(b"first-lookup");
-        asked.1 |= has(b"second-lookup");
-    }
+    asked_for(&dns, &["first-lookup", "second-lookup"]).await;
     let (resp, took) = register_at("third-lookup.test").await;
     assert!(took < Duration::from_secs(1), "the third waited {took:?}");
     assert_eq!(resp.headers().get("retry-after").unwrap(), "5");
@@ -1035,6 +1049,51 @@ async fn registrations_cannot_fill_the_blocking_pool_with_hanging_lookups() {
     // A URL with an address needs no lookup, and is not refused.
     let (resp, _) = register_at("93.184.216.34").await;
     assert_eq!(resp.status(), StatusCode::OK);
+}
+
+/// One client's registrations may hold SLOT_SHARE_PER_CLIENT of the lookup places: its
+/// registration bucket let it start 60 at once against 64 places, and names that never
+/// resolve held them for everyone else's (a review). Past its share it gets 429 at once, and
+/// another client still gets a place.
+#[tokio::test]
+async fn one_client_cannot_hold_every_lookup_place() {
+    let env = [
+        ("MAX_CONCURRENT_REGISTRATION_LOOKUPS", "4"),
+        ("SLOT_SHARE_PER_CLIENT", "50"),
+        ("TRUSTED_PROXIES", "127.0.0.0/8"),
+    ];
+    let (svc, dns) = service_with_a_silent_resolver(&env).await;
+    let register_from = |client: &'static str, host: &'static str| {
+        let svc = svc.clone();
+        async move {
+            reqwest::Client::new()
+                .post(svc.at("/registry/register"))
+                .header("x-forwarded-for", client)
+                .json(&json!({"id": Uuid::new_v4(), "url": format!("http://{host}/")}))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let held = [
+        tokio::spawn(register_from("8.8.4.66", "one-lookup.test")),
+        tokio::spawn(register_from("8.8.4.66", "two-lookup.test")),
+    ];
+    asked_for(&dns, &["one-lookup", "two-lookup"]).await;
+    let resp = register_from("8.8.4.66", "three-lookup.test").await;
+    assert_eq!(resp.headers().get("retry-after").unwrap(), "2");
+    assert_json(
+        resp,
+        StatusCode::TOO_MANY_REQUESTS,
+        json!({"error": "too many requests in progress from this client — retry shortly", "code": "client_busy"}),
+    )
+    .await;
+    let other = tokio::spawn(register_from("8.8.4.67", "other-lookup.test"));
+    asked_for(&dns, &["other-lookup"]).await;
+    assert_eq!(other.await.unwrap().status(), StatusCode::OK);
+    for h in held {
+        assert_eq!(h.await.unwrap().status(), StatusCode::OK);
+    }
 }
 
 #[tokio::test]
