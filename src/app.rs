@@ -44,6 +44,15 @@ async fn connect_checked(db_args: &DbArgs) -> anyhow::Result<PgPool> {
         .context("connecting to DATABASE_URL")
 }
 
+/// SPOOL_DIR, made if missing (the system temp dir when unset): where `serve` spools
+/// uploads and `backfill` its copies.
+pub fn spool_dir(configured: Option<std::path::PathBuf>) -> anyhow::Result<std::path::PathBuf> {
+    let dir = configured.unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating SPOOL_DIR {}", dir.display()))?;
+    Ok(dir)
+}
+
 /// The database handle of a subcommand: connected, migrated, bounded by DEPENDENCY_TIMEOUT.
 pub async fn connect_db(db_args: &DbArgs) -> anyhow::Result<Db> {
     let pool = connect_and_migrate(db_args).await?;
@@ -130,9 +139,7 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
     crate::metrics::metrics();
     let db = connect_db(&args.db).await?;
     let storage = storage(&args.storage, &db).await?;
-    let spool_dir = args.spool_dir.clone().unwrap_or_else(std::env::temp_dir);
-    std::fs::create_dir_all(&spool_dir)
-        .with_context(|| format!("creating SPOOL_DIR {}", spool_dir.display()))?;
+    let spool_dir = spool_dir(args.spool_dir.clone())?;
     let push = http::push::Pusher::new(
         PushPolicy::new(
             args.push_allowed_networks.clone(),

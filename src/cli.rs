@@ -314,9 +314,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             // Where `serve` spools (SPOOL_DIR), not always the system temp dir: a host whose
             // /tmp is small spooled the service's uploads elsewhere, but not the backfill's.
-            let spool_dir = spool_dir.unwrap_or_else(std::env::temp_dir);
-            std::fs::create_dir_all(&spool_dir)
-                .map_err(|e| anyhow::anyhow!("creating SPOOL_DIR {}: {e}", spool_dir.display()))?;
+            let spool_dir = crate::app::spool_dir(spool_dir)?;
             let report = crate::backfill::backfill(&db, &storage, &spool_dir, &opts).await?;
             println!("{}", serde_json::to_string(&report)?);
             if report.failed > 0 {

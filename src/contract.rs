@@ -8,8 +8,7 @@ use uuid::Uuid;
 
 use crate::{
     db::{self, uploads::DualCopy, Db, DbError},
-    digest,
-    storage::{ByteRange, S3Backend, StorageError},
+    storage::{S3Backend, StorageError},
 };
 
 /// Objects checked at once.
@@ -146,12 +145,9 @@ async fn verdict(s3: &S3Backend, row: &DualCopy) -> Result<Verdict, StorageError
     }
     let object = match stored.sha256 {
         Some(object) => object,
-        None => match s3.open_key(&row.s3_key, ByteRange::full(size), size).await {
-            Ok(bytes) => match digest::of_stream(bytes).await {
-                Ok((object, _)) => object,
-                // Cut short or a failed read: judged as a failed HEAD would be.
-                Err(e) => return Err(StorageError::Io(e)),
-            },
+        // A read cut short or failed is judged as a failed HEAD would be.
+        None => match s3.sha256_of(&row.s3_key, size).await {
+            Ok(object) => object,
             Err(StorageError::Missing | StorageError::SourceCorrupt(_)) => return Ok(not),
             Err(e) => return Err(e),
         },

@@ -473,10 +473,9 @@ impl Stager {
             }
         }
         // Cut here, the commit's statement would go on waiting for the workspace lock in the
-        // database and could commit after its 503: the wait ends there first.
-        let lock_wait = (cut_by == "orphan_grace")
-            .then(|| deadline.mul_f64(0.8))
-            .filter(|wait| *wait < self.db.timeout() / 2);
+        // database and could commit after its 503: the wait ends there first, sized when the
+        // statement goes out (a wait for a pooled connection has used some of the deadline).
+        let lock_by = (cut_by == "orphan_grace").then(|| Instant::now() + deadline);
         let quota = self.quota;
         let rows = placed.clone();
         let files = Arc::new(files);
@@ -487,7 +486,7 @@ impl Stager {
             .run_within(deadline, move |c| {
                 Box::pin(async move {
                     let ws = (workspace_id, token_hash);
-                    write_rows(c, ws, &in_tx, &rows, quota, lock_wait, &db).await
+                    write_rows(c, ws, &in_tx, &rows, quota, lock_by, &db).await
                 })
             })
             .await;
@@ -554,15 +553,24 @@ fn commit_by(began: Instant, grace: Duration) -> Option<Instant> {
     began.checked_add(grace.mul_f64(0.75))
 }
 
-/// `lock_wait` bounds the wait for the workspace lock below the connection's own
-/// (`pending_uploads.lock_wait`).
+/// How long a statement sent now may wait for the workspace lock when the commit is cut at
+/// `lock_by`, if that is shorter than the connection's own bound (half of DEPENDENCY_TIMEOUT):
+/// most of what is left, so the database gives up first.
+fn lock_wait(lock_by: Option<Instant>, db: &Db) -> Option<Duration> {
+    let wait = lock_by?
+        .saturating_duration_since(Instant::now())
+        .mul_f64(0.8);
+    (wait < db.timeout() / 2).then_some(wait)
+}
+
+/// `lock_by`: when the commit is cut, if the orphan grace cuts it ([`lock_wait`]).
 async fn write_rows(
     conn: &mut sqlx::PgConnection,
     (workspace_id, token_hash): (Uuid, Option<[u8; 32]>),
     files: &[Received],
     placed: &[Location],
     quota: Quota,
-    lock_wait: Option<Duration>,
+    lock_by: Option<Instant>,
     db: &Db,
 ) -> sqlx::Result<Result<Vec<UploadReceived>, StagingError>> {
     let rows: Vec<NewUpload> = files
@@ -604,7 +612,7 @@ async fn write_rows(
             &rows,
             &contents,
             &digests,
-            lock_wait,
+            lock_wait(lock_by, db),
         );
         crate::arena::big_blocks(size, stage).await?
     } else {
@@ -618,7 +626,8 @@ async fn write_rows(
         for row in &rows {
             db::uploads::insert(&mut tx, row, db).await?;
         }
-        let admit = db::uploads::admit(&mut tx, workspace_id, token_hash, quota, &rows, lock_wait);
+        let wait = lock_wait(lock_by, db);
+        let admit = db::uploads::admit(&mut tx, workspace_id, token_hash, quota, &rows, wait);
         let admission = in_step(step, "the admission", admit).await?;
         if admission.refused.is_some() {
             in_step(step, "ROLLBACK", tx.rollback()).await?;

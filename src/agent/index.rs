@@ -183,7 +183,7 @@ impl UriIndex {
             }
         }
         tracing::warn!(
-            kept_aside = %aside.display(),
+            kept_aside = super::logged_path(&aside).as_str(),
             entries = index.map.len(),
             "index.json could not be read: made again from the files in DIR"
         );

@@ -1109,7 +1109,7 @@ impl Outage {
 }
 
 /// A path as logged: a `&str` field (quoted in the text format; DIR is the user's to name).
-fn logged_path(path: &Path) -> String {
+pub(crate) fn logged_path(path: &Path) -> String {
     crate::logfmt::clip(&path.display().to_string())
 }
 

@@ -212,16 +212,20 @@ static ADMIT: LazyLock<String> =
 /// workspace lock (`pending_uploads.lock_wait`, [`wait_setting`]) below the connection's.
 fn while_caller_holds(call: &str, hash: usize) -> String {
     let wait = hash + 1;
+    // The call takes its workspace from `caller`: a lateral reference, so every plan checks
+    // (and sets the lock wait) before it calls, not only the one the planner picks today.
+    let call = call.replacen("($1,", "(caller.ws,", 1);
     format!(
         "WITH caller AS (
-             SELECT (${wait}::text IS NULL
+             SELECT $1::uuid AS ws,
+                    (${wait}::text IS NULL
                      OR set_config('pending_uploads.lock_wait', ${wait}, true) IS NOT NULL)
-                AND EXISTS (SELECT 1 FROM workspaces w
-                            WHERE w.id = $1 AND w.status IS DISTINCT FROM 'removed')
-                AND (${hash}::bytea IS NULL
-                     OR EXISTS (SELECT 1 FROM workspace_auth_tokens t
-                                WHERE t.workspace_id = $1 AND t.token_hash = ${hash}
-                                  AND t.revoked_at IS NULL)) AS ok)
+                    AND EXISTS (SELECT 1 FROM workspaces w
+                                WHERE w.id = $1 AND w.status IS DISTINCT FROM 'removed')
+                    AND (${hash}::bytea IS NULL
+                         OR EXISTS (SELECT 1 FROM workspace_auth_tokens t
+                                    WHERE t.workspace_id = $1 AND t.token_hash = ${hash}
+                                      AND t.revoked_at IS NULL)) AS ok)
          SELECT s.refused, s.pending_bytes, s.pending_files
            FROM caller, LATERAL {call} s WHERE caller.ok
          UNION ALL

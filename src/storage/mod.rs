@@ -23,7 +23,7 @@ use uuid::Uuid;
 use crate::{
     config::BackendMode,
     db::DbError,
-    digest, metrics,
+    metrics,
     spool::{Hashing, MemoryBudget, RequestFile, Spool, SpoolWriter, READ_CHUNK},
 };
 
@@ -518,19 +518,18 @@ impl Storage {
         }
         let key = s3.key_for_copy(loc.workspace_id, loc.file_id, Uuid::new_v4());
         metrics::storage_op("s3", "put", s3.put_key(&key, &spool)).await?;
-        let (digest, len) = digest::of_stream(
-            s3.open_key(&key, ByteRange::full(loc.size), loc.size)
-                .await?,
-        )
-        .await?;
-        if len != loc.size || digest != sha256 {
-            let _ = s3.delete_key(&key).await;
-            return Err(StorageError::CopyMismatch(format!(
-                "{key}: {len} bytes, sha256 {}",
-                hex::encode(digest)
-            )));
-        }
-        Ok((key, sha256))
+        // The copy read back: one that is not what was written is this copy's failure (the
+        // row's bytes were checked above), and goes; so does one whose read failed.
+        let read_back = match s3.sha256_of(&key, loc.size).await {
+            Ok(digest) if digest == sha256 => return Ok((key, sha256)),
+            Ok(digest) => {
+                StorageError::CopyMismatch(format!("{key}: sha256 {}", hex::encode(digest)))
+            }
+            Err(StorageError::SourceCorrupt(what)) => StorageError::CopyMismatch(what),
+            Err(e) => e,
+        };
+        let _ = s3.delete_key(&key).await;
+        Err(read_back)
     }
 
     /// The backend a read of this row goes to first, for logs and metrics.

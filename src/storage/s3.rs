@@ -484,40 +484,92 @@ impl S3Backend {
                 Some(se) if se.is_no_such_key() => StorageError::Missing,
                 _ => unavailable(e),
             })?;
-        // An object that is not the row's bytes (cut short or replaced out of band) answers
-        // with another length, range or total: what the row records is not there (in `dual`,
-        // its bytea copy is read instead). A range inside what is left of it came back
-        // "right" but for the total.
         let length = resp.content_length().and_then(|n| u64::try_from(n).ok());
-        let answered = resp
-            .content_range()
-            .map(|v| (v.to_string(), range_answered(v)));
-        let fits = match &answered {
-            Some((_, Some(said))) => *said == (range.start, range.end, size),
-            Some((_, None)) => false,
-            // A whole object (200): its length is its total.
-            None => range.start == 0 && length == Some(size),
+        let answer = Answer {
+            length,
+            range: resp.content_range(),
         };
-        if !fits || length.is_some_and(|n| n != range.byte_count()) {
-            return Err(StorageError::SourceCorrupt(format!(
-                "object {key} is not the {size} bytes its row records: asked bytes={}-{}, \
-                 answered {} bytes{}",
-                range.start,
-                range.end,
-                length.map_or("an unknown number of".into(), |n| n.to_string()),
-                answered.map_or(String::new(), |(v, _)| format!(" ({v})")),
-            )));
+        match answer.judged(range, size) {
+            Judged::Fits => {}
+            Judged::NotTheRows => {
+                return Err(StorageError::SourceCorrupt(
+                    answer.describe(key, range, size),
+                ))
+            }
+            Judged::Unreadable => {
+                return Err(StorageError::Unavailable(answer.describe(key, range, size)))
+            }
         }
         Ok(resp.body)
     }
 }
 
-/// The first and last byte and the total of a `Content-Range: bytes a-b/total`.
-fn range_answered(value: &str) -> Option<(u64, u64, u64)> {
+/// What a ranged GET answered, as far as its headers say.
+struct Answer<'a> {
+    length: Option<u64>,
+    range: Option<&'a str>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Judged {
+    /// The range asked for, of an object of the row's size (as far as the headers say; the
+    /// body is held to its length as it streams, [`super::exactly`]).
+    Fits,
+    /// An object of another size than the row records (cut short or replaced out of band):
+    /// not the row's bytes (in `dual`, its bytea copy is read instead).
+    NotTheRows,
+    /// An answer that says nothing sure (a whole object to a ranged GET, a range we cannot
+    /// read): the server's trouble, not the object's.
+    Unreadable,
+}
+
+impl Answer<'_> {
+    fn judged(&self, asked: ByteRange, size: u64) -> Judged {
+        match self.range.map(content_range) {
+            Some(Some((start, end, total))) => {
+                if total.is_some_and(|t| t != size) || (start == asked.start && end < asked.end) {
+                    // A total not the row's, or a range cut at an earlier end (S3 shortens
+                    // one only where the object ends).
+                    Judged::NotTheRows
+                } else if (start, end) != (asked.start, asked.end)
+                    || self.length.is_some_and(|n| n != asked.byte_count())
+                {
+                    Judged::Unreadable
+                } else {
+                    Judged::Fits
+                }
+            }
+            Some(None) => Judged::Unreadable,
+            // A whole object (200): its length, if given, is its size.
+            None if self.length.is_some_and(|n| n != size) => Judged::NotTheRows,
+            None if asked.start == 0 && asked.byte_count() == size => Judged::Fits,
+            None => Judged::Unreadable,
+        }
+    }
+
+    fn describe(&self, key: &str, asked: ByteRange, size: u64) -> String {
+        format!(
+            "object {key}, {size} bytes by its row: asked bytes={}-{}, answered {} bytes{}",
+            asked.start,
+            asked.end,
+            self.length
+                .map_or("an unknown number of".into(), |n| n.to_string()),
+            self.range.map_or(String::new(), |r| format!(" ({r})")),
+        )
+    }
+}
+
+/// The first and last byte and the total (`None` for `*`) of a `Content-Range: bytes
+/// a-b/total`.
+fn content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
     let (span, total) = value.strip_prefix("bytes ")?.split_once('/')?;
     let (first, last) = span.split_once('-')?;
     let number = |s: &str| s.trim().parse::<u64>().ok();
-    Some((number(first)?, number(last)?, number(total)?))
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(number(t)?),
+    };
+    Some((number(first)?, number(last)?, total))
 }
 
 /// An object as HEAD describes it.
@@ -572,6 +624,14 @@ impl S3Backend {
         ))
     }
 
+    /// The SHA-256 of the object at `key`, read whole: it must be the `size` bytes a row
+    /// records (`SourceCorrupt` when it is not; a read cut short is an I/O error).
+    pub async fn sha256_of(&self, key: &str, size: u64) -> Result<[u8; 32], StorageError> {
+        let bytes = self.open_key(key, ByteRange::full(size), size).await?;
+        let (digest, _) = crate::digest::of_stream(bytes).await?;
+        Ok(digest)
+    }
+
     /// What the bucket holds at `key`: its size and, when the server stored one for it, its
     /// SHA-256; `None` when there is no such object.
     pub async fn head_key(&self, key: &str) -> Result<Option<Stored>, StorageError> {
@@ -616,16 +676,62 @@ mod tests {
 
     #[test]
     fn content_ranges_are_read_whole_or_not_at_all() {
-        assert_eq!(range_answered("bytes 500-999/1000"), Some((500, 999, 1000)));
-        assert_eq!(range_answered("bytes 0-0/1"), Some((0, 0, 1)));
+        assert_eq!(
+            content_range("bytes 500-999/1000"),
+            Some((500, 999, Some(1000)))
+        );
+        assert_eq!(content_range("bytes 0-0/1"), Some((0, 0, Some(1))));
+        assert_eq!(content_range("bytes 500-999/*"), Some((500, 999, None)));
         for odd in [
-            "bytes 500-999/*",
             "bytes */1000",
             "500-999/1000",
             "bytes 5-/9",
+            "bytes 1-2/x",
             "",
         ] {
-            assert_eq!(range_answered(odd), None, "{odd:?}");
+            assert_eq!(content_range(odd), None, "{odd:?}");
         }
+    }
+
+    #[test]
+    fn an_answer_is_the_rows_bytes_another_objects_or_unsure() {
+        let asked = |start, end| ByteRange { start, end };
+        let judged = |length: Option<u64>, range: Option<&str>, a: ByteRange| {
+            Answer { length, range }.judged(a, 1000)
+        };
+        use Judged::*;
+        // 206 as S3 answers, with or without a length or a known total.
+        assert_eq!(
+            judged(Some(100), Some("bytes 0-99/1000"), asked(0, 99)),
+            Fits
+        );
+        assert_eq!(judged(None, Some("bytes 0-99/1000"), asked(0, 99)), Fits);
+        assert_eq!(judged(Some(100), Some("bytes 0-99/*"), asked(0, 99)), Fits);
+        // A whole object (200), with its length or chunked.
+        assert_eq!(judged(Some(1000), None, asked(0, 999)), Fits);
+        assert_eq!(judged(None, None, asked(0, 999)), Fits);
+        // Another object: another total, a range cut short, a whole one of another size.
+        assert_eq!(
+            judged(Some(100), Some("bytes 0-99/300"), asked(0, 99)),
+            NotTheRows
+        );
+        assert_eq!(
+            judged(Some(500), Some("bytes 500-999/*"), asked(500, 1499)),
+            NotTheRows
+        );
+        assert_eq!(judged(Some(300), None, asked(0, 999)), NotTheRows);
+        assert_eq!(judged(Some(300), None, asked(0, 99)), NotTheRows);
+        // Unsure: the whole object to a ranged GET, another range, a length not the range's.
+        assert_eq!(judged(Some(1000), None, asked(0, 99)), Unreadable);
+        assert_eq!(judged(None, None, asked(100, 199)), Unreadable);
+        assert_eq!(
+            judged(Some(100), Some("bytes 1-100/1000"), asked(0, 99)),
+            Unreadable
+        );
+        assert_eq!(
+            judged(Some(7), Some("bytes 0-99/1000"), asked(0, 99)),
+            Unreadable
+        );
+        assert_eq!(judged(Some(100), Some("bytes x"), asked(0, 99)), Unreadable);
     }
 }
