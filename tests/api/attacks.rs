@@ -450,25 +450,21 @@ async fn a_push_workspace_must_answer_in_time_and_in_bounds() {
     assert_eq!(resp.status(), StatusCode::OK, "the slot came back");
 }
 
-/// Relays to push workspaces have slots of their own (MAX_CONCURRENT_PUSH_UPLOADS): anyone can
-/// register push workspaces that read an upload and answer only at PUSH_ANSWER_TIMEOUT, and
-/// with one pool for both, a couple of tiny uploads a second to sixteen of them held every
-/// upload slot of a replica, so staged uploads got 503 (review). Now those only fill the push
-/// slots; a poll workspace's upload still goes through.
-#[tokio::test]
-async fn push_relays_cannot_take_the_slots_of_staged_uploads() {
-    let svc = Svc::start(&[
-        ("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32"),
-        ("MAX_CONCURRENT_UPLOADS", "2"),
-        ("MAX_CONCURRENT_PUSH_UPLOADS", "2"),
-    ])
-    .await;
+/// A push workspace that reads an upload and never answers, and two uploads to it held in
+/// their relays (their tasks): its id, its token and the tasks.
+async fn two_relays_held(
+    svc: &Svc,
+) -> (
+    Uuid,
+    String,
+    Vec<tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>>,
+) {
     let silent = Router::new().fallback(any(|body: axum::body::Bytes| async move {
         drop(body);
         std::future::pending::<()>().await
     }));
-    let (ws, token) = push_workspace(&svc, silent).await;
-    let waiting: Vec<_> = (0..2)
+    let (ws, token) = push_workspace(svc, silent).await;
+    let held = (0..2)
         .map(|i| {
             let (base, token) = (svc.base.clone(), token.clone());
             tokio::spawn(async move {
@@ -483,6 +479,23 @@ async fn push_relays_cannot_take_the_slots_of_staged_uploads() {
         })
         .collect();
     wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 2.0).await;
+    (ws, token, held)
+}
+
+/// Relays to push workspaces have slots of their own (MAX_CONCURRENT_PUSH_UPLOADS): anyone can
+/// register push workspaces that read an upload and answer only at PUSH_ANSWER_TIMEOUT, and
+/// with one pool for both, a couple of tiny uploads a second to sixteen of them held every
+/// upload slot of a replica, so staged uploads got 503 (review). Now those only fill the push
+/// slots; a poll workspace's upload still goes through.
+#[tokio::test]
+async fn push_relays_cannot_take_the_slots_of_staged_uploads() {
+    let svc = Svc::start(&[
+        ("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32"),
+        ("MAX_CONCURRENT_UPLOADS", "2"),
+        ("MAX_CONCURRENT_PUSH_UPLOADS", "2"),
+    ])
+    .await;
+    let (ws, token, waiting) = two_relays_held(&svc).await;
     let resp = upload_file(&svc, ws, &token, "third.txt", b"c").await;
     assert_eq!(
         resp.status(),
@@ -516,26 +529,7 @@ async fn a_workspace_switched_between_push_and_poll_keeps_one_bound() {
         ("MAX_CONCURRENT_UPLOADS_PER_WORKSPACE", "2"),
     ])
     .await;
-    let silent = Router::new().fallback(any(|body: axum::body::Bytes| async move {
-        drop(body);
-        std::future::pending::<()>().await
-    }));
-    let (ws, token) = push_workspace(&svc, silent).await;
-    let relays: Vec<_> = (0..2)
-        .map(|i| {
-            let (base, token) = (svc.base.clone(), token.clone());
-            tokio::spawn(async move {
-                reqwest::Client::new()
-                    .post(format!("{base}/workspaces/{ws}/chat/uploads"))
-                    .bearer_auth(token)
-                    .header("Content-Type", "multipart/form-data; boundary=XB")
-                    .body(one_file("XB", &format!("{i}.txt"), b"a"))
-                    .send()
-                    .await
-            })
-        })
-        .collect();
-    wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 2.0).await;
+    let (ws, token, relays) = two_relays_held(&svc).await;
     let resp = register(
         &reqwest::Client::new(),
         &svc,
