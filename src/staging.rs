@@ -539,8 +539,6 @@ const ONE_STATEMENT_READ_BACK_MAX: u64 = 1024 * 1024;
 /// (sqlx keeps a connection's write buffer at its largest otherwise: up to a whole file).
 const KEEP_BUFFER_MAX: u64 = 256 * 1024;
 
-/// The database half of [`Stager::commit`]: every row and activity row, admitted under the
-/// workspace's quotas, or nothing.
 /// When an upload whose receive began at `began` must have written its rows, if it stored
 /// objects: the orphan reconciliation takes an object older than ORPHAN_GRACE that no row
 /// points at for an orphan, and an upload still committing has exactly such objects. Its
@@ -563,7 +561,9 @@ fn lock_wait(lock_by: Option<Instant>, db: &Db) -> Option<Duration> {
     (wait < db.timeout() / 2).then_some(wait)
 }
 
-/// `lock_by`: when the commit is cut, if the orphan grace cuts it ([`lock_wait`]).
+/// The database half of [`Stager::commit`]: every row and activity row, admitted under the
+/// workspace's quotas, or nothing. `lock_by`: when the commit is cut, if the orphan grace
+/// cuts it ([`lock_wait`]).
 async fn write_rows(
     conn: &mut sqlx::PgConnection,
     (workspace_id, token_hash): (Uuid, Option<[u8; 32]>),

@@ -244,7 +244,9 @@ pub async fn register(
     };
     // A request without a peer came from inside the process (tests): one unknown client.
     let peer = peer.map(|Extension(Peer(ip))| ip);
-    let looked_up_for = slot_client(peer, &headers, &st.trusted_proxies);
+    // Its lookup's place counts against its client's share, the admin's against nobody's.
+    let looked_up_for =
+        slot_client(peer, &headers, &st.trusted_proxies).filter(|_| claim != Claim::Admin);
     let peer = peer.unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let client = client_address(peer, &headers, &st.trusted_proxies);
     take_registration(&st, client, counted)?;
