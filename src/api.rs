@@ -276,3 +276,40 @@ pub fn attachment_kind(mime_type: &str) -> &'static str {
         "file"
     }
 }
+
+/// The first and last byte and the total (`None` for `*`) of a `Content-Range: bytes
+/// a-b/total`, as the service sends it and S3 does (the agent reads ours, the S3 backend S3's).
+pub fn content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
+    let (span, total) = value.strip_prefix("bytes ")?.split_once('/')?;
+    let (first, last) = span.split_once('-')?;
+    let number = |s: &str| s.trim().parse::<u64>().ok();
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(number(t)?),
+    };
+    Some((number(first)?, number(last)?, total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_ranges_are_read_whole_or_not_at_all() {
+        assert_eq!(
+            content_range("bytes 500-999/1000"),
+            Some((500, 999, Some(1000)))
+        );
+        assert_eq!(content_range("bytes 0-0/1"), Some((0, 0, Some(1))));
+        assert_eq!(content_range("bytes 500-999/*"), Some((500, 999, None)));
+        for odd in [
+            "bytes */1000",
+            "500-999/1000",
+            "bytes 5-/9",
+            "bytes 1-2/x",
+            "",
+        ] {
+            assert_eq!(content_range(odd), None, "{odd:?}");
+        }
+    }
+}

@@ -119,7 +119,11 @@ pub async fn backfill(
             })
             .buffer_unordered(opts.concurrency.max(1));
         while let Some((row, result)) = results.next().await {
-            let result_was_ok = result.is_ok();
+            match &result {
+                Ok(_) => unavailable = 0,
+                Err(CopyError::Storage(StorageError::Unavailable(_))) => unavailable += 1,
+                Err(_) => {}
+            }
             match result {
                 Ok(Copied::Migrated(bytes)) => {
                     backfilled.with_label_values(&["migrated"]).inc();
@@ -134,13 +138,7 @@ pub async fn backfill(
                     backfilled.with_label_values(&["failed"]).inc();
                     report.failed += 1;
                     tracing::error!(file_id = %row.file_id, error = %e, "backfill of row failed");
-                    if matches!(e, CopyError::Storage(StorageError::Unavailable(_))) {
-                        unavailable += 1;
-                    }
                 }
-            }
-            if result_was_ok {
-                unavailable = 0;
             }
             // S3 down: every row would wait out its retries of DEPENDENCY_TIMEOUT (hours for a
             // large table, a red team). The run stops; rows copied so far stay copied, and a

@@ -46,7 +46,7 @@ pub enum RegistrationCheck {
 
 /// The push policy: the URL rules plus the networks an operator opened up, and the bound on
 /// registration lookups.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PushPolicy {
     allowed: Networks,
     /// Places for registration lookups in flight (`MAX_CONCURRENT_REGISTRATION_LOOKUPS`). A
@@ -69,6 +69,7 @@ impl PushPolicy {
         let gauge = &crate::metrics::metrics().registration_lookups;
         PushPolicy {
             allowed,
+            // No workspace's: the per-workspace bound never applies.
             lookups: Slots::new(max_lookups, max_lookups, client_share, gauge),
         }
     }
@@ -161,14 +162,13 @@ impl PushPolicy {
         port: u16,
         client: Option<IpAddr>,
     ) -> Result<Vec<SocketAddr>, RegistrationCheck> {
-        // The places are the replica's, not a workspace's: one holder for all of them.
-        let place =
-            self.lookups
-                .acquire(uuid::Uuid::nil(), client)
-                .map_err(|refused| match refused {
-                    SlotRefused::Client => RegistrationCheck::ClientLookupsBusy,
-                    SlotRefused::Replica | SlotRefused::Workspace => RegistrationCheck::LookupsBusy,
-                })?;
+        let place = self
+            .lookups
+            .acquire_for(client)
+            .map_err(|refused| match refused {
+                SlotRefused::Client => RegistrationCheck::ClientLookupsBusy,
+                SlotRefused::Replica | SlotRefused::Workspace => RegistrationCheck::LookupsBusy,
+            })?;
         let target = (name.to_string(), port);
         let lookup = tokio::task::spawn_blocking(move || {
             let _place = place;

@@ -41,8 +41,11 @@ pub enum Refused {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Holder {
     Workspace(Uuid),
-    Client(u8, IpAddr),
+    Client(u32, IpAddr),
 }
+
+/// Each [`Slots`] its own kind: clients are counted per kind, also in a map kinds share.
+static KINDS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 #[derive(Clone)]
 pub struct Slots {
@@ -53,20 +56,10 @@ pub struct Slots {
     per_workspace: usize,
     per_client: usize,
     /// Which of the kinds sharing `held` these are (their clients are counted apart).
-    kind: u8,
+    kind: u32,
     /// Counts the slots held (`uploads_in_progress`, `downloads_in_progress`,
     /// `long_polls_waiting`).
     gauge: &'static IntGauge,
-}
-
-impl std::fmt::Debug for Slots {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Slots")
-            .field("free", &self.replica.available_permits())
-            .field("per_workspace", &self.per_workspace)
-            .field("per_client", &self.per_client)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Slots {
@@ -84,7 +77,7 @@ impl Slots {
             held: Arc::new(Mutex::new(HashMap::new())),
             per_workspace: per_workspace.max(1),
             per_client: (per_client as usize).max(1),
-            kind: 0,
+            kind: KINDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             gauge,
         }
     }
@@ -102,7 +95,6 @@ impl Slots {
     ) -> Self {
         Slots {
             held: self.held.clone(),
-            kind: self.kind.wrapping_add(1),
             ..Slots::new(per_replica, self.per_workspace, client_share, gauge)
         }
     }
@@ -112,20 +104,34 @@ impl Slots {
     /// later the answer may differ; `acquire` decides).
     pub fn would_refuse(&self, workspace_id: Uuid, client: Option<IpAddr>) -> bool {
         let refused = self.held.lock().map_or(Some(Refused::Replica), |held| {
-            self.over_a_bound(&held, workspace_id, client)
+            let holders = [
+                Some(Holder::Workspace(workspace_id)),
+                client.map(|ip| Holder::Client(self.kind, ip)),
+            ];
+            self.over_a_bound(&held, holders)
         });
         refused.is_some() || self.replica.available_permits() == 0
     }
 
     /// A slot for a request of `workspace_id` from `client` (`None`: a client not counted).
     pub fn acquire(&self, workspace_id: Uuid, client: Option<IpAddr>) -> Result<Slot, Refused> {
+        self.take(Some(workspace_id), client)
+    }
+
+    /// A slot that is no workspace's (the replica's registration lookups), counted against
+    /// `client` alone.
+    pub fn acquire_for(&self, client: Option<IpAddr>) -> Result<Slot, Refused> {
+        self.take(None, client)
+    }
+
+    fn take(&self, workspace_id: Option<Uuid>, client: Option<IpAddr>) -> Result<Slot, Refused> {
         let holders = [
-            Some(Holder::Workspace(workspace_id)),
+            workspace_id.map(Holder::Workspace),
             client.map(|ip| Holder::Client(self.kind, ip)),
         ];
         {
             let mut held = self.held.lock().map_err(|_| Refused::Replica)?;
-            if let Some(refused) = self.over_a_bound(&held, workspace_id, client) {
+            if let Some(refused) = self.over_a_bound(&held, holders) {
                 return Err(refused);
             }
             for holder in holders.into_iter().flatten() {
@@ -145,22 +151,19 @@ impl Slots {
         })
     }
 
+    /// The bound the next slot for `holders` would pass, if any.
     fn over_a_bound(
         &self,
         held: &HashMap<Holder, usize>,
-        workspace_id: Uuid,
-        client: Option<IpAddr>,
+        holders: [Option<Holder>; 2],
     ) -> Option<Refused> {
-        let count = |holder| held.get(&holder).copied().unwrap_or(0);
-        if count(Holder::Workspace(workspace_id)) >= self.per_workspace {
-            return Some(Refused::Workspace);
-        }
-        match client {
-            Some(ip) if count(Holder::Client(self.kind, ip)) >= self.per_client => {
-                Some(Refused::Client)
-            }
-            _ => None,
-        }
+        holders.into_iter().flatten().find_map(|holder| {
+            let (bound, refused) = match holder {
+                Holder::Workspace(_) => (self.per_workspace, Refused::Workspace),
+                Holder::Client(..) => (self.per_client, Refused::Client),
+            };
+            (held.get(&holder).copied().unwrap_or(0) >= bound).then_some(refused)
+        })
     }
 }
 
@@ -246,7 +249,7 @@ mod tests {
         drop(first);
         let _again = slots.acquire(ws(), Some(one)).expect("its slot came back");
         let held = slots.held.lock().unwrap();
-        assert_eq!(held.get(&Holder::Client(0, one)), Some(&2));
+        assert_eq!(held.get(&Holder::Client(slots.kind, one)), Some(&2));
         assert_eq!(held.len(), 8 + 2, "refusals left no count behind");
         drop(held);
         assert_eq!(

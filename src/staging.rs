@@ -452,30 +452,24 @@ impl Stager {
             .filter(|(_, at)| at.inline)
             .map(|(f, _)| f.spool.size)
             .sum();
-        let mut deadline = db::uploads::copy_deadline(self.db.timeout(), bytes);
-        // Which deadline cuts the commit: its own, or the grace its objects have.
-        let mut cut_by = "dependency_timeout";
-        let by = commit_by(began, self.orphan_grace)
+        let own = db::uploads::copy_deadline(self.db.timeout(), bytes);
+        let grace = commit_by(began, self.orphan_grace)
             .filter(|_| placed.iter().any(|at| at.s3_key.is_some()));
-        if let Some(by) = by {
-            let left = by.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                self.discard(&placed).await;
-                return Err(StorageError::Unavailable(format!(
-                    "the upload's objects waited three quarters of ORPHAN_GRACE={:?} for their \
-                     rows: the orphan reconciliation may take them for orphans",
-                    self.orphan_grace
-                ))
-                .into());
-            }
-            if left < deadline {
-                (deadline, cut_by) = (left, "orphan_grace");
-            }
+        if grace.is_some_and(|by| by <= Instant::now()) {
+            self.discard(&placed).await;
+            return Err(StorageError::Unavailable(format!(
+                "the upload's objects waited three quarters of ORPHAN_GRACE={:?} for their \
+                 rows: the orphan reconciliation may take them for orphans",
+                self.orphan_grace
+            ))
+            .into());
         }
-        // Cut here, the commit's statement would go on waiting for the workspace lock in the
-        // database and could commit after its 503: the wait ends there first, sized when the
-        // statement goes out (a wait for a pooled connection has used some of the deadline).
-        let lock_by = (cut_by == "orphan_grace").then(|| Instant::now() + deadline);
+        // The grace cuts the commit when it comes before the commit's own deadline. Cut here,
+        // the commit's statement would go on waiting for the workspace lock in the database
+        // and could commit after its 503: that wait ends there first ([`lock_wait`]).
+        let now = Instant::now();
+        let lock_by = grace.filter(|by| by.saturating_duration_since(now) < own);
+        let deadline = lock_by.map_or(own, |by| by.saturating_duration_since(now));
         let quota = self.quota;
         let rows = placed.clone();
         let files = Arc::new(files);
@@ -505,7 +499,8 @@ impl Stager {
                 // be in. Their objects stay, for the rows or, past ORPHAN_GRACE without them,
                 // for the orphan reconciliation; waiting polls are told in case.
                 tracing::warn!(
-                    %workspace_id, error = %e, deadline = cut_by,
+                    %workspace_id, error = %e,
+                    deadline = if lock_by.is_some() { "orphan_grace" } else { "dependency_timeout" },
                     "upload commit outcome unknown: objects left to the orphan reconciliation"
                 );
                 self.announcer.announce(workspace_id);
@@ -551,9 +546,10 @@ fn commit_by(began: Instant, grace: Duration) -> Option<Instant> {
     began.checked_add(grace.mul_f64(0.75))
 }
 
-/// How long a statement sent now may wait for the workspace lock when the commit is cut at
-/// `lock_by`, if that is shorter than the connection's own bound (half of DEPENDENCY_TIMEOUT):
-/// most of what is left, so the database gives up first.
+/// How long a statement sent now may wait for the workspace lock when the grace cuts the
+/// commit at `lock_by`, if that is shorter than the connection's own bound (half of
+/// DEPENDENCY_TIMEOUT): most of what is left, so the database gives up first. Sized when the
+/// statement goes out: a wait for a pooled connection has used some of the deadline.
 fn lock_wait(lock_by: Option<Instant>, db: &Db) -> Option<Duration> {
     let wait = lock_by?
         .saturating_duration_since(Instant::now())

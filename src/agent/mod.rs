@@ -946,9 +946,8 @@ impl Agent {
                     .headers()
                     .get(reqwest::header::CONTENT_RANGE)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("bytes "))
-                    .and_then(|v| v.split('-').next())
-                    .and_then(|v| v.parse::<u64>().ok());
+                    .and_then(crate::api::content_range)
+                    .map(|(start, _, _)| start);
                 if starts_at != Some(from) {
                     partial.set_len(0).await?;
                     return Err(AgentError::Retry(

@@ -134,7 +134,13 @@ pub fn slot_client(
     headers: &HeaderMap,
     trusted: &Networks,
 ) -> Option<IpAddr> {
-    let client = crate::networks::untranslated(client_address(peer?, headers, trusted));
+    counted_client(client_address(peer?, headers, trusted), trusted)
+}
+
+/// The key a request's `client` (its [`client_address`]) is counted under, as
+/// [`slot_client`] says.
+pub fn counted_client(client: IpAddr, trusted: &Networks) -> Option<IpAddr> {
+    let client = crate::networks::untranslated(client);
     // Internal addresses (private, loopback, link-local, shared, …: what a push URL may not
     // reach) are the operator's own, never where a client on the internet connects from.
     match trusted.contains(client) || is_internal(client) {

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::{
     error::ApiError,
     extract::{Admin, JsonBody, TokenId, WorkspaceCaller},
-    peer::{client_address, slot_client, Peer},
+    peer::{client_address, counted_client, Peer},
     AppState,
 };
 use crate::{
@@ -243,12 +243,11 @@ pub async fn register(
         Claim::NoBearer | Claim::Refused => Counted::ClientAndReplica,
     };
     // A request without a peer came from inside the process (tests): one unknown client.
-    let peer = peer.map(|Extension(Peer(ip))| ip);
+    let peer = peer.map_or(IpAddr::from([0, 0, 0, 0]), |Extension(Peer(ip))| ip);
+    let client = client_address(peer, &headers, &st.trusted_proxies);
     // Its lookup's place counts against its client's share, the admin's against nobody's.
     let looked_up_for =
-        slot_client(peer, &headers, &st.trusted_proxies).filter(|_| claim != Claim::Admin);
-    let peer = peer.unwrap_or(IpAddr::from([0, 0, 0, 0]));
-    let client = client_address(peer, &headers, &st.trusted_proxies);
+        counted_client(client, &st.trusted_proxies).filter(|_| claim != Claim::Admin);
     take_registration(&st, client, counted)?;
     let url = callback_url(&st, raw_url, looked_up_for)
         .await

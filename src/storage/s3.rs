@@ -525,7 +525,7 @@ enum Judged {
 
 impl Answer<'_> {
     fn judged(&self, asked: ByteRange, size: u64) -> Judged {
-        match self.range.map(content_range) {
+        match self.range.map(crate::api::content_range) {
             Some(Some((start, end, total))) => {
                 if total.is_some_and(|t| t != size) || (start == asked.start && end < asked.end) {
                     // A total not the row's, or a range cut at an earlier end (S3 shortens
@@ -557,19 +557,6 @@ impl Answer<'_> {
             self.range.map_or(String::new(), |r| format!(" ({r})")),
         )
     }
-}
-
-/// The first and last byte and the total (`None` for `*`) of a `Content-Range: bytes
-/// a-b/total`.
-fn content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
-    let (span, total) = value.strip_prefix("bytes ")?.split_once('/')?;
-    let (first, last) = span.split_once('-')?;
-    let number = |s: &str| s.trim().parse::<u64>().ok();
-    let total = match total.trim() {
-        "*" => None,
-        t => Some(number(t)?),
-    };
-    Some((number(first)?, number(last)?, total))
 }
 
 /// An object as HEAD describes it.
@@ -673,25 +660,6 @@ impl S3Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn content_ranges_are_read_whole_or_not_at_all() {
-        assert_eq!(
-            content_range("bytes 500-999/1000"),
-            Some((500, 999, Some(1000)))
-        );
-        assert_eq!(content_range("bytes 0-0/1"), Some((0, 0, Some(1))));
-        assert_eq!(content_range("bytes 500-999/*"), Some((500, 999, None)));
-        for odd in [
-            "bytes */1000",
-            "500-999/1000",
-            "bytes 5-/9",
-            "bytes 1-2/x",
-            "",
-        ] {
-            assert_eq!(content_range(odd), None, "{odd:?}");
-        }
-    }
 
     #[test]
     fn an_answer_is_the_rows_bytes_another_objects_or_unsure() {

@@ -3298,7 +3298,7 @@ async fn a_client_gone_after_its_body_keeps_its_slot_until_the_commit_ends() {
     let svc = Svc::start(&[("MAX_CONCURRENT_UPLOADS_PER_WORKSPACE", "1")]).await;
     let (ws, token) = register_poll(&svc.base).await;
     // The test holds the workspace's lock: the upload's commit waits for it.
-    let mut lock = hold_workspace_lock(&svc.pool, ws).await;
+    let lock = hold_workspace_lock(&svc.pool, ws).await;
     let body = one_file("XB", "gone.txt", b"sent whole");
     let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
     sock.write_all(upload_head(&svc, ws, &token, body.len()).as_bytes())
@@ -3316,10 +3316,7 @@ async fn a_client_gone_after_its_body_keeps_its_slot_until_the_commit_ends() {
     .await
     .expect("the second upload was taken and waits on the lock: the first one's slot was freed");
     assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
-    sqlx::query("SELECT pg_advisory_unlock_all()")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    lock.release().await;
     wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 0.0).await;
     assert_eq!(
         svc.count("pending_uploads").await,
@@ -3977,7 +3974,7 @@ async fn a_large_upload_waits_on_its_admission_no_longer_than_the_dependency_tim
     ])
     .await;
     let (ws, token) = register_poll(&svc.base).await;
-    let mut lock = hold_workspace_lock(&svc.pool, ws).await;
+    let lock = hold_workspace_lock(&svc.pool, ws).await;
     let started = Instant::now();
     let resp = upload_file(&svc, ws, &token, "big.bin", &bytes(30 << 20, 6)).await;
     let took = started.elapsed();
@@ -3985,10 +3982,7 @@ async fn a_large_upload_waits_on_its_admission_no_longer_than_the_dependency_tim
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["code"], "platform_unavailable", "{body}");
     assert!(took < Duration::from_secs(8), "503 after {took:?}");
-    sqlx::query("SELECT pg_advisory_unlock_all()")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    lock.release().await;
     assert_eq!(svc.count("pending_uploads").await, 0);
     assert_eq!(svc.count("activity_logs").await, 0);
 }
@@ -4899,7 +4893,7 @@ async fn an_upload_whose_client_went_still_says_how_it_ended() {
     // Its commit waits on the workspace's lock past the wait's bound (1 s) while its client
     // is gone.
     let (ws, token) = register_poll(&svc.base).await;
-    let mut lock = hold_workspace_lock(&svc.pool, ws).await;
+    let lock = hold_workspace_lock(&svc.pool, ws).await;
     let sock = send(ws, token.clone(), "gone.txt".into()).await;
     let pool = svc.pool.clone();
     eventually(
@@ -4923,10 +4917,7 @@ async fn an_upload_whose_client_went_still_says_how_it_ended() {
     .await;
     drop(sock);
     wait_for_metric(&svc.base, in_progress, 0.0).await;
-    sqlx::query("SELECT pg_advisory_unlock_all()")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    lock.release().await;
     assert_eq!(svc.count("pending_uploads").await, 0);
 
     let (other, other_token) = register_poll(&svc.base).await;

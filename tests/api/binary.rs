@@ -277,17 +277,7 @@ async fn serve_configured_by_environment_then_sweep_subcommand_then_sigterm() {
         .await
         .unwrap();
     let fid = file_id(&up["files"][0]);
-    let got = client
-        .get(format!(
-            "{base}/workspaces/{ws}/pending-uploads/{fid}/content"
-        ))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let got = downloaded(&client, &base, ws, fid, &token).await;
     assert_eq!(&got[..], b"hello");
     let ack = client
         .post(format!("{base}/workspaces/{ws}/pending-uploads/{fid}/ack"))

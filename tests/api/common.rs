@@ -431,35 +431,55 @@ pub async fn sixty_four_files_held(
     let client = reqwest::Client::new();
     for (entry, data) in staged.iter().zip(&files) {
         let fid = file_id(entry);
-        let got = client
-            .get(format!(
-                "http://{addr}/workspaces/{ws}/pending-uploads/{fid}/content"
-            ))
-            .bearer_auth(bearer)
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let got = downloaded(&client, &format!("http://{addr}"), ws, fid, bearer).await;
         assert!(got == data[..], "{} came back changed", entry["name"]);
     }
     open
 }
 
-/// A connection of `pool` holding workspace `ws`'s lock (the one its commits take) until it
-/// is unlocked or closed.
-pub async fn hold_workspace_lock(
-    pool: &sqlx::PgPool,
+/// The body of `GET {base}/workspaces/{ws}/pending-uploads/{fid}/content` with `bearer`.
+pub async fn downloaded(
+    client: &reqwest::Client,
+    base: &str,
     ws: Uuid,
-) -> sqlx::pool::PoolConnection<sqlx::Postgres> {
-    let mut lock = pool.acquire().await.unwrap();
+    fid: Uuid,
+    bearer: &str,
+) -> bytes::Bytes {
+    client
+        .get(format!(
+            "{base}/workspaces/{ws}/pending-uploads/{fid}/content"
+        ))
+        .bearer_auth(bearer)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+}
+
+/// A connection of `pool` holding workspace `ws`'s lock (the one its commits take) until
+/// [`WorkspaceLock::release`]. A session lock: dropped without it, the connection goes back
+/// to the pool still holding it.
+pub async fn hold_workspace_lock(pool: &sqlx::PgPool, ws: Uuid) -> WorkspaceLock {
+    let mut conn = pool.acquire().await.unwrap();
     sqlx::query("SELECT pg_advisory_lock(pending_uploads_lock_key($1))")
         .bind(ws)
-        .execute(&mut *lock)
+        .execute(&mut *conn)
         .await
         .unwrap();
-    lock
+    WorkspaceLock(conn)
+}
+
+pub struct WorkspaceLock(sqlx::pool::PoolConnection<sqlx::Postgres>);
+
+impl WorkspaceLock {
+    pub async fn release(mut self) {
+        sqlx::query("SELECT pg_advisory_unlock_all()")
+            .execute(&mut *self.0)
+            .await
+            .unwrap();
+    }
 }
 
 /// File handles process `pid` (or `self`) holds open inside `dir`.

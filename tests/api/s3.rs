@@ -237,7 +237,7 @@ async fn an_s3_upload_waits_on_the_database_no_longer_than_the_dependency_timeou
     let (endpoint, _) = s3_endpoint();
     let app = s3_app_with_dependency_timeout(&endpoint, "2s").await;
     let (ws, token) = app.poll_workspace().await;
-    let mut lock = hold_workspace_lock(&app.pool, ws).await;
+    let lock = hold_workspace_lock(&app.pool, ws).await;
     let started = std::time::Instant::now();
     let resp = app
         .upload(
@@ -249,11 +249,7 @@ async fn an_s3_upload_waits_on_the_database_no_longer_than_the_dependency_timeou
     let took = started.elapsed();
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(took < Duration::from_secs(8), "503 after {took:?}");
-    sqlx::query("SELECT pg_advisory_unlock_all()")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
-    drop(lock);
+    lock.release().await;
     let mut objects = app.object_keys().await;
     for _ in 0..100 {
         if objects.is_empty() {
@@ -1946,13 +1942,10 @@ async fn a_commit_never_outlasts_the_grace_its_objects_have() {
     .await;
     let (ws, token) = register_poll(&base).await;
     let pool = sqlx::PgPool::connect(&db).await.unwrap();
-    let mut lock = hold_workspace_lock(&pool, ws).await;
+    let lock = hold_workspace_lock(&pool, ws).await;
     let release = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(4500)).await;
-        sqlx::query("SELECT pg_advisory_unlock_all()")
-            .execute(&mut *lock)
-            .await
-            .unwrap();
+        lock.release().await;
     });
     let body = "--XB\r\nContent-Disposition: form-data; name=\"files\"; filename=\"late.txt\"\r\n\r\nlate bytes\r\n--XB--\r\n";
     let resp = post_upload(&base, ws, &token, body).await;
@@ -2067,7 +2060,7 @@ async fn an_object_cut_short_out_of_band_is_not_the_rows_bytes() {
 async fn a_sweep_whose_reconciliation_failed_says_so_and_fails() {
     let prefix = test_prefix();
     let db = fresh_db().await;
-    let unreachable = format!("http://127.0.0.1:{}", free_port());
+    let unreachable = closed_endpoint();
     let out = cli(&db, &prefix, &["migrate"]).output().unwrap();
     assert!(
         out.status.success(),
