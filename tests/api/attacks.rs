@@ -4089,15 +4089,7 @@ async fn stage_file(svc: &Svc, ws: Uuid, token: &str, len: usize) -> (Uuid, Vec<
 
 /// A file's whole content, as the workspace downloads it.
 async fn download(svc: &Svc, ws: Uuid, token: &str, file: Uuid) -> bytes::Bytes {
-    reqwest::Client::new()
-        .get(svc.at(&format!("/workspaces/{ws}/pending-uploads/{file}/content")))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
+    downloaded(&reqwest::Client::new(), &svc.base, ws, file, token).await
 }
 
 /// A new workspace with one uploaded file of `len` bytes.
