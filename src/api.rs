@@ -22,12 +22,15 @@ pub struct ErrorBody {
     pub filename: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// The bound that was passed: bytes (a file, a request, the byte quota, a JSON body),
+    /// files (the file quota) or tokens.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pending_bytes: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pending_files: Option<i64>,
+    /// The file quota, as `max` says it too (its earlier name, kept for clients that read it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_files: Option<u64>,
 }

@@ -196,8 +196,11 @@ impl ApiError {
                 body.pending_bytes = Some(*pending_bytes);
                 body.max = Some(*max);
             }
+            // SPEC §10: "429 like the byte quota", whose body says `max`; `max_files` stays
+            // for the clients that read it.
             ApiError::FileQuotaExceeded { pending_files, max } => {
                 body.pending_files = Some(*pending_files);
+                body.max = Some(*max);
                 body.max_files = Some(*max);
             }
             ApiError::NoCallbackUrl { detail } => body.detail = Some(detail.clone()),

@@ -4624,7 +4624,7 @@ async fn ten_thousand_and_one_files_hit_the_file_quota() {
     assert_json(
         resp,
         StatusCode::TOO_MANY_REQUESTS,
-        json!({"error": "workspace pending-upload quota exceeded", "pending_files": 10000, "max_files": 10000}),
+        json!({"error": "workspace pending-upload quota exceeded", "pending_files": 10000, "max": 10000, "max_files": 10000}),
     )
     .await;
     assert_eq!(svc.count("pending_uploads").await, 10_000, "stores nothing");
