@@ -33,7 +33,8 @@ pub struct SweepStats {
     pub orphans_deleted: u64,
     /// This service's upload activity rows past ACTIVITY_RETENTION.
     pub activity_rows: u64,
-    /// The orphan reconciliation failed (logged): `orphans_deleted` counts nothing then.
+    /// The orphan reconciliation failed (logged): `orphans_deleted` counts what it deleted
+    /// before.
     pub orphans_failed: bool,
 }
 
@@ -66,8 +67,16 @@ pub enum Turn {
     Ran(u64),
     /// Another replica holds the turn.
     Elsewhere,
-    /// The turn could not be taken or the reconciliation failed (logged): try again.
-    Failed,
+    /// The turn could not be taken or the reconciliation failed (logged): try again. The
+    /// orphans a failed walk deleted before it ended.
+    Failed(u64),
+}
+
+/// A reconciliation that ended early: the orphans it deleted before, and why it ended.
+#[derive(Debug)]
+pub struct Unfinished {
+    pub deleted: u64,
+    pub error: crate::storage::StorageError,
 }
 
 /// The name of the fleet's orphan reconciliation turns.
@@ -84,10 +93,12 @@ impl Sweeper {
     /// orphan reconciliation.
     pub async fn run_once(&self) -> Result<SweepStats, DbError> {
         let mut stats = self.sweep_rows().await?;
-        match self.reconcile_or_warn().await {
-            Some(deleted) => stats.orphans_deleted = deleted,
-            None => stats.orphans_failed = true,
-        }
+        let (deleted, failed) = match self.reconcile_or_warn().await {
+            Ok(deleted) => (deleted, false),
+            Err(deleted) => (deleted, true),
+        };
+        stats.orphans_deleted = deleted;
+        stats.orphans_failed = failed;
         Ok(stats)
     }
 
@@ -165,13 +176,13 @@ impl Sweeper {
         Ok(stats)
     }
 
-    /// The reconciliation's count of deleted orphans, or `None` when it failed (logged; the
-    /// next reconciliation tries again).
-    async fn reconcile_or_warn(&self) -> Option<u64> {
-        self.reconcile()
-            .await
-            .inspect_err(|e| tracing::warn!(error = %e, "orphan reconciliation failed"))
-            .ok()
+    /// The reconciliation's count of deleted orphans: `Err` when it failed (logged; the next
+    /// reconciliation tries again), with those it deleted before.
+    async fn reconcile_or_warn(&self) -> Result<u64, u64> {
+        self.reconcile().await.map_err(|u| {
+            tracing::warn!(error = %u.error, deleted = u.deleted, "orphan reconciliation failed");
+            u.deleted
+        })
     }
 
     /// Reconciles when the fleet's last turn was taken `period` ago or more: one replica lists
@@ -186,8 +197,8 @@ impl Sweeper {
             .await;
         match taken {
             Ok(true) => match self.reconcile_or_warn().await {
-                Some(n) => Turn::Ran(n),
-                None => {
+                Ok(n) => Turn::Ran(n),
+                Err(deleted) => {
                     let back = self
                         .db
                         .run(move |c| {
@@ -197,7 +208,7 @@ impl Sweeper {
                     if let Err(e) = back {
                         tracing::warn!(error = %e, "orphan reconciliation: could not give the turn back");
                     }
-                    Turn::Failed
+                    Turn::Failed(deleted)
                 }
             },
             Ok(false) => {
@@ -206,7 +217,7 @@ impl Sweeper {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "orphan reconciliation: could not take the turn");
-                Turn::Failed
+                Turn::Failed(0)
             }
         }
     }
@@ -247,17 +258,27 @@ impl Sweeper {
     /// Only under a prefix of our own (SPEC §10, bucket safety). The delete does not look
     /// again: no PUT writes a key twice (`storage::s3`), so an old object that no row pointed
     /// at when it looked is never pointed at later.
-    pub async fn reconcile(&self) -> Result<u64, crate::storage::StorageError> {
+    pub async fn reconcile(&self) -> Result<u64, Unfinished> {
+        let mut deleted = 0;
+        match self.walk(&mut deleted).await {
+            Ok(()) => Ok(deleted),
+            Err(error) => Err(Unfinished { deleted, error }),
+        }
+    }
+
+    /// [`Sweeper::reconcile`]'s walk, counting into `deleted` as it goes: a walk that ends in
+    /// an error deleted those too.
+    async fn walk(&self, deleted: &mut u64) -> Result<(), crate::storage::StorageError> {
         let start_after = self.resume_after().clone();
         let Some(pages) = self
             .storage
             .orphan_candidates(self.orphan_page_size, start_after)
         else {
-            return Ok(0);
+            return Ok(());
         };
         let cutoff =
             chrono::Utc::now() - chrono::Duration::from_std(self.orphan_grace).unwrap_or_default();
-        let (mut deleted, mut failed_in_a_row) = (0, 0);
+        let mut failed_in_a_row = 0;
         let mut pages = std::pin::pin!(pages);
         while let Some(objects) = pages.try_next().await? {
             let old: Vec<String> = objects
@@ -277,14 +298,13 @@ impl Sweeper {
                 match self.storage.delete_object(key).await {
                     Ok(()) => {
                         failed_in_a_row = 0;
-                        // Counted as it goes: a walk that ends in an error deleted these too.
                         crate::metrics::metrics().orphans_deleted.inc();
                         tracing::info!(
                             event = "orphan_deleted",
                             key,
                             "object without a row removed"
                         );
-                        deleted += 1;
+                        *deleted += 1;
                     }
                     Err(e) if failed_in_a_row + 1 >= ORPHAN_FAILURES_IN_A_ROW_MAX => {
                         tracing::warn!(
@@ -311,7 +331,7 @@ impl Sweeper {
         // The end of the listing: the next walk starts from the beginning again. (A walk
         // that fails otherwise, a listing or the database, keeps where it started.)
         *self.resume_after() = None;
-        Ok(deleted)
+        Ok(())
     }
 
     fn resume_after(&self) -> std::sync::MutexGuard<'_, Option<String>> {
@@ -354,7 +374,8 @@ impl Sweeper {
                         }
                         // Asked again next pass (one statement): should the replica that
                         // has the turn die, the walk is late by a pass, not by a cycle.
-                        Turn::Elsewhere | Turn::Failed => {}
+                        Turn::Failed(n) => stats.orphans_deleted = n,
+                        Turn::Elsewhere => {}
                     }
                 }
             }

@@ -686,6 +686,53 @@ async fn sweeper_reconciles_orphans_and_two_sweepers_do_not_collide() {
     sweep_all_and_assert_bucket_empty(&app).await;
 }
 
+/// A reconciliation that deleted orphans and then failed said it deleted none
+/// (`orphans_deleted: 0` in a `sweep` run's report): what it deleted before counts.
+#[tokio::test]
+async fn a_reconciliation_that_fails_half_way_counts_what_it_deleted() {
+    let prefix = test_prefix();
+    let db = fresh_db().await;
+    let app = TestApp::start_s3(db.clone(), "s3", &prefix).await;
+    let (ws, _) = app.poll_workspace().await;
+    let s3 = app.storage.s3().unwrap();
+    for _ in 0..3 {
+        put_orphan(s3, ws).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // S3 freezes half-way through the walk: its second listing page never comes.
+    let lists = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = lists.clone();
+    let hook: ProxyHook = Arc::new(move |piece: &[u8]| {
+        let listing = piece.windows(11).any(|w| w == b"list-type=2");
+        let frozen = listing && counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 1;
+        Box::pin(async move {
+            if frozen {
+                std::future::pending::<()>().await;
+            }
+        })
+    });
+    let (endpoint, _) = s3_endpoint();
+    let mut flags = s3_flags("s3", &prefix, &proxy(&endpoint, hook).await);
+    flags.extend(["--dependency-timeout".to_string(), "1s".to_string()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let freezing = TestApp::start_on(db, &flags).await;
+    let sweeper = Sweeper {
+        orphan_grace: Duration::ZERO,
+        orphan_page_size: 1,
+        ..zero_retention(&freezing)
+    };
+    let stats = sweeper.run_once().await.unwrap();
+    assert!(lists.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    assert_eq!((stats.orphans_deleted, stats.orphans_failed), (1, true));
+    assert_eq!(app.object_keys().await.len(), 2, "one orphan went");
+    let eager = Sweeper {
+        orphan_grace: Duration::ZERO,
+        ..zero_retention(&app)
+    };
+    assert_eq!(eager.reconcile().await.unwrap(), 2);
+    assert_eq!(app.object_keys().await, Vec::<String>::new());
+}
+
 fn cli(db: &str, prefix: &str, args: &[&str]) -> Command {
     let (endpoint, bucket) = s3_endpoint();
     let mut cmd = Command::new(BIN);
