@@ -340,7 +340,10 @@ fn not_served(row: &UploadRow, backend: &str, e: StorageError) -> ApiError {
 }
 
 /// What to do once a download's last byte has been handed to the connection: stamp
-/// fetched_at (best effort, SPEC §4 Fetch; batched, see `fetched`) and log the transition.
+/// fetched_at (best effort, SPEC §4 Fetch; batched, see `fetched`) when the range reached the
+/// file's last byte, and log the transition. A range that stops short hands over part of the
+/// body, not the body: a one-byte probe (`bytes=0-0`) stamped a file its client never had,
+/// and the pending list then said it was fetched. A download resumed to its end stamps.
 struct HandedOver {
     stamps: FetchedStamps,
     row: UploadRow,
@@ -356,7 +359,9 @@ impl HandedOver {
             range,
             backend,
         } = self;
-        stamps.stamp(row.file_id);
+        if range.end + 1 >= row.size_bytes as u64 {
+            stamps.stamp(row.file_id);
+        }
         metrics()
             .files_fetched
             .with_label_values(&[backend, "ok"])

@@ -289,6 +289,61 @@ async fn tagged(data: &[u8]) -> Tagged {
 /// is the current strong ETag (strong comparison); otherwise the whole file, as if no Range
 /// had been sent. A weak tag never matches, nor a date (no Last-Modified is sent). If-Range
 /// without Range changes nothing. HEAD answers the headers GET would.
+/// SPEC §4: fetched_at is stamped once the body has been handed over. A range that stops
+/// short of the last byte hands over part of it: a one-byte probe (`bytes=0-0`) stamped the
+/// file, and the pending list said it was fetched. A range that reaches the end (a download
+/// resumed to its end) stamps.
+#[tokio::test]
+async fn only_a_range_that_reaches_the_last_byte_stamps_fetched_at() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    let data = bytes(100_000, 9);
+    let out = app
+        .upload_ok(
+            ws,
+            &token,
+            &[
+                ("probed.bin", "application/octet-stream", data.clone()),
+                ("control.bin", "application/octet-stream", data.clone()),
+            ],
+        )
+        .await;
+    let (probed, control) = (file_id(&out[0]), file_id(&out[1]));
+    let ranged = |fid: Uuid, range: &'static str| {
+        app.client
+            .get(app.at(&content_path(ws, fid)))
+            .bearer_auth(&token)
+            .header("Range", range)
+            .send()
+    };
+    for range in ["bytes=0-0", "bytes=10-99998"] {
+        let resp = ranged(probed, range).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT, "{range}");
+        resp.bytes().await.unwrap();
+    }
+    // Downloaded after the probes: once its stamp is written, theirs would be too.
+    let resp = app.get(&content_path(ws, control), &token).await;
+    assert!(resp.bytes().await.unwrap() == data);
+    assert!(stamped(&app, control).await);
+    assert!(
+        fetched_at(&app, probed).await.is_none(),
+        "ranges short of the last byte hand over part of the body"
+    );
+    let list: Value = app
+        .get(&format!("/workspaces/{ws}/pending-uploads"), &token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list[0]["file_id"], probed.to_string());
+    assert_eq!(list[0]["fetched_at"], Value::Null);
+    // The rest, resumed to the end: handed over.
+    let resp = ranged(probed, "bytes=99999-").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(resp.bytes().await.unwrap(), data[99_999..]);
+    assert!(stamped(&app, probed).await, "a range to the end stamps");
+}
+
 #[tokio::test]
 async fn if_range_serves_the_range_only_for_the_current_strong_etag() {
     let data = bytes(1000, 9);
