@@ -61,6 +61,12 @@ impl Pusher {
             // what is left of an upload after the answer is out of the watchdog's reach.
             .tcp_user_timeout(limits.answer_timeout)
             .redirect(reqwest::redirect::Policy::none())
+            // No connection is kept for reuse once its answer is in: the pool would keep one
+            // per workspace address, however many, for 90 s. A client re-registering its URL
+            // to a new port before each upload held a socket per upload, and 20,000 used up
+            // the replica's open files (a red team). A relay's own connection is bounded by
+            // MAX_CONCURRENT_PUSH_UPLOADS; a handshake per upload is its price.
+            .pool_max_idle_per_host(0)
             // A proxy would resolve names itself, out of reach of the address check.
             .no_proxy()
             .dns_resolver(policy.clone().resolver())

@@ -794,6 +794,116 @@ async fn a_push_workspace_that_answers_early_cannot_keep_the_relay() {
     }
 }
 
+/// A push workspace's connection is not kept once its answer is in. The push client kept each
+/// finished connection for reuse, one per workspace address and no bound on how many, for
+/// 90 s: a client that re-registered its workspace's URL to a new port (its own token, an
+/// address literal: no lookup, no rate) before each upload held a socket of the replica's per
+/// upload, and 20,000 of them used up its open files. Every accept and every spool file then
+/// failed, for everyone (a red team).
+#[tokio::test]
+async fn a_push_workspace_keeps_no_connection_of_the_replicas_open() {
+    let svc = Svc::start(&[("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32")]).await;
+    let closed = Arc::new(AtomicUsize::new(0));
+    // Each answers its upload and keeps the connection open until the service closes it.
+    let workspace = |closed: Arc<AtomicUsize>| {
+        raw_workspace(move |mut sock| {
+            let closed = closed.clone();
+            async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                let whole = |got: &[u8]| {
+                    let end = got.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+                    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))?
+                        .trim()
+                        .parse()
+                        .ok()?;
+                    (got.len() >= end + len).then_some(())
+                };
+                while whole(&got).is_none() {
+                    match sock.read(&mut buf).await {
+                        Ok(n @ 1..) => got.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                if sock.write_all(answer).await.is_err() {
+                    return;
+                }
+                while let Ok(1..) = sock.read(&mut buf).await {}
+                closed.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    let (ws, token) = push_workspace_at(&svc, workspace(closed.clone()).await).await;
+    let client = reqwest::Client::new();
+    const UPLOADS: usize = 20;
+    for i in 0..UPLOADS {
+        if i > 0 {
+            let url = format!("http://{}", workspace(closed.clone()).await);
+            let body = json!({"id": ws, "delivery_mode": "push", "url": url});
+            let resp = register(&client, &svc, Some(&token), &body).await;
+            assert_eq!(resp.status(), StatusCode::OK);
+        }
+        let resp = upload_file(&svc, ws, &token, "a.txt", b"a").await;
+        assert_eq!(resp.status(), StatusCode::OK, "upload {i}");
+        assert_eq!(resp.text().await.unwrap(), "ok");
+    }
+    let started = Instant::now();
+    while closed.load(Ordering::SeqCst) < UPLOADS && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        closed.load(Ordering::SeqCst),
+        UPLOADS,
+        "connections of the replica's still open to workspaces that answered"
+    );
+}
+
+/// Each relay has a connection of its own. A connection kept from an earlier relay went to
+/// the next upload for the same address, and a workspace server that takes one request per
+/// connection (it answers, then reads nothing more and keeps the connection open) left that
+/// upload waiting PUSH_ANSWER_TIMEOUT for a 502: the red team's "answered and reset" upload,
+/// sent on the connection another workspace of its host had left (two workspaces behind one
+/// host share a pool entry), and the 502 of an upload sent on a kept connection just as its
+/// server closed it.
+#[tokio::test]
+async fn a_relay_never_goes_out_on_a_connection_an_earlier_one_left() {
+    let svc = Svc::start(&[
+        ("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32"),
+        ("PUSH_ANSWER_TIMEOUT", "20s"),
+    ])
+    .await;
+    let addr = raw_workspace(|mut sock| async move {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        // One request: its head and its (small) body; then nothing more is read.
+        while !got.windows(5).any(|w| w == b"--XB-") {
+            match sock.read(&mut buf).await {
+                Ok(n @ 1..) => got.extend_from_slice(&buf[..n]),
+                _ => return,
+            }
+        }
+        let _ = sock
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .await;
+        std::future::pending::<()>().await
+    })
+    .await;
+    let (ws, token) = push_workspace_at(&svc, addr).await;
+    for i in 0..3 {
+        let started = Instant::now();
+        let resp = upload_file(&svc, ws, &token, "a.txt", b"a").await;
+        let (status, took) = (resp.status(), started.elapsed());
+        assert!(
+            status == StatusCode::OK && took < Duration::from_secs(5),
+            "upload {i}: {status} after {took:?}"
+        );
+    }
+}
+
 /// A push workspace's status reaches the client (and the metrics' status label) only as a
 /// known code: an unrecognised one as the x00 of its class (RFC 9110 §15), anything past 599
 /// as 502. Before, a workspace answering 700, 701, … made each a new series and a status the
