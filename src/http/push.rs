@@ -167,6 +167,17 @@ impl Pusher {
         if status.is_redirection() {
             return Err(unreachable("a redirect: not followed"));
         }
+        // Only Content-Type is relayed, so an encoded body reached the client as bytes it
+        // could not read (a red team's gzip answer). The relay sends no Accept-Encoding: a
+        // workspace that encodes anyway is answering something else.
+        if resp
+            .headers()
+            .get_all(header::CONTENT_ENCODING)
+            .iter()
+            .any(|v| !matches!(v.as_bytes().trim_ascii(), b"" | b"identity"))
+        {
+            return Err(unreachable("an encoded answer: the relay asks for none"));
+        }
         let max = self.limits.answer_max_bytes;
         if resp.content_length().is_some_and(|len| len > max) {
             return Err(unreachable("answer over PUSH_ANSWER_MAX_BYTES"));

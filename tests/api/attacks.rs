@@ -930,6 +930,37 @@ async fn a_push_workspace_answers_only_known_statuses() {
     }
 }
 
+/// Of a push workspace's answer only its status, Content-Type and body are relayed: an
+/// encoded body (a red team's `Content-Encoding: gzip`) reached the client as bytes it could
+/// not read, labelled `application/json`. The relay asks for no encoding, so an encoded answer
+/// is a 502; `identity` is no encoding.
+#[tokio::test]
+async fn a_push_workspace_answer_in_an_encoding_is_not_relayed() {
+    let svc = Svc::start(&[("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32")]).await;
+    for (encoding, relayed) in [
+        ("gzip", StatusCode::BAD_GATEWAY),
+        ("br", StatusCode::BAD_GATEWAY),
+        ("identity", StatusCode::OK),
+    ] {
+        let answer = move || async move {
+            (
+                [
+                    (header::CONTENT_TYPE, "application/json"),
+                    (header::CONTENT_ENCODING, encoding),
+                ],
+                "{}",
+            )
+        };
+        let (ws, token) = push_workspace(&svc, Router::new().fallback(any(answer))).await;
+        let resp = upload_file(&svc, ws, &token, "a.txt", b"a").await;
+        assert_eq!(resp.status(), relayed, "{encoding}");
+        assert!(
+            !resp.headers().contains_key(header::CONTENT_ENCODING),
+            "{encoding}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn push_urls_to_internal_addresses_are_refused_in_every_form() {
     let svc = Svc::start(&[]).await;
