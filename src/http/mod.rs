@@ -28,7 +28,7 @@ use std::{
 };
 
 use axum::{
-    http::{header, HeaderName, HeaderValue, Method, StatusCode},
+    http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode},
     response::{IntoResponse, Response},
     Router,
 };
@@ -190,11 +190,19 @@ fn every_request(
 ) -> impl Future<Output = Response> + Send {
     let method = method_label(req.method());
     let connection = req.extensions().get::<Arc<shed::Connection>>().cloned();
+    let unsupported = unsupported_transfer_coding(req.headers());
     let (req, unread) = body::watch_unread(req);
-    let inner = next.run(req);
+    let inner = (!unsupported).then(|| next.run(req));
     async move {
         let started = std::time::Instant::now();
-        let mut resp = json_rejections(inner.await);
+        let mut resp = match inner {
+            Some(inner) => json_rejections(inner.await),
+            None => error::ApiError::Rejected {
+                status: StatusCode::NOT_IMPLEMENTED,
+                message: "unsupported transfer encoding".into(),
+            }
+            .into_response(),
+        };
         // Bodies here are files anyone may have uploaded and push workspaces' own answers,
         // each with the type it was given: a browser must not read one as something else.
         resp.headers_mut().insert(
@@ -208,6 +216,23 @@ fn every_request(
             .with_label_values(&[route, method, resp.status().as_str()])
             .observe(started.elapsed().as_secs_f64());
         body::drain_unread(resp, unread, connection).await
+    }
+}
+
+/// A request body sent in a transfer coding besides `chunked` (`Transfer-Encoding: gzip,
+/// chunked`): hyper takes off the chunks and hands on the rest as it came, so a compressed
+/// upload was parsed, stored or relayed as if it were plain (RFC 9112 §6.1: 501; Go's server,
+/// the platform's, answers the same). A request whose last coding is not `chunked` is
+/// hyper's own 400.
+fn unsupported_transfer_coding(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii);
+    match codings.next() {
+        None => false,
+        Some(first) => !first.eq_ignore_ascii_case(b"chunked") || codings.next().is_some(),
     }
 }
 

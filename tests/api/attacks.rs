@@ -2015,6 +2015,62 @@ async fn request_heads_are_bounded() {
     );
 }
 
+/// A body in a transfer coding besides `chunked` (`Transfer-Encoding: gzip, chunked`): hyper
+/// takes off the chunks and hands on the rest, so the service parsed and stored it as if it
+/// were plain (200; a compressed upload's bytes would have been taken for multipart). RFC 9112
+/// §6.1 answers 501, as Go's server, the platform's, does; nothing is stored, and the
+/// connection serves its next request.
+#[tokio::test]
+async fn a_body_in_an_unsupported_transfer_coding_is_a_501() {
+    let svc = Svc::start(&[]).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let body = one_file("XB", "a.txt", b"hello");
+    let chunked = [
+        format!("{:x}\r\n", body.len()).into_bytes(),
+        body,
+        b"\r\n0\r\n\r\n".to_vec(),
+    ]
+    .concat();
+    for coding in ["gzip, chunked", "chunked, chunked", "identity, chunked"] {
+        let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
+        let head = format!(
+            "POST /workspaces/{ws}/chat/uploads HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: multipart/form-data; boundary=XB\r\nTransfer-Encoding: {coding}\r\n\r\n"
+        );
+        sock.write_all(&[head.as_bytes(), &chunked].concat())
+            .await
+            .unwrap();
+        let answer = read_answer(&mut sock).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 501 Not Implemented\r\n"),
+            "{coding}: {answer}"
+        );
+        assert!(
+            answer.ends_with("{\"error\":\"unsupported transfer encoding\"}"),
+            "{coding}: {answer}"
+        );
+        // The chunks were read past: the connection takes its next request.
+        sock.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let next = read_answer(&mut sock).await;
+        assert!(next.starts_with("HTTP/1.1 200 OK\r\n"), "{coding}: {next}");
+    }
+    assert_eq!(svc.count("pending_uploads").await, 0);
+    // Plain chunked is taken.
+    let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
+    let head = format!(
+        "POST /workspaces/{ws}/chat/uploads HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: multipart/form-data; boundary=XB\r\nTransfer-Encoding: Chunked\r\n\r\n"
+    );
+    sock.write_all(&[head.as_bytes(), &chunked].concat())
+        .await
+        .unwrap();
+    let answer = read_answer(&mut sock).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert_eq!(svc.count("pending_uploads").await, 1);
+}
+
 /// What hyper refuses before the router sees a request (a malformed request line or header,
 /// a head over 64 KiB or with over 100 headers) is answered in JSON like every other error
 /// (SPEC §10), with its Content-Length, and the connection closed: the bodies were empty.
