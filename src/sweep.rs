@@ -79,6 +79,15 @@ pub struct Unfinished {
     pub error: crate::storage::StorageError,
 }
 
+/// What a reconciliation's walk did so far.
+#[derive(Debug, Default)]
+struct Walked {
+    /// Orphans deleted.
+    deleted: u64,
+    /// Objects no row points at that are not this deployment's to delete.
+    left_alone: u64,
+}
+
 /// The name of the fleet's orphan reconciliation turns.
 const RECONCILIATION_LEASE: &str = "orphan_reconciliation";
 
@@ -259,16 +268,25 @@ impl Sweeper {
     /// again: no PUT writes a key twice (`storage::s3`), so an old object that no row pointed
     /// at when it looked is never pointed at later.
     pub async fn reconcile(&self) -> Result<u64, Unfinished> {
-        let mut deleted = 0;
-        match self.walk(&mut deleted).await {
-            Ok(()) => Ok(deleted),
-            Err(error) => Err(Unfinished { deleted, error }),
+        let mut walked = Walked::default();
+        let result = self.walk(&mut walked).await;
+        if walked.left_alone > 0 {
+            tracing::warn!(
+                event = "foreign_objects",
+                objects = walked.left_alone,
+                prefix = self.storage.s3().map(|s3| s3.prefix()),
+                "objects under the prefix that are not this deployment's (a workspace its database does not know, or a key it does not write) were left alone: does another deployment use the same PENDING_UPLOADS_S3_BUCKET and PENDING_UPLOADS_S3_PREFIX?"
+            );
         }
+        let deleted = walked.deleted;
+        result
+            .map(|()| deleted)
+            .map_err(|error| Unfinished { deleted, error })
     }
 
-    /// [`Sweeper::reconcile`]'s walk, counting into `deleted` as it goes: a walk that ends in
+    /// [`Sweeper::reconcile`]'s walk, counting into `walked` as it goes: a walk that ends in
     /// an error deleted those too.
-    async fn walk(&self, deleted: &mut u64) -> Result<(), crate::storage::StorageError> {
+    async fn walk(&self, walked: &mut Walked) -> Result<(), crate::storage::StorageError> {
         let start_after = self.resume_after().clone();
         let Some(pages) = self
             .storage
@@ -289,12 +307,24 @@ impl Sweeper {
             if old.is_empty() {
                 continue;
             }
-            let keys = old.clone();
-            let live = self
+            // Only keys of the shape this service writes, of workspaces this database knows:
+            // a second deployment given the same bucket and prefix (or a `sweep` run against
+            // the wrong database) deleted every live file of the first as an orphan.
+            let (keys, workspaces): (Vec<String>, Vec<Uuid>) = old
+                .iter()
+                .filter_map(|k| Some((k.clone(), self.storage.workspace_of(k)?)))
+                .unzip();
+            walked.left_alone += (old.len() - keys.len()) as u64;
+            let unpointed = self
                 .db
-                .run(move |c| Box::pin(async move { db::uploads::existing_keys(c, &keys).await }))
+                .run(move |c| {
+                    Box::pin(async move { db::uploads::unpointed(c, &keys, &workspaces).await })
+                })
                 .await?;
-            for key in old.iter().filter(|k| !live.contains(k)) {
+            let (orphans, foreign): (Vec<_>, Vec<_>) =
+                unpointed.into_iter().partition(|(_, known)| *known);
+            walked.left_alone += foreign.len() as u64;
+            for (key, _) in &orphans {
                 match self.storage.delete_object(key).await {
                     Ok(()) => {
                         failed_in_a_row = 0;
@@ -304,7 +334,7 @@ impl Sweeper {
                             key,
                             "object without a row removed"
                         );
-                        *deleted += 1;
+                        walked.deleted += 1;
                     }
                     Err(e) if failed_in_a_row + 1 >= ORPHAN_FAILURES_IN_A_ROW_MAX => {
                         tracing::warn!(

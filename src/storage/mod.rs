@@ -472,6 +472,11 @@ impl Storage {
         metrics::storage_op("s3", "delete", self.s3_or_err()?.delete_key(key)).await
     }
 
+    /// The workspace of an object key this service writes ([`S3Backend::workspace_of`]).
+    pub fn workspace_of(&self, key: &str) -> Option<Uuid> {
+        self.s3()?.workspace_of(key)
+    }
+
     /// The objects the orphan reconciliation may judge, a listing page at a time: `None`
     /// without a bucket, and without a prefix of our own (SPEC §10: a shared prefix would
     /// reach other applications' objects).

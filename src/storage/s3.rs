@@ -222,6 +222,24 @@ impl S3Backend {
         format!("{}{}/{}", self.prefix, workspace_id, file_id)
     }
 
+    /// The workspace of a key this service writes ([`S3Backend::key_for`],
+    /// [`S3Backend::key_for_copy`]), or `None` for a key of any other shape: one that is not
+    /// ours to delete (a deployment under a longer prefix inside ours, an operator's file).
+    pub fn workspace_of(&self, key: &str) -> Option<Uuid> {
+        let (workspace, file) = key.strip_prefix(&self.prefix)?.split_once('/')?;
+        let canonical = |text: &str| Uuid::try_parse(text).ok().filter(|u| u.to_string() == text);
+        let (file, attempt) = match file.split_once('.') {
+            Some((file, attempt)) => (file, Some(attempt)),
+            None => (file, None),
+        };
+        let attempt_ok =
+            attempt.is_none_or(|a| Uuid::try_parse(a).is_ok_and(|u| u.simple().to_string() == a));
+        if canonical(file).is_none() || !attempt_ok {
+            return None;
+        }
+        canonical(workspace)
+    }
+
     /// The key of one backfill attempt's copy of a row: a key of its own per attempt. An
     /// attempt that dies between its PUT and pointing the row at the copy leaves an orphan,
     /// which the reconciliation deletes once it saw no row point at it. Were a later attempt

@@ -614,6 +614,12 @@ async fn a_failed_upload_removes_the_objects_it_wrote() {
 /// upload or a killed backfill leaves); returns its key.
 async fn put_orphan(s3: &pending_uploads::storage::S3Backend, ws: Uuid) -> String {
     let key = s3.key_for(ws, Uuid::new_v4());
+    put_object_at(s3, &key).await;
+    key
+}
+
+/// Writes a small object at `key`.
+async fn put_object_at(s3: &pending_uploads::storage::S3Backend, key: &str) {
     let spool_dir = tempfile::tempdir().unwrap();
     let mut w = pending_uploads::spool::SpoolWriter::create(
         spool_dir.path(),
@@ -622,8 +628,7 @@ async fn put_orphan(s3: &pending_uploads::storage::S3Backend, ws: Uuid) -> Strin
     w.write(bytes::Bytes::from_static(b"orphaned"))
         .await
         .unwrap();
-    s3.put_key(&key, &w.finish().await.unwrap()).await.unwrap();
-    key
+    s3.put_key(key, &w.finish().await.unwrap()).await.unwrap();
 }
 
 #[tokio::test]
@@ -684,6 +689,60 @@ async fn sweeper_reconciles_orphans_and_two_sweepers_do_not_collide() {
     let left: BTreeSet<String> = app.object_keys().await.into_iter().collect();
     assert_eq!(left, live, "only the orphans went");
     sweep_all_and_assert_bucket_empty(&app).await;
+}
+
+/// A second deployment given the same bucket and prefix (or a `sweep` run against the wrong
+/// database) took the first one's live objects for orphans, no row of its own pointing at
+/// them, and deleted them: the first's downloads then answered 404 (a red team). Only objects
+/// of workspaces its database knows, under keys of the shape it writes, are its to delete;
+/// the others are left alone, and said once a walk.
+#[tokio::test]
+async fn a_deployment_sharing_the_prefix_leaves_the_others_objects_alone() {
+    let prefix = test_prefix();
+    let first = TestApp::start_s3(fresh_db().await, "s3", &prefix).await;
+    let (ws, token) = first.poll_workspace().await;
+    let data = bytes(5000, 1);
+    let out = first
+        .upload_ok(
+            ws,
+            &token,
+            &[("a.bin", "application/octet-stream", data.clone())],
+        )
+        .await;
+    let fid = file_id(&out[0]);
+    // An operator's file, and an object of a deployment under a longer prefix inside ours.
+    let s3 = first.storage.s3().unwrap();
+    let strangers = [
+        format!("{prefix}README.txt"),
+        format!("{prefix}inner/{}/{}", Uuid::new_v4(), Uuid::new_v4()),
+    ];
+    for key in &strangers {
+        put_object_at(s3, key).await;
+    }
+    // The second deployment: a database of its own, the same bucket and prefix, and an orphan
+    // of its own workspace.
+    let second = TestApp::start_s3(fresh_db().await, "s3", &prefix).await;
+    let (own_ws, _) = second.poll_workspace().await;
+    let own = put_orphan(second.storage.s3().unwrap(), own_ws).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let eager = Sweeper {
+        orphan_grace: Duration::ZERO,
+        ..zero_retention(&second)
+    };
+    assert_eq!(eager.reconcile().await.unwrap(), 1, "its own orphan, only");
+    let left: BTreeSet<String> = second.object_keys().await.into_iter().collect();
+    assert!(!left.contains(&own));
+    assert!(left.contains(&s3.key_for(ws, fid)), "{left:?}");
+    for key in &strangers {
+        assert!(left.contains(key), "{key}: {left:?}");
+    }
+    let resp = fetch(&first, ws, &token, fid).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.bytes().await.unwrap() == data);
+    for key in &strangers {
+        first.storage.delete_object(key).await.unwrap();
+    }
+    sweep_all_and_assert_bucket_empty(&first).await;
 }
 
 /// A reconciliation that deleted orphans and then failed said it deleted none

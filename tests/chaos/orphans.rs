@@ -28,9 +28,11 @@ const LATE_DEADLINE: Duration = Duration::from_secs(60);
 /// `ORPHAN_FAILURES_IN_A_ROW_MAX` in src/sweep.rs: failed deletes in a row that end a walk.
 const IN_A_ROW: usize = 16;
 
-/// The `i`th key of the ones made undeletable: they sort first, in order.
-fn stuck_key(i: usize) -> String {
-    format!("{PREFIX}00000000-0000-0000-0000-{i:012}/stuck")
+/// The `i`th key of the ones made undeletable, of workspace `ws`: they sort first among its
+/// keys, in order. Orphans are objects of a workspace the database knows (one it does not
+/// is another deployment's, left alone).
+fn stuck_key(ws: Uuid, i: usize) -> String {
+    format!("{PREFIX}{ws}/00000000-0000-0000-0000-{i:012}")
 }
 
 async fn put(client: &aws_sdk_s3::Client, key: &str) {
@@ -92,9 +94,9 @@ async fn run() {
 
     // Orphans under the prefix; the one the store will not delete sorts first.
     let client = s3.client();
-    let stuck = stuck_key(0);
+    let stuck = stuck_key(ws, 0);
     let orphans: Vec<String> = (0..ORPHANS)
-        .map(|_| format!("{PREFIX}{}/{}", Uuid::new_v4(), Uuid::new_v4()))
+        .map(|_| format!("{PREFIX}{ws}/{}", Uuid::new_v4()))
         .collect();
     for key in std::iter::once(&stuck).chain(&orphans) {
         put(&client, key).await;
@@ -140,8 +142,8 @@ async fn run() {
     // next one lists from after them, so an orphan listed after them goes then (a service
     // keeps where its walk ended; a `sweep` run starts afresh). Before, every walk ended at
     // the same sixteen and the orphan stayed forever.
-    let more: Vec<String> = (1..IN_A_ROW).map(stuck_key).collect();
-    let late = format!("{PREFIX}ffffffff-ffff-ffff-ffff-ffffffffffff/late");
+    let more: Vec<String> = (1..IN_A_ROW).map(|i| stuck_key(ws, i)).collect();
+    let late = format!("{PREFIX}{ws}/ffffffff-ffff-ffff-ffff-ffffffffffff");
     for key in more.iter().chain([&late]) {
         put(&client, key).await;
     }
@@ -173,7 +175,7 @@ async fn run() {
         })
         .filter(|(event, _)| event.starts_with("orphan_"))
         .collect();
-    let last_stuck = stuck_key(IN_A_ROW - 1);
+    let last_stuck = stuck_key(ws, IN_A_ROW - 1);
     let ended = events
         .iter()
         .position(|e| *e == ("orphan_walk_ended".to_string(), last_stuck.clone()));
@@ -193,7 +195,7 @@ async fn run() {
         ),
     );
     checks.that(
-        !left.contains(&late) && (0..IN_A_ROW).all(|i| left.contains(&stuck_key(i))),
+        !left.contains(&late) && (0..IN_A_ROW).all(|i| left.contains(&stuck_key(ws, i))),
         format!("left {left:?}: the orphan after the undeletable ones is gone, they stay"),
     );
     checks.finish(name);
