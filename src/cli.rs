@@ -47,8 +47,9 @@ pub enum Command {
         #[arg(long, env = "BACKFILL_CONCURRENCY", default_value_t = 4,
               value_parser = clap::value_parser!(u16).range(1..=256))]
         concurrency: u16,
-        /// Rows fetched per batch.
-        #[arg(long, env = "BACKFILL_BATCH_SIZE", default_value_t = 200)]
+        /// Rows fetched per batch (1..=100000).
+        #[arg(long, env = "BACKFILL_BATCH_SIZE", default_value_t = 200,
+              value_parser = clap::value_parser!(i64).range(1..=100_000))]
         batch_size: i64,
         /// Attempts after the first, per row.
         #[arg(long, env = "BACKFILL_RETRIES", default_value_t = 3)]
@@ -71,8 +72,9 @@ pub enum Command {
         db: DbArgs,
         #[command(flatten)]
         storage: StorageArgs,
-        /// Rows checked and updated per batch.
-        #[arg(long, env = "CONTRACT_BATCH_SIZE", default_value_t = 500)]
+        /// Rows checked and updated per batch (1..=100000).
+        #[arg(long, env = "CONTRACT_BATCH_SIZE", default_value_t = 500,
+              value_parser = clap::value_parser!(i64).range(1..=100_000))]
         batch_size: i64,
     },
     /// Print the OpenAPI document (what /openapi.json serves).
@@ -307,7 +309,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let storage = crate::app::storage(&storage, &db).await?;
             let opts = crate::backfill::BackfillOptions {
                 concurrency: usize::from(concurrency),
-                batch_size: batch_size.max(1),
+                batch_size,
                 retries,
                 dry_run,
                 progress: !no_progress,
@@ -343,7 +345,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                      set PENDING_UPLOADS_S3_BUCKET and the S3 settings the service uses"
                 );
             };
-            let report = crate::contract::contract(&db, s3, batch_size.max(1)).await?;
+            let report = crate::contract::contract(&db, s3, batch_size).await?;
             println!("{}", serde_json::to_string(&report)?);
             if report.missing_copies > 0 {
                 anyhow::bail!(

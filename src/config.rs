@@ -241,8 +241,9 @@ pub struct SweepArgs {
     /// How long acked rows are kept (canvas previews), e.g. 1h; 0 sweeps them at once.
     #[arg(long, env = "ACK_RETENTION", default_value = "1h")]
     pub ack_retention: HumanDuration,
-    /// Rows deleted per sweep statement.
-    #[arg(long, env = "SWEEP_BATCH_SIZE", default_value_t = 500)]
+    /// Rows deleted per sweep statement (1..=100000).
+    #[arg(long, env = "SWEEP_BATCH_SIZE", default_value_t = 500,
+          value_parser = clap::value_parser!(i64).range(1..=100_000))]
     pub sweep_batch_size: i64,
     /// Inline (bytea) bytes deleted per sweep statement, plus one row's: deleting a row
     /// deletes its bytes in the statement, so this bounds how long one takes.
@@ -421,6 +422,7 @@ impl ServeArgs {
         self.limits.validate()?;
         self.deadlines.validate()?;
         self.sweep.validate()?;
+        self.bounds_are_places()?;
         let push = [
             ("PUSH_TIMEOUT", self.push_timeout),
             ("PUSH_ANSWER_TIMEOUT", self.push_answer_timeout),
@@ -433,6 +435,50 @@ impl ServeArgs {
             MAX_DEADLINE,
             "7d",
         )
+    }
+}
+
+impl ServeArgs {
+    /// Bounds that count places or quota: 0 is not "no bound" for these (as it is for
+    /// MAX_STORED_BYTES or MAX_CONNECTIONS_PER_CLIENT). Taken before, it made a replica that
+    /// answered nothing or refused every upload: MAX_CONNECTIONS=0 held one connection, so one
+    /// long poll kept /healthz waiting; a zero quota answered every upload 429 with a
+    /// Retry-After that never came true (a red team).
+    fn bounds_are_places(&self) -> Result<(), String> {
+        let places = [
+            ("MAX_CONNECTIONS", self.max_connections as u64),
+            ("MAX_CONCURRENT_UPLOADS", self.max_concurrent_uploads as u64),
+            (
+                "MAX_CONCURRENT_UPLOADS_PER_WORKSPACE",
+                self.max_concurrent_uploads_per_workspace as u64,
+            ),
+            (
+                "MAX_CONCURRENT_PUSH_UPLOADS",
+                self.max_concurrent_push_uploads as u64,
+            ),
+            (
+                "MAX_CONCURRENT_DOWNLOADS",
+                self.max_concurrent_downloads as u64,
+            ),
+            (
+                "MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE",
+                self.max_concurrent_downloads_per_workspace as u64,
+            ),
+            (
+                "MAX_PENDING_BYTES_PER_WORKSPACE",
+                self.limits.max_pending_bytes_per_workspace,
+            ),
+            (
+                "MAX_PENDING_FILES_PER_WORKSPACE",
+                self.limits.max_pending_files_per_workspace,
+            ),
+        ];
+        match places.iter().find(|(_, value)| *value == 0) {
+            Some((name, _)) => Err(format!(
+                "{name}=0: it must be at least 1 (0 is not \"no bound\" here)"
+            )),
+            None => Ok(()),
+        }
     }
 }
 

@@ -99,7 +99,7 @@ async fn migrate_applies_the_schema_once() {
 #[tokio::test]
 async fn start_up_refuses_bad_configuration_clearly() {
     let db = fresh_db().await;
-    let cases: [(&str, &str, &str); 19] = [
+    let cases: [(&str, &str, &str); 24] = [
         (
             "PENDING_UPLOADS_BACKEND",
             "s3",
@@ -179,6 +179,24 @@ async fn start_up_refuses_bad_configuration_clearly() {
             "CORS_ALLOWED_ORIGINS entry \"https://canvas.example/app\" is not an origin",
         ),
         ("DATABASE_MAX_CONNECTIONS", "0", "0 is not in 1..=10000"),
+        // Places and quotas of 0 were taken: one connection for everyone, every upload 429.
+        ("MAX_CONNECTIONS", "0", "MAX_CONNECTIONS=0: it must be at least 1"),
+        (
+            "MAX_CONCURRENT_UPLOADS",
+            "0",
+            "MAX_CONCURRENT_UPLOADS=0: it must be at least 1",
+        ),
+        (
+            "MAX_PENDING_BYTES_PER_WORKSPACE",
+            "0",
+            "MAX_PENDING_BYTES_PER_WORKSPACE=0: it must be at least 1",
+        ),
+        (
+            "MAX_PENDING_FILES_PER_WORKSPACE",
+            "0",
+            "MAX_PENDING_FILES_PER_WORKSPACE=0: it must be at least 1",
+        ),
+        ("SWEEP_BATCH_SIZE", "-5", "-5 is not in 1..=100000"),
         ("LOG_FORMAT", "xml", "invalid value 'xml'"),
     ];
     for (var, value, message) in cases {
