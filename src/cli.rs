@@ -258,8 +258,19 @@ pub fn env_vars() -> std::collections::BTreeSet<String> {
 
 pub fn init_tracing(format: &str, lines_per_second: u64) {
     use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, Layer};
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    // An empty RUST_LOG (a template's blank value) is unset: as a filter it enabled nothing,
+    // errors included (a red team). One that cannot be read is said, once logging is up.
+    let wanted = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let parsed = wanted
+        .as_deref()
+        .map(|v| (v, tracing_subscriber::EnvFilter::try_new(v)));
+    let (filter, unreadable) = match parsed {
+        Some((_, Ok(filter))) => (filter, None),
+        Some((raw, Err(e))) => (default_filter(), Some((raw.to_string(), e.to_string()))),
+        None => (default_filter(), None),
+    };
     // Colours only on a terminal, and not there either under NO_COLOR (no-color.org): in a
     // file or a collector's pipe the escapes are noise that line-based tools trip over.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
@@ -275,6 +286,21 @@ pub fn init_tracing(format: &str, lines_per_second: u64) {
         .with(filter)
         .with(lines.with_filter(crate::log_budget::LineBudget::new(lines_per_second)))
         .init();
+    if let Some((raw, error)) = unreadable {
+        tracing::warn!(
+            rust_log = crate::logfmt::clip(&raw).as_str(),
+            %error,
+            default = DEFAULT_FILTER,
+            "RUST_LOG could not be read: the default filter is used"
+        );
+    }
+}
+
+/// The log filter when RUST_LOG is unset, blank or unreadable.
+const DEFAULT_FILTER: &str = "info,sqlx=warn";
+
+fn default_filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::new(DEFAULT_FILTER)
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -2691,6 +2691,29 @@ async fn too_low_an_open_file_limit_is_said_at_start_up() {
     );
 }
 
+/// An empty RUST_LOG (a deployment template's blank value) enabled no log line at all, errors
+/// included; one that cannot be read fell back to the default without a word (a red team).
+/// Blank is unset now, and an unreadable one is said.
+#[tokio::test]
+async fn a_blank_or_unreadable_rust_log_keeps_the_default_lines() {
+    for (value, said) in [("", false), ("  ", false), ("nonsense[[[", true)] {
+        let mut svc = Svc::start(&[("RUST_LOG", value)]).await;
+        let out = svc.running.terminate().await;
+        let lines = log_lines(&out.stderr);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["message"] == "pending-uploads listening"),
+            "RUST_LOG={value:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let warned = lines
+            .iter()
+            .any(|l| l["message"] == "RUST_LOG could not be read: the default filter is used");
+        assert_eq!(warned, said, "RUST_LOG={value:?}");
+    }
+}
+
 /// Connections past MAX_CONNECTIONS wait in the listen backlog, and it was 128 (mio's
 /// `bind`): a connect past it had its SYN dropped and tried again a second later (3,000
 /// connects took 5 s, a probe). Here the only place is held by a long poll and 400 clients

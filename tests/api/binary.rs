@@ -180,7 +180,11 @@ async fn start_up_refuses_bad_configuration_clearly() {
         ),
         ("DATABASE_MAX_CONNECTIONS", "0", "0 is not in 1..=10000"),
         // Places and quotas of 0 were taken: one connection for everyone, every upload 429.
-        ("MAX_CONNECTIONS", "0", "MAX_CONNECTIONS=0: it must be at least 1"),
+        (
+            "MAX_CONNECTIONS",
+            "0",
+            "MAX_CONNECTIONS=0: it must be at least 1",
+        ),
         (
             "MAX_CONCURRENT_UPLOADS",
             "0",
