@@ -45,11 +45,16 @@ async fn connect_checked(db_args: &DbArgs) -> anyhow::Result<PgPool> {
 }
 
 /// SPOOL_DIR, made if missing (the system temp dir when unset): where `serve` spools
-/// uploads and `backfill` its copies.
+/// uploads and `backfill` its copies. It must take a spool file, as a spool makes one: a
+/// folder that could not (read-only, immutable, `/proc`) was taken, and then every upload
+/// over SPOOL_MEMORY_PER_REQUEST answered 503 "retry shortly" for ever, with /readyz green
+/// and log lines that did not name the folder (a red team).
 pub fn spool_dir(configured: Option<std::path::PathBuf>) -> anyhow::Result<std::path::PathBuf> {
     let dir = configured.unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("creating SPOOL_DIR {}", dir.display()))?;
+    tempfile::tempfile_in(&dir)
+        .with_context(|| format!("SPOOL_DIR {} cannot hold spool files", dir.display()))?;
     Ok(dir)
 }
 

@@ -99,7 +99,7 @@ async fn migrate_applies_the_schema_once() {
 #[tokio::test]
 async fn start_up_refuses_bad_configuration_clearly() {
     let db = fresh_db().await;
-    let cases: [(&str, &str, &str); 24] = [
+    let cases: [(&str, &str, &str); 25] = [
         (
             "PENDING_UPLOADS_BACKEND",
             "s3",
@@ -201,6 +201,12 @@ async fn start_up_refuses_bad_configuration_clearly() {
             "MAX_PENDING_FILES_PER_WORKSPACE=0: it must be at least 1",
         ),
         ("SWEEP_BATCH_SIZE", "-5", "-5 is not in 1..=100000"),
+        // Taken before: every upload spooled to disk then answered 503 for ever.
+        (
+            "SPOOL_DIR",
+            "/proc",
+            "SPOOL_DIR /proc cannot hold spool files",
+        ),
         ("LOG_FORMAT", "xml", "invalid value 'xml'"),
     ];
     for (var, value, message) in cases {
