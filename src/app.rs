@@ -115,13 +115,24 @@ async fn warn_of_rows_only_in_s3(db: &Db) {
     }
 }
 
+/// How long an upload stays pending unacked (`pending_uploads.expires_at`'s default).
+const UPLOAD_LIFE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 pub fn sweeper(args: &SweepArgs, db: &Db, storage: &Storage) -> Sweeper {
+    // Taken without a word before: with 0 a `sweep` removed the activity rows of files still
+    // pending, and their workspace's feed never showed them (a red team).
+    if args.activity_retention.0 < UPLOAD_LIFE {
+        tracing::warn!(
+            activity_retention = ?args.activity_retention.0,
+            "ACTIVITY_RETENTION is shorter than an upload's 24 h: the activity rows of files still pending are swept, and a workspace polling its feed misses them (its pending list still shows them)"
+        );
+    }
     Sweeper {
         db: db.clone(),
         storage: storage.clone(),
         ack_retention: args.ack_retention.0,
         activity_retention: args.activity_retention.0,
-        batch_size: args.sweep_batch_size.max(1),
+        batch_size: args.sweep_batch_size,
         batch_bytes: args.sweep_batch_bytes,
         orphan_grace: args.orphan_grace.0,
         orphan_page_size: crate::sweep::ORPHAN_PAGE_SIZE,

@@ -390,6 +390,17 @@ async fn serve_configured_by_environment_then_sweep_subcommand_then_sigterm() {
     assert_eq!(line["size"], 5);
     assert_eq!(line["name"], "hi_there.txt");
     assert_eq!(line["backend"], "bytea");
+    let short_retention = |lines: &[Value]| {
+        lines.iter().any(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("ACTIVITY_RETENTION is shorter than"))
+        })
+    };
+    assert!(!short_retention(&swept), "the default keeps them 7 days");
+    // An activity retention shorter than an upload's life is said (it was taken silently).
+    let out = run_ok(command(&db).arg("sweep").env("ACTIVITY_RETENTION", "1h"));
+    assert!(short_retention(&log_lines(&out.stderr)));
 
     // SIGTERM: exits cleanly
     let started = Instant::now();
