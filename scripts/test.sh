@@ -45,6 +45,12 @@ if [ -z "${TEST_S3_ENDPOINT:-}" ]; then
 fi
 
 scripts/ensure-chromium.sh
+# The TLS-only PostgreSQL test makes its certificates with the openssl CLI.
+if ! command -v openssl >/dev/null 2>&1; then
+  echo "installing openssl"
+  apt-get install -y -q -o DPkg::Lock::Timeout=300 openssl \
+    || { apt-get update -q && apt-get install -y -q -o DPkg::Lock::Timeout=300 openssl; }
+fi
 
 # s3s-fs, built once: the second S3 pass and the chaos suite run against it.
 S3S_BIN=$CACHE/s3s-fs-$S3S_FS_VERSION/bin/s3s-fs

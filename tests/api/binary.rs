@@ -643,3 +643,110 @@ fn a_fatal_error_is_printed_even_when_logs_are_off() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is a wildcard"), "{err}");
 }
+
+/// A PostgreSQL cluster of its own that speaks TLS only (`hostssl`), its certificate issued
+/// for `localhost` and 127.0.0.1 by a CA of its own (`ca.crt`); stopped when dropped.
+struct TlsPostgres {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl TlsPostgres {
+    fn start() -> TlsPostgres {
+        let dir = tempfile::Builder::new()
+            .prefix("pu-tls-pg")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let port = free_port();
+        let script = format!(
+            r#"set -e
+            . {root}/scripts/pg.sh
+            cd {dir}
+            openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=pu-test-ca \
+              -keyout ca.key -out ca.crt 2>/dev/null
+            openssl req -newkey rsa:2048 -nodes -subj /CN=localhost \
+              -keyout server.key -out server.csr 2>/dev/null
+            printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' > server.ext
+            openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 \
+              -extfile server.ext -out server.crt 2>/dev/null
+            chmod 600 server.key
+            [ "$(id -u)" = 0 ] && id postgres >/dev/null 2>&1 && chown postgres server.key server.crt
+            PG_EXTRA_OPTS="-c ssl=on -c ssl_cert_file={dir}/server.crt -c ssl_key_file={dir}/server.key" \
+              pg_start {dir}/pg {port}
+            # Plain TCP refused: only hostssl lines.
+            sed -i 's/^host /hostssl /' {dir}/pg/data/pg_hba.conf
+            as_pg "$(pg_bindir)/pg_ctl" -D {dir}/pg/data reload >/dev/null"#,
+            root = env!("CARGO_MANIFEST_DIR"),
+            dir = dir.path().display(),
+        );
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(&script)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "TLS cluster: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The reload is asynchronous: wait until plain TCP is refused.
+        std::thread::sleep(Duration::from_millis(500));
+        TlsPostgres { dir, port }
+    }
+
+    fn url(&self, params: &str) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?{params}",
+            self.port
+        )
+    }
+
+    fn ca(&self) -> String {
+        self.dir.path().join("ca.crt").display().to_string()
+    }
+}
+
+impl Drop for TlsPostgres {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                ". {}/scripts/pg.sh; pg_stop {}/pg",
+                env!("CARGO_MANIFEST_DIR"),
+                self.dir.path().display()
+            ))
+            .status();
+    }
+}
+
+/// A database that takes TLS only (managed PostgreSQL often does) could not be used: the
+/// binary was built without TLS, so `sslmode=require` stopped it ("SQLx was built without TLS
+/// support enabled") and the default `prefer` always spoke plain TCP (a red team). The
+/// server's certificate is checked with `verify-full` against `sslrootcert` (or the system's
+/// roots).
+#[test]
+fn the_database_may_require_tls() {
+    let pg = TlsPostgres::start();
+    let plain = command(&pg.url("sslmode=disable"))
+        .arg("migrate")
+        .output()
+        .unwrap();
+    assert!(!plain.status.success(), "the cluster takes TLS only");
+    for params in [
+        "sslmode=require".to_string(),
+        format!("sslmode=verify-full&sslrootcert={}", pg.ca()),
+    ] {
+        let out = command(&pg.url(&params)).arg("migrate").output().unwrap();
+        assert!(
+            out.status.success(),
+            "{params}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // verify-full checks the certificate: this one is issued by no root the system trusts.
+    let out = command(&pg.url("sslmode=verify-full"))
+        .arg("migrate")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "an unknown issuer is refused");
+}
