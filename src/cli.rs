@@ -1,5 +1,6 @@
 //! Command line: every flag also reads the environment variable of the same name.
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::{DbArgs, ServeArgs, StorageArgs, SweepArgs};
@@ -355,8 +356,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Command::Agent(args)) => run_agent(args).await,
         Some(Command::Openapi) => {
-            print!("{}", String::from_utf8_lossy(&crate::http::document()));
-            Ok(())
+            // Written, not printed: `print!` panicked on a full or closed stdout (a red team's
+            // `openapi > /dev/full`: exit 101 and a backtrace).
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            out.write_all(&crate::http::document())
+                .and_then(|()| out.flush())
+                .context("writing the OpenAPI document to stdout")
         }
         Some(Command::Contract {
             db,

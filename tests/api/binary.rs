@@ -99,7 +99,7 @@ async fn migrate_applies_the_schema_once() {
 #[tokio::test]
 async fn start_up_refuses_bad_configuration_clearly() {
     let db = fresh_db().await;
-    let cases: [(&str, &str, &str); 25] = [
+    let cases: [(&str, &str, &str); 26] = [
         (
             "PENDING_UPLOADS_BACKEND",
             "s3",
@@ -177,6 +177,12 @@ async fn start_up_refuses_bad_configuration_clearly() {
             "CORS_ALLOWED_ORIGINS",
             "https://canvas.example/app",
             "CORS_ALLOWED_ORIGINS entry \"https://canvas.example/app\" is not an origin",
+        ),
+        // Userinfo is no part of an origin: it was taken as https://a.example.com.
+        (
+            "CORS_ALLOWED_ORIGINS",
+            "https://user:pw@a.example.com",
+            "CORS_ALLOWED_ORIGINS entry \"https://user:pw@a.example.com\" is not an origin",
         ),
         ("DATABASE_MAX_CONNECTIONS", "0", "0 is not in 1..=10000"),
         // Places and quotas of 0 were taken: one connection for everyone, every upload 429.
@@ -749,4 +755,26 @@ fn the_database_may_require_tls() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "an unknown issuer is refused");
+}
+
+/// `openapi` into a full or closed stdout panicked (exit 101 and a backtrace; a red team's
+/// `openapi > /dev/full`): it says why and exits 1.
+#[test]
+fn openapi_into_a_full_stdout_fails_plainly() {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = command("postgres://unused")
+        .arg("openapi")
+        .stdout(full)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("writing the OpenAPI document to stdout"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
 }
