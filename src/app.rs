@@ -271,6 +271,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let service = build(&args).await?;
     warn_if_too_few_descriptors(&args, fd_limit);
     warn_if_a_share_is_below_a_request(&args, service.state.stored.share());
+    warn_if_long_polls_can_take_every_connection(&args);
     let listener =
         listen_on(args.bind_addr).with_context(|| format!("binding {}", args.bind_addr))?;
     if args.admin_token.is_some() && args.admin_token().is_none() {
@@ -417,6 +418,18 @@ fn warn_if_too_few_descriptors(args: &ServeArgs, limit: Option<u64>) {
             needed,
             max_connections = args.max_connections,
             "the open-file limit is below what MAX_CONNECTIONS needs: accepts will fail first (raise `ulimit -n`, or lower MAX_CONNECTIONS)"
+        );
+    }
+}
+
+/// Waiting long polls hold their connections: as many as MAX_CONNECTIONS of them leave none
+/// for other requests (README: keep it below). Taken without a word before (a red team).
+fn warn_if_long_polls_can_take_every_connection(args: &ServeArgs) {
+    if args.max_long_polls >= args.max_connections as u64 {
+        tracing::warn!(
+            max_long_polls = args.max_long_polls,
+            max_connections = args.max_connections,
+            "MAX_LONG_POLLS is not below MAX_CONNECTIONS: waiting long polls can hold every connection, and other requests then wait"
         );
     }
 }
