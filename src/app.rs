@@ -472,23 +472,22 @@ async fn refresh_gauges_forever(db: Db, stored: Arc<Stored>, swept: Arc<tokio::s
     }
 }
 
-/// SIGINT, SIGTERM or SIGHUP (a closed terminal: it killed the process with no drain).
+/// SIGINT or SIGTERM.
 pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut hangup)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::hangup()),
-        ) else {
-            let _ = ctrl_c.await;
-            return;
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},
-            _ = hangup.recv() => {},
         }
     }
     #[cfg(not(unix))]

@@ -488,17 +488,11 @@ pub async fn serve(
     tracing::info!(in_flight = open, "draining connections");
     let _ = stop.send(true);
     let all_closed = connections.acquire_many(places as u32);
-    // A second signal ends the drain at once (it was ignored: an operator's second Ctrl-C
-    // waited out the deadline; a red team).
-    tokio::select! {
-        drained = tokio::time::timeout(opts.drain_deadline, all_closed) => {
-            if drained.is_err() {
-                tracing::warn!("drain deadline passed; closing remaining connections");
-            }
-        }
-        () = crate::app::shutdown_signal() => {
-            tracing::warn!("a second shutdown signal: closing remaining connections now");
-        }
+    if tokio::time::timeout(opts.drain_deadline, all_closed)
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain deadline passed; closing remaining connections");
     }
     Ok(())
 }
