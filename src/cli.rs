@@ -261,8 +261,8 @@ pub fn init_tracing(format: &str, lines_per_second: u64) {
     use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, Layer};
     // An empty RUST_LOG (a template's blank value) is unset: as a filter it enabled nothing,
     // errors included (a red team). One that cannot be read is said, once logging is up.
-    let wanted = std::env::var("RUST_LOG")
-        .ok()
+    let wanted = std::env::var_os("RUST_LOG")
+        .map(|v| v.to_string_lossy().into_owned())
         .filter(|v| !v.trim().is_empty());
     let parsed = wanted
         .as_deref()

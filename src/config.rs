@@ -499,12 +499,12 @@ pub fn cors_origin(raw: &str) -> Result<Option<String>, String> {
     let Ok(url) = url::Url::parse(raw) else {
         return refused("is not an origin (scheme://host[:port])");
     };
-    // Userinfo is no part of an origin (`https://user:pw@host` was taken as `https://host`).
+    // Userinfo is no part of an origin (`https://user:pw@host` was taken as `https://host`),
+    // an empty one (`https://@host`) included.
     let bare = url.path() == "/"
         && url.query().is_none()
         && url.fragment().is_none()
-        && url.username().is_empty()
-        && url.password().is_none();
+        && !raw.contains('@');
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() || !bare {
         return refused("is not an origin (scheme://host[:port])");
     }

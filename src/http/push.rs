@@ -119,6 +119,9 @@ impl Pusher {
                 req = req.header(name, v);
             }
         }
+        // Said, not left to the default: a request without Accept-Encoding takes any coding
+        // (RFC 9110 §12.5.3), and an encoded answer is not relayed (`read_answer`).
+        req = req.header(header::ACCEPT_ENCODING, "identity");
         if let Some(secret) = secret.filter(|s| !s.is_empty()) {
             req = req.bearer_auth(secret);
         }
@@ -168,7 +171,7 @@ impl Pusher {
             return Err(unreachable("a redirect: not followed"));
         }
         // Only Content-Type is relayed, so an encoded body reached the client as bytes it
-        // could not read (a red team's gzip answer). The relay sends no Accept-Encoding: a
+        // could not read (a red team's gzip answer). The relay asks for `identity`: a
         // workspace that encodes anyway is answering something else.
         if resp
             .headers()

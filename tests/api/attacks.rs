@@ -932,8 +932,8 @@ async fn a_push_workspace_answers_only_known_statuses() {
 
 /// Of a push workspace's answer only its status, Content-Type and body are relayed: an
 /// encoded body (a red team's `Content-Encoding: gzip`) reached the client as bytes it could
-/// not read, labelled `application/json`. The relay asks for no encoding, so an encoded answer
-/// is a 502; `identity` is no encoding.
+/// not read, labelled `application/json`. The relay asks for `identity` (a request without
+/// Accept-Encoding takes any coding), so an encoded answer is a 502.
 #[tokio::test]
 async fn a_push_workspace_answer_in_an_encoding_is_not_relayed() {
     let svc = Svc::start(&[("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32")]).await;
@@ -942,8 +942,14 @@ async fn a_push_workspace_answer_in_an_encoding_is_not_relayed() {
         ("br", StatusCode::BAD_GATEWAY),
         ("identity", StatusCode::OK),
     ] {
-        let answer = move || async move {
+        // The relay asks for no coding: without Accept-Encoding any would do (RFC 9110).
+        let answer = move |asked: axum::http::HeaderMap| async move {
+            let status = match asked.get(header::ACCEPT_ENCODING) {
+                Some(v) if v == "identity" => StatusCode::OK,
+                _ => StatusCode::NOT_ACCEPTABLE,
+            };
             (
+                status,
                 [
                     (header::CONTENT_TYPE, "application/json"),
                     (header::CONTENT_ENCODING, encoding),

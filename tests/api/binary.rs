@@ -99,7 +99,7 @@ async fn migrate_applies_the_schema_once() {
 #[tokio::test]
 async fn start_up_refuses_bad_configuration_clearly() {
     let db = fresh_db().await;
-    let cases: [(&str, &str, &str); 26] = [
+    let cases: [(&str, &str, &str); 27] = [
         (
             "PENDING_UPLOADS_BACKEND",
             "s3",
@@ -183,6 +183,11 @@ async fn start_up_refuses_bad_configuration_clearly() {
             "CORS_ALLOWED_ORIGINS",
             "https://user:pw@a.example.com",
             "CORS_ALLOWED_ORIGINS entry \"https://user:pw@a.example.com\" is not an origin",
+        ),
+        (
+            "CORS_ALLOWED_ORIGINS",
+            "https://@a.example.com",
+            "CORS_ALLOWED_ORIGINS entry \"https://@a.example.com\" is not an origin",
         ),
         ("DATABASE_MAX_CONNECTIONS", "0", "0 is not in 1..=10000"),
         // Places and quotas of 0 were taken: one connection for everyone, every upload 429.
@@ -695,8 +700,6 @@ impl TlsPostgres {
             "TLS cluster: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        // The reload is asynchronous: wait until plain TCP is refused.
-        std::thread::sleep(Duration::from_millis(500));
         TlsPostgres { dir, port }
     }
 
@@ -733,12 +736,25 @@ impl Drop for TlsPostgres {
 #[test]
 fn the_database_may_require_tls() {
     let pg = TlsPostgres::start();
-    let plain = command(&pg.url("sslmode=disable"))
-        .arg("migrate")
-        .output()
-        .unwrap();
-    assert!(!plain.status.success(), "the cluster takes TLS only");
+    // The reload that took plain TCP away is asynchronous: wait until it is refused.
+    let started = Instant::now();
+    loop {
+        let plain = command(&pg.url("sslmode=disable"))
+            .arg("migrate")
+            .output()
+            .unwrap();
+        if !plain.status.success() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "plain TCP taken"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     for params in [
+        // The default: TLS when the server offers it.
+        "sslmode=prefer".to_string(),
         "sslmode=require".to_string(),
         format!("sslmode=verify-full&sslrootcert={}", pg.ca()),
     ] {
@@ -754,7 +770,9 @@ fn the_database_may_require_tls() {
         .arg("migrate")
         .output()
         .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "an unknown issuer is refused");
+    assert!(err.contains("invalid peer certificate"), "{err}");
 }
 
 /// `openapi` into a full or closed stdout panicked (exit 101 and a backtrace; a red team's
