@@ -84,7 +84,7 @@ pub struct Unfinished {
 struct Walked {
     /// Orphans deleted.
     deleted: u64,
-    /// Objects no row points at that are not this deployment's to delete.
+    /// Objects under the prefix whose keys this service does not write.
     left_alone: u64,
 }
 
@@ -275,13 +275,34 @@ impl Sweeper {
                 event = "foreign_objects",
                 objects = walked.left_alone,
                 prefix = self.storage.s3().map(|s3| s3.prefix()),
-                "objects under the prefix that are not this deployment's (a workspace its database does not know, or a key it does not write) were left alone: does another deployment use the same PENDING_UPLOADS_S3_BUCKET and PENDING_UPLOADS_S3_PREFIX?"
+                "objects under the prefix whose keys this service does not write were left alone"
             );
         }
         let deleted = walked.deleted;
         result
             .map(|()| deleted)
             .map_err(|error| Unfinished { deleted, error })
+    }
+
+    /// Whether the bucket prefix is this database's: its marker names this deployment, or it
+    /// had none and now does. A second deployment given the same bucket and prefix (or a
+    /// `sweep` run against the wrong database) knew none of the first's rows and deleted every
+    /// live object of the first as an orphan (a red team): its walks now end here, each saying
+    /// why.
+    async fn own_the_prefix(&self) -> Result<(), crate::storage::StorageError> {
+        let fresh = Uuid::new_v4();
+        let ours = self
+            .db
+            .run(move |c| Box::pin(db::leases::deployment(c, fresh)))
+            .await?;
+        let owner = self.storage.claim_prefix(ours).await?;
+        if owner != ours {
+            return Err(crate::storage::StorageError::Unavailable(format!(
+                "the bucket prefix belongs to deployment {owner} (its marker object {}), not to this database's {ours}: another deployment uses the same PENDING_UPLOADS_S3_BUCKET and PENDING_UPLOADS_S3_PREFIX, and nothing under it is deleted",
+                self.storage.s3().map(|s3| s3.marker_key()).unwrap_or_default()
+            )));
+        }
+        Ok(())
     }
 
     /// [`Sweeper::reconcile`]'s walk, counting into `walked` as it goes: a walk that ends in
@@ -294,6 +315,12 @@ impl Sweeper {
         else {
             return Ok(());
         };
+        self.own_the_prefix().await?;
+        let marker = self
+            .storage
+            .s3()
+            .map(|s3| s3.marker_key())
+            .unwrap_or_default();
         let cutoff =
             chrono::Utc::now() - chrono::Duration::from_std(self.orphan_grace).unwrap_or_default();
         let mut failed_in_a_row = 0;
@@ -307,24 +334,17 @@ impl Sweeper {
             if old.is_empty() {
                 continue;
             }
-            // Only keys of the shape this service writes, of workspaces this database knows:
-            // a second deployment given the same bucket and prefix (or a `sweep` run against
-            // the wrong database) deleted every live file of the first as an orphan.
-            let (keys, workspaces): (Vec<String>, Vec<Uuid>) = old
-                .iter()
-                .filter_map(|k| Some((k.clone(), self.storage.workspace_of(k)?)))
-                .unzip();
-            walked.left_alone += (old.len() - keys.len()) as u64;
-            let unpointed = self
+            // Only keys of the shapes this service writes: an operator's file, or a
+            // deployment's under a longer prefix inside ours, is not an orphan of ours.
+            let (keys, others): (Vec<String>, Vec<String>) = old
+                .into_iter()
+                .partition(|k| self.storage.workspace_of(k).is_some());
+            walked.left_alone += others.iter().filter(|k| **k != marker).count() as u64;
+            let orphans = self
                 .db
-                .run(move |c| {
-                    Box::pin(async move { db::uploads::unpointed(c, &keys, &workspaces).await })
-                })
+                .run(move |c| Box::pin(async move { db::uploads::unpointed(c, &keys).await }))
                 .await?;
-            let (orphans, foreign): (Vec<_>, Vec<_>) =
-                unpointed.into_iter().partition(|(_, known)| *known);
-            walked.left_alone += foreign.len() as u64;
-            for (key, _) in &orphans {
+            for key in &orphans {
                 match self.storage.delete_object(key).await {
                     Ok(()) => {
                         failed_in_a_row = 0;

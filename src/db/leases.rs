@@ -39,3 +39,15 @@ pub async fn give_back(db: impl PgExecutor<'_>, name: &str, holder: Uuid) -> sql
         .await?;
     Ok(())
 }
+
+/// This database's deployment id (`pending_uploads_deployment`), made with `fresh` when it has
+/// none yet. Two makers at once: one row wins, and the other reads it.
+pub async fn deployment(db: &mut sqlx::PgConnection, fresh: Uuid) -> sqlx::Result<Uuid> {
+    sqlx::query("INSERT INTO pending_uploads_deployment (id) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(fresh)
+        .execute(&mut *db)
+        .await?;
+    sqlx::query_scalar("SELECT id FROM pending_uploads_deployment")
+        .fetch_one(db)
+        .await
+}

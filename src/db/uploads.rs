@@ -863,23 +863,13 @@ async fn update_checked(
 }
 
 /// Which of these keys some row still points at.
-/// Of `keys`, each an object of the workspace beside it, those no row points at, each with
-/// whether this database knows its workspace. Only those it knows are orphans the
-/// reconciliation may delete: an object of a workspace it does not know was written by
-/// another deployment sharing the bucket and prefix (or by this one, before its database was
-/// replaced), and is not its to delete.
-pub async fn unpointed(
-    db: impl PgExecutor<'_>,
-    keys: &[String],
-    workspaces: &[Uuid],
-) -> sqlx::Result<Vec<(String, bool)>> {
-    sqlx::query_as(
-        "SELECT k.key, EXISTS (SELECT 1 FROM workspaces w WHERE w.id = k.workspace_id)
-         FROM unnest($1::text[], $2::uuid[]) AS k(key, workspace_id)
+/// Of `keys`, those no row points at: orphans, once they are older than the grace.
+pub async fn unpointed(db: impl PgExecutor<'_>, keys: &[String]) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT k.key FROM unnest($1::text[]) AS k(key)
          WHERE NOT EXISTS (SELECT 1 FROM pending_uploads p WHERE p.s3_key = k.key)",
     )
     .bind(keys)
-    .bind(workspaces)
     .fetch_all(db)
     .await
 }

@@ -472,6 +472,11 @@ impl Storage {
         metrics::storage_op("s3", "delete", self.s3_or_err()?.delete_key(key)).await
     }
 
+    /// The deployment the bucket prefix belongs to ([`S3Backend::claim_prefix`]).
+    pub async fn claim_prefix(&self, ours: Uuid) -> Result<Uuid, StorageError> {
+        self.s3_or_err()?.claim_prefix(ours).await
+    }
+
     /// The workspace of an object key this service writes ([`S3Backend::workspace_of`]).
     pub fn workspace_of(&self, key: &str) -> Option<Uuid> {
         self.s3()?.workspace_of(key)

@@ -664,6 +664,66 @@ impl S3Backend {
         }))
     }
 
+    /// The key of the prefix's marker: the deployment whose objects are under it. Not of a
+    /// shape this service writes for files ([`S3Backend::workspace_of`]), so no walk deletes
+    /// it.
+    pub fn marker_key(&self) -> String {
+        format!("{}.deployment", self.prefix)
+    }
+
+    /// The deployment the prefix's marker names, written as `ours` first when there is none
+    /// (a deployment's first reconciliation claims its prefix). Read back after the write: of
+    /// two deployments claiming at once, the one whose marker stayed.
+    pub async fn claim_prefix(&self, ours: Uuid) -> Result<Uuid, StorageError> {
+        if let Some(found) = self.read_marker().await? {
+            return Ok(found);
+        }
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.marker_key())
+            .content_type("text/plain")
+            .body(ByteStream::from(ours.to_string().into_bytes()))
+            .send()
+            .await
+            .map_err(unavailable)?;
+        self.read_marker().await?.ok_or_else(|| {
+            StorageError::Unavailable(
+                "the prefix's marker was gone just after it was written".into(),
+            )
+        })
+    }
+
+    /// The deployment the marker names (nil when it holds anything but an id), `None` without
+    /// one. Its first bytes only: whatever someone wrote there is not read whole.
+    async fn read_marker(&self) -> Result<Option<Uuid>, StorageError> {
+        let got = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.marker_key())
+            .range("bytes=0-63")
+            .send()
+            .await;
+        let out = match got {
+            Ok(out) => out,
+            Err(e) if e.as_service_error().is_some_and(|se| se.is_no_such_key()) => {
+                return Ok(None)
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        let body = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| StorageError::Unavailable(e.to_string()))?
+            .into_bytes();
+        let id = std::str::from_utf8(&body)
+            .ok()
+            .and_then(|text| Uuid::try_parse(text.trim()).ok());
+        Ok(Some(id.unwrap_or(Uuid::nil())))
+    }
+
     pub async fn check(&self) -> Result<(), StorageError> {
         self.client
             .head_bucket()

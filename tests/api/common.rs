@@ -656,14 +656,18 @@ impl TestApp {
     }
 
     /// Keys under this app's prefix.
+    /// The objects under the app's prefix, but for the prefix's marker (which deployment
+    /// the prefix is, written by its first reconciliation): upload objects only.
     pub async fn object_keys(&self) -> Vec<String> {
         let s3 = self.storage.s3().expect("app has S3 configured");
+        let marker = s3.marker_key();
         let mut keys: Vec<String> = s3
             .list()
             .await
             .expect("list bucket")
             .into_iter()
             .map(|o| o.key)
+            .filter(|k| *k != marker)
             .collect();
         keys.sort();
         keys

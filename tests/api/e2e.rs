@@ -133,11 +133,14 @@ impl Env {
         let s3 = S3Backend::from_args(&args, std::time::Duration::from_secs(10))
             .await
             .unwrap();
+        // Upload objects: the prefix's marker (which deployment it is) is not one.
+        let marker = s3.marker_key();
         s3.list()
             .await
             .unwrap()
             .into_iter()
             .map(|o| o.key)
+            .filter(|k| *k != marker)
             .collect()
     }
 }

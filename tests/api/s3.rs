@@ -693,9 +693,11 @@ async fn sweeper_reconciles_orphans_and_two_sweepers_do_not_collide() {
 
 /// A second deployment given the same bucket and prefix (or a `sweep` run against the wrong
 /// database) took the first one's live objects for orphans, no row of its own pointing at
-/// them, and deleted them: the first's downloads then answered 404 (a red team). Only objects
-/// of workspaces its database knows, under keys of the shape it writes, are its to delete;
-/// the others are left alone, and said once a walk.
+/// them, and deleted them: the first's downloads then answered 404 (a red team). The first
+/// reconciliation of a deployment claims the prefix (a marker naming its database); another
+/// database's walks end there, each saying why, whatever workspaces the two share. Keys of
+/// shapes the service does not write are left alone; an orphan of a workspace the database
+/// does not know (the platform deleted its row) is still an orphan.
 #[tokio::test]
 async fn a_deployment_sharing_the_prefix_leaves_the_others_objects_alone() {
     let prefix = test_prefix();
@@ -710,8 +712,45 @@ async fn a_deployment_sharing_the_prefix_leaves_the_others_objects_alone() {
         )
         .await;
     let fid = file_id(&out[0]);
-    // An operator's file, and an object of a deployment under a longer prefix inside ours.
     let s3 = first.storage.s3().unwrap();
+    let eager = |app: &TestApp| Sweeper {
+        orphan_grace: Duration::ZERO,
+        ..zero_retention(app)
+    };
+    assert_eq!(
+        eager(&first).reconcile().await.unwrap(),
+        0,
+        "claims the prefix"
+    );
+
+    // The second: a database of its own, the same bucket and prefix, and the same workspace
+    // (ids are the registrant's to choose), with an orphan of that workspace.
+    let second = TestApp::start_s3(fresh_db().await, "s3", &prefix).await;
+    let resp = second
+        .client
+        .post(second.at("/registry/register"))
+        .json(&json!({"id": ws, "delivery_mode": "poll"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let shared_orphan = put_orphan(s3, ws).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let refused = eager(&second).reconcile().await.unwrap_err();
+    assert_eq!(refused.deleted, 0);
+    assert!(
+        refused.error.to_string().contains("belongs to deployment"),
+        "{}",
+        refused.error
+    );
+    let left: BTreeSet<String> = first.object_keys().await.into_iter().collect();
+    assert!(left.contains(&s3.key_for(ws, fid)), "{left:?}");
+    let resp = fetch(&first, ws, &token, fid).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.bytes().await.unwrap() == data);
+
+    // The first's own walk: its orphans go, one of a workspace it does not know too; an
+    // operator's file and a deployment's under a longer prefix inside ours stay.
     let strangers = [
         format!("{prefix}README.txt"),
         format!("{prefix}inner/{}/{}", Uuid::new_v4(), Uuid::new_v4()),
@@ -719,27 +758,13 @@ async fn a_deployment_sharing_the_prefix_leaves_the_others_objects_alone() {
     for key in &strangers {
         put_object_at(s3, key).await;
     }
-    // The second deployment: a database of its own, the same bucket and prefix, and an orphan
-    // of its own workspace.
-    let second = TestApp::start_s3(fresh_db().await, "s3", &prefix).await;
-    let (own_ws, _) = second.poll_workspace().await;
-    let own = put_orphan(second.storage.s3().unwrap(), own_ws).await;
+    let unknown_workspace = put_orphan(s3, Uuid::new_v4()).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let eager = Sweeper {
-        orphan_grace: Duration::ZERO,
-        ..zero_retention(&second)
-    };
-    assert_eq!(eager.reconcile().await.unwrap(), 1, "its own orphan, only");
-    let left: BTreeSet<String> = second.object_keys().await.into_iter().collect();
-    assert!(!left.contains(&own));
-    assert!(left.contains(&s3.key_for(ws, fid)), "{left:?}");
+    assert_eq!(eager(&first).reconcile().await.unwrap(), 2);
+    let left: BTreeSet<String> = first.object_keys().await.into_iter().collect();
+    assert!(!left.contains(&shared_orphan) && !left.contains(&unknown_workspace));
     for key in &strangers {
         assert!(left.contains(key), "{key}: {left:?}");
-    }
-    let resp = fetch(&first, ws, &token, fid).await;
-    assert_eq!(resp.status(), StatusCode::OK);
-    assert!(resp.bytes().await.unwrap() == data);
-    for key in &strangers {
         first.storage.delete_object(key).await.unwrap();
     }
     sweep_all_and_assert_bucket_empty(&first).await;
@@ -758,12 +783,13 @@ async fn a_reconciliation_that_fails_half_way_counts_what_it_deleted() {
         put_orphan(s3, ws).await;
     }
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    // S3 freezes half-way through the walk: its second listing page never comes.
+    // S3 freezes half-way through the walk: its third listing page never comes (the first
+    // holds the prefix's marker, which sorts first; the second an orphan).
     let lists = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = lists.clone();
     let hook: ProxyHook = Arc::new(move |piece: &[u8]| {
         let listing = piece.windows(11).any(|w| w == b"list-type=2");
-        let frozen = listing && counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 1;
+        let frozen = listing && counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 2;
         Box::pin(async move {
             if frozen {
                 std::future::pending::<()>().await;
@@ -781,7 +807,7 @@ async fn a_reconciliation_that_fails_half_way_counts_what_it_deleted() {
         ..zero_retention(&freezing)
     };
     let stats = sweeper.run_once().await.unwrap();
-    assert!(lists.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    assert!(lists.load(std::sync::atomic::Ordering::SeqCst) >= 3);
     assert_eq!((stats.orphans_deleted, stats.orphans_failed), (1, true));
     assert_eq!(app.object_keys().await.len(), 2, "one orphan went");
     let eager = Sweeper {

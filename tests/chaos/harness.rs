@@ -413,7 +413,7 @@ impl S3s {
         aws_sdk_s3::Client::from_conf(conf)
     }
 
-    /// Every key under the service's prefix.
+    /// Every key under the service's prefix but its marker.
     pub async fn keys(&self) -> Vec<String> {
         let client = self.client();
         let mut keys = Vec::new();
@@ -427,10 +427,13 @@ impl S3s {
                 .send()
                 .await
                 .expect("list the chaos bucket");
+            // The prefix's marker (which deployment it is) is no upload's object.
+            let marker = format!("{PREFIX}.deployment");
             keys.extend(
                 page.contents()
                     .iter()
-                    .filter_map(|o| o.key().map(str::to_string)),
+                    .filter_map(|o| o.key().map(str::to_string))
+                    .filter(|k| *k != marker),
             );
             token = page.next_continuation_token().map(str::to_string);
             if token.is_none() {
