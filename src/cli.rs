@@ -264,13 +264,12 @@ pub fn init_tracing(format: &str, lines_per_second: u64) {
     let wanted = std::env::var_os("RUST_LOG")
         .map(|v| v.to_string_lossy().into_owned())
         .filter(|v| !v.trim().is_empty());
-    let parsed = wanted
-        .as_deref()
-        .map(|v| (v, tracing_subscriber::EnvFilter::try_new(v)));
-    let (filter, unreadable) = match parsed {
-        Some((_, Ok(filter))) => (filter, None),
-        Some((raw, Err(e))) => (default_filter(), Some((raw.to_string(), e.to_string()))),
+    let (filter, unreadable) = match wanted {
         None => (default_filter(), None),
+        Some(raw) => match tracing_subscriber::EnvFilter::try_new(&raw) {
+            Ok(filter) => (filter, None),
+            Err(e) => (default_filter(), Some((raw, e.to_string()))),
+        },
     };
     // Colours only on a terminal, and not there either under NO_COLOR (no-color.org): in a
     // file or a collector's pipe the escapes are noise that line-based tools trip over.

@@ -289,7 +289,7 @@ impl Sweeper {
     /// `sweep` run against the wrong database) knew none of the first's rows and deleted every
     /// live object of the first as an orphan (a red team): its walks now end here, each saying
     /// why.
-    async fn own_the_prefix(&self) -> Result<(), crate::storage::StorageError> {
+    async fn own_the_prefix(&self, marker: &str) -> Result<(), crate::storage::StorageError> {
         let fresh = Uuid::new_v4();
         let ours = self
             .db
@@ -298,8 +298,7 @@ impl Sweeper {
         let owner = self.storage.claim_prefix(ours).await?;
         if owner != ours {
             return Err(crate::storage::StorageError::Unavailable(format!(
-                "the bucket prefix belongs to deployment {owner} (its marker object {}), not to this database's {ours}: another deployment uses the same PENDING_UPLOADS_S3_BUCKET and PENDING_UPLOADS_S3_PREFIX, and nothing under it is deleted",
-                self.storage.s3().map(|s3| s3.marker_key()).unwrap_or_default()
+                "the bucket prefix belongs to deployment {owner} (its marker object {marker}), not to this database's {ours}: another deployment uses the same PENDING_UPLOADS_S3_BUCKET and PENDING_UPLOADS_S3_PREFIX, and nothing under it is deleted"
             )));
         }
         Ok(())
@@ -315,12 +314,12 @@ impl Sweeper {
         else {
             return Ok(());
         };
-        self.own_the_prefix().await?;
         let marker = self
             .storage
             .s3()
             .map(|s3| s3.marker_key())
             .unwrap_or_default();
+        self.own_the_prefix(&marker).await?;
         let cutoff =
             chrono::Utc::now() - chrono::Duration::from_std(self.orphan_grace).unwrap_or_default();
         let mut failed_in_a_row = 0;
@@ -336,9 +335,8 @@ impl Sweeper {
             }
             // Only keys of the shapes this service writes: an operator's file, or a
             // deployment's under a longer prefix inside ours, is not an orphan of ours.
-            let (keys, others): (Vec<String>, Vec<String>) = old
-                .into_iter()
-                .partition(|k| self.storage.workspace_of(k).is_some());
+            let (keys, others): (Vec<String>, Vec<String>) =
+                old.into_iter().partition(|k| self.storage.writes_key(k));
             walked.left_alone += others.iter().filter(|k| **k != marker).count() as u64;
             let orphans = self
                 .db

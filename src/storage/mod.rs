@@ -477,9 +477,9 @@ impl Storage {
         self.s3_or_err()?.claim_prefix(ours).await
     }
 
-    /// The workspace of an object key this service writes ([`S3Backend::workspace_of`]).
-    pub fn workspace_of(&self, key: &str) -> Option<Uuid> {
-        self.s3()?.workspace_of(key)
+    /// Whether an object key has a shape this service writes ([`S3Backend::writes_key`]).
+    pub fn writes_key(&self, key: &str) -> bool {
+        self.s3().is_some_and(|s3| s3.writes_key(key))
     }
 
     /// The objects the orphan reconciliation may judge, a listing page at a time: `None`

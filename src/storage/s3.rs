@@ -222,22 +222,24 @@ impl S3Backend {
         format!("{}{}/{}", self.prefix, workspace_id, file_id)
     }
 
-    /// The workspace of a key this service writes ([`S3Backend::key_for`],
-    /// [`S3Backend::key_for_copy`]), or `None` for a key of any other shape: one that is not
-    /// ours to delete (a deployment under a longer prefix inside ours, an operator's file).
-    pub fn workspace_of(&self, key: &str) -> Option<Uuid> {
-        let (workspace, file) = key.strip_prefix(&self.prefix)?.split_once('/')?;
-        let canonical = |text: &str| Uuid::try_parse(text).ok().filter(|u| u.to_string() == text);
+    /// Whether `key` has a shape this service writes ([`S3Backend::key_for`],
+    /// [`S3Backend::key_for_copy`]): any other key under the prefix is not ours to delete (a
+    /// deployment under a longer prefix inside ours, an operator's file, the prefix's marker).
+    pub fn writes_key(&self, key: &str) -> bool {
+        let Some((workspace, file)) = key
+            .strip_prefix(&self.prefix)
+            .and_then(|rest| rest.split_once('/'))
+        else {
+            return false;
+        };
+        let canonical = |text: &str| Uuid::try_parse(text).is_ok_and(|u| u.to_string() == text);
         let (file, attempt) = match file.split_once('.') {
             Some((file, attempt)) => (file, Some(attempt)),
             None => (file, None),
         };
         let attempt_ok =
             attempt.is_none_or(|a| Uuid::try_parse(a).is_ok_and(|u| u.simple().to_string() == a));
-        if canonical(file).is_none() || !attempt_ok {
-            return None;
-        }
-        canonical(workspace)
+        canonical(workspace) && canonical(file) && attempt_ok
     }
 
     /// The key of one backfill attempt's copy of a row: a key of its own per attempt. An
@@ -665,7 +667,7 @@ impl S3Backend {
     }
 
     /// The key of the prefix's marker: the deployment whose objects are under it. Not of a
-    /// shape this service writes for files ([`S3Backend::workspace_of`]), so no walk deletes
+    /// shape this service writes for files ([`S3Backend::writes_key`]), so no walk deletes
     /// it.
     pub fn marker_key(&self) -> String {
         format!("{}.deployment", self.prefix)
