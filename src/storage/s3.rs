@@ -674,21 +674,34 @@ impl S3Backend {
     }
 
     /// The deployment the prefix's marker names, written as `ours` first when there is none
-    /// (a deployment's first reconciliation claims its prefix). Read back after the write: of
-    /// two deployments claiming at once, the one whose marker stayed.
+    /// (a deployment's first reconciliation claims its prefix). The write is conditional
+    /// (`If-None-Match: *`): of two deployments claiming at once, the second's write fails
+    /// with 412 (or 409 while the first's is in flight) and both read back the first's marker.
+    /// A server that ignores the condition lets the later write win; the read-back then
+    /// names the one whose marker stayed.
     pub async fn claim_prefix(&self, ours: Uuid) -> Result<Uuid, StorageError> {
         if let Some(found) = self.read_marker().await? {
             return Ok(found);
         }
-        self.client
+        let written = self
+            .client
             .put_object()
             .bucket(&self.bucket)
             .key(self.marker_key())
+            .if_none_match("*")
             .content_type("text/plain")
             .body(ByteStream::from(ours.to_string().into_bytes()))
             .send()
-            .await
-            .map_err(unavailable)?;
+            .await;
+        match written {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_response().map(|r| r.status().as_u16()),
+                    Some(409 | 412)
+                ) => {}
+            Err(e) => return Err(unavailable(e)),
+        }
         self.read_marker().await?.ok_or_else(|| {
             StorageError::Unavailable(
                 "the prefix's marker was gone just after it was written".into(),

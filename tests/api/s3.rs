@@ -770,6 +770,64 @@ async fn a_deployment_sharing_the_prefix_leaves_the_others_objects_alone() {
     sweep_all_and_assert_bucket_empty(&first).await;
 }
 
+/// Two deployments whose first walks run at once: both read "no marker", and the later
+/// write replaced the earlier's marker, so both reconciled (each took the other's objects
+/// for orphans) until the loser's next walk. The write is conditional now: the later one
+/// finds the marker there and deletes nothing.
+#[tokio::test]
+async fn two_first_walks_at_once_leave_the_prefix_to_one() {
+    let prefix = test_prefix();
+    let first = TestApp::start_s3(fresh_db().await, "s3", &prefix).await;
+    let first_id = Uuid::new_v4();
+    // The second's marker write waits until the first's marker is there: the first claims
+    // between the second's read and its write.
+    let claimed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let storage = first.storage.clone();
+    let hook: ProxyHook = Arc::new(move |piece: &[u8]| {
+        let marker_write =
+            piece.starts_with(b"PUT ") && piece.windows(11).any(|w| w == b".deployment");
+        let first_claims = marker_write && !claimed.swap(true, std::sync::atomic::Ordering::SeqCst);
+        let storage = storage.clone();
+        Box::pin(async move {
+            if first_claims {
+                assert_eq!(storage.claim_prefix(first_id).await.unwrap(), first_id);
+            }
+        })
+    });
+    let (endpoint, _) = s3_endpoint();
+    let flags = s3_flags("s3", &prefix, &proxy(&endpoint, hook).await);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let second = TestApp::start_on(fresh_db().await, &flags).await;
+    let (ws, _) = second.poll_workspace().await;
+    let orphan = put_orphan(first.storage.s3().unwrap(), ws).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let refused = Sweeper {
+        orphan_grace: Duration::ZERO,
+        ..zero_retention(&second)
+    }
+    .reconcile()
+    .await
+    .unwrap_err();
+    assert_eq!(refused.deleted, 0);
+    let said = refused.error.to_string();
+    assert!(
+        said.contains(&format!("belongs to deployment {first_id}")),
+        "{said}"
+    );
+    assert_eq!(
+        first.storage.claim_prefix(Uuid::new_v4()).await.unwrap(),
+        first_id,
+        "the first's marker stayed"
+    );
+    assert!(first.object_keys().await.contains(&orphan));
+    first.storage.delete_object(&orphan).await.unwrap();
+    first
+        .storage
+        .delete_object(&first.storage.s3().unwrap().marker_key())
+        .await
+        .unwrap();
+}
+
 /// A reconciliation that deleted orphans and then failed said it deleted none
 /// (`orphans_deleted: 0` in a `sweep` run's report): what it deleted before counts.
 #[tokio::test]
