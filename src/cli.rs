@@ -413,6 +413,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 !stats.orphans_failed,
                 "the orphan reconciliation failed (logged above): rows were swept, orphans not"
             );
+            // The same for objects whose rows went (S3 down, or no bucket set): exit 0 hid
+            // that they are left until a reconciliation with S3 reachable deletes them.
+            anyhow::ensure!(
+                stats.object_errors == 0,
+                "{} swept rows' S3 objects could not be deleted (logged above): the orphan reconciliation deletes them once S3 is reachable with PENDING_UPLOADS_S3_BUCKET set",
+                stats.object_errors
+            );
             Ok(())
         }
     }

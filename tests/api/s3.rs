@@ -2278,6 +2278,49 @@ async fn a_sweep_whose_reconciliation_failed_says_so_and_fails() {
     );
 }
 
+/// A `sweep` run without the bucket setting swept rows whose objects it could not delete
+/// and exited 0 (a red team): its report's `object_errors` was the only sign. It exits 1 now.
+#[tokio::test]
+async fn a_sweep_that_left_objects_behind_fails() {
+    let prefix = test_prefix();
+    let db = fresh_db().await;
+    let app = TestApp::start_s3(db.clone(), "s3", &prefix).await;
+    let (ws, token) = app.poll_workspace().await;
+    let out = app
+        .upload_ok(
+            ws,
+            &token,
+            &[("a.bin", "application/octet-stream", bytes(100, 2))],
+        )
+        .await;
+    let key = app.storage.s3().unwrap().key_for(ws, file_id(&out[0]));
+    sqlx::query("UPDATE pending_uploads SET expires_at = now() - interval '1 second'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let out = cli(&db, &prefix, &["sweep"])
+        .env_remove("PENDING_UPLOADS_S3_BUCKET")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let report = stdout_json(&out);
+    assert_eq!(
+        (
+            report["swept_rows"].as_u64(),
+            report["object_errors"].as_u64()
+        ),
+        (Some(1), Some(1)),
+        "{report}"
+    );
+    assert!(
+        stderr.contains("1 swept rows' S3 objects could not be deleted"),
+        "{stderr}"
+    );
+    assert!(app.object_keys().await.contains(&key));
+    app.storage.delete_object(&key).await.unwrap();
+}
+
 /// SPEC §8, counts by backend: a row with both copies was counted `dual` staged and acked,
 /// and `s3` swept (a red team), so acked minus swept drifted per backend on a dashboard.
 #[tokio::test]
