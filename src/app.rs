@@ -298,15 +298,24 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     let batches = Batches::start(&service.state);
     let state = service.state.clone();
+    let (first_signal, first_at) = tokio::sync::oneshot::channel();
     let shutdown = async move {
         shutdown_signal().await;
+        let _ = first_signal.send(tokio::time::Instant::now());
         state.stop_accepting();
         tracing::info!("shutdown requested: draining");
+    };
+    let cut_drain = async move {
+        match first_at.await {
+            Ok(first) => second_signal(first).await,
+            Err(_) => std::future::pending().await,
+        }
     };
     http::serve(
         listener,
         service.router,
         shutdown,
+        cut_drain,
         serve_options(&args, DRAIN_DEADLINE),
     )
     .await?;
@@ -472,24 +481,69 @@ async fn refresh_gauges_forever(db: Db, stored: Arc<Stored>, swept: Arc<tokio::s
     }
 }
 
-/// SIGINT or SIGTERM.
+/// SIGINT, SIGTERM, or SIGHUP (a closed terminal: it stopped the process with no drain) unless
+/// the process started with SIGHUP ignored: a handler would replace the ignore that `nohup`
+/// set, and closing the terminal would then stop what the operator meant to outlive it.
 pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+        use tokio::signal::unix::{signal, SignalKind};
+        let hup_ignored = hangup_ignored();
+        let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            // Registered only when it is not ignored; a stream that never yields otherwise.
+            match hup_ignored {
+                false => signal(SignalKind::hangup()).map(Some),
+                true => Ok(None),
+            },
+        ) else {
+            let _ = ctrl_c.await;
+            return;
+        };
+        let hangup = async {
+            match hup.as_mut() {
+                Some(hup) => hup.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},
+            _ = hangup => {},
         }
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// Whether SIGHUP was ignored when the process started. Read once, before the first handler
+/// is installed: after it, the disposition is the handler's.
+#[cfg(unix)]
+fn hangup_ignored() -> bool {
+    static IGNORED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *IGNORED.get_or_init(|| {
+        // SAFETY: a query (no new action): the kernel writes the current one into `old`.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut old) == 0
+                && old.sa_sigaction == libc::SIG_IGN
+        }
+    })
+}
+
+/// One event can deliver its signal twice (a terminal's SIGHUP reaches the process and again
+/// through its shell; a wrapper forwards the Ctrl-C the terminal already sent): a signal this
+/// soon after the first is that first one again.
+const SIGNAL_REPEAT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A shutdown signal that is not a repeat of the first, taken at `first`: the operator asks
+/// again, and the drain ends at once.
+pub(crate) async fn second_signal(first: tokio::time::Instant) {
+    loop {
+        shutdown_signal().await;
+        if first.elapsed() >= SIGNAL_REPEAT {
+            return;
+        }
+    }
 }

@@ -367,6 +367,7 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()>,
+    cut_drain: impl Future<Output = ()>,
     opts: ServeOptions,
 ) -> std::io::Result<()> {
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -488,11 +489,15 @@ pub async fn serve(
     tracing::info!(in_flight = open, "draining connections");
     let _ = stop.send(true);
     let all_closed = connections.acquire_many(places as u32);
-    if tokio::time::timeout(opts.drain_deadline, all_closed)
-        .await
-        .is_err()
-    {
-        tracing::warn!("drain deadline passed; closing remaining connections");
+    tokio::select! {
+        drained = tokio::time::timeout(opts.drain_deadline, all_closed) => {
+            if drained.is_err() {
+                tracing::warn!("drain deadline passed; closing remaining connections");
+            }
+        }
+        () = cut_drain => {
+            tracing::warn!(in_flight = places - connections.available_permits(), "a second shutdown signal: closing remaining connections now");
+        }
     }
     Ok(())
 }

@@ -2697,6 +2697,89 @@ async fn too_low_an_open_file_limit_is_said_at_start_up() {
     );
 }
 
+/// Sends `signal` (`-TERM`, `-HUP`) to the service.
+fn signal(svc: &Svc, signal: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([signal, &svc.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// An upload whose body stops half-way: it holds its connection through a drain.
+async fn stalled_upload(svc: &Svc) -> TcpStream {
+    let (ws, token) = register_poll(&svc.base).await;
+    let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
+    sock.write_all(upload_head(svc, ws, &token, 1 << 20).as_bytes())
+        .await
+        .unwrap();
+    sock.write_all(
+        b"--XB\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a\"\r\n\r\nab",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sock
+}
+
+/// A second SIGTERM during the drain ends it at once: it was ignored, and an operator's second
+/// Ctrl-C waited out the 30 s deadline. The same signal again within a second is one event
+/// delivered twice (a wrapper forwarding the Ctrl-C the terminal sent) and does not.
+#[tokio::test]
+async fn a_second_signal_ends_the_drain_and_a_repeat_does_not() {
+    let mut svc = Svc::start(&[]).await;
+    let _held = stalled_upload(&svc).await;
+    signal(&svc, "-TERM");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    signal(&svc, "-TERM");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let alive = std::path::Path::new(&format!("/proc/{}", svc.pid())).exists()
+        && std::fs::read_to_string(format!("/proc/{}/stat", svc.pid()))
+            .is_ok_and(|stat| !stat.contains(") Z "));
+    assert!(alive, "a repeat within a second ended the drain");
+    let started = Instant::now();
+    signal(&svc, "-TERM");
+    let out = svc.running.terminate_wait().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "still draining {:?} after the second signal",
+        started.elapsed()
+    );
+    assert!(out.status.success());
+    let lines = log_lines(&out.stderr);
+    assert!(lines
+        .iter()
+        .any(|l| l["message"] == "a second shutdown signal: closing remaining connections now"));
+}
+
+/// SIGHUP (a closed terminal) drains as SIGTERM does: it killed the process with no drain
+/// (exit 129; a red team). Under `nohup`, which ignores SIGHUP, it stays ignored: a handler
+/// would replace the ignore, and closing the terminal would stop the service.
+#[tokio::test]
+async fn a_hangup_drains_unless_it_was_ignored() {
+    let mut svc = Svc::start(&[]).await;
+    signal(&svc, "-HUP");
+    let out = svc.running.terminate_wait().await;
+    assert_eq!(out.status.code(), Some(0), "drained and stopped");
+    assert!(log_lines(&out.stderr)
+        .iter()
+        .any(|l| l["message"] == "stopped"));
+
+    let wrap = vec!["nohup".to_string(), service_bin()];
+    let mut svc = Svc::start_on(fresh_db().await, &[], Some(wrap)).await;
+    signal(&svc, "-HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let health = reqwest::get(svc.at("/healthz")).await.unwrap();
+    assert_eq!(
+        health.status(),
+        StatusCode::OK,
+        "still serving after the hangup"
+    );
+    signal(&svc, "-TERM");
+    let out = svc.running.terminate_wait().await;
+    assert_eq!(out.status.code(), Some(0));
+}
+
 /// MAX_LONG_POLLS at or above MAX_CONNECTIONS lets waiting polls hold every connection
 /// (README: keep it below); it was taken without a word (a red team). Said at start-up now.
 #[tokio::test]

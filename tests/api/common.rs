@@ -229,9 +229,15 @@ impl TestApp {
         let router = service.router.clone();
         let opts = app::serve_options(&args, Duration::from_secs(1));
         let server = tokio::spawn(async move {
-            http::serve(listener, router, std::future::pending(), opts)
-                .await
-                .unwrap();
+            http::serve(
+                listener,
+                router,
+                std::future::pending(),
+                std::future::pending(),
+                opts,
+            )
+            .await
+            .unwrap();
         });
         TestApp {
             url,
