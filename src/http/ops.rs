@@ -116,7 +116,7 @@ fn not_ready(body: Readiness) -> Response {
     get,
     path = "/uploads/limits",
     tag = "operations",
-    summary = "Upload caps every client reads",
+    summary = "Upload caps, for a client to check before it sends",
     security(),
     responses(
         (status = 200, description = "OK", body = Limits),

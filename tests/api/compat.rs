@@ -10,8 +10,9 @@ use uuid::Uuid;
 
 use crate::common::*;
 
-/// A request as the runtime and the plugin send it: the bearer and `Origin: <PLATFORM_URL>` on
-/// every call (platform_auth.py `auth_headers`); an Origin is never a reason to refuse.
+/// A request as the runtime and the plugin send it: the bearer (platform_auth.py
+/// `auth_headers`), and `Origin: <PLATFORM_URL>`, which its register and heartbeat add
+/// (mcp_heartbeat.py), sent here on every call: an Origin is never a reason to refuse.
 async fn runtime_send(app: &TestApp, method: Method, path: &str, token: &str) -> reqwest::Response {
     app.client
         .request(method, app.at(path))
