@@ -296,6 +296,30 @@ impl Metrics {
             names: r.names,
             registry: r.registry,
         }
+        .with_alerted_series()
+    }
+
+    /// The series the alert rules take `increase`/`rate` of, at 0 from the start: a labelled
+    /// family shows nothing until its first event, so "no sweep pass for 30 minutes" could
+    /// never fire for a replica whose sweeper never ran, and the first error of a series
+    /// was not an increase (its first sample was already 1).
+    fn with_alerted_series(self) -> Metrics {
+        for outcome in ["ok", "error"] {
+            self.sweep_runs.with_label_values(&[outcome]);
+        }
+        let operations = [
+            ("bytea", "get"),
+            ("s3", "put"),
+            ("s3", "get"),
+            ("s3", "head"),
+            ("s3", "delete"),
+            ("s3", "list"),
+        ];
+        for (backend, operation) in operations {
+            self.storage_errors.with_label_values(&[backend, operation]);
+        }
+        self.storage_fallbacks.with_label_values(&["get"]);
+        self
     }
 
     /// The fully qualified name of every metric family (histograms without their

@@ -2780,6 +2780,25 @@ async fn a_hangup_drains_unless_it_was_ignored() {
     assert_eq!(out.status.code(), Some(0));
 }
 
+/// The series the alert rules take `increase`/`rate` of are there at 0 from the start: a
+/// labelled family showed nothing until its first event (an operator probe), so
+/// `PendingUploadsSweepStalled` (`sum(increase(sweep_runs_total[30m])) == 0`) could not
+/// fire for a replica whose sweeper never ran, and a first error was no increase.
+#[tokio::test]
+async fn the_series_alerts_watch_are_exported_before_their_first_event() {
+    let svc = Svc::start(&[("SWEEP_INTERVAL", "1h")]).await;
+    let text = scrape_metrics(&svc.base).await;
+    for series in [
+        r#"pending_uploads_sweep_runs_total{outcome="error"}"#,
+        r#"pending_uploads_storage_errors_total{backend="bytea",operation="get"}"#,
+        r#"pending_uploads_storage_errors_total{backend="s3",operation="put"}"#,
+        r#"pending_uploads_storage_errors_total{backend="s3",operation="list"}"#,
+        r#"pending_uploads_storage_fallbacks_total{operation="get"}"#,
+    ] {
+        assert_eq!(metric_value(&text, series), Some(0.0), "{series}:\n{text}");
+    }
+}
+
 /// MAX_LONG_POLLS at or above MAX_CONNECTIONS lets waiting polls hold every connection
 /// (README: keep it below); it was taken without a word (a red team). Said at start-up now.
 #[tokio::test]
