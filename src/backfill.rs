@@ -62,9 +62,10 @@ pub async fn backfill(
     spool_dir: &Path,
     opts: &BackfillOptions,
 ) -> anyhow::Result<BackfillReport> {
-    if storage.s3().is_none() {
+    let Some(s3) = storage.s3() else {
         anyhow::bail!("backfill needs PENDING_UPLOADS_S3_BUCKET");
-    }
+    };
+    s3.require_bucket().await?;
     let started = Instant::now();
     let (rows_total, bytes_total) = db
         .run(|c| Box::pin(db::uploads::bytea_only_totals(c)))

@@ -376,6 +376,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                      set PENDING_UPLOADS_S3_BUCKET and the S3 settings the service uses"
                 );
             };
+            s3.require_bucket().await?;
             let report = crate::contract::contract(&db, s3, batch_size).await?;
             println!("{}", serde_json::to_string(&report)?);
             if report.missing_copies > 0 {

@@ -739,6 +739,22 @@ impl S3Backend {
         Ok(Some(id.unwrap_or(Uuid::nil())))
     }
 
+    /// Stops a migration run whose bucket is not there: every row then failed as if S3 were
+    /// down for a moment (`S3 unavailable for N rows in a row`), with the cause only in the
+    /// logs. Other failures are left to the run's own handling of an unavailable S3.
+    pub async fn require_bucket(&self) -> anyhow::Result<()> {
+        let headed = self.client.head_bucket().bucket(&self.bucket).send().await;
+        match headed {
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => {
+                anyhow::bail!(
+                    "the bucket {} does not exist: check PENDING_UPLOADS_S3_BUCKET and the endpoint",
+                    self.bucket
+                )
+            }
+            _ => Ok(()),
+        }
+    }
+
     pub async fn check(&self) -> Result<(), StorageError> {
         self.client
             .head_bucket()

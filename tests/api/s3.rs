@@ -2278,6 +2278,38 @@ async fn a_sweep_whose_reconciliation_failed_says_so_and_fails() {
     );
 }
 
+/// `backfill` and `contract` against a bucket that is not there failed every row as if S3
+/// were down for a moment (`S3 unavailable for 4 rows in a row`; an operator red team): they
+/// say so and stop before the first row.
+#[tokio::test]
+async fn migration_runs_against_a_missing_bucket_say_so() {
+    let prefix = test_prefix();
+    let db = fresh_db().await;
+    let app = TestApp::start_on(db.clone(), &[]).await;
+    let (ws, token) = app.poll_workspace().await;
+    app.upload_ok(ws, &token, &[("a.txt", "text/plain", bytes(10, 1))])
+        .await;
+    let missing = format!("no-such-bucket-{}", Uuid::new_v4().simple());
+    for args in [&["backfill", "--no-progress"][..], &["contract"]] {
+        let out = cli(&db, &prefix, args)
+            .env("PENDING_UPLOADS_S3_BUCKET", &missing)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("the bucket {missing} does not exist")),
+            "{args:?}: {stderr}"
+        );
+    }
+    let copied: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pending_uploads WHERE s3_key IS NOT NULL")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(copied, 0);
+}
+
 /// A `sweep` run without the bucket setting swept rows whose objects it could not delete
 /// and exited 0 (a red team): its report's `object_errors` was the only sign. It exits 1 now.
 #[tokio::test]
