@@ -154,6 +154,9 @@ struct Unanswered {
     client: Option<std::net::IpAddr>,
     backend: &'static str,
     armed: std::sync::atomic::AtomicBool,
+    /// The replica's `accepting` flag: false once a shutdown began, whose drain's end also
+    /// drops an unanswered upload.
+    accepting: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Unanswered {
@@ -169,9 +172,13 @@ impl Drop for Unanswered {
             return;
         }
         let client = self.client.map(|c| c.to_string());
+        let error = match self.accepting.load(std::sync::atomic::Ordering::SeqCst) {
+            true => "the client went away before its answer",
+            false => "the client went away, or the shutdown's drain ended, before its answer",
+        };
         tracing::info!(
             event = "failed", workspace_id = %self.workspace_id, client = client.as_deref(),
-            error = "the client went away before its answer", "upload abandoned"
+            error, "upload abandoned"
         );
         metrics()
             .files_staged
@@ -207,6 +214,7 @@ async fn stage(
         client,
         backend,
         armed: std::sync::atomic::AtomicBool::new(true),
+        accepting: st.accepting.clone(),
     };
     // Every refusal below goes through here: it is the upload's one line.
     let rejected = |e: ApiError| {

@@ -2750,6 +2750,13 @@ async fn a_second_signal_ends_the_drain_and_a_repeat_does_not() {
     assert!(lines
         .iter()
         .any(|l| l["message"] == "a second shutdown signal: closing remaining connections now"));
+    // The upload the drain's end dropped is not said to be its client's doing alone.
+    assert!(
+        lines.iter().any(|l| l["message"] == "upload abandoned"
+            && l["error"]
+                == "the client went away, or the shutdown's drain ended, before its answer"),
+        "{lines:#?}"
+    );
 }
 
 /// SIGHUP (a closed terminal) drains as SIGTERM does: it killed the process with no drain
