@@ -300,35 +300,81 @@ async fn fetch(
     }
 }
 
-/// `include=peer_info`: each row gets `attachments` when it refers to a file (the platform's
-/// projection of a flat upload manifest, which the runtimes read).
+/// `include=peer_info`: each row gets `attachments` when it refers to files, as the platform
+/// projects them (enteros-core `extractAttachmentsFromRequestBody`), so a feed over a database
+/// the platform also writes shows the files of its `message/send` rows too: the file parts of
+/// an A2A message, else a flat upload manifest.
 fn project(mut rows: Vec<ActivityRow>, q: &FeedQuery) -> Vec<ActivityRow> {
     if q.peer_info {
         for row in &mut rows {
-            row.attachments = row
-                .request_body
-                .as_ref()
-                .and_then(attachment_of)
-                .map(|a| vec![a]);
+            row.attachments = row.request_body.as_ref().and_then(attachments_of);
         }
     }
     rows
 }
 
-fn attachment_of(body: &Value) -> Option<Attachment> {
-    let text = |k: &str| {
-        body.get(k)
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
+fn attachments_of(body: &Value) -> Option<Vec<Attachment>> {
+    let from_parts = message_part_attachments(body);
+    if !from_parts.is_empty() {
+        return Some(from_parts);
+    }
+    manifest_attachment(body).map(|a| vec![a])
+}
+
+/// A non-empty string field of `v`.
+fn text<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
+}
+
+/// The file, image, audio and video parts of `params.message.parts` (the A2A message shape):
+/// the kind from `kind` (`type` in older senders), the fields from the part's `file` object
+/// or the part itself; a part with neither uri nor name says nothing and is left out.
+fn message_part_attachments(body: &Value) -> Vec<Attachment> {
+    let Some(parts) = body
+        .pointer("/params/message/parts")
+        .and_then(Value::as_array)
+    else {
+        return Vec::new();
     };
-    if text("uri").is_none() && text("file_id").is_none() {
+    parts
+        .iter()
+        .filter_map(|part| {
+            let kind = text(part, "kind").or_else(|| text(part, "type"))?;
+            if !matches!(kind, "file" | "image" | "audio" | "video") {
+                return None;
+            }
+            let file = part.get("file").filter(|f| f.is_object()).unwrap_or(part);
+            let (uri, name) = (text(file, "uri"), text(file, "name"));
+            if uri.is_none() && name.is_none() {
+                return None;
+            }
+            Some(Attachment {
+                kind: kind.to_string(),
+                uri: uri.map(str::to_string),
+                name: name.map(str::to_string),
+                mime_type: text(file, "mime_type").map(str::to_string),
+            })
+        })
+        .collect()
+}
+
+/// The flat manifest an upload's row holds (`uri`, `file_id`, `name`, `mimeType`): one
+/// attachment, its kind from the mimetype; none without a uri or file_id, or with neither a
+/// uri nor a name.
+fn manifest_attachment(body: &Value) -> Option<Attachment> {
+    let uri = text(body, "uri");
+    if uri.is_none() && text(body, "file_id").is_none() {
         return None;
     }
-    let mime_type = text("mimeType").or_else(|| text("mime_type"));
+    let name = text(body, "name");
+    if uri.is_none() && name.is_none() {
+        return None;
+    }
+    let mime_type = text(body, "mimeType").or_else(|| text(body, "mime_type"));
     Some(Attachment {
         kind: attachment_kind(mime_type.unwrap_or("")).to_string(),
-        uri: text("uri").map(str::to_string),
-        name: text("name").map(str::to_string),
+        uri: uri.map(str::to_string),
+        name: name.map(str::to_string),
         mime_type: mime_type.map(str::to_string),
     })
 }
@@ -387,23 +433,74 @@ mod tests {
         );
     }
 
+    fn one(kind: &str, uri: Option<&str>, name: Option<&str>, mime: Option<&str>) -> Attachment {
+        Attachment {
+            kind: kind.into(),
+            uri: uri.map(Into::into),
+            name: name.map(Into::into),
+            mime_type: mime.map(Into::into),
+        }
+    }
+
     #[test]
     fn attachments_follow_the_platform_projection() {
         let body = json!({"file_id": "f", "uri": "platform-pending:w/f", "name": "a.png", "mimeType": "image/png", "size": 1});
         assert_eq!(
-            attachment_of(&body),
-            Some(Attachment {
-                kind: "image".into(),
-                uri: Some("platform-pending:w/f".into()),
-                name: Some("a.png".into()),
-                mime_type: Some("image/png".into()),
-            })
+            attachments_of(&body),
+            Some(vec![one(
+                "image",
+                Some("platform-pending:w/f"),
+                Some("a.png"),
+                Some("image/png")
+            )])
         );
         let plain = json!({"uri": "u", "name": "n", "mimeType": ""});
-        let a = attachment_of(&plain).unwrap();
-        assert_eq!((a.kind.as_str(), a.mime_type), ("file", None));
-        assert_eq!(attachment_of(&json!({"text": "hi"})), None);
+        let a = &attachments_of(&plain).unwrap()[0];
+        assert_eq!((a.kind.as_str(), &a.mime_type), ("file", &None));
+        assert_eq!(attachments_of(&json!({"text": "hi"})), None);
+        // A manifest with a file_id alone says nothing: no bare {"kind"} (the platform's rule).
+        assert_eq!(attachments_of(&json!({"file_id": "f"})), None);
+        assert_eq!(
+            attachments_of(&json!({"file_id": "f", "name": "n.txt"})),
+            Some(vec![one("file", None, Some("n.txt"), None)])
+        );
         assert_eq!(attachment_kind("video/mp4"), "video");
         assert_eq!(attachment_kind("audio/ogg"), "audio");
+    }
+
+    /// The platform's message-parts arm: an A2A `message/send` row's file parts (v1 `kind`
+    /// with a `file` object, v0 `type` with the fields inline), text parts and parts with
+    /// nothing to say left out; the parts win over a manifest at the root.
+    #[test]
+    fn attachments_of_a_message_are_its_file_parts() {
+        let body = json!({"method": "message/send", "uri": "ignored", "params": {"message": {"parts": [
+            {"kind": "text", "text": "see these"},
+            {"kind": "file", "file": {"uri": "platform-pending:w/1", "mime_type": "application/pdf", "name": "a.pdf"}},
+            {"type": "image", "uri": "workspace:b.png", "mime_type": "image/png", "name": "b.png"},
+            {"kind": "audio", "file": {"mime_type": "audio/ogg"}},
+            {"kind": "video", "file": {"name": "c.mp4"}},
+            "not an object",
+            {"kind": "data", "data": {}}
+        ]}}});
+        assert_eq!(
+            attachments_of(&body),
+            Some(vec![
+                one(
+                    "file",
+                    Some("platform-pending:w/1"),
+                    Some("a.pdf"),
+                    Some("application/pdf")
+                ),
+                one(
+                    "image",
+                    Some("workspace:b.png"),
+                    Some("b.png"),
+                    Some("image/png")
+                ),
+                one("video", None, Some("c.mp4"), None),
+            ])
+        );
+        let text_only = json!({"params": {"message": {"parts": [{"kind": "text", "text": "hi"}]}}});
+        assert_eq!(attachments_of(&text_only), None);
     }
 }

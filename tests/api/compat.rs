@@ -153,6 +153,42 @@ async fn the_runtime_poll_fetch_and_ack_loop() {
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 }
 
+/// A feed over a database the platform also writes: its A2A `message/send` rows carry their
+/// files as message parts, which the platform projects into `attachments` (enteros-core
+/// `extractAttachmentsFromRequestBody`); the service projected only upload manifests, so a
+/// client that reads `attachments` alone lost them (the compatibility audit).
+#[tokio::test]
+async fn a_platform_message_rows_files_are_its_attachments() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    let body = json!({"jsonrpc": "2.0", "method": "message/send", "params": {"message": {
+    "role": "user", "messageId": "m1",
+    "parts": [
+        {"kind": "text", "text": "here"},
+        {"kind": "file", "file": {"uri": "platform-pending:w/f", "mime_type": "image/png", "name": "a.png"}}
+    ]}}});
+    sqlx::query(
+        "INSERT INTO activity_logs (workspace_id, activity_type, method, summary, request_body)
+         VALUES ($1, 'a2a_receive', 'message/send', 'message/send', $2)",
+    )
+    .bind(ws)
+    .bind(&body)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let rows = runtime_rows(
+        &app,
+        &format!("/workspaces/{ws}/activity?type=a2a_receive&include=peer_info&since_secs=600"),
+        &token,
+    )
+    .await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0]["attachments"],
+        json!([{"kind": "file", "uri": "platform-pending:w/f", "name": "a.png", "mime_type": "image/png"}])
+    );
+}
+
 #[tokio::test]
 async fn the_mcp_plugin_startup_probe_and_registration() {
     let app = TestApp::start().await;
