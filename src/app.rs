@@ -263,6 +263,7 @@ pub fn serve_options(args: &ServeArgs, drain_deadline: Duration) -> ServeOptions
             args.max_connections_per_client as usize,
             args.trusted_proxies.clone(),
         ),
+        max_large_buffer_connections: args.max_large_buffer_connections as usize,
     }
 }
 

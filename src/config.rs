@@ -356,6 +356,15 @@ pub struct ServeArgs {
     /// connections wait in the listen backlog.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 16_384)]
     pub max_connections: usize,
+    /// Open connections kept alive after a read buffer of theirs grew (a request, or requests,
+    /// that came in faster than 8 KiB a read: an upload body, a body a refusal drained): hyper
+    /// keeps what a buffer grew to, up to 256 KiB, while its connection lives. Past this many,
+    /// such a connection is closed after its answer, and a long poll on one answers at once
+    /// (its client polls again on a new connection). Bounds that memory (~32 MiB at 128); 0:
+    /// close every such connection.
+    #[arg(long, env = "MAX_LARGE_BUFFER_CONNECTIONS", default_value_t = 128,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub max_large_buffer_connections: u64,
     /// Open connections one client address may hold (an IPv6 client by its /48; proxies in
     /// TRUSTED_PROXIES are not counted); more are answered 429 and closed, so one client
     /// cannot hold MAX_CONNECTIONS. 0, the default: no such limit. Set it where clients

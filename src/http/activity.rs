@@ -1,7 +1,7 @@
 //! `GET /workspaces/:id/activity`: the feed a workspace's poll loop reads, optionally held
 //! open until something new commits (`wait=`, see `longpoll`).
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use axum::{
     extract::{Query, State},
@@ -138,9 +138,13 @@ pub async fn list(
     State(st): State<AppState>,
     who: WorkspaceClaim,
     peer: Option<Extension<PeerWatch>>,
+    connection: Option<Extension<Arc<super::shed::Connection>>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let query = FeedQuery::parse(&q)?;
+    // A connection whose read buffer grew and may not stay open does not wait: its answer
+    // closes it, and its client polls again on a new one.
+    let may_wait = connection.is_none_or(|Extension(c)| c.may_stay_open());
     drop(q);
     let (workspace_id, credential) = (who.workspace_id, who.credential);
     // The read is boxed, so the state a long poll holds while it waits (up to a minute, times
@@ -173,7 +177,11 @@ pub async fn list(
         woken.as_mut().enable();
         let rows = Box::pin(fetch(&st, workspace_id, credential, &query)).await?;
         // A replica shutting down does not start a wait (see `AppState::stop_accepting`).
-        if !rows.is_empty() || tokio::time::Instant::now() >= deadline || !st.is_accepting() {
+        if !rows.is_empty()
+            || tokio::time::Instant::now() >= deadline
+            || !st.is_accepting()
+            || !may_wait
+        {
             // The wait's slot goes before a large answer takes a download slot.
             drop(slot);
             return answer::json(&st, who, &project(rows, &query));

@@ -14,7 +14,10 @@ use std::{
     future::Future,
     io::{self, IoSlice},
     pin::Pin,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, PoisonError,
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -114,7 +117,13 @@ pub struct ClientStream {
     /// The next deadline of a wait, made at the first one (most connections never wait:
     /// 10,000 long polls should not carry 10,000 timers).
     timer: Option<(Pin<Box<Sleep>>, Instant)>,
+    /// Set, for good, by the first read of [`LARGE_READ`] bytes or more.
+    large_read: Arc<AtomicBool>,
 }
+
+/// hyper's first read buffer: a read that fills a connection's buffer doubles it (up to its
+/// bound), and the connection keeps what it grew to while it lives, idle or not.
+pub const LARGE_READ: usize = 8 * 1024;
 
 impl ClientStream {
     pub fn new(inner: TcpStream, pace: ResponsePace) -> ClientStream {
@@ -127,6 +136,7 @@ impl ClientStream {
             window: None,
             waiting: None,
             timer: None,
+            large_read: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -134,6 +144,12 @@ impl ClientStream {
     /// connection lives.
     pub fn watch(&self) -> PeerWatch {
         PeerWatch(self.watched.clone())
+    }
+
+    /// Whether a read of this connection's took [`LARGE_READ`] bytes or more: its read
+    /// buffer has grown.
+    pub fn large_reads(&self) -> Arc<AtomicBool> {
+        self.large_read.clone()
     }
 
     /// Bytes of responses the client has acknowledged.
@@ -337,7 +353,13 @@ impl AsyncRead for ClientStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() - before >= LARGE_READ {
+            this.large_read.store(true, Ordering::Relaxed);
+        }
+        read
     }
 }
 

@@ -215,7 +215,12 @@ fn every_request(
             .http_request_duration
             .with_label_values(&[route, method, resp.status().as_str()])
             .observe(started.elapsed().as_secs_f64());
-        body::drain_unread(resp, unread, connection).await
+        let mut resp = body::drain_unread(resp, unread, connection.clone()).await;
+        if connection.is_some_and(|c| !c.may_stay_open()) {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
     }
 }
 
@@ -345,6 +350,9 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// Open connections per client address; more are answered 429 and closed.
     pub per_client: Arc<peer::ConnectionsPerClient>,
+    /// Connections whose read buffer grew kept alive at most (see
+    /// [`shed::Connection::may_stay_open`]).
+    pub max_large_buffer_connections: usize,
 }
 
 /// Largest request head, start line included (beyond: 431, as for more than hyper's 100
@@ -380,7 +388,7 @@ pub async fn serve(
     // Every connection's task holds a place until it ends: the drain waits for all of them.
     let places = opts.max_connections.clamp(1, u32::MAX as usize);
     let connections = Arc::new(Semaphore::new(places));
-    let idle = Arc::new(shed::Idle::default());
+    let idle = Arc::new(shed::Idle::new(opts.max_large_buffer_connections));
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -422,9 +430,9 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let client = conn::ClientStream::new(stream, opts.response);
         let watch = client.watch();
+        let standing = idle.add(client.large_reads());
         let io = rejections::JsonRejections::new(client);
         let peer_ip = peer::Peer(peer.ip());
-        let standing = idle.add();
         let (begins, ends) = (standing.clone(), standing.clone());
         let service = TowerToHyperService::new(
             app.clone()

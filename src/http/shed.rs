@@ -34,6 +34,10 @@ pub struct Idle {
     next: AtomicU64,
     /// By when they became idle, oldest first.
     waiting: Mutex<BTreeMap<u64, (Instant, Arc<Signal>)>>,
+    /// Open connections whose read buffer grew, kept alive after their answers; at most
+    /// `grown_max` (MAX_LARGE_BUFFER_CONNECTIONS).
+    grown: AtomicUsize,
+    grown_max: usize,
 }
 
 /// How a connection is told to close; once told, it is no longer a candidate.
@@ -63,11 +67,24 @@ pub struct Connection {
     /// While its request waits on the client for a short body ([`Connection::waiting_on_body`]).
     on_body: AtomicBool,
     shed: Arc<Signal>,
+    /// Set by its socket once a read grew its read buffer (`conn::LARGE_READ`).
+    large_reads: Arc<AtomicBool>,
+    /// Counted in its owner's `grown`, until it is dropped.
+    kept_grown: AtomicBool,
 }
 
 impl Idle {
-    /// A new connection, idle until its first request begins.
-    pub fn add(self: &Arc<Self>) -> Arc<Connection> {
+    /// `grown_max`: how many connections whose read buffer grew may be kept alive.
+    pub fn new(grown_max: usize) -> Idle {
+        Idle {
+            grown_max,
+            ..Idle::default()
+        }
+    }
+
+    /// A new connection, idle until its first request begins; `large_reads` is set by its
+    /// socket once its read buffer has grown.
+    pub fn add(self: &Arc<Self>, large_reads: Arc<AtomicBool>) -> Arc<Connection> {
         let shed = Arc::new(Signal::default());
         let seq = {
             let mut waiting = self.lock();
@@ -82,6 +99,8 @@ impl Idle {
             in_request: AtomicUsize::new(0),
             on_body: AtomicBool::new(false),
             shed,
+            large_reads,
+            kept_grown: AtomicBool::new(false),
         })
     }
 
@@ -156,6 +175,27 @@ impl Connection {
         }
     }
 
+    /// Whether the connection may stay open after its answer. One whose read buffer grew (up
+    /// to 256 KiB, kept while it lives) only while fewer than MAX_LARGE_BUFFER_CONNECTIONS
+    /// such are kept: a client that grew the buffers of thousands of idle keep-alive
+    /// connections (a large body to each, then one cheap request a while) held 3 GiB of one
+    /// replica (a red team).
+    pub fn may_stay_open(&self) -> bool {
+        if !self.large_reads.load(Ordering::Relaxed) || self.kept_grown.load(Ordering::Acquire) {
+            return true;
+        }
+        let (grown, max) = (&self.owner.grown, self.owner.grown_max);
+        let kept = grown
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        if kept {
+            self.kept_grown.store(true, Ordering::Release);
+        }
+        kept
+    }
+
     /// Resolves when the connection is to be closed, and how. A shed that raced the first
     /// request's head, or the end of a body wait, closes the connection as one that served
     /// requests: after its answer.
@@ -186,6 +226,9 @@ impl Drop for BodyWait {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        if self.kept_grown.load(Ordering::Acquire) {
+            self.owner.grown.fetch_sub(1, Ordering::AcqRel);
+        }
         if self.in_request.load(Ordering::Acquire) == 0 {
             self.owner.lock().remove(&self.seq.load(Ordering::Acquire));
         }
@@ -238,7 +281,11 @@ mod tests {
     #[test]
     fn the_connection_idle_longest_goes_first() {
         let idle = Arc::new(Idle::default());
-        let (a, b, c) = (idle.add(), idle.add(), idle.add());
+        let (a, b, c) = (
+            idle.add(Default::default()),
+            idle.add(Default::default()),
+            idle.add(Default::default()),
+        );
         a.begin();
         assert_eq!(idle.len(), 2);
         assert!(idle.shed_oldest(Duration::ZERO));
@@ -262,7 +309,7 @@ mod tests {
     #[test]
     fn a_request_waiting_on_a_short_body_may_be_dropped() {
         let idle = Arc::new(Idle::default());
-        let a = idle.add();
+        let a = idle.add(Default::default());
         a.begin();
         let wait = a.waiting_on_body();
         assert_eq!(idle.len(), 1);
@@ -278,11 +325,11 @@ mod tests {
     #[test]
     fn a_connection_in_a_request_is_not_a_candidate() {
         let idle = Arc::new(Idle::default());
-        let a = idle.add();
+        let a = idle.add(Default::default());
         a.begin();
         assert!(!idle.shed_oldest(Duration::ZERO));
         // A shed that raced the first request's head: closed after its answer.
-        let b = idle.add();
+        let b = idle.add(Default::default());
         assert!(idle.shed_oldest(Duration::ZERO));
         b.begin();
         assert_eq!(b.shed().now_or_never(), Some(Shed::Close));
@@ -298,7 +345,7 @@ mod tests {
     #[test]
     fn a_connection_idle_for_less_than_the_minimum_is_not_shed() {
         let idle = Arc::new(Idle::default());
-        let a = idle.add();
+        let a = idle.add(Default::default());
         assert!(!idle.shed_oldest(Duration::from_secs(60)));
         assert_eq!(a.shed().now_or_never(), None);
         assert!(idle.shed_oldest(Duration::ZERO));

@@ -1888,6 +1888,104 @@ async fn connections_that_sent(svc: &Svc, n: usize, head: &[u8]) -> Vec<TcpStrea
     held
 }
 
+/// The service's resident memory now, in KiB.
+fn rss_kib(svc: &Svc) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", svc.pid())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A connection that sent `GET /healthz` with a 200 KB body at once (the body drained by the
+/// service), and the answer.
+async fn a_grown_connection(svc: &Svc) -> (TcpStream, String) {
+    let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
+    let body = vec![b'x'; 200_000];
+    let head = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    sock.write_all(&[head.as_bytes(), &body].concat())
+        .await
+        .unwrap();
+    let answer = read_answer(&mut sock).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    (sock, answer)
+}
+
+/// hyper grows a connection's read buffer whenever a read fills it (up to 256 KiB) and keeps
+/// it while the connection lives: one client sent each of 15,000 keep-alive connections a
+/// 200 KB body and held them with a cheap request every few seconds, 3.1 GiB of one replica
+/// (a red team). Such connections are kept alive up to MAX_LARGE_BUFFER_CONNECTIONS; past
+/// it each is closed after its answer, and a long poll on one answers at once.
+#[tokio::test]
+async fn connections_whose_read_buffer_grew_are_kept_alive_only_up_to_a_bound() {
+    let svc = Svc::start(&[("MAX_LARGE_BUFFER_CONNECTIONS", "4")]).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let cursor = upload_file(&svc, ws, &token, "a.txt", b"a").await;
+    assert_eq!(cursor.status(), StatusCode::OK);
+    let before = rss_kib(&svc);
+    let mut kept = Vec::new();
+    let mut closed = 0;
+    for _ in 0..300 {
+        let (mut sock, answer) = a_grown_connection(&svc).await;
+        if answer.contains("\r\nConnection: close\r\n") {
+            assert!(closed_by_the_service(&mut sock).await);
+            closed += 1;
+        } else {
+            kept.push(sock);
+        }
+    }
+    assert_eq!((kept.len(), closed), (4, 296));
+    let grew = rss_kib(&svc).saturating_sub(before);
+    // 300 × ~210 KiB before (63 MB).
+    assert!(grew < 16 * 1024, "RSS grew {grew} KiB");
+    for sock in &mut kept {
+        sock.write_all(GET_HEALTHZ).await.unwrap();
+        let answer = read_answer(sock).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && !answer.contains("Connection: close"),
+            "{answer}"
+        );
+    }
+
+    // A long poll whose own request grew its connection's buffer past the bound does not
+    // wait (a body on a GET is drained, as any unread body is).
+    let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
+    let rows = reqwest::Client::new()
+        .get(svc.at(&format!("/workspaces/{ws}/activity")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json::<Vec<Value>>()
+        .await
+        .unwrap();
+    let newest = rows[0]["id"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    let head = format!(
+        "GET /workspaces/{ws}/activity?since_id={newest}&wait=30 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 200000\r\n\r\n"
+    );
+    sock.write_all(&[head.as_bytes(), &[b'x'; 200_000]].concat())
+        .await
+        .unwrap();
+    let answer = answer_on(&mut sock, 10, "the long poll answered and closed").await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("[]"),
+        "{answer}"
+    );
+    assert!(answer.contains("\r\nConnection: close\r\n"), "{answer}");
+
+    // The kept ones' places come back when they close.
+    drop(kept);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_sock, answer) = a_grown_connection(&svc).await;
+    assert!(!answer.contains("Connection: close"), "{answer}");
+}
+
 /// A long poll of `ws` on a raw connection of its own, waiting after its newest activity row
 /// for `wait` seconds; returned once the service counts it.
 async fn raw_long_poll(svc: &Svc, ws: Uuid, token: &str, wait: u32) -> TcpStream {
