@@ -263,7 +263,7 @@ impl Metrics {
             stored_bytes: r.add(
                 IntGauge::with_opts(opts(
                     "stored_bytes",
-                    "What the fleet keeps as MAX_STORED_BYTES counts it (files and 512 bytes a row), as this replica last read it plus what it has in flight or committed since",
+                    "What the fleet keeps as MAX_STORED_BYTES counts it (files, 512 bytes an upload row and 1,024 an activity row), as this replica last read it plus what it has in flight or committed since",
                 ))
                 .expect("valid metric"),
             ),

@@ -458,7 +458,7 @@ mod tests {
         let Err(Refused::Share { retry_after }) = s.admit(a, None) else {
             panic!("spent")
         };
-        let least = LEAST_COST * SHARE_PERIOD.as_secs() / 10_000;
+        let least = (LEAST_COST * SHARE_PERIOD.as_secs()).div_ceil(10_000);
         assert!(
             (least - 1..=least).contains(&retry_after.as_secs()),
             "{retry_after:?}"
@@ -482,12 +482,12 @@ mod tests {
         let s = Arc::new(Stored::new(100_000, 10));
         let a = ip("8.8.4.1");
         drop(s.try_reserve(5_000, a).unwrap());
-        assert!(s.admit(a, Some(3_000)).is_ok(), "4,024 of 5,000");
-        // 9,024 needed: 4,024 short, at 10,000 a day.
+        assert!(s.admit(a, Some(3_000)).is_ok(), "4,536 of 5,000");
+        // 9,536 needed: 4,536 short, at 10,000 a day.
         let Err(Refused::Share { retry_after }) = s.admit(a, Some(8_000)) else {
-            panic!("4,024 short")
+            panic!("4,536 short")
         };
-        let wait = (4_024 * SHARE_PERIOD.as_secs()).div_ceil(10_000);
+        let wait = (4_536 * SHARE_PERIOD.as_secs()).div_ceil(10_000);
         assert!(
             (wait - 1..=wait).contains(&retry_after.as_secs()),
             "{retry_after:?}"
