@@ -4893,6 +4893,62 @@ async fn a_flood_of_refused_requests_cannot_flood_the_log() {
     assert!(summary.contains("src/http/"), "{summary}");
 }
 
+/// The budget was one per statement for everyone: one workspace re-fetching its own file
+/// 5,600 times a second took every `upload served` line, and another's downloads went
+/// unlogged (9 of 50 written; a red team), state transitions SPEC §8 wants. Each workspace's
+/// first five lines of a statement a second now come from a second pool, as large.
+#[tokio::test]
+async fn one_workspaces_flood_does_not_silence_anothers_transitions() {
+    let svc = Arc::new(Svc::start(&[("LOG_LINES_PER_SECOND", "20")]).await);
+    let (loud, loud_token) = register_poll(&svc.base).await;
+    let (quiet, quiet_token) = register_poll(&svc.base).await;
+    let (loud_file, _) = stage_file(&svc, loud, &loud_token, 10).await;
+    let (quiet_file, _) = stage_file(&svc, quiet, &quiet_token, 10).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = Instant::now();
+    let flood: Vec<_> = (0..16)
+        .map(|_| {
+            let (svc, token, stop) = (svc.clone(), loud_token.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    download(&svc, loud, &token, loud_file).await;
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Four a second: within its five.
+    for _ in 0..10 {
+        download(&svc, quiet, &quiet_token, quiet_file).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut flooded = 0;
+    for task in flood {
+        flooded += task.await.unwrap();
+    }
+    let secs = started.elapsed().as_secs();
+    let mut svc = Arc::into_inner(svc).unwrap();
+    let out = svc.running.terminate().await;
+    let lines = log_lines(&out.stderr);
+    let served = |ws: Uuid| {
+        lines
+            .iter()
+            .filter(|l| l["message"] == "upload served" && l["workspace_id"] == ws.to_string())
+            .count() as u64
+    };
+    assert!(flooded > 200, "{flooded} downloads: no flood");
+    assert_eq!(served(quiet), 10, "the quiet workspace's every download");
+    let loud_lines = served(loud);
+    assert!(
+        loud_lines <= 25 * (secs + 2),
+        "{loud_lines} of {flooded} in {secs} s with 20 a second"
+    );
+}
+
 #[tokio::test]
 async fn hostile_methods_and_filenames_cannot_bloat_metrics_or_logs() {
     let svc = Svc::start(&[]).await;
