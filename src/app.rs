@@ -238,6 +238,9 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
             args.limits.max_stored_bytes,
             args.limits.stored_share_per_client,
         )),
+        workspace_cap: Arc::new(crate::http::registry::WorkspaceCap::new(
+            args.max_workspaces,
+        )),
     });
     let router = http::router(state.clone(), &args.cors_allowed_origins);
     let sweeper = sweeper(&args.sweep, &db, &storage);
@@ -288,6 +291,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let gauges = tokio::spawn(refresh_gauges_forever(
         service.state.db.clone(),
         service.state.stored.clone(),
+        service.state.workspace_cap.clone(),
         service.sweeper.after_pass.clone(),
     ));
     let listen = tokio::spawn(
@@ -461,8 +465,14 @@ fn warn_if_a_share_is_below_a_request(args: &ServeArgs, share: u64) {
 
 /// Keeps the backlog gauges fresh for /metrics, and what the fleet keeps for
 /// MAX_STORED_BYTES: every `GAUGE_REFRESH`, and after every sweep pass.
-async fn refresh_gauges_forever(db: Db, stored: Arc<Stored>, swept: Arc<tokio::sync::Notify>) {
+async fn refresh_gauges_forever(
+    db: Db,
+    stored: Arc<Stored>,
+    workspaces: Arc<crate::http::registry::WorkspaceCap>,
+    swept: Arc<tokio::sync::Notify>,
+) {
     let mut ticker = tokio::time::interval(GAUGE_REFRESH);
+    let mut registry_full = false;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -478,6 +488,20 @@ async fn refresh_gauges_forever(db: Db, stored: Arc<Stored>, swept: Arc<tokio::s
                 error = %e,
                 "could not read the backlog: gauges and MAX_STORED_BYTES's figure not refreshed"
             ),
+        }
+        if workspaces.max() > 0 {
+            let counted = db.run(|c| Box::pin(db::workspaces::count(c))).await;
+            if let Ok(n) = counted {
+                let full = workspaces.read(n.max(0) as u64);
+                // Once when refusals start and once when they end, not a line per refusal.
+                if full != registry_full {
+                    registry_full = full;
+                    match full {
+                        true => tracing::warn!(event = "registry_full", workspaces = n, max = workspaces.max(), "MAX_WORKSPACES reached: first registrations without the admin token get 503"),
+                        false => tracing::info!(event = "registry_room", workspaces = n, "the registry has room again"),
+                    }
+                }
+            }
         }
     }
 }

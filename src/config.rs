@@ -411,6 +411,13 @@ pub struct ServeArgs {
     #[arg(long, env = "REGISTRATIONS_PER_MINUTE", default_value_t = 600,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub registrations_per_minute: u64,
+    /// Workspaces the registry holds before a first registration by a caller with no claim is
+    /// refused (503 registry_full): each adds rows nothing removes (up to ~3.6 KB with the
+    /// longest name and URL), and a rate alone let the table grow for ever. The admin's
+    /// registrations and `POST /workspaces` are not refused. Read from the database every
+    /// 15 s, plus what this replica created since; 0: no bound.
+    #[arg(long, env = "MAX_WORKSPACES", default_value_t = 1_000_000)]
+    pub max_workspaces: u64,
     /// Of those, what one client address may use a minute (an IPv6 client by its /48), as
     /// many at once, so that one stranger cannot use up the replica's for everyone.
     #[arg(long, env = "REGISTRATIONS_PER_MINUTE_PER_CLIENT", default_value_t = 60,

@@ -115,6 +115,13 @@ pub async fn get_for_update(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<O
 /// stands for every upload the id ever had, acked and swept ones included). Two index
 /// lookups: registration is unauthenticated, and a scan of acked uploads (no index by
 /// workspace) for every fresh id would be a cost anyone could ask for.
+/// Every workspace row, removed ones included (MAX_WORKSPACES).
+pub async fn count(conn: &mut PgConnection) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT count(*) FROM workspaces")
+        .fetch_one(conn)
+        .await
+}
+
 pub async fn has_history(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<bool> {
     sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pending_upload_totals WHERE workspace_id = $1)

@@ -113,6 +113,9 @@ pub enum ApiError {
     /// MAX_STORED_BYTES reached ([`crate::stored`]).
     #[error("upload storage full — retry later")]
     StorageFull,
+    /// MAX_WORKSPACES reached: a first registration without a claim creates nothing.
+    #[error("workspace registry full — retry later")]
+    RegistryFull,
     /// The client address staged its STORED_SHARE_PER_CLIENT of MAX_STORED_BYTES in the last
     /// day ([`crate::stored`]); retry after the seconds given.
     #[error("this client's share of upload storage is used up — retry later")]
@@ -161,7 +164,7 @@ impl ApiError {
             NoCallbackUrl { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             BodyStalled | BodyTooSlow | BodyOverdue { .. } => StatusCode::REQUEST_TIMEOUT,
             UrlNotRegistered | DatastoreUnavailable | StorageUnavailable | SpoolUnavailable
-            | StorageFull | UploadCapacity | DownloadCapacity | LookupCapacity
+            | StorageFull | RegistryFull | UploadCapacity | DownloadCapacity | LookupCapacity
             | LongPollCapacity => StatusCode::SERVICE_UNAVAILABLE,
             WorkspaceUnreachable => StatusCode::BAD_GATEWAY,
             Rejected { status, .. } => *status,
@@ -208,6 +211,7 @@ impl ApiError {
             ApiError::StorageUnavailable => body.code = Some("storage_unavailable".into()),
             ApiError::SpoolUnavailable => body.code = Some("spool_unavailable".into()),
             ApiError::StorageFull => body.code = Some("storage_full".into()),
+            ApiError::RegistryFull => body.code = Some("registry_full".into()),
             ApiError::StorageShare { .. } => body.code = Some("storage_share".into()),
             ApiError::UploadCapacity => body.code = Some("upload_capacity".into()),
             ApiError::WorkspaceBusy
@@ -233,7 +237,9 @@ impl ApiError {
             ApiError::QuotaExceeded { .. }
             | ApiError::FileQuotaExceeded { .. }
             // Room comes back as the sweeper deletes expired and old acked rows.
-            | ApiError::StorageFull => Some("60"),
+            | ApiError::StorageFull
+            // Room comes back when workspaces are removed or the bound is raised.
+            | ApiError::RegistryFull => Some("60"),
             ApiError::DatastoreUnavailable
             | ApiError::StorageUnavailable
             | ApiError::SpoolUnavailable
@@ -259,7 +265,9 @@ impl IntoResponse for ApiError {
         let status = self.status();
         // A full store refuses every upload until the sweeper makes room: its start and end
         // are logged once each (`crate::stored`), not every refusal.
-        if status.is_server_error() && !matches!(self, ApiError::StorageFull) {
+        if status.is_server_error()
+            && !matches!(self, ApiError::StorageFull | ApiError::RegistryFull)
+        {
             tracing::error!(
                 error = crate::logfmt::clip(&format!("{:#}", anyhow_chain(&self))).as_str(),
                 status = status.as_u16(),

@@ -102,6 +102,8 @@ pub struct Shared {
     pub ready: ops::ReadyCheck,
     /// MAX_STORED_BYTES: what the fleet keeps.
     pub stored: Arc<crate::stored::Stored>,
+    /// MAX_WORKSPACES.
+    pub workspace_cap: Arc<registry::WorkspaceCap>,
 }
 
 /// How long clients may take (SPEC §10).

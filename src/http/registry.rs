@@ -181,6 +181,44 @@ fn take_registration(st: &AppState, client: IpAddr, counted: Counted) -> Result<
     })
 }
 
+/// MAX_WORKSPACES: how many workspaces the registry may hold before a first registration by
+/// a caller with no claim is refused. `known` is the last reading of the table plus what this
+/// replica created since.
+pub struct WorkspaceCap {
+    max: u64,
+    known: std::sync::atomic::AtomicU64,
+}
+
+impl WorkspaceCap {
+    /// `max` 0: no bound.
+    pub fn new(max: u64) -> WorkspaceCap {
+        WorkspaceCap {
+            max,
+            known: Default::default(),
+        }
+    }
+
+    pub fn full(&self) -> bool {
+        self.max > 0 && self.known.load(std::sync::atomic::Ordering::Relaxed) >= self.max
+    }
+
+    /// A reading of the table; true when it has reached the bound.
+    pub fn read(&self, workspaces: u64) -> bool {
+        self.known
+            .store(workspaces, std::sync::atomic::Ordering::Relaxed);
+        self.full()
+    }
+
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    fn created(&self) {
+        self.known
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 fn give_back_registration(st: &AppState, client: IpAddr, counted: Counted) {
     if counted != Counted::Nothing {
         st.registrations_per_client.give_back(client);
@@ -212,7 +250,7 @@ enum Registration {
         (status = 409, description = "workspace was removed (told the admin only: anyone else gets 401)", body = api::ErrorBody),
         (status = 413, description = "body over 64 KiB", body = api::ErrorBody),
         (status = 429, description = "REGISTRATIONS_PER_MINUTE used up on this replica by callers without a claim on the workspace, or REGISTRATIONS_PER_MINUTE_PER_CLIENT by this client address (callers without a claim, and re-registrations whose push url names a host) (code registration_rate, Retry-After); or this client address holds its SLOT_SHARE_PER_CLIENT of the replica's push URL lookups (code client_busy, Retry-After)", body = api::ErrorBody),
-        (status = 503, description = "datastore unavailable, or push URL lookups all in progress", body = api::ErrorBody),
+        (status = 503, description = "datastore unavailable, or push URL lookups all in progress, or (a first registration without the admin token) the registry holds MAX_WORKSPACES workspaces (code registry_full, Retry-After)", body = api::ErrorBody),
     )
 )]
 pub async fn register(
@@ -245,6 +283,10 @@ pub async fn register(
     // A request without a peer came from inside the process (tests): one unknown client.
     let peer = peer.map_or(IpAddr::from([0, 0, 0, 0]), |Extension(Peer(ip))| ip);
     let client = client_address(peer, &headers, &st.trusted_proxies);
+    // Before any rate is spent: a full registry creates nothing for a caller with no claim.
+    if counted == Counted::ClientAndReplica && st.workspace_cap.full() {
+        return Err(ApiError::RegistryFull);
+    }
     // Its lookup's place counts against its client's share, the admin's against nobody's.
     let looked_up_for =
         counted_client(client, &st.trusted_proxies).filter(|_| claim != Claim::Admin);
@@ -323,6 +365,9 @@ pub async fn register(
         .await?;
     match outcome {
         Registration::Done(ws, token, created) => {
+            if created {
+                st.workspace_cap.created();
+            }
             tracing::info!(workspace_id = %ws.id, delivery_mode = clip(&ws.delivery_mode).as_str(), created, "workspace registered");
             Ok(registered(&ws, token))
         }

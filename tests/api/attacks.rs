@@ -4893,6 +4893,59 @@ async fn a_flood_of_refused_requests_cannot_flood_the_log() {
     assert!(summary.contains("src/http/"), "{summary}");
 }
 
+/// Registration had a rate and no total: each first registration adds rows nothing removes
+/// (~3.6 KB with the longest name and URL), ~3 GB a replica a day at the default rate, for
+/// ever (a red team). Past MAX_WORKSPACES a first registration without a claim is refused
+/// before it spends any rate; the admin's, and a workspace's own, still work.
+#[tokio::test]
+async fn the_registry_holds_at_most_max_workspaces_strangers_can_create() {
+    let svc = Svc::start(&[("MAX_WORKSPACES", "3"), ("SWEEP_INTERVAL", "1s")]).await;
+    let client = reqwest::Client::new();
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        tokens.push(register_poll(&svc.base).await);
+    }
+    let resp = register(&client, &svc, None, &json!({"id": Uuid::new_v4()})).await;
+    assert_eq!(resp.headers()["retry-after"], "60");
+    assert_json(
+        resp,
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({"error": "workspace registry full — retry later", "code": "registry_full"}),
+    )
+    .await;
+    assert_eq!(svc.count("workspaces").await, 3);
+    // The admin's registration and creation, and a workspace's own re-registration.
+    let resp = register(&client, &svc, Some(ADMIN), &json!({"id": Uuid::new_v4()})).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = admin_create(&svc, json!({"name": "by the platform"})).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (ws, token) = &tokens[0];
+    let resp = register(
+        &client,
+        &svc,
+        Some(token),
+        &json!({"id": ws, "delivery_mode": "poll"}),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(svc.count("workspaces").await, 5);
+    // One line when refusals start (read after a sweep pass), not one per refusal.
+    for _ in 0..5 {
+        let resp = register(&client, &svc, None, &json!({"id": Uuid::new_v4()})).await;
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut svc = svc;
+    let out = svc.running.terminate().await;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        log.matches("\"event\":\"registry_full\"").count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("request failed"), "{log}");
+}
+
 /// The budget was one per statement for everyone: one workspace re-fetching its own file
 /// 5,600 times a second took every `upload served` line, and another's downloads went
 /// unlogged (9 of 50 written; a red team), state transitions SPEC §8 wants. Each workspace's
