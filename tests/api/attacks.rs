@@ -4893,6 +4893,36 @@ async fn a_flood_of_refused_requests_cannot_flood_the_log() {
     assert!(summary.contains("src/http/"), "{summary}");
 }
 
+/// A refusal decided from the head alone of a request whose declared body is longer than a
+/// drain may read waited out the drain's deadline: a 413 for a 200 MB upload came after 5 s,
+/// with 25 MB sent meanwhile (a red team). It is answered at once, and the connection closes.
+#[tokio::test]
+async fn a_refusal_of_a_body_too_long_to_drain_is_answered_at_once() {
+    let svc = Svc::start(&[]).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    for bearer in [token.as_str(), "wrong"] {
+        let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
+        let head = format!(
+            "POST /workspaces/{ws}/chat/uploads HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bearer}\r\n\
+             Content-Type: multipart/form-data; boundary=XB\r\nContent-Length: 200000000\r\n\r\n"
+        );
+        let started = Instant::now();
+        sock.write_all(head.as_bytes()).await.unwrap();
+        let answer = answer_on(&mut sock, 10, "answered and closed").await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        let status = if bearer == "wrong" { "401" } else { "413" };
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{answer}"
+        );
+        assert!(answer.contains("\r\nConnection: close\r\n"), "{answer}");
+    }
+}
+
 /// Registration had a rate and no total: each first registration adds rows nothing removes
 /// (~3.6 KB with the longest name and URL), ~3 GB a replica a day at the default rate, for
 /// ever (a red team). Past MAX_WORKSPACES a first registration without a claim is refused
