@@ -514,17 +514,15 @@ pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let hup_ignored = hangup_ignored();
-        let (Ok(mut term), Ok(mut hup)) = (
-            signal(SignalKind::terminate()),
-            // Registered only when it is not ignored; a stream that never yields otherwise.
-            match hup_ignored {
-                false => signal(SignalKind::hangup()).map(Some),
-                true => Ok(None),
-            },
-        ) else {
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
             let _ = ctrl_c.await;
             return;
+        };
+        // Registered only when it was not ignored; without it (ignored, or a registration
+        // that failed), SIGTERM and SIGINT still stop the process.
+        let mut hup = match hangup_ignored() {
+            false => signal(SignalKind::hangup()).ok(),
+            true => None,
         };
         let hangup = async {
             match hup.as_mut() {

@@ -361,7 +361,8 @@ pub struct ServeArgs {
     /// keeps what a buffer grew to, up to 256 KiB, while its connection lives. Past this many,
     /// such a connection is closed after its answer, and a long poll on one answers at once
     /// (its client polls again on a new connection). Bounds that memory (~32 MiB at 128); 0:
-    /// close every such connection.
+    /// close every such connection. A TRUSTED_PROXIES peer's are not counted (the proxy
+    /// bounds its pool).
     #[arg(long, env = "MAX_LARGE_BUFFER_CONNECTIONS", default_value_t = 128,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub max_large_buffer_connections: u64,

@@ -22,8 +22,8 @@ static DROPPED_BY: Mutex<Vec<(&'static str, u64)>> = Mutex::new(Vec::new());
 /// The statements named in a summary, most dropped first.
 const NAMED: usize = 5;
 
-/// Lines of a statement a workspace may write in a second past the statement's budget (from a
-/// second pool as large): its events carry its `workspace_id`, and one workspace's flood must
+/// Lines of a statement a workspace may write in a second once the statement's budget is
+/// spent (from a second pool as large): its events carry its `workspace_id`, and one workspace's flood must
 /// not silence the others' (a red team: one workspace re-fetching its file 5,600 times a
 /// second left 9 of another's 50 `upload served` lines, state transitions SPEC §8 wants).
 const FAIR_LINES: u32 = 5;
@@ -44,7 +44,7 @@ struct Spent {
     count: u64,
     /// Lines from the fair pool (as large): each workspace's first [`FAIR_LINES`].
     fair: u64,
-    /// Lines written this second, by workspace (a hash of its id).
+    /// Fair-pool lines written this second, by workspace (a hash of its id).
     by_workspace: HashMap<u64, u32>,
 }
 
@@ -73,25 +73,15 @@ impl LineBudget {
             (s.since, s.count, s.fair) = (now, 0, 0);
             s.by_workspace.clear();
         }
-        let room = s.by_workspace.len() < FAIR_KEYS;
-        let mine = match workspace {
-            Some(w) if room || s.by_workspace.contains_key(&w) => {
-                Some(s.by_workspace.entry(w).or_insert(0))
-            }
-            _ => None,
-        };
         let within = if s.count < self.per_second {
             s.count += 1;
             true
-        } else if mine.as_ref().is_some_and(|n| **n < FAIR_LINES) && s.fair < self.per_second {
+        } else if s.fair < self.per_second && workspace.is_some_and(|w| s.fair_line(w)) {
             s.fair += 1;
             true
         } else {
             false
         };
-        if let (true, Some(n)) = (within, mine) {
-            *n += 1;
-        }
         drop(spent);
         if !within {
             crate::metrics::metrics().log_lines_dropped.inc();
@@ -102,6 +92,28 @@ impl LineBudget {
             }
         }
         within
+    }
+}
+
+impl Spent {
+    /// Whether workspace `w` may write one more line from the fair pool: fewer than
+    /// [`FAIR_LINES`] this second. Workspaces are counted only once the shared pool is spent,
+    /// so strangers naming random ids (a refusal logs the path's) cannot use up the
+    /// [`FAIR_KEYS`] before a flood begins.
+    fn fair_line(&mut self, w: u64) -> bool {
+        let room = self.by_workspace.len() < FAIR_KEYS;
+        match self.by_workspace.get_mut(&w) {
+            Some(n) if *n < FAIR_LINES => {
+                *n += 1;
+                true
+            }
+            Some(_) => false,
+            None if room => {
+                self.by_workspace.insert(w, 1);
+                true
+            }
+            None => false,
+        }
     }
 }
 

@@ -28,6 +28,7 @@ pub struct Metrics {
     pub responses_cut: IntCounterVec,
     pub connections_refused: IntCounter,
     pub connections_shed: IntCounter,
+    pub large_buffer_closes: IntCounter,
     pub log_lines_dropped: IntCounter,
     pub http_request_duration: HistogramVec,
     pub storage_operation_duration: HistogramVec,
@@ -180,6 +181,13 @@ impl Metrics {
                 IntCounter::with_opts(opts(
                     "connections_shed_total",
                     "Connections idle between requests closed to make room for a new one: every MAX_CONNECTIONS place was taken",
+                ))
+                .expect("valid metric"),
+            ),
+            large_buffer_closes: r.add(
+                IntCounter::with_opts(opts(
+                    "large_buffer_closes_total",
+                    "Connections closed after their answer (a long poll on one answered at once): their read buffer had grown and MAX_LARGE_BUFFER_CONNECTIONS such were kept alive",
                 ))
                 .expect("valid metric"),
             ),

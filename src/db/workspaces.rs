@@ -109,12 +109,6 @@ pub async fn get_for_update(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<O
     .await
 }
 
-/// Whether an id has a history its workspace row did not take with it (the platform deleted
-/// the row; SPEC §2: uploads and their activity rows stay until they expire): activity rows,
-/// or a per-workspace total, which the first upload creates and nothing deletes (so it
-/// stands for every upload the id ever had, acked and swept ones included). Two index
-/// lookups: registration is unauthenticated, and a scan of acked uploads (no index by
-/// workspace) for every fresh id would be a cost anyone could ask for.
 /// Every workspace row, removed ones included (MAX_WORKSPACES).
 pub async fn count(conn: &mut PgConnection) -> sqlx::Result<i64> {
     sqlx::query_scalar("SELECT count(*) FROM workspaces")
@@ -122,6 +116,12 @@ pub async fn count(conn: &mut PgConnection) -> sqlx::Result<i64> {
         .await
 }
 
+/// Whether an id has a history its workspace row did not take with it (the platform deleted
+/// the row; SPEC §2: uploads and their activity rows stay until they expire): activity rows,
+/// or a per-workspace total, which the first upload creates and nothing deletes (so it
+/// stands for every upload the id ever had, acked and swept ones included). Two index
+/// lookups: registration is unauthenticated, and a scan of acked uploads (no index by
+/// workspace) for every fresh id would be a cost anyone could ask for.
 pub async fn has_history(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<bool> {
     sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pending_upload_totals WHERE workspace_id = $1)

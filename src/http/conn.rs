@@ -117,12 +117,13 @@ pub struct ClientStream {
     /// The next deadline of a wait, made at the first one (most connections never wait:
     /// 10,000 long polls should not carry 10,000 timers).
     timer: Option<(Pin<Box<Sleep>>, Instant)>,
-    /// Set, for good, by the first read of [`LARGE_READ`] bytes or more.
+    /// Set, for good, once hyper's read buffer has grown past [`LARGE_READ`].
     large_read: Arc<AtomicBool>,
 }
 
 /// hyper's first read buffer: a read that fills a connection's buffer doubles it (up to its
-/// bound), and the connection keeps what it grew to while it lives, idle or not.
+/// bound), and so does a head that arrives in pieces (the buffer is reserved again for the
+/// rest), and the connection keeps what it grew to while it lives, idle or not.
 pub const LARGE_READ: usize = 8 * 1024;
 
 impl ClientStream {
@@ -354,9 +355,12 @@ impl AsyncRead for ClientStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let before = buf.filled().len();
+        // Room offered past the first buffer's means it grew (a head of 60 KiB sent 2 KiB at
+        // a time grew it without one large read: the diff's review); a read that fills the
+        // first buffer makes hyper double it for the next.
+        let (before, offered) = (buf.filled().len(), buf.remaining());
         let read = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if buf.filled().len() - before >= LARGE_READ {
+        if offered > LARGE_READ || buf.filled().len() - before >= LARGE_READ {
             this.large_read.store(true, Ordering::Relaxed);
         }
         read

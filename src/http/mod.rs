@@ -432,7 +432,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let client = conn::ClientStream::new(stream, opts.response);
         let watch = client.watch();
-        let standing = idle.add(client.large_reads());
+        let standing = idle.add(client.large_reads(), opts.per_client.is_proxy(peer.ip()));
         let io = rejections::JsonRejections::new(client);
         let peer_ip = peer::Peer(peer.ip());
         let (begins, ends) = (standing.clone(), standing.clone());

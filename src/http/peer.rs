@@ -41,6 +41,11 @@ impl ConnectionsPerClient {
         })
     }
 
+    /// Whether `peer` is one of TRUSTED_PROXIES.
+    pub fn is_proxy(&self, peer: IpAddr) -> bool {
+        self.trusted.contains(peer.to_canonical())
+    }
+
     /// A place for a connection from `peer`, or `None` when it has `max` open already (a
     /// `max` of 0: no limit).
     pub fn open(self: &Arc<Self>, peer: IpAddr) -> Option<ConnectionPlace> {

@@ -231,6 +231,8 @@ fn give_back_registration(st: &AppState, client: IpAddr, counted: Counted) {
 /// What a registration transaction decided.
 enum Registration {
     Done(Box<Workspace>, Option<auth::NewToken>, bool),
+    /// MAX_WORKSPACES reached: a new row for a caller with no claim was rolled back.
+    Full,
     Removed,
     Unauthorized(Claim),
 }
@@ -283,10 +285,6 @@ pub async fn register(
     // A request without a peer came from inside the process (tests): one unknown client.
     let peer = peer.map_or(IpAddr::from([0, 0, 0, 0]), |Extension(Peer(ip))| ip);
     let client = client_address(peer, &headers, &st.trusted_proxies);
-    // Before any rate is spent: a full registry creates nothing for a caller with no claim.
-    if counted == Counted::ClientAndReplica && st.workspace_cap.full() {
-        return Err(ApiError::RegistryFull);
-    }
     // Its lookup's place counts against its client's share, the admin's against nobody's.
     let looked_up_for =
         counted_client(client, &st.trusted_proxies).filter(|_| claim != Claim::Admin);
@@ -301,6 +299,9 @@ pub async fn register(
         })?;
     let id = req.id;
     let secret = auth::new_secret();
+    // Only a new row is refused: a stranger's re-registration of an existing workspace gets
+    // its 401, as before, not a 503 to retry.
+    let refuse_new = counted == Counted::ClientAndReplica && st.workspace_cap.full();
     let outcome = st
         .db
         .run(move |c| {
@@ -339,6 +340,9 @@ pub async fn register(
                 {
                     return Ok(Registration::Unauthorized(claim));
                 }
+                if created && refuse_new {
+                    return Ok(Registration::Full);
+                }
                 if created {
                     let (_, token) = issue_token(&mut tx, id).await?;
                     tx.commit().await?;
@@ -370,6 +374,10 @@ pub async fn register(
             }
             tracing::info!(workspace_id = %ws.id, delivery_mode = clip(&ws.delivery_mode).as_str(), created, "workspace registered");
             Ok(registered(&ws, token))
+        }
+        Registration::Full => {
+            give_back_registration(&st, client, counted);
+            Err(ApiError::RegistryFull)
         }
         Registration::Removed => Err(ApiError::WorkspaceRemoved),
         Registration::Unauthorized(Claim::NoBearer) => Err(ApiError::MissingToken),

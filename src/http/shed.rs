@@ -67,8 +67,10 @@ pub struct Connection {
     /// While its request waits on the client for a short body ([`Connection::waiting_on_body`]).
     on_body: AtomicBool,
     shed: Arc<Signal>,
-    /// Set by its socket once a read grew its read buffer (`conn::LARGE_READ`).
+    /// Set by its socket once its read buffer grew (`conn::LARGE_READ`).
     large_reads: Arc<AtomicBool>,
+    /// A TRUSTED_PROXIES peer's: kept alive whatever its buffer (the proxy bounds its pool).
+    proxy: bool,
     /// Counted in its owner's `grown`, until it is dropped.
     kept_grown: AtomicBool,
 }
@@ -83,8 +85,8 @@ impl Idle {
     }
 
     /// A new connection, idle until its first request begins; `large_reads` is set by its
-    /// socket once its read buffer has grown.
-    pub fn add(self: &Arc<Self>, large_reads: Arc<AtomicBool>) -> Arc<Connection> {
+    /// socket once its read buffer has grown; `proxy`: a TRUSTED_PROXIES peer's.
+    pub fn add(self: &Arc<Self>, large_reads: Arc<AtomicBool>, proxy: bool) -> Arc<Connection> {
         let shed = Arc::new(Signal::default());
         let seq = {
             let mut waiting = self.lock();
@@ -100,6 +102,7 @@ impl Idle {
             on_body: AtomicBool::new(false),
             shed,
             large_reads,
+            proxy,
             kept_grown: AtomicBool::new(false),
         })
     }
@@ -180,8 +183,19 @@ impl Connection {
     /// such are kept: a client that grew the buffers of thousands of idle keep-alive
     /// connections (a large body to each, then one cheap request a while) held 3 GiB of one
     /// replica (a red team).
+    ///
+    /// A proxy's are not counted: behind a load balancer every pooled connection soon carried
+    /// an upload, and the proxy bounds how many it keeps.
     pub fn may_stay_open(&self) -> bool {
-        if !self.large_reads.load(Ordering::Relaxed) || self.kept_grown.load(Ordering::Acquire) {
+        if self.proxy || !self.large_reads.load(Ordering::Relaxed) {
+            return true;
+        }
+        // Claimed before it is counted: a place is counted once, and given back once (Drop).
+        if self
+            .kept_grown
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
             return true;
         }
         let (grown, max) = (&self.owner.grown, self.owner.grown_max);
@@ -190,8 +204,9 @@ impl Connection {
                 (n < max).then_some(n + 1)
             })
             .is_ok();
-        if kept {
-            self.kept_grown.store(true, Ordering::Release);
+        if !kept {
+            self.kept_grown.store(false, Ordering::Release);
+            crate::metrics::metrics().large_buffer_closes.inc();
         }
         kept
     }
@@ -282,9 +297,9 @@ mod tests {
     fn the_connection_idle_longest_goes_first() {
         let idle = Arc::new(Idle::default());
         let (a, b, c) = (
-            idle.add(Default::default()),
-            idle.add(Default::default()),
-            idle.add(Default::default()),
+            idle.add(Default::default(), false),
+            idle.add(Default::default(), false),
+            idle.add(Default::default(), false),
         );
         a.begin();
         assert_eq!(idle.len(), 2);
@@ -309,7 +324,7 @@ mod tests {
     #[test]
     fn a_request_waiting_on_a_short_body_may_be_dropped() {
         let idle = Arc::new(Idle::default());
-        let a = idle.add(Default::default());
+        let a = idle.add(Default::default(), false);
         a.begin();
         let wait = a.waiting_on_body();
         assert_eq!(idle.len(), 1);
@@ -325,11 +340,11 @@ mod tests {
     #[test]
     fn a_connection_in_a_request_is_not_a_candidate() {
         let idle = Arc::new(Idle::default());
-        let a = idle.add(Default::default());
+        let a = idle.add(Default::default(), false);
         a.begin();
         assert!(!idle.shed_oldest(Duration::ZERO));
         // A shed that raced the first request's head: closed after its answer.
-        let b = idle.add(Default::default());
+        let b = idle.add(Default::default(), false);
         assert!(idle.shed_oldest(Duration::ZERO));
         b.begin();
         assert_eq!(b.shed().now_or_never(), Some(Shed::Close));
@@ -345,7 +360,7 @@ mod tests {
     #[test]
     fn a_connection_idle_for_less_than_the_minimum_is_not_shed() {
         let idle = Arc::new(Idle::default());
-        let a = idle.add(Default::default());
+        let a = idle.add(Default::default(), false);
         assert!(!idle.shed_oldest(Duration::from_secs(60)));
         assert_eq!(a.shed().now_or_never(), None);
         assert!(idle.shed_oldest(Duration::ZERO));

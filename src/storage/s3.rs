@@ -683,30 +683,53 @@ impl S3Backend {
         if let Some(found) = self.read_marker().await? {
             return Ok(found);
         }
-        let written = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(self.marker_key())
-            .if_none_match("*")
-            .content_type("text/plain")
-            .body(ByteStream::from(ours.to_string().into_bytes()))
-            .send()
-            .await;
-        match written {
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.raw_response().map(|r| r.status().as_u16()),
-                    Some(409 | 412)
-                ) => {}
+        let conditional = self.put_marker(ours, true).await;
+        let status = conditional
+            .as_ref()
+            .err()
+            .and_then(|e| e.raw_response())
+            .map(|r| r.status().as_u16());
+        match conditional {
+            Ok(()) => {}
+            // Another deployment's marker is there (412), or its write is in flight (409).
+            Err(_) if matches!(status, Some(409 | 412)) => {}
+            // A server that does not take the condition: written plainly, the read-back
+            // decides.
+            Err(_) if matches!(status, Some(400 | 501)) => {
+                self.put_marker(ours, false).await.map_err(unavailable)?
+            }
             Err(e) => return Err(unavailable(e)),
         }
         self.read_marker().await?.ok_or_else(|| {
             StorageError::Unavailable(
-                "the prefix's marker was gone just after it was written".into(),
+                "the prefix's marker was not there after it was written (or while another deployment's write was in flight): the next walk claims it again".into(),
             )
         })
+    }
+
+    /// Writes the prefix's marker naming `ours`, `If-None-Match: *` when `conditional`.
+    async fn put_marker(
+        &self,
+        ours: Uuid,
+        conditional: bool,
+    ) -> Result<
+        (),
+        SdkError<
+            aws_sdk_s3::operation::put_object::PutObjectError,
+            aws_sdk_s3::config::http::HttpResponse,
+        >,
+    > {
+        let mut put = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.marker_key())
+            .content_type("text/plain")
+            .body(ByteStream::from(ours.to_string().into_bytes()));
+        if conditional {
+            put = put.if_none_match("*");
+        }
+        put.send().await.map(|_| ())
     }
 
     /// The deployment the marker names (nil when it holds anything but an id), `None` without

@@ -1939,6 +1939,11 @@ async fn connections_whose_read_buffer_grew_are_kept_alive_only_up_to_a_bound() 
         }
     }
     assert_eq!((kept.len(), closed), (4, 296));
+    let metrics = scrape_metrics(&svc.base).await;
+    assert_eq!(
+        metric_value(&metrics, "pending_uploads_large_buffer_closes_total"),
+        Some(296.0)
+    );
     let grew = rss_kib(&svc).saturating_sub(before);
     // 300 × ~210 KiB before (63 MB).
     assert!(grew < 16 * 1024, "RSS grew {grew} KiB");
@@ -1950,6 +1955,21 @@ async fn connections_whose_read_buffer_grew_are_kept_alive_only_up_to_a_bound() 
             "{answer}"
         );
     }
+
+    // A head that arrives in pieces grows the buffer too, without one large read (the
+    // diff's review): a 60 KiB header, 2 KiB at a time.
+    let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
+    let head = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+        "p".repeat(60 * 1024)
+    );
+    for piece in head.as_bytes().chunks(2048) {
+        sock.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let answer = read_answer(&mut sock).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\r\nConnection: close\r\n"), "{answer}");
 
     // A long poll whose own request grew its connection's buffer past the bound does not
     // wait (a body on a GET is drained, as any unread body is).
@@ -2863,6 +2883,12 @@ async fn a_second_signal_ends_the_drain_and_a_repeat_does_not() {
 /// would replace the ignore, and closing the terminal would stop the service.
 #[tokio::test]
 async fn a_hangup_drains_unless_it_was_ignored() {
+    // The first service must start with SIGHUP at its default, whatever this test runner
+    // was started with (a CI job under `nohup` would pass its ignore on).
+    // SAFETY: sets a disposition; no handler of this process relies on SIGHUP.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_DFL);
+    }
     let mut svc = Svc::start(&[]).await;
     signal(&svc, "-HUP");
     let out = svc.running.terminate_wait().await;
@@ -4893,6 +4919,22 @@ async fn a_flood_of_refused_requests_cannot_flood_the_log() {
     assert!(summary.contains("src/http/"), "{summary}");
 }
 
+/// Behind a load balancer every pooled connection soon carried an upload: a TRUSTED_PROXIES
+/// peer's connections are kept alive whatever their buffers (the diff's review: past the
+/// bound, the proxy's long polls would all have answered at once).
+#[tokio::test]
+async fn a_proxys_grown_connections_are_kept_alive() {
+    let svc = Svc::start(&[
+        ("MAX_LARGE_BUFFER_CONNECTIONS", "0"),
+        ("TRUSTED_PROXIES", "127.0.0.0/8"),
+    ])
+    .await;
+    let (mut sock, answer) = a_grown_connection(&svc).await;
+    assert!(!answer.contains("Connection: close"), "{answer}");
+    sock.write_all(GET_HEALTHZ).await.unwrap();
+    assert!(read_answer(&mut sock).await.starts_with("HTTP/1.1 200"));
+}
+
 /// A refusal decided from the head alone of a request whose declared body is longer than a
 /// drain may read waited out the drain's deadline: a 413 for a 200 MB upload came after 5 s,
 /// with 25 MB sent meanwhile (a red team). It is answered at once, and the connection closes.
@@ -4944,6 +4986,9 @@ async fn the_registry_holds_at_most_max_workspaces_strangers_can_create() {
     )
     .await;
     assert_eq!(svc.count("workspaces").await, 3);
+    // A stranger's re-registration of an existing workspace is still the 401 it was.
+    let resp = register(&client, &svc, None, &json!({"id": tokens[1].0})).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     // The admin's registration and creation, and a workspace's own re-registration.
     let resp = register(&client, &svc, Some(ADMIN), &json!({"id": Uuid::new_v4()})).await;
     assert_eq!(resp.status(), StatusCode::OK);
