@@ -89,10 +89,15 @@ impl Svc {
 
     /// Peak resident memory of the process so far, in KiB.
     fn peak_rss_kib(&self) -> u64 {
+        self.memory_kib("VmHWM:")
+    }
+
+    /// One memory figure of the process's status (`VmRSS:`, `VmHWM:`), in KiB.
+    fn memory_kib(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap()
     }
@@ -1888,16 +1893,6 @@ async fn connections_that_sent(svc: &Svc, n: usize, head: &[u8]) -> Vec<TcpStrea
     held
 }
 
-/// The service's resident memory now, in KiB.
-fn rss_kib(svc: &Svc) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", svc.pid())).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// A connection that sent `GET /healthz` with a 200 KB body at once (the body drained by the
 /// service), and the answer.
 async fn a_grown_connection(svc: &Svc) -> (TcpStream, String) {
@@ -1926,7 +1921,7 @@ async fn connections_whose_read_buffer_grew_are_kept_alive_only_up_to_a_bound() 
     let (ws, token) = register_poll(&svc.base).await;
     let cursor = upload_file(&svc, ws, &token, "a.txt", b"a").await;
     assert_eq!(cursor.status(), StatusCode::OK);
-    let before = rss_kib(&svc);
+    let before = svc.memory_kib("VmRSS:");
     let mut kept = Vec::new();
     let mut closed = 0;
     for _ in 0..300 {
@@ -1944,7 +1939,7 @@ async fn connections_whose_read_buffer_grew_are_kept_alive_only_up_to_a_bound() 
         metric_value(&metrics, "pending_uploads_large_buffer_closes_total"),
         Some(296.0)
     );
-    let grew = rss_kib(&svc).saturating_sub(before);
+    let grew = svc.memory_kib("VmRSS:").saturating_sub(before);
     // 300 × ~210 KiB before (63 MB).
     assert!(grew < 16 * 1024, "RSS grew {grew} KiB");
     for sock in &mut kept {
