@@ -234,10 +234,13 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<Service> {
         ),
         trusted_proxies: args.trusted_proxies.clone(),
         ready: Default::default(),
-        stored: Arc::new(crate::stored::Stored::new(
-            args.limits.max_stored_bytes,
-            args.limits.stored_share_per_client,
-        )),
+        stored: Arc::new(
+            crate::stored::Stored::new(
+                args.limits.max_stored_bytes,
+                args.limits.stored_share_per_client,
+            )
+            .with_activity_retention(args.sweep.activity_retention.0),
+        ),
         workspace_cap: Arc::new(crate::http::registry::WorkspaceCap::new(
             args.max_workspaces,
         )),

@@ -35,6 +35,10 @@ use crate::db::uploads::stored_cost;
 pub struct Stored {
     /// 0: no bound.
     max: u64,
+    /// What a file's activity row costs a share beyond its weight: the row lives
+    /// ACTIVITY_RETENTION, the share refills over [`SHARE_PERIOD`] (see
+    /// [`Stored::with_activity_retention`]).
+    activity_extra: u64,
     counts: Mutex<Counts>,
     full: AtomicBool,
     shares: Mutex<Shares>,
@@ -177,6 +181,8 @@ impl Counts {
 pub struct Reservation {
     stored: Arc<Stored>,
     bytes: u64,
+    /// What its client's share paid (`bytes` and its activity rows' longer life).
+    shared: u64,
     /// Whose share they came from.
     client: Option<IpAddr>,
     committed: bool,
@@ -187,7 +193,7 @@ impl Reservation {
     pub fn release(mut self) {
         self.committed = false;
         if let Some(client) = self.client {
-            self.stored.shares().give_back(client, self.bytes);
+            self.stored.shares().give_back(client, self.shared);
         }
     }
 }
@@ -229,6 +235,7 @@ impl Stored {
             .set(max.min(i64::MAX as u64) as i64);
         Stored {
             max,
+            activity_extra: 0,
             counts: Mutex::new(Counts::default()),
             full: AtomicBool::new(false),
             shares: Mutex::new(Shares {
@@ -236,6 +243,17 @@ impl Stored {
                 left: HashMap::new(),
             }),
         }
+    }
+
+    /// A share pays for a file's activity row as long as the row lives: ACTIVITY_RETENTION (7
+    /// days) against the share's day, the row's weight × retention / day. It paid for one day
+    /// only, so an address spending its share daily held up to seven shares of activity rows
+    /// (a red team's arithmetic).
+    pub fn with_activity_retention(mut self, retention: Duration) -> Stored {
+        let days = retention.as_secs_f64() / SHARE_PERIOD.as_secs_f64();
+        let weight = crate::db::uploads::ACTIVITY_ROW_WEIGHT as f64;
+        self.activity_extra = (weight * (days - 1.0)).max(0.0).ceil() as u64;
+        self
     }
 
     /// Whether an upload from `client` (`None`: not counted, the operator's own) may start:
@@ -254,7 +272,7 @@ impl Stored {
                 .shares()
                 .has(
                     key,
-                    declared.map_or(LEAST_COST, stored_cost),
+                    declared.map_or(LEAST_COST, stored_cost) + self.activity_extra,
                     Instant::now(),
                 )
                 .map_err(|retry_after| Refused::Share { retry_after }),
@@ -276,16 +294,18 @@ impl Stored {
     /// Counts `bytes` an upload received is about to commit, unless they would pass the
     /// bound: the check before its body only sees what the others committed, and twenty
     /// uploads admitted together went 7× over it (a probe). `client`'s share pays for them
-    /// too.
+    /// too, and for its `files`' activity rows as long as they live.
     pub fn try_reserve(
         self: &Arc<Self>,
         bytes: u64,
+        files: u64,
         client: Option<IpAddr>,
     ) -> Result<Reservation, Refused> {
         let client = self.share_key(client);
+        let shared = bytes.saturating_add(files.saturating_mul(self.activity_extra));
         if let Some(key) = client {
             self.shares()
-                .take(key, bytes, Instant::now())
+                .take(key, shared, Instant::now())
                 .map_err(|retry_after| Refused::Share { retry_after })?;
         }
         let mut c = self.counts();
@@ -298,7 +318,7 @@ impl Stored {
         self.show();
         if !fits {
             if let Some(key) = client {
-                self.shares().give_back(key, bytes);
+                self.shares().give_back(key, shared);
             }
             return Err(Refused::Full);
         }
@@ -306,6 +326,7 @@ impl Stored {
         Ok(Reservation {
             stored: self.clone(),
             bytes,
+            shared,
             client,
             committed: true,
         })
@@ -376,9 +397,9 @@ mod tests {
     fn reserved_bytes_count_until_the_next_reading() {
         let s = Arc::new(Stored::new(100, 0));
         assert_eq!(s.full(), None);
-        let sixty = s.try_reserve(60, None).unwrap();
-        assert!(s.try_reserve(41, None).is_err(), "would pass the bound");
-        let forty = s.try_reserve(40, None).unwrap();
+        let sixty = s.try_reserve(60, 1, None).unwrap();
+        assert!(s.try_reserve(41, 1, None).is_err(), "would pass the bound");
+        let forty = s.try_reserve(40, 1, None).unwrap();
         assert_eq!(s.full(), Some(100));
         forty.release();
         assert_eq!(s.full(), None, "a failed commit gives its bytes back");
@@ -388,13 +409,16 @@ mod tests {
         assert_eq!(s.full(), None, "swept meanwhile");
         // Committed while a reading is under way counts on top of its figure.
         let reading = s.reading();
-        drop(s.try_reserve(70, None).unwrap());
+        drop(s.try_reserve(70, 1, None).unwrap());
         reading.done(30);
         assert_eq!(s.full(), Some(100));
         s.reading().done(150);
         assert_eq!(s.full(), Some(150), "other replicas staged");
         let off = Arc::new(Stored::new(0, 0));
-        let (all, one) = (off.try_reserve(u64::MAX, None), off.try_reserve(1, None));
+        let (all, one) = (
+            off.try_reserve(u64::MAX, 1, None),
+            off.try_reserve(1, 1, None),
+        );
         assert!(all.is_ok() && one.is_ok());
         assert_eq!(off.full(), None, "0: no bound");
     }
@@ -404,7 +428,7 @@ mod tests {
     #[test]
     fn a_commit_failing_during_a_reading_is_given_back_once() {
         let s = Arc::new(Stored::new(100, 0));
-        let failed = s.try_reserve(50, None).unwrap();
+        let failed = s.try_reserve(50, 1, None).unwrap();
         let reading = s.reading();
         failed.release();
         reading.done(20);
@@ -417,7 +441,7 @@ mod tests {
     #[test]
     fn a_commit_landing_during_a_reading_is_kept_counted() {
         let s = Arc::new(Stored::new(100, 0));
-        let landing = s.try_reserve(50, None).unwrap();
+        let landing = s.try_reserve(50, 1, None).unwrap();
         let reading = s.reading();
         drop(landing);
         reading.done(0);
@@ -438,8 +462,8 @@ mod tests {
     fn a_client_stages_its_share_and_the_others_theirs() {
         let s = Arc::new(Stored::new(100_000, 10));
         let a = ip("203.0.113.7");
-        drop(s.try_reserve(6_000, a).unwrap());
-        let Err(Refused::Share { retry_after }) = s.try_reserve(6_000, a) else {
+        drop(s.try_reserve(6_000, 1, a).unwrap());
+        let Err(Refused::Share { retry_after }) = s.try_reserve(6_000, 1, a) else {
             panic!("past its share")
         };
         // 2,000 bytes short of 10,000 a day: a fifth of a day.
@@ -449,11 +473,11 @@ mod tests {
             "{retry_after:?}"
         );
         assert!(s.admit(a, None).is_ok(), "4,000 left: room for a small one");
-        drop(s.try_reserve(6_000, ip("203.0.113.8")).unwrap());
-        drop(s.try_reserve(40_000, None).unwrap());
+        drop(s.try_reserve(6_000, 1, ip("203.0.113.8")).unwrap());
+        drop(s.try_reserve(40_000, 1, None).unwrap());
         // A failed commit gives the share back.
-        s.try_reserve(4_000, a).unwrap().release();
-        drop(s.try_reserve(4_000, a).unwrap());
+        s.try_reserve(4_000, 1, a).unwrap().release();
+        drop(s.try_reserve(4_000, 1, a).unwrap());
         // Spent: refused before its body, until the least an upload costs is back.
         let Err(Refused::Share { retry_after }) = s.admit(a, None) else {
             panic!("spent")
@@ -464,15 +488,15 @@ mod tests {
             "{retry_after:?}"
         );
         // An IPv6 client by its /48.
-        drop(s.try_reserve(10_000, ip("2001:db8:0:1::1")).unwrap());
-        assert!(s.try_reserve(1, ip("2001:db8:0:2::1")).is_err());
+        drop(s.try_reserve(10_000, 1, ip("2001:db8:0:1::1")).unwrap());
+        assert!(s.try_reserve(1, 1, ip("2001:db8:0:2::1")).is_err());
         // A whole share takes one upload larger than it.
-        drop(s.try_reserve(30_000, ip("198.51.100.1")).unwrap());
+        drop(s.try_reserve(30_000, 1, ip("198.51.100.1")).unwrap());
         // Past the bound: refused as full, and the share is not charged.
         let b = ip("198.51.100.2");
-        assert_eq!(s.try_reserve(10_000, b).err(), Some(Refused::Full));
+        assert_eq!(s.try_reserve(10_000, 1, b).err(), Some(Refused::Full));
         s.reading().done(0);
-        drop(s.try_reserve(10_000, b).unwrap());
+        drop(s.try_reserve(10_000, 1, b).unwrap());
     }
 
     /// Before its body, an upload is held to its declared length: one refused for lack of
@@ -481,7 +505,7 @@ mod tests {
     fn the_declared_length_is_what_the_share_must_pay_before_the_body() {
         let s = Arc::new(Stored::new(100_000, 10));
         let a = ip("8.8.4.1");
-        drop(s.try_reserve(5_000, a).unwrap());
+        drop(s.try_reserve(5_000, 1, a).unwrap());
         assert!(s.admit(a, Some(3_000)).is_ok(), "4,536 of 5,000");
         // 9,536 needed: 4,536 short, at 10,000 a day.
         let Err(Refused::Share { retry_after }) = s.admit(a, Some(8_000)) else {
@@ -494,13 +518,36 @@ mod tests {
         );
     }
 
+    /// A file's activity row lives ACTIVITY_RETENTION (7 days), its share refills in a day:
+    /// the share pays the row's weight once a day it lives; the bound counts it once.
+    #[test]
+    fn a_share_pays_for_an_activity_row_as_long_as_it_lives() {
+        let week = Duration::from_secs(7 * 24 * 3600);
+        let s = Arc::new(Stored::new(1_000_000, 10).with_activity_retention(week));
+        let a = ip("8.8.4.2");
+        let one = stored_cost(1);
+        drop(s.try_reserve(one, 1, a).unwrap());
+        let left = s
+            .shares()
+            .left
+            .get(&crate::networks::client_key(a.unwrap()))
+            .map(|l| l.bytes);
+        // 100,000 less a file's bytes and rows, and six more days of its activity row.
+        let spent = 100_000.0 - left.unwrap();
+        assert!((spent - (one + 6 * 1024) as f64).abs() < 1.0, "{spent}");
+        assert_eq!(s.kept(), one, "the bound counts the row once");
+        // Retention of a day or less: nothing more.
+        let day = Arc::new(Stored::new(1_000_000, 10).with_activity_retention(SHARE_PERIOD));
+        assert_eq!(day.activity_extra, 0);
+    }
+
     #[test]
     fn the_share_table_is_bounded() {
         let s = Arc::new(Stored::new(1 << 30, 10));
         for n in 0..MAX_CLIENTS as u32 + 10 {
             let client = IpAddr::V4(n.into());
             // A 4,000th of a share: refilled in 22 s, and 16,394 of them within the bound.
-            drop(s.try_reserve(26_843, Some(client)).unwrap());
+            drop(s.try_reserve(26_843, 1, Some(client)).unwrap());
         }
         // The fullest went to make room, EVICTED at once: the first (longest refilling).
         assert_eq!(s.shares().left.len(), MAX_CLIENTS - EVICTED + 10);

@@ -297,7 +297,7 @@ async fn stage(
         .sum();
     let reservation = st
         .stored
-        .try_reserve(reserved, client)
+        .try_reserve(reserved, files.len() as u64, client)
         .map_err(|r| rejected(r.into()))?;
     // The commit's task says how it ends from here, whether the client waits for it or not.
     let committed = st

@@ -2662,7 +2662,8 @@ async fn one_client_cannot_take_the_storage_of_everyone() {
         }
         async move { req.send().await.unwrap() }
     };
-    // 40,000 bytes, its row (512) and its activity row (1,024): two fit in a 100,000-byte share.
+    // 40,000 bytes, its row (512) and its activity row (1,024, and 6,144 more for the six
+    // more days it lives than the share takes to refill): two fit in a 100,000-byte share.
     for name in ["a1.bin", "a2.bin"] {
         let resp = from(Some("8.8.4.77"), name).await;
         assert_eq!(resp.status(), StatusCode::OK, "{name}");
@@ -2674,16 +2675,16 @@ async fn one_client_cannot_take_the_storage_of_everyone() {
         "{:?}",
         resp.headers()
     );
-    // Refused before its body, for its length and a file's rows: with 16,928 bytes left
+    // Refused before its body, for its length and a file's rows: with 4,640 bytes left
     // of 100,000 a day, what it lacks at 1.157 bytes a second, rounded up.
-    let wait = |cost: usize| ((cost - 16_928) as f64 * 0.864).ceil() as u64;
+    let wait = |cost: usize| ((cost - 4_640) as f64 * 0.864).ceil() as u64;
     let body = one_file("XB", "a3.bin", &bytes(40_000, 5)).len();
     let retry_after = |h: &reqwest::header::HeaderMap| -> u64 {
         h["retry-after"].to_str().unwrap().parse().unwrap()
     };
     let given = retry_after(resp.headers());
     assert!(
-        (wait(body + 1536) - 5..=wait(body + 1536)).contains(&given),
+        (wait(body + 7680) - 5..=wait(body + 7680)).contains(&given),
         "{given}"
     );
     assert_json(
@@ -2727,7 +2728,7 @@ async fn one_client_cannot_take_the_storage_of_everyone() {
         .parse()
         .unwrap();
     assert!(
-        (wait(51_536) - 5..=wait(51_536)).contains(&given),
+        (wait(57_680) - 5..=wait(57_680)).contains(&given),
         "{answer}"
     );
     // What operators watch: two refusals, two clients' shares kept.
