@@ -23,9 +23,10 @@ static DROPPED_BY: Mutex<Vec<(&'static str, u64)>> = Mutex::new(Vec::new());
 const NAMED: usize = 5;
 
 /// Lines of a statement a workspace may write in a second once the statement's budget is
-/// spent (from a second pool as large): its events carry its `workspace_id`, and one workspace's flood must
-/// not silence the others' (a red team: one workspace re-fetching its file 5,600 times a
-/// second left 9 of another's 50 `upload served` lines, state transitions SPEC §8 wants).
+/// spent (from a second pool as large): its events carry its `workspace_id`, and one
+/// workspace's flood must not silence the others' (a red team: one workspace re-fetching its
+/// file 5,600 times a second left 9 of another's 50 `upload served` lines, state
+/// transitions SPEC §8 wants).
 const FAIR_LINES: u32 = 5;
 
 /// Workspaces counted per statement per second: past it, a new one has no fair lines.
@@ -42,7 +43,7 @@ struct Spent {
     since: Instant,
     /// Lines from the shared pool (`per_second`).
     count: u64,
-    /// Lines from the fair pool (as large): each workspace's first [`FAIR_LINES`].
+    /// Lines from the fair pool (as large): [`FAIR_LINES`] at most per workspace.
     fair: u64,
     /// Fair-pool lines written this second, by workspace (a hash of its id).
     by_workspace: HashMap<u64, u32>,
@@ -58,7 +59,7 @@ impl LineBudget {
     }
 
     /// Whether the event may be written: from the shared pool while it lasts, then, for a
-    /// workspace that wrote fewer than [`FAIR_LINES`] of it this second, from the fair one.
+    /// workspace that took fewer than [`FAIR_LINES`] of the fair one this second, from it.
     fn take(&self, meta: &Metadata<'_>, workspace: Option<u64>) -> bool {
         let mut spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();

@@ -147,8 +147,7 @@ impl ClientStream {
         PeerWatch(self.watched.clone())
     }
 
-    /// Whether a read of this connection's took [`LARGE_READ`] bytes or more: its read
-    /// buffer has grown.
+    /// Set once hyper's read buffer of this connection has grown past [`LARGE_READ`].
     pub fn large_reads(&self) -> Arc<AtomicBool> {
         self.large_read.clone()
     }

@@ -219,6 +219,7 @@ fn every_request(
             .observe(started.elapsed().as_secs_f64());
         let mut resp = body::drain_unread(resp, unread, connection.clone()).await;
         if connection.is_some_and(|c| !c.may_stay_open()) {
+            crate::metrics::metrics().large_buffer_closes.inc();
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

@@ -206,7 +206,6 @@ impl Connection {
             .is_ok();
         if !kept {
             self.kept_grown.store(false, Ordering::Release);
-            crate::metrics::metrics().large_buffer_closes.inc();
         }
         kept
     }
