@@ -1,6 +1,9 @@
 //! The minimal platform surface: registration, workspaces, tokens (SPEC §4 Registry).
 
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use axum::{
     extract::{Path, State},
@@ -186,7 +189,7 @@ fn take_registration(st: &AppState, client: IpAddr, counted: Counted) -> Result<
 /// replica created since.
 pub struct WorkspaceCap {
     max: u64,
-    known: std::sync::atomic::AtomicU64,
+    known: AtomicU64,
 }
 
 impl WorkspaceCap {
@@ -199,13 +202,12 @@ impl WorkspaceCap {
     }
 
     pub fn full(&self) -> bool {
-        self.max > 0 && self.known.load(std::sync::atomic::Ordering::Relaxed) >= self.max
+        self.max > 0 && self.known.load(Ordering::Relaxed) >= self.max
     }
 
     /// A reading of the table; true when it has reached the bound.
     pub fn read(&self, workspaces: u64) -> bool {
-        self.known
-            .store(workspaces, std::sync::atomic::Ordering::Relaxed);
+        self.known.store(workspaces, Ordering::Relaxed);
         self.full()
     }
 
@@ -214,8 +216,7 @@ impl WorkspaceCap {
     }
 
     fn created(&self) {
-        self.known
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.known.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -13,7 +13,7 @@ use std::{
 };
 
 use aws_sdk_s3::{
-    config::{RequestChecksumCalculation, ResponseChecksumValidation},
+    config::{http::HttpResponse, RequestChecksumCalculation, ResponseChecksumValidation},
     error::{DisplayErrorContext, SdkError},
     primitives::ByteStream,
     types::ChecksumAlgorithm,
@@ -160,6 +160,11 @@ fn unavailable<E: std::error::Error + Send + Sync + 'static, R: std::fmt::Debug>
     e: SdkError<E, R>,
 ) -> StorageError {
     StorageError::Unavailable(DisplayErrorContext(&e).to_string())
+}
+
+/// The HTTP status S3 answered a failed request with (none when it did not answer).
+fn status_of<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
+    e.raw_response().map(|r| r.status().as_u16())
 }
 
 impl S3Backend {
@@ -684,11 +689,7 @@ impl S3Backend {
             return Ok(found);
         }
         let conditional = self.put_marker(ours, true).await;
-        let status = conditional
-            .as_ref()
-            .err()
-            .and_then(|e| e.raw_response())
-            .map(|r| r.status().as_u16());
+        let status = conditional.as_ref().err().and_then(status_of);
         match conditional {
             Ok(()) => {}
             // Another deployment's marker is there (412), or its write is in flight (409).
@@ -712,13 +713,7 @@ impl S3Backend {
         &self,
         ours: Uuid,
         conditional: bool,
-    ) -> Result<
-        (),
-        SdkError<
-            aws_sdk_s3::operation::put_object::PutObjectError,
-            aws_sdk_s3::config::http::HttpResponse,
-        >,
-    > {
+    ) -> Result<(), SdkError<aws_sdk_s3::operation::put_object::PutObjectError, HttpResponse>> {
         let mut put = self
             .client
             .put_object()
@@ -766,9 +761,8 @@ impl S3Backend {
     /// down for a moment (`S3 unavailable for N rows in a row`), with the cause only in the
     /// logs. Other failures are left to the run's own handling of an unavailable S3.
     pub async fn require_bucket(&self) -> anyhow::Result<()> {
-        let headed = self.client.head_bucket().bucket(&self.bucket).send().await;
-        match headed {
-            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => {
+        match self.head_bucket().await {
+            Err(e) if status_of(&e) == Some(404) => {
                 anyhow::bail!(
                     "the bucket {} does not exist: check PENDING_UPLOADS_S3_BUCKET and the endpoint",
                     self.bucket
@@ -779,13 +773,19 @@ impl S3Backend {
     }
 
     pub async fn check(&self) -> Result<(), StorageError> {
+        self.head_bucket().await.map_err(unavailable)
+    }
+
+    async fn head_bucket(
+        &self,
+    ) -> Result<(), SdkError<aws_sdk_s3::operation::head_bucket::HeadBucketError, HttpResponse>>
+    {
         self.client
             .head_bucket()
             .bucket(&self.bucket)
             .send()
             .await
-            .map_err(unavailable)?;
-        Ok(())
+            .map(|_| ())
     }
 }
 
