@@ -28,6 +28,8 @@ use crate::{
 
 /// How long in-flight requests may take to finish after SIGTERM.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a start-up waits on the database before it says that it is waiting.
+const DATABASE_WAIT_NOTICE: Duration = Duration::from_secs(2);
 /// How often the backlog gauges are recomputed.
 const GAUGE_REFRESH: Duration = Duration::from_secs(15);
 
@@ -39,9 +41,22 @@ pub async fn connect_and_migrate(db_args: &DbArgs) -> anyhow::Result<PgPool> {
 
 async fn connect_checked(db_args: &DbArgs) -> anyhow::Result<PgPool> {
     db_args.validate().map_err(anyhow::Error::msg)?;
-    db::connect(db_args, db_args.dependency_timeout.0)
-        .await
-        .context("connecting to DATABASE_URL")
+    let mut connect = std::pin::pin!(db::connect(db_args, db_args.dependency_timeout.0));
+    // A database that is down is waited for up to DEPENDENCY_TIMEOUT (7 days at most): a line
+    // says so once the wait is noticeable, so an operator is not left with a silent process.
+    let connected = tokio::select! {
+        connected = &mut connect => connected,
+        () = tokio::time::sleep(DATABASE_WAIT_NOTICE) => {
+            tracing::warn!(
+                event = "database_waiting",
+                database = %db::describe(&db_args.database_url.0),
+                timeout = ?db_args.dependency_timeout.0,
+                "the database does not answer yet: waiting for it up to DEPENDENCY_TIMEOUT"
+            );
+            connect.await
+        }
+    };
+    connected.context("connecting to DATABASE_URL")
 }
 
 /// SPOOL_DIR, made if missing (the system temp dir when unset): where `serve` spools

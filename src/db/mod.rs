@@ -73,6 +73,20 @@ pub async fn connect(args: &DbArgs, dependency_timeout: Duration) -> Result<PgPo
     }
 }
 
+/// Where a connection string points, for log lines: host, port and database, never the user
+/// or the password (`?` when the string does not parse: it fails where it is used, saying why).
+pub fn describe(database_url: &str) -> String {
+    match database_url.parse::<PgConnectOptions>() {
+        Ok(o) => format!(
+            "{}:{}/{}",
+            o.get_host(),
+            o.get_port(),
+            o.get_database().unwrap_or("")
+        ),
+        Err(_) => "?".to_string(),
+    }
+}
+
 fn connect_options(
     args: &DbArgs,
     dependency_timeout: Duration,

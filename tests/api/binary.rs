@@ -549,6 +549,53 @@ fn an_unreachable_database_at_start_up_says_why() {
     );
 }
 
+/// A database that is down at start-up is waited for up to DEPENDENCY_TIMEOUT; before, the
+/// process said nothing for all that time (10 s by default, up to 7 days), then exited. Now a
+/// line says it is waiting, and for what, within seconds, naming no password.
+#[test]
+fn a_start_up_waiting_on_the_database_says_so() {
+    use std::io::BufRead;
+    let closed = free_port();
+    let mut child = Command::new(service_bin())
+        .env_clear()
+        .env(
+            "DATABASE_URL",
+            format!("postgres://postgres:sekret@127.0.0.1:{closed}/none"),
+        )
+        .env("DEPENDENCY_TIMEOUT", "60s")
+        .env("BIND_ADDR", format!("127.0.0.1:{}", free_port()))
+        .arg("serve")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let started = Instant::now();
+    let line = rx.recv_timeout(Duration::from_secs(10));
+    let still_waiting = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.expect("a line while waiting on the database");
+    assert!(still_waiting && started.elapsed() < Duration::from_secs(10));
+    assert!(line.contains("event=\"database_waiting\""), "{line}");
+    assert!(
+        line.contains(&format!("database=127.0.0.1:{closed}/none")),
+        "{line}"
+    );
+    assert!(line.contains("timeout=60s"), "{line}");
+    assert!(!line.contains("sekret"), "{line}");
+}
+
 /// A platform URL that is none is refused at start, saying so. Before, it came out as
 /// reqwest's "builder error" after a pass of retries (a black-box probe).
 #[test]
