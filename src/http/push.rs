@@ -148,6 +148,14 @@ impl Pusher {
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        // The answer is read whole: it goes out with its length, not chunked as the slot's
+        // stream would send it (an HTTP/1.0 client cannot take a chunked answer on a connection
+        // it keeps: its next request was dropped; the protocol red team).
+        if let Some(len) = http_body::Body::size_hint(answer.body()).exact() {
+            answer
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
         tracing::info!(event = "pushed", %workspace_id, status = answer.status().as_u16(), "upload forwarded to workspace");
         Ok(answer.map(|body| Body::from_stream(holding(body.into_data_stream(), slot))))
     }

@@ -78,6 +78,10 @@ async fn push_uploads_stream_through_unchanged_and_relay_the_answer() {
         "the workspace's status is relayed"
     );
     assert_eq!(resp.headers()["content-type"], "application/json");
+    // With its length, not chunked: an HTTP/1.0 keep-alive client cannot take a chunked
+    // answer, and its next request was dropped (the protocol red team).
+    assert_eq!(resp.headers()["content-length"], "34");
+    assert!(!resp.headers().contains_key("transfer-encoding"));
     assert_eq!(
         resp.text().await.unwrap(),
         r#"{"files":[{"uri":"workspace:/x"}]}"#
