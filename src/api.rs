@@ -208,6 +208,16 @@ pub struct ActivityRow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[sqlx(skip)]
     pub attachments: Option<Vec<Attachment>>,
+    /// With `include=peer_info`: the name of the workspace the row came from (`source_id`),
+    /// when it has one (rows of uploads have no source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[sqlx(skip)]
+    pub peer_name: Option<String>,
+    /// With `include=peer_info`: the role of the workspace the row came from, when the
+    /// platform's table gives it one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[sqlx(skip)]
+    pub peer_role: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -136,3 +136,19 @@ pub async fn sweep_upload_rows(
     .await?;
     Ok(r.rows_affected())
 }
+
+/// Name and role (either `None` when empty) of the workspaces among `ids` that exist, for
+/// `include=peer_info`. `role` is read through the row's JSON: the platform's table has the
+/// column, this service's subset of it (SPEC §2) does not.
+pub async fn peers(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> sqlx::Result<Vec<(Uuid, Option<String>, Option<String>)>> {
+    sqlx::query_as(
+        "SELECT id, NULLIF(name, ''), NULLIF(to_jsonb(w) ->> 'role', '')
+         FROM workspaces w WHERE id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await
+}

@@ -122,7 +122,7 @@ fn positive_digits(v: &str) -> bool {
         ("since_id" = Option<String>, Query, description = "cursor: rows after this one, oldest first"),
         ("since_secs" = Option<i64>, Query, description = "window (positive; max 30 days)"),
         ("limit" = Option<i64>, Query, description = "default 100 (also for a value that is not a positive integer), max 500"),
-        ("include" = Option<String>, Query, description = "`peer_info` adds `attachments`"),
+        ("include" = Option<String>, Query, description = "`peer_info` adds `attachments`, and `peer_name` and `peer_role` of the workspace a row came from"),
         ("wait" = Option<u64>, Query, minimum = 1, maximum = 60, description = "with since_id: hold the request up to this many seconds (1-60) until a row commits"),
     ),
     responses(
@@ -297,7 +297,12 @@ async fn fetch(
                     since_secs: q.since_secs,
                     limit: q.limit,
                 };
-                db::activity::feed(c, workspace_id, hash, q.since_id, &filter).await
+                let mut rows =
+                    db::activity::feed(c, workspace_id, hash, q.since_id, &filter).await?;
+                if let (true, Checked::Allowed(Some(rows))) = (q.peer_info, &mut rows) {
+                    name_peers(c, rows).await?;
+                }
+                Ok(rows)
             })
         })
         .await?;
@@ -306,6 +311,26 @@ async fn fetch(
         Checked::Allowed(None) => Err(ApiError::CursorGone),
         Checked::Allowed(Some(rows)) => Ok(rows),
     }
+}
+
+/// `include=peer_info`: rows from another workspace (`source_id`) get its name and role, as
+/// the platform gives them (enteros-core `activity.go`, a join on `workspaces`): one more
+/// round trip, only when a row has a source (an upload's rows have none).
+async fn name_peers(c: &mut sqlx::PgConnection, rows: &mut [ActivityRow]) -> sqlx::Result<()> {
+    let mut sources: Vec<Uuid> = rows.iter().filter_map(|r| r.source_id).collect();
+    if sources.is_empty() {
+        return Ok(());
+    }
+    sources.sort_unstable();
+    sources.dedup();
+    let peers = db::activity::peers(c, &sources).await?;
+    for row in rows {
+        if let Some((_, name, role)) = peers.iter().find(|p| Some(p.0) == row.source_id) {
+            row.peer_name = name.clone();
+            row.peer_role = role.clone();
+        }
+    }
+    Ok(())
 }
 
 /// `include=peer_info`: each row gets `attachments` when it refers to files, as the platform

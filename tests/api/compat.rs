@@ -189,6 +189,72 @@ async fn a_platform_message_rows_files_are_its_attachments() {
     );
 }
 
+/// On a database the platform also writes, rows another workspace sent (`source_id`) carry
+/// that workspace's name and role with `include=peer_info`, as the platform's feed gives them
+/// (enteros-core `activity.go`); a source that is gone, or has neither, adds nothing.
+#[tokio::test]
+async fn a_platform_rows_peer_is_named() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    // The platform's table has a role column; this service's subset of it does not.
+    sqlx::query("ALTER TABLE workspaces ADD COLUMN role text")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let (peer, unnamed, gone) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    sqlx::query("INSERT INTO workspaces (id, name, role) VALUES ($1, 'Researcher', 'analyst'), ($2, '', NULL)")
+        .bind(peer)
+        .bind(unnamed)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    for source in [peer, unnamed, gone] {
+        sqlx::query(
+            "INSERT INTO activity_logs (workspace_id, activity_type, source_id, method, summary)
+             VALUES ($1, 'a2a_receive', $2, 'message/send', 'hi')",
+        )
+        .bind(ws)
+        .bind(source)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    }
+    let feed = |include: &'static str| {
+        let (app, token) = (&app, &token);
+        async move {
+            runtime_rows(
+                app,
+                &format!("/workspaces/{ws}/activity?since_secs=600{include}"),
+                token,
+            )
+            .await
+        }
+    };
+    let rows = feed("&include=peer_info").await;
+    let by_source = |id: Uuid| {
+        rows.iter()
+            .find(|r| r["source_id"] == json!(id))
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .clone()
+    };
+    let named = by_source(peer);
+    assert_eq!(named["peer_name"], "Researcher");
+    assert_eq!(named["peer_role"], "analyst");
+    for other in [unnamed, gone] {
+        let row = by_source(other);
+        assert!(
+            !row.contains_key("peer_name") && !row.contains_key("peer_role"),
+            "{row:?}"
+        );
+    }
+    // Without the include, nothing is added.
+    let plain = feed("").await;
+    assert_eq!(plain.len(), 3);
+    assert!(plain.iter().all(|r| r.get("peer_name").is_none()));
+}
+
 #[tokio::test]
 async fn the_mcp_plugin_startup_probe_and_registration() {
     let app = TestApp::start().await;
