@@ -434,7 +434,7 @@ pub async fn serve(
         let client = conn::ClientStream::new(stream, opts.response);
         let watch = client.watch();
         let standing = idle.add(client.large_reads(), opts.per_client.is_proxy(peer.ip()));
-        let io = rejections::JsonRejections::new(client);
+        let io = rejections::JsonRejections::new(client, standing.clone());
         let peer_ip = peer::Peer(peer.ip());
         let (begins, ends) = (standing.clone(), standing.clone());
         let service = TowerToHyperService::new(

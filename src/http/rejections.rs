@@ -5,21 +5,24 @@
 //! way out: each is a response head of its own, written in one piece just before hyper closes
 //! the connection, and the router never answers one of these statuses without a body.
 //!
-//! Only as a connection's first bytes: later writes carry our own responses, whose bodies are
-//! a client's bytes (a file that reads like a rejection, downloaded after its head was sent,
-//! was rewritten, and the extra bytes read as the next response on that connection). A
-//! malformed request after others on one connection keeps hyper's empty body.
+//! Only as a connection's first bytes, and only before any request reached the router: later
+//! writes carry our own responses, whose bodies are a client's bytes (a file that reads like a
+//! rejection, downloaded after its head was sent, was rewritten, and the extra bytes read as
+//! the next response on that connection), and a routed request's answer may be a push
+//! workspace's own empty 400, relayed with its length. A malformed request after others on one
+//! connection keeps hyper's empty body.
 
 use std::{
     io::{self, IoSlice},
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 
 use axum::http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::error::ApiError;
+use super::{error::ApiError, shed::Connection};
 
 /// A connection's stream whose writes of hyper's empty rejections go out with a JSON body.
 pub struct JsonRejections<S> {
@@ -28,14 +31,18 @@ pub struct JsonRejections<S> {
     pending: Option<(Vec<u8>, usize)>,
     /// Bytes went out as written: no later write is a rejection's.
     started: bool,
+    /// The connection, which knows whether a request of it reached the router: the answer of
+    /// one is never hyper's rejection (a push workspace's empty 400 is relayed as it came).
+    connection: Arc<Connection>,
 }
 
 impl<S> JsonRejections<S> {
-    pub fn new(inner: S) -> Self {
+    pub fn new(inner: S, connection: Arc<Connection>) -> Self {
         JsonRejections {
             inner,
             pending: None,
             started: false,
+            connection,
         }
     }
 }
@@ -119,7 +126,7 @@ impl<S: AsyncWrite + Unpin> JsonRejections<S> {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         std::task::ready!(self.poll_pending(cx))?;
-        if !self.started {
+        if !self.started && !self.connection.served() {
             if let Some(replaced) = rejection_candidate(bufs).and_then(|b| with_json_body(&b)) {
                 let len = bufs.iter().map(|b| b.len()).sum();
                 self.pending = Some((replaced, 0));
@@ -218,10 +225,21 @@ mod tests {
     /// Everything a wrapper over a 16-byte pipe sends when `writes` are written, flushed and
     /// the stream shut down: partial writes and waits on the way.
     async fn sent_through(writes: Vec<Vec<u8>>) -> Vec<u8> {
+        sent_through_after(writes, false).await
+    }
+
+    /// [`sent_through`], on a connection one of whose requests reached the router when
+    /// `routed`.
+    async fn sent_through_after(writes: Vec<Vec<u8>>, routed: bool) -> Vec<u8> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let connection = Arc::new(super::super::shed::Idle::new(1))
+            .add(Arc::new(std::sync::atomic::AtomicBool::new(false)), false);
+        if routed {
+            connection.begin();
+        }
         let (near, mut far) = tokio::io::duplex(16);
         let writer = tokio::spawn(async move {
-            let mut stream = JsonRejections::new(near);
+            let mut stream = JsonRejections::new(near, connection);
             for w in writes {
                 stream.write_all(&w).await.unwrap();
             }
@@ -250,6 +268,17 @@ mod tests {
         let writes = vec![head.clone().into_bytes(), HYPER_431.as_bytes().to_vec()];
         let sent = sent_through(writes).await;
         assert_eq!(sent, format!("{head}{HYPER_431}").into_bytes());
+    }
+
+    /// A push workspace's own empty 400, relayed with its length as a connection's first
+    /// answer, goes out as the workspace sent it: it is not hyper's (a white-box audit).
+    #[tokio::test]
+    async fn a_routed_requests_empty_answer_is_not_a_rejection() {
+        let relayed = "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n";
+        let sent = sent_through_after(vec![relayed.as_bytes().to_vec()], true).await;
+        assert_eq!(sent, relayed.as_bytes());
+        let sent = sent_through_after(vec![relayed.as_bytes().to_vec()], false).await;
+        assert_ne!(sent, relayed.as_bytes(), "hyper's own, before any request");
     }
 
     proptest! {

@@ -147,6 +147,11 @@ impl Idle {
 }
 
 impl Connection {
+    /// Whether a request of it has reached the router.
+    pub fn served(&self) -> bool {
+        self.served.load(Ordering::Acquire)
+    }
+
     /// A request of this connection began: it is not idle until the request ends.
     pub fn begin(&self) {
         let mut waiting = self.owner.lock();

@@ -782,7 +782,8 @@ async fn a_push_workspace_that_answers_early_cannot_keep_the_relay() {
     );
     assert!(answer.starts_with("http/1.1 200"), "{answer}");
     assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
-    assert!(answer.contains("\r\n\r\n2\r\nok\r\n"), "{answer}");
+    assert!(answer.contains("\r\ncontent-length: 2\r\n"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
     // The relay lets go of the rest of the upload (the client's side ended, or the workspace
     // is cut for not reading), and the slot it held comes back.
     let started = Instant::now();
@@ -970,6 +971,26 @@ async fn a_push_workspace_answer_in_an_encoding_is_not_relayed() {
             "{encoding}"
         );
     }
+}
+
+/// A push workspace's own empty 400 reaches the client as the workspace sent it. Relayed
+/// answers now carry their length, and such an answer, a connection's first, read as hyper's
+/// own rejection of a malformed request: the client got `{"error":"malformed HTTP request"}`,
+/// blamed for the workspace's refusal (a white-box audit).
+#[tokio::test]
+async fn a_push_workspaces_empty_refusal_is_relayed_as_it_came() {
+    let svc = Svc::start(&[("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32")]).await;
+    let refuse = || async { (StatusCode::BAD_REQUEST, "") };
+    let (ws, token) = push_workspace(&svc, Router::new().fallback(any(refuse))).await;
+    let resp = upload_file(&svc, ws, &token, "a.txt", b"a").await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let types: Vec<_> = resp
+        .headers()
+        .get_all(header::CONTENT_TYPE)
+        .iter()
+        .collect();
+    assert_eq!(types, ["text/plain; charset=utf-8"]);
+    assert_eq!(resp.text().await.unwrap(), "");
 }
 
 #[tokio::test]
