@@ -488,12 +488,14 @@ fn disposition(value: &str) -> Result<(Option<String>, Option<String>), Multipar
     Ok((name, extended.or(filename)))
 }
 
-/// RFC 5987 `charset'lang'percent-encoded`; UTF-8 and ISO-8859-1 are understood.
+/// RFC 5987 `charset'lang'percent-encoded`; UTF-8, US-ASCII and ISO-8859-1 are understood.
+/// US-ASCII is read as UTF-8, as Go's mime package passes its bytes on: a name it takes is
+/// the same name here (SPEC §5: whichever path handled the upload).
 fn ext_value(v: &str) -> Option<String> {
     let mut it = v.splitn(3, '\'');
     let (charset, _lang, encoded) = (it.next()?, it.next()?, it.next()?);
     let bytes: Vec<u8> = percent_encoding::percent_decode_str(encoded).collect();
-    if charset.eq_ignore_ascii_case("utf-8") {
+    if charset.eq_ignore_ascii_case("utf-8") || charset.eq_ignore_ascii_case("us-ascii") {
         String::from_utf8(bytes).ok()
     } else if charset.eq_ignore_ascii_case("iso-8859-1") {
         Some(bytes.into_iter().map(char::from).collect())
@@ -820,6 +822,12 @@ mod tests {
         assert_eq!(
             d("form-data; name=\"files\"; filename=\"fallback.txt\"; filename*=UTF-8''%E4%B8%AD.txt"),
             (Some("files".into()), Some("中.txt".into()))
+        );
+        // US-ASCII, as Go's and Python's parsers take it (a white-box audit: the part was
+        // taken for a form field, and the upload answered 400 `no files field`).
+        assert_eq!(
+            d("form-data; name=\"files\"; filename*=us-ascii''abc.txt"),
+            (Some("files".into()), Some("abc.txt".into()))
         );
         assert_eq!(
             d("FORM-DATA; NAME=\"files\"; FILENAME=\"\""),

@@ -344,6 +344,8 @@ enum StarForm {
     Utf8Lower,
     Utf8Lang,
     Latin1,
+    /// `US-ASCII`, which Go's and Python's parsers take too (bytes as UTF-8 here, as Go).
+    UsAscii,
     Quoted,
     UnknownCharset,
     BadUtf8,
@@ -639,6 +641,7 @@ impl Disposition {
                     let decoded = bytes.iter().map(|&b| b as char).collect();
                     (format!("ISO-8859-1''{}", pct(&bytes)), Some(decoded))
                 }
+                StarForm::UsAscii => (format!("US-ASCII''{utf8}"), Some(f.clone())),
                 StarForm::UnknownCharset => (format!("KOI8-R''{utf8}"), None),
                 StarForm::BadUtf8 => (format!("UTF-8''%FF%FE{utf8}"), None),
                 StarForm::NoQuotes => (utf8, None),
@@ -1476,6 +1479,7 @@ fn disposition() -> impl Strategy<Value = Disposition> {
             StarForm::Utf8Lower,
             StarForm::Utf8Lang,
             StarForm::Latin1,
+            StarForm::UsAscii,
             StarForm::Quoted,
             StarForm::UnknownCharset,
             StarForm::BadUtf8,
