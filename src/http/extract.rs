@@ -76,6 +76,22 @@ impl<S: Send + Sync> FromRequestParts<S> for FileId {
     }
 }
 
+/// A route's `:id`, for routes whose caller is not the workspace (the admin's); anything but
+/// a UUID is 400 `invalid workspace ID`, bytes that are not UTF-8 too (axum's `Path` answered
+/// those its own 400 `bad request`).
+#[derive(Debug, Clone, Copy)]
+pub struct WorkspaceId(pub Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for WorkspaceId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        uuid_param(parts, "id")
+            .map(WorkspaceId)
+            .ok_or(ApiError::InvalidWorkspaceId)
+    }
+}
+
 /// A route's `:token_id`; anything but a UUID is 400 `invalid token ID`.
 #[derive(Debug, Clone, Copy)]
 pub struct TokenId(pub Uuid);

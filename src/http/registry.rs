@@ -5,17 +5,13 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use axum::{
-    extract::{Path, State},
-    http::HeaderMap,
-    Extension, Json,
-};
+use axum::{extract::State, http::HeaderMap, Extension, Json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::{
     error::ApiError,
-    extract::{Admin, JsonBody, TokenId, WorkspaceCaller},
+    extract::{Admin, JsonBody, TokenId, WorkspaceCaller, WorkspaceId},
     peer::{client_address, counted_client, Peer},
     AppState,
 };
@@ -485,9 +481,8 @@ pub async fn get_workspace(
 pub async fn delete_workspace(
     State(st): State<AppState>,
     _: Admin,
-    Path(id): Path<String>,
+    WorkspaceId(id): WorkspaceId,
 ) -> Result<Json<Removed>, ApiError> {
-    let id = auth::parse_workspace_id(&id)?;
     let removed = st
         .db
         .run(move |c| {

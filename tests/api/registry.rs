@@ -449,8 +449,11 @@ async fn removing_a_workspace_revokes_its_tokens_but_keeps_its_uploads() {
         .delete(&format!("/workspaces/{}", Uuid::new_v4()), ADMIN)
         .await;
     assert_error(resp, StatusCode::NOT_FOUND, "workspace not found").await;
-    let resp = app.delete("/workspaces/xyz", ADMIN).await;
-    assert_error(resp, StatusCode::BAD_REQUEST, "invalid workspace ID").await;
+    // Bytes that are not UTF-8 too (axum's own 400 `bad request` before; a white-box audit).
+    for bad in ["/workspaces/xyz", "/workspaces/%FF"] {
+        let resp = app.delete(bad, ADMIN).await;
+        assert_error(resp, StatusCode::BAD_REQUEST, "invalid workspace ID").await;
+    }
 }
 
 #[tokio::test]
