@@ -54,8 +54,21 @@ pub fn hash_token(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// A bearer whose bytes are not text stands for itself: it is a bearer, and no token's.
+const NOT_A_TOKEN: &str = "\0";
+
+/// The request's bearer; `None` when it sends none (no `Authorization`, another scheme, an
+/// empty token). A bearer whose bytes are not text is a wrong one, as on the platform (Go
+/// compares its bytes), not a missing one: [`NOT_A_TOKEN`], which matches no token.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let value = headers.get(header::AUTHORIZATION)?;
+    let Ok(value) = value.to_str() else {
+        let bytes = value.as_bytes();
+        let scheme = bytes.get(..7)?;
+        let token = bytes[7..].trim_ascii();
+        return (scheme.eq_ignore_ascii_case(b"bearer ") && !token.is_empty())
+            .then_some(NOT_A_TOKEN);
+    };
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
@@ -224,6 +237,14 @@ mod tests {
         h.insert(header::AUTHORIZATION, "Bearer ".parse().unwrap());
         assert_eq!(bearer(&h), None);
         h.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
+        assert_eq!(bearer(&h), None);
+        // Bytes that are not text: a bearer, and no token's (a white-box audit).
+        let value = |b: &[u8]| header::HeaderValue::from_bytes(b).unwrap();
+        h.insert(header::AUTHORIZATION, value(b"Bearer abc\xff"));
+        assert_eq!(bearer(&h), Some(NOT_A_TOKEN));
+        h.insert(header::AUTHORIZATION, value(b"Basic abc\xff"));
+        assert_eq!(bearer(&h), None);
+        h.insert(header::AUTHORIZATION, value(b"\xff"));
         assert_eq!(bearer(&h), None);
     }
 }

@@ -12,6 +12,48 @@ async fn register(app: &TestApp, body: Value, bearer: Option<&str>) -> reqwest::
     req.send().await.unwrap()
 }
 
+/// A bearer whose bytes are not text is a wrong bearer, as on the platform (SPEC §3: 401
+/// `invalid workspace auth token`), not a missing one (a white-box audit); another scheme
+/// is still no bearer.
+#[tokio::test]
+async fn a_bearer_that_is_not_text_is_a_wrong_one() {
+    let app = TestApp::start().await;
+    let (id, token) = app.poll_workspace().await;
+    let value = |bytes: Vec<u8>| reqwest::header::HeaderValue::from_bytes(&bytes).unwrap();
+    let not_text = value([format!("Bearer {token}").as_bytes(), b"\xff"].concat());
+    let feed = app.at(&format!("/workspaces/{id}/activity"));
+    for (auth, error) in [
+        (not_text.clone(), "invalid workspace auth token"),
+        (
+            value(b"Basic abc\xff".to_vec()),
+            "missing workspace auth token",
+        ),
+    ] {
+        let resp = app
+            .client
+            .get(&feed)
+            .header("Authorization", auth.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_error(resp, StatusCode::UNAUTHORIZED, error).await;
+    }
+    let resp = app
+        .client
+        .post(app.at("/registry/register"))
+        .header("Authorization", not_text)
+        .json(&json!({"id": id}))
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        resp,
+        StatusCode::UNAUTHORIZED,
+        "invalid workspace auth token",
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn first_registration_issues_a_token_and_reregistration_needs_it() {
     let app = TestApp::start().await;
