@@ -41,7 +41,9 @@ impl fmt::Display for Clip<'_> {
     }
 }
 
-fn hidden(c: char) -> bool {
+/// Characters that do not show as themselves: controls, and those that reorder or hide text
+/// (a file name `invoice\u{202e}fdp.exe` reads as `invoiceexe.pdf`).
+pub fn hidden(c: char) -> bool {
     c.is_control()
         || matches!(c,
             '\u{200b}'..='\u{200f}' // zero-width space, joiners, LRM, RLM

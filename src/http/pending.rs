@@ -608,9 +608,14 @@ const ATTR_CHAR: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'~');
 
 /// `attachment; filename="<escaped>"; filename*=UTF-8''<percent-encoded>`, control
-/// characters dropped, `"` and `\` escaped, non-ASCII left to the `filename*` form.
+/// characters and those that reorder or hide text dropped (a row another writer stored may
+/// name `invoice\u{202e}fdp.exe`, which a browser saves showing `invoiceexe.pdf`; a
+/// white-box audit), `"` and `\` escaped, non-ASCII left to the `filename*` form.
 pub fn content_disposition(name: &str) -> String {
-    let clean: String = name.chars().filter(|c| !c.is_control()).collect();
+    let clean: String = name
+        .chars()
+        .filter(|&c| !crate::logfmt::hidden(c))
+        .collect();
     let mut quoted = String::with_capacity(clean.len());
     for c in clean.chars() {
         match c {
@@ -872,6 +877,10 @@ mod tests {
         assert_eq!(
             content_disposition("a\"b\\c\r\nd é.txt"),
             "attachment; filename=\"a\\\"b\\\\cd _.txt\"; filename*=UTF-8''a%22b%5Ccd%20%C3%A9.txt"
+        );
+        assert_eq!(
+            content_disposition("invoice\u{202e}fdp.exe\u{200b}"),
+            "attachment; filename=\"invoicefdp.exe\"; filename*=UTF-8''invoicefdp.exe"
         );
     }
 }

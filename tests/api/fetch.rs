@@ -128,6 +128,31 @@ async fn a_file_without_mimetype_is_served_as_octet_stream() {
     }
 }
 
+/// A row another writer stored with a name that reorders or hides text is served under the
+/// name as it shows: `invoice\u{202e}fdp.exe` kept its override in `filename*`, and a browser
+/// saved it showing `invoiceexe.pdf` (a white-box audit). This service's uploads never
+/// have such names (SPEC §5 keeps ASCII only).
+#[tokio::test]
+async fn a_stored_name_that_hides_text_is_served_as_it_shows() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    let fid: Uuid = sqlx::query_scalar(
+        "INSERT INTO pending_uploads (workspace_id, content, size_bytes, filename, mimetype)
+         VALUES ($1, '\\x01', 1, $2, 'application/octet-stream') RETURNING file_id",
+    )
+    .bind(ws)
+    .bind("invoice\u{202e}fdp\u{2066}.exe")
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let resp = app.get(&content_path(ws, fid), &token).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers()["content-disposition"],
+        "attachment; filename=\"invoicefdp.exe\"; filename*=UTF-8''invoicefdp.exe"
+    );
+}
+
 #[tokio::test]
 async fn ranges() {
     let app = TestApp::start().await;
