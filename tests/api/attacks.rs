@@ -5591,3 +5591,54 @@ async fn an_upload_whose_client_went_still_says_how_it_ended() {
         assert_eq!(line["message"], "upload abandoned", "{line}");
     }
 }
+
+/// A statement the service gave up on (its DEPENDENCY_TIMEOUT) ends on the server too. Before,
+/// an ack waiting on a row lock another writer held (an operator's open transaction, a
+/// platform's) was answered 503 after its deadline, its connection closed, but its backend
+/// waited on until the lock freed and then stamped the file acked: every retry left one
+/// more waiting backend, toward the server's max_connections, for everyone. The server now
+/// checks that its client is still there (client_connection_check_interval, PostgreSQL 14+).
+#[tokio::test]
+async fn a_statement_given_up_on_ends_on_the_server() {
+    let svc = Svc::start(&[("DEPENDENCY_TIMEOUT", "1s")]).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let (fid, _) = stage_file(&svc, ws, &token, 100).await;
+    let mut holder = svc.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM pending_uploads WHERE file_id = $1 FOR UPDATE")
+        .bind(fid)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let resp = reqwest::Client::new()
+        .post(svc.at(&format!("/workspaces/{ws}/pending-uploads/{fid}/ack")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let waiting = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&svc.pool)
+        .await
+        .unwrap()
+    };
+    let started = Instant::now();
+    while waiting().await > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the ack's backend still waits on the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    holder.commit().await.unwrap();
+    let acked: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT acked_at FROM pending_uploads WHERE file_id = $1")
+            .bind(fid)
+            .fetch_one(&svc.pool)
+            .await
+            .unwrap();
+    assert_eq!(acked, None, "an ack answered 503 took effect after all");
+}
