@@ -282,8 +282,12 @@ pub fn init_tracing(format: &str, lines_per_second: u64) {
         true => lines.json().flatten_event(true).boxed(),
         false => lines.boxed(),
     };
+    let sdk_detail = std::env::var("RUST_LOG").is_ok_and(|v| v.contains(SDK_RUNTIME));
     tracing_subscriber::registry()
         .with(filter)
+        .with(tracing_subscriber::filter::filter_fn(move |meta| {
+            sdk_detail || !hides_credentials(meta)
+        }))
         .with(lines.with_filter(crate::log_budget::LineBudget::new(lines_per_second)))
         .init();
     if let Some((raw, error)) = unreadable {
@@ -294,6 +298,17 @@ pub fn init_tracing(format: &str, lines_per_second: u64) {
             "RUST_LOG could not be read: the default filter is used"
         );
     }
+}
+
+/// The AWS SDK's request machinery, whose debug and trace lines print its configuration with
+/// the access key id in it (the secret key is redacted).
+const SDK_RUNTIME: &str = "aws_smithy_runtime";
+
+/// A line of [`SDK_RUNTIME`] past `info`: left out unless RUST_LOG names the target itself,
+/// so `RUST_LOG=debug` does not write the S3 access key id into every request's lines (an
+/// operator red team) while one debugging the SDK can still ask for them.
+fn hides_credentials(meta: &tracing::Metadata<'_>) -> bool {
+    *meta.level() > tracing::Level::INFO && meta.target().starts_with(SDK_RUNTIME)
 }
 
 /// The log filter when RUST_LOG is unset, blank or unreadable.

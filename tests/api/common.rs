@@ -765,11 +765,21 @@ pub fn bin_command(db_url: &str) -> std::process::Command {
 
 /// `serve` as a child process on a free port, ready when this returns.
 pub async fn spawn_service(cmd: std::process::Command, port: u16) -> Running {
+    spawn_service_logging_to(cmd, port, std::process::Stdio::piped()).await
+}
+
+/// [`spawn_service`] with its log lines (stderr) going to `stderr`: a file, for a service
+/// that writes more than a pipe holds before it is read.
+pub async fn spawn_service_logging_to(
+    cmd: std::process::Command,
+    port: u16,
+    stderr: std::process::Stdio,
+) -> Running {
     let mut cmd = cmd;
     cmd.env("BIND_ADDR", format!("127.0.0.1:{port}"))
         .env("ADMIN_TOKEN", ADMIN)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
+        .stderr(stderr);
     let running = Running(Some(cmd.spawn().unwrap()));
     let client = reqwest::Client::new();
     for _ in 0..300 {

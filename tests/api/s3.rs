@@ -1190,6 +1190,37 @@ async fn a_failed_upload_logs_a_line_for_each_file() {
     );
 }
 
+/// `RUST_LOG=debug` does not write the S3 access key id: the SDK's request machinery
+/// (`aws_smithy_runtime`) prints its configuration, credentials included (the secret key
+/// redacted), at debug and trace, into every request's lines (an operator red team). Its
+/// lines past info come only when RUST_LOG names it.
+#[tokio::test]
+async fn debug_logs_leave_the_access_key_id_out() {
+    let prefix = test_prefix();
+    for (rust_log, shown) in [("debug", false), ("debug,aws_smithy_runtime=debug", true)] {
+        let db = fresh_db().await;
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let port = free_port();
+        let mut cmd = cli(&db, &prefix, &["serve"]);
+        cmd.env("PENDING_UPLOADS_BACKEND", "s3")
+            .env("RUST_LOG", rust_log);
+        let stderr = std::process::Stdio::from(log.reopen().unwrap());
+        let mut svc = spawn_service_logging_to(cmd, port, stderr).await;
+        let base = format!("http://127.0.0.1:{port}");
+        let (ws, token) = register_poll(&base).await;
+        let body = "--XB\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.txt\"\r\n\r\nabc\r\n--XB--\r\n";
+        let resp = post_upload(&base, ws, &token, body).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        svc.terminate().await;
+        let lines = std::fs::read_to_string(log.path()).unwrap();
+        assert!(
+            lines.contains("\"level\":\"DEBUG\""),
+            "{rust_log}: no debug lines"
+        );
+        assert_eq!(lines.contains("access_key_id"), shown, "{rust_log}");
+    }
+}
+
 /// SPEC §8: transitions and counts by backend. A dual row served from its bytea copy because
 /// S3 failed was counted and logged as served by S3 (the backend a read tries first).
 #[tokio::test]
