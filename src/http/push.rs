@@ -150,8 +150,13 @@ impl Pusher {
         }
         // The answer is read whole: it goes out with its length, not chunked as the slot's
         // stream would send it (an HTTP/1.0 client cannot take a chunked answer on a connection
-        // it keeps: its next request was dropped; the protocol red team).
-        if let Some(len) = http_body::Body::size_hint(answer.body()).exact() {
+        // it keeps: its next request was dropped; the protocol red team). Not a 204's, which
+        // has no length (RFC 9110 §8.6; hyper writes one set here as it is).
+        let has_length = answer.status() != StatusCode::NO_CONTENT;
+        if let Some(len) = http_body::Body::size_hint(answer.body())
+            .exact()
+            .filter(|_| has_length)
+        {
             answer
                 .headers_mut()
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(len));

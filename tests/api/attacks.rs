@@ -991,6 +991,14 @@ async fn a_push_workspaces_empty_refusal_is_relayed_as_it_came() {
         .collect();
     assert_eq!(types, ["text/plain; charset=utf-8"]);
     assert_eq!(resp.text().await.unwrap(), "");
+    // A 204 goes out without a length, as it must (RFC 9110 §8.6; the review of the change
+    // that gave relayed answers their length).
+    let taken = || async { StatusCode::NO_CONTENT };
+    let (ws, token) = push_workspace(&svc, Router::new().fallback(any(taken))).await;
+    let resp = upload_file(&svc, ws, &token, "a.txt", b"a").await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    assert!(!resp.headers().contains_key(header::CONTENT_LENGTH));
+    assert!(!resp.headers().contains_key(header::TRANSFER_ENCODING));
 }
 
 #[tokio::test]
