@@ -53,7 +53,7 @@ pub async fn connect(args: &DbArgs, dependency_timeout: Duration) -> Result<PgPo
             })
             .connect_with(options.clone())
     };
-    let pool = match pool().await {
+    match pool().await {
         // The pool retried until its deadline and kept only that it ran out of time: one
         // more attempt says why (connection refused, a password, a database that is not),
         // or, when the database has just come up, is followed by the pool's again.
@@ -70,35 +70,6 @@ pub async fn connect(args: &DbArgs, dependency_timeout: Duration) -> Result<PgPo
             }
         }
         other => other,
-    }?;
-    check_for_gone_clients(&pool).await;
-    Ok(pool)
-}
-
-/// How often a server running a statement checks that its client is still connected.
-const CLIENT_CHECK: &str = "1s";
-
-/// Connections opened from now on have the server check, while it runs a statement, that the
-/// service is still there (`client_connection_check_interval`, PostgreSQL 14 and later, on
-/// the systems that have it): a statement the service gave up on at its deadline, and
-/// whose connection it closed, ends on the server within a second. Before, one waiting on a
-/// row lock another writer held waited on until the lock freed, then did its work (an ack
-/// answered 503 stamped its file all the same), and each retry left one more backend waiting,
-/// toward the server's max_connections. A server that does not know the setting goes on
-/// without it: tried once here, not in every connection's start-up packet, which it would
-/// refuse.
-async fn check_for_gone_clients(pool: &PgPool) {
-    let set = format!("SET client_connection_check_interval = '{CLIENT_CHECK}'");
-    match sqlx::query(&set).execute(pool).await {
-        Ok(_) => {
-            let options = (*pool.connect_options())
-                .clone()
-                .options([("client_connection_check_interval", CLIENT_CHECK)]);
-            pool.set_connect_options(options);
-        }
-        Err(e) => {
-            tracing::info!(error = %e, "the database cannot check for clients that went away: a statement given up on runs to its end there")
-        }
     }
 }
 
