@@ -137,15 +137,20 @@ pub async fn sweep_upload_rows(
     Ok(r.rows_affected())
 }
 
-/// Name and role (either `None` when empty) of the workspaces among `ids` that exist, for
-/// `include=peer_info`. `role` is read through the row's JSON: the platform's table has the
-/// column, this service's subset of it (SPEC §2) does not.
-pub async fn peers(
-    conn: &mut PgConnection,
-    ids: &[Uuid],
-) -> sqlx::Result<Vec<(Uuid, Option<String>, Option<String>)>> {
+/// A workspace an activity row came from, for `include=peer_info`: its name and role, each
+/// `None` when empty.
+#[derive(sqlx::FromRow)]
+pub struct Peer {
+    pub id: Uuid,
+    pub name: Option<String>,
+    pub role: Option<String>,
+}
+
+/// The workspaces among `ids` that exist. `role` is read through the row's JSON: the
+/// platform's table has the column, this service's subset of it (SPEC §2) does not.
+pub async fn peers(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<Vec<Peer>> {
     sqlx::query_as(
-        "SELECT id, NULLIF(name, ''), NULLIF(to_jsonb(w) ->> 'role', '')
+        "SELECT id, NULLIF(name, '') AS name, NULLIF(to_jsonb(w) ->> 'role', '') AS role
          FROM workspaces w WHERE id = ANY($1)",
     )
     .bind(ids)

@@ -277,8 +277,9 @@ fn wait_slot(st: &AppState, who: WorkspaceClaim) -> Result<Slot, ApiError> {
         })
 }
 
-/// One read of the feed (one round trip, the caller check included): after the cursor
-/// (oldest first), or the newest rows.
+/// One read of the feed (one round trip, the caller check included; one more for the peers
+/// of `include=peer_info` when a row has a source): after the cursor (oldest first), or the
+/// newest rows.
 async fn fetch(
     st: &AppState,
     workspace_id: Uuid,
@@ -323,11 +324,15 @@ async fn name_peers(c: &mut sqlx::PgConnection, rows: &mut [ActivityRow]) -> sql
     }
     sources.sort_unstable();
     sources.dedup();
-    let peers = db::activity::peers(c, &sources).await?;
+    let peers: HashMap<Uuid, db::activity::Peer> = db::activity::peers(c, &sources)
+        .await?
+        .into_iter()
+        .map(|p| (p.id, p))
+        .collect();
     for row in rows {
-        if let Some((_, name, role)) = peers.iter().find(|p| Some(p.0) == row.source_id) {
-            row.peer_name = name.clone();
-            row.peer_role = role.clone();
+        if let Some(peer) = row.source_id.and_then(|id| peers.get(&id)) {
+            row.peer_name = peer.name.clone();
+            row.peer_role = peer.role.clone();
         }
     }
     Ok(())

@@ -253,6 +253,15 @@ async fn a_platform_rows_peer_is_named() {
     let plain = feed("").await;
     assert_eq!(plain.len(), 3);
     assert!(plain.iter().all(|r| r.get("peer_name").is_none()));
+    // This service's own schema has no role column: the name alone.
+    sqlx::query("ALTER TABLE workspaces DROP COLUMN role")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let rows = feed("&include=peer_info").await;
+    let named = rows.iter().find(|r| r["source_id"] == json!(peer)).unwrap();
+    assert_eq!(named["peer_name"], "Researcher");
+    assert!(named.get("peer_role").is_none(), "{named}");
 }
 
 #[tokio::test]
