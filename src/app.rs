@@ -42,8 +42,9 @@ pub async fn connect_and_migrate(db_args: &DbArgs) -> anyhow::Result<PgPool> {
 async fn connect_checked(db_args: &DbArgs) -> anyhow::Result<PgPool> {
     db_args.validate().map_err(anyhow::Error::msg)?;
     let mut connect = std::pin::pin!(db::connect(db_args, db_args.dependency_timeout.0));
-    // A database that is down is waited for up to DEPENDENCY_TIMEOUT (7 days at most): a line
-    // says so once the wait is noticeable, so an operator is not left with a silent process.
+    // A database that is down is waited for (DEPENDENCY_TIMEOUT, up to 7 days, and one more
+    // attempt as long, see `db::connect`): a line says so once the wait is noticeable, so an
+    // operator is not left with a silent process.
     let connected = tokio::select! {
         connected = &mut connect => connected,
         () = tokio::time::sleep(DATABASE_WAIT_NOTICE) => {
@@ -51,7 +52,7 @@ async fn connect_checked(db_args: &DbArgs) -> anyhow::Result<PgPool> {
                 event = "database_waiting",
                 database = %db::describe(&db_args.database_url.0),
                 timeout = ?db_args.dependency_timeout.0,
-                "the database does not answer yet: waiting for it up to DEPENDENCY_TIMEOUT"
+                "the database does not answer yet: waiting for it (DEPENDENCY_TIMEOUT)"
             );
             connect.await
         }

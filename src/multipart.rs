@@ -823,8 +823,8 @@ mod tests {
             d("form-data; name=\"files\"; filename=\"fallback.txt\"; filename*=UTF-8''%E4%B8%AD.txt"),
             (Some("files".into()), Some("中.txt".into()))
         );
-        // US-ASCII, as Go's and Python's parsers take it (a white-box audit: the part was
-        // taken for a form field, and the upload answered 400 `no files field`).
+        // US-ASCII, as Go's parser takes it, and Python's for ASCII names (a white-box audit:
+        // the part was taken for a form field, and the upload answered 400 `no files field`).
         assert_eq!(
             d("form-data; name=\"files\"; filename*=us-ascii''abc.txt"),
             (Some("files".into()), Some("abc.txt".into()))

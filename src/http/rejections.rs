@@ -3,7 +3,7 @@
 //! `HEAD_MAX` or with over 100 headers with `431`, each with an empty body, before the router
 //! sees a request. No hook changes them, so the connection's writer replaces them on their
 //! way out: each is a response head of its own, written in one piece just before hyper closes
-//! the connection, and the router never answers one of these statuses without a body.
+//! the connection.
 //!
 //! Only as a connection's first bytes, and only before any request reached the router: later
 //! writes carry our own responses, whose bodies are a client's bytes (a file that reads like a

@@ -344,7 +344,7 @@ enum StarForm {
     Utf8Lower,
     Utf8Lang,
     Latin1,
-    /// `US-ASCII`, which Go's and Python's parsers take too (bytes as UTF-8 here, as Go).
+    /// `US-ASCII`, which Go's parser takes too (its bytes as UTF-8 here, as Go passes them on).
     UsAscii,
     Quoted,
     UnknownCharset,
