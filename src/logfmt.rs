@@ -46,12 +46,16 @@ impl fmt::Display for Clip<'_> {
 pub fn hidden(c: char) -> bool {
     c.is_control()
         || matches!(c,
-            '\u{200b}'..='\u{200f}' // zero-width space, joiners, LRM, RLM
+            '\u{00ad}' // soft hyphen
+            | '\u{061c}' // Arabic letter mark
+            | '\u{180e}' // Mongolian vowel separator
+            | '\u{200b}'..='\u{200f}' // zero-width space, joiners, LRM, RLM
             | '\u{2028}' | '\u{2029}' // line and paragraph separators
             | '\u{202a}'..='\u{202e}' // bidi embeddings and overrides
             | '\u{2060}'..='\u{2064}' // word joiner, invisible operators
-            | '\u{2066}'..='\u{2069}' // bidi isolates
-            | '\u{feff}') // zero-width no-break space
+            | '\u{2066}'..='\u{206f}' // bidi isolates, deprecated format characters
+            | '\u{feff}' // zero-width no-break space
+            | '\u{e0000}'..='\u{e007f}') // tags
 }
 
 impl fmt::Debug for Clip<'_> {

@@ -612,10 +612,14 @@ const ATTR_CHAR: &AsciiSet = &NON_ALPHANUMERIC
 /// name `invoice\u{202e}fdp.exe`, which a browser saves showing `invoiceexe.pdf`; a
 /// white-box audit), `"` and `\` escaped, non-ASCII left to the `filename*` form.
 pub fn content_disposition(name: &str) -> String {
-    let clean: String = name
+    let mut clean: String = name
         .chars()
         .filter(|&c| !crate::logfmt::hidden(c))
         .collect();
+    if clean.is_empty() {
+        // SPEC §5 rule 4: a name with nothing left is `file`.
+        clean = "file".to_string();
+    }
     let mut quoted = String::with_capacity(clean.len());
     for c in clean.chars() {
         match c {
@@ -881,6 +885,10 @@ mod tests {
         assert_eq!(
             content_disposition("invoice\u{202e}fdp.exe\u{200b}"),
             "attachment; filename=\"invoicefdp.exe\"; filename*=UTF-8''invoicefdp.exe"
+        );
+        assert_eq!(
+            content_disposition("\u{061c}\u{206a}\u{e0041}\u{00ad}"),
+            "attachment; filename=\"file\"; filename*=UTF-8''file"
         );
     }
 }
