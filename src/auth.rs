@@ -54,24 +54,30 @@ pub fn hash_token(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-/// A bearer whose bytes are not text stands for itself: it is a bearer, and no token's.
-const NOT_A_TOKEN: &str = "\0";
-
-/// The request's bearer; `None` when it sends none (no `Authorization`, another scheme, an
-/// empty token). A bearer whose bytes are not text is a wrong one, as on the platform (Go
-/// compares its bytes), not a missing one: [`NOT_A_TOKEN`], which matches no token.
-pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?;
-    let Ok(value) = value.to_str() else {
-        let bytes = value.as_bytes();
-        let scheme = bytes.get(..7)?;
-        let token = bytes[7..].trim_ascii();
-        return (scheme.eq_ignore_ascii_case(b"bearer ") && !token.is_empty())
-            .then_some(NOT_A_TOKEN);
+/// The request's bearer: `None` when it sends none (no `Authorization`, another scheme, an
+/// empty token); [`AuthError::Invalid`] for one whose bytes are not a token's (not visible
+/// ASCII): a wrong bearer, as on the platform (Go compares its bytes), not a missing one.
+pub fn bearer(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
     };
-    let (scheme, token) = value.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+    let bytes = value.as_bytes();
+    let Some(space) = bytes.iter().position(|&b| b == b' ') else {
+        return Ok(None);
+    };
+    let token = bytes[space + 1..].trim_ascii();
+    if !bytes[..space].eq_ignore_ascii_case(b"bearer") || token.is_empty() {
+        return Ok(None);
+    }
+    match token
+        .iter()
+        .all(|b| b.is_ascii_graphic() || *b == b' ' || *b == b'\t')
+    {
+        true => std::str::from_utf8(token)
+            .map(Some)
+            .map_err(|_| AuthError::Invalid),
+        false => Err(AuthError::Invalid),
+    }
 }
 
 #[derive(Clone)]
@@ -124,7 +130,7 @@ impl Auth {
 
     /// Admin-only routes.
     pub fn admin(&self, headers: &HeaderMap) -> Result<(), AuthError> {
-        let token = bearer(headers).ok_or(AuthError::Missing)?;
+        let token = bearer(headers)?.ok_or(AuthError::Missing)?;
         if self.is_admin(token) {
             Ok(())
         } else {
@@ -139,7 +145,7 @@ impl Auth {
         headers: &HeaderMap,
         raw_id: &str,
     ) -> Result<(Uuid, Credential), AuthError> {
-        let token = bearer(headers).ok_or(AuthError::Missing)?;
+        let token = bearer(headers)?.ok_or(AuthError::Missing)?;
         let id = parse_workspace_id(raw_id)?;
         let credential = if self.is_admin(token) {
             Credential::Admin
@@ -157,7 +163,7 @@ impl Auth {
         headers: &HeaderMap,
         raw_id: &str,
     ) -> Result<(Uuid, Caller), AuthError> {
-        let token = bearer(headers).ok_or(AuthError::Missing)?;
+        let token = bearer(headers)?.ok_or(AuthError::Missing)?;
         let id = parse_workspace_id(raw_id)?;
         if self.is_admin(token) {
             return Ok((id, Caller::Admin));
@@ -229,22 +235,24 @@ mod tests {
     #[test]
     fn bearer_parsing() {
         let mut h = HeaderMap::new();
-        assert_eq!(bearer(&h), None);
+        assert_eq!(bearer(&h).ok(), Some(None));
         h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
-        assert_eq!(bearer(&h), Some("abc"));
+        assert_eq!(bearer(&h).ok(), Some(Some("abc")));
         h.insert(header::AUTHORIZATION, "bearer  abc ".parse().unwrap());
-        assert_eq!(bearer(&h), Some("abc"));
+        assert_eq!(bearer(&h).ok(), Some(Some("abc")));
         h.insert(header::AUTHORIZATION, "Bearer ".parse().unwrap());
-        assert_eq!(bearer(&h), None);
+        assert_eq!(bearer(&h).ok(), Some(None));
         h.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
-        assert_eq!(bearer(&h), None);
-        // Bytes that are not text: a bearer, and no token's (a white-box audit).
+        assert_eq!(bearer(&h).ok(), Some(None));
+        // Bytes that are not a token's: a wrong bearer (a white-box audit).
         let value = |b: &[u8]| header::HeaderValue::from_bytes(b).unwrap();
         h.insert(header::AUTHORIZATION, value(b"Bearer abc\xff"));
-        assert_eq!(bearer(&h), Some(NOT_A_TOKEN));
+        assert!(matches!(bearer(&h), Err(AuthError::Invalid)));
+        h.insert(header::AUTHORIZATION, value("Bearer abcé".as_bytes()));
+        assert!(matches!(bearer(&h), Err(AuthError::Invalid)));
         h.insert(header::AUTHORIZATION, value(b"Basic abc\xff"));
-        assert_eq!(bearer(&h), None);
+        assert_eq!(bearer(&h).ok(), Some(None));
         h.insert(header::AUTHORIZATION, value(b"\xff"));
-        assert_eq!(bearer(&h), None);
+        assert_eq!(bearer(&h).ok(), Some(None));
     }
 }

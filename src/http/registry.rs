@@ -139,8 +139,10 @@ enum Claim {
 }
 
 async fn claim(st: &AppState, headers: &HeaderMap, id: Uuid) -> Result<Claim, ApiError> {
-    let Some(bearer) = auth::bearer(headers) else {
-        return Ok(Claim::NoBearer);
+    let bearer = match auth::bearer(headers) {
+        Ok(Some(bearer)) => bearer,
+        Ok(None) => return Ok(Claim::NoBearer),
+        Err(_) => return Ok(Claim::Refused),
     };
     if st.auth.is_admin(bearer) {
         return Ok(Claim::Admin);
