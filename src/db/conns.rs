@@ -28,8 +28,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// connection goes on without it. Behind a pooler the check watches the pooler.
 async fn check_for_gone_clients(conn: &mut PgConnection) {
     static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    let set = sqlx::query("SET client_connection_check_interval = '1s'");
-    if let Err(e) = set.execute(&mut *conn).await {
+    // A plain string goes in the simple protocol: one round trip, no statement prepared.
+    let set = "SET client_connection_check_interval = '1s'";
+    if let Err(e) = sqlx::Executor::execute(&mut *conn, set).await {
         if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
             tracing::info!(error = %e, "the database cannot check for clients that went away: a statement given up on runs to its end there");
         }
