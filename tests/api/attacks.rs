@@ -173,6 +173,16 @@ async fn upload_file(
     upload_raw(svc, ws, token, one_file("XB", name, data)).await
 }
 
+/// `POST …/pending-uploads/<fid>/ack` with the workspace's token.
+async fn ack_file(svc: &Svc, ws: Uuid, token: &str, fid: Uuid) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(svc.at(&format!("/workspaces/{ws}/pending-uploads/{fid}/ack")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// The head of an upload request written on a raw socket, announcing a `len`-byte body.
 fn upload_head(svc: &Svc, ws: Uuid, token: &str, len: usize) -> String {
     format!(
@@ -2422,15 +2432,9 @@ async fn what_the_fleet_keeps_is_bounded_whatever_the_quotas() {
     ])
     .await;
     let (ws, token) = register_poll(&svc.base).await;
-    let http = reqwest::Client::new();
     for _ in 0..2 {
         let (fid, _) = stage_file(&svc, ws, &token, 2000).await;
-        let resp = http
-            .post(svc.at(&format!("/workspaces/{ws}/pending-uploads/{fid}/ack")))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let resp = ack_file(&svc, ws, &token, fid).await;
         assert_eq!(resp.status(), StatusCode::OK);
     }
     let resp = upload_file(&svc, ws, &token, "third.bin", &bytes(2000, 3)).await;
@@ -5292,12 +5296,7 @@ async fn ten_thousand_and_one_files_hit_the_file_quota() {
         .fetch_one(&svc.pool)
         .await
         .unwrap();
-    let resp = reqwest::Client::new()
-        .post(svc.at(&format!("/workspaces/{ws}/pending-uploads/{fid}/ack")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let resp = ack_file(&svc, ws, &token, fid).await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(
         upload_raw(&svc, ws, &token, batch(1)).await.status(),
@@ -5617,12 +5616,7 @@ async fn a_statement_given_up_on_ends_on_the_server() {
         .execute(&mut *holder)
         .await
         .unwrap();
-    let resp = reqwest::Client::new()
-        .post(svc.at(&format!("/workspaces/{ws}/pending-uploads/{fid}/ack")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let resp = ack_file(&svc, ws, &token, fid).await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     let waiting = || async {
         sqlx::query_scalar::<_, i64>(
