@@ -96,6 +96,8 @@ pub enum ApiError {
     TokenLimit { max: u64 },
     #[error("since_id cursor not found (row may have been pruned or belongs to a different workspace); omit since_id to reset")]
     CursorGone,
+    #[error("precondition failed: If-Match names no current ETag")]
+    PreconditionFailed,
     #[error("requested range not satisfiable")]
     RangeNotSatisfiable { size: u64 },
     #[error("workspace has no callback URL — chat upload requires push-mode + public URL")]
@@ -160,6 +162,7 @@ impl ApiError {
             | ClientBusy
             | StorageShare { .. } => StatusCode::TOO_MANY_REQUESTS,
             CursorGone => StatusCode::GONE,
+            PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             NoCallbackUrl { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             BodyStalled | BodyTooSlow | BodyOverdue { .. } => StatusCode::REQUEST_TIMEOUT,

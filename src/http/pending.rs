@@ -216,7 +216,7 @@ async fn find(
     path = "/workspaces/{id}/pending-uploads/{file_id}/content",
     tag = "pending",
     summary = "Headers of a file",
-    params(("id" = uuid::Uuid, Path, description = "workspace UUID"), ("file_id" = uuid::Uuid, Path, description = "file UUID"), ("Range" = Option<String>, Header, description = "bytes=a-b"), ("If-Range" = Option<String>, Header, description = "the strong ETag of the copy being resumed: the Range is served only while it is current, else the whole file"), ("If-None-Match" = Option<String>, Header, description = "entity-tags of copies the client holds (or *): 304 when one is current")),
+    params(("id" = uuid::Uuid, Path, description = "workspace UUID"), ("file_id" = uuid::Uuid, Path, description = "file UUID"), ("Range" = Option<String>, Header, description = "bytes=a-b"), ("If-Range" = Option<String>, Header, description = "the strong ETag of the copy being resumed: the Range is served only while it is current, else the whole file"), ("If-None-Match" = Option<String>, Header, description = "entity-tags of copies the client holds (or *): 304 when one is current"), ("If-Match" = Option<String>, Header, description = "entity-tags the bytes must have (or *): 412 when none is current, strongly compared")),
     responses(
         (status = 200, description = "headers only"),
         (status = 206, description = "headers of one range"),
@@ -224,6 +224,7 @@ async fn find(
         (status = 400, description = "invalid workspace ID or file_id"),
         (status = 401, description = "missing or invalid bearer"),
         (status = 404, description = "pending upload not found or expired"),
+        (status = 412, description = "If-Match names no current ETag"),
         (status = 416, description = "range not satisfiable"),
         (status = 429, description = "a file only in S3, whose object is looked up under a download slot: the workspace has MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE downloads streaming, or this client address its SLOT_SHARE_PER_CLIENT of them (code client_busy) (Retry-After)"),
         (status = 503, description = "datastore or storage unavailable, or (a file only in S3) MAX_CONCURRENT_DOWNLOADS downloads streaming (Retry-After)"),
@@ -236,6 +237,9 @@ pub async fn content_head(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let row = find(&st, who, file_id, None).await?.row;
+    if match_fails(&headers, &row) {
+        return Err(ApiError::PreconditionFailed);
+    }
     if none_match_fails(&headers, &row) {
         return Ok(not_modified(&row));
     }
@@ -258,7 +262,7 @@ pub async fn content_head(
     path = "/workspaces/{id}/pending-uploads/{file_id}/content",
     tag = "pending",
     summary = "Stream a file (Range supported)",
-    params(("id" = uuid::Uuid, Path, description = "workspace UUID"), ("file_id" = uuid::Uuid, Path, description = "file UUID"), ("Range" = Option<String>, Header, description = "bytes=a-b"), ("If-Range" = Option<String>, Header, description = "the strong ETag of the copy being resumed: the Range is served only while it is current, else the whole file"), ("If-None-Match" = Option<String>, Header, description = "entity-tags of copies the client holds (or *): 304 when one is current")),
+    params(("id" = uuid::Uuid, Path, description = "workspace UUID"), ("file_id" = uuid::Uuid, Path, description = "file UUID"), ("Range" = Option<String>, Header, description = "bytes=a-b"), ("If-Range" = Option<String>, Header, description = "the strong ETag of the copy being resumed: the Range is served only while it is current, else the whole file"), ("If-None-Match" = Option<String>, Header, description = "entity-tags of copies the client holds (or *): 304 when one is current"), ("If-Match" = Option<String>, Header, description = "entity-tags the bytes must have (or *): 412 when none is current, strongly compared")),
     responses(
         (status = 200, description = "the bytes", body = Vec<u8>, content_type = "application/octet-stream"),
         (status = 206, description = "one range of the bytes", body = Vec<u8>, content_type = "application/octet-stream"),
@@ -266,6 +270,7 @@ pub async fn content_head(
         (status = 400, description = "invalid workspace ID or file_id", body = api::ErrorBody),
         (status = 401, description = "missing or invalid bearer", body = api::ErrorBody),
         (status = 404, description = "pending upload not found or expired", body = api::ErrorBody),
+        (status = 412, description = "If-Match names no current ETag", body = api::ErrorBody),
         (status = 416, description = "range not satisfiable", body = api::ErrorBody),
         (status = 429, description = "the workspace has MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE downloads streaming, or this client address its SLOT_SHARE_PER_CLIENT of them (code client_busy) (Retry-After)", body = api::ErrorBody),
         (status = 503, description = "datastore or storage unavailable, or MAX_CONCURRENT_DOWNLOADS downloads streaming (Retry-After)", body = api::ErrorBody),
@@ -281,8 +286,9 @@ pub async fn content(
     // the read-ahead budget has room); a browser revalidating its copy (If-None-Match) most
     // likely needs no bytes at all, and a workspace with no download slot free gets its 429
     // without them.
-    let conditional =
-        headers.contains_key(header::RANGE) || headers.contains_key(header::IF_NONE_MATCH);
+    let conditional = [header::RANGE, header::IF_NONE_MATCH, header::IF_MATCH]
+        .iter()
+        .any(|h| headers.contains_key(h));
     let refused = st.download_slots.would_refuse(who.workspace_id, who.client);
     let read_ahead = (!conditional && !refused).then(|| st.storage.read_ahead_budget());
     let Found {
@@ -290,6 +296,9 @@ pub async fn content(
         head,
         reserved,
     } = find(&st, who, file_id, read_ahead).await?;
+    if match_fails(&headers, &row) {
+        return Err(ApiError::PreconditionFailed);
+    }
     if none_match_fails(&headers, &row) {
         return Ok(not_modified(&row));
     }
@@ -483,13 +492,23 @@ fn none_match_fails(headers: &HeaderMap, row: &UploadRow) -> bool {
     headers
         .get_all(header::IF_NONE_MATCH)
         .iter()
-        .any(|v| names_entity_tag(v.as_bytes(), opaque.as_bytes()))
+        .any(|v| names_entity_tag(v.as_bytes(), opaque.as_bytes(), Comparison::Weak))
 }
 
-/// Whether one If-None-Match field value (`*`, or a comma-separated list of entity-tags)
-/// names the entity-tag whose opaque part (quotes included) is `opaque`, weakly compared. The
-/// list is read up to its first malformed member: what follows names nothing.
-fn names_entity_tag(value: &[u8], opaque: &[u8]) -> bool {
+/// How entity-tags compare (RFC 9110 §8.8.3.2).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Comparison {
+    /// Same opaque part, either tag weak or not (If-None-Match).
+    Weak,
+    /// Both tags strong and the same (If-Match).
+    Strong,
+}
+
+/// Whether one If-None-Match or If-Match field value (`*`, or a comma-separated list of
+/// entity-tags) names the entity-tag whose opaque part (quotes included) is `opaque`,
+/// compared as `comparison` says. The list is read up to its first malformed member: what
+/// follows names nothing.
+fn names_entity_tag(value: &[u8], opaque: &[u8], comparison: Comparison) -> bool {
     let is_separator = |b: &u8| matches!(b, b' ' | b'\t' | b',');
     if value.trim_ascii() == b"*" {
         return true;
@@ -498,6 +517,7 @@ fn names_entity_tag(value: &[u8], opaque: &[u8]) -> bool {
     loop {
         let skip = rest.iter().take_while(|b| is_separator(b)).count();
         rest = &rest[skip..];
+        let weak = rest.starts_with(b"W/");
         let tagged = rest.strip_prefix(b"W/").unwrap_or(rest);
         let Some(inner) = tagged.strip_prefix(b"\"") else {
             return false;
@@ -505,11 +525,31 @@ fn names_entity_tag(value: &[u8], opaque: &[u8]) -> bool {
         let Some(close) = inner.iter().position(|&b| b == b'"') else {
             return false;
         };
-        if &tagged[..close + 2] == opaque {
+        let comparable = comparison == Comparison::Weak || !weak;
+        if comparable && &tagged[..close + 2] == opaque {
             return true;
         }
         rest = &inner[close + 1..];
     }
+}
+
+/// RFC 9110 §13.1.1: a client that wants these bytes only if they are still the ones it knows
+/// (a download resumed by a tool that checks before it appends) sends their entity-tag in
+/// If-Match; when none names the current representation, strongly compared, the answer is
+/// 412 and no bytes. `*` holds for any file there is. A row without a digest has only a weak
+/// tag, which no If-Match but `*` names. Evaluated first (§13.2.2). It was ignored: such a
+/// client got the bytes whatever they were.
+fn match_fails(headers: &HeaderMap, row: &UploadRow) -> bool {
+    let current = etag(row);
+    let mut values = headers.get_all(header::IF_MATCH).iter().peekable();
+    if values.peek().is_none() {
+        return false;
+    }
+    let strong = (!current.starts_with("W/")).then_some(current.as_bytes());
+    !values.any(|v| match strong {
+        Some(tag) => names_entity_tag(v.as_bytes(), tag, Comparison::Strong),
+        None => v.as_bytes().trim_ascii() == b"*",
+    })
 }
 
 /// 304: no bytes, and of the headers a 200 would carry only what RFC 9110 §15.4.5 asks for
@@ -821,8 +861,16 @@ mod tests {
     }
 
     #[test]
+    fn if_matches_compare_strongly() {
+        let names = |v: &str| names_entity_tag(v.as_bytes(), b"\"ab12\"", Comparison::Strong);
+        assert!(names("\"ab12\"") && names("\"x\", \"ab12\"") && names("*"));
+        assert!(!names("W/\"ab12\""), "a weak tag never matches strongly");
+        assert!(!names("W/\"ab12\", \"x\""));
+    }
+
+    #[test]
     fn if_none_matches() {
-        let names = |v: &str| names_entity_tag(v.as_bytes(), b"\"ab12\"");
+        let names = |v: &str| names_entity_tag(v.as_bytes(), b"\"ab12\"", Comparison::Weak);
         assert!(names("\"ab12\""));
         assert!(names("W/\"ab12\""), "weak comparison");
         assert!(names(" \"x\", W/\"y\" ,\t\"ab12\""), "a list");
@@ -857,18 +905,19 @@ mod tests {
             }
             let quoted = |t: &str| format!("\"{t}\"");
             for (_, t) in &tags {
-                let named = names_entity_tag(value.as_bytes(), quoted(t).as_bytes());
+                let named = names_entity_tag(value.as_bytes(), quoted(t).as_bytes(), Comparison::Weak);
                 proptest::prop_assert!(named, "{} in {}", t, value);
             }
             if tags.iter().all(|(_, t)| *t != absent) {
-                let named = names_entity_tag(value.as_bytes(), quoted(&absent).as_bytes());
+                let named = names_entity_tag(value.as_bytes(), quoted(&absent).as_bytes(), Comparison::Weak);
                 proptest::prop_assert!(!named, "{} not in {}", absent, value);
             }
         }
 
         #[test]
         fn any_if_none_match_bytes_are_read_without_panic(value in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
-            names_entity_tag(&value, b"\"ab12\"");
+            names_entity_tag(&value, b"\"ab12\"", Comparison::Weak);
+            names_entity_tag(&value, b"\"ab12\"", Comparison::Strong);
         }
     }
 

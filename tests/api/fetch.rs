@@ -153,6 +153,57 @@ async fn a_stored_name_that_hides_text_is_served_as_it_shows() {
     );
 }
 
+/// RFC 9110 §13.1.1: If-Match was ignored, so a client asking for the bytes only if they are
+/// still the ones it knows got them whatever they were. Now a GET or HEAD whose If-Match
+/// names no current entity-tag, strongly compared, is 412 with no bytes; `*` holds for any
+/// file there is; a weak tag never matches.
+#[tokio::test]
+async fn if_match_names_the_bytes_or_the_answer_is_412() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    let fid = file_id(
+        &app.upload_ok(
+            ws,
+            &token,
+            &[("m.bin", "application/octet-stream", b"abc".to_vec())],
+        )
+        .await[0],
+    );
+    let path = content_path(ws, fid);
+    let etag = app.get(&path, &token).await.headers()["etag"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let ask = |method: reqwest::Method, if_match: String| {
+        let (app, token, path) = (&app, &token, &path);
+        async move {
+            app.client
+                .request(method, app.at(path))
+                .bearer_auth(token)
+                .header("If-Match", if_match)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    for held in [etag.clone(), format!("\"x\", {etag}"), "*".to_string()] {
+        let resp = ask(reqwest::Method::GET, held.clone()).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{held}");
+        assert_eq!(resp.bytes().await.unwrap(), &b"abc"[..]);
+    }
+    for failed in ["\"x\"".to_string(), format!("W/{etag}")] {
+        let resp = ask(reqwest::Method::GET, failed.clone()).await;
+        assert_error(
+            resp,
+            StatusCode::PRECONDITION_FAILED,
+            "precondition failed: If-Match names no current ETag",
+        )
+        .await;
+        let resp = ask(reqwest::Method::HEAD, failed.clone()).await;
+        assert_eq!(resp.status(), StatusCode::PRECONDITION_FAILED, "{failed}");
+    }
+}
+
 #[tokio::test]
 async fn ranges() {
     let app = TestApp::start().await;
