@@ -11,6 +11,9 @@
 //! the next response on that connection), and a routed request's answer may be a push
 //! workspace's own empty 400, relayed with its length. A malformed request after others on one
 //! connection keeps hyper's empty body.
+//!
+//! A HEAD's rejection gets the fields a GET's would and no body (RFC 9110 §9.3.2): its client
+//! reads no body after it, and would take one for the next answer.
 
 use std::{
     io::{self, IoSlice},
@@ -31,6 +34,9 @@ pub struct JsonRejections<S> {
     pending: Option<(Vec<u8>, usize)>,
     /// Bytes went out as written: no later write is a rejection's.
     started: bool,
+    /// The connection's first bytes read (its first request's method), up to `HEAD `.
+    first: [u8; 5],
+    first_len: usize,
     /// The connection, which knows whether a request of it reached the router: the answer of
     /// one is never hyper's rejection (a push workspace's empty 400 is relayed as it came).
     connection: Arc<Connection>,
@@ -42,8 +48,15 @@ impl<S> JsonRejections<S> {
             inner,
             pending: None,
             started: false,
+            first: [0; 5],
+            first_len: 0,
             connection,
         }
+    }
+
+    /// The connection's first request, the one a rejection answers, is a HEAD.
+    fn answers_head(&self) -> bool {
+        self.first[..self.first_len] == *b"HEAD "
     }
 }
 
@@ -63,8 +76,8 @@ fn rejection(status: &str) -> Option<ApiError> {
 }
 
 /// `head` with a JSON body, when it is one of hyper's empty rejections: `HTTP/1.1 <status>`
-/// with `Content-Length: 0`, a head alone.
-fn with_json_body(head: &[u8]) -> Option<Vec<u8>> {
+/// with `Content-Length: 0`, a head alone. For a HEAD request, the body's fields without it.
+fn with_json_body(head: &[u8], for_head: bool) -> Option<Vec<u8>> {
     let head = std::str::from_utf8(head).ok()?;
     let (start, rest) = head.split_once("\r\n")?;
     let error = rejection(start.strip_prefix("HTTP/1.1 ")?.get(..3)?)?;
@@ -89,7 +102,10 @@ fn with_json_body(head: &[u8]) -> Option<Vec<u8>> {
         out.push_str(field);
         out.push_str("\r\n");
     }
-    out.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    out.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    if !for_head {
+        out.push_str(&body);
+    }
     Some(out.into_bytes())
 }
 
@@ -127,7 +143,10 @@ impl<S: AsyncWrite + Unpin> JsonRejections<S> {
     ) -> Poll<io::Result<usize>> {
         std::task::ready!(self.poll_pending(cx))?;
         if !self.started && !self.connection.served() {
-            if let Some(replaced) = rejection_candidate(bufs).and_then(|b| with_json_body(&b)) {
+            let for_head = self.answers_head();
+            if let Some(replaced) =
+                rejection_candidate(bufs).and_then(|b| with_json_body(&b, for_head))
+            {
                 let len = bufs.iter().map(|b| b.len()).sum();
                 self.pending = Some((replaced, 0));
                 self.started = true;
@@ -182,7 +201,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for JsonRejections<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        let read = &buf.filled()[before..];
+        let take = read.len().min(this.first.len() - this.first_len);
+        this.first[this.first_len..this.first_len + take].copy_from_slice(&read[..take]);
+        this.first_len += take;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -195,7 +221,7 @@ mod tests {
 
     #[test]
     fn an_empty_rejection_gets_its_json_body() {
-        let out = String::from_utf8(with_json_body(HYPER_431.as_bytes()).unwrap()).unwrap();
+        let out = String::from_utf8(with_json_body(HYPER_431.as_bytes(), false).unwrap()).unwrap();
         let body = r#"{"error":"request header fields too large"}"#;
         assert_eq!(
             out,
@@ -206,20 +232,34 @@ mod tests {
                 body.len()
             )
         );
+        let head = String::from_utf8(with_json_body(HYPER_431.as_bytes(), true).unwrap()).unwrap();
+        assert_eq!(head, out.strip_suffix(body).unwrap(), "a HEAD's: no body");
     }
 
     #[test]
     fn other_responses_pass_as_written() {
         let ours = "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n";
-        assert!(with_json_body(ours.as_bytes()).is_none(), "a body follows");
+        assert!(
+            with_json_body(ours.as_bytes(), false).is_none(),
+            "a body follows"
+        );
         let ok = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
-        assert!(with_json_body(ok.as_bytes()).is_none());
+        assert!(with_json_body(ok.as_bytes(), false).is_none());
         let gone = "HTTP/1.1 410 Gone\r\nContent-Length: 0\r\n\r\n";
-        assert!(with_json_body(gone.as_bytes()).is_none(), "not hyper's");
+        assert!(
+            with_json_body(gone.as_bytes(), false).is_none(),
+            "not hyper's"
+        );
         let two = format!("{HYPER_431}{HYPER_431}");
-        assert!(with_json_body(two.as_bytes()).is_none(), "pipelined heads");
+        assert!(
+            with_json_body(two.as_bytes(), false).is_none(),
+            "pipelined heads"
+        );
         let part = &HYPER_431[..HYPER_431.len() - 2];
-        assert!(with_json_body(part.as_bytes()).is_none(), "half a head");
+        assert!(
+            with_json_body(part.as_bytes(), false).is_none(),
+            "half a head"
+        );
     }
 
     /// Everything a wrapper over a 16-byte pipe sends when `writes` are written, flushed and
@@ -255,7 +295,7 @@ mod tests {
     #[tokio::test]
     async fn a_rejection_goes_out_whole_through_partial_writes() {
         let sent = sent_through(vec![HYPER_431.as_bytes().to_vec()]).await;
-        assert_eq!(sent, with_json_body(HYPER_431.as_bytes()).unwrap());
+        assert_eq!(sent, with_json_body(HYPER_431.as_bytes(), false).unwrap());
     }
 
     #[tokio::test]
@@ -286,7 +326,7 @@ mod tests {
         /// with a JSON body whose Content-Length is its length.
         #[test]
         fn replacements_are_well_formed(head in "HTTP/1\\.1 4[0-9]{2} [A-Za-z ]{0,20}\r\n([A-Za-z-]{1,12}: [ -~]{0,20}\r\n){0,4}(Content-Length: 0\r\n)?\r\n") {
-            if let Some(out) = with_json_body(head.as_bytes()) {
+            if let Some(out) = with_json_body(head.as_bytes(), false) {
                 let out = String::from_utf8(out).unwrap();
                 let (head, body) = out.split_once("\r\n\r\n").unwrap();
                 let len: usize = head

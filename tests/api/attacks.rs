@@ -2319,6 +2319,25 @@ async fn requests_hyper_cannot_parse_are_answered_in_json() {
         answer_to(b"HEAD /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec()).await;
     assert!(answer.starts_with("HTTP/1.1 404 Not Found\r\n"), "{answer}");
     assert!(answer.ends_with("\r\n\r\n"), "no body: {answer}");
+    // A HEAD's rejection has the fields a GET's has and no body, which its client would
+    // take for the next answer.
+    let get =
+        answer_to(b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header: v\r\n\r\n".to_vec()).await;
+    let answer =
+        answer_to(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nBad Header: v\r\n\r\n".to_vec()).await;
+    let fields = |a: &str| -> Vec<String> {
+        a.lines()
+            .take_while(|l| !l.is_empty())
+            .filter(|l| !l.starts_with("date:") && !l.starts_with("Date:"))
+            .map(str::to_string)
+            .collect()
+    };
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert!(answer.ends_with("\r\n\r\n"), "no body: {answer}");
+    assert_eq!(fields(&answer), fields(&get));
     // A file that ends like one of hyper's rejections is downloaded as it is, whole and in a
     // range, and the connection's next answer is in step: its last 256 KiB slice, read after
     // the others went, is a write of its own.
