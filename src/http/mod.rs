@@ -165,11 +165,12 @@ pub fn router(state: AppState, cors_origins: &[String]) -> Router {
         .route("/openapi.json", axum::routing::get(openapi::serve))
         .fallback(ops::not_found);
     // Inside the middleware, so the preflight answers it gives get `nosniff` too.
-    if let Some(cors) = cors_layer(cors_origins) {
-        router = router.layer(cors);
+    let cors = cors_layer(cors_origins).map(Arc::new);
+    if let Some(cors) = &cors {
+        router = router.layer(CorsLayer::clone(cors));
     }
     router
-        .layer(axum::middleware::from_fn(every_request))
+        .layer(axum::middleware::from_fn_with_state(cors, every_request))
         .with_state(state)
 }
 
@@ -186,6 +187,7 @@ pub struct Relayed;
 /// call (an `async fn` would keep its `req` and `next` arguments for its whole life, beside
 /// the copy the inner call holds).
 fn every_request(
+    axum::extract::State(cors): axum::extract::State<Option<Arc<CorsLayer>>>,
     matched: Option<axum::extract::MatchedPath>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
@@ -194,17 +196,14 @@ fn every_request(
     let connection = req.extensions().get::<Arc<shed::Connection>>().cloned();
     let unsupported = unsupported_transfer_coding(req.headers());
     let (req, unread) = body::watch_unread(req);
-    let inner = (!unsupported).then(|| next.run(req));
+    let inner = if unsupported {
+        futures::future::Either::Left(unsupported_coding(cors, req))
+    } else {
+        futures::future::Either::Right(next.run(req))
+    };
     async move {
         let started = std::time::Instant::now();
-        let mut resp = match inner {
-            Some(inner) => json_rejections(inner.await),
-            None => error::ApiError::Rejected {
-                status: StatusCode::NOT_IMPLEMENTED,
-                message: "unsupported transfer encoding".into(),
-            }
-            .into_response(),
-        };
+        let mut resp = json_rejections(inner.await);
         // Bodies here are files anyone may have uploaded and push workspaces' own answers,
         // each with the type it was given: a browser must not read one as something else.
         resp.headers_mut().insert(
@@ -241,6 +240,36 @@ fn unsupported_transfer_coding(headers: &HeaderMap) -> bool {
     match codings.next() {
         None => false,
         Some(first) => !first.eq_ignore_ascii_case(b"chunked") || codings.next().is_some(),
+    }
+}
+
+/// The 501 of [`unsupported_transfer_coding`], answered before the router (whose handlers
+/// would read the body), through the CORS layer the router has: without its headers a browser
+/// reads the refusal as a network error.
+fn unsupported_coding(
+    cors: Option<Arc<CorsLayer>>,
+    req: axum::extract::Request,
+) -> impl Future<Output = Response> + Send {
+    use futures::future::Either;
+    use tower::Layer;
+    let refuse = tower::service_fn(|_req: axum::extract::Request| async {
+        Ok::<_, std::convert::Infallible>(
+            error::ApiError::Rejected {
+                status: StatusCode::NOT_IMPLEMENTED,
+                message: "unsupported transfer encoding".into(),
+            }
+            .into_response(),
+        )
+    });
+    let answer = match cors {
+        Some(cors) => Either::Left(cors.layer(refuse).oneshot(req)),
+        None => Either::Right(refuse.oneshot(req)),
+    };
+    async move {
+        match answer.await {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        }
     }
 }
 

@@ -2177,10 +2177,12 @@ async fn request_heads_are_bounded() {
 /// takes off the chunks and hands on the rest, so the service parsed and stored it as if it
 /// were plain (200; a compressed upload's bytes would have been taken for multipart). RFC 9112
 /// §6.1 answers 501, as Go's server, the platform's, does; nothing is stored, and the
-/// connection serves its next request.
+/// connection serves its next request. A listed origin gets its CORS headers on the 501, as
+/// on every other answer (none before: a browser read it as a network error).
 #[tokio::test]
 async fn a_body_in_an_unsupported_transfer_coding_is_a_501() {
-    let svc = Svc::start(&[]).await;
+    let canvas = "https://canvas.example.com";
+    let svc = Svc::start(&[("CORS_ALLOWED_ORIGINS", canvas)]).await;
     let (ws, token) = register_poll(&svc.base).await;
     let body = one_file("XB", "a.txt", b"hello");
     let chunked = [
@@ -2193,6 +2195,7 @@ async fn a_body_in_an_unsupported_transfer_coding_is_a_501() {
         let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
         let head = format!(
             "POST /workspaces/{ws}/chat/uploads HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Origin: {canvas}\r\n\
              Content-Type: multipart/form-data; boundary=XB\r\nTransfer-Encoding: {coding}\r\n\r\n"
         );
         sock.write_all(&[head.as_bytes(), &chunked].concat())
@@ -2203,6 +2206,16 @@ async fn a_body_in_an_unsupported_transfer_coding_is_a_501() {
             answer.starts_with("HTTP/1.1 501 Not Implemented\r\n"),
             "{coding}: {answer}"
         );
+        for field in [
+            format!("access-control-allow-origin: {canvas}\r\n"),
+            "access-control-allow-credentials: true\r\n".to_string(),
+            "x-content-type-options: nosniff\r\n".to_string(),
+        ] {
+            assert!(
+                answer.to_ascii_lowercase().contains(&field),
+                "{coding}: {field}{answer}"
+            );
+        }
         assert!(
             answer.ends_with("{\"error\":\"unsupported transfer encoding\"}"),
             "{coding}: {answer}"
