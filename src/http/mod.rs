@@ -349,6 +349,7 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
                 header::AUTHORIZATION,
                 header::CONTENT_TYPE,
                 header::RANGE,
+                header::IF_MATCH,
                 header::IF_NONE_MATCH,
                 header::IF_RANGE,
                 h("x-molecule-org-slug"),

@@ -64,6 +64,26 @@ async fn listed_origins_get_preflight_answers_and_cors_headers() {
         .to_str()
         .unwrap()
         .contains("POST"));
+    // The conditional headers a download takes may be sent from the canvas: If-Match too.
+    let preflight = app
+        .client
+        .request(
+            Method::OPTIONS,
+            app.at(&format!("/workspaces/{ws}/pending-uploads/x/content")),
+        )
+        .header("Origin", CANVAS)
+        .header("Access-Control-Request-Method", "GET")
+        .header("Access-Control-Request-Headers", "if-match,range")
+        .send()
+        .await
+        .unwrap();
+    let allowed = preflight.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    for h in ["if-match", "if-none-match", "if-range", "range"] {
+        assert!(allowed.contains(h), "{h}: {allowed}");
+    }
 
     let fid = file_id(
         &app.upload_ok(ws, &token, &[("a.txt", "text/plain", b"hi".to_vec())])
