@@ -310,6 +310,15 @@ type ProxyHook = Arc<dyn Fn(&[u8]) -> futures::future::BoxFuture<'static, ()> + 
 /// A TCP proxy in front of `endpoint` that runs `hook` on every piece of every request, as it
 /// goes over the wire; its URL.
 async fn proxy(endpoint: &str, hook: ProxyHook) -> String {
+    answering_proxy(endpoint, hook, Arc::new(|_| None)).await
+}
+
+/// What a test proxy answers itself to a piece of a request, instead of passing it on
+/// (`None`: passed on); the connection is closed after the answer.
+type ProxyAnswer = Arc<dyn Fn(&[u8]) -> Option<Vec<u8>> + Send + Sync>;
+
+/// [`proxy`], which answers the pieces `answer` answers itself.
+async fn answering_proxy(endpoint: &str, hook: ProxyHook, answer: ProxyAnswer) -> String {
     let upstream = endpoint
         .strip_prefix("http://")
         .expect("an http:// endpoint")
@@ -319,17 +328,25 @@ async fn proxy(endpoint: &str, hook: ProxyHook) -> String {
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
-            let (upstream, hook) = (upstream.clone(), hook.clone());
+            let (upstream, hook, answer) = (upstream.clone(), hook.clone(), answer.clone());
             tokio::spawn(async move {
                 let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
                     return;
                 };
-                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_client, to_client) = client.into_split();
                 let (mut from_server, mut to_server) = server.into_split();
+                let to_client = Arc::new(tokio::sync::Mutex::new(to_client));
+                let answers = to_client.clone();
                 let up = async move {
                     let mut buf = vec![0u8; 16 * 1024];
                     while let Ok(n @ 1..) = from_client.read(&mut buf).await {
                         hook(&buf[..n]).await;
+                        if let Some(ours) = answer(&buf[..n]) {
+                            let mut to_client = answers.lock().await;
+                            let _ = to_client.write_all(&ours).await;
+                            let _ = to_client.shutdown().await;
+                            break;
+                        }
                         if to_server.write_all(&buf[..n]).await.is_err() {
                             break;
                         }
@@ -337,8 +354,13 @@ async fn proxy(endpoint: &str, hook: ProxyHook) -> String {
                     let _ = to_server.shutdown().await;
                 };
                 let down = async move {
-                    let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
-                    let _ = to_client.shutdown().await;
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n @ 1..) = from_server.read(&mut buf).await {
+                        if to_client.lock().await.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to_client.lock().await.shutdown().await;
                 };
                 tokio::join!(up, down);
             });
@@ -826,6 +848,65 @@ async fn two_first_walks_at_once_leave_the_prefix_to_one() {
         .delete_object(&first.storage.s3().unwrap().marker_key())
         .await
         .unwrap();
+}
+
+/// A server that does not take `If-None-Match: *` on a PUT (S3-compatible servers from
+/// before conditional writes answer 501 NotImplemented, some 400) gets the prefix's marker
+/// written plainly, and the read-back names it; the next claim reads it. Both servers here
+/// take the condition, so a proxy refuses it as such a server would.
+#[tokio::test]
+async fn a_server_without_conditional_writes_gets_the_marker_written_plainly() {
+    for (status, code) in [
+        ("501 Not Implemented", "NotImplemented"),
+        ("400 Bad Request", "InvalidArgument"),
+    ] {
+        let prefix = test_prefix();
+        let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = refused.clone();
+        let answer: ProxyAnswer = Arc::new(move |piece: &[u8]| {
+            let head = String::from_utf8_lossy(piece).to_ascii_lowercase();
+            if !(head.starts_with("put ") && head.contains("\r\nif-none-match: *\r\n")) {
+                return None;
+            }
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let body = format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code>\
+                 <Message>A header you provided implies functionality that is not implemented</Message></Error>"
+            );
+            Some(
+                format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .into_bytes(),
+            )
+        });
+        let (endpoint, _) = s3_endpoint();
+        let refusing = answering_proxy(&endpoint, Arc::new(|_| Box::pin(async {})), answer).await;
+        let flags = s3_flags("s3", &prefix, &refusing);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let app = TestApp::start_on(fresh_db().await, &flags).await;
+        let ours = Uuid::new_v4();
+        assert_eq!(
+            app.storage.claim_prefix(ours).await.unwrap(),
+            ours,
+            "{status}"
+        );
+        assert!(
+            refused.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+            "{status}"
+        );
+        assert_eq!(
+            app.storage.claim_prefix(Uuid::new_v4()).await.unwrap(),
+            ours,
+            "{status}: the marker stayed"
+        );
+        app.storage
+            .delete_object(&app.storage.s3().unwrap().marker_key())
+            .await
+            .unwrap();
+    }
 }
 
 /// A reconciliation that deleted orphans and then failed said it deleted none
