@@ -196,8 +196,10 @@ fn every_request(
     let connection = req.extensions().get::<Arc<shed::Connection>>().cloned();
     let unsupported = unsupported_transfer_coding(req.headers());
     let (req, unread) = body::watch_unread(req);
+    // Boxed: the refusal's future is three times the size of the router's, and every
+    // request's future (a long poll's for up to a minute) would be as large as the larger.
     let inner = if unsupported {
-        futures::future::Either::Left(unsupported_coding(cors, req))
+        futures::future::Either::Left(Box::pin(unsupported_coding(cors, req)))
     } else {
         futures::future::Either::Right(next.run(req))
     };
