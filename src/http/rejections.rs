@@ -204,7 +204,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for JsonRejections<S> {
         let this = self.get_mut();
         let before = buf.filled().len();
         std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-        let read = &buf.filled()[before..];
+        let mut read = &buf.filled()[before..];
+        if this.first_len == 0 {
+            // The parser skips empty lines before a request line (RFC 9112 §2.2), so does this.
+            let blank = read
+                .iter()
+                .take_while(|b| matches!(b, b'\r' | b'\n'))
+                .count();
+            read = &read[blank..];
+        }
         let take = read.len().min(this.first.len() - this.first_len);
         this.first[this.first_len..this.first_len + take].copy_from_slice(&read[..take]);
         this.first_len += take;

@@ -2336,8 +2336,6 @@ async fn requests_hyper_cannot_parse_are_answered_in_json() {
     // take for the next answer.
     let get =
         answer_to(b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header: v\r\n\r\n".to_vec()).await;
-    let answer =
-        answer_to(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nBad Header: v\r\n\r\n".to_vec()).await;
     let fields = |a: &str| -> Vec<String> {
         a.lines()
             .take_while(|l| !l.is_empty())
@@ -2345,12 +2343,17 @@ async fn requests_hyper_cannot_parse_are_answered_in_json() {
             .map(str::to_string)
             .collect()
     };
-    assert!(
-        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
-        "{answer}"
-    );
-    assert!(answer.ends_with("\r\n\r\n"), "no body: {answer}");
-    assert_eq!(fields(&answer), fields(&get));
+    // Empty lines before a request line are skipped (RFC 9112 §2.2), by hyper and here.
+    for lead in ["", "\r\n", "\r\n\r\n"] {
+        let head = format!("{lead}HEAD /healthz HTTP/1.1\r\nHost: x\r\nBad Header: v\r\n\r\n");
+        let answer = answer_to(head.into_bytes()).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{lead:?}: {answer}"
+        );
+        assert!(answer.ends_with("\r\n\r\n"), "{lead:?}: no body: {answer}");
+        assert_eq!(fields(&answer), fields(&get));
+    }
     // A file that ends like one of hyper's rejections is downloaded as it is, whole and in a
     // range, and the connection's next answer is in step: its last 256 KiB slice, read after
     // the others went, is a write of its own.
