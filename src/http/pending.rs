@@ -285,8 +285,9 @@ pub async fn content(
     // Without a Range the first slice comes with the row (a file of up to 1 MiB whole, while
     // the read-ahead budget has room); a browser revalidating its copy (If-None-Match) most
     // likely needs no bytes at all, and a workspace with no download slot free gets its 429
-    // without them.
-    let conditional = [header::RANGE, header::IF_NONE_MATCH, header::IF_MATCH]
+    // without them. An If-Match names the file its client knows, which it most likely gets:
+    // read ahead (a 412 drops what was read).
+    let conditional = [header::RANGE, header::IF_NONE_MATCH]
         .iter()
         .any(|h| headers.contains_key(h));
     let refused = st.download_slots.would_refuse(who.workspace_id, who.client);

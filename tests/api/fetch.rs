@@ -1082,8 +1082,8 @@ async fn a_small_file_is_read_whole_with_its_row() {
 /// Statements PostgreSQL executes (counted on the wire by a proxy in front of it) for a
 /// download of a 1 MiB file with `serve` flags `extra`, up to its batched fetched_at stamp;
 /// then for a Range GET of all but its first byte (the stamp again included, as far as it
-/// went out within 300 ms).
-async fn statements_per_download(extra: &[&str]) -> (u64, u64) {
+/// went out within 300 ms). The first GET sends `If-Match: <if_match>` when given.
+async fn statements_per_download(extra: &[&str], if_match: Option<&str>) -> (u64, u64) {
     use pending_uploads::storage::bytea::WHOLE_UP_TO;
     let db = fresh_db().await;
     let (upstream, via) = crate::wire::split_host(&db);
@@ -1097,7 +1097,14 @@ async fn statements_per_download(extra: &[&str]) -> (u64, u64) {
     // The upload's long-poll announcement goes out batched, after its answer.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = proxy.counts();
-    let resp = app.get(&content_path(ws, fid), &token).await;
+    let mut get = app
+        .client
+        .get(app.at(&content_path(ws, fid)))
+        .bearer_auth(&token);
+    if let Some(held) = if_match {
+        get = get.header("If-Match", held);
+    }
+    let resp = get.send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(resp.bytes().await.unwrap() == data[..]);
     let mut stamped = false;
@@ -1137,7 +1144,7 @@ async fn statements_per_download(extra: &[&str]) -> (u64, u64) {
 /// statement after the row's.
 #[tokio::test]
 async fn a_small_file_downloads_in_one_statement() {
-    let (whole, range) = statements_per_download(&[]).await;
+    let (whole, range) = statements_per_download(&[], None).await;
     assert_eq!(whole, 2, "the row with its bytes, then the stamp");
     assert!(
         range <= 3,
@@ -1145,11 +1152,19 @@ async fn a_small_file_downloads_in_one_statement() {
     );
 }
 
+/// A download asked with If-Match most likely gets its bytes (its client names the file it
+/// knows), so they come with the row as without it: it was read in slices (5 statements).
+#[tokio::test]
+async fn a_download_asked_if_match_reads_its_bytes_with_the_row() {
+    let (whole, _) = statements_per_download(&[], Some("*")).await;
+    assert_eq!(whole, 2, "the row with its bytes, then the stamp");
+}
+
 /// DOWNLOAD_READ_AHEAD_BYTES bounds whole reads; 0 turns them off, and a 1 MiB file is read
 /// in its four slices.
 #[tokio::test]
 async fn without_read_ahead_a_small_file_is_read_in_slices() {
-    let (whole, range) = statements_per_download(&["--download-read-ahead-bytes", "0"]).await;
+    let (whole, range) = statements_per_download(&["--download-read-ahead-bytes", "0"], None).await;
     assert_eq!(
         whole, 5,
         "the row with its first slice, three slices, the stamp"
