@@ -174,34 +174,63 @@ async fn if_match_names_the_bytes_or_the_answer_is_412() {
         .to_str()
         .unwrap()
         .to_string();
-    let ask = |method: reqwest::Method, if_match: String| {
+    let ask = |method: reqwest::Method, if_match: String, also: Option<(&'static str, String)>| {
         let (app, token, path) = (&app, &token, &path);
         async move {
-            app.client
+            let mut req = app
+                .client
                 .request(method, app.at(path))
                 .bearer_auth(token)
-                .header("If-Match", if_match)
-                .send()
-                .await
-                .unwrap()
+                .header("If-Match", if_match);
+            if let Some((name, value)) = also {
+                req = req.header(name, value);
+            }
+            req.send().await.unwrap()
         }
     };
     for held in [etag.clone(), format!("\"x\", {etag}"), "*".to_string()] {
-        let resp = ask(reqwest::Method::GET, held.clone()).await;
+        let resp = ask(reqwest::Method::GET, held.clone(), None).await;
         assert_eq!(resp.status(), StatusCode::OK, "{held}");
         assert_eq!(resp.bytes().await.unwrap(), &b"abc"[..]);
+        let resp = ask(reqwest::Method::HEAD, held.clone(), None).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{held}");
+        assert_eq!(resp.headers()["content-length"], "3");
     }
+    // RFC 9110 §13.2.2: a failed If-Match answers before If-None-Match (here a 304) and
+    // before a Range (a 206).
+    let others = [
+        None,
+        Some(("If-None-Match", etag.clone())),
+        Some(("Range", "bytes=0-0".to_string())),
+    ];
     for failed in ["\"x\"".to_string(), format!("W/{etag}")] {
-        let resp = ask(reqwest::Method::GET, failed.clone()).await;
-        assert_error(
-            resp,
-            StatusCode::PRECONDITION_FAILED,
-            "precondition failed: If-Match names no current ETag",
-        )
-        .await;
-        let resp = ask(reqwest::Method::HEAD, failed.clone()).await;
-        assert_eq!(resp.status(), StatusCode::PRECONDITION_FAILED, "{failed}");
+        for also in others.clone() {
+            let resp = ask(reqwest::Method::GET, failed.clone(), also.clone()).await;
+            assert_error(
+                resp,
+                StatusCode::PRECONDITION_FAILED,
+                "precondition failed: If-Match names no current ETag",
+            )
+            .await;
+            let resp = ask(reqwest::Method::HEAD, failed.clone(), also).await;
+            assert_eq!(resp.status(), StatusCode::PRECONDITION_FAILED, "{failed}");
+        }
     }
+    // A row without a digest has a weak ETag: only * holds for it, never the tag itself.
+    sqlx::query("UPDATE pending_uploads SET content_sha256 = NULL WHERE file_id = $1")
+        .bind(fid)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let weak = app.get(&path, &token).await.headers()["etag"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(weak.starts_with("W/"), "{weak}");
+    let resp = ask(reqwest::Method::GET, "*".to_string(), None).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = ask(reqwest::Method::GET, weak.clone(), None).await;
+    assert_eq!(resp.status(), StatusCode::PRECONDITION_FAILED, "{weak}");
 }
 
 #[tokio::test]
