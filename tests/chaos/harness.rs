@@ -34,7 +34,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
@@ -156,6 +156,17 @@ fn run(cmd: &mut Command, what: &str) -> String {
         Some(s) if s.success() => stdout,
         Some(s) => panic!("{what} failed ({s}):\n{stdout}\n{stderr}"),
         None => panic!("{what} did not finish within 60 s:\n{stdout}\n{stderr}"),
+    }
+}
+
+/// Unmounts a filesystem a scenario mounted (lazily when it is still busy).
+pub fn unmount(dir: &Path) {
+    let ok = Command::new("umount")
+        .arg(dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        let _ = Command::new("umount").arg("-l").arg(dir).status();
     }
 }
 

@@ -8,6 +8,7 @@ mod harness;
 mod kill;
 mod load;
 mod orphans;
+mod pg_disk_full;
 mod pg_restart;
 mod replicas;
 mod s3_fault;

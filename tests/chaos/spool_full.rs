@@ -24,7 +24,7 @@ const BIG: usize = 12 * 1024 * 1024;
 const MEDIUM: usize = 5 * 1024 * 1024;
 
 /// Bytes used and available on the filesystem holding `dir`.
-fn usage(dir: &Path) -> (u64, u64) {
+pub fn usage(dir: &Path) -> (u64, u64) {
     let c = CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: statvfs fills the struct we pass; the path is a valid C string.
     unsafe {
@@ -105,13 +105,7 @@ impl SmallSpool {
 impl Drop for SmallSpool {
     fn drop(&mut self) {
         if self.mounted {
-            let ok = Command::new("umount")
-                .arg(&self.dir)
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-            }
+            crate::harness::unmount(&self.dir);
         } else {
             if let Some(b) = &self.ballast {
                 let _ = std::fs::remove_file(b);
@@ -122,7 +116,7 @@ impl Drop for SmallSpool {
 }
 
 /// Uploads one `size`-byte file named `<prefix>-<n>.bin` again and again until stopped.
-async fn uploader(
+pub async fn uploader(
     api: Api,
     op: &'static str,
     prefix: &'static str,
