@@ -69,15 +69,14 @@ pub fn bearer(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
     if !bytes[..space].eq_ignore_ascii_case(b"bearer") || token.is_empty() {
         return Ok(None);
     }
-    match token
-        .iter()
-        .all(|b| b.is_ascii_graphic() || *b == b' ' || *b == b'\t')
-    {
-        true => std::str::from_utf8(token)
-            .map(Some)
-            .map_err(|_| AuthError::Invalid),
-        false => Err(AuthError::Invalid),
+    let visible = |b: &u8| b.is_ascii_graphic() || matches!(b, b' ' | b'\t');
+    if !token.iter().all(visible) {
+        return Err(AuthError::Invalid);
     }
+    // Visible ASCII: always UTF-8.
+    std::str::from_utf8(token)
+        .map(Some)
+        .map_err(|_| AuthError::Invalid)
 }
 
 #[derive(Clone)]

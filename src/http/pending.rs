@@ -237,11 +237,8 @@ pub async fn content_head(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let row = find(&st, who, file_id, None).await?.row;
-    if match_fails(&headers, &row) {
-        return Err(ApiError::PreconditionFailed);
-    }
-    if none_match_fails(&headers, &row) {
-        return Ok(not_modified(&row));
+    if let Some(answer) = preconditions(&headers, &row)? {
+        return Ok(answer);
     }
     let (status, range) = requested_range(&headers, &row)?;
     // As its GET would answer: a row whose object was deleted out of band is a 404 here too,
@@ -297,11 +294,8 @@ pub async fn content(
         head,
         reserved,
     } = find(&st, who, file_id, read_ahead).await?;
-    if match_fails(&headers, &row) {
-        return Err(ApiError::PreconditionFailed);
-    }
-    if none_match_fails(&headers, &row) {
-        return Ok(not_modified(&row));
+    if let Some(answer) = preconditions(&headers, &row)? {
+        return Ok(answer);
     }
     let (status, range) = requested_range(&headers, &row)?;
     // Taken after the caller check (a stranger cannot take a workspace's slots) and held
@@ -482,14 +476,26 @@ fn if_range_holds(headers: &HeaderMap, etag: &str) -> bool {
     }
 }
 
-/// RFC 9110 §13.1.2: a client holding a copy (a browser revalidating a cached preview) sends
-/// its entity-tags in If-None-Match; when one names the current representation, or the field
-/// is `*`, the condition fails and a GET or HEAD answers 304 with no bytes. Evaluated before
-/// Range (§13.2.2). Weak comparison: `W/"x"` and `"x"` name the same bytes here, as rows never
-/// change.
-fn none_match_fails(headers: &HeaderMap, row: &UploadRow) -> bool {
+/// The answer a GET or HEAD gets from its preconditions instead of the file's (RFC 9110
+/// §13.2.2: If-Match, then If-None-Match, both before Range), if any: 412 or 304. A request
+/// with neither pays nothing, not even the ETag's formatting.
+fn preconditions(headers: &HeaderMap, row: &UploadRow) -> Result<Option<Response>, ApiError> {
+    if !headers.contains_key(header::IF_MATCH) && !headers.contains_key(header::IF_NONE_MATCH) {
+        return Ok(None);
+    }
     let current = etag(row);
-    let opaque = current.strip_prefix("W/").unwrap_or(&current);
+    if match_fails(headers, &current) {
+        return Err(ApiError::PreconditionFailed);
+    }
+    Ok(none_match_fails(headers, &current).then(|| not_modified(row)))
+}
+
+/// RFC 9110 §13.1.2: a client holding a copy (a browser revalidating a cached preview) sends
+/// its entity-tags in If-None-Match; when one names the `current` entity-tag, or the field
+/// is `*`, the condition fails and a GET or HEAD answers 304 with no bytes. Weak comparison:
+/// `W/"x"` and `"x"` name the same bytes here, as rows never change.
+fn none_match_fails(headers: &HeaderMap, current: &str) -> bool {
+    let opaque = current.strip_prefix("W/").unwrap_or(current);
     headers
         .get_all(header::IF_NONE_MATCH)
         .iter()
@@ -536,12 +542,11 @@ fn names_entity_tag(value: &[u8], opaque: &[u8], comparison: Comparison) -> bool
 
 /// RFC 9110 §13.1.1: a client that wants these bytes only if they are still the ones it knows
 /// (a download resumed by a tool that checks before it appends) sends their entity-tag in
-/// If-Match; when none names the current representation, strongly compared, the answer is
-/// 412 and no bytes. `*` holds for any file there is. A row without a digest has only a weak
-/// tag, which no If-Match but `*` names. Evaluated first (§13.2.2). It was ignored: such a
-/// client got the bytes whatever they were.
-fn match_fails(headers: &HeaderMap, row: &UploadRow) -> bool {
-    let current = etag(row);
+/// If-Match; when none names the `current` entity-tag, strongly compared, the answer is 412
+/// and no bytes. `*` holds for any file there is. A row without a digest has only a weak tag,
+/// which no If-Match but `*` names. It was ignored: such a client got the bytes whatever they
+/// were.
+fn match_fails(headers: &HeaderMap, current: &str) -> bool {
     let mut values = headers.get_all(header::IF_MATCH).iter().peekable();
     if values.peek().is_none() {
         return false;

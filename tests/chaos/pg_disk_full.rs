@@ -45,12 +45,13 @@ impl Tablespace {
             String::from_utf8_lossy(&out.stderr).trim()
         );
         let space = Tablespace { dir };
-        let owner = if crate::harness::is_root() {
-            "postgres"
-        } else {
-            "root"
-        };
-        let _ = Command::new("chown").arg(owner).arg(&space.dir).status();
+        // As root the cluster runs as `postgres` (harness::as_pg), which must own it.
+        if crate::harness::is_root() {
+            let _ = Command::new("chown")
+                .arg("postgres")
+                .arg(&space.dir)
+                .status();
+        }
         space
     }
 
