@@ -550,6 +550,11 @@ pub async fn get_any(db: impl PgExecutor<'_>, file_id: Uuid) -> sqlx::Result<Opt
 
 /// One page of the workspace's unacked, unexpired uploads, oldest first: the first `limit`
 /// rows after `after` (a row's `(created_at, seq)`), or from the start.
+///
+/// The first page and the next have statements of their own: one of the form `($3 IS NULL OR
+/// (created_at, seq) > ($3, $4))` settles on PostgreSQL's generic plan after five runs on a
+/// connection, which cannot bound the index scan by it, so every page read the workspace's
+/// rows from the first (a list of n rows read n² / 400 of them).
 pub async fn list_pending_page(
     conn: &mut PgConnection,
     workspace_id: Uuid,
@@ -558,13 +563,17 @@ pub async fn list_pending_page(
     limit: i64,
 ) -> sqlx::Result<Checked<Vec<UploadRow>>> {
     let (after_created, after_seq) = after.unzip();
+    let bound = match after {
+        Some(_) => "AND (created_at, seq) > ($3, $4)",
+        None => "",
+    };
     let rows = sqlx::query(&format!(
         "{CALLER}
          SELECT caller.ok AS caller_ok, page.* FROM caller
          LEFT JOIN LATERAL (
              SELECT {COLUMNS} FROM pending_uploads
              WHERE caller.ok AND workspace_id = $1 AND acked_at IS NULL AND expires_at > now()
-               AND ($3::timestamptz IS NULL OR (created_at, seq) > ($3, $4))
+               {bound}
              ORDER BY created_at, seq
              LIMIT $5) page ON true"
     ))

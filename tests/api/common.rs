@@ -932,6 +932,29 @@ pub async fn wait_for_index_scans(pool: &PgPool, index: &str, scans: i64) -> boo
     false
 }
 
+/// Scans of `table` (sequential and through an index) and the rows they read.
+pub async fn table_reads(pool: &PgPool, table: &str) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT seq_scan + coalesce(idx_scan, 0), seq_tup_read + coalesce(idx_tup_fetch, 0)
+         FROM pg_stat_user_tables WHERE relname = $1",
+    )
+    .bind(table)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// [`wait_for_index_scans`] for every scan of `table`.
+pub async fn wait_for_table_scans(pool: &PgPool, table: &str, scans: i64) -> bool {
+    for _ in 0..300 {
+        if table_reads(pool, table).await.0 >= scans {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 /// A database cut off from its service: no new connections, existing ones terminated. Opened
 /// again when dropped (the test's end, a failed assertion included).
 pub struct ClosedDatabase {
