@@ -54,7 +54,7 @@ pub async fn contract(
         released_rows: 0,
         missing_copies: 0,
     };
-    let mut after: Option<Uuid> = None;
+    let mut after = Uuid::nil();
     loop {
         let batch = db
             .run(move |c| Box::pin(db::uploads::dual_copies_after(c, after, batch_size)))
@@ -62,7 +62,7 @@ pub async fn contract(
         let Some(last) = batch.last() else {
             break;
         };
-        after = Some(last.file_id);
+        after = last.file_id;
         // The first S3 error ends the batch: S3 down, each of the batch's checks would wait
         // out DEPENDENCY_TIMEOUT, eight at a time (ten minutes a batch, a red team).
         let checked: Vec<(DualCopy, Verdict)> = stream::iter(batch)

@@ -814,15 +814,17 @@ pub struct DualCopy {
     pub content_sha256: Option<Vec<u8>>,
 }
 
-/// Up to `limit` rows with both copies, after `after` in file_id order.
+/// Up to `limit` rows with both copies, after `after` in file_id order (from
+/// `Uuid::nil()`, like [`bytea_only_after`]: an `$1 IS NULL OR` form settles on a generic plan
+/// that reads every row from the first on each batch).
 pub async fn dual_copies_after(
     db: impl PgExecutor<'_>,
-    after: Option<Uuid>,
+    after: Uuid,
     limit: i64,
 ) -> sqlx::Result<Vec<DualCopy>> {
     sqlx::query_as(
         "SELECT file_id, s3_key, size_bytes, content_sha256 FROM pending_uploads
-         WHERE content IS NOT NULL AND s3_key IS NOT NULL AND ($1::uuid IS NULL OR file_id > $1)
+         WHERE content IS NOT NULL AND s3_key IS NOT NULL AND file_id > $1
          ORDER BY file_id LIMIT $2",
     )
     .bind(after)
