@@ -551,10 +551,10 @@ pub async fn get_any(db: impl PgExecutor<'_>, file_id: Uuid) -> sqlx::Result<Opt
 /// One page of the workspace's unacked, unexpired uploads, oldest first: the first `limit`
 /// rows after `after` (a row's `(created_at, seq)`), or from the start.
 ///
-/// The first page and the next have statements of their own: one of the form `($3 IS NULL OR
-/// (created_at, seq) > ($3, $4))` settles on PostgreSQL's generic plan after five runs on a
-/// connection, which cannot bound the index scan by it, so every page read the workspace's
-/// rows from the first (a list of n rows read n² / 400 of them).
+/// Every page has the bound, the first from `('-infinity', 0)` (seq starts at 1), so that
+/// PostgreSQL's generic plan (a connection's sixth run) bounds the scan of
+/// `pending_uploads_workspace_list_idx` by it too: with a `$3 IS NULL OR` form each page read
+/// the workspace's rows from the first, and a list of n rows read n² / 400.
 pub async fn list_pending_page(
     conn: &mut PgConnection,
     workspace_id: Uuid,
@@ -563,17 +563,13 @@ pub async fn list_pending_page(
     limit: i64,
 ) -> sqlx::Result<Checked<Vec<UploadRow>>> {
     let (after_created, after_seq) = after.unzip();
-    let bound = match after {
-        Some(_) => "AND (created_at, seq) > ($3, $4)",
-        None => "",
-    };
     let rows = sqlx::query(&format!(
         "{CALLER}
          SELECT caller.ok AS caller_ok, page.* FROM caller
          LEFT JOIN LATERAL (
              SELECT {COLUMNS} FROM pending_uploads
              WHERE caller.ok AND workspace_id = $1 AND acked_at IS NULL AND expires_at > now()
-               {bound}
+               AND (created_at, seq) > (COALESCE($3, '-infinity'::timestamptz), COALESCE($4, 0))
              ORDER BY created_at, seq
              LIMIT $5) page ON true"
     ))
