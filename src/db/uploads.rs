@@ -726,19 +726,37 @@ async fn lost_stamp(
 /// a batch's cost grows with its bytes: 500 rows of 100 MB in one statement would outlast
 /// any deadline, roll back, and be picked again at every pass. SKIP LOCKED lets replicas
 /// sweep at once without waiting on or double-deleting each other's rows.
+///
+/// The candidates are read in three parts, each through an index in order (expired unacked
+/// rows, rows acked before the retention, rows acked since but expired), so a batch reads the
+/// rows it sweeps: one condition with an OR had no index to read it by, and each batch scanned
+/// the table until it had its rows. A part runs only while those before it left the batch
+/// short; FOR UPDATE sits in each part because PostgreSQL refuses it on a UNION.
 pub async fn sweep_batch(
     db: impl PgExecutor<'_>,
     ack_retention_secs: f64,
     limit: i64,
     max_bytes: u64,
 ) -> sqlx::Result<Vec<UploadRow>> {
+    const INLINE: &str = "file_id, CASE WHEN content IS NULL THEN 0 ELSE size_bytes END AS inline";
     sqlx::query_as(&format!(
         "WITH candidates AS (
-             SELECT file_id, CASE WHEN content IS NULL THEN 0 ELSE size_bytes END AS inline
-             FROM pending_uploads
-             WHERE expires_at <= now()
-                OR (acked_at IS NOT NULL AND acked_at <= now() - make_interval(secs => $1))
-             LIMIT $2 FOR UPDATE SKIP LOCKED),
+             SELECT * FROM (
+                 SELECT {INLINE} FROM pending_uploads
+                 WHERE acked_at IS NULL AND expires_at <= now()
+                 ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED) expired
+             UNION ALL
+             SELECT * FROM (
+                 SELECT {INLINE} FROM pending_uploads
+                 WHERE acked_at IS NOT NULL AND acked_at <= now() - make_interval(secs => $1)
+                 ORDER BY acked_at LIMIT $2 FOR UPDATE SKIP LOCKED) acked
+             UNION ALL
+             SELECT * FROM (
+                 SELECT {INLINE} FROM pending_uploads
+                 WHERE acked_at IS NOT NULL AND expires_at <= now()
+                   AND acked_at > now() - make_interval(secs => $1)
+                 ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED) acked_expired
+             LIMIT $2),
          chosen AS (
              SELECT file_id FROM (
                  SELECT file_id, sum(inline) OVER (ORDER BY file_id) - inline AS before

@@ -932,27 +932,47 @@ pub async fn wait_for_index_scans(pool: &PgPool, index: &str, scans: i64) -> boo
     false
 }
 
-/// Scans of `table` (sequential and through an index) and the rows they read.
-pub async fn table_reads(pool: &PgPool, table: &str) -> (i64, i64) {
+/// Scans of `table` (sequential and through an index) and the rows they read, all reported:
+/// every other session of the database (the service's pooled connections, which report their
+/// counters up to 10 s late) is ended first, and a session reports what it has pending as it
+/// ends. Read on a connection of its own.
+pub async fn table_reads(db_url: &str, table: &str) -> (i64, i64) {
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(db_url)
+        .await
+        .unwrap();
+    let others: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()
+           AND backend_type = 'client backend'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) pid")
+        .bind(&others)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)")
+                .bind(&others)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     sqlx::query_as(
         "SELECT seq_scan + coalesce(idx_scan, 0), seq_tup_read + coalesce(idx_tup_fetch, 0)
          FROM pg_stat_user_tables WHERE relname = $1",
     )
     .bind(table)
-    .fetch_one(pool)
+    .fetch_one(&mut conn)
     .await
     .unwrap()
-}
-
-/// [`wait_for_index_scans`] for every scan of `table`.
-pub async fn wait_for_table_scans(pool: &PgPool, table: &str, scans: i64) -> bool {
-    for _ in 0..300 {
-        if table_reads(pool, table).await.0 >= scans {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
 }
 
 /// A database cut off from its service: no new connections, existing ones terminated. Opened
