@@ -31,7 +31,8 @@ use sqlx::{
 };
 use uuid::Uuid;
 
-use self::conns::{Conns, PING_IF_IDLE_FOR};
+use self::conns::Conns;
+pub use self::conns::PING_IF_IDLE_FOR;
 use crate::config::DbArgs;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
