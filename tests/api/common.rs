@@ -932,13 +932,13 @@ pub async fn wait_for_index_scans(pool: &PgPool, index: &str, scans: i64) -> boo
     false
 }
 
-/// Scans of `table` (sequential and through an index) and the rows they read, all reported:
+/// The rows of `table` read so far (sequentially and through its indexes), all reported:
 /// every other session of the database (the service's pooled connections, which report their
 /// counters up to 10 s late) is ended first, and a session reports what it has pending as it
 /// ends. Read on a connection of its own. The ended connections stay in the service's pools;
 /// it pings one idle for `PING_IF_IDLE_FOR` before using it (and drops it when dead), so this
 /// returns only once that much has passed: the service's next request works.
-pub async fn table_reads(db_url: &str, table: &str) -> (i64, i64) {
+pub async fn rows_read(db_url: &str, table: &str) -> i64 {
     let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(db_url)
         .await
         .unwrap();
@@ -968,9 +968,9 @@ pub async fn table_reads(db_url: &str, table: &str) -> (i64, i64) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(pending_uploads::db::PING_IF_IDLE_FOR + Duration::from_millis(100)).await;
-    sqlx::query_as(
-        "SELECT seq_scan + coalesce(idx_scan, 0), seq_tup_read + coalesce(idx_tup_fetch, 0)
-         FROM pg_stat_user_tables WHERE relname = $1",
+    sqlx::query_scalar(
+        "SELECT seq_tup_read + coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables
+         WHERE relname = $1",
     )
     .bind(table)
     .fetch_one(&mut conn)

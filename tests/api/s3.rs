@@ -1512,7 +1512,7 @@ async fn contract_reads_each_row_once() {
         .execute(&app.pool)
         .await
         .unwrap();
-    let (_, read) = table_reads(&db, "pending_uploads").await;
+    let read = rows_read(&db, "pending_uploads").await;
     let out = cli(&db, &prefix, &["contract", "--batch-size", "50"])
         .output()
         .unwrap();
@@ -1520,7 +1520,7 @@ async fn contract_reads_each_row_once() {
         stdout_json(&out),
         json!({"released_rows": 0, "missing_copies": checked})
     );
-    let read = table_reads(&db, "pending_uploads").await.1 - read;
+    let read = rows_read(&db, "pending_uploads").await - read;
     let rows = i64::from(checked + elsewhere);
     assert!(
         read <= 2 * rows,

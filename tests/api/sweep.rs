@@ -142,13 +142,13 @@ async fn a_sweep_reads_the_rows_it_sweeps_not_the_table() {
         .execute(&app.pool)
         .await
         .unwrap();
-    let (_, read) = table_reads(&app.db_url, "pending_uploads").await;
+    let read = rows_read(&app.db_url, "pending_uploads").await;
     let stats = with_retention(&app.sweeper, Duration::from_secs(3600), 50)
         .run_once()
         .await
         .unwrap();
     assert_eq!((stats.rows, stats.batches), (600, 12));
-    let read = table_reads(&app.db_url, "pending_uploads").await.1 - read;
+    let read = rows_read(&app.db_url, "pending_uploads").await - read;
     assert!(read <= 3 * 600, "{read} rows read to sweep 600");
     assert_eq!(app.count("pending_uploads").await, 20_200);
     assert_totals_exact(&app.pool).await;
