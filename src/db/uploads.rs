@@ -939,6 +939,20 @@ pub const fn stored_cost(size: u64) -> u64 {
     size + (ROW_WEIGHT + ACTIVITY_ROW_WEIGHT) as u64
 }
 
+/// The age of the oldest live unacked upload: the one that expires first, read through the
+/// expiry index (one entry), since every row lives its expires_at default (24 h from its
+/// created_at; this service and the platform write neither). `min(created_at)` read every
+/// unacked row, every GAUGE_REFRESH on every replica: 110-150 ms at 218,000.
+pub async fn oldest_unacked_secs(conn: &mut PgConnection) -> sqlx::Result<Option<f64>> {
+    sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM now() - created_at)::float8 FROM pending_uploads
+         WHERE acked_at IS NULL AND expires_at > now()
+         ORDER BY expires_at LIMIT 1",
+    )
+    .fetch_optional(conn)
+    .await
+}
+
 pub async fn backlog(conn: &mut PgConnection) -> sqlx::Result<Backlog> {
     let states = sqlx::query_as(
         "SELECT CASE WHEN expires_at <= now() THEN 'expired'
@@ -949,12 +963,7 @@ pub async fn backlog(conn: &mut PgConnection) -> sqlx::Result<Backlog> {
     )
     .fetch_all(&mut *conn)
     .await?;
-    let oldest_unacked_secs = sqlx::query_scalar(
-        "SELECT EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM pending_uploads
-         WHERE acked_at IS NULL AND expires_at > now()",
-    )
-    .fetch_one(&mut *conn)
-    .await?;
+    let oldest_unacked_secs = oldest_unacked_secs(&mut *conn).await?;
     let upload_activity_rows = sqlx::query_scalar(
         "SELECT count(*) FROM activity_logs WHERE method = 'chat_upload_receive'",
     )

@@ -154,6 +154,43 @@ async fn a_sweep_reads_the_rows_it_sweeps_not_the_table() {
     assert_totals_exact(&app.pool).await;
 }
 
+/// The oldest-unacked gauge (read every GAUGE_REFRESH on every replica) reads one row, not every
+/// unacked row: the live unacked upload that expires first. Here 20,000 live rows, the oldest
+/// 10,000 s old: 20,000 rows read before, 1 now.
+#[tokio::test]
+async fn the_oldest_unacked_age_reads_one_row() {
+    let app = TestApp::start().await;
+    let ws = Uuid::new_v4();
+    // every row lives 24 h from when it was made, as the column defaults make it
+    sqlx::query(
+        "INSERT INTO pending_uploads (workspace_id, content, size_bytes, filename, created_at,
+                                      expires_at, acked_at)
+         SELECT $1, '\\x01', 1, 'f', t, t + interval '24 hours', acked
+         FROM (SELECT now() - g * interval '500 milliseconds' AS t, NULL::timestamptz AS acked
+               FROM generate_series(1, 20000) g
+               UNION ALL SELECT now() - interval '5 hours', now()
+               UNION ALL SELECT now() - interval '25 hours', NULL) r",
+    )
+    .bind(ws)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE pending_uploads")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let read = rows_read(&app.db_url, "pending_uploads").await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    let age = pending_uploads::db::uploads::oldest_unacked_secs(&mut conn)
+        .await
+        .unwrap()
+        .expect("an unacked upload");
+    assert!((age - 10_000.0).abs() < 5.0, "{age}");
+    drop(conn);
+    let read = rows_read(&app.db_url, "pending_uploads").await - read;
+    assert!(read <= 10, "{read} rows read for the oldest unacked upload");
+}
+
 #[tokio::test]
 async fn two_replicas_sweeping_at_once_neither_collide_nor_double_count() {
     let app = TestApp::start().await;
