@@ -1455,10 +1455,7 @@ async fn tokens_per_workspace_are_bounded() {
     .execute(&svc.pool)
     .await
     .unwrap();
-    sqlx::query("ANALYZE workspace_auth_tokens")
-        .execute(&svc.pool)
-        .await
-        .unwrap();
+    analyze(&svc.pool, "workspace_auth_tokens").await;
     let plan: Vec<String> = sqlx::query_scalar(
         "EXPLAIN SELECT id FROM workspace_auth_tokens
          WHERE workspace_id = $1 AND revoked_at IS NOT NULL ORDER BY revoked_at DESC, id LIMIT 3",
@@ -1765,10 +1762,7 @@ async fn a_feed_filter_reads_only_the_rows_it_matches() {
     .execute(&svc.pool)
     .await
     .unwrap();
-    sqlx::query("ANALYZE activity_logs")
-        .execute(&svc.pool)
-        .await
-        .unwrap();
+    analyze(&svc.pool, "activity_logs").await;
     let cursor: Uuid = sqlx::query_scalar(
         "SELECT id FROM activity_logs WHERE workspace_id = $1 ORDER BY seq LIMIT 1",
     )

@@ -932,6 +932,14 @@ pub async fn wait_for_index_scans(pool: &PgPool, index: &str, scans: i64) -> boo
     false
 }
 
+/// Gives the planner `table`'s statistics now, as autovacuum would soon.
+pub async fn analyze(pool: &PgPool, table: &str) {
+    sqlx::query(&format!("ANALYZE {table}"))
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
 /// The rows of `table` read so far (sequentially and through its indexes), all reported:
 /// every other session of the database (the service's pooled connections, which report their
 /// counters up to 10 s late) is ended first, and a session reports what it has pending as it

@@ -927,10 +927,7 @@ async fn each_page_of_a_long_list_reads_only_its_rows() {
     .execute(&app.pool)
     .await
     .unwrap();
-    sqlx::query("ANALYZE pending_uploads")
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    analyze(&app.pool, "pending_uploads").await;
     let read = rows_read(&app.db_url, "pending_uploads").await;
     assert_eq!(pending_names(&app, ws, &token).await.len(), rows as usize);
     let read = rows_read(&app.db_url, "pending_uploads").await - read;

@@ -1508,10 +1508,7 @@ async fn contract_reads_each_row_once() {
     .execute(&app.pool)
     .await
     .unwrap();
-    sqlx::query("ANALYZE pending_uploads")
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    analyze(&app.pool, "pending_uploads").await;
     let read = rows_read(&db, "pending_uploads").await;
     let out = cli(&db, &prefix, &["contract", "--batch-size", "50"])
         .output()

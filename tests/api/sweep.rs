@@ -138,10 +138,7 @@ async fn a_sweep_reads_the_rows_it_sweeps_not_the_table() {
     let expired = "now() - interval '1 second'";
     insert_rows(&app, ws, 200, expired, "now() - interval '1 minute'").await; // acked, expired
     insert_rows(&app, ws, 200, live, "now() - interval '1 minute'").await; // acked recently
-    sqlx::query("ANALYZE pending_uploads")
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    analyze(&app.pool, "pending_uploads").await;
     let read = rows_read(&app.db_url, "pending_uploads").await;
     let stats = with_retention(&app.sweeper, Duration::from_secs(3600), 50)
         .run_once()
@@ -176,10 +173,7 @@ async fn the_oldest_unacked_age_reads_one_row() {
     .execute(&app.pool)
     .await
     .unwrap();
-    sqlx::query("ANALYZE pending_uploads")
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    analyze(&app.pool, "pending_uploads").await;
     let read = rows_read(&app.db_url, "pending_uploads").await;
     let mut conn = app.pool.acquire().await.unwrap();
     let age = pending_uploads::db::uploads::oldest_unacked_secs(&mut conn)

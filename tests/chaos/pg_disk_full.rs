@@ -8,7 +8,6 @@
 use std::{
     path::PathBuf,
     process::Command,
-    sync::{atomic::AtomicBool, Arc},
     time::{Duration, Instant},
 };
 
@@ -17,7 +16,7 @@ use rand::{rngs::StdRng, SeedableRng};
 use crate::{
     harness::{bounded, Pg, Scratch, Service, ServiceConfig},
     load::{payload, Api, Fleet, Recorder, Retry, Summary, Worker},
-    spool_full::{uploader, usage},
+    spool_full::{usage, Uploaders},
     verify,
 };
 
@@ -115,19 +114,10 @@ async fn run() {
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     rec.fault_begin();
-    let stop = Arc::new(AtomicBool::new(false));
-    let tasks: Vec<_> = (0..2)
-        .map(|i| {
-            tokio::spawn(uploader(
-                api.clone(),
-                "upload_big",
-                "big",
-                BIG,
-                stop.clone(),
-                1110 + i,
-            ))
-        })
-        .collect();
+    let mut uploaders = Uploaders::default();
+    for i in 0..2 {
+        uploaders.start(&api, "upload_big", "big", BIG, 1110 + i);
+    }
     // Until the tablespace refuses a big upload, then 4 s more of a full disk under load.
     let started = Instant::now();
     let mut least_free = u64::MAX;
@@ -140,10 +130,7 @@ async fn run() {
         least_free = least_free.min(space.available());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
+    uploaders.stop().await;
     space.grow();
     rec.fault_end(Duration::from_secs(1));
     // The normal clients go on past the fix: their requests from here on must all succeed.

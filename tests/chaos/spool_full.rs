@@ -115,8 +115,40 @@ impl Drop for SmallSpool {
     }
 }
 
-/// Uploads one `size`-byte file named `<prefix>-<n>.bin` again and again until stopped.
-pub async fn uploader(
+/// Clients that each send one file again and again, to a workspace of their own, until
+/// stopped.
+#[derive(Default)]
+pub struct Uploaders {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Uploaders {
+    /// One more, its `size`-byte file named `<prefix>-<seed>-<n>.bin`, recorded as `op`.
+    pub fn start(
+        &mut self,
+        api: &Api,
+        op: &'static str,
+        prefix: &'static str,
+        size: usize,
+        seed: u64,
+    ) {
+        let (api, stop) = (api.clone(), self.stop.clone());
+        self.tasks
+            .push(tokio::spawn(uploader(api, op, prefix, size, stop, seed)));
+    }
+
+    /// Stops them all, each after its request in flight.
+    pub async fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+    }
+}
+
+/// Uploads one `size`-byte file named `<prefix>-<seed>-<n>.bin` again and again until stopped.
+async fn uploader(
     api: Api,
     op: &'static str,
     prefix: &'static str,
@@ -166,31 +198,13 @@ async fn run() {
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     rec.fault_begin();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
+    let mut uploaders = Uploaders::default();
     for i in 0..2 {
-        tasks.push(tokio::spawn(uploader(
-            api.clone(),
-            "upload_big",
-            "big",
-            BIG,
-            stop.clone(),
-            610 + i,
-        )));
+        uploaders.start(&api, "upload_big", "big", BIG, 610 + i);
     }
-    tasks.push(tokio::spawn(uploader(
-        api.clone(),
-        "upload_medium",
-        "medium",
-        MEDIUM,
-        stop.clone(),
-        620,
-    )));
+    uploaders.start(&api, "upload_medium", "medium", MEDIUM, 620);
     tokio::time::sleep(Duration::from_secs(8)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
+    uploaders.stop().await;
     rec.fault_end(Duration::ZERO);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let _feeds = fleet.stop().await;
