@@ -37,6 +37,12 @@ const GAUGE_REFRESH: Duration = Duration::from_secs(15);
 /// this many times as long as its last read took before the next, whatever asks for it, so
 /// the reads keep to 1/21 of a database core per replica however large the tables grow.
 const GAUGE_SHARE: u32 = 20;
+/// How long the backlog read may take, when DEPENDENCY_TIMEOUT is shorter. Its time grows with
+/// the tables (86 ms at 520,000 upload rows): cut at DEPENDENCY_TIMEOUT, from some tens of
+/// millions of rows every reading failed, and MAX_STORED_BYTES's figure kept adding what the
+/// replica committed without learning what the sweeper deleted (`storage_full` early, until
+/// the tables shrank). No request waits on it, and GAUGE_SHARE paces it.
+const BACKLOG_READ_DEADLINE: Duration = Duration::from_secs(120);
 
 pub async fn connect_and_migrate(db_args: &DbArgs) -> anyhow::Result<PgPool> {
     let pool = connect_checked(db_args).await?;
@@ -512,7 +518,11 @@ async fn refresh_gauges_forever(
         }
         let began = Instant::now();
         let reading = stored.reading();
-        match db.run(|c| Box::pin(db::uploads::backlog(c))).await {
+        let deadline = BACKLOG_READ_DEADLINE.max(db.timeout());
+        match db
+            .run_within(deadline, |c| Box::pin(db::uploads::backlog(c)))
+            .await
+        {
             Ok(backlog) => {
                 crate::metrics::set_backlog(&backlog);
                 reading.done(backlog.stored_bytes().max(0) as u64);

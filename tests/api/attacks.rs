@@ -2636,6 +2636,61 @@ async fn a_commit_failing_while_the_bytes_stored_are_read_is_given_back_once() {
     assert_eq!(resp.status(), StatusCode::OK, "{:?}", resp.text().await);
 }
 
+/// The backlog read aggregates whole tables, so its time grows with them (86 ms at 520,000
+/// upload rows); from some tens of millions it outlasts DEPENDENCY_TIMEOUT. Cut there, every
+/// reading failed, and MAX_STORED_BYTES's figure kept adding what the replica committed
+/// without ever learning what the sweeper deleted: `storage_full` early, until the tables
+/// shrank. Here a table lock holds a reading for four times DEPENDENCY_TIMEOUT; it still lands.
+#[tokio::test]
+async fn a_backlog_read_longer_than_the_dependency_timeout_still_lands() {
+    // A sweep pass every second asks for a reading after it.
+    let svc = Svc::start(&[("DEPENDENCY_TIMEOUT", "1s"), ("SWEEP_INTERVAL", "1s")]).await;
+    let metrics = scrape_metrics(&svc.base).await;
+    assert_eq!(
+        metric_value(&metrics, "pending_uploads_stored_bytes"),
+        Some(0.0)
+    );
+    // A file another writer stages while the table is locked: only a reading learns of it.
+    let mut tx = svc.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE pending_uploads IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO pending_uploads (workspace_id, size_bytes, filename, content)
+         VALUES (gen_random_uuid(), 5000, 'other.bin', decode(repeat('07', 5000), 'hex'))",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    waiting_in_pg(
+        &svc.pool,
+        "query LIKE 'SELECT CASE WHEN expires_at <= now()%'",
+        "a reading of the backlog",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    tx.commit().await.unwrap();
+    // The file, its row (512) and no activity row.
+    eventually("the reading lands", Duration::from_secs(5), || async {
+        let metrics = scrape_metrics(&svc.base).await;
+        metric_value(&metrics, "pending_uploads_stored_bytes") == Some(5512.0)
+    })
+    .await;
+    let metrics = scrape_metrics(&svc.base).await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "pending_uploads_pending_rows{state=\"unfetched\"}"
+        ),
+        Some(1.0)
+    );
+    let mut svc = svc;
+    let out = svc.running.terminate().await;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!log.contains("could not read the backlog"), "{log}");
+}
+
 /// Waits until a backend of the service's database waits on a lock, `which` (a condition
 /// on pg_stat_activity) tells which: `what`, for the failure.
 async fn waiting_in_pg(pool: &sqlx::PgPool, which: &str, what: &str) {
