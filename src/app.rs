@@ -30,18 +30,17 @@ use crate::{
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 /// How long a start-up waits on the database before it says that it is waiting.
 const DATABASE_WAIT_NOTICE: Duration = Duration::from_secs(2);
-/// How often the backlog gauges are recomputed, at most.
+/// How often the backlog gauges, and what MAX_STORED_BYTES counts, are read again at most.
 const GAUGE_REFRESH: Duration = Duration::from_secs(15);
-/// The backlog read aggregates whole tables, so its cost grows with them: 0.13 s at 218,000
-/// uploads and 207,000 activity rows, every GAUGE_REFRESH on every replica. A replica waits
-/// this many times as long as its last read took before the next, whatever asks for it, so
-/// the reads keep to 1/21 of a database core per replica however large the tables grow.
+/// The backlog gauges' read aggregates the upload table, so its cost grows with it: 0.13 s at
+/// 218,000 uploads (with the activity count it then had), every GAUGE_REFRESH on every
+/// replica. A replica waits this many times as long as its last read took before the next,
+/// whatever asks for it, so the reads keep to 1/21 of a database core per replica however
+/// large the tables grow.
 const GAUGE_SHARE: u32 = 20;
-/// How long the backlog read may take, when DEPENDENCY_TIMEOUT is shorter. Its time grows with
-/// the tables (86 ms at 520,000 upload rows): cut at DEPENDENCY_TIMEOUT, from some tens of
-/// millions of rows every reading failed, and MAX_STORED_BYTES's figure kept adding what the
-/// replica committed without learning what the sweeper deleted (`storage_full` early, until
-/// the tables shrank). No request waits on it, and GAUGE_SHARE paces it.
+/// How long the backlog gauges' read may take, when DEPENDENCY_TIMEOUT is shorter: its time
+/// grows with the table (86 ms at 520,000 upload rows), no request waits on it, and
+/// GAUGE_SHARE paces it.
 const BACKLOG_READ_DEADLINE: Duration = Duration::from_secs(120);
 
 pub async fn connect_and_migrate(db_args: &DbArgs) -> anyhow::Result<PgPool> {
@@ -318,12 +317,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let sweep = tokio::spawn(service.sweeper.clone().run_forever(args.sweep_interval.0));
     let drops = tokio::spawn(crate::log_budget::report_drops_forever());
     let db = service.state.db.clone();
-    let gauges = tokio::spawn(refresh_gauges_forever(
+    let stored = tokio::spawn(refresh_stored_forever(
         service.state.db.clone(),
         service.state.stored.clone(),
         service.state.workspace_cap.clone(),
         service.sweeper.after_pass.clone(),
     ));
+    let gauges = tokio::spawn(refresh_backlog_gauges_forever(service.state.db.clone()));
     let listen = tokio::spawn(
         service
             .state
@@ -356,6 +356,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     .await?;
     sweep.abort();
     gauges.abort();
+    stored.abort();
     drops.abort();
     listen.abort();
     // What queued while the connections drained still goes out.
@@ -500,10 +501,10 @@ fn gauge_reads_after(began: Instant, took: Duration) -> (Instant, Instant) {
     (earliest, earliest.max(began + GAUGE_REFRESH))
 }
 
-/// Keeps the backlog gauges fresh for /metrics, and what the fleet keeps for
-/// MAX_STORED_BYTES: every `GAUGE_REFRESH`, and after every sweep pass, each read paced by
-/// [`GAUGE_SHARE`].
-async fn refresh_gauges_forever(
+/// Keeps what the fleet keeps for MAX_STORED_BYTES, and the registry's size for
+/// MAX_WORKSPACES, fresh: every `GAUGE_REFRESH`, and after every sweep pass (which frees
+/// room), each read paced by [`GAUGE_SHARE`].
+async fn refresh_stored_forever(
     db: Db,
     stored: Arc<Stored>,
     workspaces: Arc<crate::http::registry::WorkspaceCap>,
@@ -518,18 +519,11 @@ async fn refresh_gauges_forever(
         }
         let began = Instant::now();
         let reading = stored.reading();
-        let deadline = BACKLOG_READ_DEADLINE.max(db.timeout());
-        match db
-            .run_within(deadline, |c| Box::pin(db::uploads::backlog(c)))
-            .await
-        {
-            Ok(backlog) => {
-                crate::metrics::set_backlog(&backlog);
-                reading.done(backlog.stored_bytes().max(0) as u64);
-            }
+        match db.run(|c| Box::pin(db::uploads::stored(c))).await {
+            Ok(rows) => reading.done(rows.stored_bytes().max(0) as u64),
             Err(e) => tracing::warn!(
                 error = %e,
-                "could not read the backlog: gauges and MAX_STORED_BYTES's figure not refreshed"
+                "could not read what the fleet stores: MAX_STORED_BYTES's figure not refreshed"
             ),
         }
         if workspaces.max() > 0 {
@@ -547,6 +541,27 @@ async fn refresh_gauges_forever(
             }
         }
         (earliest, next) = gauge_reads_after(began, began.elapsed());
+    }
+}
+
+/// Keeps the backlog gauges (rows and bytes by state, the oldest unacked age) fresh for
+/// /metrics: every `GAUGE_REFRESH`, each read paced by [`GAUGE_SHARE`] and allowed
+/// [`BACKLOG_READ_DEADLINE`]. A task of its own: however long the read takes, what
+/// MAX_STORED_BYTES counts is read on time.
+async fn refresh_backlog_gauges_forever(db: Db) {
+    let deadline = BACKLOG_READ_DEADLINE.max(db.timeout());
+    loop {
+        let began = Instant::now();
+        match db
+            .run_within(deadline, |c| Box::pin(db::uploads::backlog(c)))
+            .await
+        {
+            Ok(backlog) => crate::metrics::set_backlog(&backlog),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the backlog: gauges not refreshed")
+            }
+        }
+        tokio::time::sleep_until(gauge_reads_after(began, began.elapsed()).1).await;
     }
 }
 

@@ -7,8 +7,8 @@
 //! quota for each. This bound holds whatever the client does: past it, uploads get 503
 //! `storage_full` until the sweeper has made room.
 //!
-//! What the fleet keeps is read from the database (every row's size,
-//! `db::uploads::stored_bytes`) every `GAUGE_REFRESH` and after every sweep pass, plus what
+//! What the fleet keeps is read from the database (the sums its triggers keep,
+//! `db::uploads::stored`) every `GAUGE_REFRESH` and after every sweep pass, plus what
 //! this replica has in flight or committed since the reading began. The bound is checked
 //! before an upload's body is read ([`Stored::admit`]), and the upload reserves its bytes
 //! once received ([`Stored::try_reserve`]), so a replica does not pass it; a fleet may, by

@@ -899,29 +899,41 @@ pub async fn unpointed(db: impl PgExecutor<'_>, keys: &[String]) -> sqlx::Result
     .await
 }
 
-/// Rows and bytes by state, and the age of the oldest unacked row (the backlog gauges), and
-/// what `MAX_STORED_BYTES` counts ([`Backlog::stored_bytes`]).
+/// Rows and bytes by state, and the age of the oldest unacked row: the backlog gauges.
 #[derive(Debug, Clone, Default)]
 pub struct Backlog {
     /// (state, rows, bytes) for `unfetched`, `fetched`, `acked`, and `expired` (past their
-    /// expiry, not swept yet: no gauge's, but they keep their bytes until deleted).
+    /// expiry, not swept yet: no gauge's).
     pub states: Vec<(String, i64, i64)>,
     pub oldest_unacked_secs: Option<f64>,
-    /// This service's upload activity rows (kept `ACTIVITY_RETENTION`, 7 days).
-    pub upload_activity_rows: i64,
 }
 
-impl Backlog {
-    /// What every upload row keeps (`MAX_STORED_BYTES`, [`crate::stored`]): its file's bytes,
-    /// expired rows included, plus [`ROW_WEIGHT`] for it and [`ACTIVITY_ROW_WEIGHT`] for
-    /// each upload activity row.
+/// What `MAX_STORED_BYTES` counts ([`crate::stored`]), as the triggers keep it (migration
+/// 20261206400000): every upload row's bytes, expired rows included, the rows themselves, and
+/// this service's upload activity rows (kept `ACTIVITY_RETENTION`, 7 days).
+#[derive(Debug, Clone, Copy, Default, PartialEq, sqlx::FromRow)]
+pub struct StoredRows {
+    pub total_bytes: i64,
+    pub total_files: i64,
+    pub total_activity_rows: i64,
+}
+
+impl StoredRows {
+    /// The file bytes plus [`ROW_WEIGHT`] for each upload row and [`ACTIVITY_ROW_WEIGHT`] for
+    /// each activity row.
     pub fn stored_bytes(&self) -> i64 {
-        let (rows, bytes) = self
-            .states
-            .iter()
-            .fold((0, 0), |(n, b), (_, rows, bytes)| (n + rows, b + bytes));
-        bytes + rows * ROW_WEIGHT + self.upload_activity_rows * ACTIVITY_ROW_WEIGHT
+        self.total_bytes
+            + self.total_files * ROW_WEIGHT
+            + self.total_activity_rows * ACTIVITY_ROW_WEIGHT
     }
+}
+
+/// The sum of the stored deltas (one replica at a time folds them first; see the migration):
+/// a few rows, whatever the tables hold.
+pub async fn stored(conn: &mut PgConnection) -> sqlx::Result<StoredRows> {
+    sqlx::query_as("SELECT * FROM pending_uploads_stored()")
+        .fetch_one(conn)
+        .await
 }
 
 /// What a row costs the database besides its file's bytes, as `MAX_STORED_BYTES` counts it: a
@@ -953,6 +965,8 @@ pub async fn oldest_unacked_secs(conn: &mut PgConnection) -> sqlx::Result<Option
     .await
 }
 
+/// The backlog gauges' read: an aggregate over every upload row, so its time grows with the
+/// table (paced, with a deadline of its own: `app::refresh_backlog_gauges_forever`).
 pub async fn backlog(conn: &mut PgConnection) -> sqlx::Result<Backlog> {
     let states = sqlx::query_as(
         "SELECT CASE WHEN expires_at <= now() THEN 'expired'
@@ -963,15 +977,9 @@ pub async fn backlog(conn: &mut PgConnection) -> sqlx::Result<Backlog> {
     )
     .fetch_all(&mut *conn)
     .await?;
-    let oldest_unacked_secs = oldest_unacked_secs(&mut *conn).await?;
-    let upload_activity_rows = sqlx::query_scalar(
-        "SELECT count(*) FROM activity_logs WHERE method = 'chat_upload_receive'",
-    )
-    .fetch_one(conn)
-    .await?;
+    let oldest_unacked_secs = oldest_unacked_secs(conn).await?;
     Ok(Backlog {
         states,
         oldest_unacked_secs,
-        upload_activity_rows,
     })
 }

@@ -2604,7 +2604,7 @@ async fn a_commit_failing_while_the_bytes_stored_are_read_is_given_back_once() {
         let pool = svc.pool.clone();
         tokio::spawn(async move {
             let mut tx = pool.begin().await.unwrap();
-            sqlx::query("LOCK TABLE activity_logs IN ACCESS EXCLUSIVE MODE")
+            sqlx::query("LOCK TABLE pending_upload_stored_deltas IN ACCESS EXCLUSIVE MODE")
                 .execute(&mut *tx)
                 .await
                 .unwrap();
@@ -2613,7 +2613,7 @@ async fn a_commit_failing_while_the_bytes_stored_are_read_is_given_back_once() {
     };
     waiting_in_pg(
         &svc.pool,
-        "query LIKE 'SELECT count(*) FROM activity_logs%'",
+        "query = 'SELECT * FROM pending_uploads_stored()'",
         "a reading of the bytes stored",
     )
     .await;
@@ -2623,7 +2623,7 @@ async fn a_commit_failing_while_the_bytes_stored_are_read_is_given_back_once() {
         .unwrap();
     assert_eq!(held.await.unwrap(), StatusCode::INTERNAL_SERVER_ERROR);
     blocker.await.unwrap().commit().await.unwrap();
-    let reading = "query LIKE 'SELECT count(*) FROM activity_logs%' AND state = 'active'";
+    let reading = "query = 'SELECT * FROM pending_uploads_stored()' AND state = 'active'";
     eventually("the reading ends", Duration::from_secs(10), || async {
         backends(&svc.pool, reading).await == 0
     })
@@ -2636,20 +2636,23 @@ async fn a_commit_failing_while_the_bytes_stored_are_read_is_given_back_once() {
     assert_eq!(resp.status(), StatusCode::OK, "{:?}", resp.text().await);
 }
 
-/// The backlog read aggregates whole tables, so its time grows with them (86 ms at 520,000
-/// upload rows); from some tens of millions it outlasts DEPENDENCY_TIMEOUT. Cut there, every
-/// reading failed, and MAX_STORED_BYTES's figure kept adding what the replica committed
-/// without ever learning what the sweeper deleted: `storage_full` early, until the tables
-/// shrank. Here a table lock holds a reading for four times DEPENDENCY_TIMEOUT; it still lands.
+/// What MAX_STORED_BYTES counts came from aggregates over both tables, read with the backlog
+/// gauges': their time grows with the tables (86 ms at 520,000 upload rows), and from some tens
+/// of millions of rows every reading outlasted DEPENDENCY_TIMEOUT. Cut there, every reading
+/// failed, and the figure kept adding what the replica committed without ever learning what
+/// the sweeper deleted: `storage_full` early, until the tables shrank. Now the figure is the
+/// sum of what triggers keep, read apart from the gauges, and the gauges' read has a deadline
+/// of its own. Here a table lock holds the gauges' read for four times DEPENDENCY_TIMEOUT:
+/// meanwhile the figure still follows what is stored, and the gauges' read still lands.
 #[tokio::test]
-async fn a_backlog_read_longer_than_the_dependency_timeout_still_lands() {
+async fn the_stored_figure_and_the_gauges_outlast_a_read_longer_than_the_dependency_timeout() {
     // A sweep pass every second asks for a reading after it.
     let svc = Svc::start(&[("DEPENDENCY_TIMEOUT", "1s"), ("SWEEP_INTERVAL", "1s")]).await;
-    let metrics = scrape_metrics(&svc.base).await;
-    assert_eq!(
-        metric_value(&metrics, "pending_uploads_stored_bytes"),
-        Some(0.0)
-    );
+    let stored = || async {
+        let metrics = scrape_metrics(&svc.base).await;
+        metric_value(&metrics, "pending_uploads_stored_bytes")
+    };
+    assert_eq!(stored().await, Some(0.0));
     // A file another writer stages while the table is locked: only a reading learns of it.
     let mut tx = svc.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE pending_uploads IN ACCESS EXCLUSIVE MODE")
@@ -2666,29 +2669,160 @@ async fn a_backlog_read_longer_than_the_dependency_timeout_still_lands() {
     waiting_in_pg(
         &svc.pool,
         "query LIKE 'SELECT CASE WHEN expires_at <= now()%'",
-        "a reading of the backlog",
+        "the backlog gauges' read",
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    tx.commit().await.unwrap();
-    // The file, its row (512) and no activity row.
-    eventually("the reading lands", Duration::from_secs(5), || async {
-        let metrics = scrape_metrics(&svc.base).await;
-        metric_value(&metrics, "pending_uploads_stored_bytes") == Some(5512.0)
+    // Meanwhile an upload's activity row (1,024) is counted.
+    sqlx::query(
+        "INSERT INTO activity_logs (workspace_id, activity_type, method)
+         VALUES (gen_random_uuid(), 'a2a_receive', 'chat_upload_receive')",
+    )
+    .execute(&svc.pool)
+    .await
+    .unwrap();
+    eventually("the figure follows", Duration::from_secs(5), || async {
+        stored().await == Some(1024.0)
     })
     .await;
-    let metrics = scrape_metrics(&svc.base).await;
-    assert_eq!(
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tx.commit().await.unwrap();
+    // The file and its row (512) besides.
+    eventually("the figure follows", Duration::from_secs(5), || async {
+        stored().await == Some(6536.0)
+    })
+    .await;
+    eventually("the gauges' read lands", Duration::from_secs(5), || async {
+        let metrics = scrape_metrics(&svc.base).await;
         metric_value(
             &metrics,
-            "pending_uploads_pending_rows{state=\"unfetched\"}"
-        ),
-        Some(1.0)
-    );
+            "pending_uploads_pending_rows{state=\"unfetched\"}",
+        ) == Some(1.0)
+    })
+    .await;
     let mut svc = svc;
     let out = svc.running.terminate().await;
     let log = String::from_utf8_lossy(&out.stderr);
-    assert!(!log.contains("could not read the backlog"), "{log}");
+    assert!(!log.contains("could not read"), "{log}");
+}
+
+/// What MAX_STORED_BYTES counts, as the triggers keep it, is what the tables hold, whoever
+/// wrote them and however: the service's uploads, acks and sweeps, another writer's inserts
+/// (acked or not), a resize, deletes, activity rows inserted, re-typed and swept, and a
+/// TRUNCATE; with readings (each folds the deltas) in between.
+#[tokio::test]
+async fn the_stored_figure_is_what_the_tables_hold() {
+    let svc = Svc::start(&[("ACK_RETENTION", "0"), ("SWEEP_INTERVAL", "1s")]).await;
+    let pool = &svc.pool;
+    // One statement, one snapshot: the sweeper and the service's readings (which fold the
+    // deltas) run meanwhile.
+    let check = |what: &'static str| async move {
+        let (kept, held): (Vec<i64>, Vec<i64>) = sqlx::query_as(
+            "SELECT ARRAY[COALESCE(sum(d.bytes), 0), COALESCE(sum(d.files), 0),
+                          COALESCE(sum(d.activity_rows), 0)]::bigint[],
+                    ARRAY[(SELECT COALESCE(sum(size_bytes), 0) FROM pending_uploads),
+                          (SELECT count(*) FROM pending_uploads),
+                          (SELECT count(*) FROM activity_logs
+                           WHERE method = 'chat_upload_receive')]::bigint[]
+             FROM pending_upload_stored_deltas d",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(kept, held, "after {what}");
+    };
+    let (ws, token) = register_poll(&svc.base).await;
+    let mut staged = Vec::new();
+    for size in [1, 700, 5000] {
+        staged.push(stage_file(&svc, ws, &token, size).await.0);
+    }
+    check("three uploads").await;
+    let other = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO pending_uploads (workspace_id, size_bytes, filename, content, acked_at)
+         SELECT $1, n, 'raw.bin', decode(repeat('07', n), 'hex'),
+                CASE WHEN n % 2 = 0 THEN now() END
+         FROM generate_series(1, 40) n",
+    )
+    .bind(other)
+    .execute(pool)
+    .await
+    .unwrap();
+    check("another writer's inserts").await;
+    sqlx::query(
+        "UPDATE pending_uploads SET size_bytes = size_bytes + 3
+         WHERE workspace_id = $1 AND size_bytes < 10",
+    )
+    .bind(other)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM pending_uploads WHERE workspace_id = $1 AND size_bytes > 30")
+        .bind(other)
+        .execute(pool)
+        .await
+        .unwrap();
+    check("a resize and a delete").await;
+    sqlx::query(
+        "INSERT INTO activity_logs (workspace_id, activity_type, method)
+         SELECT $1, 'a2a_receive', CASE WHEN n % 3 = 0 THEN 'other' ELSE 'chat_upload_receive' END
+         FROM generate_series(1, 30) n",
+    )
+    .bind(other)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE activity_logs SET method = CASE WHEN method = 'other' THEN 'chat_upload_receive'
+                                               ELSE NULL END
+         WHERE workspace_id = $1 AND seq % 4 = 0",
+    )
+    .bind(other)
+    .execute(pool)
+    .await
+    .unwrap();
+    check("activity rows inserted and re-typed").await;
+    // The service's acks, then its sweeper (ACK_RETENTION 0) deletes the acked rows.
+    for fid in &staged[..2] {
+        assert_eq!(
+            ack_file(&svc, ws, &token, *fid).await.status(),
+            StatusCode::OK
+        );
+    }
+    eventually(
+        "the sweeper deletes the acked rows",
+        Duration::from_secs(10),
+        || async {
+            let acked: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pending_uploads WHERE acked_at IS NOT NULL",
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            acked == 0
+        },
+    )
+    .await;
+    check("acks and a sweep").await;
+    sqlx::query("DELETE FROM activity_logs WHERE workspace_id = $1 AND seq % 2 = 0")
+        .bind(other)
+        .execute(pool)
+        .await
+        .unwrap();
+    check("activity rows deleted").await;
+    sqlx::query("TRUNCATE pending_uploads")
+        .execute(pool)
+        .await
+        .unwrap();
+    check("a TRUNCATE of the uploads").await;
+    sqlx::query("TRUNCATE activity_logs")
+        .execute(pool)
+        .await
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    let read = pending_uploads::db::uploads::stored(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(read, Default::default());
 }
 
 /// Waits until a backend of the service's database waits on a lock, `which` (a condition
@@ -2903,7 +3037,7 @@ async fn the_bytes_stored_count_expired_rows_until_they_are_swept() {
     .await
     .unwrap();
     let mut conn = pool.acquire().await.unwrap();
-    let bytes = pending_uploads::db::uploads::backlog(&mut conn)
+    let bytes = pending_uploads::db::uploads::stored(&mut conn)
         .await
         .unwrap()
         .stored_bytes();

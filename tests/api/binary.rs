@@ -41,6 +41,7 @@ async fn migrate_applies_the_schema_once() {
         tables,
         [
             "activity_logs",
+            "pending_upload_stored_deltas",
             "pending_upload_total_deltas",
             "pending_upload_totals",
             "pending_uploads",
