@@ -2711,7 +2711,12 @@ async fn the_stored_figure_and_the_gauges_outlast_a_read_longer_than_the_depende
 /// TRUNCATE; with readings (each folds the deltas) in between.
 #[tokio::test]
 async fn the_stored_figure_is_what_the_tables_hold() {
-    let svc = Svc::start(&[("ACK_RETENTION", "0"), ("SWEEP_INTERVAL", "1s")]).await;
+    let svc = Svc::start(&[
+        ("ACK_RETENTION", "0"),
+        ("SWEEP_INTERVAL", "1s"),
+        ("MAX_PENDING_BYTES_PER_WORKSPACE", "4194304"),
+    ])
+    .await;
     let pool = &svc.pool;
     // One statement, one snapshot: the sweeper and the service's readings (which fold the
     // deltas) run meanwhile.
@@ -2736,18 +2741,61 @@ async fn the_stored_figure_is_what_the_tables_hold() {
         staged.push(stage_file(&svc, ws, &token, size).await.0);
     }
     check("three uploads").await;
+    // One from disk (past SPOOL_MEMORY_PER_REQUEST: a COPY, then the admission), then a file
+    // from memory and one from disk that the quota refuses.
+    let big = bytes(3 << 20, 5);
+    let resp = upload_file(&svc, ws, &token, "big.bin", &big).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    check("an upload from disk").await;
+    for size in [1 << 20, 3 << 20] {
+        let resp = upload_file(&svc, ws, &token, "over.bin", &bytes(size, 6)).await;
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    }
+    check("refused uploads").await;
+    // Two files in one request (staged together), then two that the quota refuses together.
+    for (size, status) in [
+        (300, StatusCode::OK),
+        (600 << 10, StatusCode::TOO_MANY_REQUESTS),
+    ] {
+        let part = |n: u8| reqwest::multipart::Part::bytes(vec![n; size]).file_name("two.bin");
+        let resp = reqwest::Client::new()
+            .post(svc.at(&format!("/workspaces/{ws}/chat/uploads")))
+            .bearer_auth(&token)
+            .multipart(
+                reqwest::multipart::Form::new()
+                    .part("files", part(1))
+                    .part("files", part(2)),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status);
+    }
+    check("two files at once, taken and refused").await;
     let other = Uuid::new_v4();
     sqlx::query(
         "INSERT INTO pending_uploads (workspace_id, size_bytes, filename, content, acked_at)
          SELECT $1, n, 'raw.bin', decode(repeat('07', n), 'hex'),
                 CASE WHEN n % 2 = 0 THEN now() END
-         FROM generate_series(1, 40) n",
+         FROM generate_series(1, 1200) n",
     )
     .bind(other)
     .execute(pool)
     .await
     .unwrap();
     check("another writer's inserts").await;
+    // Past 1,000 deltas a reading (the service's, or this one) folds them into one row.
+    let mut conn = pool.acquire().await.unwrap();
+    pending_uploads::db::uploads::stored(&mut conn)
+        .await
+        .unwrap();
+    let deltas: i64 = sqlx::query_scalar("SELECT count(*) FROM pending_upload_stored_deltas")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert!(deltas < 10, "{deltas} deltas after a reading");
+    drop(conn);
+    check("a fold").await;
     sqlx::query(
         "UPDATE pending_uploads SET size_bytes = size_bytes + 3
          WHERE workspace_id = $1 AND size_bytes < 10",

@@ -36,8 +36,36 @@ pub async fn lost_uploads(api: &Api, accepted: &[Accepted], skip: &HashSet<Uuid>
 }
 
 /// Upload rows without their activity row, and upload activity rows without their row
-/// (except for files in `swept`, acked and removed by a sweeper on purpose).
+/// (except for files in `swept`, acked and removed by a sweeper on purpose), and what
+/// MAX_STORED_BYTES counts when its deltas disagree with the tables.
 pub async fn half_states(pool: &PgPool, swept: &HashSet<Uuid>) -> Vec<String> {
+    let mut out = stored_disagrees(pool).await;
+    out.extend(rows_without_each_other(pool, swept).await);
+    out
+}
+
+/// The sums the stored-deltas triggers keep against the tables' own, in one snapshot.
+async fn stored_disagrees(pool: &PgPool) -> Vec<String> {
+    let (kept, held): (Vec<i64>, Vec<i64>) = sqlx::query_as(
+        "SELECT ARRAY[COALESCE(sum(d.bytes), 0), COALESCE(sum(d.files), 0),
+                      COALESCE(sum(d.activity_rows), 0)]::bigint[],
+                ARRAY[(SELECT COALESCE(sum(size_bytes), 0) FROM pending_uploads),
+                      (SELECT count(*) FROM pending_uploads),
+                      (SELECT count(*) FROM activity_logs WHERE method = 'chat_upload_receive')]::bigint[]
+         FROM pending_upload_stored_deltas d",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    match kept == held {
+        true => Vec::new(),
+        false => vec![format!(
+            "the stored deltas sum to {kept:?} (bytes, rows, activity rows), the tables hold {held:?}"
+        )],
+    }
+}
+
+async fn rows_without_each_other(pool: &PgPool, swept: &HashSet<Uuid>) -> Vec<String> {
     let rows_alone: Vec<(Uuid, String)> = sqlx::query_as(
         "SELECT p.file_id, p.filename FROM pending_uploads p
          WHERE NOT EXISTS (SELECT 1 FROM activity_logs a
