@@ -34,9 +34,9 @@ const DATABASE_WAIT_NOTICE: Duration = Duration::from_secs(2);
 const GAUGE_REFRESH: Duration = Duration::from_secs(15);
 /// The backlog gauges' read aggregates the upload table, so its cost grows with it: 0.13 s at
 /// 218,000 uploads (with the activity count it then had), every GAUGE_REFRESH on every
-/// replica. A replica waits this many times as long as its last read took before the next,
-/// whatever asks for it, so the reads keep to 1/21 of a database core per replica however
-/// large the tables grow.
+/// replica (and the registry count reads the workspaces, up to MAX_WORKSPACES). A replica
+/// waits this many times as long as its last read took before the next, whatever asks for
+/// it, so the reads keep to 1/21 of a database core per replica however large the tables grow.
 const GAUGE_SHARE: u32 = 20;
 /// How long the backlog gauges' read may take, when DEPENDENCY_TIMEOUT is shorter: its time
 /// grows with the table (86 ms at 520,000 upload rows), no request waits on it, and

@@ -902,8 +902,7 @@ pub async fn unpointed(db: impl PgExecutor<'_>, keys: &[String]) -> sqlx::Result
 /// Rows and bytes by state, and the age of the oldest unacked row: the backlog gauges.
 #[derive(Debug, Clone, Default)]
 pub struct Backlog {
-    /// (state, rows, bytes) for `unfetched`, `fetched`, `acked`, and `expired` (past their
-    /// expiry, not swept yet: no gauge's).
+    /// (state, rows, bytes) for `unfetched`, `fetched` and `acked` rows not past their expiry.
     pub states: Vec<(String, i64, i64)>,
     pub oldest_unacked_secs: Option<f64>,
 }
@@ -969,11 +968,10 @@ pub async fn oldest_unacked_secs(conn: &mut PgConnection) -> sqlx::Result<Option
 /// table (paced, with a deadline of its own: `app::refresh_backlog_gauges_forever`).
 pub async fn backlog(conn: &mut PgConnection) -> sqlx::Result<Backlog> {
     let states = sqlx::query_as(
-        "SELECT CASE WHEN expires_at <= now() THEN 'expired'
-                     WHEN acked_at IS NOT NULL THEN 'acked'
+        "SELECT CASE WHEN acked_at IS NOT NULL THEN 'acked'
                      WHEN fetched_at IS NOT NULL THEN 'fetched' ELSE 'unfetched' END,
                 count(*), COALESCE(sum(size_bytes), 0)::bigint
-         FROM pending_uploads GROUP BY 1",
+         FROM pending_uploads WHERE expires_at > now() GROUP BY 1",
     )
     .fetch_all(&mut *conn)
     .await?;

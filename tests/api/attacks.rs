@@ -2668,7 +2668,7 @@ async fn the_stored_figure_and_the_gauges_outlast_a_read_longer_than_the_depende
     .unwrap();
     waiting_in_pg(
         &svc.pool,
-        "query LIKE 'SELECT CASE WHEN expires_at <= now()%'",
+        "query LIKE 'SELECT CASE WHEN acked_at IS NOT NULL%'",
         "the backlog gauges' read",
     )
     .await;
