@@ -33,15 +33,19 @@ const DATABASE_WAIT_NOTICE: Duration = Duration::from_secs(2);
 /// How often the backlog gauges, and what MAX_STORED_BYTES counts, are read again at most.
 const GAUGE_REFRESH: Duration = Duration::from_secs(15);
 /// The backlog gauges' read aggregates the upload table, so its cost grows with it: 0.13 s at
-/// 218,000 uploads (with the activity count it then had), every GAUGE_REFRESH on every
-/// replica (and the registry count reads the workspaces, up to MAX_WORKSPACES). A replica
-/// waits this many times as long as its last read took before the next, whatever asks for
-/// it, so the reads keep to 1/21 of a database core per replica however large the tables grow.
+/// 218,000 uploads (with the activity count it then had), once every GAUGE_REFRESH for the
+/// fleet; the registry count reads the workspaces (up to MAX_WORKSPACES) on every replica.
+/// The fleet waits this many times as long as the last backlog read took before the next, and
+/// a replica as long as its own last read took, so the reads keep to 1/21 of a database core
+/// (per replica for the registry count) however large the tables grow.
 const GAUGE_SHARE: u32 = 20;
 /// How long the backlog gauges' read may take, when DEPENDENCY_TIMEOUT is shorter: its time
 /// grows with the table (86 ms at 520,000 upload rows), no request waits on it, and
 /// GAUGE_SHARE paces it.
 const BACKLOG_READ_DEADLINE: Duration = Duration::from_secs(120);
+/// How long the fleet's reading of the backlog stands before a replica's call reads the table
+/// again: a little under GAUGE_REFRESH, so that a replica alone reads it at each of its turns.
+const BACKLOG_READING_LASTS: Duration = Duration::from_secs(14);
 
 pub async fn connect_and_migrate(db_args: &DbArgs) -> anyhow::Result<PgPool> {
     let pool = connect_checked(db_args).await?;
@@ -545,18 +549,21 @@ async fn refresh_stored_forever(
 }
 
 /// Keeps the backlog gauges (rows and bytes by state, the oldest unacked age) fresh for
-/// /metrics: every `GAUGE_REFRESH`, each read paced by [`GAUGE_SHARE`] and allowed
-/// [`BACKLOG_READ_DEADLINE`]. A task of its own: however long the read takes, what
+/// /metrics: every `GAUGE_REFRESH`, the fleet's last reading, which the call that finds it
+/// stale reads again for every replica (one at a time, paced by [`GAUGE_SHARE`], allowed
+/// [`BACKLOG_READ_DEADLINE`]). A task of its own: however long the read takes, what
 /// MAX_STORED_BYTES counts is read on time.
 async fn refresh_backlog_gauges_forever(db: Db) {
     let deadline = BACKLOG_READ_DEADLINE.max(db.timeout());
     loop {
         let began = Instant::now();
-        match db
-            .run_within(deadline, |c| Box::pin(db::uploads::backlog(c)))
-            .await
-        {
-            Ok(backlog) => crate::metrics::set_backlog(&backlog),
+        let read = db.run_within(deadline, |c| {
+            Box::pin(db::uploads::backlog(c, BACKLOG_READING_LASTS, GAUGE_SHARE))
+        });
+        match read.await {
+            Ok(Some(backlog)) => crate::metrics::set_backlog(&backlog),
+            // Another replica is taking the fleet's first reading.
+            Ok(None) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "could not read the backlog: gauges not refreshed")
             }

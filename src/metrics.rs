@@ -387,13 +387,11 @@ pub fn storage_observed(backend: &str, operation: &str, started: Instant, ok: bo
 /// Sets the backlog gauges from a reading of the table.
 pub fn set_backlog(backlog: &Backlog) {
     let m = metrics();
-    for state in ["unfetched", "fetched", "acked"] {
-        let (n, bytes) = backlog
-            .states
-            .iter()
-            .find(|r| r.0 == state)
-            .map(|r| (r.1, r.2))
-            .unwrap_or((0, 0));
+    for (state, n, bytes) in [
+        ("unfetched", backlog.unfetched_rows, backlog.unfetched_bytes),
+        ("fetched", backlog.fetched_rows, backlog.fetched_bytes),
+        ("acked", backlog.acked_rows, backlog.acked_bytes),
+    ] {
         m.pending_rows.with_label_values(&[state]).set(n);
         m.pending_bytes.with_label_values(&[state]).set(bytes);
     }

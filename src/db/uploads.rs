@@ -899,11 +899,17 @@ pub async fn unpointed(db: impl PgExecutor<'_>, keys: &[String]) -> sqlx::Result
     .await
 }
 
-/// Rows and bytes by state, and the age of the oldest unacked row: the backlog gauges.
-#[derive(Debug, Clone, Default)]
+/// Rows and bytes by state, and the age of the oldest unacked row: the backlog gauges, as the
+/// fleet last read them.
+#[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
 pub struct Backlog {
-    /// (state, rows, bytes) for `unfetched`, `fetched` and `acked` rows not past their expiry.
-    pub states: Vec<(String, i64, i64)>,
+    /// Rows and bytes of the live rows neither fetched nor acked, fetched and not acked, acked.
+    pub unfetched_rows: i64,
+    pub unfetched_bytes: i64,
+    pub fetched_rows: i64,
+    pub fetched_bytes: i64,
+    pub acked_rows: i64,
+    pub acked_bytes: i64,
     pub oldest_unacked_secs: Option<f64>,
 }
 
@@ -950,34 +956,24 @@ pub const fn stored_cost(size: u64) -> u64 {
     size + (ROW_WEIGHT + ACTIVITY_ROW_WEIGHT) as u64
 }
 
-/// The age of the oldest live unacked upload: the one that expires first, read through the
-/// expiry index (one entry), since every row lives its expires_at default (24 h from its
-/// created_at; this service and the platform write neither). `min(created_at)` read every
-/// unacked row, every GAUGE_REFRESH on every replica: 46-150 ms at 218,000.
-pub async fn oldest_unacked_secs(conn: &mut PgConnection) -> sqlx::Result<Option<f64>> {
-    sqlx::query_scalar(
-        "SELECT EXTRACT(EPOCH FROM now() - created_at)::float8 FROM pending_uploads
-         WHERE acked_at IS NULL AND expires_at > now()
-         ORDER BY expires_at LIMIT 1",
+/// The backlog gauges' figures as the fleet last read them. The call that finds that reading
+/// older than `lasts` (and than `share` + 1 times what it took) reads the upload table again
+/// for the fleet, one call at a time (migration 20261207100000): an aggregate over every row,
+/// so its time grows with the table (paced, with a deadline of its own:
+/// `app::refresh_backlog_gauges_forever`). `None` before any reading landed.
+pub async fn backlog(
+    conn: &mut PgConnection,
+    lasts: std::time::Duration,
+    share: u32,
+) -> sqlx::Result<Option<Backlog>> {
+    sqlx::query_as(
+        "SELECT unfetched_rows, unfetched_bytes, fetched_rows, fetched_bytes, acked_rows,
+                acked_bytes, EXTRACT(EPOCH FROM now() - oldest_unacked_at)::float8
+                    AS oldest_unacked_secs
+         FROM pending_uploads_backlog($1, $2)",
     )
+    .bind(lasts.as_secs_f64())
+    .bind(share as i32)
     .fetch_optional(conn)
     .await
-}
-
-/// The backlog gauges' read: an aggregate over every upload row, so its time grows with the
-/// table (paced, with a deadline of its own: `app::refresh_backlog_gauges_forever`).
-pub async fn backlog(conn: &mut PgConnection) -> sqlx::Result<Backlog> {
-    let states = sqlx::query_as(
-        "SELECT CASE WHEN acked_at IS NOT NULL THEN 'acked'
-                     WHEN fetched_at IS NOT NULL THEN 'fetched' ELSE 'unfetched' END,
-                count(*), COALESCE(sum(size_bytes), 0)::bigint
-         FROM pending_uploads WHERE expires_at > now() GROUP BY 1",
-    )
-    .fetch_all(&mut *conn)
-    .await?;
-    let oldest_unacked_secs = oldest_unacked_secs(conn).await?;
-    Ok(Backlog {
-        states,
-        oldest_unacked_secs,
-    })
 }

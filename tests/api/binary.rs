@@ -45,6 +45,7 @@ async fn migrate_applies_the_schema_once() {
             "pending_upload_total_deltas",
             "pending_upload_totals",
             "pending_uploads",
+            "pending_uploads_backlog",
             "pending_uploads_deployment",
             "pending_uploads_leases",
             "workspace_auth_tokens",

@@ -34,11 +34,12 @@ use crate::{
 const BIG: usize = 3 * 1024 * 1024;
 
 /// Upload commits waiting on the standby (a reading of what the fleet stores may commit a
-/// fold of its deltas, and wait there too).
+/// fold of its deltas, and the backlog gauges' call a new reading, and wait there too).
 async fn stuck_sessions(pool: &sqlx::PgPool) -> i64 {
     sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'
-           AND query <> 'SELECT * FROM pending_uploads_stored()'",
+           AND query <> 'SELECT * FROM pending_uploads_stored()'
+           AND query NOT LIKE '%FROM pending_uploads_backlog($1, $2)'",
     )
     .fetch_one(pool)
     .await
