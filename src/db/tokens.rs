@@ -1,23 +1,60 @@
 use sqlx::{postgres::PgRow, FromRow, PgConnection, PgExecutor, Row};
 use uuid::Uuid;
 
+/// The caller's live token: `$1` is the workspace id, `$2` the caller's token hash.
+/// `IS DISTINCT FROM`: a platform row's status may be NULL, which is not removed (`<>` would
+/// be NULL, and refuse a live token).
+macro_rules! live_token {
+    () => {
+        "WITH live AS (
+        SELECT t.id, t.last_used_at IS NULL OR t.last_used_at < now() - interval '60 seconds' AS stale
+        FROM workspace_auth_tokens t JOIN workspaces w ON w.id = t.workspace_id
+        WHERE $2::bytea IS NOT NULL AND t.token_hash = $2 AND t.workspace_id = $1
+          AND t.revoked_at IS NULL AND w.status IS DISTINCT FROM 'removed')"
+    };
+}
+
+/// The stamp of a token whose last one is over a minute old (its WHERE settles concurrent
+/// stamps).
+macro_rules! stamp_token {
+    ($ids:literal) => {
+        concat!(
+            "UPDATE workspace_auth_tokens SET last_used_at = now() WHERE id IN (",
+            $ids,
+            ") AND (last_used_at IS NULL OR last_used_at < now() - interval '60 seconds')"
+        )
+    };
+}
+
 /// The caller check a hot route's query begins with, so it costs no round trip of its own:
 /// `$1` is the workspace id, `$2` the caller's token hash (NULL for the admin, whom the
 /// service has already recognised). It yields `caller(ok)`: the admin, or a live token of
 /// this very workspace; and it stamps last_used_at when the stamp is over a minute old.
 /// Queries continue with `, name AS (...)` CTEs and select `caller.ok AS caller_ok`.
-/// `IS DISTINCT FROM`: a platform row's status may be NULL, which is not removed (`<>` would
-/// be NULL, and refuse a live token).
-pub const CALLER: &str = "WITH live AS (
-        SELECT t.id, t.last_used_at IS NULL OR t.last_used_at < now() - interval '60 seconds' AS stale
-        FROM workspace_auth_tokens t JOIN workspaces w ON w.id = t.workspace_id
-        WHERE $2::bytea IS NOT NULL AND t.token_hash = $2 AND t.workspace_id = $1
-          AND t.revoked_at IS NULL AND w.status IS DISTINCT FROM 'removed'),
-    touched AS (
-        UPDATE workspace_auth_tokens SET last_used_at = now()
-        WHERE id IN (SELECT id FROM live WHERE stale)
-          AND (last_used_at IS NULL OR last_used_at < now() - interval '60 seconds')),
-    caller AS (SELECT $2::bytea IS NULL OR EXISTS (SELECT 1 FROM live) AS ok)";
+pub const CALLER: &str = concat!(
+    live_token!(),
+    ", touched AS (",
+    stamp_token!("SELECT id FROM live WHERE stale"),
+    "), caller AS (SELECT $2::bytea IS NULL OR EXISTS (SELECT 1 FROM live) AS ok)"
+);
+
+/// [`CALLER`] without the stamp, for a query whose rows should stream: PostgreSQL runs a
+/// query with a data-modifying CTE to its end, into a store, before it sends the first row.
+/// `caller(stale_token)` is the token to [`stamp`] once the rows are read.
+pub const CALLER_UNSTAMPED: &str = concat!(
+    live_token!(),
+    ", caller AS (SELECT $2::bytea IS NULL OR EXISTS (SELECT 1 FROM live) AS ok,
+                         (SELECT id FROM live WHERE stale) AS stale_token)"
+);
+
+/// Stamps last_used_at on the token [`CALLER_UNSTAMPED`] found stale.
+pub async fn stamp(conn: &mut PgConnection, token_id: Uuid) -> sqlx::Result<()> {
+    sqlx::query(stamp_token!("$1"))
+        .bind(token_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
 
 /// A hot route's answer: the caller was refused, or the rows it may see.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,19 +114,17 @@ pub async fn find_live(
     db: impl PgExecutor<'_>,
     token_hash: &[u8],
 ) -> sqlx::Result<Option<TokenRow>> {
-    let row: Option<(Uuid, Uuid)> = sqlx::query_as(
+    let row: Option<(Uuid, Uuid)> = sqlx::query_as(concat!(
         "WITH live AS (
              SELECT t.id, t.workspace_id,
                     t.last_used_at IS NULL OR t.last_used_at < now() - interval '60 seconds' AS stale
              FROM workspace_auth_tokens t
              JOIN workspaces w ON w.id = t.workspace_id
              WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND w.status IS DISTINCT FROM 'removed'),
-         touched AS (
-             UPDATE workspace_auth_tokens SET last_used_at = now()
-             WHERE id IN (SELECT id FROM live WHERE stale)
-               AND (last_used_at IS NULL OR last_used_at < now() - interval '60 seconds'))
-         SELECT id, workspace_id FROM live",
-    )
+         touched AS (",
+        stamp_token!("SELECT id FROM live WHERE stale"),
+        ") SELECT id, workspace_id FROM live"
+    ))
     .bind(token_hash)
     .fetch_optional(db)
     .await?;

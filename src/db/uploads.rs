@@ -8,7 +8,7 @@ use std::sync::LazyLock;
 use uuid::Uuid;
 
 use super::{
-    tokens::{checked_rows, Checked, CALLER},
+    tokens::{checked_rows, Checked, CALLER, CALLER_UNSTAMPED},
     Db,
 };
 use crate::{digest::Digester, spool::Spool, storage::Location};
@@ -477,53 +477,97 @@ pub async fn pending_totals(
 }
 
 /// How much of a row's inline bytes [`get_live_for`] reads with it: the first `len` bytes, or
-/// all of them when there are at most `whole_up_to`.
+/// all of them, in pieces of `piece`, when there are at most `whole_up_to`.
 #[derive(Debug, Clone, Copy)]
 pub struct Head {
     pub len: u64,
     pub whole_up_to: Option<u64>,
+    pub piece: u64,
 }
 
+/// What [`get_live_for`] found: the caller refused, or its live row (if any) with the first
+/// bytes read with it.
+pub type LiveFound = Checked<Option<(UploadRow, Option<Vec<u8>>)>>;
+
+/// The pieces after the first of a file [`get_live_for`] reads whole, as they come (an error
+/// if the read failed half way; cut short, without one, at the deadline).
+pub type Pieces = futures::channel::mpsc::UnboundedReceiver<std::io::Result<Bytes>>;
+
 /// The caller's live row and, when `head` is given and the bytes are inline, the start of its
-/// content: a whole download of a small file in this one round trip.
+/// content: a whole download of a small file in this one round trip. A file read whole comes
+/// in pieces of `head.piece`, rows of one statement that the server sends as it makes them:
+/// `found` gets the row and the first piece as soon as they come, `rest` each further piece,
+/// so the caller sends one while the next is read (a 1 MiB file whole in one row reached its
+/// client only after the server had read all of it). Pieces nobody takes are read all the
+/// same: the statement runs to its end, and the connection stays in step. The caller's token
+/// is stamped after the rows (a data-modifying CTE would hold every row back until the last).
 pub async fn get_live_for(
     conn: &mut PgConnection,
     workspace_id: Uuid,
     token_hash: Option<[u8; 32]>,
     file_id: Uuid,
     head: Option<Head>,
-) -> sqlx::Result<Checked<Option<(UploadRow, Option<Vec<u8>>)>>> {
-    let rows = sqlx::query(&format!(
-        "{CALLER}
-         SELECT caller.ok AS caller_ok, {P_COLUMNS},
-                CASE WHEN $4::int IS NULL OR p.s3_key IS NOT NULL THEN NULL
-                     WHEN p.size_bytes <= $5::int THEN p.content
-                     ELSE substring(p.content FROM 1 FOR $4::int) END AS head
+    found: impl FnOnce(LiveFound),
+    rest: futures::channel::mpsc::UnboundedSender<std::io::Result<Bytes>>,
+) -> sqlx::Result<()> {
+    let sql = format!(
+        "{CALLER_UNSTAMPED}
+         SELECT caller.ok AS caller_ok, caller.stale_token, {P_COLUMNS}, piece.head
          FROM caller
          LEFT JOIN pending_uploads p ON caller.ok AND p.file_id = $3 AND p.workspace_id = $1
-                                        AND p.expires_at > now()"
-    ))
-    .bind(workspace_id)
-    .bind(token_hash.as_ref().map(|h| &h[..]))
-    .bind(file_id)
-    .bind(head.map(|h| h.len as i32))
-    .bind(head.and_then(|h| h.whole_up_to).map(|w| w as i32))
-    .fetch_all(&mut *conn)
-    .await?;
-    let checked = match checked_rows::<UploadRow>(&rows, "file_id")? {
-        Checked::Refused => Checked::Refused,
-        Checked::Allowed(found) => {
-            let head = rows
-                .first()
-                .and_then(|r| r.try_get::<Option<Vec<u8>>, _>("head").ok().flatten());
-            Checked::Allowed(found.into_iter().next().map(|row| (row, head)))
-        }
+                                        AND p.expires_at > now()
+         CROSS JOIN LATERAL (SELECT $4::int IS NOT NULL AND p.s3_key IS NULL
+                                    AND p.size_bytes <= $5::int AS whole) w
+         CROSS JOIN LATERAL (
+             SELECT CASE WHEN $4::int IS NULL OR p.s3_key IS NOT NULL THEN NULL
+                         WHEN w.whole THEN substring(p.content FROM k * $6::int + 1 FOR $6::int)
+                         ELSE substring(p.content FROM 1 FOR $4::int) END AS head
+             FROM generate_series(0, CASE WHEN w.whole
+                                          THEN ((p.size_bytes - 1) / $6::int)::int ELSE 0 END) k
+         ) piece"
+    );
+    let mut rows = sqlx::query(&sql)
+        .bind(workspace_id)
+        .bind(token_hash.as_ref().map(|h| &h[..]))
+        .bind(file_id)
+        .bind(head.map(|h| h.len as i32))
+        .bind(head.and_then(|h| h.whole_up_to).map(|w| w as i32))
+        .bind(head.map(|h| h.piece as i32))
+        .fetch(&mut *conn);
+    let Some(first) = rows.try_next().await? else {
+        found(Checked::Allowed(None));
+        return Ok(());
     };
-    if let Checked::Allowed(Some((_, Some(bytes)))) = &checked {
-        drop(rows);
-        give_back_read_buffer(conn, bytes.len());
+    let stale_token: Option<Uuid> = first.try_get("stale_token")?;
+    let checked = checked_rows::<UploadRow>(std::slice::from_ref(&first), "file_id")?;
+    let bytes: Option<Vec<u8>> = first.try_get("head")?;
+    drop(first);
+    let mut most = bytes.as_ref().map_or(0, Vec::len);
+    found(match checked {
+        Checked::Refused => Checked::Refused,
+        Checked::Allowed(row) => Checked::Allowed(row.into_iter().next().map(|r| (r, bytes))),
+    });
+    let read = async {
+        while let Some(row) = rows.try_next().await? {
+            let piece: Option<Vec<u8>> = row.try_get("head")?;
+            let piece = Bytes::from(piece.unwrap_or_default());
+            most = most.max(piece.len());
+            // A receiver gone (its client left) takes nothing: the rows are read all the same.
+            rest.unbounded_send(Ok(piece)).ok();
+        }
+        Ok::<(), sqlx::Error>(())
+    };
+    if let Err(e) = read.await {
+        rest.unbounded_send(Err(std::io::Error::other(e.to_string())))
+            .ok();
+        return Err(e);
     }
-    Ok(checked)
+    drop(rows);
+    give_back_read_buffer(conn, most);
+    if let Some(token) = stale_token {
+        super::tokens::stamp(conn, token).await?;
+    }
+    Ok(())
 }
 
 /// A read that brought more than this through a connection gives back its read buffer's

@@ -27,14 +27,14 @@ use crate::{
     auth::Credential,
     db::{
         self,
-        uploads::{Head, UploadRow},
+        uploads::{Head, Pieces, UploadRow},
         Checked, Db,
     },
     fetched::FetchedStamps,
     metrics::metrics,
     slots::Slot,
     storage::{
-        bytea::{self, READ_CHUNK, WHOLE_UP_TO},
+        bytea::{self, READ_CHUNK, WHOLE_PIECE, WHOLE_UP_TO},
         ByteRange, Storage, StorageError,
     },
 };
@@ -164,11 +164,12 @@ async fn page(
 /// (`answer`): a client that stops reading keeps a page or two, and only so many of them.
 const LIST_PAGE: i64 = 200;
 
-/// The caller's row, with its first bytes when they were read with it, and the read-ahead
-/// room reserved for them.
+/// The caller's row, with its first bytes when they were read with it, the pieces that
+/// follow them when the file is read whole with it, and the read-ahead room reserved for them.
 struct Found {
     row: UploadRow,
     head: Option<Bytes>,
+    rest: Option<Pieces>,
     reserved: Option<OwnedSemaphorePermit>,
 }
 
@@ -176,7 +177,8 @@ struct Found {
 /// small file's bytes in one round trip. Given the replica's `read_ahead` budget, it reads the
 /// first slice of the row's inline content with it, or all of a file of up to
 /// [`WHOLE_UP_TO`] when the budget has room: reserved once the connection is in hand (a
-/// request waiting for one holds none of it) and returned with the row.
+/// request waiting for one holds none of it) and returned with the row. It returns once the
+/// row and its first piece came: the other pieces follow in `rest` while the response is sent.
 async fn find(
     st: &AppState,
     who: WorkspaceClaim,
@@ -184,30 +186,57 @@ async fn find(
     read_ahead: Option<Arc<Semaphore>>,
 ) -> Result<Found, ApiError> {
     let (workspace_id, hash) = (who.workspace_id, who.credential.token_hash());
-    let (found, reserved) = st
-        .db
-        .run(move |c| {
-            let reserved = read_ahead.as_ref().and_then(bytea::reserve_whole);
-            let head = read_ahead.is_some().then(|| Head {
-                len: READ_CHUNK,
-                whole_up_to: reserved.is_some().then_some(WHOLE_UP_TO),
-            });
-            let most = head.map_or(0, |h| h.whole_up_to.unwrap_or(h.len));
-            let read = db::uploads::get_live_for(c, workspace_id, hash, file_id, head);
-            Box::pin(async move {
-                let read = crate::arena::big_blocks(crate::arena::read_buffer(most), read);
-                Ok((read.await?, reserved))
-            })
-        })
-        .await?;
-    match found {
+    let (found_tx, mut found_rx) = tokio::sync::oneshot::channel();
+    let (rest_tx, rest) = futures::channel::mpsc::unbounded();
+    let run = st.db.run(move |c| {
+        let reserved = read_ahead.as_ref().and_then(bytea::reserve_whole);
+        let head = read_ahead.is_some().then(|| Head {
+            len: READ_CHUNK,
+            whole_up_to: reserved.is_some().then_some(WHOLE_UP_TO),
+            piece: WHOLE_PIECE,
+        });
+        let found = move |found| {
+            let _ = found_tx.send((found, head, reserved));
+        };
+        let read = db::uploads::get_live_for(c, workspace_id, hash, file_id, head, found, rest_tx);
+        Box::pin(crate::arena::big_blocks(
+            crate::arena::read_buffer(READ_CHUNK.max(WHOLE_PIECE)),
+            read,
+        ))
+    });
+    let mut run = std::pin::pin!(run);
+    let lost = || ApiError::internal(anyhow::anyhow!("the row's read ended without it"));
+    // The work goes on in its own task once the row came (`Db::run`).
+    let found = tokio::select! {
+        found = &mut found_rx => match found {
+            Ok(found) => found,
+            // Dropped unsent: the work failed, or was cut, before the row came.
+            Err(_) => {
+                run.await?;
+                return Err(lost());
+            }
+        },
+        ran = &mut run => {
+            ran?;
+            found_rx.await.map_err(|_| lost())?
+        }
+    };
+    let (checked, head, reserved) = found;
+    match checked {
         Checked::Refused => Err(ApiError::InvalidToken),
         Checked::Allowed(None) => Err(ApiError::UploadNotFound),
-        Checked::Allowed(Some((row, head))) => Ok(Found {
-            row,
-            head: head.map(Bytes::from),
-            reserved,
-        }),
+        Checked::Allowed(Some((row, bytes))) => {
+            // Pieces follow when the whole file is read with the row.
+            let whole = head.and_then(|h| h.whole_up_to).is_some_and(|most| {
+                row.s3_key.is_none() && (row.size_bytes as u64) <= most && bytes.is_some()
+            });
+            Ok(Found {
+                row,
+                head: bytes.map(Bytes::from),
+                rest: whole.then_some(rest),
+                reserved,
+            })
+        }
     }
 }
 
@@ -292,19 +321,25 @@ pub async fn content(
     let Found {
         row,
         head,
+        rest,
         reserved,
     } = find(&st, who, file_id, read_ahead).await?;
     if let Some(answer) = preconditions(&headers, &row)? {
         return Ok(answer);
     }
     let (status, range) = requested_range(&headers, &row)?;
+    let rest = rest.filter(|_| range.start == 0 && range.byte_count() == row.size_bytes as u64);
     // Taken after the caller check (a stranger cannot take a workspace's slots) and held
     // until the body is dropped: a client that stops reading keeps its slot and the slice
     // in flight, not more.
     let slot = answer::download_slot(&st, who)?;
     let loc = row.location();
     let m = metrics();
-    let (stream, backend) = match st.storage.open_from(&loc, range, head, reserved).await {
+    let (stream, backend) = match st
+        .storage
+        .open_from(&loc, range, head, rest, reserved)
+        .await
+    {
         Ok(opened) => opened,
         Err(e) => {
             let backend = st.storage.reader_name(&loc);

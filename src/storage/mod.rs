@@ -434,12 +434,14 @@ impl Storage {
 
     /// [`Storage::open`], for a read whose first slice of inline bytes came with the row
     /// (`head`, read from offset 0, under the room `reserved` for it if any,
-    /// [`bytea::reserve_whole`]): a small file costs no further round trip.
+    /// [`bytea::reserve_whole`]), and `rest`, the pieces that follow it when the file is read
+    /// whole with its row and `range` is all of it: a small file costs no further round trip.
     pub async fn open_from(
         &self,
         loc: &Location,
         range: ByteRange,
         head: Option<Bytes>,
+        rest: Option<crate::db::uploads::Pieces>,
         reserved: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> Result<(ByteStream, &'static str), StorageError> {
         match head {
@@ -447,7 +449,10 @@ impl Storage {
                 let first = first.slice(..(range.byte_count().min(first.len() as u64) as usize));
                 // Counted as the bytea read it is; its time was spent in the row's query.
                 let open = async {
-                    Ok::<_, StorageError>(self.bytea.continue_from(loc, range, first, reserved))
+                    Ok::<_, StorageError>(match rest {
+                        Some(rest) => ByteaBackend::whole_from(range, first, rest, reserved),
+                        None => self.bytea.continue_from(loc, range, first, reserved),
+                    })
                 };
                 Ok((metrics::storage_op("bytea", "get", open).await?, "bytea"))
             }

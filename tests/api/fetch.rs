@@ -1102,13 +1102,15 @@ async fn sizes_round_trip(app: &TestApp) {
 }
 
 /// A file of up to WHOLE_UP_TO bytes comes whole with its row (one statement for the whole
-/// download); a larger one brings its first slice only, and the rest follows in slices.
+/// download), in pieces of WHOLE_PIECE; a larger one brings its first slice of READ_CHUNK
+/// only, and the rest follows in slices.
 #[tokio::test]
 async fn a_small_file_is_read_whole_with_its_row() {
+    use futures::StreamExt;
     use pending_uploads::{
         auth::hash_token,
         db::{uploads::Head, Checked},
-        storage::bytea::{READ_CHUNK, WHOLE_UP_TO},
+        storage::bytea::{READ_CHUNK, WHOLE_PIECE, WHOLE_UP_TO},
     };
     let app = TestApp::start().await;
     let (ws, token) = app.poll_workspace().await;
@@ -1123,29 +1125,98 @@ async fn a_small_file_is_read_whole_with_its_row() {
         let head = Head {
             len: READ_CHUNK,
             whole_up_to: Some(WHOLE_UP_TO),
+            piece: WHOLE_PIECE,
         };
-        let read = pending_uploads::db::uploads::get_live_for(
+        let mut found = None;
+        let (rest_tx, rest) = futures::channel::mpsc::unbounded();
+        pending_uploads::db::uploads::get_live_for(
             &mut conn,
             ws,
             Some(hash_token(&token)),
             file_id(entry),
             Some(head),
+            |f| found = Some(f),
+            rest_tx,
         )
         .await
         .unwrap();
-        let Checked::Allowed(Some((_, Some(head)))) = read else {
+        let Some(Checked::Allowed(Some((_, Some(head))))) = found else {
             panic!("no head for {} bytes", data.len());
         };
-        let expected = if data.len() <= whole {
-            data.len()
+        let pieces: Vec<_> = rest.map(Result::unwrap).collect().await;
+        let read: Vec<u8> = [&head[..]]
+            .into_iter()
+            .chain(pieces.iter().map(|p| &p[..]))
+            .flatten()
+            .copied()
+            .collect();
+        let (expected, in_pieces) = if data.len() <= whole {
+            (data.len(), WHOLE_UP_TO.div_ceil(WHOLE_PIECE) as usize)
         } else {
-            READ_CHUNK as usize
+            (READ_CHUNK as usize, 1)
         };
+        assert_eq!(pieces.len() + 1, in_pieces, "{} bytes", data.len());
         assert!(
-            head == data[..expected],
+            read == data[..expected],
             "{} bytes: head of {expected}",
             data.len()
         );
+    }
+}
+
+/// A download stamps its token's last_used_at when the stamp is over a minute old, as every
+/// route does: after the file's rows, since a stamp in the download's own statement (a
+/// data-modifying CTE) made PostgreSQL read every piece of the file before it sent the first.
+#[tokio::test]
+async fn a_download_stamps_its_token_after_its_bytes() {
+    let app = TestApp::start().await;
+    let (ws, token) = app.poll_workspace().await;
+    let data = bytes(600 << 10, 3);
+    let out = app
+        .upload_ok(
+            ws,
+            &token,
+            &octet_parts(&[("f.bin".to_string(), data.clone())]),
+        )
+        .await;
+    let path = content_path(ws, file_id(&out[0]));
+    let stamp_age = || async {
+        sqlx::query_scalar::<_, f64>(
+            "SELECT extract(epoch FROM now() - last_used_at)::float8
+             FROM workspace_auth_tokens WHERE workspace_id = $1",
+        )
+        .bind(ws)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+    };
+    for age in ["10 seconds", "2 minutes"] {
+        sqlx::query(&format!(
+            "UPDATE workspace_auth_tokens SET last_used_at = now() - interval '{age}'
+             WHERE workspace_id = $1"
+        ))
+        .bind(ws)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+        let resp = app.get(&path, &token).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(resp.bytes().await.unwrap() == data[..]);
+        if age == "10 seconds" {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = stamp_age().await;
+            assert!(
+                now >= 10.0,
+                "a 10 s old stamp is left alone (now {now} s old)"
+            );
+        } else {
+            eventually(
+                "a 2 min old stamp is renewed",
+                Duration::from_secs(5),
+                || async { stamp_age().await < 10.0 },
+            )
+            .await;
+        }
     }
 }
 
