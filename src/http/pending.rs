@@ -195,14 +195,19 @@ async fn find(
             whole_up_to: reserved.is_some().then_some(WHOLE_UP_TO),
             piece: WHOLE_PIECE,
         });
+        // Half the room is for sqlx's read buffer, held until the last piece is read; the
+        // other half goes with the row, for the pieces (`bytea::reserve_whole`).
+        let mut reserved = reserved;
+        let reading = reserved.as_mut().and_then(|r| r.split(r.num_permits() / 2));
         let found = move |found| {
             let _ = found_tx.send((found, head, reserved));
         };
         let read = db::uploads::get_live_for(c, workspace_id, hash, file_id, head, found, rest_tx);
-        Box::pin(crate::arena::big_blocks(
-            crate::arena::read_buffer(READ_CHUNK.max(WHOLE_PIECE)),
-            read,
-        ))
+        let read = crate::arena::big_blocks(crate::arena::read_buffer(WHOLE_PIECE), read);
+        Box::pin(async move {
+            let _reading = reading;
+            read.await
+        })
     });
     let mut run = std::pin::pin!(run);
     let lost = || ApiError::internal(anyhow::anyhow!("the row's read ended without it"));
