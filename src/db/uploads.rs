@@ -945,7 +945,7 @@ pub async fn unpointed(db: impl PgExecutor<'_>, keys: &[String]) -> sqlx::Result
 
 /// Rows and bytes by state, and the age of the oldest unacked row: the backlog gauges, as the
 /// fleet last read them.
-#[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Backlog {
     /// Rows and bytes of the live rows neither fetched nor acked, fetched and not acked, acked.
     pub unfetched_rows: i64,

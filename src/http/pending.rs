@@ -187,9 +187,12 @@ async fn find(
 ) -> Result<Found, ApiError> {
     let (workspace_id, hash) = (who.workspace_id, who.credential.token_hash());
     let (found_tx, mut found_rx) = tokio::sync::oneshot::channel();
+    // Unbounded, but it never holds more than the file's pieces after the first (a whole read
+    // is at most WHOLE_UP_TO): a bounded one would have the read wait on the client while it
+    // holds a connection (SPEC §10).
     let (rest_tx, rest) = futures::channel::mpsc::unbounded();
     let run = st.db.run(move |c| {
-        let reserved = read_ahead.as_ref().and_then(bytea::reserve_whole);
+        let mut reserved = read_ahead.as_ref().and_then(bytea::reserve_whole);
         let head = read_ahead.is_some().then(|| Head {
             len: READ_CHUNK,
             whole_up_to: reserved.is_some().then_some(WHOLE_UP_TO),
@@ -197,10 +200,9 @@ async fn find(
         });
         // Half the room is for sqlx's read buffer, held until the last piece is read; the
         // other half goes with the row, for the pieces (`bytea::reserve_whole`).
-        let mut reserved = reserved;
         let reading = reserved.as_mut().and_then(|r| r.split(r.num_permits() / 2));
         let found = move |found| {
-            let _ = found_tx.send((found, head, reserved));
+            let _ = found_tx.send((found, reserved));
         };
         let read = db::uploads::get_live_for(c, workspace_id, hash, file_id, head, found, rest_tx);
         let read = crate::arena::big_blocks(crate::arena::read_buffer(WHOLE_PIECE), read);
@@ -226,15 +228,16 @@ async fn find(
             found_rx.await.map_err(|_| lost())?
         }
     };
-    let (checked, head, reserved) = found;
+    let (checked, reserved) = found;
     match checked {
         Checked::Refused => Err(ApiError::InvalidToken),
         Checked::Allowed(None) => Err(ApiError::UploadNotFound),
         Checked::Allowed(Some((row, bytes))) => {
-            // Pieces follow when the whole file is read with the row.
-            let whole = head.and_then(|h| h.whole_up_to).is_some_and(|most| {
-                row.s3_key.is_none() && (row.size_bytes as u64) <= most && bytes.is_some()
-            });
+            // Pieces follow when the whole file is read with the row (room was reserved).
+            let whole = reserved.is_some()
+                && row.s3_key.is_none()
+                && row.size_bytes as u64 <= WHOLE_UP_TO
+                && bytes.is_some();
             Ok(Found {
                 row,
                 head: bytes.map(Bytes::from),

@@ -2754,13 +2754,19 @@ async fn the_fleet_reads_the_backlog_once_and_every_replica_shows_it() {
     set("UPDATE pending_uploads_backlog
          SET unfetched_rows = 777, read_at = now() - interval '30 s', took = interval '2 s'")
     .await;
-    let second = Svc::start_on(first.db.clone(), &[], None).await;
-    eventually(
-        "the second replica shows the fleet's reading",
-        Duration::from_secs(10),
-        || async { unfetched(&second).await == Some(777.0) },
-    )
-    .await;
+    // A replica started on the same database, once its gauge shows `rows`.
+    let showing = |rows: f64, what: &'static str| {
+        let db = first.db.clone();
+        async move {
+            let svc = Svc::start_on(db, &[], None).await;
+            eventually(what, Duration::from_secs(10), || async {
+                unfetched(&svc).await == Some(rows)
+            })
+            .await;
+            svc
+        }
+    };
+    let second = showing(777.0, "the second replica shows the fleet's reading").await;
     // A stale reading while another call reads the table (it holds the try-lock).
     set("UPDATE pending_uploads_backlog
          SET unfetched_rows = 555, read_at = now() - interval '1 hour'")
@@ -2770,13 +2776,7 @@ async fn the_fleet_reads_the_backlog_once_and_every_replica_shows_it() {
         .execute(&mut *reader)
         .await
         .unwrap();
-    let third = Svc::start_on(first.db.clone(), &[], None).await;
-    eventually(
-        "the third replica shows the last reading",
-        Duration::from_secs(10),
-        || async { unfetched(&third).await == Some(555.0) },
-    )
-    .await;
+    let third = showing(555.0, "the third replica shows the last reading").await;
     assert_eq!(reading().await.map(|r| r.0), Some(555));
     sqlx::query("SELECT pg_advisory_unlock(1885689203, 2)")
         .execute(&mut *reader)
@@ -2784,13 +2784,7 @@ async fn the_fleet_reads_the_backlog_once_and_every_replica_shows_it() {
         .unwrap();
     drop(reader);
     // No one reading: the next replica reads the table for the fleet.
-    let fourth = Svc::start_on(first.db.clone(), &[], None).await;
-    eventually(
-        "the fourth replica reads the table",
-        Duration::from_secs(10),
-        || async { unfetched(&fourth).await == Some(3.0) },
-    )
-    .await;
+    let fourth = showing(3.0, "the fourth replica reads the table").await;
     let (rows, age) = reading().await.unwrap();
     assert_eq!(rows, 3);
     assert!(age < 10.0, "{age}");
