@@ -716,6 +716,17 @@ impl Running {
             .unwrap()
     }
 
+    /// SIGSTOP: the process keeps what it holds (its locks, its sockets) and does nothing
+    /// more until it is killed.
+    pub fn freeze(&self) {
+        let child = self.0.as_ref().expect("running");
+        let status = std::process::Command::new("kill")
+            .args(["-STOP", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// Waits for a process already told to stop.
     pub async fn terminate_wait(&mut self) -> std::process::Output {
         let child = self.0.take().expect("running");
