@@ -1721,11 +1721,18 @@ async fn one_client_cannot_hold_every_connection() {
         metric_value(&metrics, "pending_uploads_connections_refused_total"),
         Some(1.0)
     );
-    // A closed connection gives its place back.
+    // A closed connection gives its place back (once the service has seen it close).
     drop(held.pop());
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let again = get(connect_from(&svc, "127.0.0.1").await, "/healthz").await;
-    assert!(again.starts_with("HTTP/1.1 200 OK"), "{again}");
+    eventually(
+        "the closed connection's place came back",
+        Duration::from_secs(5),
+        || async {
+            get(connect_from(&svc, "127.0.0.1").await, "/healthz")
+                .await
+                .starts_with("HTTP/1.1 200 OK")
+        },
+    )
+    .await;
 
     let behind_proxy = Svc::start(&[
         ("MAX_CONNECTIONS_PER_CLIENT", "1"),
@@ -2027,11 +2034,17 @@ async fn connections_whose_read_buffer_grew_are_kept_alive_only_up_to_a_bound() 
     );
     assert!(answer.contains("\r\nConnection: close\r\n"), "{answer}");
 
-    // The kept ones' places come back when they close.
+    // The kept ones' places come back when they close (once the service has seen them close).
     drop(kept);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (_sock, answer) = a_grown_connection(&svc).await;
-    assert!(!answer.contains("Connection: close"), "{answer}");
+    eventually(
+        "the closed connections' places came back",
+        Duration::from_secs(5),
+        || async {
+            let (_sock, answer) = a_grown_connection(&svc).await;
+            !answer.contains("Connection: close")
+        },
+    )
+    .await;
 }
 
 /// A long poll of `ws` on a raw connection of its own, waiting after its newest activity row
@@ -2456,7 +2469,7 @@ async fn what_the_fleet_keeps_is_bounded_whatever_the_quotas() {
     let svc = Svc::start(&[
         ("MAX_STORED_BYTES", "7200"),
         ("MAX_PENDING_BYTES_PER_WORKSPACE", "2500"),
-        ("ACK_RETENTION", "3s"),
+        ("ACK_RETENTION", "1h"),
         ("SWEEP_INTERVAL", "1s"),
     ])
     .await;
@@ -2489,7 +2502,12 @@ async fn what_the_fleet_keeps_is_bounded_whatever_the_quotas() {
         metric_value(&metrics, "pending_uploads_stored_bytes"),
         Some(7072.0)
     );
-    // The acked rows go after ACK_RETENTION; the next sweep pass makes room.
+    // The acked rows go after ACK_RETENTION (here made past by hand: a short one could pass
+    // before the counts above on a slow machine); the next sweep pass makes room.
+    sqlx::query("UPDATE pending_uploads SET acked_at = now() - interval '2 hours'")
+        .execute(&svc.pool)
+        .await
+        .unwrap();
     let started = Instant::now();
     loop {
         let resp = upload_file(&svc, ws, &token, "later.bin", &bytes(2000, 4)).await;
@@ -2767,15 +2785,16 @@ async fn the_fleet_reads_the_backlog_once_and_every_replica_shows_it() {
         }
     };
     let second = showing(777.0, "the second replica shows the fleet's reading").await;
-    // A stale reading while another call reads the table (it holds the try-lock).
-    set("UPDATE pending_uploads_backlog
-         SET unfetched_rows = 555, read_at = now() - interval '1 hour'")
-    .await;
+    // A stale reading while another call reads the table (it holds the try-lock, taken
+    // first: a replica's refresh between the two would read the table itself).
     let mut reader = pool.acquire().await.unwrap();
     sqlx::query("SELECT pg_advisory_lock(1885689203, 2)")
         .execute(&mut *reader)
         .await
         .unwrap();
+    set("UPDATE pending_uploads_backlog
+         SET unfetched_rows = 555, read_at = now() - interval '1 hour'")
+    .await;
     let third = showing(555.0, "the third replica shows the last reading").await;
     assert_eq!(reading().await.map(|r| r.0), Some(555));
     sqlx::query("SELECT pg_advisory_unlock(1885689203, 2)")
@@ -4641,7 +4660,7 @@ async fn no_connection_in_time_is_a_known_outcome() {
     let took = started.elapsed();
     assert!(err.is_unavailable(), "{err}");
     assert!(!err.outcome_unknown(), "nothing reached the server: {err}");
-    assert!(took < Duration::from_millis(1000), "{took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
     drop(release);
     holding.await.unwrap();
 }
@@ -4811,8 +4830,10 @@ async fn a_database_frozen_after_a_large_rows_last_byte_fails_within_the_depende
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["code"], "platform_unavailable", "{body}");
+    // Receiving and copying 40 MiB through the proxy come first; without the bound the
+    // wait was the COPY's own deadline, tens of seconds.
     assert!(
-        took >= Duration::from_secs(2) && took < Duration::from_secs(6),
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
         "503 after {took:?}"
     );
     // Past the proxy: its answers are frozen.
@@ -5047,12 +5068,14 @@ async fn a_download_refused_a_slot_reads_no_bytes() {
     let _held = stalled_download(&svc, ws, &token, file).await;
     wait_for_metric(&svc.base, "pending_uploads_downloads_in_progress", 1.0).await;
     // The stalled download's slices fetched ahead may still be on their way: counted from
-    // when nothing has come for 200 ms.
+    // when nothing has come for a second (a slow database's next slice can be 200 ms late).
     let mut before = proxy.bytes_down();
-    for _ in 0..50 {
+    let mut quiet = 0;
+    for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let now = proxy.bytes_down();
-        if now == before {
+        quiet = if now == before { quiet + 1 } else { 0 };
+        if quiet == 5 {
             break;
         }
         before = now;
@@ -5116,8 +5139,9 @@ async fn a_download_read_in_a_trickle_is_cut_and_a_steady_reader_is_not() {
     );
     reader.abort();
 
-    // Through the same 4 KiB receive buffer, a read every 20 ms keeps up (~200 KiB/s) over
-    // seconds of waiting.
+    // Through the same 4 KiB receive buffer, a read every 10 ms keeps up (~400 KiB/s, six
+    // times the bound, so a loaded machine's late wake-ups do not matter) over seconds of
+    // waiting.
     let (file, data) = stage_file(&svc, ws, &token, 1 << 20).await;
     let mut steady = stalled_download(&svc, ws, &token, file).await;
     let mut got = Vec::new();
@@ -5147,7 +5171,7 @@ async fn a_download_read_in_a_trickle_is_cut_and_a_steady_reader_is_not() {
             got.len() - body_at
         );
         got.extend_from_slice(&buf[..n]);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(
         got[body_at..] == data[..],
@@ -5290,8 +5314,9 @@ async fn a_flood_of_refused_requests_cannot_flood_the_log() {
     let out = svc.running.terminate().await;
     let log = String::from_utf8_lossy(&out.stderr);
     let rejected = log.matches("upload rejected").count() as u64;
+    // A second's lines: the shared 5, then the workspace's 5 of the fair pool.
     assert!(
-        rejected <= 5 * (secs + 2),
+        rejected <= 2 * 5 * (secs + 2),
         "{rejected} lines in {secs} s with 5 a second"
     );
     assert!(rejected >= 5, "the first five were written");
@@ -5662,7 +5687,9 @@ async fn ten_thousand_and_one_files_hit_the_file_quota() {
 
 #[tokio::test]
 async fn old_upload_activity_rows_are_swept_and_their_cursor_is_gone() {
-    let svc = Svc::start(&[]).await;
+    // The service's own sweeper (its first pass runs at start-up) must not take the row
+    // before the `sweep` command below does: it keeps activity rows for 30 days.
+    let svc = Svc::start(&[("ACTIVITY_RETENTION", "30d")]).await;
     let (ws, token) = register_poll(&svc.base).await;
     let resp = upload_file(&svc, ws, &token, "a.txt", b"a").await;
     assert_eq!(resp.status(), StatusCode::OK);

@@ -717,11 +717,20 @@ impl Running {
     }
 
     /// SIGSTOP: the process keeps what it holds (its locks, its sockets) and does nothing
-    /// more until it is killed.
+    /// until it is thawed or killed.
     pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT: a frozen process goes on.
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
         let child = self.0.as_ref().expect("running");
         let status = std::process::Command::new("kill")
-            .args(["-STOP", &child.id().to_string()])
+            .args([which, &child.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success());

@@ -979,11 +979,14 @@ async fn a_file_that_keeps_failing_does_not_spin_the_agent() {
     let (_home, dir, ws, token_file) = laptop(&env).await;
     let mut agent = env.spawn_agent(ws, &token_file, &dir, &["--poll-interval", "1s"], true);
     // Its first pass finds nothing (and, before, gave up long polls); the file and the clash
-    // come within its interval.
+    // come within its interval, the agent frozen meanwhile (a slow first pass could read the
+    // pending list after the upload and stage the file before the clash is there).
     tokio::time::sleep(Duration::from_millis(300)).await;
+    agent.freeze();
     let sent = canvas_upload(&env.base(), ws, &[("clash.txt", bytes(10, 2))]).await;
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(staged_path(&dir, sent[0].0, "clash.txt"), b"someone else's").unwrap();
+    agent.thaw();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let out = agent.terminate().await;
     let failures = log_lines(&out.stderr)
@@ -1006,11 +1009,14 @@ async fn a_file_that_failed_is_tried_again_after_the_interval_not_a_long_poll() 
     let (_home, dir, ws, token_file) = laptop(&env).await;
     let mut agent = env.spawn_agent(ws, &token_file, &dir, &["--poll-interval", "1s"], true);
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // Frozen until the clash is there (as in the test above).
+    agent.freeze();
     let data = bytes(10, 3);
     let sent = canvas_upload(&env.base(), ws, &[("clash.txt", data.clone())]).await;
     let staged = staged_path(&dir, sent[0].0, "clash.txt");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(&staged, b"someone else's").unwrap();
+    agent.thaw();
     // The agent's first pass after the upload fails on the clash; then the clash goes.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     std::fs::remove_file(&staged).unwrap();

@@ -1229,15 +1229,17 @@ async fn statements_per_download(extra: &[&str], if_match: Option<&str>) -> (u64
     let db = fresh_db().await;
     let (upstream, via) = crate::wire::split_host(&db);
     let proxy = crate::wire::Proxy::start(upstream).await;
-    let app = TestApp::start_on(via(proxy.port), extra).await;
+    // The long-poll listener's heartbeat (a statement every two DEPENDENCY_TIMEOUTs) must not
+    // fall in a counted window.
+    let extra = [extra, &["--dependency-timeout", "60s"]].concat();
+    let app = TestApp::start_on(via(proxy.port), &extra).await;
     let direct = sqlx::PgPool::connect(&db).await.unwrap();
     let (ws, token) = app.poll_workspace().await;
     let data = bytes(WHOLE_UP_TO as usize, 5);
     let files = vec![("whole.bin".to_string(), data.clone())];
     let fid = file_id(&app.upload_ok(ws, &token, &octet_parts(&files)).await[0]);
     // The upload's long-poll announcement goes out batched, after its answer.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let before = proxy.counts();
+    let before = settled(&proxy).await;
     let mut get = app
         .client
         .get(app.at(&content_path(ws, fid)))
@@ -1265,7 +1267,7 @@ async fn statements_per_download(extra: &[&str], if_match: Option<&str>) -> (u64
     assert!(stamped, "the download was stamped");
     let whole = proxy.counts().since(&before).get(b'E');
 
-    let before = proxy.counts();
+    let before = settled(&proxy).await;
     let resp = app
         .client
         .get(app.at(&content_path(ws, fid)))
@@ -1278,6 +1280,21 @@ async fn statements_per_download(extra: &[&str], if_match: Option<&str>) -> (u64
     assert!(resp.bytes().await.unwrap() == data[1..]);
     tokio::time::sleep(Duration::from_millis(300)).await;
     (whole, proxy.counts().since(&before).get(b'E'))
+}
+
+/// The proxy's counts once no statement has gone through it for 300 ms.
+async fn settled(proxy: &crate::wire::Proxy) -> crate::wire::Counts {
+    let mut before = proxy.counts();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = proxy.counts();
+        let sent = now.since(&before);
+        if sent.get(b'E') + sent.get(b'Q') == 0 {
+            return now;
+        }
+        before = now;
+    }
+    panic!("statements kept going through the proxy for 15 s");
 }
 
 /// A download of a file of up to WHOLE_UP_TO is one statement: the caller check, the row and

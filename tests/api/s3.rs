@@ -1705,6 +1705,22 @@ fn paused_at(body: Vec<u8>, at: usize, ms: u64) -> reqwest::Body {
     reqwest::Body::wrap_stream(stream)
 }
 
+/// `body` sent up to `at`, the rest once `released` fires (or its sender is dropped).
+fn paused_until(
+    body: Vec<u8>,
+    at: usize,
+    released: tokio::sync::oneshot::Receiver<()>,
+) -> reqwest::Body {
+    let body = bytes::Bytes::from(body);
+    let (first, rest) = (body.slice(..at), body.slice(at..));
+    let rest = async move {
+        let _ = released.await;
+        Ok::<_, std::io::Error>(rest)
+    };
+    let stream = futures::stream::iter([Ok(first)]).chain(futures::stream::once(rest));
+    reqwest::Body::wrap_stream(stream)
+}
+
 /// A raw multipart body (boundary `XqzBound`) of `len` bytes, posted to the service at `base`.
 async fn post_raw(
     base: &str,
@@ -1858,17 +1874,21 @@ async fn puts_while_receiving_are_bounded() {
         let base = format!("http://127.0.0.1:{port}");
         let (ws, token) = register_poll(&base).await;
         let body = raw_multipart("XqzBound", &[("a.bin", &bytes(3 << 20, 7))], b"--\r\n");
-        // The first holds the replica's place through its pause; the second comes meanwhile.
+        // The first holds the replica's place through its pause, which lasts until the second
+        // has been answered and counted.
         let len = body.len();
+        let (release, released) = tokio::sync::oneshot::channel();
         let first = async {
-            let paused = paused_at(body.clone(), len / 2, 1500);
+            let paused = paused_until(body.clone(), len / 2, released);
             post_raw(&base, ws, &token, paused, len).await.status()
         };
         let second = async {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let whole = body.clone().into();
             let status = post_raw(&base, ws, &token, whole, len).await.status();
-            (status, metric_value(&scrape_metrics(&base).await, written))
+            let counted = metric_value(&scrape_metrics(&base).await, written);
+            let _ = release.send(());
+            (status, counted)
         };
         let (first, (second, after_second)) = tokio::join!(first, second);
         assert_eq!((first, second), (StatusCode::OK, StatusCode::OK));

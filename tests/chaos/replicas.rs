@@ -122,12 +122,21 @@ async fn run() {
         lost: verify::lost_uploads(&api, &accepted, &acked).await,
         ..Default::default()
     };
-    let still_there: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM pending_uploads WHERE file_id = ANY($1)")
-            .bind(acked.iter().copied().collect::<Vec<_>>())
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    // Rows acked in the run's last second wait for the survivors' next sweep pass (1 s).
+    let acked_ids: Vec<Uuid> = acked.iter().copied().collect();
+    let mut still_there: i64 = 0;
+    for _ in 0..50 {
+        still_there =
+            sqlx::query_scalar("SELECT count(*) FROM pending_uploads WHERE file_id = ANY($1)")
+                .bind(&acked_ids)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if still_there == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     found.half = verify::half_states(&pool, &acked).await;
     let sweep = found.sweep(&configs[0], &pool, &s3).await;
     let idle_tx = verify::idle_in_transaction(&pool).await;
