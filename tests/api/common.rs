@@ -760,13 +760,7 @@ impl Drop for Running {
     }
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use crate::ports::free_port;
 
 /// The binary with a clean environment: only what a test passes reaches it.
 pub fn bin_command(db_url: &str) -> std::process::Command {

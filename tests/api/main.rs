@@ -14,6 +14,8 @@ mod fetch;
 mod fuzz;
 mod graceful;
 mod openapi;
+#[path = "../shared/ports.rs"]
+mod ports;
 mod push;
 mod registry;
 mod s3;

@@ -26,13 +26,7 @@ pub const S3_SECRET_KEY: &str = "chaos-secret-key-0123";
 
 const BIN: &str = env!("CARGO_BIN_EXE_pending-uploads");
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use crate::ports::free_port;
 
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.

@@ -10,6 +10,8 @@ mod load;
 mod orphans;
 mod pg_disk_full;
 mod pg_restart;
+#[path = "../shared/ports.rs"]
+mod ports;
 mod replicas;
 mod s3_fault;
 mod slow_readers;
