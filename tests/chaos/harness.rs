@@ -728,7 +728,7 @@ impl Haproxy {
         let mut cfg = format!(
             "global\n  maxconn 2000\n\n\
              defaults\n  mode http\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n  \
-             timeout http-request 30s\n  retries 2\n  option redispatch\n\n\
+             timeout http-request 30s\n  timeout check 2s\n  retries 2\n  option redispatch\n\n\
              frontend chaos\n  bind 127.0.0.1:{port}\n  default_backend replicas\n\n\
              backend replicas\n  balance roundrobin\n  option httpchk GET /readyz\n  \
              default-server inter 300ms fall 2 rise 2\n"

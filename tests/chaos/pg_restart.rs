@@ -98,7 +98,9 @@ async fn run(mode: &'static str) {
     let back_again_at = rec.now();
     rec.fault_end(RECOVERY);
     probes.fault_end(RECOVERY);
-    tokio::time::sleep(RECOVERY + Duration::from_millis(500)).await;
+    // Long enough for every worker to start an upload after the recovery window (checked
+    // below), however slow its iterations on a loaded machine.
+    tokio::time::sleep(RECOVERY + Duration::from_secs(2)).await;
     let feeds = fleet.stop().await;
     stop_probe.store(true, std::sync::atomic::Ordering::Relaxed);
     prober.await.unwrap();

@@ -254,11 +254,21 @@ async fn outcome_unknown() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let rows: Vec<(Uuid, String, String)> =
-        sqlx::query_as("SELECT file_id, filename, s3_key FROM pending_uploads ORDER BY filename")
-            .fetch_all(&admin)
-            .await
-            .unwrap();
+    // A released backend leaves the wait before its commit is visible to others: the rows
+    // are read until both are there (or 10 s have passed).
+    let mut rows: Vec<(Uuid, String, String)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rows.len() < 2 && Instant::now() < deadline {
+        rows = sqlx::query_as(
+            "SELECT file_id, filename, s3_key FROM pending_uploads ORDER BY filename",
+        )
+        .fetch_all(&admin)
+        .await
+        .unwrap();
+        if rows.len() < 2 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let keys = s3.keys().await;
     let mut served = Vec::new();
     for (file_id, name, _) in &rows {
