@@ -1,9 +1,9 @@
 //! Ports for the services, proxies and servers a test starts and binds later.
 //!
 //! The kernel's `bind(0)` hands out a port from the ephemeral range, and a port the caller
-//! closes again goes back to it: until the child bound it, another test's `bind(0)` could be
-//! given the same one, or a client connection could take it as its local port (both made
-//! the child fail to bind, or answered a readiness probe with another test's service). These
+//! closes again goes back to it: until the child binds it, another test's `bind(0)` can be
+//! given the same one, or a client connection can take it as its local port (either makes
+//! the child fail to bind, or lets a readiness probe reach another test's service). These
 //! ports come from below the ephemeral range (Linux's default starts at 32768), where
 //! neither happens, each at most once in this process, and only one found free.
 
