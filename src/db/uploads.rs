@@ -487,7 +487,15 @@ pub struct Head {
 
 /// What [`get_live_for`] found: the caller refused, or its live row (if any) with the first
 /// bytes read with it.
-pub type LiveFound = Checked<Option<(UploadRow, Option<Vec<u8>>)>>;
+pub type LiveFound = Checked<Option<Live>>;
+
+/// The caller's live row, the first bytes read with it, and whether they are the first piece
+/// of the whole file (the others follow in [`Pieces`]).
+pub struct Live {
+    pub row: UploadRow,
+    pub head: Option<Vec<u8>>,
+    pub whole: bool,
+}
 
 /// The pieces after the first of a file [`get_live_for`] reads whole, as they come (an error
 /// if the read failed half way; cut short, without one, at the deadline).
@@ -512,11 +520,13 @@ pub async fn get_live_for(
 ) -> sqlx::Result<()> {
     let sql = format!(
         "{CALLER_UNSTAMPED}
-         SELECT caller.ok AS caller_ok, caller.stale_token, {P_COLUMNS}, piece.head
+         SELECT caller.ok AS caller_ok, caller.stale_token, {P_COLUMNS}, piece.head,
+                COALESCE(w.whole, false) AS whole
          FROM caller
          LEFT JOIN pending_uploads p ON caller.ok AND p.file_id = $3 AND p.workspace_id = $1
                                         AND p.expires_at > now()
          CROSS JOIN LATERAL (SELECT $4::int IS NOT NULL AND p.s3_key IS NULL
+                                    AND p.content IS NOT NULL
                                     AND p.size_bytes <= $5::int AS whole) w
          CROSS JOIN LATERAL (
              SELECT CASE WHEN $4::int IS NULL OR p.s3_key IS NOT NULL THEN NULL
@@ -541,11 +551,16 @@ pub async fn get_live_for(
     let stale_token: Option<Uuid> = first.try_get("stale_token")?;
     let checked = checked_rows::<UploadRow>(std::slice::from_ref(&first), "file_id")?;
     let bytes: Option<Vec<u8>> = first.try_get("head")?;
+    let whole: bool = first.try_get("whole")?;
     drop(first);
     let mut most = bytes.as_ref().map_or(0, Vec::len);
     found(match checked {
         Checked::Refused => Checked::Refused,
-        Checked::Allowed(row) => Checked::Allowed(row.into_iter().next().map(|r| (r, bytes))),
+        Checked::Allowed(row) => Checked::Allowed(row.into_iter().next().map(|row| Live {
+            row,
+            head: bytes,
+            whole,
+        })),
     });
     let read = async {
         while let Some(row) = rows.try_next().await? {

@@ -27,7 +27,7 @@ use crate::{
     auth::Credential,
     db::{
         self,
-        uploads::{Head, Pieces, UploadRow},
+        uploads::{Head, Live, Pieces, UploadRow},
         Checked, Db,
     },
     fetched::FetchedStamps,
@@ -232,19 +232,12 @@ async fn find(
     match checked {
         Checked::Refused => Err(ApiError::InvalidToken),
         Checked::Allowed(None) => Err(ApiError::UploadNotFound),
-        Checked::Allowed(Some((row, bytes))) => {
-            // Pieces follow when the whole file is read with the row (room was reserved).
-            let whole = reserved.is_some()
-                && row.s3_key.is_none()
-                && row.size_bytes as u64 <= WHOLE_UP_TO
-                && bytes.is_some();
-            Ok(Found {
-                row,
-                head: bytes.map(Bytes::from),
-                rest: whole.then_some(rest),
-                reserved,
-            })
-        }
+        Checked::Allowed(Some(Live { row, head, whole })) => Ok(Found {
+            row,
+            head: head.map(Bytes::from),
+            rest: whole.then_some(rest),
+            reserved,
+        }),
     }
 }
 

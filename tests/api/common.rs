@@ -705,12 +705,8 @@ pub struct Running(pub Option<std::process::Child>);
 impl Running {
     /// SIGTERM, then the exit status and captured output.
     pub async fn terminate(&mut self) -> std::process::Output {
+        self.signal("-TERM");
         let child = self.0.take().expect("running");
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
         tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
             .await
             .unwrap()

@@ -1109,15 +1109,18 @@ async fn a_small_file_is_read_whole_with_its_row() {
     use futures::StreamExt;
     use pending_uploads::{
         auth::hash_token,
-        db::{uploads::Head, Checked},
+        db::{
+            uploads::{Head, Live},
+            Checked,
+        },
         storage::bytea::{READ_CHUNK, WHOLE_PIECE, WHOLE_UP_TO},
     };
     let app = TestApp::start().await;
     let (ws, token) = app.poll_workspace().await;
-    let whole = WHOLE_UP_TO as usize;
+    let whole_up_to = WHOLE_UP_TO as usize;
     let files = vec![
-        ("whole.bin".to_string(), bytes(whole, 1)),
-        ("larger.bin".to_string(), bytes(whole + 1, 2)),
+        ("whole.bin".to_string(), bytes(whole_up_to, 1)),
+        ("larger.bin".to_string(), bytes(whole_up_to + 1, 2)),
     ];
     let out = app.upload_ok(ws, &token, &octet_parts(&files)).await;
     let mut conn = app.pool.acquire().await.unwrap();
@@ -1140,9 +1143,15 @@ async fn a_small_file_is_read_whole_with_its_row() {
         )
         .await
         .unwrap();
-        let Some(Checked::Allowed(Some((_, Some(head))))) = found else {
+        let Some(Checked::Allowed(Some(Live {
+            head: Some(head),
+            whole,
+            ..
+        }))) = found
+        else {
             panic!("no head for {} bytes", data.len());
         };
+        assert_eq!(whole, data.len() <= whole_up_to, "{} bytes", data.len());
         let pieces: Vec<_> = rest.map(Result::unwrap).collect().await;
         let read: Vec<u8> = [&head[..]]
             .into_iter()
@@ -1150,7 +1159,7 @@ async fn a_small_file_is_read_whole_with_its_row() {
             .flatten()
             .copied()
             .collect();
-        let (expected, in_pieces) = if data.len() <= whole {
+        let (expected, in_pieces) = if data.len() <= whole_up_to {
             (data.len(), WHOLE_UP_TO.div_ceil(WHOLE_PIECE) as usize)
         } else {
             (READ_CHUNK as usize, 1)

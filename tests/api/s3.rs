@@ -1691,30 +1691,22 @@ fn raw_multipart(boundary: &str, files: &[(&str, &[u8])], closing: &[u8]) -> Vec
 
 /// `body` sent up to `at`, then the rest after a pause of `ms`.
 fn paused_at(body: Vec<u8>, at: usize, ms: u64) -> reqwest::Body {
-    let body = bytes::Bytes::from(body);
-    let (first, rest) = (body.slice(..at), body.slice(at..));
-    let stream =
-        futures::stream::iter([first, rest])
-            .enumerate()
-            .then(move |(i, chunk)| async move {
-                if i == 1 {
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                }
-                Ok::<_, std::io::Error>(chunk)
-            });
-    reqwest::Body::wrap_stream(stream)
+    // Timed from when the rest is due (the first part sent), not from now.
+    paused_until(body, at, async move {
+        tokio::time::sleep(Duration::from_millis(ms)).await
+    })
 }
 
-/// `body` sent up to `at`, the rest once `released` fires (or its sender is dropped).
+/// `body` sent up to `at`, the rest once `released` is done.
 fn paused_until(
     body: Vec<u8>,
     at: usize,
-    released: tokio::sync::oneshot::Receiver<()>,
+    released: impl std::future::Future + Send + 'static,
 ) -> reqwest::Body {
     let body = bytes::Bytes::from(body);
     let (first, rest) = (body.slice(..at), body.slice(at..));
     let rest = async move {
-        let _ = released.await;
+        released.await;
         Ok::<_, std::io::Error>(rest)
     };
     let stream = futures::stream::iter([Ok(first)]).chain(futures::stream::once(rest));
@@ -1879,7 +1871,7 @@ async fn puts_while_receiving_are_bounded() {
         let len = body.len();
         let (release, released) = tokio::sync::oneshot::channel();
         let first = async {
-            let paused = paused_until(body.clone(), len / 2, released);
+            let paused = paused_until(body.clone(), len / 2, async { released.await.ok() });
             post_raw(&base, ws, &token, paused, len).await.status()
         };
         let second = async {
