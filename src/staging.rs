@@ -622,6 +622,8 @@ async fn write_rows(
         for row in &rows {
             db::uploads::insert(&mut tx, row, db).await?;
         }
+        let digests = db::uploads::set_digests(&mut tx, &rows);
+        in_step(step, "the digests", digests).await?;
         let wait = lock_wait(lock_by, db);
         let admit = db::uploads::admit(&mut tx, workspace_id, token_hash, quota, &rows, wait);
         let admission = in_step(step, "the admission", admit).await?;

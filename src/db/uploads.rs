@@ -11,7 +11,7 @@ use super::{
     tokens::{checked_rows, Checked, CALLER, CALLER_UNSTAMPED},
     Db,
 };
-use crate::{digest::Digester, spool::Spool, storage::Location};
+use crate::{spool::Spool, storage::Location};
 
 /// A row as the fetch, ack and sweep paths need it (never its bytes).
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -56,10 +56,9 @@ const P_COLUMNS: &str = "p.file_id, p.workspace_id, p.size_bytes, p.filename, p.
 const WRITE_COLUMNS: &str =
     "file_id, workspace_id, size_bytes, filename, mimetype, content_sha256, s3_key, content";
 
-/// [`WRITE_COLUMNS`] in the order a COPY sends them: the digest after the bytes, so it can be
-/// taken as they are read back.
-const COPY_COLUMNS: &str =
-    "file_id, workspace_id, size_bytes, filename, mimetype, s3_key, content, content_sha256";
+/// [`WRITE_COLUMNS`] but the digest, as a COPY sends them: the digest is set afterwards
+/// ([`set_digests`]), taken while the server stores the row.
+const COPY_COLUMNS: &str = "file_id, workspace_id, size_bytes, filename, mimetype, s3_key, content";
 
 pub struct NewUpload<'a> {
     pub file_id: Uuid,
@@ -295,6 +294,8 @@ pub async fn log_staged(
 /// spool into `content` with a binary COPY: the service never holds more than one read chunk
 /// of such a file in memory. Each chunk must be taken by the server within `step`: a stalled
 /// server fails the insert (as an I/O error: the connection is then closed, not reused).
+///
+/// A COPY's row goes in without its digest, which [`set_digests`] sets before the commit.
 pub async fn insert(conn: &mut PgConnection, row: &NewUpload<'_>, db: &Db) -> sqlx::Result<()> {
     let step = db.timeout();
     if row.inserts() {
@@ -306,7 +307,7 @@ pub async fn insert(conn: &mut PgConnection, row: &NewUpload<'_>, db: &Db) -> sq
     head.put_slice(b"PGCOPY\n\xff\r\n\0");
     head.put_i32(0); // flags
     head.put_i32(0); // header extension length
-    head.put_i16(8); // fields in the tuple
+    head.put_i16(7); // fields in the tuple
     put_field(&mut head, row.file_id.as_bytes());
     put_field(&mut head, row.workspace_id.as_bytes());
     put_field(&mut head, &(row.spool.size as i64).to_be_bytes());
@@ -319,27 +320,43 @@ pub async fn insert(conn: &mut PgConnection, row: &NewUpload<'_>, db: &Db) -> sq
     // Every row here has inline bytes: one without takes the INSERT (`NewUpload::inserts`).
     head.put_i32(row.spool.size as i32); // content length, then the bytes themselves
     copy.send(head.freeze()).await?;
-    // The digest follows the bytes: unless the spool knows it already, it is taken as they go
-    // (`spool::Hashing::OnReadBack`).
-    let mut digest = row.spool.known_sha256().is_none().then(Digester::default);
     let mut chunks = std::pin::pin!(row.spool.chunks_ahead());
     while let Some(chunk) = chunks.try_next().await? {
-        if let Some(digest) = &mut digest {
-            digest.update(&chunk);
-        }
         tokio::time::timeout(step, copy.send(chunk))
             .await
             .map_err(|_| stalled(step))??;
     }
-    if let Some(digest) = digest {
-        row.spool.record_sha256(digest.finish());
+    copy.send(&(-1i16).to_be_bytes()[..]).await?; // end of data
+                                                  // The server stores the row only now, its TOAST and WAL, for a while (100 MB: ~375 ms
+                                                  // here) during which the service waits: the digest (`spool::Hashing::OnReadBack`) is
+                                                  // taken then, on the spool read once more, instead of on the bytes as they went.
+    let digest = async { row.spool.sha256().await.map_err(sqlx::Error::Io) };
+    tokio::try_join!(finish_copy(copy, db), digest)?;
+    Ok(())
+}
+
+/// Sets the digests of rows that [`insert`] copied in (those that do not
+/// [`NewUpload::inserts`]), one statement for them all; the spools know their digests by then.
+pub async fn set_digests(conn: &mut PgConnection, rows: &[NewUpload<'_>]) -> sqlx::Result<()> {
+    let copied: Vec<&NewUpload> = rows.iter().filter(|r| !r.inserts()).collect();
+    if copied.is_empty() {
+        return Ok(());
     }
-    let sha256 = row.spool.sha256().await?;
-    let mut tail = BytesMut::with_capacity(64);
-    put_field(&mut tail, &sha256);
-    tail.put_i16(-1); // end of data
-    copy.send(tail.freeze()).await?;
-    finish_copy(copy, db).await
+    let mut ids = Vec::with_capacity(copied.len());
+    let mut digests = Vec::with_capacity(copied.len());
+    for row in copied {
+        ids.push(row.file_id);
+        digests.push(row.spool.sha256().await?.to_vec());
+    }
+    sqlx::query(
+        "UPDATE pending_uploads p SET content_sha256 = d.sha256
+         FROM unnest($1::uuid[], $2::bytea[]) AS d(file_id, sha256) WHERE p.file_id = d.file_id",
+    )
+    .bind(ids)
+    .bind(digests)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Ends a COPY and waits for the answer. The server stores a row only once its last byte is
