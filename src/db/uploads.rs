@@ -326,10 +326,11 @@ pub async fn insert(conn: &mut PgConnection, row: &NewUpload<'_>, db: &Db) -> sq
             .await
             .map_err(|_| stalled(step))??;
     }
-    copy.send(&(-1i16).to_be_bytes()[..]).await?; // end of data
-                                                  // The server stores the row only now, its TOAST and WAL, for a while (100 MB: ~375 ms
-                                                  // here) during which the service waits: the digest (`spool::Hashing::OnReadBack`) is
-                                                  // taken then, on the spool read once more, instead of on the bytes as they went.
+    // The end of data. The server stores the row only now, its TOAST and WAL, for a while
+    // (100 MB: ~375 ms here) during which the service waits: the digest
+    // (`spool::Hashing::OnReadBack`) is taken then, on the spool read once more, instead of
+    // on the bytes as they went.
+    copy.send(&(-1i16).to_be_bytes()[..]).await?;
     let digest = async { row.spool.sha256().await.map_err(sqlx::Error::Io) };
     tokio::try_join!(finish_copy(copy, db), digest)?;
     Ok(())
