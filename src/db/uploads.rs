@@ -339,15 +339,13 @@ pub async fn insert(conn: &mut PgConnection, row: &NewUpload<'_>, db: &Db) -> sq
 /// Sets the digests of rows that [`insert`] copied in (those that do not
 /// [`NewUpload::inserts`]), one statement for them all; the spools know their digests by then.
 pub async fn set_digests(conn: &mut PgConnection, rows: &[NewUpload<'_>]) -> sqlx::Result<()> {
-    let copied: Vec<&NewUpload> = rows.iter().filter(|r| !r.inserts()).collect();
-    if copied.is_empty() {
-        return Ok(());
-    }
-    let mut ids = Vec::with_capacity(copied.len());
-    let mut digests = Vec::with_capacity(copied.len());
-    for row in copied {
+    let (mut ids, mut digests) = (Vec::new(), Vec::new());
+    for row in rows.iter().filter(|r| !r.inserts()) {
         ids.push(row.file_id);
         digests.push(row.spool.sha256().await?.to_vec());
+    }
+    if ids.is_empty() {
+        return Ok(());
     }
     sqlx::query(
         "UPDATE pending_uploads p SET content_sha256 = d.sha256
