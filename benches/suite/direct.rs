@@ -4,7 +4,7 @@
 //! benches/direct.py. `calibrate` runs each candidate on calibration cells and picks the
 //! fastest per backend and direction.
 
-use std::{sync::Arc, time::Instant};
+use std::sync::Arc;
 
 use aws_sdk_s3::{
     config::{RequestChecksumCalculation, ResponseChecksumValidation},
@@ -13,7 +13,7 @@ use aws_sdk_s3::{
 use bytes::Bytes;
 use sqlx::{postgres::PgPoolOptions, PgPool};
 
-use crate::harness::{concurrently, human, machine_cpu_ms, mb_per_s, Env};
+use crate::harness::{concurrently, human, in_lanes, mb_per_s, Env};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Dir {
@@ -223,53 +223,47 @@ pub async fn run(
 }
 
 async fn sqlx_run(db: &str, dir: Dir, payload: &Bytes, files: usize, concurrency: usize) -> Moved {
-    let pool = PgPoolOptions::new()
-        .max_connections(concurrency as u32)
-        .connect(db)
-        .await
-        .unwrap();
-    // every lane's connection is open before the clock starts
-    let held = concurrently(concurrency, concurrency, |_| pool.acquire()).await;
-    drop(held);
     let total = payload.len() * files;
-    let (started, cpu) = (Instant::now(), machine_cpu_ms());
-    match dir {
+    // a connection per lane, open before the clock starts
+    let lane = || async {
+        PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .connect(db)
+            .await
+            .unwrap()
+    };
+    let moved = match dir {
         Dir::Up => {
-            concurrently(files, concurrency, |i| {
-                let pool = &pool;
-                async move {
-                    sqlx::query("INSERT INTO direct (id, content) VALUES ($1, $2)")
-                        .bind(i as i64 + 1)
-                        .bind(&payload[..])
-                        .execute(pool)
-                        .await
-                        .unwrap()
-                }
+            in_lanes(files, concurrency, lane, |pool: PgPool, i| async move {
+                sqlx::query("INSERT INTO direct (id, content) VALUES ($1, $2)")
+                    .bind(i as i64 + 1)
+                    .bind(&payload[..])
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                0
             })
-            .await;
+            .await
         }
         Dir::Down => {
-            let lens = concurrently(files, concurrency, |i| {
-                let pool = &pool;
-                async move {
-                    let c: Vec<u8> = sqlx::query_scalar("SELECT content FROM direct WHERE id = $1")
-                        .bind(i as i64 + 1)
-                        .fetch_one(pool)
-                        .await
-                        .unwrap();
-                    c.len()
-                }
+            let lanes = in_lanes(files, concurrency, lane, |pool: PgPool, i| async move {
+                let c: Vec<u8> = sqlx::query_scalar("SELECT content FROM direct WHERE id = $1")
+                    .bind(i as i64 + 1)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                c.len()
             })
             .await;
-            assert_eq!(lens.iter().sum::<usize>(), total);
+            assert_eq!(lanes.out.iter().sum::<usize>(), total);
+            lanes
         }
-    }
-    let moved = Moved {
-        mb_per_s: mb_per_s(total, started.elapsed().as_secs_f64()),
-        cpu_ms: machine_cpu_ms() - cpu,
     };
-    pool.close().await;
-    moved
+    Moved {
+        mb_per_s: mb_per_s(total, moved.secs),
+        cpu_ms: moved.machine_cpu_ms,
+    }
 }
 
 async fn s3_client(env: &Env, tuned: bool) -> (aws_sdk_s3::Client, Arc<String>) {
@@ -296,32 +290,45 @@ async fn sdk_run(
     files: usize,
     concurrency: usize,
 ) -> Moved {
-    let (client, bucket) = s3_client(env, tuned).await;
-    // a connection per lane before the clock starts
-    concurrently(concurrency, concurrency, |_| {
-        client.head_bucket().bucket(bucket.as_str()).send()
-    })
-    .await;
     let total = payload.len() * files;
     let key = |i: usize| format!("{prefix}{i}");
-    let (started, cpu) = (Instant::now(), machine_cpu_ms());
-    match dir {
+    // a client per lane (its connections belong to the lane's runtime), its connection open
+    // before the clock starts
+    let lane = || async {
+        let (client, bucket) = s3_client(env, tuned).await;
+        client
+            .head_bucket()
+            .bucket(bucket.as_str())
+            .send()
+            .await
+            .unwrap();
+        (client, bucket)
+    };
+    let moved = match dir {
         Dir::Up => {
-            concurrently(files, concurrency, |i| {
+            in_lanes(files, concurrency, lane, |(client, bucket), i| {
                 let put = client
                     .put_object()
                     .bucket(bucket.as_str())
                     .key(key(i))
-                    .body(ByteStream::from(payload.clone()));
-                async move { put.send().await.unwrap() }
+                    .body(ByteStream::from(payload.clone()))
+                    .send();
+                async move {
+                    put.await.unwrap();
+                    0
+                }
             })
-            .await;
+            .await
         }
         Dir::Down => {
-            let lens = concurrently(files, concurrency, |i| {
-                let get = client.get_object().bucket(bucket.as_str()).key(key(i));
+            let lanes = in_lanes(files, concurrency, lane, |(client, bucket), i| {
+                let get = client
+                    .get_object()
+                    .bucket(bucket.as_str())
+                    .key(key(i))
+                    .send();
                 async move {
-                    let mut body = get.send().await.unwrap().body;
+                    let mut body = get.await.unwrap().body;
                     let mut n = 0;
                     while let Some(chunk) = body.next().await {
                         n += chunk.unwrap().len();
@@ -330,12 +337,13 @@ async fn sdk_run(
                 }
             })
             .await;
-            assert_eq!(lens.iter().sum::<usize>(), total);
+            assert_eq!(lanes.out.iter().sum::<usize>(), total);
+            lanes
         }
-    }
+    };
     Moved {
-        mb_per_s: mb_per_s(total, started.elapsed().as_secs_f64()),
-        cpu_ms: machine_cpu_ms() - cpu,
+        mb_per_s: mb_per_s(total, moved.secs),
+        cpu_ms: moved.machine_cpu_ms,
     }
 }
 

@@ -9,7 +9,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures::{stream, StreamExt};
+use futures::{future::join_all, stream, StreamExt};
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
@@ -503,6 +503,102 @@ where
         .buffer_unordered(concurrency.max(1))
         .collect()
         .await
+}
+
+/// Runs `work(lane.clone(), i)` for `i` in `0..n` over `concurrency` lanes, each lane with a
+/// client and connection of its own (`setup`, which opens it), on a thread per core: the
+/// lanes are dealt out to at most as many OS threads as the machine has cores, each with a
+/// current-thread runtime, so a transfer's reads, writes and wake-ups stay on one thread.
+/// The clock starts once every lane is set up.
+///
+/// Before, one multi-threaded runtime drove every transfer and handed chunks between its
+/// threads: one 100 MB download through the service read 344–358 MB/s with reqwest so and
+/// 427–478 with reqwest on a thread of its own (curl: 357–480), an S3 download's ratio set by
+/// the bench's client rather than by the service. A thread per lane instead (as
+/// benches/direct.py runs its clients) made the eight lanes of a 1 MiB cell contend for the
+/// two cores: S3 1 MiB x 8 downloads through the service 141 MB/s against 167.
+pub async fn in_lanes<S, T, SetupFut, WorkFut>(
+    n: usize,
+    concurrency: usize,
+    setup: impl Fn() -> SetupFut + Sync,
+    work: impl Fn(S, usize) -> WorkFut + Sync,
+) -> Lanes<T>
+where
+    S: Clone,
+    SetupFut: std::future::Future<Output = S>,
+    WorkFut: std::future::Future<Output = T>,
+    T: Send,
+{
+    let lanes = concurrency.clamp(1, n.max(1));
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let threads = lanes.min(cores);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let ready = std::sync::Barrier::new(threads + 1);
+    let (next, ready, setup, work) = (&next, &ready, &setup, &work);
+    let lane = move |state: S| async move {
+        let mut out = Vec::new();
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if i >= n {
+                return out;
+            }
+            out.push(work(state.clone(), i).await);
+        }
+    };
+    tokio::task::block_in_place(|| {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    // lanes t, t + threads, …
+                    let mine = (t..lanes).step_by(threads).count();
+                    scope.spawn(move || {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .unwrap();
+                        rt.block_on(async {
+                            let states = join_all((0..mine).map(|_| setup())).await;
+                            ready.wait();
+                            join_all(states.into_iter().map(lane)).await
+                        })
+                    })
+                })
+                .collect();
+            ready.wait();
+            let (started, cpu) = (Instant::now(), machine_cpu_ms());
+            let out: Vec<T> = handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .flatten()
+                .collect();
+            Lanes {
+                out,
+                secs: started.elapsed().as_secs_f64(),
+                machine_cpu_ms: machine_cpu_ms() - cpu,
+            }
+        })
+    })
+}
+
+/// What [`in_lanes`] did: each call's result (in lane order), and the seconds and the whole
+/// machine's busy CPU ms from the start of the clock to the last lane's end.
+pub struct Lanes<T> {
+    pub out: Vec<T>,
+    pub secs: f64,
+    pub machine_cpu_ms: f64,
+}
+
+/// A lane's HTTP client for the service, its connection open (`in_lanes`).
+pub async fn lane_http(base: &str) -> reqwest::Client {
+    let http = http_client();
+    let status = http
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert!(status.is_success(), "healthz: {status}");
+    http
 }
 
 /// Times `f`; returns its output and the seconds it took.

@@ -6,8 +6,8 @@
 use crate::{
     direct::{self, Chosen, Dir, Target},
     harness::{
-        download_all, drop_db, fresh_db, human, machine_cpu_ms, mb_per_s, median, payload, settle,
-        sweep_all, timed, upload_all, workspaces, Env, Service, Spec,
+        download, drop_db, fresh_db, human, in_lanes, lane_http, mb_per_s, median, payload, settle,
+        sweep_all, upload, workspaces, Env, Lanes, Service, Spec,
     },
 };
 
@@ -77,20 +77,22 @@ struct Cpu {
     service: f64,
 }
 
-/// `work`, with the CPU it took per MiB of `bytes`.
+/// `lanes`' results and seconds, with the CPU they took per MiB of `bytes`: the machine's
+/// over the clocked window, the service process's over the whole (its lanes' set-up costs it
+/// one /healthz each).
 async fn with_cpu<T>(
     svc: &Service,
     bytes: usize,
-    work: impl std::future::Future<Output = T>,
-) -> (T, Cpu) {
-    let (machine, service) = (machine_cpu_ms(), svc.cpu_ms());
-    let out = work.await;
+    lanes: impl std::future::Future<Output = Lanes<T>>,
+) -> ((Vec<T>, f64), Cpu) {
+    let service = svc.cpu_ms();
+    let lanes = lanes.await;
     let mib = bytes as f64 / (1 << 20) as f64;
     let cpu = Cpu {
-        machine: (machine_cpu_ms() - machine) / mib,
+        machine: lanes.machine_cpu_ms / mib,
         service: (svc.cpu_ms() - service) / mib,
     };
-    (out, cpu)
+    ((lanes.out, lanes.secs), cpu)
 }
 
 pub async fn run(env: &Env, o: &Opts) {
@@ -214,11 +216,22 @@ impl Measured {
         files: usize,
         conc: usize,
     ) {
-        let http = http();
         let total = data.len() * files;
+        let base = svc.base.as_str();
         settle(&target.db).await;
         svc.reset_peak();
-        let upload = timed(upload_all(&http, &svc.base, wss, data, files, conc));
+        let upload = in_lanes(
+            files,
+            conc,
+            || lane_http(base),
+            |http, i| async move {
+                let w = i % wss.len();
+                (
+                    w,
+                    upload(&http, base, &wss[w].id, data, &format!("f{i}.bin")).await,
+                )
+            },
+        );
         let ((ids, secs), cpu) = with_cpu(svc, total, upload).await;
         self.up.push(mb_per_s(total, secs));
         self.up_cpu.push(cpu);
@@ -241,8 +254,18 @@ impl Measured {
 
         settle(&target.db).await;
         svc.reset_peak();
-        let download = timed(download_all(&http, &svc.base, wss, &ids, conc));
-        let ((read, secs), cpu) = with_cpu(svc, total, download).await;
+        let ids = &ids;
+        let download = in_lanes(
+            ids.len(),
+            conc,
+            || lane_http(base),
+            |http, i| async move {
+                let (w, id) = &ids[i];
+                download(&http, base, &wss[*w], id).await
+            },
+        );
+        let ((lens, secs), cpu) = with_cpu(svc, total, download).await;
+        let read: usize = lens.iter().sum();
         assert_eq!(read, total, "service download read fewer bytes");
         self.down.push(mb_per_s(total, secs));
         self.down_cpu.push(cpu);
