@@ -556,9 +556,10 @@ where
                             .enable_all()
                             .build()
                             .unwrap();
+                        let mut arrival = Arrival(Some(ready));
                         rt.block_on(async {
                             let states = join_all((0..mine).map(|_| setup())).await;
-                            ready.wait();
+                            arrival.arrive();
                             join_all(states.into_iter().map(lane)).await
                         })
                     })
@@ -578,6 +579,25 @@ where
             }
         })
     })
+}
+
+/// A lane thread's place at [`in_lanes`]' start: taken when its lanes are set up, or when a
+/// set-up panics (on drop), so the other threads and the clock do not wait for it forever and
+/// the panic reaches the caller through `join`.
+struct Arrival<'a>(Option<&'a std::sync::Barrier>);
+
+impl Arrival<'_> {
+    fn arrive(&mut self) {
+        if let Some(barrier) = self.0.take() {
+            barrier.wait();
+        }
+    }
+}
+
+impl Drop for Arrival<'_> {
+    fn drop(&mut self) {
+        self.arrive();
+    }
 }
 
 /// What [`in_lanes`] did: each call's result (in lane order), and the seconds and the whole
