@@ -512,11 +512,11 @@ where
 /// The clock starts once every lane is set up.
 ///
 /// Before, one multi-threaded runtime drove every transfer and handed chunks between its
-/// threads: one 100 MB download through the service read 344–358 MB/s with reqwest so and
-/// 427–478 with reqwest on a thread of its own (curl: 357–480), an S3 download's ratio set by
-/// the bench's client rather than by the service. A thread per lane instead (as
-/// benches/direct.py runs its clients) made the eight lanes of a 1 MiB cell contend for the
-/// two cores: S3 1 MiB x 8 downloads through the service 141 MB/s against 167.
+/// threads: one 100 MB download through the service read 344–359 MB/s with reqwest so (7 of 8
+/// runs; one 431) and 427–478 with reqwest on a thread of its own (curl: 357–480), an S3
+/// download's ratio set by the bench's client rather than by the service. A thread per lane
+/// instead (as benches/direct.py runs its clients) made the eight lanes of a 1 MiB cell
+/// contend for the two cores: S3 1 MiB x 8 downloads through the service 141 MB/s against 167.
 pub async fn in_lanes<S, T, SetupFut, WorkFut>(
     n: usize,
     concurrency: usize,
