@@ -228,7 +228,6 @@ async fn sqlx_run(db: &str, dir: Dir, payload: &Bytes, files: usize, concurrency
     let lane = || async {
         PgPoolOptions::new()
             .max_connections(1)
-            .min_connections(1)
             .connect(db)
             .await
             .unwrap()
@@ -242,12 +241,12 @@ async fn sqlx_run(db: &str, dir: Dir, payload: &Bytes, files: usize, concurrency
                     .execute(&pool)
                     .await
                     .unwrap();
-                0
+                payload.len()
             })
             .await
         }
         Dir::Down => {
-            let lanes = in_lanes(files, concurrency, lane, |pool: PgPool, i| async move {
+            in_lanes(files, concurrency, lane, |pool: PgPool, i| async move {
                 let c: Vec<u8> = sqlx::query_scalar("SELECT content FROM direct WHERE id = $1")
                     .bind(i as i64 + 1)
                     .fetch_one(&pool)
@@ -255,11 +254,10 @@ async fn sqlx_run(db: &str, dir: Dir, payload: &Bytes, files: usize, concurrency
                     .unwrap();
                 c.len()
             })
-            .await;
-            assert_eq!(lanes.out.iter().sum::<usize>(), total);
-            lanes
+            .await
         }
     };
+    assert_eq!(moved.out.iter().sum::<usize>(), total);
     Moved {
         mb_per_s: mb_per_s(total, moved.secs),
         cpu_ms: moved.machine_cpu_ms,
@@ -315,13 +313,13 @@ async fn sdk_run(
                     .send();
                 async move {
                     put.await.unwrap();
-                    0
+                    payload.len()
                 }
             })
             .await
         }
         Dir::Down => {
-            let lanes = in_lanes(files, concurrency, lane, |(client, bucket), i| {
+            in_lanes(files, concurrency, lane, |(client, bucket), i| {
                 let get = client
                     .get_object()
                     .bucket(bucket.as_str())
@@ -336,11 +334,10 @@ async fn sdk_run(
                     n
                 }
             })
-            .await;
-            assert_eq!(lanes.out.iter().sum::<usize>(), total);
-            lanes
+            .await
         }
     };
+    assert_eq!(moved.out.iter().sum::<usize>(), total);
     Moved {
         mb_per_s: mb_per_s(total, moved.secs),
         cpu_ms: moved.machine_cpu_ms,
