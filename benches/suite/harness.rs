@@ -463,16 +463,25 @@ pub async fn upload_all(
     concurrency: usize,
 ) -> Vec<(usize, String)> {
     concurrently(files, concurrency, |i| {
-        let w = i % wss.len();
-        let ws = &wss[w].id;
-        async move {
-            (
-                w,
-                upload(http, base, ws, payload, &format!("f{i}.bin")).await,
-            )
-        }
+        upload_nth(http, base, wss, payload, i)
     })
     .await
+}
+
+/// Uploads file `i` (`f{i}.bin`) to workspace `i % wss.len()`; returns that index and the file
+/// id.
+pub async fn upload_nth(
+    http: &reqwest::Client,
+    base: &str,
+    wss: &[Ws],
+    payload: &Bytes,
+    i: usize,
+) -> (usize, String) {
+    let w = i % wss.len();
+    (
+        w,
+        upload(http, base, &wss[w].id, payload, &format!("f{i}.bin")).await,
+    )
 }
 
 /// Downloads every file with `concurrency` in flight; returns the bytes read.
@@ -600,8 +609,9 @@ impl Drop for Arrival<'_> {
     }
 }
 
-/// What [`in_lanes`] did: each call's result (in lane order), and the seconds and the whole
-/// machine's busy CPU ms from the start of the clock to the last lane's end.
+/// What [`in_lanes`] did: each call's result (grouped by lane, not in the order of `i`), and
+/// the seconds and the whole machine's busy CPU ms from the start of the clock to the last
+/// lane's end.
 pub struct Lanes<T> {
     pub out: Vec<T>,
     pub secs: f64,

@@ -6,8 +6,8 @@
 use crate::{
     direct::{self, Chosen, Dir, Target},
     harness::{
-        download, drop_db, fresh_db, human, in_lanes, lane_http, mb_per_s, median, payload, settle,
-        sweep_all, upload, workspaces, Env, Lanes, Service, Spec,
+        download, drop_db, fresh_db, http_client, human, in_lanes, lane_http, mb_per_s, median,
+        payload, settle, sweep_all, upload_nth, workspaces, Env, Lanes, Service, Spec,
     },
 };
 
@@ -151,7 +151,7 @@ pub async fn run(env: &Env, o: &Opts) {
             let data = payload(size);
             for &conc in &o.concurrency {
                 let files = o.files_for(size, conc);
-                let wss = workspaces(&http(), &svc.base, o.workspaces.max(1)).await;
+                let wss = workspaces(&http_client(), &svc.base, o.workspaces.max(1)).await;
                 let mut m = Measured::default();
                 for _ in 0..o.rounds.max(1) {
                     m.round(env, &svc, &target, &chosen, &wss, &data, files, conc)
@@ -177,10 +177,6 @@ pub async fn run(env: &Env, o: &Opts) {
         drop_db(&env.server, &db).await;
     }
     print(o, &rows, &used);
-}
-
-fn http() -> reqwest::Client {
-    crate::harness::http_client()
 }
 
 fn chosen_names(c: &Chosen) -> String {
@@ -224,13 +220,7 @@ impl Measured {
             files,
             conc,
             || lane_http(base),
-            |http, i| async move {
-                let w = i % wss.len();
-                (
-                    w,
-                    upload(&http, base, &wss[w].id, data, &format!("f{i}.bin")).await,
-                )
-            },
+            |http, i| async move { upload_nth(&http, base, wss, data, i).await },
         );
         let ((ids, secs), cpu) = with_cpu(svc, total, upload).await;
         self.up.push(mb_per_s(total, secs));
