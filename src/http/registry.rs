@@ -184,10 +184,19 @@ fn take_registration(st: &AppState, client: IpAddr, counted: Counted) -> Result<
 
 /// MAX_WORKSPACES: how many workspaces the registry may hold before a first registration by
 /// a caller with no claim is refused. `known` is the last reading of the table plus what this
-/// replica created since.
+/// replica created since; `taken` the places of such registrations still in their
+/// transactions.
 pub struct WorkspaceCap {
     max: u64,
     known: AtomicU64,
+    taken: AtomicU64,
+}
+
+/// A place for one new workspace under the bound, taken before its registration's
+/// transaction: read before and counted after the commit, 30 first registrations at once all
+/// passed a bound of 3 (a red team). It goes back when dropped, unless [`Place::created`].
+pub struct Place<'a> {
+    cap: &'a WorkspaceCap,
 }
 
 impl WorkspaceCap {
@@ -196,17 +205,23 @@ impl WorkspaceCap {
         WorkspaceCap {
             max,
             known: Default::default(),
+            taken: Default::default(),
         }
     }
 
-    pub fn full(&self) -> bool {
-        self.max > 0 && self.known.load(Ordering::Relaxed) >= self.max
+    /// A place for a new workspace, or `None` when the registry (with the places taken) is
+    /// full.
+    fn take(&self) -> Option<Place<'_>> {
+        let before = self.taken.fetch_add(1, Ordering::AcqRel);
+        let place = Place { cap: self };
+        let room = self.max == 0 || self.known.load(Ordering::Acquire) + before < self.max;
+        room.then_some(place)
     }
 
     /// A reading of the table; true when it has reached the bound.
     pub fn read(&self, workspaces: u64) -> bool {
-        self.known.store(workspaces, Ordering::Relaxed);
-        self.full()
+        self.known.store(workspaces, Ordering::Release);
+        self.max > 0 && workspaces >= self.max
     }
 
     pub fn max(&self) -> u64 {
@@ -214,7 +229,19 @@ impl WorkspaceCap {
     }
 
     fn created(&self) {
-        self.known.fetch_add(1, Ordering::Relaxed);
+        self.known.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+impl Place<'_> {
+    fn created(self) {
+        self.cap.created();
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.cap.taken.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -300,7 +327,11 @@ pub async fn register(
     let secret = auth::new_secret();
     // Only a new row is refused: a stranger's re-registration of an existing workspace gets
     // its 401, as before, not a 503 to retry.
-    let refuse_new = counted == Counted::ClientAndReplica && st.workspace_cap.full();
+    let place = match counted {
+        Counted::ClientAndReplica => st.workspace_cap.take(),
+        _ => None,
+    };
+    let refuse_new = counted == Counted::ClientAndReplica && place.is_none();
     let outcome = st
         .db
         .run(move |c| {
@@ -369,7 +400,10 @@ pub async fn register(
     match outcome {
         Registration::Done(ws, token, created) => {
             if created {
-                st.workspace_cap.created();
+                match place {
+                    Some(place) => place.created(),
+                    None => st.workspace_cap.created(),
+                }
             }
             tracing::info!(workspace_id = %ws.id, delivery_mode = clip(&ws.delivery_mode).as_str(), created, "workspace registered");
             Ok(registered(&ws, token))
@@ -597,4 +631,33 @@ pub async fn revoke_token(
     }
     tracing::info!(workspace_id = %id, %token_id, "token revoked");
     Ok(Json(Revoked { revoked: true }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WorkspaceCap;
+
+    #[test]
+    fn places_in_flight_count_against_the_bound_until_given_back() {
+        let cap = WorkspaceCap::new(3);
+        assert!(!cap.read(1));
+        let a = cap.take().expect("room for two");
+        let b = cap.take().expect("room for one");
+        assert!(cap.take().is_none(), "two in flight fill it");
+        drop(b);
+        let c = cap.take().expect("a place given back is free again");
+        a.created();
+        assert!(cap.take().is_none(), "one created, one in flight");
+        drop(c);
+        let d = cap.take().expect("two counted, room for one");
+        d.created();
+        assert!(cap.take().is_none(), "the created ones stay counted");
+        assert!(!cap.read(2), "a reading below the bound");
+        assert!(cap.take().is_some());
+        assert!(cap.read(3), "a reading at the bound");
+        assert!(cap.take().is_none());
+        let unbounded = WorkspaceCap::new(0);
+        let places: Vec<_> = (0..10).map(|_| unbounded.take()).collect();
+        assert!(places.iter().all(Option::is_some), "0: no bound");
+    }
 }

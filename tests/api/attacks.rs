@@ -5433,6 +5433,41 @@ async fn the_registry_holds_at_most_max_workspaces_strangers_can_create() {
     assert!(!log.contains("request failed"), "{log}");
 }
 
+/// MAX_WORKSPACES was read before a registration's transaction and counted after its commit:
+/// 30 first registrations at once all passed a bound of 3 (a red team). Each takes its place
+/// before its transaction now, and one that creates nothing gives it back.
+#[tokio::test]
+async fn first_registrations_at_once_do_not_pass_max_workspaces() {
+    let svc = Svc::start(&[
+        ("MAX_WORKSPACES", "3"),
+        ("REGISTRATIONS_PER_MINUTE", "1000"),
+        ("REGISTRATIONS_PER_MINUTE_PER_CLIENT", "1000"),
+    ])
+    .await;
+    let client = reqwest::Client::new();
+    let (ws, _) = register_poll(&svc.base).await;
+    // Strangers' re-registrations of it: each takes a place, is refused 401, gives it back.
+    let again = json!({"id": ws});
+    let answers =
+        futures::future::join_all((0..10).map(|_| register(&client, &svc, None, &again))).await;
+    assert!(answers
+        .iter()
+        .all(|r| r.status() == StatusCode::UNAUTHORIZED));
+    let new: Vec<Value> = (0..30).map(|_| json!({"id": Uuid::new_v4()})).collect();
+    let answers =
+        futures::future::join_all(new.iter().map(|b| register(&client, &svc, None, b))).await;
+    let statuses: Vec<StatusCode> = answers.iter().map(|r| r.status()).collect();
+    let created = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    let full = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::SERVICE_UNAVAILABLE)
+        .count();
+    assert_eq!((created, full), (2, 28), "{statuses:?}");
+    assert_eq!(svc.count("workspaces").await, 3);
+    let resp = register(&client, &svc, Some(ADMIN), &json!({"id": Uuid::new_v4()})).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
 /// The budget was one per statement for everyone: one workspace re-fetching its own file
 /// 5,600 times a second took every `upload served` line, and another's downloads went
 /// unlogged (9 of 50 written; a red team), state transitions SPEC §8 wants. Each workspace's
