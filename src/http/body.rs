@@ -275,7 +275,12 @@ pub async fn read_json<T: DeserializeOwned>(body: Body, deadline: Duration) -> R
     }
     let limited = http_body_util::Limited::new(body, MAX_JSON_BYTES);
     let bytes = match tokio::time::timeout(deadline, limited.collect()).await {
-        Err(_) => return Err(ApiError::BodyStalled),
+        // The whole body's deadline, whether it stalled or trickled ("stalled" misled a client
+        // that kept sending).
+        Err(_) => {
+            let secs = deadline.as_secs() + u64::from(deadline.subsec_nanos() > 0);
+            return Err(ApiError::BodyOverdue { secs });
+        }
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             return Err(ApiError::JsonTooLarge {
                 max: MAX_JSON_BYTES as u64,

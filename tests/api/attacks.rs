@@ -3716,11 +3716,31 @@ async fn trickling_and_stalled_bodies_are_cut_and_free_their_slots() {
         .unwrap();
     let raw = String::from_utf8_lossy(&raw);
     assert!(raw.starts_with("HTTP/1.1 408"), "{raw}");
+    let overdue =
+        r#"{"error":"request body too slow: the service waited 2 s in all for its bytes"}"#;
+    assert!(raw.ends_with(overdue), "{raw}");
     assert!(
         started.elapsed() < Duration::from_secs(6),
         "{:?}",
         started.elapsed()
     );
+    // One that keeps coming, a byte every 200 ms, is cut by the same deadline, and says so:
+    // it was told its body had stalled.
+    let head = format!(
+        "POST /registry/register HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n",
+        svc.addr
+    );
+    let (answer, took) = trickle(
+        &svc.addr,
+        head,
+        vec![b' '; 100],
+        1,
+        Duration::from_millis(200),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.ends_with(overdue), "{answer}");
+    assert!(took < Duration::from_secs(6), "{took:?}");
     // A request head that never finishes is cut too (HEADER_READ_TIMEOUT, default 10 s).
     let started = Instant::now();
     let mut sock = TcpStream::connect(&svc.addr).await.unwrap();
