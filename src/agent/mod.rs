@@ -11,6 +11,7 @@ pub mod index;
 use std::{
     io,
     path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -106,6 +107,10 @@ pub enum AgentError {
     /// is in place) rather than ask every few seconds for ever.
     #[error("{0}")]
     TokenRefused(String),
+    /// The platform answered 400 to a long poll (`wait=`): it has none, or a proxy refuses
+    /// the parameter. The pass asks again without it.
+    #[error("the platform refused a long poll (wait=)")]
+    NoLongPoll,
 }
 
 impl AgentError {
@@ -114,7 +119,7 @@ impl AgentError {
         match self {
             AgentError::Retry(_) => Some(Duration::ZERO),
             AgentError::RetryAfter(_, after) => Some(*after),
-            AgentError::Fatal(_) | AgentError::TokenRefused(_) => None,
+            AgentError::Fatal(_) | AgentError::TokenRefused(_) | AgentError::NoLongPoll => None,
         }
     }
 
@@ -299,6 +304,26 @@ async fn json_within<T: DeserializeOwned>(
         .map_err(|e| AgentError::Retry(format!("{what}: answer is not the expected JSON: {e}")))
 }
 
+/// What of an answer's body an error quotes: a log line keeps 256 characters of it.
+const WORDS_MAX: usize = 4096;
+
+/// The start of `resp`'s body, at most [`WORDS_MAX`] bytes, as much as came `within`.
+async fn first_words(resp: reqwest::Response, within: Duration) -> String {
+    let mut words = Vec::new();
+    let mut chunks = resp.bytes_stream();
+    let read = async {
+        while let Some(Ok(chunk)) = chunks.next().await {
+            let room = WORDS_MAX - words.len();
+            words.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if words.len() == WORDS_MAX {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(within, read).await;
+    String::from_utf8_lossy(&words).into_owned()
+}
+
 /// A partial file untouched this long belongs to an upload that no longer exists.
 const PARTIAL_MAX_AGE: Duration = Duration::from_secs(48 * 3600);
 
@@ -316,6 +341,9 @@ pub struct Agent {
     saved: Mutex<u64>,
     /// `--max-rate`, shared by the downloads under way.
     pacer: Option<Pacer>,
+    /// False once the platform refused a long poll: it is polled every interval from then on
+    /// (a pass that failed at every second turn before, a WARN each, for ever).
+    long_poll: AtomicBool,
     /// One agent per DIR (`index::lock_dir`): held, never read, until the agent is dropped.
     _lock: std::fs::File,
 }
@@ -406,6 +434,7 @@ impl Agent {
             }),
             saved: Mutex::new(0),
             pacer: cfg.max_rate.filter(|r| *r > 0).map(Pacer::new),
+            long_poll: AtomicBool::new(true),
             cfg: AgentConfig { dir, ..cfg },
             http,
             _lock: lock,
@@ -438,6 +467,7 @@ impl Agent {
         match resp.status() {
             s if s.is_success() => Ok(Some(json_within(resp, path).await?)),
             StatusCode::GONE => Ok(None),
+            StatusCode::BAD_REQUEST if !wait.is_zero() => Err(AgentError::NoLongPoll),
             _ => {
                 let what = format!(
                     "{} (is --platform-url the platform's base URL?)",
@@ -479,12 +509,15 @@ impl Agent {
         }
     }
 
-    /// The error for a refused token, with the platform's own words.
+    /// The error for a refused token, with the platform's own words: the start of them, read
+    /// within the request's deadline (read whole, an endless 401 took 2.3 GB in 6 s, and one
+    /// that trickled held a download for ever; an audit).
     async fn token_refused(&self, status: StatusCode, resp: reqwest::Response) -> AgentError {
-        let said = resp.text().await.unwrap_or_default();
+        let said = first_words(resp, self.cfg.request_timeout).await;
+        // What to do first: a log line keeps 256 characters, and long words cut it off.
         AgentError::TokenRefused(format!(
-            "the platform refused the token for workspace {} ({status} {}): it was revoked, \
-             or the workspace deleted; mint a new token and restart the agent",
+            "the platform refused the token for workspace {} ({status}): it was revoked, or \
+             the workspace deleted; mint a new token and restart the agent. It said: {}",
             self.cfg.workspace_id,
             crate::logfmt::clip(said.trim()).as_str()
         ))
@@ -531,10 +564,19 @@ impl Agent {
                     Duration::ZERO,
                 ),
             };
-            let Some(rows) = self
-                .get_json_retrying::<Vec<FeedRow>>("activity", &path, waits)
-                .await?
-            else {
+            let asked = self.get_json_retrying::<Vec<FeedRow>>("activity", &path, waits);
+            let Some(rows) = (match asked.await {
+                Err(AgentError::NoLongPoll) => {
+                    self.long_poll.store(false, Ordering::Relaxed);
+                    tracing::warn!(
+                        event = "agent_no_long_poll",
+                        "the platform answered 400 to a long poll (wait=): polling every interval from now on"
+                    );
+                    // `wait` was taken: the same page again, without it.
+                    continue;
+                }
+                asked => asked?,
+            }) else {
                 if cursor.is_none() {
                     // Nothing to reset: asked again at once, it spun (thousands a second).
                     return Err(AgentError::Retry(
@@ -662,7 +704,8 @@ impl Agent {
             // wait; a service that does not answers at once, and the interval is slept then.
             // Not after a failure: what failed is still pending, and a long poll would try it
             // again only when news or the end of its wait answered it (up to 30 s).
-            let wait = match failures > 0 || failed_file {
+            let wait = match failures > 0 || failed_file || !self.long_poll.load(Ordering::Relaxed)
+            {
                 true => None,
                 false => load_cursor(&self.cfg.dir).map(|_| LONG_POLL),
             };

@@ -70,6 +70,14 @@ enum Scenario {
     ForgetfulFeed,
     /// The content answers 401 with words that look like log fields.
     FieldsInWords,
+    /// The feed answers 401 with a body that never ends.
+    RefusedFeedEndlessly,
+    /// The content answers 401 with a body that never ends.
+    RefusedContentEndlessly,
+    /// The content answers 401 with a body that comes a byte every 200 ms.
+    RefusedContentSlowly,
+    /// The feed answers 400 to a long poll (`wait=`), a row to no cursor, nothing new else.
+    NoLongPoll,
 }
 
 const DATA: &[u8] = &[7u8; 10_000];
@@ -86,6 +94,8 @@ struct Fake {
     content: Arc<AtomicUsize>,
     /// Requests that followed a redirect.
     hops: Arc<AtomicUsize>,
+    /// Feed requests that asked to wait (`wait=`).
+    waits: Arc<AtomicUsize>,
 }
 
 fn entry(f: &Fake) -> Value {
@@ -149,6 +159,11 @@ fn refused(f: &Fake, headers: &axum::http::HeaderMap) -> Option<Response> {
 /// What [`Scenario::FieldsInWords`] says: a log line's fields of its own, once unquoted.
 const FORGED: &str = "revoked event=agent_forged file_id=00000000-0000-0000-0000-000000000000";
 
+/// A 401 whose body never ends.
+fn refused_endlessly() -> Response {
+    (StatusCode::UNAUTHORIZED, endless(&[b'x'; 16 * 1024])).into_response()
+}
+
 /// A redirect to the fake itself under another host name (`localhost`): reqwest drops the
 /// token on that hop, and sent it again on the next one, to that host's own `/hop2`.
 fn redirect_away(f: &Fake) -> Response {
@@ -171,7 +186,14 @@ async fn activity(
         return no;
     }
     let cursor = uri.query().is_some_and(|q| q.contains("since_id="));
+    let waits = uri.query().is_some_and(|q| q.contains("wait="));
+    if waits {
+        f.waits.fetch_add(1, Ordering::SeqCst);
+    }
     match f.scenario {
+        Scenario::RefusedFeedEndlessly => refused_endlessly(),
+        Scenario::NoLongPoll if waits => (StatusCode::BAD_REQUEST, "{}").into_response(),
+        Scenario::NoLongPoll if !cursor => axum::Json(json!([{"id": f.file}])).into_response(),
         Scenario::ForgetfulFeed if cursor => (StatusCode::GONE, "{}").into_response(),
         Scenario::ForgetfulFeed => axum::Json(json!([{"id": Uuid::new_v4()}])).into_response(),
         Scenario::DownThenUp if nth < 12 => (StatusCode::SERVICE_UNAVAILABLE, "{}").into_response(),
@@ -226,6 +248,8 @@ async fn content(State(f): State<Fake>, headers: axum::http::HeaderMap) -> Respo
         Scenario::DripContent => drip(DATA).into_response(),
         Scenario::RedirectContent => redirect_away(&f),
         Scenario::FieldsInWords => (StatusCode::UNAUTHORIZED, FORGED).into_response(),
+        Scenario::RefusedContentEndlessly => refused_endlessly(),
+        Scenario::RefusedContentSlowly => (StatusCode::UNAUTHORIZED, drip(DATA)).into_response(),
         Scenario::Duplicate if nth > 0 => {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let cut = futures::stream::iter([
@@ -254,6 +278,7 @@ async fn fake_platform(scenario: Scenario) -> (String, Fake) {
         pending: Default::default(),
         content: Default::default(),
         hops: Default::default(),
+        waits: Default::default(),
     };
     let app = Router::new()
         .route("/workspaces/{ws}/activity", get(activity))
@@ -558,6 +583,51 @@ async fn the_daemon_stops_when_the_platform_refuses_its_token() {
     assert!(
         log.contains("mint a new token") && log.contains("invalid workspace auth token"),
         "{log}"
+    );
+}
+
+/// A refused token's answer was read whole to quote its start: an endless 401 took the
+/// agent's memory (2.3 GB in 6 s), and one that trickled held a download past every deadline
+/// (an audit). Its first 4 KiB are read, within the request's deadline.
+#[tokio::test]
+async fn a_refusals_words_are_read_only_so_far() {
+    for (scenario, extra, quoted) in [
+        (Scenario::RefusedFeedEndlessly, &[][..], "xxxx"),
+        (Scenario::RefusedContentEndlessly, &[][..], "xxxx"),
+        (
+            Scenario::RefusedContentSlowly,
+            &["--request-timeout", "2s"][..],
+            "",
+        ),
+    ] {
+        let (base, fake) = fake_platform(scenario).await;
+        let (_home, dir) = inbox();
+        let out = agent_once_with(&base, fake.ws, &dir, Duration::from_secs(20), extra)
+            .await
+            .expect("the pass ended");
+        assert!(!out.status.success());
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(log.contains("mint a new token"), "{log}");
+        assert!(log.contains(quoted), "the start of its words: {log}");
+    }
+}
+
+/// A platform (or a proxy) that answers 400 to a long poll had the daemon fail every second
+/// pass for ever, a WARN each (an audit): it long-polled again after each pass that
+/// recovered. One refusal and it polls every interval, each pass a success.
+#[tokio::test]
+async fn a_platform_refusing_long_polls_is_polled_plainly() {
+    let (base, fake) = fake_platform(Scenario::NoLongPoll).await;
+    let (home, dir) = inbox();
+    let daemon = daemon(&base, fake.ws, home.path(), &dir, "1s");
+    assert!(finished_within(daemon, Duration::from_secs(7))
+        .await
+        .is_none());
+    assert_eq!(fake.waits.load(Ordering::SeqCst), 1, "asked to wait once");
+    assert!(fake.activity.load(Ordering::SeqCst) >= 5, "polled on");
+    assert!(
+        fake.pending.load(Ordering::SeqCst) >= 4,
+        "every pass read the list"
     );
 }
 
