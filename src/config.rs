@@ -461,44 +461,67 @@ impl ServeArgs {
     /// MAX_STORED_BYTES or MAX_CONNECTIONS_PER_CLIENT). Taken before, it made a replica that
     /// answered nothing or refused every upload: MAX_CONNECTIONS=0 held one connection, so one
     /// long poll kept /healthz waiting; a zero quota answered every upload 429 with a
-    /// Retry-After that never came true (a red team).
+    /// Retry-After that never came true (a red team). And each has a top: a quota is a
+    /// PostgreSQL bigint (2^63 wrapped negative, and every upload got 429 again), and a slot
+    /// count past tokio's semaphore (2^61) or connections past what the descriptor check can
+    /// add up stopped the start-up with a panic (an audit).
     fn bounds_are_places(&self) -> Result<(), String> {
+        let quota = i64::MAX as u64;
         let places = [
-            ("MAX_CONNECTIONS", self.max_connections as u64),
-            ("MAX_CONCURRENT_UPLOADS", self.max_concurrent_uploads as u64),
+            ("MAX_CONNECTIONS", self.max_connections as u64, MAX_PLACES),
+            (
+                "MAX_CONCURRENT_UPLOADS",
+                self.max_concurrent_uploads as u64,
+                MAX_PLACES,
+            ),
             (
                 "MAX_CONCURRENT_UPLOADS_PER_WORKSPACE",
                 self.max_concurrent_uploads_per_workspace as u64,
+                MAX_PLACES,
             ),
             (
                 "MAX_CONCURRENT_PUSH_UPLOADS",
                 self.max_concurrent_push_uploads as u64,
+                MAX_PLACES,
             ),
             (
                 "MAX_CONCURRENT_DOWNLOADS",
                 self.max_concurrent_downloads as u64,
+                MAX_PLACES,
             ),
             (
                 "MAX_CONCURRENT_DOWNLOADS_PER_WORKSPACE",
                 self.max_concurrent_downloads_per_workspace as u64,
+                MAX_PLACES,
             ),
             (
                 "MAX_PENDING_BYTES_PER_WORKSPACE",
                 self.limits.max_pending_bytes_per_workspace,
+                quota,
             ),
             (
                 "MAX_PENDING_FILES_PER_WORKSPACE",
                 self.limits.max_pending_files_per_workspace,
+                quota,
             ),
         ];
-        match places.iter().find(|(_, value)| *value == 0) {
-            Some((name, _)) => Err(format!(
-                "{name}=0: it must be at least 1 (0 is not \"no bound\" here)"
-            )),
-            None => Ok(()),
+        for (name, value, max) in places {
+            if value == 0 {
+                return Err(format!(
+                    "{name}=0: it must be at least 1 (0 is not \"no bound\" here)"
+                ));
+            }
+            if value > max {
+                return Err(format!("{name}={value}: it must be at most {max}"));
+            }
         }
+        Ok(())
     }
 }
+
+/// The most connections or slots of a kind a replica may be given: more than any machine
+/// serves, far below what the arithmetic on them can hold.
+const MAX_PLACES: u64 = 1_000_000;
 
 /// A CORS_ALLOWED_ORIGINS entry as browsers send `Origin` (`scheme://host[:port]`, lower
 /// case, default port left out): the layer echoes an origin only when it is byte-equal to

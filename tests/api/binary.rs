@@ -102,7 +102,7 @@ async fn migrate_applies_the_schema_once() {
 #[tokio::test]
 async fn start_up_refuses_bad_configuration_clearly() {
     let db = fresh_db().await;
-    let cases: [(&str, &str, &str); 27] = [
+    let cases: [(&str, &str, &str); 31] = [
         (
             "PENDING_UPLOADS_BACKEND",
             "s3",
@@ -213,6 +213,28 @@ async fn start_up_refuses_bad_configuration_clearly() {
             "MAX_PENDING_FILES_PER_WORKSPACE",
             "0",
             "MAX_PENDING_FILES_PER_WORKSPACE=0: it must be at least 1",
+        ),
+        // And each has a top: a quota of 2^63 wrapped negative in the database (every upload
+        // 429 again), slot and connection counts that large stopped the start-up with a panic.
+        (
+            "MAX_PENDING_BYTES_PER_WORKSPACE",
+            "9223372036854775808",
+            "MAX_PENDING_BYTES_PER_WORKSPACE=9223372036854775808: it must be at most 9223372036854775807",
+        ),
+        (
+            "MAX_PENDING_FILES_PER_WORKSPACE",
+            "18446744073709551615",
+            "MAX_PENDING_FILES_PER_WORKSPACE=18446744073709551615: it must be at most 9223372036854775807",
+        ),
+        (
+            "MAX_CONCURRENT_DOWNLOADS",
+            "2305843009213693952",
+            "MAX_CONCURRENT_DOWNLOADS=2305843009213693952: it must be at most 1000000",
+        ),
+        (
+            "MAX_CONNECTIONS",
+            "18446744073709551615",
+            "MAX_CONNECTIONS=18446744073709551615: it must be at most 1000000",
         ),
         ("SWEEP_BATCH_SIZE", "-5", "-5 is not in 1..=100000"),
         // Taken before: every upload spooled to disk then answered 503 for ever.
