@@ -282,11 +282,11 @@ pub fn init_tracing(format: &str, lines_per_second: u64) {
         true => lines.json().flatten_event(true).boxed(),
         false => lines.boxed(),
     };
-    let sdk_detail = std::env::var("RUST_LOG").is_ok_and(|v| v.contains(SDK_RUNTIME));
+    let named = sdk_targets_named(&std::env::var("RUST_LOG").unwrap_or_default());
     tracing_subscriber::registry()
         .with(filter)
         .with(tracing_subscriber::filter::filter_fn(move |meta| {
-            sdk_detail || !hides_credentials(meta)
+            !hides_credentials(meta, &named)
         }))
         .with(lines.with_filter(crate::log_budget::LineBudget::new(lines_per_second)))
         .init();
@@ -300,15 +300,31 @@ pub fn init_tracing(format: &str, lines_per_second: u64) {
     }
 }
 
-/// The AWS SDK's request machinery, whose debug and trace lines print its configuration with
-/// the access key id in it (the secret key is redacted).
-const SDK_RUNTIME: &str = "aws_smithy_runtime";
+/// The AWS SDK's crates (`aws_smithy_runtime`, `aws_sigv4`, …), whose debug and trace lines
+/// print the access key id (the request machinery its configuration, the signer its
+/// credentials; the secret key is redacted).
+const SDK: &str = "aws_";
 
-/// A line of [`SDK_RUNTIME`] past `info`: left out unless RUST_LOG names the target itself,
-/// so `RUST_LOG=debug` does not write the S3 access key id into every request's lines (an
-/// operator red team) while one debugging the SDK can still ask for them.
-fn hides_credentials(meta: &tracing::Metadata<'_>) -> bool {
-    *meta.level() > tracing::Level::INFO && meta.target().starts_with(SDK_RUNTIME)
+/// The SDK's targets a RUST_LOG filter names itself (`aws_sigv4=trace` names `aws_sigv4`).
+fn sdk_targets_named(rust_log: &str) -> Vec<String> {
+    rust_log
+        .split(',')
+        .filter_map(|d| d.split(['=', '[']).next())
+        .map(str::trim)
+        .filter(|t| t.starts_with(SDK))
+        .map(String::from)
+        .collect()
+}
+
+/// A line of the SDK's past `info`: left out unless RUST_LOG names its target (or a crate
+/// of it), so `RUST_LOG=debug` or `trace` does not write the S3 access key id into every
+/// request's lines (an operator red team: `aws_smithy_runtime`; an audit: `aws_sigv4` at
+/// trace) while one debugging the SDK can still ask for them.
+fn hides_credentials(meta: &tracing::Metadata<'_>, named: &[String]) -> bool {
+    let target = meta.target();
+    *meta.level() > tracing::Level::INFO
+        && target.starts_with(SDK)
+        && !named.iter().any(|n| target.starts_with(n.as_str()))
 }
 
 /// The log filter when RUST_LOG is unset, blank or unreadable.
