@@ -84,14 +84,18 @@ pub async fn chat_upload(
         Checked::Allowed(None) => return Err(ApiError::WorkspaceNotFound),
         Checked::Allowed(Some((ws, pending))) => (live_workspace(Some(ws))?, pending),
     };
+    let delivery = delivery(Some(&ws.delivery_mode), ws.url.as_deref());
+    // Refused here, before its body: its line and count as a refusal further on has them (a
+    // 413 by its Content-Length or a 429 for its slot wrote nothing; an audit).
+    let staged_in = matches!(delivery, Delivery::Poll).then(|| st.storage.mode().as_str());
+    let refused = |e| upload_rejected(ws.id, who.client, staged_in, e);
     let content_length = declared_length(&headers);
     let max_request_bytes = st.limits.max_request_bytes;
     if content_length.is_some_and(|len| len > max_request_bytes) {
-        return Err(ApiError::RequestTooLarge {
+        return Err(refused(ApiError::RequestTooLarge {
             max: max_request_bytes,
-        });
+        }));
     }
-    let delivery = delivery(Some(&ws.delivery_mode), ws.url.as_deref());
     // Relays have slots of their own: a push workspace slow to answer (anyone can register
     // one) must not take the ones staged uploads need.
     let slots = match delivery {
@@ -100,13 +104,13 @@ pub async fn chat_upload(
     };
     // Held by whatever outlives this handler when the client goes: the staging commit (its
     // own task) or the relay.
-    let slot = slots
-        .acquire(ws.id, who.client)
-        .map_err(|refused| match refused {
+    let slot = slots.acquire(ws.id, who.client).map_err(|no| {
+        refused(match no {
             slots::Refused::Replica => ApiError::UploadCapacity,
             slots::Refused::Workspace => ApiError::WorkspaceBusy,
             slots::Refused::Client => ApiError::ClientBusy,
-        })?;
+        })
+    })?;
     let body = UploadBody::new(body, max_request_bytes, st.deadlines.upload, content_length);
     match delivery {
         Delivery::Poll => {
@@ -187,6 +191,28 @@ impl Drop for Unanswered {
     }
 }
 
+/// An upload's refusal, its one line (SPEC §8), counted when its files were to be staged
+/// (`staged_in`, the backend; a push workspace's relay counts nothing here).
+fn upload_rejected(
+    workspace_id: uuid::Uuid,
+    client: Option<std::net::IpAddr>,
+    staged_in: Option<&'static str>,
+    e: ApiError,
+) -> ApiError {
+    let client = client.map(|c| c.to_string());
+    tracing::info!(
+        event = "failed", %workspace_id, client = client.as_deref(),
+        status = e.status().as_u16(), error = %e, "upload rejected"
+    );
+    if let Some(backend) = staged_in {
+        metrics()
+            .files_staged
+            .with_label_values(&[backend, "rejected"])
+            .inc();
+    }
+    e
+}
+
 /// Whose upload it is: the workspace, the token it came with, and the client address its
 /// share of MAX_STORED_BYTES is counted under (`None`: not counted).
 struct Upload<'a> {
@@ -219,16 +245,7 @@ async fn stage(
     // Every refusal below goes through here: it is the upload's one line.
     let rejected = |e: ApiError| {
         unanswered.disarm();
-        let client = client.map(|c| c.to_string());
-        tracing::info!(
-            event = "failed", workspace_id = %ws.id, client = client.as_deref(),
-            status = e.status().as_u16(), error = %e, "upload rejected"
-        );
-        metrics()
-            .files_staged
-            .with_label_values(&[backend, "rejected"])
-            .inc();
-        e
+        upload_rejected(ws.id, client, Some(backend), e)
     };
     // Cheap early refusal before reading any body; the binding check is in the transaction.
     let quota = st.stager.quota;

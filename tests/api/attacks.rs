@@ -5314,6 +5314,44 @@ async fn huge_part_headers_and_preambles_are_refused_without_buffering_them() {
     assert_eq!(v["files"][0]["mimeType"], "application/octet-stream");
 }
 
+/// An upload refused before its body, by a Content-Length over MAX_REQUEST_BYTES or for its
+/// workspace's upload slots, wrote no line and was not counted, as every refusal after it is
+/// (SPEC §8; an audit: the same body sent chunked was).
+#[tokio::test]
+async fn an_upload_refused_before_its_body_is_logged_and_counted() {
+    let svc = Svc::start(&[
+        ("MAX_REQUEST_BYTES", "1000"),
+        ("MAX_CONCURRENT_UPLOADS_PER_WORKSPACE", "1"),
+    ])
+    .await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let resp = upload_raw(&svc, ws, &token, one_file("XB", "big.bin", &[b'b'; 2000])).await;
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // One upload holds the workspace's slot, its body half sent.
+    let body = one_file("XB", "held.bin", &[b'h'; 500]);
+    let mut held = TcpStream::connect(&svc.addr).await.unwrap();
+    let head = upload_head(&svc, ws, &token, body.len());
+    held.write_all(head.as_bytes()).await.unwrap();
+    held.write_all(&body[..100]).await.unwrap();
+    wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 1.0).await;
+    let resp = upload_raw(&svc, ws, &token, one_file("XB", "second.bin", b"two")).await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let metrics = scrape_metrics(&svc.base).await;
+    let rejected = r#"pending_uploads_files_staged_total{backend="bytea",outcome="rejected"}"#;
+    assert_eq!(metric_value(&metrics, rejected), Some(2.0), "{metrics}");
+    drop(held);
+    let mut svc = svc;
+    let out = svc.running.terminate().await;
+    let log = String::from_utf8_lossy(&out.stderr);
+    let statuses: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["message"] == "upload rejected")
+        .map(|l| l["status"].clone())
+        .collect();
+    assert_eq!(statuses[..2], [json!(413), json!(429)], "{log}");
+}
+
 /// A refused request costs its client nothing and wrote a line: a flood of them wrote as
 /// fast as they came (a resource probe: 492,097 lines, 120 MB, from one client in two
 /// minutes). One log statement now writes at most LOG_LINES_PER_SECOND lines a second; the
