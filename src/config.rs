@@ -416,8 +416,8 @@ pub struct ServeArgs {
     /// refused (503 registry_full): each adds rows nothing removes (up to ~3.6 KB with the
     /// longest name and URL), and a rate alone let the table grow for ever. The admin's
     /// registrations and `POST /workspaces` are not refused. Read from the database every
-    /// 15 s, plus what this replica created since and the places of first registrations in
-    /// flight; 0: no bound.
+    /// 15 s, plus what this replica created since the reading began and the places of first
+    /// registrations in flight; 0: no bound.
     #[arg(long, env = "MAX_WORKSPACES", default_value_t = 1_000_000)]
     pub max_workspaces: u64,
     /// Of those, what one client address may use a minute (an IPv6 client by its /48), as

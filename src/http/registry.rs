@@ -183,12 +183,18 @@ fn take_registration(st: &AppState, client: IpAddr, counted: Counted) -> Result<
 }
 
 /// MAX_WORKSPACES: how many workspaces the registry may hold before a first registration by
-/// a caller with no claim is refused. `known` is the last reading of the table plus what this
-/// replica created since; `taken` the places of such registrations still in their
+/// a caller with no claim is refused. What it holds is the last reading of the table plus
+/// what this replica created since that reading began ([`WorkspaceCap::reading`]): a reading
+/// stored as the whole dropped the workspaces created while it ran, and their room was handed
+/// out again (an audit). `taken` are the places of such registrations still in their
 /// transactions.
 pub struct WorkspaceCap {
     max: u64,
-    known: AtomicU64,
+    /// Workspaces this replica created, ever.
+    created: AtomicU64,
+    /// The last reading less `created` when it began (wrapping): with `created` added, what
+    /// the table holds.
+    offset: AtomicU64,
     taken: AtomicU64,
 }
 
@@ -204,9 +210,16 @@ impl WorkspaceCap {
     pub fn new(max: u64) -> WorkspaceCap {
         WorkspaceCap {
             max,
-            known: Default::default(),
+            created: Default::default(),
+            offset: Default::default(),
             taken: Default::default(),
         }
+    }
+
+    /// What the registry holds, as far as this replica knows.
+    fn known(&self) -> u64 {
+        let offset = self.offset.load(Ordering::Acquire);
+        offset.wrapping_add(self.created.load(Ordering::Acquire))
     }
 
     /// A place for a new workspace, or `None` when the registry (with the places taken) is
@@ -214,13 +227,21 @@ impl WorkspaceCap {
     fn take(&self) -> Option<Place<'_>> {
         let before = self.taken.fetch_add(1, Ordering::AcqRel);
         let place = Place { cap: self };
-        let room = self.max == 0 || self.known.load(Ordering::Acquire) + before < self.max;
+        let room = self.max == 0 || self.known() + before < self.max;
         room.then_some(place)
     }
 
-    /// A reading of the table; true when it has reached the bound.
-    pub fn read(&self, workspaces: u64) -> bool {
-        self.known.store(workspaces, Ordering::Release);
+    /// A reading of the table begins: its mark, for [`WorkspaceCap::read`]. A workspace
+    /// created after the mark stays counted on top of the reading, whether the count saw it
+    /// or not (at worst counted twice until the next reading: refused early, never late).
+    pub fn reading(&self) -> u64 {
+        self.created.load(Ordering::Acquire)
+    }
+
+    /// The reading begun at `mark` found `workspaces`; true when it has reached the bound.
+    pub fn read(&self, workspaces: u64, mark: u64) -> bool {
+        self.offset
+            .store(workspaces.wrapping_sub(mark), Ordering::Release);
         self.max > 0 && workspaces >= self.max
     }
 
@@ -228,8 +249,10 @@ impl WorkspaceCap {
         self.max
     }
 
+    /// A workspace this replica created, whoever asked (the admin's count too: strangers
+    /// passed the bound by what the admin created between readings; an audit).
     fn created(&self) {
-        self.known.fetch_add(1, Ordering::AcqRel);
+        self.created.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -469,6 +492,7 @@ pub async fn create(
         })
         .await?;
     let (ws, token) = created.ok_or(ApiError::WorkspaceExists)?;
+    st.workspace_cap.created();
     tracing::info!(workspace_id = %id, delivery_mode = %ws.delivery_mode, "workspace created");
     Ok(registered(&ws, Some(token)))
 }
@@ -640,7 +664,7 @@ mod tests {
     #[test]
     fn places_in_flight_count_against_the_bound_until_given_back() {
         let cap = WorkspaceCap::new(3);
-        assert!(!cap.read(1));
+        assert!(!cap.read(1, cap.reading()));
         let a = cap.take().expect("room for two");
         let b = cap.take().expect("room for one");
         assert!(cap.take().is_none(), "two in flight fill it");
@@ -652,12 +676,32 @@ mod tests {
         let d = cap.take().expect("two counted, room for one");
         d.created();
         assert!(cap.take().is_none(), "the created ones stay counted");
-        assert!(!cap.read(2), "a reading below the bound");
+        assert!(!cap.read(2, cap.reading()), "a reading below the bound");
         assert!(cap.take().is_some());
-        assert!(cap.read(3), "a reading at the bound");
+        assert!(cap.read(3, cap.reading()), "a reading at the bound");
         assert!(cap.take().is_none());
         let unbounded = WorkspaceCap::new(0);
         let places: Vec<_> = (0..10).map(|_| unbounded.take()).collect();
         assert!(places.iter().all(Option::is_some), "0: no bound");
+    }
+
+    /// A reading stored as the whole dropped what was created while it ran: 20 workspaces
+    /// created during a slow count had their room handed out again (an audit).
+    #[test]
+    fn what_is_created_while_a_reading_runs_stays_counted() {
+        let cap = WorkspaceCap::new(10);
+        assert!(!cap.read(5, cap.reading()));
+        let mark = cap.reading();
+        for _ in 0..5 {
+            cap.take().expect("room").created();
+        }
+        // The count's snapshot came before those commits: it says 5 still.
+        assert!(!cap.read(5, mark));
+        assert!(cap.take().is_none(), "5 read and 5 created since its mark");
+        // The next reading sees them.
+        assert!(cap.read(10, cap.reading()));
+        assert!(cap.take().is_none());
+        assert!(!cap.read(9, cap.reading()), "one removed by the platform");
+        assert!(cap.take().is_some());
     }
 }

@@ -5491,6 +5491,21 @@ async fn the_registry_holds_at_most_max_workspaces_strangers_can_create() {
     assert!(!log.contains("request failed"), "{log}");
 }
 
+/// The admin's `POST /workspaces` was left out of the replica's count: strangers passed
+/// MAX_WORKSPACES by as many workspaces as the admin created between two readings (an audit).
+#[tokio::test]
+async fn workspaces_the_admin_creates_count_against_max_workspaces() {
+    let svc = Svc::start(&[("MAX_WORKSPACES", "3")]).await;
+    let client = reqwest::Client::new();
+    for _ in 0..3 {
+        let resp = admin_create(&svc, json!({"name": "by the platform"})).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    let resp = register(&client, &svc, None, &json!({"id": Uuid::new_v4()})).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(svc.count("workspaces").await, 3);
+}
+
 /// MAX_WORKSPACES was read before a registration's transaction and counted after its commit:
 /// 30 first registrations at once all passed a bound of 3 (a red team). Each takes its place
 /// before its transaction now, and one that creates nothing gives it back.
