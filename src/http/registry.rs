@@ -200,7 +200,7 @@ pub struct WorkspaceCap {
 
 /// A place for one new workspace under the bound, taken before its registration's
 /// transaction: read before and counted after the commit, 30 first registrations at once all
-/// passed a bound of 3 (a red team). It goes back when dropped, unless [`Place::created`].
+/// passed a bound of 3 (an audit). It goes back when dropped, unless [`Place::created`].
 pub struct Place<'a> {
     cap: &'a WorkspaceCap,
 }
