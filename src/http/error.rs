@@ -267,9 +267,14 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         // A full store refuses every upload until the sweeper makes room: its start and end
-        // are logged once each (`crate::stored`), not every refusal.
+        // are logged once each (`crate::stored`), not every refusal. A framework rejection's
+        // 5xx (a transfer coding the service does not take: 501) is the client's doing, not a
+        // failure of the service's (an ERROR line each; an audit).
         if status.is_server_error()
-            && !matches!(self, ApiError::StorageFull | ApiError::RegistryFull)
+            && !matches!(
+                self,
+                ApiError::StorageFull | ApiError::RegistryFull | ApiError::Rejected { .. }
+            )
         {
             tracing::error!(
                 error = crate::logfmt::clip(&format!("{:#}", anyhow_chain(&self))).as_str(),

@@ -2249,6 +2249,11 @@ async fn a_body_in_an_unsupported_transfer_coding_is_a_501() {
     let answer = read_answer(&mut sock).await;
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
     assert_eq!(svc.count("pending_uploads").await, 1);
+    // The client's framing, not the service's failure: no ERROR line (one each before).
+    let mut svc = svc;
+    let out = svc.running.terminate().await;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!log.contains("\"level\":\"ERROR\""), "{log}");
 }
 
 /// What hyper refuses before the router sees a request (a malformed request line or header,
