@@ -210,6 +210,11 @@ impl Pusher {
                 Err(_) => return Err(unreachable("answer cut off")),
             }
         }
+        // A 205 has no content (RFC 9110 §15.3.6): a workspace's bytes after one, relayed,
+        // would be read by a client as the start of its connection's next answer (an audit).
+        if status == StatusCode::RESET_CONTENT {
+            body.clear();
+        }
         let mut out = Response::builder().status(status).extension(Relayed);
         if let Some(ct) = content_type {
             out = out.header(header::CONTENT_TYPE, ct);

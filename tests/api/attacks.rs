@@ -1009,6 +1009,27 @@ async fn a_push_workspaces_empty_refusal_is_relayed_as_it_came() {
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
     assert!(!resp.headers().contains_key(header::CONTENT_LENGTH));
     assert!(!resp.headers().contains_key(header::TRANSFER_ENCODING));
+    // A 205 has no content (RFC 9110 §15.3.6): what a workspace sends after one was relayed,
+    // and a client would read it as its connection's next answer (an audit).
+    let addr = raw_workspace(|mut sock| async move {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(5).any(|w| w == b"--XB-") {
+            match sock.read(&mut buf).await {
+                Ok(n @ 1..) => got.extend_from_slice(&buf[..n]),
+                _ => return,
+            }
+        }
+        let _ = sock
+            .write_all(b"HTTP/1.1 205 Reset Content\r\nContent-Length: 5\r\n\r\nhello")
+            .await;
+    })
+    .await;
+    let (ws, token) = push_workspace_at(&svc, addr).await;
+    let resp = upload_file(&svc, ws, &token, "a.txt", b"a").await;
+    assert_eq!(resp.status(), StatusCode::RESET_CONTENT);
+    assert_eq!(resp.headers()[header::CONTENT_LENGTH], "0");
+    assert_eq!(resp.text().await.unwrap(), "");
 }
 
 #[tokio::test]
