@@ -267,15 +267,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         // A full store refuses every upload until the sweeper makes room: its start and end
-        // are logged once each (`crate::stored`), not every refusal. A framework rejection's
-        // 5xx (a transfer coding the service does not take: 501) is the client's doing, not a
-        // failure of the service's (an ERROR line each; an audit).
-        if status.is_server_error()
-            && !matches!(
-                self,
-                ApiError::StorageFull | ApiError::RegistryFull | ApiError::Rejected { .. }
-            )
-        {
+        // are logged once each (`crate::stored`), not every refusal. A transfer coding the
+        // service does not take (501) is the client's doing, not a failure of the service's
+        // (an ERROR line each; an audit); another framework 5xx still is one.
+        let clients_doing = matches!(self, ApiError::StorageFull | ApiError::RegistryFull)
+            || status == StatusCode::NOT_IMPLEMENTED;
+        if status.is_server_error() && !clients_doing {
             tracing::error!(
                 error = crate::logfmt::clip(&format!("{:#}", anyhow_chain(&self))).as_str(),
                 status = status.as_u16(),
