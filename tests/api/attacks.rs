@@ -341,6 +341,20 @@ async fn push_workspace_at(svc: &Svc, addr: SocketAddr) -> (Uuid, String) {
     )
 }
 
+/// Reads one relayed request of a small upload (boundary `XB`) up to its closing boundary;
+/// false when the connection ended first.
+async fn read_small_upload(sock: &mut TcpStream) -> bool {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(5).any(|w| w == b"--XB-") {
+        match sock.read(&mut buf).await {
+            Ok(n @ 1..) => got.extend_from_slice(&buf[..n]),
+            _ => return false,
+        }
+    }
+    true
+}
+
 /// A 32 MiB upload written on a raw socket by a task of its own, which keeps its write half
 /// open afterwards (an answer must come while the client still sends); the read half.
 async fn big_raw_upload(svc: &Svc, ws: Uuid, token: &str) -> tokio::net::tcp::OwnedReadHalf {
@@ -893,14 +907,9 @@ async fn a_relay_never_goes_out_on_a_connection_an_earlier_one_left() {
     ])
     .await;
     let addr = raw_workspace(|mut sock| async move {
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
         // One request: its head and its (small) body; then nothing more is read.
-        while !got.windows(5).any(|w| w == b"--XB-") {
-            match sock.read(&mut buf).await {
-                Ok(n @ 1..) => got.extend_from_slice(&buf[..n]),
-                _ => return,
-            }
+        if !read_small_upload(&mut sock).await {
+            return;
         }
         let _ = sock
             .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
@@ -1012,13 +1021,8 @@ async fn a_push_workspaces_empty_refusal_is_relayed_as_it_came() {
     // A 205 has no content (RFC 9110 §15.3.6): what a workspace sends after one was relayed,
     // and a client would read it as its connection's next answer (an audit).
     let addr = raw_workspace(|mut sock| async move {
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !got.windows(5).any(|w| w == b"--XB-") {
-            match sock.read(&mut buf).await {
-                Ok(n @ 1..) => got.extend_from_slice(&buf[..n]),
-                _ => return,
-            }
+        if !read_small_upload(&mut sock).await {
+            return;
         }
         let _ = sock
             .write_all(b"HTTP/1.1 205 Reset Content\r\nContent-Length: 5\r\n\r\nhello")
