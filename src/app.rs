@@ -531,10 +531,10 @@ async fn refresh_stored_forever(
             ),
         }
         if workspaces.max() > 0 {
-            let mark = workspaces.reading();
+            workspaces.reading();
             let counted = db.run(|c| Box::pin(db::workspaces::count(c))).await;
             if let Ok(n) = counted {
-                let full = workspaces.read(n.max(0) as u64, mark);
+                let full = workspaces.read(n.max(0) as u64);
                 // Once when refusals start and once when they end, not a line per refusal.
                 if full != registry_full {
                     registry_full = full;

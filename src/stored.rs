@@ -153,9 +153,10 @@ impl Shares {
 /// What this replica knows is kept: the last reading's figure, and what it staged that the
 /// figure may not hold. Commits in flight count whatever the readings say, so a failed one
 /// is given back exactly once, and one that lands while a reading is under way is never
-/// dropped with it.
+/// dropped with it. MAX_WORKSPACES counts its workspaces so too
+/// ([`crate::http::registry::WorkspaceCap`]).
 #[derive(Default)]
-struct Counts {
+pub struct Counts {
     /// Bytes of every row at the last reading.
     read: u64,
     /// Reserved by uploads whose commit has not ended.
@@ -167,11 +168,47 @@ struct Counts {
 }
 
 impl Counts {
-    fn kept(&self) -> u64 {
+    pub fn kept(&self) -> u64 {
         self.read
             .saturating_add(self.in_flight)
             .saturating_add(self.committed_before)
             .saturating_add(self.committed_since)
+    }
+
+    /// `n` more in flight, unless with them what is kept would pass `max` (0: no bound).
+    pub fn hold(&mut self, n: u64, max: u64) -> bool {
+        let fits = max == 0 || self.kept().saturating_add(n) <= max;
+        if fits {
+            self.in_flight = self.in_flight.saturating_add(n);
+        }
+        fits
+    }
+
+    /// `n` held in flight are done with: committed (counted until a reading holds them), or
+    /// given back.
+    pub fn settle(&mut self, n: u64, committed: bool) {
+        self.in_flight = self.in_flight.saturating_sub(n);
+        if committed {
+            self.committed(n);
+        }
+    }
+
+    /// `n` committed that were not held.
+    pub fn committed(&mut self, n: u64) {
+        self.committed_since = self.committed_since.saturating_add(n);
+    }
+
+    /// A reading begins: what was committed so far may be in its figure, what comes after
+    /// may not.
+    pub fn reading_begins(&mut self) {
+        self.committed_before = self.committed_before.saturating_add(self.committed_since);
+        self.committed_since = 0;
+    }
+
+    /// The reading's figure, taken since [`Counts::reading_begins`].
+    pub fn reading_done(&mut self, figure: u64) {
+        self.read = figure;
+        self.committed_before = 0;
     }
 }
 
@@ -200,12 +237,7 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        let mut c = self.stored.counts();
-        c.in_flight = c.in_flight.saturating_sub(self.bytes);
-        if self.committed {
-            c.committed_since = c.committed_since.saturating_add(self.bytes);
-        }
-        drop(c);
+        self.stored.counts().settle(self.bytes, self.committed);
         self.stored.show();
     }
 }
@@ -218,10 +250,7 @@ pub struct Reading<'a> {
 impl Reading<'_> {
     /// The database's figure, taken since [`Stored::reading`].
     pub fn done(self, bytes: u64) {
-        let mut c = self.stored.counts();
-        c.read = bytes;
-        c.committed_before = 0;
-        drop(c);
+        self.stored.counts().reading_done(bytes);
         self.stored.show();
     }
 }
@@ -308,12 +337,7 @@ impl Stored {
                 .take(key, shared, Instant::now())
                 .map_err(|retry_after| Refused::Share { retry_after })?;
         }
-        let mut c = self.counts();
-        let fits = self.max == 0 || c.kept().saturating_add(bytes) <= self.max;
-        if fits {
-            c.in_flight = c.in_flight.saturating_add(bytes);
-        }
-        drop(c);
+        let fits = self.counts().hold(bytes, self.max);
         self.note(!fits);
         self.show();
         if !fits {
@@ -345,9 +369,7 @@ impl Stored {
     /// A reading of every row's bytes begins: [`Reading::done`] with its figure. One that
     /// fails changes nothing: what was committed since the last one done still counts.
     pub fn reading(&self) -> Reading<'_> {
-        let mut c = self.counts();
-        c.committed_before = c.committed_before.saturating_add(c.committed_since);
-        c.committed_since = 0;
+        self.counts().reading_begins();
         Reading { stored: self }
     }
 

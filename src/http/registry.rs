@@ -2,7 +2,7 @@
 
 use std::{
     net::IpAddr,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{Mutex, MutexGuard, PoisonError},
 };
 
 use axum::{extract::State, http::HeaderMap, Extension, Json};
@@ -27,6 +27,7 @@ use crate::{
     },
     logfmt::clip,
     push_target::RegistrationCheck,
+    stored::Counts,
 };
 
 fn validate_mode(mode: Option<&str>) -> Result<Option<DeliveryMode>, ApiError> {
@@ -183,26 +184,22 @@ fn take_registration(st: &AppState, client: IpAddr, counted: Counted) -> Result<
 }
 
 /// MAX_WORKSPACES: how many workspaces the registry may hold before a first registration by
-/// a caller with no claim is refused. What it holds is the last reading of the table plus
-/// what this replica created since that reading began ([`WorkspaceCap::reading`]): a reading
-/// stored as the whole dropped the workspaces created while it ran, and their room was handed
-/// out again (an audit). `taken` are the places of such registrations still in their
-/// transactions.
+/// a caller with no claim is refused. Counted as MAX_STORED_BYTES counts bytes
+/// ([`Counts`]): the last reading of the table, the registrations in their transactions, and
+/// what this replica created that the reading may not hold. Read before a registration and
+/// counted after its commit, 30 first registrations at once all passed a bound of 3; a
+/// reading stored as the whole dropped what was created while it ran; the admin's creations
+/// were not counted (an audit).
 pub struct WorkspaceCap {
     max: u64,
-    /// Workspaces this replica created, ever.
-    created: AtomicU64,
-    /// The last reading less `created` when it began (wrapping): with `created` added, what
-    /// the table holds.
-    offset: AtomicU64,
-    taken: AtomicU64,
+    counts: Mutex<Counts>,
 }
 
 /// A place for one new workspace under the bound, taken before its registration's
-/// transaction: read before and counted after the commit, 30 first registrations at once all
-/// passed a bound of 3 (an audit). It goes back when dropped, unless [`Place::created`].
+/// transaction. It goes back when dropped, unless [`Place::created`].
 pub struct Place<'a> {
     cap: &'a WorkspaceCap,
+    created: bool,
 }
 
 impl WorkspaceCap {
@@ -210,38 +207,34 @@ impl WorkspaceCap {
     pub fn new(max: u64) -> WorkspaceCap {
         WorkspaceCap {
             max,
-            created: Default::default(),
-            offset: Default::default(),
-            taken: Default::default(),
+            counts: Mutex::default(),
         }
     }
 
-    /// What the registry holds, as far as this replica knows.
-    fn known(&self) -> u64 {
-        let offset = self.offset.load(Ordering::Acquire);
-        offset.wrapping_add(self.created.load(Ordering::Acquire))
+    fn counts(&self) -> MutexGuard<'_, Counts> {
+        // Whole after any panic: each update is one call.
+        self.counts.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// A place for a new workspace, or `None` when the registry (with the places taken) is
     /// full.
     fn take(&self) -> Option<Place<'_>> {
-        let before = self.taken.fetch_add(1, Ordering::AcqRel);
-        let place = Place { cap: self };
-        let room = self.max == 0 || self.known() + before < self.max;
-        room.then_some(place)
+        // Made only when held: dropping one gives a place back.
+        let room = self.counts().hold(1, self.max);
+        room.then(|| Place {
+            cap: self,
+            created: false,
+        })
     }
 
-    /// A reading of the table begins: its mark, for [`WorkspaceCap::read`]. A workspace
-    /// created after the mark stays counted on top of the reading, whether the count saw it
-    /// or not (at worst counted twice until the next reading: refused early, never late).
-    pub fn reading(&self) -> u64 {
-        self.created.load(Ordering::Acquire)
+    /// A reading of the table begins ([`WorkspaceCap::read`] with its figure).
+    pub fn reading(&self) {
+        self.counts().reading_begins();
     }
 
-    /// The reading begun at `mark` found `workspaces`; true when it has reached the bound.
-    pub fn read(&self, workspaces: u64, mark: u64) -> bool {
-        self.offset
-            .store(workspaces.wrapping_sub(mark), Ordering::Release);
+    /// The reading found `workspaces`; true when it has reached the bound.
+    pub fn read(&self, workspaces: u64) -> bool {
+        self.counts().reading_done(workspaces);
         self.max > 0 && workspaces >= self.max
     }
 
@@ -249,22 +242,22 @@ impl WorkspaceCap {
         self.max
     }
 
-    /// A workspace this replica created, whoever asked (the admin's count too: strangers
-    /// passed the bound by what the admin created between readings; an audit).
+    /// A workspace this replica created without a place (the admin's, or a workspace's own
+    /// re-registration that found its row gone).
     fn created(&self) {
-        self.created.fetch_add(1, Ordering::AcqRel);
+        self.counts().committed(1);
     }
 }
 
 impl Place<'_> {
-    fn created(self) {
-        self.cap.created();
+    fn created(mut self) {
+        self.created = true;
     }
 }
 
 impl Drop for Place<'_> {
     fn drop(&mut self) {
-        self.cap.taken.fetch_sub(1, Ordering::AcqRel);
+        self.cap.counts().settle(1, self.created);
     }
 }
 
@@ -664,7 +657,8 @@ mod tests {
     #[test]
     fn places_in_flight_count_against_the_bound_until_given_back() {
         let cap = WorkspaceCap::new(3);
-        assert!(!cap.read(1, cap.reading()));
+        cap.reading();
+        assert!(!cap.read(1));
         let a = cap.take().expect("room for two");
         let b = cap.take().expect("room for one");
         assert!(cap.take().is_none(), "two in flight fill it");
@@ -676,9 +670,11 @@ mod tests {
         let d = cap.take().expect("two counted, room for one");
         d.created();
         assert!(cap.take().is_none(), "the created ones stay counted");
-        assert!(!cap.read(2, cap.reading()), "a reading below the bound");
+        cap.reading();
+        assert!(!cap.read(2), "a reading below the bound");
         assert!(cap.take().is_some());
-        assert!(cap.read(3, cap.reading()), "a reading at the bound");
+        cap.reading();
+        assert!(cap.read(3), "a reading at the bound");
         assert!(cap.take().is_none());
         let unbounded = WorkspaceCap::new(0);
         let places: Vec<_> = (0..10).map(|_| unbounded.take()).collect();
@@ -690,18 +686,21 @@ mod tests {
     #[test]
     fn what_is_created_while_a_reading_runs_stays_counted() {
         let cap = WorkspaceCap::new(10);
-        assert!(!cap.read(5, cap.reading()));
-        let mark = cap.reading();
+        cap.reading();
+        assert!(!cap.read(5));
+        cap.reading();
         for _ in 0..5 {
             cap.take().expect("room").created();
         }
         // The count's snapshot came before those commits: it says 5 still.
-        assert!(!cap.read(5, mark));
+        assert!(!cap.read(5));
         assert!(cap.take().is_none(), "5 read and 5 created since its mark");
         // The next reading sees them.
-        assert!(cap.read(10, cap.reading()));
+        cap.reading();
+        assert!(cap.read(10));
         assert!(cap.take().is_none());
-        assert!(!cap.read(9, cap.reading()), "one removed by the platform");
+        cap.reading();
+        assert!(!cap.read(9), "one removed by the platform");
         assert!(cap.take().is_some());
     }
 }

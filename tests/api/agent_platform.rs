@@ -592,12 +592,12 @@ async fn the_daemon_stops_when_the_platform_refuses_its_token() {
 #[tokio::test]
 async fn a_refusals_words_are_read_only_so_far() {
     for (scenario, extra, quoted) in [
-        (Scenario::RefusedFeedEndlessly, &[][..], "xxxx"),
-        (Scenario::RefusedContentEndlessly, &[][..], "xxxx"),
+        (Scenario::RefusedFeedEndlessly, &[][..], Some("xxxx")),
+        (Scenario::RefusedContentEndlessly, &[][..], Some("xxxx")),
         (
             Scenario::RefusedContentSlowly,
             &["--request-timeout", "2s"][..],
-            "",
+            None,
         ),
     ] {
         let (base, fake) = fake_platform(scenario).await;
@@ -608,7 +608,10 @@ async fn a_refusals_words_are_read_only_so_far() {
         assert!(!out.status.success());
         let log = String::from_utf8_lossy(&out.stderr);
         assert!(log.contains("mint a new token"), "{log}");
-        assert!(log.contains(quoted), "the start of its words: {log}");
+        // A trickle's first bytes, if any came within the deadline, are not asserted on.
+        if let Some(quoted) = quoted {
+            assert!(log.contains(quoted), "the start of its words: {log}");
+        }
     }
 }
 
