@@ -20,6 +20,7 @@ pub mod longpoll;
 pub mod metrics;
 pub mod multipart;
 pub mod networks;
+pub mod push_client;
 pub mod push_target;
 pub mod rate;
 pub mod retry;

@@ -6,11 +6,10 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs},
-    sync::Arc,
     time::Duration,
 };
 
-use reqwest::Url;
+use url::Url;
 
 use crate::{
     networks::Networks,
@@ -180,10 +179,28 @@ impl PushPolicy {
         }
     }
 
-    /// The resolver the push client connects through: every resolved address must be allowed.
-    pub fn resolver(self) -> Arc<Resolver> {
-        Arc::new(Resolver { policy: self })
+    /// The addresses the push client may connect to for `name`: every one it resolves to must
+    /// be allowed, or none is used (a name that resolves to an internal address among public
+    /// ones is refused, not filtered).
+    pub async fn resolve(&self, name: &str, port: u16) -> Result<Vec<SocketAddr>, Unresolved> {
+        if is_localhost_name(name) && !self.address_allowed(IpAddr::V4(Ipv4Addr::LOCALHOST)) {
+            return Err(refused("internal address").into());
+        }
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name, port)).await?.collect();
+        if addrs.iter().any(|a| !self.address_allowed(a.ip())) {
+            return Err(refused("name resolves to an internal address").into());
+        }
+        Ok(addrs)
     }
+}
+
+/// Why a push target's name gave no address to connect to.
+#[derive(Debug, thiserror::Error)]
+pub enum Unresolved {
+    #[error(transparent)]
+    Refused(#[from] Refused),
+    #[error("name lookup failed: {0}")]
+    Lookup(#[from] std::io::Error),
 }
 
 /// A URL that the WHATWG parser (the `url` crate) and RFC 3986 parsers (Go's `url.Parse`, the
@@ -275,42 +292,6 @@ fn is_internal_v6(ip: Ipv6Addr) -> bool {
         || seg[..2] == [0x2001, 0] // Teredo 2001::/32: reaches an IPv4 host through a relay
         // ORCHID 2001:10::/28 and ORCHIDv2 2001:20::/28: identifiers, never routed
         || (seg[0] == 0x2001 && (seg[1] & 0xfff0 == 0x10 || seg[1] & 0xfff0 == 0x20))
-}
-
-/// A DNS resolver for the push client that refuses names resolving to internal addresses.
-pub struct Resolver {
-    policy: PushPolicy,
-}
-
-impl reqwest::dns::Resolve for Resolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let policy = self.policy.clone();
-        let name = name.as_str().to_string();
-        Box::pin(async move {
-            if is_localhost_name(&name) && !policy.address_allowed(IpAddr::V4(Ipv4Addr::LOCALHOST))
-            {
-                return Err(Box::new(refused("internal address")) as _);
-            }
-            let addrs: Vec<SocketAddr> =
-                tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
-            if addrs.iter().any(|a| !policy.address_allowed(a.ip())) {
-                return Err(Box::new(refused("name resolves to an internal address")) as _);
-            }
-            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
-        })
-    }
-}
-
-/// Whether a push client error came from this policy (anywhere in its source chain).
-pub fn is_refusal(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if err.downcast_ref::<Refused>().is_some() {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
 }
 
 #[cfg(test)]
@@ -447,16 +428,14 @@ mod tests {
 
     #[tokio::test]
     async fn the_resolver_refuses_names_of_internal_addresses() {
-        use reqwest::dns::Resolve;
-        let r = policy("").resolver();
-        let err = r.resolve("localhost".parse().unwrap()).await.err().unwrap();
-        assert!(is_refusal(&*err));
-        let open = policy("127.0.0.0/8, ::1/128").resolver();
-        let addrs: Vec<_> = open
-            .resolve("localhost".parse().unwrap())
-            .await
-            .unwrap()
-            .collect();
+        let refused = policy("").resolve("localhost", 80).await;
+        assert!(
+            matches!(refused, Err(Unresolved::Refused(_))),
+            "{refused:?}"
+        );
+        let open = policy("127.0.0.0/8, ::1/128");
+        let addrs = open.resolve("localhost", 8080).await.unwrap();
         assert!(!addrs.is_empty());
+        assert!(addrs.iter().all(|a| a.port() == 8080), "{addrs:?}");
     }
 }

@@ -15,16 +15,26 @@ use axum::{
     response::Response,
 };
 use futures::{Stream, StreamExt};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::{
+    body::{Frame, Incoming},
+    client::conn::http1::Connection,
+};
+use hyper_util::rt::TokioIo;
+use tokio::sync::oneshot;
+use tokio_rustls::rustls;
+use url::Url;
 use uuid::Uuid;
 
 use super::{
-    body::{CutFlag, Progress, UploadBody},
+    body::{Progress, UploadBody},
     error::ApiError,
     Relayed,
 };
 use crate::{
     logfmt::clip,
-    push_target::{is_refusal, PushPolicy},
+    push_client::{Io, OpenError, Opened, PushClient, RelayBody, Resettable},
+    push_target::PushPolicy,
     slots::Slot,
 };
 
@@ -47,39 +57,23 @@ const CLIENT_FIRST: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 pub struct Pusher {
-    client: reqwest::Client,
-    policy: PushPolicy,
+    client: PushClient,
     limits: PushLimits,
 }
 
+/// For the TCP connect and the TLS handshake together.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Pusher {
-    pub fn new(policy: PushPolicy, limits: PushLimits) -> reqwest::Result<Pusher> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(limits.timeout)
-            // Sent bytes unacknowledged, or a zero window, for this long end the connection:
-            // what is left of an upload after the answer is out of the watchdog's reach.
-            .tcp_user_timeout(limits.answer_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            // No connection is kept for reuse once its answer is in: the pool would keep one
-            // per workspace address, however many, for 90 s. A client re-registering its URL
-            // to a new port before each upload held a socket per upload, and 20,000 used up
-            // the replica's open files (a red team). A relay's own connection is bounded by
-            // MAX_CONCURRENT_PUSH_UPLOADS; a handshake per upload is its price.
-            .pool_max_idle_per_host(0)
-            // A proxy would resolve names itself, out of reach of the address check.
-            .no_proxy()
-            .dns_resolver(policy.clone().resolver())
-            .build()?;
+    pub fn new(policy: PushPolicy, limits: PushLimits) -> Result<Pusher, rustls::Error> {
         Ok(Pusher {
-            client,
-            policy,
+            client: PushClient::new(policy, CONNECT_TIMEOUT, limits.answer_timeout)?,
             limits,
         })
     }
 
     pub fn policy(&self) -> &PushPolicy {
-        &self.policy
+        self.client.policy()
     }
 
     /// Streams the upload body to the workspace and relays its status, Content-Type and body.
@@ -92,62 +86,78 @@ impl Pusher {
         body: UploadBody,
         slot: Slot,
     ) -> Result<Response, ApiError> {
-        let max_request_bytes = self.limits.max_request_bytes;
-        let base = self.policy.check_url(url).map_err(|e| {
-            tracing::warn!(%workspace_id, url = clip(url).as_str(), reason = e.reason, "push URL refused");
+        let refused = |reason: &str| {
+            tracing::warn!(%workspace_id, url = clip(url).as_str(), reason, "push URL refused");
             ApiError::UrlNotAllowed
-        })?;
-        let target = format!(
+        };
+        let base = self
+            .client
+            .policy()
+            .check_url(url)
+            .map_err(|e| refused(e.reason))?;
+        let target_url = Url::parse(&format!(
             "{}/internal/chat/uploads/ingest",
             base.as_str().trim_end_matches('/')
-        );
+        ))
+        .map_err(|_| refused("not an absolute URL"))?;
         let (cut, progress) = (body.cut_flag(), body.progress());
-        // Held by the upload's body and by the relayed answer both: a workspace that answers
-        // before it has taken the whole upload holds the slot while the relay goes on sending
-        // it, and the answer (up to PUSH_ANSWER_MAX_BYTES, in memory) holds it until sent.
+        let request = ingest_request(&target_url, headers, secret, body)?;
+        // Held by the relay's connection and by the relayed answer both: a workspace that
+        // answers before it has taken the whole upload holds the slot while the relay goes on
+        // sending it, and the answer (up to PUSH_ANSWER_MAX_BYTES, in memory) holds it until
+        // sent.
         let slot = Arc::new(slot);
         let ends_by = tokio::time::Instant::now() + self.limits.timeout;
-        let mut req = self
-            .client
-            .post(&target)
-            .body(reqwest::Body::wrap_stream(holding(
-                until(body, ends_by),
-                slot.clone(),
-            )));
-        for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {
-            if let Some(v) = headers.get(&name) {
-                req = req.header(name, v);
-            }
-        }
-        // Said, not left to the default: a request without Accept-Encoding takes any coding
-        // (RFC 9110 §12.5.3), and an encoded answer is not relayed (`read_answer`).
-        req = req.header(header::ACCEPT_ENCODING, "identity");
-        if let Some(secret) = secret.filter(|s| !s.is_empty()) {
-            req = req.bearer_auth(secret);
-        }
+        let target = target_url.as_str();
         let exchange = async {
-            let resp = req
-                .send()
-                .await
-                .map_err(|e| send_failure(workspace_id, &target, &cut, e, max_request_bytes))?;
-            self.read_answer(workspace_id, resp).await
+            let Opened { mut sender, connection, socket } =
+                self.client.open(&target_url).await.map_err(|e| match e {
+                    OpenError::Refused(r) => {
+                        tracing::warn!(%workspace_id, target = clip(target).as_str(), reason = r.reason, "push address refused at connect time");
+                        ApiError::UrlNotAllowed
+                    }
+                    OpenError::Failed(why) => unreachable_at(workspace_id, target, &why),
+                })?;
+            let relay = Relay::spawn(
+                connection,
+                socket,
+                slot.clone(),
+                ends_by,
+                progress.clone(),
+                workspace_id,
+            );
+            let sent = async {
+                sender.ready().await?;
+                sender.send_request(request).await
+            };
+            let resp = sent.await.map_err(|e| {
+                match cut.get() {
+                    // Our own cut of the client's body (cap, deadline) is its fault.
+                    Some(cut) => cut.answer(self.limits.max_request_bytes),
+                    None => unreachable_at(workspace_id, target, &causes(e)),
+                }
+            })?;
+            let answer = self.read_answer(workspace_id, resp).await?;
+            Ok::<_, ApiError>((answer, relay))
         };
-        let mut answer = tokio::select! {
+        let (mut answer, relay) = tokio::select! {
             answer = exchange => answer?,
             why = falls_behind(progress.clone(), self.limits.answer_timeout) => {
-                tracing::warn!(%workspace_id, target = clip(&target).as_str(), reason = why, "push delivery failed");
-                return Err(ApiError::WorkspaceUnreachable);
+                return Err(unreachable_at(workspace_id, target, why));
+            }
+            _ = tokio::time::sleep_until(ends_by) => {
+                return Err(unreachable_at(workspace_id, target, "the push ran past PUSH_TIMEOUT"));
             }
         };
         if !progress.ended() {
             // An answer before the whole upload was taken (a refusal, say): the client's
-            // connection closes after it, so the rest of its upload ends there and the relay
-            // of it (in the client's connection task, out of this watchdog's reach) with it.
-            // A workspace that stops reading the rest is cut by TCP_USER_TIMEOUT.
+            // connection closes after it, so the rest of its upload ends there, and the relay
+            // of it within PUSH_TIMEOUT and BODY_MIN_RATE (`Relay`).
             answer
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        relay.answered();
         // The answer is read whole: it goes out with its length, not chunked as the slot's
         // stream would send it (an HTTP/1.0 client cannot take a chunked answer on a connection
         // it keeps: its next request was dropped; the protocol red team). Not a 204's, which
@@ -170,7 +180,7 @@ impl Pusher {
     async fn read_answer(
         &self,
         workspace_id: Uuid,
-        mut resp: reqwest::Response,
+        mut resp: hyper::Response<Incoming>,
     ) -> Result<Response, ApiError> {
         let code = resp.status().as_u16();
         let unreachable = |reason: &str| {
@@ -195,19 +205,27 @@ impl Pusher {
             return Err(unreachable("an encoded answer: the relay asks for none"));
         }
         let max = self.limits.answer_max_bytes;
-        if resp.content_length().is_some_and(|len| len > max) {
+        if http_body::Body::size_hint(resp.body())
+            .exact()
+            .is_some_and(|len| len > max)
+        {
             return Err(unreachable("answer over PUSH_ANSWER_MAX_BYTES"));
         }
         let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
         let mut body = bytes::BytesMut::new();
         loop {
-            match resp.chunk().await {
-                Ok(Some(chunk)) if (body.len() + chunk.len()) as u64 > max => {
-                    return Err(unreachable("answer over PUSH_ANSWER_MAX_BYTES"))
+            match resp.body_mut().frame().await {
+                Some(Ok(frame)) => {
+                    let Ok(chunk) = frame.into_data() else {
+                        continue; // trailers: not relayed
+                    };
+                    if (body.len() + chunk.len()) as u64 > max {
+                        return Err(unreachable("answer over PUSH_ANSWER_MAX_BYTES"));
+                    }
+                    body.extend_from_slice(&chunk);
                 }
-                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
-                Ok(None) => break,
-                Err(_) => return Err(unreachable("answer cut off")),
+                None => break,
+                Some(Err(_)) => return Err(unreachable("answer cut off")),
             }
         }
         // A 205 has no content (RFC 9110 §15.3.6): a workspace's bytes after one, relayed,
@@ -222,30 +240,6 @@ impl Pusher {
         out.body(Body::from(body.freeze()))
             .map_err(ApiError::internal)
     }
-}
-
-/// The upload `body` relayed until `deadline` (PUSH_TIMEOUT after the relay began), then an
-/// error: reqwest's own timeout ends with the workspace's answer, and what is left of an
-/// upload after an early answer, taken slowly by its workspace, would otherwise hold the slot
-/// for as long as the client keeps BODY_MIN_RATE. An error, not an end: a chunked body must
-/// not look whole to the workspace.
-fn until(
-    body: UploadBody,
-    deadline: tokio::time::Instant,
-) -> impl Stream<Item = <UploadBody as Stream>::Item> {
-    futures::stream::unfold(Some(body), move |body| async move {
-        let mut body = body?;
-        // Checked first: a body whose bytes are there when asked (its workspace, not its
-        // client, being the slow side) would otherwise never time out.
-        let next = match tokio::time::Instant::now() < deadline {
-            true => tokio::time::timeout_at(deadline, body.next()).await.ok(),
-            false => None,
-        };
-        match next {
-            Some(item) => item.map(|item| (item, Some(body))),
-            None => Some((Err("the push ran past PUSH_TIMEOUT".into()), None)),
-        }
-    })
 }
 
 /// `stream`, holding `slot` until it is dropped.
@@ -281,39 +275,134 @@ async fn falls_behind(progress: Progress, answer_timeout: Duration) -> &'static 
             tokio::time::sleep(answer_timeout).await;
             return "no whole answer within PUSH_ANSWER_TIMEOUT";
         }
-        let late = |due| tokio::time::Instant::now() > due + CLIENT_FIRST;
-        if progress.rate_due_at().is_some_and(late) {
-            return "the workspace stopped taking the upload";
+        if stopped_taking(&progress) {
+            return STOPPED_TAKING;
         }
     }
 }
 
-/// Why a push could not be delivered, as the client should hear it: our own cut of its body
-/// (cap, deadline) is its fault; an address the policy refused is a 400; else 502.
-fn send_failure(
-    workspace_id: Uuid,
-    target: &str,
-    cut: &CutFlag,
-    e: reqwest::Error,
-    max_request_bytes: u64,
-) -> ApiError {
-    if let Some(cut) = cut.get() {
-        return cut.answer(max_request_bytes);
+const STOPPED_TAKING: &str = "the workspace stopped taking the upload";
+
+/// Has the workspace taken the upload slower than the client must send it, past
+/// [`CLIENT_FIRST`]? (A client too slow itself is cut first, as its body is being read.)
+fn stopped_taking(progress: &Progress) -> bool {
+    let late = |due| tokio::time::Instant::now() > due + CLIENT_FIRST;
+    progress.rate_due_at().is_some_and(late)
+}
+
+/// The relay's connection to a push workspace, driven in a task of its own. Until the answer
+/// is in, the exchange's own bounds apply and dropping this ends the connection at once (the
+/// socket reset, the rest of the upload dropped, the slot let go). After, the relay of what is
+/// left of the upload goes on alone until it ends, PUSH_TIMEOUT passes, the workspace takes it
+/// slower than BODY_MIN_RATE, or TCP_USER_TIMEOUT ends a connection it stopped reading.
+struct Relay {
+    task: tokio::task::JoinHandle<()>,
+    socket: Arc<Resettable>,
+    answered: Option<oneshot::Sender<()>>,
+}
+
+impl Relay {
+    fn spawn(
+        connection: Connection<TokioIo<Box<dyn Io>>, RelayBody>,
+        socket: Resettable,
+        slot: Arc<Slot>,
+        ends_by: tokio::time::Instant,
+        progress: Progress,
+        workspace_id: Uuid,
+    ) -> Relay {
+        let (answered, answer_in) = oneshot::channel::<()>();
+        let bounds = async move {
+            // Dropped unsent: the exchange failed, and this task is aborted.
+            if answer_in.await.is_err() {
+                return std::future::pending().await;
+            }
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(ends_by) => return "the push ran past PUSH_TIMEOUT",
+                    _ = tick.tick() => if stopped_taking(&progress) { return STOPPED_TAKING },
+                }
+            }
+        };
+        let socket = Arc::new(socket);
+        let cut = socket.clone();
+        let task = tokio::spawn(async move {
+            let _slot = slot;
+            tokio::select! {
+                _ = connection => {}
+                reason = bounds => {
+                    cut.reset_on_close();
+                    tracing::warn!(%workspace_id, reason, "push relay cut after the workspace's answer");
+                }
+            }
+        });
+        Relay {
+            task,
+            socket,
+            answered: Some(answered),
+        }
     }
-    if is_refusal(&e) {
-        tracing::warn!(%workspace_id, target = clip(target).as_str(), "push address refused at connect time");
-        return ApiError::UrlNotAllowed;
+
+    /// The workspace's answer is in: the relay goes on by itself, within its bounds.
+    fn answered(mut self) {
+        if let Some(tx) = self.answered.take() {
+            let _ = tx.send(());
+        }
     }
-    tracing::warn!(%workspace_id, target = clip(target).as_str(), error = clip(&causes(e)).as_str(), "push delivery failed");
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if self.answered.is_some() {
+            self.socket.reset_on_close();
+            self.task.abort();
+        }
+    }
+}
+
+/// The request to a workspace's ingest endpoint: the upload as the client sent it (its
+/// Content-Type and Content-Length), no coding asked for, the workspace's secret.
+fn ingest_request(
+    target: &Url,
+    headers: &HeaderMap,
+    secret: Option<&str>,
+    body: UploadBody,
+) -> Result<hyper::Request<RelayBody>, ApiError> {
+    let host = target.host_str().unwrap_or_default();
+    let authority = match target.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_string(),
+    };
+    let mut req = hyper::Request::post(target.path())
+        .header(header::HOST, authority)
+        .header(header::ACCEPT, "*/*")
+        // Said, not left to the default: a request without Accept-Encoding takes any coding
+        // (RFC 9110 §12.5.3), and an encoded answer is not relayed (`read_answer`).
+        .header(header::ACCEPT_ENCODING, "identity");
+    for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {
+        if let Some(v) = headers.get(&name) {
+            req = req.header(name, v);
+        }
+    }
+    if let Some(secret) = secret.filter(|s| !s.is_empty()) {
+        let bearer =
+            HeaderValue::try_from(format!("Bearer {secret}")).map_err(ApiError::internal)?;
+        req = req.header(header::AUTHORIZATION, bearer);
+    }
+    let body = StreamBody::new(body.map(|chunk| chunk.map(Frame::data)));
+    req.body(body.boxed_unsync()).map_err(ApiError::internal)
+}
+
+/// A push that could not be delivered: logged (the target clipped: SPEC §10, at most 256 chars
+/// of a client's string per line), and 502 for the client.
+fn unreachable_at(workspace_id: Uuid, target: &str, why: &str) -> ApiError {
+    tracing::warn!(%workspace_id, target = clip(target).as_str(), reason = clip(why).as_str(), "push delivery failed");
     ApiError::WorkspaceUnreachable
 }
 
-/// A push client error for the log: its causes, without the URL. reqwest's own text is the
-/// kind and the whole URL ("error sending request for url (...)"), and the URL is the
-/// client's (up to the 64 KiB registration body), so it goes; `target` carries it clipped
-/// (SPEC §10: at most 256 chars of a client's string per line).
-fn causes(e: reqwest::Error) -> String {
-    format!("{:#}", anyhow::Error::new(e.without_url()))
+/// A push client error for the log: its causes.
+fn causes(e: hyper::Error) -> String {
+    format!("{:#}", anyhow::Error::new(e))
 }
 
 #[cfg(test)]

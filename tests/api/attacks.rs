@@ -583,15 +583,14 @@ async fn a_workspace_switched_between_push_and_poll_keeps_one_bound() {
 /// that accepts the connection and never reads held the upload's slot for PUSH_TIMEOUT
 /// once the socket buffers were full (the client's own deadlines only run while its body is
 /// being read). Now 502 soon after the rate falls behind; the client, which sent at full
-/// speed, is not blamed (no 408). The slot comes back when TCP_USER_TIMEOUT (PUSH_ANSWER_TIMEOUT)
-/// ends the stuck connection, which holds the rest of the upload until then.
+/// speed, is not blamed (no 408). The slot comes back then: the relay resets its connection to
+/// the workspace (until stop 57, only TCP_USER_TIMEOUT, PUSH_ANSWER_TIMEOUT, ended it).
 #[tokio::test]
 async fn a_push_workspace_that_stops_reading_the_upload_is_cut() {
     let svc = Svc::start(&[
         ("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32"),
         ("BODY_RATE_GRACE", "1s"),
         ("BODY_MIN_RATE", "4000000"),
-        // Also the TCP_USER_TIMEOUT that ends the stuck connection, and the slot with it.
         ("PUSH_ANSWER_TIMEOUT", "1s"),
     ])
     .await;
@@ -763,8 +762,8 @@ async fn a_push_upload_whose_client_cuts_its_body_short_is_a_400() {
 /// went out, the slot came back, and both connections stayed open for good (review: three such
 /// uploads in a row, each past a per-workspace cap of 1, all still open 15 s later). Now the
 /// slot is held until the relay lets go of the upload, the client's connection closes after
-/// the answer (`Connection: close`), and a workspace that stops reading is cut by
-/// TCP_USER_TIMEOUT (PUSH_ANSWER_TIMEOUT).
+/// the answer (`Connection: close`), and a workspace that stops reading is cut (at BODY_MIN_RATE,
+/// or by TCP_USER_TIMEOUT, PUSH_ANSWER_TIMEOUT).
 #[tokio::test]
 async fn a_push_workspace_that_answers_early_cannot_keep_the_relay() {
     let svc = Svc::start(&[
@@ -3883,9 +3882,9 @@ async fn a_slow_push_workspace_does_not_make_its_client_overdue() {
 
 /// A push workspace that answers at once and then takes the rest of the upload slowly (above
 /// BODY_MIN_RATE, from a fast client) holds the upload's slot only until PUSH_TIMEOUT, at the
-/// relay's next write after it: the relay after the answer is out of reqwest's timeout and of
-/// the watchdog, and before, a 32 MiB upload read at 2 MiB/s held its slot for 16 s against a
-/// PUSH_TIMEOUT of 2 s (at BODY_MIN_RATE, 3.6 hours for 100 MiB).
+/// latest: the relay after the answer was once out of every deadline, and a 32 MiB upload read
+/// at 2 MiB/s held its slot for 16 s against a PUSH_TIMEOUT of 2 s (at BODY_MIN_RATE, 3.6 hours
+/// for 100 MiB).
 #[tokio::test]
 async fn a_push_workspace_that_answers_early_and_reads_slowly_lets_go_at_push_timeout() {
     let svc = Svc::start(&[
@@ -3912,6 +3911,206 @@ async fn a_push_workspace_that_answers_early_and_reads_slowly_lets_go_at_push_ti
     let answer = answer_head(&mut rx).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     // wait_for_metric gives up after ~6 s.
+    wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 0.0).await;
+}
+
+/// What a push workspace receives, head and body, as its own server reads it: the relay writes
+/// its own request (its own connection, not a pooled client's), so each header is pinned here —
+/// the target's path under the URL's, a Host with the port and an IPv6 address in brackets, the
+/// workspace's secret, no coding asked for, the client's Content-Type and Content-Length.
+#[tokio::test]
+async fn a_push_workspace_receives_the_upload_as_sent() {
+    let svc = Svc::start(&[("PUSH_ALLOWED_NETWORKS", "::1/128")]).await;
+    let listener = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (got, seen) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut req = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !req.windows(6).any(|w| w == b"--XB--") {
+            match sock.read(&mut buf).await {
+                Ok(n @ 1..) => req.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+        let answer = "HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}";
+        sock.write_all(answer.as_bytes()).await.unwrap();
+        let _ = got.send(req);
+    });
+    let resp = admin_create(
+        &svc,
+        json!({"name": "six", "url": format!("http://{addr}/base/")}),
+    )
+    .await;
+    let created: Value = resp.json().await.unwrap();
+    let ws: Uuid = created["id"].as_str().unwrap().parse().unwrap();
+    let token = created["auth_token"].as_str().unwrap();
+    let secret = created["platform_inbound_secret"].as_str().unwrap();
+    let body = one_file("XB", "six.txt", b"over IPv6");
+    let resp = upload_raw(&svc, ws, token, body.clone()).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let req = tokio::time::timeout(Duration::from_secs(10), seen)
+        .await
+        .unwrap()
+        .unwrap();
+    let split = req.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8(req[..split].to_vec()).unwrap();
+    let mut lines = head.split("\r\n");
+    assert_eq!(
+        lines.next(),
+        Some("POST /base/internal/chat/uploads/ingest HTTP/1.1")
+    );
+    let mut headers: Vec<String> = lines.map(|l| l.to_ascii_lowercase()).collect();
+    headers.sort();
+    let mut want = vec![
+        format!("host: [::1]:{}", addr.port()),
+        "accept: */*".to_string(),
+        "accept-encoding: identity".to_string(),
+        format!("authorization: bearer {}", secret.to_ascii_lowercase()),
+        "content-type: multipart/form-data; boundary=xb".to_string(),
+        format!("content-length: {}", body.len()),
+    ];
+    want.sort();
+    assert_eq!(headers, want);
+    assert_eq!(&req[split + 4..], &body[..], "the body byte for byte");
+}
+
+/// An `https` push URL is spoken to in TLS (a ClientHello first), and a workspace that cannot
+/// complete the handshake is 502 `workspace unreachable`.
+#[tokio::test]
+async fn an_https_push_workspace_is_spoken_to_in_tls() {
+    let svc = Svc::start(&[("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32")]).await;
+    let (first, firsts) = tokio::sync::mpsc::unbounded_channel();
+    let addr = raw_workspace(move |mut sock| {
+        let first = first.clone();
+        async move {
+            let mut buf = [0u8; 16];
+            if let Ok(n @ 1..) = sock.read(&mut buf).await {
+                let _ = first.send(buf[..n].to_vec());
+            }
+            let _ = sock
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                .await;
+        }
+    })
+    .await;
+    let resp = admin_create(
+        &svc,
+        json!({"name": "tls", "url": format!("https://{addr}")}),
+    )
+    .await;
+    let created: Value = resp.json().await.unwrap();
+    let ws: Uuid = created["id"].as_str().unwrap().parse().unwrap();
+    let token = created["auth_token"].as_str().unwrap();
+    let resp = upload_raw(&svc, ws, token, one_file("XB", "a.txt", b"a")).await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        resp.text().await.unwrap(),
+        r#"{"error":"workspace unreachable"}"#
+    );
+    let mut firsts = firsts;
+    let hello = firsts.recv().await.unwrap();
+    // A TLS record of type handshake (22), version 3.x.
+    assert_eq!(&hello[..2], &[22, 3], "{hello:?}");
+}
+
+/// A raw push workspace that answers 200 as soon as the upload's head is in, then reads the
+/// rest `chunk` bytes every `every` (never, for 0). Each connection's end, as the workspace
+/// sees it (its read gives 0 or fails), is sent on the receiver.
+async fn answers_at_once_then_reads(
+    chunk: usize,
+    every: Duration,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Instant>) {
+    let (closed, closes) = tokio::sync::mpsc::unbounded_channel();
+    let addr = raw_workspace(move |mut sock| {
+        let closed = closed.clone();
+        async move {
+            let mut buf = vec![0u8; chunk.max(4096)];
+            let _ = sock.read(&mut buf[..4096]).await;
+            let answer =
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+            let _ = sock.write_all(answer.as_bytes()).await;
+            if chunk == 0 {
+                // Reads nothing more; sees the connection end as an error on a write.
+                let started = Instant::now();
+                while started.elapsed() < Duration::from_secs(60) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if sock.write_all(b"x").await.is_err() {
+                        break;
+                    }
+                }
+            } else {
+                while matches!(sock.read(&mut buf[..chunk]).await, Ok(n) if n > 0) {
+                    tokio::time::sleep(every).await;
+                }
+            }
+            let _ = closed.send(Instant::now());
+        }
+    })
+    .await;
+    (addr, closes)
+}
+
+/// The same, read slower than the bytes buffered between the relay and the workspace (hyper's
+/// write buffer and the sockets', most of a MB) drain: the relay ran in a pooled client's
+/// connection task, which went on sending them after PUSH_TIMEOUT and held the slot meanwhile
+/// (an audit: 30 MB read at 6.5 KB/s held it ~130 s against PUSH_TIMEOUT=20s). The relay owns
+/// its connection now, and closes it at PUSH_TIMEOUT.
+#[tokio::test]
+async fn a_push_workspace_reading_slowly_after_its_answer_loses_the_relay_at_push_timeout() {
+    let svc = Svc::start(&[
+        ("PUSH_TIMEOUT", "2s"),
+        ("BODY_RATE_GRACE", "1s"),
+        ("BODY_MIN_RATE", "1024"),
+        ("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32"),
+    ])
+    .await;
+    // 40 KB/s, well above BODY_MIN_RATE.
+    let (addr, mut closes) = answers_at_once_then_reads(4096, Duration::from_millis(100)).await;
+    let (ws, token) = push_workspace_at(&svc, addr).await;
+    let started = Instant::now();
+    let mut rx = big_raw_upload(&svc, ws, &token).await;
+    let answer = answer_head(&mut rx).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let closed = tokio::time::timeout(Duration::from_secs(15), closes.recv())
+        .await
+        .expect("the relay's connection closed")
+        .unwrap();
+    let held = closed - started;
+    assert!(
+        held < Duration::from_secs(5),
+        "the relay went on for {held:?} against PUSH_TIMEOUT=2s"
+    );
+    wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 0.0).await;
+}
+
+/// A push workspace that answers at once and then stops reading the rest is cut as one that
+/// stops before answering is: at BODY_MIN_RATE (after BODY_RATE_GRACE, plus a second), not
+/// when TCP_USER_TIMEOUT (PUSH_ANSWER_TIMEOUT, 30 s here) or PUSH_TIMEOUT ends its connection.
+#[tokio::test]
+async fn a_push_workspace_that_stops_reading_after_its_answer_loses_the_relay() {
+    let svc = Svc::start(&[
+        ("BODY_RATE_GRACE", "1s"),
+        ("BODY_MIN_RATE", "4000000"),
+        ("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32"),
+    ])
+    .await;
+    let (addr, mut closes) = answers_at_once_then_reads(0, Duration::ZERO).await;
+    let (ws, token) = push_workspace_at(&svc, addr).await;
+    let started = Instant::now();
+    let mut rx = big_raw_upload(&svc, ws, &token).await;
+    let answer = answer_head(&mut rx).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let closed = tokio::time::timeout(Duration::from_secs(40), closes.recv())
+        .await
+        .expect("the relay's connection closed")
+        .unwrap();
+    let held = closed - started;
+    assert!(
+        held < Duration::from_secs(8),
+        "the relay went on for {held:?} after the workspace stopped reading"
+    );
     wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 0.0).await;
 }
 
