@@ -195,12 +195,11 @@ impl Pusher {
         }
         // Only Content-Type is relayed, so an encoded body reached the client as bytes it
         // could not read (a red team's gzip answer). The relay asks for `identity`: a
-        // workspace that encodes anyway is answering something else.
-        if resp
-            .headers()
-            .get_all(header::CONTENT_ENCODING)
-            .iter()
-            .any(|v| !matches!(v.as_bytes().trim_ascii(), b"" | b"identity"))
+        // workspace that encodes anyway is answering something else. So is one that codes its
+        // body in transfer (`Transfer-Encoding: gzip, chunked`): the connection takes the
+        // chunks off, not the gzip (an audit).
+        if codings(resp.headers(), header::CONTENT_ENCODING).any(|c| c != "identity")
+            || codings(resp.headers(), header::TRANSFER_ENCODING).any(|c| c != "chunked")
         {
             return Err(unreachable("an encoded answer: the relay asks for none"));
         }
@@ -248,6 +247,17 @@ fn holding<S: Stream>(stream: S, slot: Arc<Slot>) -> impl Stream<Item = S::Item>
         let _held = &slot;
         chunk
     })
+}
+
+/// The codings a header lists (RFC 9110 §8.4, §10.1.4: comma-separated, case-insensitive),
+/// lowercased, empty elements left out.
+fn codings(headers: &HeaderMap, name: header::HeaderName) -> impl Iterator<Item = String> + '_ {
+    headers
+        .get_all(name)
+        .into_iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|c| String::from_utf8_lossy(c.trim_ascii()).to_ascii_lowercase())
+        .filter(|c| !c.is_empty())
 }
 
 /// The status relayed for a workspace's: a final status, an unrecognised one as the x00 of

@@ -991,6 +991,39 @@ async fn a_push_workspace_answer_in_an_encoding_is_not_relayed() {
     }
 }
 
+/// A body coded in transfer is coded too: `Transfer-Encoding: gzip, chunked` has the
+/// connection take off the chunks and leave the gzip, and the relay sent those bytes on as the
+/// answer (an audit). Now a 502, as for `Content-Encoding`; plain chunked is relayed.
+#[tokio::test]
+async fn a_push_workspace_answer_coded_in_transfer_is_not_relayed() {
+    let svc = Svc::start(&[("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32")]).await;
+    for (coding, relayed) in [
+        ("gzip, chunked", StatusCode::BAD_GATEWAY),
+        ("GZIP,chunked", StatusCode::BAD_GATEWAY),
+        ("chunked", StatusCode::OK),
+        ("Chunked", StatusCode::OK),
+    ] {
+        let addr = raw_workspace(move |mut sock| async move {
+            if read_small_upload(&mut sock).await {
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                     Transfer-Encoding: {coding}\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n"
+                );
+                let _ = sock.write_all(answer.as_bytes()).await;
+            }
+        })
+        .await;
+        let (ws, token) = push_workspace_at(&svc, addr).await;
+        let resp = upload_file(&svc, ws, &token, "a.txt", b"a").await;
+        assert_eq!(resp.status(), relayed, "{coding}");
+        let body = resp.text().await.unwrap();
+        match relayed {
+            StatusCode::OK => assert_eq!(body, "{}", "{coding}"),
+            _ => assert_eq!(body, r#"{"error":"workspace unreachable"}"#, "{coding}"),
+        }
+    }
+}
+
 /// A push workspace's own empty 400 reaches the client as the workspace sent it. Relayed
 /// answers now carry their length, and such an answer, a connection's first, read as hyper's
 /// own rejection of a malformed request: the client got `{"error":"malformed HTTP request"}`,
