@@ -101,6 +101,14 @@ pub struct DbArgs {
 
 impl DbArgs {
     pub fn validate(&self) -> Result<(), String> {
+        // sqlx reads any URL as PostgreSQL's: `mysql://…` got as far as its connect (an audit).
+        // The value is not echoed: it may hold a password.
+        let scheme = self.database_url.0.split_once("://").map(|(s, _)| s);
+        if !scheme.is_some_and(|s| {
+            s.eq_ignore_ascii_case("postgres") || s.eq_ignore_ascii_case("postgresql")
+        }) {
+            return Err("DATABASE_URL must be a postgres:// or postgresql:// URL".into());
+        }
         let timeout = [("DEPENDENCY_TIMEOUT", self.dependency_timeout)];
         deadline_range(&timeout, Duration::from_millis(10), "10ms")
     }
@@ -154,12 +162,21 @@ pub struct StorageArgs {
     /// waits for its receive to end. 0 turns it off.
     #[arg(long, env = "S3_PUTS_WHILE_RECEIVING", default_value_t = 1)]
     pub s3_puts_while_receiving: usize,
-    /// S3 endpoint (standard AWS variable); unset means AWS itself.
-    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    /// S3 endpoint (standard AWS variable), an http or https URL; unset means AWS itself.
+    #[arg(long, env = "AWS_ENDPOINT_URL", value_parser = endpoint_url)]
     pub aws_endpoint_url: Option<String>,
     /// Region (standard AWS variable); defaults to us-east-1 when the chain has none.
     #[arg(long, env = "AWS_REGION")]
     pub aws_region: Option<String>,
+}
+
+/// An S3 endpoint: an absolute http(s) URL with a host. Taken as it came before, `notaurl`
+/// started a replica whose every S3 request failed (503s) (an audit).
+fn endpoint_url(raw: &str) -> Result<String, String> {
+    match url::Url::parse(raw) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => Ok(raw.to_string()),
+        _ => Err("not an absolute http or https URL".into()),
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -102,7 +102,7 @@ async fn migrate_applies_the_schema_once() {
 #[tokio::test]
 async fn start_up_refuses_bad_configuration_clearly() {
     let db = fresh_db().await;
-    let cases: [(&str, &str, &str); 31] = [
+    let cases: [(&str, &str, &str); 34] = [
         (
             "PENDING_UPLOADS_BACKEND",
             "s3",
@@ -244,6 +244,23 @@ async fn start_up_refuses_bad_configuration_clearly() {
             "SPOOL_DIR /proc cannot hold spool files",
         ),
         ("LOG_FORMAT", "xml", "invalid value 'xml'"),
+        // Each taken before, and failing only as it was used (an audit): S3 requests 503 at
+        // every upload, a MySQL URL sent to PostgreSQL's connect. A URL's password is not shown.
+        (
+            "AWS_ENDPOINT_URL",
+            "notaurl",
+            "invalid value 'notaurl' for '--aws-endpoint-url <AWS_ENDPOINT_URL>': not an absolute http or https URL",
+        ),
+        (
+            "AWS_ENDPOINT_URL",
+            "ftp://127.0.0.1:21",
+            "not an absolute http or https URL",
+        ),
+        (
+            "DATABASE_URL",
+            "mysql://app:hunter2@127.0.0.1:3306/app",
+            "DATABASE_URL must be a postgres:// or postgresql:// URL",
+        ),
     ];
     for (var, value, message) in cases {
         let out = command(&db)
@@ -254,6 +271,7 @@ async fn start_up_refuses_bad_configuration_clearly() {
             .unwrap();
         assert!(!out.status.success(), "{var}={value} must not start");
         let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("hunter2"), "{var}: a password shown: {err}");
         // clap's own refusals are plain text; ours, under LOG_FORMAT=json, one `fatal` line.
         let fatal = log_lines(&out.stderr)
             .iter()
