@@ -39,7 +39,12 @@ pub struct BackfillReport {
     pub skipped: u64,
     pub failed: u64,
     pub elapsed_ms: u64,
+    /// Why the run stopped before the end (`s3_unavailable`); null when it went through.
+    pub stopped: Option<&'static str>,
 }
+
+/// `BackfillReport::stopped` when S3 stopped answering.
+pub const S3_UNAVAILABLE: &str = "s3_unavailable";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
@@ -145,14 +150,15 @@ pub async fn backfill(
             // large table, a red team). The run stops; rows copied so far stay copied, and a
             // rerun takes up the rest.
             if unavailable >= opts.concurrency.max(1) {
-                bar.finish_and_clear();
-                anyhow::bail!(
-                    "S3 unavailable for {unavailable} rows in a row: stopping ({} migrated, {} \
-                     skipped, {} failed so far; run backfill again once S3 answers)",
-                    report.migrated,
-                    report.skipped,
-                    report.failed
+                tracing::error!(
+                    rows_in_a_row = unavailable,
+                    migrated = report.migrated,
+                    skipped = report.skipped,
+                    failed = report.failed,
+                    "S3 unavailable: backfill stopping"
                 );
+                report.stopped = Some(S3_UNAVAILABLE);
+                break;
             }
             bar.inc(row.size_bytes as u64);
             bar.set_message(format!(
@@ -160,6 +166,9 @@ pub async fn backfill(
                 report.migrated + report.skipped + report.failed,
                 rows_total
             ));
+        }
+        if report.stopped.is_some() {
+            break;
         }
         tracing::info!(
             migrated = report.migrated,

@@ -375,7 +375,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             // /tmp is small spooled the service's uploads elsewhere, but not the backfill's.
             let spool_dir = crate::app::spool_dir(spool_dir)?;
             let report = crate::backfill::backfill(&db, &storage, &spool_dir, &opts).await?;
+            // The summary goes out however the run ended, so a script reads what was done.
             println!("{}", serde_json::to_string(&report)?);
+            if report.stopped == Some(crate::backfill::S3_UNAVAILABLE) {
+                anyhow::bail!(
+                    "S3 unavailable for {} rows in a row: stopped ({} migrated, {} skipped, {} \
+                     failed so far; run backfill again once S3 answers)",
+                    opts.concurrency.max(1),
+                    report.migrated,
+                    report.skipped,
+                    report.failed
+                );
+            }
             if report.failed > 0 {
                 anyhow::bail!(
                     "{} rows failed to copy; run backfill again to retry them",

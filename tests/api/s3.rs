@@ -2633,4 +2633,10 @@ async fn contract_and_backfill_give_up_on_a_frozen_s3_at_once() {
     assert!(err.contains("S3 unavailable for 4 rows in a row"), "{err}");
     // 64 rows, four at a time, each its DEPENDENCY_TIMEOUT: 16 s and more before.
     assert!(took < Duration::from_secs(8), "backfill took {took:?}");
+    // Its summary on stdout all the same (before: stdout empty, the counts only in the error).
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: stdout {:?}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(report["stopped"], "s3_unavailable", "{report}");
+    assert_eq!(report["rows_total"], 64, "{report}");
+    assert_eq!(report["migrated"], 0, "{report}");
 }
