@@ -99,6 +99,15 @@ impl PushClient {
         let roots = rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };
+        Self::with_roots(policy, roots, connect_timeout, stalled_after)
+    }
+
+    fn with_roots(
+        policy: PushPolicy,
+        roots: rustls::RootCertStore,
+        connect_timeout: Duration,
+        stalled_after: Duration,
+    ) -> Result<Self, rustls::Error> {
         // The provider named: with both of rustls's providers compiled in (the AWS SDK brings
         // the other) it will not pick one itself.
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -202,4 +211,109 @@ async fn connect_any(addrs: Vec<SocketAddr>, each: Duration) -> Result<TcpStream
         }
     }
     Err(OpenError::Failed(last))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::{rustls::pki_types::PrivateKeyDer, TlsAcceptor};
+
+    use super::*;
+
+    /// What the TLS workspace saw of its one connection: SNI, ALPN, the request head.
+    type Seen = Arc<Mutex<Option<(Option<String>, Option<Vec<u8>>, String)>>>;
+
+    /// An HTTPS workspace on loopback with a certificate of its own for `localhost`, answering
+    /// one request `200 ok`; and the root that certificate chains to.
+    async fn tls_workspace() -> (u16, rustls::RootCertStore, Seen) {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.cert.der().clone()).unwrap();
+        let key = PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen: Seen = Arc::default();
+        let saw = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    continue; // a client that refused the certificate
+                };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(n @ 1..) => head.extend_from_slice(&buf[..n]),
+                        _ => break,
+                    }
+                }
+                let (_, conn) = tls.get_ref();
+                *saw.lock().unwrap() = Some((
+                    conn.server_name().map(String::from),
+                    conn.alpn_protocol().map(<[u8]>::to_vec),
+                    String::from_utf8_lossy(&head).into_owned(),
+                ));
+                let _ = tls
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                let _ = tls.shutdown().await;
+            }
+        });
+        (port, roots, seen)
+    }
+
+    fn loopback_policy() -> PushPolicy {
+        PushPolicy::new("127.0.0.0/8, ::1/128".parse().unwrap(), 4, 100)
+    }
+
+    /// An `https` push URL is spoken to over TLS, its name sent (SNI) and checked against the
+    /// certificate, HTTP/1.1 agreed (ALPN); a certificate no root vouches for is refused.
+    #[tokio::test]
+    async fn https_targets_are_reached_over_verified_tls() {
+        let (port, roots, seen) = tls_workspace().await;
+        let url: Url = format!("https://localhost:{port}/ingest").parse().unwrap();
+        let second = Duration::from_secs(1);
+        let trusting = PushClient::with_roots(loopback_policy(), roots, second, second).unwrap();
+        let Opened {
+            mut sender,
+            connection,
+            ..
+        } = trusting.open(&url).await.unwrap();
+        tokio::spawn(connection);
+        let body = http_body_util::Empty::<Bytes>::new()
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let req = hyper::Request::post("/ingest")
+            .header("host", format!("localhost:{port}"))
+            .body(body)
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let answer = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&answer[..], b"ok");
+        let (sni, alpn, head) = seen.lock().unwrap().take().unwrap();
+        assert_eq!(sni.as_deref(), Some("localhost"));
+        assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+        assert!(head.starts_with("POST /ingest HTTP/1.1\r\n"), "{head}");
+
+        // The same workspace, with only the public roots: its certificate is nobody's.
+        let public = PushClient::new(loopback_policy(), second, second).unwrap();
+        match public.open(&url).await {
+            Err(OpenError::Failed(why)) => assert!(why.starts_with("TLS handshake"), "{why}"),
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("an unknown certificate was taken"),
+        }
+    }
 }
