@@ -454,12 +454,13 @@ fn raise_fd_limit() -> Option<u64> {
 fn warn_if_too_few_descriptors(args: &ServeArgs, limit: Option<u64>) {
     // Client connections, the database's (requests' and the pool's), an upload's spool
     // files (its files' shared one, and the last file's when its PUT follows the receive)
-    // and S3 connection, a push relay's connection to its workspace (none is kept after its
-    // answer), and room for the rest (the listener, logs).
+    // and S3 connection, a push relay's connection to its workspace and the second handle
+    // that resets it (none is kept after the relay), and room for the rest (the listener,
+    // logs).
     let needed = args.max_connections as u64
         + 2 * u64::from(args.db.database_max_connections)
         + 3 * args.max_concurrent_uploads as u64
-        + args.max_concurrent_push_uploads as u64
+        + 2 * args.max_concurrent_push_uploads as u64
         + 256;
     if let Some(limit) = limit.filter(|l| *l < needed) {
         tracing::warn!(
