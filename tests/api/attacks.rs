@@ -4092,30 +4092,13 @@ async fn answers_at_once_then_reads(
 /// its connection now, and closes it at PUSH_TIMEOUT.
 #[tokio::test]
 async fn a_push_workspace_reading_slowly_after_its_answer_loses_the_relay_at_push_timeout() {
-    let svc = Svc::start(&[
-        ("PUSH_TIMEOUT", "2s"),
-        ("BODY_RATE_GRACE", "1s"),
-        ("BODY_MIN_RATE", "1024"),
-        ("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32"),
-    ])
-    .await;
+    let settings = [("PUSH_TIMEOUT", "2s"), ("BODY_MIN_RATE", "1024")];
     // 40 KB/s, well above BODY_MIN_RATE.
-    let (addr, mut closes) = answers_at_once_then_reads(4096, Duration::from_millis(100)).await;
-    let (ws, token) = push_workspace_at(&svc, addr).await;
-    let started = Instant::now();
-    let mut rx = big_raw_upload(&svc, ws, &token).await;
-    let answer = answer_head(&mut rx).await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let closed = tokio::time::timeout(Duration::from_secs(15), closes.recv())
-        .await
-        .expect("the relay's connection closed")
-        .unwrap();
-    let held = closed - started;
+    let held = relay_after_an_early_answer(&settings, 4096, Duration::from_millis(100)).await;
     assert!(
         held < Duration::from_secs(5),
         "the relay went on for {held:?} against PUSH_TIMEOUT=2s"
     );
-    wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 0.0).await;
 }
 
 /// A push workspace that answers at once and then stops reading the rest is cut as one that
@@ -4123,13 +4106,30 @@ async fn a_push_workspace_reading_slowly_after_its_answer_loses_the_relay_at_pus
 /// when TCP_USER_TIMEOUT (PUSH_ANSWER_TIMEOUT, 30 s here) or PUSH_TIMEOUT ends its connection.
 #[tokio::test]
 async fn a_push_workspace_that_stops_reading_after_its_answer_loses_the_relay() {
-    let svc = Svc::start(&[
+    let settings = [("BODY_MIN_RATE", "4000000")];
+    let held = relay_after_an_early_answer(&settings, 0, Duration::ZERO).await;
+    assert!(
+        held < Duration::from_secs(8),
+        "the relay went on for {held:?} after the workspace stopped reading"
+    );
+}
+
+/// A 32 MiB upload to a push workspace that answers at once, then reads as
+/// [`answers_at_once_then_reads`] does: how long from the upload's start until the workspace
+/// saw its connection end (at most 40 s), once the upload's slot is back too. With
+/// `BODY_RATE_GRACE=1s` and `settings`.
+async fn relay_after_an_early_answer(
+    settings: &[(&str, &str)],
+    chunk: usize,
+    every: Duration,
+) -> Duration {
+    let mut settings = settings.to_vec();
+    settings.extend([
         ("BODY_RATE_GRACE", "1s"),
-        ("BODY_MIN_RATE", "4000000"),
         ("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32"),
-    ])
-    .await;
-    let (addr, mut closes) = answers_at_once_then_reads(0, Duration::ZERO).await;
+    ]);
+    let svc = Svc::start(&settings).await;
+    let (addr, mut closes) = answers_at_once_then_reads(chunk, every).await;
     let (ws, token) = push_workspace_at(&svc, addr).await;
     let started = Instant::now();
     let mut rx = big_raw_upload(&svc, ws, &token).await;
@@ -4139,12 +4139,8 @@ async fn a_push_workspace_that_stops_reading_after_its_answer_loses_the_relay() 
         .await
         .expect("the relay's connection closed")
         .unwrap();
-    let held = closed - started;
-    assert!(
-        held < Duration::from_secs(8),
-        "the relay went on for {held:?} after the workspace stopped reading"
-    );
     wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 0.0).await;
+    closed - started
 }
 
 #[tokio::test]
