@@ -113,7 +113,7 @@ impl Pusher {
             let Opened { mut sender, connection, socket } =
                 self.client.open(&target_url).await.map_err(|e| match e {
                     OpenError::Refused(r) => {
-                        tracing::warn!(%workspace_id, target = clip(target).as_str(), reason = r.reason, "push address refused at connect time");
+                        tracing::warn!(%workspace_id, url = clip(target).as_str(), reason = r.reason, "push address refused at connect time");
                         ApiError::UrlNotAllowed
                     }
                     OpenError::Failed(why) => unreachable_at(workspace_id, target, &why),
@@ -339,7 +339,12 @@ impl Relay {
         let task = tokio::spawn(async move {
             let _slot = slot;
             tokio::select! {
-                _ = connection => {}
+                ended = connection => if let Err(e) = ended {
+                    // The client's body failed (it went), or the workspace's side did: what is
+                    // still queued for the workspace is a cut-short upload, not to be sent.
+                    cut.reset_on_close();
+                    tracing::warn!(%workspace_id, error = clip(&causes(e)).as_str(), "push relay failed after the workspace's answer");
+                },
                 reason = bounds => {
                     cut.reset_on_close();
                     tracing::warn!(%workspace_id, reason, "push relay cut after the workspace's answer");
@@ -404,9 +409,11 @@ fn ingest_request(
 }
 
 /// A push that could not be delivered: logged (the target clipped: SPEC §10, at most 256 chars
-/// of a client's string per line), and 502 for the client.
+/// of a client's string per line), and 502 for the client. The URL goes in `url`: a field named
+/// `target` was a second `target` key in the JSON line, beside the module's, and a reader kept
+/// one of the two (a review).
 fn unreachable_at(workspace_id: Uuid, target: &str, why: &str) -> ApiError {
-    tracing::warn!(%workspace_id, target = clip(target).as_str(), reason = clip(why).as_str(), "push delivery failed");
+    tracing::warn!(%workspace_id, url = clip(target).as_str(), reason = clip(why).as_str(), "push delivery failed");
     ApiError::WorkspaceUnreachable
 }
 

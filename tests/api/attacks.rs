@@ -4050,11 +4050,15 @@ async fn an_https_push_workspace_is_spoken_to_in_tls() {
 
 /// A raw push workspace that answers 200 as soon as the upload's head is in, then reads the
 /// rest `chunk` bytes every `every` (never, for 0). Each connection's end, as the workspace
-/// sees it (its read gives 0 or fails), is sent on the receiver.
+/// sees it (its read gives 0 or fails), is sent on the receiver: when, and whether it was
+/// reset.
 async fn answers_at_once_then_reads(
     chunk: usize,
     every: Duration,
-) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Instant>) {
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(Instant, bool)>,
+) {
     let (closed, closes) = tokio::sync::mpsc::unbounded_channel();
     let addr = raw_workspace(move |mut sock| {
         let closed = closed.clone();
@@ -4064,25 +4068,74 @@ async fn answers_at_once_then_reads(
             let answer =
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
             let _ = sock.write_all(answer.as_bytes()).await;
+            let reset = |e: std::io::Error| e.kind() == std::io::ErrorKind::ConnectionReset;
+            let mut was_reset = false;
             if chunk == 0 {
                 // Reads nothing more; sees the connection end as an error on a write.
                 let started = Instant::now();
                 while started.elapsed() < Duration::from_secs(60) {
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    if sock.write_all(b"x").await.is_err() {
+                    if let Err(e) = sock.write_all(b"x").await {
+                        was_reset = reset(e);
                         break;
                     }
                 }
             } else {
-                while matches!(sock.read(&mut buf[..chunk]).await, Ok(n) if n > 0) {
-                    tokio::time::sleep(every).await;
+                loop {
+                    match sock.read(&mut buf[..chunk]).await {
+                        Ok(1..) => tokio::time::sleep(every).await,
+                        Ok(0) => break,
+                        Err(e) => {
+                            was_reset = reset(e);
+                            break;
+                        }
+                    }
                 }
             }
-            let _ = closed.send(Instant::now());
+            let _ = closed.send((Instant::now(), was_reset));
         }
     })
     .await;
     (addr, closes)
+}
+
+/// A client that goes (its connection reset) while its upload is still being relayed after
+/// the workspace's early answer: the relay's read of its body fails, and the workspace's
+/// connection is reset, not ended: before, it was closed as if whole, and the workspace took
+/// what was queued for it of the cut-short upload (a review: 6.26 MB of 20 MB, for 14 s after,
+/// and then a clean end).
+#[tokio::test]
+async fn a_client_gone_after_an_early_answer_resets_the_relay() {
+    let svc = Svc::start(&[("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32")]).await;
+    // 640 KB/s.
+    let (addr, mut closes) = answers_at_once_then_reads(65536, Duration::from_millis(100)).await;
+    let (ws, token) = push_workspace_at(&svc, addr).await;
+    let body = one_file("XB", "big.bin", &vec![b'x'; 32 << 20]);
+    let sock = TcpStream::connect(&svc.addr).await.unwrap();
+    socket2::SockRef::from(&sock)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    let (mut rx, mut tx) = sock.into_split();
+    let head = upload_head(&svc, ws, &token, body.len());
+    let sending = tokio::spawn(async move {
+        let _ = tx.write_all(head.as_bytes()).await;
+        let _ = tx.write_all(&body).await;
+        std::future::pending::<()>().await;
+    });
+    let answer = answer_head(&mut rx).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    sending.abort();
+    let _ = sending.await;
+    drop(rx); // SO_LINGER 0: a reset
+    let (_, was_reset) = tokio::time::timeout(Duration::from_secs(30), closes.recv())
+        .await
+        .expect("the relay's connection ended")
+        .unwrap();
+    assert!(
+        was_reset,
+        "the workspace's connection ended as if the upload were whole"
+    );
+    wait_for_metric(&svc.base, "pending_uploads_uploads_in_progress", 0.0).await;
 }
 
 /// The same, read slower than the bytes buffered between the relay and the workspace (hyper's
@@ -4135,7 +4188,7 @@ async fn relay_after_an_early_answer(
     let mut rx = big_raw_upload(&svc, ws, &token).await;
     let answer = answer_head(&mut rx).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let closed = tokio::time::timeout(Duration::from_secs(40), closes.recv())
+    let (closed, _) = tokio::time::timeout(Duration::from_secs(40), closes.recv())
         .await
         .expect("the relay's connection closed")
         .unwrap();
@@ -6007,6 +6060,15 @@ async fn a_huge_push_url_that_fails_is_logged_clipped() {
         longest < 2000,
         "a {longest}-byte log line: the URL was not clipped"
     );
+    // The URL in a key of its own: as `target` it was a second key beside the module's, and a
+    // JSON reader kept the module's.
+    let failed = log_lines(&out.stderr)
+        .into_iter()
+        .find(|l| l["message"] == "push delivery failed")
+        .expect("a JSON line");
+    let logged = failed["url"].as_str().unwrap_or_default();
+    assert!(logged.starts_with("http://127.0.0.1:9/aaaa"), "{failed}");
+    assert!(logged.len() < 400, "{failed}");
 }
 
 #[tokio::test]
