@@ -168,10 +168,7 @@ impl PushClient {
         host: &Host<&str>,
         addrs: Vec<SocketAddr>,
     ) -> Result<(Box<dyn Io>, Resettable), OpenError> {
-        // Each address gets its share of the connect timeout, so one that never answers does
-        // not leave the next none.
-        let each = self.connect_timeout / addrs.len().max(1) as u32;
-        let tcp = connect_any(addrs, each).await?;
+        let tcp = connect_any(addrs, self.connect_timeout).await?;
         let failed = |e: std::io::Error| OpenError::Failed(e.to_string());
         let sock = socket2::SockRef::from(&tcp);
         sock.set_tcp_user_timeout(Some(self.stalled_after))
@@ -195,8 +192,43 @@ impl PushClient {
     }
 }
 
-/// The first of `addrs` that takes a connection within `each`, in the resolver's order.
-async fn connect_any(addrs: Vec<SocketAddr>, each: Duration) -> Result<TcpStream, OpenError> {
+/// How long the addresses of a name's first family have alone before the other family's are
+/// tried too (RFC 8305's "Happy Eyeballs"; hyper-util's 300 ms, which the relay had through
+/// reqwest): a workspace whose name has AAAA and A records, with IPv6 broken between it and the
+/// replica, was reached only after the IPv6 attempt's share of the connect timeout (5 s), or
+/// not before the rate watchdog's 502 (a review).
+const OTHER_FAMILY_AFTER: Duration = Duration::from_millis(300);
+
+/// A connection to one of `addrs`, within `timeout`: those of the first address's family in
+/// the resolver's order, and the other family's alongside them from [`OTHER_FAMILY_AFTER`].
+async fn connect_any(addrs: Vec<SocketAddr>, timeout: Duration) -> Result<TcpStream, OpenError> {
+    let first_v6 = addrs.first().is_some_and(SocketAddr::is_ipv6);
+    let (first, other): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|a| a.is_ipv6() == first_v6);
+    let first = in_turn(first, timeout);
+    if other.is_empty() {
+        return first.await;
+    }
+    let other = async {
+        tokio::time::sleep(OTHER_FAMILY_AFTER).await;
+        in_turn(other, timeout).await
+    };
+    let (mut first, mut other) = (std::pin::pin!(first), std::pin::pin!(other));
+    tokio::select! {
+        tcp = &mut first => match tcp {
+            Ok(tcp) => Ok(tcp),
+            Err(_) => other.await,
+        },
+        tcp = &mut other => match tcp {
+            Ok(tcp) => Ok(tcp),
+            Err(_) => first.await,
+        },
+    }
+}
+
+/// The first of `addrs` that takes a connection, tried in turn, each with its share of
+/// `timeout` (so one that never answers does not leave the next none).
+async fn in_turn(addrs: Vec<SocketAddr>, timeout: Duration) -> Result<TcpStream, OpenError> {
+    let each = timeout / addrs.len().max(1) as u32;
     let mut last = String::from("the name has no address");
     for addr in addrs {
         match tokio::time::timeout(each, TcpStream::connect(addr)).await {
@@ -315,5 +347,46 @@ mod tests {
             Err(other) => panic!("{other}"),
             Ok(_) => panic!("an unknown certificate was taken"),
         }
+    }
+
+    /// A listener whose accept queue is full: the SYNs of further connects go unanswered, as
+    /// to a host whose route is broken.
+    async fn unanswering(addr: SocketAddr) -> (SocketAddr, socket2::Socket, Vec<TcpStream>) {
+        let domain = socket2::Domain::for_address(addr);
+        let listener = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
+        listener.bind(&addr.into()).unwrap();
+        listener.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        let filler = TcpStream::connect(addr).await.unwrap();
+        (addr, listener, vec![filler])
+    }
+
+    /// A name with addresses of both families, the first family's unanswering: the other's is
+    /// reached within a moment, not after the first's share of the connect timeout.
+    #[tokio::test]
+    async fn the_other_address_family_is_tried_alongside() {
+        let v4 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good = v4.local_addr().unwrap();
+        let (dead, _listener, _filler) = unanswering("[::1]:0".parse().unwrap()).await;
+        // The first connect to `dead` shows it unanswering (its SYN dropped, not refused).
+        let probe = tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(dead));
+        assert!(probe.await.is_err(), "the listener answers");
+        let started = std::time::Instant::now();
+        let tcp = connect_any(vec![dead, good], Duration::from_secs(10))
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert_eq!(tcp.peer_addr().unwrap(), good);
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+        // And in the other order, the same.
+        let (dead4, _l4, _f4) = unanswering("127.0.0.1:0".parse().unwrap()).await;
+        let v6 = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+        let good6 = v6.local_addr().unwrap();
+        let started = std::time::Instant::now();
+        let tcp = connect_any(vec![dead4, good6], Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(tcp.peer_addr().unwrap(), good6);
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 }
