@@ -12,6 +12,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
     sync::Arc,
     time::Duration,
 };
@@ -44,21 +45,41 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 pub struct Opened {
     pub sender: SendRequest<RelayBody>,
     pub connection: Connection<TokioIo<Box<dyn Io>>, RelayBody>,
-    pub socket: Resettable,
+    pub socket: RelaySocket,
 }
 
-/// A second handle on a connection's socket, to cut it: a socket closed with bytes still
-/// unsent keeps sending them (the kernel's, not the relay's, once the relay has let go), and a
-/// workspace reading slowly got most of a MB more after its cut. Reset, its close discards them.
-pub struct Resettable(socket2::Socket);
+/// A second handle on a connection's socket, to see what it holds and to cut it.
+pub struct RelaySocket(socket2::Socket);
 
-impl Resettable {
-    /// The connection, once closed, is reset rather than ended: unsent bytes are dropped.
+impl RelaySocket {
+    /// The connection, once closed, is reset rather than ended: unsent bytes are dropped. A
+    /// socket closed with bytes still queued keeps sending them (the kernel's, not the
+    /// relay's, once the relay has let go), and a workspace reading slowly got most of a MB
+    /// more after its cut.
     pub fn reset_on_close(&self) {
         // Best effort: a socket already gone has nothing left to send.
         let _ = self.0.set_linger(Some(Duration::ZERO));
     }
+
+    /// Bytes written to the socket that the workspace has not acknowledged (SIOCOUTQ): what
+    /// the relay has sent on is not what the workspace took until these are subtracted (the
+    /// kernel's send buffer grows to 4 MiB, a head start of minutes at BODY_MIN_RATE).
+    pub fn unsent(&self) -> u64 {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ for a TCP socket) writes one int through the pointer,
+        // which points at `queued`; the descriptor is this handle's own, open while it lives.
+        let done = unsafe { libc::ioctl(self.0.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+        match done {
+            0 => u64::try_from(queued).unwrap_or(0),
+            _ => 0,
+        }
+    }
 }
+
+/// hyper's write buffer for a relay (its default is ~400 KiB): what it holds is, like the
+/// socket's queue, counted as sent on before the workspace has it, and unlike that queue
+/// cannot be asked; at BODY_MIN_RATE's 8 KiB/s, 64 KiB is 8 s of head start.
+const WRITE_BUFFER: usize = 64 << 10;
 
 /// Why no connection was opened.
 #[derive(Debug, thiserror::Error)]
@@ -152,7 +173,9 @@ impl PushClient {
             tokio::time::timeout(self.connect_timeout, self.transport(url, &host, addrs))
                 .await
                 .map_err(|_| OpenError::Failed("connect timed out".into()))??;
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .max_buf_size(WRITE_BUFFER)
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|e| OpenError::Failed(e.to_string()))?;
         Ok(Opened {
@@ -167,13 +190,13 @@ impl PushClient {
         url: &Url,
         host: &Host<&str>,
         addrs: Vec<SocketAddr>,
-    ) -> Result<(Box<dyn Io>, Resettable), OpenError> {
+    ) -> Result<(Box<dyn Io>, RelaySocket), OpenError> {
         let tcp = connect_any(addrs, self.connect_timeout).await?;
         let failed = |e: std::io::Error| OpenError::Failed(e.to_string());
         let sock = socket2::SockRef::from(&tcp);
         sock.set_tcp_user_timeout(Some(self.stalled_after))
             .map_err(failed)?;
-        let socket = Resettable(sock.try_clone().map_err(failed)?);
+        let socket = RelaySocket(sock.try_clone().map_err(failed)?);
         if url.scheme() != "https" {
             return Ok((Box::new(tcp), socket));
         }

@@ -130,13 +130,15 @@ impl Progress {
         self.read.ended.load(Ordering::Relaxed) || self.length.is_some_and(|len| self.seen() >= len)
     }
 
-    /// When the bytes read so far stop meeting `pace.min_rate` (never before the grace period
-    /// ends; never without a minimum rate).
-    pub fn rate_due_at(&self) -> Option<Instant> {
+    /// When the bytes read so far, less `held_back` of them not yet taken by whoever they go
+    /// to, stop meeting `pace.min_rate` (never before the grace period ends; never without a
+    /// minimum rate).
+    pub fn rate_due_at(&self, held_back: u64) -> Option<Instant> {
         if self.pace.min_rate == 0 {
             return None;
         }
-        let covered = Duration::from_secs_f64(self.seen() as f64 / self.pace.min_rate as f64);
+        let taken = self.seen().saturating_sub(held_back);
+        let covered = Duration::from_secs_f64(taken as f64 / self.pace.min_rate as f64);
         Some(self.started + covered.max(self.pace.grace))
     }
 }
@@ -181,7 +183,7 @@ impl UploadBody {
             since + pace.whole.saturating_sub(self.waited.before),
             Cut::Overdue(pace.whole.as_secs()),
         );
-        match self.progress.rate_due_at() {
+        match self.progress.rate_due_at(0) {
             Some(at) if at < whole.0 => (at, Cut::TooSlow),
             _ => whole,
         }

@@ -33,7 +33,7 @@ use super::{
 };
 use crate::{
     logfmt::clip,
-    push_client::{Io, OpenError, Opened, PushClient, RelayBody, Resettable},
+    push_client::{Io, OpenError, Opened, PushClient, RelayBody, RelaySocket},
     push_target::PushPolicy,
     slots::Slot,
 };
@@ -109,6 +109,9 @@ impl Pusher {
         let slot = Arc::new(slot);
         let ends_by = tokio::time::Instant::now() + self.limits.timeout;
         let target = target_url.as_str();
+        // The relay's socket once it is open, for the watchdog to see what it still holds.
+        let opened = std::sync::OnceLock::<Arc<RelaySocket>>::new();
+        let held_back = || opened.get().map_or(0, |socket| socket.unsent());
         let exchange = async {
             let Opened { mut sender, connection, socket } =
                 self.client.open(&target_url).await.map_err(|e| match e {
@@ -118,6 +121,8 @@ impl Pusher {
                     }
                     OpenError::Failed(why) => unreachable_at(workspace_id, target, &why),
                 })?;
+            let socket = Arc::new(socket);
+            let _ = opened.set(socket.clone());
             let relay = Relay::spawn(
                 connection,
                 socket,
@@ -142,7 +147,7 @@ impl Pusher {
         };
         let (mut answer, relay) = tokio::select! {
             answer = exchange => answer?,
-            why = falls_behind(progress.clone(), self.limits.answer_timeout) => {
+            why = falls_behind(&progress, self.limits.answer_timeout, held_back) => {
                 return Err(unreachable_at(workspace_id, target, why));
             }
             _ = tokio::time::sleep_until(ends_by) => {
@@ -276,16 +281,24 @@ fn relayed_status(code: u16) -> Option<StatusCode> {
 
 /// Resolves when a push workspace falls behind: it takes the upload slower than the client
 /// must send it (past [`CLIENT_FIRST`]), or its whole answer has not come `answer_timeout`
-/// after the upload's last byte was taken.
-async fn falls_behind(progress: Progress, answer_timeout: Duration) -> &'static str {
+/// after it took the upload's last byte. `held_back`: what the relay's socket still holds.
+async fn falls_behind(
+    progress: &Progress,
+    answer_timeout: Duration,
+    held_back: impl Fn() -> u64,
+) -> &'static str {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tick.tick().await;
-        if progress.ended() {
+        let held = held_back();
+        // Every byte sent on, and acknowledged: the answer's clock starts (it started when
+        // the last byte was sent on, and a workspace reading the last MBs at BODY_MIN_RATE
+        // was 502 for an answer it could not yet give).
+        if progress.ended() && held == 0 {
             tokio::time::sleep(answer_timeout).await;
             return "no whole answer within PUSH_ANSWER_TIMEOUT";
         }
-        if stopped_taking(&progress) {
+        if stopped_taking(progress, held) {
             return STOPPED_TAKING;
         }
     }
@@ -294,10 +307,11 @@ async fn falls_behind(progress: Progress, answer_timeout: Duration) -> &'static 
 const STOPPED_TAKING: &str = "the workspace stopped taking the upload";
 
 /// Has the workspace taken the upload slower than the client must send it, past
-/// [`CLIENT_FIRST`]? (A client too slow itself is cut first, as its body is being read.)
-fn stopped_taking(progress: &Progress) -> bool {
+/// [`CLIENT_FIRST`]? `held_back` of the bytes sent on are still in the relay's socket, not
+/// taken. (A client too slow itself is cut first, as its body is being read.)
+fn stopped_taking(progress: &Progress, held_back: u64) -> bool {
     let late = |due| tokio::time::Instant::now() > due + CLIENT_FIRST;
-    progress.rate_due_at().is_some_and(late)
+    progress.rate_due_at(held_back).is_some_and(late)
 }
 
 /// The relay's connection to a push workspace, driven in a task of its own. Until the answer
@@ -307,20 +321,21 @@ fn stopped_taking(progress: &Progress) -> bool {
 /// slower than BODY_MIN_RATE, or TCP_USER_TIMEOUT ends a connection it stopped reading.
 struct Relay {
     task: tokio::task::JoinHandle<()>,
-    socket: Arc<Resettable>,
+    socket: Arc<RelaySocket>,
     answered: Option<oneshot::Sender<()>>,
 }
 
 impl Relay {
     fn spawn(
         connection: Connection<TokioIo<Box<dyn Io>>, RelayBody>,
-        socket: Resettable,
+        socket: Arc<RelaySocket>,
         slot: Arc<Slot>,
         ends_by: tokio::time::Instant,
         progress: Progress,
         workspace_id: Uuid,
     ) -> Relay {
         let (answered, answer_in) = oneshot::channel::<()>();
+        let watched = socket.clone();
         let bounds = async move {
             // Dropped unsent: the exchange failed, and this task is aborted.
             if answer_in.await.is_err() {
@@ -330,11 +345,10 @@ impl Relay {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(ends_by) => return "the push ran past PUSH_TIMEOUT",
-                    _ = tick.tick() => if stopped_taking(&progress) { return STOPPED_TAKING },
+                    _ = tick.tick() => if stopped_taking(&progress, watched.unsent()) { return STOPPED_TAKING },
                 }
             }
         };
-        let socket = Arc::new(socket);
         let cut = socket.clone();
         let task = tokio::spawn(async move {
             let _slot = slot;

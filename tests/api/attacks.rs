@@ -3913,6 +3913,70 @@ async fn a_slow_push_workspace_does_not_make_its_client_overdue() {
     assert!(took > Duration::from_secs(5), "the reader took {took:?}");
 }
 
+/// PUSH_ANSWER_TIMEOUT runs from when the workspace has taken the upload's last byte (its
+/// socket acknowledged it), not from when the relay handed it to its own socket: that socket's
+/// queue (up to 4 MiB) was then still on its way, and a workspace reading at 1 MiB/s, answering
+/// once it had read everything, got its client a 502 for an answer it could not give yet (a
+/// review). What sits in the workspace's own receive buffer the relay cannot see: a small one
+/// here.
+#[tokio::test]
+async fn a_push_workspace_still_reading_the_last_bytes_is_not_late_to_answer() {
+    let svc = Svc::start(&[
+        ("PUSH_ANSWER_TIMEOUT", "1s"),
+        ("PUSH_ALLOWED_NETWORKS", "127.0.0.2/32"),
+    ])
+    .await;
+    // A small receive buffer: what is on its way sits in the relay's socket, not in this one.
+    let listener = small_window_listener(16 << 10);
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        // Reads at ~1 MiB/s until the upload's closing boundary, then answers.
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 16 << 10];
+        while !got.ends_with(b"--XB--\r\n") {
+            match sock.read(&mut buf).await {
+                Ok(n @ 1..) => got.extend_from_slice(&buf[..n]),
+                _ => return,
+            }
+            let tail = got.len().saturating_sub(16);
+            got.drain(..tail);
+            tokio::time::sleep(Duration::from_millis(16)).await;
+        }
+        let answer =
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+        let _ = sock.write_all(answer.as_bytes()).await;
+    });
+    let (ws, token) = push_workspace_at(&svc, addr).await;
+    let resp = upload_raw(
+        &svc,
+        ws,
+        &token,
+        one_file("XB", "big.bin", &vec![b'b'; 8 << 20]),
+    )
+    .await;
+    let status = resp.status();
+    let answer = resp.text().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer, "{}");
+}
+
+/// BODY_MIN_RATE counts what the workspace took, not what the relay handed to its socket: the
+/// socket's queue (up to 4 MiB) and hyper's buffer (400 KiB) gave a workspace a head start of
+/// minutes at the rate, and one reading in bursts at half of it, after an early answer, held
+/// its slot for two minutes against a cut due in half a minute (a review; PUSH_TIMEOUT 300 s,
+/// BODY_MIN_RATE 64 KiB/s). Here it is cut within seconds, not at PUSH_TIMEOUT.
+#[tokio::test]
+async fn a_push_workspace_taking_the_upload_below_the_rate_is_cut_for_it() {
+    let settings = [("BODY_MIN_RATE", "65536"), ("PUSH_TIMEOUT", "60s")];
+    // 32 KiB/s, in bursts.
+    let held = relay_after_an_early_answer(&settings, 65536, Duration::from_secs(2)).await;
+    assert!(
+        held < Duration::from_secs(20),
+        "the relay went on for {held:?} at half BODY_MIN_RATE"
+    );
+}
+
 /// A push workspace that answers at once and then takes the rest of the upload slowly (above
 /// BODY_MIN_RATE, from a fast client) holds the upload's slot only until PUSH_TIMEOUT, at the
 /// latest: the relay after the answer was once out of every deadline, and a 32 MiB upload read
@@ -4060,7 +4124,11 @@ async fn answers_at_once_then_reads(
     tokio::sync::mpsc::UnboundedReceiver<(Instant, bool)>,
 ) {
     let (closed, closes) = tokio::sync::mpsc::unbounded_channel();
-    let addr = raw_workspace(move |mut sock| {
+    // Its receive buffer fixed (64 KiB): grown by the kernel, it held MBs the relay counted
+    // as taken, by how fast this workspace read in its bursts.
+    let listener = small_window_listener(64 << 10);
+    let addr = listener.local_addr().unwrap();
+    let serve = move |mut sock: TcpStream| {
         let closed = closed.clone();
         async move {
             let mut buf = vec![0u8; chunk.max(4096)];
@@ -4094,9 +4162,21 @@ async fn answers_at_once_then_reads(
             }
             let _ = closed.send((Instant::now(), was_reset));
         }
-    })
-    .await;
+    };
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            tokio::spawn(serve(sock));
+        }
+    });
     (addr, closes)
+}
+
+/// A listener on 127.0.0.2 whose connections have a receive buffer of `bytes`, fixed.
+fn small_window_listener(bytes: u32) -> tokio::net::TcpListener {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(bytes).unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    socket.listen(64).unwrap()
 }
 
 /// A client that goes (its connection reset) while its upload is still being relayed after
