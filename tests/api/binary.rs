@@ -263,11 +263,19 @@ async fn start_up_refuses_bad_configuration_clearly() {
         ),
     ];
     for (var, value, message) in cases {
-        let out = command(&db)
+        let mut serve = command(&db);
+        serve
             .arg("serve")
             .env("BIND_ADDR", format!("127.0.0.1:{}", free_port()))
-            .env(var, value)
-            .output()
+            .env(var, value);
+        // A setting taken by mistake starts the service, which then serves for good: that is
+        // this test's failure, not a hang (the child is killed when dropped).
+        let running = tokio::process::Command::from(serve)
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(30), running)
+            .await
+            .unwrap_or_else(|_| panic!("{var}={value} must not start: it ran for 30 s"))
             .unwrap();
         assert!(!out.status.success(), "{var}={value} must not start");
         let err = String::from_utf8_lossy(&out.stderr);
