@@ -150,13 +150,7 @@ pub async fn backfill(
             // large table, a red team). The run stops; rows copied so far stay copied, and a
             // rerun takes up the rest.
             if unavailable >= opts.concurrency.max(1) {
-                tracing::error!(
-                    rows_in_a_row = unavailable,
-                    migrated = report.migrated,
-                    skipped = report.skipped,
-                    failed = report.failed,
-                    "S3 unavailable: backfill stopping"
-                );
+                // Said once, by the command's error (with the counts), after the summary.
                 report.stopped = Some(S3_UNAVAILABLE);
                 break;
             }

@@ -158,19 +158,9 @@ impl PushClient {
         let host = url
             .host()
             .ok_or_else(|| OpenError::Failed("no host".into()))?;
-        let addrs = match &host {
-            Host::Domain(name) => self.policy.resolve(name, port).await?,
-            Host::Ipv4(ip) => vec![SocketAddr::new(IpAddr::V4(*ip), port)],
-            Host::Ipv6(ip) => vec![SocketAddr::new(IpAddr::V6(*ip), port)],
-        };
-        if addrs.iter().any(|a| !self.policy.address_allowed(a.ip())) {
-            return Err(Refused {
-                reason: "internal address",
-            }
-            .into());
-        }
+        // The name's lookup counts in the connect timeout, as it did in reqwest's.
         let (io, socket) =
-            tokio::time::timeout(self.connect_timeout, self.transport(url, &host, addrs))
+            tokio::time::timeout(self.connect_timeout, self.transport(url, &host, port))
                 .await
                 .map_err(|_| OpenError::Failed("connect timed out".into()))??;
         let (sender, connection) = hyper::client::conn::http1::Builder::new()
@@ -189,8 +179,20 @@ impl PushClient {
         &self,
         url: &Url,
         host: &Host<&str>,
-        addrs: Vec<SocketAddr>,
+        port: u16,
     ) -> Result<(Box<dyn Io>, RelaySocket), OpenError> {
+        let addrs = match host {
+            // Every address it resolves to checked by `resolve`.
+            Host::Domain(name) => self.policy.resolve(name, port).await?,
+            Host::Ipv4(ip) => vec![SocketAddr::new(IpAddr::V4(*ip), port)],
+            Host::Ipv6(ip) => vec![SocketAddr::new(IpAddr::V6(*ip), port)],
+        };
+        if addrs.iter().any(|a| !self.policy.address_allowed(a.ip())) {
+            return Err(Refused {
+                reason: "internal address",
+            }
+            .into());
+        }
         let tcp = connect_any(addrs, self.connect_timeout).await?;
         let failed = |e: std::io::Error| OpenError::Failed(e.to_string());
         let sock = socket2::SockRef::from(&tcp);

@@ -204,7 +204,7 @@ impl Pusher {
         // body in transfer (`Transfer-Encoding: gzip, chunked`): the connection takes the
         // chunks off, not the gzip (an audit).
         if codings(resp.headers(), header::CONTENT_ENCODING).any(|c| c != "identity")
-            || codings(resp.headers(), header::TRANSFER_ENCODING).any(|c| c != "chunked")
+            || super::unsupported_transfer_coding(resp.headers())
         {
             return Err(unreachable("an encoded answer: the relay asks for none"));
         }
@@ -335,32 +335,18 @@ impl Relay {
         workspace_id: Uuid,
     ) -> Relay {
         let (answered, answer_in) = oneshot::channel::<()>();
-        let watched = socket.clone();
-        let bounds = async move {
-            // Dropped unsent: the exchange failed, and this task is aborted.
-            if answer_in.await.is_err() {
-                return std::future::pending().await;
-            }
-            let mut tick = tokio::time::interval(Duration::from_millis(250));
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(ends_by) => return "the push ran past PUSH_TIMEOUT",
-                    _ = tick.tick() => if stopped_taking(&progress, watched.unsent()) { return STOPPED_TAKING },
-                }
-            }
-        };
-        let cut = socket.clone();
+        let held = socket.clone();
         let task = tokio::spawn(async move {
             let _slot = slot;
             tokio::select! {
                 ended = connection => if let Err(e) = ended {
                     // The client's body failed (it went), or the workspace's side did: what is
                     // still queued for the workspace is a cut-short upload, not to be sent.
-                    cut.reset_on_close();
+                    held.reset_on_close();
                     tracing::warn!(%workspace_id, error = clip(&causes(e)).as_str(), "push relay failed after the workspace's answer");
                 },
-                reason = bounds => {
-                    cut.reset_on_close();
+                reason = after_the_answer(answer_in, ends_by, &progress, &held) => {
+                    held.reset_on_close();
                     tracing::warn!(%workspace_id, reason, "push relay cut after the workspace's answer");
                 }
             }
@@ -376,6 +362,27 @@ impl Relay {
     fn answered(mut self) {
         if let Some(tx) = self.answered.take() {
             let _ = tx.send(());
+        }
+    }
+}
+
+/// Resolves when the relay, its answer in, must stop: PUSH_TIMEOUT passed, or the workspace
+/// takes the rest slower than BODY_MIN_RATE. Never, if the answer never came (the exchange
+/// failed, and the relay's task is aborted).
+async fn after_the_answer(
+    answer_in: oneshot::Receiver<()>,
+    ends_by: tokio::time::Instant,
+    progress: &Progress,
+    socket: &RelaySocket,
+) -> &'static str {
+    if answer_in.await.is_err() {
+        return std::future::pending().await;
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(ends_by) => return "the push ran past PUSH_TIMEOUT",
+            _ = tick.tick() => if stopped_taking(progress, socket.unsent()) { return STOPPED_TAKING },
         }
     }
 }
