@@ -140,6 +140,18 @@ pub async fn has_live(conn: &mut PgConnection, workspace_id: Uuid) -> sqlx::Resu
     .await
 }
 
+/// Whether token `id` is still live, held so until the transaction ends: a revocation that
+/// committed since the caller's check refuses it, and one that comes later waits for the commit.
+pub async fn hold_live(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<bool> {
+    let live: Option<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM workspace_auth_tokens WHERE id = $1 AND revoked_at IS NULL FOR SHARE",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(live.is_some())
+}
+
 /// Revokes one token of the workspace (idempotent); false when the workspace has no such token.
 /// Of its revoked tokens, the newest `keep` stay (for support: their prefixes); older ones go,
 /// in the same transaction (`workspace_auth_tokens_revoked_idx` finds them).

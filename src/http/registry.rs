@@ -20,7 +20,7 @@ use crate::{
         self, CreateWorkspaceRequest, DeliveryMode, RegisterRequest, Registered, Removed, Revoked,
         TokenMinted,
     },
-    auth::{self, new_token, AuthError},
+    auth::{self, new_token, AuthError, Caller},
     db::{
         self,
         workspaces::{NewWorkspace, Workspace},
@@ -134,8 +134,8 @@ fn registered(ws: &Workspace, token: Option<auth::NewToken>) -> Json<Registered>
 enum Claim {
     NoBearer,
     Refused,
-    /// The workspace's own token.
-    Allowed,
+    /// The workspace's own token (its id).
+    Allowed(Uuid),
     Admin,
 }
 
@@ -149,7 +149,8 @@ async fn claim(st: &AppState, headers: &HeaderMap, id: Uuid) -> Result<Claim, Ap
         return Ok(Claim::Admin);
     }
     match st.auth.token_for(bearer, id).await {
-        Ok(_) => Ok(Claim::Allowed),
+        Ok(Caller::Workspace { token_id }) => Ok(Claim::Allowed(token_id)),
+        Ok(Caller::Admin) => Ok(Claim::Admin),
         Err(AuthError::Invalid) => Ok(Claim::Refused),
         Err(e) => Err(e.into()),
     }
@@ -320,8 +321,8 @@ pub async fn register(
         .is_some_and(|u| st.push.policy().needs_lookup(u));
     let counted = match claim {
         Claim::Admin => Counted::Nothing,
-        Claim::Allowed if !lookup => Counted::Nothing,
-        Claim::Allowed => Counted::Client,
+        Claim::Allowed(_) if !lookup => Counted::Nothing,
+        Claim::Allowed(_) => Counted::Client,
         Claim::NoBearer | Claim::Refused => Counted::ClientAndReplica,
     };
     // A request without a peer came from inside the process (tests): one unknown client.
@@ -377,11 +378,19 @@ pub async fn register(
                 if ws.is_removed() {
                     return Ok(removed);
                 }
+                // The token was checked before the transaction: one revoked since is no
+                // claim (the workspace's row lock does not order a revocation; this does).
+                let claim = match claim {
+                    Claim::Allowed(token) if !db::tokens::hold_live(&mut tx, token).await? => {
+                        Claim::Refused
+                    }
+                    other => other,
+                };
                 // A new row for an id whose old row the platform deleted: the old
                 // workspace's uploads and activity are still there, and knowing the id is
                 // no claim on them either. Only the admin starts it afresh.
                 if created
-                    && !matches!(claim, Claim::Allowed | Claim::Admin)
+                    && !matches!(claim, Claim::Allowed(_) | Claim::Admin)
                     && db::workspaces::has_history(&mut tx, id).await?
                 {
                     return Ok(Registration::Unauthorized(claim));
@@ -396,7 +405,7 @@ pub async fn register(
                 }
                 // An existing workspace is changed only by its own token or the admin's, even
                 // when all its tokens are revoked: knowing an id is no claim on it.
-                if !matches!(claim, Claim::Allowed | Claim::Admin) {
+                if !matches!(claim, Claim::Allowed(_) | Claim::Admin) {
                     return Ok(Registration::Unauthorized(claim));
                 }
                 let ws = db::workspaces::update(
@@ -562,6 +571,8 @@ enum Minted {
     NoWorkspace,
     /// MAX_TOKENS_PER_WORKSPACE live tokens already.
     AtLimit,
+    /// The caller's token was revoked after its check.
+    Revoked,
 }
 
 #[utoipa::path(
@@ -597,6 +608,13 @@ pub async fn mint_token(
                 if !live {
                     return Ok(Minted::NoWorkspace);
                 }
+                // The caller's token was checked before the transaction: one revoked since
+                // mints nothing.
+                if let Caller::Workspace { token_id } = who.caller {
+                    if !db::tokens::hold_live(&mut tx, token_id).await? {
+                        return Ok(Minted::Revoked);
+                    }
+                }
                 if db::tokens::live_count(&mut tx, id).await? as u64 >= max {
                     return Ok(Minted::AtLimit);
                 }
@@ -610,6 +628,7 @@ pub async fn mint_token(
         Minted::Issued(token_id, token) => (token_id, token),
         Minted::NoWorkspace => return Err(ApiError::WorkspaceNotFound),
         Minted::AtLimit => return Err(ApiError::TokenLimit { max }),
+        Minted::Revoked => return Err(ApiError::InvalidToken),
     };
     Ok(Json(TokenMinted {
         id: token_id,

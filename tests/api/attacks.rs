@@ -1405,6 +1405,87 @@ async fn a_workspace_whose_tokens_are_revoked_cannot_be_taken_over() {
     assert_eq!(resp.status(), StatusCode::OK);
 }
 
+/// A token is checked before the transaction that uses it, and revoking one does not take
+/// the workspace's row lock: a token revoked while its re-registration (or its mint) waited
+/// for that lock still redirected the workspace's uploads (or minted a fresh token that
+/// outlived the revocation). Now the transaction holds the token live or refuses it.
+#[tokio::test]
+async fn a_token_revoked_while_its_request_waits_claims_nothing() {
+    let svc = Svc::start(&[]).await;
+    let (ws, token) = register_poll(&svc.base).await;
+    let takeover = json!({"id": ws, "delivery_mode": "push", "url": "http://93.184.216.34/"});
+    let requests = [
+        (
+            "re-registration",
+            svc.at("/registry/register"),
+            Some(takeover),
+        ),
+        ("mint", svc.at(&format!("/workspaces/{ws}/tokens")), None),
+    ];
+    for (what, url, body) in requests {
+        // A live token for the round, revoked while its request waits.
+        let resp = mint_token(&svc, ws, ADMIN).await;
+        let minted: Value = resp.json().await.unwrap();
+        let bearer = minted["auth_token"].as_str().unwrap().to_string();
+        let mut lock = svc.pool.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE")
+            .bind(ws)
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+        let mut req = reqwest::Client::new().post(url).bearer_auth(&bearer);
+        if let Some(body) = &body {
+            req = req.json(body);
+        }
+        let sent = tokio::spawn(req.send());
+        eventually(
+            &format!("the {what} waits for the lock"),
+            Duration::from_secs(10),
+            || async {
+                sqlx::query_scalar::<_, bool>(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted)",
+                )
+                .fetch_one(&svc.pool)
+                .await
+                .unwrap()
+            },
+        )
+        .await;
+        sqlx::query("UPDATE workspace_auth_tokens SET revoked_at = now() WHERE id = $1::uuid")
+            .bind(minted["id"].as_str().unwrap())
+            .execute(&svc.pool)
+            .await
+            .unwrap();
+        lock.rollback().await.unwrap();
+        let resp = sent.await.unwrap().unwrap();
+        assert_error(
+            resp,
+            StatusCode::UNAUTHORIZED,
+            "invalid workspace auth token",
+        )
+        .await;
+        let (mode, tokens): (String, i64) = sqlx::query_as(
+            "SELECT delivery_mode, (SELECT count(*) FROM workspace_auth_tokens t WHERE t.workspace_id = w.id AND revoked_at IS NULL)
+             FROM workspaces w WHERE id = $1",
+        )
+        .bind(ws)
+        .fetch_one(&svc.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            (mode.as_str(), tokens),
+            ("poll", 1),
+            "{what}: nothing changed, no token issued"
+        );
+    }
+    // The workspace's own live token still does both.
+    let resp = mint_token(&svc, ws, &token).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = json!({"id": ws, "delivery_mode": "poll"});
+    let resp = register(&reqwest::Client::new(), &svc, Some(&token), &body).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
 /// `POST /workspaces/{ws}/tokens` with `bearer`.
 async fn mint_token(svc: &Svc, ws: Uuid, bearer: &str) -> reqwest::Response {
     reqwest::Client::new()
