@@ -105,7 +105,9 @@ if [ -z "${BENCH_DATABASE_URL:-}" ]; then
 fi
 export BENCH_PSQL=${BENCH_PSQL:-$(command -v psql || echo "$(pg_bindir)/psql")}
 
-if [ -z "${BENCH_S3_ENDPOINT:-}" ] && { [[ ",$backends," == *",s3,"* ]] || wants maintenance; }; then
+# The suites that run per backend (push, latency and longpoll run on bytea alone).
+per_backend() { wants throughput || wants roundtrips || wants small || wants memory; }
+if [ -z "${BENCH_S3_ENDPOINT:-}" ] && { { [[ ",$backends," == *",s3,"* ]] && per_backend; } || wants maintenance; }; then
   LS_DIR=$(mktemp -d /tmp/pending-uploads-bench-ls.XXXXXX)
   LS_PORT=$(free_port)
   localstack/start.sh "$LS_DIR" "$LS_PORT" pending-uploads-bench

@@ -12,6 +12,8 @@
 //! - `longpoll`: upload-to-poller latency (one replica, two replicas), and 10,000 waiting
 //!   pollers (RSS, busy database connections, delivery);
 //! - `memory`: peak RSS with 16 × 20 MiB, 4 × 20 MiB and 4 × 100 MB in flight, both ways;
+//! - `push`: upload MB/s relayed to a push workspace next to the same uploads sent straight to
+//!   it, at the throughput suite's sizes and concurrencies;
 //! - `maintenance`: sweep and backfill throughput.
 //!
 //! `scripts/bench.sh [--suite …] [options]` installs and starts what it needs and runs this
@@ -26,6 +28,7 @@ mod longpoll;
 mod maintenance;
 mod memory;
 mod paced;
+mod push;
 mod roundtrips;
 mod small;
 mod throughput;
@@ -44,35 +47,36 @@ const SUITES: &[&str] = &[
     "longpoll",
     "memory",
     "throughput",
+    "push",
     "maintenance",
 ];
 
 #[derive(Parser, Debug)]
 #[command(about = "pending-uploads benchmark suite (run through scripts/bench.sh)")]
 struct Args {
-    /// Comma-separated: all, throughput, roundtrips, small, latency, longpoll, memory,
+    /// Comma-separated: all, throughput, push, roundtrips, small, latency, longpoll, memory,
     /// maintenance.
     #[arg(long, default_value = "all", value_delimiter = ',')]
     suite: Vec<String>,
     /// Backends for throughput, roundtrips, small and memory (s3 needs BENCH_S3_ENDPOINT).
     #[arg(long, default_value = "bytea,s3", value_delimiter = ',')]
     backends: Vec<String>,
-    /// throughput: file sizes. The largest is 100 MB (10^8 bytes): a 100 MiB file and its
+    /// throughput and push: file sizes. The largest is 100 MB (10^8 bytes): a 100 MiB file and its
     /// multipart framing exceed the service's 100 MiB per-request cap, as they would from the
     /// canvas.
     #[arg(long, default_value = "1MiB,20MiB,100MB", value_delimiter = ',', value_parser = parse_size)]
     sizes: Vec<usize>,
-    /// throughput: requests in flight.
+    /// throughput and push: requests in flight.
     #[arg(long, default_value = "1,8", value_delimiter = ',')]
     concurrency: Vec<usize>,
-    /// throughput: bytes each cell moves per direction (files = this / size, at least one per
+    /// throughput and push: bytes each cell moves per direction (files = this / size, at least one per
     /// request in flight, rounded up to a multiple of the concurrency).
     #[arg(long, default_value = "400MiB", value_parser = parse_size)]
     cell_bytes: usize,
-    /// throughput: a fixed number of files per cell instead (smoke tests).
+    /// throughput and push: a fixed number of files per cell instead (smoke tests).
     #[arg(long)]
     files: Option<usize>,
-    /// throughput: interleaved rounds per cell (medians reported).
+    /// throughput and push: interleaved rounds per cell (medians reported).
     #[arg(long, default_value_t = 1)]
     rounds: usize,
     /// throughput: workspaces a cell's uploads are spread over, round-robin.
@@ -247,6 +251,19 @@ async fn main() {
                         direct,
                         calibrate: args.calibrate.iter().map(|s| size_conc(s)).collect(),
                         calibrate_rounds: args.calibrate_rounds,
+                    },
+                )
+                .await
+            }
+            "push" => {
+                let files = throughput::Opts::files_rule(args.cell_bytes, args.files);
+                push::run(
+                    &env,
+                    &push::Opts {
+                        sizes: args.sizes.clone(),
+                        concurrency: args.concurrency.clone(),
+                        rounds: args.rounds,
+                        files_for: Box::new(files),
                     },
                 )
                 .await

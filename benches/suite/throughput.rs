@@ -40,11 +40,19 @@ pub struct Opts {
 
 impl Opts {
     pub fn files_for(&self, size: usize, conc: usize) -> usize {
-        if let Some(n) = self.files {
-            return n.max(1);
+        Self::files_rule(self.cell_bytes, self.files)(size, conc)
+    }
+
+    /// Files per cell of `size` at `conc`: `files` if given, else `cell_bytes` worth, at least
+    /// one per lane, rounded up to a multiple of the concurrency.
+    pub fn files_rule(cell_bytes: usize, files: Option<usize>) -> impl Fn(usize, usize) -> usize {
+        move |size, conc| {
+            if let Some(n) = files {
+                return n.max(1);
+            }
+            let n = cell_bytes.div_ceil(size).max(conc);
+            n.div_ceil(conc) * conc
         }
-        let n = self.cell_bytes.div_ceil(size).max(conc);
-        n.div_ceil(conc) * conc
     }
 }
 
