@@ -1378,17 +1378,9 @@ async fn a_workspace_whose_tokens_are_revoked_cannot_be_taken_over() {
         )
         .await;
     }
-    let (mode, tokens): (String, i64) = sqlx::query_as(
-        "SELECT delivery_mode, (SELECT count(*) FROM workspace_auth_tokens t WHERE t.workspace_id = w.id AND revoked_at IS NULL)
-         FROM workspaces w WHERE id = $1",
-    )
-    .bind(ws)
-    .fetch_one(&svc.pool)
-    .await
-    .unwrap();
     assert_eq!(
-        (mode.as_str(), tokens),
-        ("poll", 0),
+        mode_and_live_tokens(&svc, ws).await,
+        ("poll".to_string(), 0),
         "unchanged, no token issued"
     );
     // The admin (the platform) can still re-register it and mint a token.
@@ -1403,6 +1395,18 @@ async fn a_workspace_whose_tokens_are_revoked_cannot_be_taken_over() {
     assert!(v["platform_inbound_secret"].is_string());
     let resp = mint_token(&svc, ws, ADMIN).await;
     assert_eq!(resp.status(), StatusCode::OK);
+}
+
+/// Workspace `ws`'s delivery mode and how many live tokens it has.
+async fn mode_and_live_tokens(svc: &Svc, ws: Uuid) -> (String, i64) {
+    sqlx::query_as(
+        "SELECT delivery_mode, (SELECT count(*) FROM workspace_auth_tokens t WHERE t.workspace_id = w.id AND revoked_at IS NULL)
+         FROM workspaces w WHERE id = $1",
+    )
+    .bind(ws)
+    .fetch_one(&svc.pool)
+    .await
+    .unwrap()
 }
 
 /// A token is checked before the transaction that uses it, and revoking one does not take
@@ -1464,17 +1468,9 @@ async fn a_token_revoked_while_its_request_waits_claims_nothing() {
             "invalid workspace auth token",
         )
         .await;
-        let (mode, tokens): (String, i64) = sqlx::query_as(
-            "SELECT delivery_mode, (SELECT count(*) FROM workspace_auth_tokens t WHERE t.workspace_id = w.id AND revoked_at IS NULL)
-             FROM workspaces w WHERE id = $1",
-        )
-        .bind(ws)
-        .fetch_one(&svc.pool)
-        .await
-        .unwrap();
         assert_eq!(
-            (mode.as_str(), tokens),
-            ("poll", 1),
+            mode_and_live_tokens(&svc, ws).await,
+            ("poll".to_string(), 1),
             "{what}: nothing changed, no token issued"
         );
     }
