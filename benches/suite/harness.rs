@@ -123,6 +123,7 @@ impl Service {
         for (k, v) in spec.extra {
             cmd.env(k, v);
         }
+        die_with_the_bench(&mut cmd);
         let mut svc = Service {
             child: cmd.spawn().expect("start the service"),
             base: format!("http://127.0.0.1:{port}"),
@@ -195,6 +196,19 @@ impl Service {
     /// Resets VmHWM to the current RSS (Linux `clear_refs` 5).
     pub fn reset_peak(&self) {
         let _ = std::fs::write(format!("/proc/{}/clear_refs", self.pid()), "5");
+    }
+}
+
+/// Has `cmd`'s process killed when the bench's thread that starts it goes (an interrupted
+/// bench, which drops nothing): its services otherwise outlived it, idle, on their ports.
+pub fn die_with_the_bench(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches nothing of the parent's.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
     }
 }
 

@@ -267,14 +267,14 @@ impl Haproxy {
         );
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, config).ok()?;
-        let child = std::process::Command::new(bin)
-            .arg("-db")
+        let mut cmd = std::process::Command::new(bin);
+        cmd.arg("-db")
             .arg("-f")
             .arg(&path)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .ok()?;
+            .stderr(std::process::Stdio::null());
+        crate::harness::die_with_the_bench(&mut cmd);
+        let child = cmd.spawn().ok()?;
         let mut h = Haproxy {
             child,
             base: format!("http://127.0.0.1:{port}"),
