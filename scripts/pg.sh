@@ -1,15 +1,17 @@
 # Sourced helpers: a throwaway or persistent PostgreSQL 15 cluster on loopback.
 # initdb/postgres refuse to run as root, so as root they run as the `postgres` user.
 
+# `return 0`, never a bare `return`: called from an EXIT trap (pg_stop), a bare one returns
+# the status the script exits with, and a failed run's cluster was left running.
 pg_bindir() {
   for d in /usr/lib/postgresql/*/bin; do
-    [ -x "$d/initdb" ] && { echo "$d"; return; }
+    [ -x "$d/initdb" ] && { echo "$d"; return 0; }
   done
   if command -v apt-get >/dev/null 2>&1; then
     echo "PostgreSQL binaries missing: installing with apt-get" >&2
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) >&2
     for d in /usr/lib/postgresql/*/bin; do
-      [ -x "$d/initdb" ] && { echo "$d"; return; }
+      [ -x "$d/initdb" ] && { echo "$d"; return 0; }
     done
   fi
   echo "no PostgreSQL server binaries found and could not install them" >&2

@@ -829,6 +829,47 @@ impl Drop for TlsPostgres {
     }
 }
 
+/// scripts/test.sh and scripts/bench.sh stop their PostgreSQL from an EXIT trap. A run that
+/// failed left it running, its directory deleted under it: inside a trap, `pg_bindir`'s bare
+/// `return` returned the status the script was exiting with, so `pg_stop` took it for
+/// "no binaries" and stopped nothing.
+#[test]
+fn a_failed_script_run_stops_its_postgres() {
+    let dir = tempfile::Builder::new()
+        .prefix("pu-trap-pg")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let script = format!(
+        r#". {root}/scripts/pg.sh
+        trap 'pg_stop {dir}/pg' EXIT
+        pg_start {dir}/pg {port} >/dev/null
+        exit 3"#,
+        root = env!("CARGO_MANIFEST_DIR"),
+        dir = dir.path().display(),
+        port = free_port(),
+    );
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid_file = dir.path().join("pg/data/postmaster.pid");
+    let left = std::fs::read_to_string(&pid_file).ok();
+    if let Some(pid) = left.as_deref().and_then(|p| p.lines().next()) {
+        let _ = Command::new("kill").arg(pid.trim()).status();
+    }
+    assert!(
+        left.is_none(),
+        "PostgreSQL still runs after the script's failed exit"
+    );
+}
+
 /// A database that takes TLS only (managed PostgreSQL often does) could not be used: the
 /// binary was built without TLS, so `sslmode=require` stopped it ("SQLx was built without TLS
 /// support enabled") and the default `prefer` always spoke plain TCP (a red team). The
