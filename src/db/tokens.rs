@@ -152,16 +152,39 @@ pub async fn hold_live(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<bool> 
     Ok(live.is_some())
 }
 
-/// Revokes one token of the workspace (idempotent); false when the workspace has no such token.
-/// Of its revoked tokens, the newest `keep` stay (for support: their prefixes); older ones go,
-/// in the same transaction (`workspace_auth_tokens_revoked_idx` finds them).
+/// What [`revoke`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revocation {
+    Revoked,
+    /// The workspace has no such token.
+    NoSuchToken,
+    /// The caller's own token was revoked after its check.
+    CallerRevoked,
+}
+
+/// Revokes one token of the workspace (idempotent), for `caller` (a token's id; `None` for
+/// the admin). Of its revoked tokens, the newest `keep` stay (for support: their prefixes);
+/// older ones go, in the same transaction (`workspace_auth_tokens_revoked_idx` finds them).
 pub async fn revoke(
     conn: &mut PgConnection,
     workspace_id: Uuid,
     token_id: Uuid,
     keep: i64,
-) -> sqlx::Result<bool> {
+    caller: Option<Uuid>,
+) -> sqlx::Result<Revocation> {
     let mut tx = sqlx::Connection::begin(conn).await?;
+    // The workspace's row first, as a mint, a re-registration and a removal take it: two
+    // tokens revoking each other queue here instead of deadlocking on each other's row.
+    sqlx::query("SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE")
+        .bind(workspace_id)
+        .execute(&mut *tx)
+        .await?;
+    // The caller's token was checked before the transaction: one revoked since revokes nothing.
+    if let Some(caller) = caller {
+        if !hold_live(&mut tx, caller).await? {
+            return Ok(Revocation::CallerRevoked);
+        }
+    }
     let r = sqlx::query(
         "UPDATE workspace_auth_tokens SET revoked_at = COALESCE(revoked_at, now())
          WHERE id = $1 AND workspace_id = $2",
@@ -171,7 +194,7 @@ pub async fn revoke(
     .execute(&mut *tx)
     .await?;
     if r.rows_affected() != 1 {
-        return Ok(false);
+        return Ok(Revocation::NoSuchToken);
     }
     sqlx::query(
         "DELETE FROM workspace_auth_tokens WHERE workspace_id = $1 AND revoked_at IS NOT NULL
@@ -184,7 +207,7 @@ pub async fn revoke(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(true)
+    Ok(Revocation::Revoked)
 }
 
 /// The workspace's live tokens. Under a cap, call it with the workspace row locked

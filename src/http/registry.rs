@@ -23,6 +23,7 @@ use crate::{
     auth::{self, new_token, AuthError, Caller},
     db::{
         self,
+        tokens::Revocation,
         workspaces::{NewWorkspace, Workspace},
     },
     logfmt::clip,
@@ -658,12 +659,18 @@ pub async fn revoke_token(
 ) -> Result<Json<Revoked>, ApiError> {
     let id = who.workspace_id;
     let keep = st.limits.max_tokens_per_workspace as i64;
+    let caller = match who.caller {
+        Caller::Workspace { token_id } => Some(token_id),
+        Caller::Admin => None,
+    };
     let revoked = st
         .db
-        .run(move |c| Box::pin(db::tokens::revoke(c, id, token_id, keep)))
+        .run(move |c| Box::pin(db::tokens::revoke(c, id, token_id, keep, caller)))
         .await?;
-    if !revoked {
-        return Err(ApiError::TokenNotFound);
+    match revoked {
+        Revocation::Revoked => {}
+        Revocation::NoSuchToken => return Err(ApiError::TokenNotFound),
+        Revocation::CallerRevoked => return Err(ApiError::InvalidToken),
     }
     tracing::info!(workspace_id = %id, %token_id, "token revoked");
     Ok(Json(Revoked { revoked: true }))

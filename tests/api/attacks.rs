@@ -1409,46 +1409,65 @@ async fn mode_and_live_tokens(svc: &Svc, ws: Uuid) -> (String, i64) {
     .unwrap()
 }
 
-/// A token is checked before the transaction that uses it, and revoking one does not take
+/// A token is checked before the transaction that uses it, and revoking one did not take
 /// the workspace's row lock: a token revoked while its re-registration (or its mint) waited
 /// for that lock still redirected the workspace's uploads (or minted a fresh token that
-/// outlived the revocation). Now the transaction holds the token live or refuses it.
+/// outlived the revocation), and one revoked just after its check still revoked another of
+/// the workspace's tokens. Now each of these takes the workspace's row, then holds the
+/// caller's token live or refuses it.
 #[tokio::test]
 async fn a_token_revoked_while_its_request_waits_claims_nothing() {
     let svc = Svc::start(&[]).await;
     let (ws, token) = register_poll(&svc.base).await;
+    let token_id: Uuid = sqlx::query_scalar(
+        "SELECT id FROM workspace_auth_tokens WHERE workspace_id = $1 AND prefix = $2",
+    )
+    .bind(ws)
+    .bind(&token[..8])
+    .fetch_one(&svc.pool)
+    .await
+    .unwrap();
     let takeover = json!({"id": ws, "delivery_mode": "push", "url": "http://93.184.216.34/"});
+    let http = reqwest::Client::new();
     let requests = [
         (
             "re-registration",
-            svc.at("/registry/register"),
-            Some(takeover),
+            http.post(svc.at("/registry/register")).json(&takeover),
         ),
-        ("mint", svc.at(&format!("/workspaces/{ws}/tokens")), None),
+        (
+            "mint",
+            http.post(svc.at(&format!("/workspaces/{ws}/tokens"))),
+        ),
+        (
+            "revocation of the workspace's other token",
+            http.delete(svc.at(&format!("/workspaces/{ws}/tokens/{token_id}"))),
+        ),
     ];
-    for (what, url, body) in requests {
+    for (what, request) in requests {
         // A live token for the round, revoked while its request waits.
         let resp = mint_token(&svc, ws, ADMIN).await;
         let minted: Value = resp.json().await.unwrap();
         let bearer = minted["auth_token"].as_str().unwrap().to_string();
         let mut lock = svc.pool.begin().await.unwrap();
+        let holder: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *lock)
+            .await
+            .unwrap();
         sqlx::query("SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE")
             .bind(ws)
             .execute(&mut *lock)
             .await
             .unwrap();
-        let mut req = reqwest::Client::new().post(url).bearer_auth(&bearer);
-        if let Some(body) = &body {
-            req = req.json(body);
-        }
-        let sent = tokio::spawn(req.send());
+        let sent = tokio::spawn(request.bearer_auth(&bearer).send());
+        // Blocked by this very lock (other tests' waits, in other databases, do not count).
         eventually(
-            &format!("the {what} waits for the lock"),
+            &format!("the {what} waits for the workspace's row"),
             Duration::from_secs(10),
             || async {
                 sqlx::query_scalar::<_, bool>(
-                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted)",
+                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid)))",
                 )
+                .bind(holder)
                 .fetch_one(&svc.pool)
                 .await
                 .unwrap()
@@ -1471,15 +1490,26 @@ async fn a_token_revoked_while_its_request_waits_claims_nothing() {
         assert_eq!(
             mode_and_live_tokens(&svc, ws).await,
             ("poll".to_string(), 1),
-            "{what}: nothing changed, no token issued"
+            "{what}: nothing changed, no token issued or revoked"
         );
     }
-    // The workspace's own live token still does both.
+    // The workspace's own live token still does all three.
     let resp = mint_token(&svc, ws, &token).await;
     assert_eq!(resp.status(), StatusCode::OK);
     let body = json!({"id": ws, "delivery_mode": "poll"});
-    let resp = register(&reqwest::Client::new(), &svc, Some(&token), &body).await;
+    let resp = register(&http, &svc, Some(&token), &body).await;
     assert_eq!(resp.status(), StatusCode::OK);
+    let minted: Value = mint_token(&svc, ws, &token).await.json().await.unwrap();
+    let resp = http
+        .delete(svc.at(&format!(
+            "/workspaces/{ws}/tokens/{}",
+            minted["id"].as_str().unwrap()
+        )))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_json(resp, StatusCode::OK, json!({"revoked": true})).await;
 }
 
 /// `POST /workspaces/{ws}/tokens` with `bearer`.
