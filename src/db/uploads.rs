@@ -209,6 +209,9 @@ static ADMIT: LazyLock<String> =
 /// (a black-box probe). Checked in the committing statement itself, no extra round trip.
 /// The parameter after the hash, when not NULL, bounds this transaction's wait for the
 /// workspace lock (`pending_uploads.lock_wait`, [`wait_setting`]) below the connection's.
+/// The caller is named in `pending_uploads.caller` too (its token's hash in hex, or `admin`):
+/// an admission that had to wait for the lock checks it again once it holds it, since a
+/// revocation may have committed meanwhile (migration `20261208100000`).
 fn while_caller_holds(call: &str, hash: usize) -> String {
     let wait = hash + 1;
     // The call takes its workspace from `caller`: a lateral reference, so every plan checks
@@ -219,6 +222,8 @@ fn while_caller_holds(call: &str, hash: usize) -> String {
              SELECT $1::uuid AS ws,
                     (${wait}::text IS NULL
                      OR set_config('pending_uploads.lock_wait', ${wait}, true) IS NOT NULL)
+                    AND set_config('pending_uploads.caller',
+                                   COALESCE(encode(${hash}::bytea, 'hex'), 'admin'), true) IS NOT NULL
                     AND EXISTS (SELECT 1 FROM workspaces w
                                 WHERE w.id = $1 AND w.status IS DISTINCT FROM 'removed')
                     AND (${hash}::bytea IS NULL

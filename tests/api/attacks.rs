@@ -1512,6 +1512,83 @@ async fn a_token_revoked_while_its_request_waits_claims_nothing() {
     assert_json(resp, StatusCode::OK, json!({"revoked": true})).await;
 }
 
+/// An upload's claim is checked again in the statement that commits it, but as of that
+/// statement's start: one that then waited for the workspace's lock (up to half of
+/// DEPENDENCY_TIMEOUT) while its token was revoked was staged all the same, after the
+/// revocation had committed (a review). An admission that waited for the lock now checks the
+/// token again once it holds it, for a small file's single statement and for a large file's
+/// COPY and admission alike.
+#[tokio::test]
+async fn an_upload_waiting_for_its_workspace_when_its_token_is_revoked_stages_nothing() {
+    let svc = Svc::start(&[]).await;
+    for (what, size) in [("a small file", 1024), ("a large file", 20 << 20)] {
+        let (ws, token) = register_poll(&svc.base).await;
+        let mut lock = svc.pool.acquire().await.unwrap();
+        let holder: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *lock)
+            .await
+            .unwrap();
+        sqlx::query("SELECT pg_advisory_lock(pending_uploads_lock_key($1))")
+            .bind(ws)
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+        let sent = {
+            let (base, token) = (svc.base.clone(), token.clone());
+            tokio::spawn(async move {
+                let part = reqwest::multipart::Part::bytes(vec![b'x'; size]).file_name("late.bin");
+                reqwest::Client::new()
+                    .post(format!("{base}/workspaces/{ws}/chat/uploads"))
+                    .bearer_auth(token)
+                    .multipart(reqwest::multipart::Form::new().part("files", part))
+                    .send()
+                    .await
+                    .unwrap()
+            })
+        };
+        eventually(
+            &format!("{what}'s upload waits for its workspace's lock"),
+            Duration::from_secs(20),
+            || async {
+                sqlx::query_scalar::<_, bool>(
+                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid)))",
+                )
+                .bind(holder)
+                .fetch_one(&svc.pool)
+                .await
+                .unwrap()
+            },
+        )
+        .await;
+        sqlx::query("UPDATE workspace_auth_tokens SET revoked_at = now() WHERE workspace_id = $1")
+            .bind(ws)
+            .execute(&svc.pool)
+            .await
+            .unwrap();
+        sqlx::query("SELECT pg_advisory_unlock_all()")
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+        let resp = sent.await.unwrap();
+        assert_error(
+            resp,
+            StatusCode::UNAUTHORIZED,
+            "invalid workspace auth token",
+        )
+        .await;
+        let staged: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM pending_uploads WHERE workspace_id = $1)
+                  + (SELECT count(*) FROM activity_logs WHERE workspace_id = $1)",
+        )
+        .bind(ws)
+        .fetch_one(&svc.pool)
+        .await
+        .unwrap();
+        assert_eq!(staged, 0, "{what}: nothing staged after the revocation");
+    }
+    assert_totals_exact(&svc.pool).await;
+}
+
 /// `POST /workspaces/{ws}/tokens` with `bearer`.
 async fn mint_token(svc: &Svc, ws: Uuid, bearer: &str) -> reqwest::Response {
     reqwest::Client::new()
