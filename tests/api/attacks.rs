@@ -1409,6 +1409,36 @@ async fn mode_and_live_tokens(svc: &Svc, ws: Uuid) -> (String, i64) {
     .unwrap()
 }
 
+/// Takes a lock on `conn` with `statement` (its `$1` the workspace `ws`); returns the
+/// connection's backend pid, for [`until_blocked_by`].
+async fn holding(conn: &mut sqlx::PgConnection, statement: &str, ws: Uuid) -> i32 {
+    let pid = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query(statement)
+        .bind(ws)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    pid
+}
+
+/// Waits (20 s at most) until a backend is blocked by a lock `holder` (a backend's pid)
+/// holds: other tests' waits, in other databases, do not count.
+async fn until_blocked_by(svc: &Svc, holder: i32, what: &str) {
+    eventually(what, Duration::from_secs(20), || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid)))",
+        )
+        .bind(holder)
+        .fetch_one(&svc.pool)
+        .await
+        .unwrap()
+    })
+    .await;
+}
+
 /// A token is checked before the transaction that uses it, and revoking one did not take
 /// the workspace's row lock: a token revoked while its re-registration (or its mint) waited
 /// for that lock still redirected the workspace's uploads (or minted a fresh token that
@@ -1449,31 +1479,11 @@ async fn a_token_revoked_while_its_request_waits_claims_nothing() {
         let minted: Value = resp.json().await.unwrap();
         let bearer = minted["auth_token"].as_str().unwrap().to_string();
         let mut lock = svc.pool.begin().await.unwrap();
-        let holder: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(&mut *lock)
-            .await
-            .unwrap();
-        sqlx::query("SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE")
-            .bind(ws)
-            .execute(&mut *lock)
-            .await
-            .unwrap();
+        let workspace_row = "SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE";
+        let holder = holding(&mut lock, workspace_row, ws).await;
         let sent = tokio::spawn(request.bearer_auth(&bearer).send());
-        // Blocked by this very lock (other tests' waits, in other databases, do not count).
-        eventually(
-            &format!("the {what} waits for the workspace's row"),
-            Duration::from_secs(10),
-            || async {
-                sqlx::query_scalar::<_, bool>(
-                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid)))",
-                )
-                .bind(holder)
-                .fetch_one(&svc.pool)
-                .await
-                .unwrap()
-            },
-        )
-        .await;
+        let waits = format!("the {what} waits for the workspace's row");
+        until_blocked_by(&svc, holder, &waits).await;
         sqlx::query("UPDATE workspace_auth_tokens SET revoked_at = now() WHERE id = $1::uuid")
             .bind(minted["id"].as_str().unwrap())
             .execute(&svc.pool)
@@ -1524,15 +1534,8 @@ async fn an_upload_waiting_for_its_workspace_when_its_token_is_revoked_stages_no
     for (what, size) in [("a small file", 1024), ("a large file", 20 << 20)] {
         let (ws, token) = register_poll(&svc.base).await;
         let mut lock = svc.pool.acquire().await.unwrap();
-        let holder: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(&mut *lock)
-            .await
-            .unwrap();
-        sqlx::query("SELECT pg_advisory_lock(pending_uploads_lock_key($1))")
-            .bind(ws)
-            .execute(&mut *lock)
-            .await
-            .unwrap();
+        let workspace_lock = "SELECT pg_advisory_lock(pending_uploads_lock_key($1))";
+        let holder = holding(&mut lock, workspace_lock, ws).await;
         let sent = {
             let (base, token) = (svc.base.clone(), token.clone());
             tokio::spawn(async move {
@@ -1546,20 +1549,8 @@ async fn an_upload_waiting_for_its_workspace_when_its_token_is_revoked_stages_no
                     .unwrap()
             })
         };
-        eventually(
-            &format!("{what}'s upload waits for its workspace's lock"),
-            Duration::from_secs(20),
-            || async {
-                sqlx::query_scalar::<_, bool>(
-                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid)))",
-                )
-                .bind(holder)
-                .fetch_one(&svc.pool)
-                .await
-                .unwrap()
-            },
-        )
-        .await;
+        let waits = format!("{what}'s upload waits for its workspace's lock");
+        until_blocked_by(&svc, holder, &waits).await;
         sqlx::query("UPDATE workspace_auth_tokens SET revoked_at = now() WHERE workspace_id = $1")
             .bind(ws)
             .execute(&svc.pool)
