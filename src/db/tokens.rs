@@ -175,10 +175,7 @@ pub async fn revoke(
     let mut tx = sqlx::Connection::begin(conn).await?;
     // The workspace's row first, as a mint, a re-registration and a removal take it: two
     // tokens revoking each other queue here instead of deadlocking on each other's row.
-    sqlx::query("SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE")
-        .bind(workspace_id)
-        .execute(&mut *tx)
-        .await?;
+    super::workspaces::get_for_update(&mut tx, workspace_id).await?;
     // The caller's token was checked before the transaction: one revoked since revokes nothing.
     if let Some(caller) = caller {
         if !hold_live(&mut tx, caller).await? {
