@@ -229,10 +229,10 @@ fn every_request(
 }
 
 /// A body sent in a transfer coding besides `chunked` (`Transfer-Encoding: gzip, chunked`; a
-/// request's here, a push workspace's answer in `push`): hyper takes off the chunks and hands on the rest as it came, so a compressed
-/// upload was parsed, stored or relayed as if it were plain (RFC 9112 §6.1: 501; Go's server,
-/// the platform's, answers the same). A request whose last coding is not `chunked` is
-/// hyper's own 400.
+/// request's here, a push workspace's answer in `push`): hyper takes off the chunks and hands
+/// on the rest as it came, so a compressed upload was parsed, stored or relayed as if it were
+/// plain (RFC 9112 §6.1: 501; Go's server, the platform's, answers the same). A request whose
+/// last coding is not `chunked` is hyper's own 400.
 pub(crate) fn unsupported_transfer_coding(headers: &HeaderMap) -> bool {
     let mut codings = headers
         .get_all(header::TRANSFER_ENCODING)
