@@ -606,15 +606,18 @@ pub async fn mint_token(
                 let live = db::workspaces::get_for_update(&mut tx, id)
                     .await?
                     .is_some_and(|w| !w.is_removed());
-                if !live {
-                    return Ok(Minted::NoWorkspace);
-                }
                 // The caller's token was checked before the transaction: one revoked since
-                // mints nothing.
+                // mints nothing. Checked before the workspace, as a request sent now would
+                // be: a workspace removed meanwhile (its tokens revoked with it) is 401 to
+                // its token, as to the revocation and the re-registration, and 404 to the
+                // admin.
                 if let Caller::Workspace { token_id } = who.caller {
                     if !db::tokens::hold_live(&mut tx, token_id).await? {
                         return Ok(Minted::Revoked);
                     }
+                }
+                if !live {
+                    return Ok(Minted::NoWorkspace);
                 }
                 if db::tokens::live_count(&mut tx, id).await? as u64 >= max {
                     return Ok(Minted::AtLimit);

@@ -1522,6 +1522,57 @@ async fn a_token_revoked_while_its_request_waits_claims_nothing() {
     assert_json(resp, StatusCode::OK, json!({"revoked": true})).await;
 }
 
+/// A mint that waited for its workspace's row while the workspace was removed (its tokens
+/// revoked with it) answered 404 `workspace not found` to the workspace's token, where the
+/// revocation and the re-registration answer 401, as the same request sent afterwards does.
+/// Now 401 to the token, and 404 to the admin; nothing minted either way.
+#[tokio::test]
+async fn a_mint_waiting_while_its_workspace_is_removed_answers_as_a_later_one_would() {
+    let svc = Svc::start(&[]).await;
+    for (bearer_is_admin, status, error) in [
+        (
+            false,
+            StatusCode::UNAUTHORIZED,
+            "invalid workspace auth token",
+        ),
+        (true, StatusCode::NOT_FOUND, "workspace not found"),
+    ] {
+        let (ws, token) = register_poll(&svc.base).await;
+        let bearer = if bearer_is_admin {
+            ADMIN
+        } else {
+            token.as_str()
+        };
+        let mut lock = svc.pool.begin().await.unwrap();
+        let workspace_row = "SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE";
+        let holder = holding(&mut lock, workspace_row, ws).await;
+        let mint = reqwest::Client::new().post(svc.at(&format!("/workspaces/{ws}/tokens")));
+        let sent = tokio::spawn(mint.bearer_auth(bearer).send());
+        until_blocked_by(&svc, holder, "the mint waits for the workspace's row").await;
+        // What DELETE /workspaces/:id does, committed while the mint waits.
+        sqlx::query("UPDATE workspaces SET status = 'removed' WHERE id = $1")
+            .bind(ws)
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE workspace_auth_tokens SET revoked_at = now() WHERE workspace_id = $1")
+            .bind(ws)
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+        lock.commit().await.unwrap();
+        let resp = sent.await.unwrap().unwrap();
+        assert_error(resp, status, error).await;
+        assert_eq!(
+            mode_and_live_tokens(&svc, ws).await,
+            ("poll".to_string(), 0),
+            "nothing minted"
+        );
+        let later = mint_token(&svc, ws, bearer).await;
+        assert_error(later, status, error).await;
+    }
+}
+
 /// An upload's claim is checked again in the statement that commits it, but as of that
 /// statement's start: one that then waited for the workspace's lock (up to half of
 /// DEPENDENCY_TIMEOUT) while its token was revoked was staged all the same, after the
