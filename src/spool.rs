@@ -501,10 +501,16 @@ impl Region {
     /// `buf.len()` bytes from `offset` in the region (blocking).
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, self.base + offset)?;
-        if self.given_back.load(Ordering::SeqCst) {
-            return Err(io::Error::other("the spooled file was given back"));
+        self.still_held()
+    }
+
+    /// Bytes just read are the file's only while its space was not given back: a freed
+    /// region reads as zeros.
+    fn still_held(&self) -> io::Result<()> {
+        match self.given_back.load(Ordering::SeqCst) {
+            true => Err(io::Error::other("the spooled file was given back")),
+            false => Ok(()),
         }
-        Ok(())
     }
 
     /// As many of `buf.len()` bytes from `offset` as the page cache holds, without blocking
@@ -843,9 +849,7 @@ async fn read_at(region: &Region, buffers: &Buffers, offset: u64, len: usize) ->
     let mut buf = buffers.take();
     let cached = region.read_cached_at(&mut buf[..len], offset);
     let buf = if cached == len {
-        if region.given_back.load(Ordering::SeqCst) {
-            return Err(io::Error::other("the spooled file was given back"));
-        }
+        region.still_held()?;
         buf
     } else {
         let region = region.clone();
