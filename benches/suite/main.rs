@@ -133,8 +133,8 @@ struct Args {
         value_delimiter = ','
     )]
     memory: Vec<String>,
-    /// roundtrips, small and latency: also measure this binary (e.g. today's release) in the
-    /// same run.
+    /// throughput, roundtrips, small and latency: also measure this binary (e.g. the build
+    /// before a change) in the same run.
     #[arg(long, env = "BENCH_REFERENCE_BIN")]
     reference_bin: Option<String>,
     /// cargo bench passes --bench (checked before parsing).
@@ -308,7 +308,7 @@ async fn header(env: &Env, nofile: u64) {
             .unwrap_or_default()
     );
     if let Some(r) = &env.reference_bin {
-        println!("- reference binary (roundtrips, small): {r}");
+        println!("- reference binary (throughput, roundtrips, small, latency): {r}");
     }
     println!("- service settings: {}", harness::service_settings());
     println!("- PostgreSQL: {}", pg.split(" on ").next().unwrap_or(&pg));

@@ -1,7 +1,10 @@
 //! `throughput`: upload and download MB/s through the service (multipart POST as the canvas
 //! sends it; GET content read fully) next to the direct ceiling measured in the same run,
 //! interleaved (service upload, direct upload, service download, direct download), per
-//! backend × size × concurrency, with the service's peak RSS per direction.
+//! backend × size × concurrency, with the service's peak RSS per direction. With
+//! `--reference-bin`, that binary's service (a database of its own) moves the same files in
+//! every round too, next to this one's, and a table compares the two: a change's before and
+//! after in one run, against the same ceilings.
 
 use crate::{
     direct::{self, Chosen, Dir, Target},
@@ -75,6 +78,18 @@ struct Row {
     up_direct_cpu: f64,
     down_cpu: Cpu,
     down_direct_cpu: f64,
+    reference: Option<Reference>,
+}
+
+/// The reference binary's figures in a cell (medians), and each round's this / reference
+/// ratio (lowest, highest).
+struct Reference {
+    up: f64,
+    down: f64,
+    up_ratios: (f64, f64),
+    down_ratios: (f64, f64),
+    up_cpu: Cpu,
+    down_cpu: Cpu,
 }
 
 /// CPU time per MiB moved through the service, in ms: the whole machine's (the bench's HTTP
@@ -155,16 +170,55 @@ pub async fn run(env: &Env, o: &Opts) {
             "no direct client for {backend} matches --direct"
         );
         used.push((backend.clone(), chosen_names(&chosen)));
+        // The reference's own database: an older binary refuses one with migrations it
+        // does not know.
+        let reference = match &env.reference_bin {
+            Some(bin) => {
+                let db = fresh_db(&env.server).await;
+                let prefix = format!("bench-{}/", uuid::Uuid::new_v4().simple());
+                let spec = Spec {
+                    bin,
+                    db: &db,
+                    backend,
+                    prefix: &prefix,
+                    extra: &[],
+                };
+                let svc = Service::start(env, spec).await;
+                Some((svc, bin.as_str(), db, prefix))
+            }
+            None => None,
+        };
         for &size in &o.sizes {
             let data = payload(size);
             for &conc in &o.concurrency {
                 let files = o.files_for(size, conc);
                 let wss = workspaces(&http_client(), &svc.base, o.workspaces.max(1)).await;
+                let this = Through {
+                    svc: &svc,
+                    db: &db,
+                    wss,
+                };
+                let other = match &reference {
+                    Some((svc, _, db, _)) => Some(Through {
+                        svc,
+                        db,
+                        wss: workspaces(&http_client(), &svc.base, o.workspaces.max(1)).await,
+                    }),
+                    None => None,
+                };
                 let mut m = Measured::default();
-                for _ in 0..o.rounds.max(1) {
-                    m.round(env, &svc, &target, &chosen, &wss, &data, files, conc)
+                for round in 0..o.rounds.max(1) {
+                    let cell = Cell {
+                        data: &data,
+                        files,
+                        conc,
+                    };
+                    m.round(env, &target, &chosen, (&this, other.as_ref()), round, cell)
                         .await;
                     sweep_all(env, &env.bin, &db, backend, &prefix).await;
+                    if let Some((_, bin, db, prefix)) = &reference {
+                        sweep_all(env, bin, db, backend, prefix).await;
+                    }
                     target.cleanup(env, files).await;
                 }
                 let row = m.row(backend, size, conc, files);
@@ -183,8 +237,68 @@ pub async fn run(env: &Env, o: &Opts) {
         }
         drop(svc);
         drop_db(&env.server, &db).await;
+        if let Some((svc, _, db, _)) = reference {
+            drop(svc);
+            drop_db(&env.server, &db).await;
+        }
     }
     print(o, &rows, &used);
+}
+
+/// A service a cell's files go through, its database and its workspaces.
+struct Through<'a> {
+    svc: &'a Service,
+    db: &'a str,
+    wss: Vec<crate::harness::Ws>,
+}
+
+/// What a cell moves: `files` copies of `data` at concurrency `conc`.
+#[derive(Clone, Copy)]
+struct Cell<'a> {
+    data: &'a bytes::Bytes,
+    files: usize,
+    conc: usize,
+}
+
+impl Through<'_> {
+    /// Uploads the cell's files (after a `VACUUM` and a `CHECKPOINT`): their ids, MB/s, CPU
+    /// and the service's peak RSS.
+    async fn upload(&self, cell: Cell<'_>) -> (Vec<(usize, String)>, f64, Cpu, f64) {
+        let total = cell.data.len() * cell.files;
+        let (base, wss, data) = (self.svc.base.as_str(), &self.wss, cell.data);
+        settle(self.db).await;
+        self.svc.reset_peak();
+        let upload = in_lanes(
+            cell.files,
+            cell.conc,
+            || lane_http(base),
+            |http, i| async move { upload_nth(&http, base, wss, data, i).await },
+        );
+        let ((ids, secs), cpu) = with_cpu(self.svc, total, upload).await;
+        (ids, mb_per_s(total, secs), cpu, self.svc.peak_rss_mib())
+    }
+
+    /// Downloads `ids` (read fully, every byte counted; after a `VACUUM` and a
+    /// `CHECKPOINT`): MB/s, CPU and peak RSS.
+    async fn download(&self, ids: &[(usize, String)], cell: Cell<'_>) -> (f64, Cpu, f64) {
+        let total = cell.data.len() * cell.files;
+        let (base, wss) = (self.svc.base.as_str(), &self.wss);
+        settle(self.db).await;
+        self.svc.reset_peak();
+        let download = in_lanes(
+            ids.len(),
+            cell.conc,
+            || lane_http(base),
+            |http, i| async move {
+                let (w, id) = &ids[i];
+                download(&http, base, &wss[*w], id).await
+            },
+        );
+        let ((lens, secs), cpu) = with_cpu(self.svc, total, download).await;
+        let read: usize = lens.iter().sum();
+        assert_eq!(read, total, "service download read fewer bytes");
+        (mb_per_s(total, secs), cpu, self.svc.peak_rss_mib())
+    }
 }
 
 fn chosen_names(c: &Chosen) -> String {
@@ -205,35 +319,39 @@ struct Measured {
     down_cpu: Vec<Cpu>,
     up_direct_cpu: Vec<f64>,
     down_direct_cpu: Vec<f64>,
+    /// The reference binary's, when there is one.
+    up_ref: Vec<f64>,
+    down_ref: Vec<f64>,
+    up_ref_cpu: Vec<Cpu>,
+    down_ref_cpu: Vec<Cpu>,
 }
 
 impl Measured {
-    #[allow(clippy::too_many_arguments)]
+    /// One round of a cell: uploads through the service (and the reference, in turn first
+    /// and second from round to round), straight to the backend; then downloads the same way.
     async fn round(
         &mut self,
         env: &Env,
-        svc: &Service,
         target: &Target,
         chosen: &Chosen,
-        wss: &[crate::harness::Ws],
-        data: &bytes::Bytes,
-        files: usize,
-        conc: usize,
+        (this, reference): (&Through<'_>, Option<&Through<'_>>),
+        round: usize,
+        cell: Cell<'_>,
     ) {
+        let (data, files, conc) = (cell.data, cell.files, cell.conc);
         let total = data.len() * files;
-        let base = svc.base.as_str();
-        settle(&target.db).await;
-        svc.reset_peak();
-        let upload = in_lanes(
-            files,
-            conc,
-            || lane_http(base),
-            |http, i| async move { upload_nth(&http, base, wss, data, i).await },
-        );
-        let ((ids, secs), cpu) = with_cpu(svc, total, upload).await;
-        self.up.push(mb_per_s(total, secs));
+        let reference_first = round % 2 == 1;
+        let mut ref_ids = Vec::new();
+        if let (Some(r), true) = (reference, reference_first) {
+            ref_ids = self.reference_up(r, cell).await;
+        }
+        let (ids, rate, cpu, rss) = this.upload(cell).await;
+        self.up.push(rate);
         self.up_cpu.push(cpu);
-        self.rss_up.push(svc.peak_rss_mib());
+        self.rss_up.push(rss);
+        if let (Some(r), false) = (reference, reference_first) {
+            ref_ids = self.reference_up(r, cell).await;
+        }
 
         let mut best = Best::NONE;
         let mut written = false;
@@ -250,24 +368,16 @@ impl Measured {
         self.up_direct.push((best.rate, best.name));
         self.up_direct_cpu.push(best.cpu_ms_per_mib);
 
-        settle(&target.db).await;
-        svc.reset_peak();
-        let ids = &ids;
-        let download = in_lanes(
-            ids.len(),
-            conc,
-            || lane_http(base),
-            |http, i| async move {
-                let (w, id) = &ids[i];
-                download(&http, base, &wss[*w], id).await
-            },
-        );
-        let ((lens, secs), cpu) = with_cpu(svc, total, download).await;
-        let read: usize = lens.iter().sum();
-        assert_eq!(read, total, "service download read fewer bytes");
-        self.down.push(mb_per_s(total, secs));
+        if let (Some(r), true) = (reference, reference_first) {
+            self.reference_down(r, &ref_ids, cell).await;
+        }
+        let (rate, cpu, rss) = this.download(&ids, cell).await;
+        self.down.push(rate);
         self.down_cpu.push(cpu);
-        self.rss_down.push(svc.peak_rss_mib());
+        self.rss_down.push(rss);
+        if let (Some(r), false) = (reference, reference_first) {
+            self.reference_down(r, &ref_ids, cell).await;
+        }
 
         let mut best = Best::NONE;
         for c in &chosen.down {
@@ -277,6 +387,19 @@ impl Measured {
         }
         self.down_direct.push((best.rate, best.name));
         self.down_direct_cpu.push(best.cpu_ms_per_mib);
+    }
+
+    async fn reference_up(&mut self, r: &Through<'_>, cell: Cell<'_>) -> Vec<(usize, String)> {
+        let (ids, rate, cpu, _) = r.upload(cell).await;
+        self.up_ref.push(rate);
+        self.up_ref_cpu.push(cpu);
+        ids
+    }
+
+    async fn reference_down(&mut self, r: &Through<'_>, ids: &[(usize, String)], cell: Cell<'_>) {
+        let (rate, cpu, _) = r.download(ids, cell).await;
+        self.down_ref.push(rate);
+        self.down_ref_cpu.push(cpu);
     }
 
     fn row(self, backend: &str, size: usize, conc: usize, files: usize) -> Row {
@@ -301,7 +424,17 @@ impl Measured {
             machine: median(v.iter().map(|c| c.machine).collect()),
             service: median(v.iter().map(|c| c.service).collect()),
         };
+        let unnamed = |v: &[f64]| v.iter().map(|&x| (x, "reference")).collect::<Vec<_>>();
+        let reference = (!self.up_ref.is_empty()).then(|| Reference {
+            up_ratios: spread(&self.up, &unnamed(&self.up_ref)),
+            down_ratios: spread(&self.down, &unnamed(&self.down_ref)),
+            up_cpu: cpu(&self.up_ref_cpu),
+            down_cpu: cpu(&self.down_ref_cpu),
+            up: median(self.up_ref),
+            down: median(self.down_ref),
+        });
         Row {
+            reference,
             up_cpu: cpu(&self.up_cpu),
             down_cpu: cpu(&self.down_cpu),
             up_direct_cpu: median(self.up_direct_cpu),
@@ -421,8 +554,46 @@ fn print(o: &Opts, rows: &[Row], used: &[(String, String)]) {
             r.down_cpu.service
         );
     }
+    print_reference(o, rows);
     println!();
     for (backend, names) in used {
         println!("Direct clients, {backend}: {names}.");
+    }
+}
+
+/// This binary against the reference (`--reference-bin`), cell by cell, with the service
+/// process's CPU per MiB each way.
+fn print_reference(o: &Opts, rows: &[Row]) {
+    if rows.iter().all(|r| r.reference.is_none()) {
+        return;
+    }
+    println!(
+        "\nThis binary against the reference binary (each with a database of its own; the same files, in turn first and second from round to round; ratio = this / reference{}):\n",
+        if o.rounds > 1 { ", with each round's lowest–highest" } else { "" }
+    );
+    println!("| backend | size | conc | upload MB/s this / reference | upload ratio | download MB/s this / reference | download ratio | service CPU ms/MiB up: this / reference | down: this / reference |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let ratio = |median: f64, (lo, hi): (f64, f64)| match o.rounds > 1 {
+        true => format!("{median:.2} ({lo:.2}–{hi:.2})"),
+        false => format!("{median:.2}"),
+    };
+    for r in rows {
+        let Some(x) = &r.reference else { continue };
+        println!(
+            "| {} | {} | {} | {:.1} / {:.1} | {} | {:.1} / {:.1} | {} | {:.2} / {:.2} | {:.2} / {:.2} |",
+            r.backend,
+            human(r.size),
+            r.conc,
+            r.up,
+            x.up,
+            ratio(r.up / x.up, x.up_ratios),
+            r.down,
+            x.down,
+            ratio(r.down / x.down, x.down_ratios),
+            r.up_cpu.service,
+            x.up_cpu.service,
+            r.down_cpu.service,
+            x.down_cpu.service
+        );
     }
 }
