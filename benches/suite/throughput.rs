@@ -505,10 +505,7 @@ fn print(o: &Opts, rows: &[Row], used: &[(String, String)]) {
     );
     println!("| backend | size | conc | files | upload MB/s service | upload MB/s direct | upload ratio | download MB/s service | download MB/s direct | download ratio | peak RSS MiB up / down |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    let ratio = |median: f64, (lo, hi): (f64, f64)| match o.rounds > 1 {
-        true => format!("{median:.2} ({lo:.2}–{hi:.2})"),
-        false => format!("{median:.2}"),
-    };
+    let ratio = |median: f64, spread: (f64, f64)| ratio(o.rounds, median, spread);
     for r in rows {
         let name = |n: &str| {
             if per_cell {
@@ -573,10 +570,7 @@ fn print_reference(o: &Opts, rows: &[Row]) {
     );
     println!("| backend | size | conc | upload MB/s this / reference | upload ratio | download MB/s this / reference | download ratio | service CPU ms/MiB up: this / reference | down: this / reference |");
     println!("|---|---|---|---|---|---|---|---|---|");
-    let ratio = |median: f64, (lo, hi): (f64, f64)| match o.rounds > 1 {
-        true => format!("{median:.2} ({lo:.2}–{hi:.2})"),
-        false => format!("{median:.2}"),
-    };
+    let ratio = |median: f64, spread: (f64, f64)| ratio(o.rounds, median, spread);
     for r in rows {
         let Some(x) = &r.reference else { continue };
         println!(
@@ -595,5 +589,13 @@ fn print_reference(o: &Opts, rows: &[Row]) {
             r.down_cpu.service,
             x.down_cpu.service
         );
+    }
+}
+
+/// A ratio, with its rounds' lowest–highest when there were several.
+fn ratio(rounds: usize, median: f64, (lo, hi): (f64, f64)) -> String {
+    match rounds > 1 {
+        true => format!("{median:.2} ({lo:.2}–{hi:.2})"),
+        false => format!("{median:.2}"),
     }
 }
