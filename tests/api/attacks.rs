@@ -1549,17 +1549,9 @@ async fn a_mint_waiting_while_its_workspace_is_removed_answers_as_a_later_one_wo
         let mint = reqwest::Client::new().post(svc.at(&format!("/workspaces/{ws}/tokens")));
         let sent = tokio::spawn(mint.bearer_auth(bearer).send());
         until_blocked_by(&svc, holder, "the mint waits for the workspace's row").await;
-        // What DELETE /workspaces/:id does, committed while the mint waits.
-        sqlx::query("UPDATE workspaces SET status = 'removed' WHERE id = $1")
-            .bind(ws)
-            .execute(&mut *lock)
-            .await
-            .unwrap();
-        sqlx::query("UPDATE workspace_auth_tokens SET revoked_at = now() WHERE workspace_id = $1")
-            .bind(ws)
-            .execute(&mut *lock)
-            .await
-            .unwrap();
+        // The removal DELETE /workspaces/:id makes, committed while the mint waits.
+        let removed = pending_uploads::db::workspaces::remove(&mut lock, ws).await;
+        assert!(removed.unwrap(), "the workspace was there to remove");
         lock.commit().await.unwrap();
         let resp = sent.await.unwrap().unwrap();
         assert_error(resp, status, error).await;
