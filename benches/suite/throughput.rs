@@ -122,23 +122,11 @@ pub async fn run(env: &Env, o: &Opts) {
     let mut rows = Vec::new();
     let mut used = Vec::new();
     for backend in &o.backends {
-        let db = fresh_db(&env.server).await;
-        let prefix = format!("bench-{}/", uuid::Uuid::new_v4().simple());
-        let svc = Service::start(
-            env,
-            Spec {
-                bin: &env.bin,
-                db: &db,
-                backend,
-                prefix: &prefix,
-                extra: &[],
-            },
-        )
-        .await;
+        let this = Instance::start(env, &env.bin, backend).await;
         let target = Target {
             backend: backend.clone(),
-            db: db.clone(),
-            key_prefix: format!("{prefix}direct/"),
+            db: this.db.clone(),
+            key_prefix: format!("{}direct/", this.prefix),
         };
         let chosen = match &o.direct {
             DirectMode::Auto => {
@@ -173,37 +161,16 @@ pub async fn run(env: &Env, o: &Opts) {
         // The reference's own database: an older binary refuses one with migrations it
         // does not know.
         let reference = match &env.reference_bin {
-            Some(bin) => {
-                let db = fresh_db(&env.server).await;
-                let prefix = format!("bench-{}/", uuid::Uuid::new_v4().simple());
-                let spec = Spec {
-                    bin,
-                    db: &db,
-                    backend,
-                    prefix: &prefix,
-                    extra: &[],
-                };
-                let svc = Service::start(env, spec).await;
-                Some((svc, bin.as_str(), db, prefix))
-            }
+            Some(bin) => Some(Instance::start(env, bin, backend).await),
             None => None,
         };
         for &size in &o.sizes {
             let data = payload(size);
             for &conc in &o.concurrency {
                 let files = o.files_for(size, conc);
-                let wss = workspaces(&http_client(), &svc.base, o.workspaces.max(1)).await;
-                let this = Through {
-                    svc: &svc,
-                    db: &db,
-                    wss,
-                };
+                let through = this.through(o.workspaces).await;
                 let other = match &reference {
-                    Some((svc, _, db, _)) => Some(Through {
-                        svc,
-                        db,
-                        wss: workspaces(&http_client(), &svc.base, o.workspaces.max(1)).await,
-                    }),
+                    Some(r) => Some(r.through(o.workspaces).await),
                     None => None,
                 };
                 let mut m = Measured::default();
@@ -213,11 +180,18 @@ pub async fn run(env: &Env, o: &Opts) {
                         files,
                         conc,
                     };
-                    m.round(env, &target, &chosen, (&this, other.as_ref()), round, cell)
-                        .await;
-                    sweep_all(env, &env.bin, &db, backend, &prefix).await;
-                    if let Some((_, bin, db, prefix)) = &reference {
-                        sweep_all(env, bin, db, backend, prefix).await;
+                    m.round(
+                        env,
+                        &target,
+                        &chosen,
+                        (&through, other.as_ref()),
+                        round,
+                        cell,
+                    )
+                    .await;
+                    this.sweep(env, backend).await;
+                    if let Some(r) = &reference {
+                        r.sweep(env, backend).await;
                     }
                     target.cleanup(env, files).await;
                 }
@@ -235,14 +209,60 @@ pub async fn run(env: &Env, o: &Opts) {
                 rows.push(row);
             }
         }
-        drop(svc);
-        drop_db(&env.server, &db).await;
-        if let Some((svc, _, db, _)) = reference {
-            drop(svc);
-            drop_db(&env.server, &db).await;
+        this.stop(env).await;
+        if let Some(r) = reference {
+            r.stop(env).await;
         }
     }
     print(o, &rows, &used);
+}
+
+/// A binary's service for one backend, on a database and under a key prefix of its own.
+struct Instance {
+    svc: Service,
+    bin: String,
+    db: String,
+    prefix: String,
+}
+
+impl Instance {
+    async fn start(env: &Env, bin: &str, backend: &str) -> Instance {
+        let db = fresh_db(&env.server).await;
+        let prefix = format!("bench-{}/", uuid::Uuid::new_v4().simple());
+        let spec = Spec {
+            bin,
+            db: &db,
+            backend,
+            prefix: &prefix,
+            extra: &[],
+        };
+        let svc = Service::start(env, spec).await;
+        Instance {
+            svc,
+            bin: bin.to_string(),
+            db,
+            prefix,
+        }
+    }
+
+    /// `workspaces` new workspaces of this service, for a cell's files.
+    async fn through(&self, workspaces_n: usize) -> Through<'_> {
+        Through {
+            svc: &self.svc,
+            db: &self.db,
+            wss: workspaces(&http_client(), &self.svc.base, workspaces_n.max(1)).await,
+        }
+    }
+
+    /// Every row expired and swept, with the objects of S3 rows (between rounds).
+    async fn sweep(&self, env: &Env, backend: &str) {
+        sweep_all(env, &self.bin, &self.db, backend, &self.prefix).await;
+    }
+
+    async fn stop(self, env: &Env) {
+        drop(self.svc);
+        drop_db(&env.server, &self.db).await;
+    }
 }
 
 /// A service a cell's files go through, its database and its workspaces.
