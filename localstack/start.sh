@@ -32,22 +32,33 @@ fi
 
 # Workarounds for this host (see shared/ENVIRONMENT.md): not in Docker, state in $dir, the
 # hypercorn gateway so it binds loopback only, S3 alone.
-env OVERRIDE_IN_DOCKER=0 FILESYSTEM_ROOT="$dir/fs" XDG_CACHE_HOME="$dir/cache" \
-  GATEWAY_SERVER=hypercorn GATEWAY_LISTEN="127.0.0.1:$port" \
-  SERVICES=s3 DNS_ADDRESS=0 EAGER_SERVICE_LOADING=1 DISABLE_EVENTS=1 \
-  LOCALSTACK_HOST="127.0.0.1:$port" SKIP_SSL_CERT_DOWNLOAD=1 \
-  nohup "$venv/bin/python" -m localstack.runtime.main >"$dir/localstack.log" 2>&1 &
-echo $! >"$dir/localstack.pid"
+launch() {
+  env OVERRIDE_IN_DOCKER=0 FILESYSTEM_ROOT="$dir/fs" XDG_CACHE_HOME="$dir/cache" \
+    GATEWAY_SERVER=hypercorn GATEWAY_LISTEN="127.0.0.1:$port" \
+    SERVICES=s3 DNS_ADDRESS=0 EAGER_SERVICE_LOADING=1 DISABLE_EVENTS=1 \
+    LOCALSTACK_HOST="127.0.0.1:$port" SKIP_SSL_CERT_DOWNLOAD=1 \
+    nohup "$venv/bin/python" -m localstack.runtime.main >"$dir/localstack.log" 2>&1 &
+  echo $! >"$dir/localstack.pid"
+}
 
-for _ in $(seq 1 240); do
-  if curl -fs "http://127.0.0.1:$port/_localstack/health" 2>/dev/null | grep -Eq '"s3": *"(running|available)"'; then
-    curl -fs -X PUT "http://127.0.0.1:$port/$bucket" >/dev/null
-    echo "LocalStack S3 on http://127.0.0.1:$port (bucket $bucket)" >&2
-    exit 0
-  fi
-  kill -0 "$(cat "$dir/localstack.pid")" 2>/dev/null || break
-  sleep 0.5
+# LocalStack gives its gateway 15 s to open its port and, past that, logs "gave up waiting
+# for gateway server" and stays up without S3, for good: on a machine busy enough (a bench
+# beside it) it started so once and this waited out its two minutes for nothing. Such a start
+# is stopped and made again, up to three times.
+for attempt in 1 2 3; do
+  launch
+  for _ in $(seq 1 240); do
+    if curl -fs "http://127.0.0.1:$port/_localstack/health" 2>/dev/null | grep -Eq '"s3": *"(running|available)"'; then
+      curl -fs -X PUT "http://127.0.0.1:$port/$bucket" >/dev/null
+      echo "LocalStack S3 on http://127.0.0.1:$port (bucket $bucket)" >&2
+      exit 0
+    fi
+    kill -0 "$(cat "$dir/localstack.pid")" 2>/dev/null || break
+    grep -q 'gave up waiting for gateway server' "$dir/localstack.log" && break
+    sleep 0.5
+  done
+  echo "LocalStack did not become healthy (attempt $attempt of 3); log follows" >&2
+  tail -50 "$dir/localstack.log" >&2
+  "$here/stop.sh" "$dir"
 done
-echo "LocalStack did not become healthy; log follows" >&2
-tail -50 "$dir/localstack.log" >&2
 exit 1

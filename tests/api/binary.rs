@@ -870,6 +870,71 @@ fn a_failed_script_run_stops_its_postgres() {
     );
 }
 
+/// LocalStack gives its gateway 15 s to open its port; past that it logs "gave up waiting for
+/// gateway server" and stays up without S3 for good. On a busy machine (a bench beside it) it
+/// once started so, and localstack/start.sh, which scripts/test.sh and scripts/bench.sh run,
+/// waited out its two minutes and failed. Here the gateway's port is held (bound, not
+/// listening: the gateway cannot open it, and a connect to it is refused) until LocalStack
+/// gives up; start.sh starts it again and succeeds.
+#[test]
+fn localstack_starts_again_when_its_gateway_gave_up() {
+    let dir = tempfile::Builder::new()
+        .prefix("pu-ls-retry")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let port = free_port();
+    let held = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    held.bind(&addr.into()).unwrap();
+    // Let go once LocalStack has given up (however long its start took on a busy machine),
+    // before start.sh has stopped it and started it again.
+    let log_file = dir.path().join("localstack.log");
+    let release = std::thread::spawn(move || {
+        let by = Instant::now() + Duration::from_secs(180);
+        while Instant::now() < by {
+            let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+            if log.contains("gave up waiting for gateway server") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(held);
+    });
+    let script = |name: &str| format!("{}/localstack/{name}", env!("CARGO_MANIFEST_DIR"));
+    let started = Instant::now();
+    let out = Command::new(script("start.sh"))
+        .args([
+            &dir.path().display().to_string(),
+            &port.to_string(),
+            "pu-retry",
+        ])
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    // The bucket start.sh made (a listing of it, with curl as start.sh checks).
+    let listed = Command::new("curl")
+        .args(["-fs", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("http://127.0.0.1:{port}/pu-retry"))
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    let _ = Command::new(script("stop.sh")).arg(dir.path()).status();
+    release.join().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "start.sh failed after {took:?}: {log}"
+    );
+    assert!(
+        log.contains("gave up waiting for gateway server") && log.contains("attempt 1 of 3"),
+        "the first start did not give up (the port was not held?): {log}"
+    );
+    assert_eq!(
+        listed.ok().as_deref(),
+        Some("200"),
+        "the bucket after the start"
+    );
+}
+
 /// A database that takes TLS only (managed PostgreSQL often does) could not be used: the
 /// binary was built without TLS, so `sslmode=require` stopped it ("SQLx was built without TLS
 /// support enabled") and the default `prefer` always spoke plain TCP (a red team). The
