@@ -60,5 +60,7 @@ for attempt in 1 2 3; do
   echo "LocalStack did not become healthy (attempt $attempt of 3); log follows" >&2
   tail -50 "$dir/localstack.log" >&2
   "$here/stop.sh" "$dir"
+  # Anything else (it exited, or two minutes without health) is not a start to make again.
+  grep -q 'gave up waiting for gateway server' "$dir/localstack.log" || exit 1
 done
 exit 1
