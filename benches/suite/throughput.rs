@@ -64,32 +64,35 @@ struct Row {
     size: usize,
     conc: usize,
     files: usize,
-    up: f64,
+    /// Through the service.
+    this: Figures,
     up_direct: (f64, &'static str),
-    down: f64,
     down_direct: (f64, &'static str),
-    rss_up: f64,
-    rss_down: f64,
     /// Each round's service / direct ratio (lowest, highest): how far one round strays.
     up_ratios: (f64, f64),
     down_ratios: (f64, f64),
-    /// CPU ms per MiB moved (medians): through the service, the direct client's.
-    up_cpu: Cpu,
+    /// The direct client's CPU ms per MiB moved (medians).
     up_direct_cpu: f64,
-    down_cpu: Cpu,
     down_direct_cpu: f64,
     reference: Option<Reference>,
 }
 
-/// The reference binary's figures in a cell (medians), and each round's this / reference
-/// ratio (lowest, highest).
-struct Reference {
+/// A service's figures in a cell (medians): MB/s, CPU per MiB and peak RSS each way.
+struct Figures {
     up: f64,
     down: f64,
-    up_ratios: (f64, f64),
-    down_ratios: (f64, f64),
     up_cpu: Cpu,
     down_cpu: Cpu,
+    rss_up: f64,
+    rss_down: f64,
+}
+
+/// The reference binary's figures in a cell, and each round's this / reference ratio
+/// (lowest, highest).
+struct Reference {
+    figures: Figures,
+    up_ratios: (f64, f64),
+    down_ratios: (f64, f64),
 }
 
 /// CPU time per MiB moved through the service, in ms: the whole machine's (the bench's HTTP
@@ -199,12 +202,12 @@ pub async fn run(env: &Env, o: &Opts) {
                 eprintln!(
                     "throughput {backend} {} c{conc} x{files}: up {:.1} / {:.1} MB/s, down {:.1} / {:.1} MB/s, RSS {:.0} / {:.0} MiB",
                     human(size),
-                    row.up,
+                    row.this.up,
                     row.up_direct.0,
-                    row.down,
+                    row.this.down,
                     row.down_direct.0,
-                    row.rss_up,
-                    row.rss_down
+                    row.this.rss_up,
+                    row.this.rss_down
                 );
                 rows.push(row);
             }
@@ -329,21 +332,58 @@ fn chosen_names(c: &Chosen) -> String {
 /// One cell's rounds: every figure of every round, medians taken at the end.
 #[derive(Default)]
 struct Measured {
-    up: Vec<f64>,
-    down: Vec<f64>,
+    this: Samples,
+    /// The reference binary's, when there is one.
+    reference: Samples,
     up_direct: Vec<(f64, &'static str)>,
     down_direct: Vec<(f64, &'static str)>,
-    rss_up: Vec<f64>,
-    rss_down: Vec<f64>,
-    up_cpu: Vec<Cpu>,
-    down_cpu: Vec<Cpu>,
     up_direct_cpu: Vec<f64>,
     down_direct_cpu: Vec<f64>,
-    /// The reference binary's, when there is one.
-    up_ref: Vec<f64>,
-    down_ref: Vec<f64>,
-    up_ref_cpu: Vec<Cpu>,
-    down_ref_cpu: Vec<Cpu>,
+}
+
+/// A service's figures of every round of a cell.
+#[derive(Default)]
+struct Samples {
+    up: Vec<f64>,
+    down: Vec<f64>,
+    up_cpu: Vec<Cpu>,
+    down_cpu: Vec<Cpu>,
+    rss_up: Vec<f64>,
+    rss_down: Vec<f64>,
+}
+
+impl Samples {
+    /// Uploads the cell's files through `service`, keeping its figures; their ids.
+    async fn upload(&mut self, service: &Through<'_>, cell: Cell<'_>) -> Vec<(usize, String)> {
+        let (ids, rate, cpu, rss) = service.upload(cell).await;
+        self.up.push(rate);
+        self.up_cpu.push(cpu);
+        self.rss_up.push(rss);
+        ids
+    }
+
+    /// Downloads `ids` through `service`, keeping its figures.
+    async fn download(&mut self, service: &Through<'_>, ids: &[(usize, String)], cell: Cell<'_>) {
+        let (rate, cpu, rss) = service.download(ids, cell).await;
+        self.down.push(rate);
+        self.down_cpu.push(cpu);
+        self.rss_down.push(rss);
+    }
+
+    fn figures(&self) -> Figures {
+        let cpu = |v: &[Cpu]| Cpu {
+            machine: median(v.iter().map(|c| c.machine).collect()),
+            service: median(v.iter().map(|c| c.service).collect()),
+        };
+        Figures {
+            up: median(self.up.clone()),
+            down: median(self.down.clone()),
+            up_cpu: cpu(&self.up_cpu),
+            down_cpu: cpu(&self.down_cpu),
+            rss_up: median(self.rss_up.clone()),
+            rss_down: median(self.rss_down.clone()),
+        }
+    }
 }
 
 impl Measured {
@@ -363,14 +403,11 @@ impl Measured {
         let reference_first = round % 2 == 1;
         let mut ref_ids = Vec::new();
         if let (Some(r), true) = (reference, reference_first) {
-            ref_ids = self.reference_up(r, cell).await;
+            ref_ids = self.reference.upload(r, cell).await;
         }
-        let (ids, rate, cpu, rss) = this.upload(cell).await;
-        self.up.push(rate);
-        self.up_cpu.push(cpu);
-        self.rss_up.push(rss);
+        let ids = self.this.upload(this, cell).await;
         if let (Some(r), false) = (reference, reference_first) {
-            ref_ids = self.reference_up(r, cell).await;
+            ref_ids = self.reference.upload(r, cell).await;
         }
 
         let mut best = Best::NONE;
@@ -389,14 +426,11 @@ impl Measured {
         self.up_direct_cpu.push(best.cpu_ms_per_mib);
 
         if let (Some(r), true) = (reference, reference_first) {
-            self.reference_down(r, &ref_ids, cell).await;
+            self.reference.download(r, &ref_ids, cell).await;
         }
-        let (rate, cpu, rss) = this.download(&ids, cell).await;
-        self.down.push(rate);
-        self.down_cpu.push(cpu);
-        self.rss_down.push(rss);
+        self.this.download(this, &ids, cell).await;
         if let (Some(r), false) = (reference, reference_first) {
-            self.reference_down(r, &ref_ids, cell).await;
+            self.reference.download(r, &ref_ids, cell).await;
         }
 
         let mut best = Best::NONE;
@@ -407,19 +441,6 @@ impl Measured {
         }
         self.down_direct.push((best.rate, best.name));
         self.down_direct_cpu.push(best.cpu_ms_per_mib);
-    }
-
-    async fn reference_up(&mut self, r: &Through<'_>, cell: Cell<'_>) -> Vec<(usize, String)> {
-        let (ids, rate, cpu, _) = r.upload(cell).await;
-        self.up_ref.push(rate);
-        self.up_ref_cpu.push(cpu);
-        ids
-    }
-
-    async fn reference_down(&mut self, r: &Through<'_>, ids: &[(usize, String)], cell: Cell<'_>) {
-        let (rate, cpu, _) = r.download(ids, cell).await;
-        self.down_ref.push(rate);
-        self.down_ref_cpu.push(cpu);
     }
 
     fn row(self, backend: &str, size: usize, conc: usize, files: usize) -> Row {
@@ -438,39 +459,26 @@ impl Measured {
                 (lo.min(r), hi.max(r))
             })
         };
-        let up_ratios = spread(&self.up, &self.up_direct);
-        let down_ratios = spread(&self.down, &self.down_direct);
-        let cpu = |v: &[Cpu]| Cpu {
-            machine: median(v.iter().map(|c| c.machine).collect()),
-            service: median(v.iter().map(|c| c.service).collect()),
-        };
+        let (this, other) = (&self.this, &self.reference);
         let unnamed = |v: &[f64]| v.iter().map(|&x| (x, "reference")).collect::<Vec<_>>();
-        let reference = (!self.up_ref.is_empty()).then(|| Reference {
-            up_ratios: spread(&self.up, &unnamed(&self.up_ref)),
-            down_ratios: spread(&self.down, &unnamed(&self.down_ref)),
-            up_cpu: cpu(&self.up_ref_cpu),
-            down_cpu: cpu(&self.down_ref_cpu),
-            up: median(self.up_ref),
-            down: median(self.down_ref),
+        let reference = (!other.up.is_empty()).then(|| Reference {
+            figures: other.figures(),
+            up_ratios: spread(&this.up, &unnamed(&other.up)),
+            down_ratios: spread(&this.down, &unnamed(&other.down)),
         });
         Row {
+            up_ratios: spread(&this.up, &self.up_direct),
+            down_ratios: spread(&this.down, &self.down_direct),
+            this: this.figures(),
             reference,
-            up_cpu: cpu(&self.up_cpu),
-            down_cpu: cpu(&self.down_cpu),
             up_direct_cpu: median(self.up_direct_cpu),
             down_direct_cpu: median(self.down_direct_cpu),
-            up_ratios,
-            down_ratios,
             backend: backend.into(),
             size,
             conc,
             files,
-            up: median(self.up),
             up_direct: med_named(self.up_direct),
-            down: median(self.down),
             down_direct: med_named(self.down_direct),
-            rss_up: median(self.rss_up),
-            rss_down: median(self.rss_down),
         }
     }
 }
@@ -540,16 +548,16 @@ fn print(o: &Opts, rows: &[Row], used: &[(String, String)]) {
             human(r.size),
             r.conc,
             r.files,
-            r.up,
+            r.this.up,
             r.up_direct.0,
             name(r.up_direct.1),
-            ratio(r.up / r.up_direct.0, r.up_ratios),
-            r.down,
+            ratio(r.this.up / r.up_direct.0, r.up_ratios),
+            r.this.down,
             r.down_direct.0,
             name(r.down_direct.1),
-            ratio(r.down / r.down_direct.0, r.down_ratios),
-            r.rss_up,
-            r.rss_down
+            ratio(r.this.down / r.down_direct.0, r.down_ratios),
+            r.this.rss_up,
+            r.this.rss_down
         );
     }
     println!(
@@ -563,12 +571,12 @@ fn print(o: &Opts, rows: &[Row], used: &[(String, String)]) {
             r.backend,
             human(r.size),
             r.conc,
-            r.up_cpu.machine,
+            r.this.up_cpu.machine,
             r.up_direct_cpu,
-            r.up_cpu.service,
-            r.down_cpu.machine,
+            r.this.up_cpu.service,
+            r.this.down_cpu.machine,
             r.down_direct_cpu,
-            r.down_cpu.service
+            r.this.down_cpu.service
         );
     }
     print_reference(o, rows);
@@ -598,16 +606,16 @@ fn print_reference(o: &Opts, rows: &[Row]) {
             r.backend,
             human(r.size),
             r.conc,
-            r.up,
-            x.up,
-            ratio(r.up / x.up, x.up_ratios),
-            r.down,
-            x.down,
-            ratio(r.down / x.down, x.down_ratios),
-            r.up_cpu.service,
-            x.up_cpu.service,
-            r.down_cpu.service,
-            x.down_cpu.service
+            r.this.up,
+            x.figures.up,
+            ratio(r.this.up / x.figures.up, x.up_ratios),
+            r.this.down,
+            x.figures.down,
+            ratio(r.this.down / x.figures.down, x.down_ratios),
+            r.this.up_cpu.service,
+            x.figures.up_cpu.service,
+            r.this.down_cpu.service,
+            x.figures.down_cpu.service
         );
     }
 }

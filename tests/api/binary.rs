@@ -887,16 +887,17 @@ fn localstack_starts_again_when_its_gateway_gave_up() {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     held.bind(&addr.into()).unwrap();
     // Let go once LocalStack has given up (however long its start took on a busy machine),
-    // before start.sh has stopped it and started it again.
+    // before start.sh has stopped it and started it again; or once start.sh is done.
     let log_file = dir.path().join("localstack.log");
+    let (done, start_sh_ran) = std::sync::mpsc::channel::<()>();
     let release = std::thread::spawn(move || {
-        let by = Instant::now() + Duration::from_secs(180);
-        while Instant::now() < by {
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            start_sh_ran.recv_timeout(Duration::from_millis(50))
+        {
             let log = std::fs::read_to_string(&log_file).unwrap_or_default();
             if log.contains("gave up waiting for gateway server") {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
         drop(held);
     });
@@ -911,6 +912,7 @@ fn localstack_starts_again_when_its_gateway_gave_up() {
         .output()
         .unwrap();
     let took = started.elapsed();
+    drop(done);
     // The bucket start.sh made (a listing of it, with curl as start.sh checks).
     let listed = Command::new("curl")
         .args(["-fs", "-o", "/dev/null", "-w", "%{http_code}"])
